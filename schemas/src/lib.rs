@@ -1,0 +1,34 @@
+//! iotpipe's wire formats, and the only place they are defined.
+//!
+//! Everything that crosses a process, a disk or a network boundary has its
+//! shape here, with the validation that refuses anything else with a typed
+//! [`RejectReason`]:
+//!
+//! - [`topic`]: `dt/{fleet}/{device_id}/telemetry`.
+//! - [`payload`]: the device's JSON (payload v1, one reading or a batch) and the
+//!   AWS IoT rule's JSON record that wraps it.
+//! - [`record`]: the packed stream record (postcard behind a magic prefix and a
+//!   version byte), and [`decode_record`], which reads both record shapes.
+//! - [`reading`]: the reading every format carries, and its identity.
+//! - [`rollup`]: resolutions, the mergeable window aggregate with its quantile
+//!   sketch, and the window the query API returns.
+//! - [`state`]: what the rollup store keeps per item.
+//! - [`reject`]: every reason input is refused for.
+//!
+//! JSON Schema files for the payloads live in `schemas/json/`; the tests check
+//! them against the same fixtures as the Rust decoder, so the two cannot drift.
+
+pub mod payload;
+pub mod reading;
+pub mod record;
+pub mod reject;
+pub mod rollup;
+pub mod state;
+pub mod topic;
+
+pub use payload::{RuleRecord, decode_payload, decode_rule_json};
+pub use reading::{Metric, Reading, ReadingId};
+pub use record::{PackedRecord, decode_record};
+pub use reject::{RejectReason, Rejection};
+pub use rollup::{Point, Resolution, Sketch, WindowAgg, WindowView};
+pub use topic::Topic;

@@ -1,0 +1,184 @@
+//! Stream records: what travels from the endpoint through the stream to the
+//! processors.
+//!
+//! Two shapes share a stream. The packed record (a magic prefix, a version
+//! byte, then postcard) is what iotpipe's own ingest writes: compact and fast
+//! to decode. The IoT rule's JSON is what AWS IoT Core writes into Kinesis.
+//! Processors accept both through [`decode_record`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::payload::{RuleRecord, decode_rule_json};
+use crate::reading::{MAX_METRICS, MAX_READINGS, MAX_TS, Reading, check_metric_name};
+use crate::reject::{RejectReason, Rejection};
+use crate::topic::check_id;
+
+/// The first bytes of a packed record. 0x89 is not valid UTF-8 at the start of
+/// a string, so a packed record can never be mistaken for JSON.
+pub const PACKED_MAGIC: [u8; 3] = [0x89, b'I', b'P'];
+/// The packed format's version, the byte after the magic.
+pub const PACKED_VERSION: u8 = 1;
+
+/// Readings of one device, stamped with the time they entered the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackedRecord {
+    pub device_id: String,
+    pub fleet: String,
+    /// When the endpoint received the message, ms since the epoch; lateness is
+    /// judged against it so that a replay decides the same way.
+    pub received_at: i64,
+    pub readings: Vec<Reading>,
+}
+
+impl PackedRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(64 + 48 * self.readings.len());
+        self.encode_into(&mut buf);
+        buf
+    }
+
+    /// Appends the encoded record to `buf`.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&PACKED_MAGIC);
+        buf.push(PACKED_VERSION);
+        // Serializing plain owned data into a Vec cannot fail.
+        if let Ok(body) = postcard::to_extend(self, std::mem::take(buf)) {
+            *buf = body;
+        }
+    }
+}
+
+impl From<RuleRecord> for PackedRecord {
+    fn from(r: RuleRecord) -> Self {
+        PackedRecord {
+            device_id: r.device_id,
+            fleet: r.fleet,
+            received_at: r.received_at,
+            readings: r.readings,
+        }
+    }
+}
+
+/// Decodes a stream record of either shape and validates it as strictly as the
+/// endpoint validates a payload: a stream may hold records written by anyone.
+pub fn decode_record(data: &[u8]) -> Result<PackedRecord, Rejection> {
+    if let Some(rest) = data.strip_prefix(&PACKED_MAGIC) {
+        let bad = |d: String| Rejection::new(RejectReason::BadRecord, d);
+        let Some((&version, body)) = rest.split_first() else {
+            return Err(bad("packed record ends after its magic".into()));
+        };
+        if version != PACKED_VERSION {
+            return Err(bad(format!(
+                "packed record version {version}; this build reads {PACKED_VERSION}"
+            )));
+        }
+        let record: PackedRecord =
+            postcard::from_bytes(body).map_err(|e| bad(format!("packed record: {e}")))?;
+        validate_packed(&record).map_err(bad)?;
+        return Ok(record);
+    }
+    let first = data.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{') {
+        return decode_rule_json(data).map(PackedRecord::from);
+    }
+    Err(Rejection::new(
+        RejectReason::BadRecord,
+        "record is neither a packed record nor JSON",
+    ))
+}
+
+fn validate_packed(r: &PackedRecord) -> Result<(), String> {
+    check_id("device_id", &r.device_id)?;
+    check_id("fleet", &r.fleet)?;
+    if r.readings.is_empty() || r.readings.len() > MAX_READINGS {
+        return Err(format!("{} readings in one record", r.readings.len()));
+    }
+    for reading in &r.readings {
+        if !(0..=MAX_TS).contains(&reading.ts) {
+            return Err(format!("ts {} out of range", reading.ts));
+        }
+        if reading.metrics.is_empty() || reading.metrics.len() > MAX_METRICS {
+            return Err(format!("{} metrics in one reading", reading.metrics.len()));
+        }
+        for m in &reading.metrics {
+            check_metric_name(&m.name)?;
+            if !m.value.is_finite() {
+                return Err(format!("metric `{}` is not finite", m.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reading::Metric;
+
+    fn sample() -> PackedRecord {
+        PackedRecord {
+            device_id: "dev-1".into(),
+            fleet: "f".into(),
+            received_at: 1_764_240_000_500,
+            readings: vec![Reading {
+                seq: Some(3),
+                ts: 1_764_240_000_123,
+                metrics: vec![Metric {
+                    name: "temperature".into(),
+                    value: 21.5,
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn packed_round_trips() {
+        let r = sample();
+        let bytes = r.encode();
+        assert_eq!(&bytes[..3], &PACKED_MAGIC);
+        assert_eq!(bytes[3], PACKED_VERSION);
+        assert_eq!(decode_record(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn rule_json_decodes_to_the_same_record() {
+        let json = br#" {"seq": 3, "ts": 1764240000123, "metrics": {"temperature": 21.5},
+            "device_id": "dev-1", "fleet": "f", "received_at": 1764240000500}"#;
+        assert_eq!(decode_record(json).unwrap(), sample());
+    }
+
+    #[test]
+    fn refuses_bad_records() {
+        let mut bytes = sample().encode();
+        bytes[3] = 9;
+        assert_eq!(
+            decode_record(&bytes).unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+        let bytes = sample().encode();
+        assert_eq!(
+            decode_record(&bytes[..bytes.len() - 2]).unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+        assert_eq!(
+            decode_record(b"").unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+        assert_eq!(
+            decode_record(b"hello").unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+        let mut nan = sample();
+        nan.readings[0].metrics[0].value = f64::NAN;
+        assert_eq!(
+            decode_record(&nan.encode()).unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+        let mut bad_id = sample();
+        bad_id.device_id = "a/b".into();
+        assert_eq!(
+            decode_record(&bad_id.encode()).unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+    }
+}

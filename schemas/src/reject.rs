@@ -1,0 +1,98 @@
+//! Why a message or reading was refused.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Every reason iotpipe refuses input for. Each one is counted, and the refused
+/// input is kept in the dead-letter store, so nothing is lost silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// The payload is not JSON (or not UTF-8).
+    MalformedJson,
+    /// The payload is JSON but not a v1 telemetry payload.
+    Schema,
+    /// A metric value is NaN, an infinity, or out of the f64 range.
+    NotFinite,
+    /// The message exceeds the 128 KiB limit.
+    TooLarge,
+    /// The topic is not `dt/{fleet}/{device_id}/telemetry` with valid ids.
+    BadTopic,
+    /// The client may not publish to that topic.
+    Unauthorized,
+    /// The reading's finest window was already final when it arrived.
+    TooLate,
+    /// The reading's time is more than 10 minutes after its arrival.
+    InFuture,
+    /// A stream record that is neither a packed record nor IoT-rule JSON.
+    BadRecord,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 9] = [
+        RejectReason::MalformedJson,
+        RejectReason::Schema,
+        RejectReason::NotFinite,
+        RejectReason::TooLarge,
+        RejectReason::BadTopic,
+        RejectReason::Unauthorized,
+        RejectReason::TooLate,
+        RejectReason::InFuture,
+        RejectReason::BadRecord,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::MalformedJson => "malformed_json",
+            RejectReason::Schema => "schema",
+            RejectReason::NotFinite => "not_finite",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::BadTopic => "bad_topic",
+            RejectReason::Unauthorized => "unauthorized",
+            RejectReason::TooLate => "too_late",
+            RejectReason::InFuture => "in_future",
+            RejectReason::BadRecord => "bad_record",
+        }
+    }
+
+    /// A stable small index, for counter arrays.
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RejectReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown reject reason `{s}`"))
+    }
+}
+
+/// A refusal with the reason that is counted and a detail for the person reading
+/// the dead-letter store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}

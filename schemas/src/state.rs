@@ -1,0 +1,257 @@
+//! What the rollup store keeps per item, in the same encoding in every store
+//! backend (postcard, behind a version byte).
+
+use serde::{Deserialize, Serialize};
+
+use crate::reading::ReadingId;
+use crate::rollup::{Point, WindowAgg};
+
+/// The version byte in front of every stored item.
+pub const STATE_VERSION: u8 = 1;
+
+/// One stored item: which stream records it already contains, and its state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Item {
+    /// Per shard, the highest stream sequence number folded into this item.
+    /// A record at or below it is never applied again: that is what makes a
+    /// replayed batch change nothing.
+    pub applied: Applied,
+    pub state: ItemState,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub enum ItemState {
+    #[default]
+    Empty,
+    Window(WindowAgg),
+    Dedup(DedupSet),
+    Device(DeviceState),
+    Member(MemberState),
+    Counter(u64),
+}
+
+impl Item {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = vec![STATE_VERSION];
+        // Serializing owned plain data into a Vec cannot fail.
+        if let Ok(out) = postcard::to_extend(self, buf.clone()) {
+            buf = out;
+        }
+        buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Item, String> {
+        match bytes.split_first() {
+            Some((&STATE_VERSION, body)) => {
+                postcard::from_bytes(body).map_err(|e| format!("stored item: {e}"))
+            }
+            Some((v, _)) => Err(format!(
+                "stored item version {v}; this build reads {STATE_VERSION}"
+            )),
+            None => Err("stored item is empty".into()),
+        }
+    }
+}
+
+/// Highest applied stream sequence number per shard. Almost always one entry:
+/// every item has a single writing shard, except across a resharding.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied(pub Vec<(String, u128)>);
+
+impl Applied {
+    pub fn get(&self, shard: &str) -> Option<u128> {
+        self.0.iter().find(|(s, _)| s == shard).map(|(_, seq)| *seq)
+    }
+
+    /// Whether the record at `seq` of `shard` is already folded in.
+    pub fn contains(&self, shard: &str, seq: u128) -> bool {
+        self.get(shard).is_some_and(|applied| seq <= applied)
+    }
+
+    pub fn advance(&mut self, shard: &str, seq: u128) {
+        match self.0.iter_mut().find(|(s, _)| s == shard) {
+            Some((_, applied)) => *applied = (*applied).max(seq),
+            None => self.0.push((shard.to_string(), seq)),
+        }
+    }
+}
+
+/// The identities of a device's readings in one finest window, so that a
+/// reading delivered twice is counted once whatever the arrival order.
+/// Consecutive `seq`s collapse into ranges, so a well-behaved device costs a
+/// few bytes per window.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupSet {
+    /// Sorted, disjoint, non-adjacent inclusive ranges.
+    seq_ranges: Vec<(u64, u64)>,
+    /// Sorted `ts` of readings without a `seq`.
+    ts: Vec<i64>,
+}
+
+impl DedupSet {
+    pub fn contains(&self, id: ReadingId) -> bool {
+        match id {
+            ReadingId::Seq(s) => {
+                let i = self.seq_ranges.partition_point(|(_, hi)| *hi < s);
+                self.seq_ranges.get(i).is_some_and(|(lo, _)| *lo <= s)
+            }
+            ReadingId::Ts(t) => self.ts.binary_search(&t).is_ok(),
+        }
+    }
+
+    /// Adds `id`; returns false if it was already there.
+    pub fn insert(&mut self, id: ReadingId) -> bool {
+        match id {
+            ReadingId::Seq(s) => self.insert_seq(s),
+            ReadingId::Ts(t) => match self.ts.binary_search(&t) {
+                Ok(_) => false,
+                Err(i) => {
+                    self.ts.insert(i, t);
+                    true
+                }
+            },
+        }
+    }
+
+    fn insert_seq(&mut self, s: u64) -> bool {
+        let i = self.seq_ranges.partition_point(|(_, hi)| *hi < s);
+        if self.seq_ranges.get(i).is_some_and(|(lo, _)| *lo <= s) {
+            return false;
+        }
+        let joins_left = i > 0 && self.seq_ranges[i - 1].1.checked_add(1) == Some(s);
+        let joins_right = self
+            .seq_ranges
+            .get(i)
+            .is_some_and(|(lo, _)| s.checked_add(1) == Some(*lo));
+        match (joins_left, joins_right) {
+            (true, true) => {
+                self.seq_ranges[i - 1].1 = self.seq_ranges[i].1;
+                self.seq_ranges.remove(i);
+            }
+            (true, false) => self.seq_ranges[i - 1].1 = s,
+            (false, true) => self.seq_ranges[i].0 = s,
+            (false, false) => self.seq_ranges.insert(i, (s, s)),
+        }
+        true
+    }
+
+    pub fn len(&self) -> u64 {
+        let seqs: u64 = self.seq_ranges.iter().map(|(lo, hi)| hi - lo + 1).sum();
+        seqs + self.ts.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seq_ranges.is_empty() && self.ts.is_empty()
+    }
+}
+
+/// A device's latest value per metric. It only moves forward in event time, so
+/// a late or backfilled reading never hides a newer one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub fleet: String,
+    /// Latest `received_at` of any accepted reading.
+    pub last_seen: i64,
+    /// Sorted by metric name.
+    pub latest: Vec<(String, Point)>,
+}
+
+impl DeviceState {
+    pub fn observe(&mut self, metric: &str, p: Point) {
+        match self
+            .latest
+            .binary_search_by(|(m, _)| m.as_str().cmp(metric))
+        {
+            Ok(i) => {
+                let cur = &mut self.latest[i].1;
+                if p.ts > cur.ts || (p.ts == cur.ts && p.value.total_cmp(&cur.value).is_gt()) {
+                    *cur = p;
+                }
+            }
+            Err(i) => self.latest.insert(i, (metric.to_string(), p)),
+        }
+    }
+}
+
+/// A device's entry in its fleet's device list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberState {
+    pub last_seen: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_set_collapses_ranges() {
+        let mut d = DedupSet::default();
+        for s in [5, 3, 4, 10, 6, 8, 9, 7, 0, u64::MAX] {
+            assert!(d.insert(ReadingId::Seq(s)), "{s}");
+        }
+        assert_eq!(d.seq_ranges, vec![(0, 0), (3, 10), (u64::MAX, u64::MAX)]);
+        for s in [0, 3, 7, 10, u64::MAX] {
+            assert!(d.contains(ReadingId::Seq(s)));
+            assert!(!d.insert(ReadingId::Seq(s)));
+        }
+        for s in [1, 2, 11, u64::MAX - 1] {
+            assert!(!d.contains(ReadingId::Seq(s)));
+        }
+        assert!(d.insert(ReadingId::Ts(3)));
+        assert!(!d.contains(ReadingId::Ts(4)));
+        assert!(!d.insert(ReadingId::Ts(3)));
+        assert_eq!(d.len(), 11);
+    }
+
+    #[test]
+    fn dedup_set_agrees_with_a_plain_set() {
+        let mut d = DedupSet::default();
+        let mut plain = std::collections::BTreeSet::new();
+        let mut x: u64 = 12345;
+        for _ in 0..5000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let s = (x >> 33) % 700;
+            assert_eq!(d.insert(ReadingId::Seq(s)), plain.insert(s));
+        }
+        for s in 0..800 {
+            assert_eq!(d.contains(ReadingId::Seq(s)), plain.contains(&s));
+        }
+    }
+
+    #[test]
+    fn applied_marks_per_shard() {
+        let mut a = Applied::default();
+        assert!(!a.contains("s0", 0));
+        a.advance("s0", 10);
+        a.advance("s0", 4);
+        assert!(a.contains("s0", 10));
+        assert!(!a.contains("s0", 11));
+        assert!(!a.contains("s1", 1));
+    }
+
+    #[test]
+    fn latest_only_moves_forward() {
+        let mut d = DeviceState::default();
+        d.observe("t", Point { ts: 10, value: 1.0 });
+        d.observe("t", Point { ts: 5, value: 9.0 });
+        d.observe("a", Point { ts: 1, value: 2.0 });
+        assert_eq!(d.latest[0].0, "a");
+        assert_eq!(d.latest[1].1, Point { ts: 10, value: 1.0 });
+    }
+
+    #[test]
+    fn items_round_trip() {
+        let mut item = Item::default();
+        item.applied.advance("shard-0", 77);
+        let mut set = DedupSet::default();
+        set.insert(ReadingId::Seq(1));
+        item.state = ItemState::Dedup(set.clone());
+        let back = Item::decode(&item.encode()).unwrap();
+        assert_eq!(back.applied, item.applied);
+        assert!(matches!(back.state, ItemState::Dedup(s) if s == set));
+        assert!(Item::decode(&[]).is_err());
+        assert!(Item::decode(&[9, 0]).is_err());
+    }
+}

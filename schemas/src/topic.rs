@@ -1,0 +1,125 @@
+//! The telemetry topic `dt/{fleet}/{device_id}/telemetry`.
+
+use crate::reject::{RejectReason, Rejection};
+
+/// The longest fleet or device id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// The fleet and device a telemetry topic names, borrowed from the topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topic<'a> {
+    pub fleet: &'a str,
+    pub device_id: &'a str,
+}
+
+impl<'a> Topic<'a> {
+    /// Parses a PUBLISH topic. Wildcards are refused here because a PUBLISH to
+    /// `dt/+/x/telemetry` would otherwise be taken as fleet `+`.
+    pub fn parse(topic: &'a str) -> Result<Self, Rejection> {
+        let mut parts = topic.split('/');
+        let (Some("dt"), Some(fleet), Some(device_id), Some("telemetry"), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(Rejection::new(
+                RejectReason::BadTopic,
+                format!(
+                    "topic `{}` is not dt/{{fleet}}/{{device_id}}/telemetry",
+                    clip(topic)
+                ),
+            ));
+        };
+        check_id("fleet", fleet).map_err(|d| Rejection::new(RejectReason::BadTopic, d))?;
+        check_id("device_id", device_id).map_err(|d| Rejection::new(RejectReason::BadTopic, d))?;
+        Ok(Topic { fleet, device_id })
+    }
+
+    pub fn format(fleet: &str, device_id: &str) -> String {
+        format!("dt/{fleet}/{device_id}/telemetry")
+    }
+}
+
+/// Checks a fleet or device id: 1..=64 chars of `[A-Za-z0-9_.:-]`.
+pub fn check_id(what: &str, id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(format!(
+            "{what} must be 1..={MAX_ID_LEN} characters, got {}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id.chars().find(|c| !is_id_char(*c)) {
+        return Err(format!(
+            "{what} `{}` contains `{}`; allowed are A-Z a-z 0-9 _ . : -",
+            clip(id),
+            c.escape_default()
+        ));
+    }
+    Ok(())
+}
+
+fn is_id_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
+}
+
+/// Keeps details readable when the input is huge or hostile.
+pub(crate) fn clip(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.escape_debug().to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", s[..end].escape_debug())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_telemetry_topic() {
+        let t = Topic::parse("dt/fleet-1/dev:42.a_b/telemetry").unwrap();
+        assert_eq!(t.fleet, "fleet-1");
+        assert_eq!(t.device_id, "dev:42.a_b");
+        assert_eq!(
+            Topic::format(t.fleet, t.device_id),
+            "dt/fleet-1/dev:42.a_b/telemetry"
+        );
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        let long = "x".repeat(65);
+        let too_long = format!("dt/f/{long}/telemetry");
+        for bad in [
+            "",
+            "dt",
+            "dt/f/d",
+            "dt/f/d/telemetry/extra",
+            "dt//d/telemetry",
+            "dt/f//telemetry",
+            "dt/+/d/telemetry",
+            "dt/f/#/telemetry",
+            "dt/f/d/status",
+            "cmd/f/d/telemetry",
+            "dt/f/dé/telemetry",
+            "dt/f/d d/telemetry",
+            too_long.as_str(),
+        ] {
+            let err = Topic::parse(bad).unwrap_err();
+            assert_eq!(err.reason, RejectReason::BadTopic, "{bad}");
+        }
+    }
+
+    #[test]
+    fn accepts_the_longest_id() {
+        let id = "a".repeat(64);
+        let topic = Topic::format("f", &id);
+        assert!(Topic::parse(&topic).is_ok());
+    }
+}
