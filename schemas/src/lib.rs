@@ -8,7 +8,8 @@
 //! - [`payload`]: the device's JSON (payload v1, one reading or a batch) and the
 //!   AWS IoT rule's JSON record that wraps it.
 //! - [`record`]: the packed stream record (postcard behind a magic prefix and a
-//!   version byte), and [`decode_record`], which reads both record shapes.
+//!   version byte) carrying readings or a refused message, and
+//!   [`decode_record`], which reads it and the IoT rule's JSON.
 //! - [`reading`]: the reading every format carries, and its identity.
 //! - [`rollup`]: resolutions, the mergeable window aggregate with its quantile
 //!   sketch, and the window the query API returns.
@@ -28,7 +29,7 @@ pub mod topic;
 
 pub use payload::{RuleRecord, decode_payload, decode_rule_json};
 pub use reading::{Metric, Reading, ReadingId};
-pub use record::{PackedRecord, decode_record};
+pub use record::{PackedRecord, RejectedMessage, StreamRecord, decode_record};
 pub use reject::{RejectReason, Rejection};
 pub use rollup::{Point, Resolution, Sketch, WindowAgg, WindowView};
 pub use topic::Topic;

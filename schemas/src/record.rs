@@ -5,6 +5,10 @@
 //! byte, then postcard) is what iotpipe's own ingest writes: compact and fast
 //! to decode. The IoT rule's JSON is what AWS IoT Core writes into Kinesis.
 //! Processors accept both through [`decode_record`].
+//!
+//! The endpoint also writes the messages it refuses into the stream, as
+//! [`RejectedMessage`]s: that way a refusal is durable before the device is
+//! acknowledged, and the processors count it exactly once, like a reading.
 
 use serde::{Deserialize, Serialize};
 
@@ -30,9 +34,52 @@ pub struct PackedRecord {
     pub readings: Vec<Reading>,
 }
 
-impl PackedRecord {
+/// How much of a refused payload the dead-letter store keeps.
+pub const REJECTED_PAYLOAD_KEEP: usize = 1024;
+
+/// A message the endpoint refused, with enough of it to debug the device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedMessage {
+    pub topic: String,
+    pub client_id: String,
+    pub received_at: i64,
+    pub reason: RejectReason,
+    pub detail: String,
+    /// The first [`REJECTED_PAYLOAD_KEEP`] bytes of the payload.
+    pub payload_head: Vec<u8>,
+    pub payload_len: u64,
+}
+
+impl RejectedMessage {
+    pub fn new(
+        topic: &str,
+        client_id: &str,
+        received_at: i64,
+        rejection: Rejection,
+        payload: &[u8],
+    ) -> Self {
+        RejectedMessage {
+            topic: crate::topic::clip_to(topic, 256),
+            client_id: crate::topic::clip_to(client_id, 256),
+            received_at,
+            reason: rejection.reason,
+            detail: rejection.detail,
+            payload_head: payload[..payload.len().min(REJECTED_PAYLOAD_KEEP)].to_vec(),
+            payload_len: payload.len() as u64,
+        }
+    }
+}
+
+/// What a packed record carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StreamRecord {
+    Readings(PackedRecord),
+    Rejected(RejectedMessage),
+}
+
+impl StreamRecord {
     pub fn encode(&self) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(64 + 48 * self.readings.len());
+        let mut buf = Vec::with_capacity(64);
         self.encode_into(&mut buf);
         buf
     }
@@ -42,6 +89,25 @@ impl PackedRecord {
         buf.extend_from_slice(&PACKED_MAGIC);
         buf.push(PACKED_VERSION);
         // Serializing plain owned data into a Vec cannot fail.
+        if let Ok(body) = postcard::to_extend(self, std::mem::take(buf)) {
+            *buf = body;
+        }
+    }
+}
+
+impl PackedRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(64 + 48 * self.readings.len());
+        self.encode_into(&mut buf);
+        buf
+    }
+
+    /// Appends the encoded record to `buf`, without cloning the readings.
+    pub fn encode_into(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(&PACKED_MAGIC);
+        buf.push(PACKED_VERSION);
+        // The variant index of `StreamRecord::Readings`, as postcard writes it.
+        buf.push(0);
         if let Ok(body) = postcard::to_extend(self, std::mem::take(buf)) {
             *buf = body;
         }
@@ -61,7 +127,7 @@ impl From<RuleRecord> for PackedRecord {
 
 /// Decodes a stream record of either shape and validates it as strictly as the
 /// endpoint validates a payload: a stream may hold records written by anyone.
-pub fn decode_record(data: &[u8]) -> Result<PackedRecord, Rejection> {
+pub fn decode_record(data: &[u8]) -> Result<StreamRecord, Rejection> {
     if let Some(rest) = data.strip_prefix(&PACKED_MAGIC) {
         let bad = |d: String| Rejection::new(RejectReason::BadRecord, d);
         let Some((&version, body)) = rest.split_first() else {
@@ -72,14 +138,16 @@ pub fn decode_record(data: &[u8]) -> Result<PackedRecord, Rejection> {
                 "packed record version {version}; this build reads {PACKED_VERSION}"
             )));
         }
-        let record: PackedRecord =
+        let record: StreamRecord =
             postcard::from_bytes(body).map_err(|e| bad(format!("packed record: {e}")))?;
-        validate_packed(&record).map_err(bad)?;
+        if let StreamRecord::Readings(r) = &record {
+            validate_packed(r).map_err(bad)?;
+        }
         return Ok(record);
     }
     let first = data.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'{') {
-        return decode_rule_json(data).map(PackedRecord::from);
+        return decode_rule_json(data).map(|r| StreamRecord::Readings(r.into()));
     }
     Err(Rejection::new(
         RejectReason::BadRecord,
@@ -137,14 +205,34 @@ mod tests {
         let bytes = r.encode();
         assert_eq!(&bytes[..3], &PACKED_MAGIC);
         assert_eq!(bytes[3], PACKED_VERSION);
-        assert_eq!(decode_record(&bytes).unwrap(), r);
+        assert_eq!(bytes, StreamRecord::Readings(r.clone()).encode());
+        assert_eq!(decode_record(&bytes).unwrap(), StreamRecord::Readings(r));
+    }
+
+    #[test]
+    fn rejected_messages_round_trip() {
+        let payload = vec![b'x'; 5000];
+        let m = RejectedMessage::new(
+            "dt/f/d/telemetry",
+            "client-1",
+            7,
+            Rejection::new(RejectReason::MalformedJson, "eof"),
+            &payload,
+        );
+        assert_eq!(m.payload_head.len(), REJECTED_PAYLOAD_KEEP);
+        assert_eq!(m.payload_len, 5000);
+        let rec = StreamRecord::Rejected(m);
+        assert_eq!(decode_record(&rec.encode()).unwrap(), rec);
     }
 
     #[test]
     fn rule_json_decodes_to_the_same_record() {
         let json = br#" {"seq": 3, "ts": 1764240000123, "metrics": {"temperature": 21.5},
             "device_id": "dev-1", "fleet": "f", "received_at": 1764240000500}"#;
-        assert_eq!(decode_record(json).unwrap(), sample());
+        assert_eq!(
+            decode_record(json).unwrap(),
+            StreamRecord::Readings(sample())
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::reading::ReadingId;
+use crate::reject::RejectReason;
 use crate::rollup::{Point, WindowAgg};
 
 /// The version byte in front of every stored item.
@@ -28,6 +29,7 @@ pub enum ItemState {
     Device(DeviceState),
     Member(MemberState),
     Counter(u64),
+    DeadLetter(DeadLetter),
 }
 
 impl Item {
@@ -177,6 +179,24 @@ impl DeviceState {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberState {
     pub last_seen: i64,
+}
+
+/// A refused message or reading, kept for a person to inspect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub received_at: i64,
+    pub reason: RejectReason,
+    pub detail: String,
+    pub topic: Option<String>,
+    pub client_id: Option<String>,
+    pub device_id: Option<String>,
+    pub fleet: Option<String>,
+    /// The start of the refused payload or record (at most 1 KiB).
+    pub payload_head: Vec<u8>,
+    pub payload_len: u64,
+    /// Where the refusal sits in the stream.
+    pub shard: String,
+    pub seq: u128,
 }
 
 #[cfg(test)]

@@ -66,15 +66,19 @@ fn is_id_char(c: char) -> bool {
 
 /// Keeps details readable when the input is huge or hostile.
 pub(crate) fn clip(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.len() <= MAX {
-        return s.escape_debug().to_string();
+    clip_to(s, 80).escape_debug().to_string()
+}
+
+/// The longest prefix of `s` within `max` bytes, marked when cut.
+pub(crate) fn clip_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
     }
-    let mut end = MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", s[..end].escape_debug())
+    format!("{}…", &s[..end])
 }
 
 #[cfg(test)]

@@ -1,1 +1,114 @@
-//! stream
+//! The stream between the ingest endpoint and the processors.
+//!
+//! Two roles, each a small trait, and a backend per home:
+//!
+//! - [`StreamProducer`]: appends records; returns once they are durable, with a
+//!   result per record (Kinesis PutRecords semantics: partial failure is normal).
+//! - [`ShardReader`]: reads one shard in order for one consumer and keeps that
+//!   consumer's checkpoint.
+//! - [`partition`]: Kinesis's rule for which shard a partition key lands on
+//!   (MD5 of the key into the shards' hash-key ranges), used by every backend
+//!   so that both homes order and group records alike.
+//! - `embedded`: the local durable, sharded log.
+//!
+//! **Architecture Invariant:** a producer's `put` returns `Ok` for a record only
+//! once that record survives a crash of the process. The ingest endpoint
+//! acknowledges devices on that, and nothing earlier.
+
+pub mod partition;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// A position in a shard. Kinesis sequence numbers are decimal strings of up to
+/// 128 bits; the embedded log counts from 1.
+pub type SeqNo = u128;
+
+/// A record to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutRecord {
+    /// Chooses the shard: iotpipe uses the device id, so a device's records
+    /// stay in order.
+    pub partition_key: String,
+    pub data: Bytes,
+}
+
+/// Where one appended record landed, or why it did not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    Stored {
+        shard: String,
+        seq: SeqNo,
+    },
+    /// Not stored; the caller retries it (throttling, a failed write).
+    Failed {
+        retryable: bool,
+        message: String,
+    },
+}
+
+/// A record read from a shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: SeqNo,
+    pub partition_key: String,
+    pub data: Bytes,
+    /// When the stream accepted the record, ms since the epoch (Kinesis's
+    /// ApproximateArrivalTimestamp); used for lag, never for window decisions.
+    pub arrival_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// Nothing was stored; the whole call may be retried.
+    #[error("stream unavailable: {0}")]
+    Unavailable(String),
+    /// The stream is shut down; nothing more will be stored.
+    #[error("stream is closed")]
+    Closed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("stream read failed: {0}")]
+    Io(String),
+    #[error("shard {0} does not exist")]
+    NoSuchShard(String),
+    #[error("stream is closed")]
+    Closed,
+}
+
+#[async_trait]
+pub trait StreamProducer: Send + Sync + 'static {
+    /// Appends `records` and returns one outcome per record, in order. A
+    /// `Stored` outcome means the record is durable.
+    async fn put(&self, records: Vec<PutRecord>) -> Result<Vec<PutOutcome>, ProduceError>;
+}
+
+#[async_trait]
+pub trait ShardReader: Send + 'static {
+    fn shard_id(&self) -> &str;
+
+    /// The next records after the last one returned (at start: after the
+    /// checkpoint), at most `max`, waiting up to `wait` for the first one. An
+    /// empty batch means nothing arrived in time.
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, ReadError>;
+
+    /// Records that this consumer is done with every record up to `seq`; a
+    /// restart resumes after it.
+    async fn checkpoint(&mut self, seq: SeqNo) -> Result<(), ReadError>;
+
+    /// How far behind the consumer is: records not yet returned and the
+    /// arrival time of the oldest of them (Kinesis's IteratorAge).
+    fn lag(&self) -> Lag {
+        Lag::default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lag {
+    pub records_behind: u64,
+    pub oldest_unread_arrival_ms: Option<i64>,
+}
