@@ -4,17 +4,17 @@
 //! shape here, with the validation that refuses anything else with a typed
 //! [`RejectReason`]:
 //!
-//! - [`topic`]: `dt/{fleet}/{device_id}/telemetry`.
-//! - [`payload`]: the device's JSON (payload v1, one reading or a batch) and the
+//! - `topic`: `dt/{fleet}/{device_id}/telemetry`.
+//! - `payload`: the device's JSON (payload v1, one reading or a batch) and the
 //!   AWS IoT rule's JSON record that wraps it.
-//! - [`record`]: the packed stream record (postcard behind a magic prefix and a
+//! - `record`: the packed stream record (postcard behind a magic prefix and a
 //!   version byte) carrying readings or a refused message, and
 //!   [`decode_record`], which reads it and the IoT rule's JSON.
-//! - [`reading`]: the reading every format carries, and its identity.
-//! - [`rollup`]: resolutions, the mergeable window aggregate with its quantile
+//! - `reading`: the reading every format carries, and its identity.
+//! - `rollup`: resolutions, the mergeable window aggregate with its quantile
 //!   sketch, and the window the query API returns.
-//! - [`state`]: what the rollup store keeps per item.
-//! - [`reject`]: every reason input is refused for.
+//! - `state`: what the rollup store keeps per item.
+//! - `reject`: every reason input is refused for.
 //!
 //! JSON Schema files for the payloads live in `schemas/json/`; the tests check
 //! them against the same fixtures as the Rust decoder, so the two cannot drift.

@@ -1,5 +1,7 @@
 //! The JSON Schema files and the Rust decoder must agree on every fixture.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs;
 use std::path::Path;
 

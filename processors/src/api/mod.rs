@@ -1,0 +1,362 @@
+//! The query API: one axum router, served locally by `iotpipe up` and on AWS
+//! through `lambda_http`.
+//!
+//! - `problem`: errors as `application/problem+json`.
+//! - `params`: strict query parameters and time parsing.
+//! - `windows`: fleet-part merging, query-time downsampling, pagination.
+//!
+//! **Architecture Invariant:** handlers read the store only through
+//! [`RollupQuery`] and the clock only through [`ApiState::clock`], so the same
+//! router runs on SQLite, DynamoDB or memory, and tests fix the time.
+
+mod params;
+mod problem;
+mod windows;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use schemas::state::ItemState;
+use serde_json::{Value, json};
+
+pub use params::parse_time;
+pub use problem::Problem;
+
+use self::params::Params;
+use self::windows::WindowQuery;
+use crate::config::AggregateConfig;
+use crate::keys::{self, COUNTER_PK_PREFIX, DEVICE_SK, MEMBER_PK_PREFIX, counters};
+use crate::store::{Range, RollupQuery};
+
+/// The OpenAPI description of this router.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Windows per page unless `limit` says otherwise: a day of minutes.
+const DEFAULT_LIMIT: usize = 1440;
+const MAX_LIMIT: usize = 10_000;
+
+/// Renders process metrics in Prometheus text format.
+pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub query: Arc<dyn RollupQuery>,
+    pub cfg: Arc<AggregateConfig>,
+    /// Now, in ms since the epoch: decides `final` and default ranges.
+    pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
+    /// Appends the process's metrics to `/metrics`.
+    pub metrics: MetricsRenderer,
+}
+
+impl ApiState {
+    pub fn new(query: Arc<dyn RollupQuery>, cfg: Arc<AggregateConfig>) -> Self {
+        ApiState {
+            query,
+            cfg,
+            clock: Arc::new(|| chrono::Utc::now().timestamp_millis()),
+            metrics: Arc::new(|_| {}),
+        }
+    }
+}
+
+/// The whole API.
+pub fn app(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
+        .route("/v1/devices", get(list_devices))
+        .route("/v1/devices/{device_id}", get(device))
+        .route("/v1/devices/{device_id}/metrics/{metric}", get(device_windows))
+        .route("/v1/fleets/{fleet}/metrics/{metric}", get(fleet_windows))
+        .route("/v1/stats", get(stats))
+        .route("/v1/dead-letters", get(dead_letters))
+        .fallback(|| async { Problem::not_found("no such endpoint; see /openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint only answers GET")
+        })
+        .with_state(state)
+}
+
+async fn healthz() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    let mut out = String::new();
+    (s.metrics)(&mut out);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        out,
+    )
+        .into_response()
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), Problem> {
+    schemas::topic::check_id(what, id).map_err(Problem::bad_request)
+}
+
+fn check_metric(metric: &str) -> Result<(), Problem> {
+    schemas::reading::check_metric_name(metric).map_err(Problem::bad_request)
+}
+
+async fn list_devices(
+    State(s): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    let p = Params::parse(raw.as_deref(), &["fleet", "limit", "cursor"])?;
+    let limit = p.limit(1000, MAX_LIMIT)?;
+    let fleet = p.get("fleet");
+    if let Some(f) = fleet {
+        check_id("fleet", f)?;
+    }
+    // The cursor is the last (fleet, device) returned.
+    let after = match p.get("cursor") {
+        None => None,
+        Some(c) => {
+            let (f, d) = c
+                .split_once('/')
+                .ok_or_else(|| Problem::bad_request("`cursor` is not one this API returned"))?;
+            Some((keys::member_pk(f), d.to_string()))
+        }
+    };
+    let prefix = match fleet {
+        Some(f) => keys::member_pk(f),
+        None => MEMBER_PK_PREFIX.to_string(),
+    };
+    let rows = s.query.scan_prefix(&prefix, after, limit + 1).await?;
+    let mut devices = Vec::new();
+    for (pk, device, item) in rows {
+        // `m|fleet-1` also starts with `m|fleet`: keep exact fleets only.
+        let f = pk.strip_prefix(MEMBER_PK_PREFIX).unwrap_or_default();
+        if fleet.is_some_and(|want| want != f) {
+            continue;
+        }
+        let last_seen = match item.state {
+            ItemState::Member(m) => m.last_seen,
+            _ => continue,
+        };
+        devices.push((f.to_string(), device, last_seen));
+    }
+    let next_cursor = if devices.len() > limit {
+        devices.truncate(limit);
+        devices.last().map(|(f, d, _)| format!("{f}/{d}"))
+    } else {
+        None
+    };
+    let devices: Vec<Value> = devices
+        .into_iter()
+        .map(|(fleet, device_id, last_seen)| {
+            json!({"device_id": device_id, "fleet": fleet, "last_seen": last_seen})
+        })
+        .collect();
+    Ok(axum::Json(json!({"devices": devices, "next_cursor": next_cursor})).into_response())
+}
+
+async fn device(
+    State(s): State<ApiState>,
+    Path(device_id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    Params::parse(raw.as_deref(), &[])?;
+    check_id("device_id", &device_id)?;
+    let Some(item) = s.query.get(&keys::device_pk(&device_id), DEVICE_SK).await? else {
+        return Err(unknown_device(&device_id));
+    };
+    let ItemState::Device(d) = item.state else {
+        return Err(unknown_device(&device_id));
+    };
+    let metrics: BTreeMap<String, Value> = d
+        .latest
+        .iter()
+        .map(|(name, p)| (name.clone(), json!({"ts": p.ts, "value": p.value})))
+        .collect();
+    Ok(axum::Json(json!({
+        "device_id": device_id,
+        "fleet": d.fleet,
+        "last_seen": d.last_seen,
+        "metrics": metrics,
+    }))
+    .into_response())
+}
+
+fn unknown_device(device_id: &str) -> Problem {
+    Problem::not_found(format!("no device `{device_id}` has sent accepted readings"))
+}
+
+async fn device_windows(
+    State(s): State<ApiState>,
+    Path((device_id, metric)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    check_id("device_id", &device_id)?;
+    check_metric(&metric)?;
+    let p = window_params(raw.as_deref())?;
+    if s
+        .query
+        .get(&keys::device_pk(&device_id), DEVICE_SK)
+        .await?
+        .is_none()
+    {
+        return Err(unknown_device(&device_id));
+    }
+    windows_response(&s, &p, "device_id", device_id, metric, keys::device_window_pk).await
+}
+
+async fn fleet_windows(
+    State(s): State<ApiState>,
+    Path((fleet, metric)): Path<(String, String)>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    check_id("fleet", &fleet)?;
+    check_metric(&metric)?;
+    let p = window_params(raw.as_deref())?;
+    windows_response(&s, &p, "fleet", fleet, metric, keys::fleet_window_pk).await
+}
+
+fn window_params(raw: Option<&str>) -> Result<Params, Problem> {
+    Params::parse(raw, &["res", "from", "to", "limit", "cursor"])
+}
+
+async fn windows_response(
+    s: &ApiState,
+    p: &Params,
+    series_field: &str,
+    series: String,
+    metric: String,
+    pk_for: fn(&str, &str, schemas::Resolution) -> String,
+) -> Result<Response, Problem> {
+    let now = (s.clock)();
+    let res = p.resolution("res")?.unwrap_or(s.cfg.finest());
+    let to = p.time("to")?.unwrap_or(now);
+    let mut from = p
+        .time("from")?
+        .unwrap_or_else(|| to.saturating_sub(schemas::Resolution::DAY));
+    if let Some(cursor) = p.get("cursor") {
+        let c = parse_time("cursor", cursor)?;
+        if c < from {
+            return Err(Problem::bad_request("`cursor` lies before `from`"));
+        }
+        from = c;
+    }
+    if from >= to {
+        return Err(Problem::bad_request(format!(
+            "`from` ({from}) must be before `to` ({to})"
+        )));
+    }
+    let limit = p.limit(DEFAULT_LIMIT, MAX_LIMIT)?;
+    let q = WindowQuery {
+        pk_for,
+        series: series.clone(),
+        metric: metric.clone(),
+        res,
+        from,
+        to,
+        limit,
+    };
+    let page = windows::query(s.query.as_ref(), &q, &s.cfg, now).await?;
+    Ok(axum::Json(json!({
+        series_field: series,
+        "metric": metric,
+        "res": res.to_string(),
+        "from": from,
+        "to": to,
+        "windows": page.windows,
+        "next_cursor": page.next.map(|n| n.to_string()),
+    }))
+    .into_response())
+}
+
+async fn stats(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> Result<Response, Problem> {
+    Params::parse(raw.as_deref(), &[])?;
+    let mut accepted = 0u64;
+    let mut duplicates = 0u64;
+    let mut rejected: BTreeMap<String, u64> = schemas::RejectReason::ALL
+        .iter()
+        .map(|r| (r.to_string(), 0))
+        .collect();
+    let mut after = None;
+    loop {
+        let rows = s.query.scan_prefix(COUNTER_PK_PREFIX, after.clone(), 1000).await?;
+        let Some((pk, sk, _)) = rows.last() else { break };
+        after = Some((pk.clone(), sk.clone()));
+        for (_, name, item) in rows {
+            let ItemState::Counter(n) = item.state else { continue };
+            match name.as_str() {
+                counters::ACCEPTED => accepted += n,
+                counters::DUPLICATE => duplicates += n,
+                other => {
+                    if let Some(reason) = other.strip_prefix("rejected:") {
+                        *rejected.entry(reason.to_string()).or_default() += n;
+                    }
+                }
+            }
+        }
+    }
+    Ok(axum::Json(json!({
+        "accepted_readings": accepted,
+        "duplicate_readings": duplicates,
+        "rejected": rejected,
+    }))
+    .into_response())
+}
+
+async fn dead_letters(
+    State(s): State<ApiState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, Problem> {
+    let p = Params::parse(raw.as_deref(), &["reason", "limit"])?;
+    let limit = p.limit(100, 1000)?;
+    let reasons: Vec<schemas::RejectReason> = match p.get("reason") {
+        Some(r) => vec![r.parse().map_err(Problem::bad_request)?],
+        None => schemas::RejectReason::ALL.to_vec(),
+    };
+    let mut letters = Vec::new();
+    for reason in reasons {
+        let rows = s
+            .query
+            .range(Range {
+                pk: keys::dead_letter_pk(reason),
+                from: String::new(),
+                to: "~".into(),
+                limit,
+                descending: true,
+            })
+            .await?;
+        for (_, item) in rows {
+            if let ItemState::DeadLetter(l) = item.state {
+                letters.push(l);
+            }
+        }
+    }
+    letters.sort_by(|a, b| b.received_at.cmp(&a.received_at).then(b.seq.cmp(&a.seq)));
+    letters.truncate(limit);
+    let letters: Vec<Value> = letters
+        .into_iter()
+        .map(|l| {
+            json!({
+                "received_at": l.received_at,
+                "reason": l.reason,
+                "detail": l.detail,
+                "topic": l.topic,
+                "client_id": l.client_id,
+                "device_id": l.device_id,
+                "fleet": l.fleet,
+                "payload": String::from_utf8_lossy(&l.payload_head),
+                "payload_bytes": l.payload_len,
+                "shard": l.shard,
+                "seq": l.seq.to_string(),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "dead_letters": letters })).into_response())
+}

@@ -1,0 +1,174 @@
+//! Item keys: one logical table in every store, keyed like the DynamoDB design
+//! (a partition key `pk` and a sort key `sk`, both strings).
+//!
+//! | item | pk | sk |
+//! |---|---|---|
+//! | device window | `w\|d\|{device}\|{metric}\|{res}` | `{start:015}` |
+//! | fleet window part | `w\|f\|{fleet}\|{metric}\|{res}` | `{start:015}\|{shard}` |
+//! | dedup set | `x\|{device}` | `{start:015}` (finest window) |
+//! | device latest | `d\|{device}` | `-` |
+//! | fleet member | `m\|{fleet}` | `{device}` |
+//! | counter | `c\|{shard}` | `{name}` |
+//! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:039}\|{index:05}` |
+//!
+//! `|` cannot occur in ids or metric names, so keys never collide, and the
+//! zero-padded numbers make string order time order, which is what range
+//! queries need. Fleet windows are split by writing shard so that every item
+//! has exactly one writer: a hot fleet window never serialises the pipeline,
+//! and the query merges the parts.
+
+use schemas::{RejectReason, Resolution};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ItemKey {
+    DeviceWindow {
+        device: String,
+        metric: String,
+        res: Resolution,
+        start: i64,
+    },
+    FleetWindow {
+        fleet: String,
+        metric: String,
+        res: Resolution,
+        start: i64,
+        part: String,
+    },
+    Dedup {
+        device: String,
+        start: i64,
+    },
+    Device {
+        device: String,
+    },
+    Member {
+        fleet: String,
+        device: String,
+    },
+    Counter {
+        shard: String,
+        name: String,
+    },
+    DeadLetter {
+        reason: RejectReason,
+        received_at: i64,
+        shard: String,
+        seq: u128,
+        index: u32,
+    },
+}
+
+impl ItemKey {
+    pub fn pk(&self) -> String {
+        match self {
+            ItemKey::DeviceWindow {
+                device, metric, res, ..
+            } => device_window_pk(device, metric, *res),
+            ItemKey::FleetWindow {
+                fleet, metric, res, ..
+            } => fleet_window_pk(fleet, metric, *res),
+            ItemKey::Dedup { device, .. } => format!("x|{device}"),
+            ItemKey::Device { device } => device_pk(device),
+            ItemKey::Member { fleet, .. } => member_pk(fleet),
+            ItemKey::Counter { shard, .. } => format!("{COUNTER_PK_PREFIX}{shard}"),
+            ItemKey::DeadLetter { reason, .. } => dead_letter_pk(*reason),
+        }
+    }
+
+    pub fn sk(&self) -> String {
+        match self {
+            ItemKey::DeviceWindow { start, .. } | ItemKey::Dedup { start, .. } => time_sk(*start),
+            ItemKey::FleetWindow { start, part, .. } => format!("{}|{part}", time_sk(*start)),
+            ItemKey::Device { .. } => DEVICE_SK.to_string(),
+            ItemKey::Member { device, .. } => device.clone(),
+            ItemKey::Counter { name, .. } => name.clone(),
+            ItemKey::DeadLetter {
+                received_at,
+                shard,
+                seq,
+                index,
+                ..
+            } => format!("{}|{shard}|{seq:039}|{index:05}", time_sk(*received_at)),
+        }
+    }
+}
+
+pub const DEVICE_SK: &str = "-";
+pub const COUNTER_PK_PREFIX: &str = "c|";
+pub const MEMBER_PK_PREFIX: &str = "m|";
+
+pub fn device_window_pk(device: &str, metric: &str, res: Resolution) -> String {
+    format!("w|d|{device}|{metric}|{res}")
+}
+
+pub fn fleet_window_pk(fleet: &str, metric: &str, res: Resolution) -> String {
+    format!("w|f|{fleet}|{metric}|{res}")
+}
+
+pub fn device_pk(device: &str) -> String {
+    format!("d|{device}")
+}
+
+pub fn member_pk(fleet: &str) -> String {
+    format!("{MEMBER_PK_PREFIX}{fleet}")
+}
+
+pub fn dead_letter_pk(reason: RejectReason) -> String {
+    format!("l|{reason}")
+}
+
+/// A time as a sort key: 15 digits hold every accepted timestamp.
+pub fn time_sk(ms: i64) -> String {
+    format!("{:015}", ms.max(0))
+}
+
+/// The window start at the front of a window sort key.
+pub fn start_of_sk(sk: &str) -> Option<i64> {
+    sk.get(..15)?.parse().ok()
+}
+
+/// The counter names kept per shard.
+pub mod counters {
+    use schemas::RejectReason;
+
+    pub const ACCEPTED: &str = "accepted_readings";
+    pub const DUPLICATE: &str = "duplicate_readings";
+
+    pub fn rejected(reason: RejectReason) -> String {
+        format!("rejected:{reason}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sort_keys_order_by_time() {
+        let r: Resolution = "1m".parse().unwrap();
+        let a = ItemKey::FleetWindow {
+            fleet: "f".into(),
+            metric: "t".into(),
+            res: r,
+            start: 60_000,
+            part: "shard-0003".into(),
+        };
+        let b = ItemKey::FleetWindow {
+            fleet: "f".into(),
+            metric: "t".into(),
+            res: r,
+            start: 120_000,
+            part: "shard-0000".into(),
+        };
+        assert_eq!(a.pk(), "w|f|f|t|1m");
+        assert!(a.sk() < b.sk());
+        assert_eq!(start_of_sk(&a.sk()), Some(60_000));
+        let d = ItemKey::DeviceWindow {
+            device: "d".into(),
+            metric: "t".into(),
+            res: r,
+            start: 253_402_300_740_000,
+        };
+        assert_eq!(d.sk(), "253402300740000");
+    }
+}

@@ -1,0 +1,139 @@
+//! The local processor loop: a thin shell around the core, one task per shard.
+//!
+//! It reads a batch, folds it into the store with [`process_batch`] (the same
+//! function the Lambda handler calls), and only then checkpoints.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use stream::{Record, ShardReader};
+use tokio::sync::watch;
+
+use crate::aggregate::{self, BatchStats};
+use crate::config::AggregateConfig;
+use crate::metrics::ProcessorMetrics;
+use crate::store::{RollupStore, StoreError};
+
+/// How a processor reads and retries.
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    /// Most records per batch; bigger batches pre-aggregate more.
+    pub batch_max_records: usize,
+    /// How long a read waits for the first record before looking at shutdown.
+    pub poll_wait: Duration,
+    /// First retry delay after a store error; doubles up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            batch_max_records: 10_000,
+            poll_wait: Duration::from_millis(250),
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Folds one batch of one shard into the store: plan, load, apply, commit.
+/// A conflict (someone else wrote an item) reloads and tries again once;
+/// other errors go back to the caller, which retries the whole batch: a
+/// partial commit is safe to retry because every item remembers what it holds.
+pub async fn process_batch(
+    shard: &str,
+    records: &[Record],
+    store: &dyn RollupStore,
+    cfg: &AggregateConfig,
+    metrics: &ProcessorMetrics,
+) -> Result<BatchStats, StoreError> {
+    let mut conflicts = 0;
+    loop {
+        let plan = aggregate::plan(shard, records, cfg);
+        let loaded = store.load(plan.keys()).await?;
+        let applied = aggregate::apply(plan, loaded, cfg)?;
+        let writes = applied.commit.len();
+        let started = Instant::now();
+        match store.commit(applied.commit).await {
+            Ok(()) => {
+                metrics.store_write_seconds.observe(started.elapsed());
+                metrics.record_batch(&applied.stats, writes);
+                return Ok(applied.stats);
+            }
+            Err(StoreError::Conflict(key)) if conflicts < 1 => {
+                conflicts += 1;
+                tracing::warn!(shard, key, "A conditional write failed; reloading the batch.");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Processes one shard until `shutdown` turns true, then drains what is left
+/// in the shard and returns. Checkpoints only after a batch is durable.
+pub async fn run_shard<R: ShardReader>(
+    mut reader: R,
+    store: Arc<dyn RollupStore>,
+    cfg: Arc<AggregateConfig>,
+    pcfg: ProcessorConfig,
+    metrics: Arc<ProcessorMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), stream::ReadError> {
+    let shard = reader.shard_id().to_string();
+    let lag = metrics.shard_lag(&shard);
+    let mut draining = *shutdown.borrow();
+    loop {
+        let wait = if draining { Duration::ZERO } else { pcfg.poll_wait };
+        let batch = tokio::select! {
+            batch = reader.next_batch(pcfg.batch_max_records, wait) => batch?,
+            changed = shutdown.changed(), if !draining => {
+                // A dropped sender means the process is going away: drain too.
+                draining = changed.is_err() || *shutdown.borrow();
+                continue;
+            }
+        };
+        let behind = reader.lag();
+        lag.records_behind
+            .store(behind.records_behind + batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let oldest = batch.first().map(|r| r.arrival_ms).or(behind.oldest_unread_arrival_ms);
+        lag.oldest_unprocessed_ms
+            .store(oldest.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+        let Some(last) = batch.last().map(|r| r.seq) else {
+            if draining {
+                tracing::info!(shard, "Shard drained; processor stops.");
+                return Ok(());
+            }
+            continue;
+        };
+        let started = Instant::now();
+        let mut backoff = pcfg.initial_backoff;
+        loop {
+            match process_batch(&shard, &batch, store.as_ref(), &cfg, &metrics).await {
+                Ok(_) => break,
+                Err(e) if e.is_retryable() => {
+                    metrics
+                        .batch_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Batch failed; retrying.");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(pcfg.max_backoff);
+                }
+                Err(e) => {
+                    // An unreadable stored item cannot heal by retrying; stop
+                    // this shard loudly rather than skip readings silently.
+                    tracing::error!(shard, error = %e, "Batch cannot be applied; the shard processor stops.");
+                    return Err(stream::ReadError::Io(e.to_string()));
+                }
+            }
+        }
+        metrics.batch_seconds.observe(started.elapsed());
+        if let Some(first) = batch.first() {
+            let now = chrono::Utc::now().timestamp_millis();
+            metrics
+                .freshness_seconds
+                .observe(Duration::from_millis((now - first.arrival_ms).max(0) as u64));
+        }
+        reader.checkpoint(last).await?;
+    }
+}

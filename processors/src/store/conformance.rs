@@ -1,0 +1,188 @@
+//! The contract every store backend keeps, as one suite each backend's tests
+//! run: `conformance::run(&store).await`.
+//!
+//! Panics with a message naming the broken rule; it is test support, compiled
+//! into the library so that backends in other crates can run it too.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use schemas::state::{Item, ItemState};
+
+use super::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Write};
+use crate::keys::ItemKey;
+
+fn counter(shard: &str, name: &str) -> ItemKey {
+    ItemKey::Counter {
+        shard: shard.into(),
+        name: name.into(),
+    }
+}
+
+fn item(n: u64) -> Item {
+    Item {
+        applied: Default::default(),
+        state: ItemState::Counter(n),
+    }
+}
+
+fn value(item: &Item) -> u64 {
+    match item.state {
+        ItemState::Counter(n) => n,
+        ref other => panic!("expected a counter, found {other:?}"),
+    }
+}
+
+fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
+    Write {
+        key,
+        condition,
+        item: item(n),
+        expires_at: None,
+    }
+}
+
+/// Runs every check against an empty store.
+pub async fn run<S: RollupStore + RollupQuery>(store: &S) {
+    versions_and_conditions(store).await;
+    ranges(store).await;
+    prefix_scans(store).await;
+}
+
+async fn versions_and_conditions<S: RollupStore + RollupQuery>(store: &S) {
+    let a = counter("conf-a", "x");
+    let loaded = store.load(std::slice::from_ref(&a)).await.unwrap();
+    assert!(loaded[0].is_none(), "a missing item must load as None");
+
+    let commit = Commit {
+        writes: vec![write(a.clone(), Condition::Absent, 1)],
+        then: vec![],
+    };
+    store.commit(commit).await.unwrap();
+    let loaded = store.load(std::slice::from_ref(&a)).await.unwrap();
+    let first = loaded[0].clone().expect("a written item must load");
+    assert_eq!(value(&first.item), 1);
+
+    let again = Commit {
+        writes: vec![write(a.clone(), Condition::Absent, 9)],
+        then: vec![],
+    };
+    assert!(
+        matches!(store.commit(again).await, Err(StoreError::Conflict(_))),
+        "Absent on an existing item must conflict"
+    );
+
+    let next = Commit {
+        writes: vec![write(a.clone(), Condition::Version(first.version), 2)],
+        then: vec![],
+    };
+    store.commit(next).await.unwrap();
+    let second = store.load(std::slice::from_ref(&a)).await.unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(value(&second.item), 2);
+    assert_ne!(second.version, first.version, "a write must change the version");
+
+    let stale = Commit {
+        writes: vec![write(a.clone(), Condition::Version(first.version), 3)],
+        then: vec![],
+    };
+    assert!(
+        matches!(store.commit(stale).await, Err(StoreError::Conflict(_))),
+        "a stale version must conflict"
+    );
+    let after = store.load(std::slice::from_ref(&a)).await.unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(value(&after.item), 2, "a conflicting write must not land");
+
+    let once = counter("conf-a", "once");
+    for n in [5, 6] {
+        let c = Commit {
+            writes: vec![write(once.clone(), Condition::InsertOnce, n)],
+            then: vec![],
+        };
+        store.commit(c).await.unwrap();
+    }
+    let kept = store.get(&once.pk(), &once.sk()).await.unwrap().unwrap();
+    assert_eq!(value(&kept), 5, "InsertOnce must keep the first item");
+
+    // `then` lands after `writes`.
+    let (b, c) = (counter("conf-a", "b"), counter("conf-a", "c"));
+    let both = Commit {
+        writes: vec![write(b.clone(), Condition::Absent, 7)],
+        then: vec![write(c.clone(), Condition::Absent, 8)],
+    };
+    store.commit(both).await.unwrap();
+    let loaded = store.load(&[b, c]).await.unwrap();
+    assert_eq!(value(&loaded[0].as_ref().unwrap().item), 7);
+    assert_eq!(value(&loaded[1].as_ref().unwrap().item), 8);
+}
+
+async fn ranges<S: RollupStore + RollupQuery>(store: &S) {
+    let writes = (0..25)
+        .map(|i| write(counter("conf-r", &format!("{i:03}")), Condition::Absent, i))
+        .collect();
+    store
+        .commit(Commit {
+            writes,
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    let pk = counter("conf-r", "").pk();
+    let range = |from: &str, to: &str, limit, descending| Range {
+        pk: pk.clone(),
+        from: from.into(),
+        to: to.into(),
+        limit,
+        descending,
+    };
+    let all = store.range(range("", "~", 100, false)).await.unwrap();
+    assert_eq!(all.len(), 25);
+    assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "ascending order");
+    let some = store.range(range("005", "010", 100, false)).await.unwrap();
+    let sks: Vec<&str> = some.iter().map(|(sk, _)| sk.as_str()).collect();
+    assert_eq!(sks, ["005", "006", "007", "008", "009"], "[from, to)");
+    let limited = store.range(range("", "~", 3, true)).await.unwrap();
+    let sks: Vec<&str> = limited.iter().map(|(sk, _)| sk.as_str()).collect();
+    assert_eq!(sks, ["024", "023", "022"], "descending with a limit");
+    assert_eq!(value(&limited[0].1), 24);
+    let none = store.range(range("x", "y", 10, false)).await.unwrap();
+    assert!(none.is_empty());
+}
+
+async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
+    let keys = [("m|fa", "d1"), ("m|fa", "d2"), ("m|fa-2", "d3"), ("m|fb", "d4")];
+    let writes = keys
+        .iter()
+        .enumerate()
+        .map(|(i, (fleet, device))| {
+            write(
+                ItemKey::Member {
+                    fleet: fleet.trim_start_matches("m|").into(),
+                    device: (*device).into(),
+                },
+                Condition::Absent,
+                i as u64,
+            )
+        })
+        .collect();
+    store
+        .commit(Commit {
+            writes,
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    let all = store.scan_prefix("m|f", None, 100).await.unwrap();
+    let got: Vec<(&str, &str)> = all.iter().map(|(pk, sk, _)| (pk.as_str(), sk.as_str())).collect();
+    assert_eq!(got, keys, "prefix scan in (pk, sk) order");
+    let page = store
+        .scan_prefix("m|f", Some(("m|fa".into(), "d1".into())), 2)
+        .await
+        .unwrap();
+    let got: Vec<&str> = page.iter().map(|(_, sk, _)| sk.as_str()).collect();
+    assert_eq!(got, ["d2", "d3"], "a scan resumes after the given key");
+    let exact = store.scan_prefix("m|fb", None, 100).await.unwrap();
+    assert_eq!(exact.len(), 1);
+}

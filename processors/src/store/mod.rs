@@ -1,0 +1,123 @@
+//! The rollup store: the two roles the core needs, and their backends.
+//!
+//! - [`RollupStore`]: what a processor does with a batch: load the items it
+//!   touches, then commit new versions conditionally.
+//! - [`RollupQuery`]: what the query API reads.
+//! - `sqlite`: the embedded backend.
+//!
+//! **Architecture Invariant:** every write is conditional on the version that
+//! was loaded, and every item has a single writing shard; a failed condition
+//! means another process is writing the same shard, and the batch is retried
+//! from a fresh load rather than merged blindly.
+
+pub mod conformance;
+pub mod memory;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use schemas::state::Item;
+
+use crate::keys::ItemKey;
+
+/// An item as loaded, with the version its next write is conditional on.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub version: u64,
+    pub item: Item,
+}
+
+/// How a write may proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Only if the item is still at this version.
+    Version(u64),
+    /// Only if the item does not exist yet.
+    Absent,
+    /// Insert if absent, else leave the existing item alone: for write-once
+    /// items such as dead letters, whose key already makes them idempotent.
+    InsertOnce,
+}
+
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub key: ItemKey,
+    pub condition: Condition,
+    pub item: Item,
+    /// When the store may delete the item, ms since the epoch.
+    pub expires_at: Option<i64>,
+}
+
+/// The writes of one batch. `then` is written only after every write in
+/// `writes` has succeeded: the dedup sets go there, so that after a crash
+/// between the two, a replay still sees the readings as new and lets each
+/// rollup's applied marks decide.
+#[derive(Debug, Clone, Default)]
+pub struct Commit {
+    pub writes: Vec<Write>,
+    pub then: Vec<Write>,
+}
+
+impl Commit {
+    pub fn len(&self) -> usize {
+        self.writes.len() + self.then.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A write's condition failed: someone else wrote the item. Reload and retry.
+    #[error("conditional write failed for {0}")]
+    Conflict(String),
+    /// The store could not be reached or refused for now (throttling). Retry.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored item cannot be read by this build.
+    #[error("stored item {key} is unreadable: {detail}")]
+    Corrupt { key: String, detail: String },
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, StoreError::Corrupt { .. })
+    }
+}
+
+#[async_trait]
+pub trait RollupStore: Send + Sync + 'static {
+    /// Loads the items at `keys`, in order; `None` where none exists.
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError>;
+
+    /// Writes a batch's items; see [`Commit`] for the order guarantee.
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
+}
+
+/// A range of one partition, `from <= sk < to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Range {
+    pub pk: String,
+    pub from: String,
+    pub to: String,
+    pub limit: usize,
+    pub descending: bool,
+}
+
+#[async_trait]
+pub trait RollupQuery: Send + Sync + 'static {
+    async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, StoreError>;
+
+    /// Items of `range.pk` with sort keys in `[from, to)`, at most `limit`.
+    async fn range(&self, range: Range) -> Result<Vec<(String, Item)>, StoreError>;
+
+    /// Items of every partition whose key starts with `pk_prefix`, ordered by
+    /// (pk, sk), starting after `after` = (pk, sk) when given.
+    async fn scan_prefix(
+        &self,
+        pk_prefix: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Item)>, StoreError>;
+}

@@ -1,0 +1,319 @@
+//! The embedded rollup store: one SQLite table keyed like the DynamoDB design.
+//!
+//! WAL mode lets the query API read while processors write. Writes go through
+//! one connection (SQLite has one writer anyway) with `synchronous=FULL`: a
+//! batch's effect must be durable before its stream checkpoint moves, or a
+//! power cut could lose a rollup whose records are no longer replayed.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use schemas::state::Item;
+
+use super::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Stored};
+use crate::keys::ItemKey;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS items (
+    pk TEXT NOT NULL,
+    sk TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    expires_at INTEGER,
+    state BLOB NOT NULL,
+    PRIMARY KEY (pk, sk)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_expiry ON items (expires_at) WHERE expires_at IS NOT NULL;
+";
+
+/// Readers kept open for the query API; more are opened on demand.
+const IDLE_READERS: usize = 8;
+
+pub struct SqliteStore {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    /// Idle read connections; WAL readers never block the writer.
+    readers: Arc<Mutex<Vec<Connection>>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(unavailable)?;
+        }
+        let conn = Connection::open(path).map_err(unavailable)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(unavailable)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        Ok(SqliteStore {
+            path: path.to_path_buf(),
+            writer: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(unavailable)?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on a read connection on the blocking pool.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match pooled {
+                Some(c) => c,
+                None => Self::open_reader(&path)?,
+            };
+            let out = f(&conn);
+            let mut idle = readers.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+            out
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    /// Runs `f` on the write connection on the blocking pool.
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    /// Deletes items whose retention ended before `now_ms`; returns how many.
+    pub async fn purge_expired(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM items WHERE expires_at IS NOT NULL AND expires_at < ?1",
+                params![now_ms],
+            )
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    /// Keeps at most `keep` dead letters per reason, the newest; returns how
+    /// many were deleted.
+    pub async fn trim_dead_letters(&self, keep: usize) -> Result<usize, StoreError> {
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            let mut deleted = 0;
+            for reason in schemas::RejectReason::ALL {
+                let pk = crate::keys::dead_letter_pk(reason);
+                let cutoff: Option<String> = tx
+                    .query_row(
+                        "SELECT sk FROM items WHERE pk = ?1 ORDER BY sk DESC LIMIT 1 OFFSET ?2",
+                        params![pk, keep as i64],
+                        |row| row.get(0),
+                    )
+                    .optional()
+                    .map_err(unavailable)?;
+                if let Some(cutoff) = cutoff {
+                    deleted += tx
+                        .execute(
+                            "DELETE FROM items WHERE pk = ?1 AND sk <= ?2",
+                            params![pk, cutoff],
+                        )
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(deleted)
+        })
+        .await
+    }
+}
+
+fn decode(pk: &str, sk: &str, bytes: &[u8]) -> Result<Item, StoreError> {
+    Item::decode(bytes).map_err(|detail| StoreError::Corrupt {
+        key: format!("{pk}/{sk}"),
+        detail,
+    })
+}
+
+#[async_trait]
+impl RollupStore for SqliteStore {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+        let ids: Vec<(String, String)> = keys.iter().map(|k| (k.pk(), k.sk())).collect();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT version, state FROM items WHERE pk = ?1 AND sk = ?2")
+                .map_err(unavailable)?;
+            let mut out = Vec::with_capacity(ids.len());
+            for (pk, sk) in &ids {
+                let row: Option<(i64, Vec<u8>)> = stmt
+                    .query_row(params![pk, sk], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .optional()
+                    .map_err(unavailable)?;
+                out.push(match row {
+                    Some((version, bytes)) => Some(Stored {
+                        version: version as u64,
+                        item: decode(pk, sk, &bytes)?,
+                    }),
+                    None => None,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
+        if commit.is_empty() {
+            return Ok(());
+        }
+        self.write(move |conn| {
+            let tx = conn.transaction().map_err(unavailable)?;
+            {
+                let mut update = tx
+                    .prepare_cached(
+                        "UPDATE items SET version = version + 1, state = ?3, expires_at = ?4
+                         WHERE pk = ?1 AND sk = ?2 AND version = ?5",
+                    )
+                    .map_err(unavailable)?;
+                let mut insert = tx
+                    .prepare_cached(
+                        "INSERT INTO items (pk, sk, version, state, expires_at) VALUES (?1, ?2, 1, ?3, ?4)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .map_err(unavailable)?;
+                for w in commit.writes.iter().chain(&commit.then) {
+                    let (pk, sk) = (w.key.pk(), w.key.sk());
+                    let state = w.item.encode();
+                    let changed = match w.condition {
+                        Condition::Version(v) => update
+                            .execute(params![pk, sk, state, w.expires_at, v as i64])
+                            .map_err(unavailable)?,
+                        Condition::Absent | Condition::InsertOnce => insert
+                            .execute(params![pk, sk, state, w.expires_at])
+                            .map_err(unavailable)?,
+                    };
+                    if changed == 0 && w.condition != Condition::InsertOnce {
+                        // Dropping the transaction rolls every write back.
+                        return Err(StoreError::Conflict(format!("{pk}/{sk}")));
+                    }
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl RollupQuery for SqliteStore {
+    async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, StoreError> {
+        let (pk, sk) = (pk.to_string(), sk.to_string());
+        self.read(move |conn| {
+            let bytes: Option<Vec<u8>> = conn
+                .prepare_cached("SELECT state FROM items WHERE pk = ?1 AND sk = ?2")
+                .and_then(|mut s| s.query_row(params![pk, sk], |row| row.get(0)).optional())
+                .map_err(unavailable)?;
+            bytes.map(|b| decode(&pk, &sk, &b)).transpose()
+        })
+        .await
+    }
+
+    async fn range(&self, range: Range) -> Result<Vec<(String, Item)>, StoreError> {
+        self.read(move |conn| {
+            let sql = if range.descending {
+                "SELECT sk, state FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3 ORDER BY sk DESC LIMIT ?4"
+            } else {
+                "SELECT sk, state FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3 ORDER BY sk ASC LIMIT ?4"
+            };
+            let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
+            let rows = stmt
+                .query_map(
+                    params![range.pk, range.from, range.to, range.limit as i64],
+                    |row| Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?)),
+                )
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (sk, bytes) = row.map_err(unavailable)?;
+                let item = decode(&range.pk, &sk, &bytes)?;
+                out.push((sk, item));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn scan_prefix(
+        &self,
+        pk_prefix: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, Item)>, StoreError> {
+        let prefix = pk_prefix.to_string();
+        self.read(move |conn| {
+            // Every key character sorts below '~', so prefix + '~' bounds the prefix.
+            let end = format!("{prefix}~");
+            let (after_pk, after_sk) = after.unwrap_or_else(|| (prefix.clone(), String::new()));
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT pk, sk, state FROM items
+                     WHERE pk >= ?1 AND pk < ?2 AND (pk, sk) > (?3, ?4)
+                     ORDER BY pk, sk LIMIT ?5",
+                )
+                .map_err(unavailable)?;
+            let rows = stmt
+                .query_map(
+                    params![prefix, end, after_pk, after_sk, limit as i64],
+                    |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, Vec<u8>>(2)?,
+                        ))
+                    },
+                )
+                .map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (pk, sk, bytes) = row.map_err(unavailable)?;
+                let item = decode(&pk, &sk, &bytes)?;
+                out.push((pk, sk, item));
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
