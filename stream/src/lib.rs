@@ -6,15 +6,19 @@
 //!   result per record (Kinesis PutRecords semantics: partial failure is normal).
 //! - [`ShardReader`]: reads one shard in order for one consumer and keeps that
 //!   consumer's checkpoint.
-//! - [`partition`]: Kinesis's rule for which shard a partition key lands on
+//! - `partition`: Kinesis's rule for which shard a partition key lands on
 //!   (MD5 of the key into the shards' hash-key ranges), used by every backend
 //!   so that both homes order and group records alike.
-//! - `embedded`: the local durable, sharded log.
+//! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
+//! - [`conformance`]: the trait contract as async checks that every backend
+//!   runs in its tests.
 //!
 //! **Architecture Invariant:** a producer's `put` returns `Ok` for a record only
 //! once that record survives a crash of the process. The ingest endpoint
 //! acknowledges devices on that, and nothing earlier.
 
+pub mod conformance;
+pub mod embedded;
 pub mod partition;
 
 use std::time::Duration;
@@ -76,6 +80,10 @@ pub enum ReadError {
     Io(String),
     #[error("shard {0} does not exist")]
     NoSuchShard(String),
+    /// The caller asked for something the stream cannot do: a consumer name
+    /// it cannot store, a checkpoint past the shard's end.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
     #[error("stream is closed")]
     Closed,
 }

@@ -1,0 +1,115 @@
+//! The endpoint's knobs, with defaults sized for one small machine.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use schemas::reading::MAX_MESSAGE_BYTES;
+
+use crate::auth::{AllowAll, Authorizer};
+
+/// Milliseconds since the Unix epoch. Injected so that tests can pin
+/// `received_at`, which decides lateness downstream.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The wall clock, in ms since the Unix epoch.
+pub fn wall_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    })
+}
+
+/// How the endpoint behaves. Build with `EndpointConfig::default()` and
+/// override fields.
+#[derive(Clone)]
+pub struct EndpointConfig {
+    /// The largest MQTT packet read, fixed header included. It leaves room
+    /// above the 128 KiB payload limit for the topic, properties and header, so
+    /// that a payload just over the limit is still read and dead-lettered as
+    /// `too_large` with its topic; anything bigger closes the connection
+    /// before it is buffered.
+    pub max_packet_bytes: usize,
+    /// Records a connection may have waiting for the stream (QoS 0 and 1).
+    /// At the limit the endpoint stops reading that socket, which is what slows
+    /// a device down; it is also the Receive Maximum advertised to MQTT 5.
+    pub max_inflight: usize,
+    /// How long the appender gathers records before one `put`: the price in
+    /// latency paid for fewer, larger appends.
+    pub commit_interval: Duration,
+    /// A batch is put early once it holds this many records...
+    pub commit_max_records: usize,
+    /// ...or this many bytes of record data.
+    pub commit_max_bytes: usize,
+    /// The longest keepalive honoured, in seconds. A client asking for 0 (no
+    /// keepalive) or more is held to this (IoT Core's 1200 s); MQTT 5 clients
+    /// are told so with Server Keep Alive. A connection silent for 1.5 ×
+    /// keepalive is closed.
+    pub max_keepalive_secs: u16,
+    /// How long a new TCP connection may take to send its CONNECT.
+    pub connect_timeout: Duration,
+    /// How long one socket write may block before the connection is dropped,
+    /// so a client that stops reading cannot stall shutdown.
+    pub write_timeout: Duration,
+    /// Connections served at once; more are closed on accept and counted.
+    pub max_connections: usize,
+    /// Messages queued per live-tap subscriber; beyond it messages for that
+    /// subscriber are dropped and counted, never slowing ingest.
+    pub tap_queue: usize,
+    /// First wait before retrying a failed append; doubles up to the max.
+    pub retry_backoff_min: Duration,
+    pub retry_backoff_max: Duration,
+    /// After shutdown is requested, how long the appender keeps retrying
+    /// records the stream refuses before giving up on them (they stay
+    /// unacknowledged, so devices resend them).
+    pub shutdown_timeout: Duration,
+    /// Stamps `received_at`; the wall clock by default.
+    pub now_ms: Clock,
+    /// Who may connect and where they may publish; allows everything by
+    /// default.
+    pub authorizer: Arc<dyn Authorizer>,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            max_packet_bytes: MAX_MESSAGE_BYTES + 4096,
+            max_inflight: 1000,
+            commit_interval: Duration::from_millis(2),
+            commit_max_records: 5000,
+            commit_max_bytes: 8 << 20,
+            max_keepalive_secs: 1200,
+            connect_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            tap_queue: 1000,
+            retry_backoff_min: Duration::from_millis(10),
+            retry_backoff_max: Duration::from_secs(1),
+            shutdown_timeout: Duration::from_secs(10),
+            now_ms: wall_clock(),
+            authorizer: Arc::new(AllowAll),
+        }
+    }
+}
+
+impl fmt::Debug for EndpointConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointConfig")
+            .field("max_packet_bytes", &self.max_packet_bytes)
+            .field("max_inflight", &self.max_inflight)
+            .field("commit_interval", &self.commit_interval)
+            .field("commit_max_records", &self.commit_max_records)
+            .field("commit_max_bytes", &self.commit_max_bytes)
+            .field("max_keepalive_secs", &self.max_keepalive_secs)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("write_timeout", &self.write_timeout)
+            .field("max_connections", &self.max_connections)
+            .field("tap_queue", &self.tap_queue)
+            .field("retry_backoff_min", &self.retry_backoff_min)
+            .field("retry_backoff_max", &self.retry_backoff_max)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .finish_non_exhaustive()
+    }
+}

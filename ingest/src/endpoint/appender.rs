@@ -1,0 +1,393 @@
+//! Group commit: one task gathers records from every connection for up to
+//! `commit_interval` (or until a batch is full), makes one `put`, then tells
+//! each connection which of its records are durable.
+//!
+//! A record the stream did not store is retried with backoff before any newer
+//! record is put, so a device's records enter the stream in the order they
+//! arrived (barring a partial failure inside one batch, where the stream has
+//! already stored later records: the same reordering Kinesis producers show,
+//! and one the processors tolerate). Nothing is reported durable that the
+//! stream did not report `Stored`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stream::{ProduceError, PutOutcome, PutRecord, StreamProducer};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::tap::{TapHub, TapMessage};
+use crate::metrics::{IngestMetrics, add, bump};
+
+/// Records from one connection, in the order its session made them.
+#[derive(Debug)]
+pub(crate) struct AppendRequest {
+    pub items: Vec<AppendItem>,
+    /// Where the items' fate is reported: the connection that sent them.
+    pub reply: mpsc::UnboundedSender<Completion>,
+}
+
+#[derive(Debug)]
+pub(crate) struct AppendItem {
+    /// The session's token, echoed back in the [`Completion`].
+    pub token: u64,
+    pub record: PutRecord,
+    /// Accepted telemetry to show live subscribers once stored; `None` when
+    /// nobody subscribes or the message was refused.
+    pub tap: Option<TapMessage>,
+}
+
+/// What became of some of one connection's records.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Completion {
+    pub stored: Vec<u64>,
+    /// Given up on: the stream refused them for good or shutdown ran out of
+    /// time. They must never be acknowledged.
+    pub failed: Vec<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct AppenderConfig {
+    pub commit_interval: Duration,
+    pub commit_max_records: usize,
+    pub commit_max_bytes: usize,
+    pub retry_backoff_min: Duration,
+    pub retry_backoff_max: Duration,
+}
+
+/// What can wake the gathering loop.
+enum Wake {
+    Request(Option<AppendRequest>),
+    CommitDue,
+}
+
+/// Runs until every sender of `requests` is gone and the last batch is
+/// settled. Once `abandon` is cancelled, records the stream has not stored
+/// are given up on instead of retried.
+pub(crate) async fn run(
+    mut requests: mpsc::UnboundedReceiver<AppendRequest>,
+    producer: Arc<dyn StreamProducer>,
+    config: AppenderConfig,
+    metrics: Arc<IngestMetrics>,
+    tap: Arc<TapHub>,
+    abandon: CancellationToken,
+) {
+    let mut open = true;
+    while open {
+        let Some(first) = requests.recv().await else {
+            break;
+        };
+        let mut batch = Batch::default();
+        batch.push(first);
+        let due = Instant::now() + config.commit_interval;
+        while !batch.is_full(&config) {
+            let wake = tokio::select! {
+                biased;
+                r = requests.recv() => Wake::Request(r),
+                _ = sleep_until(due) => Wake::CommitDue,
+            };
+            match wake {
+                Wake::Request(Some(r)) => batch.push(r),
+                Wake::Request(None) => {
+                    open = false;
+                    break;
+                }
+                Wake::CommitDue => break,
+            }
+        }
+        commit(batch, &*producer, &config, &metrics, &tap, &abandon).await;
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    requests: Vec<AppendRequest>,
+    records: usize,
+    bytes: usize,
+}
+
+impl Batch {
+    fn push(&mut self, r: AppendRequest) {
+        self.records += r.items.len();
+        self.bytes += r.items.iter().map(|i| i.record.data.len()).sum::<usize>();
+        self.requests.push(r);
+    }
+
+    fn is_full(&self, config: &AppenderConfig) -> bool {
+        self.records >= config.commit_max_records || self.bytes >= config.commit_max_bytes
+    }
+}
+
+/// Where one record sits in a batch: request index, item index.
+type Slot = (usize, usize);
+
+async fn commit(
+    batch: Batch,
+    producer: &dyn StreamProducer,
+    config: &AppenderConfig,
+    metrics: &IngestMetrics,
+    tap: &TapHub,
+    abandon: &CancellationToken,
+) {
+    let requests = batch.requests;
+    let mut todo: Vec<Slot> = requests
+        .iter()
+        .enumerate()
+        .flat_map(|(r, req)| (0..req.items.len()).map(move |i| (r, i)))
+        .collect();
+    let mut backoff = config.retry_backoff_min;
+    while !todo.is_empty() {
+        let records: Vec<PutRecord> = todo
+            .iter()
+            .map(|&(r, i)| requests[r].items[i].record.clone())
+            .collect();
+        bump(&metrics.appends);
+        let started = Instant::now();
+        let result = tokio::select! {
+            r = producer.put(records) => Some(r),
+            // A put that never returns must not hold shutdown forever; its
+            // records count as not stored.
+            _ = abandon.cancelled() => None,
+        };
+        metrics.append_latency.record(started.elapsed());
+
+        let mut completions = vec![Completion::default(); requests.len()];
+        let mut retry = Vec::new();
+        let mut stored_taps = Vec::new();
+        let mut settle = |slot: Slot, outcome: Settled| {
+            let (r, i) = slot;
+            let token = requests[r].items[i].token;
+            match outcome {
+                Settled::Stored => {
+                    completions[r].stored.push(token);
+                    if let Some(t) = &requests[r].items[i].tap {
+                        stored_taps.push(t.clone());
+                    }
+                }
+                Settled::Retry => retry.push(slot),
+                Settled::Failed => completions[r].failed.push(token),
+            }
+        };
+        match result {
+            Some(Ok(outcomes)) => {
+                for (k, slot) in todo.iter().enumerate() {
+                    settle(*slot, Settled::from_outcome(outcomes.get(k)));
+                }
+            }
+            Some(Err(ProduceError::Unavailable(message))) => {
+                tracing::warn!(records = todo.len(), %message, "The stream is unavailable; the batch will be retried.");
+                todo.iter().for_each(|s| settle(*s, Settled::Retry));
+            }
+            Some(Err(ProduceError::Closed)) => {
+                tracing::error!(
+                    records = todo.len(),
+                    "The stream is closed; records are not stored and stay unacknowledged."
+                );
+                todo.iter().for_each(|s| settle(*s, Settled::Failed));
+            }
+            None => todo.iter().for_each(|s| settle(*s, Settled::Retry)),
+        }
+        add(&metrics.append_failures, retry.len() as u64);
+        if !retry.is_empty() && abandon.is_cancelled() {
+            tracing::warn!(
+                records = retry.len(),
+                "Shutdown ran out of time; records the stream did not store stay unacknowledged."
+            );
+            for (r, i) in retry.drain(..) {
+                completions[r].failed.push(requests[r].items[i].token);
+            }
+        }
+
+        let stored: usize = completions.iter().map(|c| c.stored.len()).sum();
+        let failed: usize = completions.iter().map(|c| c.failed.len()).sum();
+        add(&metrics.records_appended, stored as u64);
+        add(&metrics.append_abandoned, failed as u64);
+        tap.publish(&stored_taps, metrics);
+        for (req, c) in requests.iter().zip(completions) {
+            if !c.stored.is_empty() || !c.failed.is_empty() {
+                // A closed connection no longer waits for its acks.
+                let _ = req.reply.send(c);
+            }
+        }
+
+        todo = retry;
+        if !todo.is_empty() {
+            tokio::select! {
+                _ = sleep(backoff) => {}
+                _ = abandon.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(config.retry_backoff_max);
+        }
+    }
+}
+
+enum Settled {
+    Stored,
+    Retry,
+    Failed,
+}
+
+impl Settled {
+    fn from_outcome(outcome: Option<&PutOutcome>) -> Self {
+        match outcome {
+            Some(PutOutcome::Stored { .. }) => Settled::Stored,
+            Some(PutOutcome::Failed {
+                retryable: false,
+                message,
+            }) => {
+                tracing::error!(%message, "The stream refused a record for good; it stays unacknowledged.");
+                Settled::Failed
+            }
+            // A missing outcome is a short answer from the backend: not
+            // stored as far as anyone can tell.
+            Some(PutOutcome::Failed { .. }) | None => Settled::Retry,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemoryProducer;
+    use bytes::Bytes;
+
+    fn config() -> AppenderConfig {
+        AppenderConfig {
+            commit_interval: Duration::from_millis(2),
+            commit_max_records: 3,
+            commit_max_bytes: 1 << 20,
+            retry_backoff_min: Duration::from_millis(10),
+            retry_backoff_max: Duration::from_millis(40),
+        }
+    }
+
+    fn item(token: u64, key: &str) -> AppendItem {
+        AppendItem {
+            token,
+            record: PutRecord {
+                partition_key: key.into(),
+                data: Bytes::from(format!("{key}-{token}")),
+            },
+            tap: None,
+        }
+    }
+
+    struct Harness {
+        tx: mpsc::UnboundedSender<AppendRequest>,
+        producer: Arc<MemoryProducer>,
+        metrics: Arc<IngestMetrics>,
+        abandon: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn start() -> Harness {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let producer = Arc::new(MemoryProducer::default());
+        let metrics = Arc::new(IngestMetrics::new());
+        let abandon = CancellationToken::new();
+        let task = tokio::spawn(run(
+            rx,
+            producer.clone(),
+            config(),
+            metrics.clone(),
+            Arc::new(TapHub::default()),
+            abandon.clone(),
+        ));
+        Harness {
+            tx,
+            producer,
+            metrics,
+            abandon,
+            task,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_put_per_batch_and_every_record_reported() {
+        let h = start();
+        let (reply, mut done) = mpsc::unbounded_channel();
+        h.tx.send(AppendRequest {
+            items: vec![item(0, "a"), item(1, "b")],
+            reply: reply.clone(),
+        })
+        .unwrap();
+        h.tx.send(AppendRequest {
+            items: vec![item(2, "a")],
+            reply: reply.clone(),
+        })
+        .unwrap();
+        let c1 = done.recv().await.unwrap();
+        let c2 = done.recv().await.unwrap();
+        assert_eq!(c1.stored, vec![0, 1]);
+        assert_eq!(c2.stored, vec![2]);
+        assert_eq!(h.producer.puts(), 1);
+        assert_eq!(h.producer.data(), vec!["a-0", "b-1", "a-2"]);
+        drop(h.tx);
+        h.task.await.unwrap();
+        assert_eq!(h.metrics.snapshot().records_appended, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_records_are_retried_before_newer_ones() {
+        let h = start();
+        let (reply, mut done) = mpsc::unbounded_channel();
+        // Record "a-0" fails twice, then is stored.
+        h.producer.fail_record("a-0", 2);
+        h.tx.send(AppendRequest {
+            items: vec![item(0, "a"), item(1, "b")],
+            reply: reply.clone(),
+        })
+        .unwrap();
+        let first = done.recv().await.unwrap();
+        assert_eq!(first.stored, vec![1]);
+        h.tx.send(AppendRequest {
+            items: vec![item(2, "a")],
+            reply: reply.clone(),
+        })
+        .unwrap();
+        let second = done.recv().await.unwrap();
+        assert_eq!(second.stored, vec![0]);
+        let third = done.recv().await.unwrap();
+        assert_eq!(third.stored, vec![2]);
+        assert_eq!(h.producer.data(), vec!["b-1", "a-0", "a-2"]);
+        assert_eq!(h.metrics.snapshot().append_failures, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unavailable_stream_is_retried_and_abandoned_at_shutdown() {
+        let h = start();
+        let (reply, mut done) = mpsc::unbounded_channel();
+        h.producer.set_unavailable(true);
+        h.tx.send(AppendRequest {
+            items: vec![item(0, "a")],
+            reply,
+        })
+        .unwrap();
+        // Let a few retries happen (paused time advances on its own).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(done.try_recv().is_err());
+        assert!(h.metrics.snapshot().appends >= 3);
+        h.abandon.cancel();
+        let c = done.recv().await.unwrap();
+        assert_eq!(c.failed, vec![0]);
+        assert!(h.producer.data().is_empty());
+        assert_eq!(h.metrics.snapshot().append_abandoned, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_failures_are_reported_not_retried() {
+        let h = start();
+        let (reply, mut done) = mpsc::unbounded_channel();
+        h.producer.fail_record_permanently("a-0");
+        h.tx.send(AppendRequest {
+            items: vec![item(0, "a"), item(1, "a")],
+            reply,
+        })
+        .unwrap();
+        let c = done.recv().await.unwrap();
+        assert_eq!(c.failed, vec![0]);
+        assert_eq!(c.stored, vec![1]);
+        assert_eq!(h.producer.puts(), 1);
+    }
+}

@@ -1,0 +1,705 @@
+//! Bytes ↔ packets, for MQTT 3.1.1 and 5, on rumqttc's codecs.
+//!
+//! The rest of the endpoint sees one protocol-neutral shape ([`Inbound`],
+//! [`Outbound`]); which codec applies is fixed per connection by the protocol
+//! level byte of its CONNECT, peeked before parsing because the 3.1.1 parser
+//! mis-reads an MQTT 5 CONNECT. Framing is done here rather than by the codecs
+//! so that an oversized packet is refused from its fixed header, before its
+//! body is buffered, and so that MQTT 5's two-byte DISCONNECT (which rumqttc's
+//! reader refuses) is understood.
+
+use bytes::{Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+
+pub(crate) use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PubAckReason};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    V4,
+    V5,
+}
+
+/// A packet from a client, whichever protocol carried it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Inbound {
+    Connect(ConnectPacket),
+    Publish(PublishPacket),
+    Subscribe(SubscribePacket),
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
+    PingReq,
+    Disconnect,
+    /// An acknowledgement from the client. The endpoint sends only QoS 0, so
+    /// none is expected; they are ignored.
+    Ack,
+    /// A packet only a server sends, or one of the QoS 2 flow.
+    Unexpected(&'static str),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConnectPacket {
+    pub protocol: Protocol,
+    pub client_id: String,
+    pub clean_start: bool,
+    pub keepalive_secs: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// MQTT 5: the largest packet the client accepts; live-tap messages above
+    /// it are skipped for that client.
+    pub max_packet_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PublishPacket {
+    /// 0, 1 or 2, as sent; the session refuses 2.
+    pub qos: u8,
+    /// Zero for QoS 0.
+    pub pkid: u16,
+    pub retain: bool,
+    pub topic: String,
+    pub payload: Bytes,
+    /// MQTT 5: the publish uses a topic alias, which the endpoint does not
+    /// grant (its Topic Alias Maximum is 0).
+    pub topic_alias: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SubscribePacket {
+    pub pkid: u16,
+    pub filters: Vec<String>,
+    /// MQTT 5: the SUBSCRIBE carries a Subscription Identifier, which the
+    /// endpoint says it does not support.
+    pub subscription_id: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    #[error("a {size}-byte packet exceeds the {max}-byte limit")]
+    TooLarge { size: usize, max: usize },
+    #[error("protocol level {0} is not MQTT 3.1.1 (4) or 5")]
+    UnsupportedProtocol(u8),
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+}
+
+fn malformed(e: impl std::fmt::Display) -> DecodeError {
+    DecodeError::Malformed(e.to_string())
+}
+
+/// One whole packet, split off the read buffer.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    byte1: u8,
+    /// Fixed header length: the type byte and 1..=4 length bytes.
+    header_len: usize,
+    bytes: BytesMut,
+}
+
+impl Frame {
+    fn packet_type(&self) -> u8 {
+        self.byte1 >> 4
+    }
+
+    fn remaining_len(&self) -> usize {
+        self.bytes.len() - self.header_len
+    }
+}
+
+/// Splits the next whole packet off `buf`; `None` means more bytes are needed
+/// (and `buf` has been told how many to expect). `max` bounds the whole
+/// packet, fixed header included, as MQTT 5's Maximum Packet Size does.
+pub(crate) fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, DecodeError> {
+    let Some(&byte1) = buf.first() else {
+        return Ok(None);
+    };
+    let mut remaining = 0usize;
+    let mut header_len = 1;
+    loop {
+        let Some(&b) = buf.get(header_len) else {
+            return Ok(None);
+        };
+        remaining |= usize::from(b & 0x7f) << (7 * (header_len - 1));
+        header_len += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if header_len == 5 {
+            return Err(malformed("remaining length longer than 4 bytes"));
+        }
+    }
+    let size = header_len + remaining;
+    if size > max {
+        return Err(DecodeError::TooLarge { size, max });
+    }
+    if buf.len() < size {
+        buf.reserve(size - buf.len());
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        byte1,
+        header_len,
+        bytes: buf.split_to(size),
+    }))
+}
+
+const CONNECT: u8 = 1;
+const DISCONNECT: u8 = 14;
+
+/// The protocol a CONNECT frame speaks, from its protocol name and level.
+pub(crate) fn connect_protocol(frame: &Frame) -> Result<Protocol, DecodeError> {
+    if frame.packet_type() != CONNECT {
+        return Err(malformed("the first packet must be CONNECT"));
+    }
+    let body = &frame.bytes[frame.header_len..];
+    match body {
+        [0, 4, b'M', b'Q', b'T', b'T', 4, ..] => Ok(Protocol::V4),
+        [0, 4, b'M', b'Q', b'T', b'T', 5, ..] => Ok(Protocol::V5),
+        [0, 4, b'M', b'Q', b'T', b'T', level, ..] => Err(DecodeError::UnsupportedProtocol(*level)),
+        [0, 6, b'M', b'Q', b'I', b's', b'd', b'p', level, ..] => {
+            Err(DecodeError::UnsupportedProtocol(*level))
+        }
+        _ => Err(malformed("CONNECT without the MQTT protocol name")),
+    }
+}
+
+/// Decodes a frame with the connection's codec.
+pub(crate) fn decode(protocol: Protocol, frame: Frame) -> Result<Inbound, DecodeError> {
+    match protocol {
+        Protocol::V4 => decode_v4(frame),
+        Protocol::V5 => decode_v5(frame),
+    }
+}
+
+fn decode_v4(frame: Frame) -> Result<Inbound, DecodeError> {
+    let mut bytes = frame.bytes;
+    let packet = v4::Packet::read(&mut bytes, usize::MAX).map_err(malformed)?;
+    Ok(match packet {
+        v4::Packet::Connect(c) => Inbound::Connect(ConnectPacket {
+            protocol: Protocol::V4,
+            client_id: c.client_id,
+            clean_start: c.clean_session,
+            keepalive_secs: c.keep_alive,
+            username: c.login.as_ref().map(|l| l.username.clone()),
+            password: c.login.map(|l| l.password),
+            max_packet_size: None,
+        }),
+        v4::Packet::Publish(p) => Inbound::Publish(PublishPacket {
+            qos: p.qos as u8,
+            pkid: p.pkid,
+            retain: p.retain,
+            topic: p.topic,
+            payload: p.payload,
+            topic_alias: false,
+        }),
+        v4::Packet::Subscribe(s) => Inbound::Subscribe(SubscribePacket {
+            pkid: s.pkid,
+            filters: s.filters.into_iter().map(|f| f.path).collect(),
+            subscription_id: false,
+        }),
+        v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.topics,
+        },
+        v4::Packet::PingReq => Inbound::PingReq,
+        v4::Packet::Disconnect => Inbound::Disconnect,
+        v4::Packet::PubAck(_) => Inbound::Ack,
+        v4::Packet::PubRec(_) => Inbound::Unexpected("PUBREC"),
+        v4::Packet::PubRel(_) => Inbound::Unexpected("PUBREL"),
+        v4::Packet::PubComp(_) => Inbound::Unexpected("PUBCOMP"),
+        v4::Packet::ConnAck(_) => Inbound::Unexpected("CONNACK"),
+        v4::Packet::SubAck(_) => Inbound::Unexpected("SUBACK"),
+        v4::Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
+        v4::Packet::PingResp => Inbound::Unexpected("PINGRESP"),
+    })
+}
+
+fn decode_v5(frame: Frame) -> Result<Inbound, DecodeError> {
+    // MQTT 5 allows a DISCONNECT with no body (reason 0, normal); rumqttc
+    // writes it that way but its reader refuses it.
+    if frame.packet_type() == DISCONNECT && frame.remaining_len() == 0 {
+        if frame.byte1 & 0x0f != 0 {
+            return Err(malformed("DISCONNECT with flags set"));
+        }
+        return Ok(Inbound::Disconnect);
+    }
+    let mut bytes = frame.bytes;
+    let packet = v5::Packet::read(&mut bytes, None).map_err(malformed)?;
+    Ok(match packet {
+        v5::Packet::Connect(c, _will, login) => Inbound::Connect(ConnectPacket {
+            protocol: Protocol::V5,
+            client_id: c.client_id,
+            clean_start: c.clean_start,
+            keepalive_secs: c.keep_alive,
+            username: login.as_ref().map(|l| l.username.clone()),
+            password: login.map(|l| l.password),
+            max_packet_size: c.properties.and_then(|p| p.max_packet_size),
+        }),
+        v5::Packet::Publish(p) => {
+            let topic =
+                String::from_utf8(p.topic.to_vec()).map_err(|_| malformed("topic is not UTF-8"))?;
+            Inbound::Publish(PublishPacket {
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                retain: p.retain,
+                topic,
+                payload: p.payload,
+                topic_alias: p.properties.is_some_and(|p| p.topic_alias.is_some()),
+            })
+        }
+        v5::Packet::Subscribe(s) => Inbound::Subscribe(SubscribePacket {
+            pkid: s.pkid,
+            filters: s.filters.into_iter().map(|f| f.path).collect(),
+            subscription_id: s.properties.is_some_and(|p| p.id.is_some()),
+        }),
+        v5::Packet::Unsubscribe(u) => Inbound::Unsubscribe {
+            pkid: u.pkid,
+            filters: u.filters,
+        },
+        v5::Packet::PingReq(_) => Inbound::PingReq,
+        v5::Packet::Disconnect(_) => Inbound::Disconnect,
+        v5::Packet::PubAck(_) => Inbound::Ack,
+        v5::Packet::PubRec(_) => Inbound::Unexpected("PUBREC"),
+        v5::Packet::PubRel(_) => Inbound::Unexpected("PUBREL"),
+        v5::Packet::PubComp(_) => Inbound::Unexpected("PUBCOMP"),
+        v5::Packet::ConnAck(_) => Inbound::Unexpected("CONNACK"),
+        v5::Packet::SubAck(_) => Inbound::Unexpected("SUBACK"),
+        v5::Packet::UnsubAck(_) => Inbound::Unexpected("UNSUBACK"),
+        v5::Packet::PingResp(_) => Inbound::Unexpected("PINGRESP"),
+        v5::Packet::Auth(_) => Inbound::Unexpected("AUTH"),
+    })
+}
+
+/// A packet to a client, whichever protocol it speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outbound {
+    ConnAck(ConnAck),
+    PubAck {
+        pkid: u16,
+        reason: PubAckReason,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<SubCode>,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
+    PingResp,
+    /// MQTT 5 only: 3.1.1 has no server DISCONNECT, so nothing is written.
+    Disconnect(DisconnectReasonCode),
+    /// A live-tap message, always QoS 0.
+    Publish {
+        topic: Bytes,
+        payload: Bytes,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ConnAck {
+    pub code: ConnAckCode,
+    /// MQTT 5: the id the server chose for a client that sent none.
+    pub assigned_client_id: Option<String>,
+    /// MQTT 5: the keepalive the server holds the client to, when it differs
+    /// from what the client asked for.
+    pub server_keepalive: Option<u16>,
+    pub receive_max: u16,
+    pub max_packet_size: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConnAckCode {
+    Accepted,
+    UnsupportedProtocol,
+    BadClientId,
+    BadCredentials,
+    NotAuthorized,
+}
+
+/// The answer to one SUBSCRIBE filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubCode {
+    GrantedQos0,
+    FilterInvalid,
+    SharedNotSupported,
+    SubscriptionIdsNotSupported,
+}
+
+/// Appends `packet` as `protocol` encodes it. Every packet here is far below
+/// the codecs' size limits; one that still fails to encode is skipped.
+pub(crate) fn encode(protocol: Protocol, packet: Outbound, out: &mut BytesMut) {
+    let result = match protocol {
+        Protocol::V4 => encode_v4(packet, out),
+        Protocol::V5 => encode_v5(packet, out),
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "An outgoing packet could not be encoded and was skipped.");
+    }
+}
+
+fn encode_v4(packet: Outbound, out: &mut BytesMut) -> Result<(), String> {
+    use v4::{ConnectReturnCode as C, SubscribeReasonCode as S};
+    let written = match packet {
+        Outbound::ConnAck(a) => {
+            let code = match a.code {
+                ConnAckCode::Accepted => C::Success,
+                ConnAckCode::UnsupportedProtocol => C::RefusedProtocolVersion,
+                ConnAckCode::BadClientId => C::BadClientId,
+                ConnAckCode::BadCredentials => C::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => C::NotAuthorized,
+            };
+            v4::ConnAck::new(code, false).write(out)
+        }
+        Outbound::PubAck { pkid, .. } => v4::PubAck::new(pkid).write(out),
+        Outbound::SubAck { pkid, codes } => {
+            let codes = codes
+                .into_iter()
+                .map(|c| match c {
+                    SubCode::GrantedQos0 => S::Success(rumqttc::mqttbytes::QoS::AtMostOnce),
+                    _ => S::Failure,
+                })
+                .collect();
+            v4::SubAck::new(pkid, codes).write(out)
+        }
+        Outbound::UnsubAck { pkid, .. } => v4::UnsubAck::new(pkid).write(out),
+        Outbound::PingResp => v4::PingResp.write(out),
+        Outbound::Disconnect(_) => return Ok(()),
+        Outbound::Publish { topic, payload } => {
+            let topic = String::from_utf8(topic.to_vec()).map_err(|e| e.to_string())?;
+            v4::Publish::from_bytes(topic, rumqttc::mqttbytes::QoS::AtMostOnce, payload).write(out)
+        }
+    };
+    written.map(drop).map_err(|e| e.to_string())
+}
+
+fn encode_v5(packet: Outbound, out: &mut BytesMut) -> Result<(), String> {
+    use v5::{ConnectReturnCode as C, SubscribeReasonCode as S};
+    let written = match packet {
+        Outbound::ConnAck(a) => {
+            let code = match a.code {
+                ConnAckCode::Accepted => C::Success,
+                ConnAckCode::UnsupportedProtocol => C::UnsupportedProtocolVersion,
+                ConnAckCode::BadClientId => C::ClientIdentifierNotValid,
+                ConnAckCode::BadCredentials => C::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => C::NotAuthorized,
+            };
+            let properties = (a.code == ConnAckCode::Accepted).then(|| v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(a.receive_max),
+                max_qos: Some(1),
+                retain_available: Some(0),
+                max_packet_size: Some(a.max_packet_size),
+                assigned_client_identifier: a.assigned_client_id,
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: Some(1),
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: Some(0),
+                server_keep_alive: a.server_keepalive,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            });
+            v5::ConnAck {
+                session_present: false,
+                code,
+                properties,
+            }
+            .write(out)
+        }
+        Outbound::PubAck { pkid, reason } => v5::PubAck {
+            pkid,
+            reason,
+            properties: None,
+        }
+        .write(out),
+        Outbound::SubAck { pkid, codes } => v5::SubAck {
+            pkid,
+            return_codes: codes
+                .into_iter()
+                .map(|c| match c {
+                    SubCode::GrantedQos0 => S::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce),
+                    SubCode::FilterInvalid => S::TopicFilterInvalid,
+                    SubCode::SharedNotSupported => S::SharedSubscriptionsNotSupported,
+                    SubCode::SubscriptionIdsNotSupported => S::SubscriptionIdNotSupported,
+                })
+                .collect(),
+            properties: None,
+        }
+        .write(out),
+        Outbound::UnsubAck { pkid, count } => v5::UnsubAck {
+            pkid,
+            reasons: vec![v5::UnsubAckReason::Success; count],
+            properties: None,
+        }
+        .write(out),
+        Outbound::PingResp => v5::PingResp::write(out),
+        Outbound::Disconnect(reason) => v5::Disconnect::new(reason).write(out),
+        Outbound::Publish { topic, payload } => v5::Publish {
+            dup: false,
+            qos: rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+            retain: false,
+            topic,
+            pkid: 0,
+            payload,
+            properties: None,
+        }
+        .write(out),
+    };
+    written.map(drop).map_err(|e| e.to_string())
+}
+
+/// The encoded size of a QoS 0 PUBLISH, to respect an MQTT 5 client's
+/// Maximum Packet Size.
+pub(crate) fn publish_size(protocol: Protocol, topic: &[u8], payload: &[u8]) -> usize {
+    let props = usize::from(protocol == Protocol::V5);
+    let remaining = 2 + topic.len() + props + payload.len();
+    let len_len = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + len_len + remaining
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn v4_bytes(p: v4::Packet) -> BytesMut {
+        let mut b = BytesMut::new();
+        p.write(&mut b, usize::MAX).unwrap();
+        b
+    }
+
+    fn v5_bytes(p: v5::Packet) -> BytesMut {
+        let mut b = BytesMut::new();
+        p.write(&mut b, None).unwrap();
+        b
+    }
+
+    fn frames(buf: &mut BytesMut) -> Vec<Frame> {
+        let mut out = Vec::new();
+        while let Some(f) = next_frame(buf, 1 << 20).unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    #[test]
+    fn frames_split_across_reads() {
+        let mut all = v4_bytes(v4::Packet::PingReq);
+        all.extend_from_slice(&v4_bytes(v4::Packet::Publish(v4::Publish::new(
+            "dt/f/d/telemetry",
+            rumqttc::mqttbytes::QoS::AtMostOnce,
+            vec![b'x'; 300],
+        ))));
+        let total = all.len();
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for chunk in all.chunks(7) {
+            buf.extend_from_slice(chunk);
+            got.extend(frames(&mut buf));
+        }
+        assert!(buf.is_empty());
+        assert_eq!(got.len(), 2);
+        assert_eq!(got.iter().map(|f| f.bytes.len()).sum::<usize>(), total);
+        let mut it = got.into_iter();
+        assert_eq!(
+            decode(Protocol::V4, it.next().unwrap()).unwrap(),
+            Inbound::PingReq
+        );
+        let Inbound::Publish(p) = decode(Protocol::V4, it.next().unwrap()).unwrap() else {
+            panic!("not a publish")
+        };
+        assert_eq!(p.topic, "dt/f/d/telemetry");
+        assert_eq!(p.payload.len(), 300);
+    }
+
+    #[test]
+    fn refuses_an_oversized_packet_from_its_header() {
+        // Only the fixed header of a 1 MB PUBLISH has arrived.
+        let mut buf = BytesMut::from(&[0x30, 0x80, 0x80, 0x40][..]);
+        assert_eq!(
+            next_frame(&mut buf, 1000).unwrap_err(),
+            DecodeError::TooLarge {
+                size: 4 + (1 << 20),
+                max: 1000
+            }
+        );
+        let mut buf = BytesMut::from(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x01][..]);
+        assert!(matches!(
+            next_frame(&mut buf, usize::MAX),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn picks_the_codec_from_the_connect() {
+        let mut b = v4_bytes(v4::Packet::Connect(v4::Connect::new("c4")));
+        let f = next_frame(&mut b, 1000).unwrap().unwrap();
+        assert_eq!(connect_protocol(&f), Ok(Protocol::V4));
+        let Inbound::Connect(c) = decode(Protocol::V4, f).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.client_id, "c4");
+
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: "c5".into(),
+            clean_start: true,
+            properties: Some(v5::ConnectProperties {
+                max_packet_size: Some(4096),
+                ..v5::ConnectProperties::new()
+            }),
+        };
+        let login = Some(v5::Login::new("user", "pw"));
+        let mut b = v5_bytes(v5::Packet::Connect(connect, None, login));
+        let f = next_frame(&mut b, 1000).unwrap().unwrap();
+        assert_eq!(connect_protocol(&f), Ok(Protocol::V5));
+        let Inbound::Connect(c) = decode(Protocol::V5, f).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.client_id, "c5");
+        assert_eq!(c.username.as_deref(), Some("user"));
+        assert_eq!(c.max_packet_size, Some(4096));
+        assert_eq!(c.keepalive_secs, 30);
+
+        let mut b = BytesMut::from(&b"\x10\x0c\x00\x04MQTT\x03\x02\x00\x3c\x00\x00"[..]);
+        let f = next_frame(&mut b, 1000).unwrap().unwrap();
+        assert_eq!(
+            connect_protocol(&f),
+            Err(DecodeError::UnsupportedProtocol(3))
+        );
+        let mut b = v4_bytes(v4::Packet::PingReq);
+        let f = next_frame(&mut b, 1000).unwrap().unwrap();
+        assert!(connect_protocol(&f).is_err());
+    }
+
+    #[test]
+    fn reads_the_short_v5_disconnect() {
+        let mut b = v5_bytes(v5::Packet::Disconnect(v5::Disconnect::new(
+            DisconnectReasonCode::NormalDisconnection,
+        )));
+        assert_eq!(&b[..], &[0xe0, 0x00]);
+        let f = next_frame(&mut b, 1000).unwrap().unwrap();
+        assert_eq!(decode(Protocol::V5, f).unwrap(), Inbound::Disconnect);
+    }
+
+    #[test]
+    fn encodes_round_trip_through_the_client_codecs() {
+        for protocol in [Protocol::V4, Protocol::V5] {
+            let mut out = BytesMut::new();
+            encode(
+                protocol,
+                Outbound::PubAck {
+                    pkid: 7,
+                    reason: PubAckReason::PayloadFormatInvalid,
+                },
+                &mut out,
+            );
+            encode(
+                protocol,
+                Outbound::Publish {
+                    topic: Bytes::from_static(b"dt/f/d/telemetry"),
+                    payload: Bytes::from_static(b"{}"),
+                },
+                &mut out,
+            );
+            let publish_len = out.len()
+                - match protocol {
+                    Protocol::V4 => 4,
+                    Protocol::V5 => 6,
+                };
+            assert_eq!(
+                publish_len,
+                publish_size(protocol, b"dt/f/d/telemetry", b"{}")
+            );
+            match protocol {
+                Protocol::V4 => {
+                    let p = v4::Packet::read(&mut out, 1000).unwrap();
+                    assert_eq!(p, v4::Packet::PubAck(v4::PubAck::new(7)));
+                    assert!(matches!(
+                        v4::Packet::read(&mut out, 1000).unwrap(),
+                        v4::Packet::Publish(_)
+                    ));
+                }
+                Protocol::V5 => {
+                    let v5::Packet::PubAck(a) = v5::Packet::read(&mut out, None).unwrap() else {
+                        panic!()
+                    };
+                    assert_eq!(a.reason, PubAckReason::PayloadFormatInvalid);
+                    assert!(matches!(
+                        v5::Packet::read(&mut out, None).unwrap(),
+                        v5::Packet::Publish(_)
+                    ));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        // Valid packets with random bytes flipped, and random bytes, through
+        // both codecs: errors are fine, panics are not.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut seeds = vec![
+            v4_bytes(v4::Packet::Connect(v4::Connect::new("c"))),
+            v4_bytes(v4::Packet::Publish(v4::Publish {
+                pkid: 1,
+                ..v4::Publish::new(
+                    "dt/f/d/telemetry",
+                    rumqttc::mqttbytes::QoS::AtLeastOnce,
+                    vec![1; 20],
+                )
+            })),
+            v4_bytes(v4::Packet::Subscribe(v4::Subscribe::new(
+                "dt/#",
+                rumqttc::mqttbytes::QoS::AtMostOnce,
+            ))),
+        ];
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: "c5".into(),
+            clean_start: true,
+            properties: Some(v5::ConnectProperties::new()),
+        };
+        seeds.push(v5_bytes(v5::Packet::Connect(connect, None, None)));
+        seeds.push(v5_bytes(v5::Packet::Subscribe(v5::Subscribe::new(
+            v5::Filter::new("dt/+/d/telemetry", rumqttc::v5::mqttbytes::QoS::AtMostOnce),
+            None,
+        ))));
+        for round in 0..20_000 {
+            let mut bytes = if round % 4 == 0 {
+                let n = rng.random_range(0..64);
+                (0..n).map(|_| rng.random()).collect::<Vec<u8>>()
+            } else {
+                let mut b = seeds[round % seeds.len()].to_vec();
+                for _ in 0..rng.random_range(1..4) {
+                    let i = rng.random_range(0..b.len());
+                    b[i] = rng.random();
+                }
+                b
+            };
+            if rng.random_bool(0.2) {
+                bytes.truncate(rng.random_range(0..=bytes.len()));
+            }
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(frame)) = next_frame(&mut buf, 4096) {
+                let protocol = match connect_protocol(&frame) {
+                    Ok(p) => p,
+                    Err(_) if round % 2 == 0 => Protocol::V4,
+                    Err(_) => Protocol::V5,
+                };
+                let _ = decode(protocol, frame);
+            }
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! The connection task: the only code that touches a client's socket.
+//!
+//! It reads bytes, frames and decodes packets, feeds them to the [`Session`]
+//! and carries out the actions it returns: appends go to the appender in one
+//! request per read, answers are gathered and written in one write per wake.
+//! Everything that can wake it is one arm of one `select!`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use stream::PutRecord;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::appender::{AppendItem, AppendRequest, Completion};
+use super::codec::{self, Outbound, Protocol};
+use super::session::{Action, CloseReason, Session, Verdict};
+use super::tap::TapMessage;
+use crate::metrics::{add, bump};
+
+/// Bytes asked of the socket per read; packets larger than this grow the
+/// buffer as their header announces.
+const READ_CHUNK: usize = 64 * 1024;
+/// Live-tap messages written per wake at most, so a busy tap cannot starve
+/// acknowledgements.
+const TAP_BATCH: usize = 256;
+
+/// What can wake a connection.
+enum Wake {
+    Shutdown,
+    Kicked,
+    Durable(Completion),
+    Read(std::io::Result<usize>),
+    Tap(TapMessage),
+    Deadline,
+}
+
+pub(crate) struct Connection {
+    socket: TcpStream,
+    conn_id: u64,
+    shared: Arc<Shared>,
+    session: Session,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    actions: Vec<Action>,
+    /// Cloned into every append request so the appender can answer here.
+    completions_tx: mpsc::UnboundedSender<Completion>,
+    completions: mpsc::UnboundedReceiver<Completion>,
+    /// This connection's live-tap queue; its sender is registered with the hub
+    /// on SUBSCRIBE.
+    tap_tx: mpsc::Sender<TapMessage>,
+    tap_rx: mpsc::Receiver<TapMessage>,
+    /// Fires when another connection claims this client id.
+    kick: Option<oneshot::Receiver<()>>,
+    /// The client id this connection holds in the registry, once connected.
+    client_id: Option<String>,
+    keepalive: Option<Duration>,
+    /// MQTT 5: the largest packet the client takes.
+    client_max_packet: Option<u32>,
+    /// When the client last sent anything (or last had a record settled, so
+    /// that time spent paused on back-pressure is not held against it).
+    last_heard: Instant,
+    started: Instant,
+    /// Shutdown was requested: read nothing more, settle what is in flight.
+    draining: bool,
+    closing: Option<CloseReason>,
+}
+
+impl Connection {
+    pub fn new(socket: TcpStream, conn_id: u64, shared: Arc<Shared>) -> Self {
+        let (completions_tx, completions) = mpsc::unbounded_channel();
+        let (tap_tx, tap_rx) = mpsc::channel(shared.config.tap_queue.max(1));
+        let session = Session::new(shared.session.clone(), conn_id);
+        let now = Instant::now();
+        Connection {
+            socket,
+            conn_id,
+            shared,
+            session,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(4096),
+            actions: Vec::new(),
+            completions_tx,
+            completions,
+            tap_tx,
+            tap_rx,
+            kick: None,
+            client_id: None,
+            keepalive: None,
+            client_max_packet: None,
+            last_heard: now,
+            started: now,
+            draining: false,
+            closing: None,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            self.read_packets();
+            self.dispatch();
+            self.flush().await;
+            if self.closing.is_some() {
+                break;
+            }
+            if self.draining && self.session.inflight() == 0 {
+                self.session
+                    .close(CloseReason::ServerShutdown, &mut self.actions);
+                self.dispatch();
+                self.flush().await;
+                break;
+            }
+            let reading = !self.draining && self.session.wants_input();
+            let deadline = self.deadline();
+            let wake = tokio::select! {
+                biased;
+                _ = shutdown.cancelled(), if !self.draining => Wake::Shutdown,
+                _ = kicked(&mut self.kick) => Wake::Kicked,
+                Some(c) = self.completions.recv() => Wake::Durable(c),
+                r = read_some(&mut self.socket, &mut self.rbuf), if reading => Wake::Read(r),
+                Some(m) = self.tap_rx.recv() => Wake::Tap(m),
+                _ = sleep_until(deadline), if reading => Wake::Deadline,
+            };
+            match wake {
+                Wake::Shutdown => self.draining = true,
+                Wake::Kicked => {
+                    self.kick = None;
+                    self.session
+                        .close(CloseReason::TakenOver, &mut self.actions);
+                }
+                Wake::Durable(c) => {
+                    self.settle(c);
+                    while let Ok(c) = self.completions.try_recv() {
+                        self.settle(c);
+                    }
+                    self.last_heard = Instant::now();
+                }
+                Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
+                    self.session
+                        .close(CloseReason::SocketClosed, &mut self.actions);
+                }
+                Wake::Read(Ok(n)) => {
+                    add(&self.shared.metrics.bytes_in, n as u64);
+                    self.last_heard = Instant::now();
+                }
+                Wake::Tap(m) => {
+                    self.write_tap(m);
+                    for _ in 1..TAP_BATCH {
+                        match self.tap_rx.try_recv() {
+                            Ok(m) => self.write_tap(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Deadline => {
+                    if Instant::now() >= self.deadline() {
+                        let reason = match self.keepalive {
+                            Some(_) => CloseReason::KeepaliveTimeout,
+                            None => CloseReason::ProtocolError("no CONNECT in time".into()),
+                        };
+                        self.session.close(reason, &mut self.actions);
+                    }
+                }
+            }
+        }
+        let _ = self.socket.shutdown().await;
+        self.cleanup();
+    }
+
+    /// When silence becomes a reason to close: the connect timeout until
+    /// CONNECT, then 1.5 × keepalive.
+    fn deadline(&self) -> Instant {
+        match self.keepalive {
+            Some(k) => self.last_heard + k + k / 2,
+            None => self.started + self.shared.config.connect_timeout,
+        }
+    }
+
+    /// Decodes buffered packets while the session takes input.
+    fn read_packets(&mut self) {
+        let max = self.shared.config.max_packet_bytes;
+        let now_ms = (self.shared.config.now_ms)();
+        while !self.draining && self.session.wants_input() {
+            let frame = match codec::next_frame(&mut self.rbuf, max) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    self.session.refuse(e, &mut self.actions);
+                    break;
+                }
+            };
+            let decoded = match self.session.protocol() {
+                Some(p) => codec::decode(p, frame),
+                None => codec::connect_protocol(&frame).and_then(|p| codec::decode(p, frame)),
+            };
+            match decoded {
+                Ok(packet) => {
+                    if matches!(packet, codec::Inbound::Publish(_)) {
+                        bump(&self.shared.metrics.messages_in);
+                    }
+                    self.session.receive(packet, now_ms, &mut self.actions);
+                }
+                Err(e) => self.session.refuse(e, &mut self.actions),
+            }
+        }
+    }
+
+    fn settle(&mut self, c: Completion) {
+        for token in c.stored {
+            self.session.durable(token, true, &mut self.actions);
+        }
+        for token in c.failed {
+            self.session.durable(token, false, &mut self.actions);
+        }
+    }
+
+    /// Carries out the session's actions.
+    fn dispatch(&mut self) {
+        let protocol = self.session.protocol().unwrap_or(Protocol::V4);
+        let mut items = Vec::new();
+        let metrics = &self.shared.metrics;
+        for action in self.actions.drain(..) {
+            match action {
+                Action::Send(packet) => {
+                    if matches!(packet, Outbound::PubAck { .. }) {
+                        bump(&metrics.acks_sent);
+                    }
+                    codec::encode(protocol, packet, &mut self.wbuf);
+                }
+                Action::Append(a) => {
+                    match a.verdict {
+                        Verdict::Accepted { readings } => {
+                            bump(&metrics.messages_accepted);
+                            add(&metrics.readings_accepted, readings as u64);
+                        }
+                        Verdict::Rejected(reason) => metrics.reject(reason),
+                    }
+                    let tap = a.tap.filter(|_| self.shared.tap.has_subscribers()).map(
+                        |(topic, payload)| TapMessage {
+                            topic: Bytes::from(topic),
+                            payload,
+                        },
+                    );
+                    items.push(AppendItem {
+                        token: a.token,
+                        record: PutRecord {
+                            partition_key: a.partition_key,
+                            data: Bytes::from(a.data),
+                        },
+                        tap,
+                    });
+                }
+                Action::Connected {
+                    client_id,
+                    keepalive,
+                    max_packet_size,
+                } => {
+                    let (tx, rx) = oneshot::channel();
+                    self.shared.registry.claim(&client_id, self.conn_id, tx);
+                    self.kick = Some(rx);
+                    self.client_id = Some(client_id);
+                    self.keepalive = Some(keepalive);
+                    self.client_max_packet = max_packet_size;
+                    self.last_heard = Instant::now();
+                }
+                Action::Subscribe(filters) => {
+                    self.shared
+                        .tap
+                        .subscribe(self.conn_id, filters, &self.tap_tx)
+                }
+                Action::Unsubscribe(filters) => self.shared.tap.unsubscribe(self.conn_id, &filters),
+                Action::Close(reason) => {
+                    count_close(&reason, metrics);
+                    tracing::debug!(conn = self.conn_id, client_id = ?self.client_id, ?reason, "Closing the connection.");
+                    self.closing = Some(reason);
+                }
+            }
+        }
+        if !items.is_empty() {
+            let request = AppendRequest {
+                items,
+                reply: self.completions_tx.clone(),
+            };
+            if self.shared.appender.send(request).is_err() {
+                // The appender is gone: nothing more can become durable.
+                self.session
+                    .close(CloseReason::AppendFailed, &mut self.actions);
+                self.dispatch();
+            }
+        }
+    }
+
+    fn write_tap(&mut self, m: TapMessage) {
+        let protocol = self.session.protocol().unwrap_or(Protocol::V4);
+        if let Some(max) = self.client_max_packet
+            && codec::publish_size(protocol, &m.topic, &m.payload) > max as usize
+        {
+            bump(&self.shared.metrics.tap_dropped);
+            return;
+        }
+        codec::encode(
+            protocol,
+            Outbound::Publish {
+                topic: m.topic,
+                payload: m.payload,
+            },
+            &mut self.wbuf,
+        );
+    }
+
+    /// Writes everything queued in one write. A client that does not take it
+    /// within `write_timeout` is dropped.
+    async fn flush(&mut self) {
+        if self.wbuf.is_empty() {
+            return;
+        }
+        let write = timeout(
+            self.shared.config.write_timeout,
+            self.socket.write_all(&self.wbuf),
+        )
+        .await;
+        self.wbuf.clear();
+        let failed = match write {
+            Ok(Ok(())) => return,
+            Ok(Err(_)) => CloseReason::SocketClosed,
+            Err(_) => CloseReason::WriteStalled,
+        };
+        if self.closing.is_none() {
+            self.session.close(failed, &mut self.actions);
+            self.dispatch();
+            // Whatever the close queued cannot be written either.
+            self.wbuf.clear();
+        }
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(id) = &self.client_id {
+            self.shared.registry.release(id, self.conn_id);
+        }
+        self.shared.tap.remove(self.conn_id);
+    }
+}
+
+fn count_close(reason: &CloseReason, metrics: &crate::IngestMetrics) {
+    let counter = match reason {
+        CloseReason::ConnectRefused => &metrics.connects_refused,
+        CloseReason::TakenOver => &metrics.takeovers,
+        CloseReason::KeepaliveTimeout => &metrics.keepalive_timeouts,
+        CloseReason::TooLarge => &metrics.refused_too_large,
+        CloseReason::QoS2 => &metrics.refused_qos2,
+        CloseReason::ProtocolError(_)
+        | CloseReason::Malformed(_)
+        | CloseReason::TopicAliasInvalid
+        | CloseReason::RetainNotSupported => &metrics.protocol_errors,
+        _ => return,
+    };
+    bump(counter);
+}
+
+async fn read_some(socket: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    buf.reserve(READ_CHUNK);
+    socket.read_buf(buf).await
+}
+
+async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
+    match kick {
+        // Resolves on a kick, or if the registry dropped the sender, which it
+        // does only when handing the id to another connection.
+        Some(rx) => {
+            let _ = rx.await;
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,286 @@
+//! The endpoint: an accept loop, one task per connection, one appender.
+//!
+//! - `codec`: bytes ↔ packets, per protocol.
+//! - `session`: one connection's protocol state machine, pure.
+//! - `connection`: the task around a session and its socket.
+//! - `appender`: group commit into the stream.
+//! - `tap`: live subscriptions to durable telemetry.
+
+mod appender;
+mod codec;
+mod connection;
+mod session;
+mod tap;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stream::StreamProducer;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::EndpointConfig;
+use crate::metrics::{IngestMetrics, bump};
+use appender::{AppendRequest, AppenderConfig};
+use connection::Connection;
+use session::SessionConfig;
+use tap::TapHub;
+
+/// What every connection task shares.
+pub(crate) struct Shared {
+    config: EndpointConfig,
+    session: Arc<SessionConfig>,
+    metrics: Arc<IngestMetrics>,
+    registry: ClientRegistry,
+    tap: Arc<TapHub>,
+    appender: mpsc::UnboundedSender<AppendRequest>,
+}
+
+/// Serves MQTT on `listener` until `shutdown` completes, appending to
+/// `producer`.
+///
+/// On shutdown it stops accepting and reading, lets the appender finish what
+/// is in flight (retrying the stream for up to `shutdown_timeout`), sends the
+/// acknowledgements that became durable, closes every connection and returns.
+/// It returns an error only if the listener fails for good.
+pub async fn serve(
+    listener: TcpListener,
+    producer: Arc<dyn StreamProducer>,
+    config: EndpointConfig,
+    metrics: Arc<IngestMetrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    let (append_tx, append_rx) = mpsc::unbounded_channel();
+    let tap = Arc::new(TapHub::default());
+    let abandon = CancellationToken::new();
+    let appender = tokio::spawn(appender::run(
+        append_rx,
+        producer,
+        AppenderConfig {
+            commit_interval: config.commit_interval,
+            commit_max_records: config.commit_max_records.max(1),
+            commit_max_bytes: config.commit_max_bytes.max(1),
+            retry_backoff_min: config.retry_backoff_min,
+            retry_backoff_max: config.retry_backoff_max,
+        },
+        metrics.clone(),
+        tap.clone(),
+        abandon.clone(),
+    ));
+    let shared = Arc::new(Shared {
+        session: Arc::new(SessionConfig {
+            max_inflight: config.max_inflight.max(1),
+            max_packet_bytes: config.max_packet_bytes,
+            max_keepalive_secs: config.max_keepalive_secs.max(1),
+            authorizer: config.authorizer.clone(),
+        }),
+        config,
+        metrics: metrics.clone(),
+        registry: ClientRegistry::default(),
+        tap,
+        appender: append_tx,
+    });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "The MQTT endpoint is listening.");
+    }
+
+    let stop = CancellationToken::new();
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
+    let mut connections = JoinSet::new();
+    let mut next_id = 0u64;
+    let mut accept_backoff = Duration::from_millis(5);
+    let mut result = Ok(());
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next() => continue,
+            a = listener.accept() => a,
+        };
+        let socket = match accepted {
+            Ok((socket, _)) => socket,
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(error = %e, "Accepting a connection failed; retrying.");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(accept_backoff) => {}
+                }
+                accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "The listener failed; the endpoint stops.");
+                result = Err(e);
+                break;
+            }
+        };
+        accept_backoff = Duration::from_millis(5);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            bump(&metrics.connections_refused);
+            drop(socket);
+            continue;
+        };
+        // Acknowledgements are batched already; waiting for more only adds
+        // latency.
+        let _ = socket.set_nodelay(true);
+        next_id += 1;
+        bump(&metrics.connections_total);
+        metrics.connections_current.fetch_add(1, Ordering::Relaxed);
+        let live = Live {
+            metrics: metrics.clone(),
+            _permit: permit,
+        };
+        let connection = Connection::new(socket, next_id, shared.clone());
+        let stop = stop.child_token();
+        connections.spawn(async move {
+            let _live = live;
+            connection.run(stop).await;
+        });
+    }
+    drop(listener);
+
+    tracing::info!(
+        connections = connections.len(),
+        "The MQTT endpoint is shutting down."
+    );
+    stop.cancel();
+    settle(connections, shared, appender, &abandon).await;
+    tracing::info!("The MQTT endpoint has stopped.");
+    result
+}
+
+/// Waits for connections to drain and the appender to finish. After
+/// `shutdown_timeout` the appender gives up on records the stream will not
+/// store; after twice that, connections still stuck (a socket write that never
+/// completes) are cut off.
+async fn settle(
+    mut connections: JoinSet<()>,
+    shared: Arc<Shared>,
+    mut appender: tokio::task::JoinHandle<()>,
+    abandon: &CancellationToken,
+) {
+    let timeout = shared.config.shutdown_timeout;
+    let timer = tokio::time::sleep(timeout);
+    tokio::pin!(timer);
+    let mut stage = 0;
+    loop {
+        tokio::select! {
+            done = connections.join_next() => if done.is_none() { break },
+            _ = &mut timer, if stage < 2 => {
+                stage += 1;
+                if stage == 1 {
+                    abandon.cancel();
+                    timer.as_mut().reset(tokio::time::Instant::now() + timeout);
+                } else {
+                    tracing::warn!(connections = connections.len(), "Connections did not close in time and are cut off.");
+                    connections.abort_all();
+                }
+            }
+        }
+    }
+    // The appender ends once the last sender, held in `shared`, is gone.
+    drop(shared);
+    let finished = tokio::select! {
+        r = &mut appender => Some(r),
+        _ = &mut timer, if stage == 0 => None,
+    };
+    let finished = match finished {
+        Some(r) => r,
+        None => {
+            abandon.cancel();
+            appender.await
+        }
+    };
+    if let Err(e) = finished {
+        tracing::error!(error = %e, "The appender task failed.");
+    }
+}
+
+/// Held by a connection task: keeps the gauge and the connection slot.
+struct Live {
+    metrics: Arc<IngestMetrics>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.metrics
+            .connections_current
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut
+    ) || matches!(
+        e.raw_os_error(),
+        // EMFILE, ENFILE, ENOBUFS, ENOMEM: out of resources for now.
+        Some(24 | 23 | 105 | 12)
+    )
+}
+
+/// Which connection holds which client id, so that a second CONNECT with the
+/// same id closes the first connection (MQTT's session takeover).
+#[derive(Default)]
+pub(crate) struct ClientRegistry {
+    clients: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+}
+
+impl ClientRegistry {
+    /// Gives `client_id` to connection `conn_id`; `kick` fires when another
+    /// connection claims it. Returns whether a previous holder was told to go.
+    pub fn claim(&self, client_id: &str, conn_id: u64, kick: oneshot::Sender<()>) -> bool {
+        let previous = self.lock().insert(client_id.to_string(), (conn_id, kick));
+        match previous {
+            Some((_, old)) => {
+                let _ = old.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets `client_id` if `conn_id` still holds it.
+    pub fn release(&self, client_id: &str, conn_id: u64) {
+        let mut clients = self.lock();
+        if clients.get(client_id).is_some_and(|(id, _)| *id == conn_id) {
+            clients.remove(client_id);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, oneshot::Sender<()>)>> {
+        self.clients
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_claim_kicks_the_first_holder() {
+        let registry = ClientRegistry::default();
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        assert!(!registry.claim("c", 1, tx1));
+        assert!(registry.claim("c", 2, tx2));
+        assert_eq!(rx1.try_recv(), Ok(()));
+        // The old holder leaving does not free the id from the new one.
+        registry.release("c", 1);
+        assert!(rx2.try_recv().is_err());
+        let (tx3, _rx3) = oneshot::channel();
+        assert!(registry.claim("c", 3, tx3));
+        assert_eq!(rx2.try_recv(), Ok(()));
+    }
+}

@@ -1,0 +1,216 @@
+//! The endpoint's counters: plain atomics, cheap enough to bump per message,
+//! read through [`IngestMetrics::snapshot`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use schemas::RejectReason;
+
+const REASONS: usize = RejectReason::ALL.len();
+
+/// Everything the endpoint counts. Counters only grow, except the gauge
+/// `connections_current`.
+#[derive(Debug, Default)]
+pub struct IngestMetrics {
+    pub connections_current: AtomicU64,
+    pub connections_total: AtomicU64,
+    /// TCP connections closed on accept because `max_connections` were open.
+    pub connections_refused: AtomicU64,
+    /// CONNECTs refused (bad client id, credentials, protocol version).
+    pub connects_refused: AtomicU64,
+    /// Connections closed because another took over their client id.
+    pub takeovers: AtomicU64,
+    pub keepalive_timeouts: AtomicU64,
+    /// PUBLISH packets received, accepted or not.
+    pub messages_in: AtomicU64,
+    /// Messages whose every reading was accepted.
+    pub messages_accepted: AtomicU64,
+    pub readings_accepted: AtomicU64,
+    /// Refused messages, dead-lettered into the stream, by
+    /// [`RejectReason::index`].
+    pub rejected: [AtomicU64; REASONS],
+    /// Bytes read from sockets.
+    pub bytes_in: AtomicU64,
+    pub acks_sent: AtomicU64,
+    /// `put` calls made (each carries one group commit or a retry of one).
+    pub appends: AtomicU64,
+    pub records_appended: AtomicU64,
+    /// Records the stream did not store on a try (they are retried).
+    pub append_failures: AtomicU64,
+    /// Records given up on (the stream refused them for good, or shutdown ran
+    /// out of time); never acknowledged.
+    pub append_abandoned: AtomicU64,
+    pub append_latency: LatencyHistogram,
+    /// Packets larger than `max_packet_bytes`; each closed its connection.
+    pub refused_too_large: AtomicU64,
+    /// QoS 2 PUBLISHes; each closed its connection, as IoT Core does.
+    pub refused_qos2: AtomicU64,
+    /// Malformed or out-of-order packets; each closed its connection.
+    pub protocol_errors: AtomicU64,
+    pub tap_delivered: AtomicU64,
+    /// Live-tap messages dropped because a subscriber's queue was full.
+    pub tap_dropped: AtomicU64,
+}
+
+impl IngestMetrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn reject(&self, reason: RejectReason) {
+        bump(&self.rejected[reason.index()]);
+    }
+
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MetricsSnapshot {
+            connections_current: get(&self.connections_current),
+            connections_total: get(&self.connections_total),
+            connections_refused: get(&self.connections_refused),
+            connects_refused: get(&self.connects_refused),
+            takeovers: get(&self.takeovers),
+            keepalive_timeouts: get(&self.keepalive_timeouts),
+            messages_in: get(&self.messages_in),
+            messages_accepted: get(&self.messages_accepted),
+            readings_accepted: get(&self.readings_accepted),
+            rejected: RejectReason::ALL.map(|r| (r, get(&self.rejected[r.index()]))),
+            bytes_in: get(&self.bytes_in),
+            acks_sent: get(&self.acks_sent),
+            appends: get(&self.appends),
+            records_appended: get(&self.records_appended),
+            append_failures: get(&self.append_failures),
+            append_abandoned: get(&self.append_abandoned),
+            append_latency_buckets: self.append_latency.cumulative(),
+            append_latency_sum: Duration::from_micros(get(&self.append_latency.sum_micros)),
+            append_latency_count: get(&self.append_latency.count),
+            refused_too_large: get(&self.refused_too_large),
+            refused_qos2: get(&self.refused_qos2),
+            protocol_errors: get(&self.protocol_errors),
+            tap_delivered: get(&self.tap_delivered),
+            tap_dropped: get(&self.tap_dropped),
+        }
+    }
+}
+
+pub(crate) fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Upper bounds of the latency buckets, in µs: a group commit is expected in
+/// the low milliseconds, a stalled one in seconds.
+pub const LATENCY_BOUNDS_MICROS: [u64; 14] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 5_000_000,
+];
+
+/// A fixed-bucket histogram, Prometheus style: per-bucket counts plus an
+/// overflow bucket, a sum and a count.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// One per bound in [`LATENCY_BOUNDS_MICROS`], then the overflow bucket.
+    buckets: [AtomicU64; LATENCY_BOUNDS_MICROS.len() + 1],
+    pub sum_micros: AtomicU64,
+    pub count: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, d: Duration) {
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_MICROS.partition_point(|b| *b < micros);
+        bump(&self.buckets[i]);
+        add(&self.sum_micros, micros);
+        bump(&self.count);
+    }
+
+    /// `(upper bound, observations ≤ bound)`, the last bound being `None` for
+    /// +Inf.
+    pub fn cumulative(&self) -> Vec<(Option<Duration>, u64)> {
+        let mut total = 0;
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                total += b.load(Ordering::Relaxed);
+                let bound = LATENCY_BOUNDS_MICROS
+                    .get(i)
+                    .map(|m| Duration::from_micros(*m));
+                (bound, total)
+            })
+            .collect()
+    }
+}
+
+/// A point-in-time copy of [`IngestMetrics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    pub connections_current: u64,
+    pub connections_total: u64,
+    pub connections_refused: u64,
+    pub connects_refused: u64,
+    pub takeovers: u64,
+    pub keepalive_timeouts: u64,
+    pub messages_in: u64,
+    pub messages_accepted: u64,
+    pub readings_accepted: u64,
+    pub rejected: [(RejectReason, u64); REASONS],
+    pub bytes_in: u64,
+    pub acks_sent: u64,
+    pub appends: u64,
+    pub records_appended: u64,
+    pub append_failures: u64,
+    pub append_abandoned: u64,
+    pub append_latency_buckets: Vec<(Option<Duration>, u64)>,
+    pub append_latency_sum: Duration,
+    pub append_latency_count: u64,
+    pub refused_too_large: u64,
+    pub refused_qos2: u64,
+    pub protocol_errors: u64,
+    pub tap_delivered: u64,
+    pub tap_dropped: u64,
+}
+
+impl MetricsSnapshot {
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason.index()].1
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|(_, n)| n).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = LatencyHistogram::default();
+        h.record(Duration::from_micros(90));
+        h.record(Duration::from_micros(100));
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_secs(60));
+        let c = h.cumulative();
+        assert_eq!(c[0], (Some(Duration::from_micros(100)), 2));
+        assert_eq!(c[4], (Some(Duration::from_millis(2)), 2));
+        assert_eq!(c[5], (Some(Duration::from_millis(5)), 3));
+        assert_eq!(c.last(), Some(&(None, 4)));
+        assert_eq!(h.count.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn rejections_are_counted_by_reason() {
+        let m = IngestMetrics::new();
+        m.reject(RejectReason::BadTopic);
+        m.reject(RejectReason::BadTopic);
+        m.reject(RejectReason::Schema);
+        let s = m.snapshot();
+        assert_eq!(s.rejected(RejectReason::BadTopic), 2);
+        assert_eq!(s.rejected(RejectReason::Schema), 1);
+        assert_eq!(s.rejected_total(), 3);
+    }
+}

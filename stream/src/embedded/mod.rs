@@ -1,0 +1,521 @@
+//! The embedded log: the local, durable, sharded stand-in for Kinesis.
+//!
+//! A directory holds a meta file, a lock file and one folder per shard. A
+//! shard's records live in segment files of checksummed frames, named for
+//! their first sequence number; a shard's consumers keep their checkpoints
+//! beside them. One thread per shard appends, and group-commits: requests
+//! that queue while a sync is in flight share the next one.
+//!
+//! ```text
+//! <dir>/meta                                  format version, shard count
+//! <dir>/LOCK                                  held while the log is open
+//! <dir>/shard-0000/00000000000000000001.seg   frames, see frame.rs
+//! <dir>/shard-0000/checkpoints/<consumer>     last processed sequence number
+//! ```
+//!
+//! Layout:
+//! - `frame`: one record's bytes (pure).
+//! - `segment`: segment names, listing, scanning frames.
+//! - `shard`: the state a shard's writer, readers and retention share, and
+//!   its tail cache.
+//! - `writer`: the per-shard append thread.
+//! - `reader`: [`EmbeddedReader`].
+//! - `recovery`: opening a shard, cutting a torn tail.
+//! - `meta`, `files`: the meta file, atomic file replacement.
+//!
+//! **Architecture Invariant:** readers see a record only once it is durable
+//! (with `sync` on), so nothing a consumer acts on can vanish in a crash.
+
+mod files;
+mod frame;
+mod meta;
+mod reader;
+mod recovery;
+mod segment;
+mod shard;
+mod writer;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+
+pub use reader::EmbeddedReader;
+
+use crate::partition;
+use crate::{ProduceError, PutOutcome, PutRecord, ReadError, SeqNo, StreamProducer};
+use meta::Meta;
+use shard::Shard;
+use writer::{AppendRequest, Writer};
+
+/// A shard writer's thread, named by its shard for error reports.
+type WriterThread = (String, JoinHandle<Result<(), String>>);
+
+/// Requests that may queue for one shard's writer before `put` waits.
+const QUEUE_DEPTH: usize = 1024;
+
+/// How the embedded log stores and keeps records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddedConfig {
+    /// Shards in a new log. An existing log must be opened with the count it
+    /// was created with: records are placed by key hash, so another count
+    /// would reorder devices.
+    pub shards: u32,
+    /// A segment file closes once it holds this many bytes; retention
+    /// deletes whole segments.
+    pub segment_bytes: u64,
+    /// How long records are kept, by arrival time.
+    pub retention_ms: i64,
+    /// Sync each group of appends to disk before acknowledging it. Off, an
+    /// acknowledged record survives a crash of the process but not of the
+    /// machine.
+    pub sync: bool,
+    /// Memory per shard for its newest records, so that consumers keeping up
+    /// read without touching the disk.
+    pub tail_cache_bytes: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig {
+            shards: 4,
+            segment_bytes: 64 * 1024 * 1024,
+            retention_ms: 24 * 60 * 60 * 1000,
+            sync: true,
+            tail_cache_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid embedded log config: {0}")]
+    InvalidConfig(String),
+    #[error(
+        "{dir} holds a log of {on_disk} shards, but {configured} were configured; \
+         the embedded log cannot reshard, so configure {on_disk} or use a new directory"
+    )]
+    ShardCountMismatch {
+        dir: PathBuf,
+        on_disk: u32,
+        configured: u32,
+    },
+    #[error("{dir} holds a log of format {found}; this build reads format {supported}")]
+    UnsupportedFormat {
+        dir: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{dir} is not a usable embedded log: {reason}")]
+    Corrupt { dir: PathBuf, reason: String },
+    #[error("{dir} is already open, in this process or another")]
+    Locked { dir: PathBuf },
+}
+
+impl OpenError {
+    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> OpenError {
+        let context = context.into();
+        move |source| OpenError::Io { context, source }
+    }
+}
+
+/// Failures of the log's upkeep: retention and closing.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A shard's writer could not make its last records durable on close.
+    #[error("closing shard {shard}: {message}")]
+    Flush { shard: String, message: String },
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+/// What opening found in one shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRecovery {
+    pub shard: String,
+    /// The sequence number the next record gets.
+    pub next_seq: SeqNo,
+    /// Bytes cut from the end of the last segment: a torn or corrupt tail.
+    pub truncated_bytes: u64,
+    /// Whole frames in the cut tail, judged by their length fields: records
+    /// that were written but are lost (zero for a write that was cut short,
+    /// which was never acknowledged).
+    pub dropped_records: u64,
+}
+
+/// The local durable, sharded log. See the module docs.
+pub struct EmbeddedLog {
+    dir: PathBuf,
+    config: EmbeddedConfig,
+    shards: Vec<Arc<Shard>>,
+    recovery: Vec<ShardRecovery>,
+    /// One queue per shard's writer; `None` once closing began, so later
+    /// `put`s fail fast.
+    writers: RwLock<Option<Vec<mpsc::Sender<AppendRequest>>>>,
+    threads: Mutex<Vec<WriterThread>>,
+    /// Held open while the log is, so a second open of the directory fails
+    /// instead of interleaving appends.
+    lock: Mutex<Option<File>>,
+    /// Serialises retention runs, so two never delete the same segment.
+    retention: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog")
+            .field("dir", &self.dir)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedLog {
+    /// Opens the log in `dir`, creating it if needed, and recovers each
+    /// shard: a torn or corrupt tail is cut away and numbering resumes after
+    /// the last good record. Blocking: it reads each shard's last segment.
+    pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Arc<EmbeddedLog>, OpenError> {
+        check_config(&config)?;
+        std::fs::create_dir_all(dir)
+            .map_err(OpenError::io(format!("creating {}", dir.display())))?;
+        let lock = take_lock(dir)?;
+        let meta_path = dir.join(meta::FILE_NAME);
+        let existing = files::read_if_exists(&meta_path)
+            .map_err(OpenError::io(format!("reading {}", meta_path.display())))?;
+        let fresh = match existing {
+            Some(text) => {
+                let meta = Meta::parse(&text).map_err(|reason| OpenError::Corrupt {
+                    dir: dir.to_owned(),
+                    reason: format!("meta file: {reason}"),
+                })?;
+                if meta.format != meta::FORMAT {
+                    return Err(OpenError::UnsupportedFormat {
+                        dir: dir.to_owned(),
+                        found: meta.format,
+                        supported: meta::FORMAT,
+                    });
+                }
+                if meta.shards != config.shards {
+                    return Err(OpenError::ShardCountMismatch {
+                        dir: dir.to_owned(),
+                        on_disk: meta.shards,
+                        configured: config.shards,
+                    });
+                }
+                false
+            }
+            None => true,
+        };
+
+        let mut shards = Vec::new();
+        let mut starts = Vec::new();
+        let mut recovered = Vec::new();
+        for index in 0..config.shards {
+            let opened = recovery::open_shard(dir, &shard_id(index), &config, fresh)?;
+            shards.push(Arc::new(opened.shard));
+            starts.push(opened.start);
+            recovered.push(opened.report);
+        }
+        if fresh {
+            // Written last: its presence says every shard folder is complete.
+            files::write_atomic(
+                dir,
+                meta::FILE_NAME,
+                meta::TEMP_NAME,
+                Meta::current(config.shards).render().as_bytes(),
+            )
+            .map_err(OpenError::io(format!("writing {}", meta_path.display())))?;
+            files::sync_dir(dir).map_err(OpenError::io(format!("syncing {}", dir.display())))?;
+        }
+
+        let mut senders = Vec::new();
+        let mut threads = Vec::new();
+        for (shard, start) in shards.iter().zip(starts) {
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            let writer = Writer::new(Arc::clone(shard), config.sync, config.segment_bytes, start);
+            let handle = std::thread::Builder::new()
+                .name(format!("log-{}", shard.id))
+                .spawn(move || writer.run(rx))
+                .map_err(OpenError::io("starting a shard writer thread"))?;
+            senders.push(tx);
+            threads.push((shard.id.clone(), handle));
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            shards = config.shards,
+            fresh,
+            "Opened the embedded log."
+        );
+        Ok(Arc::new(EmbeddedLog {
+            dir: dir.to_owned(),
+            config,
+            shards,
+            recovery: recovered,
+            writers: RwLock::new(Some(senders)),
+            threads: Mutex::new(threads),
+            lock: Mutex::new(Some(lock)),
+            retention: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &EmbeddedConfig {
+        &self.config
+    }
+
+    /// The shard ids, `shard-0000` upwards.
+    pub fn shard_ids(&self) -> Vec<String> {
+        self.shards.iter().map(|s| s.id.clone()).collect()
+    }
+
+    /// The shard a partition key's records go to.
+    pub fn shard_of(&self, partition_key: &str) -> &str {
+        let index = partition::shard_for(partition_key, self.config.shards) as usize;
+        &self.shards[index].id
+    }
+
+    /// What opening found and repaired, per shard.
+    pub fn recovery(&self) -> &[ShardRecovery] {
+        &self.recovery
+    }
+
+    /// A reader of `shard` for `consumer`, starting after the consumer's
+    /// checkpoint or, without one, at the oldest retained record.
+    pub fn reader(&self, shard: &str, consumer: &str) -> Result<EmbeddedReader, ReadError> {
+        let shard = self
+            .shards
+            .iter()
+            .find(|s| s.id == shard)
+            .ok_or_else(|| ReadError::NoSuchShard(shard.to_owned()))?;
+        if self.is_closed() {
+            return Err(ReadError::Closed);
+        }
+        EmbeddedReader::open(Arc::clone(shard), consumer)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.writers.read().map_or(true, |w| w.is_none())
+    }
+
+    /// Deletes every closed segment whose newest record arrived before
+    /// `now_ms - retention_ms`, oldest first; the segment being written is
+    /// never deleted. Returns how many segments went. Readers that had not
+    /// reached them move on and count the records in
+    /// [`EmbeddedReader::skipped`].
+    pub async fn enforce_retention(&self, now_ms: i64) -> Result<usize, LogError> {
+        let _one_at_a_time = self.retention.lock().await;
+        let cutoff = now_ms.saturating_sub(self.config.retention_ms);
+        let shards = self.shards.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut deleted = 0;
+            for shard in &shards {
+                deleted += recovery::enforce_retention(shard, cutoff)?;
+            }
+            Ok(deleted)
+        })
+        .await
+        .map_err(|e| LogError::Task(e.to_string()))?
+    }
+
+    /// Stops accepting records, waits for queued ones to be written and made
+    /// durable, wakes waiting readers with [`ReadError::Closed`] and releases
+    /// the directory. A later `open` sees every acknowledged record.
+    pub async fn close(&self) -> Result<(), LogError> {
+        let threads = self.begin_close();
+        let results = tokio::task::spawn_blocking(move || join_writers(threads))
+            .await
+            .map_err(|e| LogError::Task(e.to_string()))?;
+        self.finish_close();
+        results
+    }
+
+    /// Drops the writers' queues (each writer drains its queue and exits)
+    /// and hands back their threads.
+    fn begin_close(&self) -> Vec<WriterThread> {
+        if let Ok(mut writers) = self.writers.write() {
+            writers.take();
+        }
+        match self.threads.lock() {
+            Ok(mut threads) => std::mem::take(&mut *threads),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+
+    fn finish_close(&self) {
+        for shard in &self.shards {
+            shard.close();
+        }
+        if let Ok(mut lock) = self.lock.lock() {
+            lock.take();
+        }
+    }
+}
+
+impl Drop for EmbeddedLog {
+    fn drop(&mut self) {
+        let threads = self.begin_close();
+        if let Err(e) = join_writers(threads) {
+            tracing::error!(error = %e, "Closing the embedded log failed.");
+        }
+        self.finish_close();
+    }
+}
+
+fn join_writers(threads: Vec<WriterThread>) -> Result<(), LogError> {
+    let mut first_error = None;
+    for (shard, handle) in threads {
+        let result = match handle.join() {
+            Ok(result) => result,
+            Err(_) => Err("the writer thread panicked".to_owned()),
+        };
+        if let Err(message) = result {
+            tracing::error!(shard = %shard, error = %message, "A shard writer failed to close cleanly.");
+            first_error.get_or_insert(LogError::Flush { shard, message });
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+#[async_trait]
+impl StreamProducer for EmbeddedLog {
+    async fn put(&self, records: Vec<PutRecord>) -> Result<Vec<PutOutcome>, ProduceError> {
+        let senders = match self.writers.read() {
+            Ok(writers) => writers.clone().ok_or(ProduceError::Closed)?,
+            Err(_) => return Err(ProduceError::Closed),
+        };
+        let mut outcomes: Vec<Option<PutOutcome>> = vec![None; records.len()];
+        let mut by_shard: Vec<(Vec<usize>, Vec<PutRecord>)> = (0..self.shards.len())
+            .map(|_| (Vec::new(), Vec::new()))
+            .collect();
+        for (i, record) in records.into_iter().enumerate() {
+            if let Err(message) = frame::check_record(&record.partition_key, &record.data) {
+                outcomes[i] = Some(PutOutcome::Failed {
+                    retryable: false,
+                    message,
+                });
+                continue;
+            }
+            let shard = partition::shard_for(&record.partition_key, self.config.shards) as usize;
+            by_shard[shard].0.push(i);
+            by_shard[shard].1.push(record);
+        }
+
+        let mut pending = Vec::new();
+        let mut sent = 0;
+        let mut refused = 0;
+        for (shard, (indices, records)) in by_shard.into_iter().enumerate() {
+            if records.is_empty() {
+                continue;
+            }
+            let (reply, answer) = oneshot::channel();
+            sent += indices.len();
+            match senders[shard].send(AppendRequest { records, reply }).await {
+                Ok(()) => pending.push((shard, indices, answer)),
+                Err(_) => {
+                    refused += indices.len();
+                    fail(&mut outcomes, &indices, "stream is closed");
+                }
+            }
+        }
+        for (shard, indices, answer) in pending {
+            let Ok(reply) = answer.await else {
+                fail(&mut outcomes, &indices, "the shard writer stopped");
+                continue;
+            };
+            let shard_id = &self.shards[shard].id;
+            for (n, i) in indices.iter().enumerate() {
+                outcomes[*i] = Some(if n < reply.stored {
+                    PutOutcome::Stored {
+                        shard: shard_id.clone(),
+                        seq: u128::from(reply.first_seq + n as u64),
+                    }
+                } else {
+                    PutOutcome::Failed {
+                        retryable: true,
+                        message: reply.error.clone().unwrap_or_default(),
+                    }
+                });
+            }
+        }
+        if sent > 0 && refused == sent {
+            return Err(ProduceError::Closed);
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or(PutOutcome::Failed {
+                    retryable: true,
+                    message: "record was not handled".to_owned(),
+                })
+            })
+            .collect())
+    }
+}
+
+fn fail(outcomes: &mut [Option<PutOutcome>], indices: &[usize], message: &str) {
+    for i in indices {
+        outcomes[*i] = Some(PutOutcome::Failed {
+            retryable: true,
+            message: message.to_owned(),
+        });
+    }
+}
+
+/// `shard-0000`, `shard-0001`, ...
+fn shard_id(index: u32) -> String {
+    format!("shard-{index:04}")
+}
+
+fn check_config(config: &EmbeddedConfig) -> Result<(), OpenError> {
+    if config.shards == 0 {
+        return Err(OpenError::InvalidConfig("shards must be at least 1".into()));
+    }
+    if config.segment_bytes == 0 {
+        return Err(OpenError::InvalidConfig(
+            "segment_bytes must be at least 1".into(),
+        ));
+    }
+    if config.retention_ms <= 0 {
+        return Err(OpenError::InvalidConfig(
+            "retention_ms must be positive".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn take_lock(dir: &Path) -> Result<File, OpenError> {
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(OpenError::io(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
+            dir: dir.to_owned(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(OpenError::io(format!("locking {}", path.display()))(e))
+        }
+    }
+}

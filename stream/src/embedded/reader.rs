@@ -1,0 +1,492 @@
+//! Reading one shard for one consumer: from the tail cache when the consumer
+//! keeps up, from the segment files when it is behind, and waiting on the
+//! writer's notification when it has read everything.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::files;
+use super::segment::{Scanner, Step};
+use super::shard::{Committed, Shard};
+use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
+
+/// A read from the segment files stops after this many records or bytes; the
+/// rest waits in the next call, so one call's memory stays bounded.
+const FILL_RECORDS: usize = 4096;
+const FILL_BYTES: usize = 4 * 1024 * 1024;
+
+/// Reads one shard in order for one consumer; see [`crate::ShardReader`].
+pub struct EmbeddedReader {
+    shard: Arc<Shard>,
+    consumer: String,
+    committed: watch::Receiver<Committed>,
+    /// The sequence number of the next record to return.
+    next_seq: u64,
+    /// Records read ahead from the segment files, starting at `next_seq`: a
+    /// file read fetches more than one batch, and knowing the next record
+    /// lets [`ShardReader::lag`] report its age without touching the disk.
+    pending: VecDeque<Record>,
+    /// Where the segment files continue after `pending`, kept so that a
+    /// consumer far behind reads each segment once, front to back.
+    cursor: Option<FileCursor>,
+    /// Records this reader never returned because retention deleted them
+    /// first.
+    skipped: u64,
+    checkpoint_dir: PathBuf,
+}
+
+/// An open segment and the offset of the frame with sequence number `seq`.
+struct FileCursor {
+    base: u64,
+    file: File,
+    offset: u64,
+    seq: u64,
+}
+
+impl std::fmt::Debug for EmbeddedReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedReader")
+            .field("shard", &self.shard.id)
+            .field("consumer", &self.consumer)
+            .field("next_seq", &self.next_seq)
+            .field("skipped", &self.skipped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedReader {
+    /// Starts after `consumer`'s checkpoint, or at the oldest retained record.
+    pub(crate) fn open(shard: Arc<Shard>, consumer: &str) -> Result<Self, ReadError> {
+        check_consumer(consumer)?;
+        let checkpoint_dir = shard.dir.join(CHECKPOINT_DIR);
+        let path = checkpoint_dir.join(consumer);
+        let checkpoint = files::read_if_exists(&path)
+            .map_err(|e| ReadError::Io(format!("reading {}: {e}", path.display())))?
+            .map(|text| {
+                text.trim().parse::<u64>().map_err(|_| {
+                    ReadError::Io(format!(
+                        "{} does not hold a sequence number",
+                        path.display()
+                    ))
+                })
+            })
+            .transpose()?;
+        let committed = shard.subscribe();
+        let next_seq = match checkpoint {
+            Some(seq) => seq + 1,
+            None => shard.oldest(),
+        };
+        let mut reader = EmbeddedReader {
+            shard,
+            consumer: consumer.to_owned(),
+            committed,
+            next_seq,
+            pending: VecDeque::new(),
+            cursor: None,
+            skipped: 0,
+            checkpoint_dir,
+        };
+        reader.skip_deleted();
+        Ok(reader)
+    }
+
+    /// The consumer this reader reads and checkpoints for.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// The sequence number of the next record [`ShardReader::next_batch`]
+    /// returns.
+    pub fn position(&self) -> SeqNo {
+        u128::from(self.next_seq)
+    }
+
+    /// How many records this reader passed over because retention deleted
+    /// them before they were read: data the consumer lost, which an operator
+    /// must see.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Moves past records retention deleted, counting them.
+    fn skip_deleted(&mut self) {
+        if !self.pending.is_empty() {
+            return;
+        }
+        let oldest = self.shard.oldest();
+        if self.next_seq < oldest {
+            self.count_skipped(oldest - self.next_seq);
+            self.next_seq = oldest;
+            self.cursor = None;
+        }
+    }
+
+    fn count_skipped(&mut self, n: u64) {
+        self.skipped += n;
+        tracing::warn!(
+            shard = %self.shard.id,
+            consumer = %self.consumer,
+            skipped = n,
+            from_seq = self.next_seq,
+            "Retention deleted records before this consumer read them."
+        );
+    }
+
+    /// Up to `max` records below `end`, without waiting.
+    async fn read_available(&mut self, max: usize, end: u64) -> Result<Vec<Record>, ReadError> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            if let Some(record) = self.pending.pop_front() {
+                // Records read from files may jump over a damaged segment.
+                self.next_seq = record.seq as u64 + 1;
+                out.push(record);
+                continue;
+            }
+            self.skip_deleted();
+            if self.next_seq >= end {
+                break;
+            }
+            if let Some(records) = self.shard.tail().read(self.next_seq, max - out.len()) {
+                let records: Vec<Record> = records
+                    .into_iter()
+                    .take_while(|r| r.seq < u128::from(end))
+                    .collect();
+                self.next_seq += records.len() as u64;
+                self.cursor = None;
+                out.extend(records);
+                continue;
+            }
+            if self.fill_from_files(end).await? == 0 {
+                break;
+            }
+        }
+        // Keep the next record at hand while behind, so that lag() knows its
+        // age.
+        if self.pending.is_empty()
+            && self.next_seq < end
+            && self.shard.tail().arrival_of(self.next_seq).is_none()
+        {
+            self.fill_from_files(end).await?;
+        }
+        Ok(out)
+    }
+
+    /// Reads the next stretch of records below `end` from the segment files
+    /// into `pending`; returns how many.
+    async fn fill_from_files(&mut self, end: u64) -> Result<usize, ReadError> {
+        let shard = Arc::clone(&self.shard);
+        let cursor = self.cursor.take();
+        let from = self.next_seq;
+        let fill = tokio::task::spawn_blocking(move || fill(&shard, cursor, from, end))
+            .await
+            .map_err(|e| ReadError::Io(format!("segment read task failed: {e}")))??;
+        if fill.skipped > 0 {
+            self.count_skipped(fill.skipped);
+        }
+        self.next_seq = fill.records.first().map_or(fill.next, |r| r.seq as u64);
+        self.cursor = fill.cursor;
+        let n = fill.records.len();
+        self.pending.extend(fill.records);
+        Ok(n)
+    }
+}
+
+#[async_trait]
+impl ShardReader for EmbeddedReader {
+    fn shard_id(&self) -> &str {
+        &self.shard.id
+    }
+
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, ReadError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + wait;
+        loop {
+            let committed = *self.committed.borrow_and_update();
+            let batch = self.read_available(max, committed.next_seq).await?;
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+            if committed.closed {
+                return Err(ReadError::Closed);
+            }
+            match tokio::time::timeout_at(deadline, self.committed.changed()).await {
+                Err(_elapsed) => return Ok(Vec::new()),
+                // The shard owns the sender and the reader holds the shard,
+                // so the channel cannot close; treat it as closed anyway.
+                Ok(Err(_)) => return Err(ReadError::Closed),
+                Ok(Ok(())) => {}
+            }
+        }
+    }
+
+    async fn checkpoint(&mut self, seq: SeqNo) -> Result<(), ReadError> {
+        let end = self.shard.committed().next_seq;
+        let seq = u64::try_from(seq)
+            .ok()
+            .filter(|s| *s < end)
+            .ok_or_else(|| {
+                ReadError::InvalidArgument(format!(
+                    "checkpoint {seq} is past the last record of {} ({})",
+                    self.shard.id,
+                    end.saturating_sub(1)
+                ))
+            })?;
+        let dir = self.checkpoint_dir.clone();
+        let name = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            files::write_atomic(
+                &dir,
+                &name,
+                &format!(".{name}.tmp"),
+                format!("{seq}\n").as_bytes(),
+            )
+            .map_err(|e| {
+                ReadError::Io(format!(
+                    "writing checkpoint {name} in {}: {e}",
+                    dir.display()
+                ))
+            })
+        })
+        .await
+        .map_err(|e| ReadError::Io(format!("checkpoint task failed: {e}")))?
+    }
+
+    fn lag(&self) -> Lag {
+        let end = self.committed.borrow().next_seq;
+        let records_behind = end.saturating_sub(self.next_seq);
+        let oldest_unread_arrival_ms = if records_behind == 0 {
+            None
+        } else {
+            self.pending
+                .front()
+                .map(|r| r.arrival_ms)
+                .or_else(|| self.shard.tail().arrival_of(self.next_seq))
+        };
+        Lag {
+            records_behind,
+            oldest_unread_arrival_ms,
+        }
+    }
+}
+
+/// Where each shard keeps its consumers' checkpoints.
+pub(crate) const CHECKPOINT_DIR: &str = "checkpoints";
+
+/// Consumer names become file names, so they are kept to a safe alphabet; a
+/// leading dot is refused so they never meet the temporary files.
+fn check_consumer(consumer: &str) -> Result<(), ReadError> {
+    let ok = (1..=64).contains(&consumer.len())
+        && !consumer.starts_with('.')
+        && consumer
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ReadError::InvalidArgument(format!(
+            "consumer name {consumer:?} must be 1..=64 characters of [A-Za-z0-9_.-], not starting with '.'"
+        )))
+    }
+}
+
+/// What one read from the segment files produced.
+struct Fill {
+    /// Consecutive records, except across a damaged segment.
+    records: Vec<Record>,
+    /// Records passed over: deleted by retention, or in a damaged segment.
+    skipped: u64,
+    /// The sequence number after the read: where the next read starts.
+    next: u64,
+    /// Positioned at `next`, when the read stopped inside a segment.
+    cursor: Option<FileCursor>,
+}
+
+/// Reads records from `from` (or the oldest retained, if later) up to `end`,
+/// continuing from `cursor` when it points at `from`. Blocking.
+fn fill(shard: &Shard, cursor: Option<FileCursor>, from: u64, end: u64) -> Result<Fill, ReadError> {
+    let io_error = |what: &str, e: io::Error| ReadError::Io(format!("{what} in {}: {e}", shard.id));
+    let mut out = Fill {
+        records: Vec::new(),
+        skipped: 0,
+        next: from,
+        cursor: None,
+    };
+    let mut bytes = 0;
+    let mut cursor = match cursor.filter(|c| c.seq == from) {
+        Some(cursor) => cursor,
+        None => {
+            let (cursor, skip) = locate(shard, from)?;
+            out.skipped += skip;
+            out.next += skip;
+            cursor
+        }
+    };
+    loop {
+        // One snapshot per segment: if a later segment exists, this one is
+        // closed and its length final.
+        let (seg_end, next_base) = {
+            let segments = shard.segments();
+            let len = segments
+                .iter()
+                .find(|s| s.base == cursor.base)
+                .map(|s| s.len);
+            let next = segments.iter().map(|s| s.base).find(|b| *b > cursor.base);
+            (len, next)
+        };
+        let seg_end = match seg_end {
+            Some(len) => len,
+            // Retention deleted the segment under us; the open handle still
+            // reads it, and a deleted segment was closed, hence whole.
+            None => cursor
+                .file
+                .metadata()
+                .map_err(|e| io_error("reading a segment", e))?
+                .len(),
+        };
+        let mut scanner = Scanner::new(&cursor.file, cursor.offset, seg_end);
+        let damage = loop {
+            let step = scanner
+                .next()
+                .map_err(|e| io_error("reading a segment", e))?;
+            match step {
+                Step::Frame { frame, offset } => {
+                    if frame.seq < out.next {
+                        continue;
+                    }
+                    let full = out.records.len() >= FILL_RECORDS || bytes >= FILL_BYTES;
+                    if frame.seq >= end || full {
+                        cursor.offset = offset;
+                        cursor.seq = frame.seq;
+                        out.cursor = Some(cursor);
+                        return Ok(out);
+                    }
+                    if frame.seq != out.next {
+                        break Some(format!("expected record {}, found {}", out.next, frame.seq));
+                    }
+                    bytes += frame.data.len();
+                    out.records.push(Record {
+                        seq: u128::from(frame.seq),
+                        partition_key: frame.key.to_owned(),
+                        data: Bytes::copy_from_slice(frame.data),
+                        arrival_ms: frame.arrival_ms,
+                    });
+                    out.next += 1;
+                }
+                Step::End => break None,
+                Step::Torn { offset } => break Some(format!("a cut frame at offset {offset}")),
+                Step::Corrupt { offset, reason } => {
+                    break Some(format!("{reason} at offset {offset}"));
+                }
+            }
+        };
+        cursor.offset = scanner.position();
+        cursor.seq = out.next;
+        let Some(next_base) = next_base else {
+            if let Some(damage) = damage {
+                return Err(ReadError::Io(format!(
+                    "segment {} of {} is damaged where records are committed: {damage}",
+                    cursor.base, shard.id
+                )));
+            }
+            // The segment being written: everything committed is read.
+            out.cursor = Some(cursor);
+            return Ok(out);
+        };
+        if let Some(damage) = damage {
+            let lost = next_base.saturating_sub(out.next);
+            tracing::warn!(
+                shard = %shard.id,
+                segment = cursor.base,
+                damage = %damage,
+                lost,
+                "A closed segment is damaged; reading continues with the next one."
+            );
+            out.skipped += lost;
+        }
+        out.next = out.next.max(next_base);
+        if out.next >= end || out.records.len() >= FILL_RECORDS || bytes >= FILL_BYTES {
+            // The next read locates the segment by number.
+            return Ok(out);
+        }
+        match File::open(shard.segment_path(next_base)) {
+            Ok(file) => {
+                cursor = FileCursor {
+                    base: next_base,
+                    file,
+                    offset: 0,
+                    seq: next_base,
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Deleted by retention since the snapshot: go on at the
+                // oldest retained segment.
+                let (relocated, skip) = locate(shard, out.next)?;
+                out.skipped += skip;
+                out.next += skip;
+                cursor = relocated;
+            }
+            Err(e) => return Err(io_error("opening a segment", e)),
+        }
+    }
+}
+
+/// Opens the segment holding `seq`, or the oldest one if retention deleted
+/// `seq`; returns the cursor at that segment's start and how many records
+/// were skipped.
+fn locate(shard: &Shard, seq: u64) -> Result<(FileCursor, u64), ReadError> {
+    // Each retry follows a deletion by retention, which only moves forward.
+    for _ in 0..8 {
+        let (base, first_base) = {
+            let segments = shard.segments();
+            let first = segments.first().map(|s| s.base);
+            let holding = segments
+                .iter()
+                .rev()
+                .find(|s| s.base <= seq)
+                .map(|s| s.base);
+            (holding, first)
+        };
+        let Some(first_base) = first_base else {
+            return Err(ReadError::Io(format!("{} has no segments", shard.id)));
+        };
+        let (base, skip) = match base {
+            Some(base) => (base, 0),
+            None => (first_base, first_base - seq),
+        };
+        match File::open(shard.segment_path(base)) {
+            Ok(file) => {
+                return Ok((
+                    FileCursor {
+                        base,
+                        file,
+                        offset: 0,
+                        seq: base,
+                    },
+                    skip,
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(ReadError::Io(format!(
+                    "opening a segment of {}: {e}",
+                    shard.id
+                )));
+            }
+        }
+    }
+    Err(ReadError::Io(format!(
+        "segments of {} keep disappearing while a reader looks for record {seq}",
+        shard.id
+    )))
+}

@@ -1,0 +1,246 @@
+//! Opening a shard's files (cutting away a torn tail) and deleting its
+//! expired segments.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use super::reader::CHECKPOINT_DIR;
+use super::segment::{self, Scanner, Step};
+use super::shard::{self, SegmentInfo, Shard, TailCache};
+use super::writer::WriterStart;
+use super::{EmbeddedConfig, LogError, OpenError, ShardRecovery, files};
+use crate::Record;
+
+pub(crate) struct OpenedShard {
+    pub shard: Shard,
+    pub start: WriterStart,
+    pub report: ShardRecovery,
+}
+
+/// Opens shard `id` in `root`: lists its segments, scans the last one, cuts
+/// a torn or corrupt tail, and fills the tail cache from what remains. A
+/// `fresh` log may create the shard; an existing one must have it.
+pub(crate) fn open_shard(
+    root: &Path,
+    id: &str,
+    config: &EmbeddedConfig,
+    fresh: bool,
+) -> Result<OpenedShard, OpenError> {
+    let dir = root.join(id);
+    let checkpoints = dir.join(CHECKPOINT_DIR);
+    std::fs::create_dir_all(&checkpoints)
+        .map_err(OpenError::io(format!("creating {}", checkpoints.display())))?;
+    let listing_error = OpenError::io(format!("listing {}", dir.display()));
+    let mut listed = segment::list(&dir).map_err(listing_error)?;
+    if fresh {
+        if listed.iter().any(|s| s.len > 0) {
+            return Err(OpenError::Corrupt {
+                dir: root.to_owned(),
+                reason: format!("{id} holds records but the meta file is missing"),
+            });
+        }
+        if listed.is_empty() {
+            let path = shard::segment_path(&dir, 1);
+            File::create(&path).map_err(OpenError::io(format!("creating {}", path.display())))?;
+            files::sync_dir(&dir).map_err(OpenError::io(format!("syncing {}", dir.display())))?;
+            files::sync_dir(root).map_err(OpenError::io(format!("syncing {}", root.display())))?;
+            listed =
+                segment::list(&dir).map_err(OpenError::io(format!("listing {}", dir.display())))?;
+        }
+    }
+    let Some(last) = listed.last().cloned() else {
+        return Err(OpenError::Corrupt {
+            dir: root.to_owned(),
+            reason: format!("{id} has no segment files"),
+        });
+    };
+
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&last.path)
+        .map_err(OpenError::io(format!("opening {}", last.path.display())))?;
+    let scan_error = OpenError::io(format!("scanning {}", last.path.display()));
+    let mut tail = TailCache::new(config.tail_cache_bytes);
+    let scanned = scan_last(&file, last.base, last.len, &mut tail).map_err(scan_error)?;
+
+    let mut report = ShardRecovery {
+        shard: id.to_owned(),
+        next_seq: u128::from(scanned.next_seq),
+        truncated_bytes: 0,
+        dropped_records: 0,
+    };
+    if scanned.good_len < last.len {
+        let cut = last.len - scanned.good_len;
+        let mut tail_bytes = vec![0u8; usize::try_from(cut).unwrap_or(0)];
+        let dropped = match file.read_exact_at(&mut tail_bytes, scanned.good_len) {
+            Ok(()) => segment::count_claimed_frames(&tail_bytes),
+            Err(_) => 0,
+        };
+        let truncate_error = OpenError::io(format!("truncating {}", last.path.display()));
+        file.set_len(scanned.good_len)
+            .and_then(|()| file.sync_all())
+            .map_err(truncate_error)?;
+        tracing::warn!(
+            shard = id,
+            segment = %last.path.display(),
+            dropped_bytes = cut,
+            dropped_records = dropped,
+            reason = %scanned.stop,
+            resume_seq = scanned.next_seq,
+            "Cut a torn or corrupt tail from the last segment."
+        );
+        report.truncated_bytes = cut;
+        report.dropped_records = dropped;
+    }
+
+    let mut segments: Vec<SegmentInfo> = listed
+        .iter()
+        .map(|s| SegmentInfo {
+            base: s.base,
+            len: s.len,
+            last_arrival_ms: None,
+        })
+        .collect();
+    if let Some(active) = segments.last_mut() {
+        active.len = scanned.good_len;
+    }
+    let start = WriterStart {
+        file,
+        base: last.base,
+        len: scanned.good_len,
+        next_seq: scanned.next_seq,
+        last_arrival_ms: scanned.last_arrival_ms.unwrap_or(i64::MIN),
+    };
+    Ok(OpenedShard {
+        shard: Shard::new(id.to_owned(), dir, segments, tail, scanned.next_seq),
+        start,
+        report,
+    })
+}
+
+struct Scanned {
+    /// Bytes of valid, consecutive frames from the segment's start.
+    good_len: u64,
+    next_seq: u64,
+    last_arrival_ms: Option<i64>,
+    /// Why the scan stopped before the file's end, if it did.
+    stop: String,
+}
+
+/// Scans a whole segment, stopping at the first frame that is cut, corrupt
+/// or out of sequence.
+fn scan_last(file: &File, base: u64, len: u64, tail: &mut TailCache) -> io::Result<Scanned> {
+    let mut scanner = Scanner::new(file, 0, len);
+    let mut next_seq = base;
+    let mut last_arrival_ms = None;
+    let mut good_len = 0;
+    let stop = loop {
+        match scanner.next()? {
+            Step::Frame { frame, offset } => {
+                if frame.seq != next_seq {
+                    break format!(
+                        "record {} where {next_seq} belongs, at offset {offset}",
+                        frame.seq
+                    );
+                }
+                next_seq += 1;
+                last_arrival_ms = Some(frame.arrival_ms);
+                tail.extend([Record {
+                    seq: u128::from(frame.seq),
+                    partition_key: frame.key.to_owned(),
+                    data: bytes::Bytes::copy_from_slice(frame.data),
+                    arrival_ms: frame.arrival_ms,
+                }]);
+                good_len = scanner.position();
+            }
+            Step::End => break String::new(),
+            Step::Torn { offset } => break format!("a frame cut short at offset {offset}"),
+            Step::Corrupt { offset, reason } => break format!("{reason} at offset {offset}"),
+        }
+    };
+    Ok(Scanned {
+        good_len,
+        next_seq,
+        last_arrival_ms,
+        stop,
+    })
+}
+
+/// Deletes `shard`'s closed segments whose last record arrived before
+/// `cutoff_ms`, oldest first. Blocking.
+pub(crate) fn enforce_retention(shard: &Shard, cutoff_ms: i64) -> Result<usize, LogError> {
+    let mut deleted = 0;
+    loop {
+        let (oldest, next_base) = {
+            let segments = shard.segments();
+            // The last segment is being written and never deleted.
+            if segments.len() < 2 {
+                break;
+            }
+            (segments[0].clone(), segments[1].base)
+        };
+        let last_arrival_ms = match oldest.last_arrival_ms {
+            Some(ms) => ms,
+            None => {
+                let ms = last_arrival_in(&shard.segment_path(oldest.base), oldest.len).map_err(
+                    |source| LogError::Io {
+                        context: format!("scanning segment {} of {}", oldest.base, shard.id),
+                        source,
+                    },
+                )?;
+                if let Some(info) = shard.segments().iter_mut().find(|s| s.base == oldest.base) {
+                    info.last_arrival_ms = Some(ms);
+                }
+                ms
+            }
+        };
+        if last_arrival_ms >= cutoff_ms {
+            break;
+        }
+        // Forget the segment before unlinking it, so no reader starts on it;
+        // readers already in it keep their open handle.
+        shard.segments().retain(|s| s.base != oldest.base);
+        shard.set_oldest(next_base);
+        let path = shard.segment_path(oldest.base);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LogError::Io {
+                    context: format!("deleting {}", path.display()),
+                    source,
+                });
+            }
+        }
+        tracing::info!(
+            shard = %shard.id,
+            first_seq = oldest.base,
+            records = next_base - oldest.base,
+            last_arrival_ms,
+            "Retention deleted a segment."
+        );
+        deleted += 1;
+    }
+    if deleted > 0 {
+        files::sync_dir(&shard.dir).map_err(|source| LogError::Io {
+            context: format!("syncing {}", shard.dir.display()),
+            source,
+        })?;
+    }
+    Ok(deleted)
+}
+
+/// The arrival time of a closed segment's last readable record; a segment
+/// with none counts as infinitely old, since it holds nothing to keep.
+fn last_arrival_in(path: &Path, len: u64) -> io::Result<i64> {
+    let file = File::open(path)?;
+    let mut scanner = Scanner::new(&file, 0, len);
+    let mut last = i64::MIN;
+    while let Step::Frame { frame, .. } = scanner.next()? {
+        last = frame.arrival_ms;
+    }
+    Ok(last)
+}

@@ -1,0 +1,558 @@
+//! The embedded log's own promises: durability across restarts, recovery of
+//! damaged tails, segment rolling, retention, and failure handling.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use stream::embedded::{EmbeddedConfig, EmbeddedLog, EmbeddedReader, OpenError};
+use stream::{
+    ProduceError, PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn one_shard() -> EmbeddedConfig {
+    EmbeddedConfig {
+        shards: 1,
+        ..EmbeddedConfig::default()
+    }
+}
+
+fn record(key: &str, n: usize, len: usize) -> PutRecord {
+    let mut data = format!("{key}/{n}/").into_bytes();
+    data.resize(len.max(data.len()), b'.');
+    PutRecord {
+        partition_key: key.to_owned(),
+        data: Bytes::from(data),
+    }
+}
+
+/// Puts `records` and returns each one's sequence number, failing the test
+/// on any failed record.
+async fn put(log: &EmbeddedLog, records: Vec<PutRecord>) -> Vec<SeqNo> {
+    log.put(records)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            PutOutcome::Stored { seq, .. } => seq,
+            PutOutcome::Failed { message, .. } => panic!("put failed: {message}"),
+        })
+        .collect()
+}
+
+async fn read_n(reader: &mut EmbeddedReader, n: usize) -> Vec<Record> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let batch = reader.next_batch(n - out.len(), WAIT).await.unwrap();
+        assert!(!batch.is_empty(), "got {} of {n} records", out.len());
+        out.extend(batch);
+    }
+    out
+}
+
+async fn nothing_more(reader: &mut EmbeddedReader) {
+    let batch = reader
+        .next_batch(100, Duration::from_millis(20))
+        .await
+        .unwrap();
+    assert!(
+        batch.is_empty(),
+        "unexpected records {:?}",
+        batch.iter().map(|r| r.seq).collect::<Vec<_>>()
+    );
+}
+
+fn seqs(records: &[Record]) -> Vec<SeqNo> {
+    records.iter().map(|r| r.seq).collect()
+}
+
+fn segments(dir: &Path, shard: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir.join(shard))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn round_trip_with_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    assert_eq!(
+        log.shard_ids(),
+        ["shard-0000", "shard-0001", "shard-0002", "shard-0003"]
+    );
+    let seqs_put = put(&log, (0..5).map(|n| record("dev-1", n, 100)).collect()).await;
+    assert_eq!(seqs_put, [1, 2, 3, 4, 5]);
+
+    let mut reader = log.reader(log.shard_of("dev-1"), "lag").unwrap();
+    let lag = reader.lag();
+    assert_eq!(lag.records_behind, 5);
+    let first = read_n(&mut reader, 2).await;
+    assert_eq!(lag.oldest_unread_arrival_ms, Some(first[0].arrival_ms));
+    assert_eq!(first[0].data.len(), 100);
+    assert!(first[0].data.starts_with(b"dev-1/0/"));
+    assert_eq!(reader.lag().records_behind, 3);
+    read_n(&mut reader, 3).await;
+    assert_eq!(reader.lag(), stream::Lag::default());
+}
+
+#[tokio::test]
+async fn bad_records_and_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    let outcomes = log
+        .put(vec![
+            record("ok", 0, 10),
+            PutRecord {
+                partition_key: String::new(),
+                data: Bytes::from_static(b"x"),
+            },
+            PutRecord {
+                partition_key: "big".into(),
+                data: Bytes::from(vec![0u8; 1024 * 1024]),
+            },
+            record("ok", 1, 10),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(outcomes[0], PutOutcome::Stored { seq: 1, .. }));
+    assert!(matches!(
+        outcomes[1],
+        PutOutcome::Failed {
+            retryable: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        outcomes[2],
+        PutOutcome::Failed {
+            retryable: false,
+            ..
+        }
+    ));
+    assert!(matches!(outcomes[3], PutOutcome::Stored { seq: 2, .. }));
+    assert!(log.put(Vec::new()).await.unwrap().is_empty());
+
+    assert!(matches!(
+        log.reader("shard-0009", "c"),
+        Err(ReadError::NoSuchShard(_))
+    ));
+    for bad in ["", ".hidden", "a/b", "../up", &"x".repeat(65)] {
+        assert!(
+            matches!(
+                log.reader("shard-0000", bad),
+                Err(ReadError::InvalidArgument(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    let mut reader = log.reader(log.shard_of("ok"), "c").unwrap();
+    assert!(matches!(
+        reader.checkpoint(3).await,
+        Err(ReadError::InvalidArgument(_))
+    ));
+}
+
+#[tokio::test]
+async fn restart_keeps_records_and_sequence_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys: Vec<String> = (0..12).map(|i| format!("dev-{i}")).collect();
+    let first: Vec<SeqNo>;
+    {
+        let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+        first = put(&log, keys.iter().map(|k| record(k, 0, 50)).collect()).await;
+        log.close().await.unwrap();
+        assert!(matches!(
+            log.put(vec![record("dev-0", 9, 5)]).await,
+            Err(ProduceError::Closed)
+        ));
+    }
+    // Dropping without close must keep acknowledged records too.
+    let second: Vec<SeqNo>;
+    {
+        let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+        assert!(log.recovery().iter().all(|r| r.truncated_bytes == 0));
+        second = put(&log, keys.iter().map(|k| record(k, 1, 50)).collect()).await;
+    }
+    let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    for shard in log.shard_ids() {
+        let on_shard: Vec<usize> = (0..keys.len())
+            .filter(|i| log.shard_of(&keys[*i]) == shard)
+            .collect();
+        let n = on_shard.len();
+        // Numbering went on after the restart instead of starting over.
+        let expected: Vec<SeqNo> = (1..=2 * n as SeqNo).collect();
+        let mut got: Vec<SeqNo> = on_shard
+            .iter()
+            .flat_map(|i| [first[*i], second[*i]])
+            .collect();
+        got.sort();
+        assert_eq!(got, expected, "{shard}");
+        assert_eq!(
+            log.recovery()
+                .iter()
+                .find(|r| r.shard == shard)
+                .unwrap()
+                .next_seq,
+            2 * n as SeqNo + 1
+        );
+        let mut reader = log.reader(&shard, "restart").unwrap();
+        let records = read_n(&mut reader, 2 * n).await;
+        assert_eq!(seqs(&records), expected);
+        nothing_more(&mut reader).await;
+    }
+}
+
+/// Five records of key `k` in a one-shard log, closed; returns the segment
+/// and the length of one frame.
+async fn closed_log_of_five(dir: &Path) -> (PathBuf, u64) {
+    let log = EmbeddedLog::open(dir, one_shard()).unwrap();
+    put(&log, (0..5).map(|n| record("k", n, 40)).collect()).await;
+    log.close().await.unwrap();
+    let segment = segments(dir, "shard-0000").remove(0);
+    let len = std::fs::metadata(&segment).unwrap().len();
+    (segment, len / 5)
+}
+
+/// Reopens after damage and checks that `intact` records survive and that
+/// numbering resumes right after them.
+async fn reopen_after_damage(dir: &Path, intact: usize, truncated: u64, dropped: u64) {
+    let log = EmbeddedLog::open(dir, one_shard()).unwrap();
+    let report = &log.recovery()[0];
+    assert_eq!(report.truncated_bytes, truncated);
+    assert_eq!(report.dropped_records, dropped);
+    assert_eq!(report.next_seq, intact as SeqNo + 1);
+    let mut reader = log.reader("shard-0000", "check").unwrap();
+    let records = read_n(&mut reader, intact).await;
+    for (n, r) in records.iter().enumerate() {
+        assert!(r.data.starts_with(format!("k/{n}/").as_bytes()));
+    }
+    nothing_more(&mut reader).await;
+    assert_eq!(
+        put(&log, vec![record("k", 99, 40)]).await,
+        [intact as SeqNo + 1]
+    );
+    let next = read_n(&mut reader, 1).await;
+    assert!(next[0].data.starts_with(b"k/99/"));
+}
+
+#[tokio::test]
+async fn a_frame_cut_short_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, frame) = closed_log_of_five(dir.path()).await;
+    let len = std::fs::metadata(&segment).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    reopen_after_damage(dir.path(), 4, frame - 3, 0).await;
+}
+
+#[tokio::test]
+async fn garbage_after_the_last_frame_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, _) = closed_log_of_five(dir.path()).await;
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend(std::iter::repeat_n(0xAB, 37));
+    std::fs::write(&segment, bytes).unwrap();
+    reopen_after_damage(dir.path(), 5, 37, 0).await;
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_the_last_frame_drops_that_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, frame) = closed_log_of_five(dir.path()).await;
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&segment, bytes).unwrap();
+    reopen_after_damage(dir.path(), 4, frame, 1).await;
+}
+
+#[tokio::test]
+async fn checkpoints_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let log = EmbeddedLog::open(dir.path(), one_shard()).unwrap();
+        put(&log, (0..10).map(|n| record("k", n, 10)).collect()).await;
+        let mut reader = log.reader("shard-0000", "proc").unwrap();
+        let records = read_n(&mut reader, 6).await;
+        reader.checkpoint(records[5].seq).await.unwrap();
+        log.close().await.unwrap();
+    }
+    let log = EmbeddedLog::open(dir.path(), one_shard()).unwrap();
+    let mut reader = log.reader("shard-0000", "proc").unwrap();
+    assert_eq!(reader.position(), 7);
+    assert_eq!(seqs(&read_n(&mut reader, 4).await), [7, 8, 9, 10]);
+    // No temporary files are left beside the checkpoint.
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("shard-0000/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["proc"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_reader_wakes_on_append_and_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), one_shard()).unwrap();
+    let mut reader = log.reader("shard-0000", "wake").unwrap();
+    let waiting = tokio::spawn(async move {
+        let batch = reader.next_batch(10, Duration::from_secs(600)).await;
+        (batch, reader)
+    });
+    put(&log, vec![record("k", 0, 10)]).await;
+    let (batch, mut reader) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert_eq!(seqs(&batch.unwrap()), [1]);
+
+    let waiting =
+        tokio::spawn(async move { reader.next_batch(10, Duration::from_secs(600)).await });
+    log.close().await.unwrap();
+    let closed = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+    assert!(matches!(closed, Err(ReadError::Closed)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_putters() {
+    const TASKS: usize = 64;
+    const PER_TASK: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let log = Arc::clone(&log);
+        tasks.push(tokio::spawn(async move {
+            for n in 0..PER_TASK {
+                put(&log, vec![record(&format!("dev-{t}"), n, 100)]).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut total = 0;
+    for shard in log.shard_ids() {
+        let mut reader = log.reader(&shard, "all").unwrap();
+        let behind = reader.lag().records_behind as usize;
+        let records = read_n(&mut reader, behind).await;
+        assert_eq!(seqs(&records), (1..=behind as SeqNo).collect::<Vec<_>>());
+        let mut next = std::collections::HashMap::new();
+        for r in &records {
+            let n: usize = std::str::from_utf8(&r.data)
+                .unwrap()
+                .split('/')
+                .nth(1)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let expected = next.entry(r.partition_key.clone()).or_insert(0);
+            assert_eq!(n, *expected, "{}", r.partition_key);
+            *expected += 1;
+        }
+        total += records.len();
+    }
+    assert_eq!(total, TASKS * PER_TASK);
+}
+
+#[tokio::test]
+async fn segments_roll_and_far_behind_readers_read_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        segment_bytes: 1024,
+        // No cache: every read goes to the segment files.
+        tail_cache_bytes: 0,
+        ..one_shard()
+    };
+    {
+        let log = EmbeddedLog::open(dir.path(), config.clone()).unwrap();
+        for batch in 0..20 {
+            put(
+                &log,
+                (0..10).map(|i| record("k", batch * 10 + i, 100)).collect(),
+            )
+            .await;
+        }
+        let files = segments(dir.path(), "shard-0000");
+        assert!(files.len() >= 20, "{} segments", files.len());
+        for file in &files[..files.len() - 1] {
+            assert!(std::fs::metadata(file).unwrap().len() <= 1024);
+        }
+        let mut reader = log.reader("shard-0000", "files").unwrap();
+        let records = read_n(&mut reader, 200).await;
+        assert_eq!(seqs(&records), (1..=200).collect::<Vec<SeqNo>>());
+        reader.checkpoint(57).await.unwrap();
+        nothing_more(&mut reader).await;
+        // A reader at the end picks up records appended to the current
+        // segment and to segments rolled since it last read.
+        put(&log, (200..230).map(|n| record("k", n, 100)).collect()).await;
+        assert_eq!(
+            seqs(&read_n(&mut reader, 30).await),
+            (201..=230).collect::<Vec<SeqNo>>()
+        );
+    }
+    let log = EmbeddedLog::open(dir.path(), config).unwrap();
+    let mut reader = log.reader("shard-0000", "files").unwrap();
+    let records = read_n(&mut reader, 173).await;
+    assert_eq!(seqs(&records), (58..=230).collect::<Vec<SeqNo>>());
+    for (r, n) in records.iter().zip(57..) {
+        assert!(r.data.starts_with(format!("k/{n}/").as_bytes()));
+    }
+    assert_eq!(put(&log, vec![record("k", 230, 100)]).await, [231]);
+}
+
+#[tokio::test]
+async fn retention_deletes_old_segments_and_readers_report_the_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        segment_bytes: 1024,
+        retention_ms: 60_000,
+        ..one_shard()
+    };
+    let log = EmbeddedLog::open(dir.path(), config.clone()).unwrap();
+    put(&log, (0..100).map(|n| record("k", n, 100)).collect()).await;
+    let mut early = log.reader("shard-0000", "early").unwrap();
+    let first_two = read_n(&mut early, 2).await;
+    early.checkpoint(first_two[1].seq).await.unwrap();
+    let mut all = log.reader("shard-0000", "scan").unwrap();
+    let records = read_n(&mut all, 100).await;
+    let oldest_arrival = records[0].arrival_ms;
+    let newest_arrival = records[99].arrival_ms;
+    let before = segments(dir.path(), "shard-0000").len();
+
+    // Nothing is older than the oldest record.
+    assert_eq!(
+        log.enforce_retention(oldest_arrival + 60_000)
+            .await
+            .unwrap(),
+        0
+    );
+    // Everything is: every closed segment goes, the one being written stays.
+    let deleted = log
+        .enforce_retention(newest_arrival + 60_001)
+        .await
+        .unwrap();
+    assert_eq!(deleted, before - 1);
+    let left = segments(dir.path(), "shard-0000");
+    assert_eq!(left.len(), 1);
+    let oldest: SeqNo = left[0]
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(oldest > 3 && oldest <= 100, "{oldest}");
+
+    // A reader that was past record 2 when retention ran skips the gap and
+    // says so.
+    let rest = read_n(&mut early, (101 - oldest) as usize).await;
+    assert_eq!(rest[0].seq, oldest);
+    assert_eq!(early.skipped(), (oldest - 3) as u64);
+    // So does a new reader that starts from the same checkpoint, after a
+    // restart.
+    drop((early, all));
+    log.close().await.unwrap();
+    drop(log);
+    let log = EmbeddedLog::open(dir.path(), config).unwrap();
+    let mut again = log.reader("shard-0000", "early").unwrap();
+    assert_eq!(again.skipped(), (oldest - 3) as u64);
+    assert_eq!(read_n(&mut again, 1).await[0].seq, oldest);
+    // A new consumer starts at the oldest retained record and lost nothing.
+    let fresh = log.reader("shard-0000", "fresh").unwrap();
+    assert_eq!((fresh.position(), fresh.skipped()), (oldest, 0));
+}
+
+#[tokio::test]
+async fn a_failed_write_fails_its_records_and_the_log_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        segment_bytes: 100,
+        ..one_shard()
+    };
+    let log = EmbeddedLog::open(dir.path(), config).unwrap();
+    assert_eq!(put(&log, vec![record("k", 0, 80)]).await, [1]);
+    // The next record needs a new segment; a directory in the way of its
+    // file makes creating it fail.
+    let blocker = dir.path().join("shard-0000/00000000000000000002.seg");
+    std::fs::create_dir(&blocker).unwrap();
+    let outcomes = log
+        .put(vec![record("k", 1, 80), record("k", 2, 80)])
+        .await
+        .unwrap();
+    for outcome in &outcomes {
+        assert!(
+            matches!(
+                outcome,
+                PutOutcome::Failed {
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+    }
+    let mut reader = log.reader("shard-0000", "after").unwrap();
+    assert_eq!(seqs(&read_n(&mut reader, 1).await), [1]);
+    nothing_more(&mut reader).await;
+
+    std::fs::remove_dir(&blocker).unwrap();
+    assert_eq!(
+        put(&log, vec![record("k", 1, 80), record("k", 2, 80)]).await,
+        [2, 3]
+    );
+    let records = read_n(&mut reader, 2).await;
+    assert!(records[0].data.starts_with(b"k/1/") && records[1].data.starts_with(b"k/2/"));
+}
+
+#[tokio::test]
+async fn opening_checks_shard_count_and_exclusive_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    assert!(matches!(
+        EmbeddedLog::open(dir.path(), EmbeddedConfig::default()),
+        Err(OpenError::Locked { .. })
+    ));
+    log.close().await.unwrap();
+    let mismatch = EmbeddedLog::open(
+        dir.path(),
+        EmbeddedConfig {
+            shards: 8,
+            ..EmbeddedConfig::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            mismatch,
+            OpenError::ShardCountMismatch {
+                on_disk: 4,
+                configured: 8,
+                ..
+            }
+        ),
+        "{mismatch}"
+    );
+    // Released on close: the same settings open again.
+    drop(log);
+    EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    assert!(matches!(
+        EmbeddedLog::open(
+            &dir.path().join("other"),
+            EmbeddedConfig {
+                shards: 0,
+                ..EmbeddedConfig::default()
+            }
+        ),
+        Err(OpenError::InvalidConfig(_))
+    ));
+}
