@@ -112,8 +112,7 @@ pub struct AggregateSettings {
     #[serde(with = "humantime_serde")]
     pub allowed_lateness: Duration,
     /// How long windows are kept after their end, one per resolution.
-    #[serde(with = "humantime_serde")]
-    pub retention: Vec<Duration>,
+    pub retention: Vec<humantime_serde::Serde<Duration>>,
     /// How long refused messages are kept for inspection.
     #[serde(with = "humantime_serde")]
     pub dead_letter_retention: Duration,
@@ -127,7 +126,7 @@ impl Default for AggregateSettings {
         AggregateSettings {
             resolutions: d.resolutions.iter().map(|r| r.to_string()).collect(),
             allowed_lateness: ms(d.allowed_lateness_ms),
-            retention: d.retention_ms.iter().map(|r| ms(*r)).collect(),
+            retention: d.retention_ms.iter().map(|r| ms(*r).into()).collect(),
             dead_letter_retention: ms(d.dead_letter_retention_ms),
             dead_letters_per_reason: 10_000,
         }
@@ -203,7 +202,7 @@ impl Config {
         let cfg = processors::AggregateConfig {
             resolutions,
             allowed_lateness_ms: to_ms(self.aggregate.allowed_lateness),
-            retention_ms: self.aggregate.retention.iter().map(|d| to_ms(*d)).collect(),
+            retention_ms: self.aggregate.retention.iter().map(|d| to_ms(**d)).collect(),
             stream_retention_ms: to_ms(self.stream.retention),
             dead_letter_retention_ms: to_ms(self.aggregate.dead_letter_retention),
             ..processors::AggregateConfig::default()
@@ -291,7 +290,7 @@ mod tests {
     fn bad_resolutions_are_errors() {
         let mut c = Config::default();
         c.aggregate.resolutions = vec!["1m".into(), "90s".into()];
-        c.aggregate.retention.push(Duration::ZERO);
+        c.aggregate.retention.push(Duration::ZERO.into());
         c.aggregate.retention.truncate(2);
         assert!(c.aggregate().is_err());
     }

@@ -68,13 +68,31 @@ fn load(dir: &Path) -> Case {
             other => serde_json::to_vec(other).unwrap(),
         };
         let received_at = time(&msg["received_at"]);
-        let (key, data) = ingest::to_record(topic, &payload, "golden-client", received_at);
+        let (key, data) = to_record(topic, &payload, "golden-client", received_at);
         let shard = stream::partition::shard_for(&key, SHARDS) as usize;
         let records = &mut shards[shard].1;
         let seq = records.len() as u128 + 1;
         records.push(Record { seq, partition_key: key, data: Bytes::from(data), arrival_ms: received_at });
     }
     Case { name: dir.file_name().unwrap().to_string_lossy().into(), shards, expected, cfg }
+}
+
+/// What the endpoint makes of a message.
+fn to_record(topic: &str, payload: &[u8], client: &str, received_at: i64) -> (String, Vec<u8>) {
+    use schemas::{PackedRecord, RejectedMessage, StreamRecord, Topic};
+    match Topic::parse(topic) {
+        Err(r) => (client.to_string(), StreamRecord::Rejected(RejectedMessage::new(topic, client, received_at, r, payload)).encode()),
+        Ok(t) => match schemas::decode_payload(payload) {
+            Ok(readings) => (
+                t.device_id.to_string(),
+                PackedRecord { device_id: t.device_id.into(), fleet: t.fleet.into(), received_at, readings }.encode(),
+            ),
+            Err(r) => (
+                t.device_id.to_string(),
+                StreamRecord::Rejected(RejectedMessage::new(topic, client, received_at, r, payload)).encode(),
+            ),
+        },
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
