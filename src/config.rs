@@ -202,7 +202,12 @@ impl Config {
         let cfg = processors::AggregateConfig {
             resolutions,
             allowed_lateness_ms: to_ms(self.aggregate.allowed_lateness),
-            retention_ms: self.aggregate.retention.iter().map(|d| to_ms(**d)).collect(),
+            retention_ms: self
+                .aggregate
+                .retention
+                .iter()
+                .map(|d| to_ms(**d))
+                .collect(),
             stream_retention_ms: to_ms(self.stream.retention),
             dead_letter_retention_ms: to_ms(self.aggregate.dead_letter_retention),
             ..processors::AggregateConfig::default()

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use iotpipe::config::{Config, DEFAULT_TOML, LogFormat};
 
 #[derive(Parser)]
-#[command(name = "iotpipe", version, about = "IoT ingestion and stream processing: MQTT in, exact time-window rollups out")]
+#[command(
+    name = "iotpipe",
+    version,
+    about = "IoT ingestion and stream processing: MQTT in, exact time-window rollups out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -55,13 +55,21 @@ fn load(dir: &Path) -> Case {
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let mut cfg = AggregateConfig::default();
     if let Some(l) = expected.get("allowed_lateness") {
-        cfg.allowed_lateness_ms = humantime::parse_duration(l.as_str().unwrap()).unwrap().as_millis() as i64;
+        cfg.allowed_lateness_ms = humantime::parse_duration(l.as_str().unwrap())
+            .unwrap()
+            .as_millis() as i64;
     }
-    let mut shards: Vec<(String, Vec<Record>)> =
-        (0..SHARDS).map(|i| (format!("shard-{i:04}"), Vec::new())).collect();
+    let mut shards: Vec<(String, Vec<Record>)> = (0..SHARDS)
+        .map(|i| (format!("shard-{i:04}"), Vec::new()))
+        .collect();
     let input = std::fs::read_to_string(dir.join("input.jsonl")).unwrap();
-    for (n, line) in input.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let msg: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", n + 1));
+    for (n, line) in input
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let msg: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", n + 1));
         let topic = msg["topic"].as_str().unwrap();
         let payload = match &msg["payload"] {
             Value::String(s) => s.clone().into_bytes(),
@@ -72,24 +80,51 @@ fn load(dir: &Path) -> Case {
         let shard = stream::partition::shard_for(&key, SHARDS) as usize;
         let records = &mut shards[shard].1;
         let seq = records.len() as u128 + 1;
-        records.push(Record { seq, partition_key: key, data: Bytes::from(data), arrival_ms: received_at });
+        records.push(Record {
+            seq,
+            partition_key: key,
+            data: Bytes::from(data),
+            arrival_ms: received_at,
+        });
     }
-    Case { name: dir.file_name().unwrap().to_string_lossy().into(), shards, expected, cfg }
+    Case {
+        name: dir.file_name().unwrap().to_string_lossy().into(),
+        shards,
+        expected,
+        cfg,
+    }
 }
 
 /// What the endpoint makes of a message.
 fn to_record(topic: &str, payload: &[u8], client: &str, received_at: i64) -> (String, Vec<u8>) {
     use schemas::{PackedRecord, RejectedMessage, StreamRecord, Topic};
     match Topic::parse(topic) {
-        Err(r) => (client.to_string(), StreamRecord::Rejected(RejectedMessage::new(topic, client, received_at, r, payload)).encode()),
+        Err(r) => (
+            client.to_string(),
+            StreamRecord::Rejected(RejectedMessage::new(topic, client, received_at, r, payload))
+                .encode(),
+        ),
         Ok(t) => match schemas::decode_payload(payload) {
             Ok(readings) => (
                 t.device_id.to_string(),
-                PackedRecord { device_id: t.device_id.into(), fleet: t.fleet.into(), received_at, readings }.encode(),
+                PackedRecord {
+                    device_id: t.device_id.into(),
+                    fleet: t.fleet.into(),
+                    received_at,
+                    readings,
+                }
+                .encode(),
             ),
             Err(r) => (
                 t.device_id.to_string(),
-                StreamRecord::Rejected(RejectedMessage::new(topic, client, received_at, r, payload)).encode(),
+                StreamRecord::Rejected(RejectedMessage::new(
+                    topic,
+                    client,
+                    received_at,
+                    r,
+                    payload,
+                ))
+                .encode(),
             ),
         },
     }
@@ -111,7 +146,9 @@ async fn feed(case: &Case, store: &dyn RollupStore, batching: Batching) {
             Batching::HalfThenReplayAll => vec![&records[..records.len() / 2], records.as_slice()],
         };
         for batch in batches.into_iter().filter(|b| !b.is_empty()) {
-            process_batch(shard, batch, store, &case.cfg, &metrics).await.unwrap();
+            process_batch(shard, batch, store, &case.cfg, &metrics)
+                .await
+                .unwrap();
         }
     }
 }
@@ -127,7 +164,11 @@ fn matches(path: &str, expected: &Value, actual: &Value) -> Result<(), String> {
         }
         (Value::Array(e), Value::Array(a)) => {
             if e.len() != a.len() {
-                return Err(format!("{path}: expected {} elements, got {}: {actual}", e.len(), a.len()));
+                return Err(format!(
+                    "{path}: expected {} elements, got {}: {actual}",
+                    e.len(),
+                    a.len()
+                ));
             }
             for (i, (ev, av)) in e.iter().zip(a).enumerate() {
                 matches(&format!("{path}[{i}]"), ev, av)?;
@@ -143,7 +184,8 @@ fn matches(path: &str, expected: &Value, actual: &Value) -> Result<(), String> {
             }
         }
         (Value::String(e), Value::Number(_)) => {
-            let ms = parse_time("expected", e).map_err(|_| format!("{path}: expected {e}, got {actual}"))?;
+            let ms = parse_time("expected", e)
+                .map_err(|_| format!("{path}: expected {e}, got {actual}"))?;
             matches(path, &Value::from(ms), actual)
         }
         (e, a) if e == a => Ok(()),
@@ -156,7 +198,12 @@ async fn check(case: &Case, query: Arc<dyn RollupQuery>, label: &str) -> Vec<Str
     let now = time(&case.expected["now"]);
     state.clock = Arc::new(move || now);
     let mut failures = Vec::new();
-    for (i, req) in case.expected["requests"].as_array().unwrap().iter().enumerate() {
+    for (i, req) in case.expected["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
         let uri = req["get"].as_str().unwrap();
         let resp = app(state.clone())
             .oneshot(Request::get(uri).body(Body::empty()).unwrap())
@@ -167,7 +214,10 @@ async fn check(case: &Case, query: Arc<dyn RollupQuery>, label: &str) -> Vec<Str
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let want_status = req.get("status").and_then(Value::as_u64).unwrap_or(200) as u16;
         if status != want_status {
-            failures.push(format!("{}/{label} request {i} {uri}: status {status}, expected {want_status}: {body}", case.name));
+            failures.push(format!(
+                "{}/{label} request {i} {uri}: status {status}, expected {want_status}: {body}",
+                case.name
+            ));
             continue;
         }
         if let Some(want) = req.get("body") {
@@ -191,17 +241,33 @@ fn cases() -> Vec<PathBuf> {
     dirs
 }
 
-async fn run_all(backend: &str, open: impl Fn() -> (Arc<dyn RollupStore>, Arc<dyn RollupQuery>, Option<tempfile::TempDir>)) {
+async fn run_all(
+    backend: &str,
+    open: impl Fn() -> (
+        Arc<dyn RollupStore>,
+        Arc<dyn RollupQuery>,
+        Option<tempfile::TempDir>,
+    ),
+) {
     let mut failures = Vec::new();
     for dir in cases() {
         let case = load(&dir);
-        for batching in [Batching::One, Batching::EachRecord, Batching::HalfThenReplayAll] {
+        for batching in [
+            Batching::One,
+            Batching::EachRecord,
+            Batching::HalfThenReplayAll,
+        ] {
             let (store, query, _guard) = open();
             feed(&case, store.as_ref(), batching).await;
             failures.extend(check(&case, query, &format!("{backend}/{batching:?}")).await);
         }
     }
-    assert!(failures.is_empty(), "{} golden mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} golden mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[tokio::test]

@@ -8,11 +8,11 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use processors::AggregateConfig;
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
 use processors::store::memory::MemoryStore;
-use processors::AggregateConfig;
 use schemas::{Metric, PackedRecord, Reading};
 use serde_json::Value;
 use stream::Record;
@@ -29,11 +29,19 @@ fn record(seq: u128, device: &str, fleet: &str, ts: i64, value: f64) -> Record {
         readings: vec![Reading {
             seq: Some(seq as u64),
             ts,
-            metrics: vec![Metric { name: "t".into(), value }],
+            metrics: vec![Metric {
+                name: "t".into(),
+                value,
+            }],
         }],
     }
     .encode();
-    Record { seq, partition_key: device.into(), data: Bytes::from(data), arrival_ms: ts + 10 }
+    Record {
+        seq,
+        partition_key: device.into(),
+        data: Bytes::from(data),
+        arrival_ms: ts + 10,
+    }
 }
 
 /// Two devices on two shards, one reading a minute for 10 minutes each.
@@ -42,9 +50,20 @@ async fn filled() -> (Arc<MemoryStore>, ApiState) {
     let cfg = Arc::new(AggregateConfig::default());
     let metrics = ProcessorMetrics::default();
     for (shard, device, base) in [("s0", "d1", 0.0), ("s1", "d2", 100.0)] {
-        let batch: Vec<Record> =
-            (0..10).map(|i| record(i as u128 + 1, device, "f", T0 + i * MIN + 5, base + i as f64)).collect();
-        process_batch(shard, &batch, store.as_ref(), &cfg, &metrics).await.unwrap();
+        let batch: Vec<Record> = (0..10)
+            .map(|i| {
+                record(
+                    i as u128 + 1,
+                    device,
+                    "f",
+                    T0 + i * MIN + 5,
+                    base + i as f64,
+                )
+            })
+            .collect();
+        process_batch(shard, &batch, store.as_ref(), &cfg, &metrics)
+            .await
+            .unwrap();
     }
     let mut state = ApiState::new(store.clone(), cfg);
     // Now: the first minute ended 68 min ago and is final (1 h lateness); the
@@ -72,7 +91,10 @@ async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {
 #[tokio::test]
 async fn device_windows_and_downsampling() {
     let (_, s) = filled().await;
-    let uri = format!("/v1/devices/d1/metrics/t?res=1m&from={T0}&to={}", T0 + 10 * MIN);
+    let uri = format!(
+        "/v1/devices/d1/metrics/t?res=1m&from={T0}&to={}",
+        T0 + 10 * MIN
+    );
     let (status, _, body) = get(&s, &uri).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let w = body["windows"].as_array().unwrap();
@@ -84,16 +106,29 @@ async fn device_windows_and_downsampling() {
     assert_eq!(w[0]["final"], true);
     assert_eq!(w[9]["final"], false);
     // 5m windows are merged from the stored minutes.
-    let uri = format!("/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}", T0 + 10 * MIN);
+    let uri = format!(
+        "/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}",
+        T0 + 10 * MIN
+    );
     let (_, _, body) = get(&s, &uri).await;
     let w = body["windows"].as_array().unwrap();
     assert_eq!(w.len(), 2);
-    assert_eq!((w[0]["count"].as_u64(), w[0]["sum"].as_f64()), (Some(5), Some(10.0)));
-    assert_eq!((w[1]["min"].as_f64(), w[1]["max"].as_f64()), (Some(5.0), Some(9.0)));
+    assert_eq!(
+        (w[0]["count"].as_u64(), w[0]["sum"].as_f64()),
+        (Some(5), Some(10.0))
+    );
+    assert_eq!(
+        (w[1]["min"].as_f64(), w[1]["max"].as_f64()),
+        (Some(5.0), Some(9.0))
+    );
     assert_eq!(w[1]["first"]["value"], 5.0);
     assert_eq!(w[1]["last"]["value"], 9.0);
     // RFC 3339 times work too.
-    let (status, _, body) = get(&s, "/v1/devices/d1/metrics/t?res=1h&from=2025-11-27T10:00:00Z&to=2025-11-27T12:00:00Z").await;
+    let (status, _, body) = get(
+        &s,
+        "/v1/devices/d1/metrics/t?res=1h&from=2025-11-27T10:00:00Z&to=2025-11-27T12:00:00Z",
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["windows"][0]["count"], 10);
 }
@@ -101,7 +136,10 @@ async fn device_windows_and_downsampling() {
 #[tokio::test]
 async fn fleet_windows_merge_every_shard() {
     let (_, s) = filled().await;
-    let uri = format!("/v1/fleets/f/metrics/t?res=1m&from={T0}&to={}", T0 + 10 * MIN);
+    let uri = format!(
+        "/v1/fleets/f/metrics/t?res=1m&from={T0}&to={}",
+        T0 + 10 * MIN
+    );
     let (status, _, body) = get(&s, &uri).await;
     assert_eq!(status, StatusCode::OK);
     let w = body["windows"].as_array().unwrap();
@@ -110,7 +148,11 @@ async fn fleet_windows_merge_every_shard() {
     assert_eq!(w[2]["sum"], 2.0 + 102.0);
     assert_eq!(w[2]["min"], 2.0);
     assert_eq!(w[2]["max"], 102.0);
-    let uri = format!("/v1/fleets/f/metrics/t?res=1d&from={}&to={}", T0 - 86_400_000, T0 + 86_400_000);
+    let uri = format!(
+        "/v1/fleets/f/metrics/t?res=1d&from={}&to={}",
+        T0 - 86_400_000,
+        T0 + 86_400_000
+    );
     let (_, _, body) = get(&s, &uri).await;
     assert_eq!(body["windows"][0]["count"], 20);
 }
@@ -118,7 +160,10 @@ async fn fleet_windows_merge_every_shard() {
 #[tokio::test]
 async fn pages_follow_the_cursor() {
     let (_, s) = filled().await;
-    let mut uri = format!("/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4", T0 + 10 * MIN);
+    let mut uri = format!(
+        "/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4",
+        T0 + 10 * MIN
+    );
     let mut starts = Vec::new();
     for _ in 0..5 {
         let (status, _, body) = get(&s, &uri).await;
@@ -127,7 +172,12 @@ async fn pages_follow_the_cursor() {
             starts.push(w["start"].as_i64().unwrap());
         }
         match body["next_cursor"].as_str() {
-            Some(c) => uri = format!("/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4&cursor={c}", T0 + 10 * MIN),
+            Some(c) => {
+                uri = format!(
+                    "/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4&cursor={c}",
+                    T0 + 10 * MIN
+                )
+            }
             None => break,
         }
     }
@@ -144,7 +194,12 @@ async fn devices_latest_and_listing() {
     assert_eq!(body["metrics"]["t"]["value"], 9.0);
     assert_eq!(body["metrics"]["t"]["ts"], T0 + 9 * MIN + 5);
     let (_, _, body) = get(&s, "/v1/devices?fleet=f").await;
-    let ids: Vec<&str> = body["devices"].as_array().unwrap().iter().map(|d| d["device_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["d1", "d2"]);
     let (_, _, body) = get(&s, "/v1/devices?fleet=f&limit=1").await;
     assert_eq!(body["devices"].as_array().unwrap().len(), 1);
@@ -164,8 +219,14 @@ async fn errors_are_problems() {
         ("/v1/devices/nobody/metrics/t", StatusCode::NOT_FOUND),
         ("/v1/devices/d1/metrics/t?res=7s", StatusCode::BAD_REQUEST),
         ("/v1/devices/d1/metrics/t?res=2x", StatusCode::BAD_REQUEST),
-        ("/v1/devices/d1/metrics/t?from=soon", StatusCode::BAD_REQUEST),
-        ("/v1/devices/d1/metrics/t?from=200&to=100", StatusCode::BAD_REQUEST),
+        (
+            "/v1/devices/d1/metrics/t?from=soon",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/devices/d1/metrics/t?from=200&to=100",
+            StatusCode::BAD_REQUEST,
+        ),
         ("/v1/devices/d1/metrics/t?limit=0", StatusCode::BAD_REQUEST),
         ("/v1/devices/d1/metrics/t?frm=1", StatusCode::BAD_REQUEST),
         ("/v1/devices/d1/metrics/bad%20name", StatusCode::BAD_REQUEST),
@@ -188,5 +249,8 @@ async fn openapi_and_health() {
     assert_eq!(body["openapi"], "3.0.3");
     assert!(body["paths"]["/v1/fleets/{fleet}/metrics/{metric}"].is_object());
     let (status, _, body) = get(&s, "/healthz").await;
-    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("ok")));
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
 }
