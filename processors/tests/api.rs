@@ -254,3 +254,29 @@ async fn openapi_and_health() {
         (StatusCode::OK, Some("ok"))
     );
 }
+
+#[tokio::test]
+async fn fields_can_be_selected_and_served_as_csv() {
+    let (_, s) = filled().await;
+    let uri = format!("/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}&agg=count,max,last", T0 + 10 * MIN);
+    let (status, _, body) = get(&s, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let w = body["windows"][0].as_object().unwrap();
+    let keys: Vec<&str> = w.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["count", "end", "last", "max", "start"]);
+    let resp = app(s.clone())
+        .oneshot(Request::get(format!("{uri}&format=csv")).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/csv; charset=utf-8");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "start,end,count,max,last_ts,last_value");
+    assert_eq!(lines[1], format!("{T0},{},5,4.0,{},4.0", T0 + 5 * MIN, T0 + 4 * MIN + 5));
+    assert_eq!(lines.len(), 3);
+    let (status, _, _) = get(&s, &format!("{uri}&agg=count,median")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, _) = get(&s, &format!("{uri}&format=xml")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

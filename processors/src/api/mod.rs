@@ -242,7 +242,65 @@ async fn fleet_windows(
 }
 
 fn window_params(raw: Option<&str>) -> Result<Params, Problem> {
-    Params::parse(raw, &["res", "from", "to", "limit", "cursor"])
+    Params::parse(raw, &["res", "from", "to", "limit", "cursor", "agg", "format"])
+}
+
+/// The fields `agg=` may select; `start` and `end` always come along.
+const AGG_FIELDS: [&str; 14] = [
+    "count", "sum", "min", "max", "avg", "stddev", "first", "last", "p50", "p90", "p99",
+    "late_count", "revision", "final",
+];
+
+fn agg_fields(p: &Params) -> Result<Vec<&'static str>, Problem> {
+    let Some(list) = p.get("agg") else {
+        return Ok(AGG_FIELDS.to_vec());
+    };
+    list.split(',')
+        .map(|name| {
+            AGG_FIELDS
+                .iter()
+                .find(|f| **f == name.trim())
+                .copied()
+                .ok_or_else(|| {
+                    Problem::bad_request(format!(
+                        "`agg` field `{name}` is not one of {}",
+                        AGG_FIELDS.join(", ")
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Windows as CSV: one row per window, `first` and `last` split into time
+/// and value columns.
+fn windows_csv(windows: &[Value], fields: &[&str]) -> String {
+    use std::fmt::Write;
+    let mut header = vec!["start".to_string(), "end".to_string()];
+    for f in fields {
+        match *f {
+            "first" | "last" => {
+                header.push(format!("{f}_ts"));
+                header.push(format!("{f}_value"));
+            }
+            other => header.push(other.to_string()),
+        }
+    }
+    let mut out = header.join(",");
+    out.push('\n');
+    for w in windows {
+        let mut cells = vec![w["start"].to_string(), w["end"].to_string()];
+        for f in fields {
+            match *f {
+                "first" | "last" => {
+                    cells.push(w[*f]["ts"].to_string());
+                    cells.push(w[*f]["value"].to_string());
+                }
+                other => cells.push(w[other].to_string()),
+            }
+        }
+        let _ = writeln!(out, "{}", cells.join(","));
+    }
+    out
 }
 
 async fn windows_response(
@@ -272,6 +330,16 @@ async fn windows_response(
         )));
     }
     let limit = p.limit(DEFAULT_LIMIT, MAX_LIMIT)?;
+    let fields = agg_fields(p)?;
+    let csv = match p.get("format") {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Err(Problem::bad_request(format!(
+                "`format` must be json or csv, got `{other}`"
+            )));
+        }
+    };
     let q = WindowQuery {
         pk_for,
         series: series.clone(),
@@ -282,14 +350,41 @@ async fn windows_response(
         limit,
     };
     let page = windows::query(s.query.as_ref(), &q, &s.cfg, now).await?;
+    let windows: Vec<Value> = page
+        .windows
+        .iter()
+        .map(|w| {
+            let mut all = serde_json::to_value(w).unwrap_or(Value::Null);
+            let mut picked = serde_json::Map::new();
+            for f in ["start", "end"].iter().chain(&fields) {
+                if let Some(v) = all.get_mut(*f) {
+                    picked.insert(f.to_string(), v.take());
+                }
+            }
+            Value::Object(picked)
+        })
+        .collect();
+    let next_cursor = page.next.map(|n| n.to_string());
+    if csv {
+        let mut resp = (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            windows_csv(&windows, &fields),
+        )
+            .into_response();
+        if let Some(c) = next_cursor.and_then(|c| c.parse().ok()) {
+            // CSV has no envelope; the cursor travels in a header instead.
+            resp.headers_mut().insert("x-next-cursor", c);
+        }
+        return Ok(resp);
+    }
     Ok(axum::Json(json!({
         series_field: series,
         "metric": metric,
         "res": res.to_string(),
         "from": from,
         "to": to,
-        "windows": page.windows,
-        "next_cursor": page.next.map(|n| n.to_string()),
+        "windows": windows,
+        "next_cursor": next_cursor,
     }))
     .into_response())
 }
