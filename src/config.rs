@@ -70,12 +70,23 @@ impl Default for MqttConfig {
 pub struct HttpConfig {
     /// The query API's address.
     pub listen: SocketAddr,
+    /// A file of bearer tokens (`TOKEN [read|admin]` per line). Unset, the API
+    /// answers anyone who can reach it, which is why it binds to loopback.
+    pub token_file: Option<PathBuf>,
+    /// Requests served at once; more are answered 503 at once.
+    pub max_concurrent: usize,
+    /// The longest a request may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token_file: None,
+            max_concurrent: 256,
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -241,6 +252,13 @@ commit_interval = "2ms"
 [http]
 # The query API.
 listen = "127.0.0.1:8080"
+# A file of bearer tokens, one `TOKEN [read|admin]` per line (admin may also
+# read dead letters). Unset, the API answers anyone who can reach it.
+# token_file = "/etc/iotpipe/api-tokens"
+# Requests served at once; more are answered 503 at once.
+max_concurrent = 256
+# The longest a request may take.
+timeout = "10s"
 
 [stream]
 # Shards of the embedded log; fixed when the data directory is created.

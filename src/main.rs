@@ -50,6 +50,10 @@ struct UpArgs {
     /// How long after its end a window still takes readings, e.g. 1h, 30m [default: 1h].
     #[arg(long, value_parser = humantime::parse_duration)]
     allowed_lateness: Option<std::time::Duration>,
+    /// A file of API bearer tokens, one `TOKEN [read|admin]` per line; without
+    /// it the API answers anyone who can reach it.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
     /// Log format [default: auto: text on a terminal, JSON otherwise].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -104,6 +108,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.allowed_lateness {
         config.aggregate.allowed_lateness = v;
+    }
+    if let Some(v) = args.api_token_file {
+        config.http.token_file = Some(v);
     }
     if let Some(v) = args.log_format {
         config.log.format = v;

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use processors::api::guard::{ApiLimits, Guard, Tokens};
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::{ProcessorConfig, run_shard};
@@ -151,7 +152,26 @@ pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
         })
     };
 
+    let tokens = match &config.http.token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read API token file {}", path.display()))?;
+            Some(
+                Tokens::parse(&text)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("API token file {}", path.display()))?,
+            )
+        }
+    };
     let mut state = ApiState::new(store.clone(), aggregate.clone());
+    state.guard = Arc::new(Guard::new(
+        tokens,
+        ApiLimits {
+            max_concurrent: config.http.max_concurrent,
+            timeout: config.http.timeout,
+        },
+    ));
     {
         let (im, pm) = (ingest_metrics.clone(), processor_metrics.clone());
         state.metrics = Arc::new(move |out: &mut String| {

@@ -258,14 +258,21 @@ async fn openapi_and_health() {
 #[tokio::test]
 async fn fields_can_be_selected_and_served_as_csv() {
     let (_, s) = filled().await;
-    let uri = format!("/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}&agg=count,max,last", T0 + 10 * MIN);
+    let uri = format!(
+        "/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}&agg=count,max,last",
+        T0 + 10 * MIN
+    );
     let (status, _, body) = get(&s, &uri).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let w = body["windows"][0].as_object().unwrap();
     let keys: Vec<&str> = w.keys().map(String::as_str).collect();
     assert_eq!(keys, ["count", "end", "last", "max", "start"]);
     let resp = app(s.clone())
-        .oneshot(Request::get(format!("{uri}&format=csv")).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::get(format!("{uri}&format=csv"))
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(resp.headers()["content-type"], "text/csv; charset=utf-8");
@@ -273,10 +280,187 @@ async fn fields_can_be_selected_and_served_as_csv() {
     let text = String::from_utf8(body.to_vec()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "start,end,count,max,last_ts,last_value");
-    assert_eq!(lines[1], format!("{T0},{},5,4.0,{},4.0", T0 + 5 * MIN, T0 + 4 * MIN + 5));
+    assert_eq!(
+        lines[1],
+        format!("{T0},{},5,4.0,{},4.0", T0 + 5 * MIN, T0 + 4 * MIN + 5)
+    );
     assert_eq!(lines.len(), 3);
     let (status, _, _) = get(&s, &format!("{uri}&agg=count,median")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _, _) = get(&s, &format!("{uri}&format=xml")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn tokens_guard_everything_but_health() {
+    use processors::api::guard::{ApiLimits, Guard, Tokens};
+    let (_, mut s) = filled().await;
+    let tokens = Tokens::parse("reader-token-0123456789\nadmin-token-0123456789 admin\n").unwrap();
+    s.guard = Arc::new(Guard::new(Some(tokens), ApiLimits::default()));
+    let call = |uri: &'static str, token: Option<&'static str>| {
+        let s = s.clone();
+        async move {
+            let mut req = Request::get(uri);
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer {t}"));
+            }
+            let resp = app(s)
+                .oneshot(req.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            let status = resp.status();
+            let ctype = resp
+                .headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap().to_string());
+            (status, ctype)
+        }
+    };
+    let problem = Some("application/problem+json".to_string());
+    assert_eq!(
+        call("/v1/stats", None).await,
+        (StatusCode::UNAUTHORIZED, problem.clone())
+    );
+    assert_eq!(
+        call("/v1/stats", Some("wrong-token-0123456789")).await,
+        (StatusCode::UNAUTHORIZED, problem.clone())
+    );
+    assert_eq!(
+        call("/v1/stats", Some("reader-token-0123456789")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(call("/metrics", None).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        call("/v1/dead-letters", Some("reader-token-0123456789")).await,
+        (StatusCode::FORBIDDEN, problem)
+    );
+    assert_eq!(
+        call("/v1/dead-letters", Some("admin-token-0123456789"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(call("/healthz", None).await.0, StatusCode::OK);
+    assert_eq!(call("/openapi.json", None).await.0, StatusCode::OK);
+    let resp = app(s.clone())
+        .oneshot(
+            Request::get("/metrics")
+                .header("authorization", "Bearer admin-token-0123456789")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(text.contains("iotpipe_api_unauthorized_total 3"), "{text}");
+    assert!(text.contains("iotpipe_api_forbidden_total 1"), "{text}");
+}
+
+/// A query store that stops in `range` until told to go on: fault injection
+/// for the limits.
+struct Stall {
+    inner: Arc<MemoryStore>,
+    entered: Arc<tokio::sync::Notify>,
+    go: Arc<tokio::sync::Notify>,
+    stalled: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl processors::store::RollupQuery for Stall {
+    async fn get(
+        &self,
+        pk: &str,
+        sk: &str,
+    ) -> Result<Option<schemas::state::Item>, processors::store::StoreError> {
+        self.inner.get(pk, sk).await
+    }
+    async fn range(
+        &self,
+        r: processors::store::Range,
+    ) -> Result<Vec<(String, schemas::state::Item)>, processors::store::StoreError> {
+        if !self.stalled.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.go.notified().await;
+        }
+        self.inner.range(r).await
+    }
+    async fn scan_prefix(
+        &self,
+        p: &str,
+        a: Option<(String, String)>,
+        l: usize,
+    ) -> Result<Vec<(String, String, schemas::state::Item)>, processors::store::StoreError> {
+        self.inner.scan_prefix(p, a, l).await
+    }
+}
+
+#[tokio::test]
+async fn requests_beyond_the_limit_are_shed_and_slow_ones_time_out() {
+    use processors::api::guard::{ApiLimits, Guard};
+    let (store, mut s) = filled().await;
+    let (entered, go) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    s.query = Arc::new(Stall {
+        inner: store.clone(),
+        entered: entered.clone(),
+        go: go.clone(),
+        stalled: false.into(),
+    });
+    s.guard = Arc::new(Guard::new(
+        None,
+        ApiLimits {
+            max_concurrent: 1,
+            timeout: std::time::Duration::from_secs(30),
+        },
+    ));
+    let slow = tokio::spawn(
+        app(s.clone()).oneshot(Request::get("/v1/stats").body(Body::empty()).unwrap()),
+    );
+    entered.notified().await;
+    let (status, ctype, body) = get(&s, "/healthz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(ctype, "application/problem+json");
+    go.notify_one();
+    assert_eq!(slow.await.unwrap().unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        s.guard
+            .metrics
+            .shed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    s.query = Arc::new(Stall {
+        inner: store,
+        entered,
+        go,
+        stalled: false.into(),
+    });
+    s.guard = Arc::new(Guard::new(
+        None,
+        ApiLimits {
+            max_concurrent: 8,
+            timeout: std::time::Duration::from_millis(50),
+        },
+    ));
+    let (status, _, body) = get(&s, "/v1/stats").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("longer than"));
+    assert_eq!(
+        s.guard
+            .metrics
+            .timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }

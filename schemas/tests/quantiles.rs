@@ -59,11 +59,27 @@ fn quantiles_are_within_one_percent() {
             let truth = exact(&values, q);
             let got = whole.quantile(q).unwrap();
             let err = ((got - truth) / truth).abs();
-            println!("{shape:>9} p{:<4} exact {truth:>12.6} sketch {got:>12.6} error {:.4}%", q * 100.0, err * 100.0);
-            assert!(err <= 0.01, "{shape} p{}: sketch {got}, exact {truth}, error {err}", q * 100.0);
-            assert_eq!(merged.quantile(q), whole.quantile(q), "{shape}: merge is not exact");
+            println!(
+                "{shape:>9} p{:<4} exact {truth:>12.6} sketch {got:>12.6} error {:.4}%",
+                q * 100.0,
+                err * 100.0
+            );
+            assert!(
+                err <= 0.01,
+                "{shape} p{}: sketch {got}, exact {truth}, error {err}",
+                q * 100.0
+            );
+            assert_eq!(
+                merged.quantile(q),
+                whole.quantile(q),
+                "{shape}: merge is not exact"
+            );
         }
         let stored = Sketch::from_bytes(&whole.to_bytes()).unwrap();
-        assert_eq!(stored.quantile(0.99), whole.quantile(0.99), "{shape}: encoding loses bins");
+        assert_eq!(
+            stored.quantile(0.99),
+            whole.quantile(0.99),
+            "{shape}: encoding loses bins"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The query API: one axum router, served locally by `iotpipe up` and on AWS
 //! through `lambda_http`.
 //!
+//! - `guard`: bearer-token authentication and request limits.
 //! - `problem`: errors as `application/problem+json`.
 //! - `params`: strict query parameters and time parsing.
 //! - `windows`: fleet-part merging, query-time downsampling, pagination.
@@ -9,6 +10,7 @@
 //! [`RollupQuery`] and the clock only through [`ApiState::clock`], so the same
 //! router runs on SQLite, DynamoDB or memory, and tests fix the time.
 
+pub mod guard;
 mod params;
 mod problem;
 mod windows;
@@ -51,6 +53,8 @@ pub struct ApiState {
     pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
     /// Appends the process's metrics to `/metrics`.
     pub metrics: MetricsRenderer,
+    /// Authentication, limits and the API's own counters.
+    pub guard: Arc<guard::Guard>,
 }
 
 impl ApiState {
@@ -60,6 +64,7 @@ impl ApiState {
             cfg,
             clock: Arc::new(|| chrono::Utc::now().timestamp_millis()),
             metrics: Arc::new(|_| {}),
+            guard: Arc::new(guard::Guard::new(None, guard::ApiLimits::default())),
         }
     }
 }
@@ -86,6 +91,10 @@ pub fn app(state: ApiState) -> Router {
                 "this endpoint only answers GET",
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::guard,
+        ))
         .with_state(state)
 }
 
@@ -100,6 +109,7 @@ async fn openapi() -> Response {
 async fn metrics(State(s): State<ApiState>) -> Response {
     let mut out = String::new();
     (s.metrics)(&mut out);
+    s.guard.metrics.render(&mut out);
     (
         [(
             header::CONTENT_TYPE,
@@ -242,13 +252,28 @@ async fn fleet_windows(
 }
 
 fn window_params(raw: Option<&str>) -> Result<Params, Problem> {
-    Params::parse(raw, &["res", "from", "to", "limit", "cursor", "agg", "format"])
+    Params::parse(
+        raw,
+        &["res", "from", "to", "limit", "cursor", "agg", "format"],
+    )
 }
 
 /// The fields `agg=` may select; `start` and `end` always come along.
 const AGG_FIELDS: [&str; 14] = [
-    "count", "sum", "min", "max", "avg", "stddev", "first", "last", "p50", "p90", "p99",
-    "late_count", "revision", "final",
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "stddev",
+    "first",
+    "last",
+    "p50",
+    "p90",
+    "p99",
+    "late_count",
+    "revision",
+    "final",
 ];
 
 fn agg_fields(p: &Params) -> Result<Vec<&'static str>, Problem> {
