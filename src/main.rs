@@ -1,1 +1,176 @@
-fn main() {}
+//! `iotpipe`: parse flags, build the config, call the library.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use iotpipe::config::{Config, DEFAULT_TOML, LogFormat};
+
+#[derive(Parser)]
+#[command(
+    name = "iotpipe",
+    version,
+    about = "IoT ingestion and stream processing: MQTT in, exact time-window rollups out"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole pipeline in this process: MQTT endpoint, durable stream,
+    /// processors, rollup store and query API.
+    Up(UpArgs),
+    /// Print or check configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// A TOML config file (`iotpipe config default` prints one); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the stream, rollups and checkpoints live [default: ./iotpipe-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// MQTT endpoint address [default: 127.0.0.1:1883].
+    #[arg(long)]
+    mqtt_listen: Option<SocketAddr>,
+    /// Query API address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
+    /// Shards of a new stream [default: 4].
+    #[arg(long)]
+    shards: Option<u32>,
+    /// How long after its end a window still takes readings, e.g. 1h, 30m [default: 1h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    allowed_lateness: Option<std::time::Duration>,
+    /// Log format [default: auto: text on a terminal, JSON otherwise].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the default configuration, commented.
+    Default,
+    /// Check a config file and print it with every default filled in.
+    Check { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up(args) => up(args),
+        Command::Config(ConfigCommand::Default) => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check { file }) => Config::load(&file).and_then(|c| {
+            print!("{}", toml::to_string_pretty(&c)?);
+            Ok(())
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("iotpipe: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.data_dir {
+        config.data_dir = v;
+    }
+    if let Some(v) = args.mqtt_listen {
+        config.mqtt.listen = v;
+    }
+    if let Some(v) = args.http_listen {
+        config.http.listen = v;
+    }
+    if let Some(v) = args.shards {
+        config.stream.shards = v;
+    }
+    if let Some(v) = args.allowed_lateness {
+        config.aggregate.allowed_lateness = v;
+    }
+    if let Some(v) = args.log_format {
+        config.log.format = v;
+    }
+    init_logs(config.log.format);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let mut pipeline = iotpipe::start(&config).await?;
+        println!(
+            "iotpipe up: mqtt://{} http://{} data {}",
+            pipeline.mqtt_addr,
+            pipeline.http_addr,
+            config.data_dir.display()
+        );
+        tokio::select! {
+            signal = shutdown_signal() => {
+                tracing::info!(signal, "Shutting down: draining every stage.");
+                pipeline.shutdown().await?;
+                tracing::info!("Stopped cleanly.");
+                Ok(())
+            }
+            why = pipeline.failure() => {
+                tracing::error!(reason = %why, "A stage failed; shutting down.");
+                let _ = pipeline.shutdown().await;
+                anyhow::bail!("{why}")
+            }
+        }
+    })
+}
+
+/// Ctrl-C or SIGTERM, whichever comes first.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -27,7 +27,11 @@ impl Default for AggregateConfig {
             resolutions: Resolution::DEFAULTS.to_vec(),
             allowed_lateness_ms: Resolution::HOUR,
             future_tolerance_ms: 10 * Resolution::MINUTE,
-            retention_ms: vec![7 * Resolution::DAY, 90 * Resolution::DAY, 3 * 366 * Resolution::DAY],
+            retention_ms: vec![
+                7 * Resolution::DAY,
+                90 * Resolution::DAY,
+                3 * 366 * Resolution::DAY,
+            ],
             stream_retention_ms: Resolution::DAY,
             dead_letter_retention_ms: 7 * Resolution::DAY,
         }
@@ -44,7 +48,9 @@ impl AggregateConfig {
             return Err("resolutions must be strictly ascending".into());
         }
         if let Some(r) = self.resolutions.iter().find(|r| !r.is_multiple_of(*finest)) {
-            return Err(format!("resolution {r} is not a multiple of the finest, {finest}"));
+            return Err(format!(
+                "resolution {r} is not a multiple of the finest, {finest}"
+            ));
         }
         if self.retention_ms.len() != self.resolutions.len() {
             return Err("one retention per resolution is needed".into());

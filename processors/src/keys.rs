@@ -8,7 +8,7 @@
 //! | dedup set | `x\|{device}` | `{start:015}` (finest window) |
 //! | device latest | `d\|{device}` | `-` |
 //! | fleet member | `m\|{fleet}` | `{device}` |
-//! | counter | `c\|{shard}` | `{name}` |
+//! | counter | `c` | `{shard}\|{name}` |
 //! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:039}\|{index:05}` |
 //!
 //! `|` cannot occur in ids or metric names, so keys never collide, and the
@@ -62,7 +62,10 @@ impl ItemKey {
     pub fn pk(&self) -> String {
         match self {
             ItemKey::DeviceWindow {
-                device, metric, res, ..
+                device,
+                metric,
+                res,
+                ..
             } => device_window_pk(device, metric, *res),
             ItemKey::FleetWindow {
                 fleet, metric, res, ..
@@ -70,7 +73,7 @@ impl ItemKey {
             ItemKey::Dedup { device, .. } => format!("x|{device}"),
             ItemKey::Device { device } => device_pk(device),
             ItemKey::Member { fleet, .. } => member_pk(fleet),
-            ItemKey::Counter { shard, .. } => format!("{COUNTER_PK_PREFIX}{shard}"),
+            ItemKey::Counter { .. } => COUNTER_PK.to_string(),
             ItemKey::DeadLetter { reason, .. } => dead_letter_pk(*reason),
         }
     }
@@ -81,7 +84,7 @@ impl ItemKey {
             ItemKey::FleetWindow { start, part, .. } => format!("{}|{part}", time_sk(*start)),
             ItemKey::Device { .. } => DEVICE_SK.to_string(),
             ItemKey::Member { device, .. } => device.clone(),
-            ItemKey::Counter { name, .. } => name.clone(),
+            ItemKey::Counter { shard, name } => format!("{shard}|{name}"),
             ItemKey::DeadLetter {
                 received_at,
                 shard,
@@ -94,7 +97,9 @@ impl ItemKey {
 }
 
 pub const DEVICE_SK: &str = "-";
-pub const COUNTER_PK_PREFIX: &str = "c|";
+/// Every shard's counters share one partition, so that totals are one query
+/// in every store; each counter still has a single writer.
+pub const COUNTER_PK: &str = "c";
 pub const MEMBER_PK_PREFIX: &str = "m|";
 
 pub fn device_window_pk(device: &str, metric: &str, res: Resolution) -> String {

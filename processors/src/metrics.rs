@@ -1,8 +1,8 @@
 //! What the processors count, for `/metrics`. Counters here are per process;
 //! the exact, persisted counts live in the store (see `keys::counters`).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use schemas::RejectReason;
 
@@ -49,11 +49,18 @@ impl Histogram {
         let mut cumulative = 0;
         for (bound, count) in self.bounds.iter().zip(&self.counts) {
             cumulative += count.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
         }
         let total = self.count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {total}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
         let _ = writeln!(
             out,
             "{name}_sum{braces} {}",
@@ -98,7 +105,10 @@ impl Default for ProcessorMetrics {
             readings_duplicate: AtomicU64::new(0),
             readings_late: AtomicU64::new(0),
             readings_replayed: AtomicU64::new(0),
-            rejected: RejectReason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             batch_retries: AtomicU64::new(0),
             store_writes: AtomicU64::new(0),
             batch_seconds: Histogram::new(LATENCY_BUCKETS),
@@ -113,10 +123,13 @@ impl ProcessorMetrics {
     pub fn record_batch(&self, stats: &BatchStats, writes: usize) {
         self.batches.fetch_add(1, Relaxed);
         self.records.fetch_add(stats.records, Relaxed);
-        self.readings_accepted.fetch_add(stats.accepted_readings, Relaxed);
-        self.readings_duplicate.fetch_add(stats.duplicate_readings, Relaxed);
+        self.readings_accepted
+            .fetch_add(stats.accepted_readings, Relaxed);
+        self.readings_duplicate
+            .fetch_add(stats.duplicate_readings, Relaxed);
         self.readings_late.fetch_add(stats.late_readings, Relaxed);
-        self.readings_replayed.fetch_add(stats.replayed_readings, Relaxed);
+        self.readings_replayed
+            .fetch_add(stats.replayed_readings, Relaxed);
         self.store_writes.fetch_add(writes as u64, Relaxed);
         for (reason, n) in &stats.rejected {
             self.rejected[reason.index()].fetch_add(*n, Relaxed);
@@ -145,32 +158,111 @@ impl ProcessorMetrics {
                 v.load(Relaxed)
             );
         };
-        counter(out, "iotpipe_processor_batches_total", "Batches processed.", &self.batches);
-        counter(out, "iotpipe_processor_records_total", "Stream records processed.", &self.records);
-        counter(out, "iotpipe_readings_accepted_total", "Readings folded into rollups.", &self.readings_accepted);
-        counter(out, "iotpipe_readings_duplicate_total", "Readings delivered again and absorbed.", &self.readings_duplicate);
-        counter(out, "iotpipe_readings_late_total", "Accepted readings that arrived after a window's end.", &self.readings_late);
-        counter(out, "iotpipe_readings_replayed_total", "Readings skipped because a retried batch had already applied them.", &self.readings_replayed);
-        counter(out, "iotpipe_processor_batch_retries_total", "Batch attempts retried after a store error.", &self.batch_retries);
-        counter(out, "iotpipe_store_writes_total", "Items written to the rollup store.", &self.store_writes);
+        counter(
+            out,
+            "iotpipe_processor_batches_total",
+            "Batches processed.",
+            &self.batches,
+        );
+        counter(
+            out,
+            "iotpipe_processor_records_total",
+            "Stream records processed.",
+            &self.records,
+        );
+        counter(
+            out,
+            "iotpipe_readings_accepted_total",
+            "Readings folded into rollups.",
+            &self.readings_accepted,
+        );
+        counter(
+            out,
+            "iotpipe_readings_duplicate_total",
+            "Readings delivered again and absorbed.",
+            &self.readings_duplicate,
+        );
+        counter(
+            out,
+            "iotpipe_readings_late_total",
+            "Accepted readings that arrived after a window's end.",
+            &self.readings_late,
+        );
+        counter(
+            out,
+            "iotpipe_readings_replayed_total",
+            "Readings skipped because a retried batch had already applied them.",
+            &self.readings_replayed,
+        );
+        counter(
+            out,
+            "iotpipe_processor_batch_retries_total",
+            "Batch attempts retried after a store error.",
+            &self.batch_retries,
+        );
+        counter(
+            out,
+            "iotpipe_store_writes_total",
+            "Items written to the rollup store.",
+            &self.store_writes,
+        );
         let name = "iotpipe_processor_rejected_total";
-        let _ = writeln!(out, "# HELP {name} Readings and messages refused by the processors, by reason.\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Readings and messages refused by the processors, by reason.\n# TYPE {name} counter"
+        );
         for reason in RejectReason::ALL {
-            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", self.rejected[reason.index()].load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{reason}\"}} {}",
+                self.rejected[reason.index()].load(Relaxed)
+            );
         }
-        self.batch_seconds.render("iotpipe_processor_batch_seconds", "Time to process one batch, load to commit.", "", out);
-        self.store_write_seconds.render("iotpipe_store_write_seconds", "Time to commit one batch's writes.", "", out);
-        self.freshness_seconds.render("iotpipe_freshness_seconds", "Time from a record's arrival in the stream to its effect in the store.", "", out);
+        self.batch_seconds.render(
+            "iotpipe_processor_batch_seconds",
+            "Time to process one batch, load to commit.",
+            "",
+            out,
+        );
+        self.store_write_seconds.render(
+            "iotpipe_store_write_seconds",
+            "Time to commit one batch's writes.",
+            "",
+            out,
+        );
+        self.freshness_seconds.render(
+            "iotpipe_freshness_seconds",
+            "Time from a record's arrival in the stream to its effect in the store.",
+            "",
+            out,
+        );
         let lags = self.lag.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(out, "# HELP iotpipe_stream_records_behind Records in the shard not yet processed.\n# TYPE iotpipe_stream_records_behind gauge");
+        let _ = writeln!(
+            out,
+            "# HELP iotpipe_stream_records_behind Records in the shard not yet processed.\n# TYPE iotpipe_stream_records_behind gauge"
+        );
         for (shard, lag) in lags.iter() {
-            let _ = writeln!(out, "iotpipe_stream_records_behind{{shard=\"{shard}\"}} {}", lag.records_behind.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "iotpipe_stream_records_behind{{shard=\"{shard}\"}} {}",
+                lag.records_behind.load(Relaxed)
+            );
         }
-        let _ = writeln!(out, "# HELP iotpipe_stream_iterator_age_seconds Age of the oldest unprocessed record in the shard.\n# TYPE iotpipe_stream_iterator_age_seconds gauge");
+        let _ = writeln!(
+            out,
+            "# HELP iotpipe_stream_iterator_age_seconds Age of the oldest unprocessed record in the shard.\n# TYPE iotpipe_stream_iterator_age_seconds gauge"
+        );
         for (shard, lag) in lags.iter() {
             let oldest = lag.oldest_unprocessed_ms.load(Relaxed);
-            let age = if oldest == 0 { 0.0 } else { (now_ms - oldest).max(0) as f64 / 1000.0 };
-            let _ = writeln!(out, "iotpipe_stream_iterator_age_seconds{{shard=\"{shard}\"}} {age}");
+            let age = if oldest == 0 {
+                0.0
+            } else {
+                (now_ms - oldest).max(0) as f64 / 1000.0
+            };
+            let _ = writeln!(
+                out,
+                "iotpipe_stream_iterator_age_seconds{{shard=\"{shard}\"}} {age}"
+            );
         }
     }
 }

@@ -63,7 +63,11 @@ pub async fn process_batch(
             }
             Err(StoreError::Conflict(key)) if conflicts < 1 => {
                 conflicts += 1;
-                tracing::warn!(shard, key, "A conditional write failed; reloading the batch.");
+                tracing::warn!(
+                    shard,
+                    key,
+                    "A conditional write failed; reloading the batch."
+                );
             }
             Err(e) => return Err(e),
         }
@@ -84,7 +88,11 @@ pub async fn run_shard<R: ShardReader>(
     let lag = metrics.shard_lag(&shard);
     let mut draining = *shutdown.borrow();
     loop {
-        let wait = if draining { Duration::ZERO } else { pcfg.poll_wait };
+        let wait = if draining {
+            Duration::ZERO
+        } else {
+            pcfg.poll_wait
+        };
         let batch = tokio::select! {
             batch = reader.next_batch(pcfg.batch_max_records, wait) => batch?,
             changed = shutdown.changed(), if !draining => {
@@ -94,9 +102,14 @@ pub async fn run_shard<R: ShardReader>(
             }
         };
         let behind = reader.lag();
-        lag.records_behind
-            .store(behind.records_behind + batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let oldest = batch.first().map(|r| r.arrival_ms).or(behind.oldest_unread_arrival_ms);
+        lag.records_behind.store(
+            behind.records_behind + batch.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let oldest = batch
+            .first()
+            .map(|r| r.arrival_ms)
+            .or(behind.oldest_unread_arrival_ms);
         lag.oldest_unprocessed_ms
             .store(oldest.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
         let Some(last) = batch.last().map(|r| r.seq) else {

@@ -24,23 +24,38 @@ async fn sqlite_store_keeps_items_across_reopen_and_purges_expired() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rollups.db");
-    let key = |name: &str| ItemKey::Counter { shard: "s".into(), name: name.into() };
+    let key = |name: &str| ItemKey::Counter {
+        shard: "s".into(),
+        name: name.into(),
+    };
     {
         let store = SqliteStore::open(&path).unwrap();
         let w = |name: &str, expires_at| Write {
             key: key(name),
             condition: Condition::Absent,
-            item: Item { applied: Default::default(), state: ItemState::Counter(1) },
+            item: Item {
+                applied: Default::default(),
+                state: ItemState::Counter(1),
+            },
             expires_at,
         };
         store
-            .commit(Commit { writes: vec![w("keep", None), w("old", Some(100)), w("new", Some(300))], then: vec![] })
+            .commit(Commit {
+                writes: vec![w("keep", None), w("old", Some(100)), w("new", Some(300))],
+                then: vec![],
+            })
             .await
             .unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.purge_expired(200).await.unwrap(), 1);
-    assert!(store.get(&key("keep").pk(), "keep").await.unwrap().is_some());
+    assert!(
+        store
+            .get(&key("keep").pk(), "keep")
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert!(store.get(&key("old").pk(), "old").await.unwrap().is_none());
     assert!(store.get(&key("new").pk(), "new").await.unwrap().is_some());
 }

@@ -29,7 +29,7 @@ use stream::{Record, SeqNo};
 
 use crate::config::AggregateConfig;
 use crate::keys::{ItemKey, counters};
-use crate::store::{Commit, Condition, Stored, StoreError, Write};
+use crate::store::{Commit, Condition, StoreError, Stored, Write};
 
 /// A decoded batch and the keys it may touch.
 #[derive(Debug)]
@@ -291,7 +291,10 @@ pub fn apply(
     for record in &records {
         batch.stats.records += 1;
         match &record.body {
-            Body::Readings { record: r, verdicts } => {
+            Body::Readings {
+                record: r,
+                verdicts,
+            } => {
                 for (index, (reading, verdict)) in r.readings.iter().zip(verdicts).enumerate() {
                     match verdict {
                         Some(rejection) => {
@@ -360,7 +363,12 @@ impl Batcher<'_> {
         })
     }
 
-    fn accept(&mut self, seq: SeqNo, r: &PackedRecord, reading: &Reading) -> Result<(), StoreError> {
+    fn accept(
+        &mut self,
+        seq: SeqNo,
+        r: &PackedRecord,
+        reading: &Reading,
+    ) -> Result<(), StoreError> {
         let finest = self.cfg.finest();
         let dedup_key = ItemKey::Dedup {
             device: r.device_id.clone(),
@@ -632,9 +640,9 @@ fn expiry(key: &ItemKey, cfg: &AggregateConfig) -> Option<i64> {
         }
         // A duplicate can only be accepted while its window takes readings,
         // and a record can wait in the stream at most the stream's retention.
-        ItemKey::Dedup { start, .. } => Some(
-            start + cfg.finest().ms() + cfg.allowed_lateness_ms + cfg.stream_retention_ms,
-        ),
+        ItemKey::Dedup { start, .. } => {
+            Some(start + cfg.finest().ms() + cfg.allowed_lateness_ms + cfg.stream_retention_ms)
+        }
         _ => None,
     }
 }

@@ -60,7 +60,12 @@ impl Mem {
     }
 
     fn window(&self, pk: &str, start: i64) -> Option<schemas::WindowAgg> {
-        match &self.0.get(&(pk.to_string(), crate::keys::time_sk(start)))?.1.state {
+        match &self
+            .0
+            .get(&(pk.to_string(), crate::keys::time_sk(start)))?
+            .1
+            .state
+        {
             ItemState::Window(agg) => Some(agg.clone()),
             _ => None,
         }
@@ -75,8 +80,14 @@ impl Mem {
     }
 
     fn counter(&self, shard: &str, name: &str) -> u64 {
-        match self.0.get(&(format!("c|{shard}"), name.to_string())) {
-            Some((_, Item { state: ItemState::Counter(n), .. })) => *n,
+        match self.0.get(&("c".to_string(), format!("{shard}|{name}"))) {
+            Some((
+                _,
+                Item {
+                    state: ItemState::Counter(n),
+                    ..
+                },
+            )) => *n,
             _ => 0,
         }
     }
@@ -132,9 +143,24 @@ fn fwin(metric: &str, res: &str) -> String {
 fn folds_readings_into_every_resolution_and_series() {
     let mut m = Mem::default();
     let batch = vec![
-        rec(1, "d1", T0 + 1000, vec![reading(Some(1), T0 + 500, &[("t", 20.0), ("h", 40.0)])]),
-        rec(2, "d1", T0 + 2000, vec![reading(Some(2), T0 + 1500, &[("t", 22.0)])]),
-        rec(3, "d1", T0 + MIN + 100, vec![reading(Some(3), T0 + MIN + 50, &[("t", 18.0)])]),
+        rec(
+            1,
+            "d1",
+            T0 + 1000,
+            vec![reading(Some(1), T0 + 500, &[("t", 20.0), ("h", 40.0)])],
+        ),
+        rec(
+            2,
+            "d1",
+            T0 + 2000,
+            vec![reading(Some(2), T0 + 1500, &[("t", 22.0)])],
+        ),
+        rec(
+            3,
+            "d1",
+            T0 + MIN + 100,
+            vec![reading(Some(3), T0 + MIN + 50, &[("t", 18.0)])],
+        ),
     ];
     let stats = m.run("s0", &batch, None);
     assert_eq!(stats.accepted_readings, 3);
@@ -143,9 +169,19 @@ fn folds_readings_into_every_resolution_and_series() {
     assert_eq!(w.first.value, 20.0);
     assert_eq!(w.last.value, 22.0);
     assert_eq!(w.late_count, 0);
-    let h = m.window(&dwin("d1", "t", "1h"), Resolution::DEFAULTS[1].window_start(T0)).unwrap();
+    let h = m
+        .window(
+            &dwin("d1", "t", "1h"),
+            Resolution::DEFAULTS[1].window_start(T0),
+        )
+        .unwrap();
     assert_eq!((h.count, h.sum), (3, 60.0));
-    let d = m.window(&dwin("d1", "t", "1d"), Resolution::DEFAULTS[2].window_start(T0)).unwrap();
+    let d = m
+        .window(
+            &dwin("d1", "t", "1d"),
+            Resolution::DEFAULTS[2].window_start(T0),
+        )
+        .unwrap();
     assert_eq!(d.count, 3);
     assert_eq!(m.window(&dwin("d1", "h", "1m"), T0).unwrap().count, 1);
     let f = m.fleet_window(&fwin("t", "1m"), T0, "s0").unwrap();
@@ -157,8 +193,18 @@ fn folds_readings_into_every_resolution_and_series() {
 fn a_replayed_batch_changes_nothing() {
     let mut m = Mem::default();
     let batch = vec![
-        rec(1, "d1", T0 + 1000, vec![reading(Some(1), T0 + 500, &[("t", 20.0)])]),
-        rec(2, "d2", T0 + 1000, vec![reading(None, T0 + 600, &[("t", 21.0)])]),
+        rec(
+            1,
+            "d1",
+            T0 + 1000,
+            vec![reading(Some(1), T0 + 500, &[("t", 20.0)])],
+        ),
+        rec(
+            2,
+            "d2",
+            T0 + 1000,
+            vec![reading(None, T0 + 600, &[("t", 21.0)])],
+        ),
     ];
     m.run("s0", &batch, None);
     let before = m.snapshot();
@@ -174,7 +220,14 @@ fn a_reading_delivered_twice_counts_once_in_any_order() {
     let r = |s| reading(Some(s), T0 + s as i64 * 100, &[("t", s as f64)]);
     // seq 3 arrives before 2, and 2 and 3 arrive again later, in other records.
     m.run("s0", &[rec(1, "d1", T0 + 5000, vec![r(1), r(3)])], None);
-    m.run("s0", &[rec(2, "d1", T0 + 6000, vec![r(2)]), rec(3, "d1", T0 + 7000, vec![r(3), r(2)])], None);
+    m.run(
+        "s0",
+        &[
+            rec(2, "d1", T0 + 6000, vec![r(2)]),
+            rec(3, "d1", T0 + 7000, vec![r(3), r(2)]),
+        ],
+        None,
+    );
     let w = m.window(&dwin("d1", "t", "1m"), T0).unwrap();
     assert_eq!((w.count, w.sum), (3, 6.0));
     assert_eq!(m.counter("s0", "duplicate_readings"), 2);
@@ -188,13 +241,33 @@ fn lateness_is_judged_against_received_at() {
     let h0 = Resolution::DEFAULTS[1].window_start(T0);
     let batch = vec![
         // Its minute ended, its hour did not: late in the 1m window only.
-        rec(1, "d1", T0 + MIN + 10, vec![reading(Some(1), T0 + 10, &[("t", 1.0)])]),
+        rec(
+            1,
+            "d1",
+            T0 + MIN + 10,
+            vec![reading(Some(1), T0 + 10, &[("t", 1.0)])],
+        ),
         // Its minute ended 59 minutes ago: still within the 1 h lateness.
-        rec(2, "d1", T0 + hour - 1, vec![reading(Some(2), T0 + 20, &[("t", 2.0)])]),
+        rec(
+            2,
+            "d1",
+            T0 + hour - 1,
+            vec![reading(Some(2), T0 + 20, &[("t", 2.0)])],
+        ),
         // Its minute ended an hour ago: too late.
-        rec(3, "d1", T0 + MIN + hour, vec![reading(Some(3), T0 + 30, &[("t", 3.0)])]),
+        rec(
+            3,
+            "d1",
+            T0 + MIN + hour,
+            vec![reading(Some(3), T0 + 30, &[("t", 3.0)])],
+        ),
         // More than 10 minutes ahead of its arrival: in the future.
-        rec(4, "d1", T0, vec![reading(Some(4), T0 + 10 * MIN + 1, &[("t", 4.0)])]),
+        rec(
+            4,
+            "d1",
+            T0,
+            vec![reading(Some(4), T0 + 10 * MIN + 1, &[("t", 4.0)])],
+        ),
     ];
     let stats = m.run("s0", &batch, None);
     assert_eq!(stats.accepted_readings, 2);
@@ -206,11 +279,10 @@ fn lateness_is_judged_against_received_at() {
     assert_eq!(h.late_count, u64::from(hour_ended));
     assert_eq!(m.counter("s0", "rejected:too_late"), 1);
     assert_eq!(m.counter("s0", "rejected:in_future"), 1);
-    let letters: Vec<_> = m
-        .0
-        .iter()
-        .filter(|((pk, _), _)| pk.starts_with("l|"))
-        .collect();
+    let letters: Vec<_> =
+        m.0.iter()
+            .filter(|((pk, _), _)| pk.starts_with("l|"))
+            .collect();
     assert_eq!(letters.len(), 2);
 }
 
@@ -242,19 +314,44 @@ fn refused_and_unreadable_records_are_counted_and_kept() {
     let stats = m.run("s0", &batch, None);
     assert_eq!(
         stats.rejected,
-        vec![(RejectReason::MalformedJson, 1), (RejectReason::BadRecord, 1)]
+        vec![
+            (RejectReason::MalformedJson, 1),
+            (RejectReason::BadRecord, 1)
+        ]
     );
     assert_eq!(m.counter("s0", "rejected:malformed_json"), 1);
     assert_eq!(m.counter("s0", "rejected:bad_record"), 1);
     m.run("s0", &batch, None);
-    assert_eq!(m.counter("s0", "rejected:malformed_json"), 1, "replay counted twice");
+    assert_eq!(
+        m.counter("s0", "rejected:malformed_json"),
+        1,
+        "replay counted twice"
+    );
 }
 
 #[test]
 fn fleet_windows_have_one_part_per_shard() {
     let mut m = Mem::default();
-    m.run("s0", &[rec(1, "d1", T0 + 1, vec![reading(Some(1), T0, &[("t", 1.0)])])], None);
-    m.run("s1", &[rec(1, "d2", T0 + 1, vec![reading(Some(1), T0, &[("t", 2.0)])])], None);
+    m.run(
+        "s0",
+        &[rec(
+            1,
+            "d1",
+            T0 + 1,
+            vec![reading(Some(1), T0, &[("t", 1.0)])],
+        )],
+        None,
+    );
+    m.run(
+        "s1",
+        &[rec(
+            1,
+            "d2",
+            T0 + 1,
+            vec![reading(Some(1), T0, &[("t", 2.0)])],
+        )],
+        None,
+    );
     assert_eq!(m.fleet_window(&fwin("t", "1m"), T0, "s0").unwrap().sum, 1.0);
     assert_eq!(m.fleet_window(&fwin("t", "1m"), T0, "s1").unwrap().sum, 2.0);
 }
@@ -263,7 +360,12 @@ fn fleet_windows_have_one_part_per_shard() {
 /// ends exactly where a clean run ends.
 #[test]
 fn a_crash_between_any_two_writes_then_a_retry_is_exact() {
-    let first = vec![rec(1, "d1", T0 + 100, vec![reading(Some(1), T0 + 50, &[("t", 1.0)])])];
+    let first = vec![rec(
+        1,
+        "d1",
+        T0 + 100,
+        vec![reading(Some(1), T0 + 50, &[("t", 1.0)])],
+    )];
     let second: Vec<Record> = (2..8u64)
         .map(|s| {
             let device = if s % 2 == 0 { "d1" } else { "d2" };
@@ -273,7 +375,11 @@ fn a_crash_between_any_two_writes_then_a_retry_is_exact() {
                 s as u128,
                 device,
                 T0 + MIN * 2,
-                vec![reading(Some(id), T0 + s as i64 * 1000, &[("t", s as f64), ("h", 1.0)])],
+                vec![reading(
+                    Some(id),
+                    T0 + s as i64 * 1000,
+                    &[("t", s as f64), ("h", 1.0)],
+                )],
             )
         })
         .collect();
@@ -302,7 +408,11 @@ fn a_crash_between_any_two_writes_then_a_retry_is_exact() {
             } else {
                 m.run("s0", &second, None);
             }
-            assert_eq!(m.snapshot(), expected, "crash after {crash_after} writes, bisect {bisect}");
+            assert_eq!(
+                m.snapshot(),
+                expected,
+                "crash after {crash_after} writes, bisect {bisect}"
+            );
         }
     }
     assert_eq!(clean.counter("s0", "duplicate_readings"), 1);

@@ -30,7 +30,7 @@ pub use problem::Problem;
 use self::params::Params;
 use self::windows::WindowQuery;
 use crate::config::AggregateConfig;
-use crate::keys::{self, COUNTER_PK_PREFIX, DEVICE_SK, MEMBER_PK_PREFIX, counters};
+use crate::keys::{self, COUNTER_PK, DEVICE_SK, MEMBER_PK_PREFIX, counters};
 use crate::store::{Range, RollupQuery};
 
 /// The OpenAPI description of this router.
@@ -72,13 +72,19 @@ pub fn app(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/devices", get(list_devices))
         .route("/v1/devices/{device_id}", get(device))
-        .route("/v1/devices/{device_id}/metrics/{metric}", get(device_windows))
+        .route(
+            "/v1/devices/{device_id}/metrics/{metric}",
+            get(device_windows),
+        )
         .route("/v1/fleets/{fleet}/metrics/{metric}", get(fleet_windows))
         .route("/v1/stats", get(stats))
         .route("/v1/dead-letters", get(dead_letters))
         .fallback(|| async { Problem::not_found("no such endpoint; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(StatusCode::METHOD_NOT_ALLOWED, "this endpoint only answers GET")
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint only answers GET",
+            )
         })
         .with_state(state)
 }
@@ -95,7 +101,10 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     let mut out = String::new();
     (s.metrics)(&mut out);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         out,
     )
         .into_response()
@@ -190,7 +199,9 @@ async fn device(
 }
 
 fn unknown_device(device_id: &str) -> Problem {
-    Problem::not_found(format!("no device `{device_id}` has sent accepted readings"))
+    Problem::not_found(format!(
+        "no device `{device_id}` has sent accepted readings"
+    ))
 }
 
 async fn device_windows(
@@ -201,15 +212,22 @@ async fn device_windows(
     check_id("device_id", &device_id)?;
     check_metric(&metric)?;
     let p = window_params(raw.as_deref())?;
-    if s
-        .query
+    if s.query
         .get(&keys::device_pk(&device_id), DEVICE_SK)
         .await?
         .is_none()
     {
         return Err(unknown_device(&device_id));
     }
-    windows_response(&s, &p, "device_id", device_id, metric, keys::device_window_pk).await
+    windows_response(
+        &s,
+        &p,
+        "device_id",
+        device_id,
+        metric,
+        keys::device_window_pk,
+    )
+    .await
 }
 
 async fn fleet_windows(
@@ -284,14 +302,26 @@ async fn stats(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> Result<Res
         .iter()
         .map(|r| (r.to_string(), 0))
         .collect();
-    let mut after = None;
+    let mut from = String::new();
     loop {
-        let rows = s.query.scan_prefix(COUNTER_PK_PREFIX, after.clone(), 1000).await?;
-        let Some((pk, sk, _)) = rows.last() else { break };
-        after = Some((pk.clone(), sk.clone()));
-        for (_, name, item) in rows {
-            let ItemState::Counter(n) = item.state else { continue };
-            match name.as_str() {
+        let rows = s
+            .query
+            .range(Range {
+                pk: COUNTER_PK.into(),
+                from: from.clone(),
+                to: "~".into(),
+                limit: 1000,
+                descending: false,
+            })
+            .await?;
+        let Some((last, _)) = rows.last() else { break };
+        from = format!("{last}\u{0}");
+        for (sk, item) in rows {
+            let ItemState::Counter(n) = item.state else {
+                continue;
+            };
+            let name = sk.split_once('|').map_or(sk.as_str(), |(_, name)| name);
+            match name {
                 counters::ACCEPTED => accepted += n,
                 counters::DUPLICATE => duplicates += n,
                 other => {

@@ -89,10 +89,23 @@ mod tests {
 
     #[test]
     fn times_parse_both_ways() {
-        assert_eq!(parse_time("from", "1764240000123").unwrap(), 1_764_240_000_123);
+        assert_eq!(
+            parse_time("from", "1764240000123").unwrap(),
+            1_764_240_000_123
+        );
         assert_eq!(parse_time("from", "1970-01-01T00:00:01Z").unwrap(), 1000);
-        assert_eq!(parse_time("from", "2026-01-01T01:00:00+01:00").unwrap(), 1_767_225_600_000);
-        for bad in ["", "-1", "yesterday", "1e3", "99999999999999999999", "1969-12-31T23:59:59Z"] {
+        assert_eq!(
+            parse_time("from", "2026-01-01T01:00:00+01:00").unwrap(),
+            1_767_225_600_000
+        );
+        for bad in [
+            "",
+            "-1",
+            "yesterday",
+            "1e3",
+            "99999999999999999999",
+            "1969-12-31T23:59:59Z",
+        ] {
             assert!(parse_time("from", bad).is_err(), "{bad}");
         }
     }

@@ -82,8 +82,12 @@ pub async fn query(
             .await?;
         let full = rows.len() == PAGE;
         for (sk, item) in rows {
-            let Some(stored_start) = start_of_sk(&sk) else { continue };
-            let ItemState::Window(agg) = item.state else { continue };
+            let Some(stored_start) = start_of_sk(&sk) else {
+                continue;
+            };
+            let ItemState::Window(agg) = item.state else {
+                continue;
+            };
             let start = q.res.window_start(stored_start);
             match &mut current {
                 Some((s, acc)) if *s == start => acc.merge(&agg),

@@ -80,7 +80,10 @@ async fn versions_and_conditions<S: RollupStore + RollupQuery>(store: &S) {
         .clone()
         .unwrap();
     assert_eq!(value(&second.item), 2);
-    assert_ne!(second.version, first.version, "a write must change the version");
+    assert_ne!(
+        second.version, first.version,
+        "a write must change the version"
+    );
 
     let stale = Commit {
         writes: vec![write(a.clone(), Condition::Version(first.version), 3)],
@@ -152,7 +155,12 @@ async fn ranges<S: RollupStore + RollupQuery>(store: &S) {
 }
 
 async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
-    let keys = [("m|fa", "d1"), ("m|fa", "d2"), ("m|fa-2", "d3"), ("m|fb", "d4")];
+    let keys = [
+        ("m|fa", "d1"),
+        ("m|fa", "d2"),
+        ("m|fa-2", "d3"),
+        ("m|fb", "d4"),
+    ];
     let writes = keys
         .iter()
         .enumerate()
@@ -175,7 +183,10 @@ async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
         .await
         .unwrap();
     let all = store.scan_prefix("m|f", None, 100).await.unwrap();
-    let got: Vec<(&str, &str)> = all.iter().map(|(pk, sk, _)| (pk.as_str(), sk.as_str())).collect();
+    let got: Vec<(&str, &str)> = all
+        .iter()
+        .map(|(pk, sk, _)| (pk.as_str(), sk.as_str()))
+        .collect();
     assert_eq!(got, keys, "prefix scan in (pk, sk) order");
     let page = store
         .scan_prefix("m|f", Some(("m|fa".into(), "d1".into())), 2)

@@ -96,7 +96,9 @@ impl RollupQuery for MemoryStore {
         if from >= to {
             return Ok(Vec::new());
         }
-        let iter = map.range(from..to).map(|((_, sk), (_, item))| (sk.clone(), item.clone()));
+        let iter = map
+            .range(from..to)
+            .map(|((_, sk), (_, item))| (sk.clone(), item.clone()));
         Ok(if range.descending {
             iter.rev().take(range.limit).collect()
         } else {

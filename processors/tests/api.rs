@@ -1,0 +1,256 @@
+//! The query API over a store filled by the real core, driven in-process.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use processors::AggregateConfig;
+use processors::api::{ApiState, app};
+use processors::metrics::ProcessorMetrics;
+use processors::run::process_batch;
+use processors::store::memory::MemoryStore;
+use schemas::{Metric, PackedRecord, Reading};
+use serde_json::Value;
+use stream::Record;
+use tower::ServiceExt;
+
+const T0: i64 = 1_764_240_000_000; // a minute boundary
+const MIN: i64 = 60_000;
+
+fn record(seq: u128, device: &str, fleet: &str, ts: i64, value: f64) -> Record {
+    let data = PackedRecord {
+        device_id: device.into(),
+        fleet: fleet.into(),
+        received_at: ts + 10,
+        readings: vec![Reading {
+            seq: Some(seq as u64),
+            ts,
+            metrics: vec![Metric {
+                name: "t".into(),
+                value,
+            }],
+        }],
+    }
+    .encode();
+    Record {
+        seq,
+        partition_key: device.into(),
+        data: Bytes::from(data),
+        arrival_ms: ts + 10,
+    }
+}
+
+/// Two devices on two shards, one reading a minute for 10 minutes each.
+async fn filled() -> (Arc<MemoryStore>, ApiState) {
+    let store = Arc::new(MemoryStore::new());
+    let cfg = Arc::new(AggregateConfig::default());
+    let metrics = ProcessorMetrics::default();
+    for (shard, device, base) in [("s0", "d1", 0.0), ("s1", "d2", 100.0)] {
+        let batch: Vec<Record> = (0..10)
+            .map(|i| {
+                record(
+                    i as u128 + 1,
+                    device,
+                    "f",
+                    T0 + i * MIN + 5,
+                    base + i as f64,
+                )
+            })
+            .collect();
+        process_batch(shard, &batch, store.as_ref(), &cfg, &metrics)
+            .await
+            .unwrap();
+    }
+    let mut state = ApiState::new(store.clone(), cfg);
+    // Now: the first minute ended 68 min ago and is final (1 h lateness); the
+    // last ended 59 min ago and is not.
+    state.clock = Arc::new(|| T0 + 69 * MIN);
+    (store, state)
+}
+
+async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {
+    let resp = app(state.clone())
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let status = resp.status();
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, ctype, json)
+}
+
+#[tokio::test]
+async fn device_windows_and_downsampling() {
+    let (_, s) = filled().await;
+    let uri = format!(
+        "/v1/devices/d1/metrics/t?res=1m&from={T0}&to={}",
+        T0 + 10 * MIN
+    );
+    let (status, _, body) = get(&s, &uri).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let w = body["windows"].as_array().unwrap();
+    assert_eq!(w.len(), 10);
+    assert_eq!(w[3]["start"], T0 + 3 * MIN);
+    assert_eq!(w[3]["end"], T0 + 4 * MIN);
+    assert_eq!(w[3]["count"], 1);
+    assert_eq!(w[3]["sum"], 3.0);
+    assert_eq!(w[0]["final"], true);
+    assert_eq!(w[9]["final"], false);
+    // 5m windows are merged from the stored minutes.
+    let uri = format!(
+        "/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}",
+        T0 + 10 * MIN
+    );
+    let (_, _, body) = get(&s, &uri).await;
+    let w = body["windows"].as_array().unwrap();
+    assert_eq!(w.len(), 2);
+    assert_eq!(
+        (w[0]["count"].as_u64(), w[0]["sum"].as_f64()),
+        (Some(5), Some(10.0))
+    );
+    assert_eq!(
+        (w[1]["min"].as_f64(), w[1]["max"].as_f64()),
+        (Some(5.0), Some(9.0))
+    );
+    assert_eq!(w[1]["first"]["value"], 5.0);
+    assert_eq!(w[1]["last"]["value"], 9.0);
+    // RFC 3339 times work too.
+    let (status, _, body) = get(
+        &s,
+        "/v1/devices/d1/metrics/t?res=1h&from=2025-11-27T10:00:00Z&to=2025-11-27T12:00:00Z",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["windows"][0]["count"], 10);
+}
+
+#[tokio::test]
+async fn fleet_windows_merge_every_shard() {
+    let (_, s) = filled().await;
+    let uri = format!(
+        "/v1/fleets/f/metrics/t?res=1m&from={T0}&to={}",
+        T0 + 10 * MIN
+    );
+    let (status, _, body) = get(&s, &uri).await;
+    assert_eq!(status, StatusCode::OK);
+    let w = body["windows"].as_array().unwrap();
+    assert_eq!(w.len(), 10);
+    assert_eq!(w[2]["count"], 2);
+    assert_eq!(w[2]["sum"], 2.0 + 102.0);
+    assert_eq!(w[2]["min"], 2.0);
+    assert_eq!(w[2]["max"], 102.0);
+    let uri = format!(
+        "/v1/fleets/f/metrics/t?res=1d&from={}&to={}",
+        T0 - 86_400_000,
+        T0 + 86_400_000
+    );
+    let (_, _, body) = get(&s, &uri).await;
+    assert_eq!(body["windows"][0]["count"], 20);
+}
+
+#[tokio::test]
+async fn pages_follow_the_cursor() {
+    let (_, s) = filled().await;
+    let mut uri = format!(
+        "/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4",
+        T0 + 10 * MIN
+    );
+    let mut starts = Vec::new();
+    for _ in 0..5 {
+        let (status, _, body) = get(&s, &uri).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        for w in body["windows"].as_array().unwrap() {
+            starts.push(w["start"].as_i64().unwrap());
+        }
+        match body["next_cursor"].as_str() {
+            Some(c) => {
+                uri = format!(
+                    "/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4&cursor={c}",
+                    T0 + 10 * MIN
+                )
+            }
+            None => break,
+        }
+    }
+    let expected: Vec<i64> = (0..10).map(|i| T0 + i * MIN).collect();
+    assert_eq!(starts, expected);
+}
+
+#[tokio::test]
+async fn devices_latest_and_listing() {
+    let (_, s) = filled().await;
+    let (status, _, body) = get(&s, "/v1/devices/d1").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["fleet"], "f");
+    assert_eq!(body["metrics"]["t"]["value"], 9.0);
+    assert_eq!(body["metrics"]["t"]["ts"], T0 + 9 * MIN + 5);
+    let (_, _, body) = get(&s, "/v1/devices?fleet=f").await;
+    let ids: Vec<&str> = body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["d1", "d2"]);
+    let (_, _, body) = get(&s, "/v1/devices?fleet=f&limit=1").await;
+    assert_eq!(body["devices"].as_array().unwrap().len(), 1);
+    let cursor = body["next_cursor"].as_str().unwrap().to_string();
+    let (_, _, body) = get(&s, &format!("/v1/devices?fleet=f&limit=1&cursor={cursor}")).await;
+    assert_eq!(body["devices"][0]["device_id"], "d2");
+    let (_, _, body) = get(&s, "/v1/stats").await;
+    assert_eq!(body["accepted_readings"], 20);
+    assert_eq!(body["rejected"]["too_late"], 0);
+}
+
+#[tokio::test]
+async fn errors_are_problems() {
+    let (_, s) = filled().await;
+    for (uri, status) in [
+        ("/v1/devices/nobody", StatusCode::NOT_FOUND),
+        ("/v1/devices/nobody/metrics/t", StatusCode::NOT_FOUND),
+        ("/v1/devices/d1/metrics/t?res=7s", StatusCode::BAD_REQUEST),
+        ("/v1/devices/d1/metrics/t?res=2x", StatusCode::BAD_REQUEST),
+        (
+            "/v1/devices/d1/metrics/t?from=soon",
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "/v1/devices/d1/metrics/t?from=200&to=100",
+            StatusCode::BAD_REQUEST,
+        ),
+        ("/v1/devices/d1/metrics/t?limit=0", StatusCode::BAD_REQUEST),
+        ("/v1/devices/d1/metrics/t?frm=1", StatusCode::BAD_REQUEST),
+        ("/v1/devices/d1/metrics/bad%20name", StatusCode::BAD_REQUEST),
+        ("/v1/dead-letters?reason=boredom", StatusCode::BAD_REQUEST),
+        ("/v1/nothing", StatusCode::NOT_FOUND),
+    ] {
+        let (got, ctype, body) = get(&s, uri).await;
+        assert_eq!(got, status, "{uri}: {body}");
+        assert_eq!(ctype, "application/problem+json", "{uri}");
+        assert_eq!(body["status"], status.as_u16(), "{uri}");
+        assert!(!body["detail"].as_str().unwrap().is_empty(), "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn openapi_and_health() {
+    let (_, s) = filled().await;
+    let (status, _, body) = get(&s, "/openapi.json").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["openapi"], "3.0.3");
+    assert!(body["paths"]["/v1/fleets/{fleet}/metrics/{metric}"].is_object());
+    let (status, _, body) = get(&s, "/healthz").await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (StatusCode::OK, Some("ok"))
+    );
+}

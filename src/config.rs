@@ -1,0 +1,302 @@
+//! `iotpipe up`'s settings: a TOML file for every setting, flags on top.
+//!
+//! Every section denies unknown keys, so a typo in a config file is an error
+//! that names it rather than a setting silently left at its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration. `Config::default()` is what `iotpipe up` runs
+/// with when given nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the stream, the rollup store and the checkpoints live.
+    pub data_dir: PathBuf,
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub stream: StreamConfig,
+    pub aggregate: AggregateSettings,
+    pub processor: ProcessorSettings,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./iotpipe-data"),
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            stream: StreamConfig::default(),
+            aggregate: AggregateSettings::default(),
+            processor: ProcessorSettings::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// The MQTT endpoint's address. Loopback unless told otherwise: exposing
+    /// it is a decision, see README's "Exposing iotpipe".
+    pub listen: SocketAddr,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// QoS 1 publishes a connection may have waiting for durability.
+    pub max_inflight: usize,
+    /// How long appends are gathered into one durable write.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_connections: 100_000,
+            max_inflight: 1000,
+            commit_interval: Duration::from_millis(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The query API's address.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// Shards of the embedded log, fixed when the data directory is created.
+    pub shards: u32,
+    /// How long the stream keeps records.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Sync appends to disk before acknowledging them (off: an acknowledged
+    /// reading survives a crash of iotpipe but not of the machine).
+    pub sync: bool,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            shards: 4,
+            retention: Duration::from_secs(24 * 3600),
+            sync: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateSettings {
+    /// Stored window lengths, finest first; each a multiple of the finest.
+    pub resolutions: Vec<String>,
+    /// How long after its end a window still takes readings.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
+    /// How long windows are kept after their end, one per resolution.
+    pub retention: Vec<humantime_serde::Serde<Duration>>,
+    /// How long refused messages are kept for inspection.
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_retention: Duration,
+    /// At most this many dead letters are kept per reason.
+    pub dead_letters_per_reason: usize,
+}
+
+impl Default for AggregateSettings {
+    fn default() -> Self {
+        let d = processors::AggregateConfig::default();
+        AggregateSettings {
+            resolutions: d.resolutions.iter().map(|r| r.to_string()).collect(),
+            allowed_lateness: ms(d.allowed_lateness_ms),
+            retention: d.retention_ms.iter().map(|r| ms(*r).into()).collect(),
+            dead_letter_retention: ms(d.dead_letter_retention_ms),
+            dead_letters_per_reason: 10_000,
+        }
+    }
+}
+
+fn ms(v: i64) -> Duration {
+    Duration::from_millis(u64::try_from(v).unwrap_or(0))
+}
+
+fn to_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorSettings {
+    /// Most stream records folded into the store in one batch.
+    pub batch_max_records: usize,
+}
+
+impl Default for ProcessorSettings {
+    fn default() -> Self {
+        ProcessorSettings {
+            batch_max_records: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON otherwise.
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Auto,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a config file; unknown keys and bad values are errors.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("config file {} is invalid", path.display()))?;
+        config.aggregate()?;
+        Ok(config)
+    }
+
+    /// The processors' view, validated.
+    pub fn aggregate(&self) -> anyhow::Result<processors::AggregateConfig> {
+        let resolutions = self
+            .aggregate
+            .resolutions
+            .iter()
+            .map(|r| r.parse::<schemas::Resolution>().map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .context("aggregate.resolutions")?;
+        let cfg = processors::AggregateConfig {
+            resolutions,
+            allowed_lateness_ms: to_ms(self.aggregate.allowed_lateness),
+            retention_ms: self
+                .aggregate
+                .retention
+                .iter()
+                .map(|d| to_ms(**d))
+                .collect(),
+            stream_retention_ms: to_ms(self.stream.retention),
+            dead_letter_retention_ms: to_ms(self.aggregate.dead_letter_retention),
+            ..processors::AggregateConfig::default()
+        };
+        cfg.validate()
+            .map_err(anyhow::Error::msg)
+            .context("aggregate settings")?;
+        Ok(cfg)
+    }
+}
+
+/// `iotpipe config default`: every setting, its default and why it exists.
+pub const DEFAULT_TOML: &str = r#"# iotpipe configuration. Every key is optional; this file shows the defaults.
+# Flags given to `iotpipe up` override the file.
+
+# Where the stream, the rollup store and the checkpoints live.
+data_dir = "./iotpipe-data"
+
+[mqtt]
+# The MQTT endpoint. Loopback by default: to let devices on other machines
+# connect, bind a reachable address and read README's "Exposing iotpipe".
+listen = "127.0.0.1:1883"
+# Connections served at once.
+max_connections = 100000
+# QoS 1 publishes one connection may have waiting for durability; at the limit
+# the endpoint stops reading that connection.
+max_inflight = 1000
+# How long appends are gathered into one durable write (group commit).
+commit_interval = "2ms"
+
+[http]
+# The query API.
+listen = "127.0.0.1:8080"
+
+[stream]
+# Shards of the embedded log; fixed when the data directory is created.
+shards = 4
+# How long the stream keeps records.
+retention = "1day"
+# Sync appends to disk before acknowledging them. Off, an acknowledged reading
+# survives a crash of iotpipe but not a crash of the machine.
+sync = true
+
+[aggregate]
+# Stored window lengths, finest first; each a multiple of the finest. Queries
+# may ask for any multiple of a stored resolution (5m, 15m, 6h, 7d).
+resolutions = ["1m", "1h", "1d"]
+# How long after its end a window still takes readings. Later readings are
+# refused as too_late; each window says `final` once this has passed.
+allowed_lateness = "1h"
+# How long windows are kept after their end, one per resolution.
+retention = ["7days", "90days", "1098days"]
+# How long refused messages are kept for inspection, and at most how many per
+# reason.
+dead_letter_retention = "7days"
+dead_letters_per_reason = 10000
+
+[processor]
+# Most stream records folded into the store in one batch.
+batch_max_records = 10000
+
+[log]
+# auto (human-readable on a terminal, JSON otherwise), text or json.
+format = "auto"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_default_is_the_default() {
+        let parsed: Config = toml::from_str(DEFAULT_TOML).unwrap();
+        assert_eq!(parsed, Config::default());
+        parsed.aggregate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = toml::from_str::<Config>("[mqtt]\nlisten_addr = \"0.0.0.0:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn bad_resolutions_are_errors() {
+        let mut c = Config::default();
+        c.aggregate.resolutions = vec!["1m".into(), "90s".into()];
+        c.aggregate.retention.push(Duration::ZERO.into());
+        c.aggregate.retention.truncate(2);
+        assert!(c.aggregate().is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! The `iotpipe` command: the whole local pipeline in one process.
+//!
+//! - `config`: every setting, from a TOML file and flags.
+//! - `up`: starts the endpoint, the stream, the processors, the store and the
+//!   API, and stops them front to back.
+//! - `metrics`: the endpoint's part of `/metrics`.
+//!
+//! The binary (`src/main.rs`) only parses flags and calls [`up::start`]; tests
+//! call it the same way with port 0.
+
+pub mod config;
+pub mod metrics;
+pub mod up;
+
+pub use config::Config;
+pub use up::{Pipeline, start};

@@ -1,0 +1,262 @@
+//! `iotpipe up`: every stage in one process, on durable local storage.
+//!
+//! ```text
+//! MQTT ──▶ ingest::serve ──▶ EmbeddedLog ──▶ run_shard × shards ──▶ SqliteStore ──▶ api::app
+//! ```
+//!
+//! Shutdown runs front to back so that nothing acknowledged is left behind:
+//! the endpoint stops reading and finishes its appends and acks, then every
+//! shard processor drains its shard into the store, then the API and the log
+//! close. A restart continues from the checkpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use processors::api::{ApiState, app};
+use processors::metrics::ProcessorMetrics;
+use processors::run::{ProcessorConfig, run_shard};
+use processors::store::sqlite::SqliteStore;
+use stream::embedded::{EmbeddedConfig, EmbeddedLog};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+
+/// The consumer name under which the local processors checkpoint.
+const CONSUMER: &str = "processors";
+/// How often retention and dead-letter trimming run.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
+/// A running pipeline.
+pub struct Pipeline {
+    pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub ingest_metrics: Arc<ingest::IngestMetrics>,
+    pub processor_metrics: Arc<ProcessorMetrics>,
+    stop_ingest: Option<oneshot::Sender<()>>,
+    ingest: JoinHandle<std::io::Result<()>>,
+    stop_processors: watch::Sender<bool>,
+    processors: Vec<JoinHandle<Result<(), stream::ReadError>>>,
+    stop_http: Option<oneshot::Sender<()>>,
+    http: JoinHandle<std::io::Result<()>>,
+    maintenance: JoinHandle<()>,
+    log: Arc<EmbeddedLog>,
+    /// Fires when a stage stops on its own, which is always a failure.
+    failed: watch::Receiver<Option<String>>,
+}
+
+/// Wall-clock ms since the epoch, for the shells that need the time.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Opens the data directory, binds both listeners and starts every stage.
+/// Returns once the endpoint and the API accept connections.
+pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
+    let aggregate = Arc::new(config.aggregate()?);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let log = EmbeddedLog::open(
+        &config.data_dir.join("stream"),
+        EmbeddedConfig {
+            shards: config.stream.shards,
+            retention_ms: i64::try_from(config.stream.retention.as_millis()).unwrap_or(i64::MAX),
+            sync: config.stream.sync,
+            ..EmbeddedConfig::default()
+        },
+    )
+    .context("cannot open the stream")?;
+    let store = Arc::new(
+        SqliteStore::open(&config.data_dir.join("rollups.db"))
+            .context("cannot open the rollup store")?,
+    );
+    let mqtt = TcpListener::bind(config.mqtt.listen)
+        .await
+        .with_context(|| format!("cannot listen for MQTT on {}", config.mqtt.listen))?;
+    let http = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
+    let (mqtt_addr, http_addr) = (mqtt.local_addr()?, http.local_addr()?);
+    let (failed_tx, failed) = watch::channel(None);
+    let failed_tx = Arc::new(failed_tx);
+
+    let processor_metrics = Arc::new(ProcessorMetrics::default());
+    let (stop_processors, stop_rx) = watch::channel(false);
+    let pcfg = ProcessorConfig {
+        batch_max_records: config.processor.batch_max_records,
+        ..ProcessorConfig::default()
+    };
+    let mut processors = Vec::new();
+    for shard in log.shard_ids() {
+        let reader = log
+            .reader(&shard, CONSUMER)
+            .with_context(|| format!("cannot read shard {shard}"))?;
+        let task = run_shard(
+            reader,
+            store.clone(),
+            aggregate.clone(),
+            pcfg.clone(),
+            processor_metrics.clone(),
+            stop_rx.clone(),
+        );
+        let failed_tx = failed_tx.clone();
+        let stop = stop_rx.clone();
+        processors.push(tokio::spawn(async move {
+            let result = task.await;
+            if !*stop.borrow() {
+                let why = match &result {
+                    Ok(()) => format!("processor for {shard} stopped"),
+                    Err(e) => format!("processor for {shard} failed: {e}"),
+                };
+                failed_tx.send_replace(Some(why));
+            }
+            result
+        }));
+    }
+
+    let ingest_metrics = Arc::new(ingest::IngestMetrics::new());
+    let endpoint = ingest::EndpointConfig {
+        max_connections: config.mqtt.max_connections,
+        max_inflight: config.mqtt.max_inflight,
+        commit_interval: config.mqtt.commit_interval,
+        ..ingest::EndpointConfig::default()
+    };
+    let (stop_ingest, ingest_rx) = oneshot::channel::<()>();
+    let ingest = {
+        let serve = ingest::serve(
+            mqtt,
+            log.clone(),
+            endpoint,
+            ingest_metrics.clone(),
+            async move {
+                let _ = ingest_rx.await;
+            },
+        );
+        let failed_tx = failed_tx.clone();
+        tokio::spawn(async move {
+            let result = serve.await;
+            failed_tx.send_if_modified(|f| {
+                if f.is_none() {
+                    *f = Some("the MQTT endpoint stopped".into());
+                }
+                true
+            });
+            result
+        })
+    };
+
+    let mut state = ApiState::new(store.clone(), aggregate.clone());
+    {
+        let (im, pm) = (ingest_metrics.clone(), processor_metrics.clone());
+        state.metrics = Arc::new(move |out: &mut String| {
+            crate::metrics::render_ingest(&im.snapshot(), out);
+            pm.render(now_ms(), out);
+        });
+    }
+    let (stop_http, http_rx) = oneshot::channel::<()>();
+    let http = tokio::spawn(async move {
+        axum::serve(http, app(state))
+            .with_graceful_shutdown(async move {
+                let _ = http_rx.await;
+            })
+            .await
+    });
+
+    let maintenance = {
+        let (log, store) = (log.clone(), store.clone());
+        let keep = config.aggregate.dead_letters_per_reason;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+            loop {
+                tick.tick().await;
+                let now = now_ms();
+                if let Err(e) = log.enforce_retention(now).await {
+                    tracing::warn!(error = %e, "Stream retention failed; will retry.");
+                }
+                match store.purge_expired(now).await {
+                    Ok(n) if n > 0 => tracing::info!(items = n, "Expired rollups purged."),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "Rollup purge failed; will retry."),
+                }
+                if let Err(e) = store.trim_dead_letters(keep).await {
+                    tracing::warn!(error = %e, "Dead-letter trim failed; will retry.");
+                }
+            }
+        })
+    };
+
+    Ok(Pipeline {
+        mqtt_addr,
+        http_addr,
+        ingest_metrics,
+        processor_metrics,
+        stop_ingest: Some(stop_ingest),
+        ingest,
+        stop_processors,
+        processors,
+        stop_http: Some(stop_http),
+        http,
+        maintenance,
+        log,
+        failed,
+    })
+}
+
+impl Pipeline {
+    /// Resolves when a stage stops without being asked to, with the reason.
+    pub async fn failure(&mut self) -> String {
+        loop {
+            if let Some(why) = self.failed.borrow_and_update().clone() {
+                return why;
+            }
+            if self.failed.changed().await.is_err() {
+                return "every stage is gone".into();
+            }
+        }
+    }
+
+    /// Stops every stage, front to back, draining what is in flight.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop_ingest.take() {
+            let _ = stop.send(());
+        }
+        let ingest = (&mut self.ingest).await;
+        self.stop_processors.send_replace(true);
+        let mut errors = Vec::new();
+        match ingest {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("MQTT endpoint: {e}")),
+            Err(e) => errors.push(format!("MQTT endpoint task: {e}")),
+        }
+        for task in self.processors.drain(..) {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(format!("processor: {e}")),
+                Err(e) => errors.push(format!("processor task: {e}")),
+            }
+        }
+        self.maintenance.abort();
+        if let Some(stop) = self.stop_http.take() {
+            let _ = stop.send(());
+        }
+        match (&mut self.http).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => errors.push(format!("HTTP API: {e}")),
+            Err(e) => errors.push(format!("HTTP API task: {e}")),
+        }
+        if let Err(e) = self.log.close().await {
+            errors.push(format!("stream close: {e}"));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("shutdown was not clean: {}", errors.join("; "))
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! Golden data: each folder in `tests/data/` is a case, turned into a test by
+//! one helper.
+//!
+//! `input.jsonl` lists messages in arrival order: `{"topic", "payload",
+//! "received_at"}` (`payload` is JSON, or a string sent as raw bytes;
+//! `received_at` is RFC 3339 or ms). `expected.json` gives the time the API
+//! answers at (`now`) and requests with the status and the part of the body
+//! that must match (objects match by subset, arrays element by element,
+//! numbers within 1e-9 relative, an RFC 3339 string matches its ms).
+//!
+//! Every case runs on every store backend and in three batchings (one batch;
+//! one record per batch; half, then everything again as a replay), which must
+//! all give the same answers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::Request;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use processors::AggregateConfig;
+use processors::api::{ApiState, app, parse_time};
+use processors::metrics::ProcessorMetrics;
+use processors::run::process_batch;
+use processors::store::memory::MemoryStore;
+use processors::store::sqlite::SqliteStore;
+use processors::store::{RollupQuery, RollupStore};
+use serde_json::Value;
+use stream::Record;
+use tower::ServiceExt;
+
+const SHARDS: u32 = 2;
+
+struct Case {
+    name: String,
+    /// Per shard, its records in order.
+    shards: Vec<(String, Vec<Record>)>,
+    expected: Value,
+    cfg: AggregateConfig,
+}
+
+fn time(v: &Value) -> i64 {
+    match v {
+        Value::Number(n) => n.as_i64().unwrap(),
+        Value::String(s) => parse_time("time", s).unwrap(),
+        other => panic!("not a time: {other}"),
+    }
+}
+
+fn load(dir: &Path) -> Case {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let mut cfg = AggregateConfig::default();
+    if let Some(l) = expected.get("allowed_lateness") {
+        cfg.allowed_lateness_ms = humantime::parse_duration(l.as_str().unwrap())
+            .unwrap()
+            .as_millis() as i64;
+    }
+    let mut shards: Vec<(String, Vec<Record>)> = (0..SHARDS)
+        .map(|i| (format!("shard-{i:04}"), Vec::new()))
+        .collect();
+    let input = std::fs::read_to_string(dir.join("input.jsonl")).unwrap();
+    for (n, line) in input
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let msg: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("line {}: {e}", n + 1));
+        let topic = msg["topic"].as_str().unwrap();
+        let payload = match &msg["payload"] {
+            Value::String(s) => s.clone().into_bytes(),
+            other => serde_json::to_vec(other).unwrap(),
+        };
+        let received_at = time(&msg["received_at"]);
+        let (key, data) = to_record(topic, &payload, "golden-client", received_at);
+        let shard = stream::partition::shard_for(&key, SHARDS) as usize;
+        let records = &mut shards[shard].1;
+        let seq = records.len() as u128 + 1;
+        records.push(Record {
+            seq,
+            partition_key: key,
+            data: Bytes::from(data),
+            arrival_ms: received_at,
+        });
+    }
+    Case {
+        name: dir.file_name().unwrap().to_string_lossy().into(),
+        shards,
+        expected,
+        cfg,
+    }
+}
+
+/// What the endpoint makes of a message.
+fn to_record(topic: &str, payload: &[u8], client: &str, received_at: i64) -> (String, Vec<u8>) {
+    use schemas::{PackedRecord, RejectedMessage, StreamRecord, Topic};
+    match Topic::parse(topic) {
+        Err(r) => (
+            client.to_string(),
+            StreamRecord::Rejected(RejectedMessage::new(topic, client, received_at, r, payload))
+                .encode(),
+        ),
+        Ok(t) => match schemas::decode_payload(payload) {
+            Ok(readings) => (
+                t.device_id.to_string(),
+                PackedRecord {
+                    device_id: t.device_id.into(),
+                    fleet: t.fleet.into(),
+                    received_at,
+                    readings,
+                }
+                .encode(),
+            ),
+            Err(r) => (
+                t.device_id.to_string(),
+                StreamRecord::Rejected(RejectedMessage::new(
+                    topic,
+                    client,
+                    received_at,
+                    r,
+                    payload,
+                ))
+                .encode(),
+            ),
+        },
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Batching {
+    One,
+    EachRecord,
+    HalfThenReplayAll,
+}
+
+async fn feed(case: &Case, store: &dyn RollupStore, batching: Batching) {
+    let metrics = ProcessorMetrics::default();
+    for (shard, records) in &case.shards {
+        let batches: Vec<&[Record]> = match batching {
+            Batching::One => vec![records.as_slice()],
+            Batching::EachRecord => records.chunks(1).collect(),
+            Batching::HalfThenReplayAll => vec![&records[..records.len() / 2], records.as_slice()],
+        };
+        for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+            process_batch(shard, batch, store, &case.cfg, &metrics)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn matches(path: &str, expected: &Value, actual: &Value) -> Result<(), String> {
+    match (expected, actual) {
+        (Value::Object(e), Value::Object(a)) => {
+            for (k, ev) in e {
+                let av = a.get(k).ok_or_else(|| format!("{path}.{k}: missing"))?;
+                matches(&format!("{path}.{k}"), ev, av)?;
+            }
+            Ok(())
+        }
+        (Value::Array(e), Value::Array(a)) => {
+            if e.len() != a.len() {
+                return Err(format!(
+                    "{path}: expected {} elements, got {}: {actual}",
+                    e.len(),
+                    a.len()
+                ));
+            }
+            for (i, (ev, av)) in e.iter().zip(a).enumerate() {
+                matches(&format!("{path}[{i}]"), ev, av)?;
+            }
+            Ok(())
+        }
+        (Value::Number(e), Value::Number(a)) => {
+            let (e, a) = (e.as_f64().unwrap(), a.as_f64().unwrap());
+            if e == a || (e - a).abs() <= 1e-9 * e.abs().max(a.abs()) {
+                Ok(())
+            } else {
+                Err(format!("{path}: expected {e}, got {a}"))
+            }
+        }
+        (Value::String(e), Value::Number(_)) => {
+            let ms = parse_time("expected", e)
+                .map_err(|_| format!("{path}: expected {e}, got {actual}"))?;
+            matches(path, &Value::from(ms), actual)
+        }
+        (e, a) if e == a => Ok(()),
+        (e, a) => Err(format!("{path}: expected {e}, got {a}")),
+    }
+}
+
+async fn check(case: &Case, query: Arc<dyn RollupQuery>, label: &str) -> Vec<String> {
+    let mut state = ApiState::new(query, Arc::new(case.cfg.clone()));
+    let now = time(&case.expected["now"]);
+    state.clock = Arc::new(move || now);
+    let mut failures = Vec::new();
+    for (i, req) in case.expected["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let uri = req["get"].as_str().unwrap();
+        let resp = app(state.clone())
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let want_status = req.get("status").and_then(Value::as_u64).unwrap_or(200) as u16;
+        if status != want_status {
+            failures.push(format!(
+                "{}/{label} request {i} {uri}: status {status}, expected {want_status}: {body}",
+                case.name
+            ));
+            continue;
+        }
+        if let Some(want) = req.get("body") {
+            if let Err(e) = matches("body", want, &body) {
+                failures.push(format!("{}/{label} request {i} {uri}: {e}", case.name));
+            }
+        }
+    }
+    failures
+}
+
+fn cases() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("input.jsonl").exists())
+        .collect();
+    dirs.sort();
+    assert!(!dirs.is_empty(), "no golden cases in {}", root.display());
+    dirs
+}
+
+async fn run_all(
+    backend: &str,
+    open: impl Fn() -> (
+        Arc<dyn RollupStore>,
+        Arc<dyn RollupQuery>,
+        Option<tempfile::TempDir>,
+    ),
+) {
+    let mut failures = Vec::new();
+    for dir in cases() {
+        let case = load(&dir);
+        for batching in [
+            Batching::One,
+            Batching::EachRecord,
+            Batching::HalfThenReplayAll,
+        ] {
+            let (store, query, _guard) = open();
+            feed(&case, store.as_ref(), batching).await;
+            failures.extend(check(&case, query, &format!("{backend}/{batching:?}")).await);
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} golden mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn golden_cases_on_the_memory_store() {
+    run_all("memory", || {
+        let s = Arc::new(MemoryStore::new());
+        (s.clone(), s, None)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn golden_cases_on_the_sqlite_store() {
+    run_all("sqlite", || {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
+        (s.clone(), s, Some(dir))
+    })
+    .await;
+}

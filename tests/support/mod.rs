@@ -1,0 +1,88 @@
+//! What the end-to-end tests share: a pipeline on port 0 in a temp dir, an
+//! API client, and waiting on API conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use iotpipe::{Config, Pipeline};
+use serde_json::Value;
+
+/// A config on port 0 in `dir`, with a small shard count.
+pub fn config(dir: &Path) -> Config {
+    let mut c = Config::default();
+    c.data_dir = dir.to_path_buf();
+    c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    c.http.listen = "127.0.0.1:0".parse().unwrap();
+    c
+}
+
+pub async fn start(dir: &Path) -> Pipeline {
+    iotpipe::start(&config(dir)).await.unwrap()
+}
+
+pub async fn get(p: &Pipeline, path: &str) -> (u16, Value) {
+    let url = format!("http://{}{path}", p.http_addr);
+    let resp = reqwest::get(&url).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Polls the API until `cond` holds for the body at `path`, or panics after
+/// `within` with the last body. Polling the API is how a user waits too.
+pub async fn wait_for(
+    p: &Pipeline,
+    path: &str,
+    within: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (status, body) = get(p, path).await;
+        if status == 200 && cond(&body) {
+            return body;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting on {path}; last answer {status}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A connected MQTT 3.1.1 client whose event loop runs in the background.
+pub async fn mqtt_client(p: &Pipeline, id: &str) -> rumqttc::AsyncClient {
+    let mut opts = rumqttc::MqttOptions::new(id, p.mqtt_addr.ip().to_string(), p.mqtt_addr.port());
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 100);
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    client
+}
+
+/// Publishes at QoS 1 and waits for every PUBACK, on a client of its own.
+pub async fn publish_acked(p: &Pipeline, id: &str, messages: &[(String, Vec<u8>)]) {
+    let mut opts = rumqttc::MqttOptions::new(id, p.mqtt_addr.ip().to_string(), p.mqtt_addr.port());
+    opts.set_max_packet_size(256 * 1024, 256 * 1024);
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, messages.len().max(10));
+    for (topic, payload) in messages {
+        client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while acked < messages.len() {
+        let event = tokio::time::timeout_at(deadline, events.poll()).await;
+        match event {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("MQTT connection failed after {acked} acks: {e}"),
+            Err(_) => panic!(
+                "only {acked} of {} publishes acknowledged in time",
+                messages.len()
+            ),
+        }
+    }
+    client.disconnect().await.unwrap();
+}
