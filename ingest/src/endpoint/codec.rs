@@ -439,7 +439,13 @@ fn encode_v5(packet: Outbound, out: &mut BytesMut) -> Result<(), String> {
         }
         .write(out),
         Outbound::PingResp => v5::PingResp::write(out),
-        Outbound::Disconnect(reason) => v5::Disconnect::new(reason).write(out),
+        Outbound::Disconnect(reason) => {
+            // Written by hand: rumqttc's writer announces one byte too few
+            // for a reason code without properties, and its reader needs the
+            // (empty) property length, which MQTT 5 allows either way.
+            out.extend_from_slice(&[0xe0, 0x02, reason as u8, 0x00]);
+            Ok(4)
+        }
         Outbound::Publish { topic, payload } => v5::Publish {
             dup: false,
             qos: rumqttc::v5::mqttbytes::QoS::AtMostOnce,
@@ -643,6 +649,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_v5_disconnect_reads_back_with_its_reason() {
+        let mut out = BytesMut::new();
+        encode(
+            Protocol::V5,
+            Outbound::Disconnect(DisconnectReasonCode::PacketTooLarge),
+            &mut out,
+        );
+        let v5::Packet::Disconnect(d) = v5::Packet::read(&mut out, None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(d.reason_code, DisconnectReasonCode::PacketTooLarge);
+        assert!(out.is_empty());
+        encode(
+            Protocol::V4,
+            Outbound::Disconnect(DisconnectReasonCode::PacketTooLarge),
+            &mut out,
+        );
+        assert!(out.is_empty(), "3.1.1 has no server DISCONNECT");
     }
 
     #[test]

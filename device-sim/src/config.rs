@@ -1,0 +1,335 @@
+//! What a simulation run is asked to do.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+
+use crate::plan::FaultConfig;
+use crate::signal::MetricSpec;
+
+/// An MQTT broker address, `mqtt://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl FromStr for BrokerAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = s
+            .strip_prefix("mqtt://")
+            .or_else(|| s.strip_prefix("tcp://"))
+            .ok_or_else(|| format!("broker `{s}` must look like mqtt://HOST:PORT"))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse()
+                    .map_err(|_| format!("broker `{s}` has a bad port `{p}`"))?,
+            ),
+            None => (rest, 1883),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(format!("broker `{s}` has no host"));
+        }
+        Ok(BrokerAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for BrokerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+/// How fast the fleet publishes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Rate {
+    /// Messages per second per device.
+    PerDevice(f64),
+    /// Messages per second for the whole fleet, spread evenly over devices.
+    Total(f64),
+}
+
+/// When each device stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Every message due before this much time has passed.
+    After(Duration),
+    /// This many messages per device.
+    Count(u64),
+}
+
+/// A simulation run. [`SimConfig::default`] is a small, quick run against
+/// `mqtt://127.0.0.1:1883`; set what differs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub broker: BrokerAddr,
+    pub devices: u32,
+    pub rate: Rate,
+    pub stop: Stop,
+    /// 0 or 1.
+    pub qos: u8,
+    pub fleet: String,
+    pub metrics: Vec<MetricSpec>,
+    pub seed: u64,
+    pub readings_per_message: u32,
+    /// Device ids are `{prefix}{index:05}`; `None`: `{fleet}-d`.
+    pub device_prefix: Option<String>,
+    /// Base URL of the query API; `None`: no verification.
+    pub verify: Option<String>,
+    /// How long verify waits for the API to catch up (and mismatches to heal).
+    pub verify_timeout: Duration,
+    /// Queries verify keeps in flight.
+    pub verify_concurrency: usize,
+    /// Append-only record of runs, for continuing seqs and verifying their union.
+    pub ledger: Option<PathBuf>,
+    /// New MQTT connections per second; `None`: unthrottled.
+    pub connect_rate: Option<f64>,
+    /// How long to wait for PUBACKs after a device's last send.
+    pub ack_timeout: Duration,
+    /// Must match the pipeline's allowed lateness.
+    pub allowed_lateness: Duration,
+    /// How far the pipeline's clock may be from ours.
+    pub clock_skew: Duration,
+    pub faults: FaultConfig,
+    /// Write a JSON report (counts, rates, PUBACK latency percentiles) here.
+    pub report_json: Option<PathBuf>,
+    /// Show a live progress line on stderr.
+    pub progress: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            broker: BrokerAddr {
+                host: "127.0.0.1".into(),
+                port: 1883,
+            },
+            devices: 10,
+            rate: Rate::PerDevice(1.0),
+            stop: Stop::Count(10),
+            qos: 1,
+            fleet: "sim".into(),
+            metrics: ["temperature", "humidity"]
+                .into_iter()
+                .map(|name| MetricSpec {
+                    name: name.into(),
+                    signal: Default::default(),
+                })
+                .collect(),
+            seed: 1,
+            readings_per_message: 1,
+            device_prefix: None,
+            verify: None,
+            verify_timeout: Duration::from_secs(60),
+            verify_concurrency: 32,
+            ledger: None,
+            connect_rate: None,
+            ack_timeout: Duration::from_secs(30),
+            allowed_lateness: Duration::from_secs(3600),
+            clock_skew: Duration::from_millis(250),
+            faults: FaultConfig::default(),
+            report_json: None,
+            progress: false,
+        }
+    }
+}
+
+impl SimConfig {
+    pub fn prefix(&self) -> String {
+        self.device_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}-d", self.fleet))
+    }
+
+    /// Time between two messages of one device, in µs.
+    pub fn period_us(&self) -> anyhow::Result<u64> {
+        let per_device = match self.rate {
+            Rate::PerDevice(r) => r,
+            Rate::Total(r) => r / f64::from(self.devices.max(1)),
+        };
+        ensure!(
+            per_device.is_finite() && per_device > 0.0,
+            "the rate must be a positive number of messages per second"
+        );
+        let period = (1e6 / per_device).round();
+        ensure!(
+            (1.0..=86_400e6).contains(&period),
+            "a device's message period must lie between 1 µs and 1 day, got {period} µs"
+        );
+        Ok(period as u64)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.devices >= 1, "--devices must be at least 1");
+        ensure!(
+            (1..=1000).contains(&self.readings_per_message),
+            "--readings-per-message must be 1..=1000"
+        );
+        ensure!(self.qos <= 1, "--qos must be 0 or 1");
+        ensure!(
+            (1..=100).contains(&self.metrics.len()),
+            "give 1..=100 metrics"
+        );
+        check_id("fleet", &self.fleet)?;
+        check_id(
+            "device id",
+            &format!("{}{:05}", self.prefix(), self.devices - 1),
+        )?;
+        for m in &self.metrics {
+            let ok = !m.name.is_empty()
+                && m.name.len() <= 64
+                && m.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            ensure!(
+                ok,
+                "metric name `{}` must be 1..=64 of [A-Za-z0-9_.-]",
+                m.name
+            );
+        }
+        let mut names: Vec<&str> = self.metrics.iter().map(|m| m.name.as_str()).collect();
+        names.sort_unstable();
+        ensure!(
+            names.windows(2).all(|w| w[0] != w[1]),
+            "a metric is listed twice"
+        );
+        self.period_us()?;
+        for (name, p) in [
+            ("--duplicate-rate", self.faults.duplicate_rate),
+            ("--reorder-rate", self.faults.reorder_rate),
+            ("--late-rate", self.faults.late_rate),
+            ("--malformed-rate", self.faults.malformed_rate),
+        ] {
+            ensure!((0.0..=1.0).contains(&p), "{name} is a probability in 0..=1");
+        }
+        ensure!(
+            self.faults.late_rate == 0.0 || self.faults.late_by_ms > 0,
+            "--late-rate needs --late-by"
+        );
+        // A rough worst case of the JSON, against the pipeline's 128 KiB.
+        let size = self.readings_per_message as usize * (40 + self.metrics.len() * 80);
+        if size > 128 * 1024 {
+            bail!(
+                "messages of {} readings with {} metrics may exceed 128 KiB; send fewer per message",
+                self.readings_per_message,
+                self.metrics.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn check_id(what: &str, id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
+    ensure!(ok, "{what} `{id}` must be 1..=64 of [A-Za-z0-9_.:-]");
+    Ok(())
+}
+
+/// Parses `500ms`, `30s`, `10m`, `1h`, `2d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 500ms, 30s, 10m, 1h or 2d"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("`{s}` has an unknown unit; use ms, s, m, h or d")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_brokers() {
+        let b: BrokerAddr = "mqtt://127.0.0.1:18830".parse().unwrap();
+        assert_eq!((b.host.as_str(), b.port), ("127.0.0.1", 18830));
+        assert_eq!("mqtt://broker".parse::<BrokerAddr>().unwrap().port, 1883);
+        assert_eq!("mqtt://[::1]:1".parse::<BrokerAddr>().unwrap().host, "::1");
+        for bad in ["127.0.0.1:1883", "http://x:1", "mqtt://:1", "mqtt://x:port"] {
+            assert!(bad.parse::<BrokerAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        for bad in ["", "s", "1w", "-1s", "1e400s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rates_become_periods() {
+        let mut c = SimConfig {
+            rate: Rate::PerDevice(5.0),
+            ..SimConfig::default()
+        };
+        assert_eq!(c.period_us().unwrap(), 200_000);
+        c.rate = Rate::Total(1000.0);
+        c.devices = 200;
+        assert_eq!(c.period_us().unwrap(), 200_000);
+        c.rate = Rate::PerDevice(0.0);
+        assert!(c.period_us().is_err());
+    }
+
+    #[test]
+    fn validates() {
+        assert!(SimConfig::default().validate().is_ok());
+        let bad = [
+            SimConfig {
+                devices: 0,
+                ..SimConfig::default()
+            },
+            SimConfig {
+                qos: 2,
+                ..SimConfig::default()
+            },
+            SimConfig {
+                fleet: "a/b".into(),
+                ..SimConfig::default()
+            },
+            SimConfig {
+                device_prefix: Some("x".repeat(60)),
+                ..SimConfig::default()
+            },
+            SimConfig {
+                readings_per_message: 1001,
+                ..SimConfig::default()
+            },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The query API, as verify reads it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::compare::ApiWindow;
+use crate::plan::{DAY_MS, HOUR_MS, MINUTE_MS};
+
+/// The most windows one page may hold (the API's maximum `limit`).
+const PAGE_LIMIT: u32 = 10_000;
+
+/// Whose series to read.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    Device(&'a str),
+    Fleet(&'a str),
+}
+
+/// `/v1/stats`: the pipeline's exact counters.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub accepted_readings: u64,
+    pub duplicate_readings: u64,
+    #[serde(default)]
+    pub rejected: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    pub fn rejected(&self, reason: &str) -> u64 {
+        self.rejected.get(reason).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Deserialize)]
+struct Page {
+    windows: Vec<ApiWindow>,
+    next_cursor: Option<String>,
+}
+
+/// A client for the query API with a cap on requests in flight.
+#[derive(Debug, Clone)]
+pub struct Api {
+    http: reqwest::Client,
+    base: String,
+    /// Keeps verify from flooding the API however many devices it checks.
+    in_flight: Arc<Semaphore>,
+}
+
+pub fn res_name(res_ms: i64) -> String {
+    match res_ms {
+        MINUTE_MS => "1m".into(),
+        HOUR_MS => "1h".into(),
+        DAY_MS => "1d".into(),
+        ms => format!("{}s", ms / 1000),
+    }
+}
+
+impl Api {
+    pub fn new(base: &str, concurrency: usize) -> anyhow::Result<Api> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(concurrency)
+            .build()?;
+        Ok(Api {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            in_flight: Arc::new(Semaphore::new(concurrency.max(1))),
+        })
+    }
+
+    /// Every window of a series with start in `[from, to)`, following
+    /// `next_cursor` to the end. An unknown device has no windows.
+    pub async fn windows(
+        &self,
+        scope: Scope<'_>,
+        metric: &str,
+        res_ms: i64,
+        from: i64,
+        to: i64,
+    ) -> anyhow::Result<Vec<ApiWindow>> {
+        let url = match scope {
+            Scope::Device(id) => format!("{}/v1/devices/{id}/metrics/{metric}", self.base),
+            Scope::Fleet(f) => format!("{}/v1/fleets/{f}/metrics/{metric}", self.base),
+        };
+        let res = res_name(res_ms);
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query: Vec<(&str, String)> = vec![
+                ("res", res.clone()),
+                ("from", from.to_string()),
+                ("to", to.to_string()),
+                ("limit", PAGE_LIMIT.to_string()),
+            ];
+            if let Some(c) = &cursor {
+                query.push(("cursor", c.clone()));
+            }
+            let resp = {
+                let _permit = self.in_flight.acquire().await?;
+                let resp = self
+                    .http
+                    .get(&url)
+                    .query(&query)
+                    .send()
+                    .await
+                    .with_context(|| format!("GET {url}"))?;
+                if resp.status() == reqwest::StatusCode::NOT_FOUND
+                    && matches!(scope, Scope::Device(_))
+                {
+                    return Ok(out);
+                }
+                let status = resp.status();
+                let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
+                if !status.is_success() {
+                    bail!("GET {url}?res={res}: {status}: {}", problem_detail(&body));
+                }
+                body
+            };
+            let page: Page = serde_json::from_slice(&resp)
+                .with_context(|| format!("GET {url}?res={res}: unexpected body"))?;
+            out.extend(page.windows);
+            match page.next_cursor {
+                Some(c) if Some(&c) != cursor.as_ref() => cursor = Some(c),
+                Some(c) => bail!("GET {url}: the API returned the same cursor `{c}` twice"),
+                None => return Ok(out),
+            }
+        }
+    }
+
+    pub async fn stats(&self) -> anyhow::Result<Stats> {
+        let url = format!("{}/v1/stats", self.base);
+        let _permit = self.in_flight.acquire().await?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status();
+        let body = resp.bytes().await?;
+        if !status.is_success() {
+            bail!("GET {url}: {status}: {}", problem_detail(&body));
+        }
+        serde_json::from_slice(&body).with_context(|| format!("GET {url}: unexpected body"))
+    }
+}
+
+/// The `detail` of an `application/problem+json` body, or the body itself.
+fn problem_detail(body: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct Problem {
+        detail: String,
+    }
+    match serde_json::from_slice::<Problem>(body) {
+        Ok(p) => p.detail,
+        Err(_) => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+    }
+}

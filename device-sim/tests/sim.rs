@@ -1,0 +1,212 @@
+//! The simulator against a stand-in pipeline (see `support`): publish,
+//! verify, and the fault paths, end to end over real sockets.
+
+mod support;
+
+use std::time::Duration;
+
+use device_sim::plan::{FaultConfig, MINUTE_MS};
+use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
+use support::Harness;
+
+fn config(h: &Harness, fleet: &str) -> SimConfig {
+    SimConfig {
+        broker: BrokerAddr {
+            host: h.mqtt.ip().to_string(),
+            port: h.mqtt.port(),
+        },
+        devices: 20,
+        rate: Rate::PerDevice(10.0),
+        stop: Stop::Count(10),
+        fleet: fleet.into(),
+        verify: Some(h.api_url()),
+        verify_timeout: Duration::from_secs(10),
+        ack_timeout: Duration::from_secs(10),
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_and_verifies_a_small_fleet() {
+    let h = Harness::start().await;
+    let s = device_sim::run(config(&h, "f1")).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert_eq!(
+        (s.messages_sent, s.acked, s.failed, s.readings_sent),
+        (200, 200, 0, 200)
+    );
+    assert_eq!(s.puback.unwrap().count, 200);
+    let v = s.verify.as_ref().unwrap();
+    assert!(v.caught_up);
+    // 20 devices and the fleet, 2 metrics, 3 resolutions: at least one
+    // window per series.
+    assert_eq!(v.series, 21 * 2 * 3);
+    assert!(v.windows >= v.series, "{v:?}");
+    assert_eq!(h.pipeline.stats.lock().unwrap().accepted_readings, 200);
+    let text = s.to_string();
+    assert!(text.contains("verify: OK"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_names_each_wrong_window() {
+    let h = Harness::start().await;
+    h.pipeline.faults.lock().unwrap().corrupt_device = Some("f2-d00003".into());
+    let cfg = SimConfig {
+        verify_timeout: Duration::from_secs(1),
+        ..config(&h, "f2")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(!s.ok());
+    let v = s.verify.as_ref().unwrap();
+    assert!(!v.ok);
+    assert_eq!(v.mismatch_count, 2, "{v}");
+    let count = &v.mismatches[0];
+    assert_eq!(count.series, "device f2-d00003 humidity 1m");
+    assert_eq!(count.field, "count");
+    let want: u64 = count.expected.parse().unwrap();
+    assert_eq!(count.got, (want + 1).to_string());
+    let extra = &v.mismatches[1];
+    assert_eq!(
+        (extra.field.as_str(), extra.expected.as_str()),
+        ("window", "no window")
+    );
+    assert!(
+        s.to_string().contains("verify: FAILED (2 mismatches)"),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_puback_is_retried_and_counted_once() {
+    let h = Harness::start().await;
+    h.pipeline
+        .faults
+        .lock()
+        .unwrap()
+        .drop_after
+        .insert("f3-d00001".into(), 3);
+    let s = device_sim::run(config(&h, "f3")).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert!(s.reconnects >= 1 && s.retransmissions >= 1, "{s}");
+    assert_eq!(s.acked, 200);
+    let stats = h.pipeline.stats.lock().unwrap();
+    assert_eq!(stats.accepted_readings, 200);
+    assert!(stats.duplicate_readings >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_continues_seqs_and_verifies_the_union() {
+    let h = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.jsonl");
+    let first = SimConfig {
+        devices: 5,
+        stop: Stop::Count(5),
+        ledger: Some(ledger.clone()),
+        ..config(&h, "f4")
+    };
+    let s1 = device_sim::run(first.clone()).await.unwrap();
+    assert!(s1.ok(), "{s1}");
+    // The second run has more devices and another seed.
+    let second = SimConfig {
+        devices: 7,
+        seed: 99,
+        ..first
+    };
+    let s2 = device_sim::run(second).await.unwrap();
+    assert!(s2.ok(), "{s2}");
+    assert_eq!(s2.run, 2);
+    assert_eq!(s2.verify.as_ref().unwrap().devices, 7);
+    let mut seqs: Vec<u64> = h
+        .pipeline
+        .accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| d == "f4-d00000")
+        .map(|(_, s)| *s)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (0..10).collect::<Vec<_>>());
+    let lines = std::fs::read_to_string(&ledger).unwrap();
+    assert_eq!(lines.lines().count(), 4, "a start and a finish per run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_are_accounted_for() {
+    let h = Harness::start().await;
+    let cfg = SimConfig {
+        devices: 10,
+        stop: Stop::Count(30),
+        faults: FaultConfig {
+            duplicate_rate: 0.2,
+            reorder_rate: 0.2,
+            late_rate: 0.2,
+            late_by_ms: 5 * MINUTE_MS,
+            malformed_rate: 0.1,
+        },
+        ..config(&h, "f5")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert!(s.duplicates_sent > 0 && s.malformed_sent > 0, "{s}");
+    let v = s.verify.as_ref().unwrap();
+    assert_eq!(v.stats.len(), 4);
+    let malformed = v
+        .stats
+        .iter()
+        .find(|c| c.counter == "rejected.malformed_json")
+        .unwrap();
+    assert_eq!(malformed.got, s.malformed_sent as i64);
+    let stats = h.pipeline.stats.lock().unwrap();
+    assert_eq!(stats.accepted_readings, 300);
+    assert!(stats.duplicate_readings >= s.duplicates_sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readings_beyond_the_allowed_lateness_are_expected_rejected() {
+    let h = Harness::start().await;
+    let cfg = SimConfig {
+        devices: 10,
+        faults: FaultConfig {
+            late_rate: 0.3,
+            late_by_ms: 120 * MINUTE_MS,
+            ..FaultConfig::default()
+        },
+        ..config(&h, "f6")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let v = s.verify.as_ref().unwrap();
+    let too_late = v
+        .stats
+        .iter()
+        .find(|c| c.counter == "rejected.too_late")
+        .unwrap();
+    assert!(too_late.expected_lo > 0 && too_late.ok(), "{too_late:?}");
+    assert_eq!(
+        h.pipeline.stats.lock().unwrap().accepted_readings as i64 + too_late.got,
+        100
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_batches_verify_and_report_json() {
+    let h = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let cfg = SimConfig {
+        devices: 10,
+        qos: 0,
+        readings_per_message: 4,
+        report_json: Some(report.clone()),
+        ..config(&h, "f7")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert_eq!(s.readings_sent, 400);
+    assert!(s.puback.is_none(), "QoS 0 has no PUBACKs");
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(j["readings_sent"], 400);
+    assert_eq!(j["verify"]["ok"], true);
+}

@@ -1,0 +1,402 @@
+//! A stand-in pipeline for the simulator's own tests: an MQTT listener that
+//! aggregates what it receives the way iotpipe's contract says, and a query
+//! API over the result, with knobs to inject faults. It is test scaffolding
+//! written independently of the simulator's expectation code, so that the
+//! two check each other; the real pipeline's end-to-end test lives in the
+//! workspace's `tests/`.
+
+// Scaffolding, not product code: a broken invariant here should panic loudly.
+#![allow(dead_code, clippy::unwrap_used, clippy::type_complexity)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck};
+use rumqttc::{QoS, mqttbytes};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const RESOLUTIONS: [(i64, &str); 3] = [(60_000, "1m"), (3_600_000, "1h"), (86_400_000, "1d")];
+pub const ALLOWED_LATENESS_MS: i64 = 3_600_000;
+/// Windows per API page: small, so that every test follows cursors.
+const PAGE: usize = 7;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[derive(Debug, Clone, Default)]
+struct Window {
+    values: Vec<(i64, f64)>,
+    late_count: u64,
+    revision: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub accepted_readings: u64,
+    pub duplicate_readings: u64,
+    pub rejected: BTreeMap<String, u64>,
+}
+
+/// Faults the stand-in injects.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Device id -> publishes to accept before dropping the connection
+    /// without acknowledging the next one (which is still stored).
+    pub drop_after: HashMap<String, u32>,
+    /// Device whose first 1m window of its first metric reports one reading
+    /// too many, and which gets an extra window.
+    pub corrupt_device: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Pipeline {
+    /// ("device"|"fleet", id, metric, res ms) -> start -> window.
+    series: Mutex<HashMap<(String, String, String, i64), BTreeMap<i64, Window>>>,
+    seen: Mutex<HashSet<(String, u64)>>,
+    pub stats: Mutex<Stats>,
+    pub faults: Mutex<Faults>,
+    /// Every accepted (device, seq), to check seq continuation.
+    pub accepted: Mutex<Vec<(String, u64)>>,
+}
+
+impl Pipeline {
+    fn reject(&self, reason: &str) {
+        *self
+            .stats
+            .lock()
+            .unwrap()
+            .rejected
+            .entry(reason.into())
+            .or_default() += 1;
+    }
+
+    fn ingest(&self, topic: &str, payload: &[u8], received_at: i64) {
+        let parts: Vec<&str> = topic.split('/').collect();
+        let [_, fleet, device, _] = parts.as_slice() else {
+            return self.reject("bad_topic");
+        };
+        let Ok(v) = serde_json::from_slice::<Value>(payload) else {
+            return self.reject("malformed_json");
+        };
+        let readings = match v.get("readings") {
+            Some(Value::Array(a)) => a.clone(),
+            _ => vec![v],
+        };
+        for r in readings {
+            let seq = r["seq"].as_u64().unwrap();
+            let ts = r["ts"].as_i64().unwrap();
+            let finest_end = ts.div_euclid(60_000) * 60_000 + 60_000;
+            if finest_end + ALLOWED_LATENESS_MS <= received_at {
+                self.reject("too_late");
+                continue;
+            }
+            if !self.seen.lock().unwrap().insert((device.to_string(), seq)) {
+                self.stats.lock().unwrap().duplicate_readings += 1;
+                continue;
+            }
+            self.stats.lock().unwrap().accepted_readings += 1;
+            self.accepted
+                .lock()
+                .unwrap()
+                .push((device.to_string(), seq));
+            let mut series = self.series.lock().unwrap();
+            for (metric, value) in r["metrics"].as_object().unwrap() {
+                let value = value.as_f64().unwrap();
+                for (res, _) in RESOLUTIONS {
+                    let start = ts.div_euclid(res) * res;
+                    let late = start + res <= received_at;
+                    for key in [
+                        (
+                            "device".to_string(),
+                            device.to_string(),
+                            metric.clone(),
+                            res,
+                        ),
+                        ("fleet".to_string(), fleet.to_string(), metric.clone(), res),
+                    ] {
+                        let w = series.entry(key).or_default().entry(start).or_default();
+                        w.values.push((ts, value));
+                        if late {
+                            w.late_count += 1;
+                            w.revision += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn windows(
+        &self,
+        kind: &str,
+        id: &str,
+        metric: &str,
+        res: i64,
+        from: i64,
+        to: i64,
+    ) -> Option<Vec<Value>> {
+        let series = self.series.lock().unwrap();
+        let key = (kind.to_string(), id.to_string(), metric.to_string(), res);
+        let Some(s) = series.get(&key) else {
+            let known = series.keys().any(|k| k.0 == kind && k.1 == id);
+            return if known || kind == "fleet" {
+                Some(vec![])
+            } else {
+                None
+            };
+        };
+        let mut out: Vec<Value> = s
+            .range(from..to)
+            .map(|(start, w)| view(*start, res, w))
+            .collect();
+        let faults = self.faults.lock().unwrap();
+        if kind == "device" && res == 60_000 && faults.corrupt_device.as_deref() == Some(id) {
+            let first_metric = series
+                .keys()
+                .filter(|k| k.0 == "device" && k.1 == id)
+                .map(|k| k.2.clone())
+                .min();
+            if first_metric.as_deref() == Some(metric) && !out.is_empty() {
+                let c = out[0]["count"].as_u64().unwrap();
+                out[0]["count"] = json!(c + 1);
+                let mut extra = out[out.len() - 1].clone();
+                let start = extra["start"].as_i64().unwrap() + 5 * res;
+                extra["start"] = json!(start);
+                extra["end"] = json!(start + res);
+                out.push(extra);
+            }
+        }
+        Some(out)
+    }
+}
+
+fn view(start: i64, res: i64, w: &Window) -> Value {
+    let n = w.values.len() as f64;
+    let sum: f64 = w.values.iter().map(|v| v.1).sum();
+    let sum_sq: f64 = w.values.iter().map(|v| v.1 * v.1).sum();
+    let mean = sum / n;
+    let min = w.values.iter().map(|v| v.1).fold(f64::INFINITY, f64::min);
+    let max = w
+        .values
+        .iter()
+        .map(|v| v.1)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let first = w
+        .values
+        .iter()
+        .copied()
+        .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+        .unwrap();
+    let last = w
+        .values
+        .iter()
+        .copied()
+        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+        .unwrap();
+    let mut sorted: Vec<f64> = w.values.iter().map(|v| v.1).collect();
+    sorted.sort_by(f64::total_cmp);
+    let q = |p: f64| sorted[((p * (sorted.len() - 1) as f64).round()) as usize];
+    json!({
+        "start": start, "end": start + res, "count": w.values.len(),
+        "sum": sum, "min": min, "max": max, "avg": mean,
+        "stddev": (sum_sq / n - mean * mean).max(0.0).sqrt(),
+        "first": {"ts": first.0, "value": first.1}, "last": {"ts": last.0, "value": last.1},
+        "p50": q(0.5), "p90": q(0.9), "p99": q(0.99),
+        "late_count": w.late_count, "revision": w.revision,
+        "final": start + res + ALLOWED_LATENESS_MS <= now_ms(),
+    })
+}
+
+/// The stand-in's MQTT listener and API, both on port 0.
+pub struct Harness {
+    pub pipeline: Arc<Pipeline>,
+    pub mqtt: SocketAddr,
+    pub api: SocketAddr,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        let pipeline = Arc::new(Pipeline::default());
+        let mqtt_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mqtt = mqtt_listener.local_addr().unwrap();
+        let p = pipeline.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = mqtt_listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve_mqtt(stream, p.clone()));
+            }
+        });
+        let api_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = api_listener.local_addr().unwrap();
+        let app = Router::new()
+            .route("/v1/devices/{id}/metrics/{metric}", get(device_windows))
+            .route("/v1/fleets/{fleet}/metrics/{metric}", get(fleet_windows))
+            .route("/v1/stats", get(stats))
+            .with_state(pipeline.clone());
+        tokio::spawn(async move { axum::serve(api_listener, app).await });
+        Harness {
+            pipeline,
+            mqtt,
+            api,
+        }
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://{}", self.mqtt)
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+}
+
+async fn serve_mqtt(mut stream: TcpStream, pipeline: Arc<Pipeline>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = BytesMut::new();
+    let mut device = String::new();
+    loop {
+        loop {
+            match Packet::read(&mut buf, 1 << 20) {
+                Ok(Packet::Connect(c)) => {
+                    device = c.client_id.clone();
+                    Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
+                        .write(&mut out, 1 << 20)
+                        .unwrap();
+                }
+                Ok(Packet::Publish(p)) => {
+                    pipeline.ingest(&p.topic, &p.payload, now_ms());
+                    let drop_now = {
+                        let mut f = pipeline.faults.lock().unwrap();
+                        match f.drop_after.get_mut(&device) {
+                            Some(0) => {
+                                f.drop_after.remove(&device);
+                                true
+                            }
+                            Some(n) => {
+                                *n -= 1;
+                                false
+                            }
+                            None => false,
+                        }
+                    };
+                    if drop_now {
+                        // Stored, never acknowledged: the device must retry,
+                        // and the retry must count once.
+                        let _ = stream.write_all(&out).await;
+                        return;
+                    }
+                    if p.qos == QoS::AtLeastOnce {
+                        Packet::PubAck(PubAck::new(p.pkid))
+                            .write(&mut out, 1 << 20)
+                            .unwrap();
+                    }
+                }
+                Ok(Packet::PingReq) => {
+                    Packet::PingResp.write(&mut out, 1 << 20).unwrap();
+                }
+                Ok(Packet::Disconnect) => {
+                    let _ = stream.write_all(&out).await;
+                    return;
+                }
+                Ok(_) => {}
+                Err(mqttbytes::Error::InsufficientBytes(_)) => break,
+                Err(_) => return,
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct WindowQuery {
+    res: String,
+    from: i64,
+    to: i64,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+fn page(all: Vec<Value>, q: &WindowQuery, head: Value) -> Response {
+    let skip: usize = q.cursor.as_deref().map(|c| c.parse().unwrap()).unwrap_or(0);
+    let size = q.limit.unwrap_or(1440).min(PAGE);
+    let items: Vec<Value> = all.iter().skip(skip).take(size).cloned().collect();
+    let next = (skip + size < all.len()).then(|| (skip + size).to_string());
+    let mut body = head;
+    body["windows"] = json!(items);
+    body["next_cursor"] = json!(next);
+    Json(body).into_response()
+}
+
+fn res_ms(res: &str) -> i64 {
+    RESOLUTIONS.iter().find(|r| r.1 == res).unwrap().0
+}
+
+async fn device_windows(
+    State(p): State<Arc<Pipeline>>,
+    Path((id, metric)): Path<(String, String)>,
+    Query(q): Query<WindowQuery>,
+) -> Response {
+    match p.windows("device", &id, &metric, res_ms(&q.res), q.from, q.to) {
+        Some(all) => page(
+            all,
+            &q,
+            json!({"device_id": id, "metric": metric, "res": q.res}),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"status": 404, "detail": format!("unknown device {id}")})),
+        )
+            .into_response(),
+    }
+}
+
+async fn fleet_windows(
+    State(p): State<Arc<Pipeline>>,
+    Path((fleet, metric)): Path<(String, String)>,
+    Query(q): Query<WindowQuery>,
+) -> Response {
+    let all = p
+        .windows("fleet", &fleet, &metric, res_ms(&q.res), q.from, q.to)
+        .unwrap_or_default();
+    page(
+        all,
+        &q,
+        json!({"fleet": fleet, "metric": metric, "res": q.res}),
+    )
+}
+
+async fn stats(State(p): State<Arc<Pipeline>>) -> Response {
+    let s = p.stats.lock().unwrap();
+    Json(json!({
+        "accepted_readings": s.accepted_readings,
+        "duplicate_readings": s.duplicate_readings,
+        "rejected": s.rejected,
+    }))
+    .into_response()
+}

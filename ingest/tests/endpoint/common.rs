@@ -1,0 +1,475 @@
+//! A running endpoint and clients to poke it with.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::BytesMut;
+use ingest::testing::MemoryProducer;
+use ingest::{EndpointConfig, IngestMetrics, MetricsSnapshot, serve};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+use schemas::{Metric, PackedRecord, Reading, StreamRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// How long any single expectation may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(5);
+/// The endpoint's clock in these tests.
+pub const NOW: i64 = 1_764_240_000_500;
+
+pub fn payload(seq: u64) -> String {
+    format!(r#"{{"seq": {seq}, "ts": 1764240000123, "metrics": {{"temperature": 21.5}}}}"#)
+}
+
+/// The bytes the endpoint appends for `payload(seq)` from `device` in fleet `f`.
+pub fn record_bytes(device: &str, seq: u64) -> Vec<u8> {
+    PackedRecord {
+        device_id: device.into(),
+        fleet: "f".into(),
+        received_at: NOW,
+        readings: vec![Reading {
+            seq: Some(seq),
+            ts: 1_764_240_000_123,
+            metrics: vec![Metric {
+                name: "temperature".into(),
+                value: 21.5,
+            }],
+        }],
+    }
+    .encode()
+}
+
+pub fn config() -> EndpointConfig {
+    EndpointConfig {
+        now_ms: Arc::new(|| NOW),
+        ..EndpointConfig::default()
+    }
+}
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub producer: Arc<MemoryProducer>,
+    pub metrics: Arc<IngestMetrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+pub async fn start(config: EndpointConfig) -> Result<Endpoint> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let producer = Arc::new(MemoryProducer::new());
+    let metrics = Arc::new(IngestMetrics::new());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        listener,
+        producer.clone(),
+        config,
+        metrics.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(Endpoint {
+        addr,
+        producer,
+        metrics,
+        stop: Some(stop),
+        task: Some(task),
+    })
+}
+
+impl Endpoint {
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Asks the endpoint to shut down, without waiting.
+    pub fn request_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits for `serve` to return.
+    pub async fn stop(mut self) -> Result<()> {
+        self.request_stop();
+        let task = self.task.take().context("already stopped")?;
+        tokio::time::timeout(WAIT, task)
+            .await
+            .context("serve did not return")???;
+        Ok(())
+    }
+
+    /// Stored records, decoded.
+    pub fn stored(&self) -> Result<Vec<StreamRecord>> {
+        self.producer
+            .records()
+            .iter()
+            .map(|r| schemas::decode_record(&r.data).context("an unreadable record"))
+            .collect()
+    }
+}
+
+/// Polls `condition` until it holds; for state with no notification of its
+/// own (metrics).
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(())
+}
+
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(WAIT, f)
+        .await
+        .with_context(|| format!("timed out waiting for {what}"))
+}
+
+/// A rumqttc 3.1.1 client whose event loop runs on its own task.
+pub struct V4 {
+    pub client: rumqttc::AsyncClient,
+    events: mpsc::UnboundedReceiver<Result<rumqttc::Event, rumqttc::ConnectionError>>,
+}
+
+pub fn v4_options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
+    let mut o = rumqttc::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    o
+}
+
+impl V4 {
+    pub async fn connect(addr: SocketAddr, id: &str) -> Result<V4> {
+        Self::connect_with(v4_options(addr, id)).await
+    }
+
+    pub async fn connect_with(options: rumqttc::MqttOptions) -> Result<V4> {
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                let failed = event.is_err();
+                if tx.send(event).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let mut c = V4 { client, events };
+        c.incoming(|p| matches!(p, v4::Packet::ConnAck(_)))
+            .await
+            .context("CONNACK")?;
+        Ok(c)
+    }
+
+    /// The next incoming packet matching `want`, skipping others.
+    pub async fn incoming(&mut self, want: impl Fn(&v4::Packet) -> bool) -> Result<v4::Packet> {
+        within("an incoming packet", async {
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(rumqttc::Event::Incoming(p))) if want(&p) => return Ok(p),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("connection ended: {e}"),
+                    None => bail!("event loop ended"),
+                }
+            }
+        })
+        .await?
+    }
+
+    /// PUBACK packet ids, the next `n` of them, in arrival order.
+    pub async fn pubacks(&mut self, n: usize) -> Result<Vec<u16>> {
+        let mut ids = Vec::new();
+        while ids.len() < n {
+            if let v4::Packet::PubAck(a) = self
+                .incoming(|p| matches!(p, v4::Packet::PubAck(_)))
+                .await?
+            {
+                ids.push(a.pkid);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Subscribes and waits for the SUBACK: a round trip that proves
+    /// everything the endpoint sent before it has arrived.
+    pub async fn round_trip(&mut self, filter: &str) -> Result<Vec<v4::Packet>> {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtMostOnce)
+            .await?;
+        within("a SUBACK", async {
+            let mut before = Vec::new();
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(rumqttc::Event::Incoming(v4::Packet::SubAck(_)))) => return Ok(before),
+                    Some(Ok(rumqttc::Event::Incoming(p))) => before.push(p),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("connection ended: {e}"),
+                    None => bail!("event loop ended"),
+                }
+            }
+        })
+        .await?
+    }
+
+    /// Waits for the connection to end and returns why.
+    pub async fn ended(&mut self) -> Result<rumqttc::ConnectionError> {
+        within("the connection to end", async {
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Ok(e),
+                    None => bail!("event loop ended without an error"),
+                }
+            }
+        })
+        .await?
+    }
+}
+
+/// A rumqttc MQTT 5 client whose event loop runs on its own task.
+pub struct V5 {
+    pub client: rumqttc::v5::AsyncClient,
+    pub connack: v5::ConnAck,
+    events: mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>>,
+}
+
+pub fn v5_options(addr: SocketAddr, id: &str) -> rumqttc::v5::MqttOptions {
+    let mut o = rumqttc::v5::MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    o
+}
+
+impl V5 {
+    pub async fn connect(addr: SocketAddr, id: &str) -> Result<V5> {
+        Self::connect_with(v5_options(addr, id)).await
+    }
+
+    pub async fn connect_with(options: rumqttc::v5::MqttOptions) -> Result<V5> {
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 1000);
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                let failed = event.is_err();
+                if tx.send(event).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let mut c = V5 {
+            client,
+            connack: v5::ConnAck {
+                session_present: false,
+                code: v5::ConnectReturnCode::Success,
+                properties: None,
+            },
+            events,
+        };
+        let v5::Packet::ConnAck(ack) = c.incoming(|p| matches!(p, v5::Packet::ConnAck(_))).await?
+        else {
+            bail!("not a CONNACK");
+        };
+        c.connack = ack;
+        Ok(c)
+    }
+
+    pub async fn incoming(&mut self, want: impl Fn(&v5::Packet) -> bool) -> Result<v5::Packet> {
+        within("an incoming packet", async {
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(rumqttc::v5::Event::Incoming(p))) if want(&p) => return Ok(p),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("connection ended: {e}"),
+                    None => bail!("event loop ended"),
+                }
+            }
+        })
+        .await?
+    }
+
+    /// The next `n` PUBACKs as (packet id, reason), in arrival order.
+    pub async fn pubacks(&mut self, n: usize) -> Result<Vec<(u16, v5::PubAckReason)>> {
+        let mut acks = Vec::new();
+        while acks.len() < n {
+            if let v5::Packet::PubAck(a) = self
+                .incoming(|p| matches!(p, v5::Packet::PubAck(_)))
+                .await?
+            {
+                acks.push((a.pkid, a.reason));
+            }
+        }
+        Ok(acks)
+    }
+
+    /// Subscribes and waits for the SUBACK, returning what arrived before it.
+    pub async fn round_trip(&mut self, filter: &str) -> Result<Vec<v5::Packet>> {
+        self.client
+            .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+            .await?;
+        within("a SUBACK", async {
+            let mut before = Vec::new();
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(rumqttc::v5::Event::Incoming(v5::Packet::SubAck(_)))) => {
+                        return Ok(before);
+                    }
+                    Some(Ok(rumqttc::v5::Event::Incoming(p))) => before.push(p),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("connection ended: {e}"),
+                    None => bail!("event loop ended"),
+                }
+            }
+        })
+        .await?
+    }
+
+    /// Waits for the server's DISCONNECT and returns its reason.
+    pub async fn disconnected(&mut self) -> Result<v5::DisconnectReasonCode> {
+        within("a DISCONNECT", async {
+            loop {
+                match self.events.recv().await {
+                    Some(Ok(_)) => {}
+                    Some(Err(rumqttc::v5::ConnectionError::MqttState(
+                        rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                    ))) => return Ok(reason_code),
+                    Some(Err(e)) => bail!("connection ended without a DISCONNECT: {e}"),
+                    None => bail!("event loop ended"),
+                }
+            }
+        })
+        .await?
+    }
+}
+
+/// A client that writes whatever bytes it is given, for what rumqttc will
+/// not send (wildcard topics, oversized packets, garbage, silence).
+pub struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn open(addr: SocketAddr) -> Result<Raw> {
+        Ok(Raw {
+            stream: TcpStream::connect(addr).await?,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Opens and completes a 3.1.1 CONNECT.
+    pub async fn connect_v4(addr: SocketAddr, id: &str, keepalive: u16) -> Result<Raw> {
+        let mut raw = Raw::open(addr).await?;
+        let mut c = v4::Connect::new(id);
+        c.keep_alive = keepalive;
+        raw.send_v4(v4::Packet::Connect(c)).await?;
+        match raw.recv_v4().await? {
+            Some(v4::Packet::ConnAck(a)) if a.code == v4::ConnectReturnCode::Success => Ok(raw),
+            other => bail!("expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    /// Opens and completes an MQTT 5 CONNECT.
+    pub async fn connect_v5(addr: SocketAddr, id: &str) -> Result<Raw> {
+        let mut raw = Raw::open(addr).await?;
+        let c = v5::Connect {
+            keep_alive: 30,
+            client_id: id.into(),
+            clean_start: true,
+            properties: None,
+        };
+        raw.send_v5(v5::Packet::Connect(c, None, None)).await?;
+        match raw.recv_v5().await? {
+            Some(v5::Packet::ConnAck(a)) if a.code == v5::ConnectReturnCode::Success => Ok(raw),
+            other => bail!("expected a successful CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    pub async fn send_v4(&mut self, p: v4::Packet) -> Result<()> {
+        let mut b = BytesMut::new();
+        p.write(&mut b, usize::MAX)?;
+        self.send(&b).await
+    }
+
+    pub async fn send_v5(&mut self, p: v5::Packet) -> Result<()> {
+        let mut b = BytesMut::new();
+        p.write(&mut b, None)?;
+        self.send(&b).await
+    }
+
+    /// The next packet, or `None` once the server closed the connection.
+    pub async fn recv_v4(&mut self) -> Result<Option<v4::Packet>> {
+        within("a packet", async {
+            loop {
+                match v4::Packet::read(&mut self.buf, usize::MAX) {
+                    Ok(p) => return Ok(Some(p)),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => bail!("unreadable packet: {e}"),
+                }
+                if self.read_more().await? == 0 {
+                    return Ok(None);
+                }
+            }
+        })
+        .await?
+    }
+
+    pub async fn recv_v5(&mut self) -> Result<Option<v5::Packet>> {
+        within("a packet", async {
+            loop {
+                match v5::Packet::read(&mut self.buf, None) {
+                    Ok(p) => return Ok(Some(p)),
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+                    Err(e) => bail!("unreadable packet: {e}"),
+                }
+                if self.read_more().await? == 0 {
+                    return Ok(None);
+                }
+            }
+        })
+        .await?
+    }
+
+    /// Reads until the server closes, failing if it sends anything.
+    pub async fn expect_closed(&mut self) -> Result<()> {
+        within("the server to close", async {
+            match self.read_more().await? {
+                0 => Ok(()),
+                n => bail!("the server sent {n} bytes instead of closing"),
+            }
+        })
+        .await?
+    }
+
+    async fn read_more(&mut self) -> Result<usize> {
+        self.buf.reserve(4096);
+        match self.stream.read_buf(&mut self.buf).await {
+            Ok(n) => Ok(n),
+            // A reset is a close too.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+pub fn publish_v4(topic: &str, qos: rumqttc::QoS, pkid: u16, payload: &[u8]) -> v4::Packet {
+    let mut p = v4::Publish::new(topic, qos, payload.to_vec());
+    p.pkid = pkid;
+    v4::Packet::Publish(p)
+}
