@@ -11,7 +11,10 @@ use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
 
 fn sim(p: &iotpipe::Pipeline) -> SimConfig {
     SimConfig {
-        broker: BrokerAddr { host: p.mqtt_addr.ip().to_string(), port: p.mqtt_addr.port() },
+        broker: BrokerAddr {
+            host: p.mqtt_addr.ip().to_string(),
+            port: p.mqtt_addr.port(),
+        },
         verify: Some(format!("http://{}", p.http_addr)),
         verify_timeout: Duration::from_secs(60),
         ..SimConfig::default()
