@@ -139,6 +139,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             &first_seq,
             &messages,
             cfg.ack_timeout,
+            cfg.progress,
             |p| match &cfg.ledger {
                 Some(path) => Ledger::append(path, &LedgerLine::Start(start_line(p))),
                 None => Ok(()),

@@ -13,6 +13,7 @@
 //! out of order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -166,13 +167,13 @@ impl Outbox {
         }
     }
 
-    fn on_written(&mut self, pkid: u16, now_ms: i64) {
+    fn on_written(&mut self, pkid: u16, now_ms: i64, fleet: &FleetShared) {
         let Some(sid) = self.requested.pop_front() else {
             return;
         };
         if self.qos == QoS::AtMostOnce {
             // Written is all QoS 0 promises; the skew margin bounds arrival.
-            self.complete(sid, now_ms);
+            self.complete(sid, now_ms, fleet);
         } else {
             self.inflight.insert(pkid, (sid, Instant::now()));
         }
@@ -181,17 +182,18 @@ impl Outbox {
     fn on_ack(&mut self, pkid: u16, now_ms: i64, fleet: &FleetShared) {
         if let Some((sid, written)) = self.inflight.remove(&pkid) {
             fleet.record_latency(written.elapsed());
-            self.complete(sid, now_ms);
+            self.complete(sid, now_ms, fleet);
         }
     }
 
-    fn complete(&mut self, sid: u64, ack_ms: i64) {
+    fn complete(&mut self, sid: u64, ack_ms: i64, fleet: &FleetShared) {
         let Some(p) = self.pending.remove(&sid) else {
             return;
         };
         self.counters.completed += 1;
         if let SendKind::Telemetry(m) = &p.send.kind {
             self.counters.telemetry_completed += 1;
+            fleet.completed.fetch_add(1, Ordering::Relaxed);
             let lo = p.first_issue_ms - self.skew_ms;
             let hi = ack_ms + self.skew_ms;
             self.exceptions
@@ -326,7 +328,7 @@ async fn drive(
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    shared.lock().on_written(pkid, now_ms);
+                    shared.lock().on_written(pkid, now_ms, &fleet);
                     shared.progress.notify_one();
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {

@@ -7,6 +7,8 @@
 
 pub mod device;
 
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::config::BrokerAddr;
 use crate::lateness::Exceptions;
-use crate::plan::RunPlan;
+use crate::plan::{RunPlan, SendKind};
 use device::{ConnectionConfig, DeviceCounters, DeviceShared};
 
 /// Largest MQTT packet either way: above the pipeline's 128 KiB payload limit
@@ -31,12 +33,18 @@ const MAX_PACKET: usize = 256 * 1024;
 pub struct FleetShared {
     /// PUBACK latency in µs, from the PUBLISH being written to its PUBACK.
     latency: Mutex<Histogram<u64>>,
+    /// Telemetry messages handed to their connections, for the progress line.
+    pub issued: AtomicU64,
+    /// Telemetry messages acknowledged (or written, at QoS 0).
+    pub completed: AtomicU64,
 }
 
 impl FleetShared {
     fn new() -> anyhow::Result<Self> {
         Ok(FleetShared {
             latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
+            issued: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
         })
     }
 
@@ -197,6 +205,7 @@ impl Fleet {
         first_seq: &[u64],
         messages: &[u64],
         ack_timeout: Duration,
+        progress: bool,
         before_start: impl FnOnce(&RunPlan) -> anyhow::Result<()>,
     ) -> anyhow::Result<PublishOutcome> {
         let origin = Instant::now();
@@ -211,19 +220,34 @@ impl Fleet {
             let count = messages.get(index as usize).copied().unwrap_or(0);
             publishers.push(tokio::spawn(publish_device(
                 device.clone(),
+                self.shared.clone(),
                 plan.clone(),
-                index,
-                first,
-                count,
+                DeviceSchedule {
+                    index,
+                    first_seq: first,
+                    messages: count,
+                },
                 (origin, origin_ms),
                 ack_timeout,
             )));
         }
+        let total: u64 = messages.iter().sum();
+        let (stop_progress, progress_task) = if progress {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(show_progress(self.shared.clone(), total, origin, rx));
+            (Some(tx), Some(task))
+        } else {
+            (None, None)
+        };
         let mut final_lag = Duration::ZERO;
         for p in publishers {
             final_lag = final_lag.max(p.await.context("a device's publisher panicked")?);
         }
         let elapsed = origin.elapsed().saturating_sub(Duration::from_millis(100));
+        if let (Some(stop), Some(task)) = (stop_progress, progress_task) {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         let mut counters = DeviceCounters::default();
         let mut exceptions = Exceptions::default();
         for (device, task) in self.devices {
@@ -261,21 +285,32 @@ impl Fleet {
     }
 }
 
-/// One device's schedule; returns how late its last send was handed over.
-async fn publish_device(
-    device: Arc<DeviceShared>,
-    plan: Arc<RunPlan>,
+/// Which device, and its part of the run.
+#[derive(Debug, Clone, Copy)]
+struct DeviceSchedule {
     index: u32,
     first_seq: u64,
     messages: u64,
+}
+
+/// One device's schedule; returns how late its last send was handed over.
+async fn publish_device(
+    device: Arc<DeviceShared>,
+    fleet: Arc<FleetShared>,
+    plan: Arc<RunPlan>,
+    sched: DeviceSchedule,
     (origin, origin_ms): (Instant, i64),
     ack_timeout: Duration,
 ) -> Duration {
     let mut lag = Duration::ZERO;
-    for (sid, send) in plan.sends(index, first_seq, messages).enumerate() {
+    let sends = plan.sends(sched.index, sched.first_seq, sched.messages);
+    for (sid, send) in sends.enumerate() {
         let offset_us = (send.due_us - origin_ms * 1000).max(0) as u64;
         let due = origin + Duration::from_micros(offset_us);
         tokio::time::sleep_until(due).await;
+        if matches!(send.kind, SendKind::Telemetry(_)) {
+            fleet.issued.fetch_add(1, Ordering::Relaxed);
+        }
         device.lock().start(sid as u64, send, crate::now_ms());
         lag = Instant::now().saturating_duration_since(due);
     }
@@ -297,6 +332,36 @@ async fn publish_device(
     }
     device.lock().close();
     lag
+}
+
+/// A live line on stdout, redrawn every second, until `stop` fires.
+async fn show_progress(
+    fleet: Arc<FleetShared>,
+    total: u64,
+    origin: Instant,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let line = format!(
+                    "\r{:>7.1} s  sent {}/{}  acked {}  ",
+                    origin.elapsed().as_secs_f64(),
+                    fleet.issued.load(Ordering::Relaxed),
+                    total,
+                    fleet.completed.load(Ordering::Relaxed),
+                );
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+            }
+            _ = &mut stop => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(b"\r\x1b[2K").and_then(|()| out.flush());
+                return;
+            }
+        }
+    }
 }
 
 fn add_counters(total: &mut DeviceCounters, c: &DeviceCounters) {

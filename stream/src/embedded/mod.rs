@@ -160,6 +160,12 @@ pub struct ShardRecovery {
 }
 
 /// The local durable, sharded log. See the module docs.
+///
+/// `put` may be called from many tasks at once; each shard's writer thread
+/// coalesces the calls waiting on it into one write and one sync. A `put`
+/// future dropped after it started may still store its records (the caller
+/// never learns where), as a Kinesis call cut off in flight may: retrying
+/// yields duplicates, never loss.
 pub struct EmbeddedLog {
     dir: PathBuf,
     config: EmbeddedConfig,

@@ -35,6 +35,9 @@ pub struct EmbeddedReader {
     /// file read fetches more than one batch, and knowing the next record
     /// lets [`ShardReader::lag`] report its age without touching the disk.
     pending: VecDeque<Record>,
+    /// The sequence number after everything fetched into `pending` (equal to
+    /// `next_seq` when it is empty): where the next file read starts.
+    fetched_to: u64,
     /// Where the segment files continue after `pending`, kept so that a
     /// consumer far behind reads each segment once, front to back.
     cursor: Option<FileCursor>,
@@ -85,12 +88,26 @@ impl EmbeddedReader {
             Some(seq) => seq + 1,
             None => shard.oldest(),
         };
+        let end = shard.committed().next_seq;
+        if next_seq > end {
+            // Only a log that lost records it had acknowledged (a machine
+            // crash with sync off, a restored backup) gets here; the consumer
+            // waits for numbering to catch up with its checkpoint.
+            tracing::warn!(
+                shard = %shard.id,
+                consumer,
+                checkpoint = next_seq - 1,
+                last_seq = end.saturating_sub(1),
+                "A consumer's checkpoint is past the end of its shard."
+            );
+        }
         let mut reader = EmbeddedReader {
             shard,
             consumer: consumer.to_owned(),
             committed,
             next_seq,
             pending: VecDeque::new(),
+            fetched_to: next_seq,
             cursor: None,
             skipped: 0,
             checkpoint_dir,
@@ -126,6 +143,7 @@ impl EmbeddedReader {
         if self.next_seq < oldest {
             self.count_skipped(oldest - self.next_seq);
             self.next_seq = oldest;
+            self.fetched_to = oldest;
             self.cursor = None;
         }
     }
@@ -141,62 +159,67 @@ impl EmbeddedReader {
         );
     }
 
-    /// Up to `max` records below `end`, without waiting.
+    /// Up to `max` records below `end`, without waiting: from the tail
+    /// cache, or else from records read ahead from the segment files.
+    ///
+    /// Cancel safe: the only await (a file read) comes before any record is
+    /// taken, so a caller that drops the future (a `select!` on shutdown)
+    /// loses nothing.
     async fn read_available(&mut self, max: usize, end: u64) -> Result<Vec<Record>, ReadError> {
-        let mut out = Vec::new();
-        while out.len() < max {
-            if let Some(record) = self.pending.pop_front() {
-                // Records read from files may jump over a damaged segment.
-                self.next_seq = record.seq as u64 + 1;
-                out.push(record);
-                continue;
-            }
-            self.skip_deleted();
+        self.skip_deleted();
+        if self.pending.is_empty() {
             if self.next_seq >= end {
-                break;
+                return Ok(Vec::new());
             }
-            if let Some(records) = self.shard.tail().read(self.next_seq, max - out.len()) {
+            if let Some(records) = self.shard.tail().read(self.next_seq, max) {
                 let records: Vec<Record> = records
                     .into_iter()
                     .take_while(|r| r.seq < u128::from(end))
                     .collect();
                 self.next_seq += records.len() as u64;
-                self.cursor = None;
-                out.extend(records);
-                continue;
-            }
-            if self.fill_from_files(end).await? == 0 {
-                break;
+                self.fetched_to = self.next_seq;
+                return Ok(records);
             }
         }
-        // Keep the next record at hand while behind, so that lag() knows its
-        // age.
-        if self.pending.is_empty()
-            && self.next_seq < end
-            && self.shard.tail().arrival_of(self.next_seq).is_none()
+        // Read ahead before the read-ahead runs dry, so that after this batch
+        // the next record is still at hand and lag() knows its age.
+        if self.fetched_to < end
+            && self.pending.len() <= max
+            && self.shard.tail().arrival_of(self.fetched_to).is_none()
         {
             self.fill_from_files(end).await?;
         }
-        Ok(out)
+        let n = max.min(self.pending.len());
+        let batch: Vec<Record> = self.pending.drain(..n).collect();
+        // Records read from files may jump over a damaged segment.
+        self.next_seq = self
+            .pending
+            .front()
+            .map_or(self.fetched_to, |r| r.seq as u64);
+        Ok(batch)
     }
 
     /// Reads the next stretch of records below `end` from the segment files
-    /// into `pending`; returns how many.
-    async fn fill_from_files(&mut self, end: u64) -> Result<usize, ReadError> {
+    /// onto the end of `pending`.
+    async fn fill_from_files(&mut self, end: u64) -> Result<(), ReadError> {
         let shard = Arc::clone(&self.shard);
+        // Taken, not borrowed: if the caller drops the future mid-read, the
+        // next read finds no cursor and locates `fetched_to` afresh.
         let cursor = self.cursor.take();
-        let from = self.next_seq;
+        let from = self.fetched_to;
         let fill = tokio::task::spawn_blocking(move || fill(&shard, cursor, from, end))
             .await
             .map_err(|e| ReadError::Io(format!("segment read task failed: {e}")))??;
         if fill.skipped > 0 {
             self.count_skipped(fill.skipped);
         }
-        self.next_seq = fill.records.first().map_or(fill.next, |r| r.seq as u64);
+        if self.pending.is_empty() {
+            self.next_seq = fill.records.first().map_or(fill.next, |r| r.seq as u64);
+        }
+        self.fetched_to = fill.next;
         self.cursor = fill.cursor;
-        let n = fill.records.len();
         self.pending.extend(fill.records);
-        Ok(n)
+        Ok(())
     }
 }
 
