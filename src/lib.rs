@@ -13,4 +13,4 @@ pub mod metrics;
 pub mod up;
 
 pub use config::Config;
-pub use up::{Pipeline, start};
+pub use up::{Hooks, Pipeline, start, start_with};

@@ -18,8 +18,10 @@ use processors::api::guard::{ApiLimits, Guard, Tokens};
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::{ProcessorConfig, run_shard};
+use processors::store::RollupStore;
 use processors::store::sqlite::SqliteStore;
 use stream::embedded::{EmbeddedConfig, EmbeddedLog};
+use stream::{ShardReader, StreamProducer};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -57,9 +59,31 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Wraps a stream producer.
+pub type WrapProducer =
+    Box<dyn Fn(Arc<dyn StreamProducer>) -> Arc<dyn StreamProducer> + Send + Sync>;
+/// Wraps the rollup store the processors write through.
+pub type WrapStore = Box<dyn Fn(Arc<dyn RollupStore>) -> Arc<dyn RollupStore> + Send + Sync>;
+/// Wraps a shard reader.
+pub type WrapReader = Box<dyn Fn(Box<dyn ShardReader>) -> Box<dyn ShardReader> + Send + Sync>;
+
+/// Seams for tests: each stage's backend can be wrapped, to inject faults
+/// where they happen in production, without a test-only build.
+#[derive(Default)]
+pub struct Hooks {
+    pub wrap_producer: Option<WrapProducer>,
+    pub wrap_store: Option<WrapStore>,
+    pub wrap_reader: Option<WrapReader>,
+}
+
 /// Opens the data directory, binds both listeners and starts every stage.
 /// Returns once the endpoint and the API accept connections.
 pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
+    start_with(config, Hooks::default()).await
+}
+
+/// [`start`], with each stage's backend passed through `hooks`.
+pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipeline> {
     let aggregate = Arc::new(config.aggregate()?);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
@@ -94,13 +118,21 @@ pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
         ..ProcessorConfig::default()
     };
     let mut processors = Vec::new();
+    let processor_store: Arc<dyn RollupStore> = match &hooks.wrap_store {
+        Some(wrap) => wrap(store.clone()),
+        None => store.clone(),
+    };
     for shard in log.shard_ids() {
-        let reader = log
-            .reader(&shard, CONSUMER)
-            .with_context(|| format!("cannot read shard {shard}"))?;
+        let mut reader: Box<dyn ShardReader> = Box::new(
+            log.reader(&shard, CONSUMER)
+                .with_context(|| format!("cannot read shard {shard}"))?,
+        );
+        if let Some(wrap) = &hooks.wrap_reader {
+            reader = wrap(reader);
+        }
         let task = run_shard(
             reader,
-            store.clone(),
+            processor_store.clone(),
             aggregate.clone(),
             pcfg.clone(),
             processor_metrics.clone(),
@@ -130,9 +162,13 @@ pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
     };
     let (stop_ingest, ingest_rx) = oneshot::channel::<()>();
     let ingest = {
+        let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
+            Some(wrap) => wrap(log.clone()),
+            None => log.clone(),
+        };
         let serve = ingest::serve(
             mqtt,
-            log.clone(),
+            producer,
             endpoint,
             ingest_metrics.clone(),
             async move {

@@ -76,8 +76,8 @@ pub async fn process_batch(
 
 /// Processes one shard until `shutdown` turns true, then drains what is left
 /// in the shard and returns. Checkpoints only after a batch is durable.
-pub async fn run_shard<R: ShardReader>(
-    mut reader: R,
+pub async fn run_shard(
+    mut reader: Box<dyn ShardReader>,
     store: Arc<dyn RollupStore>,
     cfg: Arc<AggregateConfig>,
     pcfg: ProcessorConfig,
