@@ -12,6 +12,8 @@
 //! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
 //! - [`conformance`]: the trait contract as async checks that every backend
 //!   runs in its tests.
+//! - [`fault`]: wrappers that inject failures, partial failures, delays and
+//!   stalls into any producer or reader, for tests.
 //!
 //! **Architecture Invariant:** a producer's `put` returns `Ok` for a record only
 //! once that record survives a crash of the process. The ingest endpoint
@@ -19,6 +21,7 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod fault;
 pub mod partition;
 
 use std::time::Duration;
@@ -112,6 +115,27 @@ pub trait ShardReader: Send + 'static {
     /// arrival time of the oldest of them (Kinesis's IteratorAge).
     fn lag(&self) -> Lag {
         Lag::default()
+    }
+}
+
+/// Lets a boxed reader (a backend chosen at run time, or a wrapper around
+/// one) go wherever a `R: ShardReader` is taken.
+#[async_trait]
+impl<T: ShardReader + ?Sized> ShardReader for Box<T> {
+    fn shard_id(&self) -> &str {
+        (**self).shard_id()
+    }
+
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, ReadError> {
+        (**self).next_batch(max, wait).await
+    }
+
+    async fn checkpoint(&mut self, seq: SeqNo) -> Result<(), ReadError> {
+        (**self).checkpoint(seq).await
+    }
+
+    fn lag(&self) -> Lag {
+        (**self).lag()
     }
 }
 
