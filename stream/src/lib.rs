@@ -10,6 +10,8 @@
 //!   (MD5 of the key into the shards' hash-key ranges), used by every backend
 //!   so that both homes order and group records alike.
 //! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
+//! - [`kinesis`]: Amazon Kinesis ([`kinesis::KinesisStream`]), checkpoints in
+//!   a DynamoDB lease table.
 //! - [`conformance`]: the trait contract as async checks that every backend
 //!   runs in its tests.
 //! - [`fault`]: wrappers that inject failures, partial failures, delays and
@@ -22,6 +24,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod fault;
+pub mod kinesis;
 pub mod partition;
 
 use std::time::Duration;
