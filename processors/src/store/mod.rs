@@ -4,6 +4,7 @@
 //!   touches, then commit new versions conditionally.
 //! - [`RollupQuery`]: what the query API reads.
 //! - `sqlite`: the embedded backend.
+//! - `dynamodb`: the AWS backend, one DynamoDB table.
 //!
 //! **Architecture Invariant:** every write is conditional on the version that
 //! was loaded, and every item has a single writing shard; a failed condition
@@ -11,6 +12,7 @@
 //! from a fresh load rather than merged blindly.
 
 pub mod conformance;
+pub mod dynamodb;
 pub mod memory;
 pub mod sqlite;
 
