@@ -54,8 +54,8 @@ EXIT STATUS
 #[command(group(ArgGroup::new("stop").required(true).args(["duration", "count"])))]
 #[command(group(ArgGroup::new("pace").args(["rate", "total_rate"])))]
 pub struct Args {
-    /// MQTT broker, mqtt://HOST:PORT.
-    #[arg(long)]
+    /// MQTT broker, mqtt://HOST:PORT (`iotpipe up`'s default endpoint unless told).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// Number of devices, one MQTT connection each.
     #[arg(long, default_value_t = 10)]
@@ -245,7 +245,7 @@ mod tests {
     #[test]
     fn refuses_contradictions() {
         for bad in [
-            "--broker mqtt://x:1 --rate 1",
+            "--rate 1",
             "--broker mqtt://x:1 --count 1 --duration 1s",
             "--broker mqtt://x:1 --count 1 --rate 1 --total-rate 5",
             "--broker mqtt://x:1 --count 1 --signal pressure=sine",

@@ -72,6 +72,8 @@ pub struct Pipeline {
     pub faults: Mutex<Faults>,
     /// Every accepted (device, seq), to check seq continuation.
     pub accepted: Mutex<Vec<(String, u64)>>,
+    /// Acknowledge and drop everything: measures the simulator alone.
+    pub discard: std::sync::atomic::AtomicBool,
 }
 
 impl Pipeline {
@@ -86,6 +88,9 @@ impl Pipeline {
     }
 
     fn ingest(&self, topic: &str, payload: &[u8], received_at: i64) {
+        if self.discard.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let parts: Vec<&str> = topic.split('/').collect();
         let [_, fleet, device, _] = parts.as_slice() else {
             return self.reject("bad_topic");
