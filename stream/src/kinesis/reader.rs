@@ -327,6 +327,11 @@ impl ShardReader for KinesisShardReader {
     }
 
     async fn checkpoint(&mut self, seq: SeqNo) -> Result<(), ReadError> {
+        if self.checkpoint == Some(Checkpoint::ShardEnd) {
+            // Everything is done already; moving back would hold the
+            // children up again.
+            return Ok(());
+        }
         if self.last_returned.is_none_or(|last| seq > last) {
             return Err(ReadError::InvalidArgument(format!(
                 "checkpoint {seq} in {} is past the last record read",
