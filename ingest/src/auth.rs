@@ -78,6 +78,143 @@ impl Authorizer for OwnDeviceOnly {
     }
 }
 
+/// Device credentials from a file, with [`OwnDeviceOnly`]'s policy: a client
+/// connects with a listed username and its password, and may publish only as
+/// that device.
+///
+/// One device per line, `#` starts a comment:
+///
+/// ```text
+/// # username:sha256:salt-hex:hash-hex, hash = SHA-256(salt ‖ password)
+/// dev-1:sha256:6e61636c:5b0c…
+/// ```
+///
+/// A salted SHA-256 suits machine-generated device secrets (long and random),
+/// not passwords people choose. [`UsersFile::entry`] writes a line.
+#[derive(Debug, Clone, Default)]
+pub struct UsersFile {
+    /// Username → (salt, SHA-256 of salt ‖ password).
+    users: std::collections::HashMap<String, (Vec<u8>, Vec<u8>)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsersFileError {
+    #[error("cannot read users file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("users file line {line}: {detail}")]
+    Line { line: usize, detail: String },
+}
+
+impl UsersFile {
+    pub fn load(path: &std::path::Path) -> Result<Self, UsersFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| UsersFileError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, UsersFileError> {
+        let mut users = std::collections::HashMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |detail: &str| UsersFileError::Line {
+                line: i + 1,
+                detail: detail.to_string(),
+            };
+            // From the right: a device id may itself contain `:`.
+            let fields: Vec<&str> = line.rsplitn(4, ':').collect();
+            let [hash, salt, "sha256", user] = fields.as_slice() else {
+                return Err(bad("expected username:sha256:salt-hex:hash-hex"));
+            };
+            if user.is_empty() {
+                return Err(bad("empty username"));
+            }
+            let salt = from_hex(salt).ok_or_else(|| bad("salt is not hex"))?;
+            let hash = from_hex(hash)
+                .filter(|h| h.len() == 32)
+                .ok_or_else(|| bad("hash is not 64 hex digits"))?;
+            if users.insert(user.to_string(), (salt, hash)).is_some() {
+                return Err(bad("username listed twice"));
+            }
+        }
+        Ok(UsersFile { users })
+    }
+
+    /// The line that lets `username` connect with `password`.
+    pub fn entry(username: &str, password: &str, salt: &[u8]) -> String {
+        format!(
+            "{username}:sha256:{}:{}",
+            to_hex(salt),
+            to_hex(&salted_hash(salt, password.as_bytes()))
+        )
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+impl Authorizer for UsersFile {
+    fn authenticate(&self, connect: &ConnectInfo<'_>) -> Result<Principal, ConnectRefusal> {
+        let (Some(user), Some(password)) = (connect.username, connect.password) else {
+            return Err(ConnectRefusal::NotAuthorized);
+        };
+        let Some((salt, expected)) = self.users.get(user) else {
+            return Err(ConnectRefusal::BadCredentials);
+        };
+        if !same_bytes(&salted_hash(salt, password), expected) {
+            return Err(ConnectRefusal::BadCredentials);
+        }
+        Ok(Principal {
+            client_id: connect.client_id.to_string(),
+            identity: Some(user.to_string()),
+        })
+    }
+
+    fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool {
+        OwnDeviceOnly.may_publish(principal, topic)
+    }
+}
+
+fn salted_hash(salt: &[u8], password: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(salt);
+    h.update(password);
+    h.finalize().to_vec()
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// does not tell how much of a guess was right.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +250,59 @@ mod tests {
         let other = Topic::parse("dt/f/dev-2/telemetry").unwrap();
         assert!(OwnDeviceOnly.may_publish(&p, &own));
         assert!(!OwnDeviceOnly.may_publish(&p, &other));
+    }
+
+    fn login<'a>(user: &'a str, password: &'a str) -> ConnectInfo<'a> {
+        ConnectInfo {
+            client_id: "c1",
+            username: Some(user),
+            password: Some(password.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn a_users_file_checks_credentials_then_pins_the_device() {
+        let text = format!(
+            "# devices\n\n{}\n{}  # spare\n{}\n",
+            UsersFile::entry("dev-1", "s3cret-token", b"salt-1"),
+            UsersFile::entry("dev-2", "other-token", b"salt-2"),
+            UsersFile::entry("site:7", "token-7", b"salt-7"),
+        );
+        let users = UsersFile::parse(&text).unwrap();
+        assert_eq!(users.len(), 3);
+        let p = users.authenticate(&login("site:7", "token-7")).unwrap();
+        assert!(users.may_publish(&p, &Topic::parse("dt/f/site:7/telemetry").unwrap()));
+
+        let p = users.authenticate(&login("dev-1", "s3cret-token")).unwrap();
+        assert_eq!(p.identity.as_deref(), Some("dev-1"));
+        assert!(users.may_publish(&p, &Topic::parse("dt/f/dev-1/telemetry").unwrap()));
+        assert!(!users.may_publish(&p, &Topic::parse("dt/f/dev-2/telemetry").unwrap()));
+
+        for (user, password) in [("dev-1", "other-token"), ("dev-9", "s3cret-token")] {
+            assert_eq!(
+                users.authenticate(&login(user, password)),
+                Err(ConnectRefusal::BadCredentials)
+            );
+        }
+        assert_eq!(
+            users.authenticate(&connect(None)),
+            Err(ConnectRefusal::NotAuthorized)
+        );
+    }
+
+    #[test]
+    fn a_users_file_with_a_bad_line_names_it() {
+        let good = UsersFile::entry("dev-1", "t", b"s");
+        for (text, line) in [
+            (format!("{good}\ndev-2:plain:pw"), 2),
+            ("dev-1:sha256:zz:00".to_string(), 1),
+            (format!("\n{good}\n{good}"), 3),
+            (":sha256:00:00".to_string(), 1),
+        ] {
+            match UsersFile::parse(&text) {
+                Err(UsersFileError::Line { line: l, .. }) => assert_eq!(l, line, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 }

@@ -9,7 +9,8 @@
 //! Layout:
 //! - [`config`]: [`EndpointConfig`], the knobs and their defaults.
 //! - [`metrics`]: [`IngestMetrics`], counters and the append latency histogram.
-//! - [`auth`]: [`Authorizer`], the per-device publish policy seam.
+//! - [`auth`]: [`Authorizer`], the per-device publish policy seam, with
+//!   [`AllowAll`] (the default), [`OwnDeviceOnly`] and [`UsersFile`].
 //! - [`testing`]: an in-memory producer that tests can hold or fail.
 //! - `endpoint`: [`serve`] and the pieces behind it: `codec` (bytes ↔ packets
 //!   for either protocol), `session` (the pure per-connection state machine),
@@ -29,7 +30,10 @@ mod endpoint;
 pub mod metrics;
 pub mod testing;
 
-pub use auth::{AllowAll, Authorizer, ConnectInfo, ConnectRefusal, OwnDeviceOnly, Principal};
+pub use auth::{
+    AllowAll, Authorizer, ConnectInfo, ConnectRefusal, OwnDeviceOnly, Principal, UsersFile,
+    UsersFileError,
+};
 pub use config::{Clock, EndpointConfig};
 pub use endpoint::serve;
 pub use metrics::{IngestMetrics, LatencyHistogram, MetricsSnapshot};

@@ -2,6 +2,7 @@
 //! clients (and a raw client for what they refuse to send), against the
 //! in-memory producer.
 
+mod auth;
 mod common;
 mod durability;
 mod publish;
