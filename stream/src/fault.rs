@@ -193,7 +193,9 @@ pub struct Stall {
 }
 
 impl Stall {
-    async fn at(&self, point: StallPoint, call: u64) {
+    /// Called by a wrapper at `point` of its call number `call`: closes the
+    /// gate if this is the call to stall from, then waits while it is closed.
+    pub async fn at(&self, point: StallPoint, call: u64) {
         if point != self.point {
             return;
         }

@@ -5,6 +5,8 @@
 //! - [`RollupQuery`]: what the query API reads.
 //! - `sqlite`: the embedded backend.
 //! - `dynamodb`: the AWS backend, one DynamoDB table.
+//! - `fault`: a wrapper that injects failures, partial commits, conflicts,
+//!   delays and stalls, for tests.
 //!
 //! **Architecture Invariant:** every write is conditional on the version that
 //! was loaded, and every item has a single writing shard; a failed condition
@@ -13,6 +15,7 @@
 
 pub mod conformance;
 pub mod dynamodb;
+pub mod fault;
 pub mod memory;
 pub mod sqlite;
 
