@@ -13,7 +13,7 @@ use stream::PutRecord;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -66,6 +66,9 @@ pub(crate) struct Connection {
     /// that time spent paused on back-pressure is not held against it).
     last_heard: Instant,
     started: Instant,
+    /// Fires at or before the silence deadline; moved only when it fires
+    /// early, so that reads do not re-arm a timer each time.
+    silence: std::pin::Pin<Box<Sleep>>,
     /// Shutdown was requested: read nothing more, settle what is in flight.
     draining: bool,
     closing: Option<CloseReason>,
@@ -77,6 +80,7 @@ impl Connection {
         let (tap_tx, tap_rx) = mpsc::channel(shared.config.tap_queue.max(1));
         let session = Session::new(shared.session.clone(), conn_id);
         let now = Instant::now();
+        let silence = Box::pin(sleep_until(now + shared.config.connect_timeout));
         Connection {
             socket,
             conn_id,
@@ -95,6 +99,7 @@ impl Connection {
             client_max_packet: None,
             last_heard: now,
             started: now,
+            silence,
             draining: false,
             closing: None,
         }
@@ -116,7 +121,6 @@ impl Connection {
                 break;
             }
             let reading = !self.draining && self.session.wants_input();
-            let deadline = self.deadline();
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !self.draining => Wake::Shutdown,
@@ -124,7 +128,7 @@ impl Connection {
                 Some(c) = self.completions.recv() => Wake::Durable(c),
                 r = read_some(&mut self.socket, &mut self.rbuf), if reading => Wake::Read(r),
                 Some(m) = self.tap_rx.recv() => Wake::Tap(m),
-                _ = sleep_until(deadline), if reading => Wake::Deadline,
+                _ = &mut self.silence, if reading => Wake::Deadline,
             };
             match wake {
                 Wake::Shutdown => self.draining = true,
@@ -158,12 +162,15 @@ impl Connection {
                     }
                 }
                 Wake::Deadline => {
-                    if Instant::now() >= self.deadline() {
+                    let deadline = self.deadline();
+                    if Instant::now() >= deadline {
                         let reason = match self.keepalive {
                             Some(_) => CloseReason::KeepaliveTimeout,
                             None => CloseReason::ProtocolError("no CONNECT in time".into()),
                         };
                         self.session.close(reason, &mut self.actions);
+                    } else {
+                        self.silence.as_mut().reset(deadline);
                     }
                 }
             }
@@ -267,6 +274,8 @@ impl Connection {
                     self.keepalive = Some(keepalive);
                     self.client_max_packet = max_packet_size;
                     self.last_heard = Instant::now();
+                    let k = keepalive;
+                    self.silence.as_mut().reset(self.last_heard + k + k / 2);
                 }
                 Action::Subscribe(filters) => {
                     self.shared
