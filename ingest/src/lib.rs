@@ -23,8 +23,8 @@
 //!
 //! **Architecture Invariant:** nothing here retains messages or keeps sessions
 //! across connections; a subscriber sees live, durable telemetry at QoS 0 only.
-//! There is no QoS 2, no retain, no will delivery and no topic alias, as on
-//! AWS IoT Core's ingest path.
+//! There is no QoS 2 (AWS IoT Core has none either), no retain, no will
+//! delivery (a will is accepted and ignored) and no topic alias.
 
 pub mod auth;
 pub mod config;
