@@ -234,6 +234,20 @@ pub struct StreamFaults {
     /// Shared by every wrapper built from this configuration and its clones;
     /// keep a clone to read the totals.
     pub injected: Arc<Injected>,
+    /// Sees every record stored but reported failed: the stream now holds it
+    /// once more than its sender meant to, and a test that checks exact
+    /// counts downstream needs to know which records those were.
+    pub on_stored_but_failed: Option<RecordObserver>,
+}
+
+/// A callback on records; see [`StreamFaults::on_stored_but_failed`].
+#[derive(Clone)]
+pub struct RecordObserver(pub Arc<dyn Fn(&PutRecord) + Send + Sync>);
+
+impl std::fmt::Debug for RecordObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecordObserver")
+    }
 }
 
 /// Counts of the faults injected so far.
@@ -355,6 +369,8 @@ impl StreamProducer for FaultyProducer {
             .filter(|(_, fate)| **fate != Fate::Dropped)
             .map(|(r, _)| r)
             .collect();
+        // Kept only when someone watches for duplicates: most puts need no copy.
+        let watched = f.on_stored_but_failed.as_ref().map(|_| kept.clone());
         let stored = if kept.is_empty() {
             Vec::new()
         } else {
@@ -362,6 +378,7 @@ impl StreamProducer for FaultyProducer {
         };
         f.put_stall.at(StallPoint::After, call).await;
         let mut stored = stored.into_iter();
+        let mut kept = watched.iter().flatten();
         let outcomes = fates
             .into_iter()
             .map(|fate| {
@@ -369,9 +386,13 @@ impl StreamProducer for FaultyProducer {
                     bump(&f.injected.record_failed);
                     return injected_failure("record not stored");
                 }
+                let record = kept.next();
                 match stored.next() {
                     Some(PutOutcome::Stored { .. }) if fate == Fate::StoredButFailed => {
                         bump(&f.injected.record_stored_but_failed);
+                        if let (Some(observe), Some(record)) = (&f.on_stored_but_failed, record) {
+                            (observe.0)(record);
+                        }
                         injected_failure("record stored but reported failed")
                     }
                     Some(outcome) => outcome,
@@ -643,6 +664,39 @@ mod tests {
             .collect();
         assert_eq!(kept, stored);
         assert!((60..=140).contains(&kept.len()), "{}", kept.len());
+    }
+
+    #[tokio::test]
+    async fn the_observer_sees_each_record_stored_but_reported_failed() {
+        let inner = Arc::new(MemoryProducer::default());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let f = StreamFaults {
+            seed: 9,
+            record_failed: 0.2,
+            record_stored_but_failed: 0.2,
+            on_stored_but_failed: Some(RecordObserver(Arc::new({
+                let seen = seen.clone();
+                move |r: &PutRecord| seen.lock().unwrap().push(r.clone())
+            }))),
+            ..StreamFaults::default()
+        };
+        let p = FaultyProducer::new(inner.clone(), f.clone());
+        let put = records(300);
+        let outcomes = p.put(put.clone()).await.unwrap();
+        let stored = inner.stored.lock().unwrap().clone();
+        let want: Vec<PutRecord> = put
+            .into_iter()
+            .zip(&outcomes)
+            .filter(|(r, o)| matches!(o, PutOutcome::Failed { .. }) && stored.contains(r))
+            .map(|(r, _)| r)
+            .collect();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen, want);
+        assert_eq!(
+            seen.len() as u64,
+            f.injected.snapshot().record_stored_but_failed
+        );
+        assert!(seen.len() > 20, "{}", seen.len());
     }
 
     #[tokio::test]
