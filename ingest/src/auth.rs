@@ -5,20 +5,25 @@
 
 use schemas::Topic;
 
-/// What a client presented in its CONNECT.
+/// What a client presented in its CONNECT, and over TLS.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectInfo<'a> {
     pub client_id: &'a str,
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
+    /// The device a client certificate names (see
+    /// [`certificate_identity`](crate::tls::certificate_identity)), once the
+    /// TLS handshake verified that certificate against the client CA. `None`
+    /// over plain TCP, without a certificate, or when it names no device.
+    pub certificate: Option<&'a str>,
 }
 
 /// Who a connection is, as decided at CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
     pub client_id: String,
-    /// The identity the policy checks topics against: the MQTT username today,
-    /// a client certificate's CN once TLS arrives. `None` for anonymous clients.
+    /// The identity the policy checks topics against: a verified client
+    /// certificate's CN, else the MQTT username. `None` for anonymous clients.
     pub identity: Option<String>,
 }
 
@@ -37,7 +42,7 @@ pub trait Authorizer: Send + Sync + 'static {
     fn authenticate(&self, connect: &ConnectInfo<'_>) -> Result<Principal, ConnectRefusal> {
         Ok(Principal {
             client_id: connect.client_id.to_string(),
-            identity: connect.username.map(str::to_string),
+            identity: connect.certificate.or(connect.username).map(str::to_string),
         })
     }
 
@@ -55,22 +60,23 @@ impl Authorizer for AllowAll {
     }
 }
 
-/// IoT Core's usual per-thing policy: a client must name itself (its MQTT
-/// username) and may publish only to `dt/{any fleet}/{its name}/telemetry`.
-/// It checks no password: it is the policy half, for a trusted network or
-/// behind an authenticator that checks credentials.
+/// IoT Core's usual per-thing policy: a client must name itself and may
+/// publish only to `dt/{any fleet}/{its name}/telemetry`. Its name is its
+/// client certificate's CN when it has one, else its MQTT username (a
+/// username that contradicts the certificate is refused). It checks no
+/// password: it is the policy half, for a trusted network or behind an
+/// authenticator that checks credentials.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OwnDeviceOnly;
 
 impl Authorizer for OwnDeviceOnly {
     fn authenticate(&self, connect: &ConnectInfo<'_>) -> Result<Principal, ConnectRefusal> {
-        match connect.username {
-            Some(name) if !name.is_empty() => Ok(Principal {
-                client_id: connect.client_id.to_string(),
-                identity: Some(name.to_string()),
-            }),
-            _ => Err(ConnectRefusal::NotAuthorized),
-        }
+        let name = match (connect.certificate, connect.username) {
+            (Some(cert), _) => certified(cert, connect.username)?,
+            (None, Some(name)) if !name.is_empty() => name,
+            (None, _) => return Err(ConnectRefusal::NotAuthorized),
+        };
+        Ok(principal(connect, name))
     }
 
     fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool {
@@ -78,11 +84,46 @@ impl Authorizer for OwnDeviceOnly {
     }
 }
 
+/// Devices prove who they are with a client certificate, and nothing else:
+/// a client without one (plain TCP, or TLS with the certificate optional) is
+/// refused. The policy is [`OwnDeviceOnly`]'s.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientCertificates;
+
+impl Authorizer for ClientCertificates {
+    fn authenticate(&self, connect: &ConnectInfo<'_>) -> Result<Principal, ConnectRefusal> {
+        let cert = connect.certificate.ok_or(ConnectRefusal::NotAuthorized)?;
+        Ok(principal(connect, certified(cert, connect.username)?))
+    }
+
+    fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool {
+        OwnDeviceOnly.may_publish(principal, topic)
+    }
+}
+
+/// The device a certificate names, unless the username claims another: a
+/// client configured with one device's certificate and another's name is
+/// misconfigured, and guessing which it meant would be worse than refusing.
+fn certified<'a>(cert: &'a str, username: Option<&str>) -> Result<&'a str, ConnectRefusal> {
+    match username {
+        Some(name) if !name.is_empty() && name != cert => Err(ConnectRefusal::NotAuthorized),
+        _ => Ok(cert),
+    }
+}
+
+fn principal(connect: &ConnectInfo<'_>, identity: &str) -> Principal {
+    Principal {
+        client_id: connect.client_id.to_string(),
+        identity: Some(identity.to_string()),
+    }
+}
+
 /// Device credentials from a file, with [`OwnDeviceOnly`]'s policy: a client
-/// connects with a listed username and its password, and may publish only as
-/// that device.
+/// connects with a listed username and its password, or with a client
+/// certificate the TLS listener verified (see [`ClientCertificates`]), and may
+/// publish only as that device.
 ///
-/// One device per line, `#` starts a comment:
+/// One device per line, `#` starts a comment (see `docs/BROKER.md`):
 ///
 /// ```text
 /// # username:sha256:salt-hex:hash-hex, hash = SHA-256(salt ‖ password)
@@ -90,7 +131,8 @@ impl Authorizer for OwnDeviceOnly {
 /// ```
 ///
 /// A salted SHA-256 suits machine-generated device secrets (long and random),
-/// not passwords people choose. [`UsersFile::entry`] writes a line.
+/// not passwords people choose. [`UsersFile::entry`] writes a line;
+/// [`crate::users`] edits a file.
 #[derive(Debug, Clone, Default)]
 pub struct UsersFile {
     /// Username → (salt, SHA-256 of salt ‖ password).
@@ -120,7 +162,7 @@ impl UsersFile {
     pub fn parse(text: &str) -> Result<Self, UsersFileError> {
         let mut users = std::collections::HashMap::new();
         for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
+            let line = strip_comment(raw);
             if line.is_empty() {
                 continue;
             }
@@ -156,6 +198,20 @@ impl UsersFile {
         )
     }
 
+    /// The username a line of the file names, if it names one (it may be
+    /// blank, a comment or malformed).
+    pub fn line_username(line: &str) -> Option<&str> {
+        let line = strip_comment(line);
+        match line.rsplitn(4, ':').collect::<Vec<_>>().as_slice() {
+            [_, _, "sha256", user] if !user.is_empty() => Some(user),
+            _ => None,
+        }
+    }
+
+    pub fn contains(&self, username: &str) -> bool {
+        self.users.contains_key(username)
+    }
+
     pub fn len(&self) -> usize {
         self.users.len()
     }
@@ -167,6 +223,9 @@ impl UsersFile {
 
 impl Authorizer for UsersFile {
     fn authenticate(&self, connect: &ConnectInfo<'_>) -> Result<Principal, ConnectRefusal> {
+        if connect.certificate.is_some() {
+            return ClientCertificates.authenticate(connect);
+        }
         let (Some(user), Some(password)) = (connect.username, connect.password) else {
             return Err(ConnectRefusal::NotAuthorized);
         };
@@ -185,6 +244,10 @@ impl Authorizer for UsersFile {
     fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool {
         OwnDeviceOnly.may_publish(principal, topic)
     }
+}
+
+fn strip_comment(line: &str) -> &str {
+    line.split('#').next().unwrap_or("").trim()
 }
 
 fn salted_hash(salt: &[u8], password: &[u8]) -> Vec<u8> {
@@ -224,6 +287,7 @@ mod tests {
             client_id: "c1",
             username,
             password: None,
+            certificate: None,
         }
     }
 
@@ -257,6 +321,7 @@ mod tests {
             client_id: "c1",
             username: Some(user),
             password: Some(password.as_bytes()),
+            certificate: None,
         }
     }
 
@@ -303,6 +368,64 @@ mod tests {
                 Err(UsersFileError::Line { line: l, .. }) => assert_eq!(l, line, "{text}"),
                 other => panic!("{text}: {other:?}"),
             }
+        }
+    }
+
+    fn with_cert<'a>(username: Option<&'a str>, certificate: &'a str) -> ConnectInfo<'a> {
+        ConnectInfo {
+            client_id: "c1",
+            username,
+            password: None,
+            certificate: Some(certificate),
+        }
+    }
+
+    #[test]
+    fn a_certificate_names_the_device_under_every_policy() {
+        let users = UsersFile::parse(&UsersFile::entry("dev-1", "t", b"s")).unwrap();
+        let policies: [&dyn Authorizer; 4] =
+            [&AllowAll, &OwnDeviceOnly, &ClientCertificates, &users];
+        let own = Topic::parse("dt/f/dev-9/telemetry").unwrap();
+        let other = Topic::parse("dt/f/dev-1/telemetry").unwrap();
+        for (i, policy) in policies.into_iter().enumerate() {
+            for username in [None, Some(""), Some("dev-9")] {
+                let p = policy.authenticate(&with_cert(username, "dev-9")).unwrap();
+                assert_eq!(p.identity.as_deref(), Some("dev-9"), "policy {i}");
+                assert!(policy.may_publish(&p, &own));
+                assert_eq!(policy.may_publish(&p, &other), i == 0, "policy {i}");
+            }
+        }
+        for policy in [
+            &OwnDeviceOnly as &dyn Authorizer,
+            &ClientCertificates,
+            &users,
+        ] {
+            assert_eq!(
+                policy.authenticate(&with_cert(Some("dev-1"), "dev-9")),
+                Err(ConnectRefusal::NotAuthorized),
+                "a username that contradicts the certificate"
+            );
+        }
+        assert_eq!(
+            ClientCertificates.authenticate(&login("dev-1", "t")),
+            Err(ConnectRefusal::NotAuthorized),
+            "a password is no certificate"
+        );
+    }
+
+    #[test]
+    fn line_usernames_match_what_parse_reads() {
+        assert_eq!(
+            UsersFile::line_username("site:7:sha256:00:11 # x"),
+            Some("site:7")
+        );
+        for line in [
+            "",
+            "# dev-1:sha256:00:11",
+            "dev-1:plain:00",
+            ":sha256:00:11",
+        ] {
+            assert_eq!(UsersFile::line_username(line), None, "{line}");
         }
     }
 }

@@ -10,12 +10,19 @@
 //! - [`config`]: [`EndpointConfig`], the knobs and their defaults.
 //! - [`metrics`]: [`IngestMetrics`], counters and the append latency histogram.
 //! - [`auth`]: [`Authorizer`], the per-device publish policy seam, with
-//!   [`AllowAll`] (the default), [`OwnDeviceOnly`] and [`UsersFile`].
+//!   [`AllowAll`] (the default), [`OwnDeviceOnly`], [`ClientCertificates`]
+//!   and [`UsersFile`].
+//! - [`users`]: adding, removing and listing devices in a users file.
+//! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device a
+//!   client certificate names.
 //! - [`testing`]: an in-memory producer that tests can hold or fail.
-//! - `endpoint`: [`serve`] and the pieces behind it: `codec` (bytes ↔ packets
-//!   for either protocol), `session` (the pure per-connection state machine),
-//!   `connection` (the only code that touches a socket), `appender` (group
-//!   commit) and `tap` (read-only live subscriptions).
+//! - `record`: one message → one stream record (validation, packing, dead
+//!   letters), shared by the endpoint and the bridge.
+//! - `endpoint`: [`serve_on`] over plain and TLS [`Listener`]s, and the pieces
+//!   behind it: `codec` (bytes ↔ packets for either protocol), `session` (the
+//!   pure per-connection state machine), `connection` (the only code that
+//!   touches a socket), `appender` (group commit) and `tap` (read-only live
+//!   subscriptions).
 //!
 //! **Architecture Invariant:** a PUBACK leaves only after the stream returned
 //! `Stored` for the record that PUBLISH became, and PUBACKs leave in the order
@@ -30,12 +37,15 @@ pub mod auth;
 pub mod config;
 mod endpoint;
 pub mod metrics;
+mod record;
 pub mod testing;
+pub mod tls;
+pub mod users;
 
 pub use auth::{
-    AllowAll, Authorizer, ConnectInfo, ConnectRefusal, OwnDeviceOnly, Principal, UsersFile,
-    UsersFileError,
+    AllowAll, Authorizer, ClientCertificates, ConnectInfo, ConnectRefusal, OwnDeviceOnly,
+    Principal, UsersFile, UsersFileError,
 };
 pub use config::{Clock, EndpointConfig};
-pub use endpoint::serve;
+pub use endpoint::{Listener, serve, serve_on};
 pub use metrics::{IngestMetrics, LatencyHistogram, MetricsSnapshot};

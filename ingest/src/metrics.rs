@@ -18,6 +18,9 @@ pub struct IngestMetrics {
     pub connections_refused: AtomicU64,
     /// CONNECTs refused (bad client id, credentials, protocol version).
     pub connects_refused: AtomicU64,
+    /// TLS handshakes that failed or timed out (no certificate where one is
+    /// required, an untrusted one, a client speaking plain MQTT).
+    pub tls_handshake_failures: AtomicU64,
     /// Connections closed because another took over their client id.
     pub takeovers: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
@@ -68,6 +71,7 @@ impl IngestMetrics {
             connections_total: get(&self.connections_total),
             connections_refused: get(&self.connections_refused),
             connects_refused: get(&self.connects_refused),
+            tls_handshake_failures: get(&self.tls_handshake_failures),
             takeovers: get(&self.takeovers),
             keepalive_timeouts: get(&self.keepalive_timeouts),
             messages_in: get(&self.messages_in),
@@ -151,6 +155,7 @@ pub struct MetricsSnapshot {
     pub connections_total: u64,
     pub connections_refused: u64,
     pub connects_refused: u64,
+    pub tls_handshake_failures: u64,
     pub takeovers: u64,
     pub keepalive_timeouts: u64,
     pub messages_in: u64,

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use stream::PutRecord;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -40,8 +39,9 @@ enum Wake {
     Deadline,
 }
 
-pub(crate) struct Connection {
-    socket: TcpStream,
+/// A connection over `S`: a TCP stream, or a TLS stream over one.
+pub(crate) struct Connection<S> {
+    socket: S,
     conn_id: u64,
     shared: Arc<Shared>,
     session: Session,
@@ -74,13 +74,21 @@ pub(crate) struct Connection {
     closing: Option<CloseReason>,
 }
 
-impl Connection {
-    pub fn new(socket: TcpStream, conn_id: u64, shared: Arc<Shared>) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
+    /// `certificate`: the device a verified TLS client certificate names.
+    pub fn new(
+        socket: S,
+        conn_id: u64,
+        shared: Arc<Shared>,
+        certificate: Option<String>,
+        started: Instant,
+    ) -> Self {
         let (completions_tx, completions) = mpsc::unbounded_channel();
         let (tap_tx, tap_rx) = mpsc::channel(shared.config.tap_queue.max(1));
-        let session = Session::new(shared.session.clone(), conn_id);
+        let session = Session::new(shared.session.clone(), conn_id).with_certificate(certificate);
         let now = Instant::now();
-        let silence = Box::pin(sleep_until(now + shared.config.connect_timeout));
+        // The connect timeout counts from accept, TLS handshake included.
+        let silence = Box::pin(sleep_until(started + shared.config.connect_timeout));
         Connection {
             socket,
             conn_id,
@@ -98,7 +106,7 @@ impl Connection {
             keepalive: None,
             client_max_packet: None,
             last_heard: now,
-            started: now,
+            started,
             silence,
             draining: false,
             closing: None,
@@ -371,7 +379,10 @@ fn count_close(reason: &CloseReason, metrics: &crate::IngestMetrics) {
     bump(counter);
 }
 
-async fn read_some(socket: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_some<S: AsyncRead + Unpin>(
+    socket: &mut S,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
     buf.reserve(READ_CHUNK);
     socket.read_buf(buf).await
 }
