@@ -411,7 +411,14 @@ fn summarize(
         window = window.max(o.publish_window);
         elapsed = elapsed.max(o.elapsed);
         not_connected += o.not_connected;
-        let planned: u64 = r.messages.iter().sum();
+        let planned: u64 = (0..o.plan.devices)
+            .map(|i| {
+                let n = r.messages.get(i as usize).copied().unwrap_or(0);
+                o.plan.telemetry_sends(i, n)
+            })
+            .sum();
+        let planned_readings: u64 =
+            r.messages.iter().sum::<u64>() * u64::from(o.plan.readings_per_message.max(1));
         let length = o
             .plan
             .planned_length_us()
@@ -420,13 +427,14 @@ fn summarize(
                 let longest = r.messages.iter().copied().max().unwrap_or(0);
                 (o.plan.period_us.saturating_mul(longest)) as f64 / 1e6
             });
-        let per_sec = if length > 0.0 {
-            planned as f64 / length
+        if length > 0.0 {
+            target_msgs += planned as f64 / length;
+            target_readings += planned_readings as f64 / length;
         } else {
-            f64::from(o.plan.devices) * 1e6 / o.plan.period_us as f64
-        };
-        target_msgs += per_sec;
-        target_readings += per_sec * f64::from(o.plan.readings_per_message);
+            let per_sec = f64::from(o.plan.devices) * 1e6 / o.plan.period_us as f64;
+            target_msgs += per_sec;
+            target_readings += per_sec * f64::from(o.plan.readings_per_message);
+        }
         let oc = &o.counters;
         fleets.push(FleetSummary {
             run: r.run_id,
@@ -445,10 +453,10 @@ fn summarize(
     let telemetry_sent = c.issued - c.duplicates_issued - c.malformed_issued;
     let achieved = telemetry_sent as f64 / secs;
     let puback = latency.as_ref().and_then(summary::Latency::from_histogram);
+    let achieved_readings = c.readings_issued as f64 / secs;
     let verdict = verdict(
         &c,
-        achieved,
-        target_msgs,
+        (achieved_readings, target_readings),
         telemetry_sent,
         puback.as_ref(),
         cfg.max_inflight,
@@ -474,7 +482,7 @@ fn summarize(
         target_msgs_per_sec: target_msgs,
         achieved_msgs_per_sec: achieved,
         target_readings_per_sec: target_readings,
-        achieved_readings_per_sec: c.readings_issued as f64 / secs,
+        achieved_readings_per_sec: achieved_readings,
         behind_schedule: c.behind,
         max_lag_ms: c.max_lag_ms,
         puback,
@@ -495,11 +503,11 @@ fn summarize(
 }
 
 /// Whether the schedule was kept, and if not, which side fell behind: the
-/// broker (sends waited for PUBACKs) or the simulator itself.
+/// broker (sends waited for PUBACKs) or the simulator itself. Judged on
+/// readings, which backfill batching does not change.
 fn verdict(
     c: &DeviceCounters,
-    achieved: f64,
-    target: f64,
+    (achieved, target): (f64, f64),
     sent: u64,
     puback: Option<&summary::Latency>,
     window: usize,
@@ -512,19 +520,19 @@ fn verdict(
     };
     if on_rate && late_share < 0.01 {
         return format!(
-            "kept the schedule: {achieved:.1} of {target:.1} msgs/s ({:.1} %)",
+            "kept the schedule: {achieved:.1} of {target:.1} readings/s ({:.1} %)",
             100.0 * achieved / target.max(1e-9)
         );
     }
     if c.window_waits > 0 {
         let p50 = puback.map_or(0.0, |l| l.p50_ms);
         return format!(
-            "the broker is not keeping up: {} publishes waited for a full in-flight window ({window} per device), PUBACK p50 {p50:.0} ms; {achieved:.1} of {target:.1} msgs/s",
+            "the broker is not keeping up: {} publishes waited for a full in-flight window ({window} per device), PUBACK p50 {p50:.0} ms; {achieved:.1} of {target:.1} readings/s",
             c.window_waits
         );
     }
     format!(
-        "the simulator fell behind its schedule ({} publishes over 100 ms late, at most {} ms): {achieved:.1} of {target:.1} msgs/s; it needs more CPU or fewer devices",
+        "the simulator fell behind its schedule ({} publishes over 100 ms late, at most {} ms): {achieved:.1} of {target:.1} readings/s; it needs more CPU or fewer devices",
         c.behind, c.max_lag_ms
     )
 }

@@ -273,6 +273,24 @@ impl RunPlan {
             .collect()
     }
 
+    /// How many telemetry messages device `index` sends for `messages`
+    /// scheduled ones: an offline window's messages go out regrouped into
+    /// batches.
+    pub fn telemetry_sends(&self, index: u32, messages: u64) -> u64 {
+        let base = self.run_start_ms * 1000;
+        let kk = u64::from(self.readings_per_message.max(1));
+        let mut sends = messages;
+        for (start, end, batch) in self.offline_windows(index) {
+            let upto = |t: i64| {
+                self.messages_within(index, (t - base).max(0) as u64)
+                    .min(messages)
+            };
+            let held = upto(end) - upto(start);
+            sends = sends - held + (held * kk).div_ceil(u64::from(batch));
+        }
+        sends
+    }
+
     /// When device `index` loses its connection in a storm, µs since the epoch.
     pub fn storm_times(&self, index: u32) -> Vec<i64> {
         let base = self.run_start_ms * 1000;
@@ -617,7 +635,9 @@ pub(crate) mod tests {
             matches!(&s.kind, SendKind::Duplicate(m) if m.readings[0].ts < end_ms && m.due_ms == end_ms)
         });
         assert!(!dup_in_backlog, "no faults in a backlog");
+        assert_eq!(p.telemetry_sends(i, 20), msgs.len() as u64);
         let online = (0..40).find(|i| p.offline_windows(*i).is_empty()).unwrap();
+        assert_eq!(p.telemetry_sends(online, 20), 20);
         assert!(p.messages(online, 0, 20).all(|m| m.readings.len() == 1));
     }
 

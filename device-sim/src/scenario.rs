@@ -383,6 +383,20 @@ mod tests {
     }
 
     #[test]
+    fn the_example_files_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Scenario::load(&path).unwrap();
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "{n} example scenarios");
+    }
+
+    #[test]
     fn refuses_what_cannot_run() {
         for bad in [
             EXAMPLE.replace("multiplier = 4", "multiplier = 0"),
