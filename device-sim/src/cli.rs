@@ -181,6 +181,9 @@ pub struct Args {
     /// New connections per second (default: unthrottled).
     #[arg(long)]
     pub connect_rate: Option<f64>,
+    /// How long to wait for every device to connect (default 10s), plus devices / --connect-rate, or 1s per 1000 devices without it.
+    #[arg(long, value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
     /// How long to wait for PUBACKs after the last publish.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub ack_timeout: Duration,
@@ -302,6 +305,7 @@ impl Args {
             verify_concurrency: self.verify_concurrency,
             ledger: self.ledger,
             connect_rate: self.connect_rate,
+            connect_timeout: self.connect_timeout,
             ack_timeout: self.ack_timeout,
             allowed_lateness: self.allowed_lateness,
             clock_skew: self.clock_skew,

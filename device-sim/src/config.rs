@@ -129,6 +129,9 @@ pub struct SimConfig {
     pub ledger: Option<PathBuf>,
     /// New MQTT connections per second; `None`: unthrottled.
     pub connect_rate: Option<f64>,
+    /// How long to wait for the fleet to connect (`None`: 10 s), plus
+    /// devices / `connect_rate`, or 1 s per 1000 devices without one.
+    pub connect_timeout: Option<Duration>,
     /// How long to wait for PUBACKs after a device's last send.
     pub ack_timeout: Duration,
     /// Must match the pipeline's allowed lateness.
@@ -187,6 +190,7 @@ impl Default for SimConfig {
             verify_concurrency: 32,
             ledger: None,
             connect_rate: None,
+            connect_timeout: None,
             ack_timeout: Duration::from_secs(30),
             allowed_lateness: Duration::from_secs(3600),
             clock_skew: Duration::from_millis(250),

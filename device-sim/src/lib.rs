@@ -212,7 +212,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         .as_ref()
         .and_then(|s| s.connect_rate)
         .or(cfg.connect_rate);
-    let connect_timeout = Duration::from_secs(10)
+    let connect_timeout = cfg.connect_timeout.unwrap_or(Duration::from_secs(10))
         + connect_rate
             .filter(|r| *r > 0.0)
             .map(|r| Duration::from_secs_f64(f64::from(devices) / r))
@@ -233,6 +233,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         _ => (None, None),
     };
 
+    let before_connect = resources::Usage::now(files_limit);
     let connecting = Instant::now();
     let mut fleets = Vec::with_capacity(runs.len());
     for r in &runs {
@@ -268,6 +269,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     }
     drop(fresh_tx);
     let connect_ms = connecting.elapsed().as_millis() as u64;
+    let connected = resources::Usage::now(files_limit);
 
     // One start for every fleet, recorded before anyone publishes.
     let run_start_ms = now_ms() + 100;
@@ -367,6 +369,11 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         summary.verify = report;
     }
     summary.usage = resources::Usage::now(files_limit);
+    summary.rss_connected_mib = connected.rss_mib;
+    if devices > 0 {
+        summary.idle_kib_per_device =
+            (connected.rss_mib - before_connect.rss_mib).max(0.0) * 1024.0 / f64::from(devices);
+    }
     if let Some(path) = &cfg.report_json {
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -498,6 +505,8 @@ fn summarize(
         fleets,
         freshness: None,
         usage: resources::Usage::default(),
+        rss_connected_mib: 0.0,
+        idle_kib_per_device: 0.0,
         warnings,
     }
 }

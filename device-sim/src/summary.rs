@@ -104,6 +104,10 @@ pub struct Summary {
     pub freshness: Option<Freshness>,
     /// The simulator's own memory and CPU.
     pub usage: Usage,
+    /// Resident memory once every device had connected, before publishing.
+    pub rss_connected_mib: f64,
+    /// What one connected, idle device adds to resident memory, KiB.
+    pub idle_kib_per_device: f64,
     pub warnings: Vec<String>,
 }
 
@@ -215,8 +219,11 @@ impl fmt::Display for Summary {
         writeln!(f, "elapsed: {:.2} s", self.elapsed_ms as f64 / 1000.0)?;
         writeln!(
             f,
-            "simulator: peak RSS {:.0} MiB, {:.1} s CPU",
-            self.usage.peak_rss_mib, self.usage.cpu_seconds
+            "simulator: peak RSS {:.0} MiB ({:.0} MiB with every device connected and idle, {:.1} KiB per device), {:.1} s CPU",
+            self.usage.peak_rss_mib,
+            self.rss_connected_mib,
+            self.idle_kib_per_device,
+            self.usage.cpu_seconds
         )?;
         if let Some(e) = &self.last_error {
             writeln!(f, "last connection error: {e}")?;

@@ -261,6 +261,7 @@ async fn tls_refuses_a_device_without_a_trusted_certificate() {
         },
         devices: 3,
         stop: Stop::Count(2),
+        connect_timeout: Some(Duration::from_secs(1)),
         ..config(&h, "t2")
     };
     // A certificate from another CA: the handshake fails, nobody connects.
