@@ -21,8 +21,8 @@ for arg in "$@"; do
     esac
 done
 case "$arch" in
-    arm64) arch_flag=--arm64 ;;
-    x86_64) arch_flag=--x86-64 ;;
+    arm64) arch_flag=--arm64 triple=aarch64-unknown-linux-gnu ;;
+    x86_64) arch_flag=--x86-64 triple=x86_64-unknown-linux-gnu ;;
     *) echo "IOTPIPE_LAMBDA_ARCH must be arm64 or x86_64, not $arch" >&2; exit 2 ;;
 esac
 
@@ -55,4 +55,4 @@ for function in aggregate query; do
         printf "%-9s %s: zip %d bytes (%.2f MiB), bootstrap %d bytes (%.2f MiB)\n", f, a, z, z / 1048576, b, b / 1048576
     }'
 done
-echo "bootstraps for cold-start runs: $out/{aggregate,query}/bootstrap"
+echo "unzipped binaries, e.g. for the cold-start example: $CARGO_TARGET_DIR/$triple/release/{aggregate,query}"

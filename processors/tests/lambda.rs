@@ -375,3 +375,13 @@ async fn the_query_function_answers_api_gateway_requests_from_dynamodb() {
     assert_eq!(device["fleet"], "f1");
     assert_eq!(device["metrics"]["temperature"]["value"], 24.0);
 }
+
+#[tokio::test]
+async fn the_lazy_store_connects_on_first_use() {
+    let table = fresh_store().await;
+    let lazy =
+        processors::lambda::lazy::LazyDynamoStore::new(moto_config().unwrap(), table.table_name());
+    let response = handler(Arc::new(lazy)).handle(packed_fixture()).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(window_count(&table, "dev-8", "pressure", T0).await, 3);
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use processors::lambda::aggregate::{self, AggregateHandler};
 use processors::lambda::env::FunctionConfig;
-use processors::store::dynamodb::DynamoStore;
+use processors::lambda::lazy::LazyDynamoStore;
 use stream::kinesis::AwsConfig;
 
 // One invocation at a time per process: a single-threaded runtime starts
@@ -14,6 +14,6 @@ use stream::kinesis::AwsConfig;
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
-    let store = DynamoStore::connect(&AwsConfig::default(), &config.table_name).await;
+    let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
     aggregate::run(AggregateHandler::new(Arc::new(store), config.aggregate)).await
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use processors::api::ApiState;
 use processors::lambda::env::FunctionConfig;
+use processors::lambda::lazy::LazyDynamoStore;
 use processors::lambda::query;
-use processors::store::dynamodb::DynamoStore;
 use stream::kinesis::AwsConfig;
 
 // One request at a time per process: a single-threaded runtime starts
@@ -15,6 +15,6 @@ use stream::kinesis::AwsConfig;
 async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
-    let store = DynamoStore::connect(&AwsConfig::default(), &config.table_name).await;
+    let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
     query::run(ApiState::new(Arc::new(store), Arc::new(config.aggregate))).await
 }

@@ -6,6 +6,7 @@
 //! - `aggregate`: the Kinesis event handler around
 //!   [`crate::run::process_batch`], reporting per-record failures.
 //! - `query`: the query API router served through `lambda_http`.
+//! - `lazy`: the DynamoDB store built on first use, for short cold starts.
 //!
 //! The binaries in `src/bin/` only read the environment, build clients and
 //! call [`aggregate::run`] or [`query::run`].
@@ -16,4 +17,5 @@
 
 pub mod aggregate;
 pub mod env;
+pub mod lazy;
 pub mod query;
