@@ -12,6 +12,8 @@
 //! - [`auth`]: [`Authorizer`], the per-device publish policy seam, with
 //!   [`AllowAll`] (the default), [`OwnDeviceOnly`], [`ClientCertificates`]
 //!   and [`UsersFile`].
+//! - [`bridge`]: external broker mode, a persistent-session subscriber that
+//!   acknowledges the broker after the append.
 //! - [`users`]: adding, removing and listing devices in a users file.
 //! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device a
 //!   client certificate names.
@@ -34,6 +36,7 @@
 //! delivery (a will is accepted and ignored) and no topic alias.
 
 pub mod auth;
+pub mod bridge;
 pub mod config;
 mod endpoint;
 pub mod metrics;
@@ -48,4 +51,8 @@ pub use auth::{
 };
 pub use config::{Clock, EndpointConfig};
 pub use endpoint::{Listener, serve, serve_on};
+
+/// The fuzz harness's entry point (see `ingest/fuzz/`); not an API.
+#[doc(hidden)]
+pub use endpoint::fuzzing;
 pub use metrics::{IngestMetrics, LatencyHistogram, MetricsSnapshot};

@@ -51,6 +51,9 @@ pub struct IngestMetrics {
     /// Malformed or out-of-order packets; each closed its connection.
     pub protocol_errors: AtomicU64,
     pub tap_delivered: AtomicU64,
+    /// External broker mode: 1 while the bridge's subscription is granted on
+    /// its current connection, else 0.
+    pub bridge_subscribed: AtomicU64,
     /// Live-tap messages dropped because a subscriber's queue was full.
     pub tap_dropped: AtomicU64,
 }
@@ -91,6 +94,7 @@ impl IngestMetrics {
             refused_qos2: get(&self.refused_qos2),
             protocol_errors: get(&self.protocol_errors),
             tap_delivered: get(&self.tap_delivered),
+            bridge_subscribed: get(&self.bridge_subscribed),
             tap_dropped: get(&self.tap_dropped),
         }
     }
@@ -175,6 +179,7 @@ pub struct MetricsSnapshot {
     pub refused_qos2: u64,
     pub protocol_errors: u64,
     pub tap_delivered: u64,
+    pub bridge_subscribed: u64,
     pub tap_dropped: u64,
 }
 

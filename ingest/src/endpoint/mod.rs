@@ -7,11 +7,12 @@
 //! - `appender`: group commit into the stream.
 //! - `tap`: live subscriptions to durable telemetry.
 
-mod appender;
+pub(crate) mod appender;
 mod codec;
 mod connection;
+pub mod fuzzing;
 mod session;
-mod tap;
+pub(crate) mod tap;
 
 use std::collections::HashMap;
 use std::future::Future;
