@@ -1,0 +1,514 @@
+//! iotpipe's endpoint against embedded rumqttd 0.20, on the same machine in
+//! the same run, both writing the real embedded log with fdatasync.
+//!
+//! - **endpoint**: `ingest::serve` appending to `EmbeddedLog`; a PUBACK leaves
+//!   once the record is durable.
+//! - **rumqttd**: rumqttd acknowledging on receipt, and a bridge on its
+//!   in-process link (`Broker::link`, `dt/+/+/telemetry`) packing each
+//!   message as the endpoint does and appending batches to `EmbeddedLog`.
+//!
+//! Two measurements:
+//!
+//! ```text
+//! # sustained QoS 1 acks/s and durable appends/s, N publishers, 100-byte payloads
+//! cargo run --release -p ingest --example vs_rumqttd -- throughput [--publishers 4] [--secs 10]
+//! # the loss window: SIGKILL the server under QoS 1 load, then count
+//! # messages that were PUBACKed but are not in the log after reopening it
+//! cargo run --release -p ingest --example vs_rumqttd -- loss [--runs 5] [--seed 7]
+//! ```
+//!
+//! `loss` runs the server in a child process (this example, `serve`), so the
+//! kill is a real SIGKILL of the process that owns the log.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use ingest::{EndpointConfig, IngestMetrics};
+use rand::{Rng, SeedableRng};
+use schemas::{PackedRecord, StreamRecord, Topic};
+use stream::embedded::{EmbeddedConfig, EmbeddedLog};
+use stream::{PutRecord, ShardReader, StreamProducer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Endpoint,
+    Rumqttd,
+}
+
+impl Target {
+    fn parse(s: &str) -> Result<Target> {
+        match s {
+            "endpoint" => Ok(Target::Endpoint),
+            "rumqttd" => Ok(Target::Rumqttd),
+            other => bail!("unknown target {other}"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Target::Endpoint => "endpoint",
+            Target::Rumqttd => "rumqttd",
+        }
+    }
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |name: &str, default: u64| -> Result<u64> {
+        flag(&args, name).map_or(Ok(default), |v| Ok(v.parse()?))
+    };
+    match args.first().map(String::as_str) {
+        Some("throughput") => {
+            let publishers = num("--publishers", 4)? as usize;
+            let secs = num("--secs", 10)?;
+            println!("target     publishers  acked/s  appended/s  server CPU");
+            for target in [Target::Endpoint, Target::Rumqttd] {
+                throughput(target, publishers, secs)?;
+            }
+            Ok(())
+        }
+        Some("loss") => {
+            let runs = num("--runs", 5)?;
+            let seed = num("--seed", 7)?;
+            println!("target     runs  acked     acked but lost");
+            for target in [Target::Rumqttd, Target::Endpoint] {
+                loss(target, runs, seed)?;
+            }
+            Ok(())
+        }
+        Some("serve") => {
+            let target = Target::parse(&flag(&args, "--target").context("--target")?)?;
+            let dir = PathBuf::from(flag(&args, "--dir").context("--dir")?);
+            let port: u16 = flag(&args, "--port").context("--port")?.parse()?;
+            serve_child(target, &dir, port)
+        }
+        _ => bail!("usage: vs_rumqttd throughput|loss [flags]"),
+    }
+}
+
+fn open_log(dir: &Path) -> Result<Arc<EmbeddedLog>> {
+    Ok(EmbeddedLog::open(
+        dir,
+        EmbeddedConfig {
+            shards: 4,
+            sync: true,
+            ..EmbeddedConfig::default()
+        },
+    )?)
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A valid payload of about 100 bytes.
+fn payload(seq: u64) -> Vec<u8> {
+    let head = format!(
+        r#"{{"seq":{seq},"ts":1764240000123,"metrics":{{"temperature":21.5,"humidity":40.2,"pad":"#
+    );
+    let tail = "}}";
+    let digits = 100usize.saturating_sub(head.len() + tail.len()).max(1);
+    format!("{head}{}{tail}", "1".repeat(digits)).into_bytes()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Starts the server side of `target` on `port`, appending to `log`; the
+/// returned counter tracks records appended (durable).
+fn start_server(
+    target: Target,
+    port: u16,
+    log: Arc<EmbeddedLog>,
+    rt: &tokio::runtime::Runtime,
+) -> Result<Arc<AtomicU64>> {
+    let appended = Arc::new(AtomicU64::new(0));
+    match target {
+        Target::Endpoint => {
+            let metrics = Arc::new(IngestMetrics::new());
+            let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))?;
+            rt.spawn(ingest::serve(
+                listener,
+                log,
+                EndpointConfig::default(),
+                metrics.clone(),
+                std::future::pending(),
+            ));
+            let appended = appended.clone();
+            std::thread::spawn(move || {
+                loop {
+                    appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        Target::Rumqttd => {
+            let config: rumqttd::Config = serde_json::from_value(serde_json::json!({
+                "id": 0,
+                "router": {
+                    "max_connections": 10010,
+                    "max_outgoing_packet_count": 200,
+                    "max_segment_size": 104857600,
+                    "max_segment_count": 10,
+                },
+                "v4": { "1": {
+                    "name": "v4-1",
+                    "listen": format!("127.0.0.1:{port}"),
+                    "next_connection_delay_ms": 1,
+                    "connections": {
+                        "connection_timeout_ms": 60000,
+                        "max_payload_size": 200000,
+                        "max_inflight_count": 100,
+                    },
+                }},
+            }))?;
+            let mut broker = rumqttd::Broker::new(config);
+            let (mut link_tx, mut link_rx) = broker.link("iotpipe-bridge")?;
+            std::thread::Builder::new()
+                .name("rumqttd".into())
+                .spawn(move || {
+                    if let Err(e) = broker.start() {
+                        eprintln!("rumqttd stopped: {e}");
+                    }
+                })?;
+            link_tx.subscribe("dt/+/+/telemetry")?;
+            let counter = appended.clone();
+            rt.spawn(async move {
+                loop {
+                    // Everything the router has handed over joins one append.
+                    let mut batch = Vec::new();
+                    match link_rx.next().await {
+                        Ok(Some(n)) => batch.extend(pack(n)),
+                        Ok(None) => {}
+                        Err(e) => {
+                            eprintln!("the link failed: {e}");
+                            return;
+                        }
+                    }
+                    while let Ok(Some(n)) = link_rx.recv_deadline(Instant::now()) {
+                        batch.extend(pack(n));
+                    }
+                    // Without this the router stops forwarding after a few
+                    // hundred messages.
+                    let _ = link_rx.ready();
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let n = batch.len() as u64;
+                    let mut todo = batch;
+                    while !todo.is_empty() {
+                        match log.put(todo.clone()).await {
+                            Ok(outcomes) => {
+                                todo = todo
+                                    .into_iter()
+                                    .zip(outcomes)
+                                    .filter(|(_, o)| {
+                                        !matches!(o, stream::PutOutcome::Stored { .. })
+                                    })
+                                    .map(|(r, _)| r)
+                                    .collect();
+                            }
+                            Err(e) => {
+                                eprintln!("append failed: {e}");
+                                return;
+                            }
+                        }
+                    }
+                    counter.fetch_add(n, Ordering::Relaxed);
+                }
+            });
+        }
+    }
+    Ok(appended)
+}
+
+/// One forwarded message as the record the endpoint would have made.
+fn pack(n: rumqttd::Notification) -> Option<PutRecord> {
+    let rumqttd::Notification::Forward(f) = n else {
+        return None;
+    };
+    let topic = std::str::from_utf8(&f.publish.topic).ok()?;
+    let topic = Topic::parse(topic).ok()?;
+    let readings = schemas::decode_payload(&f.publish.payload).ok()?;
+    let record = PackedRecord {
+        device_id: topic.device_id.to_string(),
+        fleet: topic.fleet.to_string(),
+        received_at: now_ms(),
+        readings,
+    };
+    Some(PutRecord {
+        partition_key: record.device_id.clone(),
+        data: Bytes::from(record.encode()),
+    })
+}
+
+/// Publishers that keep 100 QoS 1 publishes in flight each and record which
+/// (device, seq) were acknowledged.
+struct Publishers {
+    acked: Arc<AtomicU64>,
+    acked_ids: Arc<Mutex<HashSet<(String, u64)>>>,
+    running: Arc<AtomicBool>,
+}
+
+fn start_publishers(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    n: usize,
+    record_ids: bool,
+) -> Publishers {
+    let p = Publishers {
+        acked: Arc::new(AtomicU64::new(0)),
+        acked_ids: Arc::new(Mutex::new(HashSet::new())),
+        running: Arc::new(AtomicBool::new(true)),
+    };
+    for i in 0..n {
+        let (acked, ids, running) = (p.acked.clone(), p.acked_ids.clone(), p.running.clone());
+        rt.spawn(async move {
+            let device = format!("dev-{i}");
+            let mut options =
+                rumqttc::MqttOptions::new(&device, addr.ip().to_string(), addr.port());
+            options.set_inflight(100);
+            options.set_keep_alive(Duration::from_secs(30));
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
+            let topic = format!("dt/bench/{device}/telemetry");
+            // Publish requests leave in the order they are made, so the
+            // n-th outgoing PUBLISH carries the n-th seq sent here.
+            let (seq_tx, mut seq_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+            tokio::spawn(async move {
+                let mut seq = 0u64;
+                while running.load(Ordering::Relaxed) {
+                    if seq_tx.send(seq).is_err()
+                        || client
+                            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload(seq))
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                    seq += 1;
+                }
+            });
+            let mut by_pkid: HashMap<u16, u64> = HashMap::new();
+            let mut unsent: VecDeque<u64> = VecDeque::new();
+            while let Ok(event) = eventloop.poll().await {
+                match event {
+                    rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) if record_ids => {
+                        while let Ok(s) = seq_rx.try_recv() {
+                            unsent.push_back(s);
+                        }
+                        if let Some(seq) = unsent.pop_front() {
+                            by_pkid.insert(pkid, seq);
+                        }
+                    }
+                    rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a)) => {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        if let Some(seq) = by_pkid.remove(&a.pkid)
+                            && let Ok(mut ids) = ids.lock()
+                        {
+                            ids.insert((device.clone(), seq));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    p
+}
+
+/// CPU seconds used so far by this process's threads, except the
+/// publishers' (`client`) and the main thread: the server side, whatever
+/// threads it runs on (rumqttd starts its own).
+fn server_cpu_secs() -> f64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return f64::NAN;
+    };
+    let mut ticks = 0u64;
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("client") || comm.starts_with("vs_rumqttd") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+            ticks += field(14).unwrap_or(0) + field(15).unwrap_or(0);
+        }
+    }
+    ticks as f64 / 100.0
+}
+
+fn throughput(target: Target, publishers: usize, secs: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let log = open_log(dir.path())?;
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("server")
+        .enable_all()
+        .build()?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("client")
+        .enable_all()
+        .build()?;
+    let port = free_port()?;
+    let appended = start_server(target, port, log, &server_rt)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let pubs = start_publishers(
+        &client_rt,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        publishers,
+        false,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let server_cpu = server_cpu_secs;
+    let (a0, p0, c0) = (
+        pubs.acked.load(Ordering::Relaxed),
+        appended.load(Ordering::Relaxed),
+        server_cpu(),
+    );
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (a1, p1, c1) = (
+        pubs.acked.load(Ordering::Relaxed),
+        appended.load(Ordering::Relaxed),
+        server_cpu(),
+    );
+    pubs.running.store(false, Ordering::Relaxed);
+    println!(
+        "{:<9}  {publishers:>10}  {:>7.0}  {:>10.0}  {:>9.0}%",
+        target.name(),
+        (a1 - a0) as f64 / elapsed,
+        (p1 - p0) as f64 / elapsed,
+        (c1 - c0) / elapsed * 100.0
+    );
+    client_rt.shutdown_timeout(Duration::from_millis(200));
+    server_rt.shutdown_timeout(Duration::from_millis(200));
+    Ok(())
+}
+
+/// The child of `loss`: serves until killed.
+fn serve_child(target: Target, dir: &Path, port: u16) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("server")
+        .enable_all()
+        .build()?;
+    let log = open_log(dir)?;
+    start_server(target, port, log, &rt)?;
+    println!("ready");
+    loop {
+        std::thread::park();
+    }
+}
+
+fn loss(target: Target, runs: u64, seed: u64) -> Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (mut acked_total, mut lost_total) = (0usize, 0usize);
+    for _ in 0..runs {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let mut child: Child = Command::new(std::env::current_exe()?)
+            .args([
+                "serve",
+                "--target",
+                target.name(),
+                "--port",
+                &port.to_string(),
+                "--dir",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
+            &mut line,
+        )?;
+        if line.trim() != "ready" {
+            bail!("the server did not start: {line}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let client_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let pubs = start_publishers(
+            &client_rt,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            4,
+            true,
+        );
+        std::thread::sleep(Duration::from_millis(rng.random_range(1000..3000)));
+        child.kill()?;
+        child.wait()?;
+        pubs.running.store(false, Ordering::Relaxed);
+        client_rt.shutdown_timeout(Duration::from_millis(200));
+        let acked: HashSet<(String, u64)> = pubs
+            .acked_ids
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default();
+        let stored = read_all(dir.path())?;
+        acked_total += acked.len();
+        lost_total += acked.difference(&stored).count();
+    }
+    println!(
+        "{:<9}  {runs:>4}  {acked_total:>8}  {lost_total:>8}",
+        target.name()
+    );
+    Ok(())
+}
+
+/// Every (device, seq) in the log, reopened as after a restart.
+fn read_all(dir: &Path) -> Result<HashSet<(String, u64)>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let log = open_log(dir)?;
+        let mut out = HashSet::new();
+        for shard in log.shard_ids() {
+            let mut reader = log.reader(&shard, "loss-check")?;
+            loop {
+                let batch = reader.next_batch(10_000, Duration::ZERO).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                for r in batch {
+                    if let Ok(StreamRecord::Readings(p)) = schemas::decode_record(&r.data) {
+                        for reading in p.readings {
+                            if let Some(seq) = reading.seq {
+                                out.insert((p.device_id.clone(), seq));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        log.close().await?;
+        Ok(out)
+    })
+}
