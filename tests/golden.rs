@@ -220,10 +220,10 @@ async fn check(case: &Case, query: Arc<dyn RollupQuery>, label: &str) -> Vec<Str
             ));
             continue;
         }
-        if let Some(want) = req.get("body") {
-            if let Err(e) = matches("body", want, &body) {
-                failures.push(format!("{}/{label} request {i} {uri}: {e}", case.name));
-            }
+        if let Some(want) = req.get("body")
+            && let Err(e) = matches("body", want, &body)
+        {
+            failures.push(format!("{}/{label} request {i} {uri}: {e}", case.name));
         }
     }
     failures

@@ -28,10 +28,10 @@
 #[cfg(test)]
 mod tests;
 
-use rustc_hash::{FxHashMap, FxHashSet};
-use schemas::record::{RejectedMessage, StreamRecord};
+use rustc_hash::FxHashMap;
+use schemas::record::{PackedView, ReadingView, RecordView, RejectedMessage};
 use schemas::state::{DeadLetter, DedupSet, DeviceState, Item, ItemState, MemberState};
-use schemas::{PackedRecord, Point, Reading, RejectReason, Rejection, WindowAgg, decode_record};
+use schemas::{Point, RejectReason, Rejection, WindowAgg, decode_record_view};
 use stream::{Record, SeqNo};
 
 use crate::config::AggregateConfig;
@@ -110,11 +110,23 @@ impl Counter {
 /// A fleet, device, metric and finest window: where readings pre-aggregate.
 type CellKey = (u32, u32, u32, i64);
 
+/// The slots a reading touches besides its windows, found once in `plan`.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReadingSlots {
+    dedup: u32,
+    device: u32,
+    member: u32,
+}
+
+/// Slots of the two counters every batch touches: `plan` adds them first.
+const ACCEPTED_SLOT: u32 = 0;
+const DUPLICATE_SLOT: u32 = 1;
+
 /// A decoded batch and the keys it may touch.
 #[derive(Debug)]
-pub struct Plan {
+pub struct Plan<'a> {
     shard: String,
-    records: Vec<Decoded>,
+    records: Vec<Decoded<'a>>,
     devices: Names,
     fleets: Names,
     metrics: Names,
@@ -124,9 +136,13 @@ pub struct Plan {
     keys: Vec<ItemKey>,
     /// The config's resolutions; a `Key` names one by its index.
     resolutions: Vec<schemas::Resolution>,
+    /// Cells in first-seen order, and for each its window slots: device then
+    /// fleet, per resolution (`2 × resolutions` entries per cell).
+    cells: Vec<CellKey>,
+    cell_windows: Vec<u32>,
 }
 
-impl Plan {
+impl Plan<'_> {
     /// The items to load before [`apply`].
     pub fn keys(&self) -> &[ItemKey] {
         &self.keys
@@ -137,11 +153,13 @@ impl Plan {
         self.records.last().map(|r| r.seq)
     }
 
-    fn add_key(&mut self, key: Key) {
-        if let std::collections::hash_map::Entry::Vacant(e) = self.slot_of.entry(key) {
-            e.insert(self.key_list.len() as u32);
+    fn add_key(&mut self, key: Key) -> u32 {
+        let next = self.key_list.len() as u32;
+        let slot = *self.slot_of.entry(key).or_insert(next);
+        if slot == next {
             self.key_list.push(key);
         }
+        slot
     }
 
     fn item_key(&self, key: Key) -> ItemKey {
@@ -193,19 +211,19 @@ impl Plan {
 }
 
 #[derive(Debug)]
-struct Decoded {
+struct Decoded<'a> {
     seq: SeqNo,
-    body: Body,
+    body: Body<'a>,
 }
 
 #[derive(Debug)]
-enum Body {
+enum Body<'a> {
     Readings {
-        record: PackedRecord,
-        dev: u32,
-        fleet: u32,
-        /// Interned metric ids, reading by reading, in order.
-        metric_ids: Vec<u32>,
+        record: PackedView<'a>,
+        /// Per reading, its item slots (meaningless if it is refused).
+        slots: Vec<ReadingSlots>,
+        /// Per metric of every reading, in order: its cell.
+        cell_ids: Vec<u32>,
         /// Per reading: `None` if it may be accepted, else why not.
         verdicts: Vec<Option<Rejection>>,
     },
@@ -240,7 +258,7 @@ impl BatchStats {
 }
 
 /// Decodes a batch of one shard and lists the items it may touch.
-pub fn plan(shard: &str, records: &[Record], cfg: &AggregateConfig) -> Plan {
+pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Plan<'a> {
     let finest = cfg.finest();
     let mut p = Plan {
         shard: shard.to_string(),
@@ -252,34 +270,44 @@ pub fn plan(shard: &str, records: &[Record], cfg: &AggregateConfig) -> Plan {
         key_list: Vec::new(),
         keys: Vec::new(),
         resolutions: cfg.resolutions.clone(),
+        cells: Vec::new(),
+        cell_windows: Vec::new(),
     };
-    let mut cells: FxHashSet<CellKey> = FxHashSet::default();
+    let mut cell_index: FxHashMap<CellKey, u32> = FxHashMap::default();
     p.add_key(Key::Counter(Counter::Accepted));
     p.add_key(Key::Counter(Counter::Duplicate));
     for r in records {
-        let body = match decode_record(&r.data) {
-            Ok(StreamRecord::Readings(record)) => {
+        let body = match decode_record_view(&r.data) {
+            Ok(RecordView::Readings(record)) => {
                 let dev = p.devices.id(&record.device_id);
                 let fleet = p.fleets.id(&record.fleet);
-                let mut metric_ids = Vec::with_capacity(record.readings.len() * 2);
+                let mut slots = Vec::with_capacity(record.readings.len());
+                let mut cell_ids = Vec::with_capacity(record.readings.len() * 2);
                 let mut verdicts = Vec::with_capacity(record.readings.len());
                 for reading in &record.readings {
                     let verdict = judge(reading, record.received_at, cfg);
-                    for m in &reading.metrics {
-                        metric_ids.push(p.metrics.id(&m.name));
-                    }
                     match &verdict {
                         Some(rejection) => {
-                            p.add_key(Key::Counter(Counter::Rejected(rejection.reason)))
+                            p.add_key(Key::Counter(Counter::Rejected(rejection.reason)));
+                            slots.push(ReadingSlots::default());
+                            cell_ids.extend(reading.metrics.iter().map(|_| u32::MAX));
                         }
                         None => {
                             let start = finest.window_start(reading.ts);
-                            p.add_key(Key::Dedup { dev, start });
-                            p.add_key(Key::Device { dev });
-                            p.add_key(Key::Member { fleet, dev });
-                            let ids = &metric_ids[metric_ids.len() - reading.metrics.len()..];
-                            for &metric in ids {
-                                cells.insert((fleet, dev, metric, start));
+                            slots.push(ReadingSlots {
+                                dedup: p.add_key(Key::Dedup { dev, start }),
+                                device: p.add_key(Key::Device { dev }),
+                                member: p.add_key(Key::Member { fleet, dev }),
+                            });
+                            for m in &reading.metrics {
+                                let metric = p.metrics.id(&m.name);
+                                let key = (fleet, dev, metric, start);
+                                let next = p.cells.len() as u32;
+                                let id = *cell_index.entry(key).or_insert(next);
+                                if id == next {
+                                    p.cells.push(key);
+                                }
+                                cell_ids.push(id);
                             }
                         }
                     }
@@ -287,13 +315,12 @@ pub fn plan(shard: &str, records: &[Record], cfg: &AggregateConfig) -> Plan {
                 }
                 Body::Readings {
                     record,
-                    dev,
-                    fleet,
-                    metric_ids,
+                    slots,
+                    cell_ids,
                     verdicts,
                 }
             }
-            Ok(StreamRecord::Rejected(message)) => {
+            Ok(RecordView::Rejected(message)) => {
                 p.add_key(Key::Counter(Counter::Rejected(message.reason)));
                 Body::Rejected(message)
             }
@@ -309,34 +336,35 @@ pub fn plan(shard: &str, records: &[Record], cfg: &AggregateConfig) -> Plan {
         };
         p.records.push(Decoded { seq: r.seq, body });
     }
-    let mut cells: Vec<CellKey> = cells.into_iter().collect();
-    // Key order decides load order; keep it independent of hashing.
-    cells.sort_unstable();
-    for (fleet, dev, metric, start) in cells {
+    let cells = std::mem::take(&mut p.cells);
+    let mut cell_windows = Vec::with_capacity(cells.len() * 2 * cfg.resolutions.len());
+    for &(fleet, dev, metric, start) in &cells {
         for (i, res) in cfg.resolutions.iter().enumerate() {
             let start = res.window_start(start);
             let res = i as u8;
-            p.add_key(Key::DeviceWindow {
+            cell_windows.push(p.add_key(Key::DeviceWindow {
                 dev,
                 metric,
                 res,
                 start,
-            });
-            p.add_key(Key::FleetWindow {
+            }));
+            cell_windows.push(p.add_key(Key::FleetWindow {
                 fleet,
                 metric,
                 res,
                 start,
-            });
+            }));
         }
     }
+    p.cells = cells;
+    p.cell_windows = cell_windows;
     p.keys = p.key_list.iter().map(|k| p.item_key(*k)).collect();
     p
 }
 
 /// Lateness is judged against `received_at`, stamped once at ingest, so a
 /// replayed batch decides exactly as the first attempt did.
-fn judge(reading: &Reading, received_at: i64, cfg: &AggregateConfig) -> Option<Rejection> {
+fn judge(reading: &ReadingView, received_at: i64, cfg: &AggregateConfig) -> Option<Rejection> {
     if reading.ts > received_at.saturating_add(cfg.future_tolerance_ms) {
         return Some(Rejection::new(
             RejectReason::InFuture,
@@ -401,7 +429,7 @@ struct Cell {
 /// Folds the planned batch into the loaded items. `loaded` is in the order of
 /// [`Plan::keys`].
 pub fn apply(
-    plan: Plan,
+    plan: Plan<'_>,
     loaded: Vec<Option<Stored>>,
     cfg: &AggregateConfig,
 ) -> Result<Applied, StoreError> {
@@ -435,7 +463,8 @@ pub fn apply(
         plan: &plan,
         cfg,
         slots: &mut slots,
-        cells: FxHashMap::default(),
+        cells: (0..plan.cells.len()).map(|_| None).collect(),
+        active: Vec::new(),
         dead_letters: Vec::new(),
         stats: BatchStats::default(),
     };
@@ -444,20 +473,21 @@ pub fn apply(
         match &record.body {
             Body::Readings {
                 record: r,
-                dev,
-                fleet,
-                metric_ids,
+                slots,
+                cell_ids,
                 verdicts,
             } => {
-                let mut ids = &metric_ids[..];
-                for (index, (reading, verdict)) in r.readings.iter().zip(verdicts).enumerate() {
+                let mut ids = &cell_ids[..];
+                for (index, ((reading, verdict), slots)) in
+                    r.readings.iter().zip(verdicts).zip(slots).enumerate()
+                {
                     let (these, rest) = ids.split_at(reading.metrics.len());
                     ids = rest;
                     match verdict {
                         Some(rejection) => {
                             b.reject_reading(record.seq, r, reading, index, rejection)?
                         }
-                        None => b.accept(record.seq, r, *dev, *fleet, reading, these)?,
+                        None => b.accept(record.seq, r, reading, *slots, these)?,
                     }
                 }
             }
@@ -478,19 +508,22 @@ pub fn apply(
         stats,
         ..
     } = b;
-    Ok(finish(&plan, slots, dead_letters, stats, cfg))
+    Ok(finish(plan, slots, dead_letters, stats, cfg))
 }
 
-struct Batcher<'a> {
-    plan: &'a Plan,
+struct Batcher<'a, 'r> {
+    plan: &'a Plan<'r>,
     cfg: &'a AggregateConfig,
     slots: &'a mut Vec<Slot>,
-    cells: FxHashMap<CellKey, Cell>,
+    /// Indexed like `plan.cells`; `Some` while a cell holds readings.
+    cells: Vec<Option<Cell>>,
+    /// Cells holding readings, in the order they were first filled.
+    active: Vec<u32>,
     dead_letters: Vec<Write>,
     stats: BatchStats,
 }
 
-impl Batcher<'_> {
+impl Batcher<'_, '_> {
     fn slot(&self, key: Key) -> Result<usize, StoreError> {
         match self.plan.slot_of.get(&key) {
             Some(i) => Ok(*i as usize),
@@ -503,15 +536,14 @@ impl Batcher<'_> {
         }
     }
 
-    /// Runs `f` on the item at `key` unless the record at `seq` is already in
-    /// it. Returns whether it ran.
+    /// Runs `f` on the item in slot `i` unless the record at `seq` is already
+    /// in it. Returns whether it ran.
     fn touch(
         &mut self,
-        key: Key,
+        i: usize,
         seq: SeqNo,
         f: impl FnOnce(&mut ItemState) -> Result<(), String>,
     ) -> Result<bool, StoreError> {
-        let i = self.slot(key)?;
         let slot = &mut self.slots[i];
         if slot.holds(seq) {
             return Ok(false);
@@ -525,7 +557,12 @@ impl Batcher<'_> {
     }
 
     fn count(&mut self, seq: SeqNo, counter: Counter) -> Result<bool, StoreError> {
-        self.touch(Key::Counter(counter), seq, |state| {
+        let i = match counter {
+            Counter::Accepted => ACCEPTED_SLOT as usize,
+            Counter::Duplicate => DUPLICATE_SLOT as usize,
+            other => self.slot(Key::Counter(other))?,
+        };
+        self.touch(i, seq, |state| {
             match state {
                 ItemState::Empty => *state = ItemState::Counter(1),
                 ItemState::Counter(n) => *n += 1,
@@ -538,15 +575,12 @@ impl Batcher<'_> {
     fn accept(
         &mut self,
         seq: SeqNo,
-        r: &PackedRecord,
-        dev: u32,
-        fleet: u32,
-        reading: &Reading,
-        metric_ids: &[u32],
+        r: &PackedView,
+        reading: &ReadingView,
+        slots: ReadingSlots,
+        cell_ids: &[u32],
     ) -> Result<(), StoreError> {
-        let finest = self.cfg.finest();
-        let start = finest.window_start(reading.ts);
-        let dedup = self.slot(Key::Dedup { dev, start })?;
+        let dedup = slots.dedup as usize;
         // The dedup set is written last (Commit::then), so if it already holds
         // this record, every other item of the reading holds it too.
         if self.slots[dedup].holds(seq) {
@@ -554,7 +588,7 @@ impl Batcher<'_> {
             return Ok(());
         }
         let mut is_new = false;
-        self.touch(Key::Dedup { dev, start }, seq, |state| {
+        self.touch(dedup, seq, |state| {
             if let ItemState::Empty = state {
                 *state = ItemState::Dedup(DedupSet::default());
             }
@@ -573,27 +607,32 @@ impl Batcher<'_> {
         }
         self.stats.accepted_readings += 1;
         self.count(seq, Counter::Accepted)?;
-        let fine_end = start + finest.ms();
+        let finest = self.cfg.finest();
+        let fine_end = finest.window_start(reading.ts) + finest.ms();
         let late = r.received_at >= fine_end;
         if late {
             self.stats.late_readings += 1;
         }
-        for (m, &metric) in reading.metrics.iter().zip(metric_ids) {
-            let cell = self
-                .cells
-                .entry((fleet, dev, metric, start))
-                .or_insert_with(|| Cell {
-                    agg: WindowAgg::default(),
-                    seq,
-                    late: Vec::new(),
-                });
+        for (m, &cell_id) in reading.metrics.iter().zip(cell_ids) {
+            let cell = &mut self.cells[cell_id as usize];
+            let cell = match cell {
+                Some(c) => c,
+                None => {
+                    self.active.push(cell_id);
+                    cell.insert(Cell {
+                        agg: WindowAgg::default(),
+                        seq,
+                        late: Vec::new(),
+                    })
+                }
+            };
             cell.seq = cell.seq.max(seq);
             cell.agg.add(reading.ts, m.value, late);
             if late {
                 cell.late.push(r.received_at);
             }
         }
-        self.touch(Key::Device { dev }, seq, |state| {
+        self.touch(slots.device as usize, seq, |state| {
             if let ItemState::Empty = state {
                 *state = ItemState::Device(DeviceState::default());
             }
@@ -601,7 +640,7 @@ impl Batcher<'_> {
                 ItemState::Device(d) => {
                     d.last_seen = d.last_seen.max(r.received_at);
                     if d.fleet != r.fleet {
-                        d.fleet.clone_from(&r.fleet);
+                        d.fleet = r.fleet.to_string();
                     }
                     for m in &reading.metrics {
                         d.observe(
@@ -617,7 +656,7 @@ impl Batcher<'_> {
                 other => Err(mismatch("device", other)),
             }
         })?;
-        self.touch(Key::Member { fleet, dev }, seq, |state| {
+        self.touch(slots.member as usize, seq, |state| {
             if let ItemState::Empty = state {
                 *state = ItemState::Member(MemberState::default());
             }
@@ -637,36 +676,26 @@ impl Batcher<'_> {
     /// replay cells are flushed after every record, so a cell never spans a
     /// record an item holds and one it does not.
     fn flush_cells(&mut self) -> Result<(), StoreError> {
-        let mut cells: Vec<(CellKey, Cell)> = self.cells.drain().collect();
-        // Merge in a fixed order so that float sums do not depend on hashing.
-        cells.sort_unstable_by_key(|(k, _)| *k);
-        for ((fleet, dev, metric, fine_start), cell) in cells {
+        let resolutions = &self.cfg.resolutions;
+        let per_cell = 2 * resolutions.len();
+        for cell_id in std::mem::take(&mut self.active) {
+            let Some(cell) = self.cells[cell_id as usize].take() else {
+                continue;
+            };
+            let fine_start = self.plan.cells[cell_id as usize].3;
+            let windows = &self.plan.cell_windows
+                [cell_id as usize * per_cell..(cell_id as usize + 1) * per_cell];
             let seq = cell.seq;
             let fine_late = cell.agg.late_count;
-            for (i, res) in self.cfg.resolutions.iter().enumerate() {
-                let start = res.window_start(fine_start);
-                let end = start + res.ms();
+            for (i, res) in resolutions.iter().enumerate() {
+                let end = res.window_start(fine_start) + res.ms();
                 let late = if i == 0 {
                     fine_late
                 } else {
                     cell.late.iter().filter(|recv| **recv >= end).count() as u64
                 };
-                let res = i as u8;
-                for key in [
-                    Key::DeviceWindow {
-                        dev,
-                        metric,
-                        res,
-                        start,
-                    },
-                    Key::FleetWindow {
-                        fleet,
-                        metric,
-                        res,
-                        start,
-                    },
-                ] {
-                    self.touch(key, seq, |state| {
+                for &slot in &windows[2 * i..2 * i + 2] {
+                    self.touch(slot as usize, seq, |state| {
                         if let ItemState::Empty = state {
                             *state = ItemState::Window(WindowAgg::default());
                         }
@@ -691,8 +720,8 @@ impl Batcher<'_> {
     fn reject_reading(
         &mut self,
         seq: SeqNo,
-        r: &PackedRecord,
-        reading: &Reading,
+        r: &PackedView,
+        reading: &ReadingView,
         index: usize,
         rejection: &Rejection,
     ) -> Result<(), StoreError> {
@@ -709,8 +738,8 @@ impl Batcher<'_> {
                 detail: rejection.detail.clone(),
                 topic: Some(schemas::Topic::format(&r.fleet, &r.device_id)),
                 client_id: None,
-                device_id: Some(r.device_id.clone()),
-                fleet: Some(r.fleet.clone()),
+                device_id: Some(r.device_id.to_string()),
+                fleet: Some(r.fleet.to_string()),
                 payload_len: payload.len() as u64,
                 payload_head: payload,
                 shard: self.plan.shard.clone(),
@@ -797,25 +826,24 @@ impl Batcher<'_> {
 }
 
 fn finish(
-    plan: &Plan,
+    plan: Plan<'_>,
     slots: Vec<Slot>,
     dead_letters: Vec<Write>,
     stats: BatchStats,
     cfg: &AggregateConfig,
 ) -> Applied {
     let mut commit = Commit::default();
-    for (i, slot) in slots.into_iter().enumerate() {
+    for ((slot, key), short) in slots.into_iter().zip(plan.keys).zip(&plan.key_list) {
         let Some(seq) = slot.touched else { continue };
         let mut item = slot.item;
         item.applied.advance(&plan.shard, seq);
-        let key = plan.keys[i].clone();
         let write = Write {
             expires_at: expiry(&key, cfg),
             condition: slot.version.map_or(Condition::Absent, Condition::Version),
             key,
             item,
         };
-        if matches!(plan.key_list[i], Key::Dedup { .. }) {
+        if matches!(short, Key::Dedup { .. }) {
             commit.then.push(write);
         } else {
             commit.writes.push(write);
@@ -856,11 +884,11 @@ fn mismatch(expected: &str, found: &ItemState) -> String {
 
 /// A refused reading as payload v1 JSON, so the dead letter reads like what
 /// the device sent.
-fn reading_json(reading: &Reading) -> Vec<u8> {
+fn reading_json(reading: &ReadingView) -> Vec<u8> {
     let metrics: serde_json::Map<String, serde_json::Value> = reading
         .metrics
         .iter()
-        .map(|m| (m.name.clone(), serde_json::json!(m.value)))
+        .map(|m| (m.name.to_string(), serde_json::json!(m.value)))
         .collect();
     let mut obj = serde_json::json!({ "ts": reading.ts, "metrics": metrics });
     if let (Some(seq), Some(map)) = (reading.seq, obj.as_object_mut()) {
