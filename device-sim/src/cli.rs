@@ -1,6 +1,7 @@
 //! The command line, mapped onto [`SimConfig`].
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -9,6 +10,9 @@ use clap::{ArgGroup, Parser};
 
 use crate::config::{BrokerAddr, Rate, SimConfig, Stop, parse_duration};
 use crate::plan::FaultConfig;
+use crate::publish::codec::Protocol;
+use crate::publish::transport::{ClientCert, TlsOptions};
+use crate::scenario::Scenario;
 use crate::signal::{MetricSpec, Signal};
 
 const AFTER_HELP: &str = "\
@@ -19,8 +23,38 @@ RATE
   (T / devices per device). Each message carries --readings-per-message K
   readings, so readings/s = messages/s * K; the readings of a message are
   spaced over its period and it is sent when its last reading is taken.
-  Publishing never runs ahead of the schedule; if it falls behind, the summary
-  says by how much and reports achieved against target rates.
+  Publishing never runs ahead of the schedule. The summary reports achieved
+  against target rates and a verdict: on schedule, or which side fell behind:
+  the broker (publishes waited for PUBACKs: a full --max-inflight window) or
+  the simulator itself (publishes late with no window to blame: CPU).
+  AWS IoT Core allows 100 publishes/s per connection; a higher per-device
+  rate draws a warning.
+
+SCALE
+  Each device is one task with one MQTT connection and a few KB of state.
+  The simulator raises its open-files limit up to the hard limit and refuses
+  to start when the fleet cannot fit. Connections to a loopback broker are
+  spread over 127.0.0.1, 127.0.0.2, ... when one address runs out of
+  ephemeral ports (--source-addrs to choose); --connect-rate ramps the
+  connections. The summary gives the time to connect every device.
+
+TLS
+  mqtts://HOST[:PORT] (default port 8883) connects over TLS (rustls). --ca
+  FILE trusts those CAs instead of the Mozilla roots; --cert/--key present one
+  client certificate for all devices, --cert-dir DIR one per device
+  (DIR/<device_id>.crt and .key). AWS IoT Core: mqtts://xxx-ats.iot.REGION.amazonaws.com
+  with client certificates, or port 443, where ALPN x-amzn-mqtt-ca is offered.
+
+SCENARIOS (--scenario FILE.toml)
+  Several fleets, each with its devices, rate, metrics, signals, readings
+  per message and QoS, run through stages in order: ramp, steady, burst,
+  reconnect-storm and offline-then-backfill. See device-sim/scenarios/. The
+  ledger records every stage, and verify accounts for all of it.
+
+FRESHNESS (--freshness-sample N, with --verify)
+  One telemetry publish in N is followed until GET /v1/devices/{id} shows a
+  latest ts at or after the reading's: the time from the PUBLISH being
+  written, p50/p90/p99, in the summary and --report json.
 
 VALUES
   Each value is a function of (seed, device index, metric, seq) following the
@@ -51,12 +85,51 @@ EXIT STATUS
 /// A fleet of simulated MQTT devices for iotpipe, with end-to-end verification.
 #[derive(Debug, Parser)]
 #[command(name = "device-sim", version, about, after_long_help = AFTER_HELP)]
-#[command(group(ArgGroup::new("stop").required(true).args(["duration", "count"])))]
+#[command(group(ArgGroup::new("stop").args(["duration", "count"])))]
 #[command(group(ArgGroup::new("pace").args(["rate", "total_rate"])))]
 pub struct Args {
-    /// MQTT broker, mqtt://HOST:PORT.
-    #[arg(long)]
+    /// MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS (`iotpipe up`'s default endpoint unless told).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
+    /// MQTT protocol version: 3.1.1 or 5.
+    #[arg(long, default_value = "3.1.1")]
+    pub protocol: Protocol,
+    /// Scenario file (TOML): fleets and stages; replaces --devices, --rate, --metrics, --duration and the like.
+    #[arg(long)]
+    pub scenario: Option<PathBuf>,
+    /// CA certificates (PEM) to trust for TLS, instead of the Mozilla roots.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) every device presents (with --key).
+    #[arg(long, requires = "key", conflicts_with = "cert_dir")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A directory of per-device client certificates: <device_id>.crt and <device_id>.key.
+    #[arg(long)]
+    pub cert_dir: Option<PathBuf>,
+    /// ALPN protocol to offer over TLS (repeatable); port 443 offers x-amzn-mqtt-ca unless told.
+    #[arg(long)]
+    pub alpn: Vec<String>,
+    /// Source addresses to connect from, comma-separated (127.0.0.1,127.0.0.2), or a count N for 127.0.0.1..N.
+    #[arg(long)]
+    pub source_addrs: Option<String>,
+    /// MQTT keep alive.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub keep_alive: Duration,
+    /// QoS 1 publishes a device keeps unacknowledged at most; more wait their turn.
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight: usize,
+    /// MQTT username; {device} becomes the device id.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// MQTT password; {device} becomes the device id.
+    #[arg(long)]
+    pub password: Option<String>,
+    /// With --verify: measure freshness on one telemetry publish in N (0: off).
+    #[arg(long, default_value_t = 1000)]
+    pub freshness_sample: u64,
     /// Number of devices, one MQTT connection each.
     #[arg(long, default_value_t = 10)]
     pub devices: u32,
@@ -108,6 +181,9 @@ pub struct Args {
     /// New connections per second (default: unthrottled).
     #[arg(long)]
     pub connect_rate: Option<f64>,
+    /// How long to wait for every device to connect (default 10s), plus devices / --connect-rate, or 1s per 1000 devices without it.
+    #[arg(long, value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
     /// How long to wait for PUBACKs after the last publish.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub ack_timeout: Duration,
@@ -144,6 +220,37 @@ impl Args {
     /// The run these arguments ask for. `terminal`: whether stdout is one.
     pub fn into_config(self, terminal: bool) -> anyhow::Result<SimConfig> {
         let broker: BrokerAddr = self.broker.parse().map_err(anyhow::Error::msg)?;
+        let client_cert = match (&self.cert, &self.key, &self.cert_dir) {
+            (Some(cert), Some(key), _) => ClientCert::Shared {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            (_, _, Some(dir)) => ClientCert::PerDevice(dir.clone()),
+            _ => ClientCert::None,
+        };
+        let tls_asked =
+            self.ca.is_some() || client_cert != ClientCert::None || !self.alpn.is_empty();
+        let tls = if BrokerAddr::is_tls_url(&self.broker) {
+            Some(TlsOptions {
+                ca: self.ca.clone(),
+                client_cert,
+                alpn: self.alpn.clone(),
+            })
+        } else {
+            ensure!(
+                !tls_asked,
+                "--ca, --cert, --cert-dir and --alpn need a TLS broker: mqtts://HOST:PORT"
+            );
+            None
+        };
+        let source_addrs = match &self.source_addrs {
+            None => Vec::new(),
+            Some(s) => parse_source_addrs(s)?,
+        };
+        let scenario = match &self.scenario {
+            Some(path) => Some(Scenario::load(path)?),
+            None => None,
+        };
         let rate = match (self.rate, self.total_rate) {
             (_, Some(t)) => Rate::Total(t),
             (r, None) => Rate::PerDevice(r.unwrap_or(1.0)),
@@ -151,7 +258,8 @@ impl Args {
         let stop = match (self.duration, self.count) {
             (Some(d), _) => Stop::After(d),
             (None, Some(c)) => Stop::Count(c),
-            (None, None) => bail!("give --duration or --count"),
+            (None, None) if scenario.is_some() => Stop::Count(0),
+            (None, None) => bail!("give --duration or --count (or --scenario)"),
         };
         let mut signals: HashMap<String, Signal> = HashMap::new();
         for s in &self.signal {
@@ -197,6 +305,7 @@ impl Args {
             verify_concurrency: self.verify_concurrency,
             ledger: self.ledger,
             connect_rate: self.connect_rate,
+            connect_timeout: self.connect_timeout,
             ack_timeout: self.ack_timeout,
             allowed_lateness: self.allowed_lateness,
             clock_skew: self.clock_skew,
@@ -209,8 +318,32 @@ impl Args {
             },
             report_json,
             progress: terminal && !self.quiet,
+            protocol: self.protocol,
+            tls,
+            source_addrs,
+            keep_alive: self.keep_alive,
+            max_inflight: self.max_inflight,
+            username: self.username,
+            password: self.password,
+            freshness_sample: self.freshness_sample,
+            scenario,
         })
     }
+}
+
+/// `127.0.0.1,127.0.0.2` or a count `N` for 127.0.0.1 ..= 127.0.0.N.
+pub fn parse_source_addrs(s: &str) -> anyhow::Result<Vec<IpAddr>> {
+    if let Ok(n) = s.trim().parse::<u8>() {
+        ensure!(n >= 1, "--source-addrs count must be at least 1");
+        return Ok((1..=n).map(|i| IpAddr::from([127, 0, 0, i])).collect());
+    }
+    s.split(',')
+        .map(|a| {
+            a.trim()
+                .parse::<IpAddr>()
+                .map_err(|e| anyhow::anyhow!("--source-addrs: `{a}`: {e}"))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -240,18 +373,59 @@ mod tests {
         assert_eq!(c.verify_timeout, Duration::from_secs(90));
         assert_eq!(c.report_json, Some(PathBuf::from("/tmp/r.json")));
         assert!(c.validate().is_ok());
+        assert!(c.tls.is_none());
+        assert_eq!(c.protocol, Protocol::V4);
+    }
+
+    #[test]
+    fn parses_protocol_tls_and_sources() {
+        let c = parse(
+            "--broker mqtts://abc-ats.iot.eu-west-1.amazonaws.com --count 1 --protocol 5 \
+             --ca /ca.pem --cert /c.pem --key /k.pem --source-addrs 3",
+        )
+        .unwrap();
+        assert_eq!(c.protocol, Protocol::V5);
+        assert_eq!(c.broker.port, 8883);
+        assert!(c.broker.is_iot_core());
+        let tls = c.tls.unwrap();
+        assert_eq!(tls.ca, Some(PathBuf::from("/ca.pem")));
+        assert!(matches!(tls.client_cert, ClientCert::Shared { .. }));
+        assert_eq!(c.source_addrs.len(), 3);
+        assert_eq!(c.source_addrs[2], IpAddr::from([127, 0, 0, 3]));
+        let c = parse(
+            "--broker mqtts://h:443 --count 1 --cert-dir /certs --source-addrs 127.0.0.5,::1",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.tls.unwrap().client_cert,
+            ClientCert::PerDevice(_)
+        ));
+        assert_eq!(c.source_addrs.len(), 2);
+        let fast =
+            parse("--broker mqtts://abc.iot.us-east-1.amazonaws.com --count 1 --rate 150").unwrap();
+        assert!(
+            fast.warnings()[0].contains("100 publishes/s"),
+            "{:?}",
+            fast.warnings()
+        );
+        assert!(parse("--count 1 --rate 50").unwrap().warnings().is_empty());
     }
 
     #[test]
     fn refuses_contradictions() {
         for bad in [
-            "--broker mqtt://x:1 --rate 1",
+            "--rate 1",
             "--broker mqtt://x:1 --count 1 --duration 1s",
             "--broker mqtt://x:1 --count 1 --rate 1 --total-rate 5",
             "--broker mqtt://x:1 --count 1 --signal pressure=sine",
             "--broker mqtt://x:1 --count 1 --signal temperature=square",
             "--broker mqtt://x:1 --count 1 --report csv x",
             "--broker x:1 --count 1",
+            "--broker mqtt://x:1 --count 1 --ca /ca.pem",
+            "--broker mqtt://x:1 --count 1 --protocol 6",
+            "--broker mqtts://x:1 --count 1 --cert /c.pem",
+            "--broker mqtt://x:1 --count 1 --source-addrs 0",
+            "--broker mqtt://x:1 --count 1 --source-addrs 127.0.0.1,nope",
         ] {
             assert!(parse(bad).is_err(), "{bad}");
         }

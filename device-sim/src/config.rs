@@ -1,6 +1,7 @@
 //! What a simulation run is asked to do.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -8,7 +9,13 @@ use std::time::Duration;
 use anyhow::{bail, ensure};
 
 use crate::plan::FaultConfig;
+use crate::publish::codec::Protocol;
+use crate::publish::transport::TlsOptions;
+use crate::scenario::Scenario;
 use crate::signal::MetricSpec;
+
+/// AWS IoT Core's limit on publishes per second per connection.
+pub const IOT_CORE_PUBLISHES_PER_SEC: f64 = 100.0;
 
 /// An MQTT broker address, `mqtt://HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,14 +24,41 @@ pub struct BrokerAddr {
     pub port: u16,
 }
 
+impl BrokerAddr {
+    /// Whether a broker URL asks for TLS (`mqtts://`, `ssl://`, `tls://`).
+    pub fn is_tls_url(s: &str) -> bool {
+        ["mqtts://", "ssl://", "tls://"]
+            .iter()
+            .any(|p| s.starts_with(p))
+    }
+
+    /// Whether the host is an AWS IoT Core data endpoint.
+    pub fn is_iot_core(&self) -> bool {
+        self.host.ends_with(".amazonaws.com") && self.host.contains(".iot.")
+    }
+}
+
 impl FromStr for BrokerAddr {
     type Err = String;
 
+    /// `mqtt://HOST[:PORT]` (default 1883) or, for TLS, `mqtts://HOST[:PORT]`
+    /// (default 8883); see [`BrokerAddr::is_tls_url`].
     fn from_str(s: &str) -> Result<Self, String> {
-        let rest = s
+        let (rest, default_port) = if let Some(r) = s
             .strip_prefix("mqtt://")
             .or_else(|| s.strip_prefix("tcp://"))
-            .ok_or_else(|| format!("broker `{s}` must look like mqtt://HOST:PORT"))?;
+        {
+            (r, 1883)
+        } else if let Some(r) = ["mqtts://", "ssl://", "tls://"]
+            .iter()
+            .find_map(|p| s.strip_prefix(p))
+        {
+            (r, 8883)
+        } else {
+            return Err(format!(
+                "broker `{s}` must look like mqtt://HOST:PORT or mqtts://HOST:PORT"
+            ));
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (
@@ -32,7 +66,7 @@ impl FromStr for BrokerAddr {
                 p.parse()
                     .map_err(|_| format!("broker `{s}` has a bad port `{p}`"))?,
             ),
-            None => (rest, 1883),
+            None => (rest, default_port),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
@@ -95,6 +129,9 @@ pub struct SimConfig {
     pub ledger: Option<PathBuf>,
     /// New MQTT connections per second; `None`: unthrottled.
     pub connect_rate: Option<f64>,
+    /// How long to wait for the fleet to connect (`None`: 10 s), plus
+    /// devices / `connect_rate`, or 1 s per 1000 devices without one.
+    pub connect_timeout: Option<Duration>,
     /// How long to wait for PUBACKs after a device's last send.
     pub ack_timeout: Duration,
     /// Must match the pipeline's allowed lateness.
@@ -104,8 +141,26 @@ pub struct SimConfig {
     pub faults: FaultConfig,
     /// Write a JSON report (counts, rates, PUBACK latency percentiles) here.
     pub report_json: Option<PathBuf>,
-    /// Show a live progress line on stderr.
+    /// Show a live progress line on stdout.
     pub progress: bool,
+    pub protocol: Protocol,
+    /// `None`: plain TCP.
+    pub tls: Option<TlsOptions>,
+    /// Source addresses to spread connections over (each has its own
+    /// ephemeral ports); empty: automatic for a loopback broker.
+    pub source_addrs: Vec<IpAddr>,
+    pub keep_alive: Duration,
+    /// QoS 1 publishes a device keeps unacknowledged at most; more wait.
+    pub max_inflight: usize,
+    /// MQTT username and password; `{device}` becomes the device id.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Measure freshness on one telemetry publish in this many (with
+    /// `verify`); 0: not at all.
+    pub freshness_sample: u64,
+    /// Mixed fleets and stages; replaces the single fleet's devices, rate,
+    /// metrics, readings per message, QoS and stop.
+    pub scenario: Option<Scenario>,
 }
 
 impl Default for SimConfig {
@@ -135,12 +190,22 @@ impl Default for SimConfig {
             verify_concurrency: 32,
             ledger: None,
             connect_rate: None,
+            connect_timeout: None,
             ack_timeout: Duration::from_secs(30),
             allowed_lateness: Duration::from_secs(3600),
             clock_skew: Duration::from_millis(250),
             faults: FaultConfig::default(),
             report_json: None,
             progress: false,
+            protocol: Protocol::V4,
+            tls: None,
+            source_addrs: Vec::new(),
+            keep_alive: Duration::from_secs(60),
+            max_inflight: 256,
+            username: None,
+            password: None,
+            freshness_sample: 0,
+            scenario: None,
         }
     }
 }
@@ -170,7 +235,87 @@ impl SimConfig {
         Ok(period as u64)
     }
 
+    /// What deserves a warning before the run: rates AWS IoT Core would
+    /// throttle.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let per_device = match &self.scenario {
+            Some(s) => {
+                s.fleets
+                    .iter()
+                    .map(|f| match (f.rate, f.total_rate) {
+                        (_, Some(t)) => t / f64::from(f.devices.max(1)),
+                        (r, None) => r.unwrap_or(1.0),
+                    })
+                    .fold(0.0, f64::max)
+                    * s.peak_multiplier()
+            }
+            None => match self.rate {
+                Rate::PerDevice(r) => r,
+                Rate::Total(t) => t / f64::from(self.devices.max(1)),
+            },
+        };
+        // Duplicates and malformed messages are publishes too.
+        let per_device =
+            per_device * (1.0 + self.faults.duplicate_rate + self.faults.malformed_rate);
+        if per_device > IOT_CORE_PUBLISHES_PER_SEC {
+            let whose = if self.broker.is_iot_core() {
+                "this AWS IoT Core endpoint will throttle it"
+            } else {
+                "AWS IoT Core would throttle it"
+            };
+            out.push(format!(
+                "a device publishes up to {per_device:.0} messages/s, above IoT Core's {IOT_CORE_PUBLISHES_PER_SEC:.0} publishes/s per connection: {whose}"
+            ));
+        }
+        if self.broker.is_iot_core() && self.tls.is_none() {
+            out.push("AWS IoT Core accepts MQTT only over TLS: use mqtts://".into());
+        }
+        out
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(s) = &self.scenario {
+            s.validate()?;
+            for f in &s.fleets {
+                let one = SimConfig {
+                    devices: f.devices,
+                    fleet: f.name.clone(),
+                    device_prefix: f.prefix.clone(),
+                    readings_per_message: f.readings_per_message,
+                    qos: f.qos,
+                    rate: match (f.rate, f.total_rate) {
+                        (_, Some(t)) => Rate::Total(t),
+                        (r, None) => Rate::PerDevice(r.unwrap_or(1.0)),
+                    },
+                    metrics: f
+                        .metrics
+                        .iter()
+                        .map(|m| MetricSpec {
+                            name: m.clone(),
+                            signal: Default::default(),
+                        })
+                        .collect(),
+                    scenario: None,
+                    ..self.clone()
+                };
+                one.validate()
+                    .map_err(|e| e.context(format!("scenario fleet {}", f.name)))?;
+            }
+            for st in &s.stages {
+                if let crate::scenario::Stage::OfflineThenBackfill { batch, .. } = st {
+                    for f in &s.fleets {
+                        let size = *batch as usize * (40 + f.metrics.len() * 80);
+                        ensure!(
+                            size <= 128 * 1024,
+                            "fleet {}: backfill batches of {batch} readings may exceed 128 KiB",
+                            f.name
+                        );
+                    }
+                }
+            }
+            return Ok(());
+        }
         ensure!(self.devices >= 1, "--devices must be at least 1");
         ensure!(
             (1..=1000).contains(&self.readings_per_message),

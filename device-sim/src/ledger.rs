@@ -23,7 +23,7 @@ use crate::plan::RunPlan;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum LedgerLine {
-    Start(RunStart),
+    Start(Box<RunStart>),
     Finish(RunFinish),
 }
 
@@ -94,7 +94,7 @@ impl Ledger {
     pub fn apply(&mut self, line: LedgerLine) -> anyhow::Result<()> {
         match line {
             LedgerLine::Start(start) => self.runs.push(Run {
-                start,
+                start: *start,
                 exceptions: None,
             }),
             LedgerLine::Finish(finish) => {
@@ -182,7 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.jsonl");
         assert!(Ledger::load(&path).unwrap().runs.is_empty());
-        Ledger::append(&path, &LedgerLine::Start(start(1, 2, 0, 10))).unwrap();
+        Ledger::append(&path, &LedgerLine::Start(Box::new(start(1, 2, 0, 10)))).unwrap();
         let mut ex = Exceptions::default();
         ex.windows.insert((1, 60_000, 0), (0, 1));
         Ledger::append(
@@ -194,7 +194,7 @@ mod tests {
             }),
         )
         .unwrap();
-        Ledger::append(&path, &LedgerLine::Start(start(2, 3, 10, 5))).unwrap();
+        Ledger::append(&path, &LedgerLine::Start(Box::new(start(2, 3, 10, 5)))).unwrap();
         let l = Ledger::load(&path).unwrap();
         assert_eq!(l.runs.len(), 2);
         assert_eq!(l.runs[0].exceptions.as_ref(), Some(&ex));

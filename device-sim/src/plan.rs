@@ -81,6 +81,55 @@ pub struct RunPlan {
     pub allowed_lateness_ms: i64,
     /// Margin around the publish..PUBACK interval for the pipeline's clock.
     pub clock_skew_ms: i64,
+    /// The schedule's stretches, in order; empty: one steady stretch at
+    /// `period_us` without end (a run without a scenario).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<Segment>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offline: Vec<OfflineWindow>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storms: Vec<Storm>,
+}
+
+/// A stretch of the schedule with one period per device. Times are µs from
+/// the run's start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    pub start_us: u64,
+    pub end_us: u64,
+    pub period_us: u64,
+    /// Devices start publishing one after another across the segment (a
+    /// linear ramp of the fleet's rate), instead of all within one period.
+    #[serde(default)]
+    pub ramp: bool,
+}
+
+/// Some devices go offline for a while and then send their backlog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfflineWindow {
+    /// µs from the run's start.
+    pub start_us: u64,
+    pub end_us: u64,
+    /// Share of the devices that go offline, drawn per device from the seed.
+    pub fraction: f64,
+    /// Readings per backfill message.
+    pub batch: u32,
+    /// Distinguishes the draws of several windows.
+    pub salt: u64,
+}
+
+/// Some devices lose their connections at once and reconnect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Storm {
+    /// µs from the run's start.
+    pub at_us: u64,
+    pub fraction: f64,
+    pub salt: u64,
+}
+
+/// Whether device `index` takes part in an event drawn with `salt`.
+fn chosen(seed: u64, index: u32, salt: u64, fraction: f64) -> bool {
+    unit(mix(mix(seed, u64::from(index)), 0x0ff1_13e0 ^ salt)) < fraction
 }
 
 /// One reading as planned (its values come from [`crate::signal`]).
@@ -133,23 +182,123 @@ impl RunPlan {
     }
 
     fn phase_us(&self, index: u32) -> u64 {
-        // u128: period (up to ~1e12 µs) times device count must not overflow.
-        (u128::from(index) * u128::from(self.period_us) / u128::from(self.devices.max(1))) as u64
+        self.spread(index, self.period_us)
+    }
+
+    /// `index`'s share of `span`: devices spread evenly over it.
+    fn spread(&self, index: u32, span: u64) -> u64 {
+        // u128: a span (up to ~1e12 µs) times the device count must not overflow.
+        (u128::from(index) * u128::from(span) / u128::from(self.devices.max(1))) as u64
+    }
+
+    /// When device `index` sends its first message in segment `s`, µs after
+    /// the segment's start.
+    fn segment_phase(&self, s: &Segment, index: u32) -> u64 {
+        if s.ramp {
+            self.spread(index, s.end_us - s.start_us)
+        } else {
+            self.spread(index, s.period_us)
+        }
+    }
+
+    /// Device `index`'s messages in segment `s` due before `until_us` (from
+    /// the run's start).
+    fn count_in(&self, s: &Segment, index: u32, until_us: u64) -> u64 {
+        let end = until_us.min(s.end_us);
+        if end <= s.start_us {
+            return 0;
+        }
+        let phase = self.segment_phase(s, index);
+        let len = end - s.start_us;
+        if len <= phase {
+            return 0;
+        }
+        (len - phase).div_ceil(s.period_us.max(1))
     }
 
     /// When device `index`'s `k`-th message is due, µs since the epoch.
     pub fn due_us(&self, index: u32, k: u64) -> i64 {
-        self.run_start_ms * 1000 + (self.phase_us(index) + k * self.period_us) as i64
+        let base = self.run_start_ms * 1000;
+        if self.segments.is_empty() {
+            return base + (self.phase_us(index) + k * self.period_us) as i64;
+        }
+        let mut k = k;
+        for s in &self.segments {
+            let n = self.count_in(s, index, s.end_us);
+            if k < n {
+                return base + (s.start_us + self.segment_phase(s, index) + k * s.period_us) as i64;
+            }
+            k -= n;
+        }
+        // Past the last segment: its rhythm goes on (runs stop before this).
+        let last = self.segments.last().map_or(0, |s| s.end_us);
+        base + (last + self.phase_us(index) + k * self.period_us) as i64
     }
 
     /// How many messages device `index` sends in `duration_us`: those due
     /// before the end.
     pub fn messages_within(&self, index: u32, duration_us: u64) -> u64 {
-        let phase = self.phase_us(index);
-        if duration_us <= phase {
-            return 0;
+        if self.segments.is_empty() {
+            let phase = self.phase_us(index);
+            if duration_us <= phase {
+                return 0;
+            }
+            return (duration_us - phase).div_ceil(self.period_us);
         }
-        (duration_us - phase).div_ceil(self.period_us)
+        self.segments
+            .iter()
+            .map(|s| self.count_in(s, index, duration_us))
+            .sum()
+    }
+
+    /// The schedule's planned length in µs, if it has segments.
+    pub fn planned_length_us(&self) -> Option<u64> {
+        self.segments.last().map(|s| s.end_us)
+    }
+
+    /// Device `index`'s offline windows: (start, end) µs since the epoch,
+    /// and readings per backfill message.
+    pub fn offline_windows(&self, index: u32) -> Vec<(i64, i64, u32)> {
+        let base = self.run_start_ms * 1000;
+        self.offline
+            .iter()
+            .filter(|w| chosen(self.seed, index, w.salt, w.fraction))
+            .map(|w| {
+                (
+                    base + w.start_us as i64,
+                    base + w.end_us as i64,
+                    w.batch.max(1),
+                )
+            })
+            .collect()
+    }
+
+    /// How many telemetry messages device `index` sends for `messages`
+    /// scheduled ones: an offline window's messages go out regrouped into
+    /// batches.
+    pub fn telemetry_sends(&self, index: u32, messages: u64) -> u64 {
+        let base = self.run_start_ms * 1000;
+        let kk = u64::from(self.readings_per_message.max(1));
+        let mut sends = messages;
+        for (start, end, batch) in self.offline_windows(index) {
+            let upto = |t: i64| {
+                self.messages_within(index, (t - base).max(0) as u64)
+                    .min(messages)
+            };
+            let held = upto(end) - upto(start);
+            sends = sends - held + (held * kk).div_ceil(u64::from(batch));
+        }
+        sends
+    }
+
+    /// When device `index` loses its connection in a storm, µs since the epoch.
+    pub fn storm_times(&self, index: u32) -> Vec<i64> {
+        let base = self.run_start_ms * 1000;
+        self.storms
+            .iter()
+            .filter(|st| chosen(self.seed, index, st.salt, st.fraction))
+            .map(|st| base + st.at_us as i64)
+            .collect()
     }
 
     /// Message `k`'s readings, without faults, due at `due_us`.
@@ -177,6 +326,7 @@ impl RunPlan {
             next_k: 0,
             queue: VecDeque::new(),
             rng: ChaCha8Rng::seed_from_u64(mix(mix(self.seed, u64::from(index)), 0xfa17)),
+            offline: self.offline_windows(index),
         }
     }
 
@@ -218,9 +368,51 @@ pub struct Sends<'a> {
     queue: VecDeque<Send>,
     /// Fault draws: one block of the stream per message, addressed by `k`.
     rng: ChaCha8Rng,
+    /// This device's offline windows (see [`RunPlan::offline_windows`]).
+    offline: Vec<(i64, i64, u32)>,
 }
 
 impl Sends<'_> {
+    /// The offline window holding `due_us`, if any.
+    fn offline_at(&self, due_us: i64) -> Option<(i64, i64, u32)> {
+        self.offline
+            .iter()
+            .copied()
+            .find(|(start, end, _)| (*start..*end).contains(&due_us))
+    }
+
+    /// Queues the backlog of an offline window: every message due in it,
+    /// regrouped into batches of `batch` readings sent at the window's end
+    /// with their original timestamps. Faults are not drawn for them.
+    fn push_backlog(&mut self, end_us: i64, batch: u32) {
+        let plan = self.plan;
+        let first_k = self.next_k;
+        let mut readings = Vec::new();
+        while self.next_k < self.messages {
+            let due = plan.due_us(self.index, self.next_k);
+            if due >= end_us {
+                break;
+            }
+            readings.extend(plan.readings(self.first_seq, self.next_k, due));
+            self.next_k += 1;
+        }
+        let kk = u64::from(plan.readings_per_message.max(1));
+        for chunk in readings.chunks(batch as usize) {
+            let k = chunk
+                .first()
+                .map_or(first_k, |r| (r.seq - self.first_seq) / kk);
+            self.queue.push_back(Send {
+                due_us: end_us,
+                kind: SendKind::Telemetry(Message {
+                    k,
+                    due_ms: end_us.div_euclid(1000),
+                    readings: chunk.to_vec(),
+                    late_reading: None,
+                }),
+            });
+        }
+    }
+
     fn draws(&mut self, k: u64) -> Draws {
         let f = &self.plan.faults;
         self.rng.set_word_pos(u128::from(k) * 16);
@@ -293,9 +485,17 @@ impl Iterator for Sends<'_> {
     fn next(&mut self) -> Option<Send> {
         while self.queue.is_empty() && self.next_k < self.messages {
             let k = self.next_k;
-            let d = self.draws(k);
             let due = self.plan.due_us(self.index, k);
-            if d.reorder && k + 1 < self.messages {
+            if let Some((_, end, batch)) = self.offline_at(due) {
+                self.push_backlog(end, batch);
+                continue;
+            }
+            let d = self.draws(k);
+            let next_offline = k + 1 < self.messages
+                && self
+                    .offline_at(self.plan.due_us(self.index, k + 1))
+                    .is_some();
+            if d.reorder && k + 1 < self.messages && !next_offline {
                 // Held back: k goes out right after k + 1, at k + 1's time.
                 let next_due = self.plan.due_us(self.index, k + 1);
                 let mut d_next = self.draws(k + 1);
@@ -339,7 +539,106 @@ pub(crate) mod tests {
             faults: FaultConfig::default(),
             allowed_lateness_ms: HOUR_MS,
             clock_skew_ms: 250,
+            segments: Vec::new(),
+            offline: Vec::new(),
+            storms: Vec::new(),
         }
+    }
+
+    #[test]
+    fn segments_change_the_rhythm() {
+        let mut p = plan();
+        // 1 s steady at 5/s, 1 s burst at 20/s, 2 s ramp at 5/s.
+        p.segments = vec![
+            Segment {
+                start_us: 0,
+                end_us: 1_000_000,
+                period_us: 200_000,
+                ramp: false,
+            },
+            Segment {
+                start_us: 1_000_000,
+                end_us: 2_000_000,
+                period_us: 50_000,
+                ramp: false,
+            },
+            Segment {
+                start_us: 2_000_000,
+                end_us: 4_000_000,
+                period_us: 200_000,
+                ramp: true,
+            },
+        ];
+        assert!((0..4).all(|i| p.messages_within(i, 1_000_000) == 5));
+        assert!((0..4).all(|i| p.messages_within(i, 2_000_000) == 25));
+        // In the ramp device i starts at 2 s + i * 0.5 s.
+        let total: Vec<u64> = (0..4).map(|i| p.messages_within(i, 4_000_000)).collect();
+        assert_eq!(total, [35, 33, 30, 28]);
+        let rel = |i, k| (p.due_us(i, k) - p.run_start_ms * 1000) / 1000;
+        assert_eq!(rel(1, 0), 50);
+        assert_eq!(rel(1, 5), 1_012);
+        assert_eq!(rel(1, 25), 2_500);
+        assert_eq!(rel(3, 25), 3_500);
+        // Dues never go backwards.
+        for i in 0..4 {
+            let dues: Vec<i64> = (0..total[i as usize]).map(|k| p.due_us(i, k)).collect();
+            assert!(dues.windows(2).all(|w| w[0] < w[1]), "device {i}");
+        }
+    }
+
+    #[test]
+    fn offline_devices_send_their_backlog_in_batches() {
+        let mut p = plan();
+        p.devices = 40;
+        p.faults.duplicate_rate = 0.3;
+        p.offline = vec![OfflineWindow {
+            start_us: 1_000_000,
+            end_us: 3_000_000,
+            fraction: 0.5,
+            batch: 4,
+            salt: 1,
+        }];
+        let offline: Vec<u32> = (0..40)
+            .filter(|i| !p.offline_windows(*i).is_empty())
+            .collect();
+        assert!((10..30).contains(&offline.len()), "{offline:?}");
+        let i = offline[0];
+        let msgs: Vec<Message> = p.messages(i, 0, 20).collect();
+        let seqs: Vec<u64> = msgs
+            .iter()
+            .flat_map(|m| m.readings.iter().map(|r| r.seq))
+            .collect();
+        assert_eq!(
+            seqs,
+            (0..20).collect::<Vec<_>>(),
+            "every reading, once, in order"
+        );
+        let end_ms = p.run_start_ms + 3_000;
+        let backlog: Vec<&Message> = msgs
+            .iter()
+            .filter(|m| m.due_ms == end_ms && m.readings[0].ts < end_ms)
+            .collect();
+        // 10 readings were due in [1 s, 3 s): batches of 4, 4 and 2.
+        let sizes: Vec<usize> = backlog.iter().map(|m| m.readings.len()).collect();
+        assert_eq!(sizes, [4, 4, 2]);
+        for m in &backlog {
+            for r in &m.readings {
+                assert_eq!(
+                    r.ts,
+                    p.due_us(i, r.seq).div_euclid(1000),
+                    "original timestamps"
+                );
+            }
+        }
+        let sends: Vec<Send> = p.sends(i, 0, 20).collect();
+        let dup_in_backlog = sends.iter().any(|s| {
+            matches!(&s.kind, SendKind::Duplicate(m) if m.readings[0].ts < end_ms && m.due_ms == end_ms)
+        });
+        assert!(!dup_in_backlog, "no faults in a backlog");
+        assert_eq!(p.telemetry_sends(i, 20), msgs.len() as u64);
+        let online = (0..40).find(|i| p.offline_windows(*i).is_empty()).unwrap();
+        assert_eq!(p.telemetry_sends(online, 20), 20);
+        assert!(p.messages(online, 0, 20).all(|m| m.readings.len() == 1));
     }
 
     #[test]

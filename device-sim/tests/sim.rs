@@ -6,8 +6,11 @@ mod support;
 use std::time::Duration;
 
 use device_sim::plan::{FaultConfig, MINUTE_MS};
+use device_sim::publish::codec::Protocol;
+use device_sim::publish::transport::{ClientCert, TlsOptions};
+use device_sim::scenario::Scenario;
 use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
-use support::Harness;
+use support::{Harness, Pki};
 
 fn config(h: &Harness, fleet: &str) -> SimConfig {
     SimConfig {
@@ -209,4 +212,171 @@ async fn qos0_batches_verify_and_report_json() {
     let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(j["readings_sent"], 400);
     assert_eq!(j["verify"]["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_over_mutual_tls_with_a_certificate_per_device() {
+    let pki = Pki::new();
+    let h = Harness::start_tls(&pki, true).await;
+    let certs = tempfile::tempdir().unwrap();
+    for i in 0..6 {
+        pki.client(&format!("t1-d{i:05}"), certs.path());
+    }
+    let cfg = SimConfig {
+        broker: BrokerAddr {
+            host: "localhost".into(),
+            port: h.mqtt.port(),
+        },
+        devices: 6,
+        protocol: Protocol::V5,
+        tls: Some(TlsOptions {
+            ca: Some(pki.ca.clone()),
+            client_cert: ClientCert::PerDevice(certs.path().to_path_buf()),
+            alpn: Vec::new(),
+        }),
+        ..config(&h, "t1")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert_eq!((s.acked, s.protocol.as_str(), s.tls), (60, "5", true));
+    assert_eq!(h.pipeline.protocols.lock().unwrap().get(&5), Some(&6));
+    let with_certs = h
+        .pipeline
+        .client_certs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(with_certs, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refuses_a_device_without_a_trusted_certificate() {
+    let pki = Pki::new();
+    let h = Harness::start_tls(&pki, true).await;
+    let other = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = other.client("stranger", dir.path());
+    let base = SimConfig {
+        broker: BrokerAddr {
+            host: "localhost".into(),
+            port: h.mqtt.port(),
+        },
+        devices: 3,
+        stop: Stop::Count(2),
+        connect_timeout: Some(Duration::from_secs(1)),
+        ..config(&h, "t2")
+    };
+    // A certificate from another CA: the handshake fails, nobody connects.
+    let cfg = SimConfig {
+        tls: Some(TlsOptions {
+            ca: Some(pki.ca.clone()),
+            client_cert: ClientCert::Shared { cert, key },
+            alpn: Vec::new(),
+        }),
+        ..base.clone()
+    };
+    let err = device_sim::run(cfg).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("no device could connect"),
+        "{err:#}"
+    );
+    // The right CA and one shared certificate: 3.1.1 over TLS works.
+    let (cert, key) = pki.client("shared", dir.path());
+    let cfg = SimConfig {
+        tls: Some(TlsOptions {
+            ca: Some(pki.ca.clone()),
+            client_cert: ClientCert::Shared { cert, key },
+            alpn: Vec::new(),
+        }),
+        ..base
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert_eq!(h.pipeline.protocols.lock().unwrap().get(&4), Some(&3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_spread_over_source_addresses() {
+    let h = Harness::start().await;
+    let cfg = SimConfig {
+        devices: 9,
+        stop: Stop::Count(3),
+        source_addrs: vec![
+            "127.0.0.2".parse().unwrap(),
+            "127.0.0.3".parse().unwrap(),
+            "127.0.0.4".parse().unwrap(),
+        ],
+        ..config(&h, "s1")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let peers: Vec<String> = h
+        .pipeline
+        .peers
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(peers, ["127.0.0.2", "127.0.0.3", "127.0.0.4"]);
+}
+
+/// Two fleets through every kind of stage; verify must account for the
+/// storm's retransmissions and the backfill's late readings exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_with_a_storm_and_a_backfill_verifies_exactly() {
+    let h = Harness::start().await;
+    let scenario: Scenario = toml::from_str(
+        r#"
+        [[fleets]]
+        name = "sc-meters"
+        devices = 16
+        rate = 5.0
+        signals = { humidity = "random-walk" }
+        [[fleets]]
+        name = "sc-trackers"
+        devices = 6
+        total_rate = 6.0
+        metrics = ["speed"]
+        readings_per_message = 3
+        qos = 0
+        [[stages]]
+        type = "ramp"
+        duration = "1500ms"
+        [[stages]]
+        type = "burst"
+        duration = "1s"
+        multiplier = 3
+        [[stages]]
+        type = "reconnect-storm"
+        fraction = 0.5
+        duration = "1500ms"
+        [[stages]]
+        type = "offline-then-backfill"
+        fraction = 0.4
+        duration = "3s"
+        batch = 4
+        [[stages]]
+        type = "steady"
+        duration = "1s"
+        "#,
+    )
+    .unwrap();
+    let cfg = SimConfig {
+        scenario: Some(scenario),
+        freshness_sample: 5,
+        ..config(&h, "unused")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    println!("{s}");
+    assert!(s.ok(), "{s}");
+    assert_eq!(s.fleets.len(), 2);
+    assert_eq!(s.devices, 22);
+    // Half the fleet dropped at once, and those offline reconnected.
+    assert!(s.reconnects >= 8, "{s}");
+    let v = s.verify.as_ref().unwrap();
+    assert!(v.caught_up && v.ok, "{v}");
+    assert_eq!(v.devices, 22);
+    let stats = h.pipeline.stats.lock().unwrap();
+    assert_eq!(stats.accepted_readings, s.readings_sent);
+    let f = s.freshness.as_ref().unwrap();
+    assert!(f.visible > 0 && f.p50_ms.is_some(), "{f:?}");
 }

@@ -36,8 +36,9 @@ pub struct EndpointConfig {
     /// At the limit the endpoint stops reading that socket, which is what slows
     /// a device down; it is also the Receive Maximum advertised to MQTT 5.
     pub max_inflight: usize,
-    /// How long the appender gathers records before one `put`: the price in
-    /// latency paid for fewer, larger appends.
+    /// The cadence of `put`s under load: records arriving between two puts
+    /// gather into the next one. A record after a quiet spell is put at once;
+    /// under load no record waits much longer than this for its put to start.
     pub commit_interval: Duration,
     /// A batch is put early once it holds this many records...
     pub commit_max_records: usize,

@@ -3,18 +3,28 @@
 //! Devices publish telemetry over MQTT 3.1.1 or 5; the endpoint validates each
 //! message, appends it to the stream (refused messages too, as dead letters) and
 //! acknowledges a QoS 1 publish only once the stream reports it durable. Records
-//! from every connection are group-committed: one appender gathers them for a
-//! couple of milliseconds and makes one `put`.
+//! from every connection are group-committed: one appender gathers them and
+//! makes one `put` per commit interval (2 ms) under load, at once when idle.
 //!
 //! Layout:
 //! - [`config`]: [`EndpointConfig`], the knobs and their defaults.
 //! - [`metrics`]: [`IngestMetrics`], counters and the append latency histogram.
-//! - [`auth`]: [`Authorizer`], the per-device publish policy seam.
+//! - [`auth`]: [`Authorizer`], the per-device publish policy seam, with
+//!   [`AllowAll`] (the default), [`OwnDeviceOnly`], [`ClientCertificates`]
+//!   and [`UsersFile`].
+//! - [`bridge`]: external broker mode, a persistent-session subscriber that
+//!   acknowledges the broker after the append.
+//! - [`users`]: adding, removing and listing devices in a users file.
+//! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device a
+//!   client certificate names.
 //! - [`testing`]: an in-memory producer that tests can hold or fail.
-//! - `endpoint`: [`serve`] and the pieces behind it: `codec` (bytes ↔ packets
-//!   for either protocol), `session` (the pure per-connection state machine),
-//!   `connection` (the only code that touches a socket), `appender` (group
-//!   commit) and `tap` (read-only live subscriptions).
+//! - `record`: one message → one stream record (validation, packing, dead
+//!   letters), shared by the endpoint and the bridge.
+//! - `endpoint`: [`serve_on`] over plain and TLS [`Listener`]s, and the pieces
+//!   behind it: `codec` (bytes ↔ packets for either protocol), `session` (the
+//!   pure per-connection state machine), `connection` (the only code that
+//!   touches a socket), `appender` (group commit) and `tap` (read-only live
+//!   subscriptions).
 //!
 //! **Architecture Invariant:** a PUBACK leaves only after the stream returned
 //! `Stored` for the record that PUBLISH became, and PUBACKs leave in the order
@@ -22,14 +32,27 @@
 //!
 //! **Architecture Invariant:** nothing here retains messages or keeps sessions
 //! across connections; a subscriber sees live, durable telemetry at QoS 0 only.
+//! There is no QoS 2 (AWS IoT Core has none either), no retain, no will
+//! delivery (a will is accepted and ignored) and no topic alias.
 
 pub mod auth;
+pub mod bridge;
 pub mod config;
 mod endpoint;
 pub mod metrics;
+mod record;
 pub mod testing;
+pub mod tls;
+pub mod users;
 
-pub use auth::{AllowAll, Authorizer, ConnectInfo, ConnectRefusal, OwnDeviceOnly, Principal};
+pub use auth::{
+    AllowAll, Authorizer, ClientCertificates, ConnectInfo, ConnectRefusal, OwnDeviceOnly,
+    Principal, UsersFile, UsersFileError,
+};
 pub use config::{Clock, EndpointConfig};
-pub use endpoint::serve;
+pub use endpoint::{Listener, serve, serve_on};
+
+/// The fuzz harness's entry point (see `ingest/fuzz/`); not an API.
+#[doc(hidden)]
+pub use endpoint::fuzzing;
 pub use metrics::{IngestMetrics, LatencyHistogram, MetricsSnapshot};

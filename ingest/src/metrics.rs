@@ -18,6 +18,9 @@ pub struct IngestMetrics {
     pub connections_refused: AtomicU64,
     /// CONNECTs refused (bad client id, credentials, protocol version).
     pub connects_refused: AtomicU64,
+    /// TLS handshakes that failed or timed out (no certificate where one is
+    /// required, an untrusted one, a client speaking plain MQTT).
+    pub tls_handshake_failures: AtomicU64,
     /// Connections closed because another took over their client id.
     pub takeovers: AtomicU64,
     pub keepalive_timeouts: AtomicU64,
@@ -48,6 +51,9 @@ pub struct IngestMetrics {
     /// Malformed or out-of-order packets; each closed its connection.
     pub protocol_errors: AtomicU64,
     pub tap_delivered: AtomicU64,
+    /// External broker mode: 1 while the bridge's subscription is granted on
+    /// its current connection, else 0.
+    pub bridge_subscribed: AtomicU64,
     /// Live-tap messages dropped because a subscriber's queue was full.
     pub tap_dropped: AtomicU64,
 }
@@ -68,6 +74,7 @@ impl IngestMetrics {
             connections_total: get(&self.connections_total),
             connections_refused: get(&self.connections_refused),
             connects_refused: get(&self.connects_refused),
+            tls_handshake_failures: get(&self.tls_handshake_failures),
             takeovers: get(&self.takeovers),
             keepalive_timeouts: get(&self.keepalive_timeouts),
             messages_in: get(&self.messages_in),
@@ -87,6 +94,7 @@ impl IngestMetrics {
             refused_qos2: get(&self.refused_qos2),
             protocol_errors: get(&self.protocol_errors),
             tap_delivered: get(&self.tap_delivered),
+            bridge_subscribed: get(&self.bridge_subscribed),
             tap_dropped: get(&self.tap_dropped),
         }
     }
@@ -151,6 +159,7 @@ pub struct MetricsSnapshot {
     pub connections_total: u64,
     pub connections_refused: u64,
     pub connects_refused: u64,
+    pub tls_handshake_failures: u64,
     pub takeovers: u64,
     pub keepalive_timeouts: u64,
     pub messages_in: u64,
@@ -170,6 +179,7 @@ pub struct MetricsSnapshot {
     pub refused_qos2: u64,
     pub protocol_errors: u64,
     pub tap_delivered: u64,
+    pub bridge_subscribed: u64,
     pub tap_dropped: u64,
 }
 

@@ -9,6 +9,7 @@
 //! - `run`: the local loop, one task per shard, around
 //!   [`run::process_batch`], the function the Lambda handler calls too.
 //! - `api`: the query API router.
+//! - `lambda`: the Lambda functions' handlers (binaries in `src/bin/`).
 //! - `metrics`: what the processors count for `/metrics`.
 //!
 //! **Architecture Invariant:** the core imports no tokio, no AWS SDK and no
@@ -18,6 +19,7 @@ pub mod aggregate;
 pub mod api;
 pub mod config;
 pub mod keys;
+pub mod lambda;
 pub mod metrics;
 pub mod run;
 pub mod store;

@@ -10,8 +10,12 @@
 //!   (MD5 of the key into the shards' hash-key ranges), used by every backend
 //!   so that both homes order and group records alike.
 //! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
+//! - [`kinesis`]: Amazon Kinesis ([`kinesis::KinesisStream`]), checkpoints in
+//!   a DynamoDB lease table.
 //! - [`conformance`]: the trait contract as async checks that every backend
 //!   runs in its tests.
+//! - [`fault`]: wrappers that inject failures, partial failures, delays and
+//!   stalls into any producer or reader, for tests.
 //!
 //! **Architecture Invariant:** a producer's `put` returns `Ok` for a record only
 //! once that record survives a crash of the process. The ingest endpoint
@@ -19,6 +23,8 @@
 
 pub mod conformance;
 pub mod embedded;
+pub mod fault;
+pub mod kinesis;
 pub mod partition;
 
 use std::time::Duration;
@@ -112,6 +118,27 @@ pub trait ShardReader: Send + 'static {
     /// arrival time of the oldest of them (Kinesis's IteratorAge).
     fn lag(&self) -> Lag {
         Lag::default()
+    }
+}
+
+/// Lets a boxed reader (a backend chosen at run time, or a wrapper around
+/// one) go wherever a `R: ShardReader` is taken.
+#[async_trait]
+impl<T: ShardReader + ?Sized> ShardReader for Box<T> {
+    fn shard_id(&self) -> &str {
+        (**self).shard_id()
+    }
+
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Result<Vec<Record>, ReadError> {
+        (**self).next_batch(max, wait).await
+    }
+
+    async fn checkpoint(&mut self, seq: SeqNo) -> Result<(), ReadError> {
+        (**self).checkpoint(seq).await
+    }
+
+    fn lag(&self) -> Lag {
+        (**self).lag()
     }
 }
 

@@ -1,58 +1,55 @@
-//! One simulated device: its MQTT connection and what it has in flight.
+//! One simulated device: a single task that owns its connection, publishes
+//! its schedule and matches PUBACKs.
 //!
-//! Two tasks share an [`Outbox`]: the publisher hands sends to the rumqttc
-//! client on schedule, and the connection task drives rumqttc's event loop,
-//! matching each written PUBLISH (rumqttc reports only its packet id) to the
-//! oldest send handed over, and each PUBACK to the send under that id.
+//! The task is the only code that touches the device's socket; everything
+//! it owns is small (a few hundred bytes of buffers, the schedule iterator
+//! and the value generators), so that an idle device costs a few KB.
 //!
-//! After a connection error the connection is rebuilt with a fresh client
-//! and channel, and every send not yet acknowledged is published again:
-//! delivery is at-least-once, and the pipeline removes the duplicates by seq.
-//! A fresh channel (rather than rumqttc's own resend) keeps the match between
-//! sends and packet ids exact: nothing from the old connection can arrive
-//! out of order.
+//! Sends wait in `queued` until written, then in `inflight` until
+//! acknowledged (QoS 1) or at once complete (QoS 0). After a connection
+//! error the device reconnects with backoff and writes everything in flight
+//! again, in order, with the DUP flag: delivery is at-least-once, and the
+//! pipeline removes the copies by seq.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
-use tokio::sync::{Notify, mpsc};
+use bytes::BytesMut;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::codec::{self, Incoming, Login, Protocol};
+use super::transport::{self, Stream, TlsSetup};
 use super::{ConnectLimiter, FleetShared};
+use crate::freshness::Sample;
 use crate::lateness::{Class, Exceptions};
 use crate::payload::{DeviceValues, malformed};
 use crate::plan::{RunPlan, Send, SendKind};
 
-/// Requests rumqttc may queue between the publisher and its event loop; a
-/// full channel means the connection cannot keep up, and the send is retried.
-const CHANNEL_CAP: usize = 4096;
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-
-/// A send not yet completed (acknowledged, or written at QoS 0).
-#[derive(Debug)]
-struct Pending {
-    send: Send,
-    /// When the send was first handed to the client: no copy of it can reach
-    /// the pipeline earlier, so this bounds `received_at` from below.
-    first_issue_ms: i64,
-    /// Handed over more than once (after a reconnect).
-    retried: bool,
-}
+/// How long one connection attempt (TCP, TLS, CONNECT/CONNACK) may take.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(10);
+/// A write buffer larger than this is let go once written, so that a burst
+/// does not leave every device holding a large buffer.
+const KEEP_WBUF: usize = 4096;
 
 /// Counters of one device, summed into the run's summary.
 #[derive(Debug, Default, Clone)]
 pub struct DeviceCounters {
-    /// Distinct sends handed to the client at least once.
+    /// Distinct sends handed to the connection at least once.
     pub issued: u64,
     pub completed: u64,
     pub telemetry_completed: u64,
     pub readings_issued: u64,
     pub duplicates_issued: u64,
     pub malformed_issued: u64,
-    /// Sends handed over again after a reconnect.
+    /// Sends written again after a reconnect.
     pub retransmissions: u64,
     /// Readings in retransmitted sends: each may reach the pipeline twice.
     pub retransmitted_readings: u64,
@@ -60,67 +57,403 @@ pub struct DeviceCounters {
     pub reconnects: u64,
     /// Sends never completed by the end of the ack timeout.
     pub failed: u64,
-    /// The most a send was handed over after its due time.
+    /// PUBACKs with an MQTT 5 reason code of 0x80 or more: the broker
+    /// refused the message.
+    pub refused: u64,
+    /// Sends that waited for room in the in-flight window.
+    pub window_waits: u64,
+    /// The most a send was written after its due time.
     pub max_lag_ms: i64,
-    /// Sends handed over more than 100 ms after their due time.
+    /// Sends written more than 100 ms after their due time.
     pub behind: u64,
     pub last_error: Option<String>,
 }
 
-/// What a device has handed to rumqttc and not yet seen completed.
-#[derive(Debug)]
-pub struct Outbox {
-    index: u32,
-    client: AsyncClient,
-    topic: String,
-    qos: QoS,
-    values: DeviceValues,
-    /// Send ids handed to the client whose PUBLISH has not been written yet,
-    /// oldest first: rumqttc writes them in this order.
-    requested: VecDeque<u64>,
-    /// Packet id -> (send id, when that PUBLISH was written).
-    inflight: HashMap<u16, (u64, Instant)>,
-    pending: BTreeMap<u64, Pending>,
-    /// Sends to hand over again, in send order.
-    retry: BTreeSet<u64>,
-    skew_ms: i64,
-    allowed_lateness_ms: i64,
-    pub exceptions: Exceptions,
-    pub counters: DeviceCounters,
-    /// The run is over: connection errors end the connection task.
-    closing: bool,
+impl DeviceCounters {
+    pub fn add(&mut self, c: &DeviceCounters) {
+        self.issued += c.issued;
+        self.completed += c.completed;
+        self.telemetry_completed += c.telemetry_completed;
+        self.readings_issued += c.readings_issued;
+        self.duplicates_issued += c.duplicates_issued;
+        self.malformed_issued += c.malformed_issued;
+        self.retransmissions += c.retransmissions;
+        self.retransmitted_readings += c.retransmitted_readings;
+        self.retransmitted_malformed += c.retransmitted_malformed;
+        self.reconnects += c.reconnects;
+        self.failed += c.failed;
+        self.refused += c.refused;
+        self.window_waits += c.window_waits;
+        self.max_lag_ms = self.max_lag_ms.max(c.max_lag_ms);
+        self.behind += c.behind;
+        if self.last_error.is_none() {
+            self.last_error.clone_from(&c.last_error);
+        }
+    }
 }
 
-impl Outbox {
-    fn issue(&mut self, sid: u64) {
-        let Some(p) = self.pending.get(&sid) else {
-            return;
-        };
-        let payload = match &p.send.kind {
-            SendKind::Telemetry(m) | SendKind::Duplicate(m) => self.values.payload(m),
-            SendKind::Malformed { k, first_seq } => malformed(*first_seq + k, p.send.due_us / 1000),
-        };
-        match self
-            .client
-            .try_publish(&self.topic, self.qos, false, payload)
-        {
-            Ok(()) => {
-                self.requested.push_back(sid);
-                self.retry.remove(&sid);
+/// What a device's task hands back at the end.
+#[derive(Debug, Default)]
+pub struct DeviceOutcome {
+    pub counters: DeviceCounters,
+    pub exceptions: Exceptions,
+    /// How late its last send was written.
+    pub final_lag: Duration,
+}
+
+/// Everything the devices of one fleet share.
+#[derive(Debug)]
+pub struct DeviceEnv {
+    pub broker: SocketAddr,
+    /// The broker's host name, for TLS's server name check.
+    pub server_name: Option<ServerName<'static>>,
+    pub tls: Option<TlsSetup>,
+    /// Source addresses, device `i` using `source[i % len]`; empty: the
+    /// system's choice.
+    pub source: Vec<IpAddr>,
+    pub protocol: Protocol,
+    pub qos1: bool,
+    pub keep_alive: Duration,
+    /// QoS 1 publishes a device keeps unacknowledged at most (lowered to
+    /// the broker's Receive Maximum under MQTT 5).
+    pub max_inflight: usize,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub ack_timeout: Duration,
+    pub skew_ms: i64,
+    pub allowed_lateness_ms: i64,
+    pub limiter: Arc<ConnectLimiter>,
+    pub shared: Arc<FleetShared>,
+    /// Sampled publishes for the freshness probe; `None`: not measured.
+    pub freshness: Option<(u64, mpsc::Sender<Sample>)>,
+}
+
+/// A send not yet completed.
+#[derive(Debug)]
+struct Pending {
+    send: Send,
+    /// When the send was first written: no copy of it can reach the
+    /// pipeline earlier, so this bounds `received_at` from below.
+    first_write_ms: i64,
+    /// Packet id and write time of the current copy, once written.
+    pkid: u16,
+    written_at: Option<Instant>,
+    /// Written more than once (after a reconnect).
+    retried: bool,
+}
+
+/// Why a device's connection ended.
+#[derive(Debug)]
+enum Lost {
+    Io(std::io::Error),
+    Protocol(String),
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Io(e) => write!(f, "{e}"),
+            Lost::Protocol(s) => f.write_str(s),
+        }
+    }
+}
+
+/// The connection's state.
+#[derive(Debug)]
+enum Link {
+    Up(Stream),
+    /// Reconnect at this time; `bypass` skips the fleet's connect limiter
+    /// (a reconnect storm comes back all at once).
+    Down {
+        retry_at: Instant,
+        bypass: bool,
+    },
+    /// Offline on purpose until told otherwise.
+    Offline,
+}
+
+struct Device {
+    env: Arc<DeviceEnv>,
+    index: u32,
+    device_id: String,
+    topic: String,
+    values: DeviceValues,
+    link: Link,
+    backoff: Duration,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Sends not yet written, in send order.
+    queued: VecDeque<Pending>,
+    /// Sends written and awaiting their PUBACK, in write order.
+    inflight: VecDeque<Pending>,
+    next_pkid: u16,
+    /// The current connection's limit on `inflight`.
+    inflight_cap: usize,
+    /// When the connection must next show life (a PINGREQ if nothing else).
+    ping_at: Instant,
+    counters: DeviceCounters,
+    exceptions: Exceptions,
+    /// Whether this device has announced its first connection.
+    announced: Option<mpsc::UnboundedSender<u32>>,
+    /// Sends handed over so far: the freshness sample is every n-th.
+    sent_telemetry: u64,
+}
+
+/// Runs device `index`: connects, waits for the plan on `start`, publishes
+/// its schedule and waits for its PUBACKs.
+pub async fn run(
+    env: Arc<DeviceEnv>,
+    plan: Arc<RunPlan>,
+    index: u32,
+    first_seq: u64,
+    messages: u64,
+    mut start: watch::Receiver<Option<Arc<RunPlan>>>,
+    connected: mpsc::UnboundedSender<u32>,
+) -> DeviceOutcome {
+    let max_inflight = env.max_inflight.max(1);
+    let mut dev = Device {
+        device_id: plan.device_id(index),
+        topic: plan.topic(index),
+        values: DeviceValues::new(&plan, index, first_seq),
+        env,
+        index,
+        link: Link::Down {
+            retry_at: Instant::now(),
+            bypass: false,
+        },
+        backoff: MIN_BACKOFF,
+        rbuf: BytesMut::new(),
+        wbuf: BytesMut::new(),
+        queued: VecDeque::new(),
+        inflight: VecDeque::new(),
+        next_pkid: 1,
+        inflight_cap: max_inflight,
+        ping_at: Instant::now(),
+        counters: DeviceCounters::default(),
+        exceptions: Exceptions::default(),
+        announced: Some(connected),
+        sent_telemetry: 0,
+    };
+    drop(plan);
+
+    // Until the run starts: stay connected.
+    let plan = loop {
+        if let Some(p) = start.borrow_and_update().clone() {
+            break p;
+        }
+        tokio::select! {
+            changed = start.changed() => {
+                if changed.is_err() {
+                    // The run was called off before it started.
+                    dev.close().await;
+                    return dev.outcome(Duration::ZERO);
+                }
             }
-            Err(e) => {
-                self.counters.last_error = Some(format!("publish queue: {e}"));
-                self.retry.insert(sid);
+            () = dev.serve(None, false) => {}
+        }
+    };
+
+    let mut sends = plan.sends(index, first_seq, messages).peekable();
+    let offline = plan.offline_windows(index);
+    let storms = plan.storm_times(index);
+    let (mut next_offline, mut next_storm) = (0usize, 0usize);
+    let mut lag = Duration::ZERO;
+    let origin = (Instant::now(), crate::now_us());
+    let at = |us: i64| {
+        let ahead = (us - origin.1).max(0) as u64;
+        origin.0 + Duration::from_micros(ahead)
+    };
+    loop {
+        let send_due = sends.peek().map(|s| s.due_us);
+        let offline_due = offline.get(next_offline).map(|w| w.0);
+        let storm_due = storms.get(next_storm).copied();
+        let Some(due) = [send_due, offline_due, storm_due]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
+            break;
+        };
+        dev.serve(Some(at(due)), false).await;
+        if storm_due == Some(due) {
+            next_storm += 1;
+            dev.drop_link(true);
+        } else if offline_due == Some(due) {
+            let (_, end, _) = offline[next_offline];
+            next_offline += 1;
+            dev.go_offline().await;
+            dev.serve(Some(at(end)), false).await;
+            dev.link = Link::Down {
+                retry_at: Instant::now(),
+                bypass: false,
+            };
+        } else if let Some(send) = sends.next() {
+            dev.submit(send);
+            lag = Instant::now().saturating_duration_since(at(due));
+        }
+    }
+    let deadline = Instant::now() + dev.env.ack_timeout;
+    dev.serve(Some(deadline), true).await;
+    dev.close().await;
+    dev.outcome(lag)
+}
+
+impl Device {
+    fn outcome(self, final_lag: Duration) -> DeviceOutcome {
+        DeviceOutcome {
+            counters: self.counters,
+            exceptions: self.exceptions,
+            final_lag,
+        }
+    }
+
+    fn drained(&self) -> bool {
+        self.queued.is_empty() && self.inflight.is_empty()
+    }
+
+    /// Keeps the connection going (reading acks, pinging, reconnecting)
+    /// until `until` (or forever), or with `drain` until nothing is pending.
+    async fn serve(&mut self, until: Option<Instant>, drain: bool) {
+        loop {
+            if until.is_some_and(|u| Instant::now() >= u) || (drain && self.drained()) {
+                return;
+            }
+            match &mut self.link {
+                Link::Offline => match until {
+                    Some(u) => return tokio::time::sleep_until(u).await,
+                    None => return std::future::pending().await,
+                },
+                Link::Down { retry_at, bypass } => {
+                    let (retry_at, bypass) = (*retry_at, *bypass);
+                    if let Some(u) = until
+                        && u < retry_at
+                    {
+                        return tokio::time::sleep_until(u).await;
+                    }
+                    tokio::time::sleep_until(retry_at).await;
+                    if !bypass {
+                        self.env.limiter.acquire().await;
+                    }
+                    self.reconnect().await;
+                }
+                Link::Up(stream) => {
+                    let wake = match until {
+                        Some(u) => u.min(self.ping_at),
+                        None => self.ping_at,
+                    };
+                    let read = tokio::select! {
+                        r = stream.read_buf(&mut self.rbuf) => Some(r),
+                        () = tokio::time::sleep_until(wake) => None,
+                    };
+                    match read {
+                        Some(Ok(0)) => {
+                            self.lost(Lost::Protocol("the broker closed the connection".into()))
+                        }
+                        Some(Ok(_)) => {
+                            if let Err(e) = self.on_bytes() {
+                                self.lost(e);
+                            } else {
+                                self.flush().await;
+                            }
+                        }
+                        Some(Err(e)) => self.lost(Lost::Io(e)),
+                        None => {
+                            if Instant::now() >= self.ping_at {
+                                codec::pingreq(&mut self.wbuf);
+                                self.flush().await;
+                            }
+                        }
+                    }
+                }
             }
         }
     }
 
-    pub fn issue_retries(&mut self) {
-        let ids: Vec<u64> = self.retry.iter().copied().collect();
-        for sid in ids {
-            if let Some(p) = self.pending.get_mut(&sid)
-                && !p.retried
-            {
+    /// Handles every whole packet in the read buffer.
+    fn on_bytes(&mut self) -> Result<(), Lost> {
+        loop {
+            let packet = codec::decode(self.env.protocol, &mut self.rbuf)
+                .map_err(|e| Lost::Protocol(e.to_string()))?;
+            match packet {
+                None => return Ok(()),
+                Some(Incoming::PubAck { pkid, reason }) => self.on_ack(pkid, reason),
+                Some(Incoming::Disconnect { reason }) => {
+                    return Err(Lost::Protocol(format!("the broker disconnected: {reason}")));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    fn on_ack(&mut self, pkid: u16, reason: u8) {
+        // PUBACKs come in order, so the match is almost always the oldest.
+        let Some(pos) = self.inflight.iter().position(|p| p.pkid == pkid) else {
+            return;
+        };
+        let Some(p) = self.inflight.remove(pos) else {
+            return;
+        };
+        if let Some(written) = p.written_at {
+            self.env.shared.record_latency(written.elapsed());
+        }
+        if reason >= 0x80 {
+            self.counters.refused += 1;
+            self.counters.last_error = Some(format!("PUBACK reason code {reason:#04x}"));
+        }
+        self.complete(p, crate::now_ms());
+    }
+
+    fn complete(&mut self, p: Pending, done_ms: i64) {
+        self.counters.completed += 1;
+        if let SendKind::Telemetry(m) = &p.send.kind {
+            self.counters.telemetry_completed += 1;
+            self.env.shared.completed.fetch_add(1, Ordering::Relaxed);
+            let lo = p.first_write_ms - self.env.skew_ms;
+            let hi = done_ms + self.env.skew_ms;
+            self.exceptions
+                .record_arrival(self.index, m, lo, hi, self.env.allowed_lateness_ms);
+        }
+    }
+
+    /// Takes send `send` into the device's queue and writes what it can.
+    fn submit(&mut self, send: Send) {
+        self.counters.issued += 1;
+        match &send.kind {
+            SendKind::Telemetry(m) => {
+                self.counters.readings_issued += m.readings.len() as u64;
+                self.env.shared.issued.fetch_add(1, Ordering::Relaxed);
+            }
+            SendKind::Duplicate(_) => self.counters.duplicates_issued += 1,
+            SendKind::Malformed { .. } => self.counters.malformed_issued += 1,
+        }
+        self.queued.push_back(Pending {
+            send,
+            first_write_ms: 0,
+            pkid: 0,
+            written_at: None,
+            retried: false,
+        });
+        self.encode_queued();
+        if matches!(self.link, Link::Up(_)) && !self.queued.is_empty() {
+            self.counters.window_waits += 1;
+        }
+        self.flush_now();
+    }
+
+    /// Encodes queued sends into the write buffer while the connection is
+    /// up and the in-flight window has room.
+    fn encode_queued(&mut self) {
+        if !matches!(self.link, Link::Up(_)) {
+            return;
+        }
+        let now_ms = crate::now_ms();
+        let now = Instant::now();
+        while self.inflight.len() < self.inflight_cap {
+            let Some(mut p) = self.queued.pop_front() else {
+                break;
+            };
+            let again = p.written_at.is_some() || p.first_write_ms != 0;
+            if again && !p.retried {
                 p.retried = true;
                 self.counters.retransmissions += 1;
                 match &p.send.kind {
@@ -130,97 +463,199 @@ impl Outbox {
                     SendKind::Malformed { .. } => self.counters.retransmitted_malformed += 1,
                 }
             }
-            self.issue(sid);
-            if self.retry.contains(&sid) {
-                // The channel is full; keep the order and try later.
-                break;
+            if !again {
+                p.first_write_ms = now_ms;
+                let lag = now_ms - p.send.due_us.div_euclid(1000);
+                self.counters.max_lag_ms = self.counters.max_lag_ms.max(lag);
+                if lag > 100 {
+                    self.counters.behind += 1;
+                }
+                self.sample(&p, now);
+            }
+            let payload = match &p.send.kind {
+                SendKind::Telemetry(m) | SendKind::Duplicate(m) => self.values.payload(m),
+                SendKind::Malformed { k, first_seq } => {
+                    malformed(*first_seq + k, p.send.due_us.div_euclid(1000))
+                }
+            };
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            codec::publish(
+                &mut self.wbuf,
+                self.env.protocol,
+                &self.topic,
+                self.env.qos1,
+                pkid,
+                again,
+                &payload,
+            );
+            p.pkid = pkid;
+            p.written_at = Some(now);
+            if self.env.qos1 {
+                self.inflight.push_back(p);
+            } else {
+                // Written is all QoS 0 promises; the skew margin bounds arrival.
+                self.complete(p, now_ms);
             }
         }
     }
 
-    /// Hands send `sid` to the client for the first time.
-    pub fn start(&mut self, sid: u64, send: Send, now_ms: i64) {
-        let lag = now_ms - send.due_us.div_euclid(1000);
-        self.counters.max_lag_ms = self.counters.max_lag_ms.max(lag);
-        if lag > 100 {
-            self.counters.behind += 1;
+    /// Offers every n-th first write of a telemetry message to the
+    /// freshness probe.
+    fn sample(&mut self, p: &Pending, now: Instant) {
+        let SendKind::Telemetry(m) = &p.send.kind else {
+            return;
+        };
+        self.sent_telemetry += 1;
+        let Some((every, tx)) = &self.env.freshness else {
+            return;
+        };
+        // Devices are offset so that the fleet's samples spread over time.
+        let every = (*every).max(1);
+        if !(self.sent_telemetry + u64::from(self.index)).is_multiple_of(every) {
+            return;
         }
-        self.counters.issued += 1;
-        match &send.kind {
-            SendKind::Telemetry(m) => self.counters.readings_issued += m.readings.len() as u64,
-            SendKind::Duplicate(_) => self.counters.duplicates_issued += 1,
-            SendKind::Malformed { .. } => self.counters.malformed_issued += 1,
+        let Some(last) = m.readings.iter().max_by_key(|r| r.ts) else {
+            return;
+        };
+        let sample = Sample {
+            device_id: self.device_id.clone(),
+            ts: last.ts,
+            written: now,
+        };
+        if tx.try_send(sample).is_err() {
+            self.env
+                .shared
+                .freshness_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
-        self.issue_retries();
-        self.pending.insert(
-            sid,
-            Pending {
-                send,
-                first_issue_ms: now_ms,
-                retried: false,
+    }
+
+    /// Writes the write buffer out without waiting (a synchronous attempt is
+    /// enough almost always; the rest goes with the next flush).
+    fn flush_now(&mut self) {
+        if self.wbuf.is_empty() {
+            return;
+        }
+        let Link::Up(stream) = &mut self.link else {
+            return;
+        };
+        let result = match stream {
+            Stream::Plain(tcp) => match tcp.try_write(&self.wbuf) {
+                Ok(n) => {
+                    let _ = self.wbuf.split_to(n);
+                    Ok(())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+                Err(e) => Err(e),
             },
-        );
-        if self.retry.is_empty() {
-            self.issue(sid);
-        } else {
-            self.retry.insert(sid);
+            // TLS has no synchronous write; the next flush writes it.
+            Stream::Tls(_) => Ok(()),
+        };
+        match result {
+            Ok(()) => self.after_write(),
+            Err(e) => self.lost(Lost::Io(e)),
         }
     }
 
-    fn on_written(&mut self, pkid: u16, now_ms: i64, fleet: &FleetShared) {
-        let Some(sid) = self.requested.pop_front() else {
+    /// Writes the whole write buffer.
+    async fn flush(&mut self) {
+        self.encode_queued();
+        if self.wbuf.is_empty() {
+            return;
+        }
+        let Link::Up(stream) = &mut self.link else {
             return;
         };
-        if self.qos == QoS::AtMostOnce {
-            // Written is all QoS 0 promises; the skew margin bounds arrival.
-            self.complete(sid, now_ms, fleet);
-        } else {
-            self.inflight.insert(pkid, (sid, Instant::now()));
+        let result = async {
+            stream.write_all(&self.wbuf).await?;
+            stream.flush().await
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.wbuf.clear();
+                self.after_write();
+            }
+            Err(e) => self.lost(Lost::Io(e)),
         }
     }
 
-    fn on_ack(&mut self, pkid: u16, now_ms: i64, fleet: &FleetShared) {
-        if let Some((sid, written)) = self.inflight.remove(&pkid) {
-            fleet.record_latency(written.elapsed());
-            self.complete(sid, now_ms, fleet);
+    fn after_write(&mut self) {
+        if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_WBUF {
+            self.wbuf = BytesMut::new();
+        }
+        self.ping_at = Instant::now() + self.env.keep_alive / 2;
+        if !self.wbuf.is_empty() {
+            // Part is left: come back soon rather than at the next ping.
+            self.ping_at = Instant::now();
         }
     }
 
-    fn complete(&mut self, sid: u64, ack_ms: i64, fleet: &FleetShared) {
-        let Some(p) = self.pending.remove(&sid) else {
-            return;
+    /// The connection broke: what was in flight goes back to the queue.
+    fn lost(&mut self, why: Lost) {
+        self.counters.last_error = Some(why.to_string());
+        self.drop_link(false);
+    }
+
+    /// Drops the connection without a DISCONNECT, as a device losing power
+    /// or network would, and schedules the reconnect.
+    fn drop_link(&mut self, at_once: bool) {
+        let was_up = matches!(self.link, Link::Up(_));
+        self.link = Link::Down {
+            retry_at: if at_once {
+                Instant::now()
+            } else {
+                Instant::now() + self.backoff
+            },
+            bypass: at_once,
         };
-        self.counters.completed += 1;
-        if let SendKind::Telemetry(m) = &p.send.kind {
-            self.counters.telemetry_completed += 1;
-            fleet.completed.fetch_add(1, Ordering::Relaxed);
-            let lo = p.first_issue_ms - self.skew_ms;
-            let hi = ack_ms + self.skew_ms;
-            self.exceptions
-                .record_arrival(self.index, m, lo, hi, self.allowed_lateness_ms);
+        if !at_once {
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        }
+        self.requeue();
+        if was_up {
+            self.counters.reconnects += 1;
         }
     }
 
-    /// Replaces a broken connection's client; everything it had not
-    /// completed is handed to the new one.
-    fn rebuild(&mut self, client: AsyncClient) {
-        self.client = client;
-        self.retry.extend(self.requested.drain(..));
-        self.retry
-            .extend(self.inflight.drain().map(|(_, (sid, _))| sid));
-        self.counters.reconnects += 1;
-        self.issue_retries();
+    fn requeue(&mut self) {
+        self.rbuf.clear();
+        self.wbuf.clear();
+        while let Some(p) = self.inflight.pop_back() {
+            self.queued.push_front(p);
+        }
     }
 
-    pub fn is_done(&self) -> bool {
-        self.pending.is_empty()
+    /// Goes offline the way a device that is switched off does: it waits a
+    /// moment for what is in flight, then says DISCONNECT.
+    async fn go_offline(&mut self) {
+        self.serve(Some(Instant::now() + Duration::from_secs(2)), true)
+            .await;
+        self.say_goodbye().await;
+        self.link = Link::Offline;
+        self.requeue();
+    }
+
+    async fn say_goodbye(&mut self) {
+        if let Link::Up(stream) = &mut self.link {
+            let mut bye = BytesMut::new();
+            codec::disconnect(&mut bye);
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                stream.write_all(&self.wbuf).await?;
+                stream.write_all(&bye).await?;
+                stream.shutdown().await
+            })
+            .await;
+        }
     }
 
     /// Ends the run for this device: what is still pending has failed, and
     /// its readings may or may not have reached the pipeline.
-    pub fn close(&mut self) {
-        self.closing = true;
-        for p in self.pending.values() {
+    async fn close(&mut self) {
+        self.say_goodbye().await;
+        self.link = Link::Offline;
+        for p in self.inflight.drain(..).chain(self.queued.drain(..)) {
             self.counters.failed += 1;
             if let SendKind::Telemetry(m) = &p.send.kind {
                 for r in &m.readings {
@@ -230,134 +665,108 @@ impl Outbox {
                 }
             }
         }
-        self.pending.clear();
-        let _ = self.client.try_disconnect();
     }
-}
 
-/// The state both tasks of a device share.
-#[derive(Debug)]
-pub struct DeviceShared {
-    outbox: Mutex<Outbox>,
-    /// Wakes the publisher when a send completes or the connection is rebuilt.
-    pub progress: Notify,
-}
-
-impl DeviceShared {
-    pub fn lock(&self) -> MutexGuard<'_, Outbox> {
-        // A panic while holding the lock would already have failed the run;
-        // the data is still consistent enough to report.
-        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    /// One connection attempt; on failure the next is scheduled.
+    async fn reconnect(&mut self) {
+        let attempt = tokio::time::timeout(CONNECT_ATTEMPT, Box::pin(self.open())).await;
+        match attempt {
+            Ok(Ok((stream, receive_max))) => {
+                self.link = Link::Up(stream);
+                self.backoff = MIN_BACKOFF;
+                self.inflight_cap = self
+                    .env
+                    .max_inflight
+                    .min(receive_max.map_or(usize::MAX, usize::from))
+                    .max(1);
+                self.ping_at = Instant::now() + self.env.keep_alive / 2;
+                if let Some(tx) = self.announced.take() {
+                    let _ = tx.send(self.index);
+                    self.env.shared.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                self.flush().await;
+            }
+            Ok(Err(e)) => {
+                self.counters.last_error = Some(e);
+                self.schedule_retry();
+            }
+            Err(_) => {
+                self.counters.last_error = Some(format!(
+                    "connecting took longer than {} s",
+                    CONNECT_ATTEMPT.as_secs()
+                ));
+                self.schedule_retry();
+            }
+        }
     }
-}
 
-/// Everything a device's connection task needs to (re)connect.
-#[derive(Debug, Clone)]
-pub struct ConnectionConfig {
-    pub options: MqttOptions,
-    pub qos: QoS,
-    pub skew_ms: i64,
-    pub allowed_lateness_ms: i64,
-}
+    fn schedule_retry(&mut self) {
+        self.link = Link::Down {
+            retry_at: Instant::now() + self.backoff,
+            bypass: false,
+        };
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
 
-/// Creates device `index`'s outbox and spawns its connection task; the task
-/// reports the first CONNACK on `connected`.
-pub fn spawn(
-    plan: &RunPlan,
-    index: u32,
-    first_seq: u64,
-    cfg: ConnectionConfig,
-    fleet: Arc<FleetShared>,
-    limiter: Arc<ConnectLimiter>,
-    connected: mpsc::UnboundedSender<u32>,
-) -> (Arc<DeviceShared>, tokio::task::JoinHandle<()>) {
-    let (client, eventloop) = AsyncClient::new(cfg.options.clone(), CHANNEL_CAP);
-    let shared = Arc::new(DeviceShared {
-        outbox: Mutex::new(Outbox {
-            index,
-            client,
-            topic: plan.topic(index),
-            qos: cfg.qos,
-            values: DeviceValues::new(plan, index, first_seq),
-            requested: VecDeque::new(),
-            inflight: HashMap::new(),
-            pending: BTreeMap::new(),
-            retry: BTreeSet::new(),
-            skew_ms: cfg.skew_ms,
-            allowed_lateness_ms: cfg.allowed_lateness_ms,
-            exceptions: Exceptions::default(),
-            counters: DeviceCounters::default(),
-            closing: false,
-        }),
-        progress: Notify::new(),
-    });
-    let task = tokio::spawn(drive(
-        shared.clone(),
-        eventloop,
-        cfg.options,
-        fleet,
-        limiter,
-        connected,
-        index,
-    ));
-    (shared, task)
-}
-
-async fn drive(
-    shared: Arc<DeviceShared>,
-    mut eventloop: EventLoop,
-    options: MqttOptions,
-    fleet: Arc<FleetShared>,
-    limiter: Arc<ConnectLimiter>,
-    connected: mpsc::UnboundedSender<u32>,
-    index: u32,
-) {
-    let mut backoff = Duration::from_millis(100);
-    let mut announced = false;
-    loop {
-        limiter.acquire().await;
+    /// Opens a connection and completes the MQTT handshake. Returns the
+    /// broker's Receive Maximum, if it gave one.
+    async fn open(&mut self) -> Result<(Stream, Option<u16>), String> {
+        let env = self.env.clone();
+        let tls = match (&env.tls, &env.server_name) {
+            (Some(setup), Some(name)) => Some((
+                setup
+                    .config_for(&self.device_id)
+                    .map_err(|e| e.to_string())?,
+                name.clone(),
+            )),
+            _ => None,
+        };
+        let source = match env.source.len() {
+            0 => None,
+            n => env.source.get(self.index as usize % n).copied(),
+        };
+        let mut stream = transport::open(env.broker, source, tls)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", env.broker))?;
+        let mut out = BytesMut::new();
+        let expand =
+            |s: &Option<String>| s.as_ref().map(|v| v.replace("{device}", &self.device_id));
+        let (user, pass) = (expand(&env.username), expand(&env.password));
+        codec::connect(
+            &mut out,
+            env.protocol,
+            &self.device_id,
+            env.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
+            Login {
+                username: user.as_deref(),
+                password: pass.as_deref(),
+            },
+        );
+        stream
+            .write_all(&out)
+            .await
+            .map_err(|e| format!("writing CONNECT: {e}"))?;
+        self.rbuf.clear();
         loop {
-            let event = eventloop.poll().await;
-            let now_ms = crate::now_ms();
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(100);
-                    if !announced {
-                        announced = true;
-                        let _ = connected.send(index);
-                    }
+            match codec::decode(env.protocol, &mut self.rbuf).map_err(|e| e.to_string())? {
+                Some(Incoming::ConnAck {
+                    accepted: true,
+                    receive_max,
+                    ..
+                }) => return Ok((stream, receive_max)),
+                Some(Incoming::ConnAck { reason, .. }) => {
+                    return Err(format!("the broker refused the connection: {reason}"));
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    shared.lock().on_written(pkid, now_ms, &fleet);
-                    shared.progress.notify_one();
-                }
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    shared.lock().on_ack(ack.pkid, now_ms, &fleet);
-                    shared.progress.notify_one();
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
-                Ok(_) => {}
-                Err(e) => {
-                    let mut outbox = shared.lock();
-                    if outbox.closing {
-                        return;
-                    }
-                    outbox.counters.last_error = Some(e.to_string());
-                    break;
-                }
+                Some(other) => return Err(format!("expected CONNACK, got {other:?}")),
+                None => {}
+            }
+            let n = stream
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| format!("reading CONNACK: {e}"))?;
+            if n == 0 {
+                return Err("the broker closed the connection before CONNACK".into());
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
-        let (client, fresh) = AsyncClient::new(options.clone(), CHANNEL_CAP);
-        {
-            let mut outbox = shared.lock();
-            if outbox.closing {
-                return;
-            }
-            outbox.rebuild(client);
-        }
-        eventloop = fresh;
-        shared.progress.notify_one();
     }
 }

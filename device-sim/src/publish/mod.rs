@@ -1,32 +1,36 @@
-//! Publishing: one MQTT connection per device, each device publishing its
-//! schedule, and the fleet's counters and PUBACK latencies.
+//! Publishing: one MQTT connection per device, each device a single task
+//! publishing its schedule, and the fleet's counters and PUBACK latencies.
 //!
-//! - [`device`]: one device's connection and outbox.
-//! - [`Fleet`]: connects every device (at `--connect-rate`), then runs the
+//! - [`codec`]: the packets a device writes and reads.
+//! - [`transport`]: TCP or TLS from a chosen source address.
+//! - [`device`]: one device's task.
+//! - [`Fleet`]: connects every device (at `--connect-rate`), starts the
 //!   schedule and collects the outcome.
 
+pub mod codec;
 pub mod device;
+pub mod transport;
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use rumqttc::{MqttOptions, QoS};
-use tokio::sync::mpsc;
+use rustls_pki_types::ServerName;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::BrokerAddr;
+use crate::freshness::Sample;
 use crate::lateness::Exceptions;
-use crate::plan::{RunPlan, SendKind};
-use device::{ConnectionConfig, DeviceCounters, DeviceShared};
-
-/// Largest MQTT packet either way: above the pipeline's 128 KiB payload limit
-/// so that the pipeline, not the client, judges size.
-const MAX_PACKET: usize = 256 * 1024;
+use crate::plan::RunPlan;
+use codec::Protocol;
+use device::{DeviceCounters, DeviceEnv, DeviceOutcome};
+use transport::{TlsOptions, TlsSetup};
 
 /// State every device of the fleet writes to.
 #[derive(Debug)]
@@ -37,14 +41,20 @@ pub struct FleetShared {
     pub issued: AtomicU64,
     /// Telemetry messages acknowledged (or written, at QoS 0).
     pub completed: AtomicU64,
+    /// Devices that have connected at least once.
+    pub connected: AtomicU32,
+    /// Freshness samples dropped because the probe queue was full.
+    pub freshness_dropped: AtomicU64,
 }
 
 impl FleetShared {
-    fn new() -> anyhow::Result<Self> {
+    pub fn new() -> anyhow::Result<Self> {
         Ok(FleetShared {
             latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
             issued: AtomicU64::new(0),
             completed: AtomicU64::new(0),
+            connected: AtomicU32::new(0),
+            freshness_dropped: AtomicU64::new(0),
         })
     }
 
@@ -52,6 +62,13 @@ impl FleetShared {
         let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
         let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         let _ = h.record(us);
+    }
+
+    pub fn latency(&self) -> Histogram<u64> {
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -91,13 +108,55 @@ impl ConnectLimiter {
 #[derive(Debug, Clone)]
 pub struct PublishConfig {
     pub broker: BrokerAddr,
-    pub qos: QoS,
+    pub protocol: Protocol,
+    /// `None`: plain TCP.
+    pub tls: Option<TlsOptions>,
+    /// Source addresses to spread connections over; empty: automatic (see
+    /// [`source_addresses`]).
+    pub source_addrs: Vec<IpAddr>,
+    pub qos: u8,
+    pub keep_alive: Duration,
+    pub max_inflight: usize,
+    pub username: Option<String>,
+    pub password: Option<String>,
     /// New connections per second across the fleet; `None`: as fast as possible.
     pub connect_rate: Option<f64>,
     /// How long to wait for outstanding PUBACKs after the last send.
     pub ack_timeout: Duration,
     /// How long to wait for every device's first CONNACK.
     pub connect_timeout: Duration,
+}
+
+/// Connections one source address can hold to one broker address: the
+/// ephemeral port range, less a margin for other sockets.
+pub fn ports_per_address() -> u32 {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u32>().ok());
+            match (it.next().flatten(), it.next().flatten()) {
+                (Some(lo), Some(hi)) if hi > lo => Some(hi - lo + 1),
+                _ => None,
+            }
+        })
+        .unwrap_or(28_232);
+    range.saturating_sub(1_000).max(1)
+}
+
+/// The source addresses for `devices` connections to `broker`: those given,
+/// or, for a loopback broker with more devices than one address has ports,
+/// as many of 127.0.0.1, 127.0.0.2, ... as needed.
+pub fn source_addresses(given: &[IpAddr], broker: SocketAddr, devices: u32) -> Vec<IpAddr> {
+    if !given.is_empty() {
+        return given.to_vec();
+    }
+    let per = ports_per_address();
+    if !broker.ip().is_loopback() || !broker.is_ipv4() || devices <= per {
+        return Vec::new();
+    }
+    (1..=devices.div_ceil(per).min(254))
+        .map(|n| IpAddr::from([127, 0, 0, n as u8]))
+        .collect()
 }
 
 /// What publishing a run did.
@@ -107,9 +166,8 @@ pub struct PublishOutcome {
     pub plan: RunPlan,
     pub counters: DeviceCounters,
     pub exceptions: Exceptions,
-    pub latency: Histogram<u64>,
-    /// The time the schedule took: its planned length (the most messages a
-    /// device sends, times the period) plus how late its last send went out.
+    /// The time the schedule took: its planned length plus how late its
+    /// last send went out.
     pub publish_window: Duration,
     /// From the schedule's start to the last PUBACK (or the ack timeout).
     pub elapsed: Duration,
@@ -120,66 +178,110 @@ pub struct PublishOutcome {
 /// A connected fleet, ready to run its schedule.
 #[derive(Debug)]
 pub struct Fleet {
-    devices: Vec<(Arc<DeviceShared>, JoinHandle<()>)>,
-    shared: Arc<FleetShared>,
-    not_connected: u32,
+    plan: RunPlan,
+    tasks: Vec<JoinHandle<DeviceOutcome>>,
+    start: watch::Sender<Option<Arc<RunPlan>>>,
+    pub shared: Arc<FleetShared>,
+    pub not_connected: u32,
+    /// How long connecting every device took.
+    pub connect_time: Duration,
 }
 
 impl Fleet {
     /// Connects every device of `plan` (one connection each, client id =
-    /// device id) and waits for their CONNACKs.
+    /// device id) and waits for their CONNACKs, at most `connect_timeout`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn connect(
         plan: &RunPlan,
         first_seq: &[u64],
+        messages: &[u64],
         cfg: &PublishConfig,
-        allowed_lateness_ms: i64,
-        skew_ms: i64,
+        limiter: Arc<ConnectLimiter>,
+        shared: Arc<FleetShared>,
+        freshness: Option<(u64, mpsc::Sender<Sample>)>,
+        progress: bool,
     ) -> anyhow::Result<Fleet> {
-        let shared = Arc::new(FleetShared::new()?);
-        let limiter = Arc::new(ConnectLimiter::new(cfg.connect_rate));
+        let broker = tokio::net::lookup_host((cfg.broker.host.as_str(), cfg.broker.port))
+            .await
+            .with_context(|| format!("resolving {}", cfg.broker))?
+            .next()
+            .with_context(|| format!("{} resolves to no address", cfg.broker))?;
+        let (tls, server_name) = match &cfg.tls {
+            Some(opts) => {
+                let setup = TlsSetup::new(opts, cfg.broker.port)?;
+                if plan.devices > 0 {
+                    setup.check_device(&plan.device_id(0))?;
+                }
+                let name = ServerName::try_from(cfg.broker.host.clone())
+                    .with_context(|| format!("`{}` is no TLS server name", cfg.broker.host))?;
+                (Some(setup), Some(name))
+            }
+            None => (None, None),
+        };
+        let env = Arc::new(DeviceEnv {
+            broker,
+            server_name,
+            tls,
+            source: source_addresses(&cfg.source_addrs, broker, plan.devices),
+            protocol: cfg.protocol,
+            qos1: cfg.qos == 1,
+            keep_alive: cfg.keep_alive,
+            max_inflight: cfg.max_inflight,
+            username: cfg.username.clone(),
+            password: cfg.password.clone(),
+            ack_timeout: cfg.ack_timeout,
+            skew_ms: plan.clock_skew_ms,
+            allowed_lateness_ms: plan.allowed_lateness_ms,
+            limiter,
+            shared: shared.clone(),
+            freshness,
+        });
+        let started = Instant::now();
+        let (start, start_rx) = watch::channel(None);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut devices = Vec::with_capacity(plan.devices as usize);
+        let pre = Arc::new(plan.clone());
+        let mut tasks = Vec::with_capacity(plan.devices as usize);
         for index in 0..plan.devices {
-            let mut options = MqttOptions::new(
-                plan.device_id(index),
-                cfg.broker.host.clone(),
-                cfg.broker.port,
-            );
-            options
-                .set_keep_alive(Duration::from_secs(30))
-                .set_clean_session(true)
-                .set_max_packet_size(MAX_PACKET, MAX_PACKET);
-            let conn = ConnectionConfig {
-                options,
-                qos: cfg.qos,
-                skew_ms,
-                allowed_lateness_ms,
-            };
-            let first = first_seq.get(index as usize).copied().unwrap_or(0);
-            devices.push(device::spawn(
-                plan,
+            let i = index as usize;
+            tasks.push(tokio::spawn(device::run(
+                env.clone(),
+                pre.clone(),
                 index,
-                first,
-                conn,
-                shared.clone(),
-                limiter.clone(),
+                first_seq.get(i).copied().unwrap_or(0),
+                messages.get(i).copied().unwrap_or(0),
+                start_rx.clone(),
                 tx.clone(),
-            ));
+            )));
         }
-        drop(tx);
-        let deadline = Instant::now() + cfg.connect_timeout;
+        drop((tx, pre, start_rx));
+        let deadline = started + cfg.connect_timeout;
         let mut connected = 0u32;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
         while connected < plan.devices {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(_)) => connected += 1,
-                Ok(None) | Err(_) => break,
+            tokio::select! {
+                got = tokio::time::timeout_at(deadline, rx.recv()) => match got {
+                    Ok(Some(_)) => connected += 1,
+                    Ok(None) | Err(_) => break,
+                },
+                _ = tick.tick(), if progress => {
+                    draw(&format!(
+                        "{:>7.1} s  connected {connected}/{} devices of fleet {}",
+                        started.elapsed().as_secs_f64(), plan.devices, plan.fleet
+                    ));
+                }
             }
         }
+        let connect_time = started.elapsed();
+        if progress {
+            draw("");
+        }
         if connected == 0 && plan.devices > 0 {
-            let err = devices[0].0.lock().counters.last_error.clone();
-            for (d, task) in &devices {
-                d.lock().close();
-                task.abort();
+            drop(start);
+            let mut err = None;
+            for t in tasks {
+                if let Ok(o) = t.await {
+                    err = err.or(o.counters.last_error);
+                }
             }
             bail!(
                 "no device could connect to {} within {:?}: {}",
@@ -189,154 +291,70 @@ impl Fleet {
             );
         }
         Ok(Fleet {
-            devices,
+            plan: plan.clone(),
+            tasks,
+            start,
             shared,
             not_connected: plan.devices - connected,
+            connect_time,
         })
     }
 
-    /// Runs the schedule: `plan.run_start_ms` is set to now (plus a moment to
-    /// spawn the publishers), `before_start` sees the final plan (the ledger
-    /// records it), then every device publishes its sends on time and waits
-    /// for its PUBACKs.
-    pub async fn run(
+    /// Starts the schedule with `plan.run_start_ms` set.
+    pub fn start(&mut self, run_start_ms: i64) -> RunPlan {
+        self.plan.run_start_ms = run_start_ms;
+        let _ = self.start.send(Some(Arc::new(self.plan.clone())));
+        self.plan.clone()
+    }
+
+    /// Waits for every device to finish and sums up.
+    pub async fn finish(
         self,
-        mut plan: RunPlan,
-        first_seq: &[u64],
         messages: &[u64],
-        ack_timeout: Duration,
-        progress: bool,
-        before_start: impl FnOnce(&RunPlan) -> anyhow::Result<()>,
+        started: Instant,
     ) -> anyhow::Result<PublishOutcome> {
-        let origin = Instant::now();
-        let origin_ms = crate::now_ms();
-        plan.run_start_ms = origin_ms + 100;
-        before_start(&plan)?;
-        let plan = Arc::new(plan);
-        let mut publishers = Vec::with_capacity(self.devices.len());
-        for (index, (device, _)) in self.devices.iter().enumerate() {
-            let index = index as u32;
-            let first = first_seq.get(index as usize).copied().unwrap_or(0);
-            let count = messages.get(index as usize).copied().unwrap_or(0);
-            publishers.push(tokio::spawn(publish_device(
-                device.clone(),
-                self.shared.clone(),
-                plan.clone(),
-                DeviceSchedule {
-                    index,
-                    first_seq: first,
-                    messages: count,
-                },
-                (origin, origin_ms),
-                ack_timeout,
-            )));
-        }
-        let total: u64 = messages.iter().sum();
-        let (stop_progress, progress_task) = if progress {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let task = tokio::spawn(show_progress(self.shared.clone(), total, origin, rx));
-            (Some(tx), Some(task))
-        } else {
-            (None, None)
-        };
-        let mut final_lag = Duration::ZERO;
-        for p in publishers {
-            final_lag = final_lag.max(p.await.context("a device's publisher panicked")?);
-        }
-        let elapsed = origin.elapsed().saturating_sub(Duration::from_millis(100));
-        if let (Some(stop), Some(task)) = (stop_progress, progress_task) {
-            let _ = stop.send(());
-            let _ = task.await;
-        }
         let mut counters = DeviceCounters::default();
         let mut exceptions = Exceptions::default();
-        for (device, task) in self.devices {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .is_err()
-            {
-                // The connection did not close in time; its outcome is
-                // already recorded.
-                abort.abort();
-            }
-            let mut outbox = device.lock();
-            add_counters(&mut counters, &outbox.counters);
-            exceptions.merge(std::mem::take(&mut outbox.exceptions));
+        let mut final_lag = Duration::ZERO;
+        for t in self.tasks {
+            let o = t.await.context("a device's task panicked")?;
+            counters.add(&o.counters);
+            exceptions.merge(o.exceptions);
+            final_lag = final_lag.max(o.final_lag);
         }
-        let latency = self
-            .shared
-            .latency
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let longest = messages.iter().copied().max().unwrap_or(0);
-        let publish_window =
-            Duration::from_micros(plan.period_us.saturating_mul(longest)) + final_lag;
+        let elapsed = started.elapsed();
+        let planned = match self.plan.planned_length_us() {
+            Some(us) => Duration::from_micros(us),
+            None => {
+                let longest = messages.iter().copied().max().unwrap_or(0);
+                Duration::from_micros(self.plan.period_us.saturating_mul(longest))
+            }
+        };
         Ok(PublishOutcome {
-            plan: Arc::unwrap_or_clone(plan),
+            plan: self.plan,
             counters,
             exceptions,
-            latency,
-            publish_window,
+            publish_window: planned + final_lag,
             elapsed,
             not_connected: self.not_connected,
         })
     }
 }
 
-/// Which device, and its part of the run.
-#[derive(Debug, Clone, Copy)]
-struct DeviceSchedule {
-    index: u32,
-    first_seq: u64,
-    messages: u64,
-}
-
-/// One device's schedule; returns how late its last send was handed over.
-async fn publish_device(
-    device: Arc<DeviceShared>,
-    fleet: Arc<FleetShared>,
-    plan: Arc<RunPlan>,
-    sched: DeviceSchedule,
-    (origin, origin_ms): (Instant, i64),
-    ack_timeout: Duration,
-) -> Duration {
-    let mut lag = Duration::ZERO;
-    let sends = plan.sends(sched.index, sched.first_seq, sched.messages);
-    for (sid, send) in sends.enumerate() {
-        let offset_us = (send.due_us - origin_ms * 1000).max(0) as u64;
-        let due = origin + Duration::from_micros(offset_us);
-        tokio::time::sleep_until(due).await;
-        if matches!(send.kind, SendKind::Telemetry(_)) {
-            fleet.issued.fetch_add(1, Ordering::Relaxed);
-        }
-        device.lock().start(sid as u64, send, crate::now_ms());
-        lag = Instant::now().saturating_duration_since(due);
-    }
-    let deadline = Instant::now() + ack_timeout;
-    loop {
-        {
-            let mut outbox = device.lock();
-            outbox.issue_retries();
-            if outbox.is_done() {
-                break;
-            }
-        }
-        if tokio::time::timeout_at(deadline, device.progress.notified())
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-    device.lock().close();
-    lag
+/// Redraws the progress line on stdout (an empty line clears it).
+pub fn draw(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let text = if line.is_empty() {
+        "\r\x1b[2K".to_string()
+    } else {
+        format!("\r\x1b[2K{line}")
+    };
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// A live line on stdout, redrawn every second, until `stop` fires.
-async fn show_progress(
-    fleet: Arc<FleetShared>,
+pub async fn show_progress(
+    fleets: Vec<Arc<FleetShared>>,
     total: u64,
     origin: Instant,
     mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -345,49 +363,27 @@ async fn show_progress(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let line = format!(
-                    "\r{:>7.1} s  sent {}/{}  acked {}  ",
+                let sum = |f: fn(&FleetShared) -> u64| fleets.iter().map(|s| f(s)).sum::<u64>();
+                draw(&format!(
+                    "{:>7.1} s  sent {}/{}  acked {}",
                     origin.elapsed().as_secs_f64(),
-                    fleet.issued.load(Ordering::Relaxed),
+                    sum(|s| s.issued.load(Ordering::Relaxed)),
                     total,
-                    fleet.completed.load(Ordering::Relaxed),
-                );
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+                    sum(|s| s.completed.load(Ordering::Relaxed)),
+                ));
             }
             _ = &mut stop => {
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(b"\r\x1b[2K").and_then(|()| out.flush());
+                draw("");
                 return;
             }
         }
     }
 }
 
-fn add_counters(total: &mut DeviceCounters, c: &DeviceCounters) {
-    total.issued += c.issued;
-    total.completed += c.completed;
-    total.telemetry_completed += c.telemetry_completed;
-    total.readings_issued += c.readings_issued;
-    total.duplicates_issued += c.duplicates_issued;
-    total.malformed_issued += c.malformed_issued;
-    total.retransmissions += c.retransmissions;
-    total.retransmitted_readings += c.retransmitted_readings;
-    total.retransmitted_malformed += c.retransmitted_malformed;
-    total.reconnects += c.reconnects;
-    total.failed += c.failed;
-    total.max_lag_ms = total.max_lag_ms.max(c.max_lag_ms);
-    total.behind += c.behind;
-    if total.last_error.is_none() {
-        total.last_error.clone_from(&c.last_error);
-    }
-}
-
-/// Maps the CLI's QoS number to rumqttc's.
-pub fn qos(level: u8) -> anyhow::Result<QoS> {
+/// Checks the CLI's QoS number.
+pub fn qos(level: u8) -> anyhow::Result<u8> {
     match level {
-        0 => Ok(QoS::AtMostOnce),
-        1 => Ok(QoS::AtLeastOnce),
+        0 | 1 => Ok(level),
         n => bail!("QoS {n} is not supported: the pipeline speaks QoS 0 and 1"),
     }
 }

@@ -67,6 +67,22 @@ pub struct StatsExpectation {
     pub malformed_json: (u64, u64),
 }
 
+impl StatsExpectation {
+    /// Adds another fleet's expectation: the counters are the pipeline's
+    /// totals.
+    pub fn add(&mut self, o: &StatsExpectation) {
+        for (a, b) in [
+            (&mut self.accepted_readings, o.accepted_readings),
+            (&mut self.duplicate_readings, o.duplicate_readings),
+            (&mut self.too_late, o.too_late),
+            (&mut self.malformed_json, o.malformed_json),
+        ] {
+            a.0 += b.0;
+            a.1 += b.1;
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VerifyReport {
     pub ok: bool,
@@ -85,6 +101,32 @@ pub struct VerifyReport {
     /// Totals the API reported against the expected ones, per metric.
     pub catch_up_detail: String,
     pub stats: Vec<StatCheck>,
+    /// How long verify took in all, ms.
+    pub verify_ms: u64,
+}
+
+impl VerifyReport {
+    /// Folds another fleet's report into this one.
+    pub fn merge(&mut self, o: VerifyReport) {
+        self.ok &= o.ok;
+        self.devices += o.devices;
+        self.series += o.series;
+        self.windows += o.windows;
+        self.uncertain_windows += o.uncertain_windows;
+        self.mismatch_count += o.mismatch_count;
+        for m in o.mismatches {
+            if self.mismatches.len() < compare::KEPT_MISMATCHES {
+                self.mismatches.push(m);
+            }
+        }
+        if !o.caught_up {
+            self.catch_up_detail = o.catch_up_detail;
+        }
+        self.caught_up &= o.caught_up;
+        self.catch_up_ms = self.catch_up_ms.max(o.catch_up_ms);
+        self.verify_ms += o.verify_ms;
+        self.stats.extend(o.stats);
+    }
 }
 
 impl std::fmt::Display for VerifyReport {
@@ -96,8 +138,12 @@ impl std::fmt::Display for VerifyReport {
         }
         writeln!(
             f,
-            "verify: compared {} windows in {} series of {} devices and their fleet ({} uncertain windows skipped)",
-            self.windows, self.series, self.devices, self.uncertain_windows
+            "verify: compared {} windows in {} series of {} devices and their fleet ({} uncertain windows skipped) in {:.1} s",
+            self.windows,
+            self.series,
+            self.devices,
+            self.uncertain_windows,
+            self.verify_ms as f64 / 1000.0
         )?;
         if !self.caught_up {
             writeln!(
@@ -285,6 +331,7 @@ pub async fn verify(
         catch_up_ms,
         catch_up_detail,
         stats: stat_checks,
+        verify_ms: started.elapsed().as_millis() as u64,
     })
 }
 

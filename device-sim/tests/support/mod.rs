@@ -20,11 +20,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use bytes::BytesMut;
 use rumqttc::mqttbytes::v4::{ConnAck, ConnectReturnCode, Packet, PubAck};
+use rumqttc::v5::mqttbytes as mqttbytes5;
 use rumqttc::{QoS, mqttbytes};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 const RESOLUTIONS: [(i64, &str); 3] = [(60_000, "1m"), (3_600_000, "1h"), (86_400_000, "1d")];
 pub const ALLOWED_LATENESS_MS: i64 = 3_600_000;
@@ -72,6 +73,16 @@ pub struct Pipeline {
     pub faults: Mutex<Faults>,
     /// Every accepted (device, seq), to check seq continuation.
     pub accepted: Mutex<Vec<(String, u64)>>,
+    /// Acknowledge and drop everything: measures the simulator alone.
+    pub discard: std::sync::atomic::AtomicBool,
+    /// (device, metric) -> (ts, value) of the newest reading.
+    latest: Mutex<HashMap<(String, String), (i64, f64)>>,
+    /// Connections by MQTT protocol level (4 or 5).
+    pub protocols: Mutex<BTreeMap<u8, u64>>,
+    /// TLS connections that presented a client certificate.
+    pub client_certs: std::sync::atomic::AtomicU64,
+    /// Source addresses connections came from.
+    pub peers: Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
 }
 
 impl Pipeline {
@@ -86,6 +97,9 @@ impl Pipeline {
     }
 
     fn ingest(&self, topic: &str, payload: &[u8], received_at: i64) {
+        if self.discard.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let parts: Vec<&str> = topic.split('/').collect();
         let [_, fleet, device, _] = parts.as_slice() else {
             return self.reject("bad_topic");
@@ -117,6 +131,14 @@ impl Pipeline {
             let mut series = self.series.lock().unwrap();
             for (metric, value) in r["metrics"].as_object().unwrap() {
                 let value = value.as_f64().unwrap();
+                let mut latest = self.latest.lock().unwrap();
+                let l = latest
+                    .entry((device.to_string(), metric.clone()))
+                    .or_insert((ts, value));
+                if ts >= l.0 {
+                    *l = (ts, value);
+                }
+                drop(latest);
                 for (res, _) in RESOLUTIONS {
                     let start = ts.div_euclid(res) * res;
                     let late = start + res <= received_at;
@@ -229,23 +251,132 @@ pub struct Harness {
     pub api: SocketAddr,
 }
 
+/// Certificates for a TLS stand-in, written as PEM files.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: std::path::PathBuf,
+    server: (String, String),
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    /// A CA, and a server certificate for `localhost` and 127.0.0.1.
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "device-sim test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, ca_cert.pem()).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let server_params =
+            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+        Pki {
+            server: (server_cert.pem(), server_key.serialize_pem()),
+            dir,
+            ca,
+            issuer,
+        }
+    }
+
+    /// Writes a client certificate for `cn` as `<dir>/<cn>.crt` and `.key`.
+    pub fn client(
+        &self,
+        cn: &str,
+        dir: &std::path::Path,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let (c, k) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
+    /// A TLS acceptor with this PKI's server certificate; with
+    /// `client_auth`, clients must present a certificate the CA signed.
+    fn acceptor(&self, client_auth: bool) -> tokio_rustls::TlsAcceptor {
+        use rustls_pki_types::pem::PemObject;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = vec![
+            rustls_pki_types::CertificateDer::from_pem_slice(self.server.0.as_bytes()).unwrap(),
+        ];
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(self.server.1.as_bytes()).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let config = if client_auth {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in rustls_pki_types::CertificateDer::pem_file_iter(&self.ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = config.with_single_cert(certs, key).unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
 impl Harness {
     pub async fn start() -> Harness {
+        Harness::start_with(None).await
+    }
+
+    /// A stand-in whose MQTT listener speaks TLS only.
+    pub async fn start_tls(pki: &Pki, client_auth: bool) -> Harness {
+        Harness::start_with(Some(pki.acceptor(client_auth))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Harness {
         let pipeline = Arc::new(Pipeline::default());
         let mqtt_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mqtt = mqtt_listener.local_addr().unwrap();
         let p = pipeline.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = mqtt_listener.accept().await else {
+                let Ok((stream, peer)) = mqtt_listener.accept().await else {
                     return;
                 };
-                tokio::spawn(serve_mqtt(stream, p.clone()));
+                let p = p.clone();
+                p.peers.lock().unwrap().insert(peer.ip());
+                match tls.clone() {
+                    None => drop(tokio::spawn(serve_mqtt(stream, p))),
+                    Some(acceptor) => drop(tokio::spawn(async move {
+                        let Ok(stream) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        if stream.get_ref().1.peer_certificates().is_some() {
+                            p.client_certs
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        serve_mqtt(stream, p).await;
+                    })),
+                }
             }
         });
         let api_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api = api_listener.local_addr().unwrap();
         let app = Router::new()
+            .route("/v1/devices/{id}", get(device_latest))
             .route("/v1/devices/{id}/metrics/{metric}", get(device_windows))
             .route("/v1/fleets/{fleet}/metrics/{metric}", get(fleet_windows))
             .route("/v1/stats", get(stats))
@@ -267,21 +398,90 @@ impl Harness {
     }
 }
 
-async fn serve_mqtt(mut stream: TcpStream, pipeline: Arc<Pipeline>) {
+/// The protocol level of a CONNECT at the front of `buf`, once its
+/// header is there.
+fn connect_level(buf: &[u8]) -> Option<u8> {
+    // Fixed header, remaining length (1..=4 bytes), then "\0\4MQTT" and the level.
+    let mut i = 1;
+    while i < buf.len() && i < 5 && buf[i] & 0x80 != 0 {
+        i += 1;
+    }
+    buf.get(i + 1 + 6).copied()
+}
+
+async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: Arc<Pipeline>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
     let mut device = String::new();
+    let mut level: Option<u8> = None;
     loop {
         loop {
-            match Packet::read(&mut buf, 1 << 20) {
-                Ok(Packet::Connect(c)) => {
-                    device = c.client_id.clone();
-                    Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
-                        .write(&mut out, 1 << 20)
-                        .unwrap();
+            if level.is_none() {
+                level = connect_level(&buf);
+                if let Some(l) = level {
+                    *pipeline.protocols.lock().unwrap().entry(l).or_default() += 1;
                 }
-                Ok(Packet::Publish(p)) => {
-                    pipeline.ingest(&p.topic, &p.payload, now_ms());
+            }
+            // Both protocols reduced to what the stand-in acts on.
+            enum In {
+                Connect(String),
+                Publish(String, bytes::Bytes, QoS, u16),
+                Ping,
+                Disconnect,
+                Other,
+            }
+            let packet = match level {
+                None => Err(mqttbytes::Error::InsufficientBytes(1)),
+                Some(5) => match mqttbytes5::v5::Packet::read(&mut buf, Some(1 << 20)) {
+                    Ok(mqttbytes5::v5::Packet::Connect(c, _, _)) => Ok(In::Connect(c.client_id)),
+                    Ok(mqttbytes5::v5::Packet::Publish(p)) => Ok(In::Publish(
+                        String::from_utf8(p.topic.to_vec()).unwrap(),
+                        p.payload,
+                        match p.qos {
+                            mqttbytes5::QoS::AtMostOnce => QoS::AtMostOnce,
+                            _ => QoS::AtLeastOnce,
+                        },
+                        p.pkid,
+                    )),
+                    Ok(mqttbytes5::v5::Packet::PingReq(_)) => Ok(In::Ping),
+                    Ok(mqttbytes5::v5::Packet::Disconnect(_)) => Ok(In::Disconnect),
+                    Ok(_) => Ok(In::Other),
+                    Err(mqttbytes5::Error::InsufficientBytes(n)) => {
+                        Err(mqttbytes::Error::InsufficientBytes(n))
+                    }
+                    // A two-byte DISCONNECT, which rumqttc's v5 reader refuses.
+                    Err(_) if buf.starts_with(&[0xE0, 0x00]) => Ok(In::Disconnect),
+                    Err(_) => return,
+                },
+                Some(_) => match Packet::read(&mut buf, 1 << 20) {
+                    Ok(Packet::Connect(c)) => Ok(In::Connect(c.client_id)),
+                    Ok(Packet::Publish(p)) => Ok(In::Publish(p.topic, p.payload, p.qos, p.pkid)),
+                    Ok(Packet::PingReq) => Ok(In::Ping),
+                    Ok(Packet::Disconnect) => Ok(In::Disconnect),
+                    Ok(_) => Ok(In::Other),
+                    Err(e) => Err(e),
+                },
+            };
+            let v5 = level == Some(5);
+            match packet {
+                Ok(In::Connect(id)) => {
+                    device = id;
+                    if v5 {
+                        mqttbytes5::v5::ConnAck {
+                            session_present: false,
+                            code: mqttbytes5::v5::ConnectReturnCode::Success,
+                            properties: None,
+                        }
+                        .write(&mut out)
+                        .unwrap();
+                    } else {
+                        Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false))
+                            .write(&mut out, 1 << 20)
+                            .unwrap();
+                    }
+                }
+                Ok(In::Publish(topic, payload, qos, pkid)) => {
+                    pipeline.ingest(&topic, &payload, now_ms());
                     let drop_now = {
                         let mut f = pipeline.faults.lock().unwrap();
                         match f.drop_after.get_mut(&device) {
@@ -302,20 +502,30 @@ async fn serve_mqtt(mut stream: TcpStream, pipeline: Arc<Pipeline>) {
                         let _ = stream.write_all(&out).await;
                         return;
                     }
-                    if p.qos == QoS::AtLeastOnce {
-                        Packet::PubAck(PubAck::new(p.pkid))
-                            .write(&mut out, 1 << 20)
-                            .unwrap();
+                    if qos == QoS::AtLeastOnce {
+                        if v5 {
+                            mqttbytes5::v5::PubAck::new(pkid, None)
+                                .write(&mut out)
+                                .unwrap();
+                        } else {
+                            Packet::PubAck(PubAck::new(pkid))
+                                .write(&mut out, 1 << 20)
+                                .unwrap();
+                        }
                     }
                 }
-                Ok(Packet::PingReq) => {
-                    Packet::PingResp.write(&mut out, 1 << 20).unwrap();
+                Ok(In::Ping) => {
+                    if v5 {
+                        out.extend_from_slice(&[0xD0, 0x00]);
+                    } else {
+                        Packet::PingResp.write(&mut out, 1 << 20).unwrap();
+                    }
                 }
-                Ok(Packet::Disconnect) => {
+                Ok(In::Disconnect) => {
                     let _ = stream.write_all(&out).await;
                     return;
                 }
-                Ok(_) => {}
+                Ok(In::Other) => {}
                 Err(mqttbytes::Error::InsufficientBytes(_)) => break,
                 Err(_) => return,
             }
@@ -374,6 +584,23 @@ async fn device_windows(
         )
             .into_response(),
     }
+}
+
+async fn device_latest(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {
+    let latest = p.latest.lock().unwrap();
+    let metrics: BTreeMap<String, Value> = latest
+        .iter()
+        .filter(|((d, _), _)| *d == id)
+        .map(|((_, m), (ts, v))| (m.clone(), json!({"ts": ts, "value": v})))
+        .collect();
+    if metrics.is_empty() {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"status": 404, "detail": format!("unknown device {id}")})),
+        )
+            .into_response();
+    }
+    Json(json!({"device_id": id, "metrics": metrics})).into_response()
 }
 
 async fn fleet_windows(

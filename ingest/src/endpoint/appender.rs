@@ -1,6 +1,6 @@
-//! Group commit: one task gathers records from every connection for up to
-//! `commit_interval` (or until a batch is full), makes one `put`, then tells
-//! each connection which of its records are durable.
+//! Group commit: one task gathers records from every connection, makes one
+//! `put` per `commit_interval` at most (sooner when a batch is full), then
+//! tells each connection which of its records are durable.
 //!
 //! A record the stream did not store is retried with backoff before any newer
 //! record is put, so a device's records enter the stream in the order they
@@ -65,6 +65,13 @@ enum Wake {
 /// Runs until every sender of `requests` is gone and the last batch is
 /// settled. Once `abandon` is cancelled, records the stream has not stored
 /// are given up on instead of retried.
+///
+/// Puts keep a `commit_interval` cadence: a record arriving after a quiet
+/// spell is put at once, and under load records gather until the next slot,
+/// one interval after the previous one. Slots follow each other by the
+/// interval however late the timer fires (it ticks in whole milliseconds), so
+/// the stream sees one put per interval on average and no record waits much
+/// longer than the interval for its put to start.
 pub(crate) async fn run(
     mut requests: mpsc::UnboundedReceiver<AppendRequest>,
     producer: Arc<dyn StreamProducer>,
@@ -74,14 +81,31 @@ pub(crate) async fn run(
     abandon: CancellationToken,
 ) {
     let mut open = true;
+    let mut last_slot: Option<Instant> = None;
     while open {
         let Some(first) = requests.recv().await else {
             break;
         };
         let mut batch = Batch::default();
         batch.push(first);
-        let due = Instant::now() + config.commit_interval;
+        let now = Instant::now();
+        let due = last_slot
+            .map(|t| t + config.commit_interval)
+            .filter(|next| *next > now)
+            .unwrap_or(now);
+        last_slot = Some(due);
+        // Whatever is queued already joins the batch, due or not.
         while !batch.is_full(&config) {
+            match requests.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        while open && due > Instant::now() && !batch.is_full(&config) {
             let wake = tokio::select! {
                 biased;
                 r = requests.recv() => Wake::Request(r),
@@ -89,10 +113,7 @@ pub(crate) async fn run(
             };
             match wake {
                 Wake::Request(Some(r)) => batch.push(r),
-                Wake::Request(None) => {
-                    open = false;
-                    break;
-                }
+                Wake::Request(None) => open = false,
                 Wake::CommitDue => break,
             }
         }

@@ -90,7 +90,7 @@ fn malformed(e: impl std::fmt::Display) -> DecodeError {
 }
 
 /// One whole packet, split off the read buffer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Frame {
     byte1: u8,
     /// Fixed header length: the type byte and 1..=4 length bytes.

@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use stream::PutRecord;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, Sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -40,8 +39,9 @@ enum Wake {
     Deadline,
 }
 
-pub(crate) struct Connection {
-    socket: TcpStream,
+/// A connection over `S`: a TCP stream, or a TLS stream over one.
+pub(crate) struct Connection<S> {
+    socket: S,
     conn_id: u64,
     shared: Arc<Shared>,
     session: Session,
@@ -66,17 +66,29 @@ pub(crate) struct Connection {
     /// that time spent paused on back-pressure is not held against it).
     last_heard: Instant,
     started: Instant,
+    /// Fires at or before the silence deadline; moved only when it fires
+    /// early, so that reads do not re-arm a timer each time.
+    silence: std::pin::Pin<Box<Sleep>>,
     /// Shutdown was requested: read nothing more, settle what is in flight.
     draining: bool,
     closing: Option<CloseReason>,
 }
 
-impl Connection {
-    pub fn new(socket: TcpStream, conn_id: u64, shared: Arc<Shared>) -> Self {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
+    /// `certificate`: the device a verified TLS client certificate names.
+    pub fn new(
+        socket: S,
+        conn_id: u64,
+        shared: Arc<Shared>,
+        certificate: Option<String>,
+        started: Instant,
+    ) -> Self {
         let (completions_tx, completions) = mpsc::unbounded_channel();
         let (tap_tx, tap_rx) = mpsc::channel(shared.config.tap_queue.max(1));
-        let session = Session::new(shared.session.clone(), conn_id);
+        let session = Session::new(shared.session.clone(), conn_id).with_certificate(certificate);
         let now = Instant::now();
+        // The connect timeout counts from accept, TLS handshake included.
+        let silence = Box::pin(sleep_until(started + shared.config.connect_timeout));
         Connection {
             socket,
             conn_id,
@@ -94,7 +106,8 @@ impl Connection {
             keepalive: None,
             client_max_packet: None,
             last_heard: now,
-            started: now,
+            started,
+            silence,
             draining: false,
             closing: None,
         }
@@ -116,7 +129,6 @@ impl Connection {
                 break;
             }
             let reading = !self.draining && self.session.wants_input();
-            let deadline = self.deadline();
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled(), if !self.draining => Wake::Shutdown,
@@ -124,7 +136,7 @@ impl Connection {
                 Some(c) = self.completions.recv() => Wake::Durable(c),
                 r = read_some(&mut self.socket, &mut self.rbuf), if reading => Wake::Read(r),
                 Some(m) = self.tap_rx.recv() => Wake::Tap(m),
-                _ = sleep_until(deadline), if reading => Wake::Deadline,
+                _ = &mut self.silence, if reading => Wake::Deadline,
             };
             match wake {
                 Wake::Shutdown => self.draining = true,
@@ -158,12 +170,15 @@ impl Connection {
                     }
                 }
                 Wake::Deadline => {
-                    if Instant::now() >= self.deadline() {
+                    let deadline = self.deadline();
+                    if Instant::now() >= deadline {
                         let reason = match self.keepalive {
                             Some(_) => CloseReason::KeepaliveTimeout,
                             None => CloseReason::ProtocolError("no CONNECT in time".into()),
                         };
                         self.session.close(reason, &mut self.actions);
+                    } else {
+                        self.silence.as_mut().reset(deadline);
                     }
                 }
             }
@@ -267,6 +282,8 @@ impl Connection {
                     self.keepalive = Some(keepalive);
                     self.client_max_packet = max_packet_size;
                     self.last_heard = Instant::now();
+                    let k = keepalive;
+                    self.silence.as_mut().reset(self.last_heard + k + k / 2);
                 }
                 Action::Subscribe(filters) => {
                     self.shared
@@ -362,7 +379,10 @@ fn count_close(reason: &CloseReason, metrics: &crate::IngestMetrics) {
     bump(counter);
 }
 
-async fn read_some(socket: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
+async fn read_some<S: AsyncRead + Unpin>(
+    socket: &mut S,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
     buf.reserve(READ_CHUNK);
     socket.read_buf(buf).await
 }

@@ -1,4 +1,5 @@
-//! The endpoint: an accept loop, one task per connection, one appender.
+//! The endpoint: an accept loop over one or more listeners (plain TCP, TLS),
+//! one task per connection, one appender.
 //!
 //! - `codec`: bytes ↔ packets, per protocol.
 //! - `session`: one connection's protocol state machine, pure.
@@ -6,11 +7,12 @@
 //! - `appender`: group commit into the stream.
 //! - `tap`: live subscriptions to durable telemetry.
 
-mod appender;
+pub(crate) mod appender;
 mod codec;
 mod connection;
+pub mod fuzzing;
 mod session;
-mod tap;
+pub(crate) mod tap;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,10 +21,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::task::Poll;
+
 use stream::StreamProducer;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::EndpointConfig;
@@ -42,15 +49,73 @@ pub(crate) struct Shared {
     appender: mpsc::UnboundedSender<AppendRequest>,
 }
 
-/// Serves MQTT on `listener` until `shutdown` completes, appending to
-/// `producer`.
+/// A bound socket the endpoint serves MQTT on.
+pub struct Listener {
+    socket: TcpListener,
+    /// Set for a TLS listener: every connection's handshake runs through it.
+    tls: Option<TlsAcceptor>,
+}
+
+impl Listener {
+    /// Plain MQTT over TCP.
+    pub fn tcp(socket: TcpListener) -> Self {
+        Listener { socket, tls: None }
+    }
+
+    /// MQTT over TLS; see [`crate::tls::acceptor`].
+    pub fn tls(socket: TcpListener, acceptor: TlsAcceptor) -> Self {
+        Listener {
+            socket,
+            tls: Some(acceptor),
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("addr", &self.socket.local_addr().ok())
+            .field("tls", &self.is_tls())
+            .finish()
+    }
+}
+
+/// Serves plain MQTT on `listener`; [`serve_on`] with that one listener.
+pub async fn serve(
+    listener: TcpListener,
+    producer: Arc<dyn StreamProducer>,
+    config: EndpointConfig,
+    metrics: Arc<IngestMetrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> io::Result<()> {
+    serve_on(
+        vec![Listener::tcp(listener)],
+        producer,
+        config,
+        metrics,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves MQTT on every listener until `shutdown` completes, appending to
+/// `producer`. All listeners share one appender, one client-id registry and
+/// one live tap, so a device may move between them.
 ///
 /// On shutdown it stops accepting and reading, lets the appender finish what
 /// is in flight (retrying the stream for up to `shutdown_timeout`), sends the
 /// acknowledgements that became durable, closes every connection and returns.
 /// It returns an error only if the listener fails for good.
-pub async fn serve(
-    listener: TcpListener,
+pub async fn serve_on(
+    listeners: Vec<Listener>,
     producer: Arc<dyn StreamProducer>,
     config: EndpointConfig,
     metrics: Arc<IngestMetrics>,
@@ -86,8 +151,10 @@ pub async fn serve(
         tap,
         appender: append_tx,
     });
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "The MQTT endpoint is listening.");
+    for l in &listeners {
+        if let Ok(addr) = l.local_addr() {
+            tracing::info!(%addr, tls = l.is_tls(), "The MQTT endpoint is listening.");
+        }
     }
 
     let stop = CancellationToken::new();
@@ -95,16 +162,17 @@ pub async fn serve(
     let mut connections = JoinSet::new();
     let mut next_id = 0u64;
     let mut accept_backoff = Duration::from_millis(5);
+    let mut next_listener = 0;
     let mut result = Ok(());
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             Some(_) = connections.join_next() => continue,
-            a = listener.accept() => a,
+            a = accept_any(&listeners, &mut next_listener) => a,
         };
-        let socket = match accepted {
-            Ok((socket, _)) => socket,
+        let (socket, tls) = match accepted {
+            Ok((socket, tls)) => (socket, tls),
             Err(e) if is_transient(&e) => {
                 tracing::warn!(error = %e, "Accepting a connection failed; retrying.");
                 tokio::select! {
@@ -136,14 +204,30 @@ pub async fn serve(
             metrics: metrics.clone(),
             _permit: permit,
         };
-        let connection = Connection::new(socket, next_id, shared.clone());
         let stop = stop.child_token();
+        let (conn_id, shared) = (next_id, shared.clone());
         connections.spawn(async move {
             let _live = live;
-            connection.run(stop).await;
+            let started = Instant::now();
+            match tls {
+                None => {
+                    Connection::new(socket, conn_id, shared, None, started)
+                        .run(stop)
+                        .await
+                }
+                Some(acceptor) => {
+                    if let Some((stream, certificate)) =
+                        handshake(&acceptor, socket, &shared, &stop).await
+                    {
+                        Connection::new(stream, conn_id, shared, certificate, started)
+                            .run(stop)
+                            .await
+                    }
+                }
+            }
         });
     }
-    drop(listener);
+    drop(listeners);
 
     tracing::info!(
         connections = connections.len(),
@@ -153,6 +237,63 @@ pub async fn serve(
     settle(connections, shared, appender, &abandon).await;
     tracing::info!("The MQTT endpoint has stopped.");
     result
+}
+
+/// Accepts from whichever listener has a connection waiting, starting the
+/// search after the listener that was served last so that none starves.
+async fn accept_any(
+    listeners: &[Listener],
+    next: &mut usize,
+) -> io::Result<(TcpStream, Option<TlsAcceptor>)> {
+    if listeners.is_empty() {
+        return std::future::pending().await;
+    }
+    std::future::poll_fn(|cx| {
+        for k in 0..listeners.len() {
+            let i = (*next + k) % listeners.len();
+            if let Poll::Ready(r) = listeners[i].socket.poll_accept(cx) {
+                *next = i + 1;
+                return Poll::Ready(r.map(|(s, _)| (s, listeners[i].tls.clone())));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Runs a TLS handshake within the connect timeout; returns the stream and
+/// the device its verified client certificate names, if any. A failed
+/// handshake is counted and the connection dropped.
+async fn handshake(
+    acceptor: &TlsAcceptor,
+    socket: TcpStream,
+    shared: &Shared,
+    stop: &CancellationToken,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Option<String>)> {
+    let result = tokio::select! {
+        _ = stop.cancelled() => return None,
+        r = tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(socket)) => r,
+    };
+    let stream = match result {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            bump(&shared.metrics.tls_handshake_failures);
+            tracing::debug!(error = %e, "A TLS handshake failed.");
+            return None;
+        }
+        Err(_) => {
+            bump(&shared.metrics.tls_handshake_failures);
+            tracing::debug!("A TLS handshake did not finish in time.");
+            return None;
+        }
+    };
+    let certificate = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::tls::certificate_identity(leaf));
+    Some((stream, certificate))
 }
 
 /// Waits for connections to drain and the appender to finish. After

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use schemas::{PackedRecord, RejectReason, RejectedMessage, Rejection, StreamRecord, Topic};
+use schemas::RejectReason;
 
 use super::codec::{
     ConnAck, ConnAckCode, ConnectPacket, DecodeError, DisconnectReasonCode, Inbound, Outbound,
@@ -19,9 +19,8 @@ use super::codec::{
 };
 use super::tap::valid_filter;
 use crate::auth::{Authorizer, ConnectInfo, ConnectRefusal, Principal};
-
-/// The longest partition key Kinesis takes.
-const MAX_PARTITION_KEY: usize = 256;
+pub(crate) use crate::record::Verdict;
+use crate::record::{self, Built};
 
 /// What the session needs from the endpoint's configuration.
 pub(crate) struct SessionConfig {
@@ -60,12 +59,6 @@ pub(crate) struct Append {
     pub verdict: Verdict,
     /// Accepted telemetry keeps its topic and payload for the live tap.
     pub tap: Option<(String, bytes::Bytes)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    Accepted { readings: usize },
-    Rejected(RejectReason),
 }
 
 /// Why a connection closes; each maps to a metric and, for MQTT 5, to the
@@ -144,6 +137,8 @@ pub(crate) struct Session {
     /// The token the next record gets; `pending[i]` has token
     /// `next_token - pending.len() + i`.
     next_token: u64,
+    /// The device the connection's verified TLS client certificate names.
+    certificate: Option<String>,
 }
 
 impl Session {
@@ -155,7 +150,15 @@ impl Session {
             protocol: None,
             pending: VecDeque::new(),
             next_token: 0,
+            certificate: None,
         }
+    }
+
+    /// The session of a connection whose TLS client certificate, verified in
+    /// the handshake, names `device`.
+    pub fn with_certificate(mut self, device: Option<String>) -> Self {
+        self.certificate = device;
+        self
     }
 
     pub fn protocol(&self) -> Option<Protocol> {
@@ -285,6 +288,7 @@ impl Session {
             client_id: &client_id,
             username: c.username.as_deref(),
             password: c.password.as_deref().map(str::as_bytes),
+            certificate: self.certificate.as_deref(),
         };
         let principal = match self.config.authorizer.authenticate(&info) {
             Ok(p) => p,
@@ -342,51 +346,19 @@ impl Session {
         let State::Connected(principal) = &self.state else {
             return;
         };
-        let outcome = match Topic::parse(&p.topic) {
-            Err(rejection) => Err((rejection, clip_key(&principal.client_id))),
-            Ok(topic) if !self.config.authorizer.may_publish(principal, &topic) => {
-                let detail = format!(
-                    "client `{}` may not publish to device `{}`",
-                    clip_key(&principal.client_id),
-                    topic.device_id
-                );
-                Err((
-                    Rejection::new(RejectReason::Unauthorized, detail),
-                    topic.device_id.to_string(),
-                ))
-            }
-            Ok(topic) => match schemas::decode_payload(&p.payload) {
-                Ok(readings) => Ok((topic, readings)),
-                Err(rejection) => Err((rejection, topic.device_id.to_string())),
-            },
-        };
-        let (partition_key, data, verdict, tap) = match outcome {
-            Ok((topic, readings)) => {
-                let record = PackedRecord {
-                    device_id: topic.device_id.to_string(),
-                    fleet: topic.fleet.to_string(),
-                    received_at: now_ms,
-                    readings,
-                };
-                let verdict = Verdict::Accepted {
-                    readings: record.readings.len(),
-                };
-                let data = record.encode();
-                (record.device_id, data, verdict, Some((p.topic, p.payload)))
-            }
-            Err((rejection, key)) => {
-                let reason = rejection.reason;
-                let message = RejectedMessage::new(
-                    &p.topic,
-                    &principal.client_id,
-                    now_ms,
-                    rejection,
-                    &p.payload,
-                );
-                let data = StreamRecord::Rejected(message).encode();
-                (key, data, Verdict::Rejected(reason), None)
-            }
-        };
+        let authorizer = &self.config.authorizer;
+        let Built {
+            partition_key,
+            data,
+            verdict,
+            tap,
+        } = record::build(
+            p.topic,
+            p.payload,
+            &principal.client_id,
+            |topic| authorizer.may_publish(principal, topic),
+            now_ms,
+        );
         let ack_reason = match verdict {
             Verdict::Accepted { .. } => PubAckReason::Success,
             Verdict::Rejected(RejectReason::BadTopic) => PubAckReason::TopicNameInvalid,
@@ -439,19 +411,6 @@ impl Session {
             codes,
         }));
     }
-}
-
-/// A partition key from a client id, cut to Kinesis's limit on a character
-/// boundary; never empty.
-fn clip_key(id: &str) -> String {
-    if id.is_empty() {
-        return "-".to_string();
-    }
-    let mut end = id.len().min(MAX_PARTITION_KEY);
-    while !id.is_char_boundary(end) {
-        end -= 1;
-    }
-    id[..end].to_string()
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
 use ingest::testing::MemoryProducer;
-use ingest::{EndpointConfig, IngestMetrics, MetricsSnapshot, serve};
+use ingest::{EndpointConfig, IngestMetrics, Listener, MetricsSnapshot, serve_on};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use schemas::{Metric, PackedRecord, Reading, StreamRecord};
@@ -55,6 +55,8 @@ pub fn config() -> EndpointConfig {
 
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// The TLS listener, when started with one.
+    pub tls_addr: Option<SocketAddr>,
     pub producer: Arc<MemoryProducer>,
     pub metrics: Arc<IngestMetrics>,
     stop: Option<oneshot::Sender<()>>,
@@ -62,13 +64,28 @@ pub struct Endpoint {
 }
 
 pub async fn start(config: EndpointConfig) -> Result<Endpoint> {
+    start_on(config, None).await
+}
+
+/// An endpoint with a plain listener and, given TLS settings, a TLS one.
+pub async fn start_on(
+    config: EndpointConfig,
+    tls: Option<ingest::tls::TlsConfig>,
+) -> Result<Endpoint> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let mut listeners = vec![Listener::tcp(listener)];
+    let mut tls_addr = None;
+    if let Some(tls) = tls {
+        let socket = TcpListener::bind("127.0.0.1:0").await?;
+        tls_addr = Some(socket.local_addr()?);
+        listeners.push(Listener::tls(socket, ingest::tls::acceptor(&tls)?));
+    }
     let producer = Arc::new(MemoryProducer::new());
     let metrics = Arc::new(IngestMetrics::new());
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(serve(
-        listener,
+    let task = tokio::spawn(serve_on(
+        listeners,
         producer.clone(),
         config,
         metrics.clone(),
@@ -78,6 +95,7 @@ pub async fn start(config: EndpointConfig) -> Result<Endpoint> {
     ));
     Ok(Endpoint {
         addr,
+        tls_addr,
         producer,
         metrics,
         stop: Some(stop),

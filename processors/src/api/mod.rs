@@ -2,6 +2,7 @@
 //! through `lambda_http`.
 //!
 //! - `guard`: bearer-token authentication and request limits.
+//! - `dashboard`: the web page at `/`, compiled into the binary.
 //! - `problem`: errors as `application/problem+json`.
 //! - `params`: strict query parameters and time parsing.
 //! - `windows`: fleet-part merging, query-time downsampling, pagination.
@@ -10,6 +11,7 @@
 //! [`RollupQuery`] and the clock only through [`ApiState::clock`], so the same
 //! router runs on SQLite, DynamoDB or memory, and tests fix the time.
 
+mod dashboard;
 pub mod guard;
 mod params;
 mod problem;
@@ -72,6 +74,9 @@ impl ApiState {
 /// The whole API.
 pub fn app(state: ApiState) -> Router {
     Router::new()
+        .route("/", get(dashboard::index))
+        .route("/dashboard/app.js", get(dashboard::script))
+        .route("/dashboard/style.css", get(dashboard::style))
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))

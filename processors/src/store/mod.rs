@@ -4,6 +4,9 @@
 //!   touches, then commit new versions conditionally.
 //! - [`RollupQuery`]: what the query API reads.
 //! - `sqlite`: the embedded backend.
+//! - `dynamodb`: the AWS backend, one DynamoDB table.
+//! - `fault`: a wrapper that injects failures, partial commits, conflicts,
+//!   delays and stalls, for tests.
 //!
 //! **Architecture Invariant:** every write is conditional on the version that
 //! was loaded, and every item has a single writing shard; a failed condition
@@ -11,6 +14,8 @@
 //! from a fresh load rather than merged blindly.
 
 pub mod conformance;
+pub mod dynamodb;
+pub mod fault;
 pub mod memory;
 pub mod sqlite;
 

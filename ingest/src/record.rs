@@ -1,0 +1,159 @@
+//! From one MQTT message to one stream record: validate the topic, the
+//! publisher's right to it and the payload, then build either a packed record
+//! of readings or a dead letter. Pure; the endpoint's sessions and the
+//! external-broker bridge both call [`build`], so a message is judged and
+//! recorded alike whichever way it arrived.
+
+use bytes::Bytes;
+use schemas::{PackedRecord, RejectReason, RejectedMessage, Rejection, StreamRecord, Topic};
+
+/// The longest partition key Kinesis takes.
+const MAX_PARTITION_KEY: usize = 256;
+
+/// What became of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Accepted { readings: usize },
+    Rejected(RejectReason),
+}
+
+/// A message turned into a stream record.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Built {
+    pub partition_key: String,
+    pub data: Vec<u8>,
+    pub verdict: Verdict,
+    /// Accepted telemetry keeps its topic and payload for the live tap.
+    pub tap: Option<(String, Bytes)>,
+}
+
+/// Judges the message `payload` sent to `topic` by `publisher` (a client id,
+/// kept in dead letters), stamping `received_at` with `now_ms`.
+/// `may_publish` is the per-device policy; it is asked only about topics that
+/// parse.
+pub(crate) fn build(
+    topic: String,
+    payload: Bytes,
+    publisher: &str,
+    may_publish: impl FnOnce(&Topic<'_>) -> bool,
+    now_ms: i64,
+) -> Built {
+    let outcome = match Topic::parse(&topic) {
+        Err(rejection) => Err((rejection, clip_key(publisher))),
+        Ok(t) if !may_publish(&t) => {
+            let detail = format!(
+                "client `{}` may not publish to device `{}`",
+                clip_key(publisher),
+                t.device_id
+            );
+            Err((
+                Rejection::new(RejectReason::Unauthorized, detail),
+                t.device_id.to_string(),
+            ))
+        }
+        Ok(t) => match schemas::decode_payload(&payload) {
+            Ok(readings) => Ok(PackedRecord {
+                device_id: t.device_id.to_string(),
+                fleet: t.fleet.to_string(),
+                received_at: now_ms,
+                readings,
+            }),
+            Err(rejection) => Err((rejection, t.device_id.to_string())),
+        },
+    };
+    match outcome {
+        Ok(record) => {
+            let verdict = Verdict::Accepted {
+                readings: record.readings.len(),
+            };
+            let data = record.encode();
+            Built {
+                partition_key: record.device_id,
+                data,
+                verdict,
+                tap: Some((topic, payload)),
+            }
+        }
+        Err((rejection, partition_key)) => {
+            let reason = rejection.reason;
+            let message = RejectedMessage::new(&topic, publisher, now_ms, rejection, &payload);
+            Built {
+                partition_key,
+                data: StreamRecord::Rejected(message).encode(),
+                verdict: Verdict::Rejected(reason),
+                tap: None,
+            }
+        }
+    }
+}
+
+/// A partition key from a client id, cut to Kinesis's limit on a character
+/// boundary; never empty.
+pub(crate) fn clip_key(id: &str) -> String {
+    if id.is_empty() {
+        return "-".to_string();
+    }
+    let mut end = id.len().min(MAX_PARTITION_KEY);
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    id[..end].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"seq": 1, "ts": 1764240000123, "metrics": {"t": 1.5}}"#;
+
+    #[test]
+    fn accepted_telemetry_becomes_a_packed_record_keyed_by_device() {
+        let b = build(
+            "dt/f/dev-1/telemetry".into(),
+            Bytes::from_static(GOOD.as_bytes()),
+            "c1",
+            |_| true,
+            7,
+        );
+        assert_eq!(b.verdict, Verdict::Accepted { readings: 1 });
+        assert_eq!(b.partition_key, "dev-1");
+        let Ok(StreamRecord::Readings(p)) = schemas::decode_record(&b.data) else {
+            panic!("not a packed record");
+        };
+        assert_eq!((p.fleet.as_str(), p.received_at), ("f", 7));
+        assert!(b.tap.is_some());
+    }
+
+    #[test]
+    fn refusals_are_dead_letters_keyed_by_device_or_publisher() {
+        let body = Bytes::from_static(GOOD.as_bytes());
+        let cases = [
+            ("dt/f/+/telemetry", RejectReason::BadTopic, "c1"),
+            ("dt/f/dev-2/telemetry", RejectReason::Unauthorized, "dev-2"),
+        ];
+        for (topic, reason, key) in cases {
+            let b = build(
+                topic.into(),
+                body.clone(),
+                "c1",
+                |t| t.device_id == "dev-1",
+                7,
+            );
+            assert_eq!(b.verdict, Verdict::Rejected(reason), "{topic}");
+            assert_eq!(b.partition_key, key);
+            assert!(b.tap.is_none());
+            let Ok(StreamRecord::Rejected(m)) = schemas::decode_record(&b.data) else {
+                panic!("not a dead letter");
+            };
+            assert_eq!((m.reason, m.client_id.as_str()), (reason, "c1"));
+        }
+    }
+
+    #[test]
+    fn keys_are_clipped_on_a_char_boundary() {
+        assert_eq!(clip_key(""), "-");
+        let long = "é".repeat(200);
+        let k = clip_key(&long);
+        assert!(k.len() <= MAX_PARTITION_KEY && !k.is_empty());
+    }
+}

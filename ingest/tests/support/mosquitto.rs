@@ -1,0 +1,105 @@
+//! A Mosquitto broker started by a test on a free loopback port, stopped
+//! when dropped.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+pub struct Mosquitto {
+    pub addr: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+/// Finds `tool` on PATH or fails saying how to install it.
+pub fn require(tool: &str, install: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path).chain([PathBuf::from("/usr/sbin")]) {
+        let candidate = dir.join(tool);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!("`{tool}` is not installed; install it with: {install}")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Mosquitto {
+    /// Starts Mosquitto with `extra` config lines after the listener.
+    pub fn start(extra: &str) -> Result<Mosquitto> {
+        let bin = require("mosquitto", "apt-get install -y mosquitto")?;
+        let dir = tempfile::tempdir()?;
+        // The port is free a moment ago; if another process takes it first,
+        // Mosquitto fails to start and the next try picks another.
+        for _ in 0..5 {
+            let port = free_port()?;
+            let conf = dir.path().join("mosquitto.conf");
+            let log = dir.path().join("mosquitto.log");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest file {}\nlog_type all\n{extra}\n",
+                    log.display()
+                ),
+            )?;
+            let mut child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting mosquitto")?;
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            if wait_listening(addr, &mut child)? {
+                return Ok(Mosquitto {
+                    addr,
+                    child,
+                    _dir: dir,
+                    log,
+                });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        bail!("mosquitto did not start")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+}
+
+/// Waits until `addr` accepts a connection, or the process exits.
+fn wait_listening(addr: SocketAddr, child: &mut Child) -> Result<bool> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if child.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(false)
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,156 @@
+//! Certificates for TLS tests, made fresh in a temp dir: a CA, a server
+//! certificate for 127.0.0.1 and localhost, and client certificates whose CN
+//! names a device.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    ca_params: CertificateParams,
+    ca_key: KeyPair,
+}
+
+/// A client's certificate and key files.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn named(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+impl Pki {
+    pub fn new() -> Result<Pki> {
+        let dir = tempfile::tempdir()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.distinguished_name = named("iotpipe test CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate()?;
+        let ca = ca_params.self_signed(&ca_key)?;
+        let ca_cert = dir.path().join("ca.pem");
+        std::fs::write(&ca_cert, ca.pem())?;
+
+        let mut server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])?;
+        server.distinguished_name = named("localhost");
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = KeyPair::generate()?;
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        let cert = server.signed_by(&server_key, &issuer)?;
+        let (server_cert, server_key_path) =
+            (dir.path().join("server.pem"), dir.path().join("server.key"));
+        std::fs::write(&server_cert, cert.pem())?;
+        std::fs::write(&server_key_path, server_key.serialize_pem())?;
+        Ok(Pki {
+            dir,
+            ca_cert,
+            server_cert,
+            server_key: server_key_path,
+            ca_params,
+            ca_key,
+        })
+    }
+
+    /// A client certificate with subject CN `cn`, signed by the CA.
+    pub fn client(&self, cn: &str) -> Result<ClientCert> {
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        self.client_signed(cn, |params, key| Ok(params.signed_by(key, &issuer)?))
+    }
+
+    /// A client certificate with CN `cn` that no trusted CA signed.
+    pub fn rogue_client(&self, cn: &str) -> Result<ClientCert> {
+        self.client_signed(cn, |params, key| Ok(params.self_signed(key)?))
+            .map(|c| {
+                let rogue = ClientCert {
+                    cert: c.cert.with_extension("rogue.pem"),
+                    key: c.key.with_extension("rogue.key"),
+                };
+                let _ = std::fs::rename(&c.cert, &rogue.cert);
+                let _ = std::fs::rename(&c.key, &rogue.key);
+                rogue
+            })
+    }
+
+    fn client_signed(
+        &self,
+        cn: &str,
+        sign: impl FnOnce(&CertificateParams, &KeyPair) -> Result<rcgen::Certificate>,
+    ) -> Result<ClientCert> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = named(cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = sign(&params, &key)?;
+        let safe: String = cn
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let out = ClientCert {
+            cert: self.dir.path().join(format!("client-{safe}.pem")),
+            key: self.dir.path().join(format!("client-{safe}.key")),
+        };
+        std::fs::write(&out.cert, cert.pem())?;
+        std::fs::write(&out.key, key.serialize_pem())?;
+        Ok(out)
+    }
+
+    /// The endpoint's TLS settings: client certificates checked against the
+    /// CA, required or optional.
+    pub fn server(&self, client_ca: bool, require_client_cert: bool) -> ingest::tls::TlsConfig {
+        ingest::tls::TlsConfig {
+            cert: self.server_cert.clone(),
+            key: self.server_key.clone(),
+            client_ca: client_ca.then(|| self.ca_cert.clone()),
+            require_client_cert,
+        }
+    }
+
+    /// A rustls client that trusts the CA, presenting `client` if given.
+    pub fn client_config(&self, client: Option<&ClientCert>) -> Result<Arc<rustls::ClientConfig>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(&self.ca_cert)? {
+            roots.add(ca?)?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some(c) => builder.with_client_auth_cert(certs(&c.cert)?, key(&c.key)?)?,
+        };
+        Ok(Arc::new(config))
+    }
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_file_iter(path)?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// rumqttc's transport for a TLS connection with `config`.
+pub fn transport(config: Arc<rustls::ClientConfig>) -> rumqttc::Transport {
+    rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
+}

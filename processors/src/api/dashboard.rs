@@ -1,0 +1,107 @@
+//! The dashboard: a page, a script and a style sheet compiled into the
+//! binary, so it works without network access, npm or third-party code, and
+//! is always the version that matches the API it reads.
+//!
+//! The files are public (the guard lets them through); the data they fetch
+//! goes through the same authentication as any other client, with a bearer
+//! token the page asks for when the API answers 401.
+
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+const INDEX_HTML: &str = include_str!("dashboard/index.html");
+const APP_JS: &str = include_str!("dashboard/app.js");
+const STYLE_CSS: &str = include_str!("dashboard/style.css");
+
+/// Same-origin only: the page loads nothing from elsewhere and talks only to
+/// this API, so an injected script or a framing page has nothing to reach.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
+    form-action 'none'; frame-ancestors 'none'";
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    let mut resp = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    // Revalidate every load: the files change with the binary, not the URL.
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+pub async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+pub async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use crate::api::guard::{ApiLimits, Guard, Tokens};
+    use crate::api::{ApiState, app};
+    use crate::config::AggregateConfig;
+    use crate::store::memory::MemoryStore;
+
+    async fn get(state: &ApiState, path: &str) -> (StatusCode, String, String) {
+        let resp = app(state.clone())
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, ct, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_page_and_its_files_are_served_without_a_token() {
+        let mut state = ApiState::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(AggregateConfig::default()),
+        );
+        let tokens = Tokens::parse("dashboard-test-token-0001 read").unwrap();
+        state.guard = Arc::new(Guard::new(Some(tokens), ApiLimits::default()));
+        let (status, ct, body) = get(&state, "/").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(ct.starts_with("text/html"), "{ct}");
+        assert!(body.contains("/dashboard/app.js"), "{body}");
+        let (status, ct, body) = get(&state, "/dashboard/app.js").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(ct.starts_with("text/javascript"), "{ct}");
+        assert!(body.contains("Authorization"));
+        let (status, ct, _) = get(&state, "/dashboard/style.css").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(ct.starts_with("text/css"), "{ct}");
+        // The data behind it still needs the token.
+        let (status, _, _) = get(&state, "/v1/stats").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+}

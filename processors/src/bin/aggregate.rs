@@ -1,0 +1,19 @@
+//! The `aggregate` Lambda function: Kinesis batches into DynamoDB rollups.
+//! Configuration: see `processors::lambda::env`.
+
+use std::sync::Arc;
+
+use processors::lambda::aggregate::{self, AggregateHandler};
+use processors::lambda::env::FunctionConfig;
+use processors::lambda::lazy::LazyDynamoStore;
+use stream::kinesis::AwsConfig;
+
+// One invocation at a time per process: a single-threaded runtime starts
+// faster and loses nothing.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    lambda_runtime::tracing::init_default_subscriber();
+    let config = FunctionConfig::from_env()?;
+    let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
+    aggregate::run(AggregateHandler::new(Arc::new(store), config.aggregate)).await
+}

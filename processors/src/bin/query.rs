@@ -1,0 +1,20 @@
+//! The `query` Lambda function: the query API behind API Gateway.
+//! Configuration: see `processors::lambda::env`.
+
+use std::sync::Arc;
+
+use processors::api::ApiState;
+use processors::lambda::env::FunctionConfig;
+use processors::lambda::lazy::LazyDynamoStore;
+use processors::lambda::query;
+use stream::kinesis::AwsConfig;
+
+// One request at a time per process: a single-threaded runtime starts
+// faster and loses nothing.
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), lambda_http::Error> {
+    lambda_http::tracing::init_default_subscriber();
+    let config = FunctionConfig::from_env()?;
+    let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
+    query::run(ApiState::new(Arc::new(store), Arc::new(config.aggregate))).await
+}

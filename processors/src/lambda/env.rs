@@ -1,0 +1,187 @@
+//! The functions' configuration, from environment variables.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `TABLE_NAME` | the rollup table | required |
+//! | `RESOLUTIONS` | stored resolutions, ascending | `1m,1h,1d` |
+//! | `RETENTION` | per resolution, how long a window is kept | `7d,90d,1098d` |
+//! | `ALLOWED_LATENESS` | how long after its end a window accepts readings | `1h` |
+//! | `STREAM_RETENTION` | the Kinesis stream's retention | `24h` |
+//! | `DEAD_LETTER_RETENTION` | how long dead letters are kept | `7d` |
+//!
+//! Durations are an integer and a unit: `ms`, `s`, `m`, `h` or `d`.
+//! `AWS_ENDPOINT_URL` (read by the SDK itself) points the clients at a
+//! stand-in.
+
+use schemas::Resolution;
+
+use crate::config::AggregateConfig;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EnvError {
+    #[error("environment variable {0} is required")]
+    Missing(&'static str),
+    #[error("environment variable {name}: {detail}")]
+    Invalid { name: &'static str, detail: String },
+}
+
+/// What both functions are configured with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionConfig {
+    pub table_name: String,
+    pub aggregate: AggregateConfig,
+}
+
+impl FunctionConfig {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, EnvError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `var`, so tests need not touch the process
+    /// environment.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        let table_name = var("TABLE_NAME")
+            .filter(|t| !t.is_empty())
+            .ok_or(EnvError::Missing("TABLE_NAME"))?;
+        let mut cfg = AggregateConfig::default();
+        if let Some(list) = var("RESOLUTIONS") {
+            cfg.resolutions = list
+                .split(',')
+                .map(|r| r.trim().parse::<Resolution>())
+                .collect::<Result<_, _>>()
+                .map_err(|detail| EnvError::Invalid {
+                    name: "RESOLUTIONS",
+                    detail,
+                })?;
+            if var("RETENTION").is_none() {
+                // Keep the default retentions aligned with the new list.
+                cfg.retention_ms = cfg
+                    .resolutions
+                    .iter()
+                    .map(|r| default_retention_ms(*r))
+                    .collect();
+            }
+        }
+        if let Some(list) = var("RETENTION") {
+            cfg.retention_ms = list
+                .split(',')
+                .map(|d| duration_ms("RETENTION", d.trim()))
+                .collect::<Result<_, _>>()?;
+        }
+        let durations: [(&'static str, &mut i64); 3] = [
+            ("ALLOWED_LATENESS", &mut cfg.allowed_lateness_ms),
+            ("STREAM_RETENTION", &mut cfg.stream_retention_ms),
+            ("DEAD_LETTER_RETENTION", &mut cfg.dead_letter_retention_ms),
+        ];
+        for (name, slot) in durations {
+            if let Some(value) = var(name) {
+                *slot = duration_ms(name, value.trim())?;
+            }
+        }
+        cfg.validate().map_err(|detail| EnvError::Invalid {
+            name: "RESOLUTIONS",
+            detail,
+        })?;
+        Ok(FunctionConfig {
+            table_name,
+            aggregate: cfg,
+        })
+    }
+}
+
+/// The retention [`AggregateConfig::default`] gives a resolution like `r`.
+fn default_retention_ms(r: Resolution) -> i64 {
+    if r.ms() < Resolution::HOUR {
+        7 * Resolution::DAY
+    } else if r.ms() < Resolution::DAY {
+        90 * Resolution::DAY
+    } else {
+        3 * 366 * Resolution::DAY
+    }
+}
+
+/// `90s`, `1h`, `500ms`, `0` as milliseconds.
+fn duration_ms(name: &'static str, text: &str) -> Result<i64, EnvError> {
+    let invalid = || EnvError::Invalid {
+        name,
+        detail: format!("`{text}` is not a duration like 500ms, 90s, 15m, 1h or 7d"),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: i64 = digits.parse().map_err(|_| invalid())?;
+    let unit_ms = match unit {
+        "" if n == 0 => 0,
+        "ms" => 1,
+        "s" => Resolution::SECOND,
+        "m" => Resolution::MINUTE,
+        "h" => Resolution::HOUR,
+        "d" => Resolution::DAY,
+        _ => return Err(invalid()),
+    };
+    n.checked_mul(unit_ms).ok_or_else(invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| map.get(name).cloned()
+    }
+
+    #[test]
+    fn defaults_need_only_the_table() {
+        let cfg = FunctionConfig::from_vars(vars(&[("TABLE_NAME", "rollups")])).unwrap();
+        assert_eq!(cfg.table_name, "rollups");
+        assert_eq!(cfg.aggregate, AggregateConfig::default());
+        assert_eq!(
+            FunctionConfig::from_vars(vars(&[])),
+            Err(EnvError::Missing("TABLE_NAME"))
+        );
+    }
+
+    #[test]
+    fn reads_every_setting() {
+        let cfg = FunctionConfig::from_vars(vars(&[
+            ("TABLE_NAME", "t"),
+            ("RESOLUTIONS", "1m, 15m"),
+            ("ALLOWED_LATENESS", "90s"),
+            ("STREAM_RETENTION", "7d"),
+            ("DEAD_LETTER_RETENTION", "0"),
+        ]))
+        .unwrap();
+        let a = cfg.aggregate;
+        assert_eq!(a.resolutions.len(), 2);
+        assert_eq!(
+            a.retention_ms,
+            vec![7 * Resolution::DAY, 7 * Resolution::DAY]
+        );
+        assert_eq!(a.allowed_lateness_ms, 90_000);
+        assert_eq!(a.stream_retention_ms, 7 * Resolution::DAY);
+        assert_eq!(a.dead_letter_retention_ms, 0);
+    }
+
+    #[test]
+    fn refuses_bad_values_by_name() {
+        for (name, value) in [
+            ("ALLOWED_LATENESS", "1 hour"),
+            ("ALLOWED_LATENESS", "5"),
+            ("RESOLUTIONS", "1h,1m"),
+            ("RETENTION", "7d"),
+        ] {
+            let err =
+                FunctionConfig::from_vars(vars(&[("TABLE_NAME", "t"), (name, value)])).unwrap_err();
+            assert!(
+                matches!(err, EnvError::Invalid { .. }),
+                "{name}={value}: {err:?}"
+            );
+        }
+    }
+}

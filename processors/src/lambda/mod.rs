@@ -1,0 +1,21 @@
+//! The processors as AWS Lambda functions: thin shells around the same
+//! functions the local loop and the local API use.
+//!
+//! - `env`: the functions' configuration, read from environment variables
+//!   once at start.
+//! - `aggregate`: the Kinesis event handler around
+//!   [`crate::run::process_batch`], reporting per-record failures.
+//! - `query`: the query API router served through `lambda_http`.
+//! - `lazy`: the DynamoDB store built on first use, for short cold starts.
+//!
+//! The binaries in `src/bin/` only read the environment, build clients and
+//! call [`aggregate::run`] or [`query::run`].
+//!
+//! **Architecture Invariant:** nothing survives between invocations but
+//! clients and configuration; a batch is reported successful only once its
+//! effect is durable in the store.
+
+pub mod aggregate;
+pub mod env;
+pub mod lazy;
+pub mod query;

@@ -1,0 +1,219 @@
+//! The store contract and DynamoDB specifics, run against moto.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use processors::keys::ItemKey;
+use processors::store::dynamodb::DynamoStore;
+use processors::store::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Write};
+use schemas::state::{Item, ItemState};
+use stream::kinesis::testing::{moto_config, unique_name};
+
+async fn fresh_store() -> DynamoStore {
+    let store = DynamoStore::connect(&moto_config().unwrap(), &unique_name("rollups")).await;
+    store.create_table().await.unwrap();
+    store
+}
+
+fn counter(shard: &str, name: &str) -> ItemKey {
+    ItemKey::Counter {
+        shard: shard.into(),
+        name: name.into(),
+    }
+}
+
+fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
+    Write {
+        key,
+        condition,
+        item: Item {
+            applied: Default::default(),
+            state: ItemState::Counter(n),
+        },
+        expires_at: None,
+    }
+}
+
+fn value(item: &Item) -> u64 {
+    match item.state {
+        ItemState::Counter(n) => n,
+        ref other => panic!("expected a counter, found {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn conformance() {
+    processors::store::conformance::run(&fresh_store().await).await;
+}
+
+#[tokio::test]
+async fn create_table_twice_is_fine() {
+    let store = fresh_store().await;
+    store.create_table().await.unwrap();
+    let ttl = store
+        .client()
+        .describe_time_to_live()
+        .table_name(store.table_name())
+        .send()
+        .await
+        .unwrap();
+    let desc = ttl.time_to_live_description().unwrap();
+    assert_eq!(desc.attribute_name(), Some("ttl"));
+}
+
+#[tokio::test]
+async fn loads_more_keys_than_one_batch_holds_in_order() {
+    let store = fresh_store().await;
+    let writes: Vec<Write> = (0..150)
+        .map(|i| write(counter("s", &format!("{i:03}")), Condition::Absent, i))
+        .collect();
+    store
+        .commit(Commit {
+            writes,
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    // 250 keys: every written one (reversed), a repeat, and 99 missing ones.
+    let mut keys: Vec<ItemKey> = (0..150)
+        .rev()
+        .map(|i| counter("s", &format!("{i:03}")))
+        .collect();
+    keys.push(counter("s", "007"));
+    keys.extend((0..99).map(|i| counter("missing", &i.to_string())));
+    let loaded = store.load(&keys).await.unwrap();
+    assert_eq!(loaded.len(), keys.len());
+    for (i, stored) in loaded.iter().take(150).enumerate() {
+        assert_eq!(value(&stored.as_ref().unwrap().item), 149 - i as u64);
+    }
+    assert_eq!(value(&loaded[150].as_ref().unwrap().item), 7);
+    assert!(loaded[151..].iter().all(Option::is_none));
+}
+
+#[tokio::test]
+async fn expiry_is_stored_as_ttl_seconds_rounded_up() {
+    let store = fresh_store().await;
+    let key = counter("s", "ttl");
+    let mut w = write(key.clone(), Condition::Absent, 1);
+    w.expires_at = Some(1_764_240_000_001);
+    store
+        .commit(Commit {
+            writes: vec![w],
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    let raw = store
+        .client()
+        .get_item()
+        .table_name(store.table_name())
+        .key("pk", AttributeValue::S(key.pk()))
+        .key("sk", AttributeValue::S(key.sk()))
+        .send()
+        .await
+        .unwrap();
+    let item = raw.item().unwrap();
+    assert_eq!(item["ttl"].as_n().unwrap(), "1764240001");
+    assert_eq!(item["v"].as_n().unwrap(), "1");
+    assert!(item["s"].as_b().is_ok());
+}
+
+#[tokio::test]
+async fn a_failed_write_keeps_then_from_starting() {
+    let store = fresh_store().await;
+    let (a, b) = (counter("s", "a"), counter("s", "b"));
+    store
+        .commit(Commit {
+            writes: vec![write(a.clone(), Condition::Absent, 1)],
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    let stale = Commit {
+        writes: vec![write(a.clone(), Condition::Version(41), 2)],
+        then: vec![write(b.clone(), Condition::Absent, 3)],
+    };
+    assert!(matches!(
+        store.commit(stale).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(store.get(&b.pk(), &b.sk()).await.unwrap().is_none());
+    assert_eq!(
+        value(&store.get(&a.pk(), &a.sk()).await.unwrap().unwrap()),
+        1
+    );
+}
+
+#[tokio::test]
+async fn ranges_end_exactly_before_to_across_pages() {
+    let store = fresh_store().await;
+    // Items of ~100 kB make DynamoDB page every ~10 items (1 MB pages).
+    let big = |i: u64| Write {
+        key: counter("r", &format!("{i:03}")),
+        condition: Condition::Absent,
+        item: Item {
+            applied: schemas::state::Applied(vec![("x".repeat(100_000), u128::from(i))]),
+            state: ItemState::Counter(i),
+        },
+        expires_at: None,
+    };
+    store
+        .commit(Commit {
+            writes: (0..30).map(big).collect(),
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    let pk = counter("r", "").pk();
+    let range = |from: &str, to: &str, limit, descending| Range {
+        pk: pk.clone(),
+        from: from.into(),
+        to: to.into(),
+        limit,
+        descending,
+    };
+    let sks = |rows: Vec<(String, Item)>| rows.into_iter().map(|(sk, _)| sk).collect::<Vec<_>>();
+    let up = store
+        .range(range("r|003", "r|027", 100, false))
+        .await
+        .unwrap();
+    let up = sks(up);
+    assert_eq!(up.len(), 24);
+    assert_eq!((up[0].as_str(), up[23].as_str()), ("r|003", "r|026"));
+    let down = sks(store.range(range("r|003", "r|027", 5, true)).await.unwrap());
+    assert_eq!(down, ["r|026", "r|025", "r|024", "r|023", "r|022"]);
+    let all_down = sks(store.range(range("", "r|010", 100, true)).await.unwrap());
+    assert_eq!(all_down.len(), 10);
+    assert_eq!(all_down[0], "r|009");
+    assert!(
+        store
+            .range(range("r|005", "r|005", 10, false))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        store
+            .range(range("r|006", "r|005", 10, false))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_missing_table_is_unavailable_not_a_panic() {
+    let store = DynamoStore::connect(&moto_config().unwrap(), &unique_name("missing")).await;
+    let loaded = store.load(&[counter("s", "a")]).await;
+    assert!(
+        matches!(loaded, Err(StoreError::Unavailable(_))),
+        "{loaded:?}"
+    );
+    let committed = store
+        .commit(Commit {
+            writes: vec![write(counter("s", "a"), Condition::Absent, 1)],
+            then: vec![],
+        })
+        .await;
+    assert!(matches!(committed, Err(StoreError::Unavailable(_))));
+}

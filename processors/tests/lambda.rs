@@ -1,0 +1,387 @@
+//! The Lambda functions' handlers on checked-in events, against DynamoDB on
+//! moto.
+//!
+//! The Kinesis event fixtures are golden files: `fixture_sources_match`
+//! rebuilds each from the readings below and compares; run with
+//! `UPDATE_FIXTURES=1` to rewrite them after a deliberate change.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use aws_lambda_events::event::kinesis::KinesisEvent;
+use aws_lambda_events::event::streams::KinesisEventResponse;
+use axum::http::StatusCode;
+use http_body_util::BodyExt;
+use processors::AggregateConfig;
+use processors::api::{ApiState, app};
+use processors::keys::ItemKey;
+use processors::lambda::aggregate::AggregateHandler;
+use processors::store::dynamodb::DynamoStore;
+use processors::store::{Commit, RollupQuery, RollupStore, StoreError, Stored};
+use schemas::state::ItemState;
+use schemas::{Metric, PackedRecord, Reading, Resolution};
+use serde_json::{Value, json};
+use stream::kinesis::testing::{moto_config, unique_name};
+use tower::ServiceExt;
+
+/// A minute boundary: 2025-11-27T10:40:00Z.
+const T0: i64 = 1_764_240_000_000;
+const SHARD: &str = "shardId-000000000000";
+const STREAM_ARN: &str = "arn:aws:kinesis:us-east-1:123456789012:stream/iotpipe-telemetry";
+/// Sequence numbers as a stream of this age hands them out, small enough
+/// for [`stream::SeqNo`].
+const SEQ_BASE: u128 = 49_655_000_000_000_000_000_000_000_000_000_000_000;
+
+fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// One Kinesis event record as the event source mapping writes it.
+fn event_record(n: usize, partition_key: &str, data: &[u8], arrival_ms: i64) -> Value {
+    use base64::Engine;
+    let seq = (SEQ_BASE + n as u128 * 1_000).to_string();
+    json!({
+        "kinesis": {
+            "kinesisSchemaVersion": "1.0",
+            "partitionKey": partition_key,
+            "sequenceNumber": seq,
+            "data": base64::engine::general_purpose::STANDARD.encode(data),
+            "approximateArrivalTimestamp": arrival_ms as f64 / 1000.0,
+        },
+        "eventSource": "aws:kinesis",
+        "eventVersion": "1.0",
+        "eventID": format!("{SHARD}:{seq}"),
+        "eventName": "aws:kinesis:record",
+        "invokeIdentityArn": "arn:aws:iam::123456789012:role/iotpipe-aggregate",
+        "awsRegion": "us-east-1",
+        "eventSourceARN": STREAM_ARN,
+    })
+}
+
+/// The IoT rule's shape: payload fields plus `device_id`, `fleet` and
+/// `received_at`; one message that is not JSON at all.
+fn iot_rule_event() -> Value {
+    let mut records = Vec::new();
+    for i in 0..6usize {
+        let device = if i % 2 == 0 { "dev-1" } else { "dev-2" };
+        let ts = T0 + 5_000 * i as i64;
+        let message = json!({
+            "seq": i / 2 + 1,
+            "ts": ts,
+            "metrics": {"temperature": 20.0 + i as f64, "humidity": 40.5},
+            "device_id": device,
+            "fleet": "f1",
+            "received_at": ts + 250,
+        });
+        records.push(event_record(
+            i,
+            device,
+            message.to_string().as_bytes(),
+            ts + 300,
+        ));
+    }
+    records.push(event_record(6, "dev-3", b"temperature=21", T0 + 40_000));
+    json!({ "Records": records })
+}
+
+/// iotpipe's packed records: several readings of one device per record.
+fn packed_event() -> Value {
+    let mut records = Vec::new();
+    for (i, device) in ["dev-7", "dev-8", "dev-7"].into_iter().enumerate() {
+        let base = T0 + 20_000 * i as i64;
+        let packed = PackedRecord {
+            device_id: device.into(),
+            fleet: "f2".into(),
+            received_at: base + 3_000,
+            readings: (0..3)
+                .map(|k| Reading {
+                    seq: Some((i * 3 + k) as u64),
+                    ts: base + 1_000 * k as i64,
+                    metrics: vec![Metric {
+                        name: "pressure".into(),
+                        value: 1000.0 + (i * 3 + k) as f64,
+                    }],
+                })
+                .collect(),
+        };
+        // Later in the shard than the IoT rule fixture's records, so that
+        // both can be applied to one store in that order.
+        records.push(event_record(
+            100 + i,
+            device,
+            &packed.encode(),
+            base + 3_100,
+        ));
+    }
+    json!({ "Records": records })
+}
+
+fn load_fixture(name: &str) -> KinesisEvent {
+    let text = std::fs::read_to_string(fixture_path(name)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn iot_fixture() -> KinesisEvent {
+    load_fixture("kinesis-iot-rule.json")
+}
+
+fn packed_fixture() -> KinesisEvent {
+    load_fixture("kinesis-packed.json")
+}
+
+#[test]
+fn fixture_sources_match() {
+    for (name, source) in [
+        ("kinesis-iot-rule.json", iot_rule_event as fn() -> Value),
+        ("kinesis-packed.json", packed_event),
+    ] {
+        if std::env::var_os("UPDATE_FIXTURES").is_some() {
+            let text = serde_json::to_string_pretty(&source()).unwrap();
+            std::fs::write(fixture_path(name), text + "\n").unwrap();
+        }
+        let text = std::fs::read_to_string(fixture_path(name)).unwrap();
+        let on_disk: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            on_disk,
+            source(),
+            "{name} is stale; rerun with UPDATE_FIXTURES=1"
+        );
+        // The typed event round-trips, so nothing in the fixture is ignored.
+        let event: KinesisEvent = serde_json::from_value(on_disk.clone()).unwrap();
+        assert_eq!(
+            event.records.len(),
+            on_disk["Records"].as_array().unwrap().len()
+        );
+        let again: KinesisEvent =
+            serde_json::from_value(serde_json::to_value(&event).unwrap()).unwrap();
+        assert_eq!(again, event);
+    }
+}
+
+async fn fresh_store() -> DynamoStore {
+    let store = DynamoStore::connect(&moto_config().unwrap(), &unique_name("rollups")).await;
+    store.create_table().await.unwrap();
+    store
+}
+
+fn handler(store: Arc<dyn RollupStore>) -> AggregateHandler {
+    AggregateHandler::new(store, AggregateConfig::default())
+}
+
+fn failures(response: &KinesisEventResponse) -> Vec<String> {
+    response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.clone().unwrap_or_default())
+        .collect()
+}
+
+/// Every item of the table: (pk, sk) → (version, state bytes).
+async fn snapshot(store: &DynamoStore) -> BTreeMap<(String, String), (String, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    let mut start = None;
+    loop {
+        let page = store
+            .client()
+            .scan()
+            .table_name(store.table_name())
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .unwrap();
+        for item in page.items() {
+            out.insert(
+                (
+                    item["pk"].as_s().unwrap().clone(),
+                    item["sk"].as_s().unwrap().clone(),
+                ),
+                (
+                    item["v"].as_n().unwrap().clone(),
+                    item["s"].as_b().unwrap().clone().into_inner(),
+                ),
+            );
+        }
+        match page.last_evaluated_key {
+            Some(key) => start = Some(key),
+            None => return out,
+        }
+    }
+}
+
+/// The states alone, without versions: what a reader of the rollups sees.
+fn states(
+    snapshot: &BTreeMap<(String, String), (String, Vec<u8>)>,
+) -> BTreeMap<(String, String), Vec<u8>> {
+    snapshot
+        .iter()
+        .map(|(k, (_, s))| (k.clone(), s.clone()))
+        .collect()
+}
+
+async fn window_count(store: &DynamoStore, device: &str, metric: &str, start: i64) -> u64 {
+    let key = ItemKey::DeviceWindow {
+        device: device.into(),
+        metric: metric.into(),
+        res: "1m".parse::<Resolution>().unwrap(),
+        start,
+    };
+    match store.get(&key.pk(), &key.sk()).await.unwrap() {
+        Some(item) => match item.state {
+            ItemState::Window(w) => w.count,
+            other => panic!("{other:?}"),
+        },
+        None => 0,
+    }
+}
+
+async fn counter(store: &DynamoStore, name: &str) -> u64 {
+    let key = ItemKey::Counter {
+        shard: SHARD.into(),
+        name: name.into(),
+    };
+    match store.get(&key.pk(), &key.sk()).await.unwrap() {
+        Some(item) => match item.state {
+            ItemState::Counter(n) => n,
+            other => panic!("{other:?}"),
+        },
+        None => 0,
+    }
+}
+
+#[tokio::test]
+async fn iot_rule_records_become_rollups_and_bad_ones_are_counted() {
+    let store = Arc::new(fresh_store().await);
+    let response = handler(store.clone()).handle(iot_fixture()).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(window_count(&store, "dev-1", "temperature", T0).await, 3);
+    assert_eq!(window_count(&store, "dev-2", "humidity", T0).await, 3);
+    assert_eq!(counter(&store, "accepted_readings").await, 6);
+    assert_eq!(counter(&store, "rejected:bad_record").await, 1);
+}
+
+#[tokio::test]
+async fn packed_records_become_rollups() {
+    let store = Arc::new(fresh_store().await);
+    let response = handler(store.clone()).handle(packed_fixture()).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(window_count(&store, "dev-7", "pressure", T0).await, 6);
+    assert_eq!(window_count(&store, "dev-8", "pressure", T0).await, 3);
+    assert_eq!(counter(&store, "accepted_readings").await, 9);
+}
+
+#[tokio::test]
+async fn a_replayed_batch_leaves_the_rollups_unchanged() {
+    let store = Arc::new(fresh_store().await);
+    let handler = handler(store.clone());
+    for event in [iot_fixture(), packed_fixture()] {
+        assert!(failures(&handler.handle(event).await).is_empty());
+    }
+    let once = snapshot(&store).await;
+    assert!(once.len() > 10, "{} items", once.len());
+    for event in [iot_fixture(), packed_fixture()] {
+        assert!(failures(&handler.handle(event).await).is_empty());
+    }
+    let twice = snapshot(&store).await;
+    assert_eq!(once, twice, "a replay wrote to the table");
+    assert_eq!(counter(&store, "accepted_readings").await, 15);
+}
+
+/// A store that lets the first `allow` writes of a commit land and then
+/// fails, like a crash halfway through a batch.
+struct Faulty {
+    inner: Arc<DynamoStore>,
+    allow: usize,
+    commits: AtomicUsize,
+}
+
+#[async_trait]
+impl RollupStore for Faulty {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+        self.inner.load(keys).await
+    }
+
+    async fn commit(&self, mut commit: Commit) -> Result<(), StoreError> {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        commit.writes.truncate(self.allow);
+        commit.then.clear();
+        self.inner.commit(commit).await?;
+        Err(StoreError::Unavailable("injected: throttled".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_store_fault_names_the_first_record_and_a_retry_is_exact() {
+    // The reference: the same event on a healthy store.
+    let clean = Arc::new(fresh_store().await);
+    let event = iot_fixture();
+    assert!(failures(&handler(clean.clone()).handle(event.clone()).await).is_empty());
+
+    let store = Arc::new(fresh_store().await);
+    let faulty = Arc::new(Faulty {
+        inner: store.clone(),
+        allow: 5,
+        commits: AtomicUsize::new(0),
+    });
+    let response = handler(faulty.clone()).handle(event.clone()).await;
+    let first = event.records[0].kinesis.sequence_number.clone();
+    assert_eq!(failures(&response), [first]);
+    assert!(faulty.commits.load(Ordering::Relaxed) >= 1);
+    assert!(
+        !snapshot(&store).await.is_empty(),
+        "the fault should leave part of the batch behind"
+    );
+
+    // Lambda retries from the reported record: here, the whole batch.
+    let response = handler(store.clone()).handle(event).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(
+        states(&snapshot(&store).await),
+        states(&snapshot(&clean).await)
+    );
+}
+
+#[tokio::test]
+async fn a_sequence_number_beyond_128_bits_stops_the_shard_before_it() {
+    let store = Arc::new(fresh_store().await);
+    let mut event = iot_fixture();
+    // A real stream's 56-digit sequence number on the third record.
+    let big = "49590338271490256608559692538361571095921575989136588898".to_string();
+    event.records[2].kinesis.sequence_number = big.clone();
+    let response = handler(store.clone()).handle(event).await;
+    assert_eq!(failures(&response), [big]);
+    // The two records before it are applied: one reading each.
+    assert_eq!(counter(&store, "accepted_readings").await, 2);
+}
+
+#[tokio::test]
+async fn the_query_function_answers_api_gateway_requests_from_dynamodb() {
+    let store = Arc::new(fresh_store().await);
+    assert!(failures(&handler(store.clone()).handle(iot_fixture()).await).is_empty());
+    let text = std::fs::read_to_string(fixture_path("apigw-http-get-device.json")).unwrap();
+    let request = lambda_http::request::from_str(&text).unwrap();
+    let state = ApiState::new(store, Arc::new(AggregateConfig::default()));
+    let response = app(state).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let device: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(device["device_id"], "dev-1");
+    assert_eq!(device["fleet"], "f1");
+    assert_eq!(device["metrics"]["temperature"]["value"], 24.0);
+}
+
+#[tokio::test]
+async fn the_lazy_store_connects_on_first_use() {
+    let table = fresh_store().await;
+    let lazy =
+        processors::lambda::lazy::LazyDynamoStore::new(moto_config().unwrap(), table.table_name());
+    let response = handler(Arc::new(lazy)).handle(packed_fixture()).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    assert_eq!(window_count(&table, "dev-8", "pressure", T0).await, 3);
+}

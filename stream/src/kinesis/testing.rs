@@ -1,0 +1,111 @@
+//! Test support: one moto server per test binary, standing in for Kinesis
+//! and DynamoDB.
+//!
+//! `MOTO_ENDPOINT`, when set, names a running server to use instead. Else the
+//! first caller starts `moto_server` on a free loopback port through a small
+//! shell that holds the server's lifetime to this process: the shell waits
+//! on a pipe from us and kills the server when the pipe closes, which
+//! happens however the test binary exits.
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::client::AwsConfig;
+
+/// moto takes about a second to import; a loaded machine may take longer.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Server {
+    endpoint: String,
+    /// Held open until the process exits: its closing stops the server.
+    _guard: Option<Mutex<Child>>,
+}
+
+static SERVER: OnceLock<Result<Server, String>> = OnceLock::new();
+
+/// The stand-in's URL, starting it on first use.
+pub fn moto_endpoint() -> Result<String, String> {
+    SERVER
+        .get_or_init(start)
+        .as_ref()
+        .map(|s| s.endpoint.clone())
+        .map_err(Clone::clone)
+}
+
+/// Client configuration for the stand-in.
+pub fn moto_config() -> Result<AwsConfig, String> {
+    Ok(AwsConfig::stand_in(moto_endpoint()?))
+}
+
+/// A name no other test of any test binary uses against the same server:
+/// moto keeps every stream and table until it stops.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+fn start() -> Result<Server, String> {
+    if let Ok(endpoint) = std::env::var("MOTO_ENDPOINT") {
+        return Ok(Server {
+            endpoint,
+            _guard: None,
+        });
+    }
+    if !on_path("moto_server") {
+        return Err(
+            "moto_server is not installed; these tests need it: pip install 'moto[server]'"
+                .to_string(),
+        );
+    }
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free port: {e}"))?;
+    let log = std::env::temp_dir().join(format!("iotpipe-moto-{port}.log"));
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"moto_server -H 127.0.0.1 -p "$1" >"$2" 2>&1 & server=$!; read _closed; kill "$server""#)
+        .arg("sh")
+        .arg(port.to_string())
+        .arg(&log)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting moto_server: {e}"))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match TcpStream::connect((Ipv4Addr::LOCALHOST, port)) {
+            Ok(_) => break,
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "moto_server did not listen on port {port} within {START_TIMEOUT:?} ({e}); see {}",
+                    log.display()
+                ));
+            }
+        }
+    }
+    Ok(Server {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        _guard: Some(Mutex::new(child)),
+    })
+}
