@@ -81,7 +81,7 @@ fn load(dir: &Path) -> Case {
         let records = &mut shards[shard].1;
         let seq = records.len() as u128 + 1;
         records.push(Record {
-            seq,
+            seq: seq.into(),
             partition_key: key,
             data: Bytes::from(data),
             arrival_ms: received_at,

@@ -58,7 +58,7 @@ fn batch(records: usize, devices: usize, per_record: usize, first_seq: u64) -> V
             }
             .encode();
             Record {
-                seq: first_seq as u128 + i as u128 + 1,
+                seq: (first_seq as u128 + i as u128 + 1).into(),
                 partition_key: device,
                 data: Bytes::from(data),
                 arrival_ms: T0,

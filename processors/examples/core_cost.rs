@@ -56,7 +56,7 @@ fn batch(records: usize, devices: usize, per_record: usize, first: usize) -> Vec
             }
             .encode();
             Record {
-                seq: (first * devices + i + 1) as u128,
+                seq: ((first * devices + i + 1) as u64).into(),
                 partition_key: device,
                 data: Bytes::from(data),
                 arrival_ms: T0,

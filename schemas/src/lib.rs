@@ -14,6 +14,7 @@
 //! - `rollup`: resolutions, the mergeable window aggregate, and the window
 //!   the query API returns.
 //! - `sketch`: the quantile sketch (DDSketch's mapping over sparse bins).
+//! - `seq`: stream positions, wide enough for Kinesis sequence numbers.
 //! - `state`: what the rollup store keeps per item.
 //! - `reject`: every reason input is refused for.
 //!
@@ -25,6 +26,7 @@ pub mod reading;
 pub mod record;
 pub mod reject;
 pub mod rollup;
+pub mod seq;
 pub mod sketch;
 pub mod state;
 pub mod topic;
@@ -37,4 +39,5 @@ pub use record::{
 };
 pub use reject::{RejectReason, Rejection};
 pub use rollup::{Point, Resolution, Sketch, WindowAgg, WindowView};
+pub use seq::SeqNo;
 pub use topic::Topic;

@@ -455,7 +455,7 @@ pub fn apply(
             detail: format!("{} items loaded for {} keys", slots.len(), plan.keys.len()),
         });
     }
-    let first_seq = plan.records.first().map_or(0, |r| r.seq);
+    let first_seq = plan.records.first().map_or(SeqNo::ZERO, |r| r.seq);
     // A replay: some item already holds part of this batch. Then cells are
     // merged record by record, so every item skips exactly what it holds.
     let replay = slots.iter().any(|s| s.holds(first_seq));

@@ -124,7 +124,7 @@ fn rec(seq: u128, device: &str, received_at: i64, readings: Vec<Reading>) -> Rec
     }
     .encode();
     Record {
-        seq,
+        seq: seq.into(),
         partition_key: device.into(),
         data: Bytes::from(data),
         arrival_ms: received_at,
@@ -299,13 +299,13 @@ fn refused_and_unreadable_records_are_counted_and_kept() {
     .encode();
     let batch = vec![
         Record {
-            seq: 1,
+            seq: 1u64.into(),
             partition_key: "d1".into(),
             data: Bytes::from(refused),
             arrival_ms: T0,
         },
         Record {
-            seq: 2,
+            seq: 2u64.into(),
             partition_key: "x".into(),
             data: Bytes::from_static(b"garbage"),
             arrival_ms: T0,
