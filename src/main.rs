@@ -9,6 +9,12 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use iotpipe::config::{Config, DEFAULT_TOML, LogFormat};
 
+// The pipeline allocates per message and per batch; mimalloc serves that
+// churn several times cheaper than glibc's malloc (measured with callgrind in
+// the aggregation core).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "iotpipe",

@@ -81,7 +81,7 @@ fn load(dir: &Path) -> Case {
         let records = &mut shards[shard].1;
         let seq = records.len() as u128 + 1;
         records.push(Record {
-            seq,
+            seq: seq.into(),
             partition_key: key,
             data: Bytes::from(data),
             arrival_ms: received_at,
@@ -220,10 +220,10 @@ async fn check(case: &Case, query: Arc<dyn RollupQuery>, label: &str) -> Vec<Str
             ));
             continue;
         }
-        if let Some(want) = req.get("body") {
-            if let Err(e) = matches("body", want, &body) {
-                failures.push(format!("{}/{label} request {i} {uri}: {e}", case.name));
-            }
+        if let Some(want) = req.get("body")
+            && let Err(e) = matches("body", want, &body)
+        {
+            failures.push(format!("{}/{label} request {i} {uri}: {e}", case.name));
         }
     }
     failures

@@ -34,7 +34,7 @@ impl StreamProducer for CountingProducer {
         Ok((0..n)
             .map(|i| PutOutcome::Stored {
                 shard: "shardId-000000000000".into(),
-                seq: u128::from(first) + i as u128 + 1,
+                seq: (u128::from(first) + i as u128 + 1).into(),
             })
             .collect())
     }

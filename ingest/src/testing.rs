@@ -152,10 +152,10 @@ impl StreamProducer for MemoryProducer {
                 continue;
             }
             state.records.push(record);
-            let seq = state.records.len() as u128;
+            let seq = state.records.len() as u64;
             outcomes.push(PutOutcome::Stored {
                 shard: "shardId-000000000000".into(),
-                seq,
+                seq: seq.into(),
             });
         }
         let n = state.records.len();

@@ -9,7 +9,7 @@
 //! | device latest | `d\|{device}` | `-` |
 //! | fleet member | `m\|{fleet}` | `{device}` |
 //! | counter | `c` | `{shard}\|{name}` |
-//! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:039}\|{index:05}` |
+//! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:078}\|{index:05}` |
 //!
 //! `|` cannot occur in ids or metric names, so keys never collide, and the
 //! zero-padded numbers make string order time order, which is what range
@@ -17,7 +17,7 @@
 //! has exactly one writer: a hot fleet window never serialises the pipeline,
 //! and the query merges the parts.
 
-use schemas::{RejectReason, Resolution};
+use schemas::{RejectReason, Resolution, SeqNo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ItemKey {
@@ -53,7 +53,7 @@ pub enum ItemKey {
         reason: RejectReason,
         received_at: i64,
         shard: String,
-        seq: u128,
+        seq: SeqNo,
         index: u32,
     },
 }
@@ -91,7 +91,11 @@ impl ItemKey {
                 seq,
                 index,
                 ..
-            } => format!("{}|{shard}|{seq:039}|{index:05}", time_sk(*received_at)),
+            } => format!(
+                "{}|{shard}|{}|{index:05}",
+                time_sk(*received_at),
+                seq.padded()
+            ),
         }
     }
 }

@@ -37,7 +37,7 @@ fn record(seq: u128, device: &str, fleet: &str, ts: i64, value: f64) -> Record {
     }
     .encode();
     Record {
-        seq,
+        seq: seq.into(),
         partition_key: device.into(),
         data: Bytes::from(data),
         arrival_ms: ts + 10,

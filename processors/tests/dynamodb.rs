@@ -152,7 +152,7 @@ async fn ranges_end_exactly_before_to_across_pages() {
         key: counter("r", &format!("{i:03}")),
         condition: Condition::Absent,
         item: Item {
-            applied: schemas::state::Applied(vec![("x".repeat(100_000), u128::from(i))]),
+            applied: schemas::state::Applied(vec![("x".repeat(100_000), u128::from(i).into())]),
             state: ItemState::Counter(i),
         },
         expires_at: None,

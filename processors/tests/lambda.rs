@@ -348,14 +348,30 @@ async fn a_store_fault_names_the_first_record_and_a_retry_is_exact() {
 }
 
 #[tokio::test]
-async fn a_sequence_number_beyond_128_bits_stops_the_shard_before_it() {
+async fn real_56_digit_sequence_numbers_apply_and_replay_exactly() {
     let store = Arc::new(fresh_store().await);
     let mut event = iot_fixture();
-    // A real stream's 56-digit sequence number on the third record.
-    let big = "49590338271490256608559692538361571095921575989136588898".to_string();
-    event.records[2].kinesis.sequence_number = big.clone();
+    // Real streams' sequence numbers are 56 digits (about 186 bits).
+    let base = "4959033827149025660855969253836157109592157598913658889";
+    for (i, record) in event.records.iter_mut().enumerate() {
+        record.kinesis.sequence_number = format!("{base}{i}");
+    }
+    let response = handler(store.clone()).handle(event.clone()).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    let accepted = counter(&store, "accepted_readings").await;
+    assert!(accepted > 0);
+    // The same batch again: every item already holds these positions.
+    assert!(failures(&handler(store.clone()).handle(event).await).is_empty());
+    assert_eq!(counter(&store, "accepted_readings").await, accepted);
+}
+
+#[tokio::test]
+async fn a_sequence_number_that_is_not_a_number_stops_the_shard_before_it() {
+    let store = Arc::new(fresh_store().await);
+    let mut event = iot_fixture();
+    event.records[2].kinesis.sequence_number = "not-a-number".to_string();
     let response = handler(store.clone()).handle(event).await;
-    assert_eq!(failures(&response), [big]);
+    assert_eq!(failures(&response), ["not-a-number"]);
     // The two records before it are applied: one reading each.
     assert_eq!(counter(&store, "accepted_readings").await, 2);
 }

@@ -49,13 +49,9 @@ async fn sqlite_store_keeps_items_across_reopen_and_purges_expired() {
     }
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.purge_expired(200).await.unwrap(), 1);
-    assert!(
-        store
-            .get(&key("keep").pk(), "keep")
-            .await
-            .unwrap()
-            .is_some()
-    );
-    assert!(store.get(&key("old").pk(), "old").await.unwrap().is_none());
-    assert!(store.get(&key("new").pk(), "new").await.unwrap().is_some());
+    for (name, kept) in [("keep", true), ("old", false), ("new", true)] {
+        let k = key(name);
+        let found = store.get(&k.pk(), &k.sk()).await.unwrap();
+        assert_eq!(found.is_some(), kept, "{name}");
+    }
 }

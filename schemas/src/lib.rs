@@ -11,8 +11,10 @@
 //!   version byte) carrying readings or a refused message, and
 //!   [`decode_record`], which reads it and the IoT rule's JSON.
 //! - `reading`: the reading every format carries, and its identity.
-//! - `rollup`: resolutions, the mergeable window aggregate with its quantile
-//!   sketch, and the window the query API returns.
+//! - `rollup`: resolutions, the mergeable window aggregate, and the window
+//!   the query API returns.
+//! - `sketch`: the quantile sketch (DDSketch's mapping over sparse bins).
+//! - `seq`: stream positions, wide enough for Kinesis sequence numbers.
 //! - `state`: what the rollup store keeps per item.
 //! - `reject`: every reason input is refused for.
 //!
@@ -24,12 +26,18 @@ pub mod reading;
 pub mod record;
 pub mod reject;
 pub mod rollup;
+pub mod seq;
+pub mod sketch;
 pub mod state;
 pub mod topic;
 
 pub use payload::{RuleRecord, decode_payload, decode_rule_json};
 pub use reading::{Metric, Reading, ReadingId};
-pub use record::{PackedRecord, RejectedMessage, StreamRecord, decode_record};
+pub use record::{
+    PackedRecord, PackedView, ReadingView, RecordView, RejectedMessage, StreamRecord,
+    decode_record, decode_record_view,
+};
 pub use reject::{RejectReason, Rejection};
 pub use rollup::{Point, Resolution, Sketch, WindowAgg, WindowView};
+pub use seq::SeqNo;
 pub use topic::Topic;

@@ -10,10 +10,14 @@
 //! [`RejectedMessage`]s: that way a refusal is durable before the device is
 //! acknowledged, and the processors count it exactly once, like a reading.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::payload::{RuleRecord, decode_rule_json};
-use crate::reading::{MAX_METRICS, MAX_READINGS, MAX_TS, Reading, check_metric_name};
+use crate::reading::{
+    MAX_METRICS, MAX_READINGS, MAX_TS, Metric, Reading, ReadingId, check_metric_name,
+};
 use crate::reject::{RejectReason, Rejection};
 use crate::topic::check_id;
 
@@ -125,9 +129,107 @@ impl From<RuleRecord> for PackedRecord {
     }
 }
 
+/// A packed record read in place: its strings borrow from the record's bytes
+/// (they are owned only when they came from JSON with escapes), so that the
+/// processors decode a batch without allocating every name again.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PackedView<'a> {
+    #[serde(borrow)]
+    pub device_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub fleet: Cow<'a, str>,
+    pub received_at: i64,
+    #[serde(borrow)]
+    pub readings: Vec<ReadingView<'a>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ReadingView<'a> {
+    pub seq: Option<u64>,
+    pub ts: i64,
+    #[serde(borrow)]
+    pub metrics: Vec<MetricView<'a>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MetricView<'a> {
+    #[serde(borrow)]
+    pub name: Cow<'a, str>,
+    pub value: f64,
+}
+
+impl ReadingView<'_> {
+    pub fn id(&self) -> ReadingId {
+        match self.seq {
+            Some(seq) => ReadingId::Seq(seq),
+            None => ReadingId::Ts(self.ts),
+        }
+    }
+
+    pub fn to_owned_reading(&self) -> Reading {
+        Reading {
+            seq: self.seq,
+            ts: self.ts,
+            metrics: self
+                .metrics
+                .iter()
+                .map(|m| Metric {
+                    name: m.name.to_string(),
+                    value: m.value,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl PackedView<'_> {
+    pub fn to_owned_record(&self) -> PackedRecord {
+        PackedRecord {
+            device_id: self.device_id.to_string(),
+            fleet: self.fleet.to_string(),
+            received_at: self.received_at,
+            readings: self.readings.iter().map(|r| r.to_owned_reading()).collect(),
+        }
+    }
+}
+
+impl From<RuleRecord> for PackedView<'static> {
+    fn from(r: RuleRecord) -> Self {
+        PackedView {
+            device_id: Cow::Owned(r.device_id),
+            fleet: Cow::Owned(r.fleet),
+            received_at: r.received_at,
+            readings: r
+                .readings
+                .into_iter()
+                .map(|reading| ReadingView {
+                    seq: reading.seq,
+                    ts: reading.ts,
+                    metrics: reading
+                        .metrics
+                        .into_iter()
+                        .map(|m| MetricView {
+                            name: Cow::Owned(m.name),
+                            value: m.value,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What a record holds, read in place.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub enum RecordView<'a> {
+    #[serde(borrow)]
+    Readings(PackedView<'a>),
+    Rejected(RejectedMessage),
+}
+
 /// Decodes a stream record of either shape and validates it as strictly as the
 /// endpoint validates a payload: a stream may hold records written by anyone.
-pub fn decode_record(data: &[u8]) -> Result<StreamRecord, Rejection> {
+pub fn decode_record_view(data: &[u8]) -> Result<RecordView<'_>, Rejection> {
     if let Some(rest) = data.strip_prefix(&PACKED_MAGIC) {
         let bad = |d: String| Rejection::new(RejectReason::BadRecord, d);
         let Some((&version, body)) = rest.split_first() else {
@@ -138,16 +240,16 @@ pub fn decode_record(data: &[u8]) -> Result<StreamRecord, Rejection> {
                 "packed record version {version}; this build reads {PACKED_VERSION}"
             )));
         }
-        let record: StreamRecord =
+        let record: RecordView =
             postcard::from_bytes(body).map_err(|e| bad(format!("packed record: {e}")))?;
-        if let StreamRecord::Readings(r) = &record {
-            validate_packed(r).map_err(bad)?;
+        if let RecordView::Readings(r) = &record {
+            validate(r).map_err(bad)?;
         }
         return Ok(record);
     }
     let first = data.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'{') {
-        return decode_rule_json(data).map(|r| StreamRecord::Readings(r.into()));
+        return decode_rule_json(data).map(|r| RecordView::Readings(r.into()));
     }
     Err(Rejection::new(
         RejectReason::BadRecord,
@@ -155,7 +257,15 @@ pub fn decode_record(data: &[u8]) -> Result<StreamRecord, Rejection> {
     ))
 }
 
-fn validate_packed(r: &PackedRecord) -> Result<(), String> {
+/// [`decode_record_view`], owning everything.
+pub fn decode_record(data: &[u8]) -> Result<StreamRecord, Rejection> {
+    decode_record_view(data).map(|v| match v {
+        RecordView::Readings(r) => StreamRecord::Readings(r.to_owned_record()),
+        RecordView::Rejected(m) => StreamRecord::Rejected(m),
+    })
+}
+
+fn validate(r: &PackedView) -> Result<(), String> {
     check_id("device_id", &r.device_id)?;
     check_id("fleet", &r.fleet)?;
     if r.readings.is_empty() || r.readings.len() > MAX_READINGS {
@@ -181,7 +291,6 @@ fn validate_packed(r: &PackedRecord) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reading::Metric;
 
     fn sample() -> PackedRecord {
         PackedRecord {
@@ -207,6 +316,17 @@ mod tests {
         assert_eq!(bytes[3], PACKED_VERSION);
         assert_eq!(bytes, StreamRecord::Readings(r.clone()).encode());
         assert_eq!(decode_record(&bytes).unwrap(), StreamRecord::Readings(r));
+    }
+
+    #[test]
+    fn views_borrow_from_the_record() {
+        let bytes = sample().encode();
+        let RecordView::Readings(view) = decode_record_view(&bytes).unwrap() else {
+            panic!("not readings");
+        };
+        assert!(matches!(view.device_id, Cow::Borrowed(_)));
+        assert!(matches!(view.readings[0].metrics[0].name, Cow::Borrowed(_)));
+        assert_eq!(view.to_owned_record(), sample());
     }
 
     #[test]

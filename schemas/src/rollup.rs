@@ -4,8 +4,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use sketches_ddsketch::{Config as SketchConfig, DDSketch};
+use serde::{Deserialize, Serialize};
+
+pub use crate::sketch::Sketch;
 
 /// A tumbling window length, aligned to the UTC epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -114,129 +115,6 @@ impl Point {
     /// on the order in which readings arrive.
     fn before(&self, other: &Point) -> bool {
         self.ts < other.ts || (self.ts == other.ts && self.value.total_cmp(&other.value).is_lt())
-    }
-}
-
-/// Relative accuracy of the quantile sketch.
-pub const SKETCH_ALPHA: f64 = 0.01;
-
-/// A DDSketch of a window's values: quantiles within 1% relative error, and an
-/// exact merge, so that coarser windows and fleet series combine losslessly.
-/// Stored in DataDog's portable sketch encoding.
-#[derive(Clone)]
-pub struct Sketch(DDSketch);
-
-impl Sketch {
-    pub fn new() -> Self {
-        Sketch(DDSketch::new(sketch_config()))
-    }
-
-    pub fn add(&mut self, v: f64) {
-        self.0.add(v);
-    }
-
-    pub fn merge(&mut self, other: &Sketch) {
-        // Every sketch iotpipe builds or decodes uses the same configuration, so
-        // a merge error cannot happen; ignoring it keeps this total.
-        let _ = self.0.merge(&other.0);
-    }
-
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        self.0.quantile(q).ok().flatten()
-    }
-
-    pub fn count(&self) -> usize {
-        self.0.count()
-    }
-
-    pub fn to_bytes(&self) -> Vec<u8> {
-        self.0.to_java_bytes()
-    }
-
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let decoded = DDSketch::from_java_bytes(bytes).map_err(|e| e.to_string())?;
-        // Re-home the bins in our configuration so every sketch merges with
-        // every other.
-        let mut sketch = Sketch::new();
-        sketch
-            .0
-            .merge(&decoded)
-            .map_err(|_| "sketch has a different relative accuracy".to_string())?;
-        Ok(sketch)
-    }
-}
-
-fn sketch_config() -> SketchConfig {
-    SketchConfig::new(SKETCH_ALPHA, 2048, 1e-9)
-}
-
-impl Default for Sketch {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl fmt::Debug for Sketch {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Sketch({} values)", self.0.count())
-    }
-}
-
-impl Serialize for Sketch {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.to_bytes())
-    }
-}
-
-impl<'de> Deserialize<'de> for Sketch {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let bytes: serde_bytes_compat::ByteBuf = Deserialize::deserialize(d)?;
-        if bytes.0.is_empty() {
-            return Ok(Sketch::new());
-        }
-        Sketch::from_bytes(&bytes.0).map_err(serde::de::Error::custom)
-    }
-}
-
-/// Reads bytes that were written with `serialize_bytes`, without pulling in a
-/// crate for it.
-mod serde_bytes_compat {
-    use std::fmt;
-
-    use serde::de::{self, SeqAccess, Visitor};
-
-    pub struct ByteBuf(pub Vec<u8>);
-
-    impl<'de> serde::Deserialize<'de> for ByteBuf {
-        fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            d.deserialize_byte_buf(BytesVisitor)
-        }
-    }
-
-    struct BytesVisitor;
-
-    impl<'de> Visitor<'de> for BytesVisitor {
-        type Value = ByteBuf;
-
-        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-            f.write_str("bytes")
-        }
-
-        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
-            Ok(ByteBuf(v.to_vec()))
-        }
-
-        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
-            Ok(ByteBuf(v))
-        }
-
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ByteBuf, A::Error> {
-            let mut out = Vec::new();
-            while let Some(b) = seq.next_element::<u8>()? {
-                out.push(b);
-            }
-            Ok(ByteBuf(out))
-        }
     }
 }
 

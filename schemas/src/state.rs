@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::reading::ReadingId;
 use crate::reject::RejectReason;
 use crate::rollup::{Point, WindowAgg};
+use crate::seq::SeqNo;
 
 /// The version byte in front of every stored item.
 pub const STATE_VERSION: u8 = 1;
@@ -58,19 +59,19 @@ impl Item {
 /// Highest applied stream sequence number per shard. Almost always one entry:
 /// every item has a single writing shard, except across a resharding.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Applied(pub Vec<(String, u128)>);
+pub struct Applied(pub Vec<(String, SeqNo)>);
 
 impl Applied {
-    pub fn get(&self, shard: &str) -> Option<u128> {
+    pub fn get(&self, shard: &str) -> Option<SeqNo> {
         self.0.iter().find(|(s, _)| s == shard).map(|(_, seq)| *seq)
     }
 
     /// Whether the record at `seq` of `shard` is already folded in.
-    pub fn contains(&self, shard: &str, seq: u128) -> bool {
+    pub fn contains(&self, shard: &str, seq: SeqNo) -> bool {
         self.get(shard).is_some_and(|applied| seq <= applied)
     }
 
-    pub fn advance(&mut self, shard: &str, seq: u128) {
+    pub fn advance(&mut self, shard: &str, seq: SeqNo) {
         match self.0.iter_mut().find(|(s, _)| s == shard) {
             Some((_, applied)) => *applied = (*applied).max(seq),
             None => self.0.push((shard.to_string(), seq)),
@@ -196,7 +197,7 @@ pub struct DeadLetter {
     pub payload_len: u64,
     /// Where the refusal sits in the stream.
     pub shard: String,
-    pub seq: u128,
+    pub seq: SeqNo,
 }
 
 #[cfg(test)]
@@ -243,12 +244,13 @@ mod tests {
     #[test]
     fn applied_marks_per_shard() {
         let mut a = Applied::default();
-        assert!(!a.contains("s0", 0));
-        a.advance("s0", 10);
-        a.advance("s0", 4);
-        assert!(a.contains("s0", 10));
-        assert!(!a.contains("s0", 11));
-        assert!(!a.contains("s1", 1));
+        let n = SeqNo::from;
+        assert!(!a.contains("s0", n(0u64)));
+        a.advance("s0", n(10u64));
+        a.advance("s0", n(4u64));
+        assert!(a.contains("s0", n(10u64)));
+        assert!(!a.contains("s0", n(11u64)));
+        assert!(!a.contains("s1", n(1u64)));
     }
 
     #[test]
@@ -264,7 +266,7 @@ mod tests {
     #[test]
     fn items_round_trip() {
         let mut item = Item::default();
-        item.applied.advance("shard-0", 77);
+        item.applied.advance("shard-0", SeqNo::from(77u64));
         let mut set = DedupSet::default();
         set.insert(ReadingId::Seq(1));
         item.state = ItemState::Dedup(set.clone());

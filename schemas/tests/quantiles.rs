@@ -75,7 +75,7 @@ fn quantiles_are_within_one_percent() {
                 "{shape}: merge is not exact"
             );
         }
-        let stored = Sketch::from_bytes(&whole.to_bytes()).unwrap();
+        let stored: Sketch = postcard::from_bytes(&postcard::to_allocvec(&whole).unwrap()).unwrap();
         assert_eq!(
             stored.quantile(0.99),
             whole.quantile(0.99),

@@ -515,7 +515,7 @@ mod tests {
                     stored.push(r);
                     PutOutcome::Stored {
                         shard: "shard-0".into(),
-                        seq: stored.len() as SeqNo,
+                        seq: SeqNo::from(stored.len() as u64),
                     }
                 })
                 .collect())
@@ -655,7 +655,7 @@ mod tests {
                     unreachable!()
                 };
                 assert_eq!(
-                    &stored[*seq as usize - 1],
+                    &stored[seq.to_u64().unwrap_or(0) as usize - 1],
                     r,
                     "outcome names another record"
                 );
@@ -776,7 +776,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, (1..=500).collect::<Vec<SeqNo>>());
+        assert_eq!(seen, (1..=500u64).map(SeqNo::from).collect::<Vec<SeqNo>>());
         let counts = f.injected.snapshot();
         assert_eq!(counts.read_errors, calls - 500);
         assert_eq!(counts.checkpoint_errors, checkpoint_failures);

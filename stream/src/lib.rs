@@ -32,9 +32,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-/// A position in a shard. Kinesis sequence numbers are decimal strings of up to
-/// 128 bits; the embedded log counts from 1.
-pub type SeqNo = u128;
+/// A position in a shard (wide enough for Kinesis sequence numbers).
+pub use schemas::SeqNo;
 
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]

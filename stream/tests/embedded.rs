@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use stream::embedded::{EmbeddedConfig, EmbeddedLog, EmbeddedReader, OpenError};
-use stream::{
-    ProduceError, PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer,
-};
+use stream::{ProduceError, PutOutcome, PutRecord, ReadError, Record, ShardReader, StreamProducer};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -33,13 +31,24 @@ fn record(key: &str, n: usize, len: usize) -> PutRecord {
 
 /// Puts `records` and returns each one's sequence number, failing the test
 /// on any failed record.
+/// The embedded log numbers records 1, 2, 3, ...: these tests speak u64.
+type SeqNo = u64;
+
+fn pos(seq: stream::SeqNo) -> SeqNo {
+    seq.to_u64().expect("embedded positions fit a u64")
+}
+
+fn s(seq: SeqNo) -> stream::SeqNo {
+    stream::SeqNo::from(seq)
+}
+
 async fn put(log: &EmbeddedLog, records: Vec<PutRecord>) -> Vec<SeqNo> {
     log.put(records)
         .await
         .unwrap()
         .into_iter()
         .map(|o| match o {
-            PutOutcome::Stored { seq, .. } => seq,
+            PutOutcome::Stored { seq, .. } => pos(seq),
             PutOutcome::Failed { message, .. } => panic!("put failed: {message}"),
         })
         .collect()
@@ -63,12 +72,12 @@ async fn nothing_more(reader: &mut EmbeddedReader) {
     assert!(
         batch.is_empty(),
         "unexpected records {:?}",
-        batch.iter().map(|r| r.seq).collect::<Vec<_>>()
+        batch.iter().map(|r| pos(r.seq)).collect::<Vec<_>>()
     );
 }
 
 fn seqs(records: &[Record]) -> Vec<SeqNo> {
-    records.iter().map(|r| r.seq).collect()
+    records.iter().map(|r| pos(r.seq)).collect()
 }
 
 fn segments(dir: &Path, shard: &str) -> Vec<PathBuf> {
@@ -123,7 +132,7 @@ async fn bad_records_and_names_are_refused() {
         ])
         .await
         .unwrap();
-    assert!(matches!(outcomes[0], PutOutcome::Stored { seq: 1, .. }));
+    assert!(matches!(&outcomes[0], PutOutcome::Stored { seq, .. } if pos(*seq) == 1));
     assert!(matches!(
         outcomes[1],
         PutOutcome::Failed {
@@ -138,7 +147,7 @@ async fn bad_records_and_names_are_refused() {
             ..
         }
     ));
-    assert!(matches!(outcomes[3], PutOutcome::Stored { seq: 2, .. }));
+    assert!(matches!(&outcomes[3], PutOutcome::Stored { seq, .. } if pos(*seq) == 2));
     assert!(log.put(Vec::new()).await.unwrap().is_empty());
 
     assert!(matches!(
@@ -156,7 +165,7 @@ async fn bad_records_and_names_are_refused() {
     }
     let mut reader = log.reader(log.shard_of("ok"), "c").unwrap();
     assert!(matches!(
-        reader.checkpoint(3).await,
+        reader.checkpoint(s(3)).await,
         Err(ReadError::InvalidArgument(_))
     ));
 }
@@ -200,8 +209,8 @@ async fn restart_keeps_records_and_sequence_numbers() {
             log.recovery()
                 .iter()
                 .find(|r| r.shard == shard)
-                .unwrap()
-                .next_seq,
+                .map(|r| pos(r.next_seq))
+                .unwrap(),
             2 * n as SeqNo + 1
         );
         let mut reader = log.reader(&shard, "restart").unwrap();
@@ -229,7 +238,7 @@ async fn reopen_after_damage(dir: &Path, intact: usize, truncated: u64, dropped:
     let report = &log.recovery()[0];
     assert_eq!(report.truncated_bytes, truncated);
     assert_eq!(report.dropped_records, dropped);
-    assert_eq!(report.next_seq, intact as SeqNo + 1);
+    assert_eq!(pos(report.next_seq), intact as SeqNo + 1);
     let mut reader = log.reader("shard-0000", "check").unwrap();
     let records = read_n(&mut reader, intact).await;
     for (n, r) in records.iter().enumerate() {
@@ -292,7 +301,7 @@ async fn checkpoints_survive_a_restart() {
     }
     let log = EmbeddedLog::open(dir.path(), one_shard()).unwrap();
     let mut reader = log.reader("shard-0000", "proc").unwrap();
-    assert_eq!(reader.position(), 7);
+    assert_eq!(pos(reader.position()), 7);
     assert_eq!(seqs(&read_n(&mut reader, 4).await), [7, 8, 9, 10]);
     // No temporary files are left beside the checkpoint.
     let names: Vec<String> = std::fs::read_dir(dir.path().join("shard-0000/checkpoints"))
@@ -397,7 +406,7 @@ async fn segments_roll_and_far_behind_readers_read_files() {
         records.extend(read_n(&mut reader, 80).await);
         assert_eq!(next, records[120].arrival_ms);
         assert_eq!(seqs(&records), (1..=200).collect::<Vec<SeqNo>>());
-        reader.checkpoint(57).await.unwrap();
+        reader.checkpoint(s(57)).await.unwrap();
         nothing_more(&mut reader).await;
         // A reader at the end picks up records appended to the current
         // segment and to segments rolled since it last read.
@@ -463,7 +472,7 @@ async fn retention_deletes_old_segments_and_readers_report_the_gap() {
     // A reader that was past record 2 when retention ran skips the gap and
     // says so.
     let rest = read_n(&mut early, (101 - oldest) as usize).await;
-    assert_eq!(rest[0].seq, oldest);
+    assert_eq!(pos(rest[0].seq), oldest);
     assert_eq!(early.skipped(), (oldest - 3) as u64);
     // So does a new reader that starts from the same checkpoint, after a
     // restart.
@@ -473,10 +482,10 @@ async fn retention_deletes_old_segments_and_readers_report_the_gap() {
     let log = EmbeddedLog::open(dir.path(), config).unwrap();
     let mut again = log.reader("shard-0000", "early").unwrap();
     assert_eq!(again.skipped(), (oldest - 3) as u64);
-    assert_eq!(read_n(&mut again, 1).await[0].seq, oldest);
+    assert_eq!(pos(read_n(&mut again, 1).await[0].seq), oldest);
     // A new consumer starts at the oldest retained record and lost nothing.
     let fresh = log.reader("shard-0000", "fresh").unwrap();
-    assert_eq!((fresh.position(), fresh.skipped()), (oldest, 0));
+    assert_eq!((pos(fresh.position()), fresh.skipped()), (oldest, 0));
 }
 
 #[tokio::test]

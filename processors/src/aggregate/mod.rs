@@ -16,30 +16,133 @@
 //!   into it (`applied`): a replayed record is skipped item by item;
 //! - every device keeps, per finest window, the identities of its readings
 //!   (`DedupSet`): a reading delivered twice, in any order, counts once.
+//!
+//! Speed comes from pre-aggregation: readings first fold into *cells* (one
+//! per fleet, device, metric and finest window), and each cell is then merged
+//! once into each of its windows, so the work per window is per cell, not per
+//! reading. Names are interned to small integers while a batch is planned, so
+//! the inner loops hash integers, not strings. When a batch is a replay (some
+//! loaded item already holds part of it), cells are merged after every record
+//! so that each item skips exactly the records it holds.
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
-
-use schemas::record::{RejectedMessage, StreamRecord};
+use rustc_hash::FxHashMap;
+use schemas::record::{PackedView, ReadingView, RecordView, RejectedMessage};
 use schemas::state::{DeadLetter, DedupSet, DeviceState, Item, ItemState, MemberState};
-use schemas::{PackedRecord, Reading, RejectReason, Rejection, WindowAgg, decode_record};
+use schemas::{Point, RejectReason, Rejection, WindowAgg, decode_record_view};
 use stream::{Record, SeqNo};
 
 use crate::config::AggregateConfig;
 use crate::keys::{ItemKey, counters};
 use crate::store::{Commit, Condition, StoreError, Stored, Write};
 
-/// A decoded batch and the keys it may touch.
-#[derive(Debug)]
-pub struct Plan {
-    shard: String,
-    records: Vec<Decoded>,
-    keys: Vec<ItemKey>,
+/// Strings of a batch, interned so that keys are small integers.
+#[derive(Debug, Default)]
+struct Names {
+    list: Vec<String>,
+    index: FxHashMap<String, u32>,
 }
 
-impl Plan {
+impl Names {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(id) = self.index.get(name) {
+            return *id;
+        }
+        let id = self.list.len() as u32;
+        self.list.push(name.to_string());
+        self.index.insert(name.to_string(), id);
+        id
+    }
+
+    fn name(&self, id: u32) -> &str {
+        &self.list[id as usize]
+    }
+}
+
+/// An item of the batch, by interned names: cheap to hash and copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Key {
+    DeviceWindow {
+        dev: u32,
+        metric: u32,
+        res: u8,
+        start: i64,
+    },
+    FleetWindow {
+        fleet: u32,
+        metric: u32,
+        res: u8,
+        start: i64,
+    },
+    Dedup {
+        dev: u32,
+        start: i64,
+    },
+    Device {
+        dev: u32,
+    },
+    Member {
+        fleet: u32,
+        dev: u32,
+    },
+    Counter(Counter),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Counter {
+    Accepted,
+    Duplicate,
+    Rejected(RejectReason),
+}
+
+impl Counter {
+    fn name(self) -> String {
+        match self {
+            Counter::Accepted => counters::ACCEPTED.to_string(),
+            Counter::Duplicate => counters::DUPLICATE.to_string(),
+            Counter::Rejected(r) => counters::rejected(r),
+        }
+    }
+}
+
+/// A fleet, device, metric and finest window: where readings pre-aggregate.
+type CellKey = (u32, u32, u32, i64);
+
+/// The slots a reading touches besides its windows, found once in `plan`.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReadingSlots {
+    dedup: u32,
+    device: u32,
+    member: u32,
+}
+
+/// Slots of the two counters every batch touches: `plan` adds them first.
+const ACCEPTED_SLOT: u32 = 0;
+const DUPLICATE_SLOT: u32 = 1;
+
+/// A decoded batch and the keys it may touch.
+#[derive(Debug)]
+pub struct Plan<'a> {
+    shard: String,
+    records: Vec<Decoded<'a>>,
+    devices: Names,
+    fleets: Names,
+    metrics: Names,
+    /// Every item the batch may touch, in the order `keys` lists them.
+    slot_of: FxHashMap<Key, u32>,
+    key_list: Vec<Key>,
+    keys: Vec<ItemKey>,
+    /// The config's resolutions; a `Key` names one by its index.
+    resolutions: Vec<schemas::Resolution>,
+    /// Cells in first-seen order, and for each its window slots: device then
+    /// fleet, per resolution (`2 × resolutions` entries per cell).
+    cells: Vec<CellKey>,
+    cell_windows: Vec<u32>,
+}
+
+impl Plan<'_> {
     /// The items to load before [`apply`].
     pub fn keys(&self) -> &[ItemKey] {
         &self.keys
@@ -49,18 +152,78 @@ impl Plan {
     pub fn last_seq(&self) -> Option<SeqNo> {
         self.records.last().map(|r| r.seq)
     }
+
+    fn add_key(&mut self, key: Key) -> u32 {
+        let next = self.key_list.len() as u32;
+        let slot = *self.slot_of.entry(key).or_insert(next);
+        if slot == next {
+            self.key_list.push(key);
+        }
+        slot
+    }
+
+    fn item_key(&self, key: Key) -> ItemKey {
+        match key {
+            Key::DeviceWindow {
+                dev,
+                metric,
+                res,
+                start,
+            } => ItemKey::DeviceWindow {
+                device: self.devices.name(dev).to_string(),
+                metric: self.metrics.name(metric).to_string(),
+                res: self.resolution(res),
+                start,
+            },
+            Key::FleetWindow {
+                fleet,
+                metric,
+                res,
+                start,
+            } => ItemKey::FleetWindow {
+                fleet: self.fleets.name(fleet).to_string(),
+                metric: self.metrics.name(metric).to_string(),
+                res: self.resolution(res),
+                start,
+                part: self.shard.clone(),
+            },
+            Key::Dedup { dev, start } => ItemKey::Dedup {
+                device: self.devices.name(dev).to_string(),
+                start,
+            },
+            Key::Device { dev } => ItemKey::Device {
+                device: self.devices.name(dev).to_string(),
+            },
+            Key::Member { fleet, dev } => ItemKey::Member {
+                fleet: self.fleets.name(fleet).to_string(),
+                device: self.devices.name(dev).to_string(),
+            },
+            Key::Counter(c) => ItemKey::Counter {
+                shard: self.shard.clone(),
+                name: c.name(),
+            },
+        }
+    }
+
+    fn resolution(&self, index: u8) -> schemas::Resolution {
+        self.resolutions[index as usize]
+    }
 }
 
 #[derive(Debug)]
-struct Decoded {
+struct Decoded<'a> {
     seq: SeqNo,
-    body: Body,
+    body: Body<'a>,
 }
 
 #[derive(Debug)]
-enum Body {
+enum Body<'a> {
     Readings {
-        record: PackedRecord,
+        record: PackedView<'a>,
+        /// Per reading, its item slots (meaningless if it is refused).
+        slots: Vec<ReadingSlots>,
+        /// Per metric of every reading, in order: its cell.
+        cell_ids: Vec<u32>,
         /// Per reading: `None` if it may be accepted, else why not.
         verdicts: Vec<Option<Rejection>>,
     },
@@ -95,32 +258,74 @@ impl BatchStats {
 }
 
 /// Decodes a batch of one shard and lists the items it may touch.
-pub fn plan(shard: &str, records: &[Record], cfg: &AggregateConfig) -> Plan {
-    let mut keys = KeySet::default();
-    let mut decoded = Vec::with_capacity(records.len());
-    let mut reasons = Vec::new();
+pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Plan<'a> {
+    let finest = cfg.finest();
+    let mut p = Plan {
+        shard: shard.to_string(),
+        records: Vec::with_capacity(records.len()),
+        devices: Names::default(),
+        fleets: Names::default(),
+        metrics: Names::default(),
+        slot_of: FxHashMap::default(),
+        key_list: Vec::new(),
+        keys: Vec::new(),
+        resolutions: cfg.resolutions.clone(),
+        cells: Vec::new(),
+        cell_windows: Vec::new(),
+    };
+    let mut cell_index: FxHashMap<CellKey, u32> = FxHashMap::default();
+    p.add_key(Key::Counter(Counter::Accepted));
+    p.add_key(Key::Counter(Counter::Duplicate));
     for r in records {
-        let body = match decode_record(&r.data) {
-            Ok(StreamRecord::Readings(record)) => {
-                let verdicts: Vec<Option<Rejection>> = record
-                    .readings
-                    .iter()
-                    .map(|reading| judge(reading, record.received_at, cfg))
-                    .collect();
-                for (reading, verdict) in record.readings.iter().zip(&verdicts) {
-                    match verdict {
-                        Some(rejection) => reasons.push(rejection.reason),
-                        None => reading_keys(shard, &record, reading, cfg, &mut keys),
+        let body = match decode_record_view(&r.data) {
+            Ok(RecordView::Readings(record)) => {
+                let dev = p.devices.id(&record.device_id);
+                let fleet = p.fleets.id(&record.fleet);
+                let mut slots = Vec::with_capacity(record.readings.len());
+                let mut cell_ids = Vec::with_capacity(record.readings.len() * 2);
+                let mut verdicts = Vec::with_capacity(record.readings.len());
+                for reading in &record.readings {
+                    let verdict = judge(reading, record.received_at, cfg);
+                    match &verdict {
+                        Some(rejection) => {
+                            p.add_key(Key::Counter(Counter::Rejected(rejection.reason)));
+                            slots.push(ReadingSlots::default());
+                            cell_ids.extend(reading.metrics.iter().map(|_| u32::MAX));
+                        }
+                        None => {
+                            let start = finest.window_start(reading.ts);
+                            slots.push(ReadingSlots {
+                                dedup: p.add_key(Key::Dedup { dev, start }),
+                                device: p.add_key(Key::Device { dev }),
+                                member: p.add_key(Key::Member { fleet, dev }),
+                            });
+                            for m in &reading.metrics {
+                                let metric = p.metrics.id(&m.name);
+                                let key = (fleet, dev, metric, start);
+                                let next = p.cells.len() as u32;
+                                let id = *cell_index.entry(key).or_insert(next);
+                                if id == next {
+                                    p.cells.push(key);
+                                }
+                                cell_ids.push(id);
+                            }
+                        }
                     }
+                    verdicts.push(verdict);
                 }
-                Body::Readings { record, verdicts }
+                Body::Readings {
+                    record,
+                    slots,
+                    cell_ids,
+                    verdicts,
+                }
             }
-            Ok(StreamRecord::Rejected(message)) => {
-                reasons.push(message.reason);
+            Ok(RecordView::Rejected(message)) => {
+                p.add_key(Key::Counter(Counter::Rejected(message.reason)));
                 Body::Rejected(message)
             }
             Err(rejection) => {
-                reasons.push(rejection.reason);
+                p.add_key(Key::Counter(Counter::Rejected(rejection.reason)));
                 Body::Unreadable {
                     rejection,
                     head: r.data[..r.data.len().min(schemas::record::REJECTED_PAYLOAD_KEEP)]
@@ -129,26 +334,37 @@ pub fn plan(shard: &str, records: &[Record], cfg: &AggregateConfig) -> Plan {
                 }
             }
         };
-        decoded.push(Decoded { seq: r.seq, body });
+        p.records.push(Decoded { seq: r.seq, body });
     }
-    for name in [counters::ACCEPTED, counters::DUPLICATE] {
-        keys.insert(counter_key(shard, name.to_string()));
+    let cells = std::mem::take(&mut p.cells);
+    let mut cell_windows = Vec::with_capacity(cells.len() * 2 * cfg.resolutions.len());
+    for &(fleet, dev, metric, start) in &cells {
+        for (i, res) in cfg.resolutions.iter().enumerate() {
+            let start = res.window_start(start);
+            let res = i as u8;
+            cell_windows.push(p.add_key(Key::DeviceWindow {
+                dev,
+                metric,
+                res,
+                start,
+            }));
+            cell_windows.push(p.add_key(Key::FleetWindow {
+                fleet,
+                metric,
+                res,
+                start,
+            }));
+        }
     }
-    reasons.sort();
-    reasons.dedup();
-    for reason in reasons {
-        keys.insert(counter_key(shard, counters::rejected(reason)));
-    }
-    Plan {
-        shard: shard.to_string(),
-        records: decoded,
-        keys: keys.keys,
-    }
+    p.cells = cells;
+    p.cell_windows = cell_windows;
+    p.keys = p.key_list.iter().map(|k| p.item_key(*k)).collect();
+    p
 }
 
 /// Lateness is judged against `received_at`, stamped once at ingest, so a
 /// replayed batch decides exactly as the first attempt did.
-fn judge(reading: &Reading, received_at: i64, cfg: &AggregateConfig) -> Option<Rejection> {
+fn judge(reading: &ReadingView, received_at: i64, cfg: &AggregateConfig) -> Option<Rejection> {
     if reading.ts > received_at.saturating_add(cfg.future_tolerance_ms) {
         return Some(Rejection::new(
             RejectReason::InFuture,
@@ -175,68 +391,6 @@ fn judge(reading: &Reading, received_at: i64, cfg: &AggregateConfig) -> Option<R
     None
 }
 
-fn reading_keys(
-    shard: &str,
-    record: &PackedRecord,
-    reading: &Reading,
-    cfg: &AggregateConfig,
-    keys: &mut KeySet,
-) {
-    let finest = cfg.finest();
-    keys.insert(ItemKey::Dedup {
-        device: record.device_id.clone(),
-        start: finest.window_start(reading.ts),
-    });
-    keys.insert(ItemKey::Device {
-        device: record.device_id.clone(),
-    });
-    keys.insert(ItemKey::Member {
-        fleet: record.fleet.clone(),
-        device: record.device_id.clone(),
-    });
-    for metric in &reading.metrics {
-        for &res in &cfg.resolutions {
-            let start = res.window_start(reading.ts);
-            keys.insert(ItemKey::DeviceWindow {
-                device: record.device_id.clone(),
-                metric: metric.name.clone(),
-                res,
-                start,
-            });
-            keys.insert(ItemKey::FleetWindow {
-                fleet: record.fleet.clone(),
-                metric: metric.name.clone(),
-                res,
-                start,
-                part: shard.to_string(),
-            });
-        }
-    }
-}
-
-fn counter_key(shard: &str, name: String) -> ItemKey {
-    ItemKey::Counter {
-        shard: shard.to_string(),
-        name,
-    }
-}
-
-/// Keys in first-seen order without repeats.
-#[derive(Default)]
-struct KeySet {
-    keys: Vec<ItemKey>,
-    seen: std::collections::HashSet<ItemKey>,
-}
-
-impl KeySet {
-    fn insert(&mut self, key: ItemKey) {
-        if !self.seen.contains(&key) {
-            self.seen.insert(key.clone());
-            self.keys.push(key);
-        }
-    }
-}
-
 /// The result of [`apply`].
 #[derive(Debug)]
 pub struct Applied {
@@ -249,111 +403,166 @@ struct Slot {
     /// The version the write is conditional on; `None` if the item is new.
     version: Option<u64>,
     item: Item,
+    /// `item.applied` for this batch's shard, looked up once.
+    applied_here: Option<SeqNo>,
     /// The highest record of this batch folded in, if any.
     touched: Option<SeqNo>,
+}
+
+impl Slot {
+    fn holds(&self, seq: SeqNo) -> bool {
+        self.applied_here.is_some_and(|a| seq <= a)
+    }
+}
+
+/// Readings of one fleet, device, metric and finest window, before they are
+/// merged into that window and every coarser one.
+struct Cell {
+    agg: WindowAgg,
+    /// The last record folded in, which the windows will be marked with.
+    seq: SeqNo,
+    /// `received_at` of readings late in the finest window: they may be late
+    /// in coarser windows too, depending on each window's end.
+    late: Vec<i64>,
 }
 
 /// Folds the planned batch into the loaded items. `loaded` is in the order of
 /// [`Plan::keys`].
 pub fn apply(
-    plan: Plan,
+    plan: Plan<'_>,
     loaded: Vec<Option<Stored>>,
     cfg: &AggregateConfig,
 ) -> Result<Applied, StoreError> {
-    let Plan {
-        shard,
-        records,
-        keys,
-    } = plan;
-    let mut slots: HashMap<ItemKey, Slot> = HashMap::with_capacity(keys.len());
-    for (key, stored) in keys.into_iter().zip(loaded) {
-        let slot = match stored {
-            Some(s) => Slot {
-                version: Some(s.version),
-                item: s.item,
+    let shard = plan.shard.clone();
+    let mut slots: Vec<Slot> = loaded
+        .into_iter()
+        .map(|stored| {
+            let (version, item) = match stored {
+                Some(s) => (Some(s.version), s.item),
+                None => (None, Item::default()),
+            };
+            Slot {
+                applied_here: item.applied.get(&shard),
+                version,
+                item,
                 touched: None,
-            },
-            None => Slot {
-                version: None,
-                item: Item::default(),
-                touched: None,
-            },
-        };
-        slots.insert(key, slot);
+            }
+        })
+        .collect();
+    if slots.len() != plan.keys.len() {
+        return Err(StoreError::Corrupt {
+            key: String::from("(batch)"),
+            detail: format!("{} items loaded for {} keys", slots.len(), plan.keys.len()),
+        });
     }
-    let mut batch = Batcher {
-        shard: &shard,
+    let first_seq = plan.records.first().map_or(SeqNo::ZERO, |r| r.seq);
+    // A replay: some item already holds part of this batch. Then cells are
+    // merged record by record, so every item skips exactly what it holds.
+    let replay = slots.iter().any(|s| s.holds(first_seq));
+    let mut b = Batcher {
+        plan: &plan,
         cfg,
-        slots,
+        slots: &mut slots,
+        cells: (0..plan.cells.len()).map(|_| None).collect(),
+        active: Vec::new(),
         dead_letters: Vec::new(),
         stats: BatchStats::default(),
     };
-    for record in &records {
-        batch.stats.records += 1;
+    for record in &plan.records {
+        b.stats.records += 1;
         match &record.body {
             Body::Readings {
                 record: r,
+                slots,
+                cell_ids,
                 verdicts,
             } => {
-                for (index, (reading, verdict)) in r.readings.iter().zip(verdicts).enumerate() {
+                let mut ids = &cell_ids[..];
+                for (index, ((reading, verdict), slots)) in
+                    r.readings.iter().zip(verdicts).zip(slots).enumerate()
+                {
+                    let (these, rest) = ids.split_at(reading.metrics.len());
+                    ids = rest;
                     match verdict {
                         Some(rejection) => {
-                            batch.reject_reading(record.seq, r, reading, index, rejection)?
+                            b.reject_reading(record.seq, r, reading, index, rejection)?
                         }
-                        None => batch.accept(record.seq, r, reading)?,
+                        None => b.accept(record.seq, r, reading, *slots, these)?,
                     }
                 }
             }
-            Body::Rejected(m) => batch.reject_message(record.seq, m)?,
+            Body::Rejected(m) => b.reject_message(record.seq, m)?,
             Body::Unreadable {
                 rejection,
                 head,
                 len,
-            } => batch.reject_unreadable(record.seq, rejection, head, *len)?,
+            } => b.reject_unreadable(record.seq, rejection, head, *len)?,
+        }
+        if replay {
+            b.flush_cells()?;
         }
     }
-    Ok(batch.finish())
+    b.flush_cells()?;
+    let Batcher {
+        dead_letters,
+        stats,
+        ..
+    } = b;
+    Ok(finish(plan, slots, dead_letters, stats, cfg))
 }
 
-struct Batcher<'a> {
-    shard: &'a str,
+struct Batcher<'a, 'r> {
+    plan: &'a Plan<'r>,
     cfg: &'a AggregateConfig,
-    slots: HashMap<ItemKey, Slot>,
+    slots: &'a mut Vec<Slot>,
+    /// Indexed like `plan.cells`; `Some` while a cell holds readings.
+    cells: Vec<Option<Cell>>,
+    /// Cells holding readings, in the order they were first filled.
+    active: Vec<u32>,
     dead_letters: Vec<Write>,
     stats: BatchStats,
 }
 
-impl Batcher<'_> {
-    /// Runs `f` on the item at `key` unless the record at `seq` is already in
-    /// it. Returns whether it ran.
+impl Batcher<'_, '_> {
+    fn slot(&self, key: Key) -> Result<usize, StoreError> {
+        match self.plan.slot_of.get(&key) {
+            Some(i) => Ok(*i as usize),
+            // plan() lists every key apply() touches; a miss is a bug, and
+            // refusing the batch is safer than writing blind.
+            None => Err(StoreError::Corrupt {
+                key: format!("{key:?}"),
+                detail: "item was not planned for this batch".into(),
+            }),
+        }
+    }
+
+    /// Runs `f` on the item in slot `i` unless the record at `seq` is already
+    /// in it. Returns whether it ran.
     fn touch(
         &mut self,
-        key: &ItemKey,
+        i: usize,
         seq: SeqNo,
         f: impl FnOnce(&mut ItemState) -> Result<(), String>,
     ) -> Result<bool, StoreError> {
-        let Some(slot) = self.slots.get_mut(key) else {
-            // plan() lists every key apply() touches; a miss is a bug, and
-            // refusing the batch is safer than writing blind.
-            return Err(StoreError::Corrupt {
-                key: format!("{}/{}", key.pk(), key.sk()),
-                detail: "item was not loaded for this batch".into(),
-            });
-        };
-        if slot.item.applied.contains(self.shard, seq) {
+        let slot = &mut self.slots[i];
+        if slot.holds(seq) {
             return Ok(false);
         }
         f(&mut slot.item.state).map_err(|detail| StoreError::Corrupt {
-            key: format!("{}/{}", key.pk(), key.sk()),
+            key: format!("{}/{}", self.plan.keys[i].pk(), self.plan.keys[i].sk()),
             detail,
         })?;
         slot.touched = Some(slot.touched.map_or(seq, |t| t.max(seq)));
         Ok(true)
     }
 
-    fn count(&mut self, seq: SeqNo, name: String) -> Result<bool, StoreError> {
-        let key = counter_key(self.shard, name);
-        self.touch(&key, seq, |state| {
+    fn count(&mut self, seq: SeqNo, counter: Counter) -> Result<bool, StoreError> {
+        let i = match counter {
+            Counter::Accepted => ACCEPTED_SLOT as usize,
+            Counter::Duplicate => DUPLICATE_SLOT as usize,
+            other => self.slot(Key::Counter(other))?,
+        };
+        self.touch(i, seq, |state| {
             match state {
                 ItemState::Empty => *state = ItemState::Counter(1),
                 ItemState::Counter(n) => *n += 1,
@@ -366,28 +575,20 @@ impl Batcher<'_> {
     fn accept(
         &mut self,
         seq: SeqNo,
-        r: &PackedRecord,
-        reading: &Reading,
+        r: &PackedView,
+        reading: &ReadingView,
+        slots: ReadingSlots,
+        cell_ids: &[u32],
     ) -> Result<(), StoreError> {
-        let finest = self.cfg.finest();
-        let dedup_key = ItemKey::Dedup {
-            device: r.device_id.clone(),
-            start: finest.window_start(reading.ts),
-        };
-        let Some(dedup) = self.slots.get(&dedup_key) else {
-            return Err(StoreError::Corrupt {
-                key: dedup_key.pk(),
-                detail: "dedup set was not loaded for this batch".into(),
-            });
-        };
+        let dedup = slots.dedup as usize;
         // The dedup set is written last (Commit::then), so if it already holds
         // this record, every other item of the reading holds it too.
-        if dedup.item.applied.contains(self.shard, seq) {
+        if self.slots[dedup].holds(seq) {
             self.stats.replayed_readings += 1;
             return Ok(());
         }
         let mut is_new = false;
-        self.touch(&dedup_key, seq, |state| {
+        self.touch(dedup, seq, |state| {
             if let ItemState::Empty = state {
                 *state = ItemState::Dedup(DedupSet::default());
             }
@@ -401,67 +602,50 @@ impl Batcher<'_> {
         })?;
         if !is_new {
             self.stats.duplicate_readings += 1;
-            self.count(seq, counters::DUPLICATE.to_string())?;
+            self.count(seq, Counter::Duplicate)?;
             return Ok(());
         }
         self.stats.accepted_readings += 1;
-        self.count(seq, counters::ACCEPTED.to_string())?;
-        let mut late = false;
-        for metric in &reading.metrics {
-            for &res in &self.cfg.resolutions {
-                let start = res.window_start(reading.ts);
-                let is_late = r.received_at >= start + res.ms();
-                late |= is_late;
-                let add = |state: &mut ItemState| -> Result<(), String> {
-                    if let ItemState::Empty = state {
-                        *state = ItemState::Window(WindowAgg::default());
-                    }
-                    match state {
-                        ItemState::Window(agg) => {
-                            agg.add(reading.ts, metric.value, is_late);
-                            Ok(())
-                        }
-                        other => Err(mismatch("window", other)),
-                    }
-                };
-                let device_key = ItemKey::DeviceWindow {
-                    device: r.device_id.clone(),
-                    metric: metric.name.clone(),
-                    res,
-                    start,
-                };
-                self.touch(&device_key, seq, add)?;
-                let fleet_key = ItemKey::FleetWindow {
-                    fleet: r.fleet.clone(),
-                    metric: metric.name.clone(),
-                    res,
-                    start,
-                    part: self.shard.to_string(),
-                };
-                self.touch(&fleet_key, seq, add)?;
-            }
-        }
+        self.count(seq, Counter::Accepted)?;
+        let finest = self.cfg.finest();
+        let fine_end = finest.window_start(reading.ts) + finest.ms();
+        let late = r.received_at >= fine_end;
         if late {
             self.stats.late_readings += 1;
         }
-        let device_key = ItemKey::Device {
-            device: r.device_id.clone(),
-        };
-        self.touch(&device_key, seq, |state| {
+        for (m, &cell_id) in reading.metrics.iter().zip(cell_ids) {
+            let cell = &mut self.cells[cell_id as usize];
+            let cell = match cell {
+                Some(c) => c,
+                None => {
+                    self.active.push(cell_id);
+                    cell.insert(Cell {
+                        agg: WindowAgg::default(),
+                        seq,
+                        late: Vec::new(),
+                    })
+                }
+            };
+            cell.seq = cell.seq.max(seq);
+            cell.agg.add(reading.ts, m.value, late);
+            if late {
+                cell.late.push(r.received_at);
+            }
+        }
+        self.touch(slots.device as usize, seq, |state| {
             if let ItemState::Empty = state {
-                *state = ItemState::Device(DeviceState {
-                    fleet: r.fleet.clone(),
-                    ..DeviceState::default()
-                });
+                *state = ItemState::Device(DeviceState::default());
             }
             match state {
                 ItemState::Device(d) => {
                     d.last_seen = d.last_seen.max(r.received_at);
-                    d.fleet.clone_from(&r.fleet);
+                    if d.fleet != r.fleet {
+                        d.fleet = r.fleet.to_string();
+                    }
                     for m in &reading.metrics {
                         d.observe(
                             &m.name,
-                            schemas::Point {
+                            Point {
                                 ts: reading.ts,
                                 value: m.value,
                             },
@@ -472,11 +656,7 @@ impl Batcher<'_> {
                 other => Err(mismatch("device", other)),
             }
         })?;
-        let member_key = ItemKey::Member {
-            fleet: r.fleet.clone(),
-            device: r.device_id.clone(),
-        };
-        self.touch(&member_key, seq, |state| {
+        self.touch(slots.member as usize, seq, |state| {
             if let ItemState::Empty = state {
                 *state = ItemState::Member(MemberState::default());
             }
@@ -491,15 +671,61 @@ impl Batcher<'_> {
         Ok(())
     }
 
+    /// Merges every cell into its windows at every resolution, device and
+    /// fleet, skipping items that already hold the cell's records. In a
+    /// replay cells are flushed after every record, so a cell never spans a
+    /// record an item holds and one it does not.
+    fn flush_cells(&mut self) -> Result<(), StoreError> {
+        let resolutions = &self.cfg.resolutions;
+        let per_cell = 2 * resolutions.len();
+        for cell_id in std::mem::take(&mut self.active) {
+            let Some(cell) = self.cells[cell_id as usize].take() else {
+                continue;
+            };
+            let fine_start = self.plan.cells[cell_id as usize].3;
+            let windows = &self.plan.cell_windows
+                [cell_id as usize * per_cell..(cell_id as usize + 1) * per_cell];
+            let seq = cell.seq;
+            let fine_late = cell.agg.late_count;
+            for (i, res) in resolutions.iter().enumerate() {
+                let end = res.window_start(fine_start) + res.ms();
+                let late = if i == 0 {
+                    fine_late
+                } else {
+                    cell.late.iter().filter(|recv| **recv >= end).count() as u64
+                };
+                for &slot in &windows[2 * i..2 * i + 2] {
+                    self.touch(slot as usize, seq, |state| {
+                        if let ItemState::Empty = state {
+                            *state = ItemState::Window(WindowAgg::default());
+                        }
+                        match state {
+                            ItemState::Window(agg) => {
+                                agg.merge(&cell.agg);
+                                // The cell counted lateness against the finest
+                                // window's end; this window ends later.
+                                agg.late_count = agg.late_count - fine_late + late;
+                                agg.revision = agg.revision - fine_late + late;
+                                Ok(())
+                            }
+                            other => Err(mismatch("window", other)),
+                        }
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn reject_reading(
         &mut self,
         seq: SeqNo,
-        r: &PackedRecord,
-        reading: &Reading,
+        r: &PackedView,
+        reading: &ReadingView,
         index: usize,
         rejection: &Rejection,
     ) -> Result<(), StoreError> {
-        if self.count(seq, counters::rejected(rejection.reason))? {
+        if self.count(seq, Counter::Rejected(rejection.reason))? {
             self.stats.reject(rejection.reason);
         }
         let payload = reading_json(reading);
@@ -512,11 +738,11 @@ impl Batcher<'_> {
                 detail: rejection.detail.clone(),
                 topic: Some(schemas::Topic::format(&r.fleet, &r.device_id)),
                 client_id: None,
-                device_id: Some(r.device_id.clone()),
-                fleet: Some(r.fleet.clone()),
+                device_id: Some(r.device_id.to_string()),
+                fleet: Some(r.fleet.to_string()),
                 payload_len: payload.len() as u64,
                 payload_head: payload,
-                shard: self.shard.to_string(),
+                shard: self.plan.shard.clone(),
                 seq,
             },
         );
@@ -524,7 +750,7 @@ impl Batcher<'_> {
     }
 
     fn reject_message(&mut self, seq: SeqNo, m: &RejectedMessage) -> Result<(), StoreError> {
-        if self.count(seq, counters::rejected(m.reason))? {
+        if self.count(seq, Counter::Rejected(m.reason))? {
             self.stats.reject(m.reason);
         }
         let topic = schemas::Topic::parse(&m.topic).ok();
@@ -541,7 +767,7 @@ impl Batcher<'_> {
                 fleet: topic.map(|t| t.fleet.to_string()),
                 payload_head: m.payload_head.clone(),
                 payload_len: m.payload_len,
-                shard: self.shard.to_string(),
+                shard: self.plan.shard.clone(),
                 seq,
             },
         );
@@ -555,7 +781,7 @@ impl Batcher<'_> {
         head: &[u8],
         len: u64,
     ) -> Result<(), StoreError> {
-        if self.count(seq, counters::rejected(rejection.reason))? {
+        if self.count(seq, Counter::Rejected(rejection.reason))? {
             self.stats.reject(rejection.reason);
         }
         self.dead_letter(
@@ -572,7 +798,7 @@ impl Batcher<'_> {
                 fleet: None,
                 payload_head: head.to_vec(),
                 payload_len: len,
-                shard: self.shard.to_string(),
+                shard: self.plan.shard.clone(),
                 seq,
             },
         );
@@ -585,7 +811,7 @@ impl Batcher<'_> {
             key: ItemKey::DeadLetter {
                 reason: letter.reason,
                 received_at,
-                shard: self.shard.to_string(),
+                shard: self.plan.shard.clone(),
                 seq,
                 index,
             },
@@ -597,38 +823,34 @@ impl Batcher<'_> {
             },
         });
     }
+}
 
-    fn finish(self) -> Applied {
-        let Batcher {
-            shard,
-            cfg,
-            slots,
-            dead_letters,
-            stats,
-        } = self;
-        let mut commit = Commit::default();
-        for (key, slot) in slots {
-            let Some(seq) = slot.touched else { continue };
-            let mut item = slot.item;
-            item.applied.advance(shard, seq);
-            let write = Write {
-                expires_at: expiry(&key, cfg),
-                condition: slot.version.map_or(Condition::Absent, Condition::Version),
-                key,
-                item,
-            };
-            if matches!(write.key, ItemKey::Dedup { .. }) {
-                commit.then.push(write);
-            } else {
-                commit.writes.push(write);
-            }
+fn finish(
+    plan: Plan<'_>,
+    slots: Vec<Slot>,
+    dead_letters: Vec<Write>,
+    stats: BatchStats,
+    cfg: &AggregateConfig,
+) -> Applied {
+    let mut commit = Commit::default();
+    for ((slot, key), short) in slots.into_iter().zip(plan.keys).zip(&plan.key_list) {
+        let Some(seq) = slot.touched else { continue };
+        let mut item = slot.item;
+        item.applied.advance(&plan.shard, seq);
+        let write = Write {
+            expires_at: expiry(&key, cfg),
+            condition: slot.version.map_or(Condition::Absent, Condition::Version),
+            key,
+            item,
+        };
+        if matches!(short, Key::Dedup { .. }) {
+            commit.then.push(write);
+        } else {
+            commit.writes.push(write);
         }
-        commit.writes.extend(dead_letters);
-        // A stable order makes store access patterns (and tests) repeatable.
-        commit.writes.sort_by(|a, b| a.key.cmp(&b.key));
-        commit.then.sort_by(|a, b| a.key.cmp(&b.key));
-        Applied { commit, stats }
     }
+    commit.writes.extend(dead_letters);
+    Applied { commit, stats }
 }
 
 fn expiry(key: &ItemKey, cfg: &AggregateConfig) -> Option<i64> {
@@ -662,11 +884,11 @@ fn mismatch(expected: &str, found: &ItemState) -> String {
 
 /// A refused reading as payload v1 JSON, so the dead letter reads like what
 /// the device sent.
-fn reading_json(reading: &Reading) -> Vec<u8> {
+fn reading_json(reading: &ReadingView) -> Vec<u8> {
     let metrics: serde_json::Map<String, serde_json::Value> = reading
         .metrics
         .iter()
-        .map(|m| (m.name.clone(), serde_json::json!(m.value)))
+        .map(|m| (m.name.to_string(), serde_json::json!(m.value)))
         .collect();
     let mut obj = serde_json::json!({ "ts": reading.ts, "metrics": metrics });
     if let (Some(seq), Some(map)) = (reading.seq, obj.as_object_mut()) {

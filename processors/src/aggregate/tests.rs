@@ -124,7 +124,7 @@ fn rec(seq: u128, device: &str, received_at: i64, readings: Vec<Reading>) -> Rec
     }
     .encode();
     Record {
-        seq,
+        seq: seq.into(),
         partition_key: device.into(),
         data: Bytes::from(data),
         arrival_ms: received_at,
@@ -275,7 +275,7 @@ fn lateness_is_judged_against_received_at() {
     let w = m.window(&dwin("d1", "t", "1m"), T0).unwrap();
     assert_eq!((w.count, w.late_count, w.revision), (2, 2, 2));
     let h = m.window(&dwin("d1", "t", "1h"), h0).unwrap();
-    let hour_ended = T0 + hour - 1 >= h0 + hour;
+    let hour_ended = T0 + hour > h0 + hour;
     assert_eq!(h.late_count, u64::from(hour_ended));
     assert_eq!(m.counter("s0", "rejected:too_late"), 1);
     assert_eq!(m.counter("s0", "rejected:in_future"), 1);
@@ -299,13 +299,13 @@ fn refused_and_unreadable_records_are_counted_and_kept() {
     .encode();
     let batch = vec![
         Record {
-            seq: 1,
+            seq: 1u64.into(),
             partition_key: "d1".into(),
             data: Bytes::from(refused),
             arrival_ms: T0,
         },
         Record {
-            seq: 2,
+            seq: 2u64.into(),
             partition_key: "x".into(),
             data: Bytes::from_static(b"garbage"),
             arrival_ms: T0,

@@ -235,7 +235,7 @@ pub async fn guard(State(state): State<ApiState>, request: Request, next: Next) 
             .into_response()
         }
         Ok(_permit) => match authorize(&g, &request) {
-            Err(resp) => resp,
+            Err(resp) => *resp,
             Ok(()) => match tokio::time::timeout(g.limits.timeout, next.run(request)).await {
                 Ok(resp) => resp,
                 Err(_) => {
@@ -255,7 +255,7 @@ pub async fn guard(State(state): State<ApiState>, request: Request, next: Next) 
     response
 }
 
-fn authorize(g: &Guard, request: &Request) -> Result<(), Response> {
+fn authorize(g: &Guard, request: &Request) -> Result<(), Box<Response>> {
     let (Some(tokens), Some(needed)) = (&g.tokens, needed_scope(request.uri().path())) else {
         return Ok(());
     };
@@ -266,22 +266,24 @@ fn authorize(g: &Guard, request: &Request) -> Result<(), Response> {
         .and_then(|v| v.strip_prefix("Bearer "));
     let Some(presented) = presented else {
         g.metrics.unauthorized.fetch_add(1, Relaxed);
-        return Err(unauthorized(
+        return Err(Box::new(unauthorized(
             "this API needs `Authorization: Bearer <token>`",
-        ));
+        )));
     };
     match tokens.scope_of(presented.trim().as_bytes()) {
         None => {
             g.metrics.unauthorized.fetch_add(1, Relaxed);
-            Err(unauthorized("the bearer token is not valid"))
+            Err(Box::new(unauthorized("the bearer token is not valid")))
         }
         Some(scope) if scope < needed => {
             g.metrics.forbidden.fetch_add(1, Relaxed);
-            Err(Problem::new(
-                StatusCode::FORBIDDEN,
-                "this token may read rollups but not dead letters; use an admin token",
-            )
-            .into_response())
+            Err(Box::new(
+                Problem::new(
+                    StatusCode::FORBIDDEN,
+                    "this token may read rollups but not dead letters; use an admin token",
+                )
+                .into_response(),
+            ))
         }
         Some(_) => Ok(()),
     }

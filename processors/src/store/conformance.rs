@@ -121,9 +121,16 @@ async fn versions_and_conditions<S: RollupStore + RollupQuery>(store: &S) {
     assert_eq!(value(&loaded[1].as_ref().unwrap().item), 8);
 }
 
+fn member(fleet: &str, device: &str) -> ItemKey {
+    ItemKey::Member {
+        fleet: fleet.into(),
+        device: device.into(),
+    }
+}
+
 async fn ranges<S: RollupStore + RollupQuery>(store: &S) {
     let writes = (0..25)
-        .map(|i| write(counter("conf-r", &format!("{i:03}")), Condition::Absent, i))
+        .map(|i| write(member("conf-r", &format!("{i:03}")), Condition::Absent, i))
         .collect();
     store
         .commit(Commit {
@@ -132,7 +139,7 @@ async fn ranges<S: RollupStore + RollupQuery>(store: &S) {
         })
         .await
         .unwrap();
-    let pk = counter("conf-r", "").pk();
+    let pk = member("conf-r", "").pk();
     let range = |from: &str, to: &str, limit, descending| Range {
         pk: pk.clone(),
         from: from.into(),

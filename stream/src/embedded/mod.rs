@@ -451,7 +451,7 @@ impl StreamProducer for EmbeddedLog {
                 outcomes[*i] = Some(if n < reply.stored {
                     PutOutcome::Stored {
                         shard: shard_id.clone(),
-                        seq: u128::from(reply.first_seq + n as u64),
+                        seq: SeqNo::from(reply.first_seq + n as u64),
                     }
                 } else {
                     PutOutcome::Failed {

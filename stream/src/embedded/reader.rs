@@ -124,7 +124,7 @@ impl EmbeddedReader {
     /// The sequence number of the next record [`ShardReader::next_batch`]
     /// returns.
     pub fn position(&self) -> SeqNo {
-        u128::from(self.next_seq)
+        SeqNo::from(self.next_seq)
     }
 
     /// How many records this reader passed over because retention deleted
@@ -174,7 +174,7 @@ impl EmbeddedReader {
             if let Some(records) = self.shard.tail().read(self.next_seq, max) {
                 let records: Vec<Record> = records
                     .into_iter()
-                    .take_while(|r| r.seq < u128::from(end))
+                    .take_while(|r| r.seq < SeqNo::from(end))
                     .collect();
                 self.next_seq += records.len() as u64;
                 self.fetched_to = self.next_seq;
@@ -195,7 +195,7 @@ impl EmbeddedReader {
         self.next_seq = self
             .pending
             .front()
-            .map_or(self.fetched_to, |r| r.seq as u64);
+            .map_or(self.fetched_to, |r| r.seq.to_u64().unwrap_or(u64::MAX));
         Ok(batch)
     }
 
@@ -214,7 +214,10 @@ impl EmbeddedReader {
             self.count_skipped(fill.skipped);
         }
         if self.pending.is_empty() {
-            self.next_seq = fill.records.first().map_or(fill.next, |r| r.seq as u64);
+            self.next_seq = fill
+                .records
+                .first()
+                .map_or(fill.next, |r| r.seq.to_u64().unwrap_or(u64::MAX));
         }
         self.fetched_to = fill.next;
         self.cursor = fill.cursor;
@@ -255,16 +258,13 @@ impl ShardReader for EmbeddedReader {
 
     async fn checkpoint(&mut self, seq: SeqNo) -> Result<(), ReadError> {
         let end = self.shard.committed().next_seq;
-        let seq = u64::try_from(seq)
-            .ok()
-            .filter(|s| *s < end)
-            .ok_or_else(|| {
-                ReadError::InvalidArgument(format!(
-                    "checkpoint {seq} is past the last record of {} ({})",
-                    self.shard.id,
-                    end.saturating_sub(1)
-                ))
-            })?;
+        let seq = seq.to_u64().filter(|s| *s < end).ok_or_else(|| {
+            ReadError::InvalidArgument(format!(
+                "checkpoint {seq} is past the last record of {} ({})",
+                self.shard.id,
+                end.saturating_sub(1)
+            ))
+        })?;
         let dir = self.checkpoint_dir.clone();
         let name = self.consumer.clone();
         tokio::task::spawn_blocking(move || {
@@ -399,7 +399,7 @@ fn fill(shard: &Shard, cursor: Option<FileCursor>, from: u64, end: u64) -> Resul
                     }
                     bytes += frame.data.len();
                     out.records.push(Record {
-                        seq: u128::from(frame.seq),
+                        seq: SeqNo::from(frame.seq),
                         partition_key: frame.key.to_owned(),
                         data: Bytes::copy_from_slice(frame.data),
                         arrival_ms: frame.arrival_ms,

@@ -11,7 +11,7 @@ use super::segment::{self, Scanner, Step};
 use super::shard::{self, SegmentInfo, Shard, TailCache};
 use super::writer::WriterStart;
 use super::{EmbeddedConfig, LogError, OpenError, ShardRecovery, files};
-use crate::Record;
+use crate::{Record, SeqNo};
 
 pub(crate) struct OpenedShard {
     pub shard: Shard,
@@ -68,7 +68,7 @@ pub(crate) fn open_shard(
 
     let mut report = ShardRecovery {
         shard: id.to_owned(),
-        next_seq: u128::from(scanned.next_seq),
+        next_seq: SeqNo::from(scanned.next_seq),
         truncated_bytes: 0,
         dropped_records: 0,
     };
@@ -149,7 +149,7 @@ fn scan_last(file: &File, base: u64, len: u64, tail: &mut TailCache) -> io::Resu
                 next_seq += 1;
                 last_arrival_ms = Some(frame.arrival_ms);
                 tail.extend([Record {
-                    seq: u128::from(frame.seq),
+                    seq: SeqNo::from(frame.seq),
                     partition_key: frame.key.to_owned(),
                     data: bytes::Bytes::copy_from_slice(frame.data),
                     arrival_ms: frame.arrival_ms,

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::watch;
 
 use super::segment;
-use crate::Record;
+use crate::{Record, SeqNo};
 
 /// Per-record bookkeeping the tail cache charges on top of key and data, so a
 /// budget of tiny records still bounds memory.
@@ -170,7 +170,7 @@ impl TailCache {
         while self
             .records
             .front()
-            .is_some_and(|r| r.seq < u128::from(seq))
+            .is_some_and(|r| r.seq < SeqNo::from(seq))
         {
             if let Some(old) = self.records.pop_front() {
                 self.bytes -= Self::cost(&old);
@@ -179,8 +179,8 @@ impl TailCache {
     }
 
     fn index_of(&self, seq: u64) -> Option<usize> {
-        let first = self.records.front()?.seq;
-        let index = u128::from(seq).checked_sub(first)?;
+        let first = self.records.front()?.seq.to_u64()?;
+        let index = seq.checked_sub(first)?;
         let index = usize::try_from(index).ok()?;
         (index < self.records.len()).then_some(index)
     }
@@ -204,7 +204,7 @@ mod tests {
 
     fn record(seq: u64, len: usize) -> Record {
         Record {
-            seq: u128::from(seq),
+            seq: SeqNo::from(seq),
             partition_key: "k".into(),
             data: Bytes::from(vec![0u8; len]),
             arrival_ms: seq as i64,
@@ -218,7 +218,8 @@ mod tests {
         cache.extend((1..=5).map(|s| record(s, 100)));
         assert!(cache.read(2, 10).is_none());
         let got = cache.read(3, 10).unwrap();
-        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [3, 4, 5]);
+        let seqs: Vec<u64> = got.iter().filter_map(|r| r.seq.to_u64()).collect();
+        assert_eq!(seqs, [3, 4, 5]);
         assert_eq!(cache.read(4, 1).unwrap().len(), 1);
         assert!(cache.read(6, 10).is_none());
         assert_eq!(cache.arrival_of(5), Some(5));

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::files;
 use super::frame;
 use super::shard::{SegmentInfo, Shard};
-use crate::{PutRecord, Record};
+use crate::{PutRecord, Record, SeqNo};
 
 /// A group stops growing at this many bytes of records, which bounds how long
 /// the first request in it waits behind the others.
@@ -168,7 +168,7 @@ impl Writer {
                 &mut buf,
             );
             staged.push(Record {
-                seq: u128::from(seq),
+                seq: SeqNo::from(seq),
                 partition_key: record.partition_key,
                 data: record.data,
                 arrival_ms,

@@ -1,0 +1,154 @@
+//! The aggregation core and the store backends, measured apart from I/O.
+//!
+//! `cargo bench -p processors --bench core`
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use processors::AggregateConfig;
+use processors::aggregate::{apply, plan};
+use processors::store::RollupStore;
+use processors::store::memory::MemoryStore;
+use processors::store::sqlite::SqliteStore;
+use schemas::{Metric, PackedRecord, Reading};
+use stream::Record;
+
+// The allocator iotpipe's binaries use: the core allocates per batch, and
+// glibc's malloc costs several times more under this churn.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const T0: i64 = 1_767_225_600_000;
+
+/// `records` packed records from `devices` devices, `per_record` readings
+/// each, two metrics, all within a few minutes (as one batch of a busy shard).
+fn batch(records: usize, devices: usize, per_record: usize, first_seq: u64) -> Vec<Record> {
+    (0..records)
+        .map(|i| {
+            let device = format!("dev-{:05}", i % devices);
+            let base = (first_seq as usize + i / devices) * per_record;
+            let readings: Vec<Reading> = (0..per_record)
+                .map(|k| {
+                    let seq = (base + k) as u64;
+                    Reading {
+                        seq: Some(seq),
+                        ts: T0 + seq as i64 * 50,
+                        metrics: vec![
+                            Metric {
+                                name: "temperature".into(),
+                                value: 20.0 + (seq % 17) as f64 * 0.1,
+                            },
+                            Metric {
+                                name: "humidity".into(),
+                                value: 40.0 + (seq % 13) as f64,
+                            },
+                        ],
+                    }
+                })
+                .collect();
+            let data = PackedRecord {
+                device_id: device.clone(),
+                fleet: "bench".into(),
+                // Received just after its last reading: on time, not late.
+                received_at: readings.last().map_or(T0, |r| r.ts + 20),
+                readings,
+            }
+            .encode();
+            Record {
+                seq: (first_seq as u128 + i as u128 + 1).into(),
+                partition_key: device,
+                data: Bytes::from(data),
+                arrival_ms: T0,
+            }
+        })
+        .collect()
+}
+
+fn bench_core(c: &mut Criterion) {
+    let cfg = AggregateConfig::default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("core");
+    for (name, records, per_record) in [
+        ("1-reading records", 10_000, 1),
+        ("20-reading records", 1_000, 20),
+    ] {
+        // A warm store: the windows exist, as in steady state.
+        let store = MemoryStore::new();
+        let warm = batch(records, 1000, per_record, 0);
+        let p = plan("shard-0000", &warm, &cfg);
+        let loaded = rt.block_on(store.load(p.keys())).unwrap();
+        rt.block_on(store.commit(apply(p, loaded, &cfg).unwrap().commit))
+            .unwrap();
+        let next = batch(records, 1000, per_record, records as u64);
+        let p = plan("shard-0000", &next, &cfg);
+        let loaded = rt.block_on(store.load(p.keys())).unwrap();
+        g.throughput(Throughput::Elements((records * per_record) as u64));
+        g.bench_function(format!("plan+apply, {name} (readings/s)"), |b| {
+            b.iter_batched(
+                || loaded.clone(),
+                |loaded| {
+                    let p = plan("shard-0000", &next, &cfg);
+                    apply(p, loaded, &cfg).unwrap()
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn bench_store(c: &mut Criterion) {
+    let cfg = AggregateConfig::default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stores: Vec<(&str, Arc<dyn RollupStore>)> = vec![
+        ("memory", Arc::new(MemoryStore::new())),
+        (
+            "sqlite",
+            Arc::new(SqliteStore::open(&dir.path().join("bench.db")).unwrap()),
+        ),
+    ];
+    let mut g = c.benchmark_group("store");
+    g.sample_size(10);
+    for (name, store) in stores {
+        let mut first = 0u64;
+        // Each iteration folds a fresh batch into warm windows: load + commit.
+        let probe = batch(2_000, 1000, 1, 0);
+        let p = plan("shard-0000", &probe, &cfg);
+        let writes = {
+            let loaded = rt.block_on(store.load(p.keys())).unwrap();
+            let c = apply(p, loaded, &cfg).unwrap().commit;
+            let n = c.len();
+            rt.block_on(store.commit(c)).unwrap();
+            n
+        };
+        g.throughput(Throughput::Elements(writes as u64));
+        g.bench_function(format!("{name}: load+commit (items/s)"), |b| {
+            b.iter(|| {
+                first += 2_000;
+                let records = batch(2_000, 1000, 1, first);
+                rt.block_on(async {
+                    let p = plan("shard-0000", &records, &cfg);
+                    let loaded = store.load(p.keys()).await.unwrap();
+                    store
+                        .commit(apply(p, loaded, &cfg).unwrap().commit)
+                        .await
+                        .unwrap();
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_core, bench_store);
+criterion_main!(benches);
