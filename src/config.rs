@@ -22,6 +22,7 @@ pub struct Config {
     pub stream: StreamConfig,
     pub aggregate: AggregateSettings,
     pub processor: ProcessorSettings,
+    pub backend: BackendConfig,
     pub log: LogConfig,
 }
 
@@ -34,6 +35,7 @@ impl Default for Config {
             stream: StreamConfig::default(),
             aggregate: AggregateSettings::default(),
             processor: ProcessorSettings::default(),
+            backend: BackendConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -169,6 +171,56 @@ impl Default for ProcessorSettings {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
+pub enum StreamKind {
+    /// The durable local log in the data directory.
+    Embedded,
+    /// An Amazon Kinesis data stream.
+    Kinesis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// SQLite in the data directory.
+    Sqlite,
+    /// An Amazon DynamoDB table.
+    Dynamodb,
+}
+
+/// Where the stream and the store live. The AWS backends use the SDK's
+/// usual configuration (environment, profile); `endpoint_url` points them at
+/// a wire-compatible server instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub stream: StreamKind,
+    pub store: StoreKind,
+    pub endpoint_url: Option<String>,
+    pub region: Option<String>,
+    /// The Kinesis stream, created with `stream.shards` shards if missing.
+    pub stream_name: String,
+    /// The DynamoDB table where Kinesis consumers keep their checkpoints.
+    pub lease_table: String,
+    /// The DynamoDB table of rollups, created on demand if missing.
+    pub table_name: String,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            stream: StreamKind::Embedded,
+            store: StoreKind::Sqlite,
+            endpoint_url: None,
+            region: None,
+            stream_name: "iotpipe-telemetry".into(),
+            lease_table: "iotpipe-leases".into(),
+            table_name: "iotpipe-rollups".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable on a terminal, JSON otherwise.
     Auto,
@@ -286,6 +338,21 @@ dead_letters_per_reason = 10000
 [processor]
 # Most stream records folded into the store in one batch.
 batch_max_records = 10000
+
+[backend]
+# Where the stream and the rollups live: "embedded" and "sqlite" in data_dir,
+# or "kinesis" and "dynamodb" on AWS (credentials and region from the usual
+# AWS environment or profile).
+stream = "embedded"
+store = "sqlite"
+# A wire-compatible server instead of AWS's endpoints (e.g. a local moto).
+# endpoint_url = "http://127.0.0.1:5000"
+# region = "us-east-1"
+# The Kinesis stream (created with stream.shards shards if missing), the
+# table of consumer checkpoints, and the table of rollups.
+stream_name = "iotpipe-telemetry"
+lease_table = "iotpipe-leases"
+table_name = "iotpipe-rollups"
 
 [log]
 # auto (human-readable on a terminal, JSON otherwise), text or json.

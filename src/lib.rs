@@ -1,6 +1,7 @@
 //! The `iotpipe` command: the whole local pipeline in one process.
 //!
 //! - `config`: every setting, from a TOML file and flags.
+//! - `backends`: the embedded log and SQLite, or Kinesis and DynamoDB.
 //! - `up`: starts the endpoint, the stream, the processors, the store and the
 //!   API, and stops them front to back.
 //! - `metrics`: the endpoint's part of `/metrics`.
@@ -8,6 +9,7 @@
 //! The binary (`src/main.rs`) only parses flags and calls [`up::start`]; tests
 //! call it the same way with port 0.
 
+pub mod backends;
 pub mod config;
 pub mod metrics;
 pub mod up;

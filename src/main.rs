@@ -30,7 +30,7 @@ struct Cli {
 enum Command {
     /// Run the whole pipeline in this process: MQTT endpoint, durable stream,
     /// processors, rollup store and query API.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -60,6 +60,25 @@ struct UpArgs {
     /// it the API answers anyone who can reach it.
     #[arg(long)]
     api_token_file: Option<PathBuf>,
+    /// The stream: the embedded durable log, or Amazon Kinesis [default: embedded].
+    #[arg(long, value_enum)]
+    stream: Option<iotpipe::config::StreamKind>,
+    /// The rollup store: SQLite, or Amazon DynamoDB [default: sqlite].
+    #[arg(long, value_enum)]
+    store: Option<iotpipe::config::StoreKind>,
+    /// A wire-compatible AWS endpoint (e.g. http://127.0.0.1:5000 for moto)
+    /// for the Kinesis and DynamoDB backends.
+    #[arg(long)]
+    endpoint_url: Option<String>,
+    /// AWS region for the Kinesis and DynamoDB backends [default: from the environment].
+    #[arg(long)]
+    region: Option<String>,
+    /// The Kinesis stream [default: iotpipe-telemetry].
+    #[arg(long)]
+    stream_name: Option<String>,
+    /// The DynamoDB table of rollups [default: iotpipe-rollups].
+    #[arg(long)]
+    table_name: Option<String>,
     /// Log format [default: auto: text on a terminal, JSON otherwise].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -76,7 +95,7 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up(args) => up(args),
+        Command::Up(args) => up(*args),
         Command::Config(ConfigCommand::Default) => {
             print!("{DEFAULT_TOML}");
             Ok(())
@@ -117,6 +136,24 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.api_token_file {
         config.http.token_file = Some(v);
+    }
+    if let Some(v) = args.stream {
+        config.backend.stream = v;
+    }
+    if let Some(v) = args.store {
+        config.backend.store = v;
+    }
+    if let Some(v) = args.endpoint_url {
+        config.backend.endpoint_url = Some(v);
+    }
+    if let Some(v) = args.region {
+        config.backend.region = Some(v);
+    }
+    if let Some(v) = args.stream_name {
+        config.backend.stream_name = v;
+    }
+    if let Some(v) = args.table_name {
+        config.backend.table_name = v;
     }
     if let Some(v) = args.log_format {
         config.log.format = v;

@@ -19,13 +19,12 @@ use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::{ProcessorConfig, run_shard};
 use processors::store::RollupStore;
-use processors::store::sqlite::SqliteStore;
-use stream::embedded::{EmbeddedConfig, EmbeddedLog};
 use stream::{ShardReader, StreamProducer};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::backends::{Store, Stream};
 use crate::config::Config;
 
 /// The consumer name under which the local processors checkpoint.
@@ -46,7 +45,7 @@ pub struct Pipeline {
     stop_http: Option<oneshot::Sender<()>>,
     http: JoinHandle<std::io::Result<()>>,
     maintenance: JoinHandle<()>,
-    log: Arc<EmbeddedLog>,
+    stream: Arc<Stream>,
     /// Fires when a stage stops on its own, which is always a failure.
     failed: watch::Receiver<Option<String>>,
 }
@@ -87,20 +86,8 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let aggregate = Arc::new(config.aggregate()?);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let log = EmbeddedLog::open(
-        &config.data_dir.join("stream"),
-        EmbeddedConfig {
-            shards: config.stream.shards,
-            retention_ms: i64::try_from(config.stream.retention.as_millis()).unwrap_or(i64::MAX),
-            sync: config.stream.sync,
-            ..EmbeddedConfig::default()
-        },
-    )
-    .context("cannot open the stream")?;
-    let store = Arc::new(
-        SqliteStore::open(&config.data_dir.join("rollups.db"))
-            .context("cannot open the rollup store")?,
-    );
+    let stream = Arc::new(Stream::open(config).await?);
+    let store = Arc::new(Store::open(config).await?);
     let mqtt = TcpListener::bind(config.mqtt.listen)
         .await
         .with_context(|| format!("cannot listen for MQTT on {}", config.mqtt.listen))?;
@@ -119,14 +106,11 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     };
     let mut processors = Vec::new();
     let processor_store: Arc<dyn RollupStore> = match &hooks.wrap_store {
-        Some(wrap) => wrap(store.clone()),
-        None => store.clone(),
+        Some(wrap) => wrap(store.writer()),
+        None => store.writer(),
     };
-    for shard in log.shard_ids() {
-        let mut reader: Box<dyn ShardReader> = Box::new(
-            log.reader(&shard, CONSUMER)
-                .with_context(|| format!("cannot read shard {shard}"))?,
-        );
+    for mut reader in stream.readers(CONSUMER).await? {
+        let shard = reader.shard_id().to_string();
         if let Some(wrap) = &hooks.wrap_reader {
             reader = wrap(reader);
         }
@@ -163,8 +147,8 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let (stop_ingest, ingest_rx) = oneshot::channel::<()>();
     let ingest = {
         let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
-            Some(wrap) => wrap(log.clone()),
-            None => log.clone(),
+            Some(wrap) => wrap(stream.producer()),
+            None => stream.producer(),
         };
         let serve = ingest::serve(
             mqtt,
@@ -200,7 +184,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
             )
         }
     };
-    let mut state = ApiState::new(store.clone(), aggregate.clone());
+    let mut state = ApiState::new(store.query(), aggregate.clone());
     state.guard = Arc::new(Guard::new(
         tokens,
         ApiLimits {
@@ -225,24 +209,15 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     });
 
     let maintenance = {
-        let (log, store) = (log.clone(), store.clone());
+        let (stream, store) = (stream.clone(), store.clone());
         let keep = config.aggregate.dead_letters_per_reason;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
             loop {
                 tick.tick().await;
                 let now = now_ms();
-                if let Err(e) = log.enforce_retention(now).await {
-                    tracing::warn!(error = %e, "Stream retention failed; will retry.");
-                }
-                match store.purge_expired(now).await {
-                    Ok(n) if n > 0 => tracing::info!(items = n, "Expired rollups purged."),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "Rollup purge failed; will retry."),
-                }
-                if let Err(e) = store.trim_dead_letters(keep).await {
-                    tracing::warn!(error = %e, "Dead-letter trim failed; will retry.");
-                }
+                stream.maintain(now).await;
+                store.maintain(now, keep).await;
             }
         })
     };
@@ -259,7 +234,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         stop_http: Some(stop_http),
         http,
         maintenance,
-        log,
+        stream,
         failed,
     })
 }
@@ -306,8 +281,8 @@ impl Pipeline {
             Ok(Err(e)) => errors.push(format!("HTTP API: {e}")),
             Err(e) => errors.push(format!("HTTP API task: {e}")),
         }
-        if let Err(e) = self.log.close().await {
-            errors.push(format!("stream close: {e}"));
+        if let Err(e) = self.stream.close().await {
+            errors.push(format!("{e:#}"));
         }
         if errors.is_empty() {
             Ok(())

@@ -88,6 +88,8 @@ pub struct ProcessorMetrics {
     pub readings_replayed: AtomicU64,
     pub rejected: Vec<AtomicU64>,
     pub batch_retries: AtomicU64,
+    /// Shard reads and checkpoints retried after a passing error.
+    pub read_retries: AtomicU64,
     pub store_writes: AtomicU64,
     pub batch_seconds: Histogram,
     pub store_write_seconds: Histogram,
@@ -110,6 +112,7 @@ impl Default for ProcessorMetrics {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             batch_retries: AtomicU64::new(0),
+            read_retries: AtomicU64::new(0),
             store_writes: AtomicU64::new(0),
             batch_seconds: Histogram::new(LATENCY_BUCKETS),
             store_write_seconds: Histogram::new(LATENCY_BUCKETS),

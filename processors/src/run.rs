@@ -87,6 +87,7 @@ pub async fn run_shard(
     let shard = reader.shard_id().to_string();
     let lag = metrics.shard_lag(&shard);
     let mut draining = *shutdown.borrow();
+    let mut read_retries = 0u32;
     loop {
         let wait = if draining {
             Duration::ZERO
@@ -94,13 +95,30 @@ pub async fn run_shard(
             pcfg.poll_wait
         };
         let batch = tokio::select! {
-            batch = reader.next_batch(pcfg.batch_max_records, wait) => batch?,
+            batch = reader.next_batch(pcfg.batch_max_records, wait) => batch,
             changed = shutdown.changed(), if !draining => {
                 // A dropped sender means the process is going away: drain too.
                 draining = changed.is_err() || *shutdown.borrow();
                 continue;
             }
         };
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e @ stream::ReadError::Io(_)) => {
+                // Throttling or a passing I/O error: nothing was consumed, so
+                // waiting and reading again loses nothing.
+                read_retries += 1;
+                metrics
+                    .read_retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let backoff = retry_delay(&pcfg, read_retries);
+                tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Reading the shard failed; retrying.");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        read_retries = 0;
         let behind = reader.lag();
         lag.records_behind.store(
             behind.records_behind + batch.len() as u64,
@@ -147,6 +165,29 @@ pub async fn run_shard(
                 .freshness_seconds
                 .observe(Duration::from_millis((now - first.arrival_ms).max(0) as u64));
         }
-        reader.checkpoint(last).await?;
+        // The batch is durable in the store; a failed checkpoint only means a
+        // restart would replay it, which the store absorbs. Retry it anyway,
+        // so that the replay stays short.
+        let mut attempt = 0u32;
+        while let Err(e) = reader.checkpoint(last).await {
+            match e {
+                stream::ReadError::Io(_) if attempt < 10 => {
+                    attempt += 1;
+                    metrics
+                        .read_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let backoff = retry_delay(&pcfg, attempt);
+                    tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Checkpoint failed; retrying.");
+                    tokio::time::sleep(backoff).await;
+                }
+                other => return Err(other),
+            }
+        }
     }
+}
+
+/// Exponential backoff from `initial_backoff`, capped at `max_backoff`.
+fn retry_delay(pcfg: &ProcessorConfig, attempt: u32) -> Duration {
+    let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
+    (pcfg.initial_backoff * factor).min(pcfg.max_backoff)
 }

@@ -1,0 +1,170 @@
+//! Which stream and which store `iotpipe up` runs on: the embedded log and
+//! SQLite by default, or Kinesis and DynamoDB (real AWS, or a wire-compatible
+//! server with `--endpoint-url`).
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use processors::store::dynamodb::DynamoStore;
+use processors::store::sqlite::SqliteStore;
+use processors::store::{RollupQuery, RollupStore};
+use stream::embedded::{EmbeddedConfig, EmbeddedLog};
+use stream::kinesis::{AwsConfig, KinesisStream};
+use stream::{ShardReader, StreamProducer};
+
+use crate::config::{BackendConfig, Config, StoreKind, StreamKind};
+
+/// An opened stream: where the endpoint appends and processors read.
+pub enum Stream {
+    Embedded(Arc<EmbeddedLog>),
+    Kinesis(Arc<KinesisStream>),
+}
+
+impl Stream {
+    pub async fn open(config: &Config) -> anyhow::Result<Stream> {
+        match config.backend.stream {
+            StreamKind::Embedded => {
+                let log = EmbeddedLog::open(
+                    &config.data_dir.join("stream"),
+                    EmbeddedConfig {
+                        shards: config.stream.shards,
+                        retention_ms: i64::try_from(config.stream.retention.as_millis())
+                            .unwrap_or(i64::MAX),
+                        sync: config.stream.sync,
+                        ..EmbeddedConfig::default()
+                    },
+                )
+                .context("cannot open the stream")?;
+                Ok(Stream::Embedded(log))
+            }
+            StreamKind::Kinesis => {
+                let b = &config.backend;
+                let stream = KinesisStream::connect(&aws(b), &b.stream_name, &b.lease_table).await;
+                stream
+                    .create(Some(config.stream.shards))
+                    .await
+                    .with_context(|| format!("cannot open Kinesis stream {}", b.stream_name))?;
+                Ok(Stream::Kinesis(Arc::new(stream)))
+            }
+        }
+    }
+
+    pub fn producer(&self) -> Arc<dyn StreamProducer> {
+        match self {
+            Stream::Embedded(log) => log.clone(),
+            Stream::Kinesis(k) => k.clone(),
+        }
+    }
+
+    /// One reader per shard, for the consumer `consumer`.
+    pub async fn readers(&self, consumer: &str) -> anyhow::Result<Vec<Box<dyn ShardReader>>> {
+        let mut readers: Vec<Box<dyn ShardReader>> = Vec::new();
+        match self {
+            Stream::Embedded(log) => {
+                for shard in log.shard_ids() {
+                    let reader = log
+                        .reader(&shard, consumer)
+                        .with_context(|| format!("cannot read shard {shard}"))?;
+                    readers.push(Box::new(reader));
+                }
+            }
+            Stream::Kinesis(k) => {
+                for shard in k.shard_ids().await.context("cannot list Kinesis shards")? {
+                    let reader = k
+                        .reader(&shard, consumer)
+                        .await
+                        .with_context(|| format!("cannot read shard {shard}"))?;
+                    readers.push(Box::new(reader));
+                }
+            }
+        }
+        Ok(readers)
+    }
+
+    /// Applies retention (the embedded log only; Kinesis keeps its own).
+    pub async fn maintain(&self, now_ms: i64) {
+        if let Stream::Embedded(log) = self
+            && let Err(e) = log.enforce_retention(now_ms).await
+        {
+            tracing::warn!(error = %e, "Stream retention failed; will retry.");
+        }
+    }
+
+    pub async fn close(&self) -> anyhow::Result<()> {
+        if let Stream::Embedded(log) = self {
+            log.close().await.context("closing the stream")?;
+        }
+        Ok(())
+    }
+}
+
+/// An opened rollup store.
+pub enum Store {
+    Sqlite(Arc<SqliteStore>),
+    Dynamo(Arc<DynamoStore>),
+}
+
+impl Store {
+    pub async fn open(config: &Config) -> anyhow::Result<Store> {
+        match config.backend.store {
+            StoreKind::Sqlite => Ok(Store::Sqlite(Arc::new(
+                SqliteStore::open(&config.data_dir.join("rollups.db"))
+                    .context("cannot open the rollup store")?,
+            ))),
+            StoreKind::Dynamodb => {
+                let b = &config.backend;
+                let store = DynamoStore::connect(&aws(b), &b.table_name).await;
+                store
+                    .create_table()
+                    .await
+                    .with_context(|| format!("cannot open DynamoDB table {}", b.table_name))?;
+                Ok(Store::Dynamo(Arc::new(store)))
+            }
+        }
+    }
+
+    pub fn writer(&self) -> Arc<dyn RollupStore> {
+        match self {
+            Store::Sqlite(s) => s.clone(),
+            Store::Dynamo(s) => s.clone(),
+        }
+    }
+
+    pub fn query(&self) -> Arc<dyn RollupQuery> {
+        match self {
+            Store::Sqlite(s) => s.clone(),
+            Store::Dynamo(s) => s.clone(),
+        }
+    }
+
+    /// Retention and dead-letter trimming. DynamoDB expires items by its TTL
+    /// attribute on its own.
+    pub async fn maintain(&self, now_ms: i64, dead_letters_per_reason: usize) {
+        let Store::Sqlite(store) = self else { return };
+        match store.purge_expired(now_ms).await {
+            Ok(n) if n > 0 => tracing::info!(items = n, "Expired rollups purged."),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Rollup purge failed; will retry."),
+        }
+        if let Err(e) = store.trim_dead_letters(dead_letters_per_reason).await {
+            tracing::warn!(error = %e, "Dead-letter trim failed; will retry.");
+        }
+    }
+}
+
+/// The AWS SDK's configuration: the default credential chain against AWS,
+/// or, with an endpoint URL and no credentials in the environment, fixed
+/// dummy ones, which a wire-compatible server accepts.
+fn aws(b: &BackendConfig) -> AwsConfig {
+    let env_credentials = std::env::var_os("AWS_ACCESS_KEY_ID").is_some();
+    AwsConfig {
+        endpoint_url: b.endpoint_url.clone(),
+        // A stand-in needs some region; AWS itself takes it from the
+        // environment or profile.
+        region: b
+            .region
+            .clone()
+            .or_else(|| b.endpoint_url.as_ref().map(|_| "us-east-1".to_string())),
+        dummy_credentials: b.endpoint_url.is_some() && !env_credentials,
+    }
+}
