@@ -8,7 +8,8 @@
 //! that must match (objects match by subset, arrays element by element,
 //! numbers within 1e-9 relative, an RFC 3339 string matches its ms).
 //!
-//! Every case runs on every store backend and in three batchings (one batch;
+//! Every case runs on every store backend (memory, SQLite, and DynamoDB on
+//! moto) and in three batchings (one batch;
 //! one record per batch; half, then everything again as a replay), which must
 //! all give the same answers.
 
@@ -241,14 +242,17 @@ fn cases() -> Vec<PathBuf> {
     dirs
 }
 
-async fn run_all(
-    backend: &str,
-    open: impl Fn() -> (
-        Arc<dyn RollupStore>,
-        Arc<dyn RollupQuery>,
-        Option<tempfile::TempDir>,
-    ),
-) {
+type Opened = (
+    Arc<dyn RollupStore>,
+    Arc<dyn RollupQuery>,
+    Option<tempfile::TempDir>,
+);
+
+async fn run_all<F, Fut>(backend: &str, open: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Opened>,
+{
     let mut failures = Vec::new();
     for dir in cases() {
         let case = load(&dir);
@@ -257,7 +261,7 @@ async fn run_all(
             Batching::EachRecord,
             Batching::HalfThenReplayAll,
         ] {
-            let (store, query, _guard) = open();
+            let (store, query, _guard) = open().await;
             feed(&case, store.as_ref(), batching).await;
             failures.extend(check(&case, query, &format!("{backend}/{batching:?}")).await);
         }
@@ -272,19 +276,44 @@ async fn run_all(
 
 #[tokio::test]
 async fn golden_cases_on_the_memory_store() {
-    run_all("memory", || {
+    run_all("memory", || async {
         let s = Arc::new(MemoryStore::new());
-        (s.clone(), s, None)
+        (
+            s.clone() as Arc<dyn RollupStore>,
+            s as Arc<dyn RollupQuery>,
+            None,
+        )
     })
     .await;
 }
 
 #[tokio::test]
 async fn golden_cases_on_the_sqlite_store() {
-    run_all("sqlite", || {
+    run_all("sqlite", || async {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
-        (s.clone(), s, Some(dir))
+        (
+            s.clone() as Arc<dyn RollupStore>,
+            s as Arc<dyn RollupQuery>,
+            Some(dir),
+        )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn golden_cases_on_the_dynamodb_store() {
+    use processors::store::dynamodb::DynamoStore;
+    use stream::kinesis::testing::{moto_config, unique_name};
+    run_all("dynamodb", || async {
+        let s = DynamoStore::connect(&moto_config().unwrap(), &unique_name("golden")).await;
+        s.create_table().await.unwrap();
+        let s = Arc::new(s);
+        (
+            s.clone() as Arc<dyn RollupStore>,
+            s as Arc<dyn RollupQuery>,
+            None,
+        )
     })
     .await;
 }
