@@ -44,3 +44,55 @@ async fn two_hundred_devices_verify_exactly() {
     assert!(verify.windows > 1000, "{verify:?}");
     p.shutdown().await.unwrap();
 }
+
+/// Late data, with a 2 minute allowed lateness. A late reading is accepted
+/// iff its minute ended less than 2 minutes before it arrived, so whether one
+/// moved L seconds into the past is refused depends on the second of the
+/// minute it is sent in. Two runs make both outcomes certain within any 8 s:
+/// L = 125 s is accepted (and counted in `late_count`) unless sent in the
+/// first 5 s of a minute; L = 175 s is refused `too_late` unless sent in the
+/// last 5 s. Verify checks every window's `late_count` and the refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_readings_verify_exactly_and_too_late_ones_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::config(dir.path());
+    config.aggregate.allowed_lateness = Duration::from_secs(120);
+    let p = iotpipe::start(&config).await.unwrap();
+    let mut late_windows = 0;
+    let mut too_late = 0;
+    for (fleet, late_by_ms) in [("late", 125_000), ("later", 175_000)] {
+        let before = support::get(&p, "/v1/stats").await.1;
+        let summary = device_sim::run(SimConfig {
+            fleet: fleet.into(),
+            devices: 20,
+            rate: Rate::PerDevice(4.0),
+            stop: Stop::After(Duration::from_secs(8)),
+            seed: 21,
+            allowed_lateness: Duration::from_secs(120),
+            faults: device_sim::plan::FaultConfig {
+                late_rate: 0.2,
+                late_by_ms,
+                ..Default::default()
+            },
+            ..sim(&p)
+        })
+        .await
+        .unwrap();
+        println!("{summary}");
+        assert!(summary.ok(), "{summary}");
+        let after = support::get(&p, "/v1/stats").await.1;
+        too_late += after["rejected"]["too_late"].as_u64().unwrap()
+            - before["rejected"]["too_late"].as_u64().unwrap();
+        let query = format!("/v1/fleets/{fleet}/metrics/temperature?res=1m");
+        let (_, body) = support::get(&p, &query).await;
+        late_windows += body["windows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["late_count"].as_u64().unwrap())
+            .sum::<u64>();
+    }
+    assert!(too_late > 0, "no reading was refused too_late");
+    assert!(late_windows > 0, "no late reading was accepted");
+    p.shutdown().await.unwrap();
+}
