@@ -358,7 +358,10 @@ impl Device {
                         }
                         Some(Err(e)) => self.lost(Lost::Io(e)),
                         None => {
-                            if Instant::now() >= self.ping_at {
+                            if !self.wbuf.is_empty() {
+                                // What a synchronous write left behind.
+                                self.flush().await;
+                            } else if Instant::now() >= self.ping_at {
                                 codec::pingreq(&mut self.wbuf);
                                 self.flush().await;
                             }
