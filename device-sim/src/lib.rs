@@ -552,8 +552,21 @@ fn verdict(
             c.behind, c.max_lag_ms
         ));
     }
-    if on_rate && causes.is_empty() {
-        return format!("kept the schedule: {rate}");
+    if on_rate {
+        let mut v = format!("kept the schedule: {rate}");
+        if c.behind > 0 {
+            v.push_str(&format!(
+                "; {} publishes over 100 ms late, at most {} ms",
+                c.behind, c.max_lag_ms
+            ));
+        }
+        if slow_acks || c.window_waits > 0 {
+            v.push_str(&format!(
+                "; the broker is slow to acknowledge: PUBACK p50 {p50:.0} ms, {} publishes waited for a full in-flight window",
+                c.window_waits
+            ));
+        }
+        return v;
     }
     if causes.is_empty() {
         causes.push("the schedule ran long".into());
@@ -645,6 +658,15 @@ mod tests {
         let kept = verdict(&c, (995.0, 1000.0), 1000, Some(&latency(5.0)), 256);
         assert!(kept.starts_with("kept the schedule"), "{kept}");
         c.behind = 500;
+        let late_but_on_rate = verdict(&c, (990.0, 1000.0), 1000, Some(&latency(5.0)), 256);
+        assert!(
+            late_but_on_rate.starts_with("kept the schedule"),
+            "{late_but_on_rate}"
+        );
+        assert!(
+            late_but_on_rate.contains("500 publishes over 100 ms late"),
+            "{late_but_on_rate}"
+        );
         let slow_broker = verdict(&c, (800.0, 1000.0), 1000, Some(&latency(8000.0)), 256);
         assert!(
             slow_broker.starts_with("the broker is not keeping up"),

@@ -19,6 +19,13 @@
 //!
 //! `loss` runs the server in a child process (this example, `serve`), so the
 //! kill is a real SIGKILL of the process that owns the log.
+//!
+//! ```text
+//! # external broker mode: publishers → Mosquitto → ingest::bridge → log, the
+//! # bridge killed with SIGKILL and restarted; every message Mosquitto
+//! # acknowledged must reach the log (needs `mosquitto` on PATH)
+//! cargo run --release -p ingest --example vs_rumqttd -- loss-bridge [--kills 5] [--seed 7]
+//! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -40,6 +47,8 @@ use stream::{PutRecord, ShardReader, StreamProducer};
 enum Target {
     Endpoint,
     Rumqttd,
+    /// `ingest::bridge` subscribed to a Mosquitto on the given port.
+    Bridge,
 }
 
 impl Target {
@@ -47,6 +56,7 @@ impl Target {
         match s {
             "endpoint" => Ok(Target::Endpoint),
             "rumqttd" => Ok(Target::Rumqttd),
+            "bridge" => Ok(Target::Bridge),
             other => bail!("unknown target {other}"),
         }
     }
@@ -55,6 +65,7 @@ impl Target {
         match self {
             Target::Endpoint => "endpoint",
             Target::Rumqttd => "rumqttd",
+            Target::Bridge => "bridge",
         }
     }
 }
@@ -90,6 +101,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Some("loss-bridge") => loss_bridge(num("--kills", 5)?, num("--seed", 7)?),
         Some("serve") => {
             let target = Target::parse(&flag(&args, "--target").context("--target")?)?;
             let dir = PathBuf::from(flag(&args, "--dir").context("--dir")?);
@@ -151,6 +163,25 @@ fn start_server(
                 listener,
                 log,
                 EndpointConfig::default(),
+                metrics.clone(),
+                std::future::pending(),
+            ));
+            let appended = appended.clone();
+            std::thread::spawn(move || {
+                loop {
+                    appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+        Target::Bridge => {
+            let metrics = Arc::new(IngestMetrics::new());
+            let mut config =
+                ingest::bridge::BridgeConfig::new(&format!("mqtt://127.0.0.1:{port}"))?;
+            config.client_id = "iotpipe-loss-bridge".into();
+            rt.spawn(ingest::bridge::run(
+                config,
+                log,
                 metrics.clone(),
                 std::future::pending(),
             ));
@@ -424,32 +455,111 @@ fn serve_child(target: Target, dir: &Path, port: u16) -> Result<()> {
     }
 }
 
+fn spawn_server(target: Target, port: u16, dir: &Path) -> Result<Child> {
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "serve",
+            "--target",
+            target.name(),
+            "--port",
+            &port.to_string(),
+            "--dir",
+        ])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
+        &mut line,
+    )?;
+    if line.trim() != "ready" {
+        bail!("the server did not start: {line}");
+    }
+    Ok(child)
+}
+
+fn loss_bridge(kills: u64, seed: u64) -> Result<()> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\n\
+             max_queued_messages 10000000\nmax_queued_bytes 0\n"
+        ),
+    )?;
+    let mut broker = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("mosquitto is not installed: apt-get install -y mosquitto")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let log_dir = dir.path().join("log");
+    let mut child = spawn_server(Target::Bridge, port, &log_dir)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let pubs = start_publishers(
+        &client_rt,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        4,
+        true,
+    );
+    for _ in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.random_range(500..2000)));
+        child.kill()?;
+        child.wait()?;
+        child = spawn_server(Target::Bridge, port, &log_dir)?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    pubs.running.store(false, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    client_rt.shutdown_timeout(Duration::from_millis(200));
+    let acked: HashSet<(String, u64)> = pubs
+        .acked_ids
+        .lock()
+        .map(|ids| ids.clone())
+        .unwrap_or_default();
+    // Let the bridge drain the broker's queue, then check with the log
+    // closed (one process at a time may hold it).
+    let mut missing = acked.len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(2));
+        child.kill()?;
+        child.wait()?;
+        let stored = read_all(&log_dir)?;
+        missing = acked.difference(&stored).count();
+        if missing == 0 {
+            break;
+        }
+        child = spawn_server(Target::Bridge, port, &log_dir)?;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
+    println!(
+        "bridge: {kills} SIGKILLs, {} messages acknowledged by Mosquitto, {missing} not in the log",
+        acked.len()
+    );
+    Ok(())
+}
+
 fn loss(target: Target, runs: u64, seed: u64) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let (mut acked_total, mut lost_total) = (0usize, 0usize);
     for _ in 0..runs {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
-        let mut child: Child = Command::new(std::env::current_exe()?)
-            .args([
-                "serve",
-                "--target",
-                target.name(),
-                "--port",
-                &port.to_string(),
-                "--dir",
-            ])
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().context("stdout")?),
-            &mut line,
-        )?;
-        if line.trim() != "ready" {
-            bail!("the server did not start: {line}");
-        }
+        let mut child = spawn_server(target, port, dir.path())?;
         std::thread::sleep(Duration::from_millis(200));
         let client_rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

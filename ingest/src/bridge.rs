@@ -313,10 +313,12 @@ pub async fn run(
         tracing::error!(error = %e, "The bridge's appender failed.");
     }
     let _ = client.try_disconnect();
-    // The disconnect goes out on the event loop's next poll; give it a moment.
+    // The acks queued before the DISCONNECT are written with it; the
+    // connection is done once the broker has closed it (the event loop
+    // reports that as a failure), or after a moment.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some((_, polled)) = events.recv().await {
-            if let Polled::Event(Event::Outgoing(rumqttc::Outgoing::Disconnect)) = polled {
+            if let Polled::Failed(_) = polled {
                 break;
             }
         }

@@ -5,8 +5,8 @@
 //! it owns is small (a few hundred bytes of buffers, the schedule iterator
 //! and the value generators), so that an idle device costs a few KB.
 //!
-//! Sends wait in `queued` until written, then in `inflight` until
-//! acknowledged (QoS 1) or at once complete (QoS 0). After a connection
+//! Sends wait in `queued` until encoded, then in `inflight` until
+//! acknowledged (QoS 1) or written to the socket (QoS 0). After a connection
 //! error the device reconnects with backoff and writes everything in flight
 //! again, in order, with the DUP flag: delivery is at-least-once, and the
 //! pipeline removes the copies by seq.
@@ -358,7 +358,10 @@ impl Device {
                         }
                         Some(Err(e)) => self.lost(Lost::Io(e)),
                         None => {
-                            if Instant::now() >= self.ping_at {
+                            if !self.wbuf.is_empty() {
+                                // What a synchronous write left behind.
+                                self.flush().await;
+                            } else if Instant::now() >= self.ping_at {
                                 codec::pingreq(&mut self.wbuf);
                                 self.flush().await;
                             }
@@ -491,12 +494,9 @@ impl Device {
             );
             p.pkid = pkid;
             p.written_at = Some(now);
-            if self.env.qos1 {
-                self.inflight.push_back(p);
-            } else {
-                // Written is all QoS 0 promises; the skew margin bounds arrival.
-                self.complete(p, now_ms);
-            }
+            // A QoS 0 send waits here only until its bytes leave the write
+            // buffer (see `after_write`).
+            self.inflight.push_back(p);
         }
     }
 
@@ -582,6 +582,15 @@ impl Device {
     }
 
     fn after_write(&mut self) {
+        if !self.env.qos1 && self.wbuf.is_empty() {
+            // Written to the socket is all QoS 0 promises; the skew margin
+            // bounds the arrival. Sends still in the buffer when a
+            // connection breaks are written again instead.
+            let now_ms = crate::now_ms();
+            while let Some(p) = self.inflight.pop_front() {
+                self.complete(p, now_ms);
+            }
+        }
         if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_WBUF {
             self.wbuf = BytesMut::new();
         }

@@ -238,3 +238,40 @@ impl AsyncWrite for Stream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_443_offers_iot_cores_alpn_unless_told() {
+        let opts = TlsOptions::default();
+        let on_443 = TlsSetup::new(&opts, 443).unwrap().config_for("d").unwrap();
+        assert_eq!(on_443.alpn_protocols, [AWS_IOT_ALPN.as_bytes().to_vec()]);
+        let on_8883 = TlsSetup::new(&opts, 8883).unwrap().config_for("d").unwrap();
+        assert!(on_8883.alpn_protocols.is_empty());
+        let told = TlsOptions {
+            alpn: vec!["mqtt".into()],
+            ..TlsOptions::default()
+        };
+        let c = TlsSetup::new(&told, 443).unwrap().config_for("d").unwrap();
+        assert_eq!(c.alpn_protocols, [b"mqtt".to_vec()]);
+    }
+
+    #[test]
+    fn missing_certificates_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let per_device = TlsOptions {
+            client_cert: ClientCert::PerDevice(dir.path().to_path_buf()),
+            ..TlsOptions::default()
+        };
+        let setup = TlsSetup::new(&per_device, 8883).unwrap();
+        let err = setup.check_device("dev-7").unwrap_err().to_string();
+        assert!(err.contains("dev-7.crt"), "{err}");
+        let bad_ca = TlsOptions {
+            ca: Some(dir.path().join("nope.pem")),
+            ..TlsOptions::default()
+        };
+        assert!(TlsSetup::new(&bad_ca, 8883).is_err());
+    }
+}

@@ -58,8 +58,13 @@ client.on("connect", async (connack) => {
       continue;
     }
     const ack = await new Promise((resolve) => {
-      settle = resolve;
+      // A pending timer would keep the process alive after a close.
       const timer = setTimeout(() => resolve(null), 3000);
+      settle = (v) => {
+        clearTimeout(timer);
+        resolve(v);
+      };
+      if (result.closed) settle(null);
       client.publish(p.topic, p.payload, { qos: spec.qos }, (err, packet) => {
         clearTimeout(timer);
         if (err) {
