@@ -18,6 +18,7 @@ pub struct Config {
     /// Where the stream, the rollup store and the checkpoints live.
     pub data_dir: PathBuf,
     pub mqtt: MqttConfig,
+    pub broker: BrokerConfig,
     pub http: HttpConfig,
     pub stream: StreamConfig,
     pub aggregate: AggregateSettings,
@@ -31,6 +32,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./iotpipe-data"),
             mqtt: MqttConfig::default(),
+            broker: BrokerConfig::default(),
             http: HttpConfig::default(),
             stream: StreamConfig::default(),
             aggregate: AggregateSettings::default(),
@@ -54,6 +56,20 @@ pub struct MqttConfig {
     /// How long appends are gathered into one durable write.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Serve plain MQTT on `listen`; off, only the TLS listener runs.
+    pub plain: bool,
+    /// MQTT over TLS, with `tls_cert` and `tls_key`.
+    pub tls_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates that client certificates must chain to; a verified
+    /// certificate's subject CN is the device's identity.
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a certificate.
+    pub tls_require_client_cert: bool,
+    /// Usernames and salted password hashes (`iotpipe users add`): with it,
+    /// a client must log in, and may publish only as its own device.
+    pub users_file: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -63,6 +79,39 @@ impl Default for MqttConfig {
             max_connections: 100_000,
             max_inflight: 1000,
             commit_interval: Duration::from_millis(2),
+            plain: true,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            tls_require_client_cert: false,
+            users_file: None,
+        }
+    }
+}
+
+/// An external MQTT broker to take telemetry from, instead of (or beside)
+/// devices connecting to iotpipe directly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// `mqtt://HOST:PORT` or `mqtts://HOST:PORT`; unset, no bridge runs.
+    pub url: Option<String>,
+    /// The bridge's client id. Its persistent session at the broker holds
+    /// what iotpipe has not yet stored, so keep it stable.
+    pub client_id: String,
+    pub username: Option<String>,
+    /// A file holding the password, so that it is not on the command line.
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            url: None,
+            client_id: "iotpipe-bridge".into(),
+            username: None,
+            password_file: None,
         }
     }
 }
@@ -300,6 +349,30 @@ max_connections = 100000
 max_inflight = 1000
 # How long appends are gathered into one durable write (group commit).
 commit_interval = "2ms"
+# Serve plain MQTT on `listen`; set false to serve only TLS.
+plain = true
+# MQTT over TLS (port 8883 is customary), with a PEM certificate chain and key.
+# tls_listen = "127.0.0.1:8883"
+# tls_cert = "/etc/iotpipe/server.crt"
+# tls_key = "/etc/iotpipe/server.key"
+# CA certificates that client certificates must chain to; a verified
+# certificate's subject CN is the device id.
+# tls_client_ca = "/etc/iotpipe/devices-ca.crt"
+# Refuse TLS clients that present no certificate.
+tls_require_client_cert = false
+# Usernames and salted password hashes, managed with `iotpipe users add`.
+# With it (or with client certificates) a client must authenticate and may
+# publish only to dt/{fleet}/{its own id}/telemetry.
+# users_file = "/etc/iotpipe/users"
+
+[broker]
+# Take telemetry from an external MQTT broker: iotpipe subscribes to
+# dt/+/+/telemetry with a persistent session at QoS 1 and acknowledges each
+# message only once it is durable. See docs/BROKER.md for what the broker needs.
+# url = "mqtt://127.0.0.1:1884"
+client_id = "iotpipe-bridge"
+# username = "iotpipe"
+# password_file = "/etc/iotpipe/broker-password"
 
 [http]
 # The query API.

@@ -34,6 +34,31 @@ enum Command {
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Manage the MQTT users file (salted password hashes; each user may
+    /// publish only as the device of the same name).
+    #[command(subcommand)]
+    Users(UsersCommand),
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Add a user with a generated password, printed once.
+    Add {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Remove a user.
+    Remove {
+        name: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// List the users.
+    List {
+        #[arg(long)]
+        file: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -56,6 +81,22 @@ struct UpArgs {
     /// How long after its end a window still takes readings, e.g. 1h, 30m [default: 1h].
     #[arg(long, value_parser = humantime::parse_duration)]
     allowed_lateness: Option<std::time::Duration>,
+    /// Take telemetry from an external MQTT broker (mqtt://HOST:PORT): a
+    /// persistent QoS 1 subscription, each message acknowledged once durable.
+    #[arg(long)]
+    broker: Option<String>,
+    /// The bridge's client id at the broker [default: iotpipe-bridge].
+    #[arg(long)]
+    broker_client_id: Option<String>,
+    #[arg(long)]
+    broker_username: Option<String>,
+    /// A file holding the broker password.
+    #[arg(long)]
+    broker_password_file: Option<PathBuf>,
+    /// Usernames and salted password hashes (`iotpipe users add`); with it,
+    /// each client may publish only as its own device.
+    #[arg(long)]
+    users_file: Option<PathBuf>,
     /// A file of API bearer tokens, one `TOKEN [read|admin]` per line; without
     /// it the API answers anyone who can reach it.
     #[arg(long)]
@@ -104,6 +145,7 @@ fn main() -> ExitCode {
             print!("{}", toml::to_string_pretty(&c)?);
             Ok(())
         }),
+        Command::Users(cmd) => users(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,6 +154,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn users(cmd: UsersCommand) -> anyhow::Result<()> {
+    match cmd {
+        UsersCommand::Add { name, file } => {
+            let password = ingest::users::add(&file, &name)?;
+            println!("{name}: {password}");
+            eprintln!("Keep the password now: the file stores only a salted hash.");
+        }
+        UsersCommand::Remove { name, file } => {
+            if !ingest::users::remove(&file, &name)? {
+                anyhow::bail!("no user `{name}` in {}", file.display());
+            }
+        }
+        UsersCommand::List { file } => {
+            for name in ingest::users::list(&file)? {
+                println!("{name}");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -133,6 +196,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.allowed_lateness {
         config.aggregate.allowed_lateness = v;
+    }
+    if let Some(v) = args.broker {
+        config.broker.url = Some(v);
+    }
+    if let Some(v) = args.broker_client_id {
+        config.broker.client_id = v;
+    }
+    if let Some(v) = args.broker_username {
+        config.broker.username = Some(v);
+    }
+    if let Some(v) = args.broker_password_file {
+        config.broker.password_file = Some(v);
+    }
+    if let Some(v) = args.users_file {
+        config.mqtt.users_file = Some(v);
     }
     if let Some(v) = args.api_token_file {
         config.http.token_file = Some(v);
@@ -162,12 +240,19 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let mut pipeline = iotpipe::start(&config).await?;
-        println!(
+        let mut line = format!(
             "iotpipe up: mqtt://{} http://{} data {}",
             pipeline.mqtt_addr,
             pipeline.http_addr,
             config.data_dir.display()
         );
+        if let Some(tls) = pipeline.tls_addr {
+            line.push_str(&format!(" mqtts://{tls}"));
+        }
+        if let Some(broker) = &config.broker.url {
+            line.push_str(&format!(" broker {broker}"));
+        }
+        println!("{line}");
         tokio::select! {
             signal = shutdown_signal() => {
                 tracing::info!(signal, "Shutting down: draining every stage.");

@@ -110,6 +110,11 @@ pub fn render_ingest(s: &MetricsSnapshot, out: &mut String) {
     );
     let _ = writeln!(
         out,
+        "# HELP iotpipe_broker_subscribed Whether the broker bridge holds its subscription (1) or not (0).\n# TYPE iotpipe_broker_subscribed gauge\niotpipe_broker_subscribed {}",
+        s.bridge_subscribed
+    );
+    let _ = writeln!(
+        out,
         "# HELP iotpipe_mqtt_connections Open MQTT connections.\n# TYPE iotpipe_mqtt_connections gauge\niotpipe_mqtt_connections {}",
         s.connections_current
     );

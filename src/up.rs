@@ -1,7 +1,8 @@
 //! `iotpipe up`: every stage in one process, on durable local storage.
 //!
 //! ```text
-//! MQTT ──▶ ingest::serve ──▶ EmbeddedLog ──▶ run_shard × shards ──▶ SqliteStore ──▶ api::app
+//! MQTT ──▶ ingest::serve_on ─┐
+//! broker ──▶ ingest::bridge ──┴▶ stream ──▶ run_shard × shards ──▶ store ──▶ api::app
 //! ```
 //!
 //! Shutdown runs front to back so that nothing acknowledged is left behind:
@@ -34,8 +35,12 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
 
 /// A running pipeline.
 pub struct Pipeline {
+    /// The plain MQTT listener's address (the TLS one's if plain is off).
     pub mqtt_addr: SocketAddr,
+    pub tls_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
+    /// The external-broker bridge, when one runs.
+    bridge: Option<(oneshot::Sender<()>, JoinHandle<()>)>,
     pub ingest_metrics: Arc<ingest::IngestMetrics>,
     pub processor_metrics: Arc<ProcessorMetrics>,
     stop_ingest: Option<oneshot::Sender<()>>,
@@ -88,13 +93,40 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let stream = Arc::new(Stream::open(config).await?);
     let store = Arc::new(Store::open(config).await?);
-    let mqtt = TcpListener::bind(config.mqtt.listen)
-        .await
-        .with_context(|| format!("cannot listen for MQTT on {}", config.mqtt.listen))?;
+    let mut listeners = Vec::new();
+    let mut plain_addr = None;
+    if config.mqtt.plain {
+        let socket = TcpListener::bind(config.mqtt.listen)
+            .await
+            .with_context(|| format!("cannot listen for MQTT on {}", config.mqtt.listen))?;
+        plain_addr = Some(socket.local_addr()?);
+        listeners.push(ingest::Listener::tcp(socket));
+    }
+    let mut tls_addr = None;
+    if let Some(addr) = config.mqtt.tls_listen {
+        let (Some(cert), Some(key)) = (&config.mqtt.tls_cert, &config.mqtt.tls_key) else {
+            anyhow::bail!("mqtt.tls_listen needs mqtt.tls_cert and mqtt.tls_key");
+        };
+        let acceptor = ingest::tls::acceptor(&ingest::tls::TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.mqtt.tls_client_ca.clone(),
+            require_client_cert: config.mqtt.tls_require_client_cert,
+        })
+        .context("MQTT TLS listener")?;
+        let socket = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for MQTT over TLS on {addr}"))?;
+        tls_addr = Some(socket.local_addr()?);
+        listeners.push(ingest::Listener::tls(socket, acceptor));
+    }
+    let Some(mqtt_addr) = plain_addr.or(tls_addr) else {
+        anyhow::bail!("no MQTT listener: mqtt.plain is off and mqtt.tls_listen is not set");
+    };
     let http = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
-    let (mqtt_addr, http_addr) = (mqtt.local_addr()?, http.local_addr()?);
+    let http_addr = http.local_addr()?;
     let (failed_tx, failed) = watch::channel(None);
     let failed_tx = Arc::new(failed_tx);
 
@@ -138,21 +170,30 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     }
 
     let ingest_metrics = Arc::new(ingest::IngestMetrics::new());
+    let authorizer: Arc<dyn ingest::Authorizer> = match &config.mqtt.users_file {
+        Some(path) => Arc::new(
+            ingest::UsersFile::load(path)
+                .with_context(|| format!("MQTT users file {}", path.display()))?,
+        ),
+        None if config.mqtt.tls_require_client_cert => Arc::new(ingest::ClientCertificates),
+        None => Arc::new(ingest::AllowAll),
+    };
     let endpoint = ingest::EndpointConfig {
         max_connections: config.mqtt.max_connections,
         max_inflight: config.mqtt.max_inflight,
         commit_interval: config.mqtt.commit_interval,
+        authorizer,
         ..ingest::EndpointConfig::default()
+    };
+    let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
+        Some(wrap) => wrap(stream.producer()),
+        None => stream.producer(),
     };
     let (stop_ingest, ingest_rx) = oneshot::channel::<()>();
     let ingest = {
-        let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
-            Some(wrap) => wrap(stream.producer()),
-            None => stream.producer(),
-        };
-        let serve = ingest::serve(
-            mqtt,
-            producer,
+        let serve = ingest::serve_on(
+            listeners,
+            producer.clone(),
             endpoint,
             ingest_metrics.clone(),
             async move {
@@ -170,6 +211,32 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
             });
             result
         })
+    };
+
+    let bridge = match &config.broker.url {
+        None => None,
+        Some(url) => {
+            let mut bc = ingest::bridge::BridgeConfig::new(url)
+                .with_context(|| format!("broker URL {url}"))?;
+            bc.client_id.clone_from(&config.broker.client_id);
+            bc.username.clone_from(&config.broker.username);
+            if let Some(path) = &config.broker.password_file {
+                let password = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read broker password file {}", path.display())
+                })?;
+                bc.password = Some(password.trim_end().to_string());
+            }
+            let (stop, rx) = oneshot::channel::<()>();
+            let task = tokio::spawn(ingest::bridge::run(
+                bc,
+                producer.clone(),
+                ingest_metrics.clone(),
+                async move {
+                    let _ = rx.await;
+                },
+            ));
+            Some((stop, task))
+        }
     };
 
     let tokens = match &config.http.token_file {
@@ -224,8 +291,10 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
 
     Ok(Pipeline {
         mqtt_addr,
+        tls_addr,
         http_addr,
         ingest_metrics,
+        bridge,
         processor_metrics,
         stop_ingest: Some(stop_ingest),
         ingest,
@@ -254,12 +323,21 @@ impl Pipeline {
 
     /// Stops every stage, front to back, draining what is in flight.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        // Intake first: the endpoint and the bridge stop taking messages and
+        // finish the appends and acks they have in flight.
         if let Some(stop) = self.stop_ingest.take() {
             let _ = stop.send(());
         }
+        let bridge = match self.bridge.take() {
+            Some((stop, task)) => {
+                let _ = stop.send(());
+                task.await.err().map(|e| format!("broker bridge task: {e}"))
+            }
+            None => None,
+        };
         let ingest = (&mut self.ingest).await;
         self.stop_processors.send_replace(true);
-        let mut errors = Vec::new();
+        let mut errors: Vec<String> = bridge.into_iter().collect();
         match ingest {
             Ok(Ok(())) => {}
             Ok(Err(e)) => errors.push(format!("MQTT endpoint: {e}")),

@@ -59,7 +59,6 @@ fn spawn(dir: &Path, broker: SocketAddr, http: &str) -> Up {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs `iotpipe up --broker` (ingest::bridge::run) wired into the CLI"]
 async fn five_sigkills_of_the_bridge_lose_nothing_and_count_nothing_twice() {
     // Queue and in-flight limits as docs/mosquitto.conf sets them: with
     // Mosquitto's defaults it drops messages for a session that is away.
