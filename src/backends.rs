@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use processors::store::cached::{CacheConfig, CachedStore};
 use processors::store::dynamodb::DynamoStore;
 use processors::store::sqlite::SqliteStore;
 use processors::store::{RollupQuery, RollupStore};
@@ -98,19 +99,27 @@ impl Stream {
     }
 }
 
-/// An opened rollup store.
+/// An opened rollup store. SQLite sits behind a write-behind cache: the
+/// processors flush it once a second rather than write every change.
 pub enum Store {
-    Sqlite(Arc<SqliteStore>),
+    Sqlite {
+        cache: Arc<CachedStore<SqliteStore>>,
+        db: Arc<SqliteStore>,
+    },
     Dynamo(Arc<DynamoStore>),
 }
 
 impl Store {
     pub async fn open(config: &Config) -> anyhow::Result<Store> {
         match config.backend.store {
-            StoreKind::Sqlite => Ok(Store::Sqlite(Arc::new(
-                SqliteStore::open(&config.data_dir.join("rollups.db"))
-                    .context("cannot open the rollup store")?,
-            ))),
+            StoreKind::Sqlite => {
+                let db = Arc::new(
+                    SqliteStore::open(&config.data_dir.join("rollups.db"))
+                        .context("cannot open the rollup store")?,
+                );
+                let cache = Arc::new(CachedStore::new(db.clone(), CacheConfig::default()));
+                Ok(Store::Sqlite { cache, db })
+            }
             StoreKind::Dynamodb => {
                 let b = &config.backend;
                 let store = DynamoStore::connect(&aws(b), &b.table_name).await;
@@ -125,14 +134,16 @@ impl Store {
 
     pub fn writer(&self) -> Arc<dyn RollupStore> {
         match self {
-            Store::Sqlite(s) => s.clone(),
+            Store::Sqlite { cache, .. } => cache.clone(),
             Store::Dynamo(s) => s.clone(),
         }
     }
 
+    /// Queries read through the cache, so applied readings are visible
+    /// before they are flushed.
     pub fn query(&self) -> Arc<dyn RollupQuery> {
         match self {
-            Store::Sqlite(s) => s.clone(),
+            Store::Sqlite { cache, .. } => cache.clone(),
             Store::Dynamo(s) => s.clone(),
         }
     }
@@ -140,7 +151,9 @@ impl Store {
     /// Retention and dead-letter trimming. DynamoDB expires items by its TTL
     /// attribute on its own.
     pub async fn maintain(&self, now_ms: i64, dead_letters_per_reason: usize) {
-        let Store::Sqlite(store) = self else { return };
+        let Store::Sqlite { db: store, .. } = self else {
+            return;
+        };
         match store.purge_expired(now_ms).await {
             Ok(n) if n > 0 => tracing::info!(items = n, "Expired rollups purged."),
             Ok(_) => {}

@@ -208,12 +208,19 @@ fn to_ms(d: Duration) -> i64 {
 pub struct ProcessorSettings {
     /// Most stream records folded into the store in one batch.
     pub batch_max_records: usize,
+    /// How often applied batches are written to disk and checkpointed. Longer
+    /// means fewer writes (a busy window is written once per interval) and a
+    /// longer replay after a crash; queries see applied readings at once
+    /// either way.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
 }
 
 impl Default for ProcessorSettings {
     fn default() -> Self {
         ProcessorSettings {
             batch_max_records: 10_000,
+            flush_interval: Duration::from_secs(1),
         }
     }
 }
@@ -411,6 +418,10 @@ dead_letters_per_reason = 10000
 [processor]
 # Most stream records folded into the store in one batch.
 batch_max_records = 10000
+# How often applied batches are written to disk and checkpointed. Longer means
+# fewer writes and a longer replay after a crash; queries see applied readings
+# at once either way.
+flush_interval = "1s"
 
 [backend]
 # Where the stream and the rollups live: "embedded" and "sqlite" in data_dir,

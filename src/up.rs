@@ -134,6 +134,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let (stop_processors, stop_rx) = watch::channel(false);
     let pcfg = ProcessorConfig {
         batch_max_records: config.processor.batch_max_records,
+        flush_interval: config.processor.flush_interval,
         ..ProcessorConfig::default()
     };
     let mut processors = Vec::new();

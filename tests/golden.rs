@@ -152,6 +152,7 @@ async fn feed(case: &Case, store: &dyn RollupStore, batching: Batching) {
                 .unwrap();
         }
     }
+    store.flush().await.unwrap();
 }
 
 fn matches(path: &str, expected: &Value, actual: &Value) -> Result<(), String> {
@@ -292,6 +293,22 @@ async fn golden_cases_on_the_sqlite_store() {
     run_all("sqlite", || async {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
+        (
+            s.clone() as Arc<dyn RollupStore>,
+            s as Arc<dyn RollupQuery>,
+            Some(dir),
+        )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn golden_cases_on_the_cached_sqlite_store() {
+    use processors::store::cached::{CacheConfig, CachedStore};
+    run_all("cached-sqlite", || async {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
+        let s = Arc::new(CachedStore::new(db, CacheConfig::default()));
         (
             s.clone() as Arc<dyn RollupStore>,
             s as Arc<dyn RollupQuery>,

@@ -93,6 +93,8 @@ pub struct ProcessorMetrics {
     pub store_writes: AtomicU64,
     pub batch_seconds: Histogram,
     pub store_write_seconds: Histogram,
+    /// Time to flush the write-behind store (and so make batches durable).
+    pub flush_seconds: Histogram,
     /// Time from a record's arrival in the stream to its effect in the store.
     pub freshness_seconds: Histogram,
     pub lag: Mutex<Vec<(String, std::sync::Arc<ShardLag>)>>,
@@ -116,6 +118,7 @@ impl Default for ProcessorMetrics {
             store_writes: AtomicU64::new(0),
             batch_seconds: Histogram::new(LATENCY_BUCKETS),
             store_write_seconds: Histogram::new(LATENCY_BUCKETS),
+            flush_seconds: Histogram::new(LATENCY_BUCKETS),
             freshness_seconds: Histogram::new(LATENCY_BUCKETS),
             lag: Mutex::new(Vec::new()),
         }
@@ -230,6 +233,12 @@ impl ProcessorMetrics {
         self.store_write_seconds.render(
             "iotpipe_store_write_seconds",
             "Time to commit one batch's writes.",
+            "",
+            out,
+        );
+        self.flush_seconds.render(
+            "iotpipe_store_flush_seconds",
+            "Time to make applied batches durable in the store.",
             "",
             out,
         );

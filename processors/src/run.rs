@@ -24,6 +24,10 @@ pub struct ProcessorConfig {
     /// First retry delay after a store error; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// How often applied batches are flushed and checkpointed. Longer means
+    /// fewer store writes with a write-behind store, and a longer replay
+    /// after a crash.
+    pub flush_interval: Duration,
 }
 
 impl Default for ProcessorConfig {
@@ -33,6 +37,7 @@ impl Default for ProcessorConfig {
             poll_wait: Duration::from_millis(250),
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_secs(5),
+            flush_interval: Duration::from_secs(1),
         }
     }
 }
@@ -75,7 +80,8 @@ pub async fn process_batch(
 }
 
 /// Processes one shard until `shutdown` turns true, then drains what is left
-/// in the shard and returns. Checkpoints only after a batch is durable.
+/// in the shard and returns. Checkpoints only after the store has flushed
+/// the batches it covers.
 pub async fn run_shard(
     mut reader: Box<dyn ShardReader>,
     store: Arc<dyn RollupStore>,
@@ -88,6 +94,10 @@ pub async fn run_shard(
     let lag = metrics.shard_lag(&shard);
     let mut draining = *shutdown.borrow();
     let mut read_retries = 0u32;
+    // The last record applied but not yet checkpointed, and when the store
+    // was last flushed.
+    let mut pending: Option<stream::SeqNo> = None;
+    let mut last_flush = Instant::now();
     loop {
         let wait = if draining {
             Duration::ZERO
@@ -131,6 +141,11 @@ pub async fn run_shard(
         lag.oldest_unprocessed_ms
             .store(oldest.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
         let Some(last) = batch.last().map(|r| r.seq) else {
+            // Nothing new: a good moment to make what is applied durable.
+            if let Some(seq) = pending.take() {
+                durable(&shard, &mut reader, store.as_ref(), seq, &pcfg, &metrics).await?;
+                last_flush = Instant::now();
+            }
             if draining {
                 tracing::info!(shard, "Shard drained; processor stops.");
                 return Ok(());
@@ -165,25 +180,68 @@ pub async fn run_shard(
                 .freshness_seconds
                 .observe(Duration::from_millis((now - first.arrival_ms).max(0) as u64));
         }
-        // The batch is durable in the store; a failed checkpoint only means a
-        // restart would replay it, which the store absorbs. Retry it anyway,
-        // so that the replay stays short.
-        let mut attempt = 0u32;
-        while let Err(e) = reader.checkpoint(last).await {
-            match e {
-                stream::ReadError::Io(_) if attempt < 10 => {
-                    attempt += 1;
-                    metrics
-                        .read_retries
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let backoff = retry_delay(&pcfg, attempt);
-                    tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Checkpoint failed; retrying.");
-                    tokio::time::sleep(backoff).await;
-                }
-                other => return Err(other),
+        pending = Some(last);
+        if last_flush.elapsed() >= pcfg.flush_interval {
+            if let Some(seq) = pending.take() {
+                durable(&shard, &mut reader, store.as_ref(), seq, &pcfg, &metrics).await?;
+            }
+            last_flush = Instant::now();
+        }
+    }
+}
+
+/// Flushes the store, then checkpoints `seq`: the checkpoint must never pass
+/// an effect that a crash could still lose.
+async fn durable(
+    shard: &str,
+    reader: &mut Box<dyn ShardReader>,
+    store: &dyn RollupStore,
+    seq: stream::SeqNo,
+    pcfg: &ProcessorConfig,
+    metrics: &ProcessorMetrics,
+) -> Result<(), stream::ReadError> {
+    let mut attempt = 0u32;
+    loop {
+        let started = Instant::now();
+        match store.flush().await {
+            Ok(()) => {
+                metrics.flush_seconds.observe(started.elapsed());
+                break;
+            }
+            Err(e) if e.is_retryable() => {
+                attempt += 1;
+                metrics
+                    .batch_retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let backoff = retry_delay(pcfg, attempt);
+                tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Flushing the store failed; retrying.");
+                tokio::time::sleep(backoff).await;
+            }
+            Err(e) => {
+                tracing::error!(shard, error = %e, "The store cannot be flushed; the shard processor stops.");
+                return Err(stream::ReadError::Io(e.to_string()));
             }
         }
     }
+    // The effects are durable now; a failed checkpoint only means a restart
+    // would replay them, which the store absorbs. Retry anyway, so that the
+    // replay stays short.
+    let mut attempt = 0u32;
+    while let Err(e) = reader.checkpoint(seq).await {
+        match e {
+            stream::ReadError::Io(_) if attempt < 10 => {
+                attempt += 1;
+                metrics
+                    .read_retries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let backoff = retry_delay(pcfg, attempt);
+                tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Checkpoint failed; retrying.");
+                tokio::time::sleep(backoff).await;
+            }
+            other => return Err(other),
+        }
+    }
+    Ok(())
 }
 
 /// Exponential backoff from `initial_backoff`, capped at `max_backoff`.

@@ -55,3 +55,95 @@ async fn sqlite_store_keeps_items_across_reopen_and_purges_expired() {
         assert_eq!(found.is_some(), kept, "{name}");
     }
 }
+
+#[tokio::test]
+async fn the_write_behind_cache_conforms() {
+    use processors::store::cached::{CacheConfig, CachedStore};
+    let dir = tempfile::tempdir().unwrap();
+    let db = std::sync::Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
+    conformance::run(&CachedStore::new(db, CacheConfig::default())).await;
+    let memory = std::sync::Arc::new(MemoryStore::new());
+    conformance::run(&CachedStore::new(memory, CacheConfig::default())).await;
+}
+
+#[tokio::test]
+async fn the_cache_writes_only_on_flush_and_a_lost_cache_loses_only_unflushed_items() {
+    use processors::keys::ItemKey;
+    use processors::store::cached::{CacheConfig, CachedStore};
+    use processors::store::{Commit, Condition, RollupQuery, RollupStore, Write};
+    use schemas::state::{Item, ItemState};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rollups.db");
+    let key = |name: &str| ItemKey::Counter {
+        shard: "s".into(),
+        name: name.into(),
+    };
+    let write = |name: &str, n: u64, condition| Write {
+        key: key(name),
+        condition,
+        item: Item {
+            applied: Default::default(),
+            state: ItemState::Counter(n),
+        },
+        expires_at: None,
+    };
+    let db = Arc::new(SqliteStore::open(&path).unwrap());
+    let cache = CachedStore::new(db.clone(), CacheConfig::default());
+    let k = key("a");
+    assert!(cache.load(std::slice::from_ref(&k)).await.unwrap()[0].is_none());
+    cache
+        .commit(Commit {
+            writes: vec![write("a", 1, Condition::Absent)],
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    // Visible through the cache, not yet in the database.
+    assert!(cache.get(&k.pk(), &k.sk()).await.unwrap().is_some());
+    assert!(db.get(&k.pk(), &k.sk()).await.unwrap().is_none());
+    assert_eq!(cache.dirty(), 1);
+    cache.flush().await.unwrap();
+    assert_eq!(cache.dirty(), 0);
+    assert!(db.get(&k.pk(), &k.sk()).await.unwrap().is_some());
+    // Ten more changes are one more write.
+    for n in 2..12 {
+        let v = cache.load(std::slice::from_ref(&k)).await.unwrap()[0]
+            .clone()
+            .unwrap()
+            .version;
+        cache
+            .commit(Commit {
+                writes: vec![write("a", n, Condition::Version(v))],
+                then: vec![],
+            })
+            .await
+            .unwrap();
+    }
+    cache.flush().await.unwrap();
+    let stored = db.load(std::slice::from_ref(&k)).await.unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(stored.version, 2, "one write per flush");
+    assert!(matches!(stored.item.state, ItemState::Counter(11)));
+    // A change that is never flushed is gone with the cache; a new cache
+    // starts from the database's state.
+    let v = cache.load(std::slice::from_ref(&k)).await.unwrap()[0]
+        .clone()
+        .unwrap()
+        .version;
+    cache
+        .commit(Commit {
+            writes: vec![write("a", 99, Condition::Version(v))],
+            then: vec![],
+        })
+        .await
+        .unwrap();
+    drop(cache);
+    let fresh = CachedStore::new(db.clone(), CacheConfig::default());
+    let back = fresh.load(std::slice::from_ref(&k)).await.unwrap()[0]
+        .clone()
+        .unwrap();
+    assert!(matches!(back.item.state, ItemState::Counter(11)));
+}

@@ -193,6 +193,16 @@ impl<S: RollupStore + ?Sized> RollupStore for FaultyStore<S> {
         f.commit_stall.at(StallPoint::After, call).await;
         Ok(())
     }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        // A failed flush is a failed commit seen later: nothing was lost, the
+        // items stay dirty, and the checkpoint waits.
+        if self.dice.fork().chance(self.faults.commit_error_before) {
+            bump(&self.faults.injected.commit_errors_before, 1);
+            return Err(unavailable("flush failed before any write"));
+        }
+        self.inner.flush().await
+    }
 }
 
 #[async_trait]

@@ -3,7 +3,8 @@
 //! - [`RollupStore`]: what a processor does with a batch: load the items it
 //!   touches, then commit new versions conditionally.
 //! - [`RollupQuery`]: what the query API reads.
-//! - `sqlite`: the embedded backend.
+//! - `sqlite`: the embedded backend; `cached`: a write-behind cache in front
+//!   of it; `dynamodb`: the AWS backend; `memory`: for tests and benchmarks.
 //! - `dynamodb`: the AWS backend, one DynamoDB table.
 //! - `fault`: a wrapper that injects failures, partial commits, conflicts,
 //!   delays and stalls, for tests.
@@ -13,6 +14,7 @@
 //! means another process is writing the same shard, and the batch is retried
 //! from a fresh load rather than merged blindly.
 
+pub mod cached;
 pub mod conformance;
 pub mod dynamodb;
 pub mod fault;
@@ -98,6 +100,13 @@ pub trait RollupStore: Send + Sync + 'static {
 
     /// Writes a batch's items; see [`Commit`] for the order guarantee.
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;
+
+    /// Makes every committed item durable. Stores that write through (all but
+    /// the write-behind cache) are durable when `commit` returns; the shard
+    /// loop checkpoints only after this.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// A range of one partition, `from <= sk < to`.
