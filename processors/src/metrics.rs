@@ -91,6 +91,9 @@ pub struct ProcessorMetrics {
     /// Shard reads and checkpoints retried after a passing error.
     pub read_retries: AtomicU64,
     pub store_writes: AtomicU64,
+    /// Items the write-behind cache wrote to the durable store: what
+    /// pre-aggregation and coalescing leave of `store_writes`.
+    pub store_flushed: AtomicU64,
     pub batch_seconds: Histogram,
     pub store_write_seconds: Histogram,
     /// Time to flush the write-behind store (and so make batches durable).
@@ -116,6 +119,7 @@ impl Default for ProcessorMetrics {
             batch_retries: AtomicU64::new(0),
             read_retries: AtomicU64::new(0),
             store_writes: AtomicU64::new(0),
+            store_flushed: AtomicU64::new(0),
             batch_seconds: Histogram::new(LATENCY_BUCKETS),
             store_write_seconds: Histogram::new(LATENCY_BUCKETS),
             flush_seconds: Histogram::new(LATENCY_BUCKETS),
@@ -209,8 +213,14 @@ impl ProcessorMetrics {
         counter(
             out,
             "iotpipe_store_writes_total",
-            "Items written to the rollup store.",
+            "Items written to the rollup store by batch commits.",
             &self.store_writes,
+        );
+        counter(
+            out,
+            "iotpipe_store_flushed_items_total",
+            "Items the write-behind cache wrote to the durable store.",
+            &self.store_flushed,
         );
         let name = "iotpipe_processor_rejected_total";
         let _ = writeln!(

@@ -204,8 +204,11 @@ async fn durable(
     loop {
         let started = Instant::now();
         match store.flush().await {
-            Ok(()) => {
+            Ok(written) => {
                 metrics.flush_seconds.observe(started.elapsed());
+                metrics
+                    .store_flushed
+                    .fetch_add(written as u64, std::sync::atomic::Ordering::Relaxed);
                 break;
             }
             Err(e) if e.is_retryable() => {

@@ -247,7 +247,7 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
         Ok(())
     }
 
-    async fn flush(&self) -> Result<(), StoreError> {
+    async fn flush(&self) -> Result<usize, StoreError> {
         let _one = self.flushing.lock().await;
         let mut flushed: Vec<((String, String), Option<u64>, bool)> = Vec::new();
         let mut commit = Commit::default();
@@ -278,6 +278,7 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
                 flushed.push((id.clone(), e.inner_version, e.insert_once));
             }
         }
+        let written = commit.writes.len() + commit.then.len();
         if !commit.is_empty()
             && let Err(e) = self.inner.commit(commit).await
         {
@@ -319,7 +320,7 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
                 state.entries.remove(&id);
             }
         }
-        Ok(())
+        Ok(written)
     }
 }
 

@@ -194,7 +194,7 @@ impl<S: RollupStore + ?Sized> RollupStore for FaultyStore<S> {
         Ok(())
     }
 
-    async fn flush(&self) -> Result<(), StoreError> {
+    async fn flush(&self) -> Result<usize, StoreError> {
         // A failed flush is a failed commit seen later: nothing was lost, the
         // items stay dirty, and the checkpoint waits.
         if self.dice.fork().chance(self.faults.commit_error_before) {

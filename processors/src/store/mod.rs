@@ -103,9 +103,10 @@ pub trait RollupStore: Send + Sync + 'static {
 
     /// Makes every committed item durable. Stores that write through (all but
     /// the write-behind cache) are durable when `commit` returns; the shard
-    /// loop checkpoints only after this.
-    async fn flush(&self) -> Result<(), StoreError> {
-        Ok(())
+    /// loop checkpoints only after this. Returns the items it wrote, for
+    /// write amplification.
+    async fn flush(&self) -> Result<usize, StoreError> {
+        Ok(0)
     }
 }
 
