@@ -5,12 +5,14 @@
 //! - `up`: starts the endpoint, the stream, the processors, the store and the
 //!   API, and stops them front to back.
 //! - `metrics`: the endpoint's part of `/metrics`.
+//! - `cost`: the monthly AWS bill of a load profile (`iotpipe cost`).
 //!
 //! The binary (`src/main.rs`) only parses flags and calls [`up::start`]; tests
 //! call it the same way with port 0.
 
 pub mod backends;
 pub mod config;
+pub mod cost;
 pub mod metrics;
 pub mod up;
 

@@ -38,6 +38,60 @@ enum Command {
     /// publish only as the device of the same name).
     #[command(subcommand)]
     Users(UsersCommand),
+    /// Estimate the monthly AWS bill of a load profile on the `deploy/` stack.
+    Cost(Box<CostArgs>),
+}
+
+#[derive(clap::Args)]
+struct CostArgs {
+    #[arg(long, default_value_t = 1000)]
+    devices: u64,
+    /// Messages per device per second (0.0167 is one a minute).
+    #[arg(long, default_value_t = 1.0)]
+    rate: f64,
+    /// MQTT payload bytes per message.
+    #[arg(long, default_value_t = 120)]
+    payload_bytes: u64,
+    /// Topic bytes per message, metered with the payload.
+    #[arg(long, default_value_t = 30)]
+    topic_bytes: u64,
+    #[arg(long, default_value_t = 1)]
+    readings_per_message: u64,
+    /// Publish through IoT Core's Basic Ingest (`$aws/rules/...`): no messaging charge.
+    #[arg(long)]
+    basic_ingest: bool,
+    /// Store writes per reading; the default is the one measured by
+    /// `scripts/bench` (docs/BENCHMARKS.md).
+    #[arg(long, default_value_t = iotpipe::cost::MEASURED_WRITE_AMPLIFICATION)]
+    write_amplification: f64,
+    /// DynamoDB write units per item write.
+    #[arg(long, default_value_t = 1.0)]
+    write_units_per_write: f64,
+    #[arg(long, value_enum, default_value = "on-demand")]
+    kinesis: iotpipe::cost::KinesisMode,
+    /// Most records per Lambda invocation (the template's BatchSize).
+    #[arg(long, default_value_t = 1000)]
+    batch_size: u64,
+    #[arg(long, default_value_t = 256)]
+    lambda_memory_mb: u64,
+    /// Billed milliseconds of an invocation before its store writes.
+    #[arg(long, default_value_t = 20.0)]
+    lambda_base_ms: f64,
+    /// Billed milliseconds per store write (16 PutItem calls in flight).
+    #[arg(long, default_value_t = 0.4)]
+    lambda_ms_per_write: f64,
+    /// Metrics per reading, for the rollup items kept.
+    #[arg(long, default_value_t = 3)]
+    metrics: u64,
+    /// How long 1-minute windows are kept, in days (the table's TTL).
+    #[arg(long, default_value_t = 30)]
+    retention_days: u64,
+    /// Bytes of one stored rollup item.
+    #[arg(long, default_value_t = 600)]
+    item_bytes: u64,
+    /// A price table (TOML, like src/prices.toml) instead of the built-in one.
+    #[arg(long)]
+    prices: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -146,6 +200,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Users(cmd) => users(cmd),
+        Command::Cost(args) => cost(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,6 +229,49 @@ fn users(cmd: UsersCommand) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn cost(a: CostArgs) -> anyhow::Result<()> {
+    use iotpipe::cost::{Prices, Profile, estimate, render};
+    anyhow::ensure!(
+        a.rate.is_finite() && a.rate >= 0.0,
+        "--rate must be a non-negative number"
+    );
+    anyhow::ensure!(
+        a.write_amplification.is_finite() && a.write_amplification >= 0.0,
+        "--write-amplification must be a non-negative number"
+    );
+    let prices = match &a.prices {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            Prices::parse(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => Prices::default_table()?,
+    };
+    // Series a device feeds: its own and its fleet's share; 1-minute windows
+    // dominate the items kept (1h and 1d add 1/60 and 1/1440).
+    let minutes = a.retention_days * 24 * 60;
+    let stored_items = a.devices * a.metrics * (minutes + minutes / 60 + minutes / 1440);
+    let profile = Profile {
+        devices: a.devices,
+        msgs_per_device_per_s: a.rate,
+        payload_bytes: a.payload_bytes,
+        topic_bytes: a.topic_bytes,
+        readings_per_message: a.readings_per_message,
+        basic_ingest: a.basic_ingest,
+        write_amplification: a.write_amplification,
+        write_units_per_write: a.write_units_per_write,
+        kinesis: a.kinesis,
+        batch_size: a.batch_size,
+        lambda_memory_mb: a.lambda_memory_mb,
+        lambda_base_ms: a.lambda_base_ms,
+        lambda_ms_per_write: a.lambda_ms_per_write,
+        stored_items,
+        item_bytes: a.item_bytes,
+    };
+    print!("{}", render(&profile, &prices, &estimate(&profile, &prices)));
     Ok(())
 }
 
