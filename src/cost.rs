@@ -5,9 +5,14 @@
 //! The model follows the services' metering, not a flat rate per message:
 //! IoT Core meters messages and rules in 5 KB increments (Basic Ingest skips
 //! the messaging charge), Kinesis on demand rounds each record up to 1 KB,
-//! and DynamoDB is charged per item write, which pre-aggregation makes far
-//! fewer than readings: the profile's write amplification (store writes per
-//! reading) is the figure `scripts/bench` measures.
+//! and DynamoDB is charged per item write. Items written per batch follow
+//! the core's keys: each device in a batch writes its windows (metrics x
+//! resolutions) and its dedup item, each fleet its windows, each batch its
+//! counters and applied mark, however many readings the batch holds. So
+//! pre-aggregation pays when a batch holds several readings per device, and
+//! not at all when devices report once a minute. `scripts/bench` measures
+//! the same figure end to end (docs/BENCHMARKS.md); `--write-amplification`
+//! overrides the model with a measured one.
 //!
 //! Prices come from a dated table ([`Prices`]); the default is
 //! `src/prices.toml`, compiled in.
@@ -18,10 +23,6 @@ use serde::Deserialize;
 
 /// The price table compiled into the binary.
 pub const DEFAULT_PRICES: &str = include_str!("prices.toml");
-
-/// Store writes per reading accepted, measured end to end by `scripts/bench`
-/// (docs/BENCHMARKS.md) with one reading per message.
-pub const MEASURED_WRITE_AMPLIFICATION: f64 = 0.1;
 
 /// Hours in AWS's billing month.
 const HOURS_PER_MONTH: f64 = 730.0;
@@ -43,8 +44,13 @@ pub struct Profile {
     /// Publish to `$aws/rules/...` topics, which IoT Core does not charge
     /// as messaging.
     pub basic_ingest: bool,
-    /// Rollup store writes per reading accepted (measured by `scripts/bench`).
-    pub write_amplification: f64,
+    /// Rollup store writes per reading accepted; `None` computes it from
+    /// the batch shape (see the module comment).
+    pub write_amplification: Option<f64>,
+    pub metrics_per_reading: u64,
+    /// Stored resolutions (1m, 1h, 1d by default).
+    pub resolutions: u64,
+    pub fleets: u64,
     /// Write units per item write: rollup items with quantile sketches can
     /// pass 1 KB.
     pub write_units_per_write: f64,
@@ -128,7 +134,9 @@ impl Prices {
         let tiers = &prices.iot_core.messaging_tiers;
         anyhow::ensure!(!tiers.is_empty(), "messaging_tiers is empty");
         anyhow::ensure!(
-            tiers.windows(2).all(|w| w[0].up_to_millions < w[1].up_to_millions),
+            tiers
+                .windows(2)
+                .all(|w| w[0].up_to_millions < w[1].up_to_millions),
             "messaging_tiers must rise"
         );
         anyhow::ensure!(
@@ -159,6 +167,8 @@ pub struct Estimate {
     pub lines: Vec<Line>,
     /// Readings a month, to price one reading.
     pub readings: f64,
+    /// Store writes per reading, given or modelled.
+    pub write_amplification: f64,
 }
 
 impl Estimate {
@@ -305,7 +315,19 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         0.0
     };
     let invocations = invocations_per_s * SECONDS_PER_MONTH;
-    let writes = readings * p.write_amplification;
+    let amplification = p.write_amplification.unwrap_or_else(|| {
+        if invocations_per_s == 0.0 {
+            return 0.0;
+        }
+        let records = msgs_per_s / invocations_per_s;
+        let devices_per_shard = (p.devices as f64 / shards).max(1.0);
+        // Expected distinct devices among `records` drawn from the shard's devices.
+        let distinct = devices_per_shard * (1.0 - (1.0 - 1.0 / devices_per_shard).powf(records));
+        let windows = (p.metrics_per_reading * p.resolutions) as f64;
+        let per_batch = distinct * (windows + 1.0) + p.fleets as f64 * windows + 2.0;
+        per_batch / (records * p.readings_per_message as f64)
+    });
+    let writes = readings * amplification;
     let writes_per_invocation = if invocations > 0.0 {
         writes / invocations
     } else {
@@ -356,7 +378,11 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         unit: "GB-month",
         usd: storage_gb * d.storage_per_gb_month,
     });
-    Estimate { lines, readings }
+    Estimate {
+        lines,
+        readings,
+        write_amplification: amplification,
+    }
 }
 
 /// The bill as a table, with the profile's totals and the price table's date.
@@ -365,12 +391,17 @@ pub fn render(p: &Profile, prices: &Prices, e: &Estimate) -> String {
     let msgs_per_s = p.devices as f64 * p.msgs_per_device_per_s;
     let _ = writeln!(
         out,
-        "{} devices, {:.0} msgs/s, {} readings/msg, {} B payload, write amplification {:.4}{}",
+        "{} devices, {:.0} msgs/s, {} readings/msg, {} B payload, {:.3} store writes per reading ({}){}",
         p.devices,
         msgs_per_s,
         p.readings_per_message,
         p.payload_bytes,
-        p.write_amplification,
+        e.write_amplification,
+        if p.write_amplification.is_some() {
+            "given"
+        } else {
+            "modelled from the batch shape"
+        },
         if p.basic_ingest { ", Basic Ingest" } else { "" }
     );
     let _ = writeln!(
@@ -422,7 +453,10 @@ mod tests {
             topic_bytes: 30,
             readings_per_message: 1,
             basic_ingest: false,
-            write_amplification: 0.1,
+            write_amplification: Some(0.1),
+            metrics_per_reading: 1,
+            resolutions: 3,
+            fleets: 1,
             write_units_per_write: 1.0,
             kinesis: KinesisMode::OnDemand,
             batch_size: 1000,
@@ -485,7 +519,7 @@ mod tests {
         assert!((line(&e, "write request units").usd - 262.8 * 0.625).abs() < 1e-6);
         let e2 = estimate(
             &Profile {
-                write_amplification: 0.2,
+                write_amplification: Some(0.2),
                 ..profile()
             },
             &prices,
@@ -507,9 +541,32 @@ mod tests {
             },
             &prices,
         );
-        assert!(
-            (line(&e, "requests").quantity - 100.0 * SECONDS_PER_MONTH / MILLION).abs() < 1e-6
-        );
+        assert!((line(&e, "requests").quantity - 100.0 * SECONDS_PER_MONTH / MILLION).abs() < 1e-6);
+    }
+
+    #[test]
+    fn modelled_amplification_matches_the_measured_shapes() {
+        let prices = Prices::default_table().unwrap();
+        let modelled = |devices: u64, rate: f64| {
+            estimate(
+                &Profile {
+                    devices,
+                    msgs_per_device_per_s: rate,
+                    write_amplification: None,
+                    ..profile()
+                },
+                &prices,
+            )
+            .write_amplification
+        };
+        // One reading per device per batch: every reading writes its three
+        // windows and its dedup item (scripts/bench measured 4.04).
+        let once = modelled(100_000, 1.0 / 60.0);
+        assert!((3.9..4.1).contains(&once), "{once}");
+        // 50 devices per shard, 1,000 records per batch: 20 readings per
+        // device per batch share their items.
+        let busy = modelled(200, 20.0);
+        assert!(busy < 0.25, "{busy}");
     }
 
     #[test]

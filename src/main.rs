@@ -60,10 +60,16 @@ struct CostArgs {
     /// Publish through IoT Core's Basic Ingest (`$aws/rules/...`): no messaging charge.
     #[arg(long)]
     basic_ingest: bool,
-    /// Store writes per reading; the default is the one measured by
-    /// `scripts/bench` (docs/BENCHMARKS.md).
-    #[arg(long, default_value_t = iotpipe::cost::MEASURED_WRITE_AMPLIFICATION)]
-    write_amplification: f64,
+    /// Store writes per reading, as `scripts/bench` measures it; by default
+    /// modelled from how many readings of a device share a Lambda batch.
+    #[arg(long)]
+    write_amplification: Option<f64>,
+    /// Fleets the devices belong to.
+    #[arg(long, default_value_t = 1)]
+    fleets: u64,
+    /// Stored resolutions (1m, 1h and 1d by default).
+    #[arg(long, default_value_t = 3)]
+    resolutions: u64,
     /// DynamoDB write units per item write.
     #[arg(long, default_value_t = 1.0)]
     write_units_per_write: f64,
@@ -239,7 +245,8 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         "--rate must be a non-negative number"
     );
     anyhow::ensure!(
-        a.write_amplification.is_finite() && a.write_amplification >= 0.0,
+        a.write_amplification
+            .is_none_or(|w| w.is_finite() && w >= 0.0),
         "--write-amplification must be a non-negative number"
     );
     let prices = match &a.prices {
@@ -262,6 +269,9 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         readings_per_message: a.readings_per_message,
         basic_ingest: a.basic_ingest,
         write_amplification: a.write_amplification,
+        metrics_per_reading: a.metrics,
+        resolutions: a.resolutions,
+        fleets: a.fleets,
         write_units_per_write: a.write_units_per_write,
         kinesis: a.kinesis,
         batch_size: a.batch_size,
@@ -271,7 +281,10 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         stored_items,
         item_bytes: a.item_bytes,
     };
-    print!("{}", render(&profile, &prices, &estimate(&profile, &prices)));
+    print!(
+        "{}",
+        render(&profile, &prices, &estimate(&profile, &prices))
+    );
     Ok(())
 }
 
