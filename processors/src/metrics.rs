@@ -41,6 +41,16 @@ impl Histogram {
         self.count.fetch_add(1, Relaxed);
     }
 
+    /// How many durations were observed.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// The observed durations added up, to the microsecond.
+    pub fn sum(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.sum_micros.load(Relaxed))
+    }
+
     /// Writes the histogram in Prometheus text format.
     pub fn render(&self, name: &str, help: &str, labels: &str, out: &mut String) {
         use std::fmt::Write;

@@ -15,5 +15,6 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
     let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
-    aggregate::run(AggregateHandler::new(Arc::new(store), config.aggregate)).await
+    let handler = AggregateHandler::new(Arc::new(store), config.aggregate).with_emf(config.metrics);
+    aggregate::run(handler).await
 }

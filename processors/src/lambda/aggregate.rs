@@ -8,8 +8,12 @@
 //! before it and retries from there, and the applied marks make the retry
 //! exact. Bad records never fail a batch: the core counts and dead-letters
 //! them like any refused message.
+//!
+//! Every invocation prints one CloudWatch Embedded Metric Format line (see
+//! [`super::emf`]) with the figures `/metrics` shows for the local loop.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
@@ -18,6 +22,7 @@ use lambda_runtime::{LambdaEvent, service_fn};
 use stream::Record;
 use stream::kinesis::seq;
 
+use super::emf::{self, EmfConfig, Invocation};
 use crate::config::AggregateConfig;
 use crate::metrics::ProcessorMetrics;
 use crate::run::process_batch;
@@ -28,6 +33,8 @@ use crate::store::RollupStore;
 pub struct AggregateHandler {
     pub store: Arc<dyn RollupStore>,
     pub cfg: Arc<AggregateConfig>,
+    /// Where the per-invocation metrics line says it belongs.
+    pub emf: Arc<EmfConfig>,
 }
 
 /// The shard a record came from: its event id is `{shard id}:{sequence
@@ -46,12 +53,33 @@ impl AggregateHandler {
         AggregateHandler {
             store,
             cfg: Arc::new(cfg),
+            emf: Arc::new(EmfConfig::default()),
         }
     }
 
-    /// Processes one event; never fails as a whole, so that Lambda retries
-    /// exactly from the reported record rather than the whole batch.
+    /// Names the namespace and function the metrics line reports under.
+    pub fn with_emf(mut self, emf: EmfConfig) -> Self {
+        self.emf = Arc::new(emf);
+        self
+    }
+
+    /// Processes one event and prints its metrics line to stdout, where
+    /// CloudWatch Logs picks it up.
     pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
+        let started_ms = now_ms();
+        let (response, invocation) = self.process(&event).await;
+        println!(
+            "{}",
+            emf::line(&self.emf, &invocation, started_ms, now_ms())
+        );
+        response
+    }
+
+    /// Processes one event; never fails as a whole, so that Lambda retries
+    /// exactly from the reported record rather than the whole batch. Returns
+    /// what the invocation did alongside the response.
+    pub async fn process(&self, event: &KinesisEvent) -> (KinesisEventResponse, Invocation) {
+        let started = Instant::now();
         let mut response = KinesisEventResponse::default();
         // Records of a shard stay in order; a batch holds one shard, but
         // grouping costs nothing and keeps the handler honest if it does not.
@@ -63,13 +91,26 @@ impl AggregateHandler {
                 None => groups.push((shard, vec![record])),
             }
         }
-        let metrics = ProcessorMetrics::default();
+        let mut inv = Invocation {
+            oldest_arrival_ms: event.records.iter().map(arrival_ms).min(),
+            ..Invocation::default()
+        };
         for (shard, records) in groups {
-            if let Some(failed) = self.process_shard(shard, &records, &metrics).await {
-                response.add_failure(failed);
+            match self.process_shard(shard, &records, &inv.metrics).await {
+                Some(failed) => {
+                    inv.failed_shards += 1;
+                    response.add_failure(failed);
+                }
+                None => {
+                    if let Some(oldest) = records.iter().map(|r| arrival_ms(r)).min() {
+                        let so_far = inv.oldest_applied_ms.unwrap_or(oldest);
+                        inv.oldest_applied_ms = Some(so_far.min(oldest));
+                    }
+                }
             }
         }
-        response
+        inv.duration = started.elapsed();
+        (response, inv)
     }
 
     /// Folds one shard's records in; returns the sequence number to report
@@ -88,7 +129,7 @@ impl AggregateHandler {
                     seq,
                     partition_key: r.kinesis.partition_key.clone(),
                     data: Bytes::from(r.kinesis.data.0.clone()),
-                    arrival_ms: r.kinesis.approximate_arrival_timestamp.0.timestamp_millis(),
+                    arrival_ms: arrival_ms(r),
                 }),
                 Err(e) => {
                     // Without a position the record cannot be applied
@@ -123,6 +164,15 @@ impl AggregateHandler {
     }
 }
 
+/// When Kinesis received the record, ms since the epoch.
+fn arrival_ms(r: &KinesisEventRecord) -> i64 {
+    r.kinesis.approximate_arrival_timestamp.0.timestamp_millis()
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
 /// Runs the function: serves Kinesis events until the runtime stops.
 pub async fn run(handler: AggregateHandler) -> Result<(), lambda_runtime::Error> {
     let handler = Arc::new(handler);
@@ -131,4 +181,104 @@ pub async fn run(handler: AggregateHandler) -> Result<(), lambda_runtime::Error>
         async move { Ok::<_, lambda_runtime::Error>(handler.handle(event.payload).await) }
     }))
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use base64::Engine;
+    use schemas::{Metric, PackedRecord, Reading};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    /// A minute boundary: 2025-11-27T10:40:00Z.
+    const T0: i64 = 1_764_240_000_000;
+
+    fn event_record(n: u64, data: &[u8], arrival_ms: i64) -> Value {
+        let seq = (49_655_000_000_000_000_000_000_000_000_000_000_000u128 + n as u128).to_string();
+        json!({
+            "kinesis": {
+                "kinesisSchemaVersion": "1.0",
+                "partitionKey": "dev-1",
+                "sequenceNumber": seq,
+                "data": base64::engine::general_purpose::STANDARD.encode(data),
+                "approximateArrivalTimestamp": arrival_ms as f64 / 1000.0,
+            },
+            "eventSource": "aws:kinesis",
+            "eventVersion": "1.0",
+            "eventID": format!("shardId-000000000000:{seq}"),
+            "eventName": "aws:kinesis:record",
+            "invokeIdentityArn": "arn:aws:iam::123456789012:role/aggregate",
+            "awsRegion": "us-east-1",
+            "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/telemetry",
+        })
+    }
+
+    #[tokio::test]
+    async fn an_invocation_reports_what_it_did() {
+        let reading = |seq: u64| Reading {
+            seq: Some(seq),
+            ts: T0 + seq as i64 * 1000,
+            metrics: vec![Metric {
+                name: "temperature".into(),
+                value: 20.0 + seq as f64,
+            }],
+        };
+        let packed = PackedRecord {
+            device_id: "dev-1".into(),
+            fleet: "f".into(),
+            received_at: T0 + 5_000,
+            readings: vec![reading(1), reading(2), reading(3)],
+        }
+        .encode();
+        let event: KinesisEvent = serde_json::from_value(json!({
+            "Records": [
+                event_record(1, &packed, T0 + 5_000),
+                event_record(2, b"\x00not a record", T0 + 6_000),
+                // The same record again, as a retried put delivers it.
+                event_record(3, &packed, T0 + 7_000),
+            ]
+        }))
+        .unwrap();
+        let handler =
+            AggregateHandler::new(Arc::new(MemoryStore::new()), AggregateConfig::default());
+        let (response, inv) = handler.process(&event).await;
+        assert!(response.batch_item_failures.is_empty());
+        let m = &inv.metrics;
+        assert_eq!(m.records.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(
+            m.readings_accepted
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        assert_eq!(
+            m.readings_duplicate
+                .load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        assert_eq!(
+            m.rejected[schemas::RejectReason::BadRecord.index()]
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        assert_eq!(inv.oldest_arrival_ms, Some(T0 + 5_000));
+        assert_eq!(inv.oldest_applied_ms, Some(T0 + 5_000));
+        assert_eq!(inv.failed_shards, 0);
+        assert_eq!(m.store_write_seconds.count(), 1);
+
+        let v: Value = serde_json::from_str(&emf::line(
+            &EmfConfig::default(),
+            &inv,
+            T0 + 8_000,
+            T0 + 8_250,
+        ))
+        .unwrap();
+        assert_eq!(v["Records"], 3.0);
+        assert_eq!(v["Rejected_bad_record"], 1.0);
+        assert_eq!(v["IteratorAge"], 3_000.0);
+        assert_eq!(v["Freshness"], 3_250.0);
+    }
 }

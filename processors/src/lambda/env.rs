@@ -8,6 +8,8 @@
 //! | `ALLOWED_LATENESS` | how long after its end a window accepts readings | `1h` |
 //! | `STREAM_RETENTION` | the Kinesis stream's retention | `24h` |
 //! | `DEAD_LETTER_RETENTION` | how long dead letters are kept | `7d` |
+//! | `METRICS_NAMESPACE` | the CloudWatch namespace of the EMF metrics | `iotpipe` |
+//! | `AWS_LAMBDA_FUNCTION_NAME` | set by Lambda; the metrics' `Function` dimension | `aggregate` |
 //!
 //! Durations are an integer and a unit: `ms`, `s`, `m`, `h` or `d`.
 //! `AWS_ENDPOINT_URL` (read by the SDK itself) points the clients at a
@@ -15,6 +17,7 @@
 
 use schemas::Resolution;
 
+use super::emf::EmfConfig;
 use crate::config::AggregateConfig;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -30,6 +33,7 @@ pub enum EnvError {
 pub struct FunctionConfig {
     pub table_name: String,
     pub aggregate: AggregateConfig,
+    pub metrics: EmfConfig,
 }
 
 impl FunctionConfig {
@@ -83,9 +87,17 @@ impl FunctionConfig {
             name: "RESOLUTIONS",
             detail,
         })?;
+        let mut metrics = EmfConfig::default();
+        if let Some(namespace) = var("METRICS_NAMESPACE").filter(|n| !n.is_empty()) {
+            metrics.namespace = namespace;
+        }
+        if let Some(function) = var("AWS_LAMBDA_FUNCTION_NAME").filter(|f| !f.is_empty()) {
+            metrics.function = function;
+        }
         Ok(FunctionConfig {
             table_name,
             aggregate: cfg,
+            metrics,
         })
     }
 }
@@ -141,6 +153,7 @@ mod tests {
         let cfg = FunctionConfig::from_vars(vars(&[("TABLE_NAME", "rollups")])).unwrap();
         assert_eq!(cfg.table_name, "rollups");
         assert_eq!(cfg.aggregate, AggregateConfig::default());
+        assert_eq!(cfg.metrics, EmfConfig::default());
         assert_eq!(
             FunctionConfig::from_vars(vars(&[])),
             Err(EnvError::Missing("TABLE_NAME"))
@@ -155,8 +168,12 @@ mod tests {
             ("ALLOWED_LATENESS", "90s"),
             ("STREAM_RETENTION", "7d"),
             ("DEAD_LETTER_RETENTION", "0"),
+            ("METRICS_NAMESPACE", "iotpipe-prod"),
+            ("AWS_LAMBDA_FUNCTION_NAME", "iotpipe-prod-aggregate"),
         ]))
         .unwrap();
+        assert_eq!(cfg.metrics.namespace, "iotpipe-prod");
+        assert_eq!(cfg.metrics.function, "iotpipe-prod-aggregate");
         let a = cfg.aggregate;
         assert_eq!(a.resolutions.len(), 2);
         assert_eq!(

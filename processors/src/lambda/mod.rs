@@ -5,6 +5,8 @@
 //!   once at start.
 //! - `aggregate`: the Kinesis event handler around
 //!   [`crate::run::process_batch`], reporting per-record failures.
+//! - `emf`: the aggregate function's per-invocation metrics, as one
+//!   CloudWatch Embedded Metric Format line.
 //! - `query`: the query API router served through `lambda_http`.
 //! - `lazy`: the DynamoDB store built on first use, for short cold starts.
 //!
@@ -16,6 +18,7 @@
 //! effect is durable in the store.
 
 pub mod aggregate;
+pub mod emf;
 pub mod env;
 pub mod lazy;
 pub mod query;
