@@ -76,7 +76,8 @@ LATENESS
   knows arrival only within [publish - skew, PUBACK + skew]; a decision whose
   boundary falls inside that interval is uncertain, and verify accepts either
   outcome for it (late_count as a range). --allowed-lateness must match the
-  pipeline's.
+  pipeline's. Behind a broker (iotpipe up --broker) the PUBACK is the
+  broker's: give --arrival-slack for how long its queue may hold a message.
 
 EXIT STATUS
   0 when every message was acknowledged and (with --verify) verify passed;
@@ -193,6 +194,12 @@ pub struct Args {
     /// How far the pipeline's clock may be from this machine's.
     #[arg(long, value_parser = parse_duration, default_value = "250ms")]
     pub clock_skew: Duration,
+    /// How much later than its PUBACK a message may reach iotpipe. Give it
+    /// when a broker sits in front (`iotpipe up --broker`): the broker's
+    /// PUBACK means only that the broker has the message, and its queue may
+    /// hold it; lateness decisions within the slack become uncertain.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub arrival_slack: Duration,
     /// Probability per message of publishing it twice (must count once).
     #[arg(long, default_value_t = 0.0)]
     pub duplicate_rate: f64,
@@ -309,6 +316,7 @@ impl Args {
             ack_timeout: self.ack_timeout,
             allowed_lateness: self.allowed_lateness,
             clock_skew: self.clock_skew,
+            arrival_slack: self.arrival_slack,
             faults: FaultConfig {
                 duplicate_rate: self.duplicate_rate,
                 reorder_rate: self.reorder_rate,

@@ -138,6 +138,10 @@ pub struct SimConfig {
     pub allowed_lateness: Duration,
     /// How far the pipeline's clock may be from ours.
     pub clock_skew: Duration,
+    /// How much later than its PUBACK a message may reach the pipeline: with
+    /// a broker in front (`iotpipe up --broker`) the PUBACK is the broker's,
+    /// and its queue may hold the message for a while.
+    pub arrival_slack: Duration,
     pub faults: FaultConfig,
     /// Write a JSON report (counts, rates, PUBACK latency percentiles) here.
     pub report_json: Option<PathBuf>,
@@ -194,6 +198,7 @@ impl Default for SimConfig {
             ack_timeout: Duration::from_secs(30),
             allowed_lateness: Duration::from_secs(3600),
             clock_skew: Duration::from_millis(250),
+            arrival_slack: Duration::ZERO,
             faults: FaultConfig::default(),
             report_json: None,
             progress: false,

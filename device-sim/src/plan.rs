@@ -81,6 +81,10 @@ pub struct RunPlan {
     pub allowed_lateness_ms: i64,
     /// Margin around the publish..PUBACK interval for the pipeline's clock.
     pub clock_skew_ms: i64,
+    /// How much later than its PUBACK a message may reach the pipeline.
+    /// Ledgers written before it existed had none.
+    #[serde(default)]
+    pub arrival_slack_ms: i64,
     /// The schedule's stretches, in order; empty: one steady stretch at
     /// `period_us` without end (a run without a scenario).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -441,7 +445,7 @@ impl Sends<'_> {
             // change count, sum, min and max. Such draws are dropped.
             let boundary =
                 ts.div_euclid(MINUTE_MS) * MINUTE_MS + MINUTE_MS + plan.allowed_lateness_ms;
-            let margin = plan.clock_skew_ms + FAULT_GUARD_MS;
+            let margin = plan.clock_skew_ms + plan.arrival_slack_ms + FAULT_GUARD_MS;
             if ts >= 0 && classify(boundary, due_ms - margin, due_ms + margin) != Class::Maybe {
                 readings[j].ts = ts;
                 late_reading = Some(j);
@@ -539,6 +543,7 @@ pub(crate) mod tests {
             faults: FaultConfig::default(),
             allowed_lateness_ms: HOUR_MS,
             clock_skew_ms: 250,
+            arrival_slack_ms: 0,
             segments: Vec::new(),
             offline: Vec::new(),
             storms: Vec::new(),

@@ -121,6 +121,8 @@ pub struct DeviceEnv {
     pub password: Option<String>,
     pub ack_timeout: Duration,
     pub skew_ms: i64,
+    /// Added to the PUBACK side of the arrival interval (see `SimConfig::arrival_slack`).
+    pub slack_ms: i64,
     pub allowed_lateness_ms: i64,
     pub limiter: Arc<ConnectLimiter>,
     pub shared: Arc<FleetShared>,
@@ -412,7 +414,7 @@ impl Device {
             self.counters.telemetry_completed += 1;
             self.env.shared.completed.fetch_add(1, Ordering::Relaxed);
             let lo = p.first_write_ms - self.env.skew_ms;
-            let hi = done_ms + self.env.skew_ms;
+            let hi = done_ms + self.env.skew_ms + self.env.slack_ms;
             self.exceptions
                 .record_arrival(self.index, m, lo, hi, self.env.allowed_lateness_ms);
         }

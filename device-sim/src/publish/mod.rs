@@ -231,6 +231,7 @@ impl Fleet {
             password: cfg.password.clone(),
             ack_timeout: cfg.ack_timeout,
             skew_ms: plan.clock_skew_ms,
+            slack_ms: plan.arrival_slack_ms,
             allowed_lateness_ms: plan.allowed_lateness_ms,
             limiter,
             shared: shared.clone(),
