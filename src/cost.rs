@@ -57,6 +57,10 @@ pub struct Profile {
     pub kinesis: KinesisMode,
     /// Most records per Lambda invocation (the event source's BatchSize).
     pub batch_size: u64,
+    /// How long the event source gathers records before invoking
+    /// (MaximumBatchingWindowInSeconds; at least 1 s between polls of a
+    /// shard). Longer windows mean fewer rewrites of the same windows.
+    pub batching_window_s: f64,
     pub lambda_memory_mb: u64,
     /// Billed duration of one invocation: a fixed part (startup of the
     /// handler, the load round trip) ...
@@ -305,12 +309,13 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         }
     };
 
-    // Lambda: each shard's batch is one invocation, at most one a second
-    // per shard while records flow (the batching window), more when a
-    // second brings more than a batch.
+    // Lambda: each shard's batch is one invocation, one per batching
+    // window per shard while records flow, more when a window brings more
+    // than a batch.
     let per_shard = msgs_per_s / shards;
+    let window = p.batching_window_s.max(1.0);
     let invocations_per_s = if msgs_per_s > 0.0 {
-        shards * (per_shard / p.batch_size.max(1) as f64).max(1.0)
+        shards * (per_shard / p.batch_size.max(1) as f64).max(1.0 / window)
     } else {
         0.0
     };
@@ -460,6 +465,7 @@ mod tests {
             write_units_per_write: 1.0,
             kinesis: KinesisMode::OnDemand,
             batch_size: 1000,
+            batching_window_s: 1.0,
             lambda_memory_mb: 256,
             lambda_base_ms: 20.0,
             lambda_ms_per_write: 0.4,
@@ -567,6 +573,29 @@ mod tests {
         // device per batch share their items.
         let busy = modelled(200, 20.0);
         assert!(busy < 0.25, "{busy}");
+    }
+
+    #[test]
+    fn a_longer_batching_window_rewrites_windows_less() {
+        let prices = Prices::default_table().unwrap();
+        let at = |window: f64| {
+            estimate(
+                &Profile {
+                    devices: 1000,
+                    msgs_per_device_per_s: 1.0,
+                    write_amplification: None,
+                    batching_window_s: window,
+                    batch_size: 10_000,
+                    ..profile()
+                },
+                &prices,
+            )
+        };
+        let (one, ten) = (at(1.0), at(10.0));
+        // 250 devices per shard: each batch of 1 s writes every device's
+        // items once; a batch of 10 s does so once for ten readings each.
+        assert!(one.write_amplification > 5.0 * ten.write_amplification);
+        assert!(one.service("DynamoDB") > 5.0 * ten.service("DynamoDB"));
     }
 
     #[test]

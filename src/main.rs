@@ -78,6 +78,11 @@ struct CostArgs {
     /// Most records per Lambda invocation (the template's BatchSize).
     #[arg(long, default_value_t = 1000)]
     batch_size: u64,
+    /// Seconds the event source gathers records per invocation (the
+    /// template's MaximumBatchingWindowInSeconds): longer windows rewrite
+    /// each window less often, at the cost of freshness.
+    #[arg(long, default_value_t = 1.0)]
+    batching_window: f64,
     #[arg(long, default_value_t = 256)]
     lambda_memory_mb: u64,
     /// Billed milliseconds of an invocation before its store writes.
@@ -275,6 +280,7 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         write_units_per_write: a.write_units_per_write,
         kinesis: a.kinesis,
         batch_size: a.batch_size,
+        batching_window_s: a.batching_window,
         lambda_memory_mb: a.lambda_memory_mb,
         lambda_base_ms: a.lambda_base_ms,
         lambda_ms_per_write: a.lambda_ms_per_write,
