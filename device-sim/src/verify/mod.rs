@@ -319,8 +319,11 @@ pub async fn verify(
         );
     }
 
+    // Devices that published yet expect no window at all mean the
+    // expectation itself went wrong; that must never read as a pass.
+    let compared_something = windows > 0 || devices.is_empty();
     Ok(VerifyReport {
-        ok: result.ok() && stat_checks.iter().all(StatCheck::ok),
+        ok: result.ok() && stat_checks.iter().all(StatCheck::ok) && compared_something,
         devices: devices.len() as u64,
         series,
         windows,
