@@ -14,6 +14,9 @@
 //! seconds after the first, one JSON line: messages received and the rate
 //! between the first and the last.
 
+#[path = "support/rumqttd.rs"]
+mod rumqttd_support;
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -112,25 +115,7 @@ async fn count(url: &str, qos: QoS) -> Result<()> {
 }
 
 async fn rumqttd(listen: &str) -> Result<()> {
-    let config: rumqttd::Config = serde_json::from_value(serde_json::json!({
-        "id": 0,
-        "router": {
-            "max_connections": 20010,
-            "max_outgoing_packet_count": 200,
-            "max_segment_size": 104857600,
-            "max_segment_count": 10,
-        },
-        "v4": { "1": {
-            "name": "v4-1",
-            "listen": listen,
-            "next_connection_delay_ms": 1,
-            "connections": {
-                "connection_timeout_ms": 60000,
-                "max_payload_size": 200000,
-                "max_inflight_count": 500,
-            },
-        }},
-    }))?;
+    let config = rumqttd_support::config(listen, 20010, 500)?;
     let mut broker = rumqttd::Broker::new(config);
     let (mut link_tx, mut link_rx) = broker.link("iotpipe-baseline")?;
     std::thread::Builder::new()
@@ -154,7 +139,8 @@ async fn rumqttd(listen: &str) -> Result<()> {
                         c.one();
                     }
                 }
-                // Without this the router stops forwarding (FIELD-NOTES.md).
+                // Without this the router stops forwarding after a few
+                // hundred messages.
                 let _ = link_rx.ready();
             }
             Ok(Ok(None)) => {

@@ -27,6 +27,9 @@
 //! cargo run --release -p ingest --example vs_rumqttd -- loss-bridge [--kills 5] [--seed 7]
 //! ```
 
+#[path = "support/rumqttd.rs"]
+mod rumqttd_support;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -194,25 +197,7 @@ fn start_server(
             });
         }
         Target::Rumqttd => {
-            let config: rumqttd::Config = serde_json::from_value(serde_json::json!({
-                "id": 0,
-                "router": {
-                    "max_connections": 10010,
-                    "max_outgoing_packet_count": 200,
-                    "max_segment_size": 104857600,
-                    "max_segment_count": 10,
-                },
-                "v4": { "1": {
-                    "name": "v4-1",
-                    "listen": format!("127.0.0.1:{port}"),
-                    "next_connection_delay_ms": 1,
-                    "connections": {
-                        "connection_timeout_ms": 60000,
-                        "max_payload_size": 200000,
-                        "max_inflight_count": 100,
-                    },
-                }},
-            }))?;
+            let config = rumqttd_support::config(&format!("127.0.0.1:{port}"), 10010, 100)?;
             let mut broker = rumqttd::Broker::new(config);
             let (mut link_tx, mut link_rx) = broker.link("iotpipe-bridge")?;
             std::thread::Builder::new()
