@@ -278,6 +278,44 @@ async fn garbage_after_the_last_frame_is_dropped() {
 }
 
 #[tokio::test]
+async fn the_active_segment_is_written_ahead_and_trimmed_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), one_shard()).unwrap();
+    put(&log, (0..5).map(|n| record("k", n, 40)).collect()).await;
+    let segment = segments(dir.path(), "shard-0000").remove(0);
+    let open_len = std::fs::metadata(&segment).unwrap().len();
+    log.close().await.unwrap();
+    let closed_len = std::fs::metadata(&segment).unwrap().len();
+    assert!(open_len >= 1 << 20, "{open_len} bytes while open");
+    assert!(closed_len < 1024, "{closed_len} bytes once closed");
+}
+
+/// What a crash leaves after the last frame: the zeros the writer wrote
+/// ahead of its records. They are free space, not damage.
+#[tokio::test]
+async fn zeros_written_ahead_are_kept_not_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, _) = closed_log_of_five(dir.path()).await;
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend(std::iter::repeat_n(0, 4096));
+    std::fs::write(&segment, bytes).unwrap();
+    reopen_after_damage(dir.path(), 5, 0, 0).await;
+}
+
+#[tokio::test]
+async fn a_frame_cut_short_before_zeros_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let (segment, frame) = closed_log_of_five(dir.path()).await;
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.truncate(bytes.len() - 3);
+    bytes.extend(std::iter::repeat_n(0, 4096));
+    std::fs::write(&segment, bytes).unwrap();
+    // The torn frame's header claims a length the zeros fill, so it counts as
+    // one dropped record.
+    reopen_after_damage(dir.path(), 4, frame - 3 + 4096, 1).await;
+}
+
+#[tokio::test]
 async fn a_flipped_byte_in_the_last_frame_drops_that_frame() {
     let dir = tempfile::tempdir().unwrap();
     let (segment, frame) = closed_log_of_five(dir.path()).await;

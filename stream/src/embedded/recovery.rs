@@ -72,28 +72,36 @@ pub(crate) fn open_shard(
         truncated_bytes: 0,
         dropped_records: 0,
     };
+    let mut allocated = last.len;
     if scanned.good_len < last.len {
         let cut = last.len - scanned.good_len;
         let mut tail_bytes = vec![0u8; usize::try_from(cut).unwrap_or(0)];
-        let dropped = match file.read_exact_at(&mut tail_bytes, scanned.good_len) {
-            Ok(()) => segment::count_claimed_frames(&tail_bytes),
-            Err(_) => 0,
-        };
-        let truncate_error = OpenError::io(format!("truncating {}", last.path.display()));
-        file.set_len(scanned.good_len)
-            .and_then(|()| file.sync_all())
-            .map_err(truncate_error)?;
-        tracing::warn!(
-            shard = id,
-            segment = %last.path.display(),
-            dropped_bytes = cut,
-            dropped_records = dropped,
-            reason = %scanned.stop,
-            resume_seq = scanned.next_seq,
-            "Cut a torn or corrupt tail from the last segment."
-        );
-        report.truncated_bytes = cut;
-        report.dropped_records = dropped;
+        let read = file.read_exact_at(&mut tail_bytes, scanned.good_len);
+        // Zeros only: space the writer wrote ahead of its records, which a
+        // crash (rather than a clean close) left behind. Nothing is torn.
+        let written_ahead = read.is_ok() && tail_bytes.iter().all(|b| *b == 0);
+        if !written_ahead {
+            let dropped = match read {
+                Ok(()) => segment::count_claimed_frames(&tail_bytes),
+                Err(_) => 0,
+            };
+            let truncate_error = OpenError::io(format!("truncating {}", last.path.display()));
+            file.set_len(scanned.good_len)
+                .and_then(|()| file.sync_all())
+                .map_err(truncate_error)?;
+            allocated = scanned.good_len;
+            tracing::warn!(
+                shard = id,
+                segment = %last.path.display(),
+                dropped_bytes = cut,
+                dropped_records = dropped,
+                reason = %scanned.stop,
+                resume_seq = scanned.next_seq,
+                "Cut a torn or corrupt tail from the last segment."
+            );
+            report.truncated_bytes = cut;
+            report.dropped_records = dropped;
+        }
     }
 
     let mut segments: Vec<SegmentInfo> = listed
@@ -111,6 +119,7 @@ pub(crate) fn open_shard(
         file,
         base: last.base,
         len: scanned.good_len,
+        allocated,
         next_seq: scanned.next_seq,
         last_arrival_ms: scanned.last_arrival_ms.unwrap_or(i64::MIN),
     };
