@@ -53,7 +53,8 @@ pub struct MqttConfig {
     pub max_connections: usize,
     /// QoS 1 publishes a connection may have waiting for durability.
     pub max_inflight: usize,
-    /// How long appends are gathered into one durable write.
+    /// The least time between two durable writes; zero writes whenever the
+    /// stream can take another.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// Serve plain MQTT on `listen`; off, only the TLS listener runs.
@@ -78,7 +79,7 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 100_000,
             max_inflight: 1000,
-            commit_interval: Duration::from_millis(2),
+            commit_interval: Duration::ZERO,
             plain: true,
             tls_listen: None,
             tls_cert: None,
@@ -354,8 +355,10 @@ max_connections = 100000
 # QoS 1 publishes one connection may have waiting for durability; at the limit
 # the endpoint stops reading that connection.
 max_inflight = 1000
-# How long appends are gathered into one durable write (group commit).
-commit_interval = "2ms"
+# The least time between two durable writes. Messages that arrive while the
+# writes in flight sync are committed together (group commit); "0s" starts a
+# write as soon as one can start, which gives the lowest PUBACK latency.
+commit_interval = "0s"
 # Serve plain MQTT on `listen`; set false to serve only TLS.
 plain = true
 # MQTT over TLS (port 8883 is customary), with a PEM certificate chain and key.

@@ -10,8 +10,10 @@
 //! Two measurements:
 //!
 //! ```text
-//! # sustained QoS 1 acks/s and durable appends/s, N publishers, 100-byte payloads
-//! cargo run --release -p ingest --example vs_rumqttd -- throughput [--publishers 4] [--secs 10]
+//! # sustained QoS 1 acks/s and durable appends/s, N publishers, 100-byte payloads;
+//! # the endpoint's group commit can be set to compare settings
+//! cargo run --release -p ingest --example vs_rumqttd -- throughput [--publishers 4] [--secs 10] \
+//!     [--commit-interval-us N] [--puts-in-flight N] [--commit-max-records N] [--server-workers N]
 //! # the loss window: SIGKILL the server under QoS 1 load, then count
 //! # messages that were PUBACKed but are not in the log after reopening it
 //! cargo run --release -p ingest --example vs_rumqttd -- loss [--runs 5] [--seed 7]
@@ -89,9 +91,28 @@ fn main() -> Result<()> {
         Some("throughput") => {
             let publishers = num("--publishers", 4)? as usize;
             let secs = num("--secs", 10)?;
+            let defaults = EndpointConfig::default();
+            let endpoint = EndpointConfig {
+                commit_interval: Duration::from_micros(num(
+                    "--commit-interval-us",
+                    defaults.commit_interval.as_micros() as u64,
+                )?),
+                max_puts_in_flight: num("--puts-in-flight", defaults.max_puts_in_flight as u64)?
+                    as usize,
+                commit_max_records: num("--commit-max-records", defaults.commit_max_records as u64)?
+                    as usize,
+                ..defaults
+            };
+            // Both servers share this runtime: the endpoint runs on it, and so
+            // does the bridge behind rumqttd (which adds threads of its own).
+            let server_workers = num("--server-workers", 1)? as usize;
+            println!(
+                "endpoint: commit interval {:?}, {} puts in flight; server runtime: {server_workers} worker(s)",
+                endpoint.commit_interval, endpoint.max_puts_in_flight
+            );
             println!("target     publishers  acked/s  appended/s  server CPU");
             for target in [Target::Endpoint, Target::Rumqttd] {
-                throughput(target, publishers, secs)?;
+                throughput(target, publishers, secs, server_workers, endpoint.clone())?;
             }
             Ok(())
         }
@@ -156,6 +177,7 @@ fn start_server(
     port: u16,
     log: Arc<EmbeddedLog>,
     rt: &tokio::runtime::Runtime,
+    endpoint: EndpointConfig,
 ) -> Result<Arc<AtomicU64>> {
     let appended = Arc::new(AtomicU64::new(0));
     match target {
@@ -165,7 +187,7 @@ fn start_server(
             rt.spawn(ingest::serve(
                 listener,
                 log,
-                EndpointConfig::default(),
+                endpoint,
                 metrics.clone(),
                 std::future::pending(),
             ));
@@ -375,11 +397,17 @@ fn server_cpu_secs() -> f64 {
     ticks as f64 / 100.0
 }
 
-fn throughput(target: Target, publishers: usize, secs: u64) -> Result<()> {
+fn throughput(
+    target: Target,
+    publishers: usize,
+    secs: u64,
+    server_workers: usize,
+    endpoint: EndpointConfig,
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = open_log(dir.path())?;
     let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(server_workers)
         .thread_name("server")
         .enable_all()
         .build()?;
@@ -389,7 +417,7 @@ fn throughput(target: Target, publishers: usize, secs: u64) -> Result<()> {
         .enable_all()
         .build()?;
     let port = free_port()?;
-    let appended = start_server(target, port, log, &server_rt)?;
+    let appended = start_server(target, port, log, &server_rt, endpoint)?;
     std::thread::sleep(Duration::from_millis(300));
     let pubs = start_publishers(
         &client_rt,
@@ -433,7 +461,7 @@ fn serve_child(target: Target, dir: &Path, port: u16) -> Result<()> {
         .enable_all()
         .build()?;
     let log = open_log(dir)?;
-    start_server(target, port, log, &rt)?;
+    start_server(target, port, log, &rt, EndpointConfig::default())?;
     println!("ready");
     loop {
         std::thread::park();

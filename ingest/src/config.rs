@@ -36,14 +36,21 @@ pub struct EndpointConfig {
     /// At the limit the endpoint stops reading that socket, which is what slows
     /// a device down; it is also the Receive Maximum advertised to MQTT 5.
     pub max_inflight: usize,
-    /// The cadence of `put`s under load: records arriving between two puts
-    /// gather into the next one. A record after a quiet spell is put at once;
-    /// under load no record waits much longer than this for its put to start.
+    /// The least time between the starts of two `put`s. Zero (the default)
+    /// puts as soon as a slot in flight is free; records arriving while every
+    /// slot is busy gather into the next put, which is all the batching an
+    /// embedded log needs. A stream that bills or throttles per call may want
+    /// a few milliseconds.
     pub commit_interval: Duration,
     /// A batch is put early once it holds this many records...
     pub commit_max_records: usize,
     /// ...or this many bytes of record data.
     pub commit_max_bytes: usize,
+    /// Puts in flight at once, at most (the stream may allow fewer): more
+    /// lets a record start its put while earlier ones are still syncing, which
+    /// is what bounds throughput when few connections keep many messages in
+    /// flight.
+    pub max_puts_in_flight: usize,
     /// The longest keepalive honoured, in seconds. A client asking for 0 (no
     /// keepalive) or more is held to this (IoT Core's 1200 s); MQTT 5 clients
     /// are told so with Server Keep Alive. A connection silent for 1.5 ×
@@ -78,9 +85,10 @@ impl Default for EndpointConfig {
         EndpointConfig {
             max_packet_bytes: MAX_MESSAGE_BYTES + 4096,
             max_inflight: 1000,
-            commit_interval: Duration::from_millis(2),
+            commit_interval: Duration::ZERO,
             commit_max_records: 5000,
             commit_max_bytes: 8 << 20,
+            max_puts_in_flight: 4,
             max_keepalive_secs: 1200,
             connect_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
@@ -103,6 +111,7 @@ impl fmt::Debug for EndpointConfig {
             .field("commit_interval", &self.commit_interval)
             .field("commit_max_records", &self.commit_max_records)
             .field("commit_max_bytes", &self.commit_max_bytes)
+            .field("max_puts_in_flight", &self.max_puts_in_flight)
             .field("max_keepalive_secs", &self.max_keepalive_secs)
             .field("connect_timeout", &self.connect_timeout)
             .field("write_timeout", &self.write_timeout)

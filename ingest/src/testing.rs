@@ -29,6 +29,10 @@ pub struct MemoryProducer {
     stored: watch::Sender<usize>,
     /// `put` calls begun so far, for tests to wait on.
     begun: watch::Sender<usize>,
+    /// What [`StreamProducer::max_puts_in_order`] claims. Held puts resume in
+    /// any order, so a test that claims more than 1 must not hold two puts of
+    /// one key.
+    puts_in_order: usize,
 }
 
 impl Default for MemoryProducer {
@@ -38,6 +42,7 @@ impl Default for MemoryProducer {
             held: watch::Sender::new(false),
             stored: watch::Sender::new(0),
             begun: watch::Sender::new(0),
+            puts_in_order: 1,
         }
     }
 }
@@ -50,6 +55,12 @@ pub struct Timeout(pub String);
 impl MemoryProducer {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Lets callers run `n` puts at once.
+    pub fn with_puts_in_order(mut self, n: usize) -> Self {
+        self.puts_in_order = n;
+        self
     }
 
     /// Makes `put` wait until [`release`](Self::release).
@@ -99,6 +110,11 @@ impl MemoryProducer {
         self.lock().puts
     }
 
+    /// `put` calls begun so far, returned or not.
+    pub fn puts_begun(&self) -> usize {
+        *self.begun.borrow()
+    }
+
     /// Waits until at least `n` records are stored.
     pub async fn wait_stored(&self, n: usize, within: Duration) -> Result<(), Timeout> {
         let mut rx = self.stored.subscribe();
@@ -127,6 +143,10 @@ impl MemoryProducer {
 
 #[async_trait]
 impl StreamProducer for MemoryProducer {
+    fn max_puts_in_order(&self) -> usize {
+        self.puts_in_order
+    }
+
     async fn put(&self, records: Vec<PutRecord>) -> Result<Vec<PutOutcome>, ProduceError> {
         self.begun.send_modify(|n| *n += 1);
         let mut held = self.held.subscribe();

@@ -98,6 +98,14 @@ pub trait StreamProducer: Send + Sync + 'static {
     /// Appends `records` and returns one outcome per record, in order. A
     /// `Stored` outcome means the record is durable.
     async fn put(&self, records: Vec<PutRecord>) -> Result<Vec<PutOutcome>, ProduceError>;
+
+    /// How many `put` calls may be in flight at once with each partition
+    /// key's records still stored in the order the calls began (barring
+    /// failed records). A caller that wants a device's records in order runs
+    /// no more puts at once than this.
+    fn max_puts_in_order(&self) -> usize {
+        1
+    }
 }
 
 #[async_trait]

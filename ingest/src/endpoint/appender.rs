@@ -1,17 +1,26 @@
-//! Group commit: one task gathers records from every connection, makes one
-//! `put` per `commit_interval` at most (sooner when a batch is full), then
-//! tells each connection which of its records are durable.
+//! Group commit: one task gathers records from every connection into
+//! batches and puts each batch into the stream once, then tells each
+//! connection which of its records are durable.
 //!
-//! A record the stream did not store is retried with backoff before any newer
-//! record is put, so a device's records enter the stream in the order they
-//! arrived (barring a partial failure inside one batch, where the stream has
-//! already stored later records: the same reordering Kinesis producers show,
-//! and one the processors tolerate). Nothing is reported durable that the
-//! stream did not report `Stored`.
+//! Several puts may be in flight at once, as many as the stream can take
+//! while keeping each partition key's records in call order (see
+//! [`StreamProducer::max_puts_in_order`]): a record then waits only for its
+//! own put, not also for the one ahead of it. Records arriving while every
+//! slot is busy gather into the next batch, which is where batching comes
+//! from under load.
+//!
+//! A record the stream did not store is retried with backoff, in its batch's
+//! retry loop. A device's records enter the stream in the order they arrived,
+//! barring a partial failure: the stream may already have stored later
+//! records, from the same batch or from a batch in flight behind it. That is
+//! the reordering Kinesis producers show, and one the processors tolerate.
+//! Nothing is reported durable that the stream did not report `Stored`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use stream::{ProduceError, PutOutcome, PutRecord, StreamProducer};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
@@ -52,26 +61,23 @@ pub(crate) struct AppenderConfig {
     pub commit_interval: Duration,
     pub commit_max_records: usize,
     pub commit_max_bytes: usize,
+    /// Puts in flight at most; the stream may allow fewer.
+    pub max_puts_in_flight: usize,
     pub retry_backoff_min: Duration,
     pub retry_backoff_max: Duration,
 }
 
-/// What can wake the gathering loop.
-enum Wake {
-    Request(Option<AppendRequest>),
-    CommitDue,
-}
-
-/// Runs until every sender of `requests` is gone and the last batch is
-/// settled. Once `abandon` is cancelled, records the stream has not stored
-/// are given up on instead of retried.
+/// Runs until every sender of `requests` is gone and every batch is settled.
+/// Once `abandon` is cancelled, records the stream has not stored are given
+/// up on instead of retried.
 ///
 /// Puts keep a `commit_interval` cadence: a record arriving after a quiet
 /// spell is put at once, and under load records gather until the next slot,
-/// one interval after the previous one. Slots follow each other by the
+/// one interval after the previous put began. Slots follow each other by the
 /// interval however late the timer fires (it ticks in whole milliseconds), so
 /// the stream sees one put per interval on average and no record waits much
-/// longer than the interval for its put to start.
+/// longer than the interval for its put to start. A zero interval puts
+/// whenever a slot is free.
 pub(crate) async fn run(
     mut requests: mpsc::UnboundedReceiver<AppendRequest>,
     producer: Arc<dyn StreamProducer>,
@@ -80,44 +86,66 @@ pub(crate) async fn run(
     tap: Arc<TapHub>,
     abandon: CancellationToken,
 ) {
+    let slots = config
+        .max_puts_in_flight
+        .min(producer.max_puts_in_order())
+        .max(1);
+    let mut in_flight = FuturesUnordered::new();
     let mut open = true;
+    let mut batch = Batch::default();
+    let mut due = Instant::now();
     let mut last_slot: Option<Instant> = None;
-    while open {
-        let Some(first) = requests.recv().await else {
-            break;
-        };
-        let mut batch = Batch::default();
-        batch.push(first);
-        let now = Instant::now();
-        let due = last_slot
-            .map(|t| t + config.commit_interval)
-            .filter(|next| *next > now)
-            .unwrap_or(now);
-        last_slot = Some(due);
-        // Whatever is queued already joins the batch, due or not.
-        while !batch.is_full(&config) {
-            match requests.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
+    loop {
+        let ready = batch.is_full(&config) || !open || due <= Instant::now();
+        if !batch.is_empty() && ready && in_flight.len() < slots {
+            let mut put = Box::pin(commit(
+                std::mem::take(&mut batch),
+                &*producer,
+                &config,
+                &metrics,
+                &tap,
+                &abandon,
+            ));
+            // The stream keeps a key's records in the order puts reach it, so
+            // this put must reach it before any later one: poll it now, ahead
+            // of the next.
+            if futures::poll!(put.as_mut()).is_pending() {
+                in_flight.push(put);
+            }
+            continue;
+        }
+        if !open && batch.is_empty() {
+            while in_flight.next().await.is_some() {}
+            return;
+        }
+        let gathering = open && !batch.is_full(&config);
+        let waiting_for_slot = !batch.is_empty() && !ready;
+        tokio::select! {
+            biased;
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            r = requests.recv(), if gathering => match r {
+                Some(first) => {
+                    if batch.is_empty() {
+                        let now = Instant::now();
+                        due = last_slot
+                            .map(|t| t + config.commit_interval)
+                            .filter(|next| *next > now)
+                            .unwrap_or(now);
+                        last_slot = Some(due);
+                    }
+                    batch.push(first);
+                    // Whatever is queued already joins the batch.
+                    while !batch.is_full(&config) {
+                        match requests.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
                 }
-            }
+                None => open = false,
+            },
+            _ = sleep_until(due), if waiting_for_slot => {}
         }
-        while open && due > Instant::now() && !batch.is_full(&config) {
-            let wake = tokio::select! {
-                biased;
-                r = requests.recv() => Wake::Request(r),
-                _ = sleep_until(due) => Wake::CommitDue,
-            };
-            match wake {
-                Wake::Request(Some(r)) => batch.push(r),
-                Wake::Request(None) => open = false,
-                Wake::CommitDue => break,
-            }
-        }
-        commit(batch, &*producer, &config, &metrics, &tap, &abandon).await;
     }
 }
 
@@ -133,6 +161,10 @@ impl Batch {
         self.records += r.items.len();
         self.bytes += r.items.iter().map(|i| i.record.data.len()).sum::<usize>();
         self.requests.push(r);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.requests.is_empty()
     }
 
     fn is_full(&self, config: &AppenderConfig) -> bool {
@@ -278,6 +310,7 @@ mod tests {
             commit_interval: Duration::from_millis(2),
             commit_max_records: 3,
             commit_max_bytes: 1 << 20,
+            max_puts_in_flight: 4,
             retry_backoff_min: Duration::from_millis(10),
             retry_backoff_max: Duration::from_millis(40),
         }
@@ -303,8 +336,12 @@ mod tests {
     }
 
     fn start() -> Harness {
+        start_with(MemoryProducer::default())
+    }
+
+    fn start_with(producer: MemoryProducer) -> Harness {
         let (tx, rx) = mpsc::unbounded_channel();
-        let producer = Arc::new(MemoryProducer::default());
+        let producer = Arc::new(producer);
         let metrics = Arc::new(IngestMetrics::new());
         let abandon = CancellationToken::new();
         let task = tokio::spawn(run(
@@ -347,6 +384,47 @@ mod tests {
         drop(h.tx);
         h.task.await.unwrap();
         assert_eq!(h.metrics.snapshot().records_appended, 3);
+    }
+
+    /// A request that arrives while a put syncs starts its own put at once
+    /// when the stream keeps order across puts, and waits for the first one
+    /// when it does not.
+    async fn puts_begun_while_one_is_held(puts_in_order: usize) -> usize {
+        let h = start_with(MemoryProducer::default().with_puts_in_order(puts_in_order));
+        let (reply, mut done) = mpsc::unbounded_channel();
+        h.producer.hold();
+        h.tx.send(AppendRequest {
+            items: vec![item(0, "a")],
+            reply: reply.clone(),
+        })
+        .unwrap();
+        h.producer
+            .wait_puts_begun(1, Duration::from_secs(1))
+            .await
+            .unwrap();
+        h.tx.send(AppendRequest {
+            items: vec![item(1, "b")],
+            reply,
+        })
+        .unwrap();
+        // The clock is paused: this ends only once every task is idle, well
+        // past the commit interval, so any put that may start has started.
+        sleep(Duration::from_millis(50)).await;
+        let begun = h.producer.puts_begun();
+        h.producer.release();
+        let mut stored = Vec::new();
+        while stored.len() < 2 {
+            stored.extend(done.recv().await.unwrap().stored);
+        }
+        stored.sort();
+        assert_eq!(stored, vec![0, 1]);
+        begun
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn puts_overlap_only_where_the_stream_keeps_their_order() {
+        assert_eq!(puts_begun_while_one_is_held(4).await, 2);
+        assert_eq!(puts_begun_while_one_is_held(1).await, 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -131,6 +131,7 @@ pub async fn serve_on(
             commit_interval: config.commit_interval,
             commit_max_records: config.commit_max_records.max(1),
             commit_max_bytes: config.commit_max_bytes.max(1),
+            max_puts_in_flight: config.max_puts_in_flight,
             retry_backoff_min: config.retry_backoff_min,
             retry_backoff_max: config.retry_backoff_max,
         },

@@ -402,6 +402,14 @@ fn join_writers(threads: Vec<WriterThread>) -> Result<(), LogError> {
 
 #[async_trait]
 impl StreamProducer for EmbeddedLog {
+    /// Any number: a put hands each shard's writer its records in one queued
+    /// request before it first waits (or waits in the queue's line, which is
+    /// first come, first served), and each writer stores requests in queue
+    /// order.
+    fn max_puts_in_order(&self) -> usize {
+        usize::MAX
+    }
+
     async fn put(&self, records: Vec<PutRecord>) -> Result<Vec<PutOutcome>, ProduceError> {
         let senders = match self.writers.read() {
             Ok(writers) => writers.clone().ok_or(ProduceError::Closed)?,
