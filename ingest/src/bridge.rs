@@ -64,7 +64,11 @@ pub struct BridgeConfig {
     /// bridge stops reading from the broker until appends complete. The
     /// broker's in-flight limit is usually the tighter bound.
     pub max_pending: usize,
-    /// Group commit, as in [`crate::EndpointConfig`].
+    /// Group commit, as in [`crate::EndpointConfig`]. The bridge keeps a
+    /// 2 ms cadence where the endpoint puts at once: its one connection has
+    /// the broker's whole in-flight window, so latency buys it little, while
+    /// bigger batches keep the processors ahead. `scripts/bench`, Mosquitto
+    /// at QoS 1: 30,143 msgs/s sustained at 2 ms, 24,326 at 0.
     pub commit_interval: Duration,
     pub commit_max_records: usize,
     pub commit_max_bytes: usize,
@@ -146,7 +150,7 @@ impl BridgeConfig {
             topic_filter: TELEMETRY_FILTER.to_string(),
             keepalive: Duration::from_secs(30),
             max_pending: 20_000,
-            commit_interval: Duration::ZERO,
+            commit_interval: Duration::from_millis(2),
             commit_max_records: 5000,
             commit_max_bytes: 8 << 20,
             max_puts_in_flight: 4,

@@ -119,7 +119,7 @@ pub(crate) async fn run(
             return;
         }
         let gathering = open && !batch.is_full(&config);
-        let waiting_for_slot = !batch.is_empty() && !ready;
+        let waiting_for_due = !batch.is_empty() && !ready;
         tokio::select! {
             biased;
             Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
@@ -144,7 +144,7 @@ pub(crate) async fn run(
                 }
                 None => open = false,
             },
-            _ = sleep_until(due), if waiting_for_slot => {}
+            _ = sleep_until(due), if waiting_for_due => {}
         }
     }
 }
