@@ -78,6 +78,9 @@ LATENESS
   outcome for it (late_count as a range). --allowed-lateness must match the
   pipeline's. Behind a broker (iotpipe up --broker) the PUBACK is the
   broker's: give --arrival-slack for how long its queue may hold a message.
+  A message never acknowledged may or may not have been stored. A window
+  holding such a reading, or a too-late decision too close to call, is held
+  to its count only: between its certain readings and all of them.
 
 EXIT STATUS
   0 when every message was acknowledged and (with --verify) verify passed;

@@ -139,7 +139,17 @@ pub fn compare_series<'a>(
             Ordering::Less => {
                 let Some((start, e)) = exp.next() else { break };
                 if e.maybe > 0 {
+                    // No window at all is right only if every reading in it
+                    // may have been refused or lost.
                     tally.uncertain += 1;
+                    if e.count > e.maybe {
+                        tally.push(mismatch(
+                            start,
+                            "window",
+                            format!("count {}..={}", e.count - e.maybe, e.count),
+                            "no window".into(),
+                        ));
+                    }
                     continue;
                 }
                 tally.windows += 1;
@@ -165,7 +175,19 @@ pub fn compare_series<'a>(
                     break;
                 };
                 if e.maybe > 0 {
+                    // Which of its uncertain readings made it is unknown, so
+                    // only the count can be checked: it lies between the
+                    // certain readings and all of them.
                     tally.uncertain += 1;
+                    let lo = e.count - e.maybe;
+                    if !(lo..=e.count).contains(&g.count) {
+                        tally.push(mismatch(
+                            start,
+                            "count",
+                            format!("{lo}..={}", e.count),
+                            g.count.to_string(),
+                        ));
+                    }
                     continue;
                 }
                 tally.windows += 1;
@@ -325,6 +347,65 @@ mod tests {
             revision: e.late_lo as u64,
             is_final: false,
         }
+    }
+
+    #[test]
+    fn uncertain_windows_are_held_to_their_count_range() {
+        let mut e = agg(&[(1, 20.5), (2, 21.25), (3, 19.0)]);
+        e.add(4, 18.0, false, true);
+        let g = view(&e, 0);
+        let mismatches = |got: &[ApiWindow], e: &ExpectedAgg| {
+            let mut tally = Tally::default();
+            compare_series("s", 60_000, [(0, e)], got, &mut tally);
+            assert_eq!((tally.windows, tally.uncertain), (0, 1));
+            tally.mismatch_count
+        };
+        // 3 certain readings and 1 that may have been lost.
+        assert_eq!(
+            mismatches(
+                &[ApiWindow {
+                    count: 3,
+                    ..g.clone()
+                }],
+                &e
+            ),
+            0
+        );
+        assert_eq!(
+            mismatches(
+                &[ApiWindow {
+                    count: 4,
+                    ..g.clone()
+                }],
+                &e
+            ),
+            0
+        );
+        assert_eq!(
+            mismatches(
+                &[ApiWindow {
+                    count: 2,
+                    ..g.clone()
+                }],
+                &e
+            ),
+            1
+        );
+        assert_eq!(
+            mismatches(
+                &[ApiWindow {
+                    count: 5,
+                    ..g.clone()
+                }],
+                &e
+            ),
+            1
+        );
+        assert_eq!(mismatches(&[], &e), 1);
+        // Every reading uncertain: no window at all is possible.
+        let mut all_maybe = ExpectedAgg::default();
+        all_maybe.add(1, 20.0, false, true);
+        assert_eq!(mismatches(&[], &all_maybe), 0);
     }
 
     #[test]
