@@ -115,17 +115,8 @@ async fn count(url: &str, qos: QoS) -> Result<()> {
 }
 
 async fn rumqttd(listen: &str) -> Result<()> {
-    let config = rumqttd_support::config(listen, 20010, 500)?;
-    let mut broker = rumqttd::Broker::new(config);
-    let (mut link_tx, mut link_rx) = broker.link("iotpipe-baseline")?;
-    std::thread::Builder::new()
-        .name("rumqttd".into())
-        .spawn(move || {
-            if let Err(e) = broker.start() {
-                eprintln!("rumqttd stopped: {e}");
-            }
-        })?;
-    link_tx.subscribe(TOPIC)?;
+    let (_link_tx, mut link_rx) =
+        rumqttd_support::start(listen, 20010, 500, "iotpipe-baseline", TOPIC)?;
     println!("ready");
     let mut c = Count::new();
     loop {

@@ -219,17 +219,13 @@ fn start_server(
             });
         }
         Target::Rumqttd => {
-            let config = rumqttd_support::config(&format!("127.0.0.1:{port}"), 10010, 100)?;
-            let mut broker = rumqttd::Broker::new(config);
-            let (mut link_tx, mut link_rx) = broker.link("iotpipe-bridge")?;
-            std::thread::Builder::new()
-                .name("rumqttd".into())
-                .spawn(move || {
-                    if let Err(e) = broker.start() {
-                        eprintln!("rumqttd stopped: {e}");
-                    }
-                })?;
-            link_tx.subscribe("dt/+/+/telemetry")?;
+            let (_link_tx, mut link_rx) = rumqttd_support::start(
+                &format!("127.0.0.1:{port}"),
+                10010,
+                100,
+                "iotpipe-bridge",
+                "dt/+/+/telemetry",
+            )?;
             let counter = appended.clone();
             rt.spawn(async move {
                 loop {

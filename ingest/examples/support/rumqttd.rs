@@ -1,5 +1,27 @@
-//! The embedded rumqttd both comparison examples run, configured once so
-//! that `vs_rumqttd` and `baseline` measure the same broker.
+//! The embedded rumqttd both comparison examples run, configured and started
+//! once so that `vs_rumqttd` and `baseline` measure the same broker.
+
+/// Starts rumqttd on its own thread and returns an in-process link named
+/// `link`, subscribed to `filter`.
+pub fn start(
+    listen: &str,
+    max_connections: usize,
+    max_inflight: usize,
+    link: &str,
+    filter: &str,
+) -> anyhow::Result<(rumqttd::local::LinkTx, rumqttd::local::LinkRx)> {
+    let mut broker = rumqttd::Broker::new(config(listen, max_connections, max_inflight)?);
+    let (mut link_tx, link_rx) = broker.link(link)?;
+    std::thread::Builder::new()
+        .name("rumqttd".into())
+        .spawn(move || {
+            if let Err(e) = broker.start() {
+                eprintln!("rumqttd stopped: {e}");
+            }
+        })?;
+    link_tx.subscribe(filter)?;
+    Ok((link_tx, link_rx))
+}
 
 /// A rumqttd with one MQTT 3.1.1 listener on `listen`. The router's segment
 /// must hold a burst of load-test traffic, or it drops what it cannot hold.
