@@ -166,6 +166,25 @@ pub struct Line {
     pub usd: f64,
 }
 
+impl Line {
+    /// A line billed at `unit_price` per unit.
+    fn priced(
+        service: &'static str,
+        item: &'static str,
+        quantity: f64,
+        unit: &'static str,
+        unit_price: f64,
+    ) -> Line {
+        Line {
+            service,
+            item,
+            quantity,
+            unit,
+            usd: quantity * unit_price,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Estimate {
     pub lines: Vec<Line>,
@@ -218,13 +237,13 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
 
     // IoT Core.
     let minutes = p.devices as f64 * HOURS_PER_MONTH * 60.0;
-    lines.push(Line {
-        service: "IoT Core",
-        item: "connectivity",
-        quantity: minutes / MILLION,
-        unit: "M connection-minutes",
-        usd: minutes / MILLION * iot.connectivity_per_million_minutes,
-    });
+    lines.push(Line::priced(
+        "IoT Core",
+        "connectivity",
+        minutes / MILLION,
+        "M connection-minutes",
+        iot.connectivity_per_million_minutes,
+    ));
     let five_kb = units(metered, 5 * 1024);
     if !p.basic_ingest {
         let m = msgs * five_kb / MILLION;
@@ -237,21 +256,21 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         });
     }
     let rules = msgs * five_kb / MILLION;
-    lines.push(Line {
-        service: "IoT Core",
-        item: "rules triggered",
-        quantity: rules,
-        unit: "M rules",
-        usd: rules * iot.rules_triggered_per_million,
-    });
+    lines.push(Line::priced(
+        "IoT Core",
+        "rules triggered",
+        rules,
+        "M rules",
+        iot.rules_triggered_per_million,
+    ));
     // One action per message: the Kinesis put.
-    lines.push(Line {
-        service: "IoT Core",
-        item: "actions executed",
-        quantity: rules,
-        unit: "M actions",
-        usd: rules * iot.actions_executed_per_million,
-    });
+    lines.push(Line::priced(
+        "IoT Core",
+        "actions executed",
+        rules,
+        "M actions",
+        iot.actions_executed_per_million,
+    ));
 
     // Kinesis: the rule puts each message as one record.
     let k = &prices.kinesis;
@@ -265,46 +284,46 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         KinesisMode::OnDemand => {
             let ingest_gb = msgs * units(p.payload_bytes, 1024) * 1024.0 / GB;
             let retrieval_gb = msgs * p.payload_bytes as f64 / GB;
-            lines.push(Line {
-                service: "Kinesis",
-                item: "on-demand stream hours",
-                quantity: HOURS_PER_MONTH,
-                unit: "stream-hours",
-                usd: HOURS_PER_MONTH * k.on_demand_stream_hour,
-            });
-            lines.push(Line {
-                service: "Kinesis",
-                item: "data in (1 KB units)",
-                quantity: ingest_gb,
-                unit: "GB",
-                usd: ingest_gb * k.on_demand_ingest_per_gb,
-            });
-            lines.push(Line {
-                service: "Kinesis",
-                item: "data out (aggregate function)",
-                quantity: retrieval_gb,
-                unit: "GB",
-                usd: retrieval_gb * k.on_demand_retrieval_per_gb,
-            });
+            lines.push(Line::priced(
+                "Kinesis",
+                "on-demand stream hours",
+                HOURS_PER_MONTH,
+                "stream-hours",
+                k.on_demand_stream_hour,
+            ));
+            lines.push(Line::priced(
+                "Kinesis",
+                "data in (1 KB units)",
+                ingest_gb,
+                "GB",
+                k.on_demand_ingest_per_gb,
+            ));
+            lines.push(Line::priced(
+                "Kinesis",
+                "data out (aggregate function)",
+                retrieval_gb,
+                "GB",
+                k.on_demand_retrieval_per_gb,
+            ));
             shards.max(4.0)
         }
         KinesisMode::Provisioned => {
             let hours = shards * HOURS_PER_MONTH;
-            lines.push(Line {
-                service: "Kinesis",
-                item: "shard hours",
-                quantity: hours,
-                unit: "shard-hours",
-                usd: hours * k.shard_hour,
-            });
+            lines.push(Line::priced(
+                "Kinesis",
+                "shard hours",
+                hours,
+                "shard-hours",
+                k.shard_hour,
+            ));
             let put_units = msgs * units(p.payload_bytes, 25 * 1024) / MILLION;
-            lines.push(Line {
-                service: "Kinesis",
-                item: "PUT payload units (25 KB)",
-                quantity: put_units,
-                unit: "M units",
-                usd: put_units * k.put_payload_units_per_million,
-            });
+            lines.push(Line::priced(
+                "Kinesis",
+                "PUT payload units (25 KB)",
+                put_units,
+                "M units",
+                k.put_payload_units_per_million,
+            ));
             shards
         }
     };
@@ -341,48 +360,48 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
     let billed_ms = (p.lambda_base_ms + p.lambda_ms_per_write * writes_per_invocation).ceil();
     let gb_s = invocations * billed_ms / 1000.0 * p.lambda_memory_mb as f64 / 1024.0;
     let l = &prices.lambda;
-    lines.push(Line {
-        service: "Lambda",
-        item: "requests",
-        quantity: invocations / MILLION,
-        unit: "M requests",
-        usd: invocations / MILLION * l.per_million_requests,
-    });
-    lines.push(Line {
-        service: "Lambda",
-        item: "duration (arm64)",
-        quantity: gb_s,
-        unit: "GB-seconds",
-        usd: gb_s * l.per_gb_second,
-    });
+    lines.push(Line::priced(
+        "Lambda",
+        "requests",
+        invocations / MILLION,
+        "M requests",
+        l.per_million_requests,
+    ));
+    lines.push(Line::priced(
+        "Lambda",
+        "duration (arm64)",
+        gb_s,
+        "GB-seconds",
+        l.per_gb_second,
+    ));
 
     // DynamoDB: every write is preceded by a strongly consistent read of
     // the item (its version is the write's condition).
     let d = &prices.dynamodb;
     let wru = writes * p.write_units_per_write / MILLION;
     let rru = writes * units(p.item_bytes, 4096) / MILLION;
-    lines.push(Line {
-        service: "DynamoDB",
-        item: "write request units",
-        quantity: wru,
-        unit: "M WRU",
-        usd: wru * d.per_million_write_units,
-    });
-    lines.push(Line {
-        service: "DynamoDB",
-        item: "read request units",
-        quantity: rru,
-        unit: "M RRU",
-        usd: rru * d.per_million_read_units,
-    });
+    lines.push(Line::priced(
+        "DynamoDB",
+        "write request units",
+        wru,
+        "M WRU",
+        d.per_million_write_units,
+    ));
+    lines.push(Line::priced(
+        "DynamoDB",
+        "read request units",
+        rru,
+        "M RRU",
+        d.per_million_read_units,
+    ));
     let storage_gb = p.stored_items as f64 * p.item_bytes as f64 / GB;
-    lines.push(Line {
-        service: "DynamoDB",
-        item: "storage",
-        quantity: storage_gb,
-        unit: "GB-month",
-        usd: storage_gb * d.storage_per_gb_month,
-    });
+    lines.push(Line::priced(
+        "DynamoDB",
+        "storage",
+        storage_gb,
+        "GB-month",
+        d.storage_per_gb_month,
+    ));
     Estimate {
         lines,
         readings,
