@@ -6,12 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rollup::AggregateConfig;
+use rollup::aggregate::{self, ApplyError, BatchStats};
 use schemas::shard::Record;
 use stream::ShardReader;
 use tokio::sync::watch;
 
-use crate::aggregate::{self, ApplyError, BatchStats};
-use crate::config::AggregateConfig;
 use crate::metrics::ProcessorMetrics;
 use crate::store::{RollupStore, StoreError};
 

@@ -10,7 +10,7 @@ use schemas::state::{Item, ItemState};
 use schemas::{Metric, PackedRecord, Reading, RejectReason, Rejection, Resolution};
 
 use super::*;
-use crate::store::{Condition, Stored, Write};
+use crate::commit::{Condition, Stored, Write};
 
 const T0: i64 = 1_764_240_000_000; // 2025-11-27T10:40:00Z, a minute boundary.
 const MIN: i64 = Resolution::MINUTE;

@@ -5,7 +5,7 @@
 //!
 //! 1. [`plan`] decodes the records, judges each reading's lateness against its
 //!    `received_at`, and lists the items the batch may touch.
-//! 2. The shell loads those items ([`crate::store::RollupStore::load`]).
+//! 2. The shell loads those items (`processors::store::RollupStore::load`).
 //! 3. [`apply`] folds every reading into its items and returns a
 //!    [`Commit`] of conditional writes.
 //!
@@ -34,9 +34,9 @@ use schemas::shard::Record;
 use schemas::state::{DeadLetter, DedupSet, DeviceState, Item, ItemState, MemberState};
 use schemas::{Point, RejectReason, Rejection, SeqNo, WindowAgg, decode_record_view};
 
+use crate::commit::{Commit, Condition, Stored, Write};
 use crate::config::AggregateConfig;
 use crate::keys::{ItemKey, counters};
-use crate::store::{Commit, Condition, Stored, Write};
 
 /// Strings of a batch, interned so that keys are small integers.
 #[derive(Debug, Default)]
