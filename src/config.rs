@@ -185,7 +185,7 @@ pub struct AggregateSettings {
 
 impl Default for AggregateSettings {
     fn default() -> Self {
-        let d = processors::AggregateConfig::default();
+        let d = rollup::AggregateConfig::default();
         AggregateSettings {
             resolutions: d.resolutions.iter().map(|r| r.to_string()).collect(),
             allowed_lateness: ms(d.allowed_lateness_ms),
@@ -311,7 +311,7 @@ impl Config {
     }
 
     /// The processors' view, validated.
-    pub fn aggregate(&self) -> anyhow::Result<processors::AggregateConfig> {
+    pub fn aggregate(&self) -> anyhow::Result<rollup::AggregateConfig> {
         let resolutions = self
             .aggregate
             .resolutions
@@ -319,7 +319,7 @@ impl Config {
             .map(|r| r.parse::<schemas::Resolution>().map_err(anyhow::Error::msg))
             .collect::<anyhow::Result<Vec<_>>>()
             .context("aggregate.resolutions")?;
-        let cfg = processors::AggregateConfig {
+        let cfg = rollup::AggregateConfig {
             resolutions,
             allowed_lateness_ms: to_ms(self.aggregate.allowed_lateness),
             retention_ms: self
@@ -330,7 +330,7 @@ impl Config {
                 .collect(),
             stream_retention_ms: to_ms(self.stream.retention),
             dead_letter_retention_ms: to_ms(self.aggregate.dead_letter_retention),
-            ..processors::AggregateConfig::default()
+            ..rollup::AggregateConfig::default()
         };
         cfg.validate()
             .map_err(anyhow::Error::msg)

@@ -22,15 +22,15 @@ use axum::body::Body;
 use axum::http::Request;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use processors::AggregateConfig;
 use processors::api::{ApiState, app, parse_time};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
 use processors::store::memory::MemoryStore;
 use processors::store::sqlite::SqliteStore;
 use processors::store::{RollupQuery, RollupStore};
+use rollup::AggregateConfig;
+use schemas::shard::Record;
 use serde_json::Value;
-use stream::Record;
 use tower::ServiceExt;
 
 const SHARDS: u32 = 2;

@@ -8,13 +8,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use processors::AggregateConfig;
-use processors::aggregate::{apply, plan};
 use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
 use processors::store::sqlite::SqliteStore;
+use rollup::AggregateConfig;
+use rollup::aggregate::{apply, plan};
+use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
-use stream::Record;
 
 // The allocator iotpipe's binaries use: the core allocates per batch, and
 // glibc's malloc costs several times more under this churn.

@@ -9,12 +9,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use bytes::Bytes;
-use processors::AggregateConfig;
-use processors::aggregate::{apply, plan};
 use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
+use rollup::AggregateConfig;
+use rollup::aggregate::{apply, plan};
+use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
-use stream::Record;
 
 // The allocator iotpipe's binaries use: the core allocates per batch, and
 // glibc's malloc costs several times more under this churn.

@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use processors::AggregateConfig;
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
 use processors::store::sqlite::SqliteStore;
+use rollup::AggregateConfig;
+use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
-use stream::Record;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 use schemas::RejectReason;
 
-use crate::aggregate::BatchStats;
+use rollup::aggregate::BatchStats;
 
 /// A latency histogram with fixed buckets, cheap enough for every batch.
 #[derive(Debug)]

@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stream::{Record, ShardReader};
+use rollup::AggregateConfig;
+use rollup::aggregate::{self, ApplyError, BatchStats};
+use schemas::shard::Record;
+use stream::ShardReader;
 use tokio::sync::watch;
 
-use crate::aggregate::{self, BatchStats};
-use crate::config::AggregateConfig;
 use crate::metrics::ProcessorMetrics;
 use crate::store::{RollupStore, StoreError};
 
@@ -42,6 +43,27 @@ impl Default for ProcessorConfig {
     }
 }
 
+/// Why a batch was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The core refused the loaded items; see [`ApplyError`].
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl BatchError {
+    /// Whether retrying the batch from a fresh load may succeed: a store that
+    /// was unavailable may come back, an item the core cannot read will not.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BatchError::Store(e) => e.is_retryable(),
+            BatchError::Apply(_) => false,
+        }
+    }
+}
+
 /// Folds one batch of one shard into the store: plan, load, apply, commit.
 /// A conflict (someone else wrote an item) reloads and tries again once;
 /// other errors go back to the caller, which retries the whole batch: a
@@ -52,7 +74,7 @@ pub async fn process_batch(
     store: &dyn RollupStore,
     cfg: &AggregateConfig,
     metrics: &ProcessorMetrics,
-) -> Result<BatchStats, StoreError> {
+) -> Result<BatchStats, BatchError> {
     let mut conflicts = 0;
     loop {
         let plan = aggregate::plan(shard, records, cfg);
@@ -74,7 +96,7 @@ pub async fn process_batch(
                     "A conditional write failed; reloading the batch."
                 );
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -8,14 +8,14 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use processors::AggregateConfig;
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
 use processors::store::memory::MemoryStore;
+use rollup::AggregateConfig;
+use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
 use serde_json::Value;
-use stream::Record;
 use tower::ServiceExt;
 
 const T0: i64 = 1_764_240_000_000; // a minute boundary

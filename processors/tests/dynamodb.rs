@@ -3,9 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use processors::keys::ItemKey;
 use processors::store::dynamodb::DynamoStore;
-use processors::store::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Write};
+use processors::store::{Range, RollupQuery, RollupStore, StoreError};
+use rollup::keys::ItemKey;
+use rollup::{Commit, Condition, Write};
 use schemas::state::{Item, ItemState};
 use stream::kinesis::testing::{moto_config, unique_name};
 

@@ -18,8 +18,9 @@ async fn sqlite_store_conforms() {
 
 #[tokio::test]
 async fn sqlite_store_keeps_items_across_reopen_and_purges_expired() {
-    use processors::keys::ItemKey;
-    use processors::store::{Commit, Condition, RollupQuery, RollupStore, Write};
+    use processors::store::{RollupQuery, RollupStore};
+    use rollup::keys::ItemKey;
+    use rollup::{Commit, Condition, Write};
     use schemas::state::{Item, ItemState};
 
     let dir = tempfile::tempdir().unwrap();
@@ -68,9 +69,10 @@ async fn the_write_behind_cache_conforms() {
 
 #[tokio::test]
 async fn the_cache_writes_only_on_flush_and_a_lost_cache_loses_only_unflushed_items() {
-    use processors::keys::ItemKey;
     use processors::store::cached::{CacheConfig, CachedStore};
-    use processors::store::{Commit, Condition, RollupQuery, RollupStore, Write};
+    use processors::store::{RollupQuery, RollupStore};
+    use rollup::keys::ItemKey;
+    use rollup::{Commit, Condition, Write};
     use schemas::state::{Item, ItemState};
     use std::sync::Arc;
 

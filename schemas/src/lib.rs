@@ -15,6 +15,7 @@
 //!   the query API returns.
 //! - `sketch`: the quantile sketch (DDSketch's mapping over sparse bins).
 //! - `seq`: stream positions, wide enough for Kinesis sequence numbers.
+//! - `shard`: the record a stream consumer reads from a shard.
 //! - `state`: what the rollup store keeps per item.
 //! - `reject`: every reason input is refused for.
 //!
@@ -27,6 +28,7 @@ pub mod record;
 pub mod reject;
 pub mod rollup;
 pub mod seq;
+pub mod shard;
 pub mod sketch;
 pub mod state;
 pub mod topic;

@@ -34,6 +34,9 @@ use bytes::Bytes;
 
 /// A position in a shard (wide enough for Kinesis sequence numbers).
 pub use schemas::SeqNo;
+/// What [`ShardReader::next_batch`] returns; defined in `schemas` so that the
+/// aggregation core takes it without depending on the stream.
+pub use schemas::shard::Record;
 
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,17 +59,6 @@ pub enum PutOutcome {
         retryable: bool,
         message: String,
     },
-}
-
-/// A record read from a shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub seq: SeqNo,
-    pub partition_key: String,
-    pub data: Bytes,
-    /// When the stream accepted the record, ms since the epoch (Kinesis's
-    /// ApproximateArrivalTimestamp); used for lag, never for window decisions.
-    pub arrival_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -63,8 +63,8 @@ mod tests {
 
     use crate::api::guard::{ApiLimits, Guard, Tokens};
     use crate::api::{ApiState, app};
-    use crate::config::AggregateConfig;
     use crate::store::memory::MemoryStore;
+    use rollup::AggregateConfig;
 
     async fn get(state: &ApiState, path: &str) -> (StatusCode, String, String) {
         let resp = app(state.clone())

@@ -34,9 +34,9 @@ pub use problem::Problem;
 
 use self::params::Params;
 use self::windows::WindowQuery;
-use crate::config::AggregateConfig;
-use crate::keys::{self, COUNTER_PK, DEVICE_SK, MEMBER_PK_PREFIX, counters};
 use crate::store::{Range, RollupQuery};
+use rollup::AggregateConfig;
+use rollup::keys::{self, COUNTER_PK, DEVICE_SK, MEMBER_PK_PREFIX, counters};
 
 /// The OpenAPI description of this router.
 pub const OPENAPI: &str = include_str!("openapi.json");

@@ -5,9 +5,9 @@ use schemas::state::ItemState;
 use schemas::{Resolution, WindowAgg, WindowView};
 
 use super::problem::Problem;
-use crate::config::AggregateConfig;
-use crate::keys::{start_of_sk, time_sk};
 use crate::store::{Range, RollupQuery};
+use rollup::AggregateConfig;
+use rollup::keys::{start_of_sk, time_sk};
 
 /// Stored rows are read in pages of this many while merging.
 const PAGE: usize = 2000;

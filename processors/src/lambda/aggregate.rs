@@ -19,11 +19,11 @@ use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytes::Bytes;
 use lambda_runtime::{LambdaEvent, service_fn};
-use stream::Record;
-use stream::kinesis::seq;
+use rollup::AggregateConfig;
+use schemas::SeqNo;
+use schemas::shard::Record;
 
 use super::emf::{self, EmfConfig, Invocation};
-use crate::config::AggregateConfig;
 use crate::metrics::ProcessorMetrics;
 use crate::run::process_batch;
 use crate::store::RollupStore;
@@ -124,7 +124,7 @@ impl AggregateHandler {
         let mut batch = Vec::with_capacity(records.len());
         let mut unreadable = None;
         for r in records {
-            match seq::parse(&r.kinesis.sequence_number) {
+            match r.kinesis.sequence_number.parse::<SeqNo>() {
                 Ok(seq) => batch.push(Record {
                     seq,
                     partition_key: r.kinesis.partition_key.clone(),

@@ -145,7 +145,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::aggregate::BatchStats;
+    use rollup::aggregate::BatchStats;
 
     fn invocation() -> Invocation {
         let inv = Invocation {

@@ -18,7 +18,7 @@
 use schemas::Resolution;
 
 use super::emf::EmfConfig;
-use crate::config::AggregateConfig;
+use rollup::AggregateConfig;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EnvError {

@@ -10,9 +10,11 @@ use schemas::state::Item;
 use stream::kinesis::AwsConfig;
 use tokio::sync::OnceCell;
 
-use crate::keys::ItemKey;
 use crate::store::dynamodb::DynamoStore;
-use crate::store::{Commit, Range, RollupQuery, RollupStore, StoreError, Stored};
+use rollup::keys::ItemKey;
+use rollup::{Commit, Stored};
+
+use crate::store::{Range, RollupQuery, RollupStore, StoreError};
 
 pub struct LazyDynamoStore {
     aws: AwsConfig,

@@ -26,8 +26,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use schemas::state::Item;
 
-use super::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Stored, Write};
-use crate::keys::ItemKey;
+use rollup::{Commit, Condition, Stored, Write};
+
+use super::{Range, RollupQuery, RollupStore, StoreError};
+use rollup::keys::ItemKey;
 
 /// How much the cache keeps.
 #[derive(Debug, Clone)]

@@ -8,8 +8,10 @@
 
 use schemas::state::{Item, ItemState};
 
-use super::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Write};
-use crate::keys::ItemKey;
+use rollup::{Commit, Condition, Write};
+
+use super::{Range, RollupQuery, RollupStore, StoreError};
+use rollup::keys::ItemKey;
 
 fn counter(shard: &str, name: &str) -> ItemKey {
     ItemKey::Counter {

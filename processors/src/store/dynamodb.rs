@@ -32,8 +32,10 @@ use stream::kinesis::AwsConfig;
 use stream::kinesis::backoff::Backoff;
 use stream::kinesis::client::{describe, is_retryable};
 
-use super::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Stored, Write};
-use crate::keys::ItemKey;
+use rollup::{Commit, Condition, Stored, Write};
+
+use super::{Range, RollupQuery, RollupStore, StoreError};
+use rollup::keys::ItemKey;
 
 /// BatchGetItem takes at most 100 keys.
 const BATCH_GET_MAX: usize = 100;

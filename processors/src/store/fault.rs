@@ -15,8 +15,10 @@ use async_trait::async_trait;
 use schemas::state::Item;
 use stream::fault::{Dice, Stall, StallPoint, seed_for};
 
-use super::{Commit, Range, RollupQuery, RollupStore, StoreError, Stored};
-use crate::keys::ItemKey;
+use rollup::{Commit, Stored};
+
+use super::{Range, RollupQuery, RollupStore, StoreError};
+use rollup::keys::ItemKey;
 
 /// The message of every injected failure, so logs tell them from real ones.
 const INJECTED: &str = "injected fault";
@@ -234,9 +236,9 @@ mod tests {
     use stream::fault::Gate;
 
     use super::*;
-    use crate::keys::COUNTER_PK;
     use crate::store::memory::MemoryStore;
-    use crate::store::{Condition, Write};
+    use rollup::keys::COUNTER_PK;
+    use rollup::{Condition, Write};
 
     fn write(name: &str) -> Write {
         Write {

@@ -7,8 +7,10 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use schemas::state::Item;
 
-use super::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Stored, Write};
-use crate::keys::ItemKey;
+use rollup::{Commit, Condition, Stored, Write};
+
+use super::{Range, RollupQuery, RollupStore, StoreError};
+use rollup::keys::ItemKey;
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {

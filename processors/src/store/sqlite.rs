@@ -12,8 +12,10 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use schemas::state::Item;
 
-use super::{Commit, Condition, Range, RollupQuery, RollupStore, StoreError, Stored};
-use crate::keys::ItemKey;
+use rollup::{Commit, Condition, Stored};
+
+use super::{Range, RollupQuery, RollupStore, StoreError};
+use rollup::keys::ItemKey;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (
@@ -138,7 +140,7 @@ impl SqliteStore {
             let tx = conn.transaction().map_err(unavailable)?;
             let mut deleted = 0;
             for reason in schemas::RejectReason::ALL {
-                let pk = crate::keys::dead_letter_pk(reason);
+                let pk = rollup::keys::dead_letter_pk(reason);
                 let cutoff: Option<String> = tx
                     .query_row(
                         "SELECT sk FROM items WHERE pk = ?1 ORDER BY sk DESC LIMIT 1 OFFSET ?2",

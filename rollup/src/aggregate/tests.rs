@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use schemas::record::{RejectedMessage, StreamRecord};
+use schemas::shard::Record;
 use schemas::state::{Item, ItemState};
 use schemas::{Metric, PackedRecord, Reading, RejectReason, Rejection, Resolution};
-use stream::Record;
 
 use super::*;
-use crate::store::{Condition, Stored, Write};
+use crate::commit::{Condition, Stored, Write};
 
 const T0: i64 = 1_764_240_000_000; // 2025-11-27T10:40:00Z, a minute boundary.
 const MIN: i64 = Resolution::MINUTE;
@@ -416,4 +416,49 @@ fn a_crash_between_any_two_writes_then_a_retry_is_exact() {
         }
     }
     assert_eq!(clean.counter("s0", "duplicate_readings"), 1);
+}
+
+#[test]
+fn an_item_that_is_not_what_its_key_says_refuses_the_batch() {
+    let cfg = AggregateConfig::default();
+    let batch = vec![rec(
+        1,
+        "d1",
+        T0 + 1000,
+        vec![reading(Some(1), T0 + 500, &[("t", 20.0)])],
+    )];
+    let p = plan("s0", &batch, &cfg);
+    let keys = p.keys().to_vec();
+    // Every planned item loaded as a counter: the dedup set, the device and
+    // the windows cannot be read as what their keys name.
+    let loaded = keys
+        .iter()
+        .map(|_| {
+            Some(Stored {
+                version: 1,
+                item: Item {
+                    applied: Default::default(),
+                    state: ItemState::Counter(7),
+                },
+            })
+        })
+        .collect();
+    match apply(p, loaded, &cfg) {
+        Err(ApplyError::Unreadable { key, detail }) => {
+            assert!(key.starts_with("x|d1/"), "{key}");
+            assert_eq!(detail, "expected a dedup set, found a counter");
+        }
+        other => panic!("expected an unreadable item, got {other:?}"),
+    }
+
+    // A shell that loads fewer items than planned is refused, not trusted.
+    let p = plan("s0", &batch, &cfg);
+    let short = vec![None; keys.len() - 1];
+    assert_eq!(
+        apply(p, short, &cfg).err(),
+        Some(ApplyError::LoadedCount {
+            loaded: keys.len() - 1,
+            keys: keys.len(),
+        })
+    );
 }

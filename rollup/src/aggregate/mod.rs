@@ -5,7 +5,7 @@
 //!
 //! 1. [`plan`] decodes the records, judges each reading's lateness against its
 //!    `received_at`, and lists the items the batch may touch.
-//! 2. The shell loads those items ([`crate::store::RollupStore::load`]).
+//! 2. The shell loads those items (`processors::store::RollupStore::load`).
 //! 3. [`apply`] folds every reading into its items and returns a
 //!    [`Commit`] of conditional writes.
 //!
@@ -30,13 +30,13 @@ mod tests;
 
 use rustc_hash::FxHashMap;
 use schemas::record::{PackedView, ReadingView, RecordView, RejectedMessage};
+use schemas::shard::Record;
 use schemas::state::{DeadLetter, DedupSet, DeviceState, Item, ItemState, MemberState};
-use schemas::{Point, RejectReason, Rejection, WindowAgg, decode_record_view};
-use stream::{Record, SeqNo};
+use schemas::{Point, RejectReason, Rejection, SeqNo, WindowAgg, decode_record_view};
 
+use crate::commit::{Commit, Condition, Stored, Write};
 use crate::config::AggregateConfig;
 use crate::keys::{ItemKey, counters};
-use crate::store::{Commit, Condition, StoreError, Stored, Write};
 
 /// Strings of a batch, interned so that keys are small integers.
 #[derive(Debug, Default)]
@@ -391,6 +391,23 @@ fn judge(reading: &ReadingView, received_at: i64, cfg: &AggregateConfig) -> Opti
     None
 }
 
+/// Why [`apply`] refused a batch. None of these heals by retrying: the shell
+/// stops the shard loudly rather than skip readings silently.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// A loaded item holds another kind of state than its key names: the
+    /// store holds something this build cannot read.
+    #[error("stored item {key} is unreadable: {detail}")]
+    Unreadable { key: String, detail: String },
+    /// The shell loaded a different number of items than the plan listed.
+    #[error("{loaded} items loaded for {keys} planned keys")]
+    LoadedCount { loaded: usize, keys: usize },
+    /// The batch touched an item `plan` did not list: a bug in the core, and
+    /// refusing the batch is safer than writing blind.
+    #[error("item {key} was not planned for this batch")]
+    Unplanned { key: String },
+}
+
 /// The result of [`apply`].
 #[derive(Debug)]
 pub struct Applied {
@@ -432,7 +449,7 @@ pub fn apply(
     plan: Plan<'_>,
     loaded: Vec<Option<Stored>>,
     cfg: &AggregateConfig,
-) -> Result<Applied, StoreError> {
+) -> Result<Applied, ApplyError> {
     let shard = plan.shard.clone();
     let mut slots: Vec<Slot> = loaded
         .into_iter()
@@ -450,9 +467,9 @@ pub fn apply(
         })
         .collect();
     if slots.len() != plan.keys.len() {
-        return Err(StoreError::Corrupt {
-            key: String::from("(batch)"),
-            detail: format!("{} items loaded for {} keys", slots.len(), plan.keys.len()),
+        return Err(ApplyError::LoadedCount {
+            loaded: slots.len(),
+            keys: plan.keys.len(),
         });
     }
     let first_seq = plan.records.first().map_or(SeqNo::ZERO, |r| r.seq);
@@ -524,14 +541,12 @@ struct Batcher<'a, 'r> {
 }
 
 impl Batcher<'_, '_> {
-    fn slot(&self, key: Key) -> Result<usize, StoreError> {
+    fn slot(&self, key: Key) -> Result<usize, ApplyError> {
         match self.plan.slot_of.get(&key) {
             Some(i) => Ok(*i as usize),
-            // plan() lists every key apply() touches; a miss is a bug, and
-            // refusing the batch is safer than writing blind.
-            None => Err(StoreError::Corrupt {
+            // plan() lists every key apply() touches; a miss is a bug.
+            None => Err(ApplyError::Unplanned {
                 key: format!("{key:?}"),
-                detail: "item was not planned for this batch".into(),
             }),
         }
     }
@@ -543,12 +558,12 @@ impl Batcher<'_, '_> {
         i: usize,
         seq: SeqNo,
         f: impl FnOnce(&mut ItemState) -> Result<(), String>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, ApplyError> {
         let slot = &mut self.slots[i];
         if slot.holds(seq) {
             return Ok(false);
         }
-        f(&mut slot.item.state).map_err(|detail| StoreError::Corrupt {
+        f(&mut slot.item.state).map_err(|detail| ApplyError::Unreadable {
             key: format!("{}/{}", self.plan.keys[i].pk(), self.plan.keys[i].sk()),
             detail,
         })?;
@@ -556,7 +571,7 @@ impl Batcher<'_, '_> {
         Ok(true)
     }
 
-    fn count(&mut self, seq: SeqNo, counter: Counter) -> Result<bool, StoreError> {
+    fn count(&mut self, seq: SeqNo, counter: Counter) -> Result<bool, ApplyError> {
         let i = match counter {
             Counter::Accepted => ACCEPTED_SLOT as usize,
             Counter::Duplicate => DUPLICATE_SLOT as usize,
@@ -579,7 +594,7 @@ impl Batcher<'_, '_> {
         reading: &ReadingView,
         slots: ReadingSlots,
         cell_ids: &[u32],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), ApplyError> {
         let dedup = slots.dedup as usize;
         // The dedup set is written last (Commit::then), so if it already holds
         // this record, every other item of the reading holds it too.
@@ -675,7 +690,7 @@ impl Batcher<'_, '_> {
     /// fleet, skipping items that already hold the cell's records. In a
     /// replay cells are flushed after every record, so a cell never spans a
     /// record an item holds and one it does not.
-    fn flush_cells(&mut self) -> Result<(), StoreError> {
+    fn flush_cells(&mut self) -> Result<(), ApplyError> {
         let resolutions = &self.cfg.resolutions;
         let per_cell = 2 * resolutions.len();
         for cell_id in std::mem::take(&mut self.active) {
@@ -724,7 +739,7 @@ impl Batcher<'_, '_> {
         reading: &ReadingView,
         index: usize,
         rejection: &Rejection,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), ApplyError> {
         if self.count(seq, Counter::Rejected(rejection.reason))? {
             self.stats.reject(rejection.reason);
         }
@@ -749,7 +764,7 @@ impl Batcher<'_, '_> {
         Ok(())
     }
 
-    fn reject_message(&mut self, seq: SeqNo, m: &RejectedMessage) -> Result<(), StoreError> {
+    fn reject_message(&mut self, seq: SeqNo, m: &RejectedMessage) -> Result<(), ApplyError> {
         if self.count(seq, Counter::Rejected(m.reason))? {
             self.stats.reject(m.reason);
         }
@@ -780,7 +795,7 @@ impl Batcher<'_, '_> {
         rejection: &Rejection,
         head: &[u8],
         len: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), ApplyError> {
         if self.count(seq, Counter::Rejected(rejection.reason))? {
             self.stats.reject(rejection.reason);
         }

@@ -1,0 +1,27 @@
+//! The aggregation core: a batch of stream records and the items it touches
+//! in, the conditional writes that fold it into the rollups out.
+//!
+//! - `aggregate`: [`aggregate::plan`] lists the items a batch may touch,
+//!   [`aggregate::apply`] folds the batch into them as loaded.
+//! - `commit`: what the core hands a store: loaded items ([`Stored`]) and
+//!   conditional writes ([`Commit`]).
+//! - `config`: resolutions, lateness and retention.
+//! - `keys`: the one logical table's keys, shared by every store.
+//!
+//! The shells (the local loop, the Lambda handler) load, call the core and
+//! commit; the store roles and their I/O error type live with them, in
+//! `processors::store`.
+//!
+//! **Architecture Invariant:** the core does no I/O and reads no clock; time
+//! reaches it as each record's `received_at`. Its dependency list holds no
+//! async runtime, no AWS SDK, no SQLite and no HTTP, so the compiler refuses
+//! code that reaches for them.
+
+pub mod aggregate;
+pub mod commit;
+pub mod config;
+pub mod keys;
+
+pub use aggregate::{ApplyError, BatchStats};
+pub use commit::{Commit, Condition, Stored, Write};
+pub use config::AggregateConfig;
