@@ -21,6 +21,8 @@
 //! - `writer`: the per-shard append thread.
 //! - `reader`: [`EmbeddedReader`].
 //! - `recovery`: opening a shard, cutting a torn tail.
+//! - `storage`: the two small traits the writer writes segments through,
+//!   so that tests can stand a disk that loses unsynced writes under it.
 //! - `meta`, `files`: the meta file, atomic file replacement.
 //!
 //! **Architecture Invariant:** readers see a record only once it is durable
@@ -29,10 +31,13 @@
 mod files;
 mod frame;
 mod meta;
+#[cfg(test)]
+mod power_loss;
 mod reader;
 mod recovery;
 mod segment;
 mod shard;
+mod storage;
 mod writer;
 
 use std::fs::File;
@@ -50,6 +55,7 @@ use crate::partition;
 use crate::{ProduceError, PutOutcome, PutRecord, ReadError, SeqNo, StreamProducer};
 use meta::Meta;
 use shard::Shard;
+use storage::{Disk, Storage};
 use writer::{AppendRequest, Writer};
 
 /// A shard writer's thread, named by its shard for error reports.
@@ -196,6 +202,16 @@ impl EmbeddedLog {
     /// shard: a torn or corrupt tail is cut away and numbering resumes after
     /// the last good record. Blocking: it reads each shard's last segment.
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Arc<EmbeddedLog>, OpenError> {
+        Self::open_on(dir, config, Disk)
+    }
+
+    /// [`EmbeddedLog::open`], with the writers writing segments through
+    /// `storage`.
+    pub(crate) fn open_on<S: Storage>(
+        dir: &Path,
+        config: EmbeddedConfig,
+        storage: S,
+    ) -> Result<Arc<EmbeddedLog>, OpenError> {
         check_config(&config)?;
         std::fs::create_dir_all(dir)
             .map_err(OpenError::io(format!("creating {}", dir.display())))?;
@@ -253,7 +269,15 @@ impl EmbeddedLog {
         let mut threads = Vec::new();
         for (shard, start) in shards.iter().zip(starts) {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            let writer = Writer::new(Arc::clone(shard), config.sync, config.segment_bytes, start);
+            let segment = shard.segment_path(start.base);
+            let writer = Writer::new(
+                Arc::clone(shard),
+                storage.clone(),
+                config.sync,
+                config.segment_bytes,
+                start,
+            )
+            .map_err(OpenError::io(format!("opening {}", segment.display())))?;
             let handle = std::thread::Builder::new()
                 .name(format!("log-{}", shard.id))
                 .spawn(move || writer.run(rx))

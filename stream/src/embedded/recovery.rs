@@ -116,7 +116,6 @@ pub(crate) fn open_shard(
         active.len = scanned.good_len;
     }
     let start = WriterStart {
-        file,
         base: last.base,
         len: scanned.good_len,
         allocated,

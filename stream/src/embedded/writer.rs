@@ -2,16 +2,14 @@
 //! while its last write was syncing, writes them as one group and syncs once
 //! (group commit), then answers each request.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::files;
 use super::frame;
 use super::shard::{SegmentInfo, Shard};
+use super::storage::{SegmentFile, Storage};
 use crate::{PutRecord, Record, SeqNo};
 
 /// A group stops growing at this many bytes of records, which bounds how long
@@ -44,9 +42,9 @@ pub(crate) struct AppendReply {
     pub error: Option<String>,
 }
 
-/// Where the shard's writer starts, as recovery left it.
+/// Where the shard's writer starts, as recovery left it; it opens the
+/// segment `base` itself, through its storage.
 pub(crate) struct WriterStart {
-    pub file: File,
     pub base: u64,
     pub len: u64,
     /// The file's size: `len` plus zeroed space written ahead.
@@ -55,13 +53,14 @@ pub(crate) struct WriterStart {
     pub last_arrival_ms: i64,
 }
 
-pub(crate) struct Writer {
+pub(crate) struct Writer<S: Storage> {
     shard: Arc<Shard>,
+    storage: S,
     /// Whether a group is synced to disk before it is acknowledged.
     sync: bool,
     segment_bytes: u64,
     /// The segment being written.
-    file: File,
+    file: S::File,
     base: u64,
     /// Bytes of `file` that hold durable records; anything after them is a
     /// failed write that is cut away.
@@ -82,18 +81,22 @@ pub(crate) struct Writer {
     broken: Option<String>,
 }
 
-impl Writer {
+impl<S: Storage> Writer<S> {
+    /// Opens the segment recovery left active, through `storage`.
     pub(crate) fn new(
         shard: Arc<Shard>,
+        storage: S,
         sync: bool,
         segment_bytes: u64,
         start: WriterStart,
-    ) -> Self {
-        Writer {
+    ) -> std::io::Result<Self> {
+        let file = storage.open(&shard.segment_path(start.base))?;
+        Ok(Writer {
             shard,
+            storage,
             sync,
             segment_bytes,
-            file: start.file,
+            file,
             base: start.base,
             len: start.len,
             allocated: start.allocated,
@@ -101,7 +104,7 @@ impl Writer {
             last_arrival_ms: start.last_arrival_ms,
             last_durable_arrival_ms: start.last_arrival_ms,
             broken: None,
-        }
+        })
     }
 
     /// Serves requests until every sender is gone, then makes the active
@@ -298,14 +301,11 @@ impl Writer {
         // the others' length from their files.
         self.trim()?;
         let path = self.shard.segment_path(self.next_seq);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        let file = self
+            .storage
+            .create(&path)
             .map_err(|e| format!("creating {}: {e}", path.display()))?;
-        if let Err(e) = files::sync_dir(&self.shard.dir) {
+        if let Err(e) = self.storage.sync_dir(&self.shard.dir) {
             // Without a durable directory entry the segment might vanish in
             // a crash along with records acknowledged into it.
             let _ = std::fs::remove_file(&path);
