@@ -11,6 +11,7 @@
 //! <dir>/LOCK                                  held while the log is open
 //! <dir>/shard-0000/00000000000000000001.seg   frames, see frame.rs
 //! <dir>/shard-0000/checkpoints/<consumer>     last processed sequence number
+//! <dir>/shard-0000/reserved                   numbers handed out lie below it
 //! ```
 //!
 //! Layout:
@@ -21,12 +22,18 @@
 //! - `writer`: the per-shard append thread.
 //! - `reader`: [`EmbeddedReader`].
 //! - `recovery`: opening a shard, cutting a torn tail.
+//! - `reserve`: the durable bound on numbers handed out, so that numbering
+//!   never restarts below a checkpoint after a crash without sync.
 //! - `storage`: the two small traits the writer writes segments through,
 //!   so that tests can stand a disk that loses unsynced writes under it.
 //! - `meta`, `files`: the meta file, atomic file replacement.
 //!
 //! **Architecture Invariant:** readers see a record only once it is durable
 //! (with `sync` on), so nothing a consumer acts on can vanish in a crash.
+//!
+//! **Architecture Invariant:** a sequence number is never handed out twice
+//! in a shard, whatever crashes: with `sync` off, one a crash lost is
+//! skipped, never reused.
 
 mod files;
 mod frame;
@@ -35,6 +42,7 @@ mod meta;
 mod power_loss;
 mod reader;
 mod recovery;
+mod reserve;
 mod segment;
 mod shard;
 mod storage;
@@ -78,7 +86,9 @@ pub struct EmbeddedConfig {
     pub retention_ms: i64,
     /// Sync each group of appends to disk before acknowledging it. Off, an
     /// acknowledged record survives a crash of the process but not of the
-    /// machine.
+    /// machine; its sequence number is never reused, so consumers that had
+    /// checkpointed past it still read every record appended after the
+    /// crash.
     pub sync: bool,
     /// Memory per shard for its newest records, so that consumers keeping up
     /// read without touching the disk.
@@ -163,6 +173,10 @@ pub struct ShardRecovery {
     /// that were written but are lost (zero for a write that was cut short,
     /// which was never acknowledged).
     pub dropped_records: u64,
+    /// Sequence numbers passed over because the files ended below the
+    /// reserved mark (a crash with `sync` off): an upper bound on the
+    /// acknowledged records the crash lost; none of the numbers is reused.
+    pub numbers_skipped: u64,
 }
 
 /// The local durable, sharded log. See the module docs.

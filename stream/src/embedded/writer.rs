@@ -1,6 +1,9 @@
 //! The one thread that appends to a shard: it takes every request that queued
 //! while its last write was syncing, writes them as one group and syncs once
 //! (group commit), then answers each request.
+//!
+//! Without sync, it also keeps the shard's reserved mark (see `reserve`)
+//! ahead of every sequence number it hands out.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -8,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
 
 use super::frame;
+use super::reserve;
 use super::shard::{SegmentInfo, Shard};
 use super::storage::{SegmentFile, Storage};
 use crate::{PutRecord, Record, SeqNo};
@@ -51,6 +55,9 @@ pub(crate) struct WriterStart {
     pub allocated: u64,
     pub next_seq: u64,
     pub last_arrival_ms: i64,
+    /// The shard's reserved mark as recovery found it: no number at or above
+    /// it was handed out.
+    pub reserved: u64,
 }
 
 pub(crate) struct Writer<S: Storage> {
@@ -79,6 +86,10 @@ pub(crate) struct Writer<S: Storage> {
     /// unknown, so nothing more is appended until the log is reopened and
     /// recovery cleans it.
     broken: Option<String>,
+    /// Without sync: the durable bound below which every number handed out
+    /// lies. Unused with sync, where every number handed out is durable in
+    /// its segment already.
+    reserved: u64,
 }
 
 impl<S: Storage> Writer<S> {
@@ -104,6 +115,7 @@ impl<S: Storage> Writer<S> {
             last_arrival_ms: start.last_arrival_ms,
             last_durable_arrival_ms: start.last_arrival_ms,
             broken: None,
+            reserved: start.reserved,
         })
     }
 
@@ -126,6 +138,11 @@ impl<S: Storage> Writer<S> {
         }
         if self.broken.is_none() {
             self.trim()?;
+            if !self.sync {
+                // Everything is durable now, so the mark can come down to
+                // the next number: a clean restart leaves no gap.
+                reserve::write(&self.shard.dir, self.next_seq)?;
+            }
         }
         Ok(())
     }
@@ -211,6 +228,8 @@ impl<S: Storage> Writer<S> {
         if staged.is_empty() {
             return Ok(());
         }
+        // Before any of these numbers can reach a reader or a caller.
+        self.reserve_for(staged.len() as u64)?;
         let end = self.len + buf.len() as u64;
         let written = self
             .write_ahead(end)
@@ -239,6 +258,21 @@ impl<S: Storage> Writer<S> {
         self.shard.tail().extend(staged.drain(..));
         self.shard.publish(self.next_seq);
         buf.clear();
+        Ok(())
+    }
+
+    /// Without sync, makes the reserved mark durable above the next `count`
+    /// numbers before they are handed out: a crash may lose the records,
+    /// but a restart then numbers above every number a consumer could have
+    /// checkpointed, so new records are never taken for ones it processed.
+    fn reserve_for(&mut self, count: u64) -> Result<(), String> {
+        let needed = self.next_seq + count;
+        if self.sync || needed <= self.reserved {
+            return Ok(());
+        }
+        let mark = needed.saturating_add(reserve::STEP);
+        reserve::write(&self.shard.dir, mark)?;
+        self.reserved = mark;
         Ok(())
     }
 
