@@ -294,7 +294,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 Action::SubscribeRefused { identity, refused } => {
                     for (filter, reason) in refused {
                         metrics.refuse_subscription(reason);
-                        tracing::info!(conn = self.conn_id, client_id = ?self.client_id, ?identity, %filter, %reason, "A subscription was refused.");
+                        tracing::info!(
+                            conn = self.conn_id,
+                            client_id = self.client_id.as_deref().unwrap_or_default(),
+                            identity = identity.as_deref().unwrap_or_default(),
+                            %filter,
+                            %reason,
+                            "A subscription was refused."
+                        );
                     }
                 }
                 Action::Unsubscribe(filters) => self.shared.tap.unsubscribe(self.conn_id, &filters),
