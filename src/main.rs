@@ -35,7 +35,8 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     /// Manage the MQTT users file (salted password hashes; each user may
-    /// publish only as the device of the same name).
+    /// publish only as the device of the same name, and subscribe only to its
+    /// own topics unless it is an operator).
     #[command(subcommand)]
     Users(UsersCommand),
     /// Estimate the monthly AWS bill of a load profile on the `deploy/` stack.
@@ -105,6 +106,12 @@ struct CostArgs {
     prices: Option<PathBuf>,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UserRole {
+    Device,
+    Operator,
+}
+
 #[derive(Subcommand)]
 enum UsersCommand {
     /// Add a user with a generated password, printed once.
@@ -112,6 +119,10 @@ enum UsersCommand {
         name: String,
         #[arg(long)]
         file: PathBuf,
+        /// `device` subscribes only to its own topics; `operator` may also
+        /// watch the whole fleet (`dt/#`).
+        #[arg(long, value_enum, default_value_t = UserRole::Device)]
+        role: UserRole,
     },
     /// Remove a user.
     Remove {
@@ -224,8 +235,12 @@ fn main() -> ExitCode {
 
 fn users(cmd: UsersCommand) -> anyhow::Result<()> {
     match cmd {
-        UsersCommand::Add { name, file } => {
-            let password = ingest::users::add(&file, &name)?;
+        UsersCommand::Add { name, file, role } => {
+            let role = match role {
+                UserRole::Device => ingest::Role::Device,
+                UserRole::Operator => ingest::Role::Operator,
+            };
+            let password = ingest::users::add(&file, &name, role)?;
             println!("{name}: {password}");
             eprintln!("Keep the password now: the file stores only a salted hash.");
         }

@@ -126,6 +126,14 @@ pub fn render_ingest(s: &MetricsSnapshot, out: &mut String) {
     for (reason, n) in &s.rejected {
         let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
     }
+    let name = "iotpipe_mqtt_subscriptions_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} SUBSCRIBE filters refused, by reason.\n# TYPE {name} counter"
+    );
+    for (reason, n) in &s.subscriptions_refused {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+    }
     let name = "iotpipe_stream_append_seconds";
     let _ = writeln!(
         out,

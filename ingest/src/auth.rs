@@ -1,7 +1,9 @@
-//! Who may connect, and where a connection may publish.
+//! Who may connect, where a connection may publish, and what it may subscribe
+//! to.
 //!
-//! One small trait, called on the connection's own task for every CONNECT and
-//! every PUBLISH; it must not block (no I/O per call: load policy up front).
+//! One small trait, called on the connection's own task for every CONNECT,
+//! PUBLISH and SUBSCRIBE filter; it must not block (no I/O per call: load
+//! policy up front).
 
 use schemas::Topic;
 
@@ -16,6 +18,10 @@ pub struct ConnectInfo<'a> {
     /// TLS handshake verified that certificate against the client CA. `None`
     /// over plain TCP, without a certificate, or when it names no device.
     pub certificate: Option<&'a str>,
+    /// What that certificate grants besides its device (see
+    /// [`certificate_role`](crate::tls::certificate_role)): an operator's
+    /// certificate may watch the whole fleet. [`Role::Device`] without one.
+    pub certificate_role: Role,
 }
 
 /// Who a connection is, as decided at CONNECT.
@@ -25,6 +31,18 @@ pub struct Principal {
     /// The identity the policy checks topics against: a verified client
     /// certificate's CN, else the MQTT username. `None` for anonymous clients.
     pub identity: Option<String>,
+    pub role: Role,
+}
+
+/// What a principal may watch beyond its own device.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Role {
+    /// Subscribes only to filters that match nothing but its own topics.
+    #[default]
+    Device,
+    /// May also subscribe to any filter: the live tap of the whole fleet.
+    /// It publishes only as its own device, like any other principal.
+    Operator,
 }
 
 /// Why a CONNECT is refused; each maps to a CONNACK code in both protocols.
@@ -43,14 +61,20 @@ pub trait Authorizer: Send + Sync + 'static {
         Ok(Principal {
             client_id: connect.client_id.to_string(),
             identity: connect.certificate.or(connect.username).map(str::to_string),
+            role: connect.certificate_role,
         })
     }
 
     /// Whether `principal` may publish to `topic`.
     fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool;
+
+    /// Whether `principal` may subscribe to `filter`, a valid topic filter.
+    /// Required, so that no policy grants the fleet's telemetry by default.
+    fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool;
 }
 
-/// Every client may connect and publish anywhere: the local default.
+/// Every client may connect, publish anywhere and watch everything: the local
+/// default, without authentication.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AllowAll;
 
@@ -58,10 +82,47 @@ impl Authorizer for AllowAll {
     fn may_publish(&self, _: &Principal, _: &Topic<'_>) -> bool {
         true
     }
+
+    fn may_subscribe(&self, _: &Principal, _: &str) -> bool {
+        true
+    }
 }
 
-/// IoT Core's usual per-thing policy: a client must name itself and may
-/// publish only to `dt/{any fleet}/{its name}/telemetry`. Its name is its
+/// Whether every topic `filter` can match belongs to `device`, that is has
+/// the form `dt/{fleet}/{device}/...`:
+/// - the first level is `dt`, spelled out;
+/// - the fleet level is a fleet or `+`: only `device` may publish under its
+///   own id, in any fleet, so `+` there reaches no other device;
+/// - the device level is `device` spelled out (never `+` or `#`);
+/// - the levels after it are anything, wildcards included.
+///
+/// So for `B`, `dt/+/B/telemetry` and `dt/f/B/#` pass; `dt/#`, `#`,
+/// `dt/f/+/telemetry`, `dt/+/#` and `dt/f/A/telemetry` do not. An identity
+/// that is itself a wildcard or holds a `/` matches no filter.
+pub fn only_own_topics(filter: &str, device: &str) -> bool {
+    let mut levels = filter.split('/');
+    levels.next() == Some("dt")
+        && levels.next().is_some_and(|fleet| fleet != "#")
+        && levels
+            .next()
+            .is_some_and(|d| d == device && d != "+" && d != "#")
+}
+
+/// The subscription policy of every authenticating authorizer: an operator
+/// may watch anything, a device only its own topics.
+fn may_subscribe_as_device(principal: &Principal, filter: &str) -> bool {
+    match (principal.role, principal.identity.as_deref()) {
+        (Role::Operator, _) => true,
+        (Role::Device, Some(device)) => only_own_topics(filter, device),
+        (Role::Device, None) => false,
+    }
+}
+
+/// IoT Core's usual per-thing policy: a client must name itself, may
+/// publish only to `dt/{any fleet}/{its name}/telemetry`, and may subscribe
+/// only to filters that match nothing but its own topics
+/// ([`only_own_topics`]), unless its certificate makes it an operator. Its
+/// name is its
 /// client certificate's CN when it has one, else its MQTT username (a
 /// username that contradicts the certificate is refused). It checks no
 /// password: it is the policy half, for a trusted network or behind an
@@ -82,6 +143,10 @@ impl Authorizer for OwnDeviceOnly {
     fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool {
         principal.identity.as_deref() == Some(topic.device_id)
     }
+
+    fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
+        may_subscribe_as_device(principal, filter)
+    }
 }
 
 /// Devices prove who they are with a client certificate, and nothing else:
@@ -99,6 +164,10 @@ impl Authorizer for ClientCertificates {
     fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool {
         OwnDeviceOnly.may_publish(principal, topic)
     }
+
+    fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
+        may_subscribe_as_device(principal, filter)
+    }
 }
 
 /// The device a certificate names, unless the username claims another: a
@@ -111,10 +180,13 @@ fn certified<'a>(cert: &'a str, username: Option<&str>) -> Result<&'a str, Conne
     }
 }
 
+/// The principal a verified certificate makes: its role comes from the
+/// certificate too, never from a password.
 fn principal(connect: &ConnectInfo<'_>, identity: &str) -> Principal {
     Principal {
         client_id: connect.client_id.to_string(),
         identity: Some(identity.to_string()),
+        role: connect.certificate_role,
     }
 }
 
@@ -126,17 +198,30 @@ fn principal(connect: &ConnectInfo<'_>, identity: &str) -> Principal {
 /// One device per line, `#` starts a comment (see `docs/BROKER.md`):
 ///
 /// ```text
-/// # username:sha256:salt-hex:hash-hex, hash = SHA-256(salt ‖ password)
+/// # username:sha256:salt-hex:hash-hex[:role], hash = SHA-256(salt ‖ password)
 /// dev-1:sha256:6e61636c:5b0c…
+/// ops-1:sha256:73616c74:9f2a…:operator
 /// ```
+///
+/// The role column is optional (files written before it still read the
+/// same): `device`, the default, subscribes only to its own topics;
+/// `operator` may also watch the whole fleet. A hash is hex, so a last field
+/// that names a role cannot be mistaken for one.
 ///
 /// A salted SHA-256 suits machine-generated device secrets (long and random),
 /// not passwords people choose. [`UsersFile::entry`] writes a line;
 /// [`crate::users`] edits a file.
 #[derive(Debug, Clone, Default)]
 pub struct UsersFile {
-    /// Username → (salt, SHA-256 of salt ‖ password).
-    users: std::collections::HashMap<String, (Vec<u8>, Vec<u8>)>,
+    users: std::collections::HashMap<String, Credential>,
+}
+
+#[derive(Debug, Clone)]
+struct Credential {
+    salt: Vec<u8>,
+    /// SHA-256 of salt ‖ password.
+    hash: Vec<u8>,
+    role: Role,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,10 +255,11 @@ impl UsersFile {
                 line: i + 1,
                 detail: detail.to_string(),
             };
+            let (line, role) = split_role(line);
             // From the right: a device id may itself contain `:`.
             let fields: Vec<&str> = line.rsplitn(4, ':').collect();
             let [hash, salt, "sha256", user] = fields.as_slice() else {
-                return Err(bad("expected username:sha256:salt-hex:hash-hex"));
+                return Err(bad("expected username:sha256:salt-hex:hash-hex[:role]"));
             };
             if user.is_empty() {
                 return Err(bad("empty username"));
@@ -182,17 +268,28 @@ impl UsersFile {
             let hash = from_hex(hash)
                 .filter(|h| h.len() == 32)
                 .ok_or_else(|| bad("hash is not 64 hex digits"))?;
-            if users.insert(user.to_string(), (salt, hash)).is_some() {
+            let credential = Credential { salt, hash, role };
+            if users.insert(user.to_string(), credential).is_some() {
                 return Err(bad("username listed twice"));
             }
         }
         Ok(UsersFile { users })
     }
 
-    /// The line that lets `username` connect with `password`.
+    /// The line that lets device `username` connect with `password`.
     pub fn entry(username: &str, password: &str, salt: &[u8]) -> String {
+        Self::entry_as(username, password, salt, Role::Device)
+    }
+
+    /// The line that lets `username` connect with `password` in `role`; a
+    /// device's line has no role column, as before roles existed.
+    pub fn entry_as(username: &str, password: &str, salt: &[u8], role: Role) -> String {
+        let role = match role {
+            Role::Device => "",
+            Role::Operator => ":operator",
+        };
         format!(
-            "{username}:sha256:{}:{}",
+            "{username}:sha256:{}:{}{role}",
             to_hex(salt),
             to_hex(&salted_hash(salt, password.as_bytes()))
         )
@@ -201,7 +298,7 @@ impl UsersFile {
     /// The username a line of the file names, if it names one (it may be
     /// blank, a comment or malformed).
     pub fn line_username(line: &str) -> Option<&str> {
-        let line = strip_comment(line);
+        let (line, _) = split_role(strip_comment(line));
         match line.rsplitn(4, ':').collect::<Vec<_>>().as_slice() {
             [_, _, "sha256", user] if !user.is_empty() => Some(user),
             _ => None,
@@ -229,20 +326,34 @@ impl Authorizer for UsersFile {
         let (Some(user), Some(password)) = (connect.username, connect.password) else {
             return Err(ConnectRefusal::NotAuthorized);
         };
-        let Some((salt, expected)) = self.users.get(user) else {
+        let Some(credential) = self.users.get(user) else {
             return Err(ConnectRefusal::BadCredentials);
         };
-        if !same_bytes(&salted_hash(salt, password), expected) {
+        if !same_bytes(&salted_hash(&credential.salt, password), &credential.hash) {
             return Err(ConnectRefusal::BadCredentials);
         }
         Ok(Principal {
             client_id: connect.client_id.to_string(),
             identity: Some(user.to_string()),
+            role: credential.role,
         })
     }
 
     fn may_publish(&self, principal: &Principal, topic: &Topic<'_>) -> bool {
         OwnDeviceOnly.may_publish(principal, topic)
+    }
+
+    fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
+        may_subscribe_as_device(principal, filter)
+    }
+}
+
+/// A line without its optional role column, and the role it names.
+fn split_role(line: &str) -> (&str, Role) {
+    match line.rsplit_once(':') {
+        Some((rest, "operator")) => (rest, Role::Operator),
+        Some((rest, "device")) => (rest, Role::Device),
+        _ => (line, Role::Device),
     }
 }
 
@@ -288,6 +399,7 @@ mod tests {
             username,
             password: None,
             certificate: None,
+            certificate_role: Role::Device,
         }
     }
 
@@ -322,6 +434,7 @@ mod tests {
             username: Some(user),
             password: Some(password.as_bytes()),
             certificate: None,
+            certificate_role: Role::Device,
         }
     }
 
@@ -377,6 +490,7 @@ mod tests {
             username,
             password: None,
             certificate: Some(certificate),
+            certificate_role: Role::Device,
         }
     }
 
@@ -410,6 +524,93 @@ mod tests {
             ClientCertificates.authenticate(&login("dev-1", "t")),
             Err(ConnectRefusal::NotAuthorized),
             "a password is no certificate"
+        );
+    }
+
+    #[test]
+    fn a_device_filter_must_name_the_device_at_the_device_level() {
+        for own in [
+            "dt/f/dev-b/telemetry",
+            "dt/+/dev-b/telemetry",
+            "dt/f/dev-b/#",
+            "dt/+/dev-b/+",
+            "dt/f/dev-b",
+        ] {
+            assert!(only_own_topics(own, "dev-b"), "{own}");
+        }
+        for other in [
+            "#",
+            "+/f/dev-b/telemetry",
+            "dt/#",
+            "dt/+/#",
+            "dt/f/#",
+            "dt/f/+/telemetry",
+            "dt/f/dev-a/telemetry",
+            "dt/f/dev-bb/telemetry",
+            "dt/f",
+            "dt",
+            "xt/f/dev-b/telemetry",
+        ] {
+            assert!(!only_own_topics(other, "dev-b"), "{other}");
+        }
+        // An identity that is itself a wildcard is no licence to use one.
+        assert!(!only_own_topics("dt/f/+/telemetry", "+"));
+        assert!(!only_own_topics("dt/f/#", "#"));
+    }
+
+    #[test]
+    fn only_an_operator_may_subscribe_beyond_its_device() {
+        let device = Principal {
+            client_id: "c".into(),
+            identity: Some("dev-b".into()),
+            role: Role::Device,
+        };
+        let operator = Principal {
+            role: Role::Operator,
+            ..device.clone()
+        };
+        let anonymous = Principal {
+            identity: None,
+            ..device.clone()
+        };
+        let users = UsersFile::default();
+        let policies: [&dyn Authorizer; 3] = [&OwnDeviceOnly, &ClientCertificates, &users];
+        for policy in policies {
+            assert!(policy.may_subscribe(&device, "dt/f/dev-b/telemetry"));
+            assert!(!policy.may_subscribe(&device, "dt/#"));
+            assert!(policy.may_subscribe(&operator, "dt/#"));
+            assert!(!policy.may_subscribe(&anonymous, "dt/f/dev-b/telemetry"));
+        }
+        assert!(AllowAll.may_subscribe(&anonymous, "#"));
+    }
+
+    #[test]
+    fn a_users_file_role_column_is_optional() {
+        let text = format!(
+            "{}\n{}\n{}:device\n",
+            UsersFile::entry("dev-1", "t1", b"s1"),
+            UsersFile::entry_as("ops:1", "t2", b"s2", Role::Operator),
+            UsersFile::entry("dev-3", "t3", b"s3"),
+        );
+        assert!(
+            text.lines().nth(1).unwrap().ends_with(":operator"),
+            "{text}"
+        );
+        let users = UsersFile::parse(&text).unwrap();
+        for (user, password, role) in [
+            ("dev-1", "t1", Role::Device),
+            ("ops:1", "t2", Role::Operator),
+            ("dev-3", "t3", Role::Device),
+        ] {
+            let p = users.authenticate(&login(user, password)).unwrap();
+            assert_eq!((p.identity.as_deref(), p.role), (Some(user), role));
+        }
+        let lines: Vec<_> = text.lines().filter_map(UsersFile::line_username).collect();
+        assert_eq!(lines, ["dev-1", "ops:1", "dev-3"]);
+        let unknown = format!("{}:admin", UsersFile::entry("dev-1", "t", b"s"));
+        assert!(
+            UsersFile::parse(&unknown).is_err(),
+            "an unknown role is an error"
         );
     }
 

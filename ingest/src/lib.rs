@@ -9,14 +9,15 @@
 //! Layout:
 //! - [`config`]: [`EndpointConfig`], the knobs and their defaults.
 //! - [`metrics`]: [`IngestMetrics`], counters and the append latency histogram.
-//! - [`auth`]: [`Authorizer`], the per-device publish policy seam, with
+//! - [`auth`]: [`Authorizer`], the per-device publish and subscribe policy
+//!   seam, with
 //!   [`AllowAll`] (the default), [`OwnDeviceOnly`], [`ClientCertificates`]
 //!   and [`UsersFile`].
 //! - [`bridge`]: external broker mode, a persistent-session subscriber that
 //!   acknowledges the broker after the append.
 //! - [`users`]: adding, removing and listing devices in a users file.
-//! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device a
-//!   client certificate names.
+//! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device and
+//!   role a client certificate names.
 //! - [`testing`]: an in-memory producer that tests can hold or fail.
 //! - `record`: one message → one stream record (validation, packing, dead
 //!   letters), shared by the endpoint and the bridge.
@@ -47,7 +48,7 @@ pub mod users;
 
 pub use auth::{
     AllowAll, Authorizer, ClientCertificates, ConnectInfo, ConnectRefusal, OwnDeviceOnly,
-    Principal, UsersFile, UsersFileError,
+    Principal, Role, UsersFile, UsersFileError,
 };
 pub use config::{Clock, EndpointConfig};
 pub use endpoint::{Listener, serve, serve_on};
@@ -55,4 +56,4 @@ pub use endpoint::{Listener, serve, serve_on};
 /// The fuzz harness's entry point (see `ingest/fuzz/`); not an API.
 #[doc(hidden)]
 pub use endpoint::fuzzing;
-pub use metrics::{IngestMetrics, LatencyHistogram, MetricsSnapshot};
+pub use metrics::{IngestMetrics, LatencyHistogram, MetricsSnapshot, SubscribeRefusal};

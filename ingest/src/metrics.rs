@@ -7,6 +7,46 @@ use std::time::Duration;
 use schemas::RejectReason;
 
 const REASONS: usize = RejectReason::ALL.len();
+const SUBSCRIBE_REFUSALS: usize = SubscribeRefusal::ALL.len();
+
+/// Why a SUBSCRIBE filter was refused: the label of the refusal counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRefusal {
+    /// The policy does not let the client watch what the filter matches:
+    /// another device's topics, or the fleet without the operator role.
+    NotAuthorized,
+    FilterInvalid,
+    SharedNotSupported,
+    SubscriptionIdsNotSupported,
+}
+
+impl SubscribeRefusal {
+    pub const ALL: [SubscribeRefusal; 4] = [
+        SubscribeRefusal::NotAuthorized,
+        SubscribeRefusal::FilterInvalid,
+        SubscribeRefusal::SharedNotSupported,
+        SubscribeRefusal::SubscriptionIdsNotSupported,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscribeRefusal::NotAuthorized => "not_authorized",
+            SubscribeRefusal::FilterInvalid => "filter_invalid",
+            SubscribeRefusal::SharedNotSupported => "shared_not_supported",
+            SubscribeRefusal::SubscriptionIdsNotSupported => "subscription_ids_not_supported",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for SubscribeRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Everything the endpoint counts. Counters only grow, except the gauge
 /// `connections_current`.
@@ -56,6 +96,8 @@ pub struct IngestMetrics {
     pub bridge_subscribed: AtomicU64,
     /// Live-tap messages dropped because a subscriber's queue was full.
     pub tap_dropped: AtomicU64,
+    /// SUBSCRIBE filters refused, by [`SubscribeRefusal`].
+    pub subscriptions_refused: [AtomicU64; SUBSCRIBE_REFUSALS],
 }
 
 impl IngestMetrics {
@@ -65,6 +107,10 @@ impl IngestMetrics {
 
     pub fn reject(&self, reason: RejectReason) {
         bump(&self.rejected[reason.index()]);
+    }
+
+    pub fn refuse_subscription(&self, reason: SubscribeRefusal) {
+        bump(&self.subscriptions_refused[reason.index()]);
     }
 
     pub fn snapshot(&self) -> MetricsSnapshot {
@@ -96,6 +142,8 @@ impl IngestMetrics {
             tap_delivered: get(&self.tap_delivered),
             bridge_subscribed: get(&self.bridge_subscribed),
             tap_dropped: get(&self.tap_dropped),
+            subscriptions_refused: SubscribeRefusal::ALL
+                .map(|r| (r, get(&self.subscriptions_refused[r.index()]))),
         }
     }
 }
@@ -181,6 +229,7 @@ pub struct MetricsSnapshot {
     pub tap_delivered: u64,
     pub bridge_subscribed: u64,
     pub tap_dropped: u64,
+    pub subscriptions_refused: [(SubscribeRefusal, u64); SUBSCRIBE_REFUSALS],
 }
 
 impl MetricsSnapshot {
@@ -190,6 +239,10 @@ impl MetricsSnapshot {
 
     pub fn rejected_total(&self) -> u64 {
         self.rejected.iter().map(|(_, n)| n).sum()
+    }
+
+    pub fn subscriptions_refused(&self, reason: SubscribeRefusal) -> u64 {
+        self.subscriptions_refused[reason.index()].1
     }
 }
 

@@ -8,7 +8,8 @@
 //! A client certificate names its device by the last Common Name (CN) of its
 //! subject, as AWS IoT's thing certificates conventionally do. A certificate
 //! with no CN, or with several, names nobody and is refused at CONNECT by the
-//! certificate-based policies.
+//! certificate-based policies. An Organizational Unit (OU) `operator` in the
+//! subject makes its holder an operator, who may watch the whole fleet.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,6 +20,26 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 
 pub use tokio_rustls::TlsAcceptor;
+
+use crate::auth::Role;
+
+/// Who a verified client certificate says its holder is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Certified {
+    /// See [`certificate_identity`].
+    pub device: String,
+    /// See [`certificate_role`].
+    pub role: Role,
+}
+
+/// The device and role a verified client certificate names; `None` when it
+/// names no device.
+pub fn certified(der: &[u8]) -> Option<Certified> {
+    Some(Certified {
+        device: certificate_identity(der)?,
+        role: certificate_role(der),
+    })
+}
 
 /// Where the server's certificate and key come from, and whether clients
 /// present certificates.
@@ -119,6 +140,26 @@ fn certificates(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'s
 /// Name. `None` when the subject has no CN, several, or one that is not a
 /// UTF-8, printable or IA5 string.
 pub fn certificate_identity(der: &[u8]) -> Option<String> {
+    match subject_values(der, der::COMMON_NAME)?.as_slice() {
+        [name] => Some(name.to_string()),
+        _ => None,
+    }
+}
+
+/// [`Role::Operator`] when the subject has an Organizational Unit that is
+/// exactly `operator`; any other certificate is a device's. Only the client
+/// CA can issue such a certificate, so the attribute is as trusted as the CN.
+pub fn certificate_role(der: &[u8]) -> Role {
+    match subject_values(der, der::ORGANIZATIONAL_UNIT) {
+        Some(units) if units.contains(&"operator") => Role::Operator,
+        _ => Role::Device,
+    }
+}
+
+/// The values of every attribute of type `oid` in a certificate's subject.
+/// `None` when the certificate cannot be read or such a value is not a UTF-8,
+/// printable or IA5 string.
+fn subject_values<'a>(der: &'a [u8], oid: &[u8]) -> Option<Vec<&'a str>> {
     // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version
     // OPTIONAL, serialNumber, signature, issuer, validity, subject, ... } }
     let (cert, _) = der::expect(der, der::SEQUENCE)?;
@@ -132,7 +173,7 @@ pub fn certificate_identity(der: &[u8]) -> Option<String> {
         rest = der::next(rest)?.2;
     }
     let (subject, _) = der::expect(rest, der::SEQUENCE)?;
-    let mut found = None;
+    let mut found = Vec::new();
     // Name ::= SEQUENCE OF SET OF SEQUENCE { type OID, value ANY }
     let mut rdns = subject;
     while !rdns.is_empty() {
@@ -142,23 +183,20 @@ pub fn certificate_identity(der: &[u8]) -> Option<String> {
         while !attributes.is_empty() {
             let (attribute, after) = der::expect(attributes, der::SEQUENCE)?;
             attributes = after;
-            let (oid, value) = der::expect(attribute, der::OID)?;
-            if oid != der::COMMON_NAME {
+            let (attribute_oid, value) = der::expect(attribute, der::OID)?;
+            if attribute_oid != oid {
                 continue;
             }
             let (tag, text, _) = der::next(value)?;
-            let text = match tag {
+            found.push(match tag {
                 der::UTF8_STRING | der::PRINTABLE_STRING | der::IA5_STRING => {
                     std::str::from_utf8(text).ok()?
                 }
                 _ => return None,
-            };
-            if found.replace(text.to_string()).is_some() {
-                return None;
-            }
+            });
         }
     }
-    found
+    Some(found)
 }
 
 /// Just enough DER to walk to a certificate's subject.
@@ -172,6 +210,8 @@ mod der {
     pub const IA5_STRING: u8 = 0x16;
     /// 2.5.4.3, id-at-commonName.
     pub const COMMON_NAME: &[u8] = &[0x55, 0x04, 0x03];
+    /// 2.5.4.11, id-at-organizationalUnitName.
+    pub const ORGANIZATIONAL_UNIT: &[u8] = &[0x55, 0x04, 0x0b];
 
     /// The next element: (tag, contents, what follows it).
     pub fn next(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
@@ -251,10 +291,44 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_unit_makes_an_operator_and_nothing_else_does() {
+        let operator = cert_with(&[
+            (DnType::OrganizationalUnitName, "site-a"),
+            (DnType::OrganizationalUnitName, "operator"),
+            (DnType::CommonName, "ops-1"),
+        ]);
+        assert_eq!(
+            certified(&operator),
+            Some(Certified {
+                device: "ops-1".into(),
+                role: Role::Operator
+            })
+        );
+        for names in [
+            vec![(DnType::CommonName, "dev-1")],
+            vec![
+                (DnType::OrganizationalUnitName, "operators"),
+                (DnType::CommonName, "dev-1"),
+            ],
+            vec![
+                (DnType::OrganizationName, "operator"),
+                (DnType::CommonName, "dev-1"),
+            ],
+        ] {
+            assert_eq!(
+                certificate_role(&cert_with(&names)),
+                Role::Device,
+                "{names:?}"
+            );
+        }
+    }
+
+    #[test]
     fn garbage_is_nobody_not_a_panic() {
         let der = cert_with(&[(DnType::CommonName, "dev-1")]);
         for cut in 0..der.len() {
             let _ = certificate_identity(&der[..cut]);
+            let _ = certificate_role(&der[..cut]);
         }
         assert_eq!(certificate_identity(&[]), None);
         assert_eq!(

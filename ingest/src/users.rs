@@ -1,7 +1,7 @@
 //! Editing a users file: what `iotpipe users add|remove|list` calls.
 //!
 //! The format is [`UsersFile`]'s: one `username:sha256:salt-hex:hash-hex`
-//! line per device, `#` comments. Edits keep every other line as it was
+//! line per device (`:operator` appended for an operator), `#` comments. Edits keep every other line as it was
 //! (comments included), check that the result still parses, and replace the
 //! file atomically (a temporary file beside it, renamed over it), so a reader
 //! such as a starting endpoint never sees half a file.
@@ -11,7 +11,7 @@ use std::path::Path;
 
 use rand::Rng;
 
-use crate::auth::{UsersFile, UsersFileError};
+use crate::auth::{Role, UsersFile, UsersFileError};
 
 /// Random bytes in a generated password (hex-encoded, so twice as many
 /// characters): 192 bits, far beyond guessing, which is what makes an
@@ -35,9 +35,10 @@ pub enum UsersError {
     Exists(String),
 }
 
-/// Adds `username` with a new random password and returns the password,
-/// which is stored only as a salted hash. Creates the file if it is missing.
-pub fn add(path: &Path, username: &str) -> Result<String, UsersError> {
+/// Adds `username` in `role` with a new random password and returns the
+/// password, which is stored only as a salted hash. Creates the file if it is
+/// missing.
+pub fn add(path: &Path, username: &str, role: Role) -> Result<String, UsersError> {
     schemas::topic::check_id("username", username).map_err(UsersError::BadUsername)?;
     let text = read_or_empty(path)?;
     if UsersFile::parse(&text)?.contains(username) {
@@ -50,7 +51,7 @@ pub fn add(path: &Path, username: &str) -> Result<String, UsersError> {
     if !new.is_empty() && !new.ends_with('\n') {
         new.push('\n');
     }
-    new.push_str(&UsersFile::entry(username, &password, &salt));
+    new.push_str(&UsersFile::entry_as(username, &password, &salt, role));
     new.push('\n');
     write(path, &new)?;
     Ok(password)
@@ -144,6 +145,7 @@ mod tests {
             username: Some(user),
             password: Some(password.as_bytes()),
             certificate: None,
+            certificate_role: Role::Device,
         }
     }
 
@@ -152,16 +154,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users");
         std::fs::write(&path, "# fleet A\n").unwrap();
-        let p1 = add(&path, "dev-1").unwrap();
-        let p2 = add(&path, "site:2").unwrap();
+        let p1 = add(&path, "dev-1", Role::Device).unwrap();
+        let p2 = add(&path, "site:2", Role::Operator).unwrap();
         assert_ne!(p1, p2);
         assert_eq!(p1.len(), 2 * PASSWORD_BYTES);
         assert_eq!(list(&path).unwrap(), vec!["dev-1", "site:2"]);
 
         let users = UsersFile::load(&path).unwrap();
-        assert!(users.authenticate(&login("dev-1", &p1)).is_ok());
+        assert_eq!(
+            users.authenticate(&login("dev-1", &p1)).unwrap().role,
+            Role::Device
+        );
         assert!(users.authenticate(&login("dev-1", &p2)).is_err());
-        assert!(users.authenticate(&login("site:2", &p2)).is_ok());
+        assert_eq!(
+            users.authenticate(&login("site:2", &p2)).unwrap().role,
+            Role::Operator
+        );
 
         assert!(remove(&path, "dev-1").unwrap());
         assert!(!remove(&path, "dev-1").unwrap());
@@ -181,16 +189,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users");
         assert!(list(&path).unwrap().is_empty());
-        add(&path, "dev-1").unwrap();
-        assert!(matches!(add(&path, "dev-1"), Err(UsersError::Exists(_))));
+        add(&path, "dev-1", Role::Device).unwrap();
+        assert!(matches!(
+            add(&path, "dev-1", Role::Device),
+            Err(UsersError::Exists(_))
+        ));
         for bad in ["", "dev/1", "dev+", &"d".repeat(65)] {
             assert!(
-                matches!(add(&path, bad), Err(UsersError::BadUsername(_))),
+                matches!(
+                    add(&path, bad, Role::Device),
+                    Err(UsersError::BadUsername(_))
+                ),
                 "{bad}"
             );
         }
         std::fs::write(&path, "dev-1:plain:pw\n").unwrap();
-        assert!(matches!(add(&path, "dev-2"), Err(UsersError::File(_))));
+        assert!(matches!(
+            add(&path, "dev-2", Role::Device),
+            Err(UsersError::File(_))
+        ));
         assert!(matches!(remove(&path, "dev-1"), Err(UsersError::File(_))));
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),

@@ -8,6 +8,7 @@
 //! body is buffered, and so that MQTT 5's two-byte DISCONNECT (which rumqttc's
 //! reader refuses) is understood.
 
+use crate::metrics::SubscribeRefusal;
 use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
@@ -326,6 +327,23 @@ pub(crate) enum SubCode {
     FilterInvalid,
     SharedNotSupported,
     SubscriptionIdsNotSupported,
+    /// The policy does not let this client watch what the filter matches.
+    NotAuthorized,
+}
+
+impl SubCode {
+    /// Why the filter was refused; `None` when it was granted.
+    pub fn refusal(self) -> Option<SubscribeRefusal> {
+        match self {
+            SubCode::GrantedQos0 => None,
+            SubCode::FilterInvalid => Some(SubscribeRefusal::FilterInvalid),
+            SubCode::SharedNotSupported => Some(SubscribeRefusal::SharedNotSupported),
+            SubCode::SubscriptionIdsNotSupported => {
+                Some(SubscribeRefusal::SubscriptionIdsNotSupported)
+            }
+            SubCode::NotAuthorized => Some(SubscribeRefusal::NotAuthorized),
+        }
+    }
 }
 
 /// Appends `packet` as `protocol` encodes it. Every packet here is far below
@@ -427,6 +445,7 @@ fn encode_v5(packet: Outbound, out: &mut BytesMut) -> Result<(), String> {
                     SubCode::FilterInvalid => S::TopicFilterInvalid,
                     SubCode::SharedNotSupported => S::SharedSubscriptionsNotSupported,
                     SubCode::SubscriptionIdsNotSupported => S::SubscriptionIdNotSupported,
+                    SubCode::NotAuthorized => S::NotAuthorized,
                 })
                 .collect(),
             properties: None,

@@ -21,6 +21,7 @@ use super::codec::{self, Outbound, Protocol};
 use super::session::{Action, CloseReason, Session, Verdict};
 use super::tap::TapMessage;
 use crate::metrics::{add, bump};
+use crate::tls::Certified;
 
 /// Bytes asked of the socket per read; packets larger than this grow the
 /// buffer as their header announces.
@@ -75,12 +76,12 @@ pub(crate) struct Connection<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
-    /// `certificate`: the device a verified TLS client certificate names.
+    /// `certificate`: who a verified TLS client certificate names.
     pub fn new(
         socket: S,
         conn_id: u64,
         shared: Arc<Shared>,
-        certificate: Option<String>,
+        certificate: Option<Certified>,
         started: Instant,
     ) -> Self {
         let (completions_tx, completions) = mpsc::unbounded_channel();
@@ -289,6 +290,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     self.shared
                         .tap
                         .subscribe(self.conn_id, filters, &self.tap_tx)
+                }
+                Action::SubscribeRefused { identity, refused } => {
+                    for (filter, reason) in refused {
+                        metrics.refuse_subscription(reason);
+                        tracing::info!(
+                            conn = self.conn_id,
+                            client_id = self.client_id.as_deref().unwrap_or_default(),
+                            identity = identity.as_deref().unwrap_or_default(),
+                            %filter,
+                            %reason,
+                            "A subscription was refused."
+                        );
+                    }
                 }
                 Action::Unsubscribe(filters) => self.shared.tap.unsubscribe(self.conn_id, &filters),
                 Action::Close(reason) => {

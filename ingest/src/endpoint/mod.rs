@@ -263,14 +263,17 @@ async fn accept_any(
 }
 
 /// Runs a TLS handshake within the connect timeout; returns the stream and
-/// the device its verified client certificate names, if any. A failed
+/// the device and role its verified client certificate names, if any. A failed
 /// handshake is counted and the connection dropped.
 async fn handshake(
     acceptor: &TlsAcceptor,
     socket: TcpStream,
     shared: &Shared,
     stop: &CancellationToken,
-) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Option<String>)> {
+) -> Option<(
+    tokio_rustls::server::TlsStream<TcpStream>,
+    Option<crate::tls::Certified>,
+)> {
     let result = tokio::select! {
         _ = stop.cancelled() => return None,
         r = tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(socket)) => r,
@@ -293,7 +296,7 @@ async fn handshake(
         .1
         .peer_certificates()
         .and_then(|chain| chain.first())
-        .and_then(|leaf| crate::tls::certificate_identity(leaf));
+        .and_then(|leaf| crate::tls::certified(leaf));
     Some((stream, certificate))
 }
 

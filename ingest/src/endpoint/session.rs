@@ -18,9 +18,11 @@ use super::codec::{
     Protocol, PubAckReason, PublishPacket, SubCode, SubscribePacket,
 };
 use super::tap::valid_filter;
-use crate::auth::{Authorizer, ConnectInfo, ConnectRefusal, Principal};
+use crate::auth::{Authorizer, ConnectInfo, ConnectRefusal, Principal, Role};
+use crate::metrics::SubscribeRefusal;
 pub(crate) use crate::record::Verdict;
 use crate::record::{self, Built};
+use crate::tls::Certified;
 
 /// What the session needs from the endpoint's configuration.
 pub(crate) struct SessionConfig {
@@ -44,6 +46,12 @@ pub(crate) enum Action {
         max_packet_size: Option<u32>,
     },
     Subscribe(Vec<String>),
+    /// Filters of a SUBSCRIBE that were refused, each with why, to count and
+    /// log; `identity` is who asked.
+    SubscribeRefused {
+        identity: Option<String>,
+        refused: Vec<(String, SubscribeRefusal)>,
+    },
     Unsubscribe(Vec<String>),
     /// Write what is queued, then close the socket. Always the last action.
     Close(CloseReason),
@@ -137,8 +145,8 @@ pub(crate) struct Session {
     /// The token the next record gets; `pending[i]` has token
     /// `next_token - pending.len() + i`.
     next_token: u64,
-    /// The device the connection's verified TLS client certificate names.
-    certificate: Option<String>,
+    /// Who the connection's verified TLS client certificate names.
+    certificate: Option<Certified>,
 }
 
 impl Session {
@@ -155,9 +163,9 @@ impl Session {
     }
 
     /// The session of a connection whose TLS client certificate, verified in
-    /// the handshake, names `device`.
-    pub fn with_certificate(mut self, device: Option<String>) -> Self {
-        self.certificate = device;
+    /// the handshake, names `certified`.
+    pub fn with_certificate(mut self, certified: Option<Certified>) -> Self {
+        self.certificate = certified;
         self
     }
 
@@ -288,7 +296,8 @@ impl Session {
             client_id: &client_id,
             username: c.username.as_deref(),
             password: c.password.as_deref().map(str::as_bytes),
-            certificate: self.certificate.as_deref(),
+            certificate: self.certificate.as_ref().map(|c| c.device.as_str()),
+            certificate_role: self.certificate.as_ref().map_or(Role::Device, |c| c.role),
         };
         let principal = match self.config.authorizer.authenticate(&info) {
             Ok(p) => p,
@@ -385,24 +394,43 @@ impl Session {
         }
     }
 
+    /// Grants or refuses each filter on its own, as both protocols allow: a
+    /// filter the policy does not allow is refused (0x80 in 3.1.1, 0x87 Not
+    /// authorized in 5) and the connection stays open.
     fn subscribe(&mut self, s: SubscribePacket, out: &mut Vec<Action>) {
+        let State::Connected(principal) = &self.state else {
+            return;
+        };
         let mut granted = Vec::new();
+        let mut refused = Vec::new();
         let codes = s
             .filters
             .into_iter()
             .map(|f| {
-                if s.subscription_id {
+                let code = if s.subscription_id {
                     SubCode::SubscriptionIdsNotSupported
                 } else if f.starts_with("$share/") {
                     SubCode::SharedNotSupported
                 } else if !valid_filter(&f) {
                     SubCode::FilterInvalid
+                } else if !self.config.authorizer.may_subscribe(principal, &f) {
+                    SubCode::NotAuthorized
                 } else {
-                    granted.push(f);
                     SubCode::GrantedQos0
+                };
+                match code.refusal() {
+                    None => granted.push(f),
+                    Some(why) => refused.push((f, why)),
                 }
+                code
             })
             .collect();
+        if !refused.is_empty() {
+            out.push(Action::SubscribeRefused {
+                identity: principal.identity.clone(),
+                refused,
+            });
+        }
         if !granted.is_empty() {
             out.push(Action::Subscribe(granted));
         }

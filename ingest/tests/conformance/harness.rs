@@ -27,6 +27,8 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// Devices the users file knows, with their passwords.
 pub const DEV1: (&str, &str) = ("dev-1", "token-1");
 pub const DEV2: (&str, &str) = ("dev-2", "token-2");
+/// A user with the operator role, who may watch the whole fleet.
+pub const OPERATOR: (&str, &str) = ("ops", "token-ops");
 
 pub fn payload(seq: u64) -> String {
     format!(r#"{{"seq": {seq}, "ts": 1764240000123, "metrics": {{"temperature": 21.5}}}}"#)
@@ -69,9 +71,10 @@ impl Endpoint {
             },
         )?;
         let users = UsersFile::parse(&format!(
-            "{}\n{}\n",
+            "{}\n{}\n{}\n",
             UsersFile::entry(DEV1.0, DEV1.1, b"salt-1"),
             UsersFile::entry(DEV2.0, DEV2.1, b"salt-2"),
+            UsersFile::entry_as(OPERATOR.0, OPERATOR.1, b"salt-3", ingest::Role::Operator),
         ))?;
         let config = ingest::EndpointConfig {
             authorizer: Arc::new(users),

@@ -30,7 +30,7 @@ async fn watch(ep: &Endpoint, tls: bool, version: u8) -> Result<()> {
     ])
     .arg(addr.port().to_string())
     .args(["-V", if version == 5 { "mqttv5" } else { "mqttv311" }])
-    .args(["-t", "dt/+/+/telemetry", "-u", DEV2.0, "-P", DEV2.1])
+    .args(["-t", "dt/+/+/telemetry", "-u", OPERATOR.0, "-P", OPERATOR.1])
     .args(["-i", &format!("watcher-{version}-{tls}")]);
     if tls {
         c.arg("--cafile").arg(&ep.pki.ca_cert);

@@ -1,20 +1,23 @@
-//! The per-device policy from a users file: who connects, where they publish.
+//! The per-device policy from a users file: who connects, where they
+//! publish, what they may watch.
 
 use std::sync::Arc;
 
-use anyhow::Result;
-use ingest::UsersFile;
+use anyhow::{Result, bail};
+use ingest::{Role, SubscribeRefusal, UsersFile};
 use rumqttc::QoS;
-use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5::{self, PubAckReason};
 use schemas::{RejectReason, StreamRecord};
 
 use crate::common::*;
 
 async fn start_with_users() -> Result<Endpoint> {
     let users = UsersFile::parse(&format!(
-        "{}\n{}\n",
+        "{}\n{}\n{}\n",
         UsersFile::entry("dev-1", "token-1", b"salt-1"),
         UsersFile::entry("dev-2", "token-2", b"salt-2"),
+        UsersFile::entry_as("ops", "token-ops", b"salt-3", Role::Operator),
     ))?;
     let mut cfg = config();
     cfg.authorizer = Arc::new(users);
@@ -88,5 +91,233 @@ async fn wrong_or_missing_credentials_are_refused_at_connect() -> Result<()> {
     );
     assert!(V4::connect(ep.addr, "anonymous").await.is_err());
     assert_eq!(ep.snapshot().connects_refused, 2);
+    ep.stop().await
+}
+
+/// What device B tries to watch that is not its own.
+const NOT_B: [&str; 2] = ["dt/#", "dt/f/dev-1/telemetry"];
+/// How many messages device A publishes while B watches.
+const FROM_A: u64 = 5;
+
+async fn v4_login(ep: &Endpoint, user: &str, password: &str) -> Result<V4> {
+    let mut options = v4_options(ep.addr, user);
+    options.set_credentials(user, password);
+    V4::connect_with(options).await
+}
+
+async fn v5_login(ep: &Endpoint, user: &str, password: &str) -> Result<V5> {
+    let mut options = v5_options(ep.addr, user);
+    options.set_credentials(user, password);
+    V5::connect_with(options).await
+}
+
+/// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
+async fn v4_suback(c: &mut V4, filters: &[&str]) -> Result<Vec<v4::SubscribeReasonCode>> {
+    let filters = filters
+        .iter()
+        .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtMostOnce));
+    c.client.subscribe_many(filters).await?;
+    match c.incoming(|p| matches!(p, v4::Packet::SubAck(_))).await? {
+        v4::Packet::SubAck(a) => Ok(a.return_codes),
+        other => bail!("not a SUBACK: {other:?}"),
+    }
+}
+
+async fn v5_suback(c: &mut V5, filters: &[&str]) -> Result<Vec<v5::SubscribeReasonCode>> {
+    let filters = filters
+        .iter()
+        .map(|f| v5::Filter::new(f.to_string(), rumqttc::v5::mqttbytes::QoS::AtMostOnce));
+    c.client.subscribe_many(filters).await?;
+    match c.incoming(|p| matches!(p, v5::Packet::SubAck(_))).await? {
+        v5::Packet::SubAck(a) => Ok(a.return_codes),
+        other => bail!("not a SUBACK: {other:?}"),
+    }
+}
+
+async fn v4_next_publish(c: &mut V4) -> Result<(String, String)> {
+    match c.incoming(|p| matches!(p, v4::Packet::Publish(_))).await? {
+        v4::Packet::Publish(p) => Ok((p.topic, String::from_utf8(p.payload.to_vec())?)),
+        other => bail!("not a PUBLISH: {other:?}"),
+    }
+}
+
+async fn v5_next_publish(c: &mut V5) -> Result<(String, String)> {
+    match c.incoming(|p| matches!(p, v5::Packet::Publish(_))).await? {
+        v5::Packet::Publish(p) => Ok((
+            String::from_utf8(p.topic.to_vec())?,
+            String::from_utf8(p.payload.to_vec())?,
+        )),
+        other => bail!("not a PUBLISH: {other:?}"),
+    }
+}
+
+/// Every PUBLISH that arrives until B's PUBACK and B's own message are both
+/// in, in arrival order.
+async fn v4_publishes_until_own(b: &mut V4) -> Result<Vec<(String, String)>> {
+    let (mut seen, mut acked) = (Vec::new(), false);
+    while !(acked && seen.iter().any(|(t, _)| *t == own("dev-2"))) {
+        match b
+            .incoming(|p| matches!(p, v4::Packet::Publish(_) | v4::Packet::PubAck(_)))
+            .await?
+        {
+            v4::Packet::Publish(p) => {
+                seen.push((p.topic, String::from_utf8(p.payload.to_vec())?));
+            }
+            _ => acked = true,
+        }
+    }
+    Ok(seen)
+}
+
+async fn v5_publishes_until_own(b: &mut V5) -> Result<Vec<(String, String)>> {
+    let (mut seen, mut acked) = (Vec::new(), false);
+    while !(acked && seen.iter().any(|(t, _)| *t == own("dev-2"))) {
+        match b
+            .incoming(|p| matches!(p, v5::Packet::Publish(_) | v5::Packet::PubAck(_)))
+            .await?
+        {
+            v5::Packet::Publish(p) => seen.push((
+                String::from_utf8(p.topic.to_vec())?,
+                String::from_utf8(p.payload.to_vec())?,
+            )),
+            v5::Packet::PubAck(a) => {
+                assert_eq!(a.reason, PubAckReason::Success);
+                acked = true;
+            }
+            _ => {}
+        }
+    }
+    Ok(seen)
+}
+
+fn own(device: &str) -> String {
+    format!("dt/f/{device}/telemetry")
+}
+
+/// Device A (`dev-1`) publishes `FROM_A` messages at QoS 1 and waits for
+/// every PUBACK: each is on the tap once acknowledged.
+async fn a_publishes(ep: &Endpoint) -> Result<()> {
+    let mut a = v4_login(ep, "dev-1", "token-1").await?;
+    for seq in 0..FROM_A {
+        a.client
+            .publish(own("dev-1"), QoS::AtLeastOnce, false, payload(seq))
+            .await?;
+    }
+    a.pubacks(FROM_A as usize).await?;
+    Ok(())
+}
+
+/// Stream order is tap order, so had any filter of B's reached A's messages
+/// (all acknowledged, so all on the tap), they would arrive before B's own
+/// later one: everything B receives up to its own message being just that
+/// message proves it got none of A's.
+#[tokio::test]
+async fn a_v4_device_is_refused_other_devices_topics_and_receives_none_of_their_telemetry()
+-> Result<()> {
+    let ep = start_with_users().await?;
+    let mut operator = v4_login(&ep, "ops", "token-ops").await?;
+    assert_eq!(
+        v4_suback(&mut operator, &["dt/#"]).await?,
+        vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    let mut b = v4_login(&ep, "dev-2", "token-2").await?;
+    assert_eq!(
+        v4_suback(&mut b, &NOT_B).await?,
+        vec![v4::SubscribeReasonCode::Failure; 2],
+        "0x80 for each filter"
+    );
+    a_publishes(&ep).await?;
+
+    let before = b.round_trip(&own("dev-2")).await?;
+    assert!(before.is_empty(), "B was sent {before:?}");
+    b.client
+        .publish(own("dev-2"), QoS::AtLeastOnce, false, payload(100))
+        .await?;
+    assert_eq!(
+        v4_publishes_until_own(&mut b).await?,
+        vec![(own("dev-2"), payload(100))],
+        "B sees its own message and none of A's"
+    );
+
+    for seq in 0..FROM_A {
+        assert_eq!(
+            v4_next_publish(&mut operator).await?,
+            (own("dev-1"), payload(seq))
+        );
+    }
+    assert_eq!(
+        v4_next_publish(&mut operator).await?,
+        (own("dev-2"), payload(100))
+    );
+    assert_eq!(
+        ep.snapshot()
+            .subscriptions_refused(SubscribeRefusal::NotAuthorized),
+        2
+    );
+    ep.stop().await
+}
+
+#[tokio::test]
+async fn a_v5_device_is_told_not_authorized_per_filter_and_receives_none_of_another_devices_telemetry()
+-> Result<()> {
+    let ep = start_with_users().await?;
+    let mut operator = v5_login(&ep, "ops", "token-ops").await?;
+    assert_eq!(
+        v5_suback(&mut operator, &["dt/#"]).await?,
+        vec![v5::SubscribeReasonCode::Success(
+            rumqttc::v5::mqttbytes::QoS::AtMostOnce
+        )]
+    );
+    let mut b = v5_login(&ep, "dev-2", "token-2").await?;
+    let mut filters = NOT_B.to_vec();
+    let mine = own("dev-2");
+    filters.push(&mine);
+    assert_eq!(
+        v5_suback(&mut b, &filters).await?,
+        vec![
+            v5::SubscribeReasonCode::NotAuthorized,
+            v5::SubscribeReasonCode::NotAuthorized,
+            v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce),
+        ],
+        "0x87 for each filter that is not B's, its own granted alongside"
+    );
+    a_publishes(&ep).await?;
+
+    b.client
+        .publish(
+            own("dev-2"),
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            payload(100),
+        )
+        .await?;
+    assert_eq!(
+        v5_publishes_until_own(&mut b).await?,
+        vec![(own("dev-2"), payload(100))],
+        "B sees its own message and none of A's"
+    );
+
+    for seq in 0..FROM_A {
+        assert_eq!(
+            v5_next_publish(&mut operator).await?,
+            (own("dev-1"), payload(seq))
+        );
+    }
+    assert_eq!(
+        ep.snapshot()
+            .subscriptions_refused(SubscribeRefusal::NotAuthorized),
+        2
+    );
+    ep.stop().await
+}
+
+#[tokio::test]
+async fn without_authentication_anyone_may_watch_the_fleet() -> Result<()> {
+    let ep = start(config()).await?;
+    let mut anyone = V4::connect(ep.addr, "anyone").await?;
+    assert_eq!(
+        v4_suback(&mut anyone, &["dt/#"]).await?,
+        vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
     ep.stop().await
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 use ingest::{Authorizer, ClientCertificates, UsersFile};
 use rumqttc::QoS;
-use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use rumqttc::v5::mqttbytes::v5::{self, PubAckReason};
 use schemas::{RejectReason, StreamRecord};
 
 use crate::common::*;
@@ -172,6 +172,47 @@ async fn with_client_certificates_the_cn_is_the_device() -> Result<()> {
     };
     assert!(V4::connect_with(plain.v4("plain")).await.is_err());
     assert_eq!(ep.snapshot().connects_refused, 2);
+    ep.stop().await
+}
+
+/// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
+async fn v5_suback(c: &mut V5, filters: &[&str]) -> Result<Vec<v5::SubscribeReasonCode>> {
+    let filters = filters
+        .iter()
+        .map(|f| v5::Filter::new(f.to_string(), rumqttc::v5::mqttbytes::QoS::AtMostOnce));
+    c.client.subscribe_many(filters).await?;
+    match c.incoming(|p| matches!(p, v5::Packet::SubAck(_))).await? {
+        v5::Packet::SubAck(a) => Ok(a.return_codes),
+        other => bail!("not a SUBACK: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn with_client_certificates_only_an_operator_unit_may_watch_the_fleet() -> Result<()> {
+    let pki = Pki::new()?;
+    let ep = start_tls(&pki, ClientCertificates, true, true).await?;
+    let addr = ep.tls_addr.unwrap_or(ep.addr);
+    let granted = v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce);
+    for (cert, codes) in [
+        (
+            pki.client("dev-2")?,
+            [v5::SubscribeReasonCode::NotAuthorized, granted],
+        ),
+        (pki.operator_client("ops")?, [granted, granted]),
+    ] {
+        let login = Login {
+            addr,
+            tls: Some(pki.client_config(Some(&cert))?),
+            credentials: None,
+        };
+        let mut c = V5::connect_with(login.v5("watcher")).await?;
+        assert_eq!(
+            v5_suback(&mut c, &["dt/#", "dt/+/dev-2/telemetry"]).await?,
+            codes,
+            "{}",
+            cert.cert.display()
+        );
+    }
     ep.stop().await
 }
 

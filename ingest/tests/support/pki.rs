@@ -74,6 +74,20 @@ impl Pki {
         self.client_signed(cn, |params, key| Ok(params.signed_by(key, &issuer)?))
     }
 
+    /// A client certificate with subject `OU=operator, CN=cn`, signed by the
+    /// CA: an operator's.
+    pub fn operator_client(&self, cn: &str) -> Result<ClientCert> {
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        self.client_signed(cn, |params, key| {
+            let mut params = params.clone();
+            params.distinguished_name = named(cn);
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, "operator");
+            Ok(params.signed_by(key, &issuer)?)
+        })
+    }
+
     /// A client certificate with CN `cn` that no trusted CA signed.
     pub fn rogue_client(&self, cn: &str) -> Result<ClientCert> {
         self.client_signed(cn, |params, key| Ok(params.self_signed(key)?))

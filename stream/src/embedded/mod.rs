@@ -11,6 +11,7 @@
 //! <dir>/LOCK                                  held while the log is open
 //! <dir>/shard-0000/00000000000000000001.seg   frames, see frame.rs
 //! <dir>/shard-0000/checkpoints/<consumer>     last processed sequence number
+//! <dir>/shard-0000/reserved                   numbers handed out lie below it
 //! ```
 //!
 //! Layout:
@@ -21,18 +22,30 @@
 //! - `writer`: the per-shard append thread.
 //! - `reader`: [`EmbeddedReader`].
 //! - `recovery`: opening a shard, cutting a torn tail.
+//! - `reserve`: the durable bound on numbers handed out, so that numbering
+//!   never restarts below a checkpoint after a crash without sync.
+//! - `storage`: the two small traits the writer writes segments through,
+//!   so that tests can stand a disk that loses unsynced writes under it.
 //! - `meta`, `files`: the meta file, atomic file replacement.
 //!
 //! **Architecture Invariant:** readers see a record only once it is durable
 //! (with `sync` on), so nothing a consumer acts on can vanish in a crash.
+//!
+//! **Architecture Invariant:** a sequence number is never handed out twice
+//! in a shard, whatever crashes: with `sync` off, one a crash lost is
+//! skipped, never reused.
 
 mod files;
 mod frame;
 mod meta;
+#[cfg(test)]
+mod power_loss;
 mod reader;
 mod recovery;
+mod reserve;
 mod segment;
 mod shard;
+mod storage;
 mod writer;
 
 use std::fs::File;
@@ -50,6 +63,7 @@ use crate::partition;
 use crate::{ProduceError, PutOutcome, PutRecord, ReadError, SeqNo, StreamProducer};
 use meta::Meta;
 use shard::Shard;
+use storage::{Disk, Storage};
 use writer::{AppendRequest, Writer};
 
 /// A shard writer's thread, named by its shard for error reports.
@@ -72,7 +86,9 @@ pub struct EmbeddedConfig {
     pub retention_ms: i64,
     /// Sync each group of appends to disk before acknowledging it. Off, an
     /// acknowledged record survives a crash of the process but not of the
-    /// machine.
+    /// machine; its sequence number is never reused, so consumers that had
+    /// checkpointed past it still read every record appended after the
+    /// crash.
     pub sync: bool,
     /// Memory per shard for its newest records, so that consumers keeping up
     /// read without touching the disk.
@@ -157,6 +173,10 @@ pub struct ShardRecovery {
     /// that were written but are lost (zero for a write that was cut short,
     /// which was never acknowledged).
     pub dropped_records: u64,
+    /// Sequence numbers passed over because the files ended below the
+    /// reserved mark (a crash with `sync` off): an upper bound on the
+    /// acknowledged records the crash lost; none of the numbers is reused.
+    pub numbers_skipped: u64,
 }
 
 /// The local durable, sharded log. See the module docs.
@@ -196,6 +216,16 @@ impl EmbeddedLog {
     /// shard: a torn or corrupt tail is cut away and numbering resumes after
     /// the last good record. Blocking: it reads each shard's last segment.
     pub fn open(dir: &Path, config: EmbeddedConfig) -> Result<Arc<EmbeddedLog>, OpenError> {
+        Self::open_on(dir, config, Disk)
+    }
+
+    /// [`EmbeddedLog::open`], with the writers writing segments through
+    /// `storage`.
+    pub(crate) fn open_on<S: Storage>(
+        dir: &Path,
+        config: EmbeddedConfig,
+        storage: S,
+    ) -> Result<Arc<EmbeddedLog>, OpenError> {
         check_config(&config)?;
         std::fs::create_dir_all(dir)
             .map_err(OpenError::io(format!("creating {}", dir.display())))?;
@@ -253,7 +283,15 @@ impl EmbeddedLog {
         let mut threads = Vec::new();
         for (shard, start) in shards.iter().zip(starts) {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
-            let writer = Writer::new(Arc::clone(shard), config.sync, config.segment_bytes, start);
+            let segment = shard.segment_path(start.base);
+            let writer = Writer::new(
+                Arc::clone(shard),
+                storage.clone(),
+                config.sync,
+                config.segment_bytes,
+                start,
+            )
+            .map_err(OpenError::io(format!("opening {}", segment.display())))?;
             let handle = std::thread::Builder::new()
                 .name(format!("log-{}", shard.id))
                 .spawn(move || writer.run(rx))

@@ -90,8 +90,9 @@ impl EmbeddedReader {
         };
         let end = shard.committed().next_seq;
         if next_seq > end {
-            // Only a log that lost records it had acknowledged (a machine
-            // crash with sync off, a restored backup) gets here; the consumer
+            // Only a log restored from a backup older than the checkpoint gets
+            // here (after a crash with sync off, numbering resumes above the
+            // reserved mark, hence above every checkpoint); the consumer
             // waits for numbering to catch up with its checkpoint.
             tracing::warn!(
                 shard = %shard.id,

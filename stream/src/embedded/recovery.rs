@@ -1,5 +1,5 @@
-//! Opening a shard's files (cutting away a torn tail) and deleting its
-//! expired segments.
+//! Opening a shard's files (cutting away a torn tail, resuming numbering
+//! above the reserved mark) and deleting its expired segments.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -7,6 +7,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::reader::CHECKPOINT_DIR;
+use super::reserve;
 use super::segment::{self, Scanner, Step};
 use super::shard::{self, SegmentInfo, Shard, TailCache};
 use super::writer::WriterStart;
@@ -20,7 +21,8 @@ pub(crate) struct OpenedShard {
 }
 
 /// Opens shard `id` in `root`: lists its segments, scans the last one, cuts
-/// a torn or corrupt tail, and fills the tail cache from what remains. A
+/// a torn or corrupt tail, and fills the tail cache from what remains; if
+/// the files end below the reserved mark, numbering resumes at the mark. A
 /// `fresh` log may create the shard; an existing one must have it.
 pub(crate) fn open_shard(
     root: &Path,
@@ -71,6 +73,7 @@ pub(crate) fn open_shard(
         next_seq: SeqNo::from(scanned.next_seq),
         truncated_bytes: 0,
         dropped_records: 0,
+        numbers_skipped: 0,
     };
     let mut allocated = last.len;
     if scanned.good_len < last.len {
@@ -115,19 +118,66 @@ pub(crate) fn open_shard(
     if let Some(active) = segments.last_mut() {
         active.len = scanned.good_len;
     }
-    let start = WriterStart {
-        file,
+    let reserved = reserve::read(&dir).map_err(|reason| OpenError::Corrupt {
+        dir: root.to_owned(),
+        reason,
+    })?;
+    let mut start = WriterStart {
         base: last.base,
         len: scanned.good_len,
         allocated,
         next_seq: scanned.next_seq,
         last_arrival_ms: scanned.last_arrival_ms.unwrap_or(i64::MIN),
+        reserved: reserved.unwrap_or(0),
     };
+    if let Some(mark) = reserved.filter(|m| *m > scanned.next_seq) {
+        resume_at_mark(&dir, &file, &mut start, &mut segments, mark)?;
+        tracing::warn!(
+            shard = id,
+            files_end = scanned.next_seq,
+            resume_seq = mark,
+            "The shard ends below numbers it may have handed out (a crash without sync): \
+             numbering resumes above them, so no checkpoint is past new records."
+        );
+        report.next_seq = SeqNo::from(mark);
+        report.numbers_skipped = mark - scanned.next_seq;
+    }
     Ok(OpenedShard {
-        shard: Shard::new(id.to_owned(), dir, segments, tail, scanned.next_seq),
+        shard: Shard::new(id.to_owned(), dir, segments, tail, start.next_seq),
         start,
         report,
     })
+}
+
+/// Closes the last segment (`file`) as it is and starts a new, empty one
+/// named for `mark`, where numbering resumes. The gap between them holds no
+/// record, and readers step over gaps between segments.
+fn resume_at_mark(
+    dir: &Path,
+    file: &File,
+    start: &mut WriterStart,
+    segments: &mut Vec<SegmentInfo>,
+    mark: u64,
+) -> Result<(), OpenError> {
+    // A closed segment holds whole frames and nothing else: cut the zeros
+    // written ahead, which recovery otherwise keeps for the writer.
+    let last_path = shard::segment_path(dir, start.base);
+    file.set_len(start.len)
+        .and_then(|()| file.sync_all())
+        .map_err(OpenError::io(format!("closing {}", last_path.display())))?;
+    let path = shard::segment_path(dir, mark);
+    File::create(&path).map_err(OpenError::io(format!("creating {}", path.display())))?;
+    files::sync_dir(dir).map_err(OpenError::io(format!("syncing {}", dir.display())))?;
+    segments.push(SegmentInfo {
+        base: mark,
+        len: 0,
+        last_arrival_ms: None,
+    });
+    start.base = mark;
+    start.len = 0;
+    start.allocated = 0;
+    start.next_seq = mark;
+    Ok(())
 }
 
 struct Scanned {

@@ -144,9 +144,17 @@ impl TailCache {
     }
 
     /// Appends records that follow the cached ones, evicting the oldest over
-    /// budget.
+    /// budget. A record that does not follow the last one (numbering resumed
+    /// above a gap after a crash) starts the cache over.
     pub(crate) fn extend(&mut self, records: impl IntoIterator<Item = Record>) {
         for record in records {
+            let follows = self.records.back().is_none_or(|last| {
+                last.seq.to_u64().and_then(|s| s.checked_add(1)) == record.seq.to_u64()
+            });
+            if !follows {
+                self.records.clear();
+                self.bytes = 0;
+            }
             let cost = Self::cost(&record);
             if cost > self.budget {
                 // Too big to cache: the cache would no longer be contiguous
@@ -223,6 +231,21 @@ mod tests {
         assert_eq!(cache.read(4, 1).unwrap().len(), 1);
         assert!(cache.read(6, 10).is_none());
         assert_eq!(cache.arrival_of(5), Some(5));
+    }
+
+    #[test]
+    fn a_gap_in_numbering_starts_it_over() {
+        let mut cache = TailCache::new(10_000);
+        cache.extend((1..=3).map(|s| record(s, 10)));
+        cache.extend((100..=101).map(|s| record(s, 10)));
+        assert!(cache.read(3, 10).is_none());
+        let seqs: Vec<u64> = cache
+            .read(100, 10)
+            .unwrap()
+            .iter()
+            .filter_map(|r| r.seq.to_u64())
+            .collect();
+        assert_eq!(seqs, [100, 101]);
     }
 
     #[test]

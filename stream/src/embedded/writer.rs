@@ -1,17 +1,19 @@
 //! The one thread that appends to a shard: it takes every request that queued
 //! while its last write was syncing, writes them as one group and syncs once
 //! (group commit), then answers each request.
+//!
+//! Without sync, it also keeps the shard's reserved mark (see `reserve`)
+//! ahead of every sequence number it hands out.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::files;
 use super::frame;
+use super::reserve;
 use super::shard::{SegmentInfo, Shard};
+use super::storage::{SegmentFile, Storage};
 use crate::{PutRecord, Record, SeqNo};
 
 /// A group stops growing at this many bytes of records, which bounds how long
@@ -44,24 +46,28 @@ pub(crate) struct AppendReply {
     pub error: Option<String>,
 }
 
-/// Where the shard's writer starts, as recovery left it.
+/// Where the shard's writer starts, as recovery left it; it opens the
+/// segment `base` itself, through its storage.
 pub(crate) struct WriterStart {
-    pub file: File,
     pub base: u64,
     pub len: u64,
     /// The file's size: `len` plus zeroed space written ahead.
     pub allocated: u64,
     pub next_seq: u64,
     pub last_arrival_ms: i64,
+    /// The shard's reserved mark as recovery found it: no number at or above
+    /// it was handed out.
+    pub reserved: u64,
 }
 
-pub(crate) struct Writer {
+pub(crate) struct Writer<S: Storage> {
     shard: Arc<Shard>,
+    storage: S,
     /// Whether a group is synced to disk before it is acknowledged.
     sync: bool,
     segment_bytes: u64,
     /// The segment being written.
-    file: File,
+    file: S::File,
     base: u64,
     /// Bytes of `file` that hold durable records; anything after them is a
     /// failed write that is cut away.
@@ -80,20 +86,28 @@ pub(crate) struct Writer {
     /// unknown, so nothing more is appended until the log is reopened and
     /// recovery cleans it.
     broken: Option<String>,
+    /// Without sync: the durable bound below which every number handed out
+    /// lies. Unused with sync, where every number handed out is durable in
+    /// its segment already.
+    reserved: u64,
 }
 
-impl Writer {
+impl<S: Storage> Writer<S> {
+    /// Opens the segment recovery left active, through `storage`.
     pub(crate) fn new(
         shard: Arc<Shard>,
+        storage: S,
         sync: bool,
         segment_bytes: u64,
         start: WriterStart,
-    ) -> Self {
-        Writer {
+    ) -> std::io::Result<Self> {
+        let file = storage.open(&shard.segment_path(start.base))?;
+        Ok(Writer {
             shard,
+            storage,
             sync,
             segment_bytes,
-            file: start.file,
+            file,
             base: start.base,
             len: start.len,
             allocated: start.allocated,
@@ -101,7 +115,8 @@ impl Writer {
             last_arrival_ms: start.last_arrival_ms,
             last_durable_arrival_ms: start.last_arrival_ms,
             broken: None,
-        }
+            reserved: start.reserved,
+        })
     }
 
     /// Serves requests until every sender is gone, then makes the active
@@ -123,6 +138,11 @@ impl Writer {
         }
         if self.broken.is_none() {
             self.trim()?;
+            if !self.sync {
+                // Everything is durable now, so the mark can come down to
+                // the next number: a clean restart leaves no gap.
+                reserve::write(&self.shard.dir, self.next_seq)?;
+            }
         }
         Ok(())
     }
@@ -208,6 +228,8 @@ impl Writer {
         if staged.is_empty() {
             return Ok(());
         }
+        // Before any of these numbers can reach a reader or a caller.
+        self.reserve_for(staged.len() as u64)?;
         let end = self.len + buf.len() as u64;
         let written = self
             .write_ahead(end)
@@ -236,6 +258,21 @@ impl Writer {
         self.shard.tail().extend(staged.drain(..));
         self.shard.publish(self.next_seq);
         buf.clear();
+        Ok(())
+    }
+
+    /// Without sync, makes the reserved mark durable above the next `count`
+    /// numbers before they are handed out: a crash may lose the records,
+    /// but a restart then numbers above every number a consumer could have
+    /// checkpointed, so new records are never taken for ones it processed.
+    fn reserve_for(&mut self, count: u64) -> Result<(), String> {
+        let needed = self.next_seq + count;
+        if self.sync || needed <= self.reserved {
+            return Ok(());
+        }
+        let mark = needed.saturating_add(reserve::STEP);
+        reserve::write(&self.shard.dir, mark)?;
+        self.reserved = mark;
         Ok(())
     }
 
@@ -298,14 +335,11 @@ impl Writer {
         // the others' length from their files.
         self.trim()?;
         let path = self.shard.segment_path(self.next_seq);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
+        let file = self
+            .storage
+            .create(&path)
             .map_err(|e| format!("creating {}: {e}", path.display()))?;
-        if let Err(e) = files::sync_dir(&self.shard.dir) {
+        if let Err(e) = self.storage.sync_dir(&self.shard.dir) {
             // Without a durable directory entry the segment might vanish in
             // a crash along with records acknowledged into it.
             let _ = std::fs::remove_file(&path);

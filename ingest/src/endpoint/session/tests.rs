@@ -7,7 +7,7 @@ use bytes::Bytes;
 use schemas::{RejectReason, StreamRecord, decode_record};
 
 use super::*;
-use crate::auth::{AllowAll, OwnDeviceOnly};
+use crate::auth::{AllowAll, ClientCertificates, OwnDeviceOnly};
 
 const NOW: i64 = 1_764_240_000_500;
 const GOOD: &str = r#"{"seq": 1, "ts": 1764240000123, "metrics": {"t": 21.5}}"#;
@@ -383,6 +383,13 @@ fn subscriptions_grant_qos0_and_refuse_what_is_not_supported() {
     assert_eq!(
         out,
         vec![
+            Action::SubscribeRefused {
+                identity: None,
+                refused: vec![
+                    ("dt/#/x".into(), SubscribeRefusal::FilterInvalid),
+                    ("$share/g/dt/#".into(), SubscribeRefusal::SharedNotSupported),
+                ],
+            },
             Action::Subscribe(vec!["dt/+/d/telemetry".into(), "dt/#".into()]),
             Action::Send(Outbound::SubAck {
                 pkid: 4,
@@ -407,6 +414,92 @@ fn subscriptions_grant_qos0_and_refuse_what_is_not_supported() {
         vec![
             Action::Unsubscribe(vec!["dt/#".into()]),
             Action::Send(Outbound::UnsubAck { pkid: 5, count: 1 })
+        ]
+    );
+}
+
+fn subscribe(s: &mut Session, filters: &[&str]) -> Vec<Action> {
+    receive(
+        s,
+        Inbound::Subscribe(SubscribePacket {
+            pkid: 7,
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+            subscription_id: false,
+        }),
+    )
+}
+
+#[test]
+fn a_device_may_subscribe_only_to_its_own_topics() {
+    for protocol in [Protocol::V4, Protocol::V5] {
+        let mut s = connected_with(protocol, Arc::new(OwnDeviceOnly), Some("dev-b"));
+        let out = subscribe(
+            &mut s,
+            &[
+                "dt/#",
+                "dt/f/dev-a/telemetry",
+                "dt/+/dev-b/telemetry",
+                "#",
+                "dt/f/+/telemetry",
+                "dt/f/dev-b/#",
+            ],
+        );
+        let refused = |f: &str| (f.to_string(), SubscribeRefusal::NotAuthorized);
+        assert_eq!(
+            out,
+            vec![
+                Action::SubscribeRefused {
+                    identity: Some("dev-b".into()),
+                    refused: vec![
+                        refused("dt/#"),
+                        refused("dt/f/dev-a/telemetry"),
+                        refused("#"),
+                        refused("dt/f/+/telemetry"),
+                    ],
+                },
+                Action::Subscribe(vec!["dt/+/dev-b/telemetry".into(), "dt/f/dev-b/#".into()]),
+                Action::Send(Outbound::SubAck {
+                    pkid: 7,
+                    codes: vec![
+                        SubCode::NotAuthorized,
+                        SubCode::NotAuthorized,
+                        SubCode::GrantedQos0,
+                        SubCode::NotAuthorized,
+                        SubCode::NotAuthorized,
+                        SubCode::GrantedQos0,
+                    ]
+                }),
+            ],
+            "{protocol:?}"
+        );
+        assert!(
+            !s.is_closed(),
+            "a refused filter leaves the connection open"
+        );
+    }
+}
+
+#[test]
+fn an_operator_certificate_may_watch_the_fleet() {
+    let mut s =
+        Session::new(config(Arc::new(ClientCertificates)), 9).with_certificate(Some(Certified {
+            device: "ops-1".into(),
+            role: Role::Operator,
+        }));
+    let mut out = Vec::new();
+    s.receive(
+        Inbound::Connect(connect_packet(Protocol::V5, "ops")),
+        NOW,
+        &mut out,
+    );
+    assert_eq!(
+        subscribe(&mut s, &["dt/#"]),
+        vec![
+            Action::Subscribe(vec!["dt/#".into()]),
+            Action::Send(Outbound::SubAck {
+                pkid: 7,
+                codes: vec![SubCode::GrantedQos0]
+            }),
         ]
     );
 }
