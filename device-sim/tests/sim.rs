@@ -387,8 +387,8 @@ async fn a_scenario_with_a_storm_and_a_backfill_verifies_exactly() {
 /// 50 msgs/s a device, whatever the schedule asks.
 const SLOW_PUBACK: Duration = Duration::from_millis(20);
 
+/// Four devices at 100 msgs/s each; the test makes the broker slow.
 fn slow_broker_config(h: &Harness, fleet: &str) -> SimConfig {
-    *h.pipeline.puback_every.lock().unwrap() = Some(SLOW_PUBACK);
     SimConfig {
         devices: 4,
         rate: Rate::PerDevice(100.0),
@@ -400,6 +400,7 @@ fn slow_broker_config(h: &Harness, fleet: &str) -> SimConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_broker_shows_in_the_acknowledged_rate_and_the_verdict() {
     let h = Harness::start().await;
+    *h.pipeline.puback_every.lock().unwrap() = Some(SLOW_PUBACK);
     let cfg = SimConfig {
         stop: Stop::Count(60),
         ..slow_broker_config(&h, "slow1")
@@ -444,6 +445,7 @@ async fn a_slow_broker_shows_in_the_acknowledged_rate_and_the_verdict() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_held_back_by_a_full_window_count_as_schedule_lag() {
     let h = Harness::start().await;
+    *h.pipeline.puback_every.lock().unwrap() = Some(SLOW_PUBACK);
     // Two in flight: each publish waits for the PUBACK two before it, so
     // the 150th goes out about 1.5 s behind its due time.
     let cfg = SimConfig {
