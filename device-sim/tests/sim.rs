@@ -510,3 +510,23 @@ async fn freshness_counts_samples_the_api_never_shows_as_misses() {
     let j = serde_json::to_value(&s).unwrap();
     assert_eq!(j["freshness"]["p99_ms"], "missed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_samples_every_nth_publish_when_messages_share_a_millisecond() {
+    let h = Harness::start().await;
+    // 4 messages per device per millisecond: only the first of each
+    // millisecond can be told apart by the latest ts, so a sample's turn
+    // passes to it rather than being lost.
+    let cfg = SimConfig {
+        devices: 2,
+        rate: Rate::PerDevice(4000.0),
+        stop: Stop::Count(400),
+        freshness_sample: FreshnessSample::Every(20),
+        ..config(&h, "fr2")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let f = s.freshness.as_ref().unwrap();
+    assert!(f.samples >= 38 && f.samples <= 40, "{f:?}");
+    assert_eq!(f.missed, 0, "{f:?}");
+}
