@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 
+use crate::freshness::FreshnessSample;
 use crate::plan::FaultConfig;
 use crate::publish::codec::Protocol;
 use crate::publish::transport::TlsOptions;
@@ -159,9 +160,9 @@ pub struct SimConfig {
     /// MQTT username and password; `{device}` becomes the device id.
     pub username: Option<String>,
     pub password: Option<String>,
-    /// Measure freshness on one telemetry publish in this many (with
-    /// `verify`); 0: not at all.
-    pub freshness_sample: u64,
+    /// Which telemetry publishes to follow until the API shows them (with
+    /// `verify`).
+    pub freshness_sample: FreshnessSample,
     /// Mixed fleets and stages; replaces the single fleet's devices, rate,
     /// metrics, readings per message, QoS and stop.
     pub scenario: Option<Scenario>,
@@ -209,7 +210,7 @@ impl Default for SimConfig {
             max_inflight: 256,
             username: None,
             password: None,
-            freshness_sample: 0,
+            freshness_sample: FreshnessSample::Off,
             scenario: None,
         }
     }

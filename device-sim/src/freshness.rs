@@ -1,25 +1,98 @@
 //! Freshness: how long after a device publishes a reading the query API
 //! shows it.
 //!
-//! Devices offer every n-th publish ([`Sample`]: device, the reading's ts,
-//! when it was written). The probe asks `GET /v1/devices/{id}` until the
-//! device's latest ts for some metric reaches the sample's ts, a bounded
-//! number of samples at a time; samples offered while all probes are busy
-//! are dropped and counted, so probing never slows the fleet down.
+//! Devices offer every n-th telemetry publish ([`Sample`]: device, the
+//! reading's ts, when the PUBLISH was written). n comes from the planned
+//! total ([`FreshnessSample::Auto`]: about [`TARGET_SAMPLES`] a run), and
+//! each device's samples are offset so that they spread over the fleet and
+//! the run.
+//!
+//! [`Book`] (pure) keeps, per device, the samples not yet seen; the probe
+//! polls `GET /v1/devices/{id}` for every device that has some. One answer
+//! settles every sample of that device whose ts the device's latest reading
+//! has reached, so a device costs one request per poll interval however
+//! many samples it holds. At most [`PROBES`] requests run at once; samples
+//! wait their turn rather than being dropped.
+//!
+//! A sample that was dropped (the devices' queue was full) or not seen
+//! within the timeout is a miss: percentiles are taken over every sample,
+//! misses counting as +∞ ([`quantile`]).
 
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// Samples waiting for a free probe; more are dropped.
-pub const QUEUE: usize = 1024;
-/// How often a probe asks again.
-const POLL: Duration = Duration::from_millis(20);
+/// Samples a run aims for with [`FreshnessSample::Auto`]: enough that a
+/// p99 rests on about 50 samples above it.
+pub const TARGET_SAMPLES: u64 = 5000;
+/// Requests the probe keeps in flight at most.
+pub const PROBES: usize = 32;
+/// How long after a poll's request started the device is asked again: with
+/// the request's own time, the figures' resolution.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Which publishes to sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FreshnessSample {
+    /// Not measured.
+    Off,
+    /// One in `planned / TARGET_SAMPLES` (at least one in one).
+    #[default]
+    Auto,
+    /// One telemetry publish in this many.
+    Every(u64),
+}
+
+impl FreshnessSample {
+    /// One telemetry publish in how many, for a run of `planned` messages;
+    /// `None`: not measured.
+    pub fn every(self, planned: u64) -> Option<u64> {
+        match self {
+            FreshnessSample::Off | FreshnessSample::Every(0) => None,
+            FreshnessSample::Auto => Some((planned / TARGET_SAMPLES).max(1)),
+            FreshnessSample::Every(n) => Some(n),
+        }
+    }
+}
+
+impl FromStr for FreshnessSample {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(FreshnessSample::Auto),
+            "off" | "0" => Ok(FreshnessSample::Off),
+            n => n
+                .parse::<u64>()
+                .map(FreshnessSample::Every)
+                .map_err(|_| format!("`{s}` is neither `auto`, `off` nor a number")),
+        }
+    }
+}
+
+impl fmt::Display for FreshnessSample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FreshnessSample::Off => f.write_str("off"),
+            FreshnessSample::Auto => f.write_str("auto"),
+            FreshnessSample::Every(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Room in the devices' queue to the probe: every sample the plan can
+/// produce, so that none is dropped unless the probe stops reading.
+pub fn queue_len(every: u64, planned: u64, devices: u32) -> usize {
+    let expected = planned / every.max(1) + u64::from(devices) + 16;
+    expected.clamp(1024, 1 << 20) as usize
+}
 
 /// One sampled publish.
 #[derive(Debug, Clone)]
@@ -31,26 +104,184 @@ pub struct Sample {
     pub written: Instant,
 }
 
+/// A percentile over every sample: a time, or a miss (a dropped or
+/// timed-out sample ranks there).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Quantile {
+    Ms(f64),
+    Missed,
+}
+
+impl Quantile {
+    /// The time, if the percentile was seen at all.
+    pub fn ms(self) -> Option<f64> {
+        match self {
+            Quantile::Ms(ms) => Some(ms),
+            Quantile::Missed => None,
+        }
+    }
+}
+
+/// A number of milliseconds, or the string `"missed"`.
+impl Serialize for Quantile {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Quantile::Ms(ms) => s.serialize_f64(*ms),
+            Quantile::Missed => s.serialize_str("missed"),
+        }
+    }
+}
+
+impl fmt::Display for Quantile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Quantile::Ms(ms) => write!(f, "{ms:.0} ms"),
+            Quantile::Missed => f.write_str("missed"),
+        }
+    }
+}
+
+/// The `q`-quantile of every sample, `missed` of them counting as +∞:
+/// the value at rank ⌈q·n⌉ of n. `visible_us` is sorted ascending.
+/// `None`: no samples at all.
+pub fn quantile(visible_us: &[u64], missed: u64, q: f64) -> Option<Quantile> {
+    let n = visible_us.len() as u64 + missed;
+    if n == 0 {
+        return None;
+    }
+    let rank = ((q * n as f64).ceil() as u64).clamp(1, n);
+    Some(match visible_us.get(rank as usize - 1) {
+        Some(&us) => Quantile::Ms(us as f64 / 1000.0),
+        None => Quantile::Missed,
+    })
+}
+
 /// Freshness figures, in milliseconds.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Freshness {
-    /// One publish in this many was sampled.
+    /// One telemetry publish in this many was sampled.
     pub sample_every: u64,
+    /// Samples taken, dropped ones included.
     pub samples: u64,
     /// Samples seen in the API before the timeout.
     pub visible: u64,
+    /// Samples without a figure: `dropped + timed_out`. Each ranks above
+    /// every visible sample in the percentiles.
+    pub missed: u64,
     /// Samples not visible within the timeout.
     pub timed_out: u64,
-    /// Samples dropped because every probe was busy.
+    /// Samples dropped because the queue to the probe was full.
     pub dropped: u64,
     /// Probe requests that failed (connection errors, 5xx).
     pub errors: u64,
-    pub p50_ms: Option<f64>,
-    pub p90_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-    pub max_ms: Option<f64>,
-    /// How often probes polled: a bound on the figures' resolution.
+    /// Percentiles over all samples: milliseconds, or `"missed"`; `null`
+    /// without samples.
+    pub p50_ms: Option<Quantile>,
+    pub p90_ms: Option<Quantile>,
+    pub p99_ms: Option<Quantile>,
+    pub max_ms: Option<Quantile>,
+    /// How often a device was polled: the figures are up to this (plus a
+    /// request's time) above the true time.
     pub poll_ms: u64,
+    /// How long a sample was waited for.
+    pub timeout_ms: u64,
+}
+
+/// A sample not yet seen.
+#[derive(Debug)]
+struct Waiting {
+    ts: i64,
+    written: Instant,
+    deadline: Instant,
+}
+
+/// The probe's state: samples waiting per device, and what became of the
+/// others. Pure: time comes in as arguments.
+#[derive(Debug, Default)]
+pub struct Book {
+    /// Device -> samples not yet seen. A device is here exactly while a
+    /// poll of it is under way or scheduled.
+    waiting: HashMap<String, VecDeque<Waiting>>,
+    visible_us: Vec<u64>,
+    samples: u64,
+    timed_out: u64,
+    errors: u64,
+}
+
+impl Book {
+    /// Takes a sample, waited for until `written + timeout`; true when its
+    /// device had none waiting, so a poll of it must start.
+    pub fn offer(&mut self, s: Sample, timeout: Duration) -> bool {
+        self.samples += 1;
+        let queue = self.waiting.entry(s.device_id).or_default();
+        queue.push_back(Waiting {
+            ts: s.ts,
+            written: s.written,
+            deadline: s.written + timeout,
+        });
+        queue.len() == 1
+    }
+
+    /// What a poll of `device` answered at `at`: the newest ts it shows
+    /// (`None`: none yet, or the request failed). Settles the samples it
+    /// shows and those past their deadline; true when samples still wait,
+    /// so the device must be polled again.
+    pub fn answer(&mut self, device: &str, latest: Option<i64>, at: Instant) -> bool {
+        let Some(queue) = self.waiting.get_mut(device) else {
+            return false;
+        };
+        queue.retain(|w| {
+            if latest.is_some_and(|l| l >= w.ts) {
+                let age = at.saturating_duration_since(w.written);
+                self.visible_us.push(age.as_micros() as u64);
+                false
+            } else if at >= w.deadline {
+                self.timed_out += 1;
+                false
+            } else {
+                true
+            }
+        });
+        if queue.is_empty() {
+            self.waiting.remove(device);
+            return false;
+        }
+        true
+    }
+
+    /// Counts a failed probe request.
+    pub fn error(&mut self) {
+        self.errors += 1;
+    }
+
+    /// Samples still waiting.
+    pub fn waiting(&self) -> usize {
+        self.waiting.values().map(VecDeque::len).sum()
+    }
+
+    /// The figures, with `dropped` samples the devices could not queue.
+    /// Anything still waiting counts as timed out.
+    pub fn figures(mut self, dropped: u64, every: u64, timeout: Duration) -> Freshness {
+        self.timed_out += self.waiting() as u64;
+        self.visible_us.sort_unstable();
+        let missed = dropped + self.timed_out;
+        let q = |q: f64| quantile(&self.visible_us, missed, q);
+        Freshness {
+            sample_every: every,
+            samples: self.samples + dropped,
+            visible: self.visible_us.len() as u64,
+            missed,
+            timed_out: self.timed_out,
+            dropped,
+            errors: self.errors,
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+            max_ms: q(1.0),
+            poll_ms: POLL.as_millis() as u64,
+            timeout_ms: timeout.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -64,112 +295,159 @@ struct Point {
     ts: i64,
 }
 
-/// Probes samples from `rx` until it closes and every probe has finished.
-pub async fn probe(
-    base_url: String,
-    mut rx: mpsc::Receiver<Sample>,
-    concurrency: usize,
-    timeout: Duration,
-    sample_every: u64,
-) -> Freshness {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .pool_max_idle_per_host(concurrency)
-        .build()
-        .ok();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).ok();
-    let mut f = Freshness {
-        sample_every,
-        samples: 0,
-        visible: 0,
-        timed_out: 0,
-        dropped: 0,
-        errors: 0,
-        p50_ms: None,
-        p90_ms: None,
-        p99_ms: None,
-        max_ms: None,
-        poll_ms: POLL.as_millis() as u64,
-    };
-    let Some(http) = http else {
-        return f;
-    };
-    let base = Arc::new(base_url.trim_end_matches('/').to_string());
-    let slots = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut probes: JoinSet<(Option<Duration>, u64)> = JoinSet::new();
-    let mut record = |f: &mut Freshness, r: (Option<Duration>, u64)| {
-        f.errors += r.1;
-        match r.0 {
-            Some(d) => {
-                f.visible += 1;
-                if let Some(h) = hist.as_mut() {
-                    let _ = h.record((d.as_micros() as u64).clamp(1, 3_600_000_000));
-                }
-            }
-            None => f.timed_out += 1,
-        }
-    };
-    loop {
-        tokio::select! {
-            sample = rx.recv() => {
-                let Some(sample) = sample else { break };
-                f.samples += 1;
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    f.dropped += 1;
-                    continue;
-                };
-                let (http, base) = (http.clone(), base.clone());
-                probes.spawn(async move {
-                    let r = until_visible(&http, &base, &sample, timeout).await;
-                    drop(permit);
-                    r
-                });
-            }
-            Some(Ok(r)) = probes.join_next(), if !probes.is_empty() => record(&mut f, r),
-        }
-    }
-    while let Some(r) = probes.join_next().await {
-        if let Ok(r) = r {
-            record(&mut f, r);
-        }
-    }
-    if let Some(h) = hist.filter(|h| !h.is_empty()) {
-        let ms = |us: u64| us as f64 / 1000.0;
-        f.p50_ms = Some(ms(h.value_at_quantile(0.5)));
-        f.p90_ms = Some(ms(h.value_at_quantile(0.9)));
-        f.p99_ms = Some(ms(h.value_at_quantile(0.99)));
-        f.max_ms = Some(ms(h.max()));
-    }
-    f
+/// One poll's answer.
+struct Polled {
+    device: String,
+    latest: Option<i64>,
+    failed: bool,
+    /// When the request was sent and when its answer came.
+    sent: Instant,
+    at: Instant,
 }
 
-/// Polls until the device's latest reading reaches the sample's ts; the
-/// time from the write, or `None` on timeout; and the failed requests.
-async fn until_visible(
-    http: &reqwest::Client,
-    base: &str,
-    s: &Sample,
-    timeout: Duration,
-) -> (Option<Duration>, u64) {
-    let url = format!("{base}/v1/devices/{}", s.device_id);
-    let deadline = s.written + timeout;
-    let mut errors = 0;
-    loop {
-        match http.get(&url).send().await {
-            Ok(resp) if resp.status().is_success() => {
-                if let Ok(view) = resp.json::<DeviceView>().await
-                    && view.metrics.values().any(|p| p.ts >= s.ts)
-                {
-                    return (Some(s.written.elapsed()), errors);
+/// Probes samples from `rx` until it closes and every sample is settled.
+pub async fn probe(base_url: String, mut rx: mpsc::Receiver<Sample>, timeout: Duration) -> Book {
+    let mut book = Book::default();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(PROBES)
+        .build();
+    let Ok(http) = http else {
+        // No client: every sample is a miss, none goes uncounted.
+        while let Some(s) = rx.recv().await {
+            book.offer(s, Duration::ZERO);
+        }
+        return book;
+    };
+    let base = Arc::new(base_url.trim_end_matches('/').to_string());
+    let slots = Arc::new(Semaphore::new(PROBES));
+    let mut polls: JoinSet<Polled> = JoinSet::new();
+    let spawn = |polls: &mut JoinSet<Polled>, device: String, not_before: Instant| {
+        let (http, base, slots) = (http.clone(), base.clone(), slots.clone());
+        polls.spawn(async move {
+            tokio::time::sleep_until(not_before).await;
+            let _permit = slots.acquire_owned().await.ok();
+            poll(&http, &base, device).await
+        });
+    };
+    let mut open = true;
+    while open || !polls.is_empty() {
+        tokio::select! {
+            sample = rx.recv(), if open => match sample {
+                Some(s) => {
+                    let device = s.device_id.clone();
+                    if book.offer(s, timeout) {
+                        spawn(&mut polls, device, Instant::now());
+                    }
+                }
+                None => open = false,
+            },
+            Some(done) = polls.join_next(), if !polls.is_empty() => {
+                // A poll task cannot panic short of a bug; its device's
+                // samples then count as timed out in `figures`.
+                let Ok(p) = done else { continue };
+                if p.failed {
+                    book.error();
+                }
+                if book.answer(&p.device, p.latest, p.at) {
+                    spawn(&mut polls, p.device, p.sent + POLL);
                 }
             }
-            // Unknown until its first reading lands.
-            Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => {}
-            Ok(_) | Err(_) => errors += 1,
         }
-        if Instant::now() + POLL >= deadline {
-            return (None, errors);
+    }
+    book
+}
+
+/// Asks the API for `device`'s latest readings once.
+async fn poll(http: &reqwest::Client, base: &str, device: String) -> Polled {
+    let url = format!("{base}/v1/devices/{device}");
+    let sent = Instant::now();
+    let (latest, failed) = match http.get(&url).send().await {
+        Ok(resp) if resp.status().is_success() => match resp.json::<DeviceView>().await {
+            Ok(view) => (view.metrics.values().map(|p| p.ts).max(), false),
+            Err(_) => (None, true),
+        },
+        // Unknown until its first reading lands.
+        Ok(resp) if resp.status() == reqwest::StatusCode::NOT_FOUND => (None, false),
+        Ok(_) | Err(_) => (None, true),
+    };
+    Polled {
+        device,
+        latest,
+        failed,
+        sent,
+        at: Instant::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_rank_misses_above_every_visible_sample() {
+        let visible: Vec<u64> = (1..=98).map(|ms| ms * 1000).collect();
+        // 98 seen, 2 missed: the p50 and p98 are times, the p99 a miss.
+        assert_eq!(quantile(&visible, 2, 0.5), Some(Quantile::Ms(50.0)));
+        assert_eq!(quantile(&visible, 2, 0.98), Some(Quantile::Ms(98.0)));
+        assert_eq!(quantile(&visible, 2, 0.99), Some(Quantile::Missed));
+        assert_eq!(quantile(&visible, 2, 1.0), Some(Quantile::Missed));
+        // Without misses the same samples give a time throughout.
+        assert_eq!(quantile(&visible, 0, 0.99), Some(Quantile::Ms(98.0)));
+        // Most samples missed: even the median is a miss.
+        assert_eq!(quantile(&visible[..10], 90, 0.5), Some(Quantile::Missed));
+        assert_eq!(quantile(&[], 0, 0.5), None);
+        assert_eq!(quantile(&[], 3, 0.5), Some(Quantile::Missed));
+    }
+
+    fn sample(device: &str, ts: i64, written: Instant) -> Sample {
+        Sample {
+            device_id: device.into(),
+            ts,
+            written,
         }
-        tokio::time::sleep(POLL).await;
+    }
+
+    #[test]
+    fn one_answer_settles_every_sample_it_shows_and_misses_are_counted() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let timeout = ms(1000);
+        let mut book = Book::default();
+        assert!(book.offer(sample("a", 10, t0), timeout));
+        assert!(
+            !book.offer(sample("a", 20, t0 + ms(5)), timeout),
+            "a is polled already"
+        );
+        assert!(!book.offer(sample("a", 30, t0 + ms(10)), timeout));
+        assert!(book.offer(sample("b", 10, t0), timeout));
+        // a shows ts 20: two samples settled, one still waits.
+        assert!(book.answer("a", Some(20), t0 + ms(40)));
+        // b never shows anything: polled on until its deadline.
+        assert!(book.answer("b", None, t0 + ms(500)));
+        assert!(!book.answer("b", None, t0 + ms(1000)));
+        assert!(!book.answer("a", Some(30), t0 + ms(70)));
+        assert_eq!(book.waiting(), 0);
+        let f = book.figures(2, 1, timeout);
+        assert_eq!(
+            (f.samples, f.visible, f.timed_out, f.dropped, f.missed),
+            (6, 3, 1, 2, 3)
+        );
+        // Visible: 35, 40 and 60 ms; misses rank above them.
+        assert_eq!(f.p50_ms, Some(Quantile::Ms(60.0)));
+        assert_eq!(f.p99_ms, Some(Quantile::Missed));
+        assert_eq!(f.max_ms, Some(Quantile::Missed));
+    }
+
+    #[test]
+    fn auto_sampling_aims_at_a_few_thousand_samples() {
+        assert_eq!(FreshnessSample::Auto.every(10_000_000), Some(2000));
+        assert_eq!(FreshnessSample::Auto.every(200), Some(1));
+        assert_eq!(FreshnessSample::Every(7).every(10_000_000), Some(7));
+        assert_eq!(FreshnessSample::Off.every(10), None);
+        assert_eq!("0".parse(), Ok(FreshnessSample::Off));
+        assert_eq!("auto".parse(), Ok(FreshnessSample::Auto));
+        assert_eq!("250".parse(), Ok(FreshnessSample::Every(250)));
+        assert!("often".parse::<FreshnessSample>().is_err());
     }
 }

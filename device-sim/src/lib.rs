@@ -219,16 +219,16 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             .map(|r| Duration::from_secs_f64(f64::from(devices) / r))
             .unwrap_or(Duration::from_secs(u64::from(devices / 1000)));
     let limiter = Arc::new(ConnectLimiter::new(connect_rate));
-    let (fresh_tx, fresh_task) = match (&cfg.verify, cfg.freshness_sample) {
-        (Some(url), every) if every > 0 => {
-            let (tx, rx) = tokio::sync::mpsc::channel(freshness::QUEUE);
-            let task = tokio::spawn(freshness::probe(
-                url.clone(),
-                rx,
-                32,
-                cfg.verify_timeout,
-                every,
-            ));
+    let total: u64 = runs.iter().flat_map(|r| r.messages.iter()).sum();
+    let fresh_every = cfg
+        .verify
+        .as_ref()
+        .and_then(|_| cfg.freshness_sample.every(total));
+    let (fresh_tx, fresh_task) = match (&cfg.verify, fresh_every) {
+        (Some(url), Some(every)) => {
+            let queue = freshness::queue_len(every, total, devices);
+            let (tx, rx) = tokio::sync::mpsc::channel(queue);
+            let task = tokio::spawn(freshness::probe(url.clone(), rx, cfg.verify_timeout));
             (Some(tx), Some(task))
         }
         _ => (None, None),
@@ -253,7 +253,10 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             connect_timeout,
         };
         let shared = Arc::new(FleetShared::new()?);
-        let fresh = fresh_tx.clone().map(|tx| (cfg.freshness_sample.max(1), tx));
+        let fresh = fresh_tx
+            .clone()
+            .zip(fresh_every)
+            .map(|(tx, every)| (every, tx));
         fleets.push(
             Fleet::connect(
                 &r.plan,
@@ -285,7 +288,6 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     for f in &mut fleets {
         f.start(run_start_ms);
     }
-    let total: u64 = runs.iter().flat_map(|r| r.messages.iter()).sum();
     let (stop_progress, progress_task) = if cfg.progress {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let shared = fleets.iter().map(|f| f.shared.clone()).collect();
@@ -295,9 +297,9 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         (None, None)
     };
     let mut outcomes: Vec<(PublishOutcome, Arc<FleetShared>)> = Vec::new();
-    for (r, f) in runs.iter().zip(fleets) {
+    for f in fleets {
         let shared = f.shared.clone();
-        let o = f.finish(&r.messages, origin).await?;
+        let o = f.finish(origin).await?;
         outcomes.push((o, shared));
     }
     if let (Some(stop), Some(task)) = (stop_progress, progress_task) {
@@ -308,6 +310,14 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         Some(t) => t.await.ok(),
         None => None,
     };
+    // Samples the devices could not queue are misses too.
+    let fresh_dropped: u64 = outcomes
+        .iter()
+        .map(|(_, s)| {
+            s.freshness_dropped
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum();
 
     for (r, (o, _)) in runs.iter().zip(&outcomes) {
         let finish = RunFinish {
@@ -323,16 +333,9 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     }
 
     let mut summary = summarize(&cfg, &runs, &outcomes, connect_ms, warnings);
-    if let Some(mut f) = freshness {
-        f.dropped += outcomes
-            .iter()
-            .map(|(_, s)| {
-                s.freshness_dropped
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .sum::<u64>();
-        summary.freshness = Some(f);
-    }
+    summary.freshness = freshness
+        .zip(fresh_every)
+        .map(|(book, every)| book.figures(fresh_dropped, every, cfg.verify_timeout));
 
     if let Some(url) = &cfg.verify {
         let mut expect = StatsExpectation::default();
@@ -401,48 +404,23 @@ fn summarize(
 ) -> Summary {
     let mut c = DeviceCounters::default();
     let mut latency: Option<hdrhistogram::Histogram<u64>> = None;
-    let mut window = Duration::ZERO;
+    let mut lag: Option<hdrhistogram::Histogram<u64>> = None;
+    let (mut first, mut last) = (None, None);
     let mut elapsed = Duration::ZERO;
-    let mut target_msgs = 0.0;
-    let mut target_readings = 0.0;
+    let (mut target_msgs, mut target_readings) = (0.0, 0.0);
     let mut not_connected = 0;
     let mut fleets = Vec::new();
     for (r, (o, shared)) in runs.iter().zip(outcomes) {
         c.add(&o.counters);
-        let h = shared.latency();
-        match latency.as_mut() {
-            Some(all) => {
-                let _ = all.add(&h);
-            }
-            None => latency = Some(h),
-        }
-        window = window.max(o.publish_window);
+        merge_histogram(&mut latency, shared.latency());
+        merge_histogram(&mut lag, shared.lag());
+        first = publish::earliest(first, o.first_publish);
+        last = last.max(o.last_done);
         elapsed = elapsed.max(o.elapsed);
         not_connected += o.not_connected;
-        let planned: u64 = (0..o.plan.devices)
-            .map(|i| {
-                let n = r.messages.get(i as usize).copied().unwrap_or(0);
-                o.plan.telemetry_sends(i, n)
-            })
-            .sum();
-        let planned_readings: u64 =
-            r.messages.iter().sum::<u64>() * u64::from(o.plan.readings_per_message.max(1));
-        let length = o
-            .plan
-            .planned_length_us()
-            .map(|us| us as f64 / 1e6)
-            .unwrap_or_else(|| {
-                let longest = r.messages.iter().copied().max().unwrap_or(0);
-                (o.plan.period_us.saturating_mul(longest)) as f64 / 1e6
-            });
-        if length > 0.0 {
-            target_msgs += planned as f64 / length;
-            target_readings += planned_readings as f64 / length;
-        } else {
-            let per_sec = f64::from(o.plan.devices) * 1e6 / o.plan.period_us as f64;
-            target_msgs += per_sec;
-            target_readings += per_sec * f64::from(o.plan.readings_per_message);
-        }
+        let (msgs, readings) = planned_rates(r, o);
+        target_msgs += msgs;
+        target_readings += readings;
         let oc = &o.counters;
         fleets.push(FleetSummary {
             run: r.run_id,
@@ -457,15 +435,25 @@ fn summarize(
             reconnects: oc.reconnects,
         });
     }
-    let secs = window.as_secs_f64().max(1e-9);
+    // The real time from the first publish to the last acknowledgement
+    // (QoS 0: the last write): what was achieved, not what was planned.
+    let span = match (first, last) {
+        (Some(f), Some(l)) => l.saturating_duration_since(f),
+        _ => Duration::ZERO,
+    };
+    let per_sec = |n: u64| match span.as_secs_f64() {
+        secs if secs > 0.0 => n as f64 / secs,
+        _ => 0.0,
+    };
+    let achieved = per_sec(c.telemetry_completed);
+    let achieved_readings = per_sec(c.readings_completed);
     let telemetry_sent = c.issued - c.duplicates_issued - c.malformed_issued;
-    let achieved = telemetry_sent as f64 / secs;
     let puback = latency.as_ref().and_then(summary::Latency::from_histogram);
-    let achieved_readings = c.readings_issued as f64 / secs;
+    let schedule_lag = lag.as_ref().and_then(summary::Latency::from_histogram);
     let verdict = verdict(
         &c,
         (achieved_readings, target_readings),
-        telemetry_sent,
+        schedule_lag.as_ref(),
         puback.as_ref(),
         cfg.max_inflight,
     );
@@ -491,6 +479,9 @@ fn summarize(
         achieved_msgs_per_sec: achieved,
         target_readings_per_sec: target_readings,
         achieved_readings_per_sec: achieved_readings,
+        acked_readings: c.readings_completed,
+        rate_span_ms: span.as_secs_f64() * 1000.0,
+        schedule_lag,
         behind_schedule: c.behind,
         max_lag_ms: c.max_lag_ms,
         puback,
@@ -512,54 +503,78 @@ fn summarize(
     }
 }
 
+fn merge_histogram(
+    all: &mut Option<hdrhistogram::Histogram<u64>>,
+    h: hdrhistogram::Histogram<u64>,
+) {
+    match all.as_mut() {
+        Some(all) => {
+            let _ = all.add(&h);
+        }
+        None => *all = Some(h),
+    }
+}
+
+/// A fleet's planned messages/s and readings/s: what its schedule asks for
+/// over its planned length.
+fn planned_rates(r: &FleetRun, o: &PublishOutcome) -> (f64, f64) {
+    let planned: u64 = (0..o.plan.devices)
+        .map(|i| {
+            let n = r.messages.get(i as usize).copied().unwrap_or(0);
+            o.plan.telemetry_sends(i, n)
+        })
+        .sum();
+    let planned_readings =
+        r.messages.iter().sum::<u64>() * u64::from(o.plan.readings_per_message.max(1));
+    let length = o
+        .plan
+        .planned_length_us()
+        .map(|us| us as f64 / 1e6)
+        .unwrap_or_else(|| {
+            let longest = r.messages.iter().copied().max().unwrap_or(0);
+            (o.plan.period_us.saturating_mul(longest)) as f64 / 1e6
+        });
+    if length > 0.0 {
+        (planned as f64 / length, planned_readings as f64 / length)
+    } else {
+        let per_sec = f64::from(o.plan.devices) * 1e6 / o.plan.period_us as f64;
+        (per_sec, per_sec * f64::from(o.plan.readings_per_message))
+    }
+}
+
 /// Whether the schedule was kept, and if not, which side fell behind: the
-/// broker (publishes waited for PUBACKs, or PUBACKs took seconds) or the
-/// simulator itself (publishes late with the broker answering promptly).
-/// Judged on readings, which backfill batching does not change.
+/// broker (publishes waited for PUBACKs, PUBACKs took seconds, or
+/// acknowledgements fell short of publishes made on time) or the simulator
+/// itself (publishes late with the broker answering promptly).
+///
+/// Kept means both: publishes no more than [`MAX_LAG_P99_MS`] behind their
+/// due time at the p99, and at least 98 % of the target acknowledged per
+/// second. Judged on readings, which backfill batching does not change.
 fn verdict(
     c: &DeviceCounters,
     (achieved, target): (f64, f64),
-    sent: u64,
+    lag: Option<&summary::Latency>,
     puback: Option<&summary::Latency>,
     window: usize,
 ) -> String {
     let on_rate = target <= 0.0 || achieved >= 0.98 * target;
-    let late_share = if sent > 0 {
-        c.behind as f64 / sent as f64
-    } else {
-        0.0
-    };
+    let (lag_p99, lag_max) = lag.map_or((0.0, 0.0), |l| (l.p99_ms, l.max_ms));
+    let on_time = lag_p99 <= MAX_LAG_P99_MS;
     let rate = format!(
-        "{achieved:.1} of {target:.1} readings/s ({:.1} %)",
+        "{achieved:.1} of {target:.1} readings/s acknowledged ({:.1} %)",
         100.0 * achieved / target.max(1e-9)
+    );
+    let lagging = format!(
+        "publish lag p99 {}, max {}",
+        seconds_or_ms(lag_p99),
+        seconds_or_ms(lag_max)
     );
     let p50 = puback.map_or(0.0, |l| l.p50_ms);
     let slow_acks = p50 > SLOW_PUBACK_MS;
-    let mut causes = Vec::new();
-    if c.window_waits > 0 || slow_acks {
-        causes.push(format!(
-            "the broker is not keeping up: PUBACK p50 {p50:.0} ms, {} publishes waited for a full in-flight window ({window} per device)",
-            c.window_waits
-        ));
-    }
-    if late_share >= 0.01 {
-        let also = if causes.is_empty() {
-            "the simulator fell behind its schedule"
-        } else {
-            "publishing also fell behind (the simulator shares the CPU with the broker here)"
-        };
-        causes.push(format!(
-            "{also}: {} publishes over 100 ms late, at most {} ms",
-            c.behind, c.max_lag_ms
-        ));
-    }
-    if on_rate {
-        let mut v = format!("kept the schedule: {rate}");
+    if on_rate && on_time {
+        let mut v = format!("kept the schedule: {rate}, {lagging}");
         if c.behind > 0 {
-            v.push_str(&format!(
-                "; {} publishes over 100 ms late, at most {} ms",
-                c.behind, c.max_lag_ms
-            ));
+            v.push_str(&format!("; {} publishes over 100 ms late", c.behind));
         }
         if slow_acks || c.window_waits > 0 {
             v.push_str(&format!(
@@ -569,14 +584,43 @@ fn verdict(
         }
         return v;
     }
-    if causes.is_empty() {
-        causes.push("the schedule ran long".into());
+    let mut causes = Vec::new();
+    // Publishes made on time but acknowledged too slowly: only the broker
+    // can be behind.
+    if c.window_waits > 0 || slow_acks || on_time {
+        causes.push(format!(
+            "the broker is not keeping up: PUBACK p50 {p50:.0} ms, {} publishes waited for a full in-flight window ({window} per device)",
+            c.window_waits
+        ));
     }
-    format!("{}; {rate}", causes.join("; "))
+    if !on_time && c.window_waits == 0 {
+        let who = if causes.is_empty() {
+            "the simulator fell behind its schedule"
+        } else {
+            "publishing also fell behind (the simulator shares the CPU with the broker here)"
+        };
+        causes.push(format!("{who}: {} publishes over 100 ms late", c.behind));
+    }
+    format!(
+        "did not keep the schedule: {lagging}, {rate}; {}",
+        causes.join("; ")
+    )
+}
+
+/// "850 ms" or "9.4 s".
+fn seconds_or_ms(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.1} s", ms / 1000.0)
+    } else {
+        format!("{ms:.0} ms")
+    }
 }
 
 /// PUBACKs slower than this (median) mean the broker is behind, not busy.
 const SLOW_PUBACK_MS: f64 = 1000.0;
+/// Publishes this far behind their due time at the p99 did not keep the
+/// schedule, whatever the rate.
+const MAX_LAG_P99_MS: f64 = 1000.0;
 
 /// What this run should change in `/v1/stats`, as ranges: uncertain
 /// decisions and retransmissions widen them.
@@ -656,10 +700,23 @@ mod tests {
     #[test]
     fn the_verdict_names_the_side_that_fell_behind() {
         let mut c = DeviceCounters::default();
-        let kept = verdict(&c, (995.0, 1000.0), 1000, Some(&latency(5.0)), 256);
+        let on_time = latency(5.0);
+        let kept = verdict(
+            &c,
+            (995.0, 1000.0),
+            Some(&on_time),
+            Some(&latency(5.0)),
+            256,
+        );
         assert!(kept.starts_with("kept the schedule"), "{kept}");
         c.behind = 500;
-        let late_but_on_rate = verdict(&c, (990.0, 1000.0), 1000, Some(&latency(5.0)), 256);
+        let late_but_on_rate = verdict(
+            &c,
+            (990.0, 1000.0),
+            Some(&latency(300.0)),
+            Some(&latency(5.0)),
+            256,
+        );
         assert!(
             late_but_on_rate.starts_with("kept the schedule"),
             "{late_but_on_rate}"
@@ -668,23 +725,61 @@ mod tests {
             late_but_on_rate.contains("500 publishes over 100 ms late"),
             "{late_but_on_rate}"
         );
-        let slow_broker = verdict(&c, (800.0, 1000.0), 1000, Some(&latency(8000.0)), 256);
+        // On rate, but publishes ran seconds behind at the p99: not kept.
+        let far_behind = verdict(
+            &c,
+            (1000.0, 1000.0),
+            Some(&latency(9400.0)),
+            Some(&latency(3.0)),
+            256,
+        );
         assert!(
-            slow_broker.starts_with("the broker is not keeping up"),
+            far_behind.starts_with("did not keep the schedule: publish lag p99 9.4 s"),
+            "{far_behind}"
+        );
+        assert!(
+            far_behind.contains("the simulator fell behind its schedule"),
+            "{far_behind}"
+        );
+        let slow_broker = verdict(
+            &c,
+            (800.0, 1000.0),
+            Some(&latency(2000.0)),
+            Some(&latency(8000.0)),
+            256,
+        );
+        assert!(
+            slow_broker.starts_with("did not keep the schedule"),
+            "{slow_broker}"
+        );
+        assert!(
+            slow_broker.contains("the broker is not keeping up"),
             "{slow_broker}"
         );
         assert!(
             slow_broker.contains("publishing also fell behind"),
             "{slow_broker}"
         );
-        let slow_sim = verdict(&c, (800.0, 1000.0), 1000, Some(&latency(3.0)), 256);
+        // Published on time, acknowledged at 54 %: the broker.
+        let short_acks = verdict(
+            &c,
+            (540.0, 1000.0),
+            Some(&on_time),
+            Some(&latency(300.0)),
+            256,
+        );
         assert!(
-            slow_sim.starts_with("the simulator fell behind"),
-            "{slow_sim}"
+            short_acks.contains("540.0 of 1000.0 readings/s acknowledged (54.0 %)"),
+            "{short_acks}"
+        );
+        assert!(
+            short_acks.contains("the broker is not keeping up"),
+            "{short_acks}"
         );
         c.behind = 0;
         c.window_waits = 7;
-        let full = verdict(&c, (990.0, 1000.0), 1000, Some(&latency(30.0)), 4);
+        let full = verdict(&c, (990.0, 1000.0), Some(&on_time), Some(&latency(30.0)), 4);
+        assert!(full.starts_with("kept the schedule"), "{full}");
         assert!(full.contains("7 publishes waited"), "{full}");
     }
 }

@@ -10,7 +10,8 @@ use crate::freshness::Freshness;
 use crate::resources::Usage;
 use crate::verify::VerifyReport;
 
-/// PUBACK latency percentiles, in milliseconds.
+/// Percentiles of a duration (PUBACK latency, schedule lag), in
+/// milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Latency {
     pub count: u64,
@@ -76,11 +77,24 @@ pub struct Summary {
     pub malformed_sent: u64,
     pub retransmissions: u64,
     pub reconnects: u64,
+    /// What the schedule asks for: planned messages over the planned length.
     pub target_msgs_per_sec: f64,
+    /// Telemetry messages acknowledged (QoS 1) or written (QoS 0) per
+    /// second of `rate_span_ms`.
     pub achieved_msgs_per_sec: f64,
     pub target_readings_per_sec: f64,
+    /// `acked_readings` per second of `rate_span_ms`.
     pub achieved_readings_per_sec: f64,
-    /// Publishes handed over more than 100 ms after their due time.
+    /// Readings in the telemetry messages acknowledged (QoS 1) or written
+    /// (QoS 0).
+    pub acked_readings: u64,
+    /// From the first publish to the last PUBACK (QoS 0: the last write),
+    /// real time: what the achieved rates divide by.
+    pub rate_span_ms: f64,
+    /// How far each publish ran behind its due time, from due to first
+    /// write (a publish never written: to the end of the run).
+    pub schedule_lag: Option<Latency>,
+    /// Publishes more than 100 ms behind their due time.
     pub behind_schedule: u64,
     pub max_lag_ms: i64,
     pub puback: Option<Latency>,
@@ -116,6 +130,29 @@ impl Summary {
     pub fn ok(&self) -> bool {
         self.failed == 0 && self.verify.as_ref().is_none_or(|v| v.ok)
     }
+}
+
+/// The freshness line: percentiles over every sample, and what missed.
+fn write_freshness(f: &mut fmt::Formatter<'_>, fr: &Freshness) -> fmt::Result {
+    let (Some(p50), Some(p99), Some(max)) = (fr.p50_ms, fr.p99_ms, fr.max_ms) else {
+        return writeln!(f, "freshness: no samples");
+    };
+    let missed = if fr.missed == 0 {
+        "none missed".to_string()
+    } else {
+        format!(
+            "{} missed: {} dropped, {} not visible within {:.0} s",
+            fr.missed,
+            fr.dropped,
+            fr.timed_out,
+            fr.timeout_ms as f64 / 1000.0
+        )
+    };
+    writeln!(
+        f,
+        "freshness: p50 {p50}, p99 {p99}, max {max} over {} samples (one publish in {}), {missed}; polled every {} ms",
+        fr.samples, fr.sample_every, fr.poll_ms
+    )
 }
 
 impl fmt::Display for Summary {
@@ -175,19 +212,25 @@ impl fmt::Display for Summary {
             self.retransmissions,
             self.reconnects
         )?;
+        let (done, last) = if self.qos == 0 {
+            ("written", "last write")
+        } else {
+            ("acknowledged", "last PUBACK")
+        };
         writeln!(
             f,
-            "rate: {:.1} msgs/s of {:.1} target, {:.1} readings/s of {:.1} target",
+            "rate: {:.1} msgs/s {done} over {:.2} s (first publish to {last}), target {:.1}; {:.1} readings/s, target {:.1}",
             self.achieved_msgs_per_sec,
+            self.rate_span_ms / 1000.0,
             self.target_msgs_per_sec,
             self.achieved_readings_per_sec,
             self.target_readings_per_sec
         )?;
-        if self.behind_schedule > 0 {
+        if let Some(l) = &self.schedule_lag {
             writeln!(
                 f,
-                "behind schedule: {} publishes more than 100 ms late, at most {} ms",
-                self.behind_schedule, self.max_lag_ms
+                "schedule lag: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} publishes more than 100 ms late",
+                l.p50_ms, l.p99_ms, l.max_ms, self.behind_schedule
             )?;
         }
         match &self.puback {
@@ -203,18 +246,7 @@ impl fmt::Display for Summary {
             writeln!(f, "refused by the broker: {} publishes", self.refused)?;
         }
         if let Some(fr) = &self.freshness {
-            match (fr.p50_ms, fr.p99_ms) {
-                (Some(p50), Some(p99)) => writeln!(
-                    f,
-                    "freshness: p50 {p50:.0} ms, p99 {p99:.0} ms ({} of {} samples visible, {} timed out, {} dropped; polled every {} ms)",
-                    fr.visible, fr.samples, fr.timed_out, fr.dropped, fr.poll_ms
-                )?,
-                _ => writeln!(
-                    f,
-                    "freshness: no sample became visible ({} samples)",
-                    fr.samples
-                )?,
-            }
+            write_freshness(f, fr)?;
         }
         writeln!(f, "elapsed: {:.2} s", self.elapsed_ms as f64 / 1000.0)?;
         writeln!(

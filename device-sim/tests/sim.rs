@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use device_sim::freshness::{FreshnessSample, Quantile};
 use device_sim::plan::{FaultConfig, MINUTE_MS};
 use device_sim::publish::codec::Protocol;
 use device_sim::publish::transport::{ClientCert, TlsOptions};
@@ -362,7 +363,7 @@ async fn a_scenario_with_a_storm_and_a_backfill_verifies_exactly() {
     .unwrap();
     let cfg = SimConfig {
         scenario: Some(scenario),
-        freshness_sample: 5,
+        freshness_sample: FreshnessSample::Every(5),
         ..config(&h, "unused")
     };
     let s = device_sim::run(cfg).await.unwrap();
@@ -379,4 +380,153 @@ async fn a_scenario_with_a_storm_and_a_backfill_verifies_exactly() {
     assert_eq!(stats.accepted_readings, s.readings_sent);
     let f = s.freshness.as_ref().unwrap();
     assert!(f.visible > 0 && f.p50_ms.is_some(), "{f:?}");
+    assert_eq!((f.dropped, f.missed), (0, 0), "{f:?}");
+}
+
+/// A broker that acknowledges one PUBLISH per 20 ms per connection allows
+/// 50 msgs/s a device, whatever the schedule asks.
+const SLOW_PUBACK: Duration = Duration::from_millis(20);
+
+/// Four devices at 100 msgs/s each; the test makes the broker slow.
+fn slow_broker_config(h: &Harness, fleet: &str) -> SimConfig {
+    SimConfig {
+        devices: 4,
+        rate: Rate::PerDevice(100.0),
+        verify: None,
+        ..config(h, fleet)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_broker_shows_in_the_acknowledged_rate_and_the_verdict() {
+    let h = Harness::start().await;
+    *h.pipeline.puback_every.lock().unwrap() = Some(SLOW_PUBACK);
+    let cfg = SimConfig {
+        stop: Stop::Count(60),
+        ..slow_broker_config(&h, "slow1")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert_eq!(s.acked, 240);
+    // Each device's 60 PUBACKs come 20 ms apart, so they take at least
+    // 1.18 s: about 200 msgs/s for the fleet, against 400 planned.
+    let min_span = SLOW_PUBACK * 59;
+    assert!((s.target_msgs_per_sec - 400.0).abs() < 1.0, "{s}");
+    assert!(s.rate_span_ms >= min_span.as_secs_f64() * 1000.0, "{s}");
+    assert!(
+        s.achieved_msgs_per_sec <= 240.0 / min_span.as_secs_f64() * 1.001,
+        "{s}"
+    );
+    // What the broker itself saw: from the first PUBLISH it received to
+    // the last PUBACK it sent.
+    let first = h.pipeline.first_publish.lock().unwrap().unwrap();
+    let last = h.pipeline.last_puback.lock().unwrap().unwrap();
+    let broker_rate = 240.0 / (last - first).as_secs_f64();
+    assert!(
+        (s.achieved_msgs_per_sec / broker_rate - 1.0).abs() < 0.05,
+        "broker saw {broker_rate:.1} msgs/s: {s}"
+    );
+    assert!(s.achieved_msgs_per_sec < 0.6 * s.target_msgs_per_sec, "{s}");
+    // Every publish went out on time: the broker alone fell behind.
+    assert!(s.schedule_lag.unwrap().p99_ms < 1000.0, "{s}");
+    assert!(
+        s.verdict
+            .starts_with("did not keep the schedule: publish lag p99"),
+        "{s}"
+    );
+    assert!(s.verdict.contains("the broker is not keeping up"), "{s}");
+    assert!(
+        s.to_string().contains(" msgs/s acknowledged over 1."),
+        "{s}"
+    );
+    assert!(
+        s.to_string()
+            .contains("(first publish to last PUBACK), target 400.0"),
+        "{s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_held_back_by_a_full_window_count_as_schedule_lag() {
+    let h = Harness::start().await;
+    *h.pipeline.puback_every.lock().unwrap() = Some(SLOW_PUBACK);
+    // Two in flight: each publish waits for the PUBACK two before it, so
+    // the 150th goes out about 1.5 s behind its due time.
+    let cfg = SimConfig {
+        stop: Stop::Count(150),
+        max_inflight: 2,
+        ..slow_broker_config(&h, "slow2")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let lag = s.schedule_lag.unwrap();
+    assert_eq!(lag.count, 600);
+    assert!(lag.p99_ms > 1000.0 && lag.max_ms > 1300.0, "{s}");
+    assert!(s.behind_schedule > 0, "{s}");
+    assert!(lag.p50_ms < lag.p99_ms, "{s}");
+    assert!(s.window_waits > 0, "{s}");
+    assert!(
+        s.verdict
+            .starts_with("did not keep the schedule: publish lag p99 1."),
+        "{s}"
+    );
+    assert!(s.verdict.contains("the broker is not keeping up"), "{s}");
+    assert!(!s.verdict.contains("the simulator fell behind"), "{s}");
+    let j = serde_json::to_value(&s).unwrap();
+    assert!(j["schedule_lag"]["p99_ms"].as_f64().unwrap() > 1000.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_counts_samples_the_api_never_shows_as_misses() {
+    let h = Harness::start().await;
+    h.pipeline
+        .hidden_devices
+        .lock()
+        .unwrap()
+        .extend(["fr1-d00003".to_string(), "fr1-d00007".to_string()]);
+    let cfg = SimConfig {
+        devices: 10,
+        freshness_sample: FreshnessSample::Every(1),
+        verify_timeout: Duration::from_secs(2),
+        ..config(&h, "fr1")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let f = s.freshness.as_ref().unwrap();
+    // Every publish sampled; the two hidden devices' 20 never seen.
+    assert_eq!(
+        (f.samples, f.visible, f.missed, f.timed_out, f.dropped),
+        (100, 80, 20, 20, 0),
+        "{f:?}"
+    );
+    assert!(matches!(f.p50_ms, Some(Quantile::Ms(_))), "{f:?}");
+    assert_eq!(f.p99_ms, Some(Quantile::Missed));
+    let text = s.to_string();
+    assert!(text.contains("p99 missed"), "{text}");
+    assert!(
+        text.contains("20 missed: 0 dropped, 20 not visible"),
+        "{text}"
+    );
+    let j = serde_json::to_value(&s).unwrap();
+    assert_eq!(j["freshness"]["p99_ms"], "missed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_samples_every_nth_publish_when_messages_share_a_millisecond() {
+    let h = Harness::start().await;
+    // 4 messages per device per millisecond: only the first of each
+    // millisecond can be told apart by the latest ts, so a sample's turn
+    // passes to it rather than being lost.
+    let cfg = SimConfig {
+        devices: 2,
+        rate: Rate::PerDevice(4000.0),
+        stop: Stop::Count(400),
+        freshness_sample: FreshnessSample::Every(20),
+        ..config(&h, "fr2")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let f = s.freshness.as_ref().unwrap();
+    assert!(f.samples >= 38 && f.samples <= 40, "{f:?}");
+    assert_eq!(f.missed, 0, "{f:?}");
 }

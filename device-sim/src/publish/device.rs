@@ -46,6 +46,8 @@ pub struct DeviceCounters {
     pub issued: u64,
     pub completed: u64,
     pub telemetry_completed: u64,
+    /// Readings in telemetry messages acknowledged (or written, at QoS 0).
+    pub readings_completed: u64,
     pub readings_issued: u64,
     pub duplicates_issued: u64,
     pub malformed_issued: u64,
@@ -64,7 +66,8 @@ pub struct DeviceCounters {
     pub window_waits: u64,
     /// The most a send was written after its due time.
     pub max_lag_ms: i64,
-    /// Sends written more than 100 ms after their due time.
+    /// Sends written more than 100 ms after their due time (or never
+    /// written, and that far behind when the run ended).
     pub behind: u64,
     pub last_error: Option<String>,
 }
@@ -74,6 +77,7 @@ impl DeviceCounters {
         self.issued += c.issued;
         self.completed += c.completed;
         self.telemetry_completed += c.telemetry_completed;
+        self.readings_completed += c.readings_completed;
         self.readings_issued += c.readings_issued;
         self.duplicates_issued += c.duplicates_issued;
         self.malformed_issued += c.malformed_issued;
@@ -97,8 +101,12 @@ impl DeviceCounters {
 pub struct DeviceOutcome {
     pub counters: DeviceCounters,
     pub exceptions: Exceptions,
-    /// How late its last send was written.
-    pub final_lag: Duration,
+    /// When its first telemetry message was first written: where the
+    /// achieved rate's time starts.
+    pub first_publish: Option<Instant>,
+    /// When its last telemetry message was acknowledged (QoS 1) or written
+    /// (QoS 0): where the achieved rate's time ends.
+    pub last_done: Option<Instant>,
 }
 
 /// Everything the devices of one fleet share.
@@ -199,7 +207,25 @@ struct Device {
     announced: Option<mpsc::UnboundedSender<u32>>,
     /// Sends handed over so far: the freshness sample is every n-th.
     sent_telemetry: u64,
+    /// Where this device's freshness samples fall within each `every`
+    /// sends, so that the fleet's samples spread over time.
+    sample_offset: u64,
+    /// The newest reading ts this device has written.
+    newest_ts: i64,
+    /// A sample is due, waiting for a message newer than `newest_ts`.
+    sample_wanted: bool,
+    /// The schedule's clock: an instant and the wall-clock µs it stands
+    /// for, set when the run starts (due times are wall-clock µs).
+    schedule_origin: Option<(Instant, i64)>,
+    /// Lags behind due time (µs) not yet handed to the fleet's histogram:
+    /// batched, so that publishing takes the shared lock rarely.
+    lags: Vec<u64>,
+    first_publish: Option<Instant>,
+    last_done: Option<Instant>,
 }
+
+/// Lags a device collects before recording them in the fleet's histogram.
+const LAG_BATCH: usize = 64;
 
 /// Runs device `index`: connects, waits for the plan on `start`, publishes
 /// its schedule and waits for its PUBACKs.
@@ -235,7 +261,19 @@ pub async fn run(
         exceptions: Exceptions::default(),
         announced: Some(connected),
         sent_telemetry: 0,
+        sample_offset: 0,
+        newest_ts: i64::MIN,
+        sample_wanted: false,
+        schedule_origin: None,
+        lags: Vec::new(),
+        first_publish: None,
+        last_done: None,
     };
+    if let Some((every, _)) = &dev.env.freshness {
+        // A multiplicative hash spreads the devices' offsets over the
+        // whole interval, rather than bunching them at its start.
+        dev.sample_offset = u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15) % (*every).max(1);
+    }
     drop(plan);
 
     // Until the run starts: stay connected.
@@ -248,7 +286,7 @@ pub async fn run(
                 if changed.is_err() {
                     // The run was called off before it started.
                     dev.close().await;
-                    return dev.outcome(Duration::ZERO);
+                    return dev.outcome();
                 }
             }
             () = dev.serve(None, false) => {}
@@ -259,8 +297,8 @@ pub async fn run(
     let offline = plan.offline_windows(index);
     let storms = plan.storm_times(index);
     let (mut next_offline, mut next_storm) = (0usize, 0usize);
-    let mut lag = Duration::ZERO;
     let origin = (Instant::now(), crate::now_us());
+    dev.schedule_origin = Some(origin);
     let at = |us: i64| {
         let ahead = (us - origin.1).max(0) as u64;
         origin.0 + Duration::from_micros(ahead)
@@ -291,21 +329,45 @@ pub async fn run(
             };
         } else if let Some(send) = sends.next() {
             dev.submit(send);
-            lag = Instant::now().saturating_duration_since(at(due));
         }
     }
     let deadline = Instant::now() + dev.env.ack_timeout;
     dev.serve(Some(deadline), true).await;
     dev.close().await;
-    dev.outcome(lag)
+    dev.outcome()
 }
 
 impl Device {
-    fn outcome(self, final_lag: Duration) -> DeviceOutcome {
+    fn outcome(mut self) -> DeviceOutcome {
+        self.env.shared.record_lags(&self.lags);
+        self.lags.clear();
         DeviceOutcome {
             counters: self.counters,
             exceptions: self.exceptions,
-            final_lag,
+            first_publish: self.first_publish,
+            last_done: self.last_done,
+        }
+    }
+
+    /// How far behind its due time a send is at `now`, in µs.
+    fn lag_us(&self, due_us: i64, now: Instant) -> u64 {
+        let Some((at, at_us)) = self.schedule_origin else {
+            return 0;
+        };
+        let due = at + Duration::from_micros((due_us - at_us).max(0) as u64);
+        now.saturating_duration_since(due).as_micros() as u64
+    }
+
+    fn note_lag(&mut self, lag_us: u64) {
+        let lag_ms = (lag_us / 1000) as i64;
+        self.counters.max_lag_ms = self.counters.max_lag_ms.max(lag_ms);
+        if lag_ms > 100 {
+            self.counters.behind += 1;
+        }
+        self.lags.push(lag_us);
+        if self.lags.len() >= LAG_BATCH {
+            self.env.shared.record_lags(&self.lags);
+            self.lags.clear();
         }
     }
 
@@ -417,6 +479,8 @@ impl Device {
             let hi = done_ms + self.env.skew_ms + self.env.slack_ms;
             self.exceptions
                 .record_arrival(self.index, m, lo, hi, self.env.allowed_lateness_ms);
+            self.counters.readings_completed += m.readings.len() as u64;
+            self.last_done = Some(Instant::now());
         }
     }
 
@@ -470,10 +534,10 @@ impl Device {
             }
             if !again {
                 p.first_write_ms = now_ms;
-                let lag = now_ms - p.send.due_us.div_euclid(1000);
-                self.counters.max_lag_ms = self.counters.max_lag_ms.max(lag);
-                if lag > 100 {
-                    self.counters.behind += 1;
+                let lag_us = self.lag_us(p.send.due_us, now);
+                self.note_lag(lag_us);
+                if matches!(p.send.kind, SendKind::Telemetry(_)) {
+                    self.first_publish.get_or_insert(now);
                 }
                 self.sample(&p, now);
             }
@@ -509,20 +573,29 @@ impl Device {
             return;
         };
         self.sent_telemetry += 1;
+        let Some(newest) = m.readings.iter().map(|r| r.ts).max() else {
+            return;
+        };
+        // The probe sees a reading by the device's latest ts reaching it,
+        // which tells nothing about a reading no newer than one already
+        // sent (several messages share a millisecond above 1,000 msgs/s).
+        // Such a turn passes to the next message that is newer.
+        let advances = newest > self.newest_ts;
+        self.newest_ts = self.newest_ts.max(newest);
         let Some((every, tx)) = &self.env.freshness else {
             return;
         };
-        // Devices are offset so that the fleet's samples spread over time.
         let every = (*every).max(1);
-        if !(self.sent_telemetry + u64::from(self.index)).is_multiple_of(every) {
+        if (self.sent_telemetry + self.sample_offset).is_multiple_of(every) {
+            self.sample_wanted = true;
+        }
+        if !self.sample_wanted || !advances {
             return;
         }
-        let Some(last) = m.readings.iter().max_by_key(|r| r.ts) else {
-            return;
-        };
+        self.sample_wanted = false;
         let sample = Sample {
             device_id: self.device_id.clone(),
-            ts: last.ts,
+            ts: newest,
             written: now,
         };
         if tx.try_send(sample).is_err() {
@@ -666,8 +739,19 @@ impl Device {
     async fn close(&mut self) {
         self.say_goodbye().await;
         self.link = Link::Offline;
-        for p in self.inflight.drain(..).chain(self.queued.drain(..)) {
+        let now = Instant::now();
+        let pending: Vec<Pending> = self
+            .inflight
+            .drain(..)
+            .chain(self.queued.drain(..))
+            .collect();
+        for p in pending {
             self.counters.failed += 1;
+            if p.first_write_ms == 0 {
+                // Never written: it ran at least this far behind.
+                let lag_us = self.lag_us(p.send.due_us, now);
+                self.note_lag(lag_us);
+            }
             if let SendKind::Telemetry(m) = &p.send.kind {
                 for r in &m.readings {
                     self.exceptions

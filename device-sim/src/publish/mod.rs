@@ -37,6 +37,9 @@ use transport::{TlsOptions, TlsSetup};
 pub struct FleetShared {
     /// PUBACK latency in µs, from the PUBLISH being written to its PUBACK.
     latency: Mutex<Histogram<u64>>,
+    /// Every send's lag in µs, from its due time to its first write: how
+    /// far behind schedule publishing ran.
+    lag: Mutex<Histogram<u64>>,
     /// Telemetry messages handed to their connections, for the progress line.
     pub issued: AtomicU64,
     /// Telemetry messages acknowledged (or written, at QoS 0).
@@ -51,6 +54,7 @@ impl FleetShared {
     pub fn new() -> anyhow::Result<Self> {
         Ok(FleetShared {
             latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
+            lag: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
             issued: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             connected: AtomicU32::new(0),
@@ -62,6 +66,21 @@ impl FleetShared {
         let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
         let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
         let _ = h.record(us);
+    }
+
+    /// Records lags in µs (0: on time).
+    pub fn record_lags(&self, lags_us: &[u64]) {
+        if lags_us.is_empty() {
+            return;
+        }
+        let mut h = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        for &us in lags_us {
+            let _ = h.record(us.min(3_600_000_000));
+        }
+    }
+
+    pub fn lag(&self) -> Histogram<u64> {
+        self.lag.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn latency(&self) -> Histogram<u64> {
@@ -166,9 +185,11 @@ pub struct PublishOutcome {
     pub plan: RunPlan,
     pub counters: DeviceCounters,
     pub exceptions: Exceptions,
-    /// The time the schedule took: its planned length plus how late its
-    /// last send went out.
-    pub publish_window: Duration,
+    /// When the first telemetry message was first written, and when the
+    /// last was acknowledged (QoS 1) or written (QoS 0): the real time the
+    /// achieved rate is measured over.
+    pub first_publish: Option<Instant>,
+    pub last_done: Option<Instant>,
     /// From the schedule's start to the last PUBACK (or the ack timeout).
     pub elapsed: Duration,
     /// Devices that had not connected when the schedule started.
@@ -309,36 +330,34 @@ impl Fleet {
     }
 
     /// Waits for every device to finish and sums up.
-    pub async fn finish(
-        self,
-        messages: &[u64],
-        started: Instant,
-    ) -> anyhow::Result<PublishOutcome> {
+    pub async fn finish(self, started: Instant) -> anyhow::Result<PublishOutcome> {
         let mut counters = DeviceCounters::default();
         let mut exceptions = Exceptions::default();
-        let mut final_lag = Duration::ZERO;
+        let (mut first_publish, mut last_done) = (None, None);
         for t in self.tasks {
             let o = t.await.context("a device's task panicked")?;
             counters.add(&o.counters);
             exceptions.merge(o.exceptions);
-            final_lag = final_lag.max(o.final_lag);
+            first_publish = earliest(first_publish, o.first_publish);
+            last_done = last_done.max(o.last_done);
         }
-        let elapsed = started.elapsed();
-        let planned = match self.plan.planned_length_us() {
-            Some(us) => Duration::from_micros(us),
-            None => {
-                let longest = messages.iter().copied().max().unwrap_or(0);
-                Duration::from_micros(self.plan.period_us.saturating_mul(longest))
-            }
-        };
         Ok(PublishOutcome {
             plan: self.plan,
             counters,
             exceptions,
-            publish_window: planned + final_lag,
-            elapsed,
+            first_publish,
+            last_done,
+            elapsed: started.elapsed(),
             not_connected: self.not_connected,
         })
+    }
+}
+
+/// The earlier of two instants, either of which may be unknown.
+pub fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

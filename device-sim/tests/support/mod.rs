@@ -83,6 +83,16 @@ pub struct Pipeline {
     pub client_certs: std::sync::atomic::AtomicU64,
     /// Source addresses connections came from.
     pub peers: Mutex<std::collections::BTreeSet<std::net::IpAddr>>,
+    /// A slow broker: each connection acknowledges one PUBLISH per this
+    /// long at most, in order.
+    pub puback_every: Mutex<Option<std::time::Duration>>,
+    /// The first PUBLISH received and the last PUBACK sent, on any
+    /// connection: the broker's own view of a run's rate.
+    pub first_publish: Mutex<Option<tokio::time::Instant>>,
+    pub last_puback: Mutex<Option<tokio::time::Instant>>,
+    /// Devices `GET /v1/devices/{id}` never shows (404), though their
+    /// readings are stored and their windows served.
+    pub hidden_devices: Mutex<HashSet<String>>,
 }
 
 impl Pipeline {
@@ -414,6 +424,8 @@ async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: 
     let mut out = BytesMut::new();
     let mut device = String::new();
     let mut level: Option<u8> = None;
+    // When the slow broker may send its next PUBACK.
+    let mut next_ack = tokio::time::Instant::now();
     loop {
         loop {
             if level.is_none() {
@@ -481,6 +493,11 @@ async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: 
                     }
                 }
                 Ok(In::Publish(topic, payload, qos, pkid)) => {
+                    pipeline
+                        .first_publish
+                        .lock()
+                        .unwrap()
+                        .get_or_insert_with(tokio::time::Instant::now);
                     pipeline.ingest(&topic, &payload, now_ms());
                     let drop_now = {
                         let mut f = pipeline.faults.lock().unwrap();
@@ -503,6 +520,22 @@ async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: 
                         return;
                     }
                     if qos == QoS::AtLeastOnce {
+                        let every = *pipeline.puback_every.lock().unwrap();
+                        if let Some(every) = every {
+                            // Serialized: one PUBACK per interval, each
+                            // written on its own. A timer that fires late
+                            // does not slow the cadence; an idle spell
+                            // does not earn a burst.
+                            let now = tokio::time::Instant::now();
+                            next_ack = next_ack.max(now - every) + every;
+                            if stream.write_all(&out).await.is_err() {
+                                return;
+                            }
+                            out.clear();
+                            tokio::time::sleep_until(next_ack).await;
+                            *pipeline.last_puback.lock().unwrap() =
+                                Some(tokio::time::Instant::now());
+                        }
                         if v5 {
                             mqttbytes5::v5::PubAck::new(pkid, None)
                                 .write(&mut out)
@@ -587,13 +620,14 @@ async fn device_windows(
 }
 
 async fn device_latest(State(p): State<Arc<Pipeline>>, Path(id): Path<String>) -> Response {
+    let hidden = p.hidden_devices.lock().unwrap().contains(&id);
     let latest = p.latest.lock().unwrap();
     let metrics: BTreeMap<String, Value> = latest
         .iter()
         .filter(|((d, _), _)| *d == id)
         .map(|((_, m), (ts, v))| (m.clone(), json!({"ts": ts, "value": v})))
         .collect();
-    if metrics.is_empty() {
+    if metrics.is_empty() || hidden {
         return (
             StatusCode::NOT_FOUND,
             Json(json!({"status": 404, "detail": format!("unknown device {id}")})),
