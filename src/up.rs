@@ -194,6 +194,12 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let Some(mqtt_addr) = plain_addr.or(tls_addr) else {
         anyhow::bail!("no MQTT listener: mqtt.plain is off and mqtt.tls_listen is not set");
     };
+    // Which messages the processors may refuse by time, so that the endpoint
+    // keeps their client id and raw payload for the dead letter.
+    let lateness = ingest::LatenessConfig {
+        allowed_lateness_ms: aggregate.allowed_lateness_ms,
+        future_tolerance_ms: aggregate.future_tolerance_ms,
+    };
     let http = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
@@ -247,6 +253,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         max_inflight: config.mqtt.max_inflight,
         commit_interval: config.mqtt.commit_interval,
         authorizer,
+        lateness,
         ..ingest::EndpointConfig::default()
     };
     let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
@@ -279,7 +286,8 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
 
     let bridge = match bridge {
         None => None,
-        Some(bc) => {
+        Some(mut bc) => {
+            bc.lateness = lateness;
             let (stop, rx) = oneshot::channel::<()>();
             let task = tokio::spawn(ingest::bridge::run(
                 bc,
