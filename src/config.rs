@@ -55,7 +55,7 @@ pub struct MqttConfig {
     pub max_inflight: usize,
     /// The least time between two durable writes; zero writes whenever the
     /// stream can take another.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration_text")]
     pub commit_interval: Duration,
     /// Serve plain MQTT on `listen`; off, only the TLS listener runs.
     pub plain: bool,
@@ -128,7 +128,7 @@ pub struct HttpConfig {
     /// Requests served at once; more are answered 503 at once.
     pub max_concurrent: usize,
     /// The longest a request may take.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration_text")]
     pub timeout: Duration,
 }
 
@@ -149,7 +149,7 @@ pub struct StreamConfig {
     /// Shards of the embedded log, fixed when the data directory is created.
     pub shards: u32,
     /// How long the stream keeps records.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration_text")]
     pub retention: Duration,
     /// Sync appends to disk before acknowledging them (off: an acknowledged
     /// reading survives a crash of iotpipe but not of the machine).
@@ -172,12 +172,13 @@ pub struct AggregateSettings {
     /// Stored window lengths, finest first; each a multiple of the finest.
     pub resolutions: Vec<String>,
     /// How long after its end a window still takes readings.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration_text")]
     pub allowed_lateness: Duration,
     /// How long windows are kept after their end, one per resolution.
+    #[serde(serialize_with = "duration_text::serialize_all")]
     pub retention: Vec<humantime_serde::Serde<Duration>>,
     /// How long refused messages are kept for inspection.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration_text")]
     pub dead_letter_retention: Duration,
     /// At most this many dead letters are kept per reason.
     pub dead_letters_per_reason: usize,
@@ -193,6 +194,53 @@ impl Default for AggregateSettings {
             dead_letter_retention: ms(d.dead_letter_retention_ms),
             dead_letters_per_reason: 10_000,
         }
+    }
+}
+
+/// Durations in a config file: read as humantime reads them (`90days`,
+/// `1h 30m`), written in the largest unit that divides them (`90d`, `90m`).
+/// humantime's own output counts months of 30.44 days, which turns a file's
+/// `90days` into `2months 29days 2h 52m 48s` in `iotpipe config check`.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    const UNITS: [(&str, u128); 6] = [
+        ("d", 86_400_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("m", 60_000_000_000),
+        ("s", 1_000_000_000),
+        ("ms", 1_000_000),
+        ("us", 1_000),
+    ];
+
+    pub fn format(d: Duration) -> String {
+        let ns = d.as_nanos();
+        if ns == 0 {
+            return "0s".into();
+        }
+        for (unit, size) in UNITS {
+            if ns.is_multiple_of(size) {
+                return format!("{}{unit}", ns / size);
+            }
+        }
+        format!("{ns}ns")
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        humantime_serde::deserialize(d)
+    }
+
+    pub fn serialize_all<S: Serializer>(
+        ds: &[humantime_serde::Serde<Duration>],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(ds.iter().map(|d| format(**d)))
     }
 }
 
@@ -213,7 +261,7 @@ pub struct ProcessorSettings {
     /// means fewer writes (a busy window is written once per interval) and a
     /// longer replay after a crash; queries see applied readings at once
     /// either way.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "duration_text")]
     pub flush_interval: Duration,
 }
 
@@ -461,6 +509,27 @@ mod tests {
     fn unknown_keys_are_errors() {
         let err = toml::from_str::<Config>("[mqtt]\nlisten_addr = \"0.0.0.0:1\"\n").unwrap_err();
         assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn durations_print_in_their_largest_whole_unit() {
+        let file = "[stream]\nretention = \"36h\"\n[aggregate]\nallowed_lateness = \"90min\"\nretention = [\"7days\", \"90days\", \"1098days\"]\n[processor]\nflush_interval = \"1500ms\"\n";
+        let parsed: Config = toml::from_str(file).unwrap();
+        let printed = toml::to_string_pretty(&parsed).unwrap();
+        for line in [
+            r#"retention = "36h""#,
+            r#"allowed_lateness = "90m""#,
+            // `to_string_pretty` puts each element of an array on a line.
+            "\"7d\",\n",
+            "\"90d\",\n",
+            "\"1098d\",\n",
+            r#"flush_interval = "1500ms""#,
+            r#"commit_interval = "0s""#,
+        ] {
+            assert!(printed.contains(line), "no `{line}` in:\n{printed}");
+        }
+        assert_eq!(toml::from_str::<Config>(&printed).unwrap(), parsed);
+        assert_eq!(duration_text::format(Duration::from_nanos(1_500)), "1500ns");
     }
 
     #[test]

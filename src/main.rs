@@ -45,6 +45,7 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CostArgs {
+    /// Devices in the fleet, each with its own MQTT connection.
     #[arg(long, default_value_t = 1000)]
     devices: u64,
     /// Messages per device per second (0.0167 is one a minute).
@@ -56,6 +57,8 @@ struct CostArgs {
     /// Topic bytes per message, metered with the payload.
     #[arg(long, default_value_t = 30)]
     topic_bytes: u64,
+    /// Readings per message: above 1, devices batch them as
+    /// `{"readings": [...]}`, fewer and larger messages.
     #[arg(long, default_value_t = 1)]
     readings_per_message: u64,
     /// Publish through IoT Core's Basic Ingest (`$aws/rules/...`): no messaging charge.
@@ -74,6 +77,8 @@ struct CostArgs {
     /// DynamoDB write units per item write.
     #[arg(long, default_value_t = 1.0)]
     write_units_per_write: f64,
+    /// Kinesis capacity mode: on-demand (billed per stream hour and GB) or
+    /// provisioned (billed per shard hour, sized to the load).
     #[arg(long, value_enum, default_value = "on-demand")]
     kinesis: iotpipe::cost::KinesisMode,
     /// Most records per Lambda invocation (the template's BatchSize).
@@ -84,6 +89,8 @@ struct CostArgs {
     /// each window less often, at the cost of freshness.
     #[arg(long, default_value_t = 1.0)]
     batching_window: f64,
+    /// Memory of the aggregate Lambda function, in MB: duration is billed
+    /// per GB-second.
     #[arg(long, default_value_t = 256)]
     lambda_memory_mb: u64,
     /// Billed milliseconds of an invocation before its store writes.

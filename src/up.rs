@@ -86,9 +86,90 @@ pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
     start_with(config, Hooks::default()).await
 }
 
+/// What `start_with` reads from the configuration and the files it names,
+/// checked before anything starts: a bad file is reported before a listener
+/// binds or a task runs, not on the way out of a half-started pipeline.
+struct CheckedConfig {
+    aggregate: Arc<processors::AggregateConfig>,
+    tls: Option<(SocketAddr, ingest::tls::TlsAcceptor)>,
+    authorizer: Arc<dyn ingest::Authorizer>,
+    bridge: Option<ingest::bridge::BridgeConfig>,
+    tokens: Option<Tokens>,
+}
+
+fn check(config: &Config) -> anyhow::Result<CheckedConfig> {
+    let aggregate = Arc::new(config.aggregate()?);
+    if !config.mqtt.plain && config.mqtt.tls_listen.is_none() {
+        anyhow::bail!("no MQTT listener: mqtt.plain is off and mqtt.tls_listen is not set");
+    }
+    let mut tls = None;
+    if let Some(addr) = config.mqtt.tls_listen {
+        let (Some(cert), Some(key)) = (&config.mqtt.tls_cert, &config.mqtt.tls_key) else {
+            anyhow::bail!("mqtt.tls_listen needs mqtt.tls_cert and mqtt.tls_key");
+        };
+        let acceptor = ingest::tls::acceptor(&ingest::tls::TlsConfig {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: config.mqtt.tls_client_ca.clone(),
+            require_client_cert: config.mqtt.tls_require_client_cert,
+        })
+        .context("MQTT TLS listener")?;
+        tls = Some((addr, acceptor));
+    }
+    let authorizer: Arc<dyn ingest::Authorizer> = match &config.mqtt.users_file {
+        Some(path) => Arc::new(
+            ingest::UsersFile::load(path)
+                .with_context(|| format!("MQTT users file {}", path.display()))?,
+        ),
+        None if config.mqtt.tls_require_client_cert => Arc::new(ingest::ClientCertificates),
+        None => Arc::new(ingest::AllowAll),
+    };
+    let bridge = match &config.broker.url {
+        None => None,
+        Some(url) => {
+            let mut bc = ingest::bridge::BridgeConfig::new(url)
+                .with_context(|| format!("broker URL {url}"))?;
+            bc.client_id.clone_from(&config.broker.client_id);
+            bc.username.clone_from(&config.broker.username);
+            if let Some(path) = &config.broker.password_file {
+                let password = std::fs::read_to_string(path).with_context(|| {
+                    format!("cannot read broker password file {}", path.display())
+                })?;
+                bc.password = Some(password.trim_end().to_string());
+            }
+            Some(bc)
+        }
+    };
+    let tokens = match &config.http.token_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read API token file {}", path.display()))?;
+            Some(
+                Tokens::parse(&text)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("API token file {}", path.display()))?,
+            )
+        }
+    };
+    Ok(CheckedConfig {
+        aggregate,
+        tls,
+        authorizer,
+        bridge,
+        tokens,
+    })
+}
+
 /// [`start`], with each stage's backend passed through `hooks`.
 pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipeline> {
-    let aggregate = Arc::new(config.aggregate()?);
+    let CheckedConfig {
+        aggregate,
+        tls,
+        authorizer,
+        bridge,
+        tokens,
+    } = check(config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let stream = Arc::new(Stream::open(config).await?);
@@ -103,17 +184,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         listeners.push(ingest::Listener::tcp(socket));
     }
     let mut tls_addr = None;
-    if let Some(addr) = config.mqtt.tls_listen {
-        let (Some(cert), Some(key)) = (&config.mqtt.tls_cert, &config.mqtt.tls_key) else {
-            anyhow::bail!("mqtt.tls_listen needs mqtt.tls_cert and mqtt.tls_key");
-        };
-        let acceptor = ingest::tls::acceptor(&ingest::tls::TlsConfig {
-            cert: cert.clone(),
-            key: key.clone(),
-            client_ca: config.mqtt.tls_client_ca.clone(),
-            require_client_cert: config.mqtt.tls_require_client_cert,
-        })
-        .context("MQTT TLS listener")?;
+    if let Some((addr, acceptor)) = tls {
         let socket = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen for MQTT over TLS on {addr}"))?;
@@ -122,6 +193,12 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     }
     let Some(mqtt_addr) = plain_addr.or(tls_addr) else {
         anyhow::bail!("no MQTT listener: mqtt.plain is off and mqtt.tls_listen is not set");
+    };
+    // Which messages the processors may refuse by time, so that the endpoint
+    // keeps their client id and raw payload for the dead letter.
+    let lateness = ingest::LatenessConfig {
+        allowed_lateness_ms: aggregate.allowed_lateness_ms,
+        future_tolerance_ms: aggregate.future_tolerance_ms,
     };
     let http = TcpListener::bind(config.http.listen)
         .await
@@ -171,19 +248,12 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     }
 
     let ingest_metrics = Arc::new(ingest::IngestMetrics::new());
-    let authorizer: Arc<dyn ingest::Authorizer> = match &config.mqtt.users_file {
-        Some(path) => Arc::new(
-            ingest::UsersFile::load(path)
-                .with_context(|| format!("MQTT users file {}", path.display()))?,
-        ),
-        None if config.mqtt.tls_require_client_cert => Arc::new(ingest::ClientCertificates),
-        None => Arc::new(ingest::AllowAll),
-    };
     let endpoint = ingest::EndpointConfig {
         max_connections: config.mqtt.max_connections,
         max_inflight: config.mqtt.max_inflight,
         commit_interval: config.mqtt.commit_interval,
         authorizer,
+        lateness,
         ..ingest::EndpointConfig::default()
     };
     let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
@@ -214,19 +284,10 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         })
     };
 
-    let bridge = match &config.broker.url {
+    let bridge = match bridge {
         None => None,
-        Some(url) => {
-            let mut bc = ingest::bridge::BridgeConfig::new(url)
-                .with_context(|| format!("broker URL {url}"))?;
-            bc.client_id.clone_from(&config.broker.client_id);
-            bc.username.clone_from(&config.broker.username);
-            if let Some(path) = &config.broker.password_file {
-                let password = std::fs::read_to_string(path).with_context(|| {
-                    format!("cannot read broker password file {}", path.display())
-                })?;
-                bc.password = Some(password.trim_end().to_string());
-            }
+        Some(mut bc) => {
+            bc.lateness = lateness;
             let (stop, rx) = oneshot::channel::<()>();
             let task = tokio::spawn(ingest::bridge::run(
                 bc,
@@ -240,18 +301,6 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         }
     };
 
-    let tokens = match &config.http.token_file {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read API token file {}", path.display()))?;
-            Some(
-                Tokens::parse(&text)
-                    .map_err(anyhow::Error::msg)
-                    .with_context(|| format!("API token file {}", path.display()))?,
-            )
-        }
-    };
     let mut state = ApiState::new(store.query(), aggregate.clone());
     state.guard = Arc::new(Guard::new(
         tokens,
@@ -368,5 +417,60 @@ impl Pipeline {
         } else {
             anyhow::bail!("shutdown was not clean: {}", errors.join("; "))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn config_errors_are_reported_before_any_listener_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(&tokens, "too-short admin\n").unwrap();
+        // The MQTT port is taken: had the listener been bound before the
+        // token file was read, binding would have been the error.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        config.mqtt.listen = taken.local_addr().unwrap();
+        config.http.listen = "127.0.0.1:0".parse().unwrap();
+        config.http.token_file = Some(tokens);
+        let started = Arc::new(AtomicBool::new(false));
+        let hooks = Hooks {
+            wrap_producer: Some(Box::new({
+                let started = started.clone();
+                move |p| {
+                    started.store(true, Ordering::SeqCst);
+                    p
+                }
+            })),
+            wrap_reader: Some(Box::new({
+                let started = started.clone();
+                move |r| {
+                    started.store(true, Ordering::SeqCst);
+                    r
+                }
+            })),
+            ..Hooks::default()
+        };
+        let Err(err) = start_with(&config, hooks).await else {
+            panic!("a bad token file must stop the start");
+        };
+        let err = format!("{err:#}");
+        assert!(err.contains("API token file"), "{err}");
+        assert!(
+            !started.load(Ordering::SeqCst),
+            "a stage started before the check"
+        );
+        assert!(
+            !config.data_dir.exists(),
+            "the data dir was opened before the check"
+        );
     }
 }

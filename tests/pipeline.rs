@@ -139,3 +139,27 @@ async fn a_restart_keeps_every_rollup_and_continues() {
     assert_eq!(total, 100);
     p.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_late_dead_letter_keeps_the_raw_payload_and_client_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = start(dir.path()).await;
+    // Two hours old: its minute window was final an hour ago. The spacing and
+    // key order are the device's own, which a re-serialised reading would lose.
+    let ts = now_ms() - 2 * 3_600_000;
+    let raw = format!(r#"{{ "metrics": {{"temperature": 21.50}},  "ts": {ts}, "seq": 4 }}"#);
+    let topic = "dt/plant/dev-9/telemetry".to_string();
+    publish_acked(&p, "late-client-1", &[(topic, raw.clone().into_bytes())]).await;
+    wait_for(&p, "/v1/stats", Duration::from_secs(20), |b| {
+        b["rejected"]["too_late"] == 1
+    })
+    .await;
+    let (status, body) = get(&p, "/v1/dead-letters?reason=too_late").await;
+    assert_eq!(status, 200);
+    let letter = &body["dead_letters"][0];
+    assert_eq!(letter["client_id"], "late-client-1", "{body}");
+    assert_eq!(letter["payload"], raw.as_str(), "{body}");
+    assert_eq!(letter["payload_bytes"], raw.len(), "{body}");
+    assert_eq!(letter["device_id"], "dev-9", "{body}");
+    p.shutdown().await.unwrap();
+}

@@ -83,6 +83,7 @@ pub struct BridgeConfig {
     pub shutdown_timeout: Duration,
     /// Stamps `received_at`.
     pub now_ms: Clock,
+    pub lateness: crate::LatenessConfig,
 }
 
 impl std::fmt::Debug for BridgeConfig {
@@ -160,6 +161,7 @@ impl BridgeConfig {
             reconnect_backoff_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
             now_ms: wall_clock(),
+            lateness: crate::LatenessConfig::default(),
         })
     }
 
@@ -423,6 +425,7 @@ impl Bridge<'_> {
             &self.config.client_id,
             |_| true,
             (self.config.now_ms)(),
+            &self.config.lateness,
         );
         match built.verdict {
             Verdict::Accepted { readings } => {

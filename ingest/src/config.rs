@@ -22,6 +22,37 @@ pub fn wall_clock() -> Clock {
     })
 }
 
+/// The processors' bounds on a reading's time, as the endpoint needs them: a
+/// message with a reading outside them may be refused after the stream
+/// (`too_late`, `in_future`), so its record carries the client id and the raw
+/// payload for the dead letter. Defaults match the processors' defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatenessConfig {
+    /// A reading older than this when received may be `too_late`.
+    pub allowed_lateness_ms: i64,
+    /// A reading newer than this when received is `in_future`.
+    pub future_tolerance_ms: i64,
+}
+
+impl Default for LatenessConfig {
+    fn default() -> Self {
+        LatenessConfig {
+            allowed_lateness_ms: 3_600_000,
+            future_tolerance_ms: 600_000,
+        }
+    }
+}
+
+impl LatenessConfig {
+    /// Whether a reading at `ts`, received at `received_at`, may be refused
+    /// by the processors. A window is final `allowed_lateness` after its end,
+    /// which is after `ts`, so younger readings are never too late.
+    pub fn may_refuse(&self, ts: i64, received_at: i64) -> bool {
+        ts < received_at.saturating_sub(self.allowed_lateness_ms)
+            || ts > received_at.saturating_add(self.future_tolerance_ms)
+    }
+}
+
 /// How the endpoint behaves. Build with `EndpointConfig::default()` and
 /// override fields.
 #[derive(Clone)]
@@ -78,6 +109,7 @@ pub struct EndpointConfig {
     /// Who may connect and where they may publish; allows everything by
     /// default.
     pub authorizer: Arc<dyn Authorizer>,
+    pub lateness: LatenessConfig,
 }
 
 impl Default for EndpointConfig {
@@ -99,6 +131,7 @@ impl Default for EndpointConfig {
             shutdown_timeout: Duration::from_secs(10),
             now_ms: wall_clock(),
             authorizer: Arc::new(AllowAll),
+            lateness: LatenessConfig::default(),
         }
     }
 }

@@ -5,7 +5,11 @@
 //! recorded alike whichever way it arrived.
 
 use bytes::Bytes;
-use schemas::{PackedRecord, RejectReason, RejectedMessage, Rejection, StreamRecord, Topic};
+use schemas::{
+    Origin, PackedRecord, RejectReason, RejectedMessage, Rejection, StreamRecord, Topic,
+};
+
+use crate::LatenessConfig;
 
 /// The longest partition key Kinesis takes.
 const MAX_PARTITION_KEY: usize = 256;
@@ -30,13 +34,15 @@ pub(crate) struct Built {
 /// Judges the message `payload` sent to `topic` by `publisher` (a client id,
 /// kept in dead letters), stamping `received_at` with `now_ms`.
 /// `may_publish` is the per-device policy; it is asked only about topics that
-/// parse.
+/// parse. A message the processors may refuse by its readings' times
+/// (`lateness`) keeps its publisher and payload in the record.
 pub(crate) fn build(
     topic: String,
     payload: Bytes,
     publisher: &str,
     may_publish: impl FnOnce(&Topic<'_>) -> bool,
     now_ms: i64,
+    lateness: &LatenessConfig,
 ) -> Built {
     let outcome = match Topic::parse(&topic) {
         Err(rejection) => Err((rejection, clip_key(publisher))),
@@ -66,7 +72,15 @@ pub(crate) fn build(
             let verdict = Verdict::Accepted {
                 readings: record.readings.len(),
             };
-            let data = record.encode();
+            let judged_later = record
+                .readings
+                .iter()
+                .any(|r| lateness.may_refuse(r.ts, now_ms));
+            let data = if judged_later {
+                record.encode_with_origin(&Origin::new(publisher, &payload))
+            } else {
+                record.encode()
+            };
             Built {
                 partition_key: record.device_id,
                 data,
@@ -114,6 +128,7 @@ mod tests {
             "c1",
             |_| true,
             7,
+            &LatenessConfig::default(),
         );
         assert_eq!(b.verdict, Verdict::Accepted { readings: 1 });
         assert_eq!(b.partition_key, "dev-1");
@@ -138,6 +153,7 @@ mod tests {
                 "c1",
                 |t| t.device_id == "dev-1",
                 7,
+                &LatenessConfig::default(),
             );
             assert_eq!(b.verdict, Verdict::Rejected(reason), "{topic}");
             assert_eq!(b.partition_key, key);
@@ -146,6 +162,34 @@ mod tests {
                 panic!("not a dead letter");
             };
             assert_eq!((m.reason, m.client_id.as_str()), (reason, "c1"));
+        }
+    }
+
+    #[test]
+    fn only_messages_the_processors_may_refuse_carry_their_origin() {
+        let ts = 1_764_240_000_123;
+        let hour = 3_600_000;
+        for (received_at, kept) in [
+            (ts, false),
+            (ts + hour - 1, false),
+            (ts + hour + 1, true),
+            (ts - 11 * 60_000, true),
+        ] {
+            let b = build(
+                "dt/f/dev-1/telemetry".into(),
+                Bytes::from_static(GOOD.as_bytes()),
+                "c1",
+                |_| true,
+                received_at,
+                &LatenessConfig::default(),
+            );
+            let Ok(schemas::RecordView::Readings(view)) = schemas::decode_record_view(&b.data)
+            else {
+                panic!("not a packed record");
+            };
+            let origin = view.origin.map(|o| (o.client_id, o.payload_head));
+            let expected = kept.then(|| ("c1".to_string(), GOOD.as_bytes().to_vec()));
+            assert_eq!(origin, expected, "received at ts + {}", received_at - ts);
         }
     }
 

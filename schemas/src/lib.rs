@@ -36,7 +36,7 @@ pub mod topic;
 pub use payload::{RuleRecord, decode_payload, decode_rule_json};
 pub use reading::{Metric, Reading, ReadingId};
 pub use record::{
-    PackedRecord, PackedView, ReadingView, RecordView, RejectedMessage, StreamRecord,
+    Origin, PackedRecord, PackedView, ReadingView, RecordView, RejectedMessage, StreamRecord,
     decode_record, decode_record_view,
 };
 pub use reject::{RejectReason, Rejection};

@@ -74,12 +74,49 @@ impl RejectedMessage {
     }
 }
 
+/// Who sent a packed record's readings and what they sent, for the readings
+/// the processors may refuse after the stream (`too_late`, `in_future`): their
+/// dead letters then keep the client id and the raw payload, like those of a
+/// message refused at the endpoint. The endpoint attaches it only to messages
+/// that may be refused so, which keeps the common record small.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Origin {
+    pub client_id: String,
+    /// The first [`REJECTED_PAYLOAD_KEEP`] bytes of the payload.
+    pub payload_head: Vec<u8>,
+    pub payload_len: u64,
+}
+
+impl Origin {
+    pub fn new(client_id: &str, payload: &[u8]) -> Self {
+        Origin {
+            client_id: crate::topic::clip_to(client_id, 256),
+            payload_head: payload[..payload.len().min(REJECTED_PAYLOAD_KEEP)].to_vec(),
+            payload_len: payload.len() as u64,
+        }
+    }
+}
+
 /// What a packed record carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StreamRecord {
     Readings(PackedRecord),
     Rejected(RejectedMessage),
 }
+
+/// The packed body as written: variants are only ever added at the end, so a
+/// record written before a variant existed decodes unchanged.
+#[derive(Deserialize)]
+enum PackedBody<'a> {
+    #[serde(borrow)]
+    Readings(PackedView<'a>),
+    Rejected(RejectedMessage),
+    /// Readings with their [`Origin`].
+    ReadingsFrom(#[serde(borrow)] PackedView<'a>, Origin),
+}
+
+/// The variant index of [`PackedBody::ReadingsFrom`], as postcard writes it.
+const READINGS_FROM: u8 = 2;
 
 impl StreamRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -116,6 +153,18 @@ impl PackedRecord {
             *buf = body;
         }
     }
+
+    /// The encoded record with the message it came from; decodes to a
+    /// [`PackedView`] whose `origin` is set.
+    pub fn encode_with_origin(&self, origin: &Origin) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(128 + 48 * self.readings.len());
+        buf.extend_from_slice(&PACKED_MAGIC);
+        buf.push(PACKED_VERSION);
+        buf.push(READINGS_FROM);
+        // A tuple variant's fields follow each other, as postcard writes them.
+        // Serializing plain owned data into a Vec cannot fail.
+        postcard::to_extend(&(self, origin), buf).unwrap_or_default()
+    }
 }
 
 impl From<RuleRecord> for PackedRecord {
@@ -141,6 +190,9 @@ pub struct PackedView<'a> {
     pub received_at: i64,
     #[serde(borrow)]
     pub readings: Vec<ReadingView<'a>>,
+    /// Set when the record was written with its message's [`Origin`].
+    #[serde(skip)]
+    pub origin: Option<Origin>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -215,6 +267,7 @@ impl From<RuleRecord> for PackedView<'static> {
                         .collect(),
                 })
                 .collect(),
+            origin: None,
         }
     }
 }
@@ -240,8 +293,15 @@ pub fn decode_record_view(data: &[u8]) -> Result<RecordView<'_>, Rejection> {
                 "packed record version {version}; this build reads {PACKED_VERSION}"
             )));
         }
-        let record: RecordView =
-            postcard::from_bytes(body).map_err(|e| bad(format!("packed record: {e}")))?;
+        let record = match postcard::from_bytes(body) {
+            Ok(PackedBody::Readings(r)) => RecordView::Readings(r),
+            Ok(PackedBody::Rejected(m)) => RecordView::Rejected(m),
+            Ok(PackedBody::ReadingsFrom(r, origin)) => RecordView::Readings(PackedView {
+                origin: Some(origin),
+                ..r
+            }),
+            Err(e) => return Err(bad(format!("packed record: {e}"))),
+        };
         if let RecordView::Readings(r) = &record {
             validate(r).map_err(bad)?;
         }
@@ -327,6 +387,24 @@ mod tests {
         assert!(matches!(view.device_id, Cow::Borrowed(_)));
         assert!(matches!(view.readings[0].metrics[0].name, Cow::Borrowed(_)));
         assert_eq!(view.to_owned_record(), sample());
+    }
+
+    #[test]
+    fn a_record_keeps_its_origin_and_records_without_one_decode_as_before() {
+        let origin = Origin::new("client-7", br#"{"ts": 1764240000123}"#);
+        let bytes = sample().encode_with_origin(&origin);
+        let RecordView::Readings(view) = decode_record_view(&bytes).unwrap() else {
+            panic!("not readings");
+        };
+        assert_eq!(view.origin.as_ref(), Some(&origin));
+        assert_eq!(view.to_owned_record(), sample());
+        // Records written before origins existed carry none.
+        let old = sample().encode();
+        let RecordView::Readings(old) = decode_record_view(&old).unwrap() else {
+            panic!("not readings");
+        };
+        assert_eq!(old.origin, None);
+        assert_eq!(old.to_owned_record(), sample());
     }
 
     #[test]

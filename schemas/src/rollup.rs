@@ -225,6 +225,29 @@ impl WindowAgg {
         (self.sum_sq / n - mean * mean).max(0.0).sqrt()
     }
 
+    /// The value at rank `floor(q · (count − 1))`: exact at the lowest and
+    /// highest rank (so for every window of one or two readings, and every
+    /// window whose readings are all equal), and otherwise the sketch's
+    /// answer, within its relative error `α`. Either way it lies within
+    /// `[min, max]`: a bin's representative can sit past the extreme values
+    /// that fell in it, and a single 21.5 must not read back as 21.543.
+    /// Done at read time, so stored sketches keep their format.
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.count == 0 {
+            return 0.0;
+        }
+        let rank = (q * (self.count - 1) as f64) as u64;
+        if rank == 0 {
+            return self.min;
+        }
+        if rank >= self.count - 1 {
+            return self.max;
+        }
+        let approx = self.sketch.quantile(q).unwrap_or(self.min);
+        // Not `clamp`, which panics on a NaN bound.
+        approx.max(self.min).min(self.max)
+    }
+
     /// The window as the API shows it.
     pub fn view(&self, start: i64, res: Resolution, is_final: bool) -> WindowView {
         WindowView {
@@ -238,9 +261,9 @@ impl WindowAgg {
             stddev: self.stddev(),
             first: self.first,
             last: self.last,
-            p50: self.sketch.quantile(0.5).unwrap_or(0.0),
-            p90: self.sketch.quantile(0.9).unwrap_or(0.0),
-            p99: self.sketch.quantile(0.99).unwrap_or(0.0),
+            p50: self.quantile(0.5),
+            p90: self.quantile(0.9),
+            p99: self.quantile(0.99),
             late_count: self.late_count,
             revision: self.revision,
             is_final,
@@ -347,6 +370,49 @@ mod tests {
         a.add(5, 3.0, false);
         assert_eq!(a.first, Point { ts: 5, value: 1.0 });
         assert_eq!(a.last, Point { ts: 5, value: 3.0 });
+    }
+
+    fn window_of(values: &[f64]) -> WindowAgg {
+        let mut w = WindowAgg::default();
+        for (ts, v) in values.iter().enumerate() {
+            w.add(ts as i64, *v, false);
+        }
+        w
+    }
+
+    fn quantiles(w: &WindowAgg) -> [f64; 3] {
+        let v = w.view(0, Resolution::DEFAULTS[0], false);
+        [v.p50, v.p90, v.p99]
+    }
+
+    #[test]
+    fn quantiles_are_clamped_to_min_and_max() {
+        // 21.5's bin reads back as about 21.543, and 21.7 shares the bin:
+        // unclamped, the middle ranks would land above or below every value.
+        for (values, bound) in [([21.5; 3], 21.5), ([21.7; 3], 21.7)] {
+            assert_ne!(window_of(&values).sketch.quantile(0.5), Some(bound));
+            assert_eq!(quantiles(&window_of(&values)), [bound; 3], "{values:?}");
+        }
+        let mixed = window_of(&[21.5, 21.52, 21.7, 21.7, 30.0]);
+        for q in quantiles(&mixed) {
+            assert!((21.5..=30.0).contains(&q), "{q} is outside [21.5, 30]");
+        }
+    }
+
+    #[test]
+    fn quantiles_are_exact_for_small_counts() {
+        assert_eq!(quantiles(&window_of(&[21.5])), [21.5; 3]);
+        // Two readings: every quantile's rank is the lower one.
+        assert_eq!(quantiles(&window_of(&[21.7, 21.5])), [21.5; 3]);
+        assert_eq!(
+            quantiles(&window_of(&[-3.25, -3.25, -3.25, -3.25])),
+            [-3.25; 3]
+        );
+        let w = window_of(&[1.0, 2.0, 3.0]);
+        assert_eq!(w.quantile(0.0), 1.0);
+        assert_eq!(w.quantile(1.0), 3.0);
+        assert!(((w.quantile(0.5) - 2.0) / 2.0).abs() <= crate::sketch::SKETCH_ALPHA);
+        assert_eq!(quantiles(&WindowAgg::default()), [0.0; 3]);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub fn feed(data: &[u8]) {
         max_packet_bytes: max,
         max_keepalive_secs: 60,
         authorizer: Arc::new(AllowAll),
+        lateness: crate::LatenessConfig::default(),
     });
     let mut session = Session::new(config, 1);
     let mut buf = BytesMut::from(data);

@@ -145,6 +145,7 @@ pub async fn serve_on(
             max_packet_bytes: config.max_packet_bytes,
             max_keepalive_secs: config.max_keepalive_secs.max(1),
             authorizer: config.authorizer.clone(),
+            lateness: config.lateness,
         }),
         config,
         metrics: metrics.clone(),

@@ -30,6 +30,7 @@ pub(crate) struct SessionConfig {
     pub max_packet_bytes: usize,
     pub max_keepalive_secs: u16,
     pub authorizer: Arc<dyn Authorizer>,
+    pub lateness: crate::LatenessConfig,
 }
 
 /// What the connection shell must do, in order.
@@ -367,6 +368,7 @@ impl Session {
             &principal.client_id,
             |topic| authorizer.may_publish(principal, topic),
             now_ms,
+            &self.config.lateness,
         );
         let ack_reason = match verdict {
             Verdict::Accepted { .. } => PubAckReason::Success,

@@ -743,7 +743,19 @@ impl Batcher<'_, '_> {
         if self.count(seq, Counter::Rejected(rejection.reason))? {
             self.stats.reject(rejection.reason);
         }
-        let payload = reading_json(reading);
+        // The raw message when the endpoint kept it, else the reading alone.
+        let (client_id, payload_head, payload_len) = match &r.origin {
+            Some(o) => (
+                Some(o.client_id.clone()),
+                o.payload_head.clone(),
+                o.payload_len,
+            ),
+            None => {
+                let json = reading_json(reading);
+                let len = json.len() as u64;
+                (None, json, len)
+            }
+        };
         self.dead_letter(
             seq,
             index as u32,
@@ -752,11 +764,11 @@ impl Batcher<'_, '_> {
                 reason: rejection.reason,
                 detail: rejection.detail.clone(),
                 topic: Some(schemas::Topic::format(&r.fleet, &r.device_id)),
-                client_id: None,
+                client_id,
                 device_id: Some(r.device_id.to_string()),
                 fleet: Some(r.fleet.to_string()),
-                payload_len: payload.len() as u64,
-                payload_head: payload,
+                payload_len,
+                payload_head,
                 shard: self.plan.shard.clone(),
                 seq,
             },

@@ -18,6 +18,7 @@ fn config(authorizer: Arc<dyn Authorizer>) -> Arc<SessionConfig> {
         max_packet_bytes: 140_000,
         max_keepalive_secs: 1200,
         authorizer,
+        lateness: crate::LatenessConfig::default(),
     })
 }
 
