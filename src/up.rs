@@ -90,7 +90,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
 /// checked before anything starts: a bad file is reported before a listener
 /// binds or a task runs, not on the way out of a half-started pipeline.
 struct CheckedConfig {
-    aggregate: Arc<processors::AggregateConfig>,
+    aggregate: Arc<rollup::AggregateConfig>,
     tls: Option<(SocketAddr, ingest::tls::TlsAcceptor)>,
     authorizer: Arc<dyn ingest::Authorizer>,
     bridge: Option<ingest::bridge::BridgeConfig>,
