@@ -412,4 +412,47 @@ mod tests {
         assert!(late_msgs > 20);
         assert_eq!(late_1m, late_msgs);
     }
+
+    /// Memory of a fleet's expected windows at scale: 200 devices at 500
+    /// messages/s each (100,000 msgs/s) for 10 s, one reading per message.
+    /// Heavy; run with `cargo test -p device-sim --release -- --ignored`.
+    #[test]
+    #[ignore]
+    fn a_fleet_of_a_million_readings_keeps_its_values_in_little_memory() {
+        let mut p = plan();
+        p.devices = 200;
+        p.period_us = 2_000;
+        let runs = vec![Run {
+            start: RunStart {
+                run: 1,
+                first_seq: vec![0; 200],
+                messages: vec![5_000; 200],
+                plan: p,
+            },
+            exceptions: Some(Exceptions::default()),
+        }];
+        let before = crate::resources::Usage::now(0).rss_mib;
+        let started = std::time::Instant::now();
+        let mut fleet = Windows::new();
+        for d in 0..200 {
+            for (k, w) in device_windows(&runs, &[(0, d)]) {
+                fleet.entry(k).or_default().merge(&w);
+            }
+        }
+        let elapsed = started.elapsed();
+        let grown = crate::resources::Usage::now(0).rss_mib - before;
+        let readings: u64 = fleet
+            .iter()
+            .filter(|(k, _)| k.1 == crate::plan::DAY_MS)
+            .map(|(_, w)| w.sure.count)
+            .sum();
+        let distinct: usize = fleet.values().map(|w| w.sure.values.distinct()).sum();
+        println!(
+            "{} fleet windows, {readings} metric readings, {distinct} distinct values kept, RSS +{grown:.1} MiB, {:.1} s",
+            fleet.len(),
+            elapsed.as_secs_f64()
+        );
+        assert_eq!(readings, 2 * 200 * 5_000);
+        assert!(grown < 64.0, "RSS grew by {grown:.1} MiB");
+    }
 }

@@ -557,3 +557,75 @@ fn series_of(windows: &Windows) -> Vec<(String, i64)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> VerifyReport {
+        VerifyReport {
+            ok: false,
+            devices: 1000,
+            series: 6006,
+            windows: 8000,
+            uncertain_windows: 0,
+            too_uncertain: false,
+            mismatch_count: 3,
+            mismatches: Vec::new(),
+            caught_up: true,
+            more_than_expected: false,
+            catch_up_ms: 32,
+            catch_up_detail: "fleet sim: humidity 120000 of 60000".into(),
+            stats: Vec::new(),
+            verify_ms: 1500,
+        }
+    }
+
+    #[test]
+    fn a_store_holding_more_than_was_sent_is_told_apart_from_a_pipeline_behind() {
+        let over = VerifyReport {
+            caught_up: false,
+            more_than_expected: true,
+            ..report()
+        };
+        let text = over.to_string();
+        assert!(
+            text.contains("holds more readings than were sent"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--fleet") && text.contains("--ledger"),
+            "{text}"
+        );
+        assert!(!text.contains("not caught up"), "{text}");
+        let behind = VerifyReport {
+            caught_up: false,
+            catch_up_detail: "fleet sim: humidity 50000 of 60000".into(),
+            ..report()
+        };
+        let text = behind.to_string();
+        assert!(text.contains("had not caught up"), "{text}");
+        assert!(!text.contains("more readings"), "{text}");
+        let mut merged = report();
+        merged.merge(over);
+        assert!(merged.more_than_expected && !merged.caught_up);
+        assert!(merged.to_string().contains("more readings"));
+    }
+
+    #[test]
+    fn too_many_uncertain_windows_fail_with_a_reason() {
+        let r = VerifyReport {
+            mismatch_count: 0,
+            uncertain_windows: 200,
+            too_uncertain: true,
+            ..report()
+        };
+        let text = r.to_string();
+        assert!(text.starts_with("verify: FAILED\n"), "{text}");
+        assert!(
+            text.contains("200 uncertain (2.44 %, at most 1 % allowed)"),
+            "{text}"
+        );
+        assert!(text.contains("too many uncertain windows"), "{text}");
+    }
+}
