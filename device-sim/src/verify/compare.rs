@@ -76,6 +76,9 @@ pub struct Tally {
     /// compared on bounds, and not counted in `windows`.
     pub uncertain: u64,
     pub mismatch_count: u64,
+    /// Windows holding readings the runs did not send: more of them, or
+    /// earlier or later ones, or a window where none was expected.
+    pub unknown: u64,
     pub mismatches: Vec<Mismatch>,
 }
 
@@ -92,6 +95,7 @@ impl Tally {
         self.series += o.series;
         self.uncertain += o.uncertain;
         self.mismatch_count += o.mismatch_count;
+        self.unknown += o.unknown;
         for m in o.mismatches {
             if self.mismatches.len() < KEPT_MISMATCHES {
                 self.mismatches.push(m);
@@ -156,6 +160,7 @@ pub fn compare_series<'a>(
             Ordering::Greater => {
                 let Some(g) = got.next() else { break };
                 tally.windows += 1;
+                tally.unknown += 1;
                 tally.push(mismatch(
                     g.start,
                     "window",
@@ -172,12 +177,26 @@ pub fn compare_series<'a>(
                 } else {
                     tally.windows += 1;
                 }
+                if holds_unknown_readings(e, g) {
+                    tally.unknown += 1;
+                }
                 for (field, want, have) in check_window(e, g, res_ms, fin) {
                     tally.push(mismatch(start, field, want, have));
                 }
             }
         }
     }
+}
+
+/// Whether the window holds a reading that none of the runs sent: more
+/// readings than all of them, or one before the earliest or after the latest.
+/// A store that held the fleet before (an earlier run) shows this; a pipeline
+/// that has not caught up never does.
+pub fn holds_unknown_readings(e: &ExpectedAgg, g: &ApiWindow) -> bool {
+    let all = e.all();
+    g.count > all.count
+        || point_before((g.first.ts, g.first.value), all.first)
+        || point_before(all.last, (g.last.ts, g.last.value))
 }
 
 /// The share of compared windows that may be uncertain before a run fails:
@@ -927,6 +946,42 @@ mod tests {
         let mut t = Tally::default();
         compare_series("s", 60_000, [(0, &maybe)], &[], &FIN, &mut t);
         assert_eq!((t.uncertain, t.mismatch_count), (1, 0));
+    }
+
+    #[test]
+    fn readings_the_runs_did_not_send_are_told_from_missing_ones() {
+        let e = agg(&[(10, 1.0), (20, 2.0)]);
+        let g = view(&e, 0);
+        let unknown = |got: &[ApiWindow]| {
+            let mut t = Tally::default();
+            compare_series("s", 60_000, [(0, &e)], got, &FIN, &mut t);
+            t.unknown
+        };
+        assert_eq!(unknown(std::slice::from_ref(&g)), 0);
+        // Fewer readings: not caught up, nothing unknown.
+        assert_eq!(
+            unknown(&[ApiWindow {
+                count: 1,
+                ..g.clone()
+            }]),
+            0
+        );
+        assert_eq!(unknown(&[]), 0);
+        // An earlier run's reading of the same device and seq: same value,
+        // earlier timestamp; or simply more readings; or another window.
+        let earlier = ApiWindow {
+            first: ApiPoint { ts: 5, value: 1.0 },
+            ..g.clone()
+        };
+        assert_eq!(unknown(&[earlier]), 1);
+        assert_eq!(
+            unknown(&[ApiWindow {
+                count: 3,
+                ..g.clone()
+            }]),
+            1
+        );
+        assert_eq!(unknown(&[g.clone(), view(&e, 60_000)]), 1);
     }
 
     #[test]

@@ -100,9 +100,12 @@ pub struct VerifyReport {
     pub mismatches: Vec<Mismatch>,
     /// The fleet's totals reached the expected ones before the timeout.
     pub caught_up: bool,
-    /// The fleet's totals exceeded what its runs sent: the store holds
-    /// readings of the fleet that verify does not know of.
+    /// The store holds readings of the fleet that its runs did not send:
+    /// its totals exceeded theirs, or some window holds a reading before,
+    /// after or beyond the expected ones.
     pub more_than_expected: bool,
+    /// Windows holding readings the runs did not send.
+    pub unknown_windows: u64,
     /// How long the API took to catch up (or until the timeout), ms.
     pub catch_up_ms: u64,
     /// Totals the API reported against the expected ones, per metric.
@@ -132,6 +135,7 @@ impl VerifyReport {
         }
         self.caught_up &= o.caught_up;
         self.more_than_expected |= o.more_than_expected;
+        self.unknown_windows += o.unknown_windows;
         self.catch_up_ms = self.catch_up_ms.max(o.catch_up_ms);
         self.verify_ms += o.verify_ms;
         self.stats.extend(o.stats);
@@ -168,8 +172,8 @@ impl std::fmt::Display for VerifyReport {
         if self.more_than_expected {
             writeln!(
                 f,
-                "verify: the API holds more readings than were sent ({}): the store already held readings of this fleet, from an earlier run or another publisher. Run again with a new --fleet (the default picks a fresh one), or with --ledger FILE on every run so that verify expects all of them",
-                self.catch_up_detail
+                "verify: the API holds more readings than were sent ({}; {} windows hold readings the run did not send): the store already held readings of this fleet (an earlier run, another publisher), or the pipeline counted some twice. Run again with a new --fleet (the default picks a fresh one), or with --ledger FILE on every run so that verify expects all of them",
+                self.catch_up_detail, self.unknown_windows
             )?;
         } else if !self.caught_up {
             writeln!(
@@ -261,7 +265,8 @@ pub async fn verify(
         mismatch_count: result.mismatch_count,
         mismatches: result.mismatches,
         caught_up: reached.caught_up,
-        more_than_expected: reached.over,
+        more_than_expected: reached.over || result.unknown > 0,
+        unknown_windows: result.unknown,
         catch_up_ms,
         catch_up_detail: reached.detail,
         stats: stat_checks,
@@ -574,6 +579,7 @@ mod tests {
             mismatches: Vec::new(),
             caught_up: true,
             more_than_expected: false,
+            unknown_windows: 0,
             catch_up_ms: 32,
             catch_up_detail: "fleet sim: humidity 120000 of 60000".into(),
             stats: Vec::new(),
