@@ -82,8 +82,19 @@ LATENESS
   pipeline's. Behind a broker (iotpipe up --broker) the PUBACK is the
   broker's: give --arrival-slack for how long its queue may hold a message.
   A message never acknowledged may or may not have been stored. A window
-  holding such a reading, or a too-late decision too close to call, is held
-  to its count only: between its certain readings and all of them.
+  holding such a reading, or a too-late decision too close to call, is
+  uncertain: held to what holds whichever way those readings went (count and
+  sum between its certain readings and all of them, min, max, quantiles and
+  late_count within bounds). More than 1 % uncertain windows fail the run.
+
+FLEET AND RUN
+  Without --fleet each run publishes as a fresh fleet, sim-XXXXXX (devices
+  sim-XXXXXX-d00000, ...), so verify compares exactly what this run sent even
+  against a pipeline that holds earlier runs. --fleet NAME keeps a name; a
+  second run of the same fleet against the same store finds the first run's
+  readings in its windows and fails, unless both ran with --ledger FILE (then
+  verify expects their union). With --ledger the default fleet is `sim`.
+  After the summary, with --verify, two curl lines query what the run wrote.
 
 EXIT STATUS
   0 when every message was acknowledged and (with --verify) verify passed;
@@ -156,9 +167,9 @@ pub struct Args {
     /// MQTT QoS, 0 or 1. At QoS 1 PUBACK latencies are measured.
     #[arg(long, default_value_t = 1)]
     pub qos: u8,
-    /// Fleet name: the topic's second level, dt/{fleet}/{device}/telemetry.
-    #[arg(long, default_value = "sim")]
-    pub fleet: String,
+    /// Fleet name: the topic's second level, dt/{fleet}/{device}/telemetry. Default: a fresh sim-XXXXXX per run, or `sim` with --ledger.
+    #[arg(long)]
+    pub fleet: Option<String>,
     /// Metrics every reading carries, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "temperature,humidity")]
     pub metrics: Vec<String>,
@@ -309,7 +320,9 @@ impl Args {
             rate,
             stop,
             qos: self.qos,
-            fleet: self.fleet,
+            fleet: self.fleet.unwrap_or_else(|| {
+                default_fleet(self.ledger.is_some(), crate::now_us().unsigned_abs())
+            }),
             metrics,
             seed: self.seed,
             readings_per_message: self.readings_per_message,
@@ -344,6 +357,37 @@ impl Args {
             scenario,
         })
     }
+}
+
+/// The fleet a run publishes as when `--fleet` is not given: a fresh name
+/// per run (from `run_key`, e.g. the start time in µs), so that running
+/// again against the same pipeline verifies only the new run; with a ledger,
+/// `sim`, the fleet the ledger's runs continue.
+pub fn default_fleet(ledger: bool, run_key: u64) -> String {
+    if ledger {
+        return "sim".into();
+    }
+    format!("sim-{:06x}", crate::signal::mix(run_key, 0) & 0xff_ffff)
+}
+
+/// Ready-to-run queries of what the run wrote, for after the summary: its
+/// fleet's first metric at 1m, and its first device. `None` without an API
+/// URL, or for a scenario (whose fleets have their own names).
+pub fn query_lines(cfg: &SimConfig) -> Option<String> {
+    let api = cfg.verify.as_deref()?.trim_end_matches('/');
+    if cfg.scenario.is_some() || cfg.devices == 0 {
+        return None;
+    }
+    let metric = cfg
+        .metrics
+        .first()
+        .map_or("temperature", |m| m.name.as_str());
+    Some(format!(
+        "query: curl -s '{api}/v1/fleets/{}/metrics/{metric}?res=1m'\nquery: curl -s '{api}/v1/devices/{}{:05}'\n",
+        cfg.fleet,
+        cfg.prefix(),
+        0
+    ))
 }
 
 /// `127.0.0.1,127.0.0.2` or a count `N` for 127.0.0.1 ..= 127.0.0.N.
@@ -424,6 +468,32 @@ mod tests {
             fast.warnings()
         );
         assert!(parse("--count 1 --rate 50").unwrap().warnings().is_empty());
+    }
+
+    #[test]
+    fn each_run_is_a_fresh_fleet_unless_named_or_continued() {
+        let a = parse("--count 1").unwrap();
+        assert!(
+            a.fleet.starts_with("sim-") && a.fleet.len() == 10,
+            "{}",
+            a.fleet
+        );
+        assert_eq!(a.prefix(), format!("{}-d", a.fleet));
+        assert!(a.validate().is_ok());
+        assert_ne!(default_fleet(false, 1), default_fleet(false, 2));
+        assert_eq!(default_fleet(false, 7), default_fleet(false, 7));
+        assert_eq!(parse("--count 1 --fleet f1").unwrap().fleet, "f1");
+        assert_eq!(
+            parse("--count 1 --ledger /tmp/l.jsonl").unwrap().fleet,
+            "sim"
+        );
+        let with_api = parse("--count 1 --fleet f1 --verify http://127.0.0.1:8080/").unwrap();
+        assert_eq!(
+            query_lines(&with_api).unwrap(),
+            "query: curl -s 'http://127.0.0.1:8080/v1/fleets/f1/metrics/temperature?res=1m'\n\
+             query: curl -s 'http://127.0.0.1:8080/v1/devices/f1-d00000'\n"
+        );
+        assert_eq!(query_lines(&a), None, "no API to query");
     }
 
     #[test]

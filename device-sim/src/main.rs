@@ -9,12 +9,14 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let result = async {
         let cfg = args.into_config(std::io::stdout().is_terminal())?;
-        device_sim::run(cfg).await
+        let queries = device_sim::cli::query_lines(&cfg);
+        device_sim::run(cfg).await.map(|s| (s, queries))
     }
     .await;
     match result {
-        Ok(summary) => {
+        Ok((summary, queries)) => {
             print!("{summary}");
+            print!("{}", queries.unwrap_or_default());
             if summary.ok() {
                 ExitCode::SUCCESS
             } else {

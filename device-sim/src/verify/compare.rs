@@ -4,7 +4,7 @@ use std::cmp::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use crate::expect::ExpectedAgg;
+use crate::expect::{ExpectedAgg, Part, Values, point_before};
 
 /// How many mismatches a report keeps in full; the rest are counted.
 pub const KEPT_MISMATCHES: usize = 20;
@@ -12,9 +12,6 @@ pub const KEPT_MISMATCHES: usize = 20;
 /// Relative tolerance for `sum` and `avg`, scaled by the sum of absolute
 /// values: the pipeline may add in any order.
 pub const SUM_TOLERANCE: f64 = 1e-9;
-
-/// Relative accuracy of the pipeline's quantile sketch, plus rounding.
-const QUANTILE_SLACK: f64 = 0.011;
 
 /// A window as the query API returns it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,10 +72,13 @@ impl std::fmt::Display for Mismatch {
 pub struct Tally {
     pub windows: u64,
     pub series: u64,
-    /// Expected windows holding a reading whose acceptance is unknown; not
-    /// compared.
+    /// Expected windows holding a reading whose acceptance is unknown:
+    /// compared on bounds, and not counted in `windows`.
     pub uncertain: u64,
     pub mismatch_count: u64,
+    /// Windows holding readings the runs did not send: more of them, or
+    /// earlier or later ones, or a window where none was expected.
+    pub unknown: u64,
     pub mismatches: Vec<Mismatch>,
 }
 
@@ -95,6 +95,7 @@ impl Tally {
         self.series += o.series;
         self.uncertain += o.uncertain;
         self.mismatch_count += o.mismatch_count;
+        self.unknown += o.unknown;
         for m in o.mismatches {
             if self.mismatches.len() < KEPT_MISMATCHES {
                 self.mismatches.push(m);
@@ -114,6 +115,7 @@ pub fn compare_series<'a>(
     res_ms: i64,
     expected: impl IntoIterator<Item = (i64, &'a ExpectedAgg)>,
     got: &[ApiWindow],
+    fin: &Finality,
     tally: &mut Tally,
 ) {
     tally.series += 1;
@@ -138,31 +140,27 @@ pub fn compare_series<'a>(
         match order {
             Ordering::Less => {
                 let Some((start, e)) = exp.next() else { break };
-                if e.maybe > 0 {
-                    // No window at all is right only if every reading in it
-                    // may have been refused or lost.
+                let sure = e.sure.count;
+                if e.is_uncertain() {
                     tally.uncertain += 1;
-                    if e.count > e.maybe {
-                        tally.push(mismatch(
-                            start,
-                            "window",
-                            format!("count {}..={}", e.count - e.maybe, e.count),
-                            "no window".into(),
-                        ));
-                    }
-                    continue;
+                } else {
+                    tally.windows += 1;
                 }
-                tally.windows += 1;
-                tally.push(mismatch(
-                    start,
-                    "window",
-                    format!("count {}", e.count),
-                    "no window".into(),
-                ));
+                // No window at all is right only if every reading in it
+                // may have been refused or lost.
+                if sure > 0 {
+                    let want = if e.is_uncertain() {
+                        format!("count {sure}..={}", sure + e.maybe.count)
+                    } else {
+                        format!("count {sure}")
+                    };
+                    tally.push(mismatch(start, "window", want, "no window".into()));
+                }
             }
             Ordering::Greater => {
                 let Some(g) = got.next() else { break };
                 tally.windows += 1;
+                tally.unknown += 1;
                 tally.push(mismatch(
                     g.start,
                     "window",
@@ -174,24 +172,15 @@ pub fn compare_series<'a>(
                 let (Some((start, e)), Some(g)) = (exp.next(), got.next()) else {
                     break;
                 };
-                if e.maybe > 0 {
-                    // Which of its uncertain readings made it is unknown, so
-                    // only the count can be checked: it lies between the
-                    // certain readings and all of them.
+                if e.is_uncertain() {
                     tally.uncertain += 1;
-                    let lo = e.count - e.maybe;
-                    if !(lo..=e.count).contains(&g.count) {
-                        tally.push(mismatch(
-                            start,
-                            "count",
-                            format!("{lo}..={}", e.count),
-                            g.count.to_string(),
-                        ));
-                    }
-                    continue;
+                } else {
+                    tally.windows += 1;
                 }
-                tally.windows += 1;
-                for (field, want, have) in check_window(e, g, res_ms) {
+                if holds_unknown_readings(e, g) {
+                    tally.unknown += 1;
+                }
+                for (field, want, have) in check_window(e, g, res_ms, fin) {
                     tally.push(mismatch(start, field, want, have));
                 }
             }
@@ -199,19 +188,124 @@ pub fn compare_series<'a>(
     }
 }
 
-/// Every field of a window that disagrees: (field, expected, got).
+/// Whether the window holds a reading that none of the runs sent: more
+/// readings than all of them, or one before the earliest or after the latest.
+/// A store that held the fleet before (an earlier run) shows this; a pipeline
+/// that has not caught up never does.
+pub fn holds_unknown_readings(e: &ExpectedAgg, g: &ApiWindow) -> bool {
+    let all = e.all();
+    g.count > all.count
+        || point_before((g.first.ts, g.first.value), all.first)
+        || point_before(all.last, (g.last.ts, g.last.value))
+}
+
+/// The share of compared windows that may be uncertain before a run fails:
+/// past it, too much of the run was checked on bounds rather than values.
+pub const MAX_UNCERTAIN_SHARE: f64 = 0.01;
+
+/// Whether more than [`MAX_UNCERTAIN_SHARE`] of the compared windows
+/// (`certain + uncertain`) were uncertain.
+pub fn too_uncertain(certain: u64, uncertain: u64) -> bool {
+    uncertain as f64 > MAX_UNCERTAIN_SHARE * (certain + uncertain) as f64
+}
+
+/// What verify can tell about a window's `final` flag.
+///
+/// The pipeline calls a window final once `end + allowed_lateness` is at or
+/// before its clock: today the clock when the query is answered, perhaps
+/// later a processed watermark, which never runs ahead of that clock and has
+/// passed the arrival of every reading it has processed. Either way:
+/// - a window is not final while `end + allowed_lateness` is after the moment
+///   it was read (`read_by_ms`);
+/// - a window is final once `end + allowed_lateness` is at or before the
+///   first publish of the latest run of the fleet (`settled_ms`): that run's
+///   readings were stamped after it, and verify reads once they are counted.
+///
+/// Between the two, either answer is right. Both bounds allow for the skew
+/// between the simulator's clock and the pipeline's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finality {
+    pub allowed_lateness_ms: i64,
+    /// The simulator's clock after the response arrived, plus the skew.
+    pub read_by_ms: i64,
+    /// The latest run's first publish, minus the skew.
+    pub settled_ms: i64,
+}
+
+impl Finality {
+    /// `Some(final)` where the flag is determined; `None` where both are right.
+    pub fn expected(&self, end: i64) -> Option<bool> {
+        let at = end.saturating_add(self.allowed_lateness_ms);
+        if at > self.read_by_ms {
+            Some(false)
+        } else if at <= self.settled_ms {
+            Some(true)
+        } else {
+            None
+        }
+    }
+}
+
+/// Every field of a window that disagrees: (field, expected, got). A certain
+/// window is held to exact values; an uncertain one to the bounds that hold
+/// whichever of its uncertain readings were accepted.
 pub fn check_window(
     e: &ExpectedAgg,
     g: &ApiWindow,
     res_ms: i64,
+    fin: &Finality,
 ) -> Vec<(&'static str, String, String)> {
     let mut out = Vec::new();
+    if g.end != g.start + res_ms {
+        out.push(("end", (g.start + res_ms).to_string(), g.end.to_string()));
+    }
+    if e.is_uncertain() {
+        check_bounds(e, g, &mut out);
+    } else {
+        check_exact(&e.sure, g, &mut out);
+    }
+    let (lo, hi) = (e.late_lo.max(0), e.late_hi);
+    let want = if lo == hi {
+        lo.to_string()
+    } else {
+        format!("{lo}..={hi}")
+    };
+    // Each late reading changes the window once after its end, so the
+    // revision count has the same range as `late_count`.
+    for (field, have) in [("late_count", g.late_count), ("revision", g.revision)] {
+        if !(lo..=hi).contains(&(have as i64)) {
+            out.push((field, want.clone(), have.to_string()));
+        }
+    }
+    if let Some(want) = fin.expected(g.end)
+        && g.is_final != want
+    {
+        let at = fmt_utc(g.end + fin.allowed_lateness_ms);
+        let why = if want {
+            format!("true (end + allowed lateness {at} is before the run began)")
+        } else {
+            format!("false (end + allowed lateness {at} is after the window was read)")
+        };
+        out.push(("final", why, g.is_final.to_string()));
+    }
+    if g.p50 > g.p90 || g.p90 > g.p99 {
+        out.push((
+            "quantiles",
+            "p50 <= p90 <= p99".into(),
+            format!("{} {} {}", fmt_f(g.p50), fmt_f(g.p90), fmt_f(g.p99)),
+        ));
+    }
+    out
+}
+
+/// A window whose every reading is known: every field exact, but for the
+/// rounding of sums and the sketch's accuracy.
+fn check_exact(e: &Part, g: &ApiWindow, out: &mut Vec<(&'static str, String, String)>) {
     let mut exact = |field, want: String, have: String| {
         if want != have {
             out.push((field, want, have));
         }
     };
-    exact("end", (g.start + res_ms).to_string(), g.end.to_string());
     exact("count", e.count.to_string(), g.count.to_string());
     exact("min", fmt_f(e.min), fmt_f(g.min));
     exact("max", fmt_f(e.max), fmt_f(g.max));
@@ -225,22 +319,6 @@ pub fn check_window(
         fmt_point(e.last),
         fmt_point((g.last.ts, g.last.value)),
     );
-    let late = g.late_count as i64;
-    if late < e.late_lo || late > e.late_hi {
-        let want = if e.late_lo == e.late_hi {
-            e.late_lo.to_string()
-        } else {
-            format!("{}..={}", e.late_lo, e.late_hi)
-        };
-        out.push(("late_count", want, g.late_count.to_string()));
-    }
-    if g.late_count > 0 && g.revision == 0 {
-        out.push((
-            "revision",
-            ">= 1 (the window changed after its end)".into(),
-            "0".into(),
-        ));
-    }
     let scale = e.sum_abs.max(f64::MIN_POSITIVE);
     if (g.sum - e.sum).abs() > SUM_TOLERANCE * scale {
         out.push(("sum", fmt_f(e.sum), fmt_f(g.sum)));
@@ -256,26 +334,141 @@ pub fn check_window(
         if (g.stddev * g.stddev - e.variance()).abs() > 1e-9 * mean_sq.max(1e-12) {
             out.push(("stddev", fmt_f(e.variance().sqrt()), fmt_f(g.stddev)));
         }
+        check_quantiles(&e.values, &e.values, e.max, e.count, g, out);
     }
-    let lo = e.min - QUANTILE_SLACK * e.min.abs();
-    let hi = e.max + QUANTILE_SLACK * e.max.abs();
-    for (field, q) in [("p50", g.p50), ("p90", g.p90), ("p99", g.p99)] {
-        if !(lo..=hi).contains(&q) {
+}
+
+/// A window holding readings that may or may not have been accepted: the
+/// certain readings `C` are in it, all readings `A` may be. Whatever the
+/// pipeline accepted, its window lies between `C` and `A`, which bounds
+/// every field but `avg` and `stddev` (held to the window's own figures).
+fn check_bounds(e: &ExpectedAgg, g: &ApiWindow, out: &mut Vec<(&'static str, String, String)>) {
+    let (c, a) = (&e.sure, e.all());
+    let mut within = |field, ok: bool, want: String, have: String| {
+        if !ok {
+            out.push((field, want, have));
+        }
+    };
+    within(
+        "count",
+        (c.count..=a.count).contains(&g.count),
+        format!("{}..={}", c.count, a.count),
+        g.count.to_string(),
+    );
+    let (neg, pos) = e.maybe.values.iter().fold((0.0, 0.0), |(n, p), (v, k)| {
+        let s = v * k as f64;
+        if v < 0.0 { (n + s, p) } else { (n, p + s) }
+    });
+    let slack = SUM_TOLERANCE * a.sum_abs.max(f64::MIN_POSITIVE);
+    let (sum_lo, sum_hi) = (c.sum + neg - slack, c.sum + pos + slack);
+    within(
+        "sum",
+        (sum_lo..=sum_hi).contains(&g.sum),
+        format!("{}..={}", fmt_f(c.sum + neg), fmt_f(c.sum + pos)),
+        fmt_f(g.sum),
+    );
+    // min and max: within all readings' extremes, and at least as far out
+    // as the certain readings'.
+    let min_hi = if c.count > 0 { c.min } else { a.max };
+    within(
+        "min",
+        a.min <= g.min && g.min <= min_hi,
+        format!("{}..={}", fmt_f(a.min), fmt_f(min_hi)),
+        fmt_f(g.min),
+    );
+    let max_lo = if c.count > 0 { c.max } else { a.min };
+    within(
+        "max",
+        max_lo <= g.max && g.max <= a.max,
+        format!("{}..={}", fmt_f(max_lo), fmt_f(a.max)),
+        fmt_f(g.max),
+    );
+    let got_first = (g.first.ts, g.first.value);
+    let first_hi = if c.count > 0 { c.first } else { a.last };
+    within(
+        "first",
+        !point_before(got_first, a.first) && !point_before(first_hi, got_first),
+        format!("{}..={}", fmt_point(a.first), fmt_point(first_hi)),
+        fmt_point(got_first),
+    );
+    let got_last = (g.last.ts, g.last.value);
+    let last_lo = if c.count > 0 { c.last } else { a.first };
+    within(
+        "last",
+        !point_before(got_last, last_lo) && !point_before(a.last, got_last),
+        format!("{}..={}", fmt_point(last_lo), fmt_point(a.last)),
+        fmt_point(got_last),
+    );
+    if g.count > 0 {
+        let n = g.count as f64;
+        within(
+            "avg",
+            (g.avg - g.sum / n).abs() <= slack / n,
+            format!("sum / count = {}", fmt_f(g.sum / n)),
+            fmt_f(g.avg),
+        );
+        // Popoviciu: a population's spread is at most half its range.
+        let spread = (a.max - a.min) / 2.0;
+        within(
+            "stddev",
+            g.stddev <= spread * (1.0 + 1e-9) + 1e-9,
+            format!("<= half the range of all readings, {}", fmt_f(spread)),
+            fmt_f(g.stddev),
+        );
+    }
+    if (c.count..=a.count).contains(&g.count) && g.count > 0 {
+        check_quantiles(&a.values, &c.values, a.max, g.count, g, out);
+    }
+}
+
+/// Relative accuracy of the pipeline's quantile sketch (1 %), plus rounding
+/// where a value sits on the edge of a bin.
+pub const QUANTILE_ALPHA: f64 = 0.01 + 1e-9;
+/// Magnitudes the sketch reads back as zero.
+const QUANTILE_ZERO: f64 = 1e-9;
+
+/// Holds p50, p90 and p99 of a window of `n` values to its true order
+/// statistics. The sketch answers the value at rank `floor(q·(n − 1))`
+/// (0-based) within relative error α; neighbouring ranks are allowed too, for
+/// rounding of `q·(n − 1)` and for the other common rank definitions. The
+/// window's values lie between `lower` (a superset: its order statistics are
+/// at most the window's) and `upper` (a subset: at least); for a certain
+/// window both are its values. `max` is the most any value can be. An answer
+/// clamped to `[min, max]` passes: clamping only moves it towards the truth.
+fn check_quantiles(
+    lower: &Values,
+    upper: &Values,
+    max: f64,
+    n: u64,
+    g: &ApiWindow,
+    out: &mut Vec<(&'static str, String, String)>,
+) {
+    for (field, q, got) in [
+        ("p50", 0.5, g.p50),
+        ("p90", 0.9, g.p90),
+        ("p99", 0.99, g.p99),
+    ] {
+        let rank = (q * (n - 1) as f64).floor() as u64;
+        let Some(lo) = lower.at(rank.saturating_sub(1)) else {
+            continue;
+        };
+        let hi = upper.at(rank + 1).unwrap_or(max).min(max);
+        let (lo_ok, hi_ok) = (
+            lo - QUANTILE_ALPHA * lo.abs() - QUANTILE_ZERO,
+            hi + QUANTILE_ALPHA * hi.abs() + QUANTILE_ZERO,
+        );
+        if !(lo_ok..=hi_ok).contains(&got) {
             out.push((
                 field,
-                format!("within [{}, {}]", fmt_f(e.min), fmt_f(e.max)),
-                fmt_f(q),
+                format!(
+                    "rank {rank} of {n} in [{}, {}], within 1 %",
+                    fmt_f(lo),
+                    fmt_f(hi)
+                ),
+                fmt_f(got),
             ));
         }
     }
-    if g.p50 > g.p90 || g.p90 > g.p99 {
-        out.push((
-            "quantiles",
-            "p50 <= p90 <= p99".into(),
-            format!("{} {} {}", fmt_f(g.p50), fmt_f(g.p90), fmt_f(g.p99)),
-        ));
-    }
-    out
 }
 
 fn fmt_f(v: f64) -> String {
@@ -321,8 +514,20 @@ mod tests {
         a
     }
 
-    fn view(e: &ExpectedAgg, start: i64) -> ApiWindow {
+    /// Read at the epoch, for a run that began at the epoch: every window
+    /// in these tests ends after it, so none is final yet.
+    const FIN: Finality = Finality {
+        allowed_lateness_ms: 3_600_000,
+        read_by_ms: 0,
+        settled_ms: 0,
+    };
+
+    /// The window as a correct pipeline would report it: quantiles at rank
+    /// `floor(q·(n − 1))`.
+    fn view(agg: &ExpectedAgg, start: i64) -> ApiWindow {
+        let e = &agg.sure;
         let n = e.count as f64;
+        let q = |q: f64| e.values.at((q * (n - 1.0)).floor() as u64).unwrap();
         ApiWindow {
             start,
             end: start + 60_000,
@@ -340,81 +545,174 @@ mod tests {
                 ts: e.last.0,
                 value: e.last.1,
             },
-            p50: e.min,
-            p90: e.max,
-            p99: e.max,
-            late_count: e.late_lo as u64,
-            revision: e.late_lo as u64,
+            p50: q(0.5),
+            p90: q(0.9),
+            p99: q(0.99),
+            late_count: agg.late_lo as u64,
+            revision: agg.late_lo as u64,
             is_final: false,
         }
     }
 
-    #[test]
-    fn uncertain_windows_are_held_to_their_count_range() {
+    /// 3 certain readings and one (18.0, the earliest) that may have been
+    /// lost, and the window a pipeline that accepted it would show.
+    fn uncertain() -> (ExpectedAgg, ApiWindow) {
         let mut e = agg(&[(1, 20.5), (2, 21.25), (3, 19.0)]);
-        e.add(4, 18.0, false, true);
-        let g = view(&e, 0);
-        let mismatches = |got: &[ApiWindow], e: &ExpectedAgg| {
-            let mut tally = Tally::default();
-            compare_series("s", 60_000, [(0, e)], got, &mut tally);
-            assert_eq!((tally.windows, tally.uncertain), (0, 1));
-            tally.mismatch_count
-        };
-        // 3 certain readings and 1 that may have been lost.
-        assert_eq!(
-            mismatches(
-                &[ApiWindow {
-                    count: 3,
-                    ..g.clone()
-                }],
-                &e
-            ),
-            0
-        );
-        assert_eq!(
-            mismatches(
-                &[ApiWindow {
-                    count: 4,
-                    ..g.clone()
-                }],
-                &e
-            ),
-            0
-        );
-        assert_eq!(
-            mismatches(
-                &[ApiWindow {
-                    count: 2,
-                    ..g.clone()
-                }],
-                &e
-            ),
-            1
-        );
-        assert_eq!(
-            mismatches(
-                &[ApiWindow {
-                    count: 5,
-                    ..g.clone()
-                }],
-                &e
-            ),
-            1
-        );
-        assert_eq!(mismatches(&[], &e), 1);
+        e.add(0, 18.0, false, true);
+        let all = agg(&[(1, 20.5), (2, 21.25), (3, 19.0), (0, 18.0)]);
+        (e, view(&all, 0))
+    }
+
+    fn uncertain_mismatches(got: &[ApiWindow], e: &ExpectedAgg) -> Vec<String> {
+        let mut tally = Tally::default();
+        compare_series("s", 60_000, [(0, e)], got, &FIN, &mut tally);
+        assert_eq!((tally.windows, tally.uncertain), (0, 1));
+        tally.mismatches.into_iter().map(|m| m.field).collect()
+    }
+
+    #[test]
+    fn an_uncertain_window_passes_with_or_without_its_uncertain_readings() {
+        let (e, with) = uncertain();
+        assert!(uncertain_mismatches(&[with], &e).is_empty());
+        let without = view(&agg(&[(1, 20.5), (2, 21.25), (3, 19.0)]), 0);
+        assert!(uncertain_mismatches(&[without], &e).is_empty());
         // Every reading uncertain: no window at all is possible.
         let mut all_maybe = ExpectedAgg::default();
         all_maybe.add(1, 20.0, false, true);
-        assert_eq!(mismatches(&[], &all_maybe), 0);
+        assert!(uncertain_mismatches(&[], &all_maybe).is_empty());
+        assert_eq!(uncertain_mismatches(&[], &e), ["window"]);
+    }
+
+    #[test]
+    fn an_uncertain_window_is_held_on_count_and_sum_bounds() {
+        let (e, g) = uncertain();
+        let wrong = |g: ApiWindow| uncertain_mismatches(&[g], &e);
+        for count in [2, 5] {
+            let avg = g.sum / count as f64;
+            assert_eq!(
+                wrong(ApiWindow {
+                    count,
+                    avg,
+                    ..g.clone()
+                }),
+                ["count"]
+            );
+        }
+        // Below the certain readings' sum, or above all of them.
+        assert_eq!(
+            wrong(ApiWindow {
+                sum: 60.0,
+                avg: 15.0,
+                ..g.clone()
+            }),
+            ["sum"]
+        );
+        assert_eq!(
+            wrong(ApiWindow {
+                sum: 79.0,
+                avg: 19.75,
+                ..g.clone()
+            }),
+            ["sum"]
+        );
+    }
+
+    #[test]
+    fn an_uncertain_window_is_held_on_extremes_quantiles_and_lateness() {
+        let (e, g) = uncertain();
+        let wrong = |g: ApiWindow| uncertain_mismatches(&[g], &e);
+        // min above the certain min; max below the certain max; either
+        // outside every reading.
+        assert_eq!(
+            wrong(ApiWindow {
+                min: 19.5,
+                ..g.clone()
+            }),
+            ["min"]
+        );
+        assert_eq!(
+            wrong(ApiWindow {
+                min: 17.0,
+                ..g.clone()
+            }),
+            ["min"]
+        );
+        assert_eq!(
+            wrong(ApiWindow {
+                max: 21.0,
+                ..g.clone()
+            }),
+            ["max"]
+        );
+        let first = ApiPoint {
+            ts: 2,
+            value: 21.25,
+        };
+        assert_eq!(wrong(ApiWindow { first, ..g.clone() }), ["first"]);
+        assert_eq!(
+            wrong(ApiWindow {
+                avg: 20.5,
+                ..g.clone()
+            }),
+            ["avg"]
+        );
+        assert_eq!(
+            wrong(ApiWindow {
+                stddev: 2.0,
+                ..g.clone()
+            }),
+            ["stddev"]
+        );
+        assert_eq!(
+            wrong(ApiWindow {
+                p99: 30.0,
+                ..g.clone()
+            }),
+            ["p99"]
+        );
+        // The uncertain reading may be late: 0..=1.
+        assert!(
+            wrong(ApiWindow {
+                late_count: 1,
+                revision: 1,
+                ..g.clone()
+            })
+            .is_empty()
+        );
+        assert_eq!(
+            wrong(ApiWindow {
+                late_count: 2,
+                revision: 1,
+                ..g.clone()
+            }),
+            ["late_count"]
+        );
+        assert_eq!(
+            wrong(ApiWindow {
+                is_final: true,
+                ..g.clone()
+            }),
+            ["final"]
+        );
+    }
+
+    #[test]
+    fn a_run_fails_when_more_than_one_percent_of_its_windows_are_uncertain() {
+        assert!(!too_uncertain(99, 1), "1 in 100 is within the bound");
+        assert!(too_uncertain(98, 2));
+        assert!(!too_uncertain(0, 0));
+        assert!(too_uncertain(0, 1));
+        assert!(!too_uncertain(9_900, 100));
+        assert!(too_uncertain(9_899, 101));
     }
 
     #[test]
     fn equal_windows_pass_and_each_field_is_named() {
         let e = agg(&[(1, 20.5), (2, 21.25), (3, 19.0)]);
         let g = view(&e, 0);
-        assert!(check_window(&e, &g, 60_000).is_empty());
+        assert!(check_window(&e, &g, 60_000, &FIN).is_empty());
         let fields = |g: &ApiWindow| -> Vec<&str> {
-            check_window(&e, g, 60_000)
+            check_window(&e, g, 60_000, &FIN)
                 .into_iter()
                 .map(|f| f.0)
                 .collect()
@@ -439,14 +737,14 @@ mod tests {
                 revision: 1,
                 ..g.clone()
             }),
-            ["late_count"]
+            ["late_count", "revision"]
         );
         assert_eq!(
             fields(&ApiWindow {
                 late_count: 1,
                 ..g.clone()
             }),
-            ["late_count", "revision"]
+            ["late_count"]
         );
         assert_eq!(
             fields(&ApiWindow {
@@ -457,14 +755,14 @@ mod tests {
         );
         assert_eq!(
             fields(&ApiWindow {
-                sum: e.sum * (1.0 + 1e-12),
+                sum: e.sure.sum * (1.0 + 1e-12),
                 ..g.clone()
             }),
             Vec::<&str>::new()
         );
         assert_eq!(
             fields(&ApiWindow {
-                sum: e.sum * (1.0 + 1e-6),
+                sum: e.sure.sum * (1.0 + 1e-6),
                 ..g.clone()
             }),
             ["sum"]
@@ -485,20 +783,143 @@ mod tests {
         );
     }
 
+    /// 1000 readings: 0.001, 0.002, ..., 1.000 and one spike of 50.
+    fn spread() -> ExpectedAgg {
+        let mut v: Vec<(i64, f64)> = (1..=999).map(|i| (i, i as f64 / 1000.0)).collect();
+        v.push((1000, 50.0));
+        agg(&v)
+    }
+
+    fn fields_of(e: &ExpectedAgg, g: &ApiWindow, fin: &Finality) -> Vec<&'static str> {
+        check_window(e, g, 60_000, fin)
+            .into_iter()
+            .map(|f| f.0)
+            .collect()
+    }
+
+    #[test]
+    fn verify_fails_on_a_wrong_p99() {
+        let e = spread();
+        let g = view(&e, 0);
+        // Rank floor(0.99 * 999) = 989: the value 0.990.
+        assert_eq!(g.p99, 0.99);
+        assert!(fields_of(&e, &g, &FIN).is_empty());
+        // Within [min, max] and in order, but the value at rank 900 or at
+        // the top: not the 99th percentile.
+        for p99 in [0.9, 50.0, 0.95] {
+            let wrong = ApiWindow { p99, ..g.clone() };
+            assert_eq!(fields_of(&e, &wrong, &FIN), ["p99"], "p99 {p99}");
+        }
+        // A sketch answering the minimum for every quantile.
+        let floor = ApiWindow {
+            p50: e.sure.min,
+            p90: e.sure.min,
+            p99: e.sure.min,
+            ..g.clone()
+        };
+        assert_eq!(fields_of(&e, &floor, &FIN), ["p50", "p90", "p99"]);
+    }
+
+    #[test]
+    fn quantiles_within_the_sketch_accuracy_of_a_neighbouring_rank_pass() {
+        let e = spread();
+        let g = view(&e, 0);
+        // The sketch's answer for 0.990 may be up to 1 % off, and rank
+        // 988..=990 (0.989..=0.991) is as good as 989.
+        for p99 in [0.99 * 1.0099, 0.989 * 0.9901, 0.991 * 1.0099] {
+            let ok = ApiWindow { p99, ..g.clone() };
+            assert!(fields_of(&e, &ok, &FIN).is_empty(), "p99 {p99}");
+        }
+        for p99 in [0.991 * 1.0101, 0.989 * 0.9899] {
+            let off = ApiWindow { p99, ..g.clone() };
+            assert_eq!(fields_of(&e, &off, &FIN), ["p99"], "p99 {p99}");
+        }
+        // One reading: the sketch's 21.543 for 21.5 is within 1 %, and the
+        // answer clamped to [min, max] is exact.
+        let one = agg(&[(1, 21.5)]);
+        for q in [21.543, 21.5] {
+            let g = ApiWindow {
+                p50: q,
+                p90: q,
+                p99: q,
+                ..view(&one, 0)
+            };
+            assert!(fields_of(&one, &g, &FIN).is_empty(), "{q}");
+        }
+    }
+
+    #[test]
+    fn verify_fails_on_a_wrong_revision() {
+        // One late reading: one change after the window's end.
+        let mut e = agg(&[(1, 1.0), (2, 2.0)]);
+        e.add(3, 3.0, true, false);
+        let g = view(&e, 0);
+        assert_eq!((g.late_count, g.revision), (1, 1));
+        assert!(fields_of(&e, &g, &FIN).is_empty());
+        for revision in [0, 2, 7] {
+            let wrong = ApiWindow {
+                revision,
+                ..g.clone()
+            };
+            assert_eq!(fields_of(&e, &wrong, &FIN), ["revision"], "{revision}");
+        }
+        // No late reading: the window never changed after its end.
+        let on_time = agg(&[(1, 1.0)]);
+        let wrong = ApiWindow {
+            revision: 1,
+            ..view(&on_time, 0)
+        };
+        assert_eq!(fields_of(&on_time, &wrong, &FIN), ["revision"]);
+    }
+
+    #[test]
+    fn verify_fails_on_a_wrong_final() {
+        let e = agg(&[(1, 1.0)]);
+        let open = view(&e, 0);
+        // Read at the epoch: end + 1 h is still ahead, so not final.
+        assert!(fields_of(&e, &open, &FIN).is_empty());
+        let wrong = ApiWindow {
+            is_final: true,
+            ..open.clone()
+        };
+        assert_eq!(fields_of(&e, &wrong, &FIN), ["final"]);
+        // The run began two hours after the window closed: final.
+        let later = Finality {
+            allowed_lateness_ms: 3_600_000,
+            read_by_ms: 7_300_000,
+            settled_ms: 7_200_000,
+        };
+        assert_eq!(fields_of(&e, &open, &later), ["final"]);
+        let closed = ApiWindow {
+            is_final: true,
+            ..open.clone()
+        };
+        assert!(fields_of(&e, &closed, &later).is_empty());
+        // Read after end + allowed lateness, by a run that began before it:
+        // either answer is right (the watermark may not have passed it).
+        let between = Finality {
+            allowed_lateness_ms: 3_600_000,
+            read_by_ms: 3_700_000,
+            settled_ms: 0,
+        };
+        assert!(fields_of(&e, &open, &between).is_empty());
+        assert!(fields_of(&e, &closed, &between).is_empty());
+    }
+
     #[test]
     fn late_count_may_fall_in_a_range() {
         let mut e = agg(&[(1, 1.0)]);
         e.late_hi = 1;
         let g = view(&e, 0);
-        assert!(check_window(&e, &g, 60_000).is_empty());
+        assert!(check_window(&e, &g, 60_000, &FIN).is_empty());
         let g = ApiWindow {
             late_count: 1,
             revision: 1,
             ..g
         };
-        assert!(check_window(&e, &g, 60_000).is_empty());
+        assert!(check_window(&e, &g, 60_000, &FIN).is_empty());
         let g = ApiWindow { late_count: 2, ..g };
-        assert_eq!(check_window(&e, &g, 60_000)[0].1, "0..=1");
+        assert_eq!(check_window(&e, &g, 60_000, &FIN)[0].1, "0..=1");
     }
 
     #[test]
@@ -511,6 +932,7 @@ mod tests {
             60_000,
             [(0, &a), (60_000, &b)],
             &[view(&b, 60_000), view(&a, 120_000)],
+            &FIN,
             &mut t,
         );
         assert_eq!(t.windows, 3);
@@ -519,11 +941,47 @@ mod tests {
         assert_eq!(t.mismatches[0].got, "no window");
         assert_eq!(t.mismatches[1].start, 120_000);
         assert_eq!(t.mismatches[1].expected, "no window");
-        let mut maybe = a.clone();
-        maybe.maybe = 1;
+        let mut maybe = ExpectedAgg::default();
+        maybe.add(1, 1.0, false, true);
         let mut t = Tally::default();
-        compare_series("s", 60_000, [(0, &maybe)], &[], &mut t);
+        compare_series("s", 60_000, [(0, &maybe)], &[], &FIN, &mut t);
         assert_eq!((t.uncertain, t.mismatch_count), (1, 0));
+    }
+
+    #[test]
+    fn readings_the_runs_did_not_send_are_told_from_missing_ones() {
+        let e = agg(&[(10, 1.0), (20, 2.0)]);
+        let g = view(&e, 0);
+        let unknown = |got: &[ApiWindow]| {
+            let mut t = Tally::default();
+            compare_series("s", 60_000, [(0, &e)], got, &FIN, &mut t);
+            t.unknown
+        };
+        assert_eq!(unknown(std::slice::from_ref(&g)), 0);
+        // Fewer readings: not caught up, nothing unknown.
+        assert_eq!(
+            unknown(&[ApiWindow {
+                count: 1,
+                ..g.clone()
+            }]),
+            0
+        );
+        assert_eq!(unknown(&[]), 0);
+        // An earlier run's reading of the same device and seq: same value,
+        // earlier timestamp; or simply more readings; or another window.
+        let earlier = ApiWindow {
+            first: ApiPoint { ts: 5, value: 1.0 },
+            ..g.clone()
+        };
+        assert_eq!(unknown(&[earlier]), 1);
+        assert_eq!(
+            unknown(&[ApiWindow {
+                count: 3,
+                ..g.clone()
+            }]),
+            1
+        );
+        assert_eq!(unknown(&[g.clone(), view(&e, 60_000)]), 1);
     }
 
     #[test]
@@ -533,7 +991,7 @@ mod tests {
         let got: Vec<ApiWindow> = (0..50)
             .map(|i| view(&agg(&[(1, 1.0)]), i * 60_000))
             .collect();
-        compare_series("s", 60_000, empty, &got, &mut t);
+        compare_series("s", 60_000, empty, &got, &FIN, &mut t);
         assert_eq!(t.mismatch_count, 50);
         assert_eq!(t.mismatches.len(), KEPT_MISMATCHES);
     }

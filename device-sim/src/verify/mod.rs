@@ -15,7 +15,7 @@
 pub mod api;
 pub mod compare;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use crate::expect::{Totals, Windows, device_windows};
 use crate::ledger::Ledger;
 use crate::plan::DAY_MS;
 use api::{Api, Scope, Stats, res_name};
-use compare::{Mismatch, Tally, compare_series};
+use compare::{Finality, Mismatch, Tally, compare_series, too_uncertain};
 
 /// How often verify asks whether the pipeline has caught up.
 const POLL_EVERY: Duration = Duration::from_millis(200);
@@ -88,14 +88,24 @@ pub struct VerifyReport {
     pub ok: bool,
     pub devices: u64,
     pub series: u64,
+    /// Windows compared exactly.
     pub windows: u64,
-    /// Windows checked by their count alone, because a reading in them may
-    /// or may not have been accepted.
+    /// Windows compared on bounds alone, because a reading in them may or
+    /// may not have been accepted.
     pub uncertain_windows: u64,
+    /// More than [`compare::MAX_UNCERTAIN_SHARE`] of the compared windows
+    /// were uncertain: the run fails, exact verification fell short.
+    pub too_uncertain: bool,
     pub mismatch_count: u64,
     pub mismatches: Vec<Mismatch>,
     /// The fleet's totals reached the expected ones before the timeout.
     pub caught_up: bool,
+    /// The store holds readings of the fleet that its runs did not send:
+    /// its totals exceeded theirs, or some window holds a reading before,
+    /// after or beyond the expected ones.
+    pub more_than_expected: bool,
+    /// Windows holding readings the runs did not send.
+    pub unknown_windows: u64,
     /// How long the API took to catch up (or until the timeout), ms.
     pub catch_up_ms: u64,
     /// Totals the API reported against the expected ones, per metric.
@@ -113,16 +123,19 @@ impl VerifyReport {
         self.series += o.series;
         self.windows += o.windows;
         self.uncertain_windows += o.uncertain_windows;
+        self.too_uncertain |= o.too_uncertain;
         self.mismatch_count += o.mismatch_count;
         for m in o.mismatches {
             if self.mismatches.len() < compare::KEPT_MISMATCHES {
                 self.mismatches.push(m);
             }
         }
-        if !o.caught_up {
+        if !o.caught_up && (self.caught_up || o.more_than_expected) {
             self.catch_up_detail = o.catch_up_detail;
         }
         self.caught_up &= o.caught_up;
+        self.more_than_expected |= o.more_than_expected;
+        self.unknown_windows += o.unknown_windows;
         self.catch_up_ms = self.catch_up_ms.max(o.catch_up_ms);
         self.verify_ms += o.verify_ms;
         self.stats.extend(o.stats);
@@ -133,22 +146,39 @@ impl std::fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.ok {
             writeln!(f, "verify: OK")?;
-        } else {
+        } else if self.mismatch_count > 0 {
             writeln!(f, "verify: FAILED ({} mismatches)", self.mismatch_count)?;
+        } else {
+            writeln!(f, "verify: FAILED")?;
         }
+        let compared = self.windows + self.uncertain_windows;
         writeln!(
             f,
-            "verify: compared {} windows in {} series of {} devices and their fleet ({} uncertain windows checked by count range only) in {:.1} s",
-            self.windows,
+            "verify: compared {compared} windows in {} series of {} devices and their fleet in {:.1} s; {} uncertain ({:.2} %, at most {} % allowed) held to the bounds their uncertain readings allow",
             self.series,
             self.devices,
+            self.verify_ms as f64 / 1000.0,
             self.uncertain_windows,
-            self.verify_ms as f64 / 1000.0
+            100.0 * self.uncertain_windows as f64 / compared.max(1) as f64,
+            100.0 * compare::MAX_UNCERTAIN_SHARE,
         )?;
-        if !self.caught_up {
+        if self.too_uncertain {
             writeln!(
                 f,
-                "verify: the API did not catch up within {} ms: {}",
+                "verify: too many uncertain windows: more than {} % of the windows hold a reading whose acceptance is unknown (unacknowledged, or too close to the too_late boundary), so the run cannot be verified exactly",
+                100.0 * compare::MAX_UNCERTAIN_SHARE
+            )?;
+        }
+        if self.more_than_expected {
+            writeln!(
+                f,
+                "verify: the API holds more readings than were sent ({}; {} windows hold readings the run did not send): the store already held readings of this fleet (an earlier run, another publisher), or the pipeline counted some twice. Run again with a new --fleet (the default picks a fresh one), or with --ledger FILE on every run so that verify expects all of them",
+                self.catch_up_detail, self.unknown_windows
+            )?;
+        } else if !self.caught_up {
+            writeln!(
+                f,
+                "verify: the API had not caught up when {} ms had passed, fewer readings than were sent ({}): the pipeline is behind; a longer --verify-timeout waits for it",
                 self.catch_up_ms, self.catch_up_detail
             )?;
         }
@@ -183,7 +213,6 @@ pub async fn verify(
 ) -> anyhow::Result<VerifyReport> {
     let started = Instant::now();
     let deadline = started + cfg.timeout;
-    let api = Api::new(&cfg.url, cfg.concurrency)?;
     let devices = Arc::new(ledger.devices_of(fleet));
     for occ in devices.values().flatten() {
         let run = &ledger.runs[occ.0];
@@ -194,148 +223,322 @@ pub async fn verify(
             );
         }
     }
-
     let (fleet_windows, totals) = {
         let (ledger, devices) = (ledger.clone(), devices.clone());
-        tokio::task::spawn_blocking(move || {
-            let mut fleet_windows = Windows::new();
-            for occ in devices.values() {
-                for (k, w) in device_windows(&ledger.runs, occ) {
-                    fleet_windows.entry(k).or_default().merge(&w);
-                }
-            }
-            let mut totals: Vec<(String, Totals)> = Vec::new();
-            for ((metric, res, _), w) in &fleet_windows {
-                if *res != DAY_MS {
-                    continue;
-                }
-                if totals.last().is_none_or(|(m, _)| m != metric) {
-                    totals.push((metric.clone(), Totals::default()));
-                }
-                if let Some((_, t)) = totals.last_mut() {
-                    t.certain += w.count - w.maybe;
-                    t.maybe += w.maybe;
-                }
-            }
-            (fleet_windows, totals)
-        })
-        .await
-        .context("regenerating the fleet's windows")?
+        tokio::task::spawn_blocking(move || expect_fleet(&ledger, &devices))
+            .await
+            .context("regenerating the fleet's windows")?
     };
-    let (from, to) = day_range(&fleet_windows);
+    let checker = Checker {
+        api: Api::new(&cfg.url, cfg.concurrency)?,
+        finality: FinalityBase::of(&ledger, &devices),
+        ledger,
+        devices,
+        fleet: fleet.to_string(),
+        range: day_range(&fleet_windows),
+    };
 
-    let (caught_up, catch_up_detail) = catch_up(&api, fleet, &totals, from, to, deadline).await?;
+    let reached = checker.catch_up(&totals, deadline).await?;
     let catch_up_ms = started.elapsed().as_millis() as u64;
+    let (result, first) = checker
+        .compare_all(&fleet_windows, cfg.concurrency, deadline)
+        .await?;
+    let stat_checks = match stats {
+        Some((before, expect)) => check_stats(&checker.api, &before, &expect).await?,
+        None => Vec::new(),
+    };
 
-    let mut tally = Tally::default();
-    let mut failing = Vec::new();
-    let ids: Vec<&String> = devices.keys().collect();
-    let mut checks = futures::stream::iter(ids)
-        .map(|id| {
-            let (api, ledger, devices) = (&api, &ledger, &devices);
-            async move {
-                let t = check_device(api, ledger, id, &devices[id]).await;
-                (id, t)
-            }
-        })
-        .buffer_unordered(cfg.concurrency.max(1));
-    while let Some((id, t)) = checks.next().await {
-        let t = t?;
-        if !t.ok() {
-            failing.push(id.clone());
+    // Devices that published yet expect no window at all mean the
+    // expectation itself went wrong; that must never read as a pass.
+    let compared_something = first.windows + first.uncertain > 0 || checker.devices.is_empty();
+    let too_uncertain = too_uncertain(first.windows, first.uncertain);
+    Ok(VerifyReport {
+        ok: result.ok()
+            && stat_checks.iter().all(StatCheck::ok)
+            && compared_something
+            && !too_uncertain,
+        devices: checker.devices.len() as u64,
+        series: first.series,
+        windows: first.windows,
+        uncertain_windows: first.uncertain,
+        too_uncertain,
+        mismatch_count: result.mismatch_count,
+        mismatches: result.mismatches,
+        caught_up: reached.caught_up,
+        more_than_expected: reached.over || result.unknown > 0,
+        unknown_windows: result.unknown,
+        catch_up_ms,
+        catch_up_detail: reached.detail,
+        stats: stat_checks,
+        verify_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Regenerates every device once and keeps only the fleet's windows, and
+/// the readings expected per metric (from the 1d windows).
+fn expect_fleet(
+    ledger: &Ledger,
+    devices: &BTreeMap<String, Vec<(usize, u32)>>,
+) -> (Windows, Vec<(String, Totals)>) {
+    let mut fleet_windows = Windows::new();
+    for occ in devices.values() {
+        for (k, w) in device_windows(&ledger.runs, occ) {
+            fleet_windows.entry(k).or_default().merge(&w);
         }
-        tally.add(t);
     }
-    drop(checks);
-    let mut fleet_tally = check_fleet(&api, fleet, &fleet_windows, from, to).await?;
-    let (windows, series, uncertain) = (
-        tally.windows + fleet_tally.windows,
-        tally.series + fleet_tally.series,
-        tally.uncertain + fleet_tally.uncertain,
-    );
+    let mut totals: Vec<(String, Totals)> = Vec::new();
+    for ((metric, res, _), w) in &fleet_windows {
+        if *res != DAY_MS {
+            continue;
+        }
+        if totals.last().is_none_or(|(m, _)| m != metric) {
+            totals.push((metric.clone(), Totals::default()));
+        }
+        if let Some((_, t)) = totals.last_mut() {
+            t.certain += w.sure.count;
+            t.maybe += w.maybe.count;
+        }
+    }
+    (fleet_windows, totals)
+}
 
-    // Re-check what failed while time remains: the first pass may have
-    // raced the pipeline's last updates.
-    let mut device_tally = tally;
-    let mut failing: BTreeSet<String> = failing.into_iter().collect();
-    while (!failing.is_empty() || !fleet_tally.ok())
-        && failing.len() <= MAX_RECHECK
-        && Instant::now() + POLL_EVERY < deadline
-    {
-        tokio::time::sleep(POLL_EVERY).await;
-        let mut again = Tally::default();
-        let mut still = BTreeSet::new();
-        for id in &failing {
-            let t = check_device(&api, &ledger, id, &devices[id]).await?;
+/// What the fleet's runs fix about `final` (see [`Finality`]); the moment
+/// of reading is added per series.
+#[derive(Debug, Clone, Copy)]
+struct FinalityBase {
+    allowed_lateness_ms: i64,
+    skew_ms: i64,
+    settled_ms: i64,
+}
+
+impl FinalityBase {
+    /// From the fleet's latest run: its allowed lateness is the pipeline's,
+    /// and its first publish is the latest moment the pipeline has seen.
+    fn of(ledger: &Ledger, devices: &BTreeMap<String, Vec<(usize, u32)>>) -> FinalityBase {
+        let latest = devices.values().flatten().map(|o| o.0).max();
+        match latest.and_then(|r| ledger.runs.get(r)) {
+            Some(run) => {
+                let plan = &run.start.plan;
+                let skew_ms = plan.clock_skew_ms + plan.arrival_slack_ms;
+                FinalityBase {
+                    allowed_lateness_ms: plan.allowed_lateness_ms,
+                    skew_ms,
+                    settled_ms: plan.run_start_ms - skew_ms,
+                }
+            }
+            None => FinalityBase {
+                allowed_lateness_ms: 0,
+                skew_ms: 0,
+                settled_ms: i64::MIN,
+            },
+        }
+    }
+
+    /// For a series whose response has just arrived.
+    fn read_now(&self) -> Finality {
+        Finality {
+            allowed_lateness_ms: self.allowed_lateness_ms,
+            read_by_ms: crate::now_ms() + self.skew_ms,
+            settled_ms: self.settled_ms,
+        }
+    }
+}
+
+/// How the catch-up poll ended.
+struct Reached {
+    caught_up: bool,
+    /// Some metric's total exceeded every reading the runs sent.
+    over: bool,
+    /// The totals the API reported against the expected ones.
+    detail: String,
+}
+
+/// One fleet's verification: what it reads and what it compares against.
+struct Checker {
+    api: Api,
+    ledger: Arc<Ledger>,
+    devices: Arc<BTreeMap<String, Vec<(usize, u32)>>>,
+    fleet: String,
+    finality: FinalityBase,
+    /// `[from, to)` covering every day the fleet's windows touch.
+    range: (i64, i64),
+}
+
+impl Checker {
+    /// Polls the fleet's 1d counts per metric until each lies in the
+    /// expected range, one exceeds it (waiting will not shrink it), or the
+    /// deadline passes.
+    async fn catch_up(
+        &self,
+        totals: &[(String, Totals)],
+        deadline: Instant,
+    ) -> anyhow::Result<Reached> {
+        let (from, to) = self.range;
+        loop {
+            let (mut all, mut over) = (true, false);
+            let mut detail = Vec::new();
+            for (metric, t) in totals {
+                let got: u64 = self
+                    .api
+                    .windows(Scope::Fleet(&self.fleet), metric, DAY_MS, from, to)
+                    .await?
+                    .iter()
+                    .map(|w| w.count)
+                    .sum();
+                let hi = t.certain + t.maybe;
+                all &= (t.certain..=hi).contains(&got);
+                over |= got > hi;
+                let want = if t.maybe > 0 {
+                    format!("{}..={}", t.certain, hi)
+                } else {
+                    t.certain.to_string()
+                };
+                detail.push(format!("{metric} {got} of {want}"));
+            }
+            let detail = format!("fleet {}: {}", self.fleet, detail.join(", "));
+            if all || over || Instant::now() + POLL_EVERY >= deadline {
+                return Ok(Reached {
+                    caught_up: all,
+                    over,
+                    detail,
+                });
+            }
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+
+    /// Compares every device and then the fleet; re-checks what failed while
+    /// time remains, since the first pass may have raced the pipeline's last
+    /// updates. Returns the final mismatches and the first pass's counts.
+    async fn compare_all(
+        &self,
+        fleet_windows: &Windows,
+        concurrency: usize,
+        deadline: Instant,
+    ) -> anyhow::Result<(Tally, Tally)> {
+        let mut device_tally = Tally::default();
+        let mut failing = BTreeSet::new();
+        let mut checks = futures::stream::iter(self.devices.keys())
+            .map(|id| async move { (id, self.check_device(id).await) })
+            .buffer_unordered(concurrency.max(1));
+        while let Some((id, t)) = checks.next().await {
+            let t = t?;
             if !t.ok() {
-                still.insert(id.clone());
+                failing.insert(id.clone());
             }
-            again.add(t);
+            device_tally.add(t);
         }
-        if !fleet_tally.ok() {
-            fleet_tally = check_fleet(&api, fleet, &fleet_windows, from, to).await?;
-        }
-        failing = still;
-        device_tally = again;
-    }
-    if failing.is_empty() {
-        device_tally = Tally::default();
-    }
-    let mut result = Tally::default();
-    result.add(device_tally);
-    result.add(fleet_tally);
-
-    let mut stat_checks = Vec::new();
-    if let Some((before, expect)) = stats {
-        let after = api.stats().await?;
-        let delta = |f: &dyn Fn(&Stats) -> u64| f(&after) as i64 - f(&before) as i64;
-        let mut check = |counter: &str, (lo, hi): (u64, u64), got: i64| {
-            stat_checks.push(StatCheck {
-                counter: counter.into(),
-                expected_lo: lo,
-                expected_hi: hi,
-                got,
-            })
+        drop(checks);
+        let mut fleet_tally = self.check_fleet(fleet_windows).await?;
+        let mut first = Tally {
+            mismatches: Vec::new(),
+            ..device_tally.clone()
         };
+        first.add(Tally {
+            mismatches: Vec::new(),
+            ..fleet_tally.clone()
+        });
+
+        while (!failing.is_empty() || !fleet_tally.ok())
+            && failing.len() <= MAX_RECHECK
+            && Instant::now() + POLL_EVERY < deadline
+        {
+            tokio::time::sleep(POLL_EVERY).await;
+            let mut again = Tally::default();
+            let mut still = BTreeSet::new();
+            for id in &failing {
+                let t = self.check_device(id).await?;
+                if !t.ok() {
+                    still.insert(id.clone());
+                }
+                again.add(t);
+            }
+            if !fleet_tally.ok() {
+                fleet_tally = self.check_fleet(fleet_windows).await?;
+            }
+            failing = still;
+            device_tally = again;
+        }
+        if failing.is_empty() {
+            device_tally = Tally::default();
+        }
+        let mut result = Tally::default();
+        result.add(device_tally);
+        result.add(fleet_tally);
+        Ok((result, first))
+    }
+
+    async fn check_device(&self, id: &str) -> anyhow::Result<Tally> {
+        let windows = device_windows(&self.ledger.runs, &self.devices[id]);
+        let name = format!("device {id}");
+        self.check_series(Scope::Device(id), &name, &windows, day_range(&windows))
+            .await
+    }
+
+    async fn check_fleet(&self, windows: &Windows) -> anyhow::Result<Tally> {
+        let name = format!("fleet {}", self.fleet);
+        self.check_series(Scope::Fleet(&self.fleet), &name, windows, self.range)
+            .await
+    }
+
+    /// Reads and compares every (metric, resolution) series of `windows`.
+    async fn check_series(
+        &self,
+        scope: Scope<'_>,
+        name: &str,
+        windows: &Windows,
+        (from, to): (i64, i64),
+    ) -> anyhow::Result<Tally> {
+        let mut tally = Tally::default();
+        for (metric, res) in series_of(windows) {
+            let got = self.api.windows(scope, &metric, res, from, to).await?;
+            let fin = self.finality.read_now();
+            let expected = windows
+                .range((metric.clone(), res, i64::MIN)..=(metric.clone(), res, i64::MAX))
+                .map(|(k, w)| (k.2, w));
+            let series = format!("{name} {metric} {}", res_name(res));
+            compare_series(&series, res, expected, &got, &fin, &mut tally);
+        }
+        Ok(tally)
+    }
+}
+
+/// The changes of `/v1/stats` since `before`, against the expected ranges.
+async fn check_stats(
+    api: &Api,
+    before: &Stats,
+    expect: &StatsExpectation,
+) -> anyhow::Result<Vec<StatCheck>> {
+    let after = api.stats().await?;
+    let delta = |f: &dyn Fn(&Stats) -> u64| f(&after) as i64 - f(before) as i64;
+    let check = |counter: &str, (lo, hi): (u64, u64), got: i64| StatCheck {
+        counter: counter.into(),
+        expected_lo: lo,
+        expected_hi: hi,
+        got,
+    };
+    Ok(vec![
         check(
             "accepted_readings",
             expect.accepted_readings,
             delta(&|s| s.accepted_readings),
-        );
+        ),
         check(
             "duplicate_readings",
             expect.duplicate_readings,
             delta(&|s| s.duplicate_readings),
-        );
+        ),
         check(
             "rejected.too_late",
             expect.too_late,
             delta(&|s| s.rejected("too_late")),
-        );
+        ),
         check(
             "rejected.malformed_json",
             expect.malformed_json,
             delta(&|s| s.rejected("malformed_json")),
-        );
-    }
-
-    // Devices that published yet expect no window at all mean the
-    // expectation itself went wrong; that must never read as a pass.
-    let compared_something = windows + uncertain > 0 || devices.is_empty();
-    Ok(VerifyReport {
-        ok: result.ok() && stat_checks.iter().all(StatCheck::ok) && compared_something,
-        devices: devices.len() as u64,
-        series,
-        windows,
-        uncertain_windows: uncertain,
-        mismatch_count: result.mismatch_count,
-        mismatches: result.mismatches,
-        caught_up,
-        catch_up_ms,
-        catch_up_detail,
-        stats: stat_checks,
-        verify_ms: started.elapsed().as_millis() as u64,
-    })
+        ),
+    ])
 }
 
 /// `[from, to)` covering every day the windows touch.
@@ -349,84 +552,6 @@ fn day_range(windows: &Windows) -> (i64, i64) {
     if from > to { (0, 0) } else { (from, to) }
 }
 
-/// Polls the fleet's 1d counts per metric until each lies in the expected
-/// range. Returns whether it did, and the last totals seen.
-async fn catch_up(
-    api: &Api,
-    fleet: &str,
-    totals: &[(String, Totals)],
-    from: i64,
-    to: i64,
-    deadline: Instant,
-) -> anyhow::Result<(bool, String)> {
-    loop {
-        let mut all = true;
-        let mut over = false;
-        let mut detail = Vec::new();
-        for (metric, t) in totals {
-            let got: u64 = api
-                .windows(Scope::Fleet(fleet), metric, DAY_MS, from, to)
-                .await?
-                .iter()
-                .map(|w| w.count)
-                .sum();
-            let hi = t.certain + t.maybe;
-            all &= (t.certain..=hi).contains(&got);
-            over |= got > hi;
-            detail.push(format!("{metric} {got} of {}", t.certain));
-        }
-        let detail = detail.join(", ");
-        // More than expected will not shrink by waiting: go and find where.
-        if all || over || Instant::now() + POLL_EVERY >= deadline {
-            return Ok((all, detail));
-        }
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-}
-
-async fn check_device(
-    api: &Api,
-    ledger: &Ledger,
-    id: &str,
-    occurrences: &[(usize, u32)],
-) -> anyhow::Result<Tally> {
-    let windows = device_windows(&ledger.runs, occurrences);
-    let (from, to) = day_range(&windows);
-    let mut tally = Tally::default();
-    for (metric, res) in series_of(&windows) {
-        let got = api
-            .windows(Scope::Device(id), &metric, res, from, to)
-            .await?;
-        let expected = windows
-            .range((metric.clone(), res, i64::MIN)..=(metric.clone(), res, i64::MAX))
-            .map(|(k, w)| (k.2, w));
-        let name = format!("device {id} {metric} {}", res_name(res));
-        compare_series(&name, res, expected, &got, &mut tally);
-    }
-    Ok(tally)
-}
-
-async fn check_fleet(
-    api: &Api,
-    fleet: &str,
-    windows: &Windows,
-    from: i64,
-    to: i64,
-) -> anyhow::Result<Tally> {
-    let mut tally = Tally::default();
-    for (metric, res) in series_of(windows) {
-        let got = api
-            .windows(Scope::Fleet(fleet), &metric, res, from, to)
-            .await?;
-        let expected = windows
-            .range((metric.clone(), res, i64::MIN)..=(metric.clone(), res, i64::MAX))
-            .map(|(k, w)| (k.2, w));
-        let name = format!("fleet {fleet} {metric} {}", res_name(res));
-        compare_series(&name, res, expected, &got, &mut tally);
-    }
-    Ok(tally)
-}
-
 /// The distinct (metric, resolution) series among `windows`' keys.
 fn series_of(windows: &Windows) -> Vec<(String, i64)> {
     let mut out: Vec<(String, i64)> = Vec::new();
@@ -436,4 +561,77 @@ fn series_of(windows: &Windows) -> Vec<(String, i64)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> VerifyReport {
+        VerifyReport {
+            ok: false,
+            devices: 1000,
+            series: 6006,
+            windows: 8000,
+            uncertain_windows: 0,
+            too_uncertain: false,
+            mismatch_count: 3,
+            mismatches: Vec::new(),
+            caught_up: true,
+            more_than_expected: false,
+            unknown_windows: 0,
+            catch_up_ms: 32,
+            catch_up_detail: "fleet sim: humidity 120000 of 60000".into(),
+            stats: Vec::new(),
+            verify_ms: 1500,
+        }
+    }
+
+    #[test]
+    fn a_store_holding_more_than_was_sent_is_told_apart_from_a_pipeline_behind() {
+        let over = VerifyReport {
+            caught_up: false,
+            more_than_expected: true,
+            ..report()
+        };
+        let text = over.to_string();
+        assert!(
+            text.contains("holds more readings than were sent"),
+            "{text}"
+        );
+        assert!(
+            text.contains("--fleet") && text.contains("--ledger"),
+            "{text}"
+        );
+        assert!(!text.contains("not caught up"), "{text}");
+        let behind = VerifyReport {
+            caught_up: false,
+            catch_up_detail: "fleet sim: humidity 50000 of 60000".into(),
+            ..report()
+        };
+        let text = behind.to_string();
+        assert!(text.contains("had not caught up"), "{text}");
+        assert!(!text.contains("more readings"), "{text}");
+        let mut merged = report();
+        merged.merge(over);
+        assert!(merged.more_than_expected && !merged.caught_up);
+        assert!(merged.to_string().contains("more readings"));
+    }
+
+    #[test]
+    fn too_many_uncertain_windows_fail_with_a_reason() {
+        let r = VerifyReport {
+            mismatch_count: 0,
+            uncertain_windows: 200,
+            too_uncertain: true,
+            ..report()
+        };
+        let text = r.to_string();
+        assert!(text.starts_with("verify: FAILED\n"), "{text}");
+        assert!(
+            text.contains("200 uncertain (2.44 %, at most 1 % allowed)"),
+            "{text}"
+        );
+        assert!(text.contains("too many uncertain windows"), "{text}");
+    }
 }
