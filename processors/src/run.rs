@@ -169,15 +169,30 @@ pub async fn run_flusher(
                 continue;
             }
         }
-        if !pcfg.flush.due(last.elapsed(), store.unflushed()) {
-            continue;
-        }
-        last = tokio::time::Instant::now();
-        durability
-            .flush("flusher", store.as_ref(), &pcfg, &metrics)
+        let tick = tokio::time::Instant::now();
+        if flush_if_due(store.as_ref(), &durability, &pcfg, &metrics, tick - last)
             .await
-            .map_err(|e| stream::ReadError::Io(e.to_string()))?;
+            .map_err(|e| stream::ReadError::Io(e.to_string()))?
+        {
+            last = tick;
+        }
     }
+}
+
+/// One look of the flusher, `since_last` after the last flush started:
+/// flushes if the policy says so, and says whether it did.
+async fn flush_if_due(
+    store: &dyn RollupStore,
+    durability: &Durability,
+    pcfg: &ProcessorConfig,
+    metrics: &ProcessorMetrics,
+    since_last: Duration,
+) -> Result<bool, StoreError> {
+    if !pcfg.flush.due(since_last, store.unflushed()) {
+        return Ok(false);
+    }
+    durability.flush("flusher", store, pcfg, metrics).await?;
+    Ok(true)
 }
 
 /// Folds one batch of one shard into the store: plan, load, apply, commit.
@@ -461,40 +476,29 @@ mod tests {
 
     /// The flusher waits for the interval, unless the dirty items reach the
     /// bound first; shards then see their batches covered.
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_flusher_flushes_at_the_dirty_bound_before_the_interval() {
-        let store = Arc::new(CachedStore::new(
-            Arc::new(MemoryStore::new()),
-            CacheConfig::default(),
-        ));
-        let durability = Arc::new(Durability::default());
-        let metrics = Arc::new(ProcessorMetrics::default());
-        let (stop, shutdown) = watch::channel(false);
-        let flusher = tokio::spawn(run_flusher(
-            store.clone(),
-            durability.clone(),
-            policy(Duration::from_secs(3600), 3),
-            metrics.clone(),
-            shutdown,
-        ));
+        let store = CachedStore::new(Arc::new(MemoryStore::new()), CacheConfig::default());
+        let (d, metrics) = (Durability::default(), ProcessorMetrics::default());
+        let pcfg = policy(Duration::from_secs(3600), 3);
+        let early = Duration::from_secs(5);
         store.commit(counter("a")).await.unwrap();
         store.commit(counter("b")).await.unwrap();
-        let mark = durability.mark();
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        let mark = d.mark();
+        assert!(!flush_if_due(&store, &d, &pcfg, &metrics, early).await.unwrap());
         assert_eq!(store.dirty(), 2, "below the bound, nothing is flushed");
-        assert!(!durability.covers(mark));
+        assert!(!d.covers(mark));
 
         store.commit(counter("c")).await.unwrap();
-        let mark = durability.mark();
-        tokio::time::sleep(FLUSH_CHECK_EVERY * 2).await;
+        let mark = d.mark();
+        assert!(flush_if_due(&store, &d, &pcfg, &metrics, early).await.unwrap());
         assert_eq!(store.dirty(), 0, "at the bound, everything is flushed");
-        assert!(durability.covers(mark));
+        assert!(d.covers(mark));
         assert_eq!(metrics.store_flushed.load(Ordering::Relaxed), 3);
 
         store.commit(counter("d")).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let interval = Duration::from_secs(3600);
+        assert!(flush_if_due(&store, &d, &pcfg, &metrics, interval).await.unwrap());
         assert_eq!(store.dirty(), 0, "at the interval, everything is flushed");
-        stop.send_replace(true);
-        flusher.await.unwrap().unwrap();
     }
 }
