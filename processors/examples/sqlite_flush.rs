@@ -90,7 +90,13 @@ fn disk_bytes(db: &Path) -> u64 {
         .sum()
 }
 
-fn timed_flush(rt: &tokio::runtime::Runtime, store: &SqliteStore, db: &Path, what: &str, c: Commit) {
+fn timed_flush(
+    rt: &tokio::runtime::Runtime,
+    store: &SqliteStore,
+    db: &Path,
+    what: &str,
+    c: Commit,
+) {
     let rows = c.len();
     let before = disk_bytes(db);
     let started = Instant::now();

@@ -332,6 +332,9 @@ mod tests {
         assert_eq!(m.items_per_reading(), 1.5, "behind a write-behind cache");
         let mut out = String::new();
         m.render(0, &mut out);
-        assert!(out.contains("\niotpipe_store_items_per_reading 1.5\n"), "{out}");
+        assert!(
+            out.contains("\niotpipe_store_items_per_reading 1.5\n"),
+            "{out}"
+        );
     }
 }

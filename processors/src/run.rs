@@ -281,8 +281,10 @@ pub async fn run_shard(
         };
         read_retries = 0;
         let behind = reader.lag();
-        lag.records_behind
-            .store(behind.records_behind + batch.len() as u64, Ordering::Relaxed);
+        lag.records_behind.store(
+            behind.records_behind + batch.len() as u64,
+            Ordering::Relaxed,
+        );
         let oldest = batch
             .first()
             .map(|r| r.arrival_ms)
@@ -303,14 +305,28 @@ pub async fn run_shard(
                 tracing::info!(shard, "Shard drained; processor stops.");
                 return Ok(());
             }
-            checkpoint_flushed(&shard, &mut reader, &mut unflushed, &durability, &pcfg, &metrics)
-                .await?;
+            checkpoint_flushed(
+                &shard,
+                &mut reader,
+                &mut unflushed,
+                &durability,
+                &pcfg,
+                &metrics,
+            )
+            .await?;
             continue;
         };
         apply_batch(&shard, &batch, store.as_ref(), &cfg, &pcfg, &metrics).await?;
         unflushed.push_back((last, durability.mark()));
-        checkpoint_flushed(&shard, &mut reader, &mut unflushed, &durability, &pcfg, &metrics)
-            .await?;
+        checkpoint_flushed(
+            &shard,
+            &mut reader,
+            &mut unflushed,
+            &durability,
+            &pcfg,
+            &metrics,
+        )
+        .await?;
     }
 }
 
@@ -485,20 +501,32 @@ mod tests {
         store.commit(counter("a")).await.unwrap();
         store.commit(counter("b")).await.unwrap();
         let mark = d.mark();
-        assert!(!flush_if_due(&store, &d, &pcfg, &metrics, early).await.unwrap());
+        assert!(
+            !flush_if_due(&store, &d, &pcfg, &metrics, early)
+                .await
+                .unwrap()
+        );
         assert_eq!(store.dirty(), 2, "below the bound, nothing is flushed");
         assert!(!d.covers(mark));
 
         store.commit(counter("c")).await.unwrap();
         let mark = d.mark();
-        assert!(flush_if_due(&store, &d, &pcfg, &metrics, early).await.unwrap());
+        assert!(
+            flush_if_due(&store, &d, &pcfg, &metrics, early)
+                .await
+                .unwrap()
+        );
         assert_eq!(store.dirty(), 0, "at the bound, everything is flushed");
         assert!(d.covers(mark));
         assert_eq!(metrics.store_flushed.load(Ordering::Relaxed), 3);
 
         store.commit(counter("d")).await.unwrap();
         let interval = Duration::from_secs(3600);
-        assert!(flush_if_due(&store, &d, &pcfg, &metrics, interval).await.unwrap());
+        assert!(
+            flush_if_due(&store, &d, &pcfg, &metrics, interval)
+                .await
+                .unwrap()
+        );
         assert_eq!(store.dirty(), 0, "at the interval, everything is flushed");
     }
 }

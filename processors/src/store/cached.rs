@@ -467,19 +467,37 @@ mod tests {
         };
         let inner = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), failing));
         let cache = CachedStore::new(inner, CacheConfig::default());
-        cache.commit(counter("a", Condition::Absent, 1)).await.unwrap();
-        cache.commit(counter("a", Condition::Version(1), 2)).await.unwrap();
-        cache.commit(counter("b", Condition::Absent, 1)).await.unwrap();
+        cache
+            .commit(counter("a", Condition::Absent, 1))
+            .await
+            .unwrap();
+        cache
+            .commit(counter("a", Condition::Version(1), 2))
+            .await
+            .unwrap();
+        cache
+            .commit(counter("b", Condition::Absent, 1))
+            .await
+            .unwrap();
         assert_eq!(cache.unflushed(), 2, "a rewritten item counts once");
         assert!(cache.flush().await.is_err());
         assert_eq!(cache.unflushed(), 2, "a failed flush leaves both dirty");
 
         let cache = CachedStore::new(Arc::new(MemoryStore::new()), CacheConfig::default());
-        cache.commit(counter("a", Condition::Absent, 1)).await.unwrap();
-        cache.commit(counter("b", Condition::Absent, 1)).await.unwrap();
+        cache
+            .commit(counter("a", Condition::Absent, 1))
+            .await
+            .unwrap();
+        cache
+            .commit(counter("b", Condition::Absent, 1))
+            .await
+            .unwrap();
         assert_eq!(cache.flush().await.unwrap(), 2);
         assert_eq!(cache.unflushed(), 0);
-        cache.commit(counter("a", Condition::Version(1), 2)).await.unwrap();
+        cache
+            .commit(counter("a", Condition::Version(1), 2))
+            .await
+            .unwrap();
         assert_eq!(cache.unflushed(), 1);
     }
 }

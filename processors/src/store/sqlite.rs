@@ -429,7 +429,11 @@ mod tests {
         }
         drop(store);
         SqliteStore::open(&path).unwrap();
-        assert_eq!(user_version(&path), SCHEMA_VERSION, "reopening changes nothing");
+        assert_eq!(
+            user_version(&path),
+            SCHEMA_VERSION,
+            "reopening changes nothing"
+        );
     }
 
     #[test]
