@@ -100,7 +100,8 @@ impl Stream {
 }
 
 /// An opened rollup store. SQLite sits behind a write-behind cache: the
-/// processors flush it once a second rather than write every change.
+/// processors' flusher writes it out by the flush policy rather than write
+/// every change.
 pub enum Store {
     Sqlite {
         cache: Arc<CachedStore<SqliteStore>>,

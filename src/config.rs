@@ -258,18 +258,22 @@ pub struct ProcessorSettings {
     /// Most stream records folded into the store in one batch.
     pub batch_max_records: usize,
     /// How often applied batches are written to disk and checkpointed. Longer
-    /// means fewer writes (a busy window is written once per interval) and a
-    /// longer replay after a crash; queries see applied readings at once
-    /// either way.
+    /// means fewer writes (a window that changed several times is written
+    /// once per interval) and a longer replay after a crash; queries see
+    /// applied readings at once either way.
     #[serde(with = "duration_text")]
     pub flush_interval: Duration,
+    /// Flush before the interval is up once this many changed items wait:
+    /// bounds the memory they hold and how long one flush takes.
+    pub flush_max_dirty_items: usize,
 }
 
 impl Default for ProcessorSettings {
     fn default() -> Self {
         ProcessorSettings {
             batch_max_records: 10_000,
-            flush_interval: Duration::from_secs(1),
+            flush_interval: Duration::from_secs(10),
+            flush_max_dirty_items: 500_000,
         }
     }
 }
@@ -469,10 +473,15 @@ dead_letters_per_reason = 10000
 [processor]
 # Most stream records folded into the store in one batch.
 batch_max_records = 10000
-# How often applied batches are written to disk and checkpointed. Longer means
-# fewer writes and a longer replay after a crash; queries see applied readings
-# at once either way.
-flush_interval = "1s"
+# How often applied batches are written to disk and checkpointed. Every flush
+# rewrites each rollup that changed since the last one, so with many devices
+# that each publish rarely, longer means several readings share one write.
+# The price is a longer replay after a crash; queries see applied readings at
+# once either way.
+flush_interval = "10s"
+# Flush before the interval is up once this many changed rollups wait: bounds
+# the memory they hold and how long one flush takes.
+flush_max_dirty_items = 500000
 
 [backend]
 # Where the stream and the rollups live: "embedded" and "sqlite" in data_dir,

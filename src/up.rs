@@ -18,7 +18,7 @@ use anyhow::Context;
 use processors::api::guard::{ApiLimits, Guard, Tokens};
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
-use processors::run::{ProcessorConfig, run_shard};
+use processors::run::{Durability, FlushPolicy, ProcessorConfig, run_flusher, run_shard};
 use processors::store::RollupStore;
 use stream::{ShardReader, StreamProducer};
 use tokio::net::TcpListener;
@@ -211,9 +211,13 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let (stop_processors, stop_rx) = watch::channel(false);
     let pcfg = ProcessorConfig {
         batch_max_records: config.processor.batch_max_records,
-        flush_interval: config.processor.flush_interval,
+        flush: FlushPolicy {
+            interval: config.processor.flush_interval,
+            max_dirty_items: config.processor.flush_max_dirty_items,
+        },
         ..ProcessorConfig::default()
     };
+    let durability = Arc::new(Durability::default());
     let mut processors = Vec::new();
     let processor_store: Arc<dyn RollupStore> = match &hooks.wrap_store {
         Some(wrap) => wrap(store.writer()),
@@ -230,6 +234,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
             aggregate.clone(),
             pcfg.clone(),
             processor_metrics.clone(),
+            durability.clone(),
             stop_rx.clone(),
         );
         let failed_tx = failed_tx.clone();
@@ -242,6 +247,24 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
                     Err(e) => format!("processor for {shard} failed: {e}"),
                 };
                 failed_tx.send_replace(Some(why));
+            }
+            result
+        }));
+    }
+    {
+        // Flushes happen in one place, so that shards share them.
+        let flusher = run_flusher(
+            processor_store.clone(),
+            durability.clone(),
+            pcfg.clone(),
+            processor_metrics.clone(),
+            stop_rx.clone(),
+        );
+        let failed_tx = failed_tx.clone();
+        processors.push(tokio::spawn(async move {
+            let result = flusher.await;
+            if let Err(e) = &result {
+                failed_tx.send_replace(Some(format!("the store flusher failed: {e}")));
             }
             result
         }));

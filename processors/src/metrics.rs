@@ -156,6 +156,19 @@ impl ProcessorMetrics {
         }
     }
 
+    /// Items written to the durable store per accepted reading: the
+    /// write-behind cache's flushed items where one runs, else what batches
+    /// committed (stores that write through flush nothing).
+    pub fn items_per_reading(&self) -> f64 {
+        let flushed = self.store_flushed.load(Relaxed);
+        let written = if flushed > 0 {
+            flushed
+        } else {
+            self.store_writes.load(Relaxed)
+        };
+        written as f64 / self.readings_accepted.load(Relaxed).max(1) as f64
+    }
+
     /// The lag gauges of `shard`, created on first use.
     pub fn shard_lag(&self, shard: &str) -> std::sync::Arc<ShardLag> {
         let mut lags = self.lag.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,6 +245,12 @@ impl ProcessorMetrics {
             "Items the write-behind cache wrote to the durable store.",
             &self.store_flushed,
         );
+        let name = "iotpipe_store_items_per_reading";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Items written to the durable rollup store per accepted reading, since start: what a reading costs the store.\n# TYPE {name} gauge\n{name} {}",
+            self.items_per_reading()
+        );
         let name = "iotpipe_processor_rejected_total";
         let _ = writeln!(
             out,
@@ -296,5 +315,26 @@ impl ProcessorMetrics {
                 "iotpipe_stream_iterator_age_seconds{{shard=\"{shard}\"}} {age}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_per_reading_counts_what_reached_the_durable_store() {
+        let m = ProcessorMetrics::default();
+        m.readings_accepted.store(4, Relaxed);
+        m.store_writes.store(40, Relaxed);
+        assert_eq!(m.items_per_reading(), 10.0, "a store that writes through");
+        m.store_flushed.store(6, Relaxed);
+        assert_eq!(m.items_per_reading(), 1.5, "behind a write-behind cache");
+        let mut out = String::new();
+        m.render(0, &mut out);
+        assert!(
+            out.contains("\niotpipe_store_items_per_reading 1.5\n"),
+            "{out}"
+        );
     }
 }

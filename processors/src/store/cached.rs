@@ -71,6 +71,9 @@ struct Entry {
 struct State {
     entries: BTreeMap<(String, String), Entry>,
     generation: u64,
+    /// Entries with `dirty` set, kept as a count so that the flush policy
+    /// can look at it after every batch without a scan.
+    dirty: usize,
 }
 
 pub struct CachedStore<S> {
@@ -105,7 +108,7 @@ impl<S: RollupStore + RollupQuery> CachedStore<S> {
 
     /// Items applied but not yet written to the inner store.
     pub fn dirty(&self) -> usize {
-        self.lock().entries.values().filter(|e| e.dirty).count()
+        self.lock().dirty
     }
 
     /// Items held in memory.
@@ -192,7 +195,8 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
         if !unknown.is_empty() {
             self.load(&unknown).await?;
         }
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         // Check every condition before applying any, as a transaction would.
         let mut ids = Vec::with_capacity(commit.len());
         for w in commit.writes.iter().chain(&commit.then) {
@@ -225,11 +229,15 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
                 Some(e) => {
                     e.value = Some(item);
                     e.version += 1;
-                    e.dirty = true;
+                    if !e.dirty {
+                        e.dirty = true;
+                        state.dirty += 1;
+                    }
                     e.expires_at = expires_at;
                     e.used = generation;
                 }
                 None => {
+                    state.dirty += 1;
                     state.entries.insert(
                         id,
                         Entry {
@@ -249,17 +257,24 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
         Ok(())
     }
 
+    fn unflushed(&self) -> usize {
+        self.dirty()
+    }
+
     async fn flush(&self) -> Result<usize, StoreError> {
         let _one = self.flushing.lock().await;
         let mut flushed: Vec<((String, String), Option<u64>, bool)> = Vec::new();
         let mut commit = Commit::default();
         {
-            let mut state = self.lock();
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let mut taken = 0;
             for (id, e) in state.entries.iter_mut().filter(|(_, e)| e.dirty) {
                 let Some(item) = e.value.clone() else {
                     continue;
                 };
                 e.dirty = false;
+                taken += 1;
                 let condition = if e.insert_once {
                     Condition::InsertOnce
                 } else {
@@ -279,18 +294,25 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
                 }
                 flushed.push((id.clone(), e.inner_version, e.insert_once));
             }
+            state.dirty -= taken;
         }
         let written = commit.writes.len() + commit.then.len();
         if !commit.is_empty()
             && let Err(e) = self.inner.commit(commit).await
         {
             // Nothing is lost: mark the items dirty again for the next flush.
-            let mut state = self.lock();
+            let mut guard = self.lock();
+            let state = &mut *guard;
+            let mut again = 0;
             for (id, _, _) in &flushed {
-                if let Some(entry) = state.entries.get_mut(id) {
+                if let Some(entry) = state.entries.get_mut(id)
+                    && !entry.dirty
+                {
                     entry.dirty = true;
+                    again += 1;
                 }
             }
+            state.dirty += again;
             return Err(e);
         }
         let mut state = self.lock();
@@ -407,5 +429,77 @@ impl<S: RollupStore + RollupQuery> RollupQuery for CachedStore<S> {
             .take(limit)
             .map(|((pk, sk), item)| (pk, sk, item))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use schemas::state::ItemState;
+
+    use super::*;
+    use crate::store::fault::{FaultyStore, StoreFaults};
+    use crate::store::memory::MemoryStore;
+
+    fn counter(name: &str, condition: Condition, n: u64) -> Commit {
+        Commit {
+            writes: vec![Write {
+                key: ItemKey::Counter {
+                    shard: "s".into(),
+                    name: name.into(),
+                },
+                condition,
+                item: Item {
+                    applied: Default::default(),
+                    state: ItemState::Counter(n),
+                },
+                expires_at: None,
+            }],
+            then: vec![],
+        }
+    }
+
+    /// The flush policy reads the dirty count after every batch, so it is
+    /// kept as a count; it must stay equal to the dirty items through
+    /// rewrites, flushes and failed flushes.
+    #[tokio::test]
+    async fn the_dirty_count_follows_rewrites_flushes_and_failed_flushes() {
+        let failing = StoreFaults {
+            commit_error_before: 1.0,
+            ..StoreFaults::default()
+        };
+        let inner = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), failing));
+        let cache = CachedStore::new(inner, CacheConfig::default());
+        cache
+            .commit(counter("a", Condition::Absent, 1))
+            .await
+            .unwrap();
+        cache
+            .commit(counter("a", Condition::Version(1), 2))
+            .await
+            .unwrap();
+        cache
+            .commit(counter("b", Condition::Absent, 1))
+            .await
+            .unwrap();
+        assert_eq!(cache.unflushed(), 2, "a rewritten item counts once");
+        assert!(cache.flush().await.is_err());
+        assert_eq!(cache.unflushed(), 2, "a failed flush leaves both dirty");
+
+        let cache = CachedStore::new(Arc::new(MemoryStore::new()), CacheConfig::default());
+        cache
+            .commit(counter("a", Condition::Absent, 1))
+            .await
+            .unwrap();
+        cache
+            .commit(counter("b", Condition::Absent, 1))
+            .await
+            .unwrap();
+        assert_eq!(cache.flush().await.unwrap(), 2);
+        assert_eq!(cache.unflushed(), 0);
+        cache
+            .commit(counter("a", Condition::Version(1), 2))
+            .await
+            .unwrap();
+        assert_eq!(cache.unflushed(), 1);
     }
 }

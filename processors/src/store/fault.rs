@@ -205,6 +205,10 @@ impl<S: RollupStore + ?Sized> RollupStore for FaultyStore<S> {
         }
         self.inner.flush().await
     }
+
+    fn unflushed(&self) -> usize {
+        self.inner.unflushed()
+    }
 }
 
 #[async_trait]

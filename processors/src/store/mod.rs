@@ -60,6 +60,12 @@ pub trait RollupStore: Send + Sync + 'static {
     async fn flush(&self) -> Result<usize, StoreError> {
         Ok(0)
     }
+
+    /// Items committed but not yet flushed: what the flush policy bounds.
+    /// Always 0 for stores that write through.
+    fn unflushed(&self) -> usize {
+        0
+    }
 }
 
 /// A range of one partition, `from <= sk < to`.

@@ -1,9 +1,14 @@
 //! The embedded rollup store: one SQLite table keyed like the DynamoDB design.
 //!
 //! WAL mode lets the query API read while processors write. Writes go through
-//! one connection (SQLite has one writer anyway) with `synchronous=FULL`: a
-//! batch's effect must be durable before its stream checkpoint moves, or a
-//! power cut could lose a rollup whose records are no longer replayed.
+//! one connection (SQLite has one writer anyway) with `synchronous=FULL`: in
+//! WAL mode that syncs the log at every commit, so a commit (the write-behind
+//! cache's flush) is durable when it returns, with one sync; `NORMAL` would
+//! sync only at checkpoints, and a power cut could then lose a rollup whose
+//! stream records the shard has already checkpointed past.
+//!
+//! The table's layout has a version, kept in `PRAGMA user_version`, so that a
+//! later layout can migrate the items of an earlier one when it opens them.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -16,6 +21,24 @@ use rollup::{Commit, Condition, Stored};
 
 use super::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
+
+/// The layout this build writes: items keyed by (pk, sk) in a clustered
+/// B-tree, so that a point write or a range of one partition touches only the
+/// pages holding it. Databases from before layouts had versions hold exactly
+/// this layout at version 0.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Page size of a new database. Flushes rewrite rows spread over the whole
+/// table, and SQLite writes a changed page whole (to the log, then to the
+/// database at the checkpoint), so bigger pages write more bytes per row.
+/// Existing databases keep theirs: changing it would need a rewrite.
+const PAGE_SIZE: u32 = 4096;
+
+/// The writer's page cache, in KiB. A flush at a fleet's shape touches
+/// every device's rows, so the B-tree's interior pages and as many leaves as
+/// fit should stay parsed in memory between flushes rather than be read back
+/// from the OS.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS items (
@@ -57,14 +80,20 @@ impl SqliteStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(unavailable)?;
         }
-        let conn = Connection::open(path).map_err(unavailable)?;
+        let mut conn = Connection::open(path).map_err(unavailable)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(unavailable)?;
+        // Only takes effect on a database with no tables yet, and only
+        // before it turns to WAL mode.
+        conn.pragma_update(None, "page_size", PAGE_SIZE)
+            .map_err(unavailable)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(unavailable)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(unavailable)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
             .map_err(unavailable)?;
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        migrate(&mut conn)?;
         Ok(SqliteStore {
             path: path.to_path_buf(),
             writer: Arc::new(Mutex::new(conn)),
@@ -163,6 +192,34 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+/// Brings the database to [`SCHEMA_VERSION`] in one transaction: a crash
+/// halfway leaves the old layout, which the next open migrates again.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    let version: i64 = tx
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(unavailable)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt {
+            key: "PRAGMA user_version".into(),
+            detail: format!(
+                "the rollup store has layout {version}; this build reads up to {SCHEMA_VERSION}"
+            ),
+        });
+    }
+    // Version 0 (a database from before layouts had versions, or a new one)
+    // already is version 1's table, or none: creating what is missing is
+    // the whole migration.
+    tx.execute_batch(SCHEMA).map_err(unavailable)?;
+    if version < SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(unavailable)?;
+    }
+    tx.commit().map_err(unavailable)
 }
 
 fn decode(pk: &str, sk: &str, bytes: &[u8]) -> Result<Item, StoreError> {
@@ -319,5 +376,77 @@ impl RollupQuery for SqliteStore {
             Ok(out)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use schemas::state::ItemState;
+
+    use super::*;
+
+    fn user_version(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .unwrap()
+    }
+
+    /// A database written before layouts had versions (the same table, at
+    /// `user_version` 0) opens with every item and its version, and is
+    /// stamped with the current layout.
+    #[tokio::test]
+    async fn a_database_from_before_layout_versions_keeps_every_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollups.db");
+        let key = |i: u64| ItemKey::Counter {
+            shard: "s".into(),
+            name: format!("n{i:03}"),
+        };
+        let item = |i: u64| Item {
+            applied: Default::default(),
+            state: ItemState::Counter(i),
+        };
+        {
+            let old = Connection::open(&path).unwrap();
+            old.pragma_update(None, "journal_mode", "WAL").unwrap();
+            old.execute_batch(SCHEMA).unwrap();
+            for i in 0..50 {
+                old.execute(
+                    "INSERT INTO items (pk, sk, version, state) VALUES (?1, ?2, ?3, ?4)",
+                    params![key(i).pk(), key(i).sk(), i as i64 + 1, item(i).encode()],
+                )
+                .unwrap();
+            }
+        }
+        assert_eq!(user_version(&path), 0);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(user_version(&path), SCHEMA_VERSION);
+        let keys: Vec<ItemKey> = (0..50).map(key).collect();
+        let loaded = store.load(&keys).await.unwrap();
+        for (i, stored) in (0..50).zip(loaded) {
+            let stored = stored.unwrap_or_else(|| panic!("item {i} lost"));
+            assert_eq!(stored.version, i + 1);
+            assert_eq!(stored.item.encode(), item(i).encode());
+        }
+        drop(store);
+        SqliteStore::open(&path).unwrap();
+        assert_eq!(
+            user_version(&path),
+            SCHEMA_VERSION,
+            "reopening changes nothing"
+        );
+    }
+
+    #[test]
+    fn a_database_from_a_newer_build_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rollups.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(err.to_string().contains("layout 2"), "{err}");
     }
 }
