@@ -585,6 +585,29 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_still_publishes_only_as_itself() {
+        let operator = Principal {
+            client_id: "c".into(),
+            identity: Some("ops".into()),
+            role: Role::Operator,
+        };
+        let own = Topic {
+            fleet: "f",
+            device_id: "ops",
+        };
+        let other = Topic {
+            fleet: "f",
+            device_id: "dev-a",
+        };
+        let users = UsersFile::default();
+        let policies: [&dyn Authorizer; 3] = [&OwnDeviceOnly, &ClientCertificates, &users];
+        for policy in policies {
+            assert!(policy.may_publish(&operator, &own));
+            assert!(!policy.may_publish(&operator, &other));
+        }
+    }
+
+    #[test]
     fn a_users_file_role_column_is_optional() {
         let text = format!(
             "{}\n{}\n{}:device\n",
