@@ -19,6 +19,12 @@ pub struct AggregateConfig {
     pub stream_retention_ms: i64,
     /// How long dead letters are kept.
     pub dead_letter_retention_ms: i64,
+    /// How far out of arrival order a shard's records may reach the
+    /// processors: the time between a record's `received_at` and the moment
+    /// it is readable in the stream (group commit locally; the IoT rule and
+    /// Kinesis on AWS). The processed watermark stays this far behind what
+    /// was applied, so a record still on its way is never overtaken.
+    pub watermark_slack_ms: i64,
 }
 
 impl Default for AggregateConfig {
@@ -34,6 +40,7 @@ impl Default for AggregateConfig {
             ],
             stream_retention_ms: Resolution::DAY,
             dead_letter_retention_ms: 7 * Resolution::DAY,
+            watermark_slack_ms: 10 * Resolution::SECOND,
         }
     }
 }
@@ -55,10 +62,55 @@ impl AggregateConfig {
         if self.retention_ms.len() != self.resolutions.len() {
             return Err("one retention per resolution is needed".into());
         }
-        if self.allowed_lateness_ms < 0 || self.future_tolerance_ms < 0 {
-            return Err("lateness and future tolerance must not be negative".into());
+        if self.allowed_lateness_ms < 0
+            || self.future_tolerance_ms < 0
+            || self.watermark_slack_ms < 0
+        {
+            return Err(
+                "lateness, future tolerance and watermark slack must not be negative".into(),
+            );
         }
         Ok(())
+    }
+
+    /// A device's item covers this many ms: the longest run of at most ten
+    /// finest windows that divides every coarser resolution, so a span never
+    /// straddles a coarser window. Ten one-minute windows of a quiet device
+    /// fit one DynamoDB write unit; several readings of a device in one batch
+    /// (a long batching window) share one span write.
+    pub fn span_ms(&self) -> i64 {
+        let finest = self.finest().ms();
+        (1..=10)
+            .rev()
+            .map(|k| k * finest)
+            .find(|span| self.resolutions[1..].iter().all(|r| r.ms() % span == 0))
+            .unwrap_or(finest)
+    }
+
+    pub fn span_start(&self, ts: i64) -> i64 {
+        let span = self.span_ms();
+        ts.div_euclid(span) * span
+    }
+
+    /// The windows a device's item keeps track of until they are compacted:
+    /// every coarser resolution, or the span itself when there is none.
+    pub fn pending_units(&self) -> Vec<i64> {
+        if self.resolutions.len() > 1 {
+            self.resolutions[1..].iter().map(|r| r.ms()).collect()
+        } else {
+            vec![self.span_ms()]
+        }
+    }
+
+    /// How long a span item is kept: its finest windows' retention, and at
+    /// least as long as a duplicate of one of its readings can still arrive
+    /// (the window's lateness plus the stream's retention).
+    pub fn span_retention_ms(&self) -> i64 {
+        let finest = self.retention_ms.first().copied().unwrap_or(0);
+        finest.max(
+            self.allowed_lateness_ms
+                .saturating_add(self.stream_retention_ms),
+        )
     }
 
     pub fn finest(&self) -> Resolution {
@@ -68,8 +120,9 @@ impl AggregateConfig {
             .unwrap_or(Resolution::DEFAULTS[0])
     }
 
-    /// Whether a window ending at `end` is final at `now`.
-    pub fn is_final(&self, end: i64, now: i64) -> bool {
-        end.saturating_add(self.allowed_lateness_ms) <= now
+    /// Whether a window ending at `end` is final once everything that
+    /// arrived up to `watermark` has been applied.
+    pub fn is_final(&self, end: i64, watermark: i64) -> bool {
+        end.saturating_add(self.allowed_lateness_ms) <= watermark
     }
 }

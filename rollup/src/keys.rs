@@ -3,12 +3,13 @@
 //!
 //! | item | pk | sk |
 //! |---|---|---|
-//! | device window | `w\|d\|{device}\|{metric}\|{res}` | `{start:015}` |
+//! | device span (finest windows, every metric, dedup) | `s\|{device}` | `{span start:015}` |
+//! | device coarser window (every metric) | `w\|d\|{device}\|{res}` | `{start:015}` |
 //! | fleet window part | `w\|f\|{fleet}\|{metric}\|{res}` | `{start:015}\|{shard}` |
-//! | dedup set | `x\|{device}` | `{start:015}` (finest window) |
-//! | device latest | `d\|{device}` | `-` |
+//! | device (latest, pending windows) | `d\|{device}` | `-` |
 //! | fleet member | `m\|{fleet}` | `{device}` |
 //! | counter | `c` | `{shard}\|{name}` |
+//! | processed watermark | `k` | `{shard}` |
 //! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:078}\|{index:05}` |
 //!
 //! `|` cannot occur in ids or metric names, so keys never collide, and the
@@ -21,9 +22,12 @@ use schemas::{RejectReason, Resolution, SeqNo};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ItemKey {
+    Span {
+        device: String,
+        start: i64,
+    },
     DeviceWindow {
         device: String,
-        metric: String,
         res: Resolution,
         start: i64,
     },
@@ -33,10 +37,6 @@ pub enum ItemKey {
         res: Resolution,
         start: i64,
         part: String,
-    },
-    Dedup {
-        device: String,
-        start: i64,
     },
     Device {
         device: String,
@@ -48,6 +48,9 @@ pub enum ItemKey {
     Counter {
         shard: String,
         name: String,
+    },
+    Watermark {
+        shard: String,
     },
     DeadLetter {
         reason: RejectReason,
@@ -61,30 +64,27 @@ pub enum ItemKey {
 impl ItemKey {
     pub fn pk(&self) -> String {
         match self {
-            ItemKey::DeviceWindow {
-                device,
-                metric,
-                res,
-                ..
-            } => device_window_pk(device, metric, *res),
+            ItemKey::Span { device, .. } => span_pk(device),
+            ItemKey::DeviceWindow { device, res, .. } => device_window_pk(device, *res),
             ItemKey::FleetWindow {
                 fleet, metric, res, ..
             } => fleet_window_pk(fleet, metric, *res),
-            ItemKey::Dedup { device, .. } => format!("x|{device}"),
             ItemKey::Device { device } => device_pk(device),
             ItemKey::Member { fleet, .. } => member_pk(fleet),
             ItemKey::Counter { .. } => COUNTER_PK.to_string(),
+            ItemKey::Watermark { .. } => WATERMARK_PK.to_string(),
             ItemKey::DeadLetter { reason, .. } => dead_letter_pk(*reason),
         }
     }
 
     pub fn sk(&self) -> String {
         match self {
-            ItemKey::DeviceWindow { start, .. } | ItemKey::Dedup { start, .. } => time_sk(*start),
+            ItemKey::DeviceWindow { start, .. } | ItemKey::Span { start, .. } => time_sk(*start),
             ItemKey::FleetWindow { start, part, .. } => format!("{}|{part}", time_sk(*start)),
             ItemKey::Device { .. } => DEVICE_SK.to_string(),
             ItemKey::Member { device, .. } => device.clone(),
             ItemKey::Counter { shard, name } => format!("{shard}|{name}"),
+            ItemKey::Watermark { shard } => shard.clone(),
             ItemKey::DeadLetter {
                 received_at,
                 shard,
@@ -105,9 +105,15 @@ pub const DEVICE_SK: &str = "-";
 /// in every store; each counter still has a single writer.
 pub const COUNTER_PK: &str = "c";
 pub const MEMBER_PK_PREFIX: &str = "m|";
+/// Every shard's watermark in one partition: `final` reads them all at once.
+pub const WATERMARK_PK: &str = "k";
 
-pub fn device_window_pk(device: &str, metric: &str, res: Resolution) -> String {
-    format!("w|d|{device}|{metric}|{res}")
+pub fn span_pk(device: &str) -> String {
+    format!("s|{device}")
+}
+
+pub fn device_window_pk(device: &str, res: Resolution) -> String {
+    format!("w|d|{device}|{res}")
 }
 
 pub fn fleet_window_pk(fleet: &str, metric: &str, res: Resolution) -> String {
@@ -174,7 +180,6 @@ mod tests {
         assert_eq!(start_of_sk(&a.sk()), Some(60_000));
         let d = ItemKey::DeviceWindow {
             device: "d".into(),
-            metric: "t".into(),
             res: r,
             start: 253_402_300_740_000,
         };

@@ -2,7 +2,10 @@
 //! in, the conditional writes that fold it into the rollups out.
 //!
 //! - `aggregate`: [`aggregate::plan`] lists the items a batch may touch,
+//!   [`aggregate::Plan::second_round`] what compaction needs besides, and
 //!   [`aggregate::apply`] folds the batch into them as loaded.
+//! - `span`: a device's coarser windows from its span items, shared by the
+//!   compaction and the query API.
 //! - `commit`: what the core hands a store: loaded items ([`Stored`]) and
 //!   conditional writes ([`Commit`]).
 //! - `config`: resolutions, lateness and retention.
@@ -21,6 +24,7 @@ pub mod aggregate;
 pub mod commit;
 pub mod config;
 pub mod keys;
+pub mod span;
 
 pub use aggregate::{ApplyError, BatchStats};
 pub use commit::{Commit, Condition, Stored, Write};

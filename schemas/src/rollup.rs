@@ -122,7 +122,7 @@ impl Point {
 /// compare, sketches merge bin by bin), which is what lets iotpipe pre-aggregate
 /// a batch, combine fleet partitions and downsample at query time without
 /// changing a result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowAgg {
     pub count: u64,
     pub sum: f64,

@@ -8,8 +8,10 @@ use crate::reject::RejectReason;
 use crate::rollup::{Point, WindowAgg};
 use crate::seq::SeqNo;
 
-/// The version byte in front of every stored item.
-pub const STATE_VERSION: u8 = 1;
+/// The version byte in front of every stored item. Version 2 keeps a
+/// device's readings in span items (all metrics, dedup folded in) instead of
+/// one item per metric, resolution and window.
+pub const STATE_VERSION: u8 = 2;
 
 /// One stored item: which stream records it already contains, and its state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -25,11 +27,20 @@ pub struct Item {
 pub enum ItemState {
     #[default]
     Empty,
+    /// A fleet window part: one metric, one resolution, one writing shard.
     Window(WindowAgg),
-    Dedup(DedupSet),
+    /// A device's finest windows over one span, every metric, with the
+    /// span's dedup set: the one item a reading of a quiet device writes.
+    Span(SpanState),
+    /// A device's coarser window, every metric, written once when it can no
+    /// longer change.
+    Windows(MetricWindows),
     Device(DeviceState),
     Member(MemberState),
     Counter(u64),
+    /// A shard's processed watermark: every record of the shard that arrived
+    /// (`received_at`) at or before it has been applied.
+    Watermark(i64),
     DeadLetter(DeadLetter),
 }
 
@@ -150,13 +161,24 @@ impl DedupSet {
 
 /// A device's latest value per metric. It only moves forward in event time, so
 /// a late or backfilled reading never hides a newer one.
+///
+/// The item is written rarely: when the device's readings first enter a
+/// coarser window, and when such a window is compacted. `latest` and
+/// `last_seen` hold what compacted windows held; readings since live in the
+/// spans of the `pending` windows, which the API overlays.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceState {
     pub fleet: String,
-    /// Latest `received_at` of any accepted reading.
+    /// Latest `received_at` of any reading folded in here.
     pub last_seen: i64,
     /// Sorted by metric name.
     pub latest: Vec<(String, Point)>,
+    /// The shard that writes this device, whose watermark makes its windows
+    /// final.
+    pub shard: String,
+    /// Coarser windows holding readings and not yet compacted, as
+    /// `(resolution ms, start)`, sorted.
+    pub pending: Vec<(i64, i64)>,
 }
 
 impl DeviceState {
@@ -174,6 +196,138 @@ impl DeviceState {
             Err(i) => self.latest.insert(i, (metric.to_string(), p)),
         }
     }
+}
+
+/// A device's finest windows over one span (a run of consecutive finest
+/// windows), with every metric, and the identities of the readings in it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpanState {
+    pub fleet: String,
+    /// Latest `received_at` of a reading in the span.
+    pub last_seen: i64,
+    pub dedup: DedupSet,
+    /// Sorted by start.
+    pub windows: Vec<SpanWindow>,
+}
+
+/// One finest window of a span.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpanWindow {
+    pub start: i64,
+    /// Sorted by metric name.
+    pub metrics: Vec<MetricWindow>,
+}
+
+/// One metric's window, with the arrival times of its late readings so
+/// that a coarser window can tell which of them were late for it too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "MetricWindowWire", into = "MetricWindowWire")]
+pub struct MetricWindow {
+    pub metric: String,
+    pub agg: WindowAgg,
+    /// `received_at` of each reading that arrived after this window's end.
+    pub late_at: Vec<i64>,
+}
+
+/// A quiet device's window holds one on-time value; stored as that value
+/// alone it is a fifth of a full aggregate, which keeps a span item inside
+/// one DynamoDB write unit.
+#[derive(Serialize, Deserialize)]
+enum MetricWindowWire {
+    One {
+        metric: String,
+        ts: i64,
+        value: f64,
+    },
+    Full {
+        metric: String,
+        agg: WindowAgg,
+        late_at: Vec<i64>,
+    },
+}
+
+impl From<MetricWindow> for MetricWindowWire {
+    fn from(w: MetricWindow) -> Self {
+        if w.agg.count == 1 && w.agg.revision == 0 && w.late_at.is_empty() {
+            MetricWindowWire::One {
+                metric: w.metric,
+                ts: w.agg.first.ts,
+                value: w.agg.first.value,
+            }
+        } else {
+            MetricWindowWire::Full {
+                metric: w.metric,
+                agg: w.agg,
+                late_at: w.late_at,
+            }
+        }
+    }
+}
+
+impl From<MetricWindowWire> for MetricWindow {
+    fn from(w: MetricWindowWire) -> Self {
+        match w {
+            MetricWindowWire::One { metric, ts, value } => {
+                let mut agg = WindowAgg::default();
+                agg.add(ts, value, false);
+                MetricWindow {
+                    metric,
+                    agg,
+                    late_at: Vec::new(),
+                }
+            }
+            MetricWindowWire::Full {
+                metric,
+                agg,
+                late_at,
+            } => MetricWindow {
+                metric,
+                agg,
+                late_at,
+            },
+        }
+    }
+}
+
+impl SpanState {
+    /// The window of `metric` starting at `start`, created empty if absent.
+    pub fn window_mut(&mut self, start: i64, metric: &str) -> &mut MetricWindow {
+        let w = match self.windows.binary_search_by_key(&start, |w| w.start) {
+            Ok(i) => i,
+            Err(i) => {
+                self.windows.insert(
+                    i,
+                    SpanWindow {
+                        start,
+                        metrics: Vec::new(),
+                    },
+                );
+                i
+            }
+        };
+        let metrics = &mut self.windows[w].metrics;
+        let m = match metrics.binary_search_by(|m| m.metric.as_str().cmp(metric)) {
+            Ok(i) => i,
+            Err(i) => {
+                metrics.insert(
+                    i,
+                    MetricWindow {
+                        metric: metric.to_string(),
+                        agg: WindowAgg::default(),
+                        late_at: Vec::new(),
+                    },
+                );
+                i
+            }
+        };
+        &mut metrics[m]
+    }
+}
+
+/// A device's coarser window: one aggregate per metric, sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricWindows {
+    pub metrics: Vec<(String, WindowAgg)>,
 }
 
 /// A device's entry in its fleet's device list.
@@ -254,6 +408,27 @@ mod tests {
     }
 
     #[test]
+    fn a_single_value_window_is_stored_small() {
+        let mut one = SpanState::default();
+        one.window_mut(0, "temperature").agg.add(5, 21.5, false);
+        let mut full = one.clone();
+        full.window_mut(0, "temperature").agg.add(6, 21.5, false);
+        let small = Item {
+            state: ItemState::Span(one),
+            ..Item::default()
+        }
+        .encode()
+        .len();
+        let big = Item {
+            state: ItemState::Span(full),
+            ..Item::default()
+        }
+        .encode()
+        .len();
+        assert!(small * 2 < big, "{small} vs {big}");
+    }
+
+    #[test]
     fn latest_only_moves_forward() {
         let mut d = DeviceState::default();
         d.observe("t", Point { ts: 10, value: 1.0 });
@@ -269,10 +444,24 @@ mod tests {
         item.applied.advance("shard-0", SeqNo::from(77u64));
         let mut set = DedupSet::default();
         set.insert(ReadingId::Seq(1));
-        item.state = ItemState::Dedup(set.clone());
+        let mut span = SpanState {
+            dedup: set.clone(),
+            ..SpanState::default()
+        };
+        span.window_mut(60_000, "t").agg.add(60_001, 2.5, false);
+        let full = span.window_mut(0, "t");
+        full.agg.add(1, 1.0, true);
+        full.late_at.push(70_000);
+        item.state = ItemState::Span(span.clone());
         let back = Item::decode(&item.encode()).unwrap();
         assert_eq!(back.applied, item.applied);
-        assert!(matches!(back.state, ItemState::Dedup(s) if s == set));
+        let ItemState::Span(got) = back.state else {
+            panic!("not a span")
+        };
+        assert_eq!(got.dedup, set);
+        assert_eq!(got.windows.len(), 2);
+        assert_eq!(got.windows[1].metrics[0].agg.first.value, 2.5);
+        assert_eq!(got.windows[0].metrics[0].late_at, vec![70_000]);
         assert!(Item::decode(&[]).is_err());
         assert!(Item::decode(&[9, 0]).is_err());
     }

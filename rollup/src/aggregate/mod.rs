@@ -1,29 +1,43 @@
 //! The aggregation core: a batch of stream records in, the store writes that
 //! fold it into the rollups out. No I/O and no clock.
 //!
-//! A batch goes through two pure steps around the store:
+//! A batch goes through three pure steps around two loads from the store:
 //!
 //! 1. [`plan`] decodes the records, judges each reading's lateness against its
-//!    `received_at`, and lists the items the batch may touch.
-//! 2. The shell loads those items (`processors::store::RollupStore::load`).
-//! 3. [`apply`] folds every reading into its items and returns a
-//!    [`Commit`] of conditional writes.
+//!    `received_at`, and lists the items the batch touches: each device's span
+//!    items and device item, the fleet windows, the shard's counters and
+//!    watermark.
+//! 2. The shell loads them; [`Plan::second_round`] reads the shard's processed
+//!    watermark and each device's pending windows, and lists what a
+//!    compaction needs (the spans of every coarser window that can no longer
+//!    change) and the fleet members of devices that started a span.
+//! 3. The shell loads those; [`apply`] folds every reading into its items and
+//!    returns a [`Commit`] of conditional writes.
+//!
+//! **Where a reading goes.** A device's readings live in *span* items (a run
+//! of finest windows, every metric, and the identities of the span's
+//! readings), so a reading of a quiet device costs one item write. A device's
+//! coarser windows are not written per reading: the query API merges them
+//! from spans while they can still change, and the device's first batch
+//! after they cannot (their end plus the allowed lateness is at or below the
+//! shard's processed watermark) compacts each into one item, once. Fleet
+//! windows are written per batch and shard, amortised over the batch's
+//! devices.
 //!
 //! Exactly-once effect comes from two marks kept in the store next to the
 //! rollups, never in the process:
 //!
 //! - every item records, per shard, the highest stream sequence number folded
 //!   into it (`applied`): a replayed record is skipped item by item;
-//! - every device keeps, per finest window, the identities of its readings
-//!   (`DedupSet`): a reading delivered twice, in any order, counts once.
+//! - every span keeps the identities of its readings (`DedupSet`): a reading
+//!   delivered twice, in any order, counts once.
 //!
-//! Speed comes from pre-aggregation: readings first fold into *cells* (one
-//! per fleet, device, metric and finest window), and each cell is then merged
-//! once into each of its windows, so the work per window is per cell, not per
-//! reading. Names are interned to small integers while a batch is planned, so
-//! the inner loops hash integers, not strings. When a batch is a replay (some
-//! loaded item already holds part of it), cells are merged after every record
-//! so that each item skips exactly the records it holds.
+//! Fleet windows pre-aggregate: readings first fold into *cells* (one per
+//! fleet, metric and finest window), and each cell is merged once into each
+//! of its windows. Names are interned to small integers while a batch is
+//! planned, so the inner loops hash integers, not strings. When a batch is a
+//! replay (some loaded item already holds part of it), cells are merged after
+//! every record so that each item skips exactly the records it holds.
 
 #[cfg(test)]
 mod tests;
@@ -31,12 +45,13 @@ mod tests;
 use rustc_hash::FxHashMap;
 use schemas::record::{PackedView, ReadingView, RecordView, RejectedMessage};
 use schemas::shard::Record;
-use schemas::state::{DeadLetter, DedupSet, DeviceState, Item, ItemState, MemberState};
-use schemas::{Point, RejectReason, Rejection, SeqNo, WindowAgg, decode_record_view};
+use schemas::state::{DeadLetter, DeviceState, Item, ItemState, MemberState, SpanState};
+use schemas::{RejectReason, Rejection, SeqNo, WindowAgg, decode_record_view};
 
 use crate::commit::{Commit, Condition, Stored, Write};
 use crate::config::AggregateConfig;
 use crate::keys::{ItemKey, counters};
+use crate::span;
 
 /// Strings of a batch, interned so that keys are small integers.
 #[derive(Debug, Default)]
@@ -64,9 +79,12 @@ impl Names {
 /// An item of the batch, by interned names: cheap to hash and copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
+    Span {
+        dev: u32,
+        start: i64,
+    },
     DeviceWindow {
         dev: u32,
-        metric: u32,
         res: u8,
         start: i64,
     },
@@ -74,10 +92,6 @@ enum Key {
         fleet: u32,
         metric: u32,
         res: u8,
-        start: i64,
-    },
-    Dedup {
-        dev: u32,
         start: i64,
     },
     Device {
@@ -88,6 +102,7 @@ enum Key {
         dev: u32,
     },
     Counter(Counter),
+    Watermark,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,20 +122,28 @@ impl Counter {
     }
 }
 
-/// A fleet, device, metric and finest window: where readings pre-aggregate.
-type CellKey = (u32, u32, u32, i64);
+/// A fleet, metric and finest window: where readings pre-aggregate for the
+/// fleet's windows.
+type CellKey = (u32, u32, i64);
 
-/// The slots a reading touches besides its windows, found once in `plan`.
-#[derive(Debug, Clone, Copy, Default)]
-struct ReadingSlots {
-    dedup: u32,
-    device: u32,
-    member: u32,
-}
-
-/// Slots of the two counters every batch touches: `plan` adds them first.
+/// Slots of the items every batch touches: `plan` adds them first.
 const ACCEPTED_SLOT: u32 = 0;
 const DUPLICATE_SLOT: u32 = 1;
+const TOO_LATE_SLOT: u32 = 2;
+const WATERMARK_SLOT: u32 = 3;
+
+/// A coarser window of one device to compact in this batch.
+#[derive(Debug)]
+struct Compaction {
+    dev: u32,
+    res_ms: i64,
+    start: i64,
+    /// The slots of every span the window covers.
+    spans: Vec<u32>,
+    /// The slot of the compacted item; `None` for a unit that is not a
+    /// stored resolution (the span itself, when there is one resolution).
+    out: Option<u32>,
+}
 
 /// A decoded batch and the keys it may touch.
 #[derive(Debug)]
@@ -136,14 +159,18 @@ pub struct Plan<'a> {
     keys: Vec<ItemKey>,
     /// The config's resolutions; a `Key` names one by its index.
     resolutions: Vec<schemas::Resolution>,
-    /// Cells in first-seen order, and for each its window slots: device then
-    /// fleet, per resolution (`2 × resolutions` entries per cell).
+    /// Cells in first-seen order, and for each its fleet window slots, one
+    /// per resolution.
     cells: Vec<CellKey>,
     cell_windows: Vec<u32>,
+    /// Per device of the batch, its device item's slot and its fleet.
+    device_slots: Vec<(u32, u32, u32)>,
+    /// The earliest `received_at` of the batch's records.
+    min_received: Option<i64>,
 }
 
 impl Plan<'_> {
-    /// The items to load before [`apply`].
+    /// The items to load before [`Plan::second_round`].
     pub fn keys(&self) -> &[ItemKey] {
         &self.keys
     }
@@ -164,14 +191,12 @@ impl Plan<'_> {
 
     fn item_key(&self, key: Key) -> ItemKey {
         match key {
-            Key::DeviceWindow {
-                dev,
-                metric,
-                res,
-                start,
-            } => ItemKey::DeviceWindow {
+            Key::Span { dev, start } => ItemKey::Span {
                 device: self.devices.name(dev).to_string(),
-                metric: self.metrics.name(metric).to_string(),
+                start,
+            },
+            Key::DeviceWindow { dev, res, start } => ItemKey::DeviceWindow {
+                device: self.devices.name(dev).to_string(),
                 res: self.resolution(res),
                 start,
             },
@@ -187,10 +212,6 @@ impl Plan<'_> {
                 start,
                 part: self.shard.clone(),
             },
-            Key::Dedup { dev, start } => ItemKey::Dedup {
-                device: self.devices.name(dev).to_string(),
-                start,
-            },
             Key::Device { dev } => ItemKey::Device {
                 device: self.devices.name(dev).to_string(),
             },
@@ -202,11 +223,23 @@ impl Plan<'_> {
                 shard: self.shard.clone(),
                 name: c.name(),
             },
+            Key::Watermark => ItemKey::Watermark {
+                shard: self.shard.clone(),
+            },
         }
     }
 
     fn resolution(&self, index: u8) -> schemas::Resolution {
         self.resolutions[index as usize]
+    }
+
+    /// Adds keys after the first round and lists them.
+    fn extend_keys(&mut self, from: usize) {
+        let more: Vec<ItemKey> = self.key_list[from..]
+            .iter()
+            .map(|k| self.item_key(*k))
+            .collect();
+        self.keys.extend(more);
     }
 }
 
@@ -220,8 +253,9 @@ struct Decoded<'a> {
 enum Body<'a> {
     Readings {
         record: PackedView<'a>,
-        /// Per reading, its item slots (meaningless if it is refused).
-        slots: Vec<ReadingSlots>,
+        dev: u32,
+        /// Per reading, its span's slot (meaningless if it is refused).
+        spans: Vec<u32>,
         /// Per metric of every reading, in order: its cell.
         cell_ids: Vec<u32>,
         /// Per reading: `None` if it may be accepted, else why not.
@@ -272,36 +306,46 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
         resolutions: cfg.resolutions.clone(),
         cells: Vec::new(),
         cell_windows: Vec::new(),
+        device_slots: Vec::new(),
+        min_received: None,
     };
     let mut cell_index: FxHashMap<CellKey, u32> = FxHashMap::default();
     p.add_key(Key::Counter(Counter::Accepted));
     p.add_key(Key::Counter(Counter::Duplicate));
+    // A reading may yet be refused as too late once the watermark is loaded.
+    p.add_key(Key::Counter(Counter::Rejected(RejectReason::TooLate)));
+    p.add_key(Key::Watermark);
     for r in records {
         let body = match decode_record_view(&r.data) {
             Ok(RecordView::Readings(record)) => {
+                p.min_received = Some(
+                    p.min_received
+                        .map_or(record.received_at, |m| m.min(record.received_at)),
+                );
                 let dev = p.devices.id(&record.device_id);
                 let fleet = p.fleets.id(&record.fleet);
-                let mut slots = Vec::with_capacity(record.readings.len());
+                let mut spans = Vec::with_capacity(record.readings.len());
                 let mut cell_ids = Vec::with_capacity(record.readings.len() * 2);
                 let mut verdicts = Vec::with_capacity(record.readings.len());
+                let mut any = false;
                 for reading in &record.readings {
                     let verdict = judge(reading, record.received_at, cfg);
                     match &verdict {
                         Some(rejection) => {
                             p.add_key(Key::Counter(Counter::Rejected(rejection.reason)));
-                            slots.push(ReadingSlots::default());
+                            spans.push(u32::MAX);
                             cell_ids.extend(reading.metrics.iter().map(|_| u32::MAX));
                         }
                         None => {
+                            any = true;
                             let start = finest.window_start(reading.ts);
-                            slots.push(ReadingSlots {
-                                dedup: p.add_key(Key::Dedup { dev, start }),
-                                device: p.add_key(Key::Device { dev }),
-                                member: p.add_key(Key::Member { fleet, dev }),
-                            });
+                            spans.push(p.add_key(Key::Span {
+                                dev,
+                                start: cfg.span_start(reading.ts),
+                            }));
                             for m in &reading.metrics {
                                 let metric = p.metrics.id(&m.name);
-                                let key = (fleet, dev, metric, start);
+                                let key = (fleet, metric, start);
                                 let next = p.cells.len() as u32;
                                 let id = *cell_index.entry(key).or_insert(next);
                                 if id == next {
@@ -313,9 +357,14 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
                     }
                     verdicts.push(verdict);
                 }
+                if any && !p.slot_of.contains_key(&Key::Device { dev }) {
+                    let slot = p.add_key(Key::Device { dev });
+                    p.device_slots.push((dev, fleet, slot));
+                }
                 Body::Readings {
                     record,
-                    slots,
+                    dev,
+                    spans,
                     cell_ids,
                     verdicts,
                 }
@@ -337,22 +386,14 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
         p.records.push(Decoded { seq: r.seq, body });
     }
     let cells = std::mem::take(&mut p.cells);
-    let mut cell_windows = Vec::with_capacity(cells.len() * 2 * cfg.resolutions.len());
-    for &(fleet, dev, metric, start) in &cells {
+    let mut cell_windows = Vec::with_capacity(cells.len() * cfg.resolutions.len());
+    for &(fleet, metric, start) in &cells {
         for (i, res) in cfg.resolutions.iter().enumerate() {
-            let start = res.window_start(start);
-            let res = i as u8;
-            cell_windows.push(p.add_key(Key::DeviceWindow {
-                dev,
-                metric,
-                res,
-                start,
-            }));
             cell_windows.push(p.add_key(Key::FleetWindow {
                 fleet,
                 metric,
-                res,
-                start,
+                res: i as u8,
+                start: res.window_start(start),
             }));
         }
     }
@@ -360,6 +401,177 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
     p.cell_windows = cell_windows;
     p.keys = p.key_list.iter().map(|k| p.item_key(*k)).collect();
     p
+}
+
+/// A plan with its first round of items loaded, and the keys of the second.
+#[derive(Debug)]
+pub struct SecondRound<'a> {
+    plan: Plan<'a>,
+    first: Vec<Option<Stored>>,
+    first_len: usize,
+    /// What the batch's records prove has been applied (see
+    /// [`AggregateConfig::watermark_slack_ms`]).
+    watermark: i64,
+    /// The watermark as loaded; the batch writes it only if it advanced.
+    loaded_watermark: Option<i64>,
+    compactions: Vec<Compaction>,
+    /// Devices that start a span in this batch, and their member slot.
+    members: Vec<(u32, u32)>,
+}
+
+impl SecondRound<'_> {
+    /// The items to load before [`apply`].
+    pub fn keys(&self) -> &[ItemKey] {
+        &self.plan.keys[self.first_len..]
+    }
+}
+
+impl<'a> Plan<'a> {
+    /// Takes the first round's items (in the order of [`Plan::keys`]) and
+    /// lists the second round's: the spans of each coarser window that can
+    /// no longer change, its compacted item, and fleet members.
+    pub fn second_round(
+        mut self,
+        first: Vec<Option<Stored>>,
+        cfg: &AggregateConfig,
+    ) -> Result<SecondRound<'a>, ApplyError> {
+        if first.len() != self.keys.len() {
+            return Err(ApplyError::LoadedCount {
+                loaded: first.len(),
+                keys: self.keys.len(),
+            });
+        }
+        let first_len = self.keys.len();
+        let loaded_watermark = match first[WATERMARK_SLOT as usize]
+            .as_ref()
+            .map(|s| &s.item.state)
+        {
+            None | Some(ItemState::Empty) => None,
+            Some(ItemState::Watermark(w)) => Some(*w),
+            Some(other) => return Err(self.unreadable(WATERMARK_SLOT, "watermark", other)),
+        };
+        let from_records = self
+            .min_received
+            .map(|m| m.saturating_sub(cfg.watermark_slack_ms));
+        let watermark = loaded_watermark.max(from_records).unwrap_or(i64::MIN);
+        self.refuse_final(watermark, cfg);
+        let span_ms = cfg.span_ms();
+        let new_span = self.devices_starting_a_span(&first);
+        let mut compactions = Vec::new();
+        let mut members = Vec::new();
+        for (dev, fleet, slot) in self.device_slots.clone() {
+            let pending = match first[slot as usize].as_ref().map(|s| &s.item.state) {
+                None | Some(ItemState::Empty) => Vec::new(),
+                Some(ItemState::Device(d)) => d.pending.clone(),
+                Some(other) => return Err(self.unreadable(slot, "device", other)),
+            };
+            for (res_ms, start) in pending {
+                if !cfg.is_final(start.saturating_add(res_ms), watermark) {
+                    continue;
+                }
+                let spans = (0..res_ms / span_ms)
+                    .map(|i| {
+                        self.add_key(Key::Span {
+                            dev,
+                            start: start + i * span_ms,
+                        })
+                    })
+                    .collect();
+                let out = cfg
+                    .resolutions
+                    .iter()
+                    .position(|r| r.ms() == res_ms)
+                    .filter(|i| *i > 0)
+                    .map(|i| {
+                        self.add_key(Key::DeviceWindow {
+                            dev,
+                            res: i as u8,
+                            start,
+                        })
+                    });
+                compactions.push(Compaction {
+                    dev,
+                    res_ms,
+                    start,
+                    spans,
+                    out,
+                });
+            }
+            if new_span.contains(&dev) {
+                members.push((dev, self.add_key(Key::Member { fleet, dev })));
+            }
+        }
+        self.extend_keys(first_len);
+        Ok(SecondRound {
+            plan: self,
+            first,
+            first_len,
+            watermark,
+            loaded_watermark,
+            compactions,
+            members,
+        })
+    }
+
+    /// A reading whose window is final by the watermark is refused: a
+    /// compacted window must never change. Only a record that reached the
+    /// stream further out of arrival order than the watermark's slack can
+    /// meet this; one that did not is already too late by its own
+    /// `received_at`, so a replay decides the same.
+    fn refuse_final(&mut self, watermark: i64, cfg: &AggregateConfig) {
+        let finest = cfg.finest();
+        for record in &mut self.records {
+            let Body::Readings {
+                record: r,
+                verdicts,
+                ..
+            } = &mut record.body
+            else {
+                continue;
+            };
+            for (reading, verdict) in r.readings.iter().zip(verdicts.iter_mut()) {
+                let end = finest.window_start(reading.ts) + finest.ms();
+                if verdict.is_none() && cfg.is_final(end, watermark) {
+                    *verdict = Some(Rejection::new(
+                        RejectReason::TooLate,
+                        format!(
+                            "window ending {end} was already final: every record that arrived up to {watermark} had been applied (allowed lateness {} ms)",
+                            cfg.allowed_lateness_ms
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Devices with an accepted reading in a span not stored yet.
+    fn devices_starting_a_span(&self, first: &[Option<Stored>]) -> rustc_hash::FxHashSet<u32> {
+        let mut out = rustc_hash::FxHashSet::default();
+        for record in &self.records {
+            if let Body::Readings {
+                dev,
+                spans,
+                verdicts,
+                ..
+            } = &record.body
+                && spans
+                    .iter()
+                    .zip(verdicts)
+                    .any(|(span, v)| v.is_none() && first[*span as usize].is_none())
+            {
+                out.insert(*dev);
+            }
+        }
+        out
+    }
+
+    fn unreadable(&self, slot: u32, expected: &str, found: &ItemState) -> ApplyError {
+        let key = &self.keys[slot as usize];
+        ApplyError::Unreadable {
+            key: format!("{}/{}", key.pk(), key.sk()),
+            detail: mismatch(expected, found),
+        }
+    }
 }
 
 /// Lateness is judged against `received_at`, stamped once at ingest, so a
@@ -443,16 +655,32 @@ struct Cell {
     late: Vec<i64>,
 }
 
-/// Folds the planned batch into the loaded items. `loaded` is in the order of
-/// [`Plan::keys`].
+/// Folds the planned batch into the loaded items. `second` is in the order
+/// of [`SecondRound::keys`].
 pub fn apply(
-    plan: Plan<'_>,
-    loaded: Vec<Option<Stored>>,
+    round: SecondRound<'_>,
+    second: Vec<Option<Stored>>,
     cfg: &AggregateConfig,
 ) -> Result<Applied, ApplyError> {
+    let SecondRound {
+        plan,
+        first,
+        first_len,
+        watermark,
+        loaded_watermark,
+        compactions,
+        members,
+    } = round;
+    if second.len() != plan.keys.len() - first_len {
+        return Err(ApplyError::LoadedCount {
+            loaded: second.len(),
+            keys: plan.keys.len() - first_len,
+        });
+    }
     let shard = plan.shard.clone();
-    let mut slots: Vec<Slot> = loaded
+    let mut slots: Vec<Slot> = first
         .into_iter()
+        .chain(second)
         .map(|stored| {
             let (version, item) = match stored {
                 Some(s) => (Some(s.version), s.item),
@@ -466,13 +694,8 @@ pub fn apply(
             }
         })
         .collect();
-    if slots.len() != plan.keys.len() {
-        return Err(ApplyError::LoadedCount {
-            loaded: slots.len(),
-            keys: plan.keys.len(),
-        });
-    }
     let first_seq = plan.records.first().map_or(SeqNo::ZERO, |r| r.seq);
+    let last_seq = plan.records.last().map_or(SeqNo::ZERO, |r| r.seq);
     // A replay: some item already holds part of this batch. Then cells are
     // merged record by record, so every item skips exactly what it holds.
     let replay = slots.iter().any(|s| s.holds(first_seq));
@@ -484,19 +707,28 @@ pub fn apply(
         active: Vec::new(),
         dead_letters: Vec::new(),
         stats: BatchStats::default(),
+        device_slot: plan
+            .device_slots
+            .iter()
+            .map(|(dev, _, slot)| (*dev, *slot))
+            .collect(),
+        seen: FxHashMap::default(),
+        units: cfg.pending_units(),
     };
     for record in &plan.records {
         b.stats.records += 1;
         match &record.body {
             Body::Readings {
                 record: r,
-                slots,
+                dev,
+                spans,
                 cell_ids,
                 verdicts,
+                ..
             } => {
                 let mut ids = &cell_ids[..];
-                for (index, ((reading, verdict), slots)) in
-                    r.readings.iter().zip(verdicts).zip(slots).enumerate()
+                for (index, ((reading, verdict), span)) in
+                    r.readings.iter().zip(verdicts).zip(spans).enumerate()
                 {
                     let (these, rest) = ids.split_at(reading.metrics.len());
                     ids = rest;
@@ -504,7 +736,7 @@ pub fn apply(
                         Some(rejection) => {
                             b.reject_reading(record.seq, r, reading, index, rejection)?
                         }
-                        None => b.accept(record.seq, r, reading, *slots, these)?,
+                        None => b.accept(record.seq, r, reading, *dev, *span, these)?,
                     }
                 }
             }
@@ -520,6 +752,18 @@ pub fn apply(
         }
     }
     b.flush_cells()?;
+    for c in &compactions {
+        b.compact(c, last_seq)?;
+    }
+    for (dev, slot) in members {
+        b.member(dev, slot as usize)?;
+    }
+    if loaded_watermark.is_none_or(|w| w < watermark) && !plan.records.is_empty() {
+        b.touch(WATERMARK_SLOT as usize, last_seq, |state| {
+            *state = ItemState::Watermark(watermark);
+            Ok(())
+        })?;
+    }
     let Batcher {
         dead_letters,
         stats,
@@ -538,19 +782,15 @@ struct Batcher<'a, 'r> {
     active: Vec<u32>,
     dead_letters: Vec<Write>,
     stats: BatchStats,
+    /// Each device's item slot.
+    device_slot: FxHashMap<u32, u32>,
+    /// Per device, the latest arrival and record of its accepted readings.
+    seen: FxHashMap<u32, (i64, SeqNo)>,
+    /// The windows a device item tracks until compacted, in ms.
+    units: Vec<i64>,
 }
 
 impl Batcher<'_, '_> {
-    fn slot(&self, key: Key) -> Result<usize, ApplyError> {
-        match self.plan.slot_of.get(&key) {
-            Some(i) => Ok(*i as usize),
-            // plan() lists every key apply() touches; a miss is a bug.
-            None => Err(ApplyError::Unplanned {
-                key: format!("{key:?}"),
-            }),
-        }
-    }
-
     /// Runs `f` on the item in slot `i` unless the record at `seq` is already
     /// in it. Returns whether it ran.
     fn touch(
@@ -573,11 +813,20 @@ impl Batcher<'_, '_> {
 
     fn count(&mut self, seq: SeqNo, counter: Counter) -> Result<bool, ApplyError> {
         let i = match counter {
-            Counter::Accepted => ACCEPTED_SLOT as usize,
-            Counter::Duplicate => DUPLICATE_SLOT as usize,
-            other => self.slot(Key::Counter(other))?,
+            Counter::Accepted => ACCEPTED_SLOT,
+            Counter::Duplicate => DUPLICATE_SLOT,
+            Counter::Rejected(RejectReason::TooLate) => TOO_LATE_SLOT,
+            other => match self.plan.slot_of.get(&Key::Counter(other)) {
+                Some(i) => *i,
+                // plan() lists every counter apply() touches; a miss is a bug.
+                None => {
+                    return Err(ApplyError::Unplanned {
+                        key: format!("{other:?}"),
+                    });
+                }
+            },
         };
-        self.touch(i, seq, |state| {
+        self.touch(i as usize, seq, |state| {
             match state {
                 ItemState::Empty => *state = ItemState::Counter(1),
                 ItemState::Counter(n) => *n += 1,
@@ -592,28 +841,47 @@ impl Batcher<'_, '_> {
         seq: SeqNo,
         r: &PackedView,
         reading: &ReadingView,
-        slots: ReadingSlots,
+        dev: u32,
+        span: u32,
         cell_ids: &[u32],
     ) -> Result<(), ApplyError> {
-        let dedup = slots.dedup as usize;
-        // The dedup set is written last (Commit::then), so if it already holds
-        // this record, every other item of the reading holds it too.
-        if self.slots[dedup].holds(seq) {
+        let span = span as usize;
+        // The span is written after the windows (Commit::then), so if it
+        // already holds this record, every window holds it too. The device
+        // item is written beside it and may have missed it in a crash: it
+        // checks its own mark.
+        if self.slots[span].holds(seq) {
             self.stats.replayed_readings += 1;
-            return Ok(());
+            self.saw(dev, r.received_at, seq);
+            return self.track_pending(seq, r, reading.ts, dev);
         }
+        let finest = self.cfg.finest();
+        let fine_start = finest.window_start(reading.ts);
+        let late = r.received_at >= fine_start + finest.ms();
         let mut is_new = false;
-        self.touch(dedup, seq, |state| {
+        self.touch(span, seq, |state| {
             if let ItemState::Empty = state {
-                *state = ItemState::Dedup(DedupSet::default());
+                *state = ItemState::Span(SpanState::default());
             }
-            match state {
-                ItemState::Dedup(set) => {
-                    is_new = set.insert(reading.id());
-                    Ok(())
+            let ItemState::Span(s) = state else {
+                return Err(mismatch("span", state));
+            };
+            is_new = s.dedup.insert(reading.id());
+            if !is_new {
+                return Ok(());
+            }
+            s.last_seen = s.last_seen.max(r.received_at);
+            if s.fleet != r.fleet {
+                s.fleet = r.fleet.to_string();
+            }
+            for m in &reading.metrics {
+                let w = s.window_mut(fine_start, &m.name);
+                w.agg.add(reading.ts, m.value, late);
+                if late {
+                    w.late_at.push(r.received_at);
                 }
-                other => Err(mismatch("dedup set", other)),
             }
+            Ok(())
         })?;
         if !is_new {
             self.stats.duplicate_readings += 1;
@@ -622,9 +890,6 @@ impl Batcher<'_, '_> {
         }
         self.stats.accepted_readings += 1;
         self.count(seq, Counter::Accepted)?;
-        let finest = self.cfg.finest();
-        let fine_end = finest.window_start(reading.ts) + finest.ms();
-        let late = r.received_at >= fine_end;
         if late {
             self.stats.late_readings += 1;
         }
@@ -647,37 +912,131 @@ impl Batcher<'_, '_> {
                 cell.late.push(r.received_at);
             }
         }
-        self.touch(slots.device as usize, seq, |state| {
+        self.saw(dev, r.received_at, seq);
+        self.track_pending(seq, r, reading.ts, dev)
+    }
+
+    fn saw(&mut self, dev: u32, received_at: i64, seq: SeqNo) {
+        let seen = self.seen.entry(dev).or_insert((received_at, seq));
+        *seen = (seen.0.max(received_at), seen.1.max(seq));
+    }
+
+    /// Records in the device item each coarser window the reading enters,
+    /// so that it is compacted once it can no longer change. Written only
+    /// when the reading is the device's first in that window.
+    fn track_pending(
+        &mut self,
+        seq: SeqNo,
+        r: &PackedView,
+        ts: i64,
+        dev: u32,
+    ) -> Result<(), ApplyError> {
+        let Some(&slot) = self.device_slot.get(&dev) else {
+            return Err(ApplyError::Unplanned {
+                key: format!("device {dev}"),
+            });
+        };
+        let slot = slot as usize;
+        let wanted: Vec<(i64, i64)> = self
+            .units
+            .iter()
+            .map(|u| (*u, ts.div_euclid(*u) * u))
+            .collect();
+        let known = match &self.slots[slot].item.state {
+            ItemState::Device(d) => {
+                d.shard == self.plan.shard
+                    && d.fleet == r.fleet
+                    && wanted.iter().all(|w| d.pending.binary_search(w).is_ok())
+            }
+            _ => false,
+        };
+        if known {
+            return Ok(());
+        }
+        let shard = &self.plan.shard;
+        self.touch(slot, seq, |state| {
             if let ItemState::Empty = state {
                 *state = ItemState::Device(DeviceState::default());
             }
-            match state {
-                ItemState::Device(d) => {
-                    d.last_seen = d.last_seen.max(r.received_at);
-                    if d.fleet != r.fleet {
-                        d.fleet = r.fleet.to_string();
-                    }
-                    for m in &reading.metrics {
-                        d.observe(
-                            &m.name,
-                            Point {
-                                ts: reading.ts,
-                                value: m.value,
-                            },
-                        );
-                    }
-                    Ok(())
-                }
-                other => Err(mismatch("device", other)),
+            let ItemState::Device(d) = state else {
+                return Err(mismatch("device", state));
+            };
+            if d.shard != *shard {
+                d.shard = shard.clone();
             }
+            if d.fleet != r.fleet {
+                d.fleet = r.fleet.to_string();
+            }
+            for w in wanted {
+                if let Err(i) = d.pending.binary_search(&w) {
+                    d.pending.insert(i, w);
+                }
+            }
+            Ok(())
         })?;
-        self.touch(slots.member as usize, seq, |state| {
+        Ok(())
+    }
+
+    /// Writes a device's coarser window that can no longer change, once, and
+    /// moves what its spans say about the device's latest values into the
+    /// device item.
+    fn compact(&mut self, c: &Compaction, seq: SeqNo) -> Result<(), ApplyError> {
+        let mut spans = Vec::with_capacity(c.spans.len());
+        for &slot in &c.spans {
+            match &self.slots[slot as usize].item.state {
+                ItemState::Empty => {}
+                ItemState::Span(s) => spans.push(s.clone()),
+                other => {
+                    return Err(ApplyError::Unreadable {
+                        key: self.key_name(slot as usize),
+                        detail: mismatch("span", other),
+                    });
+                }
+            }
+        }
+        let windows = span::coarse_window(c.res_ms, c.start, &spans);
+        if let Some(out) = c.out
+            && !windows.metrics.is_empty()
+        {
+            let compacted = windows.clone();
+            self.touch(out as usize, seq, |state| {
+                *state = ItemState::Windows(compacted);
+                Ok(())
+            })?;
+        }
+        let Some(&slot) = self.device_slot.get(&c.dev) else {
+            return Err(ApplyError::Unplanned {
+                key: format!("device {}", c.dev),
+            });
+        };
+        let key = (c.res_ms, c.start);
+        self.touch(slot as usize, seq, |state| {
+            let ItemState::Device(d) = state else {
+                return Err(mismatch("device", state));
+            };
+            d.pending.retain(|p| *p != key);
+            for s in &spans {
+                span::observe_span(d, s);
+            }
+            span::observe_windows(d, &windows);
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    /// Lists a device in its fleet when it starts a span: often enough for
+    /// the list's `last_seen`, rarely enough not to cost a write per reading.
+    fn member(&mut self, dev: u32, slot: usize) -> Result<(), ApplyError> {
+        let Some(&(received_at, seq)) = self.seen.get(&dev) else {
+            return Ok(());
+        };
+        self.touch(slot, seq, |state| {
             if let ItemState::Empty = state {
                 *state = ItemState::Member(MemberState::default());
             }
             match state {
                 ItemState::Member(m) => {
-                    m.last_seen = m.last_seen.max(r.received_at);
+                    m.last_seen = m.last_seen.max(received_at);
                     Ok(())
                 }
                 other => Err(mismatch("fleet member", other)),
@@ -686,18 +1045,22 @@ impl Batcher<'_, '_> {
         Ok(())
     }
 
-    /// Merges every cell into its windows at every resolution, device and
-    /// fleet, skipping items that already hold the cell's records. In a
-    /// replay cells are flushed after every record, so a cell never spans a
-    /// record an item holds and one it does not.
+    fn key_name(&self, i: usize) -> String {
+        format!("{}/{}", self.plan.keys[i].pk(), self.plan.keys[i].sk())
+    }
+
+    /// Merges every cell into its fleet windows at every resolution,
+    /// skipping items that already hold the cell's records. In a replay cells
+    /// are flushed after every record, so a cell never spans a record an item
+    /// holds and one it does not.
     fn flush_cells(&mut self) -> Result<(), ApplyError> {
         let resolutions = &self.cfg.resolutions;
-        let per_cell = 2 * resolutions.len();
+        let per_cell = resolutions.len();
         for cell_id in std::mem::take(&mut self.active) {
             let Some(cell) = self.cells[cell_id as usize].take() else {
                 continue;
             };
-            let fine_start = self.plan.cells[cell_id as usize].3;
+            let fine_start = self.plan.cells[cell_id as usize].2;
             let windows = &self.plan.cell_windows
                 [cell_id as usize * per_cell..(cell_id as usize + 1) * per_cell];
             let seq = cell.seq;
@@ -709,24 +1072,22 @@ impl Batcher<'_, '_> {
                 } else {
                     cell.late.iter().filter(|recv| **recv >= end).count() as u64
                 };
-                for &slot in &windows[2 * i..2 * i + 2] {
-                    self.touch(slot as usize, seq, |state| {
-                        if let ItemState::Empty = state {
-                            *state = ItemState::Window(WindowAgg::default());
+                self.touch(windows[i] as usize, seq, |state| {
+                    if let ItemState::Empty = state {
+                        *state = ItemState::Window(WindowAgg::default());
+                    }
+                    match state {
+                        ItemState::Window(agg) => {
+                            agg.merge(&cell.agg);
+                            // The cell counted lateness against the finest
+                            // window's end; this window ends later.
+                            agg.late_count = agg.late_count - fine_late + late;
+                            agg.revision = agg.revision - fine_late + late;
+                            Ok(())
                         }
-                        match state {
-                            ItemState::Window(agg) => {
-                                agg.merge(&cell.agg);
-                                // The cell counted lateness against the finest
-                                // window's end; this window ends later.
-                                agg.late_count = agg.late_count - fine_late + late;
-                                agg.revision = agg.revision - fine_late + late;
-                                Ok(())
-                            }
-                            other => Err(mismatch("window", other)),
-                        }
-                    })?;
-                }
+                        other => Err(mismatch("window", other)),
+                    }
+                })?;
             }
         }
         Ok(())
@@ -870,7 +1231,13 @@ fn finish(
             key,
             item,
         };
-        if matches!(short, Key::Dedup { .. }) {
+        // Spans hold the dedup sets, the device item drops a pending window
+        // only after its compacted item is written, and the watermark moves
+        // only once everything below it is.
+        if matches!(
+            short,
+            Key::Span { .. } | Key::Device { .. } | Key::Watermark
+        ) {
             commit.then.push(write);
         } else {
             commit.writes.push(write);
@@ -887,11 +1254,7 @@ fn expiry(key: &ItemKey, cfg: &AggregateConfig) -> Option<i64> {
             let keep = *cfg.retention_ms.get(i)?;
             Some(start + res.ms() + keep)
         }
-        // A duplicate can only be accepted while its window takes readings,
-        // and a record can wait in the stream at most the stream's retention.
-        ItemKey::Dedup { start, .. } => {
-            Some(start + cfg.finest().ms() + cfg.allowed_lateness_ms + cfg.stream_retention_ms)
-        }
+        ItemKey::Span { start, .. } => Some(start + cfg.span_ms() + cfg.span_retention_ms()),
         _ => None,
     }
 }
@@ -900,10 +1263,12 @@ fn mismatch(expected: &str, found: &ItemState) -> String {
     let found = match found {
         ItemState::Empty => "nothing",
         ItemState::Window(_) => "a window",
-        ItemState::Dedup(_) => "a dedup set",
+        ItemState::Span(_) => "a span",
+        ItemState::Windows(_) => "a device window",
         ItemState::Device(_) => "a device",
         ItemState::Member(_) => "a fleet member",
         ItemState::Counter(_) => "a counter",
+        ItemState::Watermark(_) => "a watermark",
         ItemState::DeadLetter(_) => "a dead letter",
     };
     format!("expected a {expected}, found {found}")
