@@ -12,7 +12,8 @@ use bytes::Bytes;
 use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
 use rollup::AggregateConfig;
-use rollup::aggregate::{apply, plan};
+use rollup::aggregate::fold;
+use rollup::keys::ItemKey;
 use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
 
@@ -77,15 +78,12 @@ fn main() {
         .unwrap();
     let store = MemoryStore::new();
     let warm = batch(records, 1000, per_record, 0);
-    let p = plan("shard-0000", &warm, &cfg);
-    let loaded = rt.block_on(store.load(p.keys())).unwrap();
-    rt.block_on(store.commit(apply(p, loaded, &cfg).unwrap().commit))
-        .unwrap();
+    let load = |keys: &[ItemKey]| rt.block_on(store.load(keys)).unwrap();
+    let warmed = fold("shard-0000", &warm, &cfg, load).unwrap();
+    rt.block_on(store.commit(warmed.commit)).unwrap();
     let next = batch(records, 1000, per_record, records / 1000);
-    let p = plan("shard-0000", &next, &cfg);
-    let loaded = rt.block_on(store.load(p.keys())).unwrap();
     let started = std::time::Instant::now();
-    let out = apply(plan("shard-0000", &next, &cfg), loaded, &cfg).unwrap();
+    let out = fold("shard-0000", &next, &cfg, load).unwrap();
     let elapsed = started.elapsed();
     println!(
         "{} readings in {} records, {} writes, {:?} ({:.0} readings/s)",

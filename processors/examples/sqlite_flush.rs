@@ -18,7 +18,7 @@ use bytes::Bytes;
 use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
 use processors::store::sqlite::SqliteStore;
-use rollup::aggregate::{apply, plan};
+use rollup::aggregate::fold;
 use rollup::{AggregateConfig, Commit};
 use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
@@ -74,9 +74,11 @@ fn core_commit(
     records: &[Record],
     cfg: &AggregateConfig,
 ) -> Commit {
-    let p = plan(SHARD, records, cfg);
-    let loaded = rt.block_on(memory.load(p.keys())).unwrap();
-    let commit = apply(p, loaded, cfg).unwrap().commit;
+    let commit = fold(SHARD, records, cfg, |keys| {
+        rt.block_on(memory.load(keys)).unwrap()
+    })
+    .unwrap()
+    .commit;
     rt.block_on(memory.commit(commit.clone())).unwrap();
     commit
 }

@@ -261,6 +261,33 @@ pub async fn process_batch(
     }
 }
 
+/// How often a shard with nothing to read moves its watermark to now.
+const IDLE_WATERMARK_EVERY: Duration = Duration::from_secs(1);
+
+/// Moves an idle shard's watermark up to `now` less the slack, so that it
+/// does not hold fleet windows short of final.
+async fn advance_idle_watermark(
+    shard: &str,
+    store: &dyn RollupStore,
+    cfg: &AggregateConfig,
+    now: i64,
+) -> Result<(), BatchError> {
+    let key = rollup::keys::ItemKey::Watermark {
+        shard: shard.to_string(),
+    };
+    let loaded = store.load(std::slice::from_ref(&key)).await?;
+    let current = loaded.into_iter().next().flatten();
+    if let Some(write) = aggregate::idle_watermark(shard, current, now, cfg)? {
+        store
+            .commit(rollup::Commit {
+                writes: Vec::new(),
+                then: vec![write],
+            })
+            .await?;
+    }
+    Ok(())
+}
+
 /// Processes one shard until `shutdown` turns true, then drains what is left
 /// in the shard and returns. Checkpoints only batches that a flush of the
 /// store made durable (see [`Durability`]); [`run_flusher`] decides when.
@@ -280,6 +307,7 @@ pub async fn run_shard(
     // Batches applied but not yet checkpointed: their last record and the
     // durability mark taken after their commit, oldest first.
     let mut unflushed: VecDeque<(stream::SeqNo, u64)> = VecDeque::new();
+    let mut idle_since = Instant::now();
     loop {
         let wait = if draining {
             Duration::ZERO
@@ -343,6 +371,13 @@ pub async fn run_shard(
                 &metrics,
             )
             .await?;
+            if idle_since.elapsed() >= IDLE_WATERMARK_EVERY {
+                idle_since = Instant::now();
+                let now = chrono::Utc::now().timestamp_millis();
+                if let Err(e) = advance_idle_watermark(&shard, store.as_ref(), &cfg, now).await {
+                    tracing::warn!(shard, error = %e, "Advancing an idle shard's watermark failed; will retry.");
+                }
+            }
             continue;
         };
         apply_batch(&shard, &batch, store.as_ref(), &cfg, &pcfg, &metrics).await?;

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
+use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
 use rollup::AggregateConfig;
 use schemas::shard::Record;
@@ -65,11 +66,32 @@ async fn filled() -> (Arc<MemoryStore>, ApiState) {
             .await
             .unwrap();
     }
+    // Both shards idle until 69 min after T0: everything that arrived up to
+    // then is applied, so the first minute (ended 68 min before, 1 h
+    // lateness) is final and the last (ended 59 min before) is not.
+    let now = T0 + 69 * MIN;
+    for shard in ["s0", "s1"] {
+        idle_until(store.as_ref(), shard, now + cfg.watermark_slack_ms, &cfg).await;
+    }
     let mut state = ApiState::new(store.clone(), cfg);
-    // Now: the first minute ended 68 min ago and is final (1 h lateness); the
-    // last ended 59 min ago and is not.
-    state.clock = Arc::new(|| T0 + 69 * MIN);
+    state.clock = Arc::new(move || now);
     (store, state)
+}
+
+async fn idle_until(store: &MemoryStore, shard: &str, now: i64, cfg: &AggregateConfig) {
+    let key = rollup::keys::ItemKey::Watermark {
+        shard: shard.into(),
+    };
+    let loaded = store.load(&[key]).await.unwrap().pop().flatten();
+    if let Some(w) = rollup::aggregate::idle_watermark(shard, loaded, now, cfg).unwrap() {
+        store
+            .commit(rollup::Commit {
+                writes: Vec::new(),
+                then: vec![w],
+            })
+            .await
+            .unwrap();
+    }
 }
 
 async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {

@@ -25,7 +25,7 @@ use rollup::AggregateConfig;
 use rollup::keys::ItemKey;
 use rollup::{Commit, Stored};
 use schemas::state::ItemState;
-use schemas::{Metric, PackedRecord, Reading, Resolution};
+use schemas::{Metric, PackedRecord, Reading};
 use serde_json::{Value, json};
 use stream::kinesis::testing::{moto_config, unique_name};
 use tower::ServiceExt;
@@ -227,15 +227,16 @@ fn states(
 }
 
 async fn window_count(store: &DynamoStore, device: &str, metric: &str, start: i64) -> u64 {
-    let key = ItemKey::DeviceWindow {
+    let cfg = rollup::AggregateConfig::default();
+    let key = ItemKey::Span {
         device: device.into(),
-        metric: metric.into(),
-        res: "1m".parse::<Resolution>().unwrap(),
-        start,
+        start: cfg.span_start(start),
     };
     match store.get(&key.pk(), &key.sk()).await.unwrap() {
         Some(item) => match item.state {
-            ItemState::Window(w) => w.count,
+            ItemState::Span(span) => rollup::span::finest_windows(&span, metric)
+                .find(|(s, _)| *s == start)
+                .map_or(0, |(_, w)| w.count),
             other => panic!("{other:?}"),
         },
         None => 0,

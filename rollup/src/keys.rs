@@ -100,6 +100,19 @@ impl ItemKey {
     }
 }
 
+impl ItemKey {
+    /// Items a commit writes after all others (`Commit::then`): spans hold
+    /// the dedup sets, a device item drops a pending window only once its
+    /// compacted item is written, and a watermark moves only once
+    /// everything below it is.
+    pub fn is_written_last(&self) -> bool {
+        matches!(
+            self,
+            ItemKey::Span { .. } | ItemKey::Device { .. } | ItemKey::Watermark { .. }
+        )
+    }
+}
+
 pub const DEVICE_SK: &str = "-";
 /// Every shard's counters share one partition, so that totals are one query
 /// in every store; each counter still has a single writer.

@@ -26,14 +26,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use schemas::WindowView;
-use schemas::state::ItemState;
+use schemas::state::{DeviceState, Item, ItemState};
 use serde_json::{Value, json};
 
 pub use params::parse_time;
 pub use problem::Problem;
 
 use self::params::Params;
-use self::windows::WindowQuery;
+use self::windows::{Series, WindowQuery};
 use crate::store::{Range, RollupQuery};
 use rollup::AggregateConfig;
 use rollup::keys::{self, COUNTER_PK, DEVICE_SK, MEMBER_PK_PREFIX, counters};
@@ -52,7 +52,8 @@ pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 pub struct ApiState {
     pub query: Arc<dyn RollupQuery>,
     pub cfg: Arc<AggregateConfig>,
-    /// Now, in ms since the epoch: decides `final` and default ranges.
+    /// Now, in ms since the epoch: decides default ranges. `final` comes
+    /// from the processed watermark in the store, never from the clock.
     pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
     /// Appends the process's metrics to `/metrics`.
     pub metrics: MetricsRenderer,
@@ -194,12 +195,30 @@ async fn device(
 ) -> Result<Response, Problem> {
     Params::parse(raw.as_deref(), &[])?;
     check_id("device_id", &device_id)?;
-    let Some(item) = s.query.get(&keys::device_pk(&device_id), DEVICE_SK).await? else {
-        return Err(unknown_device(&device_id));
-    };
-    let ItemState::Device(d) = item.state else {
-        return Err(unknown_device(&device_id));
-    };
+    let mut d = device_state(&s, &device_id).await?;
+    // The device item holds what compacted windows held; readings since
+    // live in the spans of its pending windows.
+    let finest_unit = s.cfg.pending_units().first().copied();
+    for &(res_ms, start) in &d.pending.clone() {
+        if Some(res_ms) != finest_unit {
+            continue;
+        }
+        let spans = s
+            .query
+            .range(Range {
+                pk: keys::span_pk(&device_id),
+                from: keys::time_sk(start),
+                to: keys::time_sk(start + res_ms),
+                limit: 10_000,
+                descending: false,
+            })
+            .await?;
+        for (_, item) in spans {
+            if let ItemState::Span(span) = item.state {
+                rollup::span::observe_span(&mut d, &span);
+            }
+        }
+    }
     let metrics: BTreeMap<String, Value> = d
         .latest
         .iter()
@@ -212,6 +231,16 @@ async fn device(
         "metrics": metrics,
     }))
     .into_response())
+}
+
+async fn device_state(s: &ApiState, device_id: &str) -> Result<DeviceState, Problem> {
+    match s.query.get(&keys::device_pk(device_id), DEVICE_SK).await? {
+        Some(Item {
+            state: ItemState::Device(d),
+            ..
+        }) => Ok(d),
+        _ => Err(unknown_device(device_id)),
+    }
 }
 
 fn unknown_device(device_id: &str) -> Problem {
@@ -228,22 +257,8 @@ async fn device_windows(
     check_id("device_id", &device_id)?;
     check_metric(&metric)?;
     let p = window_params(raw.as_deref())?;
-    if s.query
-        .get(&keys::device_pk(&device_id), DEVICE_SK)
-        .await?
-        .is_none()
-    {
-        return Err(unknown_device(&device_id));
-    }
-    windows_response(
-        &s,
-        &p,
-        "device_id",
-        device_id,
-        metric,
-        keys::device_window_pk,
-    )
-    .await
+    let state = device_state(&s, &device_id).await?;
+    windows_response(&s, &p, Series::Device(device_id, state), metric).await
 }
 
 async fn fleet_windows(
@@ -254,7 +269,7 @@ async fn fleet_windows(
     check_id("fleet", &fleet)?;
     check_metric(&metric)?;
     let p = window_params(raw.as_deref())?;
-    windows_response(&s, &p, "fleet", fleet, metric, keys::fleet_window_pk).await
+    windows_response(&s, &p, Series::Fleet(fleet), metric).await
 }
 
 fn window_params(raw: Option<&str>) -> Result<Params, Problem> {
@@ -439,10 +454,8 @@ fn windows_csv(windows: &[WindowView], fields: &[&str]) -> String {
 async fn windows_response(
     s: &ApiState,
     p: &Params,
-    series_field: &str,
-    series: String,
+    series: Series,
     metric: String,
-    pk_for: fn(&str, &str, schemas::Resolution) -> String,
 ) -> Result<Response, Problem> {
     let now = (s.clock)();
     let res = p.resolution("res")?.unwrap_or(s.cfg.finest());
@@ -474,15 +487,14 @@ async fn windows_response(
         }
     };
     let q = WindowQuery {
-        pk_for,
-        series: series.clone(),
+        series,
         metric: metric.clone(),
         res,
         from,
         to,
         limit,
     };
-    let page = windows::query(s.query.as_ref(), &q, &s.cfg, now).await?;
+    let page = windows::query(s.query.as_ref(), &q, &s.cfg).await?;
     let windows: Vec<Picked> = page
         .windows
         .iter()
@@ -501,9 +513,9 @@ async fn windows_response(
         }
         return Ok(resp);
     }
-    let (device_id, fleet) = match series_field {
-        "fleet" => (None, Some(series.as_str())),
-        _ => (Some(series.as_str()), None),
+    let (device_id, fleet) = match &q.series {
+        Series::Fleet(f) => (None, Some(f.as_str())),
+        Series::Device(d, _) => (Some(d.as_str()), None),
     };
     let body = WindowsBody {
         device_id,

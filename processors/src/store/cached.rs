@@ -121,10 +121,6 @@ impl<S: RollupStore + RollupQuery> CachedStore<S> {
     }
 }
 
-fn is_then(key: &ItemKey) -> bool {
-    matches!(key, ItemKey::Dedup { .. })
-}
-
 #[async_trait]
 impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
     async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
@@ -287,7 +283,7 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
                     item,
                     expires_at: e.expires_at,
                 };
-                if is_then(&e.key) {
+                if e.key.is_written_last() {
                     commit.then.push(write);
                 } else {
                     commit.writes.push(write);

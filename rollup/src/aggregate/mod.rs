@@ -574,6 +574,59 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// Plans, loads both rounds through `load` and applies: the whole core for
+/// a caller whose store answers at once (tests, examples, benchmarks).
+pub fn fold(
+    shard: &str,
+    records: &[Record],
+    cfg: &AggregateConfig,
+    mut load: impl FnMut(&[ItemKey]) -> Vec<Option<Stored>>,
+) -> Result<Applied, ApplyError> {
+    let p = plan(shard, records, cfg);
+    let first = load(p.keys());
+    let round = p.second_round(first, cfg)?;
+    let second = load(round.keys());
+    apply(round, second, cfg)
+}
+
+/// The watermark write of a shard that has nothing to read at `now`: every
+/// record it will still deliver arrives after `now` less the slack, so
+/// nothing below that can change through it. Without this an idle shard
+/// would hold every fleet window short of final. `None` if it would not
+/// move the watermark.
+pub fn idle_watermark(
+    shard: &str,
+    loaded: Option<Stored>,
+    now: i64,
+    cfg: &AggregateConfig,
+) -> Result<Option<Write>, ApplyError> {
+    let claim = now.saturating_sub(cfg.watermark_slack_ms);
+    let (condition, mut item) = match loaded {
+        Some(s) => (Condition::Version(s.version), s.item),
+        None => (Condition::Absent, Item::default()),
+    };
+    match item.state {
+        ItemState::Empty => {}
+        ItemState::Watermark(w) if w < claim => {}
+        ItemState::Watermark(_) => return Ok(None),
+        ref other => {
+            return Err(ApplyError::Unreadable {
+                key: format!("{}/{shard}", crate::keys::WATERMARK_PK),
+                detail: mismatch("watermark", other),
+            });
+        }
+    }
+    item.state = ItemState::Watermark(claim);
+    Ok(Some(Write {
+        key: ItemKey::Watermark {
+            shard: shard.to_string(),
+        },
+        condition,
+        item,
+        expires_at: None,
+    }))
+}
+
 /// Lateness is judged against `received_at`, stamped once at ingest, so a
 /// replayed batch decides exactly as the first attempt did.
 fn judge(reading: &ReadingView, received_at: i64, cfg: &AggregateConfig) -> Option<Rejection> {
@@ -1221,7 +1274,7 @@ fn finish(
     cfg: &AggregateConfig,
 ) -> Applied {
     let mut commit = Commit::default();
-    for ((slot, key), short) in slots.into_iter().zip(plan.keys).zip(&plan.key_list) {
+    for (slot, key) in slots.into_iter().zip(plan.keys) {
         let Some(seq) = slot.touched else { continue };
         let mut item = slot.item;
         item.applied.advance(&plan.shard, seq);
@@ -1231,13 +1284,7 @@ fn finish(
             key,
             item,
         };
-        // Spans hold the dedup sets, the device item drops a pending window
-        // only after its compacted item is written, and the watermark moves
-        // only once everything below it is.
-        if matches!(
-            short,
-            Key::Span { .. } | Key::Device { .. } | Key::Watermark
-        ) {
+        if write.key.is_written_last() {
             commit.then.push(write);
         } else {
             commit.writes.push(write);
