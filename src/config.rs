@@ -182,6 +182,9 @@ pub struct AggregateSettings {
     pub dead_letter_retention: Duration,
     /// At most this many dead letters are kept per reason.
     pub dead_letters_per_reason: usize,
+    /// How far out of arrival order records may reach the processors.
+    #[serde(with = "duration_text")]
+    pub watermark_slack: Duration,
 }
 
 impl Default for AggregateSettings {
@@ -193,6 +196,7 @@ impl Default for AggregateSettings {
             retention: d.retention_ms.iter().map(|r| ms(*r).into()).collect(),
             dead_letter_retention: ms(d.dead_letter_retention_ms),
             dead_letters_per_reason: 10_000,
+            watermark_slack: ms(d.watermark_slack_ms),
         }
     }
 }
@@ -382,6 +386,7 @@ impl Config {
                 .collect(),
             stream_retention_ms: to_ms(self.stream.retention),
             dead_letter_retention_ms: to_ms(self.aggregate.dead_letter_retention),
+            watermark_slack_ms: to_ms(self.aggregate.watermark_slack),
             ..rollup::AggregateConfig::default()
         };
         cfg.validate()
@@ -461,7 +466,8 @@ sync = true
 # may ask for any multiple of a stored resolution (5m, 15m, 6h, 7d).
 resolutions = ["1m", "1h", "1d"]
 # How long after its end a window still takes readings. Later readings are
-# refused as too_late; each window says `final` once this has passed.
+# refused as too_late. A window says `final` once this has passed and every
+# record that arrived by then has been applied (the processed watermark).
 allowed_lateness = "1h"
 # How long windows are kept after their end, one per resolution.
 retention = ["7days", "90days", "1098days"]
@@ -469,6 +475,11 @@ retention = ["7days", "90days", "1098days"]
 # reason.
 dead_letter_retention = "7days"
 dead_letters_per_reason = 10000
+# How far out of arrival order a record may reach the processors (the time
+# between its `received_at` and the moment it is readable in the stream).
+# The processed watermark stays this far behind what was applied, so windows
+# become final this much later; a record later than this is refused too_late.
+watermark_slack = "10s"
 
 [processor]
 # Most stream records folded into the store in one batch.

@@ -218,6 +218,11 @@ pub struct Args {
     /// hold it; lateness decisions within the slack become uncertain.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub arrival_slack: Duration,
+    /// The pipeline's watermark slack (must match it): a window is final once
+    /// its end plus the allowed lateness is this far behind what the
+    /// pipeline has applied, so verify allows either answer within it.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub watermark_slack: Duration,
     /// Probability per message of publishing it twice (must count once).
     #[arg(long, default_value_t = 0.0)]
     pub duplicate_rate: f64,
@@ -337,6 +342,7 @@ impl Args {
             allowed_lateness: self.allowed_lateness,
             clock_skew: self.clock_skew,
             arrival_slack: self.arrival_slack,
+            watermark_slack: self.watermark_slack,
             faults: FaultConfig {
                 duplicate_rate: self.duplicate_rate,
                 reorder_rate: self.reorder_rate,

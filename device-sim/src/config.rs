@@ -143,6 +143,8 @@ pub struct SimConfig {
     /// a broker in front (`iotpipe up --broker`) the PUBACK is the broker's,
     /// and its queue may hold the message for a while.
     pub arrival_slack: Duration,
+    /// Must match the pipeline's watermark slack.
+    pub watermark_slack: Duration,
     pub faults: FaultConfig,
     /// Write a JSON report (counts, rates, PUBACK latency percentiles) here.
     pub report_json: Option<PathBuf>,
@@ -200,6 +202,7 @@ impl Default for SimConfig {
             allowed_lateness: Duration::from_secs(3600),
             clock_skew: Duration::from_millis(250),
             arrival_slack: Duration::ZERO,
+            watermark_slack: Duration::from_secs(10),
             faults: FaultConfig::default(),
             report_json: None,
             progress: false,

@@ -99,6 +99,7 @@ fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Vec<FleetRun>
         allowed_lateness_ms: cfg.allowed_lateness.as_millis() as i64,
         clock_skew_ms: cfg.clock_skew.as_millis() as i64,
         arrival_slack_ms: cfg.arrival_slack.as_millis() as i64,
+        watermark_slack_ms: cfg.watermark_slack.as_millis() as i64,
         segments: Vec::new(),
         offline: Vec::new(),
         storms: Vec::new(),

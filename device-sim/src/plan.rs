@@ -85,6 +85,10 @@ pub struct RunPlan {
     /// Ledgers written before it existed had none.
     #[serde(default)]
     pub arrival_slack_ms: i64,
+    /// How far behind what it has applied the pipeline's processed
+    /// watermark stays. Ledgers written before it existed had none.
+    #[serde(default)]
+    pub watermark_slack_ms: i64,
     /// The schedule's stretches, in order; empty: one steady stretch at
     /// `period_us` without end (a run without a scenario).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -544,6 +548,7 @@ pub(crate) mod tests {
             allowed_lateness_ms: HOUR_MS,
             clock_skew_ms: 250,
             arrival_slack_ms: 0,
+            watermark_slack_ms: 0,
             segments: Vec::new(),
             offline: Vec::new(),
             storms: Vec::new(),

@@ -217,8 +217,8 @@ async fn flush_if_due(
     Ok(true)
 }
 
-/// Folds one batch of one shard into the store: plan, load, load what
-/// compaction needs, apply, commit.
+/// Folds one batch of one shard into the store: plan, load each round the
+/// plan asks for, apply, commit.
 /// A conflict (someone else wrote an item) reloads and tries again once;
 /// other errors go back to the caller, which retries the whole batch: a
 /// partial commit is safe to retry because every item remembers what it holds.
@@ -231,15 +231,12 @@ pub async fn process_batch(
 ) -> Result<BatchStats, BatchError> {
     let mut conflicts = 0;
     loop {
-        let plan = aggregate::plan(shard, records, cfg);
-        let first = store.load(plan.keys()).await?;
-        let round = plan.second_round(first, cfg)?;
-        let second = if round.keys().is_empty() {
-            Vec::new()
-        } else {
-            store.load(round.keys()).await?
-        };
-        let applied = aggregate::apply(round, second, cfg)?;
+        let mut plan = aggregate::plan(shard, records, cfg);
+        while !plan.keys().is_empty() {
+            let loaded = store.load(plan.keys()).await?;
+            plan.receive(loaded, cfg)?;
+        }
+        let applied = aggregate::apply(plan, cfg)?;
         let writes = applied.commit.len();
         let started = Instant::now();
         match store.commit(applied.commit).await {

@@ -486,3 +486,88 @@ async fn requests_beyond_the_limit_are_shed_and_slow_ones_time_out() {
         1
     );
 }
+
+/// A reading accepted just before its window's bound but still in the
+/// stream keeps the window from being final until it is applied; the window
+/// is final once the watermark passes its bound, and a record that reaches
+/// the processors later than the slack is refused rather than change it.
+#[tokio::test]
+async fn final_waits_for_what_is_still_in_the_stream() {
+    let store = Arc::new(MemoryStore::new());
+    let cfg = Arc::new(AggregateConfig::default());
+    let metrics = ProcessorMetrics::default();
+    let bound = T0 + MIN + cfg.allowed_lateness_ms;
+    let at = |seq: u128, received_at: i64, value: f64| {
+        let mut r = record(seq, "d1", "f", T0 + 5, value);
+        r.data = Bytes::from(
+            PackedRecord {
+                device_id: "d1".into(),
+                fleet: "f".into(),
+                received_at,
+                readings: vec![Reading {
+                    seq: Some(seq as u64),
+                    ts: T0 + seq as i64,
+                    metrics: vec![Metric {
+                        name: "t".into(),
+                        value,
+                    }],
+                }],
+            }
+            .encode(),
+        );
+        r.arrival_ms = received_at;
+        r
+    };
+    process_batch("s0", &[at(1, T0 + 10, 1.0)], store.as_ref(), &cfg, &metrics)
+        .await
+        .unwrap();
+    let mut state = ApiState::new(store.clone(), cfg.clone());
+    state.clock = Arc::new(move || bound + 60_000);
+    let uri = format!("/v1/devices/d1/metrics/t?res=1m&from={T0}&to={}", T0 + MIN);
+    let window = |body: &Value| body["windows"][0].clone();
+
+    // A reading stamped 1 ms before the bound is on its way: the shard has
+    // nothing to read yet, and its idle watermark stays the slack behind.
+    let stamped = bound - 1;
+    idle_until(
+        store.as_ref(),
+        "s0",
+        stamped + cfg.watermark_slack_ms / 2,
+        &cfg,
+    )
+    .await;
+    let (_, _, body) = get(&state, &uri).await;
+    assert_eq!(window(&body)["final"], false, "{body}");
+    assert_eq!(window(&body)["count"], 1);
+
+    // It is applied: the window changes and is still not final.
+    process_batch("s0", &[at(2, stamped, 2.0)], store.as_ref(), &cfg, &metrics)
+        .await
+        .unwrap();
+    let (_, _, body) = get(&state, &uri).await;
+    assert_eq!(window(&body)["count"], 2);
+    assert_eq!(window(&body)["final"], false);
+
+    // Everything that arrived up to the bound has been applied: final.
+    idle_until(store.as_ref(), "s0", bound + cfg.watermark_slack_ms, &cfg).await;
+    let (_, _, final_body) = get(&state, &uri).await;
+    assert_eq!(window(&final_body)["final"], true);
+    assert_eq!(window(&final_body)["count"], 2);
+
+    // A record stamped before the bound that reaches the processors only
+    // now, later than the slack allows, is refused: the window never
+    // changes after it was final.
+    let stats = process_batch(
+        "s0",
+        &[at(3, bound - 2, 3.0)],
+        store.as_ref(),
+        &cfg,
+        &metrics,
+    )
+    .await
+    .unwrap();
+    assert_eq!(stats.accepted_readings, 0);
+    assert_eq!(stats.rejected, vec![(schemas::RejectReason::TooLate, 1)]);
+    let (_, _, after) = get(&state, &uri).await;
+    assert_eq!(window(&after), window(&final_body));
+}

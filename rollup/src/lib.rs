@@ -2,7 +2,8 @@
 //! in, the conditional writes that fold it into the rollups out.
 //!
 //! - `aggregate`: [`aggregate::plan`] lists the items a batch may touch,
-//!   [`aggregate::Plan::second_round`] what compaction needs besides, and
+//!   [`aggregate::Plan::receive`] takes each round of loaded items and lists
+//!   the next (device items, then what compaction needs), and
 //!   [`aggregate::apply`] folds the batch into them as loaded.
 //! - `span`: a device's coarser windows from its span items, shared by the
 //!   compaction and the query API.

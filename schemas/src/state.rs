@@ -201,6 +201,7 @@ impl DeviceState {
 /// A device's finest windows over one span (a run of consecutive finest
 /// windows), with every metric, and the identities of the readings in it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "SpanWire", into = "SpanWire")]
 pub struct SpanState {
     pub fleet: String,
     /// Latest `received_at` of a reading in the span.
@@ -211,7 +212,7 @@ pub struct SpanState {
 }
 
 /// One finest window of a span.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpanWindow {
     pub start: i64,
     /// Sorted by metric name.
@@ -220,8 +221,7 @@ pub struct SpanWindow {
 
 /// One metric's window, with the arrival times of its late readings so
 /// that a coarser window can tell which of them were late for it too.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(from = "MetricWindowWire", into = "MetricWindowWire")]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MetricWindow {
     pub metric: String,
     pub agg: WindowAgg,
@@ -229,62 +229,110 @@ pub struct MetricWindow {
     pub late_at: Vec<i64>,
 }
 
-/// A quiet device's window holds one on-time value; stored as that value
-/// alone it is a fifth of a full aggregate, which keeps a span item inside
-/// one DynamoDB write unit.
+/// A span as stored. A quiet device's span is mostly windows of one on-time
+/// value each, so the form is built for them: metric names once per span,
+/// and such a window as its value and its offset in the window alone, a
+/// tenth of a full aggregate. That keeps a quiet device's span inside one
+/// DynamoDB write unit.
 #[derive(Serialize, Deserialize)]
-enum MetricWindowWire {
-    One {
-        metric: String,
-        ts: i64,
-        value: f64,
-    },
-    Full {
-        metric: String,
-        agg: WindowAgg,
-        late_at: Vec<i64>,
-    },
+struct SpanWire {
+    fleet: String,
+    last_seen: i64,
+    dedup: DedupSet,
+    names: Vec<String>,
+    windows: Vec<(i64, Vec<(u32, MetricWire)>)>,
 }
 
-impl From<MetricWindow> for MetricWindowWire {
-    fn from(w: MetricWindow) -> Self {
-        if w.agg.count == 1 && w.agg.revision == 0 && w.late_at.is_empty() {
-            MetricWindowWire::One {
-                metric: w.metric,
-                ts: w.agg.first.ts,
-                value: w.agg.first.value,
-            }
-        } else {
-            MetricWindowWire::Full {
-                metric: w.metric,
-                agg: w.agg,
-                late_at: w.late_at,
-            }
+#[derive(Serialize, Deserialize)]
+enum MetricWire {
+    One { offset: i64, value: f64 },
+    Full { agg: WindowAgg, late_at: Vec<i64> },
+}
+
+impl From<SpanState> for SpanWire {
+    fn from(s: SpanState) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let windows = s
+            .windows
+            .into_iter()
+            .map(|w| {
+                let metrics = w
+                    .metrics
+                    .into_iter()
+                    .map(|m| {
+                        let index = match names.iter().position(|n| *n == m.metric) {
+                            Some(i) => i,
+                            None => {
+                                names.push(m.metric);
+                                names.len() - 1
+                            }
+                        };
+                        let one = m.agg.count == 1 && m.agg.revision == 0 && m.late_at.is_empty();
+                        let wire = if one {
+                            MetricWire::One {
+                                offset: m.agg.first.ts - w.start,
+                                value: m.agg.first.value,
+                            }
+                        } else {
+                            MetricWire::Full {
+                                agg: m.agg,
+                                late_at: m.late_at,
+                            }
+                        };
+                        (index as u32, wire)
+                    })
+                    .collect();
+                (w.start, metrics)
+            })
+            .collect();
+        SpanWire {
+            fleet: s.fleet,
+            last_seen: s.last_seen,
+            dedup: s.dedup,
+            names,
+            windows,
         }
     }
 }
 
-impl From<MetricWindowWire> for MetricWindow {
-    fn from(w: MetricWindowWire) -> Self {
-        match w {
-            MetricWindowWire::One { metric, ts, value } => {
-                let mut agg = WindowAgg::default();
-                agg.add(ts, value, false);
-                MetricWindow {
-                    metric,
-                    agg,
-                    late_at: Vec::new(),
-                }
-            }
-            MetricWindowWire::Full {
-                metric,
-                agg,
-                late_at,
-            } => MetricWindow {
-                metric,
-                agg,
-                late_at,
-            },
+impl From<SpanWire> for SpanState {
+    fn from(w: SpanWire) -> Self {
+        let windows = w
+            .windows
+            .into_iter()
+            .map(|(start, metrics)| SpanWindow {
+                start,
+                metrics: metrics
+                    .into_iter()
+                    .map(|(index, m)| {
+                        // An index past the names is a corrupt item; an
+                        // empty name keeps it visible rather than panic.
+                        let metric = w.names.get(index as usize).cloned().unwrap_or_default();
+                        match m {
+                            MetricWire::One { offset, value } => {
+                                let mut agg = WindowAgg::default();
+                                agg.add(start + offset, value, false);
+                                MetricWindow {
+                                    metric,
+                                    agg,
+                                    late_at: Vec::new(),
+                                }
+                            }
+                            MetricWire::Full { agg, late_at } => MetricWindow {
+                                metric,
+                                agg,
+                                late_at,
+                            },
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        SpanState {
+            fleet: w.fleet,
+            last_seen: w.last_seen,
+            dedup: w.dedup,
+            windows,
         }
     }
 }
@@ -405,6 +453,38 @@ mod tests {
         assert!(a.contains("s0", n(10u64)));
         assert!(!a.contains("s0", n(11u64)));
         assert!(!a.contains("s1", n(1u64)));
+    }
+
+    /// A quiet device's full span (ten one-minute windows of one reading,
+    /// three metrics) fits one DynamoDB write unit with its keys.
+    #[test]
+    fn a_quiet_devices_span_fits_one_write_unit() {
+        let mut span = SpanState {
+            fleet: "fleet-0001".into(),
+            last_seen: 1_764_240_599_000,
+            ..SpanState::default()
+        };
+        for i in 0..10 {
+            let start = 1_764_240_000_000 + i * 60_000;
+            span.dedup.insert(ReadingId::Seq(1000 + i as u64));
+            for m in ["temperature", "humidity", "pressure"] {
+                span.window_mut(start, m)
+                    .agg
+                    .add(start + 17_345, 1013.25 + i as f64 / 7.0, false);
+            }
+        }
+        let mut item = Item::default();
+        item.applied
+            .advance("shard-0003", SeqNo::from(123_456_789u64));
+        item.state = ItemState::Span(span.clone());
+        let bytes = item.encode();
+        // The key (`s|device`, 15-digit sk) and DynamoDB's attribute names
+        // take about 60 more.
+        assert!(bytes.len() + 60 <= 1024, "{} bytes", bytes.len());
+        let ItemState::Span(back) = Item::decode(&bytes).unwrap().state else {
+            panic!("not a span")
+        };
+        assert_eq!(back, span);
     }
 
     #[test]

@@ -212,14 +212,15 @@ pub fn too_uncertain(certain: u64, uncertain: u64) -> bool {
 /// What verify can tell about a window's `final` flag.
 ///
 /// The pipeline calls a window final once `end + allowed_lateness` is at or
-/// before its clock: today the clock when the query is answered, perhaps
-/// later a processed watermark, which never runs ahead of that clock and has
-/// passed the arrival of every reading it has processed. Either way:
+/// before its processed watermark, which never runs ahead of its clock and
+/// has passed the arrival of every reading it has applied, less its slack.
+/// So:
 /// - a window is not final while `end + allowed_lateness` is after the moment
 ///   it was read (`read_by_ms`);
 /// - a window is final once `end + allowed_lateness` is at or before the
-///   first publish of the latest run of the fleet (`settled_ms`): that run's
-///   readings were stamped after it, and verify reads once they are counted.
+///   first publish of the latest run of the fleet less the watermark's slack
+///   (`settled_ms`): that run's readings were stamped after it, and verify
+///   reads once they are counted.
 ///
 /// Between the two, either answer is right. Both bounds allow for the skew
 /// between the simulator's clock and the pipeline's.

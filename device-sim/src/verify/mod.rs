@@ -323,7 +323,9 @@ impl FinalityBase {
                 FinalityBase {
                     allowed_lateness_ms: plan.allowed_lateness_ms,
                     skew_ms,
-                    settled_ms: plan.run_start_ms - skew_ms,
+                    // The run's readings were applied, so the watermark has
+                    // passed their arrival less the pipeline's slack.
+                    settled_ms: plan.run_start_ms - skew_ms - plan.watermark_slack_ms,
                 }
             }
             None => FinalityBase {

@@ -8,6 +8,7 @@
 //! | `ALLOWED_LATENESS` | how long after its end a window accepts readings | `1h` |
 //! | `STREAM_RETENTION` | the Kinesis stream's retention | `24h` |
 //! | `DEAD_LETTER_RETENTION` | how long dead letters are kept | `7d` |
+//! | `WATERMARK_SLACK` | how far out of arrival order records reach the function (the IoT rule and Kinesis); windows become final this much later | `10s` |
 //! | `METRICS_NAMESPACE` | the CloudWatch namespace of the EMF metrics | `iotpipe` |
 //! | `AWS_LAMBDA_FUNCTION_NAME` | set by Lambda; the metrics' `Function` dimension | `aggregate` |
 //!
@@ -73,10 +74,11 @@ impl FunctionConfig {
                 .map(|d| duration_ms("RETENTION", d.trim()))
                 .collect::<Result<_, _>>()?;
         }
-        let durations: [(&'static str, &mut i64); 3] = [
+        let durations: [(&'static str, &mut i64); 4] = [
             ("ALLOWED_LATENESS", &mut cfg.allowed_lateness_ms),
             ("STREAM_RETENTION", &mut cfg.stream_retention_ms),
             ("DEAD_LETTER_RETENTION", &mut cfg.dead_letter_retention_ms),
+            ("WATERMARK_SLACK", &mut cfg.watermark_slack_ms),
         ];
         for (name, slot) in durations {
             if let Some(value) = var(name) {

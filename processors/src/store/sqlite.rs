@@ -24,9 +24,10 @@ use rollup::keys::ItemKey;
 
 /// The layout this build writes: items keyed by (pk, sk) in a clustered
 /// B-tree, so that a point write or a range of one partition touches only the
-/// pages holding it. Databases from before layouts had versions hold exactly
-/// this layout at version 0.
-const SCHEMA_VERSION: i64 = 1;
+/// pages holding it. Version 2 holds a device's readings in span items
+/// (stored item version 2); the table is version 1's. Databases from before
+/// layouts had versions hold version 1's table at version 0.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Page size of a new database. Flushes rewrite rows spread over the whole
 /// table, and SQLite writes a changed page whole (to the log, then to the
@@ -215,6 +216,25 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     // already is version 1's table, or none: creating what is missing is
     // the whole migration.
     tx.execute_batch(SCHEMA).map_err(unavailable)?;
+    // Version 1's items are one per metric, resolution and window; this
+    // build cannot read them, and says so rather than answer from half a
+    // store. An empty one is simply upgraded.
+    let items: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM (SELECT 1 FROM items LIMIT 1)",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(unavailable)?;
+    if version < 2 && items > 0 {
+        return Err(StoreError::Corrupt {
+            key: "PRAGMA user_version".into(),
+            detail: format!(
+                "the rollup store has layout {version}, whose per-metric items this build does not read; \
+                 start with an empty data directory (or another --data-dir) and replay the stream into it"
+            ),
+        });
+    }
     if version < SCHEMA_VERSION {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(unavailable)?;
@@ -392,50 +412,44 @@ mod tests {
             .unwrap()
     }
 
-    /// A database written before layouts had versions (the same table, at
-    /// `user_version` 0) opens with every item and its version, and is
-    /// stamped with the current layout.
+    /// A database of the per-metric layout (version 0 or 1) with items is
+    /// refused with what to do, not read as if it were empty; an empty one
+    /// is upgraded, and reopening changes nothing.
     #[tokio::test]
-    async fn a_database_from_before_layout_versions_keeps_every_item() {
+    async fn a_database_of_the_per_metric_layout_is_refused_unless_empty() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("rollups.db");
-        let key = |i: u64| ItemKey::Counter {
-            shard: "s".into(),
-            name: format!("n{i:03}"),
-        };
-        let item = |i: u64| Item {
-            applied: Default::default(),
-            state: ItemState::Counter(i),
-        };
-        {
-            let old = Connection::open(&path).unwrap();
-            old.pragma_update(None, "journal_mode", "WAL").unwrap();
-            old.execute_batch(SCHEMA).unwrap();
-            for i in 0..50 {
-                old.execute(
-                    "INSERT INTO items (pk, sk, version, state) VALUES (?1, ?2, ?3, ?4)",
-                    params![key(i).pk(), key(i).sk(), i as i64 + 1, item(i).encode()],
-                )
-                .unwrap();
+        for (version, with_items) in [(0, true), (1, true), (1, false)] {
+            let path = dir
+                .path()
+                .join(format!("rollups-{version}-{with_items}.db"));
+            {
+                let old = Connection::open(&path).unwrap();
+                old.pragma_update(None, "journal_mode", "WAL").unwrap();
+                old.execute_batch(SCHEMA).unwrap();
+                old.pragma_update(None, "user_version", version).unwrap();
+                if with_items {
+                    old.execute(
+                        "INSERT INTO items (pk, sk, version, state) VALUES ('w|d|d|t|1m', '0', 1, x'01')",
+                        [],
+                    )
+                    .unwrap();
+                }
+            }
+            match SqliteStore::open(&path) {
+                Err(e) if with_items => {
+                    assert!(e.to_string().contains("empty data directory"), "{e}");
+                    assert_eq!(user_version(&path), version, "left as it was");
+                }
+                Ok(store) if !with_items => {
+                    assert_eq!(user_version(&path), SCHEMA_VERSION);
+                    drop(store);
+                    SqliteStore::open(&path).unwrap();
+                    assert_eq!(user_version(&path), SCHEMA_VERSION);
+                }
+                Err(e) => panic!("version {version}: {e}"),
+                Ok(_) => panic!("version {version} with items opened"),
             }
         }
-        assert_eq!(user_version(&path), 0);
-        let store = SqliteStore::open(&path).unwrap();
-        assert_eq!(user_version(&path), SCHEMA_VERSION);
-        let keys: Vec<ItemKey> = (0..50).map(key).collect();
-        let loaded = store.load(&keys).await.unwrap();
-        for (i, stored) in (0..50).zip(loaded) {
-            let stored = stored.unwrap_or_else(|| panic!("item {i} lost"));
-            assert_eq!(stored.version, i + 1);
-            assert_eq!(stored.item.encode(), item(i).encode());
-        }
-        drop(store);
-        SqliteStore::open(&path).unwrap();
-        assert_eq!(
-            user_version(&path),
-            SCHEMA_VERSION,
-            "reopening changes nothing"
-        );
     }
 
     #[test]
@@ -447,6 +461,6 @@ mod tests {
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
         let err = SqliteStore::open(&path).unwrap_err();
-        assert!(err.to_string().contains("layout 2"), "{err}");
+        assert!(err.to_string().contains("layout 3"), "{err}");
     }
 }

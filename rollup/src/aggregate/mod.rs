@@ -1,18 +1,19 @@
 //! The aggregation core: a batch of stream records in, the store writes that
 //! fold it into the rollups out. No I/O and no clock.
 //!
-//! A batch goes through three pure steps around two loads from the store:
+//! A batch goes through pure steps around up to three loads from the store:
 //!
 //! 1. [`plan`] decodes the records, judges each reading's lateness against its
 //!    `received_at`, and lists the items the batch touches: each device's span
-//!    items and device item, the fleet windows, the shard's counters and
-//!    watermark.
-//! 2. The shell loads them; [`Plan::second_round`] reads the shard's processed
-//!    watermark and each device's pending windows, and lists what a
-//!    compaction needs (the spans of every coarser window that can no longer
-//!    change) and the fleet members of devices that started a span.
-//! 3. The shell loads those; [`apply`] folds every reading into its items and
-//!    returns a [`Commit`] of conditional writes.
+//!    items, the fleet windows, the shard's counters and watermark.
+//! 2. The shell loads [`Plan::keys`] and hands them back with
+//!    [`Plan::receive`], which lists the next round, until none is left:
+//!    after the first, the device items and fleet entries of devices that
+//!    start a span (the shard's processed watermark, read in the first round,
+//!    also refuses readings whose window it has made final); after those,
+//!    what compacting each coarser window that can no longer change needs.
+//! 3. [`apply`] folds every reading into its items and returns a [`Commit`]
+//!    of conditional writes.
 //!
 //! **Where a reading goes.** A device's readings live in *span* items (a run
 //! of finest windows, every metric, and the identities of the span's
@@ -163,16 +164,32 @@ pub struct Plan<'a> {
     /// per resolution.
     cells: Vec<CellKey>,
     cell_windows: Vec<u32>,
-    /// Per device of the batch, its device item's slot and its fleet.
-    device_slots: Vec<(u32, u32, u32)>,
+    /// Per device with accepted readings, its fleet, in first-seen order.
+    devices_seen: Vec<(u32, u32)>,
+    /// Devices whose item is loaded (they start a span, or the batch is a
+    /// replay for them), and its slot.
+    device_slots: Vec<(u32, u32)>,
     /// The earliest `received_at` of the batch's records.
     min_received: Option<i64>,
+    /// Every item loaded so far, in the order of `keys`.
+    loaded: Vec<Option<Stored>>,
+    /// Rounds received so far.
+    rounds: u8,
+    /// What the batch's records prove has been applied (see
+    /// [`AggregateConfig::watermark_slack_ms`]).
+    watermark: i64,
+    /// The watermark as loaded; the batch writes it only if it advanced.
+    loaded_watermark: Option<i64>,
+    compactions: Vec<Compaction>,
+    /// Devices that start a span in this batch, and their member slot.
+    members: Vec<(u32, u32)>,
 }
 
 impl Plan<'_> {
-    /// The items to load before [`Plan::second_round`].
+    /// The items to load next and hand to [`Plan::receive`]; none once the
+    /// plan is ready for [`apply`].
     pub fn keys(&self) -> &[ItemKey] {
-        &self.keys
+        &self.keys[self.loaded.len()..]
     }
 
     /// Sequence number of the last record in the batch.
@@ -306,9 +323,17 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
         resolutions: cfg.resolutions.clone(),
         cells: Vec::new(),
         cell_windows: Vec::new(),
+        devices_seen: Vec::new(),
         device_slots: Vec::new(),
         min_received: None,
+        loaded: Vec::new(),
+        rounds: 0,
+        watermark: i64::MIN,
+        loaded_watermark: None,
+        compactions: Vec::new(),
+        members: Vec::new(),
     };
+    let mut seen_devices = rustc_hash::FxHashSet::default();
     let mut cell_index: FxHashMap<CellKey, u32> = FxHashMap::default();
     p.add_key(Key::Counter(Counter::Accepted));
     p.add_key(Key::Counter(Counter::Duplicate));
@@ -357,9 +382,8 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
                     }
                     verdicts.push(verdict);
                 }
-                if any && !p.slot_of.contains_key(&Key::Device { dev }) {
-                    let slot = p.add_key(Key::Device { dev });
-                    p.device_slots.push((dev, fleet, slot));
+                if any && seen_devices.insert(dev) {
+                    p.devices_seen.push((dev, fleet));
                 }
                 Body::Readings {
                     record,
@@ -403,46 +427,38 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
     p
 }
 
-/// A plan with its first round of items loaded, and the keys of the second.
-#[derive(Debug)]
-pub struct SecondRound<'a> {
-    plan: Plan<'a>,
-    first: Vec<Option<Stored>>,
-    first_len: usize,
-    /// What the batch's records prove has been applied (see
-    /// [`AggregateConfig::watermark_slack_ms`]).
-    watermark: i64,
-    /// The watermark as loaded; the batch writes it only if it advanced.
-    loaded_watermark: Option<i64>,
-    compactions: Vec<Compaction>,
-    /// Devices that start a span in this batch, and their member slot.
-    members: Vec<(u32, u32)>,
-}
-
-impl SecondRound<'_> {
-    /// The items to load before [`apply`].
-    pub fn keys(&self) -> &[ItemKey] {
-        &self.plan.keys[self.first_len..]
-    }
-}
-
 impl<'a> Plan<'a> {
-    /// Takes the first round's items (in the order of [`Plan::keys`]) and
-    /// lists the second round's: the spans of each coarser window that can
-    /// no longer change, its compacted item, and fleet members.
-    pub fn second_round(
-        mut self,
-        first: Vec<Option<Stored>>,
+    /// Takes the items of the last [`Plan::keys`], in order, and lists the
+    /// next round's, if any.
+    pub fn receive(
+        &mut self,
+        loaded: Vec<Option<Stored>>,
         cfg: &AggregateConfig,
-    ) -> Result<SecondRound<'a>, ApplyError> {
-        if first.len() != self.keys.len() {
+    ) -> Result<(), ApplyError> {
+        let wanted = self.keys().len();
+        if loaded.len() != wanted {
             return Err(ApplyError::LoadedCount {
-                loaded: first.len(),
-                keys: self.keys.len(),
+                loaded: loaded.len(),
+                keys: wanted,
             });
         }
-        let first_len = self.keys.len();
-        let loaded_watermark = match first[WATERMARK_SLOT as usize]
+        self.loaded.extend(loaded);
+        while self.keys().is_empty() && self.rounds < 2 {
+            let from = self.keys.len();
+            match self.rounds {
+                0 => self.after_first_round(cfg)?,
+                _ => self.plan_compactions(cfg)?,
+            }
+            self.rounds += 1;
+            self.extend_keys(from);
+        }
+        Ok(())
+    }
+
+    /// Reads the watermark, refuses what it has made final, and lists the
+    /// device items (and fleet entries) of devices that start a span.
+    fn after_first_round(&mut self, cfg: &AggregateConfig) -> Result<(), ApplyError> {
+        self.loaded_watermark = match self.loaded[WATERMARK_SLOT as usize]
             .as_ref()
             .map(|s| &s.item.state)
         {
@@ -453,20 +469,34 @@ impl<'a> Plan<'a> {
         let from_records = self
             .min_received
             .map(|m| m.saturating_sub(cfg.watermark_slack_ms));
-        let watermark = loaded_watermark.max(from_records).unwrap_or(i64::MIN);
-        self.refuse_final(watermark, cfg);
+        self.watermark = self.loaded_watermark.max(from_records).unwrap_or(i64::MIN);
+        self.refuse_final(self.watermark, cfg);
+        let (new_span, replayed) = self.devices_to_load();
+        for (dev, fleet) in self.devices_seen.clone() {
+            if new_span.contains(&dev) || replayed.contains(&dev) {
+                let slot = self.add_key(Key::Device { dev });
+                self.device_slots.push((dev, slot));
+            }
+            if new_span.contains(&dev) {
+                let slot = self.add_key(Key::Member { fleet, dev });
+                self.members.push((dev, slot));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists, for each loaded device item, the spans of every pending window
+    /// that can no longer change, and its compacted item.
+    fn plan_compactions(&mut self, cfg: &AggregateConfig) -> Result<(), ApplyError> {
         let span_ms = cfg.span_ms();
-        let new_span = self.devices_starting_a_span(&first);
-        let mut compactions = Vec::new();
-        let mut members = Vec::new();
-        for (dev, fleet, slot) in self.device_slots.clone() {
-            let pending = match first[slot as usize].as_ref().map(|s| &s.item.state) {
+        for (dev, slot) in self.device_slots.clone() {
+            let pending = match self.loaded[slot as usize].as_ref().map(|s| &s.item.state) {
                 None | Some(ItemState::Empty) => Vec::new(),
                 Some(ItemState::Device(d)) => d.pending.clone(),
                 Some(other) => return Err(self.unreadable(slot, "device", other)),
             };
             for (res_ms, start) in pending {
-                if !cfg.is_final(start.saturating_add(res_ms), watermark) {
+                if !cfg.is_final(start.saturating_add(res_ms), self.watermark) {
                     continue;
                 }
                 let spans = (0..res_ms / span_ms)
@@ -489,7 +519,7 @@ impl<'a> Plan<'a> {
                             start,
                         })
                     });
-                compactions.push(Compaction {
+                self.compactions.push(Compaction {
                     dev,
                     res_ms,
                     start,
@@ -497,20 +527,8 @@ impl<'a> Plan<'a> {
                     out,
                 });
             }
-            if new_span.contains(&dev) {
-                members.push((dev, self.add_key(Key::Member { fleet, dev })));
-            }
         }
-        self.extend_keys(first_len);
-        Ok(SecondRound {
-            plan: self,
-            first,
-            first_len,
-            watermark,
-            loaded_watermark,
-            compactions,
-            members,
-        })
+        Ok(())
     }
 
     /// A reading whose window is final by the watermark is refused: a
@@ -544,25 +562,41 @@ impl<'a> Plan<'a> {
         }
     }
 
-    /// Devices with an accepted reading in a span not stored yet.
-    fn devices_starting_a_span(&self, first: &[Option<Stored>]) -> rustc_hash::FxHashSet<u32> {
-        let mut out = rustc_hash::FxHashSet::default();
+    /// Devices with an accepted reading in a span not stored yet, and
+    /// devices whose spans already hold a record of this batch (a replay:
+    /// their device item may have missed what the span holds). A device
+    /// whose spans all exist and hold none of the batch has every window
+    /// of the batch pending already, so its item is neither read nor
+    /// written.
+    fn devices_to_load(&self) -> (rustc_hash::FxHashSet<u32>, rustc_hash::FxHashSet<u32>) {
+        let mut new_span = rustc_hash::FxHashSet::default();
+        let mut replayed = rustc_hash::FxHashSet::default();
         for record in &self.records {
-            if let Body::Readings {
+            let Body::Readings {
                 dev,
                 spans,
                 verdicts,
                 ..
             } = &record.body
-                && spans
-                    .iter()
-                    .zip(verdicts)
-                    .any(|(span, v)| v.is_none() && first[*span as usize].is_none())
-            {
-                out.insert(*dev);
+            else {
+                continue;
+            };
+            for (span, v) in spans.iter().zip(verdicts) {
+                if v.is_some() {
+                    continue;
+                }
+                match &self.loaded[*span as usize] {
+                    None => {
+                        new_span.insert(*dev);
+                    }
+                    Some(s) if s.item.applied.contains(&self.shard, record.seq) => {
+                        replayed.insert(*dev);
+                    }
+                    Some(_) => {}
+                }
             }
         }
-        out
+        (new_span, replayed)
     }
 
     fn unreadable(&self, slot: u32, expected: &str, found: &ItemState) -> ApplyError {
@@ -582,11 +616,12 @@ pub fn fold(
     cfg: &AggregateConfig,
     mut load: impl FnMut(&[ItemKey]) -> Vec<Option<Stored>>,
 ) -> Result<Applied, ApplyError> {
-    let p = plan(shard, records, cfg);
-    let first = load(p.keys());
-    let round = p.second_round(first, cfg)?;
-    let second = load(round.keys());
-    apply(round, second, cfg)
+    let mut p = plan(shard, records, cfg);
+    while !p.keys().is_empty() {
+        let loaded = load(p.keys());
+        p.receive(loaded, cfg)?;
+    }
+    apply(p, cfg)
 }
 
 /// The watermark write of a shard that has nothing to read at `now`: every
@@ -708,32 +743,21 @@ struct Cell {
     late: Vec<i64>,
 }
 
-/// Folds the planned batch into the loaded items. `second` is in the order
-/// of [`SecondRound::keys`].
-pub fn apply(
-    round: SecondRound<'_>,
-    second: Vec<Option<Stored>>,
-    cfg: &AggregateConfig,
-) -> Result<Applied, ApplyError> {
-    let SecondRound {
-        plan,
-        first,
-        first_len,
-        watermark,
-        loaded_watermark,
-        compactions,
-        members,
-    } = round;
-    if second.len() != plan.keys.len() - first_len {
+/// Folds the planned batch into its items, once every round is loaded.
+pub fn apply(mut plan: Plan<'_>, cfg: &AggregateConfig) -> Result<Applied, ApplyError> {
+    if plan.rounds < 2 || !plan.keys().is_empty() {
         return Err(ApplyError::LoadedCount {
-            loaded: second.len(),
-            keys: plan.keys.len() - first_len,
+            loaded: plan.loaded.len(),
+            keys: plan.keys.len(),
         });
     }
+    let loaded = std::mem::take(&mut plan.loaded);
+    let compactions = std::mem::take(&mut plan.compactions);
+    let members = std::mem::take(&mut plan.members);
+    let (watermark, loaded_watermark) = (plan.watermark, plan.loaded_watermark);
     let shard = plan.shard.clone();
-    let mut slots: Vec<Slot> = first
+    let mut slots: Vec<Slot> = loaded
         .into_iter()
-        .chain(second)
         .map(|stored| {
             let (version, item) = match stored {
                 Some(s) => (Some(s.version), s.item),
@@ -760,11 +784,7 @@ pub fn apply(
         active: Vec::new(),
         dead_letters: Vec::new(),
         stats: BatchStats::default(),
-        device_slot: plan
-            .device_slots
-            .iter()
-            .map(|(dev, _, slot)| (*dev, *slot))
-            .collect(),
+        device_slot: plan.device_slots.iter().copied().collect(),
         seen: FxHashMap::default(),
         units: cfg.pending_units(),
     };
@@ -976,7 +996,8 @@ impl Batcher<'_, '_> {
 
     /// Records in the device item each coarser window the reading enters,
     /// so that it is compacted once it can no longer change. Written only
-    /// when the reading is the device's first in that window.
+    /// when the reading is the device's first in that window, which can
+    /// only happen in a span new to this batch.
     fn track_pending(
         &mut self,
         seq: SeqNo,
@@ -984,10 +1005,10 @@ impl Batcher<'_, '_> {
         ts: i64,
         dev: u32,
     ) -> Result<(), ApplyError> {
+        // Not loaded: the reading's span existed before this batch, so its
+        // windows are pending already (see `devices_to_load`).
         let Some(&slot) = self.device_slot.get(&dev) else {
-            return Err(ApplyError::Unplanned {
-                key: format!("device {dev}"),
-            });
+            return Ok(());
         };
         let slot = slot as usize;
         let wanted: Vec<(i64, i64)> = self

@@ -45,14 +45,12 @@ impl Mem {
         self.0.insert(id, (version, w.item.clone()));
     }
 
-    /// Plans, loads both rounds and applies a batch.
+    /// Plans, loads every round and applies a batch.
     fn applied(&self, shard: &str, records: &[Record]) -> Applied {
-        let cfg = AggregateConfig::default();
-        let plan = plan(shard, records, &cfg);
-        let first = self.load(plan.keys());
-        let round = plan.second_round(first, &cfg).unwrap();
-        let second = self.load(round.keys());
-        apply(round, second, &cfg).unwrap()
+        fold(shard, records, &AggregateConfig::default(), |keys| {
+            self.load(keys)
+        })
+        .unwrap()
     }
 
     /// Runs a batch, stopping after `crash_after` writes if given.
@@ -484,10 +482,10 @@ fn an_item_that_is_not_what_its_key_says_refuses_the_batch() {
             },
         })
     };
-    // The watermark is read in the second round.
-    let p = plan("s0", &batch, &cfg);
+    // The watermark is read after the first round.
+    let mut p = plan("s0", &batch, &cfg);
     let loaded = p.keys().iter().map(|_| counter()).collect();
-    match p.second_round(loaded, &cfg) {
+    match p.receive(loaded, &cfg) {
         Err(ApplyError::Unreadable { key, detail }) => {
             assert_eq!(key, "k/s0");
             assert_eq!(detail, "expected a watermark, found a counter");
@@ -495,7 +493,7 @@ fn an_item_that_is_not_what_its_key_says_refuses_the_batch() {
         other => panic!("expected an unreadable item, got {other:?}"),
     }
     // A span that holds something else refuses the batch in apply.
-    let p = plan("s0", &batch, &cfg);
+    let mut p = plan("s0", &batch, &cfg);
     let loaded = p
         .keys()
         .iter()
@@ -507,9 +505,12 @@ fn an_item_that_is_not_what_its_key_says_refuses_the_batch() {
             }
         })
         .collect();
-    let round = p.second_round(loaded, &cfg).unwrap();
-    let second = vec![None; round.keys().len()];
-    match apply(round, second, &cfg) {
+    p.receive(loaded, &cfg).unwrap();
+    while !p.keys().is_empty() {
+        let none = vec![None; p.keys().len()];
+        p.receive(none, &cfg).unwrap();
+    }
+    match apply(p, &cfg) {
         Err(ApplyError::Unreadable { key, detail }) => {
             assert!(key.starts_with("s|d1/"), "{key}");
             assert_eq!(detail, "expected a span, found a counter");
@@ -517,16 +518,21 @@ fn an_item_that_is_not_what_its_key_says_refuses_the_batch() {
         other => panic!("expected an unreadable item, got {other:?}"),
     }
 
-    // A shell that loads fewer items than planned is refused, not trusted.
-    let p = plan("s0", &batch, &cfg);
+    // A shell that loads fewer items than planned is refused, not trusted,
+    // and so is one that applies before loading every round.
+    let mut p = plan("s0", &batch, &cfg);
     let n = p.keys().len();
     assert_eq!(
-        p.second_round(vec![None; n - 1], &cfg).err(),
+        p.receive(vec![None; n - 1], &cfg).err(),
         Some(ApplyError::LoadedCount {
             loaded: n - 1,
             keys: n,
         })
     );
+    assert!(matches!(
+        apply(plan("s0", &batch, &cfg), &cfg),
+        Err(ApplyError::LoadedCount { .. })
+    ));
 }
 
 /// A fleet of quiet devices: once each device has its span, device item and
@@ -603,7 +609,8 @@ fn a_coarser_window_is_compacted_once_it_cannot_change() {
         None,
     );
     assert!(!m.compacted("d1", "1h", h0));
-    let after = h0 + 2 * hour + cfg.watermark_slack_ms + 1000;
+    // Final now; the device's next batch that starts a span compacts it.
+    let after = h0 + 2 * hour + cfg.span_ms() + 1000;
     m.run(
         "s0",
         &[rec(
@@ -622,6 +629,22 @@ fn a_coarser_window_is_compacted_once_it_cannot_change() {
         d.pending
             .contains(&(hour, Resolution::DEFAULTS[1].window_start(after)))
     );
+    // Once compacted, the device's item is no longer read while its spans
+    // exist: one more reading in the same span writes the span alone.
+    let next = after + 1000;
+    let out = m.applied(
+        "s0",
+        &[rec(5, "d1", next, vec![reading(Some(5), next, &[("t", 7.0)])])],
+    );
+    let own: Vec<String> = out
+        .commit
+        .writes
+        .iter()
+        .chain(&out.commit.then)
+        .map(|w| w.key.pk())
+        .filter(|pk| pk.contains("d1"))
+        .collect();
+    assert_eq!(own, vec!["s|d1".to_string()]);
     // The day is still open, and still counts the hour's readings.
     let day = m
         .window("d1", "t", "1d", Resolution::DEFAULTS[2].window_start(T0))
