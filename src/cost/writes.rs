@@ -199,6 +199,11 @@ impl StoreShape {
         }
     }
 
+    /// Spans that hold a reading of a device, per reading.
+    fn spans_per_reading(&self) -> f64 {
+        self.filled(self.span_s) / self.span_s / self.readings_per_device_s
+    }
+
     /// Distinct spans a device's readings in one batch fall in: its readings
     /// cover about `period (1 - 1/m)` of the batch's `m` messages, plus the
     /// time the readings of one message span.
@@ -231,36 +236,56 @@ fn growing_item(fixed: f64, full: f64, n: f64) -> (f64, f64, f64) {
 
 /// The write pattern of the store at this shape, per reading.
 pub fn model(s: &StoreShape, b: &BatchShape) -> WritePattern {
-    let rho = s.readings_per_device_s;
-    if rho <= 0.0 || b.readings <= 0.0 {
+    if s.readings_per_device_s <= 0.0 || b.readings <= 0.0 {
         return WritePattern::default();
     }
     let z = s.sizes();
-    let mut items = Vec::new();
+    let mut items = span_items(s, b, &z);
+    items.extend(device_items(s, b, &z));
+    items.push(fleet_windows(s, b, &z));
+    items.push(ItemCost::read_then_written(
+        "counters, watermark",
+        BATCH_BOOKKEEPING_ITEMS / b.readings,
+        ITEM_FIXED_B,
+    ));
+    WritePattern { items }
+}
 
-    // Span items: one write per distinct span per device and batch, each
-    // read first. A span is written `per_span` times over its life, growing.
+impl ItemCost {
+    /// `writes` writes per reading of an item of `bytes`, each read first.
+    fn read_then_written(item: &'static str, writes: f64, bytes: f64) -> ItemCost {
+        ItemCost {
+            item,
+            writes,
+            wru: writes * wru(bytes),
+            rru: writes * rru(bytes),
+            bytes,
+        }
+    }
+}
+
+/// Span items, one write per distinct span per device and batch, and the
+/// member item written with each new span; each read first.
+fn span_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
     let span_writes = b.present * s.spans_per_device_batch(b) / b.readings;
-    let spans_per_reading = s.filled(s.span_s) / s.span_s / rho;
-    let per_span = span_writes / spans_per_reading;
-    let (w, r, bytes) = growing_item(ITEM_FIXED_B, z.span, per_span);
-    items.push(ItemCost {
-        item: "span items",
-        writes: span_writes,
-        wru: span_writes * w,
-        rru: span_writes * r,
-        bytes,
-    });
+    let spans = s.spans_per_reading();
+    // A span is written `span_writes / spans` times over its life, growing.
+    let (w, r, bytes) = growing_item(ITEM_FIXED_B, z.span, span_writes / spans);
+    vec![
+        ItemCost {
+            item: "span items",
+            writes: span_writes,
+            wru: span_writes * w,
+            rru: span_writes * r,
+            bytes,
+        },
+        ItemCost::read_then_written("member items", spans, z.member),
+    ]
+}
 
-    // Member item: written with each new span, read just before.
-    items.push(ItemCost {
-        item: "member items",
-        writes: spans_per_reading,
-        wru: spans_per_reading * wru(z.member),
-        rru: spans_per_reading * rru(z.member),
-        bytes: z.member,
-    });
-
+/// The device item, and the hours and days compacted from its spans.
+fn device_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
+    let rho = s.readings_per_device_s;
     // Coarse windows a device opens and compacts, per reading.
     let hours = if s.resolutions >= 2 {
         s.filled(HOUR_S) / HOUR_S / rho
@@ -272,23 +297,23 @@ pub fn model(s: &StoreShape, b: &BatchShape) -> WritePattern {
     } else {
         0.0
     };
-    // Device item: read once per batch; written on entering a new hour (a
-    // new day always enters a new hour too) and on each compaction.
+    // Read once per batch; written on entering a new hour (a new day always
+    // enters a new hour too) and on each compaction.
     let device_writes = hours + hours + days;
-    items.push(ItemCost {
+    let mut items = vec![ItemCost {
         item: "device item",
         writes: device_writes,
         wru: device_writes * wru(z.device),
         rru: b.present / b.readings * rru(z.device),
         bytes: z.device,
-    });
+    }];
     if hours > 0.0 {
         // Each hour reads the hour's span items and writes one item.
         items.push(ItemCost {
             item: "hour items (compaction)",
             writes: hours,
             wru: hours * wru(z.hour),
-            rru: spans_per_reading * rru(z.span),
+            rru: s.spans_per_reading() * rru(z.span),
             bytes: z.hour,
         });
     }
@@ -301,16 +326,7 @@ pub fn model(s: &StoreShape, b: &BatchShape) -> WritePattern {
             bytes: z.day,
         });
     }
-    items.push(fleet_windows(s, b, &z));
-    let bookkeeping = BATCH_BOOKKEEPING_ITEMS / b.readings;
-    items.push(ItemCost {
-        item: "counters, watermark",
-        writes: bookkeeping,
-        wru: bookkeeping * wru(ITEM_FIXED_B),
-        rru: bookkeeping * rru(ITEM_FIXED_B),
-        bytes: ITEM_FIXED_B,
-    });
-    WritePattern { items }
+    items
 }
 
 /// Fleet windows, as before the reshaping: every batch rewrites each fleet
