@@ -826,6 +826,22 @@ mod tests {
     }
 
     #[test]
+    fn storage_keeps_each_kind_of_item_for_its_retention() {
+        let e = fleet(1.0, 1000);
+        // Per device, with 100 B of overhead per item: 30 days of 10-minute
+        // spans (1,060 B), 90 days of hours (907 B), 1,098 days (1,438 B),
+        // its device and member items; fleet windows add under 1 %.
+        let per_device = 30.0 * 144.0 * 1160.0
+            + 90.0 * 24.0 * (906.9 + 100.0)
+            + 1098.0 * (1437.6 + 100.0)
+            + 314.0
+            + 160.0;
+        let expected = 10_000.0 * per_device / GB;
+        let stored = line(&e, "storage").quantity;
+        assert!(stored > expected && stored < 1.01 * expected, "{stored} vs {expected}");
+    }
+
+    #[test]
     fn bad_tables_are_refused() {
         let text = DEFAULT_PRICES.replace("up_to_millions = inf", "up_to_millions = 9000.0");
         assert!(Prices::parse(&text).is_err());
