@@ -423,7 +423,12 @@ fn batch_shape(p: &Profile, shards: f64) -> (f64, BatchShape) {
     let active = shards.min(p.devices as f64).max(1.0);
     let per_shard = msgs_per_s / active;
     let window = p.batching_window_s.max(1.0);
-    let per_shard_invocations = (per_shard / p.batch_size.max(1) as f64).max(1.0 / window);
+    let mut per_shard_invocations = (per_shard / p.batch_size.max(1) as f64).max(1.0 / window);
+    if per_shard > 0.0 {
+        // A shard whose records come further apart than the window is
+        // invoked once per record, not once per empty window.
+        per_shard_invocations = per_shard_invocations.min(per_shard);
+    }
     let devices = (p.devices as f64 / active).max(1.0);
     let records = per_shard / per_shard_invocations;
     // Devices report evenly (a meter every minute), so a batch shorter than
@@ -838,7 +843,30 @@ mod tests {
             + 160.0;
         let expected = 10_000.0 * per_device / GB;
         let stored = line(&e, "storage").quantity;
-        assert!(stored > expected && stored < 1.01 * expected, "{stored} vs {expected}");
+        assert!(
+            stored > expected && stored < 1.01 * expected,
+            "{stored} vs {expected}"
+        );
+    }
+
+    #[test]
+    fn a_rare_reporter_pays_for_its_batches_not_for_empty_windows() {
+        let prices = Prices::default_table().unwrap();
+        // One device, one message an hour: one invocation per message, its
+        // batch writing the fleet windows and counters for one reading.
+        let e = estimate(
+            &Profile {
+                devices: 1,
+                msgs_per_device_per_s: 1.0 / 3600.0,
+                write_amplification: None,
+                ..profile()
+            },
+            &prices,
+        );
+        let requests = line(&e, "requests").quantity * MILLION;
+        assert!((requests - HOURS_PER_MONTH).abs() < 1e-6, "{requests}");
+        let w = e.write_amplification();
+        assert!((5.0..12.0).contains(&w), "{w}");
     }
 
     #[test]
@@ -860,6 +888,7 @@ mod tests {
         );
         assert_eq!(e.service("Lambda"), 0.0);
         assert_eq!(e.service("DynamoDB"), 0.0);
+        assert!(e.write_amplification().is_sign_positive());
         assert!(render(&profile(), &prices, &e).contains("as of 2025-01-15"));
     }
 }

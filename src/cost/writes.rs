@@ -89,15 +89,20 @@ pub struct WritePattern {
 impl WritePattern {
     /// Items written per reading.
     pub fn writes(&self) -> f64 {
-        self.items.iter().map(|i| i.writes).sum()
+        self.total(|i| i.writes)
     }
 
     pub fn wru(&self) -> f64 {
-        self.items.iter().map(|i| i.wru).sum()
+        self.total(|i| i.wru)
     }
 
     pub fn rru(&self) -> f64 {
-        self.items.iter().map(|i| i.rru).sum()
+        self.total(|i| i.rru)
+    }
+
+    // Folded from +0.0: an empty sum of floats is -0.0, printed "-0.000".
+    fn total(&self, of: impl Fn(&ItemCost) -> f64) -> f64 {
+        self.items.iter().map(of).fold(0.0, |a, b| a + b)
     }
 
     /// The same mix of items and sizes at `writes` items per reading: a
