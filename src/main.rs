@@ -75,8 +75,8 @@ struct CostArgs {
     /// Stored resolutions: 1 (1m), 2 (and 1h) or 3 (and 1d).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3))]
     resolutions: u64,
-    /// Finest windows one span item holds (`aggregate.span`): a whole number
-    /// of minutes that divides an hour.
+    /// Finest windows one span item of a device holds (ten 1-minute windows
+    /// by default): a whole number of minutes that divides an hour.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     span: std::time::Duration,
     /// Kinesis capacity mode: on-demand (billed per stream hour and GB) or
