@@ -5,14 +5,27 @@
 //! The model follows the services' metering, not a flat rate per message:
 //! IoT Core meters messages and rules in 5 KB increments (Basic Ingest skips
 //! the messaging charge), Kinesis on demand rounds each record up to 1 KB,
-//! and DynamoDB is charged per item write. Items written per batch follow
-//! the core's keys: each device in a batch writes its windows (metrics x
-//! resolutions) and its dedup item, each fleet its windows, each batch its
-//! counters and applied mark, however many readings the batch holds. So
-//! pre-aggregation pays when a batch holds several readings per device, and
-//! not at all when devices report once a minute. `scripts/bench` measures
-//! the same figure end to end (docs/BENCHMARKS.md); `--write-amplification`
-//! overrides the model with a measured one.
+//! and DynamoDB charges a write unit per KB written and a read unit per
+//! 4 KB read strongly consistent, per item.
+//!
+//! The store's side follows its items ([`writes`]): per Lambda batch, each
+//! device writes one span item per span its readings fall in (every metric
+//! of a run of finest windows, and the span's dedup set), reads its device
+//! item, and writes that only when its list of open coarse windows changes;
+//! each hour and day of a device is written once, when compacted; fleet
+//! windows, counters and the watermark are written per batch and shared by
+//! its readings. So a quiet device's reading costs about one small write,
+//! and less when a long batching window puts several of its readings in one
+//! span write. A batch covers the batching window, or less when the batch
+//! size fills first; devices are taken to report evenly, the worst case for
+//! sharing a write. Item sizes, and so the units, are a rough model of the
+//! encoding.
+//!
+//! `scripts/bench`, or a run against DynamoDB (moto) at fleet shape,
+//! measures the store items written per reading that this models; pass a
+//! measured figure with `--write-amplification` to price it (the modelled
+//! mix of items and sizes is kept). The bill also prices the naive design,
+//! one raw item per message written without a read, for comparison.
 //!
 //! Prices come from a dated table ([`Prices`]); the default is
 //! `src/prices.toml`, compiled in.
@@ -20,6 +33,10 @@
 use std::fmt::Write as _;
 
 use serde::Deserialize;
+
+mod writes;
+
+pub use writes::{BatchShape, ItemCost, Retention, StoreShape, WritePattern};
 
 /// The price table compiled into the binary.
 pub const DEFAULT_PRICES: &str = include_str!("prices.toml");
@@ -44,22 +61,21 @@ pub struct Profile {
     /// Publish to `$aws/rules/...` topics, which IoT Core does not charge
     /// as messaging.
     pub basic_ingest: bool,
-    /// Rollup store writes per reading accepted; `None` computes it from
+    /// Store items written per reading, as measured; `None` models it from
     /// the batch shape (see the module comment).
     pub write_amplification: Option<f64>,
     pub metrics_per_reading: u64,
     /// Stored resolutions (1m, 1h, 1d by default).
     pub resolutions: u64,
     pub fleets: u64,
-    /// Write units per item write: rollup items with quantile sketches can
-    /// pass 1 KB.
-    pub write_units_per_write: f64,
+    /// Seconds of finest windows one span item holds.
+    pub span_s: f64,
     pub kinesis: KinesisMode,
     /// Most records per Lambda invocation (the event source's BatchSize).
     pub batch_size: u64,
     /// How long the event source gathers records before invoking
     /// (MaximumBatchingWindowInSeconds; at least 1 s between polls of a
-    /// shard). Longer windows mean fewer rewrites of the same windows.
+    /// shard). Longer windows put more readings of a device in one write.
     pub batching_window_s: f64,
     pub lambda_memory_mb: u64,
     /// Billed duration of one invocation: a fixed part (startup of the
@@ -67,9 +83,8 @@ pub struct Profile {
     pub lambda_base_ms: f64,
     /// ... plus this much per store write (writes go out 16 at a time).
     pub lambda_ms_per_write: f64,
-    /// Rollup items kept (windows times series); storage is billed on it.
-    pub stored_items: u64,
-    pub item_bytes: u64,
+    /// How long span, hour and day items are kept; storage is billed on it.
+    pub retention: Retention,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -190,8 +205,13 @@ pub struct Estimate {
     pub lines: Vec<Line>,
     /// Readings a month, to price one reading.
     pub readings: f64,
-    /// Store writes per reading, given or modelled.
-    pub write_amplification: f64,
+    /// The store's reads and writes per reading, given or modelled.
+    pub pattern: WritePattern,
+    /// One shard's batch, on average.
+    pub batch: BatchShape,
+    /// The month's bill of the naive design (one raw item per message, no
+    /// read), for comparison.
+    pub naive_usd: f64,
 }
 
 impl Estimate {
@@ -205,6 +225,11 @@ impl Estimate {
             .filter(|l| l.service == service)
             .map(|l| l.usd)
             .sum()
+    }
+
+    /// Store items written per reading.
+    pub fn write_amplification(&self) -> f64 {
+        self.pattern.writes()
     }
 }
 
@@ -227,15 +252,70 @@ fn tiered(millions: f64, tiers: &[Tier]) -> f64 {
     usd
 }
 
+/// Bytes of the naive design's item: the payload plus keys and arrival time.
+const NAIVE_KEYS_B: u64 = 80;
+
 pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
     let mut lines = Vec::new();
     let msgs_per_s = p.devices as f64 * p.msgs_per_device_per_s;
     let msgs = msgs_per_s * SECONDS_PER_MONTH;
     let readings = msgs * p.readings_per_message as f64;
+    let shards = ingest_lines(p, prices, &mut lines);
+    let (invocations_per_s, batch) = batch_shape(p, shards);
+    let invocations = invocations_per_s * SECONDS_PER_MONTH;
+
+    let modelled = writes::model(&store_shape(p), &batch);
+    let pattern = match p.write_amplification {
+        Some(w) => modelled.scaled_to(w),
+        None => modelled,
+    };
+    let ingest_usd: f64 = lines.iter().map(|l| l.usd).sum();
+    lambda_lines(
+        p,
+        prices,
+        invocations,
+        readings * pattern.writes(),
+        &mut lines,
+    );
+    let d = &prices.dynamodb;
+    lines.push(Line::priced(
+        "DynamoDB",
+        "write request units",
+        readings * pattern.wru() / MILLION,
+        "M WRU",
+        d.per_million_write_units,
+    ));
+    lines.push(Line::priced(
+        "DynamoDB",
+        "read request units",
+        readings * pattern.rru() / MILLION,
+        "M RRU",
+        d.per_million_read_units,
+    ));
+    let stored = writes::stored_bytes(&store_shape(p), &p.retention);
+    lines.push(Line::priced(
+        "DynamoDB",
+        "storage",
+        stored / GB,
+        "GB-month",
+        d.storage_per_gb_month,
+    ));
+    let naive_usd = ingest_usd + naive_store_usd(p, prices, msgs, invocations);
+    Estimate {
+        lines,
+        readings,
+        pattern,
+        batch,
+        naive_usd,
+    }
+}
+
+/// IoT Core and Kinesis, which every design pays alike; returns the shards.
+fn ingest_lines(p: &Profile, prices: &Prices, lines: &mut Vec<Line>) -> f64 {
+    let msgs_per_s = p.devices as f64 * p.msgs_per_device_per_s;
+    let msgs = msgs_per_s * SECONDS_PER_MONTH;
     let metered = p.payload_bytes + p.topic_bytes;
     let iot = &prices.iot_core;
-
-    // IoT Core.
     let minutes = p.devices as f64 * HOURS_PER_MONTH * 60.0;
     lines.push(Line::priced(
         "IoT Core",
@@ -271,8 +351,13 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         "M actions",
         iot.actions_executed_per_million,
     ));
+    kinesis_lines(p, prices, lines)
+}
 
-    // Kinesis: the rule puts each message as one record.
+/// Kinesis: the rule puts each message as one record.
+fn kinesis_lines(p: &Profile, prices: &Prices, lines: &mut Vec<Line>) -> f64 {
+    let msgs_per_s = p.devices as f64 * p.msgs_per_device_per_s;
+    let msgs = msgs_per_s * SECONDS_PER_MONTH;
     let k = &prices.kinesis;
     let record_bytes_per_s = msgs_per_s * p.payload_bytes as f64;
     // A shard takes 1,000 records or 1 MB a second; on demand starts at 4.
@@ -280,7 +365,7 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         .max(record_bytes_per_s / (1024.0 * 1024.0))
         .ceil()
         .max(1.0);
-    let shards = match p.kinesis {
+    match p.kinesis {
         KinesisMode::OnDemand => {
             let ingest_gb = msgs * units(p.payload_bytes, 1024) * 1024.0 / GB;
             let retrieval_gb = msgs * p.payload_bytes as f64 / GB;
@@ -326,32 +411,65 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
             ));
             shards
         }
-    };
+    }
+}
 
-    // Lambda: each shard's batch is one invocation, one per batching
-    // window per shard while records flow, more when a window brings more
-    // than a batch.
-    let per_shard = msgs_per_s / shards;
+/// Lambda invocations a second, and one shard's average batch. Each shard
+/// with records is invoked once per batching window, or as soon as it holds
+/// a full batch: the batch size cuts a long window short.
+fn batch_shape(p: &Profile, shards: f64) -> (f64, BatchShape) {
+    let msgs_per_s = p.devices as f64 * p.msgs_per_device_per_s;
+    // A shard no device hashes to is never invoked.
+    let active = shards.min(p.devices as f64).max(1.0);
+    let per_shard = msgs_per_s / active;
     let window = p.batching_window_s.max(1.0);
+    let mut per_shard_invocations = (per_shard / p.batch_size.max(1) as f64).max(1.0 / window);
+    if per_shard > 0.0 {
+        // A shard whose records come further apart than the window is
+        // invoked once per record, not once per empty window.
+        per_shard_invocations = per_shard_invocations.min(per_shard);
+    }
+    let devices = (p.devices as f64 / active).max(1.0);
+    let records = per_shard / per_shard_invocations;
+    // Devices report evenly (a meter every minute), so a batch shorter than
+    // their period holds each of them at most once. Evenly spread is the
+    // worst case for sharing a write: bursts would share more.
+    let present = devices.min(records);
     let invocations_per_s = if msgs_per_s > 0.0 {
-        shards * (per_shard / p.batch_size.max(1) as f64).max(1.0 / window)
+        active * per_shard_invocations
     } else {
         0.0
     };
-    let invocations = invocations_per_s * SECONDS_PER_MONTH;
-    let amplification = p.write_amplification.unwrap_or_else(|| {
-        if invocations_per_s == 0.0 {
-            return 0.0;
-        }
-        let records = msgs_per_s / invocations_per_s;
-        let devices_per_shard = (p.devices as f64 / shards).max(1.0);
-        // Expected distinct devices among `records` drawn from the shard's devices.
-        let distinct = devices_per_shard * (1.0 - (1.0 - 1.0 / devices_per_shard).powf(records));
-        let windows = (p.metrics_per_reading * p.resolutions) as f64;
-        let per_batch = distinct * (windows + 1.0) + p.fleets as f64 * windows + 2.0;
-        per_batch / (records * p.readings_per_message as f64)
-    });
-    let writes = readings * amplification;
+    let batch = BatchShape {
+        period_s: 1.0 / per_shard_invocations,
+        devices,
+        present,
+        records,
+        readings: records * p.readings_per_message as f64,
+    };
+    (invocations_per_s, batch)
+}
+
+fn store_shape(p: &Profile) -> StoreShape {
+    StoreShape {
+        metrics: p.metrics_per_reading,
+        resolutions: p.resolutions,
+        fleets: p.fleets,
+        devices: p.devices,
+        span_s: p.span_s,
+        readings_per_device_s: p.msgs_per_device_per_s * p.readings_per_message as f64,
+        msgs_per_device_s: p.msgs_per_device_per_s,
+    }
+}
+
+/// Lambda: requests, and duration billed per invocation from its writes.
+fn lambda_lines(
+    p: &Profile,
+    prices: &Prices,
+    invocations: f64,
+    writes: f64,
+    lines: &mut Vec<Line>,
+) {
     let writes_per_invocation = if invocations > 0.0 {
         writes / invocations
     } else {
@@ -374,39 +492,21 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         "GB-seconds",
         l.per_gb_second,
     ));
+}
 
-    // DynamoDB: every write is preceded by a strongly consistent read of
-    // the item (its version is the write's condition).
+/// Lambda and DynamoDB of the naive design: one raw item per message, put
+/// without a read, kept for the finest windows' retention.
+fn naive_store_usd(p: &Profile, prices: &Prices, msgs: f64, invocations: f64) -> f64 {
+    let mut lines = Vec::new();
+    lambda_lines(p, prices, invocations, msgs, &mut lines);
+    let item = (p.payload_bytes + NAIVE_KEYS_B) as f64;
+    let msgs_per_s = p.devices as f64 * p.msgs_per_device_per_s;
+    let stored = msgs_per_s * p.retention.span_s * (item + writes::ITEM_OVERHEAD_B);
     let d = &prices.dynamodb;
-    let wru = writes * p.write_units_per_write / MILLION;
-    let rru = writes * units(p.item_bytes, 4096) / MILLION;
-    lines.push(Line::priced(
-        "DynamoDB",
-        "write request units",
-        wru,
-        "M WRU",
-        d.per_million_write_units,
-    ));
-    lines.push(Line::priced(
-        "DynamoDB",
-        "read request units",
-        rru,
-        "M RRU",
-        d.per_million_read_units,
-    ));
-    let storage_gb = p.stored_items as f64 * p.item_bytes as f64 / GB;
-    lines.push(Line::priced(
-        "DynamoDB",
-        "storage",
-        storage_gb,
-        "GB-month",
-        d.storage_per_gb_month,
-    ));
-    Estimate {
-        lines,
-        readings,
-        write_amplification: amplification,
-    }
+    let lambda: f64 = lines.iter().map(|l| l.usd).sum();
+    lambda
+        + msgs * writes::wru(item) / MILLION * d.per_million_write_units
+        + stored / GB * d.storage_per_gb_month
 }
 
 /// The bill as a table, with the profile's totals and the price table's date.
@@ -415,17 +515,11 @@ pub fn render(p: &Profile, prices: &Prices, e: &Estimate) -> String {
     let msgs_per_s = p.devices as f64 * p.msgs_per_device_per_s;
     let _ = writeln!(
         out,
-        "{} devices, {:.0} msgs/s, {} readings/msg, {} B payload, {:.3} store writes per reading ({}){}",
+        "{} devices, {:.0} msgs/s, {} readings/msg, {} B payload{}",
         p.devices,
         msgs_per_s,
         p.readings_per_message,
         p.payload_bytes,
-        e.write_amplification,
-        if p.write_amplification.is_some() {
-            "given"
-        } else {
-            "modelled from the batch shape"
-        },
         if p.basic_ingest { ", Basic Ingest" } else { "" }
     );
     let _ = writeln!(
@@ -433,6 +527,7 @@ pub fn render(p: &Profile, prices: &Prices, e: &Estimate) -> String {
         "prices: {} list prices as of {}\n",
         prices.region, prices.as_of
     );
+    render_pattern(&mut out, p, e);
     let _ = writeln!(
         out,
         "{:<9} {:<30} {:>16} {:<22} {:>12}",
@@ -452,10 +547,15 @@ pub fn render(p: &Profile, prices: &Prices, e: &Estimate) -> String {
     let total = e.total();
     let _ = writeln!(out, "{:<9} {:>77.2}", "total", total);
     if e.readings > 0.0 {
+        let naive = e.naive_usd / e.readings * MILLION;
         let _ = writeln!(
             out,
-            "per million readings: ${:.4}",
-            total / e.readings * MILLION
+            "per million readings: ${:.4}\n\
+             naive design (one raw item per message, written without a read, kept {:.0} days): \
+             ${naive:.4} per million readings; this design costs {:.2}x that",
+            total / e.readings * MILLION,
+            p.retention.span_s / writes::DAY_S,
+            total / e.naive_usd,
         );
     }
     let _ = writeln!(out, "\nsources:");
@@ -465,9 +565,43 @@ pub fn render(p: &Profile, prices: &Prices, e: &Estimate) -> String {
     out
 }
 
+/// The store's reads and writes per reading, item by item.
+fn render_pattern(out: &mut String, p: &Profile, e: &Estimate) {
+    let b = &e.batch;
+    let how = match p.write_amplification {
+        Some(_) => "given; the mix of items is modelled".to_string(),
+        None => format!(
+            "modelled: a shard's batch covers {:.1} s, {:.0} readings of {:.0} devices",
+            b.period_s, b.readings, b.present
+        ),
+    };
+    let _ = writeln!(
+        out,
+        "store per reading: {:.3} items written, {:.3} WRU, {:.3} RRU ({how})",
+        e.pattern.writes(),
+        e.pattern.wru(),
+        e.pattern.rru(),
+    );
+    let _ = writeln!(
+        out,
+        "  {:<26} {:>10} {:>10} {:>10} {:>12}",
+        "item", "writes", "WRU", "RRU", "bytes (avg)"
+    );
+    for i in &e.pattern.items {
+        let _ = writeln!(
+            out,
+            "  {:<26} {:>10.4} {:>10.4} {:>10.4} {:>12.0}",
+            i.item, i.writes, i.wru, i.rru, i.bytes
+        );
+    }
+    let _ = writeln!(out);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const DAY: f64 = 86_400.0;
 
     fn profile() -> Profile {
         Profile {
@@ -481,15 +615,18 @@ mod tests {
             metrics_per_reading: 1,
             resolutions: 3,
             fleets: 1,
-            write_units_per_write: 1.0,
+            span_s: 600.0,
             kinesis: KinesisMode::OnDemand,
             batch_size: 1000,
             batching_window_s: 1.0,
             lambda_memory_mb: 256,
             lambda_base_ms: 20.0,
             lambda_ms_per_write: 0.4,
-            stored_items: 0,
-            item_bytes: 600,
+            retention: Retention {
+                span_s: 30.0 * DAY,
+                hour_s: 90.0 * DAY,
+                day_s: 1098.0 * DAY,
+            },
         }
     }
 
@@ -536,12 +673,10 @@ mod tests {
     }
 
     #[test]
-    fn dynamodb_follows_write_amplification() {
+    fn a_given_write_amplification_scales_the_modelled_units() {
         let prices = Prices::default_table().unwrap();
         let e = estimate(&profile(), &prices);
-        // 2,628 M readings at 0.1 writes each.
-        assert!((line(&e, "write request units").quantity - 262.8).abs() < 1e-6);
-        assert!((line(&e, "write request units").usd - 262.8 * 0.625).abs() < 1e-6);
+        assert!((e.write_amplification() - 0.1).abs() < 1e-9);
         let e2 = estimate(
             &Profile {
                 write_amplification: Some(0.2),
@@ -549,7 +684,12 @@ mod tests {
             },
             &prices,
         );
-        assert!((e2.service("DynamoDB") - 2.0 * e.service("DynamoDB")).abs() < 1e-6);
+        for item in ["write request units", "read request units"] {
+            let (one, two) = (line(&e, item).quantity, line(&e2, item).quantity);
+            assert!(one > 0.0 && (two - 2.0 * one).abs() < 1e-6, "{item}");
+        }
+        // Storage follows the items kept, not how often they are written.
+        assert_eq!(line(&e, "storage").usd, line(&e2, "storage").usd);
     }
 
     #[test]
@@ -569,52 +709,164 @@ mod tests {
         assert!((line(&e, "requests").quantity - 100.0 * SECONDS_PER_MONTH / MILLION).abs() < 1e-6);
     }
 
-    #[test]
-    fn modelled_amplification_matches_the_measured_shapes() {
-        let prices = Prices::default_table().unwrap();
-        let modelled = |devices: u64, rate: f64| {
-            estimate(
-                &Profile {
-                    devices,
-                    msgs_per_device_per_s: rate,
-                    write_amplification: None,
-                    ..profile()
-                },
-                &prices,
-            )
-            .write_amplification
-        };
-        // One reading per device per batch: every reading writes its three
-        // windows and its dedup item (scripts/bench measured 4.04).
-        let once = modelled(100_000, 1.0 / 60.0);
-        assert!((3.9..4.1).contains(&once), "{once}");
-        // 50 devices per shard, 1,000 records per batch: 20 readings per
-        // device per batch share their items.
-        let busy = modelled(200, 20.0);
-        assert!(busy < 0.25, "{busy}");
+    /// The real fleet's shape: 10,000 devices reporting one message a
+    /// minute, 3 metrics, the template's batch size.
+    fn fleet(window: f64, batch_size: u64) -> Estimate {
+        estimate(
+            &Profile {
+                devices: 10_000,
+                msgs_per_device_per_s: 1.0 / 60.0,
+                metrics_per_reading: 3,
+                write_amplification: None,
+                batching_window_s: window,
+                batch_size,
+                ..profile()
+            },
+            &Prices::default_table().unwrap(),
+        )
     }
 
     #[test]
-    fn a_longer_batching_window_rewrites_windows_less() {
+    fn a_quiet_fleet_writes_about_one_item_per_reading() {
+        // One reading per device per batch: one span write each, plus its
+        // share of member items, compactions, fleet windows and counters.
+        let e = fleet(1.0, 1000);
+        let w = e.write_amplification();
+        assert!((1.0..=1.5).contains(&w), "{w}");
+        let span = &e.pattern.items[0];
+        assert_eq!(span.item, "span items");
+        assert!((span.writes - 1.0).abs() < 0.02, "{}", span.writes);
+    }
+
+    #[test]
+    fn a_long_batching_window_shares_span_writes_between_readings() {
+        // 300 s of a shard's 2,500 devices is 12,500 records; the event
+        // source's largest batch (10,000) still holds 4 readings a device.
+        let e = fleet(300.0, 10_000);
+        let w = e.write_amplification();
+        assert!(w < 1.0, "{w}");
+        assert!(e.pattern.wru() < 1.0, "{}", e.pattern.wru());
+    }
+
+    #[test]
+    fn the_batch_size_cuts_a_long_batching_window_short() {
+        // 1,000 records of 41.75 a second fill a batch in 24 s, long before
+        // 300 s: each device is in a batch about once, as at 1 s.
+        let e = fleet(300.0, 1000);
+        assert!(
+            (e.batch.period_s - 24.0).abs() < 0.1,
+            "{}",
+            e.batch.period_s
+        );
+        assert!(e.write_amplification() > 1.0);
+        assert!(e.write_amplification() < fleet(1.0, 1000).write_amplification());
+    }
+
+    #[test]
+    fn a_chatty_fleet_writes_far_less_than_one_item_per_reading() {
         let prices = Prices::default_table().unwrap();
-        let at = |window: f64| {
-            estimate(
-                &Profile {
-                    devices: 1000,
-                    msgs_per_device_per_s: 1.0,
-                    write_amplification: None,
-                    batching_window_s: window,
-                    batch_size: 10_000,
-                    ..profile()
-                },
-                &prices,
-            )
+        let e = estimate(
+            &Profile {
+                devices: 200,
+                msgs_per_device_per_s: 100.0,
+                metrics_per_reading: 3,
+                write_amplification: None,
+                ..profile()
+            },
+            &prices,
+        );
+        let w = e.write_amplification();
+        assert!(w < 0.05, "{w}");
+    }
+
+    #[test]
+    fn items_per_reading_fall_as_the_batching_window_grows() {
+        for batch_size in [1000, 10_000] {
+            let mut last = f64::INFINITY;
+            for window in [1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0] {
+                let e = fleet(window, batch_size);
+                let w = e.write_amplification();
+                assert!(w <= last, "{window} s, batch {batch_size}: {w} > {last}");
+                assert!(e.service("DynamoDB") > 0.0);
+                last = w;
+            }
+        }
+    }
+
+    #[test]
+    fn a_quiet_span_item_passes_1_kb_only_when_full() {
+        // 10 windows x (10 B + 3 x (12 B + 18 B)) + 60 B = 1,060 B when
+        // full: the last of its ten writes takes 2 WRU.
+        let e = fleet(1.0, 1000);
+        let span = &e.pattern.items[0];
+        assert!((span.wru / span.writes - 1.1).abs() < 0.01, "{span:?}");
+        assert!((span.bytes - 610.0).abs() < 1.0, "{span:?}");
+    }
+
+    #[test]
+    fn the_naive_design_pays_one_write_unit_per_message_and_no_read() {
+        let prices = Prices::default_table().unwrap();
+        let p = Profile {
+            devices: 10_000,
+            msgs_per_device_per_s: 1.0 / 60.0,
+            payload_bytes: 120,
+            basic_ingest: true,
+            ..profile()
         };
-        let (one, ten) = (at(1.0), at(10.0));
-        // 250 devices per shard: each batch of 1 s writes every device's
-        // items once; a batch of 10 s does so once for ten readings each.
-        assert!(one.write_amplification > 5.0 * ten.write_amplification);
-        assert!(one.service("DynamoDB") > 5.0 * ten.service("DynamoDB"));
+        let e = estimate(&p, &prices);
+        let msgs = 10_000.0 / 60.0 * SECONDS_PER_MONTH;
+        let ingest = e.service("IoT Core") + e.service("Kinesis");
+        // 120 B of payload, 80 B of keys and 100 B of overhead per
+        // message, for 30 days.
+        let storage = 10_000.0 / 60.0 * 30.0 * DAY * 300.0 / GB * 0.25;
+        let store = e.naive_usd - ingest - e.service("Lambda");
+        let wru = msgs / MILLION * 0.625;
+        // The Lambda of the naive design differs only in its duration.
+        assert!(
+            (store - wru - storage).abs() < 0.02 * wru,
+            "{store} vs {}",
+            wru + storage
+        );
+        assert!(render(&p, &prices, &e).contains("naive design"));
+    }
+
+    #[test]
+    fn storage_keeps_each_kind_of_item_for_its_retention() {
+        let e = fleet(1.0, 1000);
+        // Per device, with 100 B of overhead per item: 30 days of 10-minute
+        // spans (1,060 B), 90 days of hours (907 B), 1,098 days (1,438 B),
+        // its device and member items; fleet windows add under 1 %.
+        let per_device = 30.0 * 144.0 * 1160.0
+            + 90.0 * 24.0 * (906.9 + 100.0)
+            + 1098.0 * (1437.6 + 100.0)
+            + 314.0
+            + 160.0;
+        let expected = 10_000.0 * per_device / GB;
+        let stored = line(&e, "storage").quantity;
+        assert!(
+            stored > expected && stored < 1.01 * expected,
+            "{stored} vs {expected}"
+        );
+    }
+
+    #[test]
+    fn a_rare_reporter_pays_for_its_batches_not_for_empty_windows() {
+        let prices = Prices::default_table().unwrap();
+        // One device, one message an hour: one invocation per message, its
+        // batch writing the fleet windows and counters for one reading.
+        let e = estimate(
+            &Profile {
+                devices: 1,
+                msgs_per_device_per_s: 1.0 / 3600.0,
+                write_amplification: None,
+                ..profile()
+            },
+            &prices,
+        );
+        let requests = line(&e, "requests").quantity * MILLION;
+        assert!((requests - HOURS_PER_MONTH).abs() < 1e-6, "{requests}");
+        let w = e.write_amplification();
+        assert!((5.0..12.0).contains(&w), "{w}");
     }
 
     #[test]
@@ -636,6 +888,7 @@ mod tests {
         );
         assert_eq!(e.service("Lambda"), 0.0);
         assert_eq!(e.service("DynamoDB"), 0.0);
+        assert!(e.write_amplification().is_sign_positive());
         assert!(render(&profile(), &prices, &e).contains("as of 2025-01-15"));
     }
 }

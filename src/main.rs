@@ -64,19 +64,21 @@ struct CostArgs {
     /// Publish through IoT Core's Basic Ingest (`$aws/rules/...`): no messaging charge.
     #[arg(long)]
     basic_ingest: bool,
-    /// Store writes per reading, as `scripts/bench` measures it; by default
-    /// modelled from how many readings of a device share a Lambda batch.
+    /// Store items written per reading, as `scripts/bench` or a moto run
+    /// measures it; by default modelled from the store's items and how many
+    /// readings of a device share a Lambda batch.
     #[arg(long)]
     write_amplification: Option<f64>,
     /// Fleets the devices belong to.
     #[arg(long, default_value_t = 1)]
     fleets: u64,
-    /// Stored resolutions (1m, 1h and 1d by default).
-    #[arg(long, default_value_t = 3)]
+    /// Stored resolutions: 1 (1m), 2 (and 1h) or 3 (and 1d).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=3))]
     resolutions: u64,
-    /// DynamoDB write units per item write.
-    #[arg(long, default_value_t = 1.0)]
-    write_units_per_write: f64,
+    /// Finest windows one span item of a device holds (ten 1-minute windows
+    /// by default): a whole number of minutes that divides an hour.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    span: std::time::Duration,
     /// Kinesis capacity mode: on-demand (billed per stream hour and GB) or
     /// provisioned (billed per shard hour, sized to the load).
     #[arg(long, value_enum, default_value = "on-demand")]
@@ -99,15 +101,18 @@ struct CostArgs {
     /// Billed milliseconds per store write (16 PutItem calls in flight).
     #[arg(long, default_value_t = 0.4)]
     lambda_ms_per_write: f64,
-    /// Metrics per reading, for the rollup items kept.
+    /// Metrics per reading: they size the store's items.
     #[arg(long, default_value_t = 3)]
     metrics: u64,
-    /// How long 1-minute windows are kept, in days (the table's TTL).
+    /// How long 1-minute windows (span items) are kept, in days (the table's TTL).
     #[arg(long, default_value_t = 30)]
     retention_days: u64,
-    /// Bytes of one stored rollup item.
-    #[arg(long, default_value_t = 600)]
-    item_bytes: u64,
+    /// How long 1-hour windows are kept, in days.
+    #[arg(long, default_value_t = 90)]
+    hour_retention_days: u64,
+    /// How long 1-day windows are kept, in days.
+    #[arg(long, default_value_t = 1098)]
+    day_retention_days: u64,
     /// A price table (TOML, like src/prices.toml) instead of the built-in one.
     #[arg(long)]
     prices: Option<PathBuf>,
@@ -266,7 +271,7 @@ fn users(cmd: UsersCommand) -> anyhow::Result<()> {
 }
 
 fn cost(a: CostArgs) -> anyhow::Result<()> {
-    use iotpipe::cost::{Prices, Profile, estimate, render};
+    use iotpipe::cost::{Prices, Profile, Retention, estimate, render};
     anyhow::ensure!(
         a.rate.is_finite() && a.rate >= 0.0,
         "--rate must be a non-negative number"
@@ -284,10 +289,12 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         }
         None => Prices::default_table()?,
     };
-    // Series a device feeds: its own and its fleet's share; 1-minute windows
-    // dominate the items kept (1h and 1d add 1/60 and 1/1440).
-    let minutes = a.retention_days * 24 * 60;
-    let stored_items = a.devices * a.metrics * (minutes + minutes / 60 + minutes / 1440);
+    let span_s = a.span.as_secs_f64();
+    anyhow::ensure!(
+        span_s >= 60.0 && span_s % 60.0 == 0.0 && 3600.0 % span_s == 0.0,
+        "--span must be a whole number of minutes that divides an hour"
+    );
+    let days = |d: u64| d as f64 * 86_400.0;
     let profile = Profile {
         devices: a.devices,
         msgs_per_device_per_s: a.rate,
@@ -299,15 +306,18 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         metrics_per_reading: a.metrics,
         resolutions: a.resolutions,
         fleets: a.fleets,
-        write_units_per_write: a.write_units_per_write,
+        span_s,
         kinesis: a.kinesis,
         batch_size: a.batch_size,
         batching_window_s: a.batching_window,
         lambda_memory_mb: a.lambda_memory_mb,
         lambda_base_ms: a.lambda_base_ms,
         lambda_ms_per_write: a.lambda_ms_per_write,
-        stored_items,
-        item_bytes: a.item_bytes,
+        retention: Retention {
+            span_s: days(a.retention_days),
+            hour_s: days(a.hour_retention_days),
+            day_s: days(a.day_retention_days),
+        },
     };
     print!(
         "{}",
