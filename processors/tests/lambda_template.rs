@@ -195,6 +195,29 @@ fn rule_errors_are_replayed_and_undecodable_ones_dead_lettered() {
     assert!(may("sqs:ReceiveMessage", &get_att("RuleErrorQueue", "Arn")));
 }
 
+#[test]
+fn the_dashboard_and_the_api_share_one_iam_authorised_api() {
+    let t = template();
+    let api = &resource(&t, "QueryApi")["Properties"]["Auth"];
+    assert_eq!(api["DefaultAuthorizer"], "AWS_IAM");
+    let events = resource(&t, "QueryFunction")["Properties"]["Events"]
+        .as_object()
+        .unwrap();
+    let mut routes: Vec<(&str, &str)> = events
+        .values()
+        .map(|e| {
+            assert_eq!(e["Type"], "HttpApi");
+            let p = &e["Properties"];
+            assert_eq!(p["ApiId"], json!({"Ref": "QueryApi"}));
+            // No route opts out of the default authorizer.
+            assert!(p.get("Auth").is_none(), "{e}");
+            (p["Path"].as_str().unwrap(), p["Method"].as_str().unwrap())
+        })
+        .collect();
+    routes.sort();
+    assert_eq!(routes, [("/", "GET"), ("/{proxy+}", "GET")]);
+}
+
 // ---- The topic rule's output ---------------------------------------------
 
 /// The rule's SQL, its projection list and its topic filter.
