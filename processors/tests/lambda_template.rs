@@ -218,6 +218,24 @@ fn the_dashboard_and_the_api_share_one_iam_authorised_api() {
     assert_eq!(routes, [("/", "GET"), ("/{proxy+}", "GET")]);
 }
 
+#[test]
+fn the_query_function_may_not_scan() {
+    let t = template();
+    let statements = &resource(&t, "QueryRole")["Properties"]["Policies"][0]["PolicyDocument"]
+        ["Statement"];
+    let actions: Vec<&str> = statements
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| match &s["Action"] {
+            Value::Array(a) => a.iter().map(|x| x.as_str().unwrap()).collect(),
+            one => vec![one.as_str().unwrap()],
+        })
+        .filter(|a| a.starts_with("dynamodb:"))
+        .collect();
+    assert_eq!(actions, ["dynamodb:GetItem", "dynamodb:Query"]);
+}
+
 // ---- The topic rule's output ---------------------------------------------
 
 /// The rule's SQL, its projection list and its topic filter.
