@@ -68,8 +68,8 @@ fn readings_event() -> KinesisEvent {
         .map(|(i, (fleet, device))| {
             let data = json!({"seq": 1, "ts": T0 + i as i64, "metrics": {"t": 1.0},
                 "device_id": device, "fleet": fleet, "received_at": T0 + 500});
-            let seq = (49_655_000_000_000_000_000_000_000_000_000_000_000u128 + i as u128)
-                .to_string();
+            let seq =
+                (49_655_000_000_000_000_000_000_000_000_000_000_000u128 + i as u128).to_string();
             json!({
                 "kinesis": {
                     "kinesisSchemaVersion": "1.0",
@@ -107,7 +107,13 @@ fn ids(body: &Value) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|d| format!("{}/{}", d["fleet"].as_str().unwrap(), d["device_id"].as_str().unwrap()))
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["fleet"].as_str().unwrap(),
+                d["device_id"].as_str().unwrap()
+            )
+        })
         .collect()
 }
 

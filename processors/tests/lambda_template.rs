@@ -106,7 +106,10 @@ fn the_event_source_mapping_keeps_exactly_once() {
     // Applied marks assume a shard's batches arrive in order.
     assert_eq!(p["ParallelizationFactor"], 1);
     // The handler names the first unapplied record instead of failing.
-    assert_eq!(p["FunctionResponseTypes"], json!(["ReportBatchItemFailures"]));
+    assert_eq!(
+        p["FunctionResponseTypes"],
+        json!(["ReportBatchItemFailures"])
+    );
     assert_eq!(p["BisectBatchOnFunctionError"], true);
     // Records never expire out of a retried batch.
     assert_eq!(p["MaximumRecordAgeInSeconds"], -1);
@@ -182,16 +185,22 @@ fn rule_errors_are_replayed_and_undecodable_ones_dead_lettered() {
     let timeout = f["Timeout"].as_u64().unwrap();
     assert!(queue["VisibilityTimeout"].as_u64().unwrap() >= 6 * timeout);
 
-    let statements = &resource(&t, "ReplayRole")["Properties"]["Policies"][0]["PolicyDocument"]
-        ["Statement"];
+    let statements =
+        &resource(&t, "ReplayRole")["Properties"]["Policies"][0]["PolicyDocument"]["Statement"];
     let may = |action: &str, on: &Value| {
         statements.as_array().unwrap().iter().any(|s| {
             let actions = &s["Action"];
-            (actions == action || actions.as_array().is_some_and(|a| a.iter().any(|x| x == action)))
+            (actions == action
+                || actions
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == action)))
                 && &s["Resource"] == on
         })
     };
-    assert!(may("kinesis:PutRecords", &get_att("TelemetryStream", "Arn")));
+    assert!(may(
+        "kinesis:PutRecords",
+        &get_att("TelemetryStream", "Arn")
+    ));
     assert!(may("sqs:ReceiveMessage", &get_att("RuleErrorQueue", "Arn")));
 }
 
@@ -221,8 +230,8 @@ fn the_dashboard_and_the_api_share_one_iam_authorised_api() {
 #[test]
 fn the_query_function_may_not_scan() {
     let t = template();
-    let statements = &resource(&t, "QueryRole")["Properties"]["Policies"][0]["PolicyDocument"]
-        ["Statement"];
+    let statements =
+        &resource(&t, "QueryRole")["Properties"]["Policies"][0]["PolicyDocument"]["Statement"];
     let actions: Vec<&str> = statements
         .as_array()
         .unwrap()

@@ -127,7 +127,8 @@ async fn a_rule_error_is_replayed_once_and_a_bad_message_fails_alone() {
         .unwrap()
         .queue_url
         .unwrap();
-    let stream = KinesisStream::connect(&aws, &unique_name("telemetry"), &unique_name("leases")).await;
+    let stream =
+        KinesisStream::connect(&aws, &unique_name("telemetry"), &unique_name("leases")).await;
     stream.create(Some(1)).await.unwrap();
     stream.leases().ensure_table().await.unwrap();
 
@@ -142,7 +143,10 @@ async fn a_rule_error_is_replayed_once_and_a_bad_message_fails_alone() {
         "device_id": "dev-intruder", "received_at": 1
     })
     .to_string();
-    for body in [rule_error_message(payload.as_bytes()), "not a rule error".into()] {
+    for body in [
+        rule_error_message(payload.as_bytes()),
+        "not a rule error".into(),
+    ] {
         sqs.send_message()
             .queue_url(&queue_url)
             .message_body(body)

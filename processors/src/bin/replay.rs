@@ -17,6 +17,7 @@ const NO_LEASE_TABLE: &str = "iotpipe-replay-reads-nothing";
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config = ReplayConfig::from_env()?;
-    let stream = KinesisStream::connect(&AwsConfig::default(), &config.stream_name, NO_LEASE_TABLE).await;
+    let stream =
+        KinesisStream::connect(&AwsConfig::default(), &config.stream_name, NO_LEASE_TABLE).await;
     replay::run(ReplayHandler::new(Arc::new(stream), config.metrics)).await
 }
