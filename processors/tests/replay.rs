@@ -1,7 +1,8 @@
 //! The replay function against SQS and Kinesis on moto: a message the IoT
 //! rule could not deliver goes back into the stream in the rule's shape, a
-//! message replayed twice changes the rollups once, and a message that is
-//! not a rule error is named failed while the others go through.
+//! message replayed twice counts once in the rollups the API serves, and a
+//! message that is not a rule error is named failed while the others go
+//! through.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,7 +13,11 @@ use std::time::Duration;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
 use base64::Engine;
+use http_body_util::BodyExt;
+use processors::api::{ApiState, app};
 use processors::lambda::aggregate::AggregateHandler;
 use processors::lambda::emf::EmfConfig;
 use processors::lambda::replay::ReplayHandler;
@@ -23,8 +28,11 @@ use serde_json::{Value, json};
 use stream::ShardReader;
 use stream::kinesis::KinesisStream;
 use stream::kinesis::testing::{moto_config, unique_name};
+use tower::ServiceExt;
 
 const TOPIC: &str = "dt/plant-a/dev-1/telemetry";
+/// A minute boundary: 2025-11-27T10:40:00Z.
+const T0: i64 = 1_764_240_000_000;
 
 /// The error action's message for a payload published on `TOPIC`, in the
 /// format IoT Core documents.
@@ -132,14 +140,10 @@ async fn a_rule_error_is_replayed_once_and_a_bad_message_fails_alone() {
     stream.create(Some(1)).await.unwrap();
     stream.leases().ensure_table().await.unwrap();
 
-    // A reading whose payload also names a device, a fleet and an arrival
-    // time: the replayed record must carry the topic's and the queue's.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    // A reading whose payload also names a device and an arrival time: the
+    // replayed record must carry the topic's and the replay's.
     let payload = json!({
-        "seq": 7, "ts": now - 1_000, "metrics": {"temperature": 21.5},
+        "seq": 7, "ts": T0 + 1_000, "metrics": {"temperature": 21.5},
         "device_id": "dev-intruder", "received_at": 1
     })
     .to_string();
@@ -173,7 +177,7 @@ async fn a_rule_error_is_replayed_once_and_a_bad_message_fails_alone() {
         .to_string();
 
     let handler = ReplayHandler::new(Arc::new(stream.clone()), EmfConfig::default());
-    let (response, stats) = handler.process(&event).await;
+    let (response, stats) = handler.process(&event, T0 + 5_000).await;
     let failed: Vec<&str> = response
         .batch_item_failures
         .iter()
@@ -181,35 +185,46 @@ async fn a_rule_error_is_replayed_once_and_a_bad_message_fails_alone() {
         .collect();
     assert_eq!(failed, [bad_id.as_str()]);
     assert_eq!((stats.replayed, stats.undecodable), (1, 1));
-    // SQS delivers the same message again (a retried batch): replayed again.
-    let (again, stats) = handler.process(&event).await;
+    // SQS delivers the same message again a minute later (the function
+    // timed out after its put): replayed again.
+    let (again, stats) = handler.process(&event, T0 + 65_000).await;
     assert_eq!(again.batch_item_failures.len(), 1);
     assert_eq!(stats.replayed, 1);
 
     let (shard, records) = read_all(&stream, 2).await;
     assert_eq!(records.len(), 2, "both replays are in the stream");
-    let sent: i64 = messages
-        .iter()
-        .find(|m| m.message_id() != Some(bad_id.as_str()))
-        .and_then(|m| m.attributes())
-        .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
-        .unwrap()
-        .parse()
-        .unwrap();
-    for r in &records {
+    for (r, replayed_at) in records.iter().zip([T0 + 5_000, T0 + 65_000]) {
         assert_eq!(r.partition_key, "dev-1");
         let v: Value = serde_json::from_slice(&r.data).unwrap();
         assert_eq!(
             v,
-            json!({"seq": 7, "ts": now - 1_000, "metrics": {"temperature": 21.5},
-                "device_id": "dev-1", "fleet": "plant-a", "received_at": sent})
+            json!({"seq": 7, "ts": T0 + 1_000, "metrics": {"temperature": 21.5},
+                "device_id": "dev-1", "fleet": "plant-a", "received_at": replayed_at})
         );
     }
 
     // The aggregate function applies the reading once and absorbs the copy.
-    let aggregate = AggregateHandler::new(Arc::new(MemoryStore::new()), AggregateConfig::default());
+    let store = Arc::new(MemoryStore::new());
+    let aggregate = AggregateHandler::new(store.clone(), AggregateConfig::default());
     let (response, inv) = aggregate.process(&kinesis_event(&shard, &records)).await;
     assert!(response.batch_item_failures.is_empty());
     assert_eq!(inv.metrics.readings_accepted.load(Relaxed), 1);
     assert_eq!(inv.metrics.readings_duplicate.load(Relaxed), 1);
+    let mut api = ApiState::new(store, Arc::new(AggregateConfig::default()));
+    api.clock = Arc::new(|| T0 + 120_000);
+    let path = format!(
+        "/v1/devices/dev-1/metrics/temperature?res=1m&from={T0}&to={}",
+        T0 + 60_000
+    );
+    let resp = app(api)
+        .oneshot(Request::get(path).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let windows = body["windows"].as_array().unwrap();
+    assert_eq!(windows.len(), 1, "{body}");
+    assert_eq!(windows[0]["count"], 1, "the reading counts once: {body}");
+    assert_eq!(windows[0]["sum"], 21.5, "{body}");
 }

@@ -16,10 +16,16 @@
 //! It carries the device's original payload, not the rule's output, so the
 //! handler applies the rule's projection again ([`rule_record`]): the payload
 //! fields the rule's `SELECT` names, `device_id` and `fleet` from the topic,
-//! and as `received_at` the time the error action sent the message (the
-//! queue's `SentTimestamp`), which follows the rule's `timestamp()` by the
-//! failed action's attempt. The record goes to the stream under the same
-//! partition key as the rule's (`topic(3)`, the device id).
+//! and `received_at`. The record goes to the stream under the same partition
+//! key as the rule's (`topic(3)`, the device id).
+//!
+//! `received_at` is the time of the replay, not the rule's `timestamp()`
+//! (which the message does not carry) nor the queue's `SentTimestamp`: the
+//! replayed record enters the stream now, and a reading must be judged late
+//! against the time it became readable, or a replay after an hour-long
+//! Kinesis outage would change windows the API has already called final.
+//! So a reading whose window closed while it waited in the queue is refused
+//! `too_late` and kept as a dead letter, counted, not applied silently.
 //!
 //! **Exactly once**: the processors know a reading by `(device_id, seq)`, or
 //! `(device_id, ts)` without `seq`, and absorb one they have applied before.
@@ -98,8 +104,6 @@ pub enum ReplayError {
     NotKinesisFailure(String),
     #[error("{0}")]
     BadTopic(String),
-    #[error("the message has no usable SentTimestamp attribute")]
-    NoSentTimestamp,
 }
 
 /// The error action's message, as IoT Core documents it; only what replay
@@ -191,16 +195,11 @@ pub fn rule_record(
     })
 }
 
-/// The record to put back for one queue message.
-pub fn replay_record(message: &SqsMessage) -> Result<PutRecord, ReplayError> {
+/// The record to put back for one queue message, replayed at `now_ms`.
+pub fn replay_record(message: &SqsMessage, now_ms: i64) -> Result<PutRecord, ReplayError> {
     let body = message.body.as_deref().unwrap_or_default();
     let failed = decode_error_message(body)?;
-    let sent_ms = message
-        .attributes
-        .get("SentTimestamp")
-        .and_then(|t| t.parse::<i64>().ok())
-        .ok_or(ReplayError::NoSentTimestamp)?;
-    rule_record(&failed.topic, &failed.payload, sent_ms)
+    rule_record(&failed.topic, &failed.payload, now_ms)
 }
 
 /// What one invocation did.
@@ -241,17 +240,18 @@ impl ReplayHandler {
         }
     }
 
-    /// Replays one event and prints its metrics line.
+    /// Replays one event now and prints its metrics line.
     pub async fn handle(&self, event: SqsEvent) -> SqsBatchResponse {
-        let (response, stats) = self.process(&event).await;
         let now = chrono::Utc::now().timestamp_millis();
+        let (response, stats) = self.process(&event, now).await;
         println!("{}", emf::metrics_line(&self.emf, stats.emf_metrics(), now));
         response
     }
 
-    /// Replays one event: every message that decodes goes to the stream in
-    /// one put; a message is reported failed unless its record is stored.
-    pub async fn process(&self, event: &SqsEvent) -> (SqsBatchResponse, ReplayStats) {
+    /// Replays one event at `now_ms` (the replayed records' `received_at`):
+    /// every message that decodes goes to the stream in one put; a message
+    /// is reported failed unless its record is stored.
+    pub async fn process(&self, event: &SqsEvent, now_ms: i64) -> (SqsBatchResponse, ReplayStats) {
         let mut response = SqsBatchResponse::default();
         let mut stats = ReplayStats {
             messages: event.records.len() as u64,
@@ -261,7 +261,7 @@ impl ReplayHandler {
         let mut records = Vec::new();
         for message in &event.records {
             let id = message.message_id.clone().unwrap_or_default();
-            match replay_record(message) {
+            match replay_record(message, now_ms) {
                 Ok(record) => {
                     ids.push(id);
                     records.push(record);
@@ -332,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn the_topic_and_the_send_time_win_over_the_payload() {
+    fn the_topic_and_the_replay_time_win_over_the_payload() {
         let payload = br#"{"seq": 4, "ts": 1764240000123, "metrics": {"t": 1.5},
             "device_id": "intruder", "fleet": "other", "received_at": 1, "extra": true}"#;
         let r = rule_record("dt/f1/dev-1/telemetry", payload, 1_764_240_000_900).unwrap();
@@ -373,6 +373,118 @@ mod tests {
             rule_record("dt/f1/+/telemetry", b"{}", 0),
             Err(ReplayError::BadTopic(_))
         ));
+    }
+
+    /// A stream that stores the records of every device but `dev-bad`, or
+    /// stores nothing at all.
+    struct ScriptedStream {
+        down: bool,
+        put: std::sync::Mutex<Vec<PutRecord>>,
+    }
+
+    #[async_trait::async_trait]
+    impl StreamProducer for ScriptedStream {
+        async fn put(
+            &self,
+            records: Vec<PutRecord>,
+        ) -> Result<Vec<PutOutcome>, stream::ProduceError> {
+            if self.down {
+                return Err(stream::ProduceError::Unavailable("scripted".into()));
+            }
+            let outcomes = records
+                .iter()
+                .map(|r| match r.partition_key.as_str() {
+                    "dev-bad" => PutOutcome::Failed {
+                        retryable: true,
+                        message: "ProvisionedThroughputExceededException".into(),
+                    },
+                    _ => PutOutcome::Stored {
+                        shard: "shardId-000000000000".into(),
+                        seq: schemas::SeqNo::from(1u64),
+                    },
+                })
+                .collect();
+            self.put.lock().unwrap().extend(records);
+            Ok(outcomes)
+        }
+    }
+
+    fn event(bodies: &[(&str, String)]) -> SqsEvent {
+        let records: Vec<Value> = bodies
+            .iter()
+            .map(|(id, body)| serde_json::json!({"messageId": id, "body": body}))
+            .collect();
+        serde_json::from_value(serde_json::json!({ "Records": records })).unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_what_the_stream_did_not_store_or_cannot_be_read_is_failed() {
+        let payload = br#"{"seq": 1, "ts": 1764240000000, "metrics": {"t": 1}}"#;
+        let bodies = [
+            (
+                "m1",
+                error_body("dt/f1/dev-1/telemetry", payload, "KinesisAction"),
+            ),
+            ("m2", "{}".to_string()),
+            (
+                "m3",
+                error_body("dt/f1/dev-bad/telemetry", payload, "KinesisAction"),
+            ),
+            (
+                "m4",
+                error_body("dt/f1/dev-2/telemetry", payload, "KinesisAction"),
+            ),
+        ];
+        let stream = Arc::new(ScriptedStream {
+            down: false,
+            put: Default::default(),
+        });
+        let handler = ReplayHandler::new(stream.clone(), EmfConfig::default());
+        let (response, stats) = handler.process(&event(&bodies), 1_764_240_000_500).await;
+        let failed: Vec<&str> = response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect();
+        assert_eq!(failed, ["m2", "m3"]);
+        assert_eq!(
+            stats,
+            ReplayStats {
+                messages: 4,
+                replayed: 2,
+                undecodable: 1,
+                unstored: 1,
+            }
+        );
+        let keys: Vec<String> = stream
+            .put
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.partition_key.clone())
+            .collect();
+        assert_eq!(keys, ["dev-1", "dev-bad", "dev-2"]);
+        let line: Value = serde_json::from_str(&emf::metrics_line(
+            &EmfConfig::default(),
+            stats.emf_metrics(),
+            7,
+        ))
+        .unwrap();
+        assert_eq!(line["Replayed"], 2.0);
+        assert_eq!(line["Undecodable"], 1.0);
+        assert_eq!(line["Unstored"], 1.0);
+
+        // A stream that stores nothing fails every decodable message.
+        let down = ReplayHandler::new(
+            Arc::new(ScriptedStream {
+                down: true,
+                put: Default::default(),
+            }),
+            EmfConfig::default(),
+        );
+        let (response, stats) = down.process(&event(&bodies), 1_764_240_000_500).await;
+        assert_eq!(response.batch_item_failures.len(), 4);
+        assert_eq!((stats.replayed, stats.unstored), (0, 3));
     }
 
     #[test]
