@@ -161,6 +161,35 @@ fn the_functions_get_every_variable_they_read() {
 }
 
 #[test]
+fn every_function_is_a_binary_that_build_sh_packs() {
+    let t = template();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let build = std::fs::read_to_string(root.join("../deploy/build.sh")).unwrap();
+    let mut functions = Vec::new();
+    for (name, r) in t["Resources"].as_object().unwrap() {
+        if r["Type"] != "AWS::Serverless::Function" {
+            continue;
+        }
+        let code = r["Properties"]["CodeUri"].as_str().unwrap();
+        let bin = code
+            .strip_prefix("dist/")
+            .and_then(|c| c.strip_suffix(".zip"))
+            .unwrap_or_else(|| panic!("{name}: CodeUri {code} is not dist/<bin>.zip"));
+        assert!(
+            root.join(format!("src/bin/{bin}.rs")).is_file(),
+            "{name} deploys {bin}, which is no binary of processors"
+        );
+        assert!(
+            build.contains(&format!("--bin {bin}")),
+            "build.sh does not build {bin}"
+        );
+        functions.push(bin.to_string());
+    }
+    functions.sort();
+    assert_eq!(functions, ["aggregate", "query", "replay"]);
+}
+
+#[test]
 fn rule_errors_are_replayed_and_undecodable_ones_dead_lettered() {
     let t = template();
     let f = &resource(&t, "ReplayFunction")["Properties"];
