@@ -36,7 +36,7 @@ use self::params::Params;
 use self::windows::{Series, WindowQuery};
 use crate::store::{Range, RollupQuery};
 use rollup::AggregateConfig;
-use rollup::keys::{self, COUNTER_PK, DEVICE_SK, MEMBER_PK_PREFIX, counters};
+use rollup::keys::{self, COUNTER_PK, DEVICE_SK, counters};
 
 /// The OpenAPI description of this router.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -135,53 +135,61 @@ fn check_metric(metric: &str) -> Result<(), Problem> {
     schemas::reading::check_metric_name(metric).map_err(Problem::bad_request)
 }
 
+/// Devices of one fleet, by a range read of its member partition (a Query
+/// on DynamoDB). `fleet` is required: listing every fleet would read every
+/// partition, which on DynamoDB is a Scan of the whole table.
 async fn list_devices(
     State(s): State<ApiState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
     let p = Params::parse(raw.as_deref(), &["fleet", "limit", "cursor"])?;
     let limit = p.limit(1000, MAX_LIMIT)?;
-    let fleet = p.get("fleet");
-    if let Some(f) = fleet {
-        check_id("fleet", f)?;
-    }
-    // The cursor is the last (fleet, device) returned.
-    let after = match p.get("cursor") {
-        None => None,
-        Some(c) => {
-            let (f, d) = c
-                .split_once('/')
-                .ok_or_else(|| Problem::bad_request("`cursor` is not one this API returned"))?;
-            Some((keys::member_pk(f), d.to_string()))
-        }
+    let Some(fleet) = p.get("fleet") else {
+        return Err(Problem::bad_request(
+            "`fleet` is required: devices are listed one fleet at a time (`/v1/devices?fleet=F`)",
+        ));
     };
-    let prefix = match fleet {
-        Some(f) => keys::member_pk(f),
-        None => MEMBER_PK_PREFIX.to_string(),
+    check_id("fleet", fleet)?;
+    // The cursor is the last (fleet, device) returned; the next page starts
+    // just after that device.
+    let from = match p.get("cursor") {
+        None => String::new(),
+        Some(c) => match c.split_once('/') {
+            Some((f, d)) if f == fleet => format!("{d}\u{0}"),
+            _ => {
+                return Err(Problem::bad_request(
+                    "`cursor` is not one this API returned for this fleet",
+                ));
+            }
+        },
     };
-    let rows = s.query.scan_prefix(&prefix, after, limit + 1).await?;
-    let mut devices = Vec::new();
-    for (pk, device, item) in rows {
-        // `m|fleet-1` also starts with `m|fleet`: keep exact fleets only.
-        let f = pk.strip_prefix(MEMBER_PK_PREFIX).unwrap_or_default();
-        if fleet.is_some_and(|want| want != f) {
-            continue;
-        }
-        let last_seen = match item.state {
-            ItemState::Member(m) => m.last_seen,
-            _ => continue,
-        };
-        devices.push((f.to_string(), device, last_seen));
-    }
+    let rows = s
+        .query
+        .range(Range {
+            pk: keys::member_pk(fleet),
+            from,
+            // Above every id character (`[A-Za-z0-9_.:-]`).
+            to: "~".into(),
+            limit: limit + 1,
+            descending: false,
+        })
+        .await?;
+    let mut devices: Vec<(String, i64)> = rows
+        .into_iter()
+        .filter_map(|(device, item)| match item.state {
+            ItemState::Member(m) => Some((device, m.last_seen)),
+            _ => None,
+        })
+        .collect();
     let next_cursor = if devices.len() > limit {
         devices.truncate(limit);
-        devices.last().map(|(f, d, _)| format!("{f}/{d}"))
+        devices.last().map(|(d, _)| format!("{fleet}/{d}"))
     } else {
         None
     };
     let devices: Vec<Value> = devices
         .into_iter()
-        .map(|(fleet, device_id, last_seen)| {
+        .map(|(device_id, last_seen)| {
             json!({"device_id": device_id, "fleet": fleet, "last_seen": last_seen})
         })
         .collect();

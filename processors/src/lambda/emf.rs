@@ -114,7 +114,16 @@ fn metrics_of(inv: &Invocation, started_ms: i64, finished_ms: i64) -> Vec<(Strin
 /// The EMF line for one invocation that started at `started_ms` and
 /// finished at `finished_ms` (ms since the epoch).
 pub fn line(cfg: &EmfConfig, inv: &Invocation, started_ms: i64, finished_ms: i64) -> String {
-    let metrics = metrics_of(inv, started_ms, finished_ms);
+    metrics_line(cfg, metrics_of(inv, started_ms, finished_ms), finished_ms)
+}
+
+/// An EMF line with `metrics` (name, unit, value) under `cfg`'s namespace
+/// and function, stamped `timestamp_ms`; shared by every function.
+pub fn metrics_line(
+    cfg: &EmfConfig,
+    metrics: Vec<(String, &str, f64)>,
+    timestamp_ms: i64,
+) -> String {
     let definitions: Vec<Value> = metrics
         .iter()
         .map(|(name, unit, _)| json!({"Name": name, "Unit": unit}))
@@ -123,7 +132,7 @@ pub fn line(cfg: &EmfConfig, inv: &Invocation, started_ms: i64, finished_ms: i64
     root.insert(
         "_aws".into(),
         json!({
-            "Timestamp": finished_ms,
+            "Timestamp": timestamp_ms,
             "CloudWatchMetrics": [{
                 "Namespace": cfg.namespace,
                 "Dimensions": [["Function"]],

@@ -9,9 +9,11 @@
 //!   CloudWatch Embedded Metric Format line.
 //! - `query`: the query API router served through `lambda_http`.
 //! - `lazy`: the DynamoDB store built on first use, for short cold starts.
+//! - `replay`: the SQS handler that puts messages the IoT rule could not
+//!   deliver back into the stream.
 //!
 //! The binaries in `src/bin/` only read the environment, build clients and
-//! call [`aggregate::run`] or [`query::run`].
+//! call [`aggregate::run`], [`query::run`] or [`replay::run`].
 //!
 //! **Architecture Invariant:** nothing survives between invocations but
 //! clients and configuration; a batch is reported successful only once its
@@ -22,3 +24,4 @@ pub mod emf;
 pub mod env;
 pub mod lazy;
 pub mod query;
+pub mod replay;

@@ -12,8 +12,9 @@
 //!   `then` starts. A commit is not atomic across items, and needs not be:
 //!   applied marks make a partial commit safe to retry (see ARCHITECTURE.md).
 //! - Queries read eventually consistent, as a dashboard may lag a second.
-//! - `scan_prefix` scans the whole table; it serves admin-sized listings
-//!   (devices of a fleet), not hot paths.
+//! - `scan_prefix` scans the whole table. The API does not call it (a
+//!   fleet's devices are a `range` of its member partition, a Query), and the
+//!   deployed query function has no permission to Scan.
 //!
 //! Throttling and 5xx answers are retried with backoff and full jitter
 //! before a call reports [`StoreError::Unavailable`].

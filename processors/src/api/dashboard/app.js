@@ -2,9 +2,10 @@
 // and draws with its own SVG code. No dependencies, no build step.
 //
 // - api(): every request, with the bearer token once the API asked for one.
-// - overview: device counts, rates from successive /metrics scrapes,
-//   rejections, stream lag.
-// - series: fleet -> device -> metric pickers, windows at a resolution,
+// - overview: the chosen fleet's device count, rates from successive
+//   /metrics scrapes, rejections, stream lag.
+// - series: fleet (typed: the API lists devices one fleet at a time) ->
+//   device -> metric pickers, windows at a resolution,
 //   drawn as an average line over a min-max band, and listed in a table.
 "use strict";
 
@@ -150,13 +151,12 @@
 
   // ---- Overview ---------------------------------------------------------
 
-  /** Every (fleet, device) up to DEVICE_SCAN_MAX, following the cursor. */
+  /** A fleet's devices up to DEVICE_SCAN_MAX, following the cursor. */
   async function listDevices(fleet) {
     const devices = [];
     let cursor = null;
     do {
-      const q = new URLSearchParams({ limit: "1000" });
-      if (fleet) q.set("fleet", fleet);
+      const q = new URLSearchParams({ limit: "1000", fleet });
       if (cursor) q.set("cursor", cursor);
       const page = await api(`/v1/devices?${q}`);
       devices.push(...page.devices);
@@ -169,7 +169,8 @@
     const [text, stats, listed] = await Promise.all([
       api("/metrics", true),
       api("/v1/stats"),
-      listDevices(null),
+      // No fleet chosen yet: nothing to list.
+      state.fleet ? listDevices(state.fleet) : { devices: [], more: false },
     ]);
     const metrics = parseMetrics(text);
     const now = performance.now();
@@ -187,9 +188,9 @@
     }
     state.lastScrape = scrape;
 
-    const fleets = [...new Set(listed.devices.map((d) => d.fleet))].sort();
+    const fleets = state.fleet ? [state.fleet] : [];
     const plus = listed.more ? "+" : "";
-    $("fleet-count").textContent = `${fleets.length}${plus}`;
+    $("fleet-count").textContent = String(fleets.length);
     $("device-count").textContent = `${intFormat.format(listed.devices.length)}${plus}`;
     $("accepted").textContent = intFormat.format(stats.accepted_readings);
     $("duplicates").textContent = intFormat.format(stats.duplicate_readings);
@@ -260,7 +261,6 @@
   }
 
   async function refreshPickers(fleets) {
-    state.fleet = fillSelect($("fleet"), fleets, state.fleet);
     const devices = state.fleet ? (await listDevices(state.fleet)).devices.map((d) => d.device_id) : [];
     state.device = fillSelect($("device"), devices.sort(), state.device);
     let metrics = [];
@@ -514,12 +514,15 @@
   function start() {
     const q = new URLSearchParams(location.search);
     state.fleet = q.get("fleet");
+    // Typed, not picked: the API lists devices one fleet at a time, since
+    // listing every fleet would read the whole store.
+    $("fleet").value = state.fleet ?? "";
     state.device = q.get("device");
     state.metric = q.get("metric");
     if (RANGES[q.get("res")]) state.res = q.get("res");
 
     $("fleet").addEventListener("change", (e) => reselect(() => {
-      state.fleet = e.target.value;
+      state.fleet = e.target.validity.valid && e.target.value ? e.target.value : null;
       state.device = null;
     }));
     $("device").addEventListener("change", (e) => reselect(() => {
