@@ -4,8 +4,9 @@
 //! `input.jsonl` lists messages in arrival order: `{"topic", "payload",
 //! "received_at"}` (`payload` is JSON, or a string sent as raw bytes;
 //! `received_at` is RFC 3339 or ms). `expected.json` gives the time the API
-//! answers at (`now`) and requests with the status and the part of the body
-//! that must match (objects match by subset, arrays element by element,
+//! answers at (`now`: every shard has applied everything that arrived by
+//! then, so it is also the processed watermark) and requests with the status
+//! and the part of the body that must match (objects match by subset, arrays element by element,
 //! numbers within 1e-9 relative, an RFC 3339 string matches its ms).
 //!
 //! Every case runs on every store backend (memory, SQLite, and DynamoDB on
@@ -148,6 +149,24 @@ async fn feed(case: &Case, store: &dyn RollupStore, batching: Batching) {
         };
         for batch in batches.into_iter().filter(|b| !b.is_empty()) {
             process_batch(shard, batch, store, &case.cfg, &metrics)
+                .await
+                .unwrap();
+        }
+        // Then the shard has nothing more to read until `now`: its
+        // watermark says everything that arrived by then is applied.
+        let now = time(&case.expected["now"]);
+        let key = rollup::keys::ItemKey::Watermark {
+            shard: shard.clone(),
+        };
+        let loaded = store.load(&[key]).await.unwrap().pop().flatten();
+        let idle = now + case.cfg.watermark_slack_ms;
+        if let Some(w) = rollup::aggregate::idle_watermark(shard, loaded, idle, &case.cfg).unwrap()
+        {
+            store
+                .commit(rollup::Commit {
+                    writes: Vec::new(),
+                    then: vec![w],
+                })
                 .await
                 .unwrap();
         }

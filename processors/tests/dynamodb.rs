@@ -218,3 +218,78 @@ async fn a_missing_table_is_unavailable_not_a_panic() {
         .await;
     assert!(matches!(committed, Err(StoreError::Unavailable(_))));
 }
+
+/// At a real fleet's shape (every batch holds one reading of each device) a
+/// reading costs about one item write on DynamoDB, and a quiet device's span
+/// fits one write unit: the figures `iotpipe cost` models.
+#[tokio::test]
+async fn a_fleet_shaped_batch_costs_about_one_item_write_per_reading() {
+    use bytes::Bytes;
+    use processors::metrics::ProcessorMetrics;
+    use processors::run::process_batch;
+    use schemas::shard::Record;
+    use schemas::{Metric, PackedRecord, Reading};
+    use std::sync::atomic::Ordering;
+
+    const T0: i64 = 1_764_240_000_000;
+    let devices = 500u64;
+    let batches = 10u64;
+    let store = fresh_store().await;
+    let cfg = rollup::AggregateConfig::default();
+    let metrics = ProcessorMetrics::default();
+    let mut readings_after_first = 0;
+    let mut writes_after_first = 0;
+    for b in 0..batches {
+        // One message a minute from each device, three metrics.
+        let at = T0 + b as i64 * 60_000;
+        let records: Vec<Record> = (0..devices)
+            .map(|d| {
+                let data = PackedRecord {
+                    device_id: format!("meter-{d:05}"),
+                    fleet: "fleet-1".into(),
+                    received_at: at + 500,
+                    readings: vec![Reading {
+                        seq: Some(b),
+                        ts: at + d as i64,
+                        metrics: ["temperature", "humidity", "pressure"]
+                            .iter()
+                            .map(|m| Metric {
+                                name: m.to_string(),
+                                value: 20.0 + d as f64 / 7.0 + b as f64,
+                            })
+                            .collect(),
+                    }],
+                }
+                .encode();
+                Record {
+                    seq: (b * devices + d + 1).into(),
+                    partition_key: format!("meter-{d:05}"),
+                    data: Bytes::from(data),
+                    arrival_ms: at + 500,
+                }
+            })
+            .collect();
+        let before = metrics.store_writes.load(Ordering::Relaxed);
+        process_batch("shard-0000", &records, &store, &cfg, &metrics)
+            .await
+            .unwrap();
+        if b > 0 {
+            readings_after_first += devices;
+            writes_after_first += metrics.store_writes.load(Ordering::Relaxed) - before;
+        }
+    }
+    let per_reading = writes_after_first as f64 / readings_after_first as f64;
+    eprintln!(
+        "{writes_after_first} item writes for {readings_after_first} readings: {per_reading:.3} per reading"
+    );
+    assert!(per_reading <= 1.1, "{per_reading} item writes per reading");
+    // The fullest span: ten one-minute windows of three metrics.
+    let span = store
+        .get("s|meter-00499", &rollup::keys::time_sk(cfg.span_start(T0)))
+        .await
+        .unwrap()
+        .unwrap();
+    let bytes = span.encode().len() + "s|meter-00499".len() + 15 + "pk sk version state".len();
+    eprintln!("a full quiet span: {bytes} bytes");
+    assert!(bytes <= 1024, "{bytes} bytes: more than one write unit");
+}

@@ -401,7 +401,6 @@ impl RollupQuery for SqliteStore {
 
 #[cfg(test)]
 mod tests {
-    use schemas::state::ItemState;
 
     use super::*;
 

@@ -634,7 +634,12 @@ fn a_coarser_window_is_compacted_once_it_cannot_change() {
     let next = after + 1000;
     let out = m.applied(
         "s0",
-        &[rec(5, "d1", next, vec![reading(Some(5), next, &[("t", 7.0)])])],
+        &[rec(
+            5,
+            "d1",
+            next,
+            vec![reading(Some(5), next, &[("t", 7.0)])],
+        )],
     );
     let own: Vec<String> = out
         .commit
