@@ -112,6 +112,16 @@ impl LeaseKeeper {
         Ok(changes)
     }
 
+    /// Gives one lease up: for a shard this process cannot read now, so that
+    /// another process may, or this one retries when it takes it again.
+    pub async fn release(&mut self, shard: &str) -> Result<(), ReadError> {
+        if self.held.remove(shard) {
+            let owner = self.planner.owner().to_string();
+            self.table.release(&self.consumer, shard, &owner).await?;
+        }
+        Ok(())
+    }
+
     /// Gives every lease up, so that others take the shards at once: on a
     /// clean shutdown, after the shards' last checkpoints.
     pub async fn release_all(&mut self) -> Result<(), ReadError> {
