@@ -604,6 +604,60 @@ async fn the_disk_budget_drops_the_oldest_unread_segment_and_reports_it() {
 }
 
 #[tokio::test]
+async fn the_disk_budget_deletes_read_segments_before_older_unread_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = EmbeddedConfig {
+        shards: 2,
+        ..small_segments()
+    };
+    let log = EmbeddedLog::open(dir.path(), two.clone()).unwrap();
+    let key_in = |shard: &str| {
+        (0..)
+            .map(|i| format!("dev-{i}"))
+            .find(|k| log.shard_of(k) == shard)
+            .unwrap()
+    };
+    let (unread_key, read_key) = (key_in("shard-0001"), key_in("shard-0000"));
+    // The unread shard's records are the older ones.
+    put(&log, (0..50).map(|n| record(&unread_key, n, 100)).collect()).await;
+    put(&log, (0..50).map(|n| record(&read_key, n, 100)).collect()).await;
+    let _registered = log.reader("shard-0001", "app").unwrap();
+    let mut reader = log.reader("shard-0000", "app").unwrap();
+    let read = read_n(&mut reader, 50).await;
+    reader.checkpoint(read[49].seq).await.unwrap();
+    drop((reader, _registered));
+    log.close().await.unwrap();
+    drop(log);
+    let closed_bytes = |shard: &str| -> u64 {
+        let files = segments(dir.path(), shard);
+        files[..files.len() - 1]
+            .iter()
+            .map(|p| p.metadata().unwrap().len())
+            .sum()
+    };
+    let total: u64 = ["shard-0000", "shard-0001"]
+        .iter()
+        .flat_map(|s| segments(dir.path(), s))
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
+    let unread_before = bases(dir.path(), "shard-0001");
+    let log = EmbeddedLog::open(
+        dir.path(),
+        EmbeddedConfig {
+            max_bytes: Some(total - closed_bytes("shard-0000")),
+            ..two
+        },
+    )
+    .unwrap();
+
+    let report = log.enforce_retention(0).await.unwrap();
+    assert!(report.segments_deleted > 0);
+    assert_eq!(report.dropped, []);
+    assert_eq!(segments(dir.path(), "shard-0000").len(), 1);
+    assert_eq!(bases(dir.path(), "shard-0001"), unread_before);
+}
+
+#[tokio::test]
 async fn a_failed_write_fails_its_records_and_the_log_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let config = EmbeddedConfig {
