@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stream::kinesis::{KinesisStream, LeaseKeeper};
+use stream::kinesis::{KinesisStream, LeaseConfig, LeaseKeeper};
 use stream::{ReadError, ShardReader};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -35,6 +35,45 @@ pub fn owner_id() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     format!("{host}-{}-{started}", std::process::id())
+}
+
+/// Runs [`run`] as a task, as a process `owner_id()` with leases of
+/// `lease_duration` renewed every third of it; its failure is the
+/// pipeline's.
+pub fn spawn(
+    stream: Arc<KinesisStream>,
+    consumer: &'static str,
+    lease_duration: Duration,
+    spawn_shard: SpawnShard,
+    stop: watch::Receiver<bool>,
+    failed_tx: Arc<watch::Sender<Option<String>>>,
+    now_ms: fn() -> i64,
+) -> JoinHandle<Result<(), ReadError>> {
+    let owner = owner_id();
+    let config = LeaseConfig {
+        lease_duration,
+        renew_interval: lease_duration / 3,
+    };
+    let keeper = stream.lease_keeper(consumer, &owner, &config);
+    tracing::info!(owner, "Sharing the Kinesis stream's shards by leases.");
+    tokio::spawn(async move {
+        let result = run(
+            stream,
+            keeper,
+            consumer,
+            config.renew_interval,
+            spawn_shard,
+            stop.clone(),
+            now_ms,
+        )
+        .await;
+        if let Err(e) = &result
+            && !*stop.borrow()
+        {
+            failed_tx.send_replace(Some(format!("the shard lease loop failed: {e}")));
+        }
+        result
+    })
 }
 
 /// Runs until `stop` turns true; see the module docs.

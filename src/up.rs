@@ -228,73 +228,29 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         Some(wrap) => wrap(store.writer()),
         None => store.writer(),
     };
-    let spawn_shard: SpawnShard = {
-        let (store, aggregate, pcfg) = (processor_store.clone(), aggregate.clone(), pcfg.clone());
-        let (metrics, durability) = (processor_metrics.clone(), durability.clone());
-        let (failed_tx, wrap) = (failed_tx.clone(), hooks.wrap_reader.map(Arc::new));
-        Arc::new(
-            move |mut reader: Box<dyn ShardReader>, stop: watch::Receiver<bool>| {
-                let shard = reader.shard_id().to_string();
-                if let Some(wrap) = &wrap {
-                    reader = wrap(reader);
-                }
-                let task = run_shard(
-                    reader,
-                    store.clone(),
-                    aggregate.clone(),
-                    pcfg.clone(),
-                    metrics.clone(),
-                    durability.clone(),
-                    stop.clone(),
-                );
-                let failed_tx = failed_tx.clone();
-                tokio::spawn(async move {
-                    let result = task.await;
-                    // A lost lease stops a shard on purpose: another process
-                    // has it now.
-                    let lost = matches!(result, Err(stream::ReadError::LeaseLost(_)));
-                    if !*stop.borrow() && !lost {
-                        let why = match &result {
-                            Ok(()) => format!("processor for {shard} stopped"),
-                            Err(e) => format!("processor for {shard} failed: {e}"),
-                        };
-                        failed_tx.send_replace(Some(why));
-                    }
-                    result
-                })
-            },
-        )
-    };
+    let spawn_shard = shard_spawner(
+        ShardStages {
+            store: processor_store.clone(),
+            aggregate: aggregate.clone(),
+            pcfg: pcfg.clone(),
+            metrics: processor_metrics.clone(),
+            durability: durability.clone(),
+        },
+        hooks.wrap_reader,
+        failed_tx.clone(),
+    );
     match stream.as_ref() {
         Stream::Kinesis(kinesis) => {
             // Shared with any other process on the same stream, by leases.
-            let owner = crate::leased::owner_id();
-            let lease_config = stream::kinesis::LeaseConfig {
-                lease_duration: config.backend.lease_duration,
-                renew_interval: config.backend.lease_duration / 3,
-            };
-            let keeper = kinesis.lease_keeper(CONSUMER, &owner, &lease_config);
-            tracing::info!(owner, "Sharing the Kinesis stream's shards by leases.");
-            let run = crate::leased::run(
+            processors.push(crate::leased::spawn(
                 kinesis.clone(),
-                keeper,
                 CONSUMER,
-                lease_config.renew_interval,
-                spawn_shard.clone(),
+                config.backend.lease_duration,
+                spawn_shard,
                 stop_rx.clone(),
+                failed_tx.clone(),
                 now_ms,
-            );
-            let failed_tx = failed_tx.clone();
-            let stop = stop_rx.clone();
-            processors.push(tokio::spawn(async move {
-                let result = run.await;
-                if let Err(e) = &result
-                    && !*stop.borrow()
-                {
-                    failed_tx.send_replace(Some(format!("the shard lease loop failed: {e}")));
-                }
-                result
-            }));
+            ));
         }
         Stream::Embedded(_) => {
             for reader in stream.readers(CONSUMER).await? {
@@ -442,6 +398,55 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         stream,
         failed,
     })
+}
+
+/// What every shard processor shares.
+struct ShardStages {
+    store: Arc<dyn RollupStore>,
+    aggregate: Arc<rollup::AggregateConfig>,
+    pcfg: ProcessorConfig,
+    metrics: Arc<ProcessorMetrics>,
+    durability: Arc<Durability>,
+}
+
+/// Starts a shard's processor on a reader (passed through `wrap` first);
+/// a processor that stops without being asked is a pipeline failure, except
+/// one whose lease another process took.
+fn shard_spawner(
+    stages: ShardStages,
+    wrap: Option<WrapReader>,
+    failed_tx: Arc<watch::Sender<Option<String>>>,
+) -> SpawnShard {
+    Arc::new(
+        move |mut reader: Box<dyn ShardReader>, stop: watch::Receiver<bool>| {
+            let shard = reader.shard_id().to_string();
+            if let Some(wrap) = &wrap {
+                reader = wrap(reader);
+            }
+            let task = run_shard(
+                reader,
+                stages.store.clone(),
+                stages.aggregate.clone(),
+                stages.pcfg.clone(),
+                stages.metrics.clone(),
+                stages.durability.clone(),
+                stop.clone(),
+            );
+            let failed_tx = failed_tx.clone();
+            tokio::spawn(async move {
+                let result = task.await;
+                let lost = matches!(result, Err(stream::ReadError::LeaseLost(_)));
+                if !*stop.borrow() && !lost {
+                    let why = match &result {
+                        Ok(()) => format!("processor for {shard} stopped"),
+                        Err(e) => format!("processor for {shard} failed: {e}"),
+                    };
+                    failed_tx.send_replace(Some(why));
+                }
+                result
+            })
+        },
+    )
 }
 
 /// `/healthz` says `degraded`, with the reason, once the stream lost
