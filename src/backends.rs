@@ -9,7 +9,11 @@ use processors::store::cached::{CacheConfig, CachedStore};
 use processors::store::dynamodb::DynamoStore;
 use processors::store::sqlite::SqliteStore;
 use processors::store::{RollupQuery, RollupStore};
-use stream::embedded::{EmbeddedConfig, EmbeddedLog};
+use rollup::keys::ItemKey;
+use rollup::{Commit, Condition, Write};
+use schemas::RejectReason;
+use schemas::state::{DeadLetter, Item, ItemState};
+use stream::embedded::{DroppedRange, EmbeddedConfig, EmbeddedLog};
 use stream::kinesis::{AwsConfig, KinesisStream};
 use stream::{ShardReader, StreamProducer};
 
@@ -31,6 +35,7 @@ impl Stream {
                         shards: config.stream.shards,
                         retention_ms: i64::try_from(config.stream.retention.as_millis())
                             .unwrap_or(i64::MAX),
+                        max_bytes: config.stream.max_bytes,
                         sync: config.stream.sync,
                         ..EmbeddedConfig::default()
                     },
@@ -82,12 +87,49 @@ impl Stream {
         Ok(readers)
     }
 
-    /// Applies retention (the embedded log only; Kinesis keeps its own).
-    pub async fn maintain(&self, now_ms: i64) {
-        if let Stream::Embedded(log) = self
-            && let Err(e) = log.enforce_retention(now_ms).await
-        {
-            tracing::warn!(error = %e, "Stream retention failed; will retry.");
+    /// Applies retention (the embedded log only; Kinesis keeps its own), and
+    /// returns the unread records the disk budget forced out, if any.
+    pub async fn maintain(&self, now_ms: i64) -> Vec<DroppedRange> {
+        let Stream::Embedded(log) = self else {
+            return Vec::new();
+        };
+        match log.enforce_retention(now_ms).await {
+            Ok(report) => report.dropped,
+            Err(e) => {
+                tracing::warn!(error = %e, "Stream retention failed; will retry.");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Why the stream is degraded, if it is: it deleted records the
+    /// processors had not read.
+    pub fn degraded(&self) -> Option<String> {
+        let Stream::Embedded(log) = self else {
+            return None;
+        };
+        let last = log.last_dropped()?;
+        let total: u64 = log.records_dropped().iter().map(|(_, n)| n).sum();
+        Some(format!(
+            "the stream's disk budget (stream.max_bytes) deleted {total} records before the \
+             processors read them, last {}..={} of {}; see /v1/dead-letters?reason=retention",
+            last.first_seq, last.last_seq, last.shard
+        ))
+    }
+
+    /// Appends the stream's own metrics to `/metrics`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let Stream::Embedded(log) = self else {
+            return;
+        };
+        let name = "iotpipe_stream_records_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Stream records deleted by the disk budget before the processors read them.\n# TYPE {name} counter"
+        );
+        for (shard, n) in log.records_dropped() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {n}");
         }
     }
 
@@ -149,6 +191,39 @@ impl Store {
         }
     }
 
+    /// Keeps one dead letter per range of stream records lost to the disk
+    /// budget, so that a person can see what went.
+    pub async fn dead_letter_dropped(&self, dropped: &[DroppedRange], retention_ms: i64) {
+        let writes = dropped
+            .iter()
+            .map(|range| Write {
+                key: ItemKey::DeadLetter {
+                    reason: RejectReason::Retention,
+                    received_at: range.last_arrival_ms,
+                    shard: range.shard.clone(),
+                    seq: range.first_seq,
+                    index: 0,
+                },
+                condition: Condition::InsertOnce,
+                expires_at: Some(range.last_arrival_ms.saturating_add(retention_ms)),
+                item: Item {
+                    applied: Default::default(),
+                    state: ItemState::DeadLetter(retention_letter(range)),
+                },
+            })
+            .collect::<Vec<_>>();
+        if writes.is_empty() {
+            return;
+        }
+        let commit = Commit {
+            writes,
+            then: Vec::new(),
+        };
+        if let Err(e) = self.writer().commit(commit).await {
+            tracing::error!(error = %e, ranges = ?dropped, "Recording stream records lost to the disk budget failed.");
+        }
+    }
+
     /// Retention and dead-letter trimming. DynamoDB expires items by its TTL
     /// attribute on its own.
     pub async fn maintain(&self, now_ms: i64, dead_letters_per_reason: usize) {
@@ -163,6 +238,30 @@ impl Store {
         if let Err(e) = store.trim_dead_letters(dead_letters_per_reason).await {
             tracing::warn!(error = %e, "Dead-letter trim failed; will retry.");
         }
+    }
+}
+
+fn retention_letter(range: &DroppedRange) -> DeadLetter {
+    DeadLetter {
+        received_at: range.last_arrival_ms,
+        reason: RejectReason::Retention,
+        detail: format!(
+            "stream records {}..={} of {} ({} records) were deleted by the disk budget \
+             (stream.max_bytes) before consumer(s) {} read them",
+            range.first_seq,
+            range.last_seq,
+            range.shard,
+            range.records,
+            range.consumers.join(", ")
+        ),
+        topic: None,
+        client_id: None,
+        device_id: None,
+        fleet: None,
+        payload_head: Vec::new(),
+        payload_len: 0,
+        shard: range.shard.clone(),
+        seq: range.first_seq,
     }
 }
 

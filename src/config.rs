@@ -148,9 +148,14 @@ impl Default for HttpConfig {
 pub struct StreamConfig {
     /// Shards of the embedded log, fixed when the data directory is created.
     pub shards: u32,
-    /// How long the stream keeps records.
+    /// How long the stream keeps records once every consumer has read them.
     #[serde(with = "duration_text")]
     pub retention: Duration,
+    /// The most bytes the embedded log's segments may hold. Over it, the
+    /// oldest are deleted even if unread; what is lost is counted, reported by
+    /// `/healthz` and dead-lettered. Unset: no budget, and unread records are
+    /// kept however long the processors stall.
+    pub max_bytes: Option<u64>,
     /// Sync appends to disk before acknowledging them (off: an acknowledged
     /// reading survives a crash of iotpipe but not of the machine).
     pub sync: bool,
@@ -161,6 +166,7 @@ impl Default for StreamConfig {
         StreamConfig {
             shards: 4,
             retention: Duration::from_secs(24 * 3600),
+            max_bytes: None,
             sync: true,
         }
     }
@@ -312,8 +318,13 @@ pub struct BackendConfig {
     pub region: Option<String>,
     /// The Kinesis stream, created with `stream.shards` shards if missing.
     pub stream_name: String,
-    /// The DynamoDB table where Kinesis consumers keep their checkpoints.
+    /// The DynamoDB table where Kinesis consumers keep their shard leases
+    /// and checkpoints.
     pub lease_table: String,
+    /// How long a process's shard leases outlive its last renewal: how long
+    /// a dead process's shards wait before another takes them.
+    #[serde(with = "duration_text")]
+    pub lease_duration: Duration,
     /// The DynamoDB table of rollups, created on demand if missing.
     pub table_name: String,
 }
@@ -327,6 +338,7 @@ impl Default for BackendConfig {
             region: None,
             stream_name: "iotpipe-telemetry".into(),
             lease_table: "iotpipe-leases".into(),
+            lease_duration: Duration::from_secs(10),
             table_name: "iotpipe-rollups".into(),
         }
     }
@@ -455,8 +467,14 @@ timeout = "10s"
 [stream]
 # Shards of the embedded log; fixed when the data directory is created.
 shards = 4
-# How long the stream keeps records.
+# How long the stream keeps records once the processors have read them;
+# records not yet read are kept however old they are.
 retention = "1day"
+# The most bytes the stream's files may hold. Over it, the oldest records go
+# even if unread: /healthz then says degraded, and the readings lost are
+# counted (iotpipe_stream_records_dropped_total) and dead-lettered (reason
+# retention). Unset, there is no budget.
+# max_bytes = 53687091200
 # Sync appends to disk before acknowledging them. Off, an acknowledged reading
 # survives a crash of iotpipe but not a crash of the machine.
 sync = true
@@ -504,9 +522,12 @@ store = "sqlite"
 # endpoint_url = "http://127.0.0.1:5000"
 # region = "us-east-1"
 # The Kinesis stream (created with stream.shards shards if missing), the
-# table of consumer checkpoints, and the table of rollups.
+# table of shard leases and checkpoints, and the table of rollups.
 stream_name = "iotpipe-telemetry"
 lease_table = "iotpipe-leases"
+# Processes reading the same Kinesis stream share its shards by leases; a
+# process that stops renewing loses its shards to the others after this long.
+lease_duration = "10s"
 table_name = "iotpipe-rollups"
 
 [log]

@@ -4,6 +4,8 @@
 //! - `backends`: the embedded log and SQLite, or Kinesis and DynamoDB.
 //! - `up`: starts the endpoint, the stream, the processors, the store and the
 //!   API, and stops them front to back.
+//! - `leased`: the processors on a Kinesis stream shared with other
+//!   processes, by shard leases.
 //! - `metrics`: the endpoint's part of `/metrics`.
 //! - `cost`: the monthly AWS bill of a load profile (`iotpipe cost`).
 //!
@@ -13,6 +15,7 @@
 pub mod backends;
 pub mod config;
 pub mod cost;
+pub mod leased;
 pub mod metrics;
 pub mod up;
 

@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 
 use crate::backends::{Store, Stream};
 use crate::config::Config;
+use crate::leased::SpawnShard;
 
 /// The consumer name under which the local processors checkpoint.
 const CONSUMER: &str = "processors";
@@ -99,6 +100,10 @@ struct CheckedConfig {
 
 fn check(config: &Config) -> anyhow::Result<CheckedConfig> {
     let aggregate = Arc::new(config.aggregate()?);
+    if config.backend.lease_duration < Duration::from_secs(1) {
+        // Renewed three times per duration: shorter would renew in a loop.
+        anyhow::bail!("backend.lease_duration must be at least 1s");
+    }
     if !config.mqtt.plain && config.mqtt.tls_listen.is_none() {
         anyhow::bail!("no MQTT listener: mqtt.plain is off and mqtt.tls_listen is not set");
     }
@@ -223,33 +228,35 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         Some(wrap) => wrap(store.writer()),
         None => store.writer(),
     };
-    for mut reader in stream.readers(CONSUMER).await? {
-        let shard = reader.shard_id().to_string();
-        if let Some(wrap) = &hooks.wrap_reader {
-            reader = wrap(reader);
+    let spawn_shard = shard_spawner(
+        ShardStages {
+            store: processor_store.clone(),
+            aggregate: aggregate.clone(),
+            pcfg: pcfg.clone(),
+            metrics: processor_metrics.clone(),
+            durability: durability.clone(),
+        },
+        hooks.wrap_reader,
+        failed_tx.clone(),
+    );
+    match stream.as_ref() {
+        Stream::Kinesis(kinesis) => {
+            // Shared with any other process on the same stream, by leases.
+            processors.push(crate::leased::spawn(
+                kinesis.clone(),
+                CONSUMER,
+                config.backend.lease_duration,
+                spawn_shard,
+                stop_rx.clone(),
+                failed_tx.clone(),
+                now_ms,
+            ));
         }
-        let task = run_shard(
-            reader,
-            processor_store.clone(),
-            aggregate.clone(),
-            pcfg.clone(),
-            processor_metrics.clone(),
-            durability.clone(),
-            stop_rx.clone(),
-        );
-        let failed_tx = failed_tx.clone();
-        let stop = stop_rx.clone();
-        processors.push(tokio::spawn(async move {
-            let result = task.await;
-            if !*stop.borrow() {
-                let why = match &result {
-                    Ok(()) => format!("processor for {shard} stopped"),
-                    Err(e) => format!("processor for {shard} failed: {e}"),
-                };
-                failed_tx.send_replace(Some(why));
+        Stream::Embedded(_) => {
+            for reader in stream.readers(CONSUMER).await? {
+                processors.push(spawn_shard(reader, stop_rx.clone()));
             }
-            result
-        }));
+        }
     }
     {
         // Flushes happen in one place, so that shards share them.
@@ -333,15 +340,25 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         },
     ));
     {
-        let (im, pm) = (ingest_metrics.clone(), processor_metrics.clone());
+        let (im, pm, st) = (
+            ingest_metrics.clone(),
+            processor_metrics.clone(),
+            stream.clone(),
+        );
         state.metrics = Arc::new(move |out: &mut String| {
             crate::metrics::render_ingest(&im.snapshot(), out);
             pm.render(now_ms(), out);
+            st.render_metrics(out);
         });
     }
     let (stop_http, http_rx) = oneshot::channel::<()>();
+    let health_stream = stream.clone();
     let http = tokio::spawn(async move {
-        axum::serve(http, app(state))
+        let router = app(state).layer(axum::middleware::from_fn_with_state(
+            health_stream,
+            stream_health,
+        ));
+        axum::serve(http, router)
             .with_graceful_shutdown(async move {
                 let _ = http_rx.await;
             })
@@ -351,12 +368,14 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let maintenance = {
         let (stream, store) = (stream.clone(), store.clone());
         let keep = config.aggregate.dead_letters_per_reason;
+        let dead_letter_ms = aggregate.dead_letter_retention_ms;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
             loop {
                 tick.tick().await;
                 let now = now_ms();
-                stream.maintain(now).await;
+                let dropped = stream.maintain(now).await;
+                store.dead_letter_dropped(&dropped, dead_letter_ms).await;
                 store.maintain(now, keep).await;
             }
         })
@@ -379,6 +398,81 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         stream,
         failed,
     })
+}
+
+/// What every shard processor shares.
+struct ShardStages {
+    store: Arc<dyn RollupStore>,
+    aggregate: Arc<rollup::AggregateConfig>,
+    pcfg: ProcessorConfig,
+    metrics: Arc<ProcessorMetrics>,
+    durability: Arc<Durability>,
+}
+
+/// Starts a shard's processor on a reader (passed through `wrap` first);
+/// a processor that stops without being asked is a pipeline failure, except
+/// one whose lease another process took.
+fn shard_spawner(
+    stages: ShardStages,
+    wrap: Option<WrapReader>,
+    failed_tx: Arc<watch::Sender<Option<String>>>,
+) -> SpawnShard {
+    Arc::new(
+        move |mut reader: Box<dyn ShardReader>, stop: watch::Receiver<bool>| {
+            let shard = reader.shard_id().to_string();
+            if let Some(wrap) = &wrap {
+                reader = wrap(reader);
+            }
+            let task = run_shard(
+                reader,
+                stages.store.clone(),
+                stages.aggregate.clone(),
+                stages.pcfg.clone(),
+                stages.metrics.clone(),
+                stages.durability.clone(),
+                stop.clone(),
+            );
+            let failed_tx = failed_tx.clone();
+            tokio::spawn(async move {
+                let result = task.await;
+                let lost = matches!(result, Err(stream::ReadError::LeaseLost(_)));
+                if !*stop.borrow() && !lost {
+                    let why = match &result {
+                        Ok(()) => format!("processor for {shard} stopped"),
+                        Err(e) => format!("processor for {shard} failed: {e}"),
+                    };
+                    failed_tx.send_replace(Some(why));
+                }
+                result
+            })
+        },
+    )
+}
+
+/// `/healthz` says `degraded`, with the reason, once the stream lost
+/// records the processors had not read; the router's own answer otherwise.
+/// Still 200: restarting the process would not bring the records back.
+async fn stream_health(
+    axum::extract::State(stream): axum::extract::State<Arc<Stream>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if request.uri().path() == "/healthz"
+        && let Some(reason) = stream.degraded()
+    {
+        #[derive(serde::Serialize)]
+        struct Degraded {
+            status: &'static str,
+            reasons: Vec<String>,
+        }
+        return axum::Json(Degraded {
+            status: "degraded",
+            reasons: vec![reason],
+        })
+        .into_response();
+    }
+    next.run(request).await
 }
 
 impl Pipeline {
@@ -494,6 +588,103 @@ mod tests {
         assert!(
             !config.data_dir.exists(),
             "the data dir was opened before the check"
+        );
+    }
+
+    async fn get(router: axum::Router, uri: &str) -> serde_json::Value {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+        let request = axum::http::Request::get(uri)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        assert_eq!(response.status(), 200, "{uri}");
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test]
+    async fn unread_records_the_budget_deletes_are_counted_reported_and_dead_lettered() {
+        use stream::embedded::{EmbeddedConfig, EmbeddedLog};
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let small = EmbeddedConfig {
+            shards: 1,
+            segment_bytes: 1024,
+            ..EmbeddedConfig::default()
+        };
+        let path = dir.path().join("stream");
+        let log = EmbeddedLog::open(&path, small.clone()).unwrap();
+        let records = (0..50)
+            .map(|i| stream::PutRecord {
+                partition_key: "d".into(),
+                data: bytes::Bytes::from(format!("{i:0>100}")),
+            })
+            .collect();
+        log.put(records).await.unwrap();
+        // The processors register, and read nothing.
+        drop(log.reader("shard-0000", CONSUMER).unwrap());
+        log.close().await.unwrap();
+        drop(log);
+        let budget = EmbeddedConfig {
+            max_bytes: Some(1),
+            ..small
+        };
+        let stream = Arc::new(Stream::Embedded(EmbeddedLog::open(&path, budget).unwrap()));
+        let health = axum::Router::new()
+            .route(
+                "/healthz",
+                axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                stream.clone(),
+                stream_health,
+            ));
+        assert_eq!(get(health.clone(), "/healthz").await["status"], "ok");
+
+        // No record is old, but none fits the budget: every closed segment
+        // goes, unread.
+        let dropped = stream.maintain(0).await;
+        assert!(dropped.len() > 1, "{dropped:?}");
+        let lost: u64 = dropped.iter().map(|r| r.records).sum();
+        assert!(lost > 0 && lost < 50, "{lost}");
+
+        let health = get(health, "/healthz").await;
+        assert_eq!(health["status"], "degraded", "{health}");
+        assert!(
+            health["reasons"][0]
+                .as_str()
+                .unwrap()
+                .contains(&format!("deleted {lost} records"))
+        );
+        let mut metrics = String::new();
+        stream.render_metrics(&mut metrics);
+        let line = format!("iotpipe_stream_records_dropped_total{{shard=\"shard-0000\"}} {lost}");
+        assert!(metrics.lines().any(|l| l == line), "{metrics}");
+
+        let store = Store::open(&config).await.unwrap();
+        store.dead_letter_dropped(&dropped, 7 * 86_400_000).await;
+        let api = app(ApiState::new(
+            store.query(),
+            Arc::new(config.aggregate().unwrap()),
+        ));
+        let letters = get(api, "/v1/dead-letters?reason=retention").await;
+        let letters = letters["dead_letters"].as_array().unwrap().clone();
+        assert_eq!(letters.len(), dropped.len(), "{letters:?}");
+        let first = letters.iter().find(|l| l["seq"] == "1").unwrap();
+        assert_eq!(first["reason"], "retention");
+        assert_eq!(first["shard"], "shard-0000");
+        let range = &dropped[0];
+        let detail = format!(
+            "stream records 1..={} of shard-0000 ({} records)",
+            range.last_seq, range.records
+        );
+        assert!(
+            first["detail"].as_str().unwrap().contains(&detail),
+            "{first}"
         );
     }
 }

@@ -163,3 +163,81 @@ async fn embedded_and_aws_backends_give_identical_rollups() {
     a.shutdown().await.unwrap();
     b.shutdown().await.unwrap();
 }
+
+/// Readings accepted, and readings a pipeline found applied already (a
+/// second reader of the same records would find them so).
+fn applied(m: &processors::metrics::ProcessorMetrics) -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        m.readings_accepted.load(Relaxed),
+        m.readings_replayed.load(Relaxed) + m.readings_duplicate.load(Relaxed),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_kinesis_stream_split_its_shards() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut c1 = aws_config(d1.path());
+    c1.stream.shards = 4;
+    c1.backend.lease_duration = Duration::from_secs(3);
+    let mut c2 = c1.clone();
+    c2.data_dir = d2.path().to_owned();
+    let p1 = iotpipe::start(&c1).await.unwrap();
+    let p2 = iotpipe::start(&c2).await.unwrap();
+
+    // The leases settle two and two, between two owners.
+    let leases = stream::kinesis::KinesisStream::connect(
+        &stream::kinesis::AwsConfig::stand_in(moto_endpoint().unwrap()),
+        &c1.backend.stream_name,
+        &c1.backend.lease_table,
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let snapshot = leases.leases().snapshot("processors").await.unwrap();
+        let mut per_owner = std::collections::BTreeMap::new();
+        for lease in &snapshot.leases {
+            *per_owner.entry(lease.owner.clone()).or_insert(0) += 1;
+        }
+        let counts: Vec<i32> = per_owner.values().copied().collect();
+        if snapshot.leases.len() == 4 && counts == [2, 2] && !per_owner.contains_key(&None) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "leases never split: {snapshot:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let ts = now_ms();
+    let messages: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            let payload = json!({"seq": 1, "ts": ts, "metrics": {"t": i}});
+            (
+                format!("dt/f/d{i}/telemetry"),
+                payload.to_string().into_bytes(),
+            )
+        })
+        .collect();
+    publish_acked(&p1, "publisher", &messages).await;
+    let (m1, m2) = (p1.processor_metrics.clone(), p2.processor_metrics.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while applied(&m1).0 + applied(&m2).0 < 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readings never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Shutting down drains every shard a process reads.
+    p1.shutdown().await.unwrap();
+    p2.shutdown().await.unwrap();
+    let (one, two) = (applied(&m1), applied(&m2));
+
+    // Each process applied its own shards' readings, and neither saw the
+    // other's: no reading was read twice.
+    assert!(one.0 > 0 && two.0 > 0, "{one:?} {two:?}");
+    assert_eq!(one.0 + two.0, 40, "{one:?} {two:?}");
+    assert_eq!((one.1, two.1), (0, 0), "a reading was read by both");
+}

@@ -27,10 +27,13 @@ pub enum RejectReason {
     InFuture,
     /// A stream record that is neither a packed record nor IoT-rule JSON.
     BadRecord,
+    /// Stream records the disk budget deleted before the processors read
+    /// them; one dead letter per range of sequence numbers.
+    Retention,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::MalformedJson,
         RejectReason::Schema,
         RejectReason::NotFinite,
@@ -40,6 +43,7 @@ impl RejectReason {
         RejectReason::TooLate,
         RejectReason::InFuture,
         RejectReason::BadRecord,
+        RejectReason::Retention,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -53,6 +57,7 @@ impl RejectReason {
             RejectReason::TooLate => "too_late",
             RejectReason::InFuture => "in_future",
             RejectReason::BadRecord => "bad_record",
+            RejectReason::Retention => "retention",
         }
     }
 

@@ -10,8 +10,8 @@
 //!   (MD5 of the key into the shards' hash-key ranges), used by every backend
 //!   so that both homes order and group records alike.
 //! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
-//! - [`kinesis`]: Amazon Kinesis ([`kinesis::KinesisStream`]), checkpoints in
-//!   a DynamoDB lease table.
+//! - [`kinesis`]: Amazon Kinesis ([`kinesis::KinesisStream`]), leases and
+//!   checkpoints in a DynamoDB lease table.
 //! - [`conformance`]: the trait contract as async checks that every backend
 //!   runs in its tests.
 //! - [`fault`]: wrappers that inject failures, partial failures, delays and
@@ -83,6 +83,10 @@ pub enum ReadError {
     InvalidArgument(String),
     #[error("stream is closed")]
     Closed,
+    /// Another process holds this shard's lease now: this reader must stop
+    /// and must not checkpoint.
+    #[error("the lease on shard {0} was lost to another process")]
+    LeaseLost(String),
 }
 
 #[async_trait]

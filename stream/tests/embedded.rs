@@ -464,66 +464,197 @@ async fn segments_roll_and_far_behind_readers_read_files() {
     assert_eq!(put(&log, vec![record("k", 230, 100)]).await, [231]);
 }
 
-#[tokio::test]
-async fn retention_deletes_old_segments_and_readers_report_the_gap() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = EmbeddedConfig {
+fn small_segments() -> EmbeddedConfig {
+    EmbeddedConfig {
         segment_bytes: 1024,
         retention_ms: 60_000,
         ..one_shard()
-    };
-    let log = EmbeddedLog::open(dir.path(), config.clone()).unwrap();
-    put(&log, (0..100).map(|n| record("k", n, 100)).collect()).await;
-    let mut early = log.reader("shard-0000", "early").unwrap();
-    let first_two = read_n(&mut early, 2).await;
-    early.checkpoint(first_two[1].seq).await.unwrap();
-    let mut all = log.reader("shard-0000", "scan").unwrap();
-    let records = read_n(&mut all, 100).await;
-    let oldest_arrival = records[0].arrival_ms;
-    let newest_arrival = records[99].arrival_ms;
-    let before = segments(dir.path(), "shard-0000").len();
+    }
+}
 
-    // Nothing is older than the oldest record.
-    assert_eq!(
-        log.enforce_retention(oldest_arrival + 60_000)
-            .await
-            .unwrap(),
-        0
-    );
-    // Everything is: every closed segment goes, the one being written stays.
-    let deleted = log
+/// The first sequence number of each segment of `shard`, oldest first.
+fn bases(dir: &Path, shard: &str) -> Vec<SeqNo> {
+    segments(dir, shard)
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// A log of 100 records in many small segments, a consumer `slow` that is
+/// done with records 1 and 2, and the newest record's arrival time.
+async fn hundred_records_and_a_slow_consumer(dir: &Path) -> (Arc<EmbeddedLog>, i64) {
+    let log = EmbeddedLog::open(dir, small_segments()).unwrap();
+    put(&log, (0..100).map(|n| record("k", n, 100)).collect()).await;
+    let mut slow = log.reader("shard-0000", "slow").unwrap();
+    let first_two = read_n(&mut slow, 2).await;
+    slow.checkpoint(first_two[1].seq).await.unwrap();
+    let records = read_n(&mut log.reader("shard-0000", "probe").unwrap(), 100).await;
+    log.deregister("probe").unwrap();
+    (log, records[99].arrival_ms)
+}
+
+#[tokio::test]
+async fn a_stalled_consumer_keeps_its_segments_past_age_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, newest_arrival) = hundred_records_and_a_slow_consumer(dir.path()).await;
+    let before = bases(dir.path(), "shard-0000");
+    assert!(before.len() > 3, "{before:?}");
+
+    // Every record is past its retention, but `slow` has read only two.
+    let report = log
         .enforce_retention(newest_arrival + 60_001)
         .await
         .unwrap();
-    assert_eq!(deleted, before - 1);
-    let left = segments(dir.path(), "shard-0000");
-    assert_eq!(left.len(), 1);
-    let oldest: SeqNo = left[0]
-        .file_stem()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(oldest > 3 && oldest <= 100, "{oldest}");
+    assert_eq!(report, stream::embedded::RetentionReport::default());
+    assert_eq!(bases(dir.path(), "shard-0000"), before);
 
-    // A reader that was past record 2 when retention ran skips the gap and
-    // says so.
-    let rest = read_n(&mut early, (101 - oldest) as usize).await;
-    assert_eq!(pos(rest[0].seq), oldest);
-    assert_eq!(early.skipped(), (oldest - 3) as u64);
-    // So does a new reader that starts from the same checkpoint, after a
-    // restart.
-    drop((early, all));
+    // After a restart, it reads every record it had not, and lost none.
     log.close().await.unwrap();
     drop(log);
-    let log = EmbeddedLog::open(dir.path(), config).unwrap();
-    let mut again = log.reader("shard-0000", "early").unwrap();
-    assert_eq!(again.skipped(), (oldest - 3) as u64);
-    assert_eq!(pos(read_n(&mut again, 1).await[0].seq), oldest);
-    // A new consumer starts at the oldest retained record and lost nothing.
-    let fresh = log.reader("shard-0000", "fresh").unwrap();
-    assert_eq!((pos(fresh.position()), fresh.skipped()), (oldest, 0));
+    let log = EmbeddedLog::open(dir.path(), small_segments()).unwrap();
+    let mut slow = log.reader("shard-0000", "slow").unwrap();
+    assert_eq!(
+        seqs(&read_n(&mut slow, 98).await),
+        (3..=100).collect::<Vec<_>>()
+    );
+    assert_eq!(slow.skipped(), 0);
+}
+
+#[tokio::test]
+async fn a_consumer_past_a_segment_lets_it_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, newest_arrival) = hundred_records_and_a_slow_consumer(dir.path()).await;
+    let before = bases(dir.path(), "shard-0000");
+    let mut slow = log.reader("shard-0000", "slow").unwrap();
+    let read = read_n(&mut slow, (before[2] - 3) as usize).await;
+    let now = newest_arrival + 60_001;
+
+    // One record short of the second segment's end: only the first goes.
+    slow.checkpoint(s(before[2] - 2)).await.unwrap();
+    assert_eq!(
+        log.enforce_retention(now).await.unwrap().segments_deleted,
+        1
+    );
+    assert_eq!(bases(dir.path(), "shard-0000"), before[1..]);
+    // Past it: the second goes too, and nothing unread was lost.
+    slow.checkpoint(read.last().unwrap().seq).await.unwrap();
+    let report = log.enforce_retention(now).await.unwrap();
+    assert_eq!((report.segments_deleted, report.dropped.len()), (1, 0));
+    assert_eq!(bases(dir.path(), "shard-0000"), before[2..]);
+    assert_eq!(log.records_dropped(), [("shard-0000".to_owned(), 0)]);
+    assert_eq!(pos(read_n(&mut slow, 1).await[0].seq), before[2]);
+    assert_eq!(slow.skipped(), 0);
+}
+
+#[tokio::test]
+async fn the_disk_budget_drops_the_oldest_unread_segment_and_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = hundred_records_and_a_slow_consumer(dir.path()).await;
+    // A consumer that has read everything costs nothing when data goes.
+    let mut done = log.reader("shard-0000", "done").unwrap();
+    let all = read_n(&mut done, 100).await;
+    done.checkpoint(all[99].seq).await.unwrap();
+    let oldest_arrival = all[0].arrival_ms;
+    drop(done);
+    // Closing trims the segment being written, so file sizes are exact.
+    log.close().await.unwrap();
+    drop(log);
+    let sizes: Vec<u64> = segments(dir.path(), "shard-0000")
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .collect();
+    let before = bases(dir.path(), "shard-0000");
+    let budget = sizes.iter().sum::<u64>() - sizes[0];
+    let log = EmbeddedLog::open(
+        dir.path(),
+        EmbeddedConfig {
+            max_bytes: Some(budget),
+            ..small_segments()
+        },
+    )
+    .unwrap();
+
+    // Nothing is old enough for age retention: the budget alone deletes the
+    // first segment, whose records 3.. `slow` had not read.
+    let report = log.enforce_retention(oldest_arrival).await.unwrap();
+    let lost = before[1] - 3;
+    assert_eq!(report.segments_deleted, 1);
+    assert_eq!(
+        report.dropped,
+        [stream::embedded::DroppedRange {
+            shard: "shard-0000".into(),
+            first_seq: s(3),
+            last_seq: s(before[1] - 1),
+            records: lost,
+            consumers: vec!["slow".into()],
+            last_arrival_ms: report.dropped[0].last_arrival_ms,
+        }]
+    );
+    assert_eq!(log.records_dropped(), [("shard-0000".to_owned(), lost)]);
+    assert_eq!(log.last_dropped(), Some(report.dropped[0].clone()));
+    assert_eq!(bases(dir.path(), "shard-0000"), before[1..]);
+    // Within budget now: another run deletes nothing.
+    let again = log.enforce_retention(oldest_arrival).await.unwrap();
+    assert_eq!(again.segments_deleted, 0);
+
+    // The consumer moves on past the hole and counts what it lost.
+    let mut slow = log.reader("shard-0000", "slow").unwrap();
+    assert_eq!(slow.skipped(), lost);
+    assert_eq!(pos(read_n(&mut slow, 1).await[0].seq), before[1]);
+}
+
+#[tokio::test]
+async fn the_disk_budget_deletes_read_segments_before_older_unread_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = EmbeddedConfig {
+        shards: 2,
+        ..small_segments()
+    };
+    let log = EmbeddedLog::open(dir.path(), two.clone()).unwrap();
+    let key_in = |shard: &str| {
+        (0..)
+            .map(|i| format!("dev-{i}"))
+            .find(|k| log.shard_of(k) == shard)
+            .unwrap()
+    };
+    let (unread_key, read_key) = (key_in("shard-0001"), key_in("shard-0000"));
+    // The unread shard's records are the older ones.
+    put(&log, (0..50).map(|n| record(&unread_key, n, 100)).collect()).await;
+    put(&log, (0..50).map(|n| record(&read_key, n, 100)).collect()).await;
+    let _registered = log.reader("shard-0001", "app").unwrap();
+    let mut reader = log.reader("shard-0000", "app").unwrap();
+    let read = read_n(&mut reader, 50).await;
+    reader.checkpoint(read[49].seq).await.unwrap();
+    drop((reader, _registered));
+    log.close().await.unwrap();
+    drop(log);
+    let closed_bytes = |shard: &str| -> u64 {
+        let files = segments(dir.path(), shard);
+        files[..files.len() - 1]
+            .iter()
+            .map(|p| p.metadata().unwrap().len())
+            .sum()
+    };
+    let total: u64 = ["shard-0000", "shard-0001"]
+        .iter()
+        .flat_map(|s| segments(dir.path(), s))
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
+    let unread_before = bases(dir.path(), "shard-0001");
+    let log = EmbeddedLog::open(
+        dir.path(),
+        EmbeddedConfig {
+            max_bytes: Some(total - closed_bytes("shard-0000")),
+            ..two
+        },
+    )
+    .unwrap();
+
+    let report = log.enforce_retention(0).await.unwrap();
+    assert!(report.segments_deleted > 0);
+    assert_eq!(report.dropped, []);
+    assert_eq!(segments(dir.path(), "shard-0000").len(), 1);
+    assert_eq!(bases(dir.path(), "shard-0001"), unread_before);
 }
 
 #[tokio::test]

@@ -10,7 +10,8 @@
 //! <dir>/meta                                  format version, shard count
 //! <dir>/LOCK                                  held while the log is open
 //! <dir>/shard-0000/00000000000000000001.seg   frames, see frame.rs
-//! <dir>/shard-0000/checkpoints/<consumer>     last processed sequence number
+//! <dir>/shard-0000/checkpoints/<consumer>     last processed sequence number;
+//!                                             its presence registers the consumer
 //! <dir>/shard-0000/reserved                   numbers handed out lie below it
 //! ```
 //!
@@ -22,6 +23,8 @@
 //! - `writer`: the per-shard append thread.
 //! - `reader`: [`EmbeddedReader`].
 //! - `recovery`: opening a shard, cutting a torn tail.
+//! - `retention`: deleting segments every consumer has passed, and what a
+//!   disk budget forces out unread.
 //! - `reserve`: the durable bound on numbers handed out, so that numbering
 //!   never restarts below a checkpoint after a crash without sync.
 //! - `storage`: the two small traits the writer writes segments through,
@@ -30,6 +33,10 @@
 //!
 //! **Architecture Invariant:** readers see a record only once it is durable
 //! (with `sync` on), so nothing a consumer acts on can vanish in a crash.
+//!
+//! **Architecture Invariant:** retention never deletes a record a registered
+//! consumer has not read, except to keep the disk budget, and then it reports
+//! each range it deleted.
 //!
 //! **Architecture Invariant:** a sequence number is never handed out twice
 //! in a shard, whatever crashes: with `sync` off, one a crash lost is
@@ -43,6 +50,7 @@ mod power_loss;
 mod reader;
 mod recovery;
 mod reserve;
+mod retention;
 mod segment;
 mod shard;
 mod storage;
@@ -58,6 +66,7 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
 pub use reader::EmbeddedReader;
+pub use retention::{DroppedRange, RetentionReport};
 
 use crate::partition;
 use crate::{ProduceError, PutOutcome, PutRecord, ReadError, SeqNo, StreamProducer};
@@ -82,8 +91,13 @@ pub struct EmbeddedConfig {
     /// A segment file closes once it holds this many bytes; retention
     /// deletes whole segments.
     pub segment_bytes: u64,
-    /// How long records are kept, by arrival time.
+    /// How long records are kept, by arrival time, once every registered
+    /// consumer has read them.
     pub retention_ms: i64,
+    /// The most bytes the segments may hold; over it, retention deletes the
+    /// oldest segments even unread, and reports what was lost. `None`: no
+    /// budget, and unread records are kept however long a consumer stalls.
+    pub max_bytes: Option<u64>,
     /// Sync each group of appends to disk before acknowledging it. Off, an
     /// acknowledged record survives a crash of the process but not of the
     /// machine; its sequence number is never reused, so consumers that had
@@ -101,6 +115,7 @@ impl Default for EmbeddedConfig {
             shards: 4,
             segment_bytes: 64 * 1024 * 1024,
             retention_ms: 24 * 60 * 60 * 1000,
+            max_bytes: None,
             sync: true,
             tail_cache_bytes: 8 * 1024 * 1024,
         }
@@ -200,6 +215,15 @@ pub struct EmbeddedLog {
     lock: Mutex<Option<File>>,
     /// Serialises retention runs, so two never delete the same segment.
     retention: tokio::sync::Mutex<()>,
+    /// Unread records the disk budget deleted, per shard (in `shards` order),
+    /// since the log was opened, and the last such range.
+    dropped: Mutex<Dropped>,
+}
+
+#[derive(Debug, Default)]
+struct Dropped {
+    records: Vec<u64>,
+    last: Option<DroppedRange>,
 }
 
 impl std::fmt::Debug for EmbeddedLog {
@@ -314,6 +338,7 @@ impl EmbeddedLog {
             threads: Mutex::new(threads),
             lock: Mutex::new(Some(lock)),
             retention: tokio::sync::Mutex::new(()),
+            dropped: Mutex::new(Dropped::default()),
         }))
     }
 
@@ -342,7 +367,8 @@ impl EmbeddedLog {
     }
 
     /// A reader of `shard` for `consumer`, starting after the consumer's
-    /// checkpoint or, without one, at the oldest retained record.
+    /// checkpoint or, without one, at the oldest retained record. Registers
+    /// the consumer: from now on retention keeps what it has not read.
     pub fn reader(&self, shard: &str, consumer: &str) -> Result<EmbeddedReader, ReadError> {
         let shard = self
             .shards
@@ -360,23 +386,73 @@ impl EmbeddedLog {
     }
 
     /// Deletes every closed segment whose newest record arrived before
-    /// `now_ms - retention_ms`, oldest first; the segment being written is
-    /// never deleted. Returns how many segments went. Readers that had not
-    /// reached them move on and count the records in
+    /// `now_ms - retention_ms` and that every registered consumer has read
+    /// past; then, over `max_bytes`, the oldest closed segments, read or not.
+    /// The segment being written is never deleted. Unread records deleted are
+    /// counted ([`EmbeddedLog::records_dropped`]) and returned by range;
+    /// readers that had not reached them move on and count them in
     /// [`EmbeddedReader::skipped`].
-    pub async fn enforce_retention(&self, now_ms: i64) -> Result<usize, LogError> {
+    pub async fn enforce_retention(&self, now_ms: i64) -> Result<RetentionReport, LogError> {
         let _one_at_a_time = self.retention.lock().await;
         let cutoff = now_ms.saturating_sub(self.config.retention_ms);
+        let max_bytes = self.config.max_bytes;
         let shards = self.shards.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut deleted = 0;
-            for shard in &shards {
-                deleted += recovery::enforce_retention(shard, cutoff)?;
+        let report =
+            tokio::task::spawn_blocking(move || retention::enforce(&shards, cutoff, max_bytes))
+                .await
+                .map_err(|e| LogError::Task(e.to_string()))??;
+        if !report.dropped.is_empty() {
+            let mut dropped = self.dropped();
+            dropped.records.resize(self.shards.len(), 0);
+            for range in &report.dropped {
+                if let Some(i) = self.shards.iter().position(|s| s.id == range.shard) {
+                    dropped.records[i] += range.records;
+                }
+                dropped.last = Some(range.clone());
             }
-            Ok(deleted)
-        })
-        .await
-        .map_err(|e| LogError::Task(e.to_string()))?
+        }
+        Ok(report)
+    }
+
+    fn dropped(&self) -> std::sync::MutexGuard<'_, Dropped> {
+        // Counters only: a panic elsewhere cannot leave them inconsistent.
+        self.dropped.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Per shard, unread records the disk budget deleted since the log was
+    /// opened.
+    pub fn records_dropped(&self) -> Vec<(String, u64)> {
+        let dropped = self.dropped();
+        self.shards
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.clone(), dropped.records.get(i).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// The last range of unread records the disk budget deleted since the
+    /// log was opened.
+    pub fn last_dropped(&self) -> Option<DroppedRange> {
+        self.dropped().last.clone()
+    }
+
+    /// Forgets `consumer` in every shard, so retention no longer keeps
+    /// records for it: for a consumer that is gone for good.
+    pub fn deregister(&self, consumer: &str) -> Result<(), LogError> {
+        for shard in &self.shards {
+            let path = shard.dir.join(reader::CHECKPOINT_DIR).join(consumer);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(LogError::Io {
+                        context: format!("removing {}", path.display()),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Stops accepting records, waits for queued ones to be written and made

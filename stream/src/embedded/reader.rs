@@ -86,7 +86,14 @@ impl EmbeddedReader {
         let committed = shard.subscribe();
         let next_seq = match checkpoint {
             Some(seq) => seq + 1,
-            None => shard.oldest(),
+            None => {
+                // Registers the consumer: a checkpoint just below the oldest
+                // record says it has read nothing retained, so retention
+                // keeps everything for it from here on.
+                let oldest = shard.oldest();
+                register(&checkpoint_dir, consumer, oldest.saturating_sub(1))?;
+                oldest
+            }
         };
         let end = shard.committed().next_seq;
         if next_seq > end {
@@ -302,6 +309,21 @@ impl ShardReader for EmbeddedReader {
             oldest_unread_arrival_ms,
         }
     }
+}
+
+fn register(dir: &std::path::Path, consumer: &str, seq: u64) -> Result<(), ReadError> {
+    files::write_atomic(
+        dir,
+        consumer,
+        &format!(".{consumer}.tmp"),
+        format!("{seq}\n").as_bytes(),
+    )
+    .map_err(|e| {
+        ReadError::Io(format!(
+            "registering consumer {consumer} in {}: {e}",
+            dir.display()
+        ))
+    })
 }
 
 /// Where each shard keeps its consumers' checkpoints.

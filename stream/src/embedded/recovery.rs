@@ -1,5 +1,5 @@
-//! Opening a shard's files (cutting away a torn tail, resuming numbering
-//! above the reserved mark) and deleting its expired segments.
+//! Opening a shard's files: cutting away a torn tail, resuming numbering
+//! above the reserved mark.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -11,7 +11,7 @@ use super::reserve;
 use super::segment::{self, Scanner, Step};
 use super::shard::{self, SegmentInfo, Shard, TailCache};
 use super::writer::WriterStart;
-use super::{EmbeddedConfig, LogError, OpenError, ShardRecovery, files};
+use super::{EmbeddedConfig, OpenError, ShardRecovery, files};
 use crate::{Record, SeqNo};
 
 pub(crate) struct OpenedShard {
@@ -113,6 +113,7 @@ pub(crate) fn open_shard(
             base: s.base,
             len: s.len,
             last_arrival_ms: None,
+            last_seq: None,
         })
         .collect();
     if let Some(active) = segments.last_mut() {
@@ -172,6 +173,7 @@ fn resume_at_mark(
         base: mark,
         len: 0,
         last_arrival_ms: None,
+        last_seq: None,
     });
     start.base = mark;
     start.len = 0;
@@ -226,80 +228,4 @@ fn scan_last(file: &File, base: u64, len: u64, tail: &mut TailCache) -> io::Resu
         last_arrival_ms,
         stop,
     })
-}
-
-/// Deletes `shard`'s closed segments whose last record arrived before
-/// `cutoff_ms`, oldest first. Blocking.
-pub(crate) fn enforce_retention(shard: &Shard, cutoff_ms: i64) -> Result<usize, LogError> {
-    let mut deleted = 0;
-    loop {
-        let (oldest, next_base) = {
-            let segments = shard.segments();
-            // The last segment is being written and never deleted.
-            if segments.len() < 2 {
-                break;
-            }
-            (segments[0].clone(), segments[1].base)
-        };
-        let last_arrival_ms = match oldest.last_arrival_ms {
-            Some(ms) => ms,
-            None => {
-                let ms = last_arrival_in(&shard.segment_path(oldest.base), oldest.len).map_err(
-                    |source| LogError::Io {
-                        context: format!("scanning segment {} of {}", oldest.base, shard.id),
-                        source,
-                    },
-                )?;
-                if let Some(info) = shard.segments().iter_mut().find(|s| s.base == oldest.base) {
-                    info.last_arrival_ms = Some(ms);
-                }
-                ms
-            }
-        };
-        if last_arrival_ms >= cutoff_ms {
-            break;
-        }
-        // Forget the segment before unlinking it, so no reader starts on it;
-        // readers already in it keep their open handle.
-        shard.segments().retain(|s| s.base != oldest.base);
-        shard.set_oldest(next_base);
-        let path = shard.segment_path(oldest.base);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(LogError::Io {
-                    context: format!("deleting {}", path.display()),
-                    source,
-                });
-            }
-        }
-        tracing::info!(
-            shard = %shard.id,
-            first_seq = oldest.base,
-            records = next_base - oldest.base,
-            last_arrival_ms,
-            "Retention deleted a segment."
-        );
-        deleted += 1;
-    }
-    if deleted > 0 {
-        files::sync_dir(&shard.dir).map_err(|source| LogError::Io {
-            context: format!("syncing {}", shard.dir.display()),
-            source,
-        })?;
-    }
-    Ok(deleted)
-}
-
-/// The arrival time of a closed segment's last readable record; a segment
-/// with none counts as infinitely old, since it holds nothing to keep.
-fn last_arrival_in(path: &Path, len: u64) -> io::Result<i64> {
-    let file = File::open(path)?;
-    let mut scanner = Scanner::new(&file, 0, len);
-    let mut last = i64::MIN;
-    while let Step::Frame { frame, .. } = scanner.next()? {
-        last = frame.arrival_ms;
-    }
-    Ok(last)
 }

@@ -35,6 +35,10 @@ pub(crate) struct SegmentInfo {
     /// The arrival time of the segment's last record, once known: retention
     /// needs it, and it is learnt when the segment closes or by one scan.
     pub last_arrival_ms: Option<i64>,
+    /// The sequence number of the segment's last record, once a scan has
+    /// found it: below the next segment's base after a crash without sync
+    /// left a gap, and retention must know whether consumers passed it.
+    pub last_seq: Option<u64>,
 }
 
 pub(crate) struct Shard {

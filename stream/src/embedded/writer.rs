@@ -354,6 +354,7 @@ impl<S: Storage> Writer<S> {
                 base: self.next_seq,
                 len: 0,
                 last_arrival_ms: None,
+                last_seq: None,
             });
         }
         tracing::debug!(shard = %self.shard.id, base = self.next_seq, "Rolled to a new segment.");

@@ -1,22 +1,41 @@
-//! Checkpoints of Kinesis consumers, one DynamoDB item per (consumer, shard).
+//! The lease table: per (consumer, shard) one DynamoDB item holding the
+//! shard's lease and the consumer's checkpoint, as the KCL keeps them; and
+//! per (consumer, process) a heartbeat item, so that a process that holds no
+//! lease yet still counts when the shards are shared out.
 //!
-//! `pk` is the consumer, `sk` the shard id, `checkpoint` the last sequence
-//! number the consumer is done with, or `SHARD_END` once it finished a
-//! closed shard, which is what lets the shard's children start.
+//! | `pk`     | `sk`               | attributes                                  |
+//! |----------|--------------------|---------------------------------------------|
+//! | consumer | shard id           | `checkpoint`, `owner`, `lease_counter`      |
+//! | consumer | `worker#<owner>`   | `lease_counter`                             |
 //!
-//! Every write is conditional on the checkpoint this process last saw, so
-//! two readers of the same (consumer, shard) cannot both move it: the one
-//! that lost finds out at its next checkpoint instead of silently rewinding
-//! the other.
+//! (`owner` is a reserved word in DynamoDB's expressions, hence `#owner`.)
+//!
+//! `checkpoint` is the last sequence number the consumer is done with, or
+//! `SHARD_END` once it finished a closed shard, which is what lets the
+//! shard's children start. `owner` names the process holding the lease
+//! (absent: free); every take and renewal bumps `lease_counter`, and a
+//! lease whose counter has not moved for a lease duration, measured on the
+//! observer's own clock, is expired (the KCL's rule: no two clocks are
+//! compared).
+//!
+//! Every checkpoint write is conditional on the checkpoint this reader last
+//! saw and, for a leased reader, on still owning the lease: a process that
+//! lost its lease finds out at its next checkpoint and stops, instead of
+//! rewinding the new owner.
+
+use std::collections::HashMap;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
 use super::client::describe;
 use super::tables;
 use crate::ReadError;
 
 const SHARD_END: &str = "SHARD_END";
+/// Heartbeat items' sort keys start with this; shard ids never do.
+const WORKER_PREFIX: &str = "worker#";
 
 /// Where a consumer stands in a shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,11 +63,88 @@ impl Checkpoint {
     }
 }
 
+/// One shard's lease as the table holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub shard: String,
+    /// The process holding it; `None`: free.
+    pub owner: Option<String>,
+    /// Bumped by every take and renewal: a counter that stops moving means a
+    /// dead owner.
+    pub counter: u64,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A process's heartbeat: its counter moves while the process lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub owner: String,
+    pub counter: u64,
+}
+
+/// Everything the table holds for one consumer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseSnapshot {
+    pub leases: Vec<Lease>,
+    pub heartbeats: Vec<Heartbeat>,
+}
+
 /// The lease table: a DynamoDB table with string keys `pk`, `sk`.
 #[derive(Debug, Clone)]
 pub struct LeaseTable {
     client: Client,
     table: String,
+}
+
+type Item = HashMap<String, AttributeValue>;
+
+fn s(value: &str) -> AttributeValue {
+    AttributeValue::S(value.to_string())
+}
+
+fn n(value: u64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn counter_of(item: &Item) -> u64 {
+    item.get("lease_counter")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn string_of<'a>(item: &'a Item, key: &str) -> Option<&'a str> {
+    item.get(key)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+}
+
+/// `Ok(false)` for a failed condition, the error for anything else.
+fn condition_held<T, E>(result: Result<T, SdkError<E>>, what: &str) -> Result<bool, ReadError>
+where
+    E: std::error::Error + ConditionFailed + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_condition_failed()) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(ReadError::Io(format!("{what}: {}", describe(&e)))),
+    }
+}
+
+/// The DynamoDB errors that carry ConditionalCheckFailed.
+trait ConditionFailed {
+    fn is_condition_failed(&self) -> bool;
+}
+
+impl ConditionFailed for aws_sdk_dynamodb::operation::update_item::UpdateItemError {
+    fn is_condition_failed(&self) -> bool {
+        self.is_conditional_check_failed_exception()
+    }
 }
 
 impl LeaseTable {
@@ -76,55 +172,199 @@ impl LeaseTable {
             .client
             .get_item()
             .table_name(&self.table)
-            .key("pk", AttributeValue::S(consumer.to_string()))
-            .key("sk", AttributeValue::S(shard.to_string()))
+            .key("pk", s(consumer))
+            .key("sk", s(shard))
             .consistent_read(true)
             .send()
             .await
             .map_err(|e| ReadError::Io(format!("reading checkpoint: {}", describe(&e))))?;
         Ok(out
             .item()
-            .and_then(|item| item.get("checkpoint"))
-            .and_then(|v| v.as_s().ok())
-            .map(|s| Checkpoint::from_attr(s)))
+            .and_then(|item| string_of(item, "checkpoint"))
+            .map(Checkpoint::from_attr))
     }
 
     /// Moves the checkpoint from `expected` (what this reader last saw;
-    /// `None`: no checkpoint yet) to `new`.
+    /// `None`: no checkpoint yet) to `new`; with `owner`, only while that
+    /// process holds the shard's lease.
     pub async fn set(
         &self,
         consumer: &str,
         shard: &str,
+        owner: Option<&str>,
         expected: Option<&Checkpoint>,
         new: &Checkpoint,
     ) -> Result<(), ReadError> {
-        let mut put = self
+        let mut update = self
             .client
-            .put_item()
+            .update_item()
             .table_name(&self.table)
-            .item("pk", AttributeValue::S(consumer.to_string()))
-            .item("sk", AttributeValue::S(shard.to_string()))
-            .item("checkpoint", new.as_attr());
-        put = match expected {
-            None => put.condition_expression("attribute_not_exists(pk)"),
-            Some(old) => put
-                .condition_expression("checkpoint = :old")
-                .expression_attribute_values(":old", old.as_attr()),
-        };
-        match put.send().await {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-            {
-                Err(ReadError::Io(format!(
-                    "another reader moved the checkpoint of {consumer} in {shard}; this one stops"
-                )))
+            .key("pk", s(consumer))
+            .key("sk", s(shard))
+            .update_expression("SET checkpoint = :new")
+            .expression_attribute_values(":new", new.as_attr());
+        let checkpoint_condition = match expected {
+            None => "attribute_not_exists(checkpoint)",
+            Some(old) => {
+                update = update.expression_attribute_values(":old", old.as_attr());
+                "checkpoint = :old"
             }
-            Err(e) => Err(ReadError::Io(format!(
-                "writing checkpoint: {}",
-                describe(&e)
+        };
+        update = match owner {
+            None => update.condition_expression(checkpoint_condition),
+            Some(owner) => update
+                .condition_expression(format!("#owner = :me AND {checkpoint_condition}"))
+                .expression_attribute_values(":me", s(owner))
+                .expression_attribute_names("#owner", "owner"),
+        };
+        if condition_held(update.send().await, "writing checkpoint")? {
+            return Ok(());
+        }
+        match owner {
+            Some(owner) if !self.owned_by(consumer, shard, owner).await? => {
+                Err(ReadError::LeaseLost(shard.to_string()))
+            }
+            _ => Err(ReadError::Io(format!(
+                "another reader moved the checkpoint of {consumer} in {shard}; this one stops"
             ))),
         }
+    }
+
+    async fn owned_by(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(consumer))
+            .key("sk", s(shard))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| ReadError::Io(format!("reading a lease: {}", describe(&e))))?;
+        Ok(out.item().and_then(|i| string_of(i, "owner")) == Some(owner))
+    }
+
+    /// Every lease and heartbeat of `consumer`, read consistently.
+    pub async fn snapshot(&self, consumer: &str) -> Result<LeaseSnapshot, ReadError> {
+        let mut out = LeaseSnapshot::default();
+        let mut start: Option<Item> = None;
+        loop {
+            let page = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("pk = :pk")
+                .expression_attribute_values(":pk", s(consumer))
+                .consistent_read(true)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| ReadError::Io(format!("reading leases: {}", describe(&e))))?;
+            for item in page.items() {
+                let Some(sk) = string_of(item, "sk") else {
+                    continue;
+                };
+                match sk.strip_prefix(WORKER_PREFIX) {
+                    Some(owner) => out.heartbeats.push(Heartbeat {
+                        owner: owner.to_string(),
+                        counter: counter_of(item),
+                    }),
+                    None => out.leases.push(Lease {
+                        shard: sk.to_string(),
+                        owner: string_of(item, "owner").map(str::to_string),
+                        counter: counter_of(item),
+                        checkpoint: string_of(item, "checkpoint").map(Checkpoint::from_attr),
+                    }),
+                }
+            }
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// Takes `shard`'s lease for `owner` if its counter is still `seen`
+    /// (`None`: the shard has no lease yet). `Ok(false)`: someone else moved
+    /// first.
+    pub async fn take(
+        &self,
+        consumer: &str,
+        shard: &str,
+        owner: &str,
+        seen: Option<u64>,
+    ) -> Result<bool, ReadError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(consumer))
+            .key("sk", s(shard))
+            .update_expression("SET #owner = :me, lease_counter = :next")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", s(owner))
+            .expression_attribute_values(":next", n(seen.map_or(1, |c| c + 1)));
+        let update = match seen {
+            None => update.condition_expression("attribute_not_exists(lease_counter)"),
+            Some(c) => update
+                .condition_expression("lease_counter = :seen")
+                .expression_attribute_values(":seen", n(c)),
+        };
+        condition_held(update.send().await, "taking a lease")
+    }
+
+    /// Renews `owner`'s lease on `shard`. `Ok(false)`: it is not `owner`'s
+    /// any more.
+    pub async fn renew(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(consumer))
+            .key("sk", s(shard))
+            .update_expression("ADD lease_counter :one")
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", s(owner))
+            .expression_attribute_values(":one", n(1));
+        condition_held(update.send().await, "renewing a lease")
+    }
+
+    /// Gives `owner`'s lease on `shard` up, so another process takes it at
+    /// once rather than after the expiry.
+    pub async fn release(
+        &self,
+        consumer: &str,
+        shard: &str,
+        owner: &str,
+    ) -> Result<bool, ReadError> {
+        let update = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(consumer))
+            .key("sk", s(shard))
+            .update_expression("REMOVE #owner ADD lease_counter :one")
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", s(owner))
+            .expression_attribute_values(":one", n(1));
+        condition_held(update.send().await, "releasing a lease")
+    }
+
+    /// Says that `owner` is alive.
+    pub async fn heartbeat(&self, consumer: &str, owner: &str) -> Result<(), ReadError> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(consumer))
+            .key("sk", s(&format!("{WORKER_PREFIX}{owner}")))
+            .update_expression("ADD lease_counter :one")
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::None)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| ReadError::Io(format!("writing a heartbeat: {}", describe(&e))))
     }
 }

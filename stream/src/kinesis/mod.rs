@@ -9,11 +9,19 @@
 //! - `client`: SDK configuration ([`AwsConfig`]) and error classification.
 //! - `producer`: [`StreamProducer`] on PutRecords, order kept per key.
 //! - `reader`: [`ShardReader`] on GetShardIterator and GetRecords.
-//! - `lease`: checkpoints per (consumer, shard), `SHARD_END` for closed shards.
+//! - `lease`: the lease table: per (consumer, shard) an owner, a lease
+//!   counter and the checkpoint (`SHARD_END` for finished shards), and a
+//!   heartbeat per process.
+//! - `lease_plan`: which leases a process takes, renews and gives up (pure,
+//!   time as an argument); `lease_keeper`: the async shell that applies it.
 //! - `tables`: creating DynamoDB tables, shared with the rollup store.
 //! - `seq`: sequence numbers between Kinesis's strings and [`SeqNo`].
 //! - `backoff`: exponential backoff with full jitter.
 //! - `testing`: a moto server for tests.
+//!
+//! **Architecture Invariant:** with leases, a shard is read by one process
+//! at a time: a process takes only free or expired leases, and a reader that
+//! lost its lease cannot checkpoint.
 //!
 //! **Architecture Invariant:** a record is reported `Stored` only with the
 //! shard and sequence number Kinesis returned for it, and a partition key's
@@ -22,6 +30,8 @@
 pub mod backoff;
 pub mod client;
 pub mod lease;
+pub mod lease_keeper;
+pub mod lease_plan;
 mod producer;
 mod reader;
 pub mod seq;
@@ -36,7 +46,9 @@ use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails, StreamStatus};
 
 pub use self::client::AwsConfig;
 use self::client::describe;
-pub use self::lease::{Checkpoint, LeaseTable};
+pub use self::lease::{Checkpoint, Lease, LeaseSnapshot, LeaseTable};
+pub use self::lease_keeper::{LeaseChanges, LeaseConfig, LeaseKeeper};
+pub use self::lease_plan::{LeasePlan, LeasePlanner};
 pub use self::producer::{
     MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS,
     ProducerConfig,
@@ -208,10 +220,40 @@ impl KinesisStream {
     }
 
     /// A reader of `shard` for `consumer`, resuming after its checkpoint.
+    /// Unleased: nothing stops another process reading the same shard; see
+    /// [`KinesisStream::leased_reader`].
     pub async fn reader(
         &self,
         shard: &str,
         consumer: &str,
+    ) -> Result<KinesisShardReader, ReadError> {
+        self.open_reader(shard, consumer, None).await
+    }
+
+    /// A reader of a shard whose lease `owner` holds (see [`LeaseKeeper`]):
+    /// its checkpoints succeed only while `owner` still holds the lease, and
+    /// fail with [`ReadError::LeaseLost`] once another process took it.
+    pub async fn leased_reader(
+        &self,
+        shard: &str,
+        consumer: &str,
+        owner: &str,
+    ) -> Result<KinesisShardReader, ReadError> {
+        self.open_reader(shard, consumer, Some(owner.to_string()))
+            .await
+    }
+
+    /// Shares this stream's shards for `consumer` with the other processes
+    /// that run one, as `owner` (unique per process).
+    pub fn lease_keeper(&self, consumer: &str, owner: &str, config: &LeaseConfig) -> LeaseKeeper {
+        LeaseKeeper::new(self.leases.clone(), consumer, owner, config)
+    }
+
+    async fn open_reader(
+        &self,
+        shard: &str,
+        consumer: &str,
+        owner: Option<String>,
     ) -> Result<KinesisShardReader, ReadError> {
         let info = self
             .shards()
@@ -225,6 +267,7 @@ impl KinesisStream {
             info,
             consumer.to_string(),
             self.leases.clone(),
+            owner,
             self.cfg.reader.clone(),
         )
         .await

@@ -63,6 +63,9 @@ pub struct KinesisShardReader {
     shard: ShardInfo,
     consumer: String,
     leases: LeaseTable,
+    /// The process holding this shard's lease, for a leased reader: every
+    /// checkpoint is conditional on it still holding it.
+    owner: Option<String>,
     cfg: ReaderConfig,
     /// Parents whose `SHARD_END` has not been seen yet; nothing is read
     /// before this is empty.
@@ -99,6 +102,7 @@ impl KinesisShardReader {
         shard: ShardInfo,
         consumer: String,
         leases: LeaseTable,
+        owner: Option<String>,
         cfg: ReaderConfig,
     ) -> Result<Self, ReadError> {
         if consumer.is_empty() {
@@ -123,6 +127,7 @@ impl KinesisShardReader {
             shard,
             consumer,
             leases,
+            owner,
             cfg,
             iterator: None,
             after,
@@ -192,6 +197,7 @@ impl KinesisShardReader {
                 .set(
                     &self.consumer,
                     &self.shard.id,
+                    self.owner.as_deref(),
                     self.checkpoint.as_ref(),
                     &Checkpoint::ShardEnd,
                 )
@@ -343,6 +349,7 @@ impl ShardReader for KinesisShardReader {
             .set(
                 &self.consumer,
                 &self.shard.id,
+                self.owner.as_deref(),
                 self.checkpoint.as_ref(),
                 &new,
             )

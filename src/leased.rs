@@ -1,0 +1,155 @@
+//! The processors on a Kinesis stream shared with other `iotpipe` processes:
+//! a shard is processed only while this process holds its lease.
+//!
+//! A loop ticks the [`LeaseKeeper`] every renew interval, starts a shard
+//! processor for every lease gained and stops the one of every lease lost.
+//! On shutdown it stops them all, lets them drain and checkpoint, and gives
+//! the leases up so that the other processes take the shards at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use stream::kinesis::{KinesisStream, LeaseConfig, LeaseKeeper};
+use stream::{ReadError, ShardReader};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Starts one shard's processor, which stops when its receiver says so.
+pub type SpawnShard = Arc<
+    dyn Fn(Box<dyn ShardReader>, watch::Receiver<bool>) -> JoinHandle<Result<(), ReadError>>
+        + Send
+        + Sync,
+>;
+
+/// A shard processor and the switch that stops it.
+type Running = (watch::Sender<bool>, JoinHandle<Result<(), ReadError>>);
+
+/// A name for this process in the lease table, unique across machines and
+/// restarts: host, process id and start time.
+pub fn owner_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "iotpipe".to_string());
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    format!("{host}-{}-{started}", std::process::id())
+}
+
+/// Runs [`run`] as a task, as a process `owner_id()` with leases of
+/// `lease_duration` renewed every third of it; its failure is the
+/// pipeline's.
+pub fn spawn(
+    stream: Arc<KinesisStream>,
+    consumer: &'static str,
+    lease_duration: Duration,
+    spawn_shard: SpawnShard,
+    stop: watch::Receiver<bool>,
+    failed_tx: Arc<watch::Sender<Option<String>>>,
+    now_ms: fn() -> i64,
+) -> JoinHandle<Result<(), ReadError>> {
+    let owner = owner_id();
+    let config = LeaseConfig {
+        lease_duration,
+        renew_interval: lease_duration / 3,
+    };
+    let keeper = stream.lease_keeper(consumer, &owner, &config);
+    tracing::info!(owner, "Sharing the Kinesis stream's shards by leases.");
+    tokio::spawn(async move {
+        let result = run(
+            stream,
+            keeper,
+            consumer,
+            config.renew_interval,
+            spawn_shard,
+            stop.clone(),
+            now_ms,
+        )
+        .await;
+        if let Err(e) = &result
+            && !*stop.borrow()
+        {
+            failed_tx.send_replace(Some(format!("the shard lease loop failed: {e}")));
+        }
+        result
+    })
+}
+
+/// Runs until `stop` turns true; see the module docs.
+pub async fn run(
+    stream: Arc<KinesisStream>,
+    mut keeper: LeaseKeeper,
+    consumer: &str,
+    renew_every: Duration,
+    spawn: SpawnShard,
+    mut stop: watch::Receiver<bool>,
+    now_ms: fn() -> i64,
+) -> Result<(), ReadError> {
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    let mut stopped: Vec<JoinHandle<Result<(), ReadError>>> = Vec::new();
+    let mut tick = tokio::time::interval(renew_every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+                continue;
+            }
+        }
+        let changes = match stream.shard_ids().await {
+            Ok(shards) => keeper.tick(&shards, now_ms()).await,
+            Err(e) => Err(e),
+        };
+        let changes = match changes {
+            Ok(changes) => changes,
+            Err(e) => {
+                // The leases outlive a few failed renewals; past that, the
+                // readers' checkpoints fail and their shards stop.
+                tracing::warn!(error = %e, "Renewing shard leases failed; will retry.");
+                continue;
+            }
+        };
+        for shard in changes.lost {
+            if let Some((switch, task)) = running.remove(&shard) {
+                tracing::info!(shard, "Lost a shard's lease; its processor stops.");
+                switch.send_replace(true);
+                stopped.push(task);
+            }
+        }
+        for shard in changes.gained {
+            match stream.leased_reader(&shard, consumer, keeper.owner()).await {
+                Ok(reader) => {
+                    let (switch, rx) = watch::channel(false);
+                    running.insert(shard, (switch, spawn(Box::new(reader), rx)));
+                }
+                Err(e) => {
+                    tracing::warn!(shard, error = %e, "Cannot read a leased shard; giving its lease up.");
+                    if let Err(e) = keeper.release(&shard).await {
+                        tracing::warn!(shard, error = %e, "Giving a lease up failed; it will expire.");
+                    }
+                }
+            }
+        }
+    }
+    for (switch, task) in running.into_values() {
+        switch.send_replace(true);
+        stopped.push(task);
+    }
+    let mut first_error = None;
+    for task in stopped {
+        match task.await {
+            Ok(Ok(())) | Ok(Err(ReadError::LeaseLost(_))) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(ReadError::Io(format!("processor task: {e}")));
+            }
+        }
+    }
+    keeper.release_all().await?;
+    first_error.map_or(Ok(()), Err)
+}
