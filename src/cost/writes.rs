@@ -23,10 +23,14 @@ pub const DAY_S: f64 = 86_400.0;
 const ITEM_FIXED_B: f64 = 60.0;
 /// A finest window's header inside a span item.
 const WINDOW_HEADER_B: f64 = 10.0;
-/// A metric's name, once per window that holds it.
+/// A metric's name: once per span item (windows refer to it by index), once
+/// per metric in other items.
 const METRIC_NAME_B: f64 = 12.0;
-/// One reading's ts and value: a finest window of a quiet device.
-const SINGLE_VALUE_B: f64 = 18.0;
+/// A window's reference to its metric's name inside a span item.
+const METRIC_INDEX_B: f64 = 1.0;
+/// One reading's offset in its window and value: a finest window of a quiet
+/// device, stored without the rest of an aggregate.
+const SINGLE_VALUE_B: f64 = 12.0;
 /// Count, sum, sum of squares, min, max, first, last, revision, ...
 const AGGREGATE_B: f64 = 90.0;
 const SKETCH_BIN_B: f64 = 3.0;
@@ -187,13 +191,13 @@ impl StoreShape {
     pub fn sizes(&self) -> Sizes {
         let m = self.metrics as f64;
         let windows = (self.span_s / FINEST_S) * self.filled(FINEST_S);
-        let window = WINDOW_HEADER_B + m * (METRIC_NAME_B + self.finest_value_bytes());
+        let window = WINDOW_HEADER_B + m * (METRIC_INDEX_B + self.finest_value_bytes());
         let per_fleet = self.devices as f64 / self.fleets.max(1) as f64;
         let fleet = |len_s: f64| {
             ITEM_FIXED_B + aggregate_bytes(per_fleet * self.readings_per_device_s * len_s)
         };
         Sizes {
-            span: ITEM_FIXED_B + windows * window,
+            span: ITEM_FIXED_B + m * METRIC_NAME_B + windows * window,
             hour: self.coarse_bytes(self.readings_per_device_s * HOUR_S),
             day: self.coarse_bytes(self.readings_per_device_s * DAY_S),
             device: ITEM_FIXED_B
@@ -302,14 +306,16 @@ fn device_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
     } else {
         0.0
     };
-    // Read once per batch; written on entering a new hour (a new day always
-    // enters a new hour too) and on each compaction.
+    // Read only by a batch that starts one of the device's spans (its other
+    // spans' windows are pending already); written on entering a new hour
+    // (a new day always enters a new hour too) and on each compaction.
     let device_writes = hours + hours + days;
+    let starts = s.spans_per_reading().min(b.present / b.readings);
     let mut items = vec![ItemCost {
         item: "device item",
         writes: device_writes,
         wru: device_writes * wru(z.device),
-        rru: b.present / b.readings * rru(z.device),
+        rru: starts * rru(z.device),
         bytes: z.device,
     }];
     if hours > 0.0 {
@@ -323,11 +329,12 @@ fn device_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
         });
     }
     if days > 0.0 {
+        // A day is compacted from its spans too, as the API merges it.
         items.push(ItemCost {
             item: "day items (compaction)",
             writes: days,
             wru: days * wru(z.day),
-            rru: hours * rru(z.hour),
+            rru: s.spans_per_reading() * rru(z.span),
             bytes: z.day,
         });
     }
