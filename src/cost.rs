@@ -794,13 +794,13 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_span_item_passes_1_kb_only_when_full() {
-        // 10 windows x (10 B + 3 x (12 B + 18 B)) + 60 B = 1,060 B when
-        // full: the last of its ten writes takes 2 WRU.
+    fn a_quiet_span_item_fits_one_write_unit_when_full() {
+        // 60 B + 3 x 12 B of names + 10 windows x (10 B + 3 x (1 B + 12 B))
+        // = 586 B when full: every one of its ten writes takes 1 WRU.
         let e = fleet(1.0, 1000);
         let span = &e.pattern.items[0];
-        assert!((span.wru / span.writes - 1.1).abs() < 0.01, "{span:?}");
-        assert!((span.bytes - 610.0).abs() < 1.0, "{span:?}");
+        assert!((span.wru / span.writes - 1.0).abs() < 0.001, "{span:?}");
+        assert!(span.bytes > 300.0 && span.bytes < 400.0, "{span:?}");
     }
 
     #[test]
@@ -834,12 +834,12 @@ mod tests {
     fn storage_keeps_each_kind_of_item_for_its_retention() {
         let e = fleet(1.0, 1000);
         // Per device, with 100 B of overhead per item: 30 days of 10-minute
-        // spans (1,060 B), 90 days of hours (907 B), 1,098 days (1,438 B),
+        // spans (586 B), 90 days of hours (907 B), 1,098 days (1,438 B),
         // its device and member items; fleet windows add under 1 %.
-        let per_device = 30.0 * 144.0 * 1160.0
+        let per_device = 30.0 * 144.0 * 686.0
             + 90.0 * 24.0 * (906.9 + 100.0)
             + 1098.0 * (1437.6 + 100.0)
-            + 314.0
+            + 296.0
             + 160.0;
         let expected = 10_000.0 * per_device / GB;
         let stored = line(&e, "storage").quantity;
