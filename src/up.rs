@@ -369,6 +369,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         let (stream, store) = (stream.clone(), store.clone());
         let keep = config.aggregate.dead_letters_per_reason;
         let dead_letter_ms = aggregate.dead_letter_retention_ms;
+        let aggregate = aggregate.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
             loop {
@@ -377,6 +378,25 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
                 let dropped = stream.maintain(now).await;
                 store.dead_letter_dropped(&dropped, dead_letter_ms).await;
                 store.maintain(now, keep).await;
+                // Devices that stopped publishing keep their last windows
+                // pending until this compacts them.
+                let (writer, query) = (store.writer(), store.query());
+                match processors::run::sweep_quiet_devices(
+                    writer.as_ref(),
+                    query.as_ref(),
+                    &aggregate,
+                )
+                .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(
+                        devices = n,
+                        "Compacted the final windows of quiet devices."
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Sweeping quiet devices failed; will retry.")
+                    }
+                }
             }
         })
     };

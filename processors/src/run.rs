@@ -258,6 +258,86 @@ pub async fn process_batch(
     }
 }
 
+/// Compacts the final pending windows of every device, for devices that
+/// stopped publishing and so never start the span whose batch would. Runs
+/// beside the shard processors: its writes are conditional, so a device
+/// that publishes meanwhile wins and is swept another time. Returns how
+/// many devices it compacted.
+pub async fn sweep_quiet_devices(
+    store: &dyn RollupStore,
+    query: &dyn crate::store::RollupQuery,
+    cfg: &AggregateConfig,
+) -> Result<u64, BatchError> {
+    use rollup::keys::{DEVICE_SK, WATERMARK_PK};
+    use schemas::state::ItemState;
+
+    let watermarks: std::collections::HashMap<String, i64> = query
+        .range(crate::store::Range {
+            pk: WATERMARK_PK.into(),
+            from: String::new(),
+            to: "\u{10FFFF}".into(),
+            limit: 100_000,
+            descending: false,
+        })
+        .await?
+        .into_iter()
+        .filter_map(|(shard, item)| match item.state {
+            ItemState::Watermark(w) => Some((shard, w)),
+            _ => None,
+        })
+        .collect();
+    let mut swept = 0;
+    let mut after = None;
+    loop {
+        let page = query.scan_prefix("d|", after.clone(), 1000).await?;
+        let full = page.len() == 1000;
+        for (pk, sk, item) in page {
+            after = Some((pk.clone(), sk.clone()));
+            let (Some(device), true) = (pk.strip_prefix("d|"), sk == DEVICE_SK) else {
+                continue;
+            };
+            let ItemState::Device(state) = &item.state else {
+                continue;
+            };
+            let Some(&watermark) = watermarks.get(&state.shard) else {
+                continue;
+            };
+            let keys = rollup::sweep::sweep_keys(device, state, watermark, cfg);
+            if keys.is_empty() {
+                continue;
+            }
+            // Load the device through the writer too, for its version.
+            let mut with_device = vec![rollup::keys::ItemKey::Device {
+                device: device.to_string(),
+            }];
+            with_device.extend(keys.iter().cloned());
+            let mut loaded = store.load(&with_device).await?;
+            let Some(current) = loaded.remove(0) else {
+                continue;
+            };
+            let Some(commit) =
+                rollup::sweep::sweep(device, &current, watermark, &keys, loaded, cfg)?
+            else {
+                continue;
+            };
+            match store.commit(commit).await {
+                Ok(()) => swept += 1,
+                Err(StoreError::Conflict(key)) => {
+                    tracing::debug!(
+                        device,
+                        key,
+                        "A batch wrote the device during its sweep; next time."
+                    );
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !full {
+            return Ok(swept);
+        }
+    }
+}
+
 /// How often a shard with nothing to read moves its watermark to now.
 const IDLE_WATERMARK_EVERY: Duration = Duration::from_secs(1);
 

@@ -11,8 +11,8 @@ use http_body_util::BodyExt;
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
-use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
+use processors::store::{RollupQuery, RollupStore};
 use rollup::AggregateConfig;
 use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
@@ -570,4 +570,55 @@ async fn final_waits_for_what_is_still_in_the_stream() {
     assert_eq!(stats.rejected, vec![(schemas::RejectReason::TooLate, 1)]);
     let (_, _, after) = get(&state, &uri).await;
     assert_eq!(window(&after), window(&final_body));
+}
+
+/// A device that stops publishing keeps its last hour pending until a sweep
+/// compacts it; the API answers the same before and after, and a second
+/// sweep finds nothing to do.
+#[tokio::test]
+async fn a_quiet_devices_last_windows_are_compacted_by_the_sweep() {
+    let store = Arc::new(MemoryStore::new());
+    let cfg = Arc::new(AggregateConfig::default());
+    let metrics = ProcessorMetrics::default();
+    let batch: Vec<Record> = (0..3)
+        .map(|i| record(i + 1, "d1", "f", T0 + i as i64 * MIN, i as f64))
+        .collect();
+    process_batch("s0", &batch, store.as_ref(), &cfg, &metrics)
+        .await
+        .unwrap();
+    let hour = schemas::Resolution::HOUR;
+    let h0 = T0.div_euclid(hour) * hour;
+    // The shard goes idle past the hour's end plus the lateness.
+    idle_until(
+        store.as_ref(),
+        "s0",
+        h0 + 2 * hour + cfg.watermark_slack_ms + 1,
+        &cfg,
+    )
+    .await;
+    let mut state = ApiState::new(store.clone(), cfg.clone());
+    state.clock = Arc::new(move || h0 + 3 * hour);
+    let uri = format!("/v1/devices/d1/metrics/t?res=1h&from={h0}&to={}", h0 + hour);
+    let (_, _, before) = get(&state, &uri).await;
+    assert_eq!(before["windows"][0]["count"], 3, "{before}");
+    let key = rollup::keys::ItemKey::DeviceWindow {
+        device: "d1".into(),
+        res: "1h".parse().unwrap(),
+        start: h0,
+    };
+    assert!(store.get(&key.pk(), &key.sk()).await.unwrap().is_none());
+
+    let swept = processors::run::sweep_quiet_devices(store.as_ref(), store.as_ref(), &cfg)
+        .await
+        .unwrap();
+    assert_eq!(swept, 1);
+    assert!(store.get(&key.pk(), &key.sk()).await.unwrap().is_some());
+    let (_, _, after) = get(&state, &uri).await;
+    assert_eq!(after["windows"], before["windows"]);
+    let (_, _, device) = get(&state, "/v1/devices/d1").await;
+    assert_eq!(device["metrics"]["t"]["value"], 2.0, "{device}");
+    let again = processors::run::sweep_quiet_devices(store.as_ref(), store.as_ref(), &cfg)
+        .await
+        .unwrap();
+    assert_eq!(again, 0);
 }

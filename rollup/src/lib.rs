@@ -7,6 +7,8 @@
 //!   [`aggregate::apply`] folds the batch into them as loaded.
 //! - `span`: a device's coarser windows from its span items, shared by the
 //!   compaction and the query API.
+//! - `sweep`: compacting the pending windows of a device that stopped
+//!   publishing, for a shell's periodic sweep.
 //! - `commit`: what the core hands a store: loaded items ([`Stored`]) and
 //!   conditional writes ([`Commit`]).
 //! - `config`: resolutions, lateness and retention.
@@ -26,6 +28,7 @@ pub mod commit;
 pub mod config;
 pub mod keys;
 pub mod span;
+pub mod sweep;
 
 pub use aggregate::{ApplyError, BatchStats};
 pub use commit::{Commit, Condition, Stored, Write};

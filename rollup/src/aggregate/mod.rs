@@ -1315,7 +1315,7 @@ fn finish(
     Applied { commit, stats }
 }
 
-fn expiry(key: &ItemKey, cfg: &AggregateConfig) -> Option<i64> {
+pub(crate) fn expiry(key: &ItemKey, cfg: &AggregateConfig) -> Option<i64> {
     match key {
         ItemKey::DeviceWindow { res, start, .. } | ItemKey::FleetWindow { res, start, .. } => {
             let i = cfg.resolutions.iter().position(|r| r == res)?;
