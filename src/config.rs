@@ -267,9 +267,6 @@ fn to_ms(d: Duration) -> i64 {
 pub struct ProcessorSettings {
     /// Most stream records folded into the store in one batch.
     pub batch_max_records: usize,
-    /// How long a batch that is not full waits for more records.
-    #[serde(with = "duration_text")]
-    pub batch_linger: Duration,
     /// How often applied batches are written to disk and checkpointed. Longer
     /// means fewer writes (a window that changed several times is written
     /// once per interval) and a longer replay after a crash; queries see
@@ -285,7 +282,6 @@ impl Default for ProcessorSettings {
     fn default() -> Self {
         ProcessorSettings {
             batch_max_records: 10_000,
-            batch_linger: Duration::from_millis(20),
             flush_interval: Duration::from_secs(10),
             flush_max_dirty_items: 500_000,
         }
@@ -506,11 +502,6 @@ watermark_slack = "10s"
 [processor]
 # Most stream records folded into the store in one batch.
 batch_max_records = 10000
-# How long a batch that is not full waits for more records. With many devices
-# that each publish rarely, a processor that keeps up would otherwise fold a
-# handful of records at a time, each batch paying for its fleet windows and
-# counters; this adds at most the linger to freshness.
-batch_linger = "20ms"
 # How often applied batches are written to disk and checkpointed. Every flush
 # rewrites each rollup that changed since the last one, so with many devices
 # that each publish rarely, longer means several readings share one write.

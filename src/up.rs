@@ -216,7 +216,6 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let (stop_processors, stop_rx) = watch::channel(false);
     let pcfg = ProcessorConfig {
         batch_max_records: config.processor.batch_max_records,
-        batch_linger: config.processor.batch_linger,
         flush: FlushPolicy {
             interval: config.processor.flush_interval,
             max_dirty_items: config.processor.flush_max_dirty_items,

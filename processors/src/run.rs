@@ -27,12 +27,6 @@ pub struct ProcessorConfig {
     pub batch_max_records: usize,
     /// How long a read waits for the first record before looking at shutdown.
     pub poll_wait: Duration,
-    /// How long a batch that is not full waits for more records before it is
-    /// applied. At a fleet's shape a processor that keeps up would otherwise
-    /// apply a handful of records at a time, and the per-batch items (fleet
-    /// windows, counters, the watermark) and the core's fixed cost would be
-    /// shared by few readings. Adds at most this much to freshness.
-    pub batch_linger: Duration,
     /// First retry delay after a store error; doubles up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
@@ -45,7 +39,6 @@ impl Default for ProcessorConfig {
         ProcessorConfig {
             batch_max_records: 10_000,
             poll_wait: Duration::from_millis(250),
-            batch_linger: Duration::from_millis(20),
             initial_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_secs(5),
             flush: FlushPolicy::default(),
@@ -345,34 +338,6 @@ pub async fn sweep_quiet_devices(
     }
 }
 
-/// Tops up a batch that is not full with what arrives within the linger. A
-/// read error ends the wait: the records already read are applied, and the
-/// error comes back on the next read.
-async fn linger(
-    reader: &mut dyn ShardReader,
-    mut batch: Vec<Record>,
-    pcfg: &ProcessorConfig,
-) -> Vec<Record> {
-    if batch.is_empty() || pcfg.batch_linger.is_zero() {
-        return batch;
-    }
-    let deadline = Instant::now() + pcfg.batch_linger;
-    while batch.len() < pcfg.batch_max_records {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        match reader
-            .next_batch(pcfg.batch_max_records - batch.len(), left)
-            .await
-        {
-            Ok(more) if !more.is_empty() => batch.extend(more),
-            _ => break,
-        }
-    }
-    batch
-}
-
 /// How often a shard with nothing to read moves its watermark to now.
 const IDLE_WATERMARK_EVERY: Duration = Duration::from_secs(1);
 
@@ -435,7 +400,6 @@ pub async fn run_shard(
             }
         };
         let batch = match batch {
-            Ok(batch) if !draining => linger(reader.as_mut(), batch, &pcfg).await,
             Ok(batch) => batch,
             Err(e @ stream::ReadError::Io(_)) => {
                 // Throttling or a passing I/O error: nothing was consumed, so
