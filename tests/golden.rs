@@ -155,21 +155,10 @@ async fn feed(case: &Case, store: &dyn RollupStore, batching: Batching) {
         // Then the shard has nothing more to read until `now`: its
         // watermark says everything that arrived by then is applied.
         let now = time(&case.expected["now"]);
-        let key = rollup::keys::ItemKey::Watermark {
-            shard: shard.clone(),
-        };
-        let loaded = store.load(&[key]).await.unwrap().pop().flatten();
         let idle = now + case.cfg.watermark_slack_ms;
-        if let Some(w) = rollup::aggregate::idle_watermark(shard, loaded, idle, &case.cfg).unwrap()
-        {
-            store
-                .commit(rollup::Commit {
-                    writes: Vec::new(),
-                    then: vec![w],
-                })
-                .await
-                .unwrap();
-        }
+        processors::run::advance_idle_watermark(shard, store, &case.cfg, idle)
+            .await
+            .unwrap();
     }
     store.flush().await.unwrap();
 }

@@ -268,24 +268,10 @@ pub async fn sweep_quiet_devices(
     query: &dyn crate::store::RollupQuery,
     cfg: &AggregateConfig,
 ) -> Result<u64, BatchError> {
-    use rollup::keys::{DEVICE_SK, WATERMARK_PK};
+    use rollup::keys::DEVICE_SK;
     use schemas::state::ItemState;
 
-    let watermarks: std::collections::HashMap<String, i64> = query
-        .range(crate::store::Range {
-            pk: WATERMARK_PK.into(),
-            from: String::new(),
-            to: "\u{10FFFF}".into(),
-            limit: 100_000,
-            descending: false,
-        })
-        .await?
-        .into_iter()
-        .filter_map(|(shard, item)| match item.state {
-            ItemState::Watermark(w) => Some((shard, w)),
-            _ => None,
-        })
-        .collect();
+    let watermarks = crate::store::watermarks(query).await?;
     let mut swept = 0;
     let mut after = None;
     loop {
@@ -343,7 +329,7 @@ const IDLE_WATERMARK_EVERY: Duration = Duration::from_secs(1);
 
 /// Moves an idle shard's watermark up to `now` less the slack, so that it
 /// does not hold fleet windows short of final.
-async fn advance_idle_watermark(
+pub async fn advance_idle_watermark(
     shard: &str,
     store: &dyn RollupStore,
     cfg: &AggregateConfig,

@@ -11,8 +11,8 @@ use http_body_util::BodyExt;
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
+use processors::store::RollupQuery;
 use processors::store::memory::MemoryStore;
-use processors::store::{RollupQuery, RollupStore};
 use rollup::AggregateConfig;
 use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
@@ -79,19 +79,9 @@ async fn filled() -> (Arc<MemoryStore>, ApiState) {
 }
 
 async fn idle_until(store: &MemoryStore, shard: &str, now: i64, cfg: &AggregateConfig) {
-    let key = rollup::keys::ItemKey::Watermark {
-        shard: shard.into(),
-    };
-    let loaded = store.load(&[key]).await.unwrap().pop().flatten();
-    if let Some(w) = rollup::aggregate::idle_watermark(shard, loaded, now, cfg).unwrap() {
-        store
-            .commit(rollup::Commit {
-                writes: Vec::new(),
-                then: vec![w],
-            })
-            .await
-            .unwrap();
-    }
+    processors::run::advance_idle_watermark(shard, store, cfg, now)
+        .await
+        .unwrap();
 }
 
 async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {

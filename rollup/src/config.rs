@@ -92,6 +92,13 @@ impl AggregateConfig {
         ts.div_euclid(span) * span
     }
 
+    /// The starts of the spans that make up the window `[start, start +
+    /// res_ms)`: what compacting it reads.
+    pub fn spans_of(&self, res_ms: i64, start: i64) -> impl Iterator<Item = i64> + use<> {
+        let span = self.span_ms();
+        (0..res_ms / span).map(move |i| start + i * span)
+    }
+
     /// The windows a device's item keeps track of until they are compacted:
     /// every coarser resolution, or the span itself when there is none.
     pub fn pending_units(&self) -> Vec<i64> {

@@ -51,6 +51,22 @@ pub fn finest_windows<'a>(
     })
 }
 
+/// Settles a compacted window in its device: drops it from the pending list
+/// and folds in what its spans say of the device's latest values and
+/// arrival, which the API overlays only for pending windows.
+pub fn settle(
+    device: &mut DeviceState,
+    window: (i64, i64),
+    spans: &[SpanState],
+    merged: &MetricWindows,
+) {
+    device.pending.retain(|p| *p != window);
+    for s in spans {
+        observe_span(device, s);
+    }
+    observe_windows(device, merged);
+}
+
 /// Folds a span's latest values and arrival time into a device's.
 pub fn observe_span(device: &mut DeviceState, span: &SpanState) {
     device.last_seen = device.last_seen.max(span.last_seen);
@@ -64,7 +80,7 @@ pub fn observe_span(device: &mut DeviceState, span: &SpanState) {
 }
 
 /// Folds a compacted window's latest values into a device's.
-pub fn observe_windows(device: &mut DeviceState, windows: &MetricWindows) {
+fn observe_windows(device: &mut DeviceState, windows: &MetricWindows) {
     for (metric, agg) in &windows.metrics {
         if agg.count > 0 {
             device.observe(metric, agg.last);

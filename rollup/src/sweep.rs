@@ -34,12 +34,11 @@ pub fn sweep_keys(
     watermark: i64,
     cfg: &AggregateConfig,
 ) -> Vec<ItemKey> {
-    let span_ms = cfg.span_ms();
     let mut keys = Vec::new();
     for (res_ms, start) in final_windows(state, watermark, cfg) {
-        keys.extend((0..res_ms / span_ms).map(|i| ItemKey::Span {
+        keys.extend(cfg.spans_of(res_ms, start).map(|start| ItemKey::Span {
             device: device.to_string(),
-            start: start + i * span_ms,
+            start,
         }));
         if let Some(res) = cfg.resolutions[1..].iter().find(|r| r.ms() == res_ms) {
             keys.push(ItemKey::DeviceWindow {
@@ -131,11 +130,7 @@ pub fn sweep(
                 });
             }
         }
-        device.pending.retain(|p| *p != (res_ms, start));
-        for s in &spans {
-            span::observe_span(&mut device, s);
-        }
-        span::observe_windows(&mut device, &merged);
+        span::settle(&mut device, (res_ms, start), &spans, &merged);
     }
     commit.then.push(Write {
         key: device_key,

@@ -211,20 +211,18 @@ async fn device(
         if Some(res_ms) != finest_unit {
             continue;
         }
-        let spans = s
-            .query
-            .range(Range {
-                pk: keys::span_pk(&device_id),
-                from: keys::time_sk(start),
-                to: keys::time_sk(start + res_ms),
-                limit: 10_000,
-                descending: false,
-            })
-            .await?;
-        for (_, item) in spans {
-            if let ItemState::Span(span) = item.state {
-                rollup::span::observe_span(&mut d, &span);
-            }
+        let count = s.cfg.spans_of(res_ms, start).count();
+        for span in windows::spans(
+            s.query.as_ref(),
+            &device_id,
+            start,
+            start + res_ms,
+            count,
+            &s.cfg,
+        )
+        .await?
+        {
+            rollup::span::observe_span(&mut d, &span);
         }
     }
     let metrics: BTreeMap<String, Value> = d

@@ -114,22 +114,11 @@ async fn watermark(store: &dyn RollupQuery, series: &Series) -> Result<i64, Prob
             .as_ref()
             .and_then(read)
             .unwrap_or(i64::MIN)),
-        Series::Fleet(_) => {
-            let rows = store
-                .range(Range {
-                    pk: WATERMARK_PK.into(),
-                    from: String::new(),
-                    to: "\u{10FFFF}".into(),
-                    limit: 100_000,
-                    descending: false,
-                })
-                .await?;
-            Ok(rows
-                .iter()
-                .filter_map(|(_, item)| read(item))
-                .min()
-                .unwrap_or(i64::MIN))
-        }
+        Series::Fleet(_) => Ok(crate::store::watermarks(store)
+            .await?
+            .into_values()
+            .min()
+            .unwrap_or(i64::MIN)),
     }
 }
 
@@ -222,8 +211,8 @@ async fn stored_rows(
     }
 }
 
-/// A device's spans covering `[from, end)`, in order.
-async fn spans(
+/// A device's spans covering `[from, end)`, in order, at most `limit`.
+pub(super) async fn spans(
     store: &dyn RollupQuery,
     device: &str,
     from: i64,

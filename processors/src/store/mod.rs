@@ -68,6 +68,30 @@ pub trait RollupStore: Send + Sync + 'static {
     }
 }
 
+/// Every shard's processed watermark, by shard: what makes windows final
+/// (the query API) and what the sweep of quiet devices compacts up to.
+pub async fn watermarks(
+    query: &dyn RollupQuery,
+) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+    let rows = query
+        .range(Range {
+            pk: rollup::keys::WATERMARK_PK.into(),
+            from: String::new(),
+            // Above every shard id: the whole partition.
+            to: "\u{10FFFF}".into(),
+            limit: 100_000,
+            descending: false,
+        })
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(shard, item)| match item.state {
+            schemas::state::ItemState::Watermark(w) => Some((shard, w)),
+            _ => None,
+        })
+        .collect())
+}
+
 /// A range of one partition, `from <= sk < to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Range {

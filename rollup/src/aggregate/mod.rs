@@ -488,7 +488,6 @@ impl<'a> Plan<'a> {
     /// Lists, for each loaded device item, the spans of every pending window
     /// that can no longer change, and its compacted item.
     fn plan_compactions(&mut self, cfg: &AggregateConfig) -> Result<(), ApplyError> {
-        let span_ms = cfg.span_ms();
         for (dev, slot) in self.device_slots.clone() {
             let pending = match self.loaded[slot as usize].as_ref().map(|s| &s.item.state) {
                 None | Some(ItemState::Empty) => Vec::new(),
@@ -499,13 +498,9 @@ impl<'a> Plan<'a> {
                 if !cfg.is_final(start.saturating_add(res_ms), self.watermark) {
                     continue;
                 }
-                let spans = (0..res_ms / span_ms)
-                    .map(|i| {
-                        self.add_key(Key::Span {
-                            dev,
-                            start: start + i * span_ms,
-                        })
-                    })
+                let spans = cfg
+                    .spans_of(res_ms, start)
+                    .map(|start| self.add_key(Key::Span { dev, start }))
                     .collect();
                 let out = cfg
                     .resolutions
@@ -1088,11 +1083,7 @@ impl Batcher<'_, '_> {
             let ItemState::Device(d) = state else {
                 return Err(mismatch("device", state));
             };
-            d.pending.retain(|p| *p != key);
-            for s in &spans {
-                span::observe_span(d, s);
-            }
-            span::observe_windows(d, &windows);
+            span::settle(d, key, &spans, &windows);
             Ok(())
         })?;
         Ok(())

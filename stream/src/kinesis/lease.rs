@@ -313,21 +313,41 @@ impl LeaseTable {
         condition_held(update.send().await, "taking a lease")
     }
 
-    /// Renews `owner`'s lease on `shard`. `Ok(false)`: it is not `owner`'s
-    /// any more.
-    pub async fn renew(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+    /// Applies `expression` to `owner`'s lease on `shard`, bumping its
+    /// counter, only while `owner` holds it. `Ok(false)`: it does not.
+    async fn update_owned(
+        &self,
+        consumer: &str,
+        shard: &str,
+        owner: &str,
+        expression: &str,
+        doing: &str,
+    ) -> Result<bool, ReadError> {
         let update = self
             .client
             .update_item()
             .table_name(&self.table)
             .key("pk", s(consumer))
             .key("sk", s(shard))
-            .update_expression("ADD lease_counter :one")
+            .update_expression(expression)
             .condition_expression("#owner = :me")
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_values(":me", s(owner))
             .expression_attribute_values(":one", n(1));
-        condition_held(update.send().await, "renewing a lease")
+        condition_held(update.send().await, doing)
+    }
+
+    /// Renews `owner`'s lease on `shard`. `Ok(false)`: it is not `owner`'s
+    /// any more.
+    pub async fn renew(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+        self.update_owned(
+            consumer,
+            shard,
+            owner,
+            "ADD lease_counter :one",
+            "renewing a lease",
+        )
+        .await
     }
 
     /// Gives `owner`'s lease on `shard` up, so another process takes it at
@@ -338,18 +358,14 @@ impl LeaseTable {
         shard: &str,
         owner: &str,
     ) -> Result<bool, ReadError> {
-        let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(consumer))
-            .key("sk", s(shard))
-            .update_expression("REMOVE #owner ADD lease_counter :one")
-            .condition_expression("#owner = :me")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":me", s(owner))
-            .expression_attribute_values(":one", n(1));
-        condition_held(update.send().await, "releasing a lease")
+        self.update_owned(
+            consumer,
+            shard,
+            owner,
+            "REMOVE #owner ADD lease_counter :one",
+            "releasing a lease",
+        )
+        .await
     }
 
     /// Says that `owner` is alive.
