@@ -3,9 +3,11 @@
 //! `iotpipe up` serves, on the SQLite store.
 //!
 //! ```text
-//! cargo run --release -p processors --example query_load -- [CLIENTS] [SECONDS] [INTERVAL_MS] [AGG]
+//! cargo run --release -p processors --example query_load -- [CLIENTS] [SECONDS] [INTERVAL_MS] [AGG] [DAYS] [RES]
 //! ```
-//! (defaults: 50 clients, 10 s, 0, every field). With an interval each
+//! (defaults: 50 clients, 10 s, 0, every field, 1 day, `1m`; `all` as AGG
+//! asks for every field). `30 1h` reads 30 days of hourly windows, which the
+//! span layout serves from compacted device windows rather than spans. With an interval each
 //! client sends a request every INTERVAL_MS (a dashboard refreshing); with 0
 //! each sends its next request as soon as the last is answered, which
 //! measures the API's capacity and puts 50 requests in its queue at all
@@ -31,6 +33,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const T0: i64 = 1_764_201_600_000; // 2025-11-27T00:00:00Z
 const MIN: i64 = 60_000;
 const DAY_MINUTES: i64 = 1440;
+const HOUR: i64 = 60 * MIN;
 
 fn record(i: i64) -> Record {
     let ts = T0 + i * MIN + 5;
@@ -65,28 +68,41 @@ async fn main() -> anyhow::Result<()> {
     let clients: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(50);
     let seconds: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let interval_ms: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(0);
-    let agg = args.get(3).map(|a| format!("&agg={a}")).unwrap_or_default();
+    let agg_arg = args.get(3).map_or("all", String::as_str);
+    let agg = match agg_arg {
+        "all" => String::new(),
+        a => format!("&agg={a}"),
+    };
+    let days: i64 = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(1);
+    let res = args.get(5).map_or("1m", String::as_str);
+    let res_ms = match res {
+        "1m" => MIN,
+        "1h" => HOUR,
+        other => anyhow::bail!("RES must be 1m or 1h, not {other}"),
+    };
+    let minutes = days * DAY_MINUTES;
 
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SqliteStore::open(&dir.path().join("rollups.db"))?);
     let cfg = Arc::new(AggregateConfig::default());
     let metrics = ProcessorMetrics::default();
-    let records: Vec<Record> = (0..DAY_MINUTES).map(record).collect();
+    let records: Vec<Record> = (0..minutes).map(record).collect();
     for batch in records.chunks(60) {
         process_batch("s0", batch, store.as_ref(), &cfg, &metrics).await?;
     }
 
     let mut state = ApiState::new(store.clone(), cfg);
     // A day after the data: every window is final.
-    state.clock = Arc::new(|| T0 + 2 * DAY_MINUTES * MIN);
+    state.clock = Arc::new(move || T0 + (minutes + DAY_MINUTES) * MIN);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, app(state)).await });
 
     let url = format!(
-        "http://{addr}/v1/devices/d1/metrics/temperature?res=1m&from={T0}&to={}{agg}",
-        T0 + DAY_MINUTES * MIN
+        "http://{addr}/v1/devices/d1/metrics/temperature?res={res}&from={T0}&to={}{agg}",
+        T0 + minutes * MIN
     );
+    let expected = (minutes * MIN / res_ms) as usize;
     let http = reqwest::Client::new();
     // One request first: it must return the whole day.
     let body: serde_json::Value = http.get(&url).send().await?.json().await?;
@@ -95,8 +111,8 @@ async fn main() -> anyhow::Result<()> {
         .context("the answer has no `windows`")?
         .len();
     anyhow::ensure!(
-        windows == DAY_MINUTES as usize,
-        "expected {DAY_MINUTES} windows, got {windows}"
+        windows == expected,
+        "expected {expected} windows, got {windows}"
     );
 
     let end = Instant::now() + Duration::from_secs(seconds);
@@ -147,9 +163,8 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(0.0)
     };
     println!(
-        "{clients} clients, {seconds} s, interval {interval_ms} ms, agg {}, {windows} windows per answer: {} requests ({:.0}/s), {errors} errors, \
+        "{clients} clients, {seconds} s, interval {interval_ms} ms, agg {agg_arg}, {days} days at {res}, {windows} windows per answer: {} requests ({:.0}/s), {errors} errors, \
          p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        args.get(3).map_or("all", String::as_str),
         lat.len(),
         lat.len() as f64 / elapsed,
         pct(0.50),

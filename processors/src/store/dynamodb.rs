@@ -5,8 +5,15 @@
 //! (B, [`Item::encode`]) and, when it expires, `ttl` (N, seconds since the
 //! epoch, rounded up so that DynamoDB never deletes early).
 //!
-//! - `load`: BatchGetItem, 100 keys per call, strongly consistent (a stale
-//!   version would only turn into a conflict), unprocessed keys retried.
+//! - `load`: several spans or coarse windows of one device by one Query
+//!   (metered on their total size, where BatchGetItem rounds every item up
+//!   to 4 KB), everything else by BatchGetItem, 100 keys per call,
+//!   unprocessed keys retried. A device's own items (spans, windows, device
+//!   and member items) read eventually consistent, at half the read units:
+//!   every write is conditional on the version read, so a stale read can
+//!   only turn into a conflict, and after a conflict every load reads
+//!   strongly consistent until a commit succeeds. Shared items (fleet
+//!   windows, watermarks, counters) always read strongly consistent.
 //! - `commit`: one conditional PutItem per write, a bounded number in
 //!   flight. Every write of `writes` has succeeded before the first of
 //!   `then` starts. A commit is not atomic across items, and needs not be:
@@ -19,7 +26,9 @@
 //! Throttling and 5xx answers are retried with backoff and full jitter
 //! before a call reports [`StoreError::Unavailable`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,6 +63,10 @@ pub struct DynamoConfig {
     /// Attempts of one call on throttling or a 5xx, counting the first.
     pub max_attempts: u32,
     pub backoff: Backoff,
+    /// Read a device's own items eventually consistent (half the read units)
+    /// while no commit has conflicted; `false` reads everything strongly
+    /// consistent.
+    pub eventual_device_reads: bool,
 }
 
 impl Default for DynamoConfig {
@@ -63,6 +76,7 @@ impl Default for DynamoConfig {
             max_concurrent_reads: 4,
             max_attempts: 6,
             backoff: Backoff::new(Duration::from_millis(25), Duration::from_secs(2)),
+            eventual_device_reads: true,
         }
     }
 }
@@ -72,6 +86,91 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     cfg: DynamoConfig,
+    /// Set by a commit that failed a condition, cleared by one that
+    /// succeeded: the retry after a conflict must see what beat it, which an
+    /// eventually consistent read may not.
+    strong_reads: Arc<AtomicBool>,
+}
+
+/// One read call of a load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Read {
+    /// Up to 100 distinct keys by BatchGetItem.
+    Keys {
+        keys: Vec<(String, String)>,
+        consistent: bool,
+    },
+    /// Every item of `pk` from `from` to `to` (both included) by Query.
+    Range {
+        pk: String,
+        from: String,
+        to: String,
+        consistent: bool,
+    },
+}
+
+/// Items only their device's batches write, whose stale read can only
+/// cost a conflict and a reload, never a wrong write.
+fn device_owned(key: &ItemKey) -> bool {
+    matches!(
+        key,
+        ItemKey::Span { .. }
+            | ItemKey::DeviceWindow { .. }
+            | ItemKey::Device { .. }
+            | ItemKey::Member { .. }
+    )
+}
+
+/// Plans the calls that read `keys`: the spans or coarse windows of one
+/// device that a load asks for together (a batch starting a span, a
+/// compaction reading an hour's spans or a day's hours) lie next to each
+/// other in sort-key order, so one Query reads them for the units of their
+/// total size; the rest go by BatchGetItem, split by consistency since a
+/// BatchGetItem sets it per table.
+fn plan_reads(keys: &[ItemKey], eventual_device_reads: bool) -> Vec<Read> {
+    let consistent = |k: &ItemKey| !(eventual_device_reads && device_owned(k));
+    let mut ranges: BTreeMap<String, (String, String, bool)> = BTreeMap::new();
+    let mut singles: BTreeMap<(String, String), bool> = BTreeMap::new();
+    for key in keys {
+        let (pk, sk) = (key.pk(), key.sk());
+        if matches!(key, ItemKey::Span { .. } | ItemKey::DeviceWindow { .. }) {
+            let entry = ranges
+                .entry(pk)
+                .or_insert_with(|| (sk.clone(), sk.clone(), consistent(key)));
+            if sk < entry.0 {
+                entry.0 = sk;
+            } else if sk > entry.1 {
+                entry.1 = sk;
+            }
+        } else {
+            singles.insert((pk, sk), consistent(key));
+        }
+    }
+    let mut reads = Vec::new();
+    for (pk, (from, to, consistent)) in ranges {
+        if from == to {
+            singles.insert((pk, from), consistent);
+        } else {
+            reads.push(Read::Range {
+                pk,
+                from,
+                to,
+                consistent,
+            });
+        }
+    }
+    for want in [true, false] {
+        let keys: Vec<(String, String)> = singles
+            .iter()
+            .filter(|(_, c)| **c == want)
+            .map(|(id, _)| id.clone())
+            .collect();
+        reads.extend(keys.chunks(BATCH_GET_MAX).map(|chunk| Read::Keys {
+            keys: chunk.to_vec(),
+            consistent: want,
+        }));
+    }
+    reads
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -134,6 +233,7 @@ impl DynamoStore {
             client,
             table: table.into(),
             cfg: DynamoConfig::default(),
+            strong_reads: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -191,6 +291,7 @@ impl DynamoStore {
     async fn load_chunk(
         &self,
         keys: Vec<(String, String)>,
+        consistent: bool,
     ) -> Result<Vec<(String, String, u64, Item)>, StoreError> {
         let mut pending = KeysAndAttributes::builder()
             .set_keys(Some(
@@ -200,7 +301,7 @@ impl DynamoStore {
                     })
                     .collect(),
             ))
-            .consistent_read(true)
+            .consistent_read(consistent)
             .projection_expression("#pk, #sk, #v, #s")
             .set_expression_attribute_names(Some(names()))
             .build()
@@ -246,6 +347,56 @@ impl DynamoStore {
                     tokio::time::sleep(delay).await;
                 }
             }
+        }
+    }
+
+    /// Reads every item of one partition between two sort keys, both
+    /// included, by Query pages.
+    async fn load_range(
+        &self,
+        pk: String,
+        from: String,
+        to: String,
+        consistent: bool,
+    ) -> Result<Vec<(String, String, u64, Item)>, StoreError> {
+        let mut found = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let out = self
+                .retrying("Query", || {
+                    self.client
+                        .query()
+                        .table_name(&self.table)
+                        .key_condition_expression("#pk = :pk AND #sk BETWEEN :a AND :b")
+                        .projection_expression("#pk, #sk, #v, #s")
+                        .set_expression_attribute_names(Some(names()))
+                        .expression_attribute_values(":pk", s(pk.clone()))
+                        .expression_attribute_values(":a", s(from.clone()))
+                        .expression_attribute_values(":b", s(to.clone()))
+                        .consistent_read(consistent)
+                        .set_exclusive_start_key(start.clone())
+                        .send()
+                })
+                .await?;
+            for item in out.items() {
+                found.push(decode(item)?);
+            }
+            match out.last_evaluated_key {
+                Some(key) => start = Some(key),
+                None => return Ok(found),
+            }
+        }
+    }
+
+    async fn read(&self, read: Read) -> Result<Vec<(String, String, u64, Item)>, StoreError> {
+        match read {
+            Read::Keys { keys, consistent } => self.load_chunk(keys, consistent).await,
+            Read::Range {
+                pk,
+                from,
+                to,
+                consistent,
+            } => self.load_range(pk, from, to, consistent).await,
         }
     }
 
@@ -376,16 +527,13 @@ impl DynamoStore {
 impl RollupStore for DynamoStore {
     async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
         let ids: Vec<(String, String)> = keys.iter().map(|k| (k.pk(), k.sk())).collect();
-        // BatchGetItem refuses a request that names a key twice.
-        let mut distinct: Vec<(String, String)> = ids.clone();
-        distinct.sort();
-        distinct.dedup();
-        let chunks: Vec<Vec<(String, String)>> = distinct
-            .chunks(BATCH_GET_MAX)
-            .map(<[(String, String)]>::to_vec)
-            .collect();
-        let found: Vec<Vec<(String, String, u64, Item)>> = futures::stream::iter(chunks)
-            .map(|chunk| self.load_chunk(chunk))
+        let eventual = self.cfg.eventual_device_reads && !self.strong_reads.load(Ordering::Relaxed);
+        // The plan names each key once: BatchGetItem refuses a request that
+        // names a key twice. A range may also return items nobody asked for;
+        // they are dropped below.
+        let reads = plan_reads(keys, eventual);
+        let found: Vec<Vec<(String, String, u64, Item)>> = futures::stream::iter(reads)
+            .map(|read| self.read(read))
             .buffer_unordered(self.cfg.max_concurrent_reads.max(1))
             .try_collect()
             .await?;
@@ -398,8 +546,16 @@ impl RollupStore for DynamoStore {
     }
 
     async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-        self.put_all(&commit.writes).await?;
-        self.put_all(&commit.then).await
+        let result = match self.put_all(&commit.writes).await {
+            Ok(()) => self.put_all(&commit.then).await,
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(()) => self.strong_reads.store(false, Ordering::Relaxed),
+            Err(StoreError::Conflict(_)) => self.strong_reads.store(true, Ordering::Relaxed),
+            Err(_) => {}
+        }
+        result
     }
 }
 
@@ -490,5 +646,85 @@ impl RollupQuery for DynamoStore {
             .take(limit)
             .map(|(pk, sk, _, item)| (pk, sk, item))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollup::keys::time_sk;
+
+    fn span(device: &str, start: i64) -> ItemKey {
+        ItemKey::Span {
+            device: device.into(),
+            start,
+        }
+    }
+
+    #[test]
+    fn a_devices_spans_asked_together_are_one_range_and_the_rest_one_batch() {
+        let keys = [
+            span("a", 600_000),
+            span("b", 0),
+            span("a", 0),
+            span("a", 1_200_000),
+            ItemKey::Device { device: "a".into() },
+            ItemKey::Watermark { shard: "s0".into() },
+            span("a", 600_000),
+        ];
+        let reads = plan_reads(&keys, true);
+        assert_eq!(
+            reads,
+            vec![
+                Read::Range {
+                    pk: "s|a".into(),
+                    from: time_sk(0),
+                    to: time_sk(1_200_000),
+                    consistent: false,
+                },
+                Read::Keys {
+                    keys: vec![("k".into(), "s0".into())],
+                    consistent: true,
+                },
+                Read::Keys {
+                    keys: vec![("d|a".into(), "-".into()), ("s|b".into(), time_sk(0)),],
+                    consistent: false,
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn after_a_conflict_every_read_is_strongly_consistent() {
+        let keys = [span("a", 0), span("a", 600_000), span("b", 0)];
+        let reads = plan_reads(&keys, false);
+        assert!(reads.iter().all(|r| match r {
+            Read::Keys { consistent, .. } | Read::Range { consistent, .. } => *consistent,
+        }));
+    }
+
+    #[test]
+    fn a_batch_get_names_each_key_once_and_at_most_a_hundred() {
+        let keys: Vec<ItemKey> = (0..250)
+            .flat_map(|i| {
+                [
+                    ItemKey::Device {
+                        device: format!("d{i}"),
+                    },
+                    ItemKey::Device {
+                        device: format!("d{i}"),
+                    },
+                ]
+            })
+            .collect();
+        let reads = plan_reads(&keys, true);
+        let sizes: Vec<usize> = reads
+            .iter()
+            .map(|r| match r {
+                Read::Keys { keys, .. } => keys.len(),
+                Read::Range { .. } => 0,
+            })
+            .collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
     }
 }
