@@ -12,7 +12,12 @@
 //! Item sizes are a rough model of the encoding: the byte constants below,
 //! and a quantile sketch of about `min(n, 10 + 15 ln n)` bins for `n`
 //! readings. They decide the units: a write takes one WRU per KB, a
-//! strongly consistent read one RRU per 4 KB, each at least one.
+//! strongly consistent read one RRU per 4 KB, each at least one. A device's
+//! own items (spans, coarse windows, device and member items) are read
+//! eventually consistent, at half a unit per 4 KB (the store reads strongly
+//! only after a conflict), and the spans a compaction merges by one Query,
+//! metered on their total size; fleet windows, counters and the watermark
+//! are read strongly consistent, one item at a time.
 
 /// Seconds of the finest, hourly and daily windows.
 pub const FINEST_S: f64 = 60.0;
@@ -144,6 +149,12 @@ pub fn rru(bytes: f64) -> f64 {
     (bytes / 4096.0).ceil().max(1.0)
 }
 
+/// Read units of one eventually consistent read of `bytes`, an item by
+/// BatchGetItem or the items of one Query together: half the strong price.
+pub fn rru_eventual(bytes: f64) -> f64 {
+    rru(bytes) / 2.0
+}
+
 /// Sketch bins for `n` readings (rough).
 fn bins(n: f64) -> f64 {
     let n = n.max(1.0);
@@ -227,16 +238,17 @@ impl StoreShape {
     }
 }
 
-/// An item that grows from `fixed` bytes to `full` over `n` writes, each
-/// read first: per write, its average write units, read units and bytes.
+/// An item of one device that grows from `fixed` bytes to `full` over `n`
+/// writes, each read first (eventually consistent): per write, its average
+/// write units, read units and bytes.
 fn growing_item(fixed: f64, full: f64, n: f64) -> (f64, f64, f64) {
     let n = n.round().clamp(1.0, 10_000.0) as u32;
     let at = |j: u32| fixed + (full - fixed) * f64::from(j) / f64::from(n);
     let (mut w, mut r, mut bytes) = (0.0, 0.0, 0.0);
     for j in 1..=n {
         w += wru(at(j));
-        // The first read finds nothing, and still costs a unit.
-        r += if j == 1 { 1.0 } else { rru(at(j - 1)) };
+        // The first read finds nothing, and still costs a (half) unit.
+        r += rru_eventual(if j == 1 { 0.0 } else { at(j - 1) });
         bytes += at(j);
     }
     let n = f64::from(n);
@@ -261,7 +273,8 @@ pub fn model(s: &StoreShape, b: &BatchShape) -> WritePattern {
 }
 
 impl ItemCost {
-    /// `writes` writes per reading of an item of `bytes`, each read first.
+    /// `writes` writes per reading of an item of `bytes`, each read first,
+    /// strongly consistent.
     fn read_then_written(item: &'static str, writes: f64, bytes: f64) -> ItemCost {
         ItemCost {
             item,
@@ -269,6 +282,14 @@ impl ItemCost {
             wru: writes * wru(bytes),
             rru: writes * rru(bytes),
             bytes,
+        }
+    }
+
+    /// The same for an item of one device: read eventually consistent.
+    fn device_read_then_written(item: &'static str, writes: f64, bytes: f64) -> ItemCost {
+        ItemCost {
+            rru: writes * rru_eventual(bytes),
+            ..ItemCost::read_then_written(item, writes, bytes)
         }
     }
 }
@@ -288,7 +309,7 @@ fn span_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
             rru: span_writes * r,
             bytes,
         },
-        ItemCost::read_then_written("member items", spans, z.member),
+        ItemCost::device_read_then_written("member items", spans, z.member),
     ]
 }
 
@@ -315,16 +336,19 @@ fn device_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
         item: "device item",
         writes: device_writes,
         wru: device_writes * wru(z.device),
-        rru: starts * rru(z.device),
+        rru: starts * rru_eventual(z.device),
         bytes: z.device,
     }];
+    // A compaction reads the spans it merges by one Query, metered on their
+    // total size.
+    let spans_in = |len_s: f64| len_s / s.span_s * s.filled(s.span_s) * z.span;
     if hours > 0.0 {
         // Each hour reads the hour's span items and writes one item.
         items.push(ItemCost {
             item: "hour items (compaction)",
             writes: hours,
             wru: hours * wru(z.hour),
-            rru: s.spans_per_reading() * rru(z.span),
+            rru: hours * rru_eventual(spans_in(HOUR_S)),
             bytes: z.hour,
         });
     }
@@ -334,7 +358,7 @@ fn device_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
             item: "day items (compaction)",
             writes: days,
             wru: days * wru(z.day),
-            rru: s.spans_per_reading() * rru(z.span),
+            rru: days * rru_eventual(spans_in(DAY_S)),
             bytes: z.day,
         });
     }
