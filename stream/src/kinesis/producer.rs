@@ -24,10 +24,10 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::backoff::Backoff;
-use super::client::{describe, is_retryable, is_retryable_code};
-use super::seq;
 use crate::{ProduceError, PutOutcome, PutRecord};
+use aws::backoff::Backoff;
+use aws::client::{describe, is_retryable, is_retryable_code};
+use aws::seq;
 
 /// Kinesis's limits on PutRecords.
 pub const MAX_REQUEST_RECORDS: usize = 500;

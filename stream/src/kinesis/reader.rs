@@ -15,11 +15,11 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::backoff::Backoff;
-use super::client::{describe, is_retryable};
 use super::lease::{Checkpoint, LeaseTable};
-use super::seq;
 use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
+use aws::backoff::Backoff;
+use aws::client::{describe, is_retryable};
+use aws::seq;
 
 /// GetRecords returns at most this many records per call.
 const MAX_GET_RECORDS: usize = 10_000;

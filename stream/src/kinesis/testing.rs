@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::client::AwsConfig;
+use aws::AwsConfig;
 
 /// moto takes about a second to import; a loaded machine may take longer.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
