@@ -25,13 +25,13 @@
 
 use std::collections::HashMap;
 
+use aws::client::describe;
+use aws::tables;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
 use crate::ReadError;
-use aws::client::describe;
-use aws::tables;
 
 const SHARD_END: &str = "SHARD_END";
 /// Heartbeat items' sort keys start with this; shard ids never do.

@@ -6,7 +6,9 @@
 //! mapping, which reads and checkpoints by itself; the readers here are for
 //! running processors anywhere else (`iotpipe up --stream kinesis`).
 //!
-//! - `producer`: [`StreamProducer`] on PutRecords, order kept per key.
+//! - `producer`: [`StreamProducer`] on PutRecords, order kept per key: an
+//!   async driver around `put_plan`, the pure queue state (what to send
+//!   next, what to retry, which outcomes are final).
 //! - `reader`: [`ShardReader`] on GetShardIterator and GetRecords.
 //! - `lease`: the lease table: per (consumer, shard) an owner, a lease
 //!   counter and the checkpoint (`SHARD_END` for finished shards), and a
@@ -27,12 +29,14 @@ pub mod lease;
 pub mod lease_keeper;
 pub mod lease_plan;
 mod producer;
+mod put_plan;
 mod reader;
 pub mod testing;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws::client::describe;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails, StreamStatus};
 
@@ -45,10 +49,10 @@ pub use self::producer::{
 };
 pub use self::reader::{KinesisShardReader, ReaderConfig, ShardInfo};
 use crate::{ProduceError, PutOutcome, PutRecord, ReadError, StreamProducer};
+
 /// Where the clients connect; defined in `aws`, re-exported because
 /// [`KinesisStream::connect`] takes it.
 pub use aws::AwsConfig;
-use aws::client::describe;
 
 /// How long a new stream may take to become ACTIVE.
 const ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);

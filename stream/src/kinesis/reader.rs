@@ -10,6 +10,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws::backoff::Backoff;
+use aws::client::{describe, is_retryable};
+use aws::seq;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use bytes::Bytes;
@@ -17,9 +20,6 @@ use tokio::time::Instant;
 
 use super::lease::{Checkpoint, LeaseTable};
 use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
-use aws::backoff::Backoff;
-use aws::client::{describe, is_retryable};
-use aws::seq;
 
 /// GetRecords returns at most this many records per call.
 const MAX_GET_RECORDS: usize = 10_000;
