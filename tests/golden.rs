@@ -329,7 +329,7 @@ async fn golden_cases_on_the_cached_sqlite_store() {
 #[tokio::test]
 async fn golden_cases_on_the_dynamodb_store() {
     use processors::store::dynamodb::DynamoStore;
-    use stream::kinesis::testing::{moto_config, unique_name};
+    use testkit::moto::{moto_config, unique_name};
     run_all("dynamodb", || async {
         let s = DynamoStore::connect(&moto_config().unwrap(), &unique_name("golden")).await;
         s.create_table().await.unwrap();

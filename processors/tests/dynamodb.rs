@@ -8,7 +8,7 @@ use processors::store::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 use rollup::{Commit, Condition, Write};
 use schemas::state::{Item, ItemState};
-use stream::kinesis::testing::{moto_config, unique_name};
+use testkit::moto::{moto_config, unique_name};
 
 async fn fresh_store() -> DynamoStore {
     let store = DynamoStore::connect(&moto_config().unwrap(), &unique_name("rollups")).await;
@@ -44,7 +44,7 @@ fn value(item: &Item) -> u64 {
 
 #[tokio::test]
 async fn conformance() {
-    processors::store::conformance::run(&fresh_store().await).await;
+    testkit::store_conformance::run(&fresh_store().await).await;
 }
 
 #[tokio::test]

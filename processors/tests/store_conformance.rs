@@ -2,7 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use processors::store::{conformance, memory::MemoryStore, sqlite::SqliteStore};
+use processors::store::{memory::MemoryStore, sqlite::SqliteStore};
+use testkit::store_conformance as conformance;
 
 #[tokio::test]
 async fn memory_store_conforms() {

@@ -15,7 +15,6 @@
 //!   heartbeat per process.
 //! - `lease_plan`: which leases a process takes, renews and gives up (pure,
 //!   time as an argument); `lease_keeper`: the async shell that applies it.
-//! - `testing`: a moto server for tests.
 //!
 //! **Architecture Invariant:** with leases, a shard is read by one process
 //! at a time: a process takes only free or expired leases, and a reader that
@@ -31,7 +30,6 @@ pub mod lease_plan;
 mod producer;
 mod put_plan;
 mod reader;
-pub mod testing;
 
 use std::time::Duration;
 

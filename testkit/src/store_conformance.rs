@@ -1,8 +1,7 @@
 //! The contract every store backend keeps, as one suite each backend's tests
-//! run: `conformance::run(&store).await`.
+//! run: `store_conformance::run(&store).await`.
 //!
-//! Panics with a message naming the broken rule; it is test support, compiled
-//! into the library so that backends in other crates can run it too.
+//! Panics with a message naming the broken rule.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,7 +9,7 @@ use schemas::state::{Item, ItemState};
 
 use rollup::{Commit, Condition, Write};
 
-use super::{Range, RollupQuery, RollupStore, StoreError};
+use processors::store::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 
 fn counter(shard: &str, name: &str) -> ItemKey {

@@ -1,5 +1,4 @@
-//! Test support: one moto server per test binary, standing in for Kinesis
-//! and DynamoDB.
+//! One moto server per test binary, standing in for Kinesis and DynamoDB.
 //!
 //! `MOTO_ENDPOINT`, when set, names a running server to use instead. Else the
 //! first caller starts `moto_server` on a free loopback port through a small
