@@ -18,8 +18,8 @@
 //! - [`users`]: adding, removing and listing devices in a users file.
 //! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device and
 //!   role a client certificate names.
-//! - `record`: one message → one stream record (validation, packing, dead
-//!   letters), shared by the endpoint and the bridge.
+//! - [`record`]: one message → one stream record (validation, packing, dead
+//!   letters), shared by the endpoint and the bridge (and the golden tests).
 //! - `endpoint`: [`serve_on`] over plain and TLS [`Listener`]s, and the pieces
 //!   behind it: `codec` (bytes ↔ packets for either protocol), `session` (the
 //!   pure per-connection state machine), `connection` (the only code that
@@ -40,7 +40,7 @@ pub mod bridge;
 pub mod config;
 mod endpoint;
 pub mod metrics;
-mod record;
+pub mod record;
 pub mod tls;
 pub mod users;
 
