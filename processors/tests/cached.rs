@@ -9,25 +9,14 @@ use std::sync::Arc;
 use processors::store::RollupStore;
 use processors::store::cached::{CacheConfig, CachedStore};
 use processors::store::memory::MemoryStore;
-use rollup::keys::ItemKey;
-use rollup::{Commit, Condition, Write};
-use schemas::state::{Item, ItemState};
+use rollup::{Commit, Condition};
+use testkit::store_conformance::{self, write};
 use testkit::store_fault::{FaultyStore, StoreFaults};
 
+/// A commit of counter `name`'s value `n` under `condition`.
 fn counter(name: &str, condition: Condition, n: u64) -> Commit {
     Commit {
-        writes: vec![Write {
-            key: ItemKey::Counter {
-                shard: "s".into(),
-                name: name.into(),
-            },
-            condition,
-            item: Item {
-                applied: Default::default(),
-                state: ItemState::Counter(n),
-            },
-            expires_at: None,
-        }],
+        writes: vec![write(store_conformance::counter("s", name), condition, n)],
         then: vec![],
     }
 }

@@ -4,42 +4,17 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use processors::store::dynamodb::DynamoStore;
-use processors::store::{Range, RollupQuery, RollupStore, StoreError};
+use processors::store::{RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 use rollup::{Commit, Condition, Write};
 use schemas::state::{Item, ItemState};
 use testkit::moto::{moto_config, unique_name};
+use testkit::store_conformance::{counter, range, value, write};
 
 async fn fresh_store() -> DynamoStore {
     let store = DynamoStore::connect(&moto_config().unwrap(), &unique_name("rollups")).await;
     store.create_table().await.unwrap();
     store
-}
-
-fn counter(shard: &str, name: &str) -> ItemKey {
-    ItemKey::Counter {
-        shard: shard.into(),
-        name: name.into(),
-    }
-}
-
-fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
-    Write {
-        key,
-        condition,
-        item: Item {
-            applied: Default::default(),
-            state: ItemState::Counter(n),
-        },
-        expires_at: None,
-    }
-}
-
-fn value(item: &Item) -> u64 {
-    match item.state {
-        ItemState::Counter(n) => n,
-        ref other => panic!("expected a counter, found {other:?}"),
-    }
 }
 
 #[tokio::test]
@@ -166,13 +141,7 @@ async fn ranges_end_exactly_before_to_across_pages() {
         .await
         .unwrap();
     let pk = counter("r", "").pk();
-    let range = |from: &str, to: &str, limit, descending| Range {
-        pk: pk.clone(),
-        from: from.into(),
-        to: to.into(),
-        limit,
-        descending,
-    };
+    let range = |from, to, limit, descending| range(&pk, from, to, limit, descending);
     let sks = |rows: Vec<(String, Item)>| rows.into_iter().map(|(sk, _)| sk).collect::<Vec<_>>();
     let up = store
         .range(range("r|003", "r|027", 100, false))

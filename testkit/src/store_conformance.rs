@@ -1,7 +1,8 @@
 //! The contract every store backend keeps, as one suite each backend's tests
 //! run: `store_conformance::run(&store).await`.
 //!
-//! Panics with a message naming the broken rule.
+//! Panics with a message naming the broken rule. The small builders it uses
+//! (`counter`, `write`, `value`, `range`) serve backends' own tests too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -12,7 +13,8 @@ use rollup::{Commit, Condition, Write};
 use processors::store::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 
-fn counter(shard: &str, name: &str) -> ItemKey {
+/// A counter item's key.
+pub fn counter(shard: &str, name: &str) -> ItemKey {
     ItemKey::Counter {
         shard: shard.into(),
         name: name.into(),
@@ -26,19 +28,32 @@ fn item(n: u64) -> Item {
     }
 }
 
-fn value(item: &Item) -> u64 {
+/// A counter item's value.
+pub fn value(item: &Item) -> u64 {
     match item.state {
         ItemState::Counter(n) => n,
         ref other => panic!("expected a counter, found {other:?}"),
     }
 }
 
-fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
+/// A write of counter value `n` to `key` under `condition`, never expiring.
+pub fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
     Write {
         key,
         condition,
         item: item(n),
         expires_at: None,
+    }
+}
+
+/// Up to `limit` items of partition `pk` with sort keys in `[from, to)`.
+pub fn range(pk: &str, from: &str, to: &str, limit: usize, descending: bool) -> Range {
+    Range {
+        pk: pk.into(),
+        from: from.into(),
+        to: to.into(),
+        limit,
+        descending,
     }
 }
 
@@ -141,13 +156,7 @@ async fn ranges<S: RollupStore + RollupQuery>(store: &S) {
         .await
         .unwrap();
     let pk = member("conf-r", "").pk();
-    let range = |from: &str, to: &str, limit, descending| Range {
-        pk: pk.clone(),
-        from: from.into(),
-        to: to.into(),
-        limit,
-        descending,
-    };
+    let range = |from, to, limit, descending| range(&pk, from, to, limit, descending);
     let all = store.range(range("", "~", 100, false)).await.unwrap();
     assert_eq!(all.len(), 25);
     assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "ascending order");
