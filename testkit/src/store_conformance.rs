@@ -46,6 +46,17 @@ pub fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
     }
 }
 
+/// Commits `writes` with nothing to write after them, and expects success.
+pub async fn commit_writes<S: RollupStore + ?Sized>(store: &S, writes: Vec<Write>) {
+    store
+        .commit(Commit {
+            writes,
+            then: vec![],
+        })
+        .await
+        .unwrap();
+}
+
 /// Up to `limit` items of partition `pk` with sort keys in `[from, to)`.
 pub fn range(pk: &str, from: &str, to: &str, limit: usize, descending: bool) -> Range {
     Range {
@@ -148,13 +159,7 @@ async fn ranges<S: RollupStore + RollupQuery>(store: &S) {
     let writes = (0..25)
         .map(|i| write(member("conf-r", &format!("{i:03}")), Condition::Absent, i))
         .collect();
-    store
-        .commit(Commit {
-            writes,
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(store, writes).await;
     let pk = member("conf-r", "").pk();
     let range = |from, to, limit, descending| range(&pk, from, to, limit, descending);
     let all = store.range(range("", "~", 100, false)).await.unwrap();
@@ -192,13 +197,7 @@ async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
             )
         })
         .collect();
-    store
-        .commit(Commit {
-            writes,
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(store, writes).await;
     let all = store.scan_prefix("m|f", None, 100).await.unwrap();
     let got: Vec<(&str, &str)> = all
         .iter()
