@@ -12,8 +12,9 @@ use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
 use iotpipe::config::{StoreKind, StreamKind};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use stream::kinesis::testing::{moto_endpoint, unique_name};
 use support::{get, publish_acked, wait_for};
+use testkit::moto::{moto_endpoint, unique_name};
+use testkit::now_ms;
 
 fn aws_config(dir: &std::path::Path) -> iotpipe::Config {
     let mut c = support::config(dir);
@@ -25,13 +26,6 @@ fn aws_config(dir: &std::path::Path) -> iotpipe::Config {
     c.backend.table_name = unique_name("rollups");
     c.stream.shards = 2;
     c
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,60 +9,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use device_sim::plan::FaultConfig;
-use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
-
-/// The browser binary, or a failure that says how to get one.
-fn chromium() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        for name in ["chromium", "chromium-browser"] {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    panic!("the dashboard test needs Chromium: apt-get install -y chromium");
-}
-
-/// The page's DOM once its scripts have run: virtual time lets the page's
-/// requests finish without the test guessing how long they take.
-async fn dump_dom(url: &str) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let run = tokio::process::Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            // Less than the page's refresh period: one load, one render.
-            "--virtual-time-budget=3000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--dump-dom")
-        .arg(url)
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("chromium did not finish within 60 s")
-        .expect("chromium could not be started");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use device_sim::{Rate, SimConfig, Stop};
+use testkit::chromium::{chromium, dump_dom};
+use testkit::now_ms;
 
 /// The `name="value"` attributes of the element whose opening tag starts at
 /// `html[at..]`.
@@ -109,11 +61,6 @@ fn text<'a>(html: &'a str, id: &str) -> &'a str {
 
 fn sim(p: &iotpipe::Pipeline) -> SimConfig {
     SimConfig {
-        broker: BrokerAddr {
-            host: p.mqtt_addr.ip().to_string(),
-            port: p.mqtt_addr.port(),
-        },
-        verify: Some(format!("http://{}", p.http_addr)),
         verify_timeout: Duration::from_secs(30),
         devices: 3,
         rate: Rate::PerDevice(10.0),
@@ -123,20 +70,13 @@ fn sim(p: &iotpipe::Pipeline) -> SimConfig {
             malformed_rate: 0.1,
             ..FaultConfig::default()
         },
-        ..SimConfig::default()
+        ..support::sim(p.mqtt_addr, p.http_addr)
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_the_windows_the_api_holds() {
-    let browser = chromium();
+    let browser = chromium().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = support::config(dir.path());
     let shards = config.stream.shards;
@@ -166,7 +106,7 @@ async fn the_page_shows_the_windows_the_api_holds() {
         p.http_addr
     );
     println!("{} --dump-dom {url}", browser.display());
-    let html = dump_dom(&url).await;
+    let html = dump_dom(&url).await.unwrap();
 
     let (at, _) = element(&html, "chart-table");
     let table = attributes(&html, at);
@@ -232,7 +172,7 @@ async fn the_page_shows_the_windows_the_api_holds() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_asks_for_a_token_when_the_api_wants_one() {
-    chromium();
+    chromium().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "dashboard-test-token-0001 read\n").unwrap();
@@ -242,7 +182,7 @@ async fn the_page_asks_for_a_token_when_the_api_wants_one() {
     let (status, _) = support::get(&p, "/v1/stats").await;
     assert_eq!(status, 401);
 
-    let html = dump_dom(&format!("http://{}/", p.http_addr)).await;
+    let html = dump_dom(&format!("http://{}/", p.http_addr)).await.unwrap();
     let (at, _) = element(&html, "token-form");
     assert!(!attributes(&html, at).contains_key("hidden"), "{html}");
     assert!(html.contains("data-state=\"needs-token\""), "{html}");

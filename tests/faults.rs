@@ -14,10 +14,10 @@ use std::time::Duration;
 use device_sim::plan::FaultConfig;
 use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
 use iotpipe::Hooks;
-use processors::store::fault::{FaultyStore, StoreFaults};
 use schemas::{StreamRecord, decode_record};
 use stream::PutRecord;
-use stream::fault::{FaultyProducer, RecordObserver, StreamFaults};
+use testkit::store_fault::{FaultyStore, StoreFaults};
+use testkit::stream_fault::{FaultyProducer, RecordObserver, StreamFaults};
 
 /// What the records the stream holds twice add to each `/v1/stats` counter
 /// that the simulator checks: the simulator cannot know about them, since

@@ -8,13 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{get, publish_acked, start, wait_for};
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+use testkit::now_ms;
 
 fn reading(seq: u64, ts: i64, t: f64) -> Vec<u8> {
     serde_json::to_vec(&json!({"seq": seq, "ts": ts, "metrics": {"temperature": t}})).unwrap()

@@ -7,17 +7,12 @@ mod support;
 
 use std::time::Duration;
 
-use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
+use device_sim::{Rate, SimConfig, Stop};
 
 fn sim(p: &iotpipe::Pipeline) -> SimConfig {
     SimConfig {
-        broker: BrokerAddr {
-            host: p.mqtt_addr.ip().to_string(),
-            port: p.mqtt_addr.port(),
-        },
-        verify: Some(format!("http://{}", p.http_addr)),
         verify_timeout: Duration::from_secs(60),
-        ..SimConfig::default()
+        ..support::sim(p.mqtt_addr, p.http_addr)
     }
 }
 

@@ -6,9 +6,6 @@
 //! (defaults: 1000 devices, 10 msg/s each, 10 s). With `discard` the stand-in
 //! only acknowledges, and nothing is verified: the simulator's publishing alone.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::time::{Duration, Instant};
 
 use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
@@ -24,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let (devices, rate, seconds) = (arg(0, 1000.0)?, arg(1, 10.0)?, arg(2, 10.0)?);
     let discard = args.get(3).is_some_and(|a| a == "discard");
-    let h = support::Harness::start().await;
+    let h = testkit::standin::Harness::start().await;
     h.pipeline
         .discard
         .store(discard, std::sync::atomic::Ordering::Relaxed);

@@ -1,7 +1,5 @@
-//! The simulator against a stand-in pipeline (see `support`): publish,
+//! The simulator against a stand-in pipeline (`testkit::standin`): publish,
 //! verify, and the fault paths, end to end over real sockets.
-
-mod support;
 
 use std::time::Duration;
 
@@ -11,7 +9,8 @@ use device_sim::publish::codec::Protocol;
 use device_sim::publish::transport::{ClientCert, TlsOptions};
 use device_sim::scenario::Scenario;
 use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
-use support::{Harness, Pki};
+use testkit::Pki;
+use testkit::standin::Harness;
 
 fn config(h: &Harness, fleet: &str) -> SimConfig {
     SimConfig {
@@ -217,11 +216,11 @@ async fn qos0_batches_verify_and_report_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_over_mutual_tls_with_a_certificate_per_device() {
-    let pki = Pki::new();
+    let pki = Pki::new().unwrap();
     let h = Harness::start_tls(&pki, true).await;
     let certs = tempfile::tempdir().unwrap();
     for i in 0..6 {
-        pki.client(&format!("t1-d{i:05}"), certs.path());
+        pki.client_in(&format!("t1-d{i:05}"), certs.path()).unwrap();
     }
     let cfg = SimConfig {
         broker: BrokerAddr {
@@ -231,7 +230,7 @@ async fn mqtt5_over_mutual_tls_with_a_certificate_per_device() {
         devices: 6,
         protocol: Protocol::V5,
         tls: Some(TlsOptions {
-            ca: Some(pki.ca.clone()),
+            ca: Some(pki.ca_cert.clone()),
             client_cert: ClientCert::PerDevice(certs.path().to_path_buf()),
             alpn: Vec::new(),
         }),
@@ -250,11 +249,10 @@ async fn mqtt5_over_mutual_tls_with_a_certificate_per_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_refuses_a_device_without_a_trusted_certificate() {
-    let pki = Pki::new();
+    let pki = Pki::new().unwrap();
     let h = Harness::start_tls(&pki, true).await;
-    let other = Pki::new();
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = other.client("stranger", dir.path());
+    let other = Pki::new().unwrap();
+    let stranger = other.client("stranger").unwrap();
     let base = SimConfig {
         broker: BrokerAddr {
             host: "localhost".into(),
@@ -268,8 +266,11 @@ async fn tls_refuses_a_device_without_a_trusted_certificate() {
     // A certificate from another CA: the handshake fails, nobody connects.
     let cfg = SimConfig {
         tls: Some(TlsOptions {
-            ca: Some(pki.ca.clone()),
-            client_cert: ClientCert::Shared { cert, key },
+            ca: Some(pki.ca_cert.clone()),
+            client_cert: ClientCert::Shared {
+                cert: stranger.cert,
+                key: stranger.key,
+            },
             alpn: Vec::new(),
         }),
         ..base.clone()
@@ -280,11 +281,14 @@ async fn tls_refuses_a_device_without_a_trusted_certificate() {
         "{err:#}"
     );
     // The right CA and one shared certificate: 3.1.1 over TLS works.
-    let (cert, key) = pki.client("shared", dir.path());
+    let shared = pki.client("shared").unwrap();
     let cfg = SimConfig {
         tls: Some(TlsOptions {
-            ca: Some(pki.ca.clone()),
-            client_cert: ClientCert::Shared { cert, key },
+            ca: Some(pki.ca_cert.clone()),
+            client_cert: ClientCert::Shared {
+                cert: shared.cert,
+                key: shared.key,
+            },
             alpn: Vec::new(),
         }),
         ..base

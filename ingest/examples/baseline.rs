@@ -14,9 +14,6 @@
 //! seconds after the first, one JSON line: messages received and the rate
 //! between the first and the last.
 
-#[path = "support/rumqttd.rs"]
-mod rumqttd_support;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -116,7 +113,7 @@ async fn count(url: &str, qos: QoS) -> Result<()> {
 
 async fn rumqttd(listen: &str) -> Result<()> {
     let (_link_tx, mut link_rx) =
-        rumqttd_support::start(listen, 20010, 500, "iotpipe-baseline", TOPIC)?;
+        testkit::rumqttd::start(listen, 20010, 500, "iotpipe-baseline", TOPIC)?;
     println!("ready");
     let mut c = Count::new();
     loop {

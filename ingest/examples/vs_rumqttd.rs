@@ -29,9 +29,6 @@
 //! cargo run --release -p ingest --example vs_rumqttd -- loss-bridge [--kills 5] [--seed 7]
 //! ```
 
-#[path = "support/rumqttd.rs"]
-mod rumqttd_support;
-
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -163,13 +160,6 @@ fn payload(seq: u64) -> Vec<u8> {
     format!("{head}{}{tail}", "1".repeat(digits)).into_bytes()
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Starts the server side of `target` on `port`, appending to `log`; the
 /// returned counter tracks records appended (durable).
 fn start_server(
@@ -219,7 +209,7 @@ fn start_server(
             });
         }
         Target::Rumqttd => {
-            let (_link_tx, mut link_rx) = rumqttd_support::start(
+            let (_link_tx, mut link_rx) = testkit::rumqttd::start(
                 &format!("127.0.0.1:{port}"),
                 10010,
                 100,
@@ -287,7 +277,7 @@ fn pack(n: rumqttd::Notification) -> Option<PutRecord> {
     let record = PackedRecord {
         device_id: topic.device_id.to_string(),
         fleet: topic.fleet.to_string(),
-        received_at: now_ms(),
+        received_at: testkit::now_ms(),
         readings,
     };
     Some(PutRecord {
@@ -490,25 +480,11 @@ fn spawn_server(target: Target, port: u16, dir: &Path) -> Result<Child> {
 
 fn loss_bridge(kills: u64, seed: u64) -> Result<()> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let dir = tempfile::tempdir()?;
-    let port = free_port()?;
-    let conf = dir.path().join("mosquitto.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 1000\n\
-             max_queued_messages 10000000\nmax_queued_bytes 0\n"
-        ),
+    let broker = testkit::mosquitto::Mosquitto::start(
+        "max_inflight_messages 1000\nmax_queued_messages 10000000\nmax_queued_bytes 0",
     )?;
-    let mut broker = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("mosquitto is not installed: apt-get install -y mosquitto")?;
-    std::thread::sleep(Duration::from_millis(300));
-    let log_dir = dir.path().join("log");
+    let port = broker.addr.port();
+    let log_dir = broker.dir().join("log");
     let mut child = spawn_server(Target::Bridge, port, &log_dir)?;
     std::thread::sleep(Duration::from_millis(300));
     let client_rt = tokio::runtime::Builder::new_multi_thread()
@@ -553,8 +529,7 @@ fn loss_bridge(kills: u64, seed: u64) -> Result<()> {
     }
     let _ = child.kill();
     let _ = child.wait();
-    let _ = broker.kill();
-    let _ = broker.wait();
+    drop(broker);
     println!(
         "bridge: {kills} SIGKILLs, {} messages acknowledged by Mosquitto, {missing} not in the log",
         acked.len()

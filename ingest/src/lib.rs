@@ -18,9 +18,8 @@
 //! - [`users`]: adding, removing and listing devices in a users file.
 //! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device and
 //!   role a client certificate names.
-//! - [`testing`]: an in-memory producer that tests can hold or fail.
-//! - `record`: one message → one stream record (validation, packing, dead
-//!   letters), shared by the endpoint and the bridge.
+//! - [`record`]: one message → one stream record (validation, packing, dead
+//!   letters), shared by the endpoint and the bridge (and the golden tests).
 //! - `endpoint`: [`serve_on`] over plain and TLS [`Listener`]s, and the pieces
 //!   behind it: `codec` (bytes ↔ packets for either protocol), `session` (the
 //!   pure per-connection state machine), `connection` (the only code that
@@ -41,8 +40,7 @@ pub mod bridge;
 pub mod config;
 mod endpoint;
 pub mod metrics;
-mod record;
-pub mod testing;
+pub mod record;
 pub mod tls;
 pub mod users;
 
@@ -57,3 +55,10 @@ pub use endpoint::{Listener, serve, serve_on};
 #[doc(hidden)]
 pub use endpoint::fuzzing;
 pub use metrics::{IngestMetrics, LatencyHistogram, MetricsSnapshot, SubscribeRefusal};
+
+/// The in-memory producer the appender's unit tests hold or fail: the test
+/// kit's, named here so those tests need not know where it lives.
+#[cfg(test)]
+mod testing {
+    pub(crate) use testkit::MemoryProducer;
+}

@@ -16,14 +16,14 @@ const MAX_PARTITION_KEY: usize = 256;
 
 /// What became of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub enum Verdict {
     Accepted { readings: usize },
     Rejected(RejectReason),
 }
 
 /// A message turned into a stream record.
 #[derive(Debug, PartialEq)]
-pub(crate) struct Built {
+pub struct Built {
     pub partition_key: String,
     pub data: Vec<u8>,
     pub verdict: Verdict,
@@ -36,7 +36,7 @@ pub(crate) struct Built {
 /// `may_publish` is the per-device policy; it is asked only about topics that
 /// parse. A message the processors may refuse by its readings' times
 /// (`lateness`) keeps its publisher and payload in the record.
-pub(crate) fn build(
+pub fn build(
     topic: String,
     payload: Bytes,
     publisher: &str,

@@ -7,17 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use ingest::bridge::{self, BridgeConfig};
-use ingest::testing::MemoryProducer;
 use ingest::{IngestMetrics, MetricsSnapshot};
 use rumqttc::QoS;
 use schemas::{RejectReason, StreamRecord};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-#[path = "support/mosquitto.rs"]
-mod mosquitto;
-
-use mosquitto::Mosquitto;
+use testkit::MemoryProducer;
+use testkit::mosquitto::Mosquitto;
 
 const WAIT: Duration = Duration::from_secs(10);
 

@@ -12,14 +12,14 @@ use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use base64::Engine;
 use http_body_util::BodyExt;
 use processors::api::{ApiState, app};
 use processors::lambda::aggregate::AggregateHandler;
 use processors::store::dynamodb::DynamoStore;
 use rollup::AggregateConfig;
 use serde_json::{Value, json};
-use stream::kinesis::testing::{moto_config, unique_name};
+use testkit::lambda::kinesis_event_record;
+use testkit::moto::{moto_config, unique_name};
 use tower::ServiceExt;
 
 /// A minute boundary: 2025-11-27T10:40:00Z.
@@ -70,23 +70,13 @@ fn readings_event() -> KinesisEvent {
                 "device_id": device, "fleet": fleet, "received_at": T0 + 500});
             let seq =
                 (49_655_000_000_000_000_000_000_000_000_000_000_000u128 + i as u128).to_string();
-            json!({
-                "kinesis": {
-                    "kinesisSchemaVersion": "1.0",
-                    "partitionKey": device,
-                    "sequenceNumber": seq,
-                    "data": base64::engine::general_purpose::STANDARD
-                        .encode(data.to_string()),
-                    "approximateArrivalTimestamp": (T0 + 600) as f64 / 1000.0,
-                },
-                "eventSource": "aws:kinesis",
-                "eventVersion": "1.0",
-                "eventID": format!("shardId-000000000000:{seq}"),
-                "eventName": "aws:kinesis:record",
-                "invokeIdentityArn": "arn:aws:iam::123456789012:role/aggregate",
-                "awsRegion": "us-east-1",
-                "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/telemetry",
-            })
+            kinesis_event_record(
+                "shardId-000000000000",
+                &seq,
+                device,
+                data.to_string().as_bytes(),
+                T0 + 600,
+            )
         })
         .collect();
     serde_json::from_value(json!({ "Records": records })).unwrap()

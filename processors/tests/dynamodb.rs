@@ -4,11 +4,12 @@
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use processors::store::dynamodb::DynamoStore;
-use processors::store::{Range, RollupQuery, RollupStore, StoreError};
+use processors::store::{RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 use rollup::{Commit, Condition, Write};
 use schemas::state::{Item, ItemState};
-use stream::kinesis::testing::{moto_config, unique_name};
+use testkit::moto::{moto_config, unique_name};
+use testkit::store_conformance::{commit_writes, counter, range, value, write};
 
 async fn fresh_store() -> DynamoStore {
     let store = DynamoStore::connect(&moto_config().unwrap(), &unique_name("rollups")).await;
@@ -16,35 +17,9 @@ async fn fresh_store() -> DynamoStore {
     store
 }
 
-fn counter(shard: &str, name: &str) -> ItemKey {
-    ItemKey::Counter {
-        shard: shard.into(),
-        name: name.into(),
-    }
-}
-
-fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
-    Write {
-        key,
-        condition,
-        item: Item {
-            applied: Default::default(),
-            state: ItemState::Counter(n),
-        },
-        expires_at: None,
-    }
-}
-
-fn value(item: &Item) -> u64 {
-    match item.state {
-        ItemState::Counter(n) => n,
-        ref other => panic!("expected a counter, found {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn conformance() {
-    processors::store::conformance::run(&fresh_store().await).await;
+    testkit::store_conformance::run(&fresh_store().await).await;
 }
 
 #[tokio::test]
@@ -68,13 +43,7 @@ async fn loads_more_keys_than_one_batch_holds_in_order() {
     let writes: Vec<Write> = (0..150)
         .map(|i| write(counter("s", &format!("{i:03}")), Condition::Absent, i))
         .collect();
-    store
-        .commit(Commit {
-            writes,
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(&store, writes).await;
     // 250 keys: every written one (reversed), a repeat, and 99 missing ones.
     let mut keys: Vec<ItemKey> = (0..150)
         .rev()
@@ -97,13 +66,7 @@ async fn expiry_is_stored_as_ttl_seconds_rounded_up() {
     let key = counter("s", "ttl");
     let mut w = write(key.clone(), Condition::Absent, 1);
     w.expires_at = Some(1_764_240_000_001);
-    store
-        .commit(Commit {
-            writes: vec![w],
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(&store, vec![w]).await;
     let raw = store
         .client()
         .get_item()
@@ -123,13 +86,7 @@ async fn expiry_is_stored_as_ttl_seconds_rounded_up() {
 async fn a_failed_write_keeps_then_from_starting() {
     let store = fresh_store().await;
     let (a, b) = (counter("s", "a"), counter("s", "b"));
-    store
-        .commit(Commit {
-            writes: vec![write(a.clone(), Condition::Absent, 1)],
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(&store, vec![write(a.clone(), Condition::Absent, 1)]).await;
     let stale = Commit {
         writes: vec![write(a.clone(), Condition::Version(41), 2)],
         then: vec![write(b.clone(), Condition::Absent, 3)],
@@ -158,21 +115,9 @@ async fn ranges_end_exactly_before_to_across_pages() {
         },
         expires_at: None,
     };
-    store
-        .commit(Commit {
-            writes: (0..30).map(big).collect(),
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(&store, (0..30).map(big).collect()).await;
     let pk = counter("r", "").pk();
-    let range = |from: &str, to: &str, limit, descending| Range {
-        pk: pk.clone(),
-        from: from.into(),
-        to: to.into(),
-        limit,
-        descending,
-    };
+    let range = |from, to, limit, descending| range(&pk, from, to, limit, descending);
     let sks = |rows: Vec<(String, Item)>| rows.into_iter().map(|(sk, _)| sk).collect::<Vec<_>>();
     let up = store
         .range(range("r|003", "r|027", 100, false))

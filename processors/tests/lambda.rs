@@ -27,13 +27,13 @@ use rollup::{Commit, Stored};
 use schemas::state::ItemState;
 use schemas::{Metric, PackedRecord, Reading};
 use serde_json::{Value, json};
-use stream::kinesis::testing::{moto_config, unique_name};
+use testkit::lambda::kinesis_event_record;
+use testkit::moto::{moto_config, unique_name};
 use tower::ServiceExt;
 
 /// A minute boundary: 2025-11-27T10:40:00Z.
 const T0: i64 = 1_764_240_000_000;
 const SHARD: &str = "shardId-000000000000";
-const STREAM_ARN: &str = "arn:aws:kinesis:us-east-1:123456789012:stream/iotpipe-telemetry";
 /// Sequence numbers as a stream of this age hands them out, small enough
 /// for [`stream::SeqNo`].
 const SEQ_BASE: u128 = 49_655_000_000_000_000_000_000_000_000_000_000_000;
@@ -46,24 +46,8 @@ fn fixture_path(name: &str) -> PathBuf {
 
 /// One Kinesis event record as the event source mapping writes it.
 fn event_record(n: usize, partition_key: &str, data: &[u8], arrival_ms: i64) -> Value {
-    use base64::Engine;
     let seq = (SEQ_BASE + n as u128 * 1_000).to_string();
-    json!({
-        "kinesis": {
-            "kinesisSchemaVersion": "1.0",
-            "partitionKey": partition_key,
-            "sequenceNumber": seq,
-            "data": base64::engine::general_purpose::STANDARD.encode(data),
-            "approximateArrivalTimestamp": arrival_ms as f64 / 1000.0,
-        },
-        "eventSource": "aws:kinesis",
-        "eventVersion": "1.0",
-        "eventID": format!("{SHARD}:{seq}"),
-        "eventName": "aws:kinesis:record",
-        "invokeIdentityArn": "arn:aws:iam::123456789012:role/iotpipe-aggregate",
-        "awsRegion": "us-east-1",
-        "eventSourceARN": STREAM_ARN,
-    })
+    kinesis_event_record(SHARD, &seq, partition_key, data, arrival_ms)
 }
 
 /// The IoT rule's shape: payload fields plus `device_id`, `fleet` and

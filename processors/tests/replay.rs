@@ -27,7 +27,8 @@ use schemas::shard::Record;
 use serde_json::{Value, json};
 use stream::ShardReader;
 use stream::kinesis::KinesisStream;
-use stream::kinesis::testing::{moto_config, unique_name};
+use testkit::lambda::kinesis_event_record;
+use testkit::moto::{moto_config, unique_name};
 use tower::ServiceExt;
 
 const TOPIC: &str = "dt/plant-a/dev-1/telemetry";
@@ -81,22 +82,13 @@ fn kinesis_event(shard: &str, records: &[Record]) -> KinesisEvent {
     let records: Vec<Value> = records
         .iter()
         .map(|r| {
-            json!({
-                "kinesis": {
-                    "kinesisSchemaVersion": "1.0",
-                    "partitionKey": r.partition_key,
-                    "sequenceNumber": r.seq.to_string(),
-                    "data": base64::engine::general_purpose::STANDARD.encode(&r.data),
-                    "approximateArrivalTimestamp": r.arrival_ms as f64 / 1000.0,
-                },
-                "eventSource": "aws:kinesis",
-                "eventVersion": "1.0",
-                "eventID": format!("{shard}:{}", r.seq),
-                "eventName": "aws:kinesis:record",
-                "invokeIdentityArn": "arn:aws:iam::123456789012:role/aggregate",
-                "awsRegion": "us-east-1",
-                "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/telemetry",
-            })
+            kinesis_event_record(
+                shard,
+                &r.seq.to_string(),
+                &r.partition_key,
+                &r.data,
+                r.arrival_ms,
+            )
         })
         .collect();
     serde_json::from_value(json!({ "Records": records })).unwrap()

@@ -2,7 +2,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use processors::store::{conformance, memory::MemoryStore, sqlite::SqliteStore};
+use processors::store::{memory::MemoryStore, sqlite::SqliteStore};
+use testkit::store_conformance as conformance;
 
 #[tokio::test]
 async fn memory_store_conforms() {
@@ -18,35 +19,21 @@ async fn sqlite_store_conforms() {
 
 #[tokio::test]
 async fn sqlite_store_keeps_items_across_reopen_and_purges_expired() {
-    use processors::store::{RollupQuery, RollupStore};
-    use rollup::keys::ItemKey;
-    use rollup::{Commit, Condition, Write};
-    use schemas::state::{Item, ItemState};
+    use processors::store::RollupQuery;
+    use rollup::{Condition, Write};
+    use testkit::store_conformance::{commit_writes, counter, write};
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rollups.db");
-    let key = |name: &str| ItemKey::Counter {
-        shard: "s".into(),
-        name: name.into(),
-    };
+    let key = |name: &str| counter("s", name);
     {
         let store = SqliteStore::open(&path).unwrap();
         let w = |name: &str, expires_at| Write {
-            key: key(name),
-            condition: Condition::Absent,
-            item: Item {
-                applied: Default::default(),
-                state: ItemState::Counter(1),
-            },
             expires_at,
+            ..write(key(name), Condition::Absent, 1)
         };
-        store
-            .commit(Commit {
-                writes: vec![w("keep", None), w("old", Some(100)), w("new", Some(300))],
-                then: vec![],
-            })
-            .await
-            .unwrap();
+        let writes = vec![w("keep", None), w("old", Some(100)), w("new", Some(300))];
+        commit_writes(&store, writes).await;
     }
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.purge_expired(200).await.unwrap(), 1);
@@ -71,26 +58,16 @@ async fn the_write_behind_cache_conforms() {
 async fn the_cache_writes_only_on_flush_and_a_lost_cache_loses_only_unflushed_items() {
     use processors::store::cached::{CacheConfig, CachedStore};
     use processors::store::{RollupQuery, RollupStore};
-    use rollup::keys::ItemKey;
-    use rollup::{Commit, Condition, Write};
-    use schemas::state::{Item, ItemState};
+    use rollup::{Commit, Condition};
+    use schemas::state::ItemState;
     use std::sync::Arc;
+    use testkit::store_conformance::counter;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rollups.db");
-    let key = |name: &str| ItemKey::Counter {
-        shard: "s".into(),
-        name: name.into(),
-    };
-    let write = |name: &str, n: u64, condition| Write {
-        key: key(name),
-        condition,
-        item: Item {
-            applied: Default::default(),
-            state: ItemState::Counter(n),
-        },
-        expires_at: None,
-    };
+    let key = |name: &str| counter("s", name);
+    let write =
+        |name: &str, n: u64, condition| testkit::store_conformance::write(key(name), condition, n);
     let db = Arc::new(SqliteStore::open(&path).unwrap());
     let cache = CachedStore::new(db.clone(), CacheConfig::default());
     let k = key("a");

@@ -12,18 +12,16 @@
 //! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
 //! - [`kinesis`]: Amazon Kinesis ([`kinesis::KinesisStream`]), leases and
 //!   checkpoints in a DynamoDB lease table.
-//! - [`conformance`]: the trait contract as async checks that every backend
-//!   runs in its tests.
-//! - [`fault`]: wrappers that inject failures, partial failures, delays and
-//!   stalls into any producer or reader, for tests.
+//!
+//! The trait contract as checks every backend runs, and the wrappers that
+//! inject faults into any producer or reader, are test support: they live in
+//! the dev-only `testkit` crate, not here.
 //!
 //! **Architecture Invariant:** a producer's `put` returns `Ok` for a record only
 //! once that record survives a crash of the process. The ingest endpoint
 //! acknowledges devices on that, and nothing earlier.
 
-pub mod conformance;
 pub mod embedded;
-pub mod fault;
 pub mod kinesis;
 pub mod partition;
 

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use stream::conformance::{self, Harness};
 use stream::embedded::{EmbeddedConfig, EmbeddedLog};
 use stream::{ReadError, ShardReader, StreamProducer};
 use tempfile::TempDir;
+use testkit::stream_conformance::{self as conformance, Harness};
 
 struct Embedded {
     log: Arc<EmbeddedLog>,
@@ -38,57 +38,7 @@ impl Harness for Embedded {
     }
 }
 
-#[tokio::test]
-async fn round_trip() {
-    conformance::round_trip(&Embedded::new()).await.unwrap();
-}
-
-#[tokio::test]
-async fn order_per_partition_key() {
-    conformance::order_per_partition_key(&Embedded::new())
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn sequence_increases_per_shard() {
-    conformance::sequence_increases_per_shard(&Embedded::new())
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn checkpoint_resume() {
-    conformance::checkpoint_resume(&Embedded::new())
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn batch_limits() {
-    conformance::batch_limits(&Embedded::new()).await.unwrap();
-}
-
-#[tokio::test]
-async fn wait_returns_empty_on_timeout() {
-    conformance::wait_returns_empty_on_timeout(&Embedded::new())
-        .await
-        .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_reader_wakes_on_put() {
-    conformance::waiting_reader_wakes_on_put(&Embedded::new())
-        .await
-        .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_putters() {
-    conformance::concurrent_putters(&Embedded::new())
-        .await
-        .unwrap();
-}
+testkit::stream_conformance_tests!(Embedded::new());
 
 #[tokio::test]
 async fn run_all_passes_with_a_fresh_log_per_check() {

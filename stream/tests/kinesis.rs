@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use stream::conformance::{self, Harness};
-use stream::kinesis::testing::{moto_config, unique_name};
 use stream::kinesis::{
     Checkpoint, KinesisConfig, KinesisShardReader, KinesisStream, LeaseConfig, LeaseKeeper,
     ReaderConfig,
 };
 use stream::{PutOutcome, PutRecord, ReadError, ShardReader, StreamProducer};
+use testkit::moto::{moto_config, unique_name};
+use testkit::stream_conformance::Harness;
 
 struct Moto {
     stream: Arc<KinesisStream>,
@@ -91,57 +91,7 @@ impl Harness for Moto {
     }
 }
 
-#[tokio::test]
-async fn round_trip() {
-    conformance::round_trip(&Moto::new().await).await.unwrap();
-}
-
-#[tokio::test]
-async fn order_per_partition_key() {
-    conformance::order_per_partition_key(&Moto::new().await)
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn sequence_increases_per_shard() {
-    conformance::sequence_increases_per_shard(&Moto::new().await)
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn checkpoint_resume() {
-    conformance::checkpoint_resume(&Moto::new().await)
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn batch_limits() {
-    conformance::batch_limits(&Moto::new().await).await.unwrap();
-}
-
-#[tokio::test]
-async fn wait_returns_empty_on_timeout() {
-    conformance::wait_returns_empty_on_timeout(&Moto::new().await)
-        .await
-        .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_reader_wakes_on_put() {
-    conformance::waiting_reader_wakes_on_put(&Moto::new().await)
-        .await
-        .unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_putters() {
-    conformance::concurrent_putters(&Moto::new().await)
-        .await
-        .unwrap();
-}
+testkit::stream_conformance_tests!(Moto::new().await);
 
 fn record(key: &str, n: usize) -> PutRecord {
     PutRecord {

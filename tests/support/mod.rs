@@ -3,9 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
 use iotpipe::{Config, Pipeline};
 use serde_json::Value;
 
@@ -18,6 +20,34 @@ pub fn config(dir: &Path) -> Config {
     c.mqtt.listen = "127.0.0.1:0".parse().unwrap();
     c.http.listen = "127.0.0.1:0".parse().unwrap();
     c
+}
+
+/// The simulator publishing to `mqtt` and verifying against the API at
+/// `http`, otherwise at its defaults.
+pub fn sim(mqtt: SocketAddr, http: SocketAddr) -> SimConfig {
+    SimConfig {
+        broker: BrokerAddr {
+            host: mqtt.ip().to_string(),
+            port: mqtt.port(),
+        },
+        verify: Some(format!("http://{http}")),
+        ..SimConfig::default()
+    }
+}
+
+/// QoS 1 load that rides through SIGKILLs: 50 devices at 10 msg/s each for
+/// 12 s, patient with PUBACKs and with verify while the pipeline restarts.
+pub fn load_through_crashes(mqtt: SocketAddr, http: SocketAddr, seed: u64) -> SimConfig {
+    SimConfig {
+        devices: 50,
+        rate: Rate::PerDevice(10.0),
+        stop: Stop::After(Duration::from_secs(12)),
+        qos: 1,
+        seed,
+        verify_timeout: Duration::from_secs(60),
+        ack_timeout: Duration::from_secs(60),
+        ..sim(mqtt, http)
+    }
 }
 
 pub async fn start(dir: &Path) -> Pipeline {

@@ -19,8 +19,8 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::mosquitto::require;
-use crate::pki::{ClientCert, Pki};
+use testkit::mosquitto::require;
+use testkit::{ClientCert, Pki};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 

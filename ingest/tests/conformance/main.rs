@@ -11,8 +11,3 @@
 mod clients;
 mod harness;
 mod tap;
-
-#[path = "../support/mosquitto.rs"]
-mod mosquitto;
-#[path = "../support/pki.rs"]
-mod pki;

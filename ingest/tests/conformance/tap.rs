@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::*;
-use crate::mosquitto::require;
+use testkit::mosquitto::require;
 
 async fn watch(ep: &Endpoint, tls: bool, version: u8) -> Result<()> {
     require("mosquitto_sub", "apt-get install -y mosquitto-clients")?;

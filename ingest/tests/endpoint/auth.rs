@@ -30,14 +30,7 @@ async fn a_v4_device_publishes_as_itself_and_is_cut_off_otherwise() -> Result<()
     let mut options = v4_options(ep.addr, "c1");
     options.set_credentials("dev-1", "token-1");
     let mut c = V4::connect_with(options).await?;
-    c.client
-        .publish("dt/f/dev-1/telemetry", QoS::AtLeastOnce, false, payload(1))
-        .await?;
-    assert_eq!(c.pubacks(1).await?, vec![1]);
-    c.client
-        .publish("dt/f/dev-2/telemetry", QoS::AtLeastOnce, false, payload(2))
-        .await?;
-    c.ended().await?;
+    c.publish_as_dev1_then_dev2().await?;
 
     ep.producer.wait_stored(2, WAIT).await?;
     let records = ep.producer.records();
@@ -57,18 +50,8 @@ async fn a_v5_device_is_told_not_authorized_per_publish() -> Result<()> {
     let mut options = v5_options(ep.addr, "c2");
     options.set_credentials("dev-2", "token-2");
     let mut c = V5::connect_with(options).await?;
-    for device in ["dev-1", "dev-2"] {
-        c.client
-            .publish(
-                format!("dt/f/{device}/telemetry"),
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                false,
-                payload(1),
-            )
-            .await?;
-    }
     assert_eq!(
-        c.pubacks(2).await?,
+        c.publish_as(&["dev-1", "dev-2"]).await?,
         vec![(1, PubAckReason::NotAuthorized), (2, PubAckReason::Success)]
     );
     ep.stop().await

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::BytesMut;
-use ingest::testing::MemoryProducer;
 use ingest::{EndpointConfig, IngestMetrics, Listener, MetricsSnapshot, serve_on};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use schemas::{Metric, PackedRecord, Reading, StreamRecord};
+use testkit::MemoryProducer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -242,6 +242,31 @@ impl V4 {
     }
 
     /// Waits for the connection to end and returns why.
+    /// Publishes at QoS 1 as `dev-1`, which is acknowledged, then as
+    /// `dev-2`, which a client that is `dev-1` may not: MQTT 3.1.1 has no
+    /// refusal but to end the connection, and it ends.
+    pub async fn publish_as_dev1_then_dev2(&mut self) -> Result<()> {
+        self.client
+            .publish(
+                "dt/f/dev-1/telemetry",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload(1),
+            )
+            .await?;
+        assert_eq!(self.pubacks(1).await?, vec![1]);
+        self.client
+            .publish(
+                "dt/f/dev-2/telemetry",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload(2),
+            )
+            .await?;
+        self.ended().await?;
+        Ok(())
+    }
+
     pub async fn ended(&mut self) -> Result<rumqttc::ConnectionError> {
         within("the connection to end", async {
             loop {
@@ -315,6 +340,22 @@ impl V5 {
             }
         })
         .await?
+    }
+
+    /// Publishes `payload(1)` at QoS 1 to each device's telemetry topic in
+    /// turn, then returns the PUBACKs, one per device.
+    pub async fn publish_as(&mut self, devices: &[&str]) -> Result<Vec<(u16, v5::PubAckReason)>> {
+        for device in devices {
+            self.client
+                .publish(
+                    format!("dt/f/{device}/telemetry"),
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload(1),
+                )
+                .await?;
+        }
+        self.pubacks(devices.len()).await
     }
 
     /// The next `n` PUBACKs as (packet id, reason), in arrival order.

@@ -10,6 +10,3 @@ mod refusals;
 mod sessions;
 mod tap;
 mod tls;
-
-#[path = "../support/pki.rs"]
-mod pki;

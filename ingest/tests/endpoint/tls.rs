@@ -7,12 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use ingest::{Authorizer, ClientCertificates, UsersFile};
-use rumqttc::QoS;
 use rumqttc::v5::mqttbytes::v5::{self, PubAckReason};
 use schemas::{RejectReason, StreamRecord};
 
 use crate::common::*;
-use crate::pki::{self, ClientCert, Pki};
+use testkit::{ClientCert, Pki};
 
 /// How a test client reaches the endpoint and who it says it is.
 #[derive(Clone)]
@@ -26,7 +25,7 @@ impl Login {
     fn v4(&self, id: &str) -> rumqttc::MqttOptions {
         let mut o = v4_options(self.addr, id);
         if let Some(tls) = &self.tls {
-            o.set_transport(pki::transport(tls.clone()));
+            o.set_transport(testkit::transport(tls.clone()));
         }
         if let Some((user, password)) = self.credentials {
             o.set_credentials(user, password);
@@ -37,7 +36,7 @@ impl Login {
     fn v5(&self, id: &str) -> rumqttc::v5::MqttOptions {
         let mut o = v5_options(self.addr, id);
         if let Some(tls) = &self.tls {
-            o.set_transport(pki::transport(tls.clone()));
+            o.set_transport(testkit::transport(tls.clone()));
         }
         if let Some((user, password)) = self.credentials {
             o.set_credentials(user, password);
@@ -71,14 +70,7 @@ async fn start_tls(
 async fn v4_only_as_itself(ep: &Endpoint, login: &Login, id: &str) -> Result<()> {
     let before = ep.producer.records().len();
     let mut c = V4::connect_with(login.v4(id)).await?;
-    c.client
-        .publish("dt/f/dev-1/telemetry", QoS::AtLeastOnce, false, payload(1))
-        .await?;
-    assert_eq!(c.pubacks(1).await?, vec![1]);
-    c.client
-        .publish("dt/f/dev-2/telemetry", QoS::AtLeastOnce, false, payload(2))
-        .await?;
-    c.ended().await?;
+    c.publish_as_dev1_then_dev2().await?;
     ep.producer.wait_stored(before + 2, WAIT).await?;
     let records = ep.producer.records();
     assert_eq!(records[before].data.as_ref(), record_bytes("dev-1", 1));
@@ -97,18 +89,8 @@ async fn v4_only_as_itself(ep: &Endpoint, login: &Login, id: &str) -> Result<()>
 async fn v5_only_as_itself(ep: &Endpoint, login: &Login, id: &str) -> Result<()> {
     let refused = ep.snapshot().rejected(RejectReason::Unauthorized);
     let mut c = V5::connect_with(login.v5(id)).await?;
-    for device in ["dev-2", "dev-1"] {
-        c.client
-            .publish(
-                format!("dt/f/{device}/telemetry"),
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                false,
-                payload(1),
-            )
-            .await?;
-    }
     assert_eq!(
-        c.pubacks(2).await?,
+        c.publish_as(&["dev-2", "dev-1"]).await?,
         vec![(1, PubAckReason::NotAuthorized), (2, PubAckReason::Success)]
     );
     assert_eq!(
@@ -268,18 +250,8 @@ async fn an_optional_certificate_or_a_password_identifies_a_device() -> Result<(
     assert!(V4::connect_with(no_one.v4("nobody")).await.is_err());
     v4_only_as_itself(&ep, &by_password, "pw").await?;
     let mut c = V5::connect_with(by_cert.v5("cert")).await?;
-    for device in ["dev-2", "dev-1"] {
-        c.client
-            .publish(
-                format!("dt/f/{device}/telemetry"),
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                false,
-                payload(1),
-            )
-            .await?;
-    }
     assert_eq!(
-        c.pubacks(2).await?,
+        c.publish_as(&["dev-2", "dev-1"]).await?,
         vec![(1, PubAckReason::Success), (2, PubAckReason::NotAuthorized)]
     );
     ep.stop().await

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
+use aws::AwsConfig;
 use processors::lambda::aggregate::{self, AggregateHandler};
 use processors::lambda::env::FunctionConfig;
 use processors::lambda::lazy::LazyDynamoStore;
-use stream::kinesis::AwsConfig;
 
 // One invocation at a time per process: a single-threaded runtime starts
 // faster and loses nothing.

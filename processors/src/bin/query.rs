@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use aws::AwsConfig;
 use processors::api::ApiState;
 use processors::lambda::env::FunctionConfig;
 use processors::lambda::lazy::LazyDynamoStore;
 use processors::lambda::query;
-use stream::kinesis::AwsConfig;
 
 // One request at a time per process: a single-threaded runtime starts
 // faster and loses nothing.

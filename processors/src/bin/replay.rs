@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
+use aws::AwsConfig;
 use processors::lambda::replay::{self, ReplayConfig, ReplayHandler};
-use stream::kinesis::{AwsConfig, KinesisStream};
+use stream::kinesis::KinesisStream;
 
 /// The function only puts records and never reads the stream, so the lease
 /// table its stream handle could keep checkpoints in is never touched.

@@ -20,7 +20,6 @@ use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytes::Bytes;
 use lambda_runtime::{LambdaEvent, service_fn};
 use rollup::AggregateConfig;
-use schemas::SeqNo;
 use schemas::shard::Record;
 
 use super::emf::{self, EmfConfig, Invocation};
@@ -124,7 +123,7 @@ impl AggregateHandler {
         let mut batch = Vec::with_capacity(records.len());
         let mut unreadable = None;
         for r in records {
-            match r.kinesis.sequence_number.parse::<SeqNo>() {
+            match aws::seq::parse(&r.kinesis.sequence_number) {
                 Ok(seq) => batch.push(Record {
                     seq,
                     partition_key: r.kinesis.partition_key.clone(),

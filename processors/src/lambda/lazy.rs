@@ -6,8 +6,8 @@
 //! API for work sooner; the first invocation pays it once instead.
 
 use async_trait::async_trait;
+use aws::AwsConfig;
 use schemas::state::Item;
-use stream::kinesis::AwsConfig;
 use tokio::sync::OnceCell;
 
 use crate::store::dynamodb::DynamoStore;

@@ -32,15 +32,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws::AwsConfig;
+use aws::backoff::Backoff;
+use aws::client::{describe, is_retryable};
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use futures::{StreamExt, TryStreamExt};
 use schemas::state::Item;
-use stream::kinesis::AwsConfig;
-use stream::kinesis::backoff::Backoff;
-use stream::kinesis::client::{describe, is_retryable};
 
 use rollup::{Commit, Condition, Stored, Write};
 
@@ -258,7 +258,7 @@ impl DynamoStore {
 
     /// Creates the table unless it exists: on-demand billing, TTL on `ttl`.
     pub async fn create_table(&self) -> Result<(), StoreError> {
-        stream::kinesis::tables::ensure_table(&self.client, &self.table, Some(TTL_ATTRIBUTE))
+        aws::tables::ensure_table(&self.client, &self.table, Some(TTL_ATTRIBUTE))
             .await
             .map_err(StoreError::Unavailable)
     }

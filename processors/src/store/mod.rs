@@ -6,8 +6,9 @@
 //! - `sqlite`: the embedded backend; `cached`: a write-behind cache in front
 //!   of it; `dynamodb`: the AWS backend; `memory`: for tests and benchmarks.
 //! - `dynamodb`: the AWS backend, one DynamoDB table.
-//! - `fault`: a wrapper that injects failures, partial commits, conflicts,
-//!   delays and stalls, for tests.
+//!
+//! The suite every backend runs and the fault-injecting wrapper are test
+//! support, in the dev-only `testkit` crate.
 //!
 //! **Architecture Invariant:** every write is conditional on the version that
 //! was loaded, and every item has a single writing shard; a failed condition
@@ -15,9 +16,7 @@
 //! from a fresh load rather than merged blindly.
 
 pub mod cached;
-pub mod conformance;
 pub mod dynamodb;
-pub mod fault;
 pub mod memory;
 pub mod sqlite;
 

@@ -25,12 +25,13 @@
 
 use std::collections::HashMap;
 
+use aws::client::describe;
+use aws::tables;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
-use super::client::describe;
-use super::tables;
 use crate::ReadError;
 
 const SHARD_END: &str = "SHARD_END";
@@ -166,20 +167,37 @@ impl LeaseTable {
             .map_err(ReadError::Io)
     }
 
-    /// The consumer's checkpoint in `shard`, read consistently.
-    pub async fn get(&self, consumer: &str, shard: &str) -> Result<Option<Checkpoint>, ReadError> {
+    /// `consumer`'s item `sk`, read consistently; `doing` names the read in
+    /// an error.
+    async fn read(&self, consumer: &str, sk: &str, doing: &str) -> Result<Option<Item>, ReadError> {
         let out = self
             .client
             .get_item()
             .table_name(&self.table)
             .key("pk", s(consumer))
-            .key("sk", s(shard))
+            .key("sk", s(sk))
             .consistent_read(true)
             .send()
             .await
-            .map_err(|e| ReadError::Io(format!("reading checkpoint: {}", describe(&e))))?;
-        Ok(out
-            .item()
+            .map_err(|e| ReadError::Io(format!("{doing}: {}", describe(&e))))?;
+        Ok(out.item)
+    }
+
+    /// An update of `consumer`'s item `sk`, to which each caller adds its
+    /// expression and condition.
+    fn update(&self, consumer: &str, sk: &str) -> UpdateItemFluentBuilder {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", s(consumer))
+            .key("sk", s(sk))
+    }
+
+    /// The consumer's checkpoint in `shard`, read consistently.
+    pub async fn get(&self, consumer: &str, shard: &str) -> Result<Option<Checkpoint>, ReadError> {
+        let item = self.read(consumer, shard, "reading checkpoint").await?;
+        Ok(item
+            .as_ref()
             .and_then(|item| string_of(item, "checkpoint"))
             .map(Checkpoint::from_attr))
     }
@@ -196,11 +214,7 @@ impl LeaseTable {
         new: &Checkpoint,
     ) -> Result<(), ReadError> {
         let mut update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(consumer))
-            .key("sk", s(shard))
+            .update(consumer, shard)
             .update_expression("SET checkpoint = :new")
             .expression_attribute_values(":new", new.as_attr());
         let checkpoint_condition = match expected {
@@ -231,17 +245,8 @@ impl LeaseTable {
     }
 
     async fn owned_by(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", s(consumer))
-            .key("sk", s(shard))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| ReadError::Io(format!("reading a lease: {}", describe(&e))))?;
-        Ok(out.item().and_then(|i| string_of(i, "owner")) == Some(owner))
+        let item = self.read(consumer, shard, "reading a lease").await?;
+        Ok(item.as_ref().and_then(|i| string_of(i, "owner")) == Some(owner))
     }
 
     /// Every lease and heartbeat of `consumer`, read consistently.
@@ -295,11 +300,7 @@ impl LeaseTable {
         seen: Option<u64>,
     ) -> Result<bool, ReadError> {
         let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(consumer))
-            .key("sk", s(shard))
+            .update(consumer, shard)
             .update_expression("SET #owner = :me, lease_counter = :next")
             .expression_attribute_names("#owner", "owner")
             .expression_attribute_values(":me", s(owner))
@@ -324,11 +325,7 @@ impl LeaseTable {
         doing: &str,
     ) -> Result<bool, ReadError> {
         let update = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(consumer))
-            .key("sk", s(shard))
+            .update(consumer, shard)
             .update_expression(expression)
             .condition_expression("#owner = :me")
             .expression_attribute_names("#owner", "owner")
@@ -370,11 +367,7 @@ impl LeaseTable {
 
     /// Says that `owner` is alive.
     pub async fn heartbeat(&self, consumer: &str, owner: &str) -> Result<(), ReadError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key("pk", s(consumer))
-            .key("sk", s(&format!("{WORKER_PREFIX}{owner}")))
+        self.update(consumer, &format!("{WORKER_PREFIX}{owner}"))
             .update_expression("ADD lease_counter :one")
             .expression_attribute_values(":one", n(1))
             .return_values(ReturnValue::None)

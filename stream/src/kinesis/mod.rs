@@ -6,18 +6,15 @@
 //! mapping, which reads and checkpoints by itself; the readers here are for
 //! running processors anywhere else (`iotpipe up --stream kinesis`).
 //!
-//! - `client`: SDK configuration ([`AwsConfig`]) and error classification.
-//! - `producer`: [`StreamProducer`] on PutRecords, order kept per key.
+//! - `producer`: [`StreamProducer`] on PutRecords, order kept per key: an
+//!   async driver around `put_plan`, the pure queue state (what to send
+//!   next, what to retry, which outcomes are final).
 //! - `reader`: [`ShardReader`] on GetShardIterator and GetRecords.
 //! - `lease`: the lease table: per (consumer, shard) an owner, a lease
 //!   counter and the checkpoint (`SHARD_END` for finished shards), and a
 //!   heartbeat per process.
 //! - `lease_plan`: which leases a process takes, renews and gives up (pure,
 //!   time as an argument); `lease_keeper`: the async shell that applies it.
-//! - `tables`: creating DynamoDB tables, shared with the rollup store.
-//! - `seq`: sequence numbers between Kinesis's strings and [`SeqNo`].
-//! - `backoff`: exponential backoff with full jitter.
-//! - `testing`: a moto server for tests.
 //!
 //! **Architecture Invariant:** with leases, a shard is read by one process
 //! at a time: a process takes only free or expired leases, and a reader that
@@ -27,25 +24,20 @@
 //! shard and sequence number Kinesis returned for it, and a partition key's
 //! records are never sent past an earlier one that is not yet stored.
 
-pub mod backoff;
-pub mod client;
 pub mod lease;
 pub mod lease_keeper;
 pub mod lease_plan;
 mod producer;
+mod put_plan;
 mod reader;
-pub mod seq;
-pub mod tables;
-pub mod testing;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws::client::describe;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails, StreamStatus};
 
-pub use self::client::AwsConfig;
-use self::client::describe;
 pub use self::lease::{Checkpoint, Lease, LeaseSnapshot, LeaseTable};
 pub use self::lease_keeper::{LeaseChanges, LeaseConfig, LeaseKeeper};
 pub use self::lease_plan::{LeasePlan, LeasePlanner};
@@ -55,6 +47,10 @@ pub use self::producer::{
 };
 pub use self::reader::{KinesisShardReader, ReaderConfig, ShardInfo};
 use crate::{ProduceError, PutOutcome, PutRecord, ReadError, StreamProducer};
+
+/// Where the clients connect; defined in `aws`, re-exported because
+/// [`KinesisStream::connect`] takes it.
+pub use aws::AwsConfig;
 
 /// How long a new stream may take to become ACTIVE.
 const ACTIVE_TIMEOUT: Duration = Duration::from_secs(300);

@@ -14,19 +14,21 @@
 //! good before sending (too large, a bad key) holds nothing back, as it will
 //! never be stored; a record the stream keeps failing fails the key's later
 //! records of the call too, unsent.
+//!
+//! Those decisions are `put_plan`'s, which does no I/O and reads no clock;
+//! [`put_ordered`] only sends each round's requests and hands back results.
 
-use std::collections::VecDeque;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws::backoff::Backoff;
+use aws::client::{describe, is_retryable};
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use super::backoff::Backoff;
-use super::client::{describe, is_retryable, is_retryable_code};
-use super::seq;
+use super::put_plan::{PutPlan, Step};
 use crate::{ProduceError, PutOutcome, PutRecord};
 
 /// Kinesis's limits on PutRecords.
@@ -137,219 +139,41 @@ impl PutRecordsApi for SdkPutRecords<'_> {
     }
 }
 
-/// Why a record cannot be sent at all.
-fn refusal(record: &PutRecord) -> Option<String> {
-    let key_chars = record.partition_key.chars().count();
-    if key_chars == 0 || key_chars > MAX_PARTITION_KEY_CHARS {
-        return Some(format!(
-            "a partition key has 1..={MAX_PARTITION_KEY_CHARS} characters, this one {key_chars}"
-        ));
-    }
-    let size = record.data.len() + record.partition_key.len();
-    if size > MAX_RECORD_BYTES {
-        return Some(format!(
-            "a record (data and partition key) is at most {MAX_RECORD_BYTES} bytes, this one {size}"
-        ));
-    }
-    None
-}
-
-/// What became of one record in one round.
-enum Verdict {
-    Stored {
-        shard: String,
-        seq: String,
-    },
-    Failed {
-        retryable: bool,
-        message: String,
-        /// The whole request failed, not this record alone.
-        by_call: bool,
-    },
-}
-
-type RequestResult = Result<Vec<EntryResult>, CallFailure>;
-
-/// The records of one partition key not yet settled, oldest first.
-struct KeyQueue {
-    pending: VecDeque<usize>,
-    /// Failed attempts of the head record so far.
-    failures: u32,
-    /// When the head may be sent again, after a failure's backoff.
-    ready_at: Instant,
-}
-
-/// Stores `records` through `api`, as described in the module docs.
+/// Stores `records` through `api`, as described in the module docs: the
+/// plan decides each round's requests, this sends them side by side and
+/// hands each result back.
 pub(crate) async fn put_ordered(
     api: &dyn PutRecordsApi,
     records: &[PutRecord],
     cfg: &ProducerConfig,
 ) -> Result<Vec<PutOutcome>, ProduceError> {
-    let mut outcomes: Vec<Option<PutOutcome>> = vec![None; records.len()];
-    // Whether a record's failure came from whole-request failures only.
-    let mut failed_by_call = vec![false; records.len()];
-    let mut queues: Vec<KeyQueue> = Vec::new();
-    {
-        let mut by_key: std::collections::HashMap<&str, usize> = Default::default();
-        let start = Instant::now();
-        for (i, record) in records.iter().enumerate() {
-            if let Some(why) = refusal(record) {
-                outcomes[i] = Some(PutOutcome::Failed {
-                    retryable: false,
-                    message: why,
-                });
+    let mut plan = PutPlan::new(records, cfg, Instant::now());
+    loop {
+        let now = Instant::now();
+        let requests = match plan.next_step(now) {
+            Step::Send(requests) => requests,
+            Step::WaitUntil(at) => {
+                tokio::time::sleep_until(at).await;
                 continue;
             }
-            let q = *by_key.entry(&record.partition_key).or_insert_with(|| {
-                queues.push(KeyQueue {
-                    pending: VecDeque::new(),
-                    failures: 0,
-                    ready_at: start,
-                });
-                queues.len() - 1
-            });
-            queues[q].pending.push_back(i);
-        }
-    }
-    let mut last_call_failure: Option<String> = None;
-    loop {
-        queues.retain(|q| !q.pending.is_empty());
-        let Some(next_ready) = queues.iter().map(|q| q.ready_at).min() else {
-            break;
+            Step::Done => return plan.finish(),
         };
-        let now = Instant::now();
-        if next_ready > now {
-            tokio::time::sleep_until(next_ready).await;
-            continue;
-        }
-        // The head of every ready key, split into requests within the limits.
-        let ready: Vec<usize> = (0..queues.len())
-            .filter(|&q| queues[q].ready_at <= now)
-            .collect();
-        let mut requests: Vec<Vec<usize>> = Vec::new();
-        let mut bytes = 0;
-        for &q in &ready {
-            let size = record_size(&records[queues[q].pending[0]]);
-            let fits = requests.last().is_some_and(|r| {
-                r.len() < MAX_REQUEST_RECORDS && bytes + size <= MAX_REQUEST_BYTES
-            });
-            if !fits {
-                requests.push(Vec::new());
-                bytes = 0;
-            }
-            if let Some(r) = requests.last_mut() {
-                r.push(q);
-            }
-            bytes += size;
-        }
-        let queued = &queues;
-        let results: Vec<(Vec<usize>, RequestResult)> = futures::stream::iter(requests)
-            .map(move |qs| async move {
+        let results: Vec<_> = futures::stream::iter(requests)
+            .map(|request| async move {
                 let entries: Vec<&PutRecord> =
-                    qs.iter().map(|&q| &records[queued[q].pending[0]]).collect();
+                    request.records.iter().map(|&i| &records[i]).collect();
                 let result = api.put_records(&entries).await;
-                (qs, result)
+                (request, result)
             })
             .buffer_unordered(cfg.max_concurrent_requests.max(1))
             .collect()
             .await;
+        // A thread's generator is not Send: take it only between awaits.
         let mut rng = rand::rng();
-        for (qs, result) in results {
-            let verdicts: Vec<Verdict> = match result {
-                Ok(entries) => entries
-                    .into_iter()
-                    .map(|e| match e {
-                        EntryResult::Stored { shard, seq } => Verdict::Stored { shard, seq },
-                        EntryResult::Failed { code, message } => Verdict::Failed {
-                            retryable: is_retryable_code(&code),
-                            message: format!("{code}: {message}"),
-                            by_call: false,
-                        },
-                    })
-                    .collect(),
-                Err(failure) => {
-                    last_call_failure = Some(failure.message.clone());
-                    qs.iter()
-                        .map(|_| Verdict::Failed {
-                            retryable: failure.retryable,
-                            message: failure.message.clone(),
-                            by_call: true,
-                        })
-                        .collect()
-                }
-            };
-            for (q, verdict) in qs.into_iter().zip(verdicts) {
-                let queue = &mut queues[q];
-                let Some(&head) = queue.pending.front() else {
-                    continue;
-                };
-                match verdict {
-                    Verdict::Stored { shard, seq } => {
-                        outcomes[head] = Some(match seq::parse(&seq) {
-                            Ok(seq) => PutOutcome::Stored { shard, seq },
-                            // Stored, but not as a position the caller can
-                            // use; a retry only duplicates, which the
-                            // processors absorb.
-                            Err(e) => PutOutcome::Failed {
-                                retryable: false,
-                                message: e.to_string(),
-                            },
-                        });
-                        queue.pending.pop_front();
-                        queue.failures = 0;
-                    }
-                    Verdict::Failed {
-                        retryable,
-                        message,
-                        by_call,
-                    } => {
-                        queue.failures += 1;
-                        if retryable && queue.failures < cfg.max_attempts {
-                            queue.ready_at = now + cfg.backoff.delay(queue.failures, &mut rng);
-                            continue;
-                        }
-                        let attempts = queue.failures;
-                        for (n, i) in queue.pending.drain(..).enumerate() {
-                            failed_by_call[i] = by_call;
-                            outcomes[i] = Some(PutOutcome::Failed {
-                                retryable,
-                                message: if n == 0 {
-                                    format!("not stored after {attempts} attempts: {message}")
-                                } else {
-                                    format!(
-                                        "not sent: an earlier record of its partition key failed ({message})"
-                                    )
-                                },
-                            });
-                        }
-                    }
-                }
-            }
+        for (request, result) in results {
+            plan.settle(&request, result, now, &mut rng);
         }
     }
-    let nothing_stored = outcomes
-        .iter()
-        .all(|o| !matches!(o, Some(PutOutcome::Stored { .. })));
-    if let Some(message) = last_call_failure
-        && !records.is_empty()
-        && nothing_stored
-        && failed_by_call.iter().all(|b| *b)
-    {
-        return Err(ProduceError::Unavailable(message));
-    }
-    Ok(outcomes
-        .into_iter()
-        .map(|o| {
-            o.unwrap_or_else(|| PutOutcome::Failed {
-                retryable: true,
-                message: "not sent".to_string(),
-            })
-        })
-        .collect())
-}
-
-fn record_size(record: &PutRecord) -> usize {
-    record.data.len() + record.partition_key.len()
 }
 
 #[cfg(test)]

@@ -10,15 +10,15 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws::backoff::Backoff;
+use aws::client::{describe, is_retryable};
+use aws::seq;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::backoff::Backoff;
-use super::client::{describe, is_retryable};
 use super::lease::{Checkpoint, LeaseTable};
-use super::seq;
 use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
 
 /// GetRecords returns at most this many records per call.

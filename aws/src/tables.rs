@@ -10,7 +10,7 @@ use aws_sdk_dynamodb::types::{
     TimeToLiveSpecification,
 };
 
-use super::client::describe;
+use crate::client::describe;
 
 /// How long a new table may take to become ACTIVE (seconds on AWS, none on
 /// a stand-in).

@@ -1,8 +1,8 @@
 //! The contract every store backend keeps, as one suite each backend's tests
-//! run: `conformance::run(&store).await`.
+//! run: `store_conformance::run(&store).await`.
 //!
-//! Panics with a message naming the broken rule; it is test support, compiled
-//! into the library so that backends in other crates can run it too.
+//! Panics with a message naming the broken rule. The small builders it uses
+//! (`counter`, `write`, `value`, `range`) serve backends' own tests too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,10 +10,11 @@ use schemas::state::{Item, ItemState};
 
 use rollup::{Commit, Condition, Write};
 
-use super::{Range, RollupQuery, RollupStore, StoreError};
+use processors::store::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 
-fn counter(shard: &str, name: &str) -> ItemKey {
+/// A counter item's key.
+pub fn counter(shard: &str, name: &str) -> ItemKey {
     ItemKey::Counter {
         shard: shard.into(),
         name: name.into(),
@@ -27,19 +28,43 @@ fn item(n: u64) -> Item {
     }
 }
 
-fn value(item: &Item) -> u64 {
+/// A counter item's value.
+pub fn value(item: &Item) -> u64 {
     match item.state {
         ItemState::Counter(n) => n,
         ref other => panic!("expected a counter, found {other:?}"),
     }
 }
 
-fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
+/// A write of counter value `n` to `key` under `condition`, never expiring.
+pub fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
     Write {
         key,
         condition,
         item: item(n),
         expires_at: None,
+    }
+}
+
+/// Commits `writes` with nothing to write after them, and expects success.
+pub async fn commit_writes<S: RollupStore + ?Sized>(store: &S, writes: Vec<Write>) {
+    store
+        .commit(Commit {
+            writes,
+            then: vec![],
+        })
+        .await
+        .unwrap();
+}
+
+/// Up to `limit` items of partition `pk` with sort keys in `[from, to)`.
+pub fn range(pk: &str, from: &str, to: &str, limit: usize, descending: bool) -> Range {
+    Range {
+        pk: pk.into(),
+        from: from.into(),
+        to: to.into(),
+        limit,
+        descending,
     }
 }
 
@@ -134,21 +159,9 @@ async fn ranges<S: RollupStore + RollupQuery>(store: &S) {
     let writes = (0..25)
         .map(|i| write(member("conf-r", &format!("{i:03}")), Condition::Absent, i))
         .collect();
-    store
-        .commit(Commit {
-            writes,
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(store, writes).await;
     let pk = member("conf-r", "").pk();
-    let range = |from: &str, to: &str, limit, descending| Range {
-        pk: pk.clone(),
-        from: from.into(),
-        to: to.into(),
-        limit,
-        descending,
-    };
+    let range = |from, to, limit, descending| range(&pk, from, to, limit, descending);
     let all = store.range(range("", "~", 100, false)).await.unwrap();
     assert_eq!(all.len(), 25);
     assert!(all.windows(2).all(|w| w[0].0 < w[1].0), "ascending order");
@@ -184,13 +197,7 @@ async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
             )
         })
         .collect();
-    store
-        .commit(Commit {
-            writes,
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(store, writes).await;
     let all = store.scan_prefix("m|f", None, 100).await.unwrap();
     let got: Vec<(&str, &str)> = all
         .iter()

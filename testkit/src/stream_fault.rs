@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::{
+use stream::{
     Lag, ProduceError, PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer,
 };
 
@@ -498,29 +498,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-
-    /// Keeps what is put, in order: enough to see what was really stored.
-    #[derive(Default)]
-    struct MemoryProducer {
-        stored: Mutex<Vec<PutRecord>>,
-    }
-
-    #[async_trait]
-    impl StreamProducer for MemoryProducer {
-        async fn put(&self, records: Vec<PutRecord>) -> Result<Vec<PutOutcome>, ProduceError> {
-            let mut stored = self.stored.lock().unwrap();
-            Ok(records
-                .into_iter()
-                .map(|r| {
-                    stored.push(r);
-                    PutOutcome::Stored {
-                        shard: "shard-0".into(),
-                        seq: SeqNo::from(stored.len() as u64),
-                    }
-                })
-                .collect())
-        }
-    }
+    use crate::MemoryProducer;
 
     /// A shard of `n` records, each batch one record.
     struct MemoryReader {
@@ -587,7 +565,7 @@ mod tests {
         for _ in 0..1000 {
             outcomes.push(p.put(records(10)).await.ok());
         }
-        let stored = inner.stored.lock().unwrap().clone();
+        let stored = inner.records();
         (outcomes, stored, f.injected.snapshot())
     }
 
@@ -645,7 +623,7 @@ mod tests {
         let put = records(200);
         let outcomes = p.put(put.clone()).await.unwrap();
         assert_eq!(outcomes.len(), 200);
-        let stored = inner.stored.lock().unwrap().clone();
+        let stored = inner.records();
         let kept: Vec<_> = put
             .iter()
             .zip(&outcomes)
@@ -683,7 +661,7 @@ mod tests {
         let p = FaultyProducer::new(inner.clone(), f.clone());
         let put = records(300);
         let outcomes = p.put(put.clone()).await.unwrap();
-        let stored = inner.stored.lock().unwrap().clone();
+        let stored = inner.records();
         let want: Vec<PutRecord> = put
             .into_iter()
             .zip(&outcomes)
@@ -721,11 +699,7 @@ mod tests {
             .await
             .unwrap();
         assert!(gate.is_closed());
-        assert_eq!(
-            inner.stored.lock().unwrap().len(),
-            3,
-            "stored before the stall"
-        );
+        assert_eq!(inner.records().len(), 3, "stored before the stall");
         assert!(!task.is_finished());
         gate.open();
         let outcomes = task.await.unwrap().unwrap();

@@ -1,8 +1,6 @@
 //! A Mosquitto broker started by a test on a free loopback port, stopped
 //! when dropped.
 
-#![allow(dead_code)]
-
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

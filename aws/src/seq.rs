@@ -5,7 +5,7 @@
 //! checkpoints compare these numbers and a wrong order would skip or repeat
 //! records silently.
 
-use crate::SeqNo;
+use schemas::SeqNo;
 
 pub use schemas::seq::SeqNoError as SeqError;
 

@@ -1,17 +1,17 @@
-//! A stand-in pipeline for the simulator's own tests: an MQTT listener that
-//! aggregates what it receives the way iotpipe's contract says, and a query
-//! API over the result, with knobs to inject faults. It is test scaffolding
-//! written independently of the simulator's expectation code, so that the
-//! two check each other; the real pipeline's end-to-end test lives in the
-//! workspace's `tests/`.
+//! A stand-in pipeline for the simulator's own tests and its `capacity`
+//! example: an MQTT listener that aggregates what it receives the way
+//! iotpipe's contract says, and a query API over the result, with knobs to
+//! inject faults. It is written independently of the simulator's expectation
+//! code (this crate does not depend on `device-sim`), so that the two check
+//! each other; the real pipeline's end-to-end test lives in the workspace's
+//! `tests/`.
 
 // Scaffolding, not product code: a broken invariant here should panic loudly.
-#![allow(dead_code, clippy::unwrap_used, clippy::type_complexity)]
+#![allow(clippy::unwrap_used, clippy::type_complexity)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -27,17 +27,12 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::{Pki, now_ms};
+
 const RESOLUTIONS: [(i64, &str); 3] = [(60_000, "1m"), (3_600_000, "1h"), (86_400_000, "1d")];
 pub const ALLOWED_LATENESS_MS: i64 = 3_600_000;
 /// Windows per API page: small, so that every test follows cursors.
 const PAGE: usize = 7;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 #[derive(Debug, Clone, Default)]
 struct Window {
@@ -261,91 +256,6 @@ pub struct Harness {
     pub api: SocketAddr,
 }
 
-/// Certificates for a TLS stand-in, written as PEM files.
-pub struct Pki {
-    pub dir: tempfile::TempDir,
-    pub ca: std::path::PathBuf,
-    server: (String, String),
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    /// A CA, and a server certificate for `localhost` and 127.0.0.1.
-    pub fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "device-sim test CA");
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, ca_cert.pem()).unwrap();
-        let server_key = rcgen::KeyPair::generate().unwrap();
-        let server_params =
-            rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-        let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-        Pki {
-            server: (server_cert.pem(), server_key.serialize_pem()),
-            dir,
-            ca,
-            issuer,
-        }
-    }
-
-    /// Writes a client certificate for `cn` as `<dir>/<cn>.crt` and `.key`.
-    pub fn client(
-        &self,
-        cn: &str,
-        dir: &std::path::Path,
-    ) -> (std::path::PathBuf, std::path::PathBuf) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-
-    /// A TLS acceptor with this PKI's server certificate; with
-    /// `client_auth`, clients must present a certificate the CA signed.
-    fn acceptor(&self, client_auth: bool) -> tokio_rustls::TlsAcceptor {
-        use rustls_pki_types::pem::PemObject;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let certs = vec![
-            rustls_pki_types::CertificateDer::from_pem_slice(self.server.0.as_bytes()).unwrap(),
-        ];
-        let key =
-            rustls_pki_types::PrivateKeyDer::from_pem_slice(self.server.1.as_bytes()).unwrap();
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .unwrap();
-        let config = if client_auth {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pki_types::CertificateDer::pem_file_iter(&self.ca).unwrap() {
-                roots.add(c.unwrap()).unwrap();
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .unwrap();
-            builder.with_client_cert_verifier(verifier)
-        } else {
-            builder.with_no_client_auth()
-        };
-        let config = config.with_single_cert(certs, key).unwrap();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    }
-}
-
 impl Harness {
     pub async fn start() -> Harness {
         Harness::start_with(None).await
@@ -353,7 +263,7 @@ impl Harness {
 
     /// A stand-in whose MQTT listener speaks TLS only.
     pub async fn start_tls(pki: &Pki, client_auth: bool) -> Harness {
-        Harness::start_with(Some(pki.acceptor(client_auth))).await
+        Harness::start_with(Some(pki.acceptor(client_auth).unwrap())).await
     }
 
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Harness {

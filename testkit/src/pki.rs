@@ -1,8 +1,7 @@
 //! Certificates for TLS tests, made fresh in a temp dir: a CA, a server
 //! certificate for 127.0.0.1 and localhost, and client certificates whose CN
-//! names a device.
-
-#![allow(dead_code)]
+//! names a device; and the rustls configurations either side builds from
+//! them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +14,7 @@ use rcgen::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+/// A test CA and the server certificate it signed, as PEM files in `dir`.
 pub struct Pki {
     pub dir: tempfile::TempDir,
     pub ca_cert: PathBuf,
@@ -72,6 +72,19 @@ impl Pki {
     pub fn client(&self, cn: &str) -> Result<ClientCert> {
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         self.client_signed(cn, |params, key| Ok(params.signed_by(key, &issuer)?))
+    }
+
+    /// [`Pki::client`] written as `<dir>/<cn>.crt` and `<dir>/<cn>.key`: the
+    /// layout of a directory holding one certificate per device.
+    pub fn client_in(&self, cn: &str, dir: &Path) -> Result<ClientCert> {
+        let made = self.client(cn)?;
+        let placed = ClientCert {
+            cert: dir.join(format!("{cn}.crt")),
+            key: dir.join(format!("{cn}.key")),
+        };
+        std::fs::copy(&made.cert, &placed.cert)?;
+        std::fs::copy(&made.key, &placed.key)?;
+        Ok(placed)
     }
 
     /// A client certificate with subject `OU=operator, CN=cn`, signed by the
@@ -136,16 +149,40 @@ impl Pki {
         }
     }
 
-    /// A rustls client that trusts the CA, presenting `client` if given.
-    pub fn client_config(&self, client: Option<&ClientCert>) -> Result<Arc<rustls::ClientConfig>> {
+    /// A TLS acceptor with the server certificate; with `client_auth`,
+    /// clients must present a certificate the CA signed.
+    pub fn acceptor(&self, client_auth: bool) -> Result<tokio_rustls::TlsAcceptor> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let config = if client_auth {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(self.roots()?),
+                provider,
+            )
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let config = config.with_single_cert(certs(&self.server_cert)?, key(&self.server_key)?)?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_file_iter(&self.ca_cert)? {
             roots.add(ca?)?;
         }
+        Ok(roots)
+    }
+
+    /// A rustls client that trusts the CA, presenting `client` if given.
+    pub fn client_config(&self, client: Option<&ClientCert>) -> Result<Arc<rustls::ClientConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots);
+            .with_root_certificates(self.roots()?);
         let config = match client {
             None => builder.with_no_client_auth(),
             Some(c) => builder.with_client_auth_cert(certs(&c.cert)?, key(&c.key)?)?,

@@ -1,5 +1,4 @@
-//! Test support: one moto server per test binary, standing in for Kinesis
-//! and DynamoDB.
+//! One moto server per test binary, standing in for Kinesis and DynamoDB.
 //!
 //! `MOTO_ENDPOINT`, when set, names a running server to use instead. Else the
 //! first caller starts `moto_server` on a free loopback port through a small
@@ -14,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::client::AwsConfig;
+use aws::AwsConfig;
 
 /// moto takes about a second to import; a loaded machine may take longer.
 const START_TIMEOUT: Duration = Duration::from_secs(60);

@@ -2,7 +2,9 @@
 //! that every backend runs against itself in its tests.
 //!
 //! A backend's test implements [`Harness`] over a fresh, empty stream and
-//! calls each check (or [`run_all`]). Checks return a [`Violation`] instead of
+//! calls each check (or [`run_all`]), or has
+//! [`stream_conformance_tests!`](crate::stream_conformance_tests) write one
+//! test per check. Checks return a [`Violation`] instead of
 //! panicking, put modest numbers of records (a stand-in server may be slow),
 //! and wait on the stream itself, never on sleeps.
 //!
@@ -33,7 +35,40 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer};
+use stream::{PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer};
+
+/// One `#[tokio::test]` per check, named after it, each against a fresh
+/// harness that `$make` (an expression, `.await` allowed) builds.
+#[macro_export]
+macro_rules! stream_conformance_tests {
+    ($make:expr) => {
+        $crate::stream_conformance_tests!(@current $make;
+            round_trip,
+            order_per_partition_key,
+            sequence_increases_per_shard,
+            checkpoint_resume,
+            batch_limits,
+            wait_returns_empty_on_timeout
+        );
+        // These two race a reader against putters: give them two threads.
+        $crate::stream_conformance_tests!(@multi $make;
+            waiting_reader_wakes_on_put,
+            concurrent_putters
+        );
+    };
+    (@current $make:expr; $($check:ident),*) => {$(
+        #[tokio::test]
+        async fn $check() {
+            $crate::stream_conformance::$check(&$make).await.unwrap();
+        }
+    )*};
+    (@multi $make:expr; $($check:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            $crate::stream_conformance::$check(&$make).await.unwrap();
+        }
+    )*};
+}
 
 /// How long a check waits for records it knows were stored. Generous: a
 /// polling backend against a stand-in server can take a while, and a

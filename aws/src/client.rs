@@ -2,7 +2,7 @@
 //! wire-compatible stand-in.
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_kinesis::config::Credentials;
+use aws_sdk_dynamodb::config::Credentials;
 use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
 
 /// The region used when neither the environment nor a profile names one.
@@ -94,11 +94,11 @@ pub fn is_retryable_code(code: &str) -> bool {
 /// Whether a failed SDK call may succeed if made again: throttling, a 5xx,
 /// a timeout or a connection failure. A request the service understood and
 /// refused (missing resource, bad argument, access denied) will not.
-pub fn is_retryable<E>(err: &aws_sdk_kinesis::error::SdkError<E>) -> bool
+pub fn is_retryable<E>(err: &aws_sdk_dynamodb::error::SdkError<E>) -> bool
 where
-    E: aws_sdk_kinesis::error::ProvideErrorMetadata,
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata,
 {
-    use aws_sdk_kinesis::error::SdkError;
+    use aws_sdk_dynamodb::error::SdkError;
     match err {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
@@ -112,9 +112,9 @@ where
 }
 
 /// An SDK error as one line with its cause chain, for logs and error values.
-pub fn describe<E>(err: &aws_sdk_kinesis::error::SdkError<E>) -> String
+pub fn describe<E>(err: &aws_sdk_dynamodb::error::SdkError<E>) -> String
 where
     E: std::error::Error + 'static,
 {
-    aws_sdk_kinesis::error::DisplayErrorContext(err).to_string()
+    aws_sdk_dynamodb::error::DisplayErrorContext(err).to_string()
 }

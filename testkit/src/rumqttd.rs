@@ -1,5 +1,6 @@
-//! The embedded rumqttd both comparison examples run, configured and started
-//! once so that `vs_rumqttd` and `baseline` measure the same broker.
+//! The embedded rumqttd that `ingest`'s comparison examples (`vs_rumqttd`,
+//! `baseline`) run, configured and started in one place so that both measure
+//! the same broker.
 
 /// Starts rumqttd on its own thread and returns an in-process link named
 /// `link`, subscribed to `filter`.

@@ -5,19 +5,19 @@
 //! once.
 //!
 //! The seeded dice and the stall gates are the stream's
-//! ([`stream::fault`]), so one seed drives every wrapper alike.
+//! ([`crate::stream_fault`]), so one seed drives every wrapper alike.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::stream_fault::{Dice, Stall, StallPoint, seed_for};
 use async_trait::async_trait;
 use schemas::state::Item;
-use stream::fault::{Dice, Stall, StallPoint, seed_for};
 
 use rollup::{Commit, Stored};
 
-use super::{Range, RollupQuery, RollupStore, StoreError};
+use processors::store::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 
 /// The message of every injected failure, so logs tell them from real ones.
@@ -236,11 +236,11 @@ impl<S: RollupQuery + ?Sized> RollupQuery for FaultyStore<S> {
 mod tests {
     use std::collections::BTreeSet;
 
+    use crate::stream_fault::Gate;
     use schemas::state::ItemState;
-    use stream::fault::Gate;
 
     use super::*;
-    use crate::store::memory::MemoryStore;
+    use processors::store::memory::MemoryStore;
     use rollup::keys::COUNTER_PK;
     use rollup::{Condition, Write};
 

@@ -1,0 +1,67 @@
+//! The write-behind cache's bookkeeping, against a store that fails: an
+//! integration test because the failing store is the test kit's, which
+//! implements this crate's `RollupStore` as the kit sees it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use processors::store::RollupStore;
+use processors::store::cached::{CacheConfig, CachedStore};
+use processors::store::memory::MemoryStore;
+use rollup::{Commit, Condition};
+use testkit::store_conformance::{self, write};
+use testkit::store_fault::{FaultyStore, StoreFaults};
+
+/// A commit of counter `name`'s value `n` under `condition`.
+fn counter(name: &str, condition: Condition, n: u64) -> Commit {
+    Commit {
+        writes: vec![write(store_conformance::counter("s", name), condition, n)],
+        then: vec![],
+    }
+}
+
+/// The flush policy reads the dirty count after every batch, so it is
+/// kept as a count; it must stay equal to the dirty items through
+/// rewrites, flushes and failed flushes.
+#[tokio::test]
+async fn the_dirty_count_follows_rewrites_flushes_and_failed_flushes() {
+    let failing = StoreFaults {
+        commit_error_before: 1.0,
+        ..StoreFaults::default()
+    };
+    let inner = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), failing));
+    let cache = CachedStore::new(inner, CacheConfig::default());
+    cache
+        .commit(counter("a", Condition::Absent, 1))
+        .await
+        .unwrap();
+    cache
+        .commit(counter("a", Condition::Version(1), 2))
+        .await
+        .unwrap();
+    cache
+        .commit(counter("b", Condition::Absent, 1))
+        .await
+        .unwrap();
+    assert_eq!(cache.unflushed(), 2, "a rewritten item counts once");
+    assert!(cache.flush().await.is_err());
+    assert_eq!(cache.unflushed(), 2, "a failed flush leaves both dirty");
+
+    let cache = CachedStore::new(Arc::new(MemoryStore::new()), CacheConfig::default());
+    cache
+        .commit(counter("a", Condition::Absent, 1))
+        .await
+        .unwrap();
+    cache
+        .commit(counter("b", Condition::Absent, 1))
+        .await
+        .unwrap();
+    assert_eq!(cache.flush().await.unwrap(), 2);
+    assert_eq!(cache.unflushed(), 0);
+    cache
+        .commit(counter("a", Condition::Version(1), 2))
+        .await
+        .unwrap();
+    assert_eq!(cache.unflushed(), 1);
+}

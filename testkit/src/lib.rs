@@ -1,0 +1,47 @@
+//! Test support for the iotpipe workspace: a dev-only crate (`publish =
+//! false`, only ever a `[dev-dependencies]` entry), so that nothing here is
+//! compiled into a release library.
+//!
+//! - Contracts every backend runs: [`stream_conformance`] (producers and
+//!   shard readers) and [`store_conformance`] (rollup stores).
+//! - Fault injection: [`stream_fault`] (any producer or reader) and
+//!   [`store_fault`] (any rollup store), from one kind of seeded dice.
+//! - Stand-ins: [`MemoryProducer`], an in-memory stream producer a test can
+//!   hold or fail; [`standin`], an in-memory pipeline behind MQTT and the
+//!   query API, for the simulator's own tests.
+//! - Launchers, one per external service: [`moto`] (Kinesis and DynamoDB),
+//!   [`mosquitto`], [`rumqttd`] (in process), [`chromium`], and [`up`]
+//!   (`iotpipe up` as a child process a test can kill).
+//! - [`lambda`]: Kinesis events as the event source mapping writes them.
+//! - [`Pki`]: a test CA with server and client certificates.
+//! - [`now_ms`]: the wall clock, for tests that must stamp real times.
+//!
+//! It depends on the crates whose contracts it carries (`stream`,
+//! `processors`, `ingest`). A unit test inside one of those crates that
+//! needs this crate's types would see two copies of its own crate's types,
+//! so such tests live under that crate's `tests/` instead.
+
+pub mod chromium;
+pub mod lambda;
+mod memory_producer;
+pub mod mosquitto;
+pub mod moto;
+mod pki;
+pub mod rumqttd;
+pub mod standin;
+pub mod store_conformance;
+pub mod store_fault;
+pub mod stream_conformance;
+pub mod stream_fault;
+pub mod up;
+
+pub use memory_producer::{MemoryProducer, Timeout};
+pub use pki::{ClientCert, Pki, transport};
+
+/// Milliseconds since the Unix epoch: what the endpoint stamps as a
+/// message's `received_at`, for tests that publish readings near now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
