@@ -18,6 +18,7 @@ use aws_lambda_events::event::streams::KinesisEventResponse;
 use axum::http::StatusCode;
 use http_body_util::BodyExt;
 use processors::api::{ApiState, app};
+use processors::lambda::Handler;
 use processors::lambda::aggregate::AggregateHandler;
 use processors::store::dynamodb::DynamoStore;
 use processors::store::{RollupQuery, RollupStore, StoreError};

@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use processors::lambda::aggregate::{self, AggregateHandler};
+use processors::lambda::aggregate::AggregateHandler;
 use processors::lambda::env::FunctionConfig;
 use processors::lambda::lazy::LazyDynamoStore;
+use processors::lambda::serve;
 use stream::kinesis::AwsConfig;
 
 // One invocation at a time per process: a single-threaded runtime starts
@@ -16,5 +17,5 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let config = FunctionConfig::from_env()?;
     let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
     let handler = AggregateHandler::new(Arc::new(store), config.aggregate).with_emf(config.metrics);
-    aggregate::run(handler).await
+    serve(handler).await
 }

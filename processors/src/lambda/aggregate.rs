@@ -18,11 +18,11 @@ use std::time::Instant;
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytes::Bytes;
-use lambda_runtime::{LambdaEvent, service_fn};
 use rollup::AggregateConfig;
 use schemas::SeqNo;
 use schemas::shard::Record;
 
+use super::Handler;
 use super::emf::{self, EmfConfig, Invocation};
 use crate::metrics::ProcessorMetrics;
 use crate::run::process_batch;
@@ -61,18 +61,6 @@ impl AggregateHandler {
     pub fn with_emf(mut self, emf: EmfConfig) -> Self {
         self.emf = Arc::new(emf);
         self
-    }
-
-    /// Processes one event and prints its metrics line to stdout, where
-    /// CloudWatch Logs picks it up.
-    pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
-        let started_ms = now_ms();
-        let (response, invocation) = self.process(&event).await;
-        println!(
-            "{}",
-            emf::line(&self.emf, &invocation, started_ms, now_ms())
-        );
-        response
     }
 
     /// Processes one event; never fails as a whole, so that Lambda retries
@@ -164,6 +152,23 @@ impl AggregateHandler {
     }
 }
 
+impl Handler for AggregateHandler {
+    type Event = KinesisEvent;
+    type Response = KinesisEventResponse;
+
+    /// Processes one event and prints its metrics line to stdout, where
+    /// CloudWatch Logs picks it up.
+    async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
+        let started_ms = now_ms();
+        let (response, invocation) = self.process(&event).await;
+        println!(
+            "{}",
+            emf::line(&self.emf, &invocation, started_ms, now_ms())
+        );
+        response
+    }
+}
+
 /// When Kinesis received the record, ms since the epoch.
 fn arrival_ms(r: &KinesisEventRecord) -> i64 {
     r.kinesis.approximate_arrival_timestamp.0.timestamp_millis()
@@ -171,16 +176,6 @@ fn arrival_ms(r: &KinesisEventRecord) -> i64 {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
-}
-
-/// Runs the function: serves Kinesis events until the runtime stops.
-pub async fn run(handler: AggregateHandler) -> Result<(), lambda_runtime::Error> {
-    let handler = Arc::new(handler);
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<KinesisEvent>| {
-        let handler = handler.clone();
-        async move { Ok::<_, lambda_runtime::Error>(handler.handle(event.payload).await) }
-    }))
-    .await
 }
 
 #[cfg(test)]
