@@ -660,30 +660,23 @@ pub fn idle_watermark(
 /// Lateness is judged against `received_at`, stamped once at ingest, so a
 /// replayed batch decides exactly as the first attempt did.
 fn judge(reading: &ReadingView, received_at: i64, cfg: &AggregateConfig) -> Option<Rejection> {
-    if reading.ts > received_at.saturating_add(cfg.future_tolerance_ms) {
-        return Some(Rejection::new(
-            RejectReason::InFuture,
-            format!(
-                "ts {} is {} ms after the reading was received (limit {} ms)",
-                reading.ts,
-                reading.ts - received_at,
-                cfg.future_tolerance_ms
-            ),
-        ));
-    }
     let finest = cfg.finest();
     let end = finest.window_start(reading.ts) + finest.ms();
-    if end.saturating_add(cfg.allowed_lateness_ms) <= received_at {
-        return Some(Rejection::new(
-            RejectReason::TooLate,
-            format!(
-                "window ending {end} was final {} ms before the reading was received (allowed lateness {} ms)",
-                received_at - end - cfg.allowed_lateness_ms,
-                cfg.allowed_lateness_ms
-            ),
-        ));
-    }
-    None
+    let reason = cfg.lateness().refusal(reading.ts, end, received_at)?;
+    let detail = match reason {
+        RejectReason::InFuture => format!(
+            "ts {} is {} ms after the reading was received (limit {} ms)",
+            reading.ts,
+            reading.ts - received_at,
+            cfg.future_tolerance_ms
+        ),
+        _ => format!(
+            "window ending {end} was final {} ms before the reading was received (allowed lateness {} ms)",
+            received_at - end - cfg.allowed_lateness_ms,
+            cfg.allowed_lateness_ms
+        ),
+    };
+    Some(Rejection::new(reason, detail))
 }
 
 /// Why [`apply`] refused a batch. None of these heals by retrying: the shell
