@@ -132,7 +132,7 @@ impl Durability {
         &self,
         who: &str,
         store: &dyn RollupStore,
-        pcfg: &ProcessorConfig,
+        processor_config: &ProcessorConfig,
         metrics: &ProcessorMetrics,
     ) -> Result<usize, StoreError> {
         let mut attempt = 0u32;
@@ -151,7 +151,7 @@ impl Durability {
                 Err(e) if e.is_retryable() => {
                     attempt += 1;
                     metrics.batch_retries.fetch_add(1, Ordering::Relaxed);
-                    let backoff = retry_delay(pcfg, attempt);
+                    let backoff = retry_delay(processor_config, attempt);
                     tracing::warn!(who, error = %e, backoff_ms = backoff.as_millis() as u64, "Flushing the store failed; retrying.");
                     tokio::time::sleep(backoff).await;
                 }
@@ -164,18 +164,18 @@ impl Durability {
     }
 }
 
-/// Flushes `store` by `pcfg.flush` until `shutdown` turns true. The one
+/// Flushes `store` by `processor_config.flush` until `shutdown` turns true. The one
 /// place that decides when to flush: shards only checkpoint what the flushes
 /// covered, and flush once more themselves when they drain.
 pub async fn run_flusher(
     store: Arc<dyn RollupStore>,
     durability: Arc<Durability>,
-    pcfg: ProcessorConfig,
+    processor_config: ProcessorConfig,
     metrics: Arc<ProcessorMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), stream::ReadError> {
     let check = FLUSH_CHECK_EVERY
-        .min(pcfg.flush.interval)
+        .min(processor_config.flush.interval)
         .max(Duration::from_millis(1));
     let mut last = tokio::time::Instant::now();
     loop {
@@ -192,9 +192,15 @@ pub async fn run_flusher(
             }
         }
         let tick = tokio::time::Instant::now();
-        if flush_if_due(store.as_ref(), &durability, &pcfg, &metrics, tick - last)
-            .await
-            .map_err(|e| stream::ReadError::Io(e.to_string()))?
+        if flush_if_due(
+            store.as_ref(),
+            &durability,
+            &processor_config,
+            &metrics,
+            tick - last,
+        )
+        .await
+        .map_err(|e| stream::ReadError::Io(e.to_string()))?
         {
             last = tick;
         }
@@ -206,14 +212,16 @@ pub async fn run_flusher(
 async fn flush_if_due(
     store: &dyn RollupStore,
     durability: &Durability,
-    pcfg: &ProcessorConfig,
+    processor_config: &ProcessorConfig,
     metrics: &ProcessorMetrics,
     since_last: Duration,
 ) -> Result<bool, StoreError> {
-    if !pcfg.flush.due(since_last, store.unflushed()) {
+    if !processor_config.flush.due(since_last, store.unflushed()) {
         return Ok(false);
     }
-    durability.flush("flusher", store, pcfg, metrics).await?;
+    durability
+        .flush("flusher", store, processor_config, metrics)
+        .await?;
     Ok(true)
 }
 
@@ -226,17 +234,17 @@ pub async fn process_batch(
     shard: &str,
     records: &[Record],
     store: &dyn RollupStore,
-    cfg: &AggregateConfig,
+    aggregate_config: &AggregateConfig,
     metrics: &ProcessorMetrics,
 ) -> Result<BatchStats, BatchError> {
     let mut conflicts = 0;
     loop {
-        let mut plan = aggregate::plan(shard, records, cfg);
+        let mut plan = aggregate::plan(shard, records, aggregate_config);
         while !plan.keys().is_empty() {
             let loaded = store.load(plan.keys()).await?;
-            plan.receive(loaded, cfg)?;
+            plan.receive(loaded, aggregate_config)?;
         }
-        let applied = aggregate::apply(plan, cfg)?;
+        let applied = aggregate::apply(plan, aggregate_config)?;
         let writes = applied.commit.len();
         let started = Instant::now();
         match store.commit(applied.commit).await {
@@ -266,7 +274,7 @@ pub async fn process_batch(
 pub async fn sweep_quiet_devices(
     store: &dyn RollupStore,
     query: &dyn crate::store::RollupQuery,
-    cfg: &AggregateConfig,
+    aggregate_config: &AggregateConfig,
 ) -> Result<u64, BatchError> {
     use rollup::keys::DEVICE_SK;
     use schemas::state::ItemState;
@@ -288,7 +296,7 @@ pub async fn sweep_quiet_devices(
             let Some(&watermark) = watermarks.get(&state.shard) else {
                 continue;
             };
-            let keys = rollup::sweep::sweep_keys(device, state, watermark, cfg);
+            let keys = rollup::sweep::sweep_keys(device, state, watermark, aggregate_config);
             if keys.is_empty() {
                 continue;
             }
@@ -302,7 +310,7 @@ pub async fn sweep_quiet_devices(
                 continue;
             };
             let Some(commit) =
-                rollup::sweep::sweep(device, &current, watermark, &keys, loaded, cfg)?
+                rollup::sweep::sweep(device, &current, watermark, &keys, loaded, aggregate_config)?
             else {
                 continue;
             };
@@ -332,7 +340,7 @@ const IDLE_WATERMARK_EVERY: Duration = Duration::from_secs(1);
 pub async fn advance_idle_watermark(
     shard: &str,
     store: &dyn RollupStore,
-    cfg: &AggregateConfig,
+    aggregate_config: &AggregateConfig,
     now: i64,
 ) -> Result<(), BatchError> {
     let key = rollup::keys::ItemKey::Watermark {
@@ -340,7 +348,7 @@ pub async fn advance_idle_watermark(
     };
     let loaded = store.load(std::slice::from_ref(&key)).await?;
     let current = loaded.into_iter().next().flatten();
-    if let Some(write) = aggregate::idle_watermark(shard, current, now, cfg)? {
+    if let Some(write) = aggregate::idle_watermark(shard, current, now, aggregate_config)? {
         store
             .commit(rollup::Commit {
                 writes: Vec::new(),
@@ -357,8 +365,8 @@ pub async fn advance_idle_watermark(
 pub async fn run_shard(
     mut reader: Box<dyn ShardReader>,
     store: Arc<dyn RollupStore>,
-    cfg: Arc<AggregateConfig>,
-    pcfg: ProcessorConfig,
+    aggregate_config: Arc<AggregateConfig>,
+    processor_config: ProcessorConfig,
     metrics: Arc<ProcessorMetrics>,
     durability: Arc<Durability>,
     mut shutdown: watch::Receiver<bool>,
@@ -375,10 +383,10 @@ pub async fn run_shard(
         let wait = if draining {
             Duration::ZERO
         } else {
-            pcfg.poll_wait
+            processor_config.poll_wait
         };
         let batch = tokio::select! {
-            batch = reader.next_batch(pcfg.batch_max_records, wait) => batch,
+            batch = reader.next_batch(processor_config.batch_max_records, wait) => batch,
             changed = shutdown.changed(), if !draining => {
                 // A dropped sender means the process is going away: drain too.
                 draining = changed.is_err() || *shutdown.borrow();
@@ -392,7 +400,7 @@ pub async fn run_shard(
                 // waiting and reading again loses nothing.
                 read_retries += 1;
                 metrics.read_retries.fetch_add(1, Ordering::Relaxed);
-                let backoff = retry_delay(&pcfg, read_retries);
+                let backoff = retry_delay(&processor_config, read_retries);
                 tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Reading the shard failed; retrying.");
                 tokio::time::sleep(backoff).await;
                 continue;
@@ -417,10 +425,10 @@ pub async fn run_shard(
                 // the flusher, which may already have stopped.
                 if let Some(&(seq, _)) = unflushed.back() {
                     durability
-                        .flush(&shard, store.as_ref(), &pcfg, &metrics)
+                        .flush(&shard, store.as_ref(), &processor_config, &metrics)
                         .await
                         .map_err(|e| stream::ReadError::Io(e.to_string()))?;
-                    checkpoint(&shard, &mut reader, seq, &pcfg, &metrics).await?;
+                    checkpoint(&shard, &mut reader, seq, &processor_config, &metrics).await?;
                 }
                 tracing::info!(shard, "Shard drained; processor stops.");
                 return Ok(());
@@ -430,27 +438,37 @@ pub async fn run_shard(
                 &mut reader,
                 &mut unflushed,
                 &durability,
-                &pcfg,
+                &processor_config,
                 &metrics,
             )
             .await?;
             if idle_since.elapsed() >= IDLE_WATERMARK_EVERY {
                 idle_since = Instant::now();
                 let now = chrono::Utc::now().timestamp_millis();
-                if let Err(e) = advance_idle_watermark(&shard, store.as_ref(), &cfg, now).await {
+                if let Err(e) =
+                    advance_idle_watermark(&shard, store.as_ref(), &aggregate_config, now).await
+                {
                     tracing::warn!(shard, error = %e, "Advancing an idle shard's watermark failed; will retry.");
                 }
             }
             continue;
         };
-        apply_batch(&shard, &batch, store.as_ref(), &cfg, &pcfg, &metrics).await?;
+        apply_batch(
+            &shard,
+            &batch,
+            store.as_ref(),
+            &aggregate_config,
+            &processor_config,
+            &metrics,
+        )
+        .await?;
         unflushed.push_back((last, durability.mark()));
         checkpoint_flushed(
             &shard,
             &mut reader,
             &mut unflushed,
             &durability,
-            &pcfg,
+            &processor_config,
             &metrics,
         )
         .await?;
@@ -463,20 +481,20 @@ async fn apply_batch(
     shard: &str,
     batch: &[Record],
     store: &dyn RollupStore,
-    cfg: &AggregateConfig,
-    pcfg: &ProcessorConfig,
+    aggregate_config: &AggregateConfig,
+    processor_config: &ProcessorConfig,
     metrics: &ProcessorMetrics,
 ) -> Result<(), stream::ReadError> {
     let started = Instant::now();
-    let mut backoff = pcfg.initial_backoff;
+    let mut backoff = processor_config.initial_backoff;
     loop {
-        match process_batch(shard, batch, store, cfg, metrics).await {
+        match process_batch(shard, batch, store, aggregate_config, metrics).await {
             Ok(_) => break,
             Err(e) if e.is_retryable() => {
                 metrics.batch_retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Batch failed; retrying.");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(pcfg.max_backoff);
+                backoff = (backoff * 2).min(processor_config.max_backoff);
             }
             Err(e) => {
                 // An unreadable stored item cannot heal by retrying; stop
@@ -503,7 +521,7 @@ async fn checkpoint_flushed(
     reader: &mut Box<dyn ShardReader>,
     unflushed: &mut VecDeque<(stream::SeqNo, u64)>,
     durability: &Durability,
-    pcfg: &ProcessorConfig,
+    processor_config: &ProcessorConfig,
     metrics: &ProcessorMetrics,
 ) -> Result<(), stream::ReadError> {
     let mut newest = None;
@@ -515,7 +533,7 @@ async fn checkpoint_flushed(
         unflushed.pop_front();
     }
     match newest {
-        Some(seq) => checkpoint(shard, reader, seq, pcfg, metrics).await,
+        Some(seq) => checkpoint(shard, reader, seq, processor_config, metrics).await,
         None => Ok(()),
     }
 }
@@ -527,7 +545,7 @@ async fn checkpoint(
     shard: &str,
     reader: &mut Box<dyn ShardReader>,
     seq: stream::SeqNo,
-    pcfg: &ProcessorConfig,
+    processor_config: &ProcessorConfig,
     metrics: &ProcessorMetrics,
 ) -> Result<(), stream::ReadError> {
     let mut attempt = 0u32;
@@ -536,7 +554,7 @@ async fn checkpoint(
             stream::ReadError::Io(_) if attempt < 10 => {
                 attempt += 1;
                 metrics.read_retries.fetch_add(1, Ordering::Relaxed);
-                let backoff = retry_delay(pcfg, attempt);
+                let backoff = retry_delay(processor_config, attempt);
                 tracing::warn!(shard, error = %e, backoff_ms = backoff.as_millis() as u64, "Checkpoint failed; retrying.");
                 tokio::time::sleep(backoff).await;
             }
@@ -547,9 +565,9 @@ async fn checkpoint(
 }
 
 /// Exponential backoff from `initial_backoff`, capped at `max_backoff`.
-fn retry_delay(pcfg: &ProcessorConfig, attempt: u32) -> Duration {
+fn retry_delay(processor_config: &ProcessorConfig, attempt: u32) -> Duration {
     let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(16));
-    (pcfg.initial_backoff * factor).min(pcfg.max_backoff)
+    (processor_config.initial_backoff * factor).min(processor_config.max_backoff)
 }
 
 #[cfg(test)]
@@ -601,7 +619,7 @@ mod tests {
     #[tokio::test]
     async fn a_mark_is_covered_only_by_a_flush_that_started_after_it() {
         let store = CachedStore::new(Arc::new(MemoryStore::new()), CacheConfig::default());
-        let (d, pcfg, metrics) = (
+        let (d, processor_config, metrics) = (
             Durability::default(),
             ProcessorConfig::default(),
             ProcessorMetrics::default(),
@@ -609,7 +627,9 @@ mod tests {
         store.commit(counter("a")).await.unwrap();
         let before = d.mark();
         assert!(!d.covers(before));
-        d.flush("test", &store, &pcfg, &metrics).await.unwrap();
+        d.flush("test", &store, &processor_config, &metrics)
+            .await
+            .unwrap();
         assert!(d.covers(before));
         store.commit(counter("b")).await.unwrap();
         let after = d.mark();
@@ -623,13 +643,13 @@ mod tests {
     async fn the_flusher_flushes_at_the_dirty_bound_before_the_interval() {
         let store = CachedStore::new(Arc::new(MemoryStore::new()), CacheConfig::default());
         let (d, metrics) = (Durability::default(), ProcessorMetrics::default());
-        let pcfg = policy(Duration::from_secs(3600), 3);
+        let processor_config = policy(Duration::from_secs(3600), 3);
         let early = Duration::from_secs(5);
         store.commit(counter("a")).await.unwrap();
         store.commit(counter("b")).await.unwrap();
         let mark = d.mark();
         assert!(
-            !flush_if_due(&store, &d, &pcfg, &metrics, early)
+            !flush_if_due(&store, &d, &processor_config, &metrics, early)
                 .await
                 .unwrap()
         );
@@ -639,7 +659,7 @@ mod tests {
         store.commit(counter("c")).await.unwrap();
         let mark = d.mark();
         assert!(
-            flush_if_due(&store, &d, &pcfg, &metrics, early)
+            flush_if_due(&store, &d, &processor_config, &metrics, early)
                 .await
                 .unwrap()
         );
@@ -650,7 +670,7 @@ mod tests {
         store.commit(counter("d")).await.unwrap();
         let interval = Duration::from_secs(3600);
         assert!(
-            flush_if_due(&store, &d, &pcfg, &metrics, interval)
+            flush_if_due(&store, &d, &processor_config, &metrics, interval)
                 .await
                 .unwrap()
         );

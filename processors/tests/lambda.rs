@@ -24,7 +24,7 @@ use processors::store::dynamodb::DynamoStore;
 use processors::store::{RollupQuery, RollupStore, StoreError};
 use rollup::AggregateConfig;
 use rollup::keys::ItemKey;
-use rollup::{Commit, Stored};
+use rollup::{Commit, LoadedItem};
 use schemas::state::ItemState;
 use schemas::{Metric, PackedRecord, Reading};
 use serde_json::{Value, json};
@@ -306,7 +306,7 @@ struct Faulty {
 
 #[async_trait]
 impl RollupStore for Faulty {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         self.inner.load(keys).await
     }
 

@@ -9,7 +9,7 @@
 //!   compaction and the query API.
 //! - `sweep`: compacting the pending windows of a device that stopped
 //!   publishing, for a shell's periodic sweep.
-//! - `commit`: what the core hands a store: loaded items ([`Stored`]) and
+//! - `commit`: what the core hands a store: loaded items ([`LoadedItem`]) and
 //!   conditional writes ([`Commit`]).
 //! - `config`: resolutions, lateness and retention.
 //! - `lateness`: the rule that makes a window final and a reading `too_late`
@@ -34,6 +34,6 @@ pub mod span;
 pub mod sweep;
 
 pub use aggregate::{ApplyError, BatchStats};
-pub use commit::{Commit, Condition, Stored, Write};
+pub use commit::{Commit, Condition, LoadedItem, Write};
 pub use config::AggregateConfig;
 pub use lateness::LatenessConfig;

@@ -51,7 +51,7 @@ pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 #[derive(Clone)]
 pub struct ApiState {
     pub query: Arc<dyn RollupQuery>,
-    pub cfg: Arc<AggregateConfig>,
+    pub config: Arc<AggregateConfig>,
     /// Now, in ms since the epoch: decides default ranges. `final` comes
     /// from the processed watermark in the store, never from the clock.
     pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
@@ -62,10 +62,10 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(query: Arc<dyn RollupQuery>, cfg: Arc<AggregateConfig>) -> Self {
+    pub fn new(query: Arc<dyn RollupQuery>, config: Arc<AggregateConfig>) -> Self {
         ApiState {
             query,
-            cfg,
+            config,
             clock: Arc::new(|| chrono::Utc::now().timestamp_millis()),
             metrics: Arc::new(|_| {}),
             guard: Arc::new(guard::Guard::new(None, guard::ApiLimits::default())),
@@ -206,19 +206,19 @@ async fn device(
     let mut d = device_state(&s, &device_id).await?;
     // The device item holds what compacted windows held; readings since
     // live in the spans of its pending windows.
-    let finest_unit = s.cfg.pending_units().first().copied();
+    let finest_unit = s.config.pending_units().first().copied();
     for &(res_ms, start) in &d.pending.clone() {
         if Some(res_ms) != finest_unit {
             continue;
         }
-        let count = s.cfg.spans_of(res_ms, start).count();
+        let count = s.config.spans_of(res_ms, start).count();
         for span in windows::spans(
             s.query.as_ref(),
             &device_id,
             start,
             start + res_ms,
             count,
-            &s.cfg,
+            &s.config,
         )
         .await?
         {
@@ -464,7 +464,7 @@ async fn windows_response(
     metric: String,
 ) -> Result<Response, Problem> {
     let now = (s.clock)();
-    let res = p.resolution("res")?.unwrap_or(s.cfg.finest());
+    let res = p.resolution("res")?.unwrap_or(s.config.finest());
     let to = p.time("to")?.unwrap_or(now);
     let mut from = p
         .time("from")?
@@ -500,7 +500,7 @@ async fn windows_response(
         to,
         limit,
     };
-    let page = windows::query(s.query.as_ref(), &q, &s.cfg).await?;
+    let page = windows::query(s.query.as_ref(), &q, &s.config).await?;
     let windows: Vec<Picked> = page
         .windows
         .iter()

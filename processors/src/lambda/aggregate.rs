@@ -32,7 +32,7 @@ use crate::store::RollupStore;
 #[derive(Clone)]
 pub struct AggregateHandler {
     pub store: Arc<dyn RollupStore>,
-    pub cfg: Arc<AggregateConfig>,
+    pub config: Arc<AggregateConfig>,
     /// Where the per-invocation metrics line says it belongs.
     pub emf: Arc<EmfConfig>,
 }
@@ -49,10 +49,10 @@ pub fn shard_of(record: &KinesisEventRecord) -> &str {
 }
 
 impl AggregateHandler {
-    pub fn new(store: Arc<dyn RollupStore>, cfg: AggregateConfig) -> Self {
+    pub fn new(store: Arc<dyn RollupStore>, config: AggregateConfig) -> Self {
         AggregateHandler {
             store,
-            cfg: Arc::new(cfg),
+            config: Arc::new(config),
             emf: Arc::new(EmfConfig::default()),
         }
     }
@@ -131,7 +131,7 @@ impl AggregateHandler {
         if batch.is_empty() {
             return unreadable;
         }
-        match process_batch(shard, &batch, self.store.as_ref(), &self.cfg, metrics).await {
+        match process_batch(shard, &batch, self.store.as_ref(), &self.config, metrics).await {
             Ok(stats) => {
                 tracing::info!(
                     shard,

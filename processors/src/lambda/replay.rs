@@ -484,14 +484,14 @@ mod tests {
 
     #[test]
     fn reads_its_configuration() {
-        let cfg = ReplayConfig::from_vars(|n| match n {
+        let config = ReplayConfig::from_vars(|n| match n {
             "STREAM_NAME" => Some("telemetry".into()),
             "AWS_LAMBDA_FUNCTION_NAME" => Some("iotpipe-replay".into()),
             _ => None,
         })
         .unwrap();
-        assert_eq!(cfg.stream_name, "telemetry");
-        assert_eq!(cfg.metrics.function, "iotpipe-replay");
+        assert_eq!(config.stream_name, "telemetry");
+        assert_eq!(config.metrics.function, "iotpipe-replay");
         assert_eq!(
             ReplayConfig::from_vars(|_| None),
             Err(EnvError::Missing("STREAM_NAME"))

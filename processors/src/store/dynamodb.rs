@@ -33,7 +33,7 @@ use stream::kinesis::AwsConfig;
 use stream::kinesis::backoff::Backoff;
 use stream::kinesis::client::{describe, is_retryable};
 
-use rollup::{Commit, Condition, Stored, Write};
+use rollup::{Commit, Condition, LoadedItem, Write};
 
 use super::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
@@ -374,7 +374,7 @@ impl DynamoStore {
 
 #[async_trait]
 impl RollupStore for DynamoStore {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         let ids: Vec<(String, String)> = keys.iter().map(|k| (k.pk(), k.sk())).collect();
         // BatchGetItem refuses a request that names a key twice.
         let mut distinct: Vec<(String, String)> = ids.clone();
@@ -389,10 +389,10 @@ impl RollupStore for DynamoStore {
             .buffer_unordered(self.cfg.max_concurrent_reads.max(1))
             .try_collect()
             .await?;
-        let by_key: HashMap<(String, String), Stored> = found
+        let by_key: HashMap<(String, String), LoadedItem> = found
             .into_iter()
             .flatten()
-            .map(|(pk, sk, version, item)| ((pk, sk), Stored { version, item }))
+            .map(|(pk, sk, version, item)| ((pk, sk), LoadedItem { version, item }))
             .collect();
         Ok(ids.iter().map(|id| by_key.get(id).cloned()).collect())
     }

@@ -8,10 +8,10 @@ use schemas::{RejectReason, SeqNo, WindowAgg};
 
 use super::plan::{Body, Decoded, Plan};
 use super::{
-    ACCEPTED_SLOT, Applied, ApplyError, BatchStats, Counter, DUPLICATE_SLOT, Key, TOO_LATE_SLOT,
-    WATERMARK_SLOT, mismatch,
+    ACCEPTED_SLOT, AppliedBatch, ApplyError, BatchStats, Counter, DUPLICATE_SLOT, Key,
+    TOO_LATE_SLOT, WATERMARK_SLOT, mismatch,
 };
-use crate::commit::{Commit, Condition, Stored, Write};
+use crate::commit::{Commit, Condition, LoadedItem, Write};
 use crate::config::AggregateConfig;
 use crate::keys::ItemKey;
 
@@ -44,7 +44,7 @@ pub(super) struct Cell {
 }
 
 /// Folds the planned batch into its items, once every round is loaded.
-pub fn apply(mut plan: Plan<'_>, cfg: &AggregateConfig) -> Result<Applied, ApplyError> {
+pub fn apply(mut plan: Plan<'_>, config: &AggregateConfig) -> Result<AppliedBatch, ApplyError> {
     if plan.rounds < 2 || !plan.keys().is_empty() {
         return Err(ApplyError::LoadedCount {
             loaded: plan.loaded.len(),
@@ -55,7 +55,7 @@ pub fn apply(mut plan: Plan<'_>, cfg: &AggregateConfig) -> Result<Applied, Apply
     let compactions = std::mem::take(&mut plan.compactions);
     let members = std::mem::take(&mut plan.members);
     let last_seq = plan.records.last().map_or(SeqNo::ZERO, |r| r.seq);
-    let mut b = Batcher::new(&plan, cfg, &mut slots);
+    let mut b = Batcher::new(&plan, config, &mut slots);
     b.fold_records()?;
     for c in &compactions {
         b.compact(c, last_seq)?;
@@ -69,11 +69,11 @@ pub fn apply(mut plan: Plan<'_>, cfg: &AggregateConfig) -> Result<Applied, Apply
         stats,
         ..
     } = b;
-    Ok(finish(plan, slots, dead_letters, stats, cfg))
+    Ok(finish(plan, slots, dead_letters, stats, config))
 }
 
 /// The loaded items, each ready to be changed by the batch.
-fn slots(loaded: Vec<Option<Stored>>, shard: &str) -> Vec<Slot> {
+fn slots(loaded: Vec<Option<LoadedItem>>, shard: &str) -> Vec<Slot> {
     loaded
         .into_iter()
         .map(|stored| {
@@ -93,7 +93,7 @@ fn slots(loaded: Vec<Option<Stored>>, shard: &str) -> Vec<Slot> {
 
 pub(super) struct Batcher<'a, 'r> {
     pub(super) plan: &'a Plan<'r>,
-    pub(super) cfg: &'a AggregateConfig,
+    pub(super) config: &'a AggregateConfig,
     pub(super) slots: &'a mut Vec<Slot>,
     /// Indexed like `plan.cells`; `Some` while a cell holds readings.
     pub(super) cells: Vec<Option<Cell>>,
@@ -110,10 +110,10 @@ pub(super) struct Batcher<'a, 'r> {
 }
 
 impl<'a, 'r> Batcher<'a, 'r> {
-    fn new(plan: &'a Plan<'r>, cfg: &'a AggregateConfig, slots: &'a mut Vec<Slot>) -> Self {
+    fn new(plan: &'a Plan<'r>, config: &'a AggregateConfig, slots: &'a mut Vec<Slot>) -> Self {
         Batcher {
             plan,
-            cfg,
+            config,
             slots,
             cells: (0..plan.cells.len()).map(|_| None).collect(),
             active: Vec::new(),
@@ -121,7 +121,7 @@ impl<'a, 'r> Batcher<'a, 'r> {
             stats: BatchStats::default(),
             device_slot: plan.device_slots.iter().copied().collect(),
             seen: FxHashMap::default(),
-            units: cfg.pending_units(),
+            units: config.pending_units(),
         }
     }
 }
@@ -151,16 +151,16 @@ impl Batcher<'_, '_> {
                 dev,
                 spans,
                 cell_ids,
-                verdicts,
+                refusals,
                 ..
             } => {
                 let mut ids = &cell_ids[..];
-                for (index, ((reading, verdict), span)) in
-                    r.readings.iter().zip(verdicts).zip(spans).enumerate()
+                for (index, ((reading, refusal), span)) in
+                    r.readings.iter().zip(refusals).zip(spans).enumerate()
                 {
                     let (these, rest) = ids.split_at(reading.metrics.len());
                     ids = rest;
-                    match verdict {
+                    match refusal {
                         Some(rejection) => {
                             self.reject_reading(record.seq, r, reading, index, rejection)?
                         }
@@ -256,7 +256,7 @@ impl Batcher<'_, '_> {
             self.saw(dev, r.received_at, seq);
             return self.track_pending(seq, r, reading.ts, dev);
         }
-        let finest = self.cfg.finest();
+        let finest = self.config.finest();
         let fine_start = finest.window_start(reading.ts);
         let late = r.received_at >= fine_start + finest.ms();
         let mut is_new = false;
@@ -331,7 +331,7 @@ impl Batcher<'_, '_> {
     /// are flushed after every record, so a cell never spans a record an item
     /// holds and one it does not.
     pub(super) fn flush_cells(&mut self) -> Result<(), ApplyError> {
-        let resolutions = &self.cfg.resolutions;
+        let resolutions = &self.config.resolutions;
         let per_cell = resolutions.len();
         for cell_id in std::mem::take(&mut self.active) {
             let Some(cell) = self.cells[cell_id as usize].take() else {
@@ -376,15 +376,15 @@ pub(super) fn finish(
     slots: Vec<Slot>,
     dead_letters: Vec<Write>,
     stats: BatchStats,
-    cfg: &AggregateConfig,
-) -> Applied {
+    config: &AggregateConfig,
+) -> AppliedBatch {
     let mut commit = Commit::default();
     for (slot, key) in slots.into_iter().zip(plan.keys) {
         let Some(seq) = slot.touched else { continue };
         let mut item = slot.item;
         item.applied.advance(&plan.shard, seq);
         let write = Write {
-            expires_at: expiry(&key, cfg),
+            expires_at: expiry(&key, config),
             condition: slot.version.map_or(Condition::Absent, Condition::Version),
             key,
             item,
@@ -396,17 +396,17 @@ pub(super) fn finish(
         }
     }
     commit.writes.extend(dead_letters);
-    Applied { commit, stats }
+    AppliedBatch { commit, stats }
 }
 
-pub(crate) fn expiry(key: &ItemKey, cfg: &AggregateConfig) -> Option<i64> {
+pub(crate) fn expiry(key: &ItemKey, config: &AggregateConfig) -> Option<i64> {
     match key {
         ItemKey::DeviceWindow { res, start, .. } | ItemKey::FleetWindow { res, start, .. } => {
-            let i = cfg.resolutions.iter().position(|r| r == res)?;
-            let keep = *cfg.retention_ms.get(i)?;
+            let i = config.resolutions.iter().position(|r| r == res)?;
+            let keep = *config.retention_ms.get(i)?;
             Some(start + res.ms() + keep)
         }
-        ItemKey::Span { start, .. } => Some(start + cfg.span_ms() + cfg.span_retention_ms()),
+        ItemKey::Span { start, .. } => Some(start + config.span_ms() + config.span_retention_ms()),
         _ => None,
     }
 }

@@ -27,7 +27,7 @@ pub(super) struct Compaction {
 impl Plan<'_> {
     /// Lists, for each loaded device item, the spans of every pending window
     /// that can no longer change, and its compacted item.
-    pub(super) fn plan_compactions(&mut self, cfg: &AggregateConfig) -> Result<(), ApplyError> {
+    pub(super) fn plan_compactions(&mut self, config: &AggregateConfig) -> Result<(), ApplyError> {
         for (dev, slot) in self.device_slots.clone() {
             let pending = match self.loaded[slot as usize].as_ref().map(|s| &s.item.state) {
                 None | Some(ItemState::Empty) => Vec::new(),
@@ -35,14 +35,14 @@ impl Plan<'_> {
                 Some(other) => return Err(self.unreadable(slot, "device", other)),
             };
             for (res_ms, start) in pending {
-                if !cfg.is_final(start.saturating_add(res_ms), self.watermark) {
+                if !config.is_final(start.saturating_add(res_ms), self.watermark) {
                     continue;
                 }
-                let spans = cfg
+                let spans = config
                     .spans_of(res_ms, start)
                     .map(|start| self.add_key(Key::Span { dev, start }))
                     .collect();
-                let out = cfg
+                let out = config
                     .resolutions
                     .iter()
                     .position(|r| r.ms() == res_ms)

@@ -9,21 +9,25 @@ use crate::config::AggregateConfig;
 
 /// Lateness is judged against `received_at`, stamped once at ingest, so a
 /// replayed batch decides exactly as the first attempt did.
-pub(super) fn judge(reading: &ReadingView, received_at: i64, cfg: &AggregateConfig) -> Option<Rejection> {
-    let finest = cfg.finest();
+pub(super) fn judge(
+    reading: &ReadingView,
+    received_at: i64,
+    config: &AggregateConfig,
+) -> Option<Rejection> {
+    let finest = config.finest();
     let end = finest.window_start(reading.ts) + finest.ms();
-    let reason = cfg.lateness().refusal(reading.ts, end, received_at)?;
+    let reason = config.lateness().refusal(reading.ts, end, received_at)?;
     let detail = match reason {
         RejectReason::InFuture => format!(
             "ts {} is {} ms after the reading was received (limit {} ms)",
             reading.ts,
             reading.ts - received_at,
-            cfg.future_tolerance_ms
+            config.future_tolerance_ms
         ),
         _ => format!(
             "window ending {end} was final {} ms before the reading was received (allowed lateness {} ms)",
-            received_at - end - cfg.allowed_lateness_ms,
-            cfg.allowed_lateness_ms
+            received_at - end - config.allowed_lateness_ms,
+            config.allowed_lateness_ms
         ),
     };
     Some(Rejection::new(reason, detail))
@@ -35,25 +39,25 @@ impl Plan<'_> {
     /// stream further out of arrival order than the watermark's slack can
     /// meet this; one that did not is already too late by its own
     /// `received_at`, so a replay decides the same.
-    pub(super) fn refuse_final(&mut self, watermark: i64, cfg: &AggregateConfig) {
-        let finest = cfg.finest();
+    pub(super) fn refuse_final(&mut self, watermark: i64, config: &AggregateConfig) {
+        let finest = config.finest();
         for record in &mut self.records {
             let Body::Readings {
                 record: r,
-                verdicts,
+                refusals,
                 ..
             } = &mut record.body
             else {
                 continue;
             };
-            for (reading, verdict) in r.readings.iter().zip(verdicts.iter_mut()) {
+            for (reading, refusal) in r.readings.iter().zip(refusals.iter_mut()) {
                 let end = finest.window_start(reading.ts) + finest.ms();
-                if verdict.is_none() && cfg.is_final(end, watermark) {
-                    *verdict = Some(Rejection::new(
+                if refusal.is_none() && config.is_final(end, watermark) {
+                    *refusal = Some(Rejection::new(
                         RejectReason::TooLate,
                         format!(
                             "window ending {end} was already final: every record that arrived up to {watermark} had been applied (allowed lateness {} ms)",
-                            cfg.allowed_lateness_ms
+                            config.allowed_lateness_ms
                         ),
                     ));
                 }

@@ -72,7 +72,7 @@ pub(crate) use apply::expiry;
 pub use plan::{Plan, plan};
 pub use watermark::idle_watermark;
 
-use crate::commit::{Commit, Stored};
+use crate::commit::{Commit, LoadedItem};
 use crate::config::AggregateConfig;
 use crate::keys::{ItemKey, counters};
 
@@ -182,15 +182,15 @@ impl BatchStats {
 pub fn fold(
     shard: &str,
     records: &[Record],
-    cfg: &AggregateConfig,
-    mut load: impl FnMut(&[ItemKey]) -> Vec<Option<Stored>>,
-) -> Result<Applied, ApplyError> {
-    let mut p = plan(shard, records, cfg);
+    config: &AggregateConfig,
+    mut load: impl FnMut(&[ItemKey]) -> Vec<Option<LoadedItem>>,
+) -> Result<AppliedBatch, ApplyError> {
+    let mut p = plan(shard, records, config);
     while !p.keys().is_empty() {
         let loaded = load(p.keys());
-        p.receive(loaded, cfg)?;
+        p.receive(loaded, config)?;
     }
-    apply(p, cfg)
+    apply(p, config)
 }
 
 /// Why [`apply`] refused a batch. None of these heals by retrying: the shell
@@ -212,7 +212,7 @@ pub enum ApplyError {
 
 /// The result of [`apply`].
 #[derive(Debug)]
-pub struct Applied {
+pub struct AppliedBatch {
     pub commit: Commit,
     pub stats: BatchStats,
 }

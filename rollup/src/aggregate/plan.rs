@@ -9,7 +9,7 @@ use schemas::{RejectReason, Rejection, SeqNo, decode_record_view};
 use super::compaction::Compaction;
 use super::late::judge;
 use super::{CellKey, Counter, Key, Names};
-use crate::commit::Stored;
+use crate::commit::LoadedItem;
 use crate::config::AggregateConfig;
 use crate::keys::ItemKey;
 
@@ -39,7 +39,7 @@ pub struct Plan<'a> {
     /// The earliest `received_at` of the batch's records.
     pub(super) min_received: Option<i64>,
     /// Every item loaded so far, in the order of `keys`.
-    pub(super) loaded: Vec<Option<Stored>>,
+    pub(super) loaded: Vec<Option<LoadedItem>>,
     /// Rounds received so far.
     pub(super) rounds: u8,
     /// What the batch's records prove has been applied (see
@@ -143,7 +143,7 @@ pub(super) enum Body<'a> {
         /// Per metric of every reading, in order: its cell.
         cell_ids: Vec<u32>,
         /// Per reading: `None` if it may be accepted, else why not.
-        verdicts: Vec<Option<Rejection>>,
+        refusals: Vec<Option<Rejection>>,
     },
     Rejected(RejectedMessage),
     Unreadable {
@@ -163,12 +163,12 @@ struct Seen {
 }
 
 /// Decodes a batch of one shard and lists the items it may touch.
-pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Plan<'a> {
-    let mut p = Plan::new(shard, records.len(), cfg);
+pub fn plan<'a>(shard: &str, records: &'a [Record], config: &AggregateConfig) -> Plan<'a> {
+    let mut p = Plan::new(shard, records.len(), config);
     let mut seen = Seen::default();
     for r in records {
         let body = match decode_record_view(&r.data) {
-            Ok(RecordView::Readings(record)) => p.plan_readings(record, cfg, &mut seen),
+            Ok(RecordView::Readings(record)) => p.plan_readings(record, config, &mut seen),
             Ok(RecordView::Rejected(message)) => {
                 p.add_key(Key::Counter(Counter::Rejected(message.reason)));
                 Body::Rejected(message)
@@ -184,7 +184,7 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], cfg: &AggregateConfig) -> Pl
 
 impl<'a> Plan<'a> {
     /// An empty plan that lists first the items every batch touches.
-    fn new(shard: &str, records: usize, cfg: &AggregateConfig) -> Self {
+    fn new(shard: &str, records: usize, config: &AggregateConfig) -> Self {
         let mut p = Plan {
             shard: shard.to_string(),
             records: Vec::with_capacity(records),
@@ -194,7 +194,7 @@ impl<'a> Plan<'a> {
             slot_of: FxHashMap::default(),
             key_list: Vec::new(),
             keys: Vec::new(),
-            resolutions: cfg.resolutions.clone(),
+            resolutions: config.resolutions.clone(),
             cells: Vec::new(),
             cell_windows: Vec::new(),
             devices_seen: Vec::new(),
@@ -220,7 +220,7 @@ impl<'a> Plan<'a> {
     fn plan_readings(
         &mut self,
         record: PackedView<'a>,
-        cfg: &AggregateConfig,
+        config: &AggregateConfig,
         seen: &mut Seen,
     ) -> Body<'a> {
         self.min_received = Some(
@@ -229,14 +229,14 @@ impl<'a> Plan<'a> {
         );
         let dev = self.devices.id(&record.device_id);
         let fleet = self.fleets.id(&record.fleet);
-        let finest = cfg.finest();
+        let finest = config.finest();
         let mut spans = Vec::with_capacity(record.readings.len());
         let mut cell_ids = Vec::with_capacity(record.readings.len() * 2);
-        let mut verdicts = Vec::with_capacity(record.readings.len());
+        let mut refusals = Vec::with_capacity(record.readings.len());
         let mut any = false;
         for reading in &record.readings {
-            let verdict = judge(reading, record.received_at, cfg);
-            match &verdict {
+            let refusal = judge(reading, record.received_at, config);
+            match &refusal {
                 Some(rejection) => {
                     self.add_key(Key::Counter(Counter::Rejected(rejection.reason)));
                     spans.push(u32::MAX);
@@ -246,7 +246,7 @@ impl<'a> Plan<'a> {
                     any = true;
                     spans.push(self.add_key(Key::Span {
                         dev,
-                        start: cfg.span_start(reading.ts),
+                        start: config.span_start(reading.ts),
                     }));
                     let start = finest.window_start(reading.ts);
                     for m in &reading.metrics {
@@ -255,7 +255,7 @@ impl<'a> Plan<'a> {
                     }
                 }
             }
-            verdicts.push(verdict);
+            refusals.push(refusal);
         }
         if any && seen.devices.insert(dev) {
             self.devices_seen.push((dev, fleet));
@@ -265,7 +265,7 @@ impl<'a> Plan<'a> {
             dev,
             spans,
             cell_ids,
-            verdicts,
+            refusals,
         }
     }
 

@@ -7,7 +7,7 @@ use schemas::state::ItemState;
 
 use super::plan::{Body, Plan};
 use super::{ApplyError, Key, WATERMARK_SLOT, mismatch};
-use crate::commit::Stored;
+use crate::commit::LoadedItem;
 use crate::config::AggregateConfig;
 
 impl Plan<'_> {
@@ -15,8 +15,8 @@ impl Plan<'_> {
     /// next round's, if any.
     pub fn receive(
         &mut self,
-        loaded: Vec<Option<Stored>>,
-        cfg: &AggregateConfig,
+        loaded: Vec<Option<LoadedItem>>,
+        config: &AggregateConfig,
     ) -> Result<(), ApplyError> {
         let wanted = self.keys().len();
         if loaded.len() != wanted {
@@ -29,8 +29,8 @@ impl Plan<'_> {
         while self.keys().is_empty() && self.rounds < 2 {
             let from = self.keys.len();
             match self.rounds {
-                0 => self.after_first_round(cfg)?,
-                _ => self.plan_compactions(cfg)?,
+                0 => self.after_first_round(config)?,
+                _ => self.plan_compactions(config)?,
             }
             self.rounds += 1;
             self.extend_keys(from);
@@ -40,7 +40,7 @@ impl Plan<'_> {
 
     /// Reads the watermark, refuses what it has made final, and lists the
     /// device items (and fleet entries) of devices that start a span.
-    fn after_first_round(&mut self, cfg: &AggregateConfig) -> Result<(), ApplyError> {
+    fn after_first_round(&mut self, config: &AggregateConfig) -> Result<(), ApplyError> {
         self.loaded_watermark = match self.loaded[WATERMARK_SLOT as usize]
             .as_ref()
             .map(|s| &s.item.state)
@@ -51,9 +51,9 @@ impl Plan<'_> {
         };
         let from_records = self
             .min_received
-            .map(|m| m.saturating_sub(cfg.watermark_slack_ms));
+            .map(|m| m.saturating_sub(config.watermark_slack_ms));
         self.watermark = self.loaded_watermark.max(from_records).unwrap_or(i64::MIN);
-        self.refuse_final(self.watermark, cfg);
+        self.refuse_final(self.watermark, config);
         let (new_span, replayed) = self.devices_to_load();
         for (dev, fleet) in self.devices_seen.clone() {
             if new_span.contains(&dev) || replayed.contains(&dev) {
@@ -81,13 +81,13 @@ impl Plan<'_> {
             let Body::Readings {
                 dev,
                 spans,
-                verdicts,
+                refusals,
                 ..
             } = &record.body
             else {
                 continue;
             };
-            for (span, v) in spans.iter().zip(verdicts) {
+            for (span, v) in spans.iter().zip(refusals) {
                 if v.is_some() {
                     continue;
                 }

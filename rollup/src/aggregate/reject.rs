@@ -126,7 +126,7 @@ impl Batcher<'_, '_> {
                 index,
             },
             condition: Condition::InsertOnce,
-            expires_at: Some(received_at.saturating_add(self.cfg.dead_letter_retention_ms)),
+            expires_at: Some(received_at.saturating_add(self.config.dead_letter_retention_ms)),
             item: Item {
                 applied: Default::default(),
                 state: ItemState::DeadLetter(letter),

@@ -3,7 +3,7 @@
 use schemas::state::{Item, ItemState};
 
 use super::{ApplyError, mismatch};
-use crate::commit::{Condition, Stored, Write};
+use crate::commit::{Condition, LoadedItem, Write};
 use crate::config::AggregateConfig;
 use crate::keys::ItemKey;
 
@@ -14,11 +14,11 @@ use crate::keys::ItemKey;
 /// move the watermark.
 pub fn idle_watermark(
     shard: &str,
-    loaded: Option<Stored>,
+    loaded: Option<LoadedItem>,
     now: i64,
-    cfg: &AggregateConfig,
+    config: &AggregateConfig,
 ) -> Result<Option<Write>, ApplyError> {
-    let claim = now.saturating_sub(cfg.watermark_slack_ms);
+    let claim = now.saturating_sub(config.watermark_slack_ms);
     let (condition, mut item) = match loaded {
         Some(s) => (Condition::Version(s.version), s.item),
         None => (Condition::Absent, Item::default()),
