@@ -94,12 +94,7 @@ pub async fn run_shard(
             .await?;
             if idle_since.elapsed() >= IDLE_WATERMARK_EVERY {
                 idle_since = Instant::now();
-                let now = chrono::Utc::now().timestamp_millis();
-                if let Err(e) =
-                    advance_idle_watermark(&shard, store.as_ref(), &aggregate_config, now).await
-                {
-                    tracing::warn!(shard, error = %e, "Advancing an idle shard's watermark failed; will retry.");
-                }
+                advance_idle(&shard, store.as_ref(), &aggregate_config).await;
             }
             continue;
         };
@@ -122,6 +117,15 @@ pub async fn run_shard(
             &metrics,
         )
         .await?;
+    }
+}
+
+/// Moves the watermark of a shard with nothing to read up to now; a failure
+/// only leaves it for the next try.
+async fn advance_idle(shard: &str, store: &dyn RollupStore, aggregate_config: &AggregateConfig) {
+    let now = chrono::Utc::now().timestamp_millis();
+    if let Err(e) = advance_idle_watermark(shard, store, aggregate_config, now).await {
+        tracing::warn!(shard, error = %e, "Advancing an idle shard's watermark failed; will retry.");
     }
 }
 
