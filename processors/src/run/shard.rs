@@ -21,7 +21,7 @@ const IDLE_WATERMARK_EVERY: Duration = Duration::from_secs(1);
 
 /// Processes one shard until `shutdown` turns true, then drains what is left
 /// in the shard and returns. Checkpoints only batches that a flush of the
-/// store made durable (see [`Durability`]); [`run_flusher`] decides when.
+/// store made durable (see [`Durability`]); [`super::run_flusher`] decides when.
 pub async fn run_shard(
     mut reader: Box<dyn ShardReader>,
     store: Arc<dyn RollupStore>,

@@ -54,7 +54,7 @@ pub struct Plan<'a> {
 
 impl Plan<'_> {
     /// The items to load next and hand to [`Plan::receive`]; none once the
-    /// plan is ready for [`apply`].
+    /// plan is ready for [`super::apply`].
     pub fn keys(&self) -> &[ItemKey] {
         &self.keys[self.loaded.len()..]
     }
