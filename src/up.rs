@@ -214,7 +214,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
 
     let processor_metrics = Arc::new(ProcessorMetrics::default());
     let (stop_processors, stop_rx) = watch::channel(false);
-    let pcfg = ProcessorConfig {
+    let processor_config = ProcessorConfig {
         batch_max_records: config.processor.batch_max_records,
         flush: FlushPolicy {
             interval: config.processor.flush_interval,
@@ -232,7 +232,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         ShardStages {
             store: processor_store.clone(),
             aggregate: aggregate.clone(),
-            pcfg: pcfg.clone(),
+            processor_config: processor_config.clone(),
             metrics: processor_metrics.clone(),
             durability: durability.clone(),
         },
@@ -263,7 +263,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         let flusher = run_flusher(
             processor_store.clone(),
             durability.clone(),
-            pcfg.clone(),
+            processor_config.clone(),
             processor_metrics.clone(),
             stop_rx.clone(),
         );
@@ -340,15 +340,15 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         },
     ));
     {
-        let (im, pm, st) = (
+        let (ingest_metrics, processor_metrics, stream) = (
             ingest_metrics.clone(),
             processor_metrics.clone(),
             stream.clone(),
         );
         state.metrics = Arc::new(move |out: &mut String| {
-            crate::metrics::render_ingest(&im.snapshot(), out);
-            pm.render(now_ms(), out);
-            st.render_metrics(out);
+            crate::metrics::render_ingest(&ingest_metrics.snapshot(), out);
+            processor_metrics.render(now_ms(), out);
+            stream.render_metrics(out);
         });
     }
     let (stop_http, http_rx) = oneshot::channel::<()>();
@@ -424,7 +424,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
 struct ShardStages {
     store: Arc<dyn RollupStore>,
     aggregate: Arc<rollup::AggregateConfig>,
-    pcfg: ProcessorConfig,
+    processor_config: ProcessorConfig,
     metrics: Arc<ProcessorMetrics>,
     durability: Arc<Durability>,
 }
@@ -447,7 +447,7 @@ fn shard_spawner(
                 reader,
                 stages.store.clone(),
                 stages.aggregate.clone(),
-                stages.pcfg.clone(),
+                stages.processor_config.clone(),
                 stages.metrics.clone(),
                 stages.durability.clone(),
                 stop.clone(),

@@ -222,23 +222,13 @@ pub async fn run(
 ) {
     let (append_tx, append_rx) = mpsc::unbounded_channel();
     let abandon = CancellationToken::new();
-    let appender = tokio::spawn(appender::run(
+    let appender = spawn_appender(
+        &config,
         append_rx,
         producer,
-        AppenderConfig {
-            commit_interval: config.commit_interval,
-            commit_max_records: config.commit_max_records.max(1),
-            commit_max_bytes: config.commit_max_bytes.max(1),
-            max_puts_in_flight: config.max_puts_in_flight,
-            retry_backoff_min: config.retry_backoff_min,
-            retry_backoff_max: config.retry_backoff_max,
-        },
         metrics.clone(),
-        // The bridge has no live tap of its own: the broker is the place to
-        // watch telemetry.
-        Arc::new(TapHub::default()),
         abandon.clone(),
-    ));
+    );
     let max_pending = config.max_pending.max(1);
     // Room for one ack per pending message plus the odd subscribe, so that
     // queueing an ack never has to wait for the event loop.
@@ -268,28 +258,20 @@ pub async fn run(
             e = events.recv(), if reading => Wake::Polled(e),
         };
         match wake {
-            Wake::Shutdown => break,
+            Wake::Shutdown | Wake::Polled(None) => break,
             Wake::Durable(c) => bridge.settle(c),
-            Wake::Polled(None) => break,
             Wake::Polled(Some((conn, polled))) => {
-                let mut items = Vec::new();
-                bridge.on_event(conn, polled, &mut items);
-                // Whatever else is ready joins the same request.
-                while bridge.pending.len() < max_pending {
-                    match events.try_recv() {
-                        Ok((conn, polled)) => bridge.on_event(conn, polled, &mut items),
-                        Err(_) => break,
-                    }
+                let items = bridge.gather(conn, polled, &mut events, max_pending);
+                if items.is_empty() {
+                    continue;
                 }
-                if !items.is_empty() {
-                    let request = AppendRequest {
-                        items,
-                        reply: done_tx.clone(),
-                    };
-                    if append_tx.send(request).is_err() {
-                        tracing::error!("The bridge's appender stopped; the bridge stops.");
-                        break;
-                    }
+                let request = AppendRequest {
+                    items,
+                    reply: done_tx.clone(),
+                };
+                if append_tx.send(request).is_err() {
+                    tracing::error!("The bridge's appender stopped; the bridge stops.");
+                    break;
                 }
             }
         }
@@ -302,29 +284,56 @@ pub async fn run(
         "The bridge is shutting down."
     );
     drop(append_tx);
-    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
-    while !bridge.pending.is_empty() {
-        tokio::select! {
-            c = done.recv() => match c {
-                Some(c) => bridge.settle(c),
-                None => break,
-            },
-            _ = tokio::time::sleep_until(deadline) => {
-                abandon.cancel();
-                break;
-            }
-        }
-    }
+    bridge
+        .drain(&mut done, config.shutdown_timeout, &abandon)
+        .await;
     // The appender ends once every request is answered.
     drop(done);
     abandon.cancel();
     if let Err(e) = appender.await {
         tracing::error!(error = %e, "The bridge's appender failed.");
     }
+    disconnect(&client, &mut events).await;
+    poller.abort();
+    tracing::info!(
+        unacknowledged = bridge.pending.len(),
+        "The bridge has stopped."
+    );
+}
+
+/// The group-commit appender the endpoint uses, with the bridge's limits.
+fn spawn_appender(
+    config: &BridgeConfig,
+    requests: mpsc::UnboundedReceiver<AppendRequest>,
+    producer: Arc<dyn StreamProducer>,
+    metrics: Arc<IngestMetrics>,
+    abandon: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(appender::run(
+        requests,
+        producer,
+        AppenderConfig {
+            commit_interval: config.commit_interval,
+            commit_max_records: config.commit_max_records.max(1),
+            commit_max_bytes: config.commit_max_bytes.max(1),
+            max_puts_in_flight: config.max_puts_in_flight,
+            retry_backoff_min: config.retry_backoff_min,
+            retry_backoff_max: config.retry_backoff_max,
+        },
+        metrics,
+        // The bridge has no live tap of its own: the broker is the place to
+        // watch telemetry.
+        Arc::new(TapHub::default()),
+        abandon,
+    ))
+}
+
+/// Disconnects, keeping the session at the broker. The acks queued before
+/// the DISCONNECT are written with it; the connection is done once the
+/// broker has closed it (the event loop reports that as a failure), or after
+/// a moment.
+async fn disconnect(client: &AsyncClient, events: &mut mpsc::Receiver<(u64, Polled)>) {
     let _ = client.try_disconnect();
-    // The acks queued before the DISCONNECT are written with it; the
-    // connection is done once the broker has closed it (the event loop
-    // reports that as a failure), or after a moment.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some((_, polled)) = events.recv().await {
             if let Polled::Failed(_) = polled {
@@ -333,11 +342,6 @@ pub async fn run(
         }
     })
     .await;
-    poller.abort();
-    tracing::info!(
-        unacknowledged = bridge.pending.len(),
-        "The bridge has stopped."
-    );
 }
 
 /// The bridge's state between wakes.
@@ -357,6 +361,49 @@ struct Bridge<'a> {
 }
 
 impl Bridge<'_> {
+    /// The append items of a polled event and of whatever else is ready,
+    /// so that they join the same request.
+    fn gather(
+        &mut self,
+        conn: u64,
+        polled: Polled,
+        events: &mut mpsc::Receiver<(u64, Polled)>,
+        max_pending: usize,
+    ) -> Vec<AppendItem> {
+        let mut items = Vec::new();
+        self.on_event(conn, polled, &mut items);
+        while self.pending.len() < max_pending {
+            match events.try_recv() {
+                Ok((conn, polled)) => self.on_event(conn, polled, &mut items),
+                Err(_) => break,
+            }
+        }
+        items
+    }
+
+    /// Settles appends in flight as they complete, for at most `timeout`;
+    /// then tells the appender to abandon the rest.
+    async fn drain(
+        &mut self,
+        done: &mut mpsc::UnboundedReceiver<Completion>,
+        timeout: Duration,
+        abandon: &CancellationToken,
+    ) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.pending.is_empty() {
+            tokio::select! {
+                c = done.recv() => match c {
+                    Some(c) => self.settle(c),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    abandon.cancel();
+                    break;
+                }
+            }
+        }
+    }
+
     fn on_event(&mut self, conn: u64, polled: Polled, items: &mut Vec<AppendItem>) {
         match polled {
             Polled::Event(Event::Incoming(Packet::ConnAck(ack))) => {

@@ -23,35 +23,10 @@ pub fn wall_clock() -> Clock {
 }
 
 /// The processors' bounds on a reading's time, as the endpoint needs them: a
-/// message with a reading outside them may be refused after the stream
-/// (`too_late`, `in_future`), so its record carries the client id and the raw
-/// payload for the dead letter. Defaults match the processors' defaults.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LatenessConfig {
-    /// A reading older than this when received may be `too_late`.
-    pub allowed_lateness_ms: i64,
-    /// A reading newer than this when received is `in_future`.
-    pub future_tolerance_ms: i64,
-}
-
-impl Default for LatenessConfig {
-    fn default() -> Self {
-        LatenessConfig {
-            allowed_lateness_ms: 3_600_000,
-            future_tolerance_ms: 600_000,
-        }
-    }
-}
-
-impl LatenessConfig {
-    /// Whether a reading at `ts`, received at `received_at`, may be refused
-    /// by the processors. A window is final `allowed_lateness` after its end,
-    /// which is after `ts`, so younger readings are never too late.
-    pub fn may_refuse(&self, ts: i64, received_at: i64) -> bool {
-        ts < received_at.saturating_sub(self.allowed_lateness_ms)
-            || ts > received_at.saturating_add(self.future_tolerance_ms)
-    }
-}
+/// message with a reading the core may refuse after the stream (`too_late`,
+/// `in_future`) carries the client id and the raw payload for the dead
+/// letter. The rule is the core's own, so the two cannot drift apart.
+pub use rollup::LatenessConfig;
 
 /// How the endpoint behaves. Build with `EndpointConfig::default()` and
 /// override fields.

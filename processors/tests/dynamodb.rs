@@ -110,7 +110,10 @@ async fn ranges_end_exactly_before_to_across_pages() {
         key: counter("r", &format!("{i:03}")),
         condition: Condition::Absent,
         item: Item {
-            applied: schemas::state::Applied(vec![("x".repeat(100_000), u128::from(i).into())]),
+            applied: schemas::state::AppliedMarks(vec![(
+                "x".repeat(100_000),
+                u128::from(i).into(),
+            )]),
             state: ItemState::Counter(i),
         },
         expires_at: None,

@@ -18,12 +18,13 @@ use aws_lambda_events::event::streams::KinesisEventResponse;
 use axum::http::StatusCode;
 use http_body_util::BodyExt;
 use processors::api::{ApiState, app};
+use processors::lambda::Handler;
 use processors::lambda::aggregate::AggregateHandler;
 use processors::store::dynamodb::DynamoStore;
 use processors::store::{RollupQuery, RollupStore, StoreError};
 use rollup::AggregateConfig;
 use rollup::keys::ItemKey;
-use rollup::{Commit, Stored};
+use rollup::{Commit, LoadedItem};
 use schemas::state::ItemState;
 use schemas::{Metric, PackedRecord, Reading};
 use serde_json::{Value, json};
@@ -289,7 +290,7 @@ struct Faulty {
 
 #[async_trait]
 impl RollupStore for Faulty {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         self.inner.load(keys).await
     }
 

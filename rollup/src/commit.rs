@@ -11,7 +11,7 @@ use crate::keys::ItemKey;
 
 /// An item as loaded, with the version its next write is conditional on.
 #[derive(Debug, Clone)]
-pub struct Stored {
+pub struct LoadedItem {
     pub version: u64,
     pub item: Item,
 }

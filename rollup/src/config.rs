@@ -2,6 +2,8 @@
 
 use schemas::Resolution;
 
+use crate::lateness::LatenessConfig;
+
 /// Everything the aggregation core decides with. Time never comes from a
 /// clock here: lateness is judged against each reading's `received_at`.
 #[derive(Debug, Clone, PartialEq)]
@@ -127,9 +129,17 @@ impl AggregateConfig {
             .unwrap_or(Resolution::DEFAULTS[0])
     }
 
+    /// The bounds on a reading's time, which decide lateness.
+    pub fn lateness(&self) -> LatenessConfig {
+        LatenessConfig {
+            allowed_lateness_ms: self.allowed_lateness_ms,
+            future_tolerance_ms: self.future_tolerance_ms,
+        }
+    }
+
     /// Whether a window ending at `end` is final once everything that
     /// arrived up to `watermark` has been applied.
     pub fn is_final(&self, end: i64, watermark: i64) -> bool {
-        end.saturating_add(self.allowed_lateness_ms) <= watermark
+        self.lateness().is_final(end, watermark)
     }
 }

@@ -9,9 +9,11 @@
 //!   compaction and the query API.
 //! - `sweep`: compacting the pending windows of a device that stopped
 //!   publishing, for a shell's periodic sweep.
-//! - `commit`: what the core hands a store: loaded items ([`Stored`]) and
+//! - `commit`: what the core hands a store: loaded items ([`LoadedItem`]) and
 //!   conditional writes ([`Commit`]).
 //! - `config`: resolutions, lateness and retention.
+//! - `lateness`: the rule that makes a window final and a reading `too_late`
+//!   or `in_future`, which the endpoint asks too.
 //! - `keys`: the one logical table's keys, shared by every store.
 //!
 //! The shells (the local loop, the Lambda handler) load, call the core and
@@ -27,9 +29,11 @@ pub mod aggregate;
 pub mod commit;
 pub mod config;
 pub mod keys;
+pub mod lateness;
 pub mod span;
 pub mod sweep;
 
 pub use aggregate::{ApplyError, BatchStats};
-pub use commit::{Commit, Condition, Stored, Write};
+pub use commit::{Commit, Condition, LoadedItem, Write};
 pub use config::AggregateConfig;
+pub use lateness::LatenessConfig;

@@ -10,18 +10,18 @@
 use schemas::state::{DeviceState, Item, ItemState, SpanState};
 
 use crate::aggregate::ApplyError;
-use crate::commit::{Commit, Condition, Stored, Write};
+use crate::commit::{Commit, Condition, LoadedItem, Write};
 use crate::config::AggregateConfig;
 use crate::keys::ItemKey;
 use crate::span;
 
 /// The pending windows of `state` that can no longer change at `watermark`.
-fn final_windows(state: &DeviceState, watermark: i64, cfg: &AggregateConfig) -> Vec<(i64, i64)> {
+fn final_windows(state: &DeviceState, watermark: i64, config: &AggregateConfig) -> Vec<(i64, i64)> {
     state
         .pending
         .iter()
         .copied()
-        .filter(|(res_ms, start)| cfg.is_final(start.saturating_add(*res_ms), watermark))
+        .filter(|(res_ms, start)| config.is_final(start.saturating_add(*res_ms), watermark))
         .collect()
 }
 
@@ -32,15 +32,15 @@ pub fn sweep_keys(
     device: &str,
     state: &DeviceState,
     watermark: i64,
-    cfg: &AggregateConfig,
+    config: &AggregateConfig,
 ) -> Vec<ItemKey> {
     let mut keys = Vec::new();
-    for (res_ms, start) in final_windows(state, watermark, cfg) {
-        keys.extend(cfg.spans_of(res_ms, start).map(|start| ItemKey::Span {
+    for (res_ms, start) in final_windows(state, watermark, config) {
+        keys.extend(config.spans_of(res_ms, start).map(|start| ItemKey::Span {
             device: device.to_string(),
             start,
         }));
-        if let Some(res) = cfg.resolutions[1..].iter().find(|r| r.ms() == res_ms) {
+        if let Some(res) = config.resolutions[1..].iter().find(|r| r.ms() == res_ms) {
             keys.push(ItemKey::DeviceWindow {
                 device: device.to_string(),
                 res: *res,
@@ -57,11 +57,11 @@ pub fn sweep_keys(
 /// that wrote meanwhile wins and the sweep tries again later).
 pub fn sweep(
     device: &str,
-    stored: &Stored,
+    stored: &LoadedItem,
     watermark: i64,
     keys: &[ItemKey],
-    loaded: Vec<Option<Stored>>,
-    cfg: &AggregateConfig,
+    loaded: Vec<Option<LoadedItem>>,
+    config: &AggregateConfig,
 ) -> Result<Option<Commit>, ApplyError> {
     let unreadable = |key: &ItemKey, detail: String| ApplyError::Unreadable {
         key: format!("{}/{}", key.pk(), key.sk()),
@@ -79,7 +79,7 @@ pub fn sweep(
             keys: keys.len(),
         });
     }
-    let windows = final_windows(state, watermark, cfg);
+    let windows = final_windows(state, watermark, config);
     if windows.is_empty() {
         return Ok(None);
     }
@@ -87,7 +87,7 @@ pub fn sweep(
     let mut commit = Commit::default();
     for (res_ms, start) in windows {
         let mut spans: Vec<SpanState> = Vec::new();
-        let mut out: Option<(&ItemKey, &Option<Stored>)> = None;
+        let mut out: Option<(&ItemKey, &Option<LoadedItem>)> = None;
         for (key, item) in keys.iter().zip(&loaded) {
             match key {
                 ItemKey::Span { start: s, .. } if *s >= start && *s < start + res_ms => {
@@ -126,7 +126,7 @@ pub fn sweep(
                             .unwrap_or_default(),
                         state: ItemState::Windows(merged.clone()),
                     },
-                    expires_at: crate::aggregate::expiry(key, cfg),
+                    expires_at: crate::aggregate::expiry(key, config),
                 });
             }
         }
@@ -149,8 +149,8 @@ mod tests {
     use super::*;
     use schemas::Resolution;
 
-    fn stored(state: ItemState) -> Stored {
-        Stored {
+    fn stored(state: ItemState) -> LoadedItem {
+        LoadedItem {
             version: 3,
             item: Item {
                 applied: Default::default(),
@@ -161,7 +161,7 @@ mod tests {
 
     #[test]
     fn a_final_pending_hour_is_compacted_and_dropped_from_the_device() {
-        let cfg = AggregateConfig::default();
+        let config = AggregateConfig::default();
         let hour = Resolution::HOUR;
         let h0 = 1_764_237_600_000;
         let device = DeviceState {
@@ -171,10 +171,10 @@ mod tests {
         let mut span = SpanState::default();
         span.window_mut(h0, "t").agg.add(h0 + 5, 2.0, false);
         // Not final yet: nothing to do.
-        let early = h0 + hour + cfg.allowed_lateness_ms - 1;
-        assert!(sweep_keys("d", &device, early, &cfg).is_empty());
-        let watermark = h0 + hour + cfg.allowed_lateness_ms;
-        let keys = sweep_keys("d", &device, watermark, &cfg);
+        let early = h0 + hour + config.allowed_lateness_ms - 1;
+        assert!(sweep_keys("d", &device, early, &config).is_empty());
+        let watermark = h0 + hour + config.allowed_lateness_ms;
+        let keys = sweep_keys("d", &device, watermark, &config);
         assert_eq!(keys.len(), 7, "six spans and the hour");
         let loaded = keys
             .iter()
@@ -186,7 +186,7 @@ mod tests {
             })
             .collect();
         let d = stored(ItemState::Device(device));
-        let commit = sweep("d", &d, watermark, &keys, loaded, &cfg)
+        let commit = sweep("d", &d, watermark, &keys, loaded, &config)
             .unwrap()
             .unwrap();
         assert_eq!(commit.writes.len(), 1);

@@ -19,7 +19,7 @@ pub struct Item {
     /// Per shard, the highest stream sequence number folded into this item.
     /// A record at or below it is never applied again: that is what makes a
     /// replayed batch change nothing.
-    pub applied: Applied,
+    pub applied: AppliedMarks,
     pub state: ItemState,
 }
 
@@ -70,9 +70,9 @@ impl Item {
 /// Highest applied stream sequence number per shard. Almost always one entry:
 /// every item has a single writing shard, except across a resharding.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Applied(pub Vec<(String, SeqNo)>);
+pub struct AppliedMarks(pub Vec<(String, SeqNo)>);
 
-impl Applied {
+impl AppliedMarks {
     pub fn get(&self, shard: &str) -> Option<SeqNo> {
         self.0.iter().find(|(s, _)| s == shard).map(|(_, seq)| *seq)
     }
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn applied_marks_per_shard() {
-        let mut a = Applied::default();
+        let mut a = AppliedMarks::default();
         let n = SeqNo::from;
         assert!(!a.contains("s0", n(0u64)));
         a.advance("s0", n(10u64));

@@ -15,7 +15,7 @@ use crate::stream_fault::{Dice, Stall, StallPoint, seed_for};
 use async_trait::async_trait;
 use schemas::state::Item;
 
-use rollup::{Commit, Stored};
+use rollup::{Commit, LoadedItem};
 
 use processors::store::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
@@ -141,7 +141,7 @@ fn unavailable(what: &str) -> StoreError {
 
 #[async_trait]
 impl<S: RollupStore + ?Sized> RollupStore for FaultyStore<S> {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         let call = self.loads.fetch_add(1, Ordering::Relaxed);
         let dice = self.dice.fork();
         let f = &self.faults;
@@ -325,7 +325,7 @@ mod tests {
 
     #[async_trait]
     impl RollupStore for CountingStore {
-        async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+        async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
             Ok(vec![None; keys.len()])
         }
 

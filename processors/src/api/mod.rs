@@ -5,6 +5,8 @@
 //! - `dashboard`: the web page at `/`, compiled into the binary.
 //! - `problem`: errors as `application/problem+json`.
 //! - `params`: strict query parameters and time parsing.
+//! - `series`: the window series endpoints: `agg=` field selection, JSON and
+//!   CSV answers.
 //! - `windows`: fleet-part merging, query-time downsampling, pagination.
 //!
 //! **Architecture Invariant:** handlers read the store only through
@@ -15,6 +17,7 @@ mod dashboard;
 pub mod guard;
 mod params;
 mod problem;
+mod series;
 mod windows;
 
 use std::collections::BTreeMap;
@@ -25,7 +28,6 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use schemas::WindowView;
 use schemas::state::{DeviceState, Item, ItemState};
 use serde_json::{Value, json};
 
@@ -33,7 +35,6 @@ pub use params::parse_time;
 pub use problem::Problem;
 
 use self::params::Params;
-use self::windows::{Series, WindowQuery};
 use crate::store::{Range, RollupQuery};
 use rollup::AggregateConfig;
 use rollup::keys::{self, COUNTER_PK, DEVICE_SK, counters};
@@ -51,7 +52,7 @@ pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 #[derive(Clone)]
 pub struct ApiState {
     pub query: Arc<dyn RollupQuery>,
-    pub cfg: Arc<AggregateConfig>,
+    pub config: Arc<AggregateConfig>,
     /// Now, in ms since the epoch: decides default ranges. `final` comes
     /// from the processed watermark in the store, never from the clock.
     pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
@@ -62,10 +63,10 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(query: Arc<dyn RollupQuery>, cfg: Arc<AggregateConfig>) -> Self {
+    pub fn new(query: Arc<dyn RollupQuery>, config: Arc<AggregateConfig>) -> Self {
         ApiState {
             query,
-            cfg,
+            config,
             clock: Arc::new(|| chrono::Utc::now().timestamp_millis()),
             metrics: Arc::new(|_| {}),
             guard: Arc::new(guard::Guard::new(None, guard::ApiLimits::default())),
@@ -86,9 +87,12 @@ pub fn app(state: ApiState) -> Router {
         .route("/v1/devices/{device_id}", get(device))
         .route(
             "/v1/devices/{device_id}/metrics/{metric}",
-            get(device_windows),
+            get(series::device_windows),
         )
-        .route("/v1/fleets/{fleet}/metrics/{metric}", get(fleet_windows))
+        .route(
+            "/v1/fleets/{fleet}/metrics/{metric}",
+            get(series::fleet_windows),
+        )
         .route("/v1/stats", get(stats))
         .route("/v1/dead-letters", get(dead_letters))
         .fallback(|| async { Problem::not_found("no such endpoint; see /openapi.json") })
@@ -206,19 +210,19 @@ async fn device(
     let mut d = device_state(&s, &device_id).await?;
     // The device item holds what compacted windows held; readings since
     // live in the spans of its pending windows.
-    let finest_unit = s.cfg.pending_units().first().copied();
+    let finest_unit = s.config.pending_units().first().copied();
     for &(res_ms, start) in &d.pending.clone() {
         if Some(res_ms) != finest_unit {
             continue;
         }
-        let count = s.cfg.spans_of(res_ms, start).count();
+        let count = s.config.spans_of(res_ms, start).count();
         for span in windows::spans(
             s.query.as_ref(),
             &device_id,
             start,
             start + res_ms,
             count,
-            &s.cfg,
+            &s.config,
         )
         .await?
         {
@@ -253,296 +257,6 @@ fn unknown_device(device_id: &str) -> Problem {
     Problem::not_found(format!(
         "no device `{device_id}` has sent accepted readings"
     ))
-}
-
-async fn device_windows(
-    State(s): State<ApiState>,
-    Path((device_id, metric)): Path<(String, String)>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, Problem> {
-    check_id("device_id", &device_id)?;
-    check_metric(&metric)?;
-    let p = window_params(raw.as_deref())?;
-    let state = device_state(&s, &device_id).await?;
-    windows_response(&s, &p, Series::Device(device_id, state), metric).await
-}
-
-async fn fleet_windows(
-    State(s): State<ApiState>,
-    Path((fleet, metric)): Path<(String, String)>,
-    RawQuery(raw): RawQuery,
-) -> Result<Response, Problem> {
-    check_id("fleet", &fleet)?;
-    check_metric(&metric)?;
-    let p = window_params(raw.as_deref())?;
-    windows_response(&s, &p, Series::Fleet(fleet), metric).await
-}
-
-fn window_params(raw: Option<&str>) -> Result<Params, Problem> {
-    Params::parse(
-        raw,
-        &["res", "from", "to", "limit", "cursor", "agg", "format"],
-    )
-}
-
-/// The fields `agg=` may select; `start` and `end` always come along.
-const AGG_FIELDS: [&str; 14] = [
-    "count",
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "stddev",
-    "first",
-    "last",
-    "p50",
-    "p90",
-    "p99",
-    "late_count",
-    "revision",
-    "final",
-];
-
-fn agg_fields(p: &Params) -> Result<Vec<&'static str>, Problem> {
-    let Some(list) = p.get("agg") else {
-        return Ok(AGG_FIELDS.to_vec());
-    };
-    list.split(',')
-        .map(|name| {
-            AGG_FIELDS
-                .iter()
-                .find(|f| **f == name.trim())
-                .copied()
-                .ok_or_else(|| {
-                    Problem::bad_request(format!(
-                        "`agg` field `{name}` is not one of {}",
-                        AGG_FIELDS.join(", ")
-                    ))
-                })
-        })
-        .collect()
-}
-
-/// One field of a window, by its `agg=` name: the one place that maps names
-/// to fields, for the JSON and the CSV answers alike.
-enum Field<'a> {
-    Count(u64),
-    Number(f64),
-    Flag(bool),
-    Point(&'a schemas::Point),
-}
-
-fn field<'a>(w: &'a WindowView, name: &str) -> Option<Field<'a>> {
-    Some(match name {
-        "count" => Field::Count(w.count),
-        "sum" => Field::Number(w.sum),
-        "min" => Field::Number(w.min),
-        "max" => Field::Number(w.max),
-        "avg" => Field::Number(w.avg),
-        "stddev" => Field::Number(w.stddev),
-        "first" => Field::Point(&w.first),
-        "last" => Field::Point(&w.last),
-        "p50" => Field::Number(w.p50),
-        "p90" => Field::Number(w.p90),
-        "p99" => Field::Number(w.p99),
-        "late_count" => Field::Count(w.late_count),
-        "revision" => Field::Count(w.revision),
-        "final" => Field::Flag(w.is_final),
-        _ => return None,
-    })
-}
-
-impl serde::Serialize for Field<'_> {
-    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Field::Count(n) => n.serialize(ser),
-            Field::Number(x) => x.serialize(ser),
-            Field::Flag(b) => b.serialize(ser),
-            Field::Point(p) => p.serialize(ser),
-        }
-    }
-}
-
-/// One window with only the fields `agg=` picked, serialized straight from
-/// the view: a day of 1-minute windows is 1,440 of these per answer, and a
-/// detour through `serde_json::Value` cost most of a query's time.
-struct Picked<'a> {
-    w: &'a WindowView,
-    fields: &'a [&'static str],
-}
-
-impl serde::Serialize for Picked<'_> {
-    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let w = self.w;
-        let mut m = ser.serialize_map(Some(2 + self.fields.len()))?;
-        m.serialize_entry("start", &w.start)?;
-        m.serialize_entry("end", &w.end)?;
-        for f in self.fields {
-            if let Some(v) = field(w, f) {
-                m.serialize_entry(f, &v)?;
-            }
-        }
-        m.end()
-    }
-}
-
-/// A window answer, serialized in one pass (see [`Picked`]).
-#[derive(serde::Serialize)]
-struct WindowsBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    device_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    fleet: Option<&'a str>,
-    metric: &'a str,
-    res: String,
-    from: i64,
-    to: i64,
-    windows: Vec<Picked<'a>>,
-    next_cursor: Option<String>,
-}
-
-/// A number as JSON writes it, so that CSV and JSON cells agree (`null` for
-/// what JSON cannot hold).
-fn cell(out: &mut String, v: f64) {
-    use std::fmt::Write;
-    if v.is_finite() {
-        let _ = write!(
-            out,
-            "{}",
-            serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
-        );
-    } else {
-        out.push_str("null");
-    }
-}
-
-/// Windows as CSV: one row per window, `first` and `last` split into time
-/// and value columns.
-fn windows_csv(windows: &[WindowView], fields: &[&str]) -> String {
-    use std::fmt::Write;
-    let mut header = vec!["start".to_string(), "end".to_string()];
-    for f in fields {
-        match *f {
-            "first" | "last" => {
-                header.push(format!("{f}_ts"));
-                header.push(format!("{f}_value"));
-            }
-            other => header.push(other.to_string()),
-        }
-    }
-    let mut out = header.join(",");
-    out.push('\n');
-    for w in windows {
-        let _ = write!(out, "{},{}", w.start, w.end);
-        for f in fields {
-            out.push(',');
-            match field(w, f) {
-                Some(Field::Count(n)) => {
-                    let _ = write!(out, "{n}");
-                }
-                Some(Field::Number(x)) => cell(&mut out, x),
-                Some(Field::Flag(b)) => {
-                    let _ = write!(out, "{b}");
-                }
-                Some(Field::Point(p)) => {
-                    let _ = write!(out, "{},", p.ts);
-                    cell(&mut out, p.value);
-                }
-                None => {}
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
-
-async fn windows_response(
-    s: &ApiState,
-    p: &Params,
-    series: Series,
-    metric: String,
-) -> Result<Response, Problem> {
-    let now = (s.clock)();
-    let res = p.resolution("res")?.unwrap_or(s.cfg.finest());
-    let to = p.time("to")?.unwrap_or(now);
-    let mut from = p
-        .time("from")?
-        .unwrap_or_else(|| to.saturating_sub(schemas::Resolution::DAY));
-    if let Some(cursor) = p.get("cursor") {
-        let c = parse_time("cursor", cursor)?;
-        if c < from {
-            return Err(Problem::bad_request("`cursor` lies before `from`"));
-        }
-        from = c;
-    }
-    if from >= to {
-        return Err(Problem::bad_request(format!(
-            "`from` ({from}) must be before `to` ({to})"
-        )));
-    }
-    let limit = p.limit(DEFAULT_LIMIT, MAX_LIMIT)?;
-    let fields = agg_fields(p)?;
-    let csv = match p.get("format") {
-        None | Some("json") => false,
-        Some("csv") => true,
-        Some(other) => {
-            return Err(Problem::bad_request(format!(
-                "`format` must be json or csv, got `{other}`"
-            )));
-        }
-    };
-    let q = WindowQuery {
-        series,
-        metric: metric.clone(),
-        res,
-        from,
-        to,
-        limit,
-    };
-    let page = windows::query(s.query.as_ref(), &q, &s.cfg).await?;
-    let windows: Vec<Picked> = page
-        .windows
-        .iter()
-        .map(|w| Picked { w, fields: &fields })
-        .collect();
-    let next_cursor = page.next.map(|n| n.to_string());
-    if csv {
-        let mut resp = (
-            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            windows_csv(&page.windows, &fields),
-        )
-            .into_response();
-        if let Some(c) = next_cursor.and_then(|c| c.parse().ok()) {
-            // CSV has no envelope; the cursor travels in a header instead.
-            resp.headers_mut().insert("x-next-cursor", c);
-        }
-        return Ok(resp);
-    }
-    let (device_id, fleet) = match &q.series {
-        Series::Fleet(f) => (None, Some(f.as_str())),
-        Series::Device(d, _) => (Some(d.as_str()), None),
-    };
-    let body = WindowsBody {
-        device_id,
-        fleet,
-        metric: &metric,
-        res: res.to_string(),
-        from,
-        to,
-        windows,
-        next_cursor,
-    };
-    // Sized up front: growing a half-megabyte answer from axum's default
-    // 128 bytes copied it about a dozen times.
-    let mut buf = Vec::with_capacity(256 + body.windows.len() * (64 + 24 * fields.len()));
-    serde_json::to_writer(&mut buf, &body).map_err(|e| {
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding the answer: {e}"),
-        )
-    })?;
-    Ok(([(header::CONTENT_TYPE, "application/json")], buf).into_response())
 }
 
 async fn stats(State(s): State<ApiState>, RawQuery(raw): RawQuery) -> Result<Response, Problem> {

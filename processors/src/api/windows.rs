@@ -43,14 +43,15 @@ pub struct WindowPage {
 }
 
 /// The coarsest stored resolution that `res` is a multiple of.
-pub fn stored_for(res: Resolution, cfg: &AggregateConfig) -> Result<Resolution, Problem> {
-    cfg.resolutions
+pub fn stored_for(res: Resolution, config: &AggregateConfig) -> Result<Resolution, Problem> {
+    config
+        .resolutions
         .iter()
         .rev()
         .find(|stored| res.is_multiple_of(**stored))
         .copied()
         .ok_or_else(|| {
-            let stored: Vec<String> = cfg.resolutions.iter().map(|r| r.to_string()).collect();
+            let stored: Vec<String> = config.resolutions.iter().map(|r| r.to_string()).collect();
             Problem::bad_request(format!(
                 "`res` {res} is not a multiple of a stored resolution ({})",
                 stored.join(", ")
@@ -67,16 +68,16 @@ fn ceil_to(x: i64, res: Resolution) -> i64 {
 pub async fn query(
     store: &dyn RollupQuery,
     q: &WindowQuery,
-    cfg: &AggregateConfig,
+    config: &AggregateConfig,
 ) -> Result<WindowPage, Problem> {
-    let stored = stored_for(q.res, cfg)?;
+    let stored = stored_for(q.res, config)?;
     let from = ceil_to(q.from, q.res);
     let end = ceil_to(q.to, q.res);
     let watermark = watermark(store, &q.series).await?;
     let mut out = Merger {
         res: q.res,
         limit: q.limit,
-        is_final: Box::new(move |end| cfg.is_final(end, watermark)),
+        is_final: Box::new(move |end| config.is_final(end, watermark)),
         current: None,
         windows: Vec::new(),
         next: None,
@@ -86,12 +87,12 @@ pub async fn query(
             let pk = keys::fleet_window_pk(fleet, &q.metric, stored);
             stored_rows(store, &pk, from, end, &mut out).await?;
         }
-        Series::Device(device, _) if stored == cfg.finest() => {
-            span_rows(store, device, &q.metric, from, end, cfg, &mut out).await?;
+        Series::Device(device, _) if stored == config.finest() => {
+            span_rows(store, device, &q.metric, from, end, config, &mut out).await?;
         }
         Series::Device(device, state) => {
             coarse_rows(
-                store, device, state, &q.metric, stored, from, end, cfg, &mut out,
+                store, device, state, &q.metric, stored, from, end, config, &mut out,
             )
             .await?;
         }
@@ -218,12 +219,12 @@ pub(super) async fn spans(
     from: i64,
     end: i64,
     limit: usize,
-    cfg: &AggregateConfig,
+    config: &AggregateConfig,
 ) -> Result<Vec<SpanState>, Problem> {
     let rows = store
         .range(Range {
             pk: keys::span_pk(device),
-            from: time_sk(cfg.span_start(from)),
+            from: time_sk(config.span_start(from)),
             to: time_sk(end),
             limit,
             descending: false,
@@ -245,12 +246,12 @@ async fn span_rows(
     metric: &str,
     from: i64,
     end: i64,
-    cfg: &AggregateConfig,
+    config: &AggregateConfig,
     out: &mut Merger<'_>,
 ) -> Result<(), Problem> {
     let mut cursor = from;
     loop {
-        let page = spans(store, device, cursor, end, SPAN_PAGE, cfg).await?;
+        let page = spans(store, device, cursor, end, SPAN_PAGE, config).await?;
         let full = page.len() == SPAN_PAGE;
         for span in &page {
             for (start, agg) in rollup::span::finest_windows(span, metric) {
@@ -262,7 +263,7 @@ async fn span_rows(
                 }
             }
             if let Some(last) = span.windows.last() {
-                cursor = cfg.span_start(last.start) + cfg.span_ms();
+                cursor = config.span_start(last.start) + config.span_ms();
             }
         }
         if !full || page.is_empty() {
@@ -282,7 +283,7 @@ async fn coarse_rows(
     stored: Resolution,
     from: i64,
     end: i64,
-    cfg: &AggregateConfig,
+    config: &AggregateConfig,
     out: &mut Merger<'_>,
 ) -> Result<(), Problem> {
     let mut rows: Vec<(i64, WindowAgg)> = Vec::new();
@@ -291,7 +292,7 @@ async fn coarse_rows(
         if res_ms != stored.ms() || start < from || start >= end {
             continue;
         }
-        let covering = spans(store, device, start, start + res_ms, SPAN_PAGE, cfg).await?;
+        let covering = spans(store, device, start, start + res_ms, SPAN_PAGE, config).await?;
         let windows = rollup::span::coarse_window(res_ms, start, &covering);
         if let Some((_, agg)) = windows.metrics.into_iter().find(|(m, _)| m == metric) {
             pending.push((start, agg));

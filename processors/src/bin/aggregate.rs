@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use aws::AwsConfig;
-use processors::lambda::aggregate::{self, AggregateHandler};
+use processors::lambda::aggregate::AggregateHandler;
 use processors::lambda::env::FunctionConfig;
 use processors::lambda::lazy::LazyDynamoStore;
+use processors::lambda::serve;
 
 // One invocation at a time per process: a single-threaded runtime starts
 // faster and loses nothing.
@@ -16,5 +17,5 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let config = FunctionConfig::from_env()?;
     let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
     let handler = AggregateHandler::new(Arc::new(store), config.aggregate).with_emf(config.metrics);
-    aggregate::run(handler).await
+    serve(handler).await
 }

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use aws::AwsConfig;
-use processors::lambda::replay::{self, ReplayConfig, ReplayHandler};
+use processors::lambda::replay::{ReplayConfig, ReplayHandler};
+use processors::lambda::serve;
 use stream::kinesis::KinesisStream;
 
 /// The function only puts records and never reads the stream, so the lease
@@ -20,5 +21,5 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let config = ReplayConfig::from_env()?;
     let stream =
         KinesisStream::connect(&AwsConfig::default(), &config.stream_name, NO_LEASE_TABLE).await;
-    replay::run(ReplayHandler::new(Arc::new(stream), config.metrics)).await
+    serve(ReplayHandler::new(Arc::new(stream), config.metrics)).await
 }

@@ -18,10 +18,10 @@ use std::time::Instant;
 use aws_lambda_events::event::kinesis::{KinesisEvent, KinesisEventRecord};
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use bytes::Bytes;
-use lambda_runtime::{LambdaEvent, service_fn};
 use rollup::AggregateConfig;
 use schemas::shard::Record;
 
+use super::Handler;
 use super::emf::{self, EmfConfig, Invocation};
 use crate::metrics::ProcessorMetrics;
 use crate::run::process_batch;
@@ -31,7 +31,7 @@ use crate::store::RollupStore;
 #[derive(Clone)]
 pub struct AggregateHandler {
     pub store: Arc<dyn RollupStore>,
-    pub cfg: Arc<AggregateConfig>,
+    pub config: Arc<AggregateConfig>,
     /// Where the per-invocation metrics line says it belongs.
     pub emf: Arc<EmfConfig>,
 }
@@ -48,10 +48,10 @@ pub fn shard_of(record: &KinesisEventRecord) -> &str {
 }
 
 impl AggregateHandler {
-    pub fn new(store: Arc<dyn RollupStore>, cfg: AggregateConfig) -> Self {
+    pub fn new(store: Arc<dyn RollupStore>, config: AggregateConfig) -> Self {
         AggregateHandler {
             store,
-            cfg: Arc::new(cfg),
+            config: Arc::new(config),
             emf: Arc::new(EmfConfig::default()),
         }
     }
@@ -60,18 +60,6 @@ impl AggregateHandler {
     pub fn with_emf(mut self, emf: EmfConfig) -> Self {
         self.emf = Arc::new(emf);
         self
-    }
-
-    /// Processes one event and prints its metrics line to stdout, where
-    /// CloudWatch Logs picks it up.
-    pub async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
-        let started_ms = now_ms();
-        let (response, invocation) = self.process(&event).await;
-        println!(
-            "{}",
-            emf::line(&self.emf, &invocation, started_ms, now_ms())
-        );
-        response
     }
 
     /// Processes one event; never fails as a whole, so that Lambda retries
@@ -142,7 +130,7 @@ impl AggregateHandler {
         if batch.is_empty() {
             return unreadable;
         }
-        match process_batch(shard, &batch, self.store.as_ref(), &self.cfg, metrics).await {
+        match process_batch(shard, &batch, self.store.as_ref(), &self.config, metrics).await {
             Ok(stats) => {
                 tracing::info!(
                     shard,
@@ -163,6 +151,23 @@ impl AggregateHandler {
     }
 }
 
+impl Handler for AggregateHandler {
+    type Event = KinesisEvent;
+    type Response = KinesisEventResponse;
+
+    /// Processes one event and prints its metrics line to stdout, where
+    /// CloudWatch Logs picks it up.
+    async fn handle(&self, event: KinesisEvent) -> KinesisEventResponse {
+        let started_ms = now_ms();
+        let (response, invocation) = self.process(&event).await;
+        println!(
+            "{}",
+            emf::line(&self.emf, &invocation, started_ms, now_ms())
+        );
+        response
+    }
+}
+
 /// When Kinesis received the record, ms since the epoch.
 fn arrival_ms(r: &KinesisEventRecord) -> i64 {
     r.kinesis.approximate_arrival_timestamp.0.timestamp_millis()
@@ -170,16 +175,6 @@ fn arrival_ms(r: &KinesisEventRecord) -> i64 {
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
-}
-
-/// Runs the function: serves Kinesis events until the runtime stops.
-pub async fn run(handler: AggregateHandler) -> Result<(), lambda_runtime::Error> {
-    let handler = Arc::new(handler);
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<KinesisEvent>| {
-        let handler = handler.clone();
-        async move { Ok::<_, lambda_runtime::Error>(handler.handle(event.payload).await) }
-    }))
-    .await
 }
 
 #[cfg(test)]

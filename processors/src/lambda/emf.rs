@@ -113,14 +113,18 @@ fn metrics_of(inv: &Invocation, started_ms: i64, finished_ms: i64) -> Vec<(Strin
 
 /// The EMF line for one invocation that started at `started_ms` and
 /// finished at `finished_ms` (ms since the epoch).
-pub fn line(cfg: &EmfConfig, inv: &Invocation, started_ms: i64, finished_ms: i64) -> String {
-    metrics_line(cfg, metrics_of(inv, started_ms, finished_ms), finished_ms)
+pub fn line(config: &EmfConfig, inv: &Invocation, started_ms: i64, finished_ms: i64) -> String {
+    metrics_line(
+        config,
+        metrics_of(inv, started_ms, finished_ms),
+        finished_ms,
+    )
 }
 
-/// An EMF line with `metrics` (name, unit, value) under `cfg`'s namespace
+/// An EMF line with `metrics` (name, unit, value) under `config`'s namespace
 /// and function, stamped `timestamp_ms`; shared by every function.
 pub fn metrics_line(
-    cfg: &EmfConfig,
+    config: &EmfConfig,
     metrics: Vec<(String, &str, f64)>,
     timestamp_ms: i64,
 ) -> String {
@@ -134,13 +138,13 @@ pub fn metrics_line(
         json!({
             "Timestamp": timestamp_ms,
             "CloudWatchMetrics": [{
-                "Namespace": cfg.namespace,
+                "Namespace": config.namespace,
                 "Dimensions": [["Function"]],
                 "Metrics": definitions,
             }],
         }),
     );
-    root.insert("Function".into(), Value::from(cfg.function.clone()));
+    root.insert("Function".into(), Value::from(config.function.clone()));
     for (name, _, value) in metrics {
         root.insert(name, Value::from(value));
     }
@@ -181,11 +185,11 @@ mod tests {
 
     #[test]
     fn the_line_is_emf_with_every_figure() {
-        let cfg = EmfConfig {
+        let config = EmfConfig {
             namespace: "iotpipe-test".into(),
             function: "iotpipe-aggregate".into(),
         };
-        let text = line(&cfg, &invocation(), 4_000, 4_100);
+        let text = line(&config, &invocation(), 4_000, 4_100);
         assert!(!text.contains('\n'), "one line: {text}");
         let v: Value = serde_json::from_str(&text).unwrap();
 

@@ -49,9 +49,9 @@ impl FunctionConfig {
         let table_name = var("TABLE_NAME")
             .filter(|t| !t.is_empty())
             .ok_or(EnvError::Missing("TABLE_NAME"))?;
-        let mut cfg = AggregateConfig::default();
+        let mut config = AggregateConfig::default();
         if let Some(list) = var("RESOLUTIONS") {
-            cfg.resolutions = list
+            config.resolutions = list
                 .split(',')
                 .map(|r| r.trim().parse::<Resolution>())
                 .collect::<Result<_, _>>()
@@ -61,7 +61,7 @@ impl FunctionConfig {
                 })?;
             if var("RETENTION").is_none() {
                 // Keep the default retentions aligned with the new list.
-                cfg.retention_ms = cfg
+                config.retention_ms = config
                     .resolutions
                     .iter()
                     .map(|r| default_retention_ms(*r))
@@ -69,23 +69,26 @@ impl FunctionConfig {
             }
         }
         if let Some(list) = var("RETENTION") {
-            cfg.retention_ms = list
+            config.retention_ms = list
                 .split(',')
                 .map(|d| duration_ms("RETENTION", d.trim()))
                 .collect::<Result<_, _>>()?;
         }
         let durations: [(&'static str, &mut i64); 4] = [
-            ("ALLOWED_LATENESS", &mut cfg.allowed_lateness_ms),
-            ("STREAM_RETENTION", &mut cfg.stream_retention_ms),
-            ("DEAD_LETTER_RETENTION", &mut cfg.dead_letter_retention_ms),
-            ("WATERMARK_SLACK", &mut cfg.watermark_slack_ms),
+            ("ALLOWED_LATENESS", &mut config.allowed_lateness_ms),
+            ("STREAM_RETENTION", &mut config.stream_retention_ms),
+            (
+                "DEAD_LETTER_RETENTION",
+                &mut config.dead_letter_retention_ms,
+            ),
+            ("WATERMARK_SLACK", &mut config.watermark_slack_ms),
         ];
         for (name, slot) in durations {
             if let Some(value) = var(name) {
                 *slot = duration_ms(name, value.trim())?;
             }
         }
-        cfg.validate().map_err(|detail| EnvError::Invalid {
+        config.validate().map_err(|detail| EnvError::Invalid {
             name: "RESOLUTIONS",
             detail,
         })?;
@@ -98,7 +101,7 @@ impl FunctionConfig {
         }
         Ok(FunctionConfig {
             table_name,
-            aggregate: cfg,
+            aggregate: config,
             metrics,
         })
     }
@@ -152,10 +155,10 @@ mod tests {
 
     #[test]
     fn defaults_need_only_the_table() {
-        let cfg = FunctionConfig::from_vars(vars(&[("TABLE_NAME", "rollups")])).unwrap();
-        assert_eq!(cfg.table_name, "rollups");
-        assert_eq!(cfg.aggregate, AggregateConfig::default());
-        assert_eq!(cfg.metrics, EmfConfig::default());
+        let config = FunctionConfig::from_vars(vars(&[("TABLE_NAME", "rollups")])).unwrap();
+        assert_eq!(config.table_name, "rollups");
+        assert_eq!(config.aggregate, AggregateConfig::default());
+        assert_eq!(config.metrics, EmfConfig::default());
         assert_eq!(
             FunctionConfig::from_vars(vars(&[])),
             Err(EnvError::Missing("TABLE_NAME"))
@@ -164,7 +167,7 @@ mod tests {
 
     #[test]
     fn reads_every_setting() {
-        let cfg = FunctionConfig::from_vars(vars(&[
+        let config = FunctionConfig::from_vars(vars(&[
             ("TABLE_NAME", "t"),
             ("RESOLUTIONS", "1m, 15m"),
             ("ALLOWED_LATENESS", "90s"),
@@ -174,9 +177,9 @@ mod tests {
             ("AWS_LAMBDA_FUNCTION_NAME", "iotpipe-prod-aggregate"),
         ]))
         .unwrap();
-        assert_eq!(cfg.metrics.namespace, "iotpipe-prod");
-        assert_eq!(cfg.metrics.function, "iotpipe-prod-aggregate");
-        let a = cfg.aggregate;
+        assert_eq!(config.metrics.namespace, "iotpipe-prod");
+        assert_eq!(config.metrics.function, "iotpipe-prod-aggregate");
+        let a = config.aggregate;
         assert_eq!(a.resolutions.len(), 2);
         assert_eq!(
             a.retention_ms,

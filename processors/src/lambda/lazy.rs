@@ -12,7 +12,7 @@ use tokio::sync::OnceCell;
 
 use crate::store::dynamodb::DynamoStore;
 use rollup::keys::ItemKey;
-use rollup::{Commit, Stored};
+use rollup::{Commit, LoadedItem};
 
 use crate::store::{Range, RollupQuery, RollupStore, StoreError};
 
@@ -41,7 +41,7 @@ impl LazyDynamoStore {
 
 #[async_trait]
 impl RollupStore for LazyDynamoStore {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         self.store().await.load(keys).await
     }
 

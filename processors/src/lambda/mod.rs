@@ -13,7 +13,7 @@
 //!   deliver back into the stream.
 //!
 //! The binaries in `src/bin/` only read the environment, build clients and
-//! call [`aggregate::run`], [`query::run`] or [`replay::run`].
+//! call [`serve`] with a [`Handler`], or [`query::run`].
 //!
 //! **Architecture Invariant:** nothing survives between invocations but
 //! clients and configuration; a batch is reported successful only once its
@@ -25,3 +25,36 @@ pub mod env;
 pub mod lazy;
 pub mod query;
 pub mod replay;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use lambda_runtime::streaming::Body;
+use lambda_runtime::{FunctionResponse, LambdaEvent, service_fn};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// A function's handler: one event in, one response out. Failures are part
+/// of the response (`batchItemFailures`), never an error of the invocation,
+/// so that Lambda retries exactly what failed.
+pub trait Handler: 'static {
+    type Event: DeserializeOwned;
+    type Response: Serialize;
+
+    fn handle(&self, event: Self::Event) -> impl Future<Output = Self::Response>;
+}
+
+/// Runs a function: serves its events until the runtime stops.
+pub async fn serve<H: Handler>(handler: H) -> Result<(), lambda_runtime::Error> {
+    let handler = Arc::new(handler);
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<H::Event>| {
+        let handler = handler.clone();
+        async move {
+            let response = handler.handle(event.payload).await;
+            // What a plain serializable return value becomes in the runtime;
+            // spelled out because a generic response type leaves it ambiguous.
+            Ok::<_, lambda_runtime::Error>(FunctionResponse::<_, Body>::BufferedResponse(response))
+        }
+    }))
+    .await
+}

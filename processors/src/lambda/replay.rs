@@ -43,12 +43,12 @@ use std::sync::Arc;
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use base64::Engine;
 use bytes::Bytes;
-use lambda_runtime::{LambdaEvent, service_fn};
 use schemas::Topic;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use stream::{PutOutcome, PutRecord, StreamProducer};
 
+use super::Handler;
 use super::emf::{self, EmfConfig};
 use super::env::EnvError;
 
@@ -240,14 +240,6 @@ impl ReplayHandler {
         }
     }
 
-    /// Replays one event now and prints its metrics line.
-    pub async fn handle(&self, event: SqsEvent) -> SqsBatchResponse {
-        let now = chrono::Utc::now().timestamp_millis();
-        let (response, stats) = self.process(&event, now).await;
-        println!("{}", emf::metrics_line(&self.emf, stats.emf_metrics(), now));
-        response
-    }
-
     /// Replays one event at `now_ms` (the replayed records' `received_at`):
     /// every message that decodes goes to the stream in one put; a message
     /// is reported failed unless its record is stored.
@@ -299,14 +291,17 @@ impl ReplayHandler {
     }
 }
 
-/// Runs the function: serves SQS events until the runtime stops.
-pub async fn run(handler: ReplayHandler) -> Result<(), lambda_runtime::Error> {
-    let handler = Arc::new(handler);
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
-        let handler = handler.clone();
-        async move { Ok::<_, lambda_runtime::Error>(handler.handle(event.payload).await) }
-    }))
-    .await
+impl Handler for ReplayHandler {
+    type Event = SqsEvent;
+    type Response = SqsBatchResponse;
+
+    /// Replays one event now and prints its metrics line.
+    async fn handle(&self, event: SqsEvent) -> SqsBatchResponse {
+        let now = chrono::Utc::now().timestamp_millis();
+        let (response, stats) = self.process(&event, now).await;
+        println!("{}", emf::metrics_line(&self.emf, stats.emf_metrics(), now));
+        response
+    }
 }
 
 #[cfg(test)]
@@ -489,14 +484,14 @@ mod tests {
 
     #[test]
     fn reads_its_configuration() {
-        let cfg = ReplayConfig::from_vars(|n| match n {
+        let config = ReplayConfig::from_vars(|n| match n {
             "STREAM_NAME" => Some("telemetry".into()),
             "AWS_LAMBDA_FUNCTION_NAME" => Some("iotpipe-replay".into()),
             _ => None,
         })
         .unwrap();
-        assert_eq!(cfg.stream_name, "telemetry");
-        assert_eq!(cfg.metrics.function, "iotpipe-replay");
+        assert_eq!(config.stream_name, "telemetry");
+        assert_eq!(config.metrics.function, "iotpipe-replay");
         assert_eq!(
             ReplayConfig::from_vars(|_| None),
             Err(EnvError::Missing("STREAM_NAME"))

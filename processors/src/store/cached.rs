@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use schemas::state::Item;
 
-use rollup::{Commit, Condition, Stored, Write};
+use rollup::{Commit, Condition, LoadedItem, Write};
 
 use super::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
@@ -123,7 +123,7 @@ impl<S: RollupStore + RollupQuery> CachedStore<S> {
 
 #[async_trait]
 impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         let ids: Vec<(String, String)> = keys.iter().map(|k| (k.pk(), k.sk())).collect();
         let missing: Vec<usize> = {
             let state = self.lock();
@@ -166,7 +166,7 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
                 let entry = state.entries.get_mut(id)?;
                 entry.used = generation;
                 let item = entry.value.clone()?;
-                Some(Stored {
+                Some(LoadedItem {
                     version: entry.version,
                     item,
                 })

@@ -42,7 +42,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
 use futures::{StreamExt, TryStreamExt};
 use schemas::state::Item;
 
-use rollup::{Commit, Condition, Stored, Write};
+use rollup::{Commit, Condition, LoadedItem, Write};
 
 use super::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
@@ -525,7 +525,7 @@ impl DynamoStore {
 
 #[async_trait]
 impl RollupStore for DynamoStore {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         let ids: Vec<(String, String)> = keys.iter().map(|k| (k.pk(), k.sk())).collect();
         let eventual = self.cfg.eventual_device_reads && !self.strong_reads.load(Ordering::Relaxed);
         // The plan names each key once: BatchGetItem refuses a request that
@@ -537,10 +537,10 @@ impl RollupStore for DynamoStore {
             .buffer_unordered(self.cfg.max_concurrent_reads.max(1))
             .try_collect()
             .await?;
-        let by_key: HashMap<(String, String), Stored> = found
+        let by_key: HashMap<(String, String), LoadedItem> = found
             .into_iter()
             .flatten()
-            .map(|(pk, sk, version, item)| ((pk, sk), Stored { version, item }))
+            .map(|(pk, sk, version, item)| ((pk, sk), LoadedItem { version, item }))
             .collect();
         Ok(ids.iter().map(|id| by_key.get(id).cloned()).collect())
     }

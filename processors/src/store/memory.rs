@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use schemas::state::Item;
 
-use rollup::{Commit, Condition, Stored, Write};
+use rollup::{Commit, Condition, LoadedItem, Write};
 
 use super::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
@@ -56,15 +56,16 @@ impl MemoryStore {
 
 #[async_trait]
 impl RollupStore for MemoryStore {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         let map = self.lock();
         Ok(keys
             .iter()
             .map(|k| {
-                map.get(&(k.pk(), k.sk())).map(|(version, item)| Stored {
-                    version: *version,
-                    item: item.clone(),
-                })
+                map.get(&(k.pk(), k.sk()))
+                    .map(|(version, item)| LoadedItem {
+                        version: *version,
+                        item: item.clone(),
+                    })
             })
             .collect())
     }

@@ -22,7 +22,7 @@ pub mod sqlite;
 
 use async_trait::async_trait;
 use rollup::keys::ItemKey;
-use rollup::{Commit, Stored};
+use rollup::{Commit, LoadedItem};
 use schemas::state::Item;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ impl StoreError {
 #[async_trait]
 pub trait RollupStore: Send + Sync + 'static {
     /// Loads the items at `keys`, in order; `None` where none exists.
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError>;
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError>;
 
     /// Writes a batch's items; see [`Commit`] for the order guarantee.
     async fn commit(&self, commit: Commit) -> Result<(), StoreError>;

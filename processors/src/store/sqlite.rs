@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use schemas::state::Item;
 
-use rollup::{Commit, Condition, Stored};
+use rollup::{Commit, Condition, LoadedItem};
 
 use super::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
@@ -251,7 +251,7 @@ fn decode(pk: &str, sk: &str, bytes: &[u8]) -> Result<Item, StoreError> {
 
 #[async_trait]
 impl RollupStore for SqliteStore {
-    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<Stored>>, StoreError> {
+    async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
         let ids: Vec<(String, String)> = keys.iter().map(|k| (k.pk(), k.sk())).collect();
         self.read(move |conn| {
             let mut stmt = conn
@@ -264,7 +264,7 @@ impl RollupStore for SqliteStore {
                     .optional()
                     .map_err(unavailable)?;
                 out.push(match row {
-                    Some((version, bytes)) => Some(Stored {
+                    Some((version, bytes)) => Some(LoadedItem {
                         version: version as u64,
                         item: decode(pk, sk, &bytes)?,
                     }),

@@ -10,7 +10,7 @@ use schemas::state::{DeviceState, Item, ItemState, SpanState};
 use schemas::{Metric, PackedRecord, Reading, RejectReason, Rejection, Resolution, WindowAgg};
 
 use super::*;
-use crate::commit::{Condition, Stored, Write};
+use crate::commit::{Condition, LoadedItem, Write};
 
 const T0: i64 = 1_764_240_000_000; // 2025-11-27T10:40:00Z, a minute boundary.
 const MIN: i64 = Resolution::MINUTE;
@@ -19,10 +19,10 @@ const MIN: i64 = Resolution::MINUTE;
 struct Mem(BTreeMap<(String, String), (u64, Item)>);
 
 impl Mem {
-    fn load(&self, keys: &[ItemKey]) -> Vec<Option<Stored>> {
+    fn load(&self, keys: &[ItemKey]) -> Vec<Option<LoadedItem>> {
         keys.iter()
             .map(|k| {
-                self.0.get(&(k.pk(), k.sk())).map(|(v, item)| Stored {
+                self.0.get(&(k.pk(), k.sk())).map(|(v, item)| LoadedItem {
                     version: *v,
                     item: item.clone(),
                 })
@@ -46,7 +46,7 @@ impl Mem {
     }
 
     /// Plans, loads every round and applies a batch.
-    fn applied(&self, shard: &str, records: &[Record]) -> Applied {
+    fn applied(&self, shard: &str, records: &[Record]) -> AppliedBatch {
         fold(shard, records, &AggregateConfig::default(), |keys| {
             self.load(keys)
         })
@@ -474,7 +474,7 @@ fn an_item_that_is_not_what_its_key_says_refuses_the_batch() {
         vec![reading(Some(1), T0 + 500, &[("t", 20.0)])],
     )];
     let counter = || {
-        Some(Stored {
+        Some(LoadedItem {
             version: 1,
             item: Item {
                 applied: Default::default(),
