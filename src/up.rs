@@ -346,7 +346,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
             stream.clone(),
         );
         state.metrics = Arc::new(move |out: &mut String| {
-            crate::metrics::render_ingest(&im.snapshot(), out);
+            ingest::metrics::render(&im.snapshot(), out);
             pm.render(now_ms(), out);
             st.render_metrics(out);
         });
