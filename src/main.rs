@@ -112,7 +112,7 @@ struct CostArgs {
     /// How long 1-day windows are kept, in days.
     #[arg(long, default_value_t = 1098)]
     day_retention_days: u64,
-    /// A price table (TOML, like src/prices.toml) instead of the built-in one.
+    /// A price table (TOML, like src/cost/prices.toml) instead of the built-in one.
     #[arg(long)]
     prices: Option<PathBuf>,
 }
