@@ -244,42 +244,7 @@ pub async fn run(
     mut start: watch::Receiver<Option<Arc<RunPlan>>>,
     connected: mpsc::UnboundedSender<u32>,
 ) -> DeviceOutcome {
-    let max_inflight = env.max_inflight.max(1);
-    let mut dev = Device {
-        device_id: plan.device_id(index),
-        topic: plan.topic(index),
-        values: DeviceValues::new(&plan, index, first_seq),
-        env,
-        index,
-        link: Link::Down {
-            retry_at: Instant::now(),
-            bypass: false,
-        },
-        backoff: MIN_BACKOFF,
-        rbuf: BytesMut::new(),
-        wbuf: BytesMut::new(),
-        queued: VecDeque::new(),
-        inflight: VecDeque::new(),
-        next_pkid: 1,
-        inflight_cap: max_inflight,
-        ping_at: Instant::now(),
-        counters: DeviceCounters::default(),
-        exceptions: Exceptions::default(),
-        announced: Some(connected),
-        sent_telemetry: 0,
-        sample_offset: 0,
-        newest_ts: i64::MIN,
-        sample_wanted: false,
-        schedule_origin: None,
-        lags: Vec::new(),
-        first_publish: None,
-        last_done: None,
-    };
-    if let Some((every, _)) = &dev.env.freshness {
-        // A multiplicative hash spreads the devices' offsets over the
-        // whole interval, rather than bunching them at its start.
-        dev.sample_offset = u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15) % (*every).max(1);
-    }
+    let mut dev = Device::new(env, &plan, index, first_seq, connected);
     drop(plan);
 
     // Until the run starts: stay connected.
@@ -344,6 +309,55 @@ pub async fn run(
 }
 
 impl Device {
+    /// Device `index` of `plan`, not yet connected; it tells `connected`
+    /// when it first is.
+    fn new(
+        env: Arc<DeviceEnv>,
+        plan: &RunPlan,
+        index: u32,
+        first_seq: u64,
+        connected: mpsc::UnboundedSender<u32>,
+    ) -> Device {
+        let max_inflight = env.max_inflight.max(1);
+        let mut dev = Device {
+            device_id: plan.device_id(index),
+            topic: plan.topic(index),
+            values: DeviceValues::new(plan, index, first_seq),
+            env,
+            index,
+            link: Link::Down {
+                retry_at: Instant::now(),
+                bypass: false,
+            },
+            backoff: MIN_BACKOFF,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            queued: VecDeque::new(),
+            inflight: VecDeque::new(),
+            next_pkid: 1,
+            inflight_cap: max_inflight,
+            ping_at: Instant::now(),
+            counters: DeviceCounters::default(),
+            exceptions: Exceptions::default(),
+            announced: Some(connected),
+            sent_telemetry: 0,
+            sample_offset: 0,
+            newest_ts: i64::MIN,
+            sample_wanted: false,
+            schedule_origin: None,
+            lags: Vec::new(),
+            first_publish: None,
+            last_done: None,
+        };
+        if let Some((every, _)) = &dev.env.freshness {
+            // A multiplicative hash spreads the devices' offsets over the
+            // whole interval, rather than bunching them at its start.
+            dev.sample_offset =
+                u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15) % (*every).max(1);
+        }
+        dev
+    }
+
     fn outcome(mut self) -> DeviceOutcome {
         self.env.shared.record_lags(&self.lags);
         self.lags.clear();
