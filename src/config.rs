@@ -1,4 +1,5 @@
-//! `iotpipe up`'s settings: a TOML file for every setting, flags on top.
+//! `iotpipe up`'s settings: a TOML file for every setting, flags on top
+//! ([`Overrides`]).
 //!
 //! Every section denies unknown keys, so a typo in a config file is an error
 //! that names it rather than a setting silently left at its default.
@@ -9,6 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+
+mod overrides;
+pub use overrides::Overrides;
 
 /// The whole configuration. `Config::default()` is what `iotpipe up` runs
 /// with when given nothing.

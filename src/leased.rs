@@ -12,18 +12,18 @@ use std::time::Duration;
 
 use stream::kinesis::{KinesisStream, LeaseConfig, LeaseKeeper};
 use stream::{ReadError, ShardReader};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
-/// Starts one shard's processor, which stops when its receiver says so.
+/// Starts one shard's processor, which stops when its token is cancelled.
 pub type SpawnShard = Arc<
-    dyn Fn(Box<dyn ShardReader>, watch::Receiver<bool>) -> JoinHandle<Result<(), ReadError>>
+    dyn Fn(Box<dyn ShardReader>, CancellationToken) -> JoinHandle<Result<(), ReadError>>
         + Send
         + Sync,
 >;
 
-/// A shard processor and the switch that stops it.
-type Running = (watch::Sender<bool>, JoinHandle<Result<(), ReadError>>);
+/// A shard processor and the token that stops it, a child of the loop's.
+type Running = (CancellationToken, JoinHandle<Result<(), ReadError>>);
 
 /// A name for this process in the lease table, unique across machines and
 /// restarts: host, process id and start time.
@@ -38,15 +38,15 @@ pub fn owner_id() -> String {
 }
 
 /// Runs [`run`] as a task, as a process `owner_id()` with leases of
-/// `lease_duration` renewed every third of it; its failure is the
-/// pipeline's.
+/// `lease_duration` renewed every third of it; a failure before `stop` is
+/// cancelled goes to `failed`.
 pub fn spawn(
     stream: Arc<KinesisStream>,
     consumer: &'static str,
     lease_duration: Duration,
     spawn_shard: SpawnShard,
-    stop: watch::Receiver<bool>,
-    failed_tx: Arc<watch::Sender<Option<String>>>,
+    stop: CancellationToken,
+    failed: impl FnOnce(String) + Send + 'static,
     now_ms: fn() -> i64,
 ) -> JoinHandle<Result<(), ReadError>> {
     let owner = owner_id();
@@ -68,22 +68,22 @@ pub fn spawn(
         )
         .await;
         if let Err(e) = &result
-            && !*stop.borrow()
+            && !stop.is_cancelled()
         {
-            failed_tx.send_replace(Some(format!("the shard lease loop failed: {e}")));
+            failed(format!("the shard lease loop failed: {e}"));
         }
         result
     })
 }
 
-/// Runs until `stop` turns true; see the module docs.
+/// Runs until `stop` is cancelled; see the module docs.
 pub async fn run(
     stream: Arc<KinesisStream>,
     mut keeper: LeaseKeeper,
     consumer: &str,
     renew_every: Duration,
     spawn: SpawnShard,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     now_ms: fn() -> i64,
 ) -> Result<(), ReadError> {
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
@@ -92,12 +92,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    break;
-                }
-                continue;
-            }
+            () = stop.cancelled() => break,
         }
         let changes = match stream.shard_ids().await {
             Ok(shards) => keeper.tick(&shards, now_ms()).await,
@@ -115,15 +110,16 @@ pub async fn run(
         for shard in changes.lost {
             if let Some((switch, task)) = running.remove(&shard) {
                 tracing::info!(shard, "Lost a shard's lease; its processor stops.");
-                switch.send_replace(true);
+                switch.cancel();
                 stopped.push(task);
             }
         }
         for shard in changes.gained {
             match stream.leased_reader(&shard, consumer, keeper.owner()).await {
                 Ok(reader) => {
-                    let (switch, rx) = watch::channel(false);
-                    running.insert(shard, (switch, spawn(Box::new(reader), rx)));
+                    let switch = stop.child_token();
+                    let task = spawn(Box::new(reader), switch.clone());
+                    running.insert(shard, (switch, task));
                 }
                 Err(e) => {
                     tracing::warn!(shard, error = %e, "Cannot read a leased shard; giving its lease up.");
@@ -135,7 +131,7 @@ pub async fn run(
         }
     }
     for (switch, task) in running.into_values() {
-        switch.send_replace(true);
+        switch.cancel();
         stopped.push(task);
     }
     let mut first_error = None;

@@ -6,7 +6,6 @@
 //!   API, and stops them front to back.
 //! - `leased`: the processors on a Kinesis stream shared with other
 //!   processes, by shard leases.
-//! - `metrics`: the endpoint's part of `/metrics`.
 //! - `cost`: the monthly AWS bill of a load profile (`iotpipe cost`).
 //!
 //! The binary (`src/main.rs`) only parses flags and calls [`up::start`]; tests
@@ -16,7 +15,6 @@ pub mod backends;
 pub mod config;
 pub mod cost;
 pub mod leased;
-pub mod metrics;
 pub mod up;
 
 pub use config::Config;

@@ -1,13 +1,12 @@
 //! `iotpipe`: parse flags, build the config, call the library.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use iotpipe::config::{Config, DEFAULT_TOML, LogFormat};
+use iotpipe::config::{Config, DEFAULT_TOML, LogFormat, Overrides};
 
 // The pipeline allocates per message and per batch; mimalloc serves that
 // churn several times cheaper than glibc's malloc (measured with callgrind in
@@ -113,7 +112,7 @@ struct CostArgs {
     /// How long 1-day windows are kept, in days.
     #[arg(long, default_value_t = 1098)]
     day_retention_days: u64,
-    /// A price table (TOML, like src/prices.toml) instead of the built-in one.
+    /// A price table (TOML, like src/cost/prices.toml) instead of the built-in one.
     #[arg(long)]
     prices: Option<PathBuf>,
 }
@@ -154,63 +153,8 @@ struct UpArgs {
     /// A TOML config file (`iotpipe config default` prints one); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Where the stream, rollups and checkpoints live [default: ./iotpipe-data].
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// MQTT endpoint address [default: 127.0.0.1:1883].
-    #[arg(long)]
-    mqtt_listen: Option<SocketAddr>,
-    /// Query API address [default: 127.0.0.1:8080].
-    #[arg(long)]
-    http_listen: Option<SocketAddr>,
-    /// Shards of a new stream [default: 4].
-    #[arg(long)]
-    shards: Option<u32>,
-    /// How long after its end a window still takes readings, e.g. 1h, 30m [default: 1h].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    allowed_lateness: Option<std::time::Duration>,
-    /// Take telemetry from an external MQTT broker (mqtt://HOST:PORT): a
-    /// persistent QoS 1 subscription, each message acknowledged once durable.
-    #[arg(long)]
-    broker: Option<String>,
-    /// The bridge's client id at the broker [default: iotpipe-bridge].
-    #[arg(long)]
-    broker_client_id: Option<String>,
-    #[arg(long)]
-    broker_username: Option<String>,
-    /// A file holding the broker password.
-    #[arg(long)]
-    broker_password_file: Option<PathBuf>,
-    /// Usernames and salted password hashes (`iotpipe users add`); with it,
-    /// each client may publish only as its own device.
-    #[arg(long)]
-    users_file: Option<PathBuf>,
-    /// A file of API bearer tokens, one `TOKEN [read|admin]` per line; without
-    /// it the API answers anyone who can reach it.
-    #[arg(long)]
-    api_token_file: Option<PathBuf>,
-    /// The stream: the embedded durable log, or Amazon Kinesis [default: embedded].
-    #[arg(long, value_enum)]
-    stream: Option<iotpipe::config::StreamKind>,
-    /// The rollup store: SQLite, or Amazon DynamoDB [default: sqlite].
-    #[arg(long, value_enum)]
-    store: Option<iotpipe::config::StoreKind>,
-    /// A wire-compatible AWS endpoint (e.g. http://127.0.0.1:5000 for moto)
-    /// for the Kinesis and DynamoDB backends.
-    #[arg(long)]
-    endpoint_url: Option<String>,
-    /// AWS region for the Kinesis and DynamoDB backends [default: from the environment].
-    #[arg(long)]
-    region: Option<String>,
-    /// The Kinesis stream [default: iotpipe-telemetry].
-    #[arg(long)]
-    stream_name: Option<String>,
-    /// The DynamoDB table of rollups [default: iotpipe-rollups].
-    #[arg(long)]
-    table_name: Option<String>,
-    /// Log format [default: auto: text on a terminal, JSON otherwise].
-    #[arg(long, value_enum)]
-    log_format: Option<LogFormat>,
+    #[command(flatten)]
+    overrides: Overrides,
 }
 
 #[derive(Subcommand)]
@@ -331,60 +275,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    if let Some(v) = args.data_dir {
-        config.data_dir = v;
-    }
-    if let Some(v) = args.mqtt_listen {
-        config.mqtt.listen = v;
-    }
-    if let Some(v) = args.http_listen {
-        config.http.listen = v;
-    }
-    if let Some(v) = args.shards {
-        config.stream.shards = v;
-    }
-    if let Some(v) = args.allowed_lateness {
-        config.aggregate.allowed_lateness = v;
-    }
-    if let Some(v) = args.broker {
-        config.broker.url = Some(v);
-    }
-    if let Some(v) = args.broker_client_id {
-        config.broker.client_id = v;
-    }
-    if let Some(v) = args.broker_username {
-        config.broker.username = Some(v);
-    }
-    if let Some(v) = args.broker_password_file {
-        config.broker.password_file = Some(v);
-    }
-    if let Some(v) = args.users_file {
-        config.mqtt.users_file = Some(v);
-    }
-    if let Some(v) = args.api_token_file {
-        config.http.token_file = Some(v);
-    }
-    if let Some(v) = args.stream {
-        config.backend.stream = v;
-    }
-    if let Some(v) = args.store {
-        config.backend.store = v;
-    }
-    if let Some(v) = args.endpoint_url {
-        config.backend.endpoint_url = Some(v);
-    }
-    if let Some(v) = args.region {
-        config.backend.region = Some(v);
-    }
-    if let Some(v) = args.stream_name {
-        config.backend.stream_name = v;
-    }
-    if let Some(v) = args.table_name {
-        config.backend.table_name = v;
-    }
-    if let Some(v) = args.log_format {
-        config.log.format = v;
-    }
+    args.overrides.apply(&mut config);
     init_logs(config.log.format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -247,9 +247,8 @@ pub struct Args {
 }
 
 impl Args {
-    /// The run these arguments ask for. `terminal`: whether stdout is one.
-    pub fn into_config(self, terminal: bool) -> anyhow::Result<SimConfig> {
-        let broker: BrokerAddr = self.broker.parse().map_err(anyhow::Error::msg)?;
+    /// TLS options, for an `mqtts://` broker only.
+    fn tls(&self) -> anyhow::Result<Option<TlsOptions>> {
         let client_cert = match (&self.cert, &self.key, &self.cert_dir) {
             (Some(cert), Some(key), _) => ClientCert::Shared {
                 cert: cert.clone(),
@@ -273,6 +272,49 @@ impl Args {
             );
             None
         };
+        Ok(tls)
+    }
+
+    /// Each metric with its signal profile (`--signal METRIC=PROFILE`).
+    fn metric_specs(&self) -> anyhow::Result<Vec<MetricSpec>> {
+        let mut signals: HashMap<String, Signal> = HashMap::new();
+        for s in &self.signal {
+            let Some((metric, profile)) = s.split_once('=') else {
+                bail!("--signal `{s}` must look like METRIC=PROFILE");
+            };
+            ensure!(
+                self.metrics.iter().any(|m| m == metric),
+                "--signal names `{metric}`, which is not in --metrics"
+            );
+            signals.insert(
+                metric.to_string(),
+                profile.parse().map_err(anyhow::Error::msg)?,
+            );
+        }
+        Ok(self
+            .metrics
+            .iter()
+            .map(|name| MetricSpec {
+                name: name.clone(),
+                signal: signals.get(name).copied().unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// `--report json FILE`.
+    fn report_json(&self) -> anyhow::Result<Option<PathBuf>> {
+        Ok(match self.report.as_slice() {
+            [] => None,
+            [format, file] if format == "json" => Some(PathBuf::from(file)),
+            [format, _] => bail!("--report supports json, not `{format}`"),
+            _ => bail!("--report takes a format and a file: --report json FILE"),
+        })
+    }
+
+    /// The run these arguments ask for. `terminal`: whether stdout is one.
+    pub fn into_config(self, terminal: bool) -> anyhow::Result<SimConfig> {
+        let broker: BrokerAddr = self.broker.parse().map_err(anyhow::Error::msg)?;
+        let tls = self.tls()?;
         let source_addrs = match &self.source_addrs {
             None => Vec::new(),
             Some(s) => parse_source_addrs(s)?,
@@ -291,34 +333,8 @@ impl Args {
             (None, None) if scenario.is_some() => Stop::Count(0),
             (None, None) => bail!("give --duration or --count (or --scenario)"),
         };
-        let mut signals: HashMap<String, Signal> = HashMap::new();
-        for s in &self.signal {
-            let Some((metric, profile)) = s.split_once('=') else {
-                bail!("--signal `{s}` must look like METRIC=PROFILE");
-            };
-            ensure!(
-                self.metrics.iter().any(|m| m == metric),
-                "--signal names `{metric}`, which is not in --metrics"
-            );
-            signals.insert(
-                metric.to_string(),
-                profile.parse().map_err(anyhow::Error::msg)?,
-            );
-        }
-        let metrics = self
-            .metrics
-            .iter()
-            .map(|name| MetricSpec {
-                name: name.clone(),
-                signal: signals.get(name).copied().unwrap_or_default(),
-            })
-            .collect();
-        let report_json = match self.report.as_slice() {
-            [] => None,
-            [format, file] if format == "json" => Some(PathBuf::from(file)),
-            [format, _] => bail!("--report supports json, not `{format}`"),
-            _ => bail!("--report takes a format and a file: --report json FILE"),
-        };
+        let metrics = self.metric_specs()?;
+        let report_json = self.report_json()?;
         Ok(SimConfig {
             broker,
             devices: self.devices,

@@ -155,40 +155,9 @@ fn write_freshness(f: &mut fmt::Formatter<'_>, fr: &Freshness) -> fmt::Result {
     )
 }
 
-impl fmt::Display for Summary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for w in &self.warnings {
-            writeln!(f, "warning: {w}")?;
-        }
-        writeln!(
-            f,
-            "run {} of fleet {}: {} devices ({} not connected at start), QoS {}, MQTT {}{}",
-            self.run,
-            self.fleet,
-            self.devices,
-            self.not_connected,
-            self.qos,
-            self.protocol,
-            if self.tls { " over TLS" } else { "" }
-        )?;
-        if self.fleets.len() > 1 {
-            for fl in &self.fleets {
-                writeln!(
-                    f,
-                    "  fleet {} (run {}): {} devices, QoS {}: {} sent, {} acked, {} failed, {} readings, {} retransmitted, {} reconnects",
-                    fl.fleet,
-                    fl.run,
-                    fl.devices,
-                    fl.qos,
-                    fl.messages_sent,
-                    fl.acked,
-                    fl.failed,
-                    fl.readings_sent,
-                    fl.retransmissions,
-                    fl.reconnects
-                )?;
-            }
-        }
+impl Summary {
+    /// Connections, messages, rates, schedule lag and PUBACK latency.
+    fn write_traffic(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "connect: {} devices in {:.2} s",
@@ -241,6 +210,45 @@ impl fmt::Display for Summary {
             )?,
             None => writeln!(f, "puback latency: none measured")?,
         }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for w in &self.warnings {
+            writeln!(f, "warning: {w}")?;
+        }
+        writeln!(
+            f,
+            "run {} of fleet {}: {} devices ({} not connected at start), QoS {}, MQTT {}{}",
+            self.run,
+            self.fleet,
+            self.devices,
+            self.not_connected,
+            self.qos,
+            self.protocol,
+            if self.tls { " over TLS" } else { "" }
+        )?;
+        if self.fleets.len() > 1 {
+            for fl in &self.fleets {
+                writeln!(
+                    f,
+                    "  fleet {} (run {}): {} devices, QoS {}: {} sent, {} acked, {} failed, {} readings, {} retransmitted, {} reconnects",
+                    fl.fleet,
+                    fl.run,
+                    fl.devices,
+                    fl.qos,
+                    fl.messages_sent,
+                    fl.acked,
+                    fl.failed,
+                    fl.readings_sent,
+                    fl.retransmissions,
+                    fl.reconnects
+                )?;
+            }
+        }
+        self.write_traffic(f)?;
         writeln!(f, "verdict: {}", self.verdict)?;
         if self.refused > 0 {
             writeln!(f, "refused by the broker: {} publishes", self.refused)?;

@@ -1,6 +1,8 @@
 //! The endpoint's counters: plain atomics, cheap enough to bump per message,
-//! read through [`IngestMetrics::snapshot`].
+//! read through [`IngestMetrics::snapshot`] and rendered for `/metrics` by
+//! [`render`].
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -246,6 +248,178 @@ impl MetricsSnapshot {
     }
 }
 
+/// Appends the endpoint's metrics to `out`, in Prometheus text format.
+/// Device ids are never labels (cardinality).
+pub fn render(s: &MetricsSnapshot, out: &mut String) {
+    for (name, help, v) in counters(s) {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    }
+    let gauges = [
+        (
+            "iotpipe_broker_subscribed",
+            "Whether the broker bridge holds its subscription (1) or not (0).",
+            s.bridge_subscribed,
+        ),
+        (
+            "iotpipe_mqtt_connections",
+            "Open MQTT connections.",
+            s.connections_current,
+        ),
+    ];
+    for (name, help, v) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    }
+    by_reason(
+        out,
+        "iotpipe_ingest_rejected_total",
+        "Messages refused at the endpoint, by reason.",
+        s.rejected.iter().map(|(r, n)| (r.as_str(), *n)),
+    );
+    by_reason(
+        out,
+        "iotpipe_mqtt_subscriptions_refused_total",
+        "SUBSCRIBE filters refused, by reason.",
+        s.subscriptions_refused
+            .iter()
+            .map(|(r, n)| (r.as_str(), *n)),
+    );
+    let name = "iotpipe_stream_append_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time for one group commit to become durable.\n# TYPE {name} histogram"
+    );
+    for (bound, n) in &s.append_latency_buckets {
+        match bound {
+            Some(b) => {
+                let _ = writeln!(out, "{name}_bucket{{le=\"{}\"}} {n}", b.as_secs_f64());
+            }
+            None => {
+                let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {n}");
+            }
+        }
+    }
+    let _ = writeln!(out, "{name}_sum {}", s.append_latency_sum.as_secs_f64());
+    let _ = writeln!(out, "{name}_count {}", s.append_latency_count);
+}
+
+/// The plain counters, in the order `/metrics` has always listed them:
+/// name, help, value.
+fn counters(s: &MetricsSnapshot) -> [(&'static str, &'static str, u64); 19] {
+    [
+        (
+            "iotpipe_mqtt_connections_total",
+            "MQTT connections accepted.",
+            s.connections_total,
+        ),
+        (
+            "iotpipe_mqtt_connections_refused_total",
+            "Connections closed at accept because max_connections was reached.",
+            s.connections_refused,
+        ),
+        (
+            "iotpipe_mqtt_connects_refused_total",
+            "CONNECTs refused (bad credentials, protocol).",
+            s.connects_refused,
+        ),
+        (
+            "iotpipe_mqtt_takeovers_total",
+            "Connections closed because their client id connected again.",
+            s.takeovers,
+        ),
+        (
+            "iotpipe_mqtt_keepalive_timeouts_total",
+            "Connections closed for silence beyond 1.5 x keepalive.",
+            s.keepalive_timeouts,
+        ),
+        (
+            "iotpipe_messages_in_total",
+            "PUBLISH messages received.",
+            s.messages_in,
+        ),
+        (
+            "iotpipe_messages_accepted_total",
+            "Messages that passed validation.",
+            s.messages_accepted,
+        ),
+        (
+            "iotpipe_ingest_readings_accepted_total",
+            "Readings in messages that passed validation.",
+            s.readings_accepted,
+        ),
+        (
+            "iotpipe_mqtt_bytes_in_total",
+            "Payload bytes received.",
+            s.bytes_in,
+        ),
+        (
+            "iotpipe_mqtt_acks_sent_total",
+            "PUBACKs sent, each after the message was durable.",
+            s.acks_sent,
+        ),
+        (
+            "iotpipe_stream_appends_total",
+            "Group-committed appends to the stream.",
+            s.appends,
+        ),
+        (
+            "iotpipe_stream_records_appended_total",
+            "Records appended to the stream.",
+            s.records_appended,
+        ),
+        (
+            "iotpipe_stream_append_failures_total",
+            "Appends the stream refused (retried).",
+            s.append_failures,
+        ),
+        (
+            "iotpipe_stream_append_abandoned_total",
+            "Records given up at shutdown, never acknowledged.",
+            s.append_abandoned,
+        ),
+        (
+            "iotpipe_mqtt_refused_too_large_total",
+            "Packets over the size limit.",
+            s.refused_too_large,
+        ),
+        (
+            "iotpipe_mqtt_refused_qos2_total",
+            "QoS 2 publishes refused.",
+            s.refused_qos2,
+        ),
+        (
+            "iotpipe_mqtt_protocol_errors_total",
+            "Connections closed for malformed packets.",
+            s.protocol_errors,
+        ),
+        (
+            "iotpipe_tap_delivered_total",
+            "Messages delivered to live-tap subscribers.",
+            s.tap_delivered,
+        ),
+        (
+            "iotpipe_tap_dropped_total",
+            "Messages dropped for slow live-tap subscribers.",
+            s.tap_dropped,
+        ),
+    ]
+}
+
+/// A counter with one series per reason.
+fn by_reason<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, n) in values {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {n}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,5 +449,33 @@ mod tests {
         assert_eq!(s.rejected(RejectReason::BadTopic), 2);
         assert_eq!(s.rejected(RejectReason::Schema), 1);
         assert_eq!(s.rejected_total(), 3);
+    }
+
+    #[test]
+    fn render_writes_each_counter_reason_and_bucket() {
+        let m = IngestMetrics::new();
+        bump(&m.messages_in);
+        m.reject(RejectReason::Schema);
+        m.refuse_subscription(SubscribeRefusal::NotAuthorized);
+        m.append_latency.record(Duration::from_millis(3));
+        let mut out = String::new();
+        render(&m.snapshot(), &mut out);
+        let lines: Vec<&str> = out.lines().collect();
+        for line in [
+            "# TYPE iotpipe_messages_in_total counter",
+            "iotpipe_messages_in_total 1",
+            "iotpipe_mqtt_connections 0",
+            "iotpipe_ingest_rejected_total{reason=\"schema\"} 1",
+            "iotpipe_mqtt_subscriptions_refused_total{reason=\"not_authorized\"} 1",
+            "iotpipe_stream_append_seconds_bucket{le=\"0.002\"} 0",
+            "iotpipe_stream_append_seconds_bucket{le=\"0.005\"} 1",
+            "iotpipe_stream_append_seconds_bucket{le=\"+Inf\"} 1",
+            "iotpipe_stream_append_seconds_count 1",
+        ] {
+            assert!(lines.contains(&line), "{line} missing from\n{out}");
+        }
+        let helps = lines.iter().filter(|l| l.starts_with("# HELP")).count();
+        let types = lines.iter().filter(|l| l.starts_with("# TYPE")).count();
+        assert_eq!((helps, types), (24, 24), "{out}");
     }
 }

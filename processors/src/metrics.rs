@@ -183,68 +183,68 @@ impl ProcessorMetrics {
     /// Writes every metric in Prometheus text format; `now_ms` turns the
     /// oldest unprocessed arrival into an age.
     pub fn render(&self, now_ms: i64, out: &mut String) {
+        self.render_counters(out);
+        self.render_histograms(out);
+        self.render_lag(now_ms, out);
+    }
+
+    /// The counters, the items-per-reading gauge and the refusals by reason.
+    fn render_counters(&self, out: &mut String) {
         use std::fmt::Write;
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+        let counters = [
+            (
+                "iotpipe_processor_batches_total",
+                "Batches processed.",
+                &self.batches,
+            ),
+            (
+                "iotpipe_processor_records_total",
+                "Stream records processed.",
+                &self.records,
+            ),
+            (
+                "iotpipe_readings_accepted_total",
+                "Readings folded into rollups.",
+                &self.readings_accepted,
+            ),
+            (
+                "iotpipe_readings_duplicate_total",
+                "Readings delivered again and absorbed.",
+                &self.readings_duplicate,
+            ),
+            (
+                "iotpipe_readings_late_total",
+                "Accepted readings that arrived after a window's end.",
+                &self.readings_late,
+            ),
+            (
+                "iotpipe_readings_replayed_total",
+                "Readings skipped because a retried batch had already applied them.",
+                &self.readings_replayed,
+            ),
+            (
+                "iotpipe_processor_batch_retries_total",
+                "Batch attempts retried after a store error.",
+                &self.batch_retries,
+            ),
+            (
+                "iotpipe_store_writes_total",
+                "Items written to the rollup store by batch commits.",
+                &self.store_writes,
+            ),
+            (
+                "iotpipe_store_flushed_items_total",
+                "Items the write-behind cache wrote to the durable store.",
+                &self.store_flushed,
+            ),
+        ];
+        for (name, help, v) in counters {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
                 v.load(Relaxed)
             );
-        };
-        counter(
-            out,
-            "iotpipe_processor_batches_total",
-            "Batches processed.",
-            &self.batches,
-        );
-        counter(
-            out,
-            "iotpipe_processor_records_total",
-            "Stream records processed.",
-            &self.records,
-        );
-        counter(
-            out,
-            "iotpipe_readings_accepted_total",
-            "Readings folded into rollups.",
-            &self.readings_accepted,
-        );
-        counter(
-            out,
-            "iotpipe_readings_duplicate_total",
-            "Readings delivered again and absorbed.",
-            &self.readings_duplicate,
-        );
-        counter(
-            out,
-            "iotpipe_readings_late_total",
-            "Accepted readings that arrived after a window's end.",
-            &self.readings_late,
-        );
-        counter(
-            out,
-            "iotpipe_readings_replayed_total",
-            "Readings skipped because a retried batch had already applied them.",
-            &self.readings_replayed,
-        );
-        counter(
-            out,
-            "iotpipe_processor_batch_retries_total",
-            "Batch attempts retried after a store error.",
-            &self.batch_retries,
-        );
-        counter(
-            out,
-            "iotpipe_store_writes_total",
-            "Items written to the rollup store by batch commits.",
-            &self.store_writes,
-        );
-        counter(
-            out,
-            "iotpipe_store_flushed_items_total",
-            "Items the write-behind cache wrote to the durable store.",
-            &self.store_flushed,
-        );
+        }
         let name = "iotpipe_store_items_per_reading";
         let _ = writeln!(
             out,
@@ -263,6 +263,9 @@ impl ProcessorMetrics {
                 self.rejected[reason.index()].load(Relaxed)
             );
         }
+    }
+
+    fn render_histograms(&self, out: &mut String) {
         self.batch_seconds.render(
             "iotpipe_processor_batch_seconds",
             "Time to process one batch, load to commit.",
@@ -287,6 +290,11 @@ impl ProcessorMetrics {
             "",
             out,
         );
+    }
+
+    /// The per-shard lag gauges.
+    fn render_lag(&self, now_ms: i64, out: &mut String) {
+        use std::fmt::Write;
         let lags = self.lag.lock().unwrap_or_else(|e| e.into_inner());
         let _ = writeln!(
             out,

@@ -10,6 +10,9 @@
 //! error the device reconnects with backoff and writes everything in flight
 //! again, in order, with the DUP flag: delivery is at-least-once, and the
 //! pipeline removes the copies by seq.
+//!
+//! - `send`: queueing, encoding and writing sends.
+//! - `link`: the connection lost, dropped, closed and opened again.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +33,9 @@ use crate::freshness::Sample;
 use crate::lateness::{Class, Exceptions};
 use crate::payload::{DeviceValues, malformed};
 use crate::plan::{RunPlan, Send, SendKind};
+
+mod link;
+mod send;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -238,42 +244,7 @@ pub async fn run(
     mut start: watch::Receiver<Option<Arc<RunPlan>>>,
     connected: mpsc::UnboundedSender<u32>,
 ) -> DeviceOutcome {
-    let max_inflight = env.max_inflight.max(1);
-    let mut dev = Device {
-        device_id: plan.device_id(index),
-        topic: plan.topic(index),
-        values: DeviceValues::new(&plan, index, first_seq),
-        env,
-        index,
-        link: Link::Down {
-            retry_at: Instant::now(),
-            bypass: false,
-        },
-        backoff: MIN_BACKOFF,
-        rbuf: BytesMut::new(),
-        wbuf: BytesMut::new(),
-        queued: VecDeque::new(),
-        inflight: VecDeque::new(),
-        next_pkid: 1,
-        inflight_cap: max_inflight,
-        ping_at: Instant::now(),
-        counters: DeviceCounters::default(),
-        exceptions: Exceptions::default(),
-        announced: Some(connected),
-        sent_telemetry: 0,
-        sample_offset: 0,
-        newest_ts: i64::MIN,
-        sample_wanted: false,
-        schedule_origin: None,
-        lags: Vec::new(),
-        first_publish: None,
-        last_done: None,
-    };
-    if let Some((every, _)) = &dev.env.freshness {
-        // A multiplicative hash spreads the devices' offsets over the
-        // whole interval, rather than bunching them at its start.
-        dev.sample_offset = u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15) % (*every).max(1);
-    }
+    let mut dev = Device::new(env, &plan, index, first_seq, connected);
     drop(plan);
 
     // Until the run starts: stay connected.
@@ -338,6 +309,55 @@ pub async fn run(
 }
 
 impl Device {
+    /// Device `index` of `plan`, not yet connected; it tells `connected`
+    /// when it first is.
+    fn new(
+        env: Arc<DeviceEnv>,
+        plan: &RunPlan,
+        index: u32,
+        first_seq: u64,
+        connected: mpsc::UnboundedSender<u32>,
+    ) -> Device {
+        let max_inflight = env.max_inflight.max(1);
+        let mut dev = Device {
+            device_id: plan.device_id(index),
+            topic: plan.topic(index),
+            values: DeviceValues::new(plan, index, first_seq),
+            env,
+            index,
+            link: Link::Down {
+                retry_at: Instant::now(),
+                bypass: false,
+            },
+            backoff: MIN_BACKOFF,
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
+            queued: VecDeque::new(),
+            inflight: VecDeque::new(),
+            next_pkid: 1,
+            inflight_cap: max_inflight,
+            ping_at: Instant::now(),
+            counters: DeviceCounters::default(),
+            exceptions: Exceptions::default(),
+            announced: Some(connected),
+            sent_telemetry: 0,
+            sample_offset: 0,
+            newest_ts: i64::MIN,
+            sample_wanted: false,
+            schedule_origin: None,
+            lags: Vec::new(),
+            first_publish: None,
+            last_done: None,
+        };
+        if let Some((every, _)) = &dev.env.freshness {
+            // A multiplicative hash spreads the devices' offsets over the
+            // whole interval, rather than bunching them at its start.
+            dev.sample_offset =
+                u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15) % (*every).max(1);
+        }
+        dev
+    }
+
     fn outcome(mut self) -> DeviceOutcome {
         self.env.shared.record_lags(&self.lags);
         self.lags.clear();
@@ -481,387 +501,6 @@ impl Device {
                 .record_arrival(self.index, m, lo, hi, self.env.allowed_lateness_ms);
             self.counters.readings_completed += m.readings.len() as u64;
             self.last_done = Some(Instant::now());
-        }
-    }
-
-    /// Takes send `send` into the device's queue and writes what it can.
-    fn submit(&mut self, send: Send) {
-        self.counters.issued += 1;
-        match &send.kind {
-            SendKind::Telemetry(m) => {
-                self.counters.readings_issued += m.readings.len() as u64;
-                self.env.shared.issued.fetch_add(1, Ordering::Relaxed);
-            }
-            SendKind::Duplicate(_) => self.counters.duplicates_issued += 1,
-            SendKind::Malformed { .. } => self.counters.malformed_issued += 1,
-        }
-        self.queued.push_back(Pending {
-            send,
-            first_write_ms: 0,
-            pkid: 0,
-            written_at: None,
-            retried: false,
-        });
-        self.encode_queued();
-        if matches!(self.link, Link::Up(_)) && !self.queued.is_empty() {
-            self.counters.window_waits += 1;
-        }
-        self.flush_now();
-    }
-
-    /// Encodes queued sends into the write buffer while the connection is
-    /// up and the in-flight window has room.
-    fn encode_queued(&mut self) {
-        if !matches!(self.link, Link::Up(_)) {
-            return;
-        }
-        let now_ms = crate::now_ms();
-        let now = Instant::now();
-        while self.inflight.len() < self.inflight_cap {
-            let Some(mut p) = self.queued.pop_front() else {
-                break;
-            };
-            let again = p.written_at.is_some() || p.first_write_ms != 0;
-            if again && !p.retried {
-                p.retried = true;
-                self.counters.retransmissions += 1;
-                match &p.send.kind {
-                    SendKind::Telemetry(m) | SendKind::Duplicate(m) => {
-                        self.counters.retransmitted_readings += m.readings.len() as u64
-                    }
-                    SendKind::Malformed { .. } => self.counters.retransmitted_malformed += 1,
-                }
-            }
-            if !again {
-                p.first_write_ms = now_ms;
-                let lag_us = self.lag_us(p.send.due_us, now);
-                self.note_lag(lag_us);
-                if matches!(p.send.kind, SendKind::Telemetry(_)) {
-                    self.first_publish.get_or_insert(now);
-                }
-                self.sample(&p, now);
-            }
-            let payload = match &p.send.kind {
-                SendKind::Telemetry(m) | SendKind::Duplicate(m) => self.values.payload(m),
-                SendKind::Malformed { k, first_seq } => {
-                    malformed(*first_seq + k, p.send.due_us.div_euclid(1000))
-                }
-            };
-            let pkid = self.next_pkid;
-            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
-            codec::publish(
-                &mut self.wbuf,
-                self.env.protocol,
-                &self.topic,
-                self.env.qos1,
-                pkid,
-                again,
-                &payload,
-            );
-            p.pkid = pkid;
-            p.written_at = Some(now);
-            // A QoS 0 send waits here only until its bytes leave the write
-            // buffer (see `after_write`).
-            self.inflight.push_back(p);
-        }
-    }
-
-    /// Offers every n-th first write of a telemetry message to the
-    /// freshness probe.
-    fn sample(&mut self, p: &Pending, now: Instant) {
-        let SendKind::Telemetry(m) = &p.send.kind else {
-            return;
-        };
-        self.sent_telemetry += 1;
-        let Some(newest) = m.readings.iter().map(|r| r.ts).max() else {
-            return;
-        };
-        // The probe sees a reading by the device's latest ts reaching it,
-        // which tells nothing about a reading no newer than one already
-        // sent (several messages share a millisecond above 1,000 msgs/s).
-        // Such a turn passes to the next message that is newer.
-        let advances = newest > self.newest_ts;
-        self.newest_ts = self.newest_ts.max(newest);
-        let Some((every, tx)) = &self.env.freshness else {
-            return;
-        };
-        let every = (*every).max(1);
-        if (self.sent_telemetry + self.sample_offset).is_multiple_of(every) {
-            self.sample_wanted = true;
-        }
-        if !self.sample_wanted || !advances {
-            return;
-        }
-        self.sample_wanted = false;
-        let sample = Sample {
-            device_id: self.device_id.clone(),
-            ts: newest,
-            written: now,
-        };
-        if tx.try_send(sample).is_err() {
-            self.env
-                .shared
-                .freshness_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Writes the write buffer out without waiting (a synchronous attempt is
-    /// enough almost always; the rest goes with the next flush).
-    fn flush_now(&mut self) {
-        if self.wbuf.is_empty() {
-            return;
-        }
-        let Link::Up(stream) = &mut self.link else {
-            return;
-        };
-        let result = match stream {
-            Stream::Plain(tcp) => match tcp.try_write(&self.wbuf) {
-                Ok(n) => {
-                    let _ = self.wbuf.split_to(n);
-                    Ok(())
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-                Err(e) => Err(e),
-            },
-            // TLS has no synchronous write; the next flush writes it.
-            Stream::Tls(_) => Ok(()),
-        };
-        match result {
-            Ok(()) => self.after_write(),
-            Err(e) => self.lost(Lost::Io(e)),
-        }
-    }
-
-    /// Writes the whole write buffer.
-    async fn flush(&mut self) {
-        self.encode_queued();
-        if self.wbuf.is_empty() {
-            return;
-        }
-        let Link::Up(stream) = &mut self.link else {
-            return;
-        };
-        let result = async {
-            stream.write_all(&self.wbuf).await?;
-            stream.flush().await
-        }
-        .await;
-        match result {
-            Ok(()) => {
-                self.wbuf.clear();
-                self.after_write();
-            }
-            Err(e) => self.lost(Lost::Io(e)),
-        }
-    }
-
-    fn after_write(&mut self) {
-        if !self.env.qos1 && self.wbuf.is_empty() {
-            // Written to the socket is all QoS 0 promises; the skew margin
-            // bounds the arrival. Sends still in the buffer when a
-            // connection breaks are written again instead.
-            let now_ms = crate::now_ms();
-            while let Some(p) = self.inflight.pop_front() {
-                self.complete(p, now_ms);
-            }
-        }
-        if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_WBUF {
-            self.wbuf = BytesMut::new();
-        }
-        self.ping_at = Instant::now() + self.env.keep_alive / 2;
-        if !self.wbuf.is_empty() {
-            // Part is left: come back soon rather than at the next ping.
-            self.ping_at = Instant::now();
-        }
-    }
-
-    /// The connection broke: what was in flight goes back to the queue.
-    fn lost(&mut self, why: Lost) {
-        self.counters.last_error = Some(why.to_string());
-        self.drop_link(false);
-    }
-
-    /// Drops the connection without a DISCONNECT, as a device losing power
-    /// or network would, and schedules the reconnect.
-    fn drop_link(&mut self, at_once: bool) {
-        let was_up = matches!(self.link, Link::Up(_));
-        self.link = Link::Down {
-            retry_at: if at_once {
-                Instant::now()
-            } else {
-                Instant::now() + self.backoff
-            },
-            bypass: at_once,
-        };
-        if !at_once {
-            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-        }
-        self.requeue();
-        if was_up {
-            self.counters.reconnects += 1;
-        }
-    }
-
-    fn requeue(&mut self) {
-        self.rbuf.clear();
-        self.wbuf.clear();
-        while let Some(p) = self.inflight.pop_back() {
-            self.queued.push_front(p);
-        }
-    }
-
-    /// Goes offline the way a device that is switched off does: it waits a
-    /// moment for what is in flight, then says DISCONNECT.
-    async fn go_offline(&mut self) {
-        self.serve(Some(Instant::now() + Duration::from_secs(2)), true)
-            .await;
-        self.say_goodbye().await;
-        self.link = Link::Offline;
-        self.requeue();
-    }
-
-    async fn say_goodbye(&mut self) {
-        if let Link::Up(stream) = &mut self.link {
-            let mut bye = BytesMut::new();
-            codec::disconnect(&mut bye);
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                stream.write_all(&self.wbuf).await?;
-                stream.write_all(&bye).await?;
-                stream.shutdown().await
-            })
-            .await;
-        }
-    }
-
-    /// Ends the run for this device: what is still pending has failed, and
-    /// its readings may or may not have reached the pipeline.
-    async fn close(&mut self) {
-        self.say_goodbye().await;
-        self.link = Link::Offline;
-        let now = Instant::now();
-        let pending: Vec<Pending> = self
-            .inflight
-            .drain(..)
-            .chain(self.queued.drain(..))
-            .collect();
-        for p in pending {
-            self.counters.failed += 1;
-            if p.first_write_ms == 0 {
-                // Never written: it ran at least this far behind.
-                let lag_us = self.lag_us(p.send.due_us, now);
-                self.note_lag(lag_us);
-            }
-            if let SendKind::Telemetry(m) = &p.send.kind {
-                for r in &m.readings {
-                    self.exceptions
-                        .too_late
-                        .insert((self.index, r.seq), Class::Maybe);
-                }
-            }
-        }
-    }
-
-    /// One connection attempt; on failure the next is scheduled.
-    async fn reconnect(&mut self) {
-        let attempt = tokio::time::timeout(CONNECT_ATTEMPT, Box::pin(self.open())).await;
-        match attempt {
-            Ok(Ok((stream, receive_max))) => {
-                self.link = Link::Up(stream);
-                self.backoff = MIN_BACKOFF;
-                self.inflight_cap = self
-                    .env
-                    .max_inflight
-                    .min(receive_max.map_or(usize::MAX, usize::from))
-                    .max(1);
-                self.ping_at = Instant::now() + self.env.keep_alive / 2;
-                if let Some(tx) = self.announced.take() {
-                    let _ = tx.send(self.index);
-                    self.env.shared.connected.fetch_add(1, Ordering::Relaxed);
-                }
-                self.flush().await;
-            }
-            Ok(Err(e)) => {
-                self.counters.last_error = Some(e);
-                self.schedule_retry();
-            }
-            Err(_) => {
-                self.counters.last_error = Some(format!(
-                    "connecting took longer than {} s",
-                    CONNECT_ATTEMPT.as_secs()
-                ));
-                self.schedule_retry();
-            }
-        }
-    }
-
-    fn schedule_retry(&mut self) {
-        self.link = Link::Down {
-            retry_at: Instant::now() + self.backoff,
-            bypass: false,
-        };
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
-    }
-
-    /// Opens a connection and completes the MQTT handshake. Returns the
-    /// broker's Receive Maximum, if it gave one.
-    async fn open(&mut self) -> Result<(Stream, Option<u16>), String> {
-        let env = self.env.clone();
-        let tls = match (&env.tls, &env.server_name) {
-            (Some(setup), Some(name)) => Some((
-                setup
-                    .config_for(&self.device_id)
-                    .map_err(|e| e.to_string())?,
-                name.clone(),
-            )),
-            _ => None,
-        };
-        let source = match env.source.len() {
-            0 => None,
-            n => env.source.get(self.index as usize % n).copied(),
-        };
-        let mut stream = transport::open(env.broker, source, tls)
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", env.broker))?;
-        let mut out = BytesMut::new();
-        let expand =
-            |s: &Option<String>| s.as_ref().map(|v| v.replace("{device}", &self.device_id));
-        let (user, pass) = (expand(&env.username), expand(&env.password));
-        codec::connect(
-            &mut out,
-            env.protocol,
-            &self.device_id,
-            env.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
-            Login {
-                username: user.as_deref(),
-                password: pass.as_deref(),
-            },
-        );
-        stream
-            .write_all(&out)
-            .await
-            .map_err(|e| format!("writing CONNECT: {e}"))?;
-        self.rbuf.clear();
-        loop {
-            match codec::decode(env.protocol, &mut self.rbuf).map_err(|e| e.to_string())? {
-                Some(Incoming::ConnAck {
-                    accepted: true,
-                    receive_max,
-                    ..
-                }) => return Ok((stream, receive_max)),
-                Some(Incoming::ConnAck { reason, .. }) => {
-                    return Err(format!("the broker refused the connection: {reason}"));
-                }
-                Some(other) => return Err(format!("expected CONNACK, got {other:?}")),
-                None => {}
-            }
-            let n = stream
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(|e| format!("reading CONNACK: {e}"))?;
-            if n == 0 {
-                return Err("the broker closed the connection before CONNACK".into());
-            }
         }
     }
 }

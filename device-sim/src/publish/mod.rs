@@ -196,6 +196,26 @@ pub struct PublishOutcome {
     pub not_connected: u32,
 }
 
+/// Why no device of a fleet connected: the first device's last error, once
+/// every device has given up (its start signal is gone).
+async fn no_device_connected(
+    tasks: Vec<JoinHandle<DeviceOutcome>>,
+    cfg: &PublishConfig,
+) -> anyhow::Error {
+    let mut err = None;
+    for t in tasks {
+        if let Ok(o) = t.await {
+            err = err.or(o.counters.last_error);
+        }
+    }
+    anyhow::anyhow!(
+        "no device could connect to {} within {:?}: {}",
+        cfg.broker,
+        cfg.connect_timeout,
+        err.unwrap_or_else(|| "no answer".into())
+    )
+}
+
 /// A connected fleet, ready to run its schedule.
 #[derive(Debug)]
 pub struct Fleet {
@@ -299,18 +319,7 @@ impl Fleet {
         }
         if connected == 0 && plan.devices > 0 {
             drop(start);
-            let mut err = None;
-            for t in tasks {
-                if let Ok(o) = t.await {
-                    err = err.or(o.counters.last_error);
-                }
-            }
-            bail!(
-                "no device could connect to {} within {:?}: {}",
-                cfg.broker,
-                cfg.connect_timeout,
-                err.unwrap_or_else(|| "no answer".into())
-            );
+            return Err(no_device_connected(tasks, cfg).await);
         }
         Ok(Fleet {
             plan: plan.clone(),

@@ -3,6 +3,7 @@
 //!
 //! - [`api`]: the query API client (pagination, bounded concurrency).
 //! - [`compare`]: the field-by-field comparison, pure.
+//! - [`stats`]: what a run should change in `/v1/stats`, and the check.
 //!
 //! Order of work: (1) regenerate every device once to build the fleet's
 //! expected windows, keeping only those; (2) poll the fleet's 1d counts until
@@ -14,6 +15,7 @@
 
 pub mod api;
 pub mod compare;
+pub mod stats;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -29,6 +31,8 @@ use crate::ledger::Ledger;
 use crate::plan::DAY_MS;
 use api::{Api, Scope, Stats, res_name};
 use compare::{Finality, Mismatch, Tally, compare_series, too_uncertain};
+use stats::check_stats;
+pub use stats::{StatCheck, StatsExpectation};
 
 /// How often verify asks whether the pipeline has caught up.
 const POLL_EVERY: Duration = Duration::from_millis(200);
@@ -40,47 +44,6 @@ pub struct VerifyConfig {
     pub url: String,
     pub timeout: Duration,
     pub concurrency: usize,
-}
-
-/// An expected change of one `/v1/stats` counter over the run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StatCheck {
-    pub counter: String,
-    pub expected_lo: u64,
-    pub expected_hi: u64,
-    /// The counter's change (after minus before).
-    pub got: i64,
-}
-
-impl StatCheck {
-    pub fn ok(&self) -> bool {
-        self.got >= self.expected_lo as i64 && self.got <= self.expected_hi as i64
-    }
-}
-
-/// What the run should have done to `/v1/stats`, as ranges.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StatsExpectation {
-    pub accepted_readings: (u64, u64),
-    pub duplicate_readings: (u64, u64),
-    pub too_late: (u64, u64),
-    pub malformed_json: (u64, u64),
-}
-
-impl StatsExpectation {
-    /// Adds another fleet's expectation: the counters are the pipeline's
-    /// totals.
-    pub fn add(&mut self, o: &StatsExpectation) {
-        for (a, b) in [
-            (&mut self.accepted_readings, o.accepted_readings),
-            (&mut self.duplicate_readings, o.duplicate_readings),
-            (&mut self.too_late, o.too_late),
-            (&mut self.malformed_json, o.malformed_json),
-        ] {
-            a.0 += b.0;
-            a.1 += b.1;
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -503,44 +466,6 @@ impl Checker {
         }
         Ok(tally)
     }
-}
-
-/// The changes of `/v1/stats` since `before`, against the expected ranges.
-async fn check_stats(
-    api: &Api,
-    before: &Stats,
-    expect: &StatsExpectation,
-) -> anyhow::Result<Vec<StatCheck>> {
-    let after = api.stats().await?;
-    let delta = |f: &dyn Fn(&Stats) -> u64| f(&after) as i64 - f(before) as i64;
-    let check = |counter: &str, (lo, hi): (u64, u64), got: i64| StatCheck {
-        counter: counter.into(),
-        expected_lo: lo,
-        expected_hi: hi,
-        got,
-    };
-    Ok(vec![
-        check(
-            "accepted_readings",
-            expect.accepted_readings,
-            delta(&|s| s.accepted_readings),
-        ),
-        check(
-            "duplicate_readings",
-            expect.duplicate_readings,
-            delta(&|s| s.duplicate_readings),
-        ),
-        check(
-            "rejected.too_late",
-            expect.too_late,
-            delta(&|s| s.rejected("too_late")),
-        ),
-        check(
-            "rejected.malformed_json",
-            expect.malformed_json,
-            delta(&|s| s.rejected("malformed_json")),
-        ),
-    ])
 }
 
 /// `[from, to)` covering every day the windows touch.

@@ -1,0 +1,327 @@
+//! [`run`]: a simulation from its configuration to its summary, in named
+//! steps: plan the fleets, connect them, publish their schedules, record
+//! them in the ledger, add up the numbers, verify.
+//!
+//! - `fleets`: the fleets' plans, continuing the ledger's runs.
+//! - `tally`: the run's numbers, from the fleets' outcomes.
+//! - `verdict`: whether the schedule was kept, and who fell behind.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::config::SimConfig;
+use crate::freshness::{self, Sample};
+use crate::ledger::{Ledger, LedgerLine, RunFinish};
+use crate::publish::{self, ConnectLimiter, Fleet, FleetShared, PublishConfig, PublishOutcome};
+use crate::summary::Summary;
+use crate::verify::api::Api;
+use crate::verify::{self, StatsExpectation, VerifyConfig, VerifyReport};
+use crate::{now_ms, resources};
+use fleets::{FleetRun, fleet_plans};
+
+mod fleets;
+mod tally;
+mod verdict;
+
+/// Runs a simulation: connect, publish the schedule, record it in the ledger,
+/// and verify if asked.
+pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
+    cfg.validate()?;
+    let warnings = cfg.warnings();
+    for w in &warnings {
+        eprintln!("device-sim: warning: {w}");
+    }
+    let mut ledger = match &cfg.ledger {
+        Some(path) => Ledger::load(path)?,
+        None => Ledger::default(),
+    };
+    let runs = fleet_plans(&cfg, &ledger)?;
+    let devices: u32 = runs.iter().map(|r| r.plan.devices).sum();
+    let files_limit = resources::ensure_open_files(u64::from(devices) + resources::SPARE_FILES)?;
+    let stats_before = stats_before(&cfg).await?;
+
+    let before_connect = resources::Usage::now(files_limit);
+    let connected = connect(&cfg, &runs, devices).await?;
+    let rss_connected_mib = resources::Usage::now(files_limit).rss_mib;
+    let published = publish(&cfg, &runs, connected).await?;
+    record(&cfg, &runs, &published.outcomes, &mut ledger)?;
+
+    let mut summary = tally::summarize(
+        &cfg,
+        &runs,
+        &published.outcomes,
+        published.connect_ms,
+        warnings,
+    );
+    summary.freshness = published.freshness;
+    if let Some(url) = &cfg.verify {
+        let expect = expected_stats(&runs, &published.outcomes);
+        let stats = stats_before.map(|before| (before, expect));
+        summary.verify = verify_fleets(&cfg, url, &runs, ledger, stats).await?;
+    }
+    summary.usage = resources::Usage::now(files_limit);
+    summary.rss_connected_mib = rss_connected_mib;
+    if devices > 0 {
+        summary.idle_kib_per_device =
+            (rss_connected_mib - before_connect.rss_mib).max(0.0) * 1024.0 / f64::from(devices);
+    }
+    if let Some(path) = &cfg.report_json {
+        let text = serde_json::to_string_pretty(&summary)?;
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(summary)
+}
+
+/// `/v1/stats` before publishing. Stats deltas only mean something when the
+/// run injects faults, and assume nothing else publishes meanwhile.
+async fn stats_before(cfg: &SimConfig) -> anyhow::Result<Option<verify::api::Stats>> {
+    match &cfg.verify {
+        Some(url) if cfg.faults.any() => Ok(Some(
+            Api::new(url, 1)?
+                .stats()
+                .await
+                .context("reading /v1/stats before publishing")?,
+        )),
+        _ => Ok(None),
+    }
+}
+
+/// The fleets, connected, and the freshness probe, started.
+struct Connected {
+    fleets: Vec<Fleet>,
+    connect_ms: u64,
+    /// Telemetry messages the run plans, over every fleet.
+    total: u64,
+    /// The freshness probe, when verifying: it samples one publish in `every`.
+    freshness: Option<(JoinHandle<freshness::Book>, u64)>,
+}
+
+/// Connects every fleet's devices, at the configured rate.
+async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Result<Connected> {
+    let connect_rate = cfg
+        .scenario
+        .as_ref()
+        .and_then(|s| s.connect_rate)
+        .or(cfg.connect_rate);
+    let connect_timeout = cfg.connect_timeout.unwrap_or(Duration::from_secs(10))
+        + connect_rate
+            .filter(|r| *r > 0.0)
+            .map(|r| Duration::from_secs_f64(f64::from(devices) / r))
+            .unwrap_or(Duration::from_secs(u64::from(devices / 1000)));
+    let limiter = Arc::new(ConnectLimiter::new(connect_rate));
+    let total: u64 = runs.iter().flat_map(|r| r.messages.iter()).sum();
+    let (fresh_tx, freshness) = start_freshness(cfg, total, devices);
+    let connecting = Instant::now();
+    let mut fleets = Vec::with_capacity(runs.len());
+    for r in runs {
+        let pcfg = PublishConfig {
+            broker: cfg.broker.clone(),
+            protocol: cfg.protocol,
+            tls: cfg.tls.clone(),
+            source_addrs: cfg.source_addrs.clone(),
+            qos: publish::qos(r.qos)?,
+            keep_alive: cfg.keep_alive,
+            max_inflight: cfg.max_inflight,
+            username: cfg.username.clone(),
+            password: cfg.password.clone(),
+            connect_rate,
+            ack_timeout: cfg.ack_timeout,
+            connect_timeout,
+        };
+        let shared = Arc::new(FleetShared::new()?);
+        let fresh = fresh_tx
+            .clone()
+            .zip(freshness.as_ref().map(|(_, every)| *every))
+            .map(|(tx, every)| (every, tx));
+        let fleet = Fleet::connect(
+            &r.plan,
+            &r.first_seq,
+            &r.messages,
+            &pcfg,
+            limiter.clone(),
+            shared,
+            fresh,
+            cfg.progress,
+        )
+        .await?;
+        fleets.push(fleet);
+    }
+    Ok(Connected {
+        fleets,
+        connect_ms: connecting.elapsed().as_millis() as u64,
+        total,
+        freshness,
+    })
+}
+
+/// The freshness probe, when verifying and sampling: the devices' sender,
+/// and the probe's task with its sampling interval.
+type FreshnessProbe = (
+    Option<mpsc::Sender<Sample>>,
+    Option<(JoinHandle<freshness::Book>, u64)>,
+);
+
+fn start_freshness(cfg: &SimConfig, total: u64, devices: u32) -> FreshnessProbe {
+    let every = cfg
+        .verify
+        .as_ref()
+        .and_then(|_| cfg.freshness_sample.every(total));
+    match (&cfg.verify, every) {
+        (Some(url), Some(every)) => {
+            let queue = freshness::queue_len(every, total, devices);
+            let (tx, rx) = mpsc::channel(queue);
+            let task = tokio::spawn(freshness::probe(url.clone(), rx, cfg.verify_timeout));
+            (Some(tx), Some((task, every)))
+        }
+        _ => (None, None),
+    }
+}
+
+/// What publishing did.
+struct Published {
+    outcomes: Vec<(PublishOutcome, Arc<FleetShared>)>,
+    connect_ms: u64,
+    freshness: Option<freshness::Freshness>,
+}
+
+/// Starts every fleet at once, recorded in the ledger before anyone
+/// publishes, and waits for them to finish.
+async fn publish(
+    cfg: &SimConfig,
+    runs: &[FleetRun],
+    connected: Connected,
+) -> anyhow::Result<Published> {
+    let Connected {
+        mut fleets,
+        connect_ms,
+        total,
+        freshness,
+    } = connected;
+    let run_start_ms = now_ms() + 100;
+    if let Some(path) = &cfg.ledger {
+        for r in runs {
+            let mut plan = r.plan.clone();
+            plan.run_start_ms = run_start_ms;
+            Ledger::append(path, &LedgerLine::Start(Box::new(r.start_line(&plan))))?;
+        }
+    }
+    let origin = Instant::now();
+    for f in &mut fleets {
+        f.start(run_start_ms);
+    }
+    let progress = cfg.progress.then(|| {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let shared = fleets.iter().map(|f| f.shared.clone()).collect();
+        let task = tokio::spawn(publish::show_progress(shared, total, origin, rx));
+        (tx, task)
+    });
+    let mut outcomes: Vec<(PublishOutcome, Arc<FleetShared>)> = Vec::new();
+    for f in fleets {
+        let shared = f.shared.clone();
+        let o = f.finish(origin).await?;
+        outcomes.push((o, shared));
+    }
+    if let Some((stop, task)) = progress {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    // The devices' senders are gone with their tasks: the probe finishes
+    // what it has queued.
+    let freshness = match freshness {
+        Some((task, every)) => task.await.ok().map(|book| {
+            // Samples the devices could not queue are misses too.
+            let dropped: u64 = outcomes
+                .iter()
+                .map(|(_, s)| {
+                    s.freshness_dropped
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                })
+                .sum();
+            book.figures(dropped, every, cfg.verify_timeout)
+        }),
+        None => None,
+    };
+    Ok(Published {
+        outcomes,
+        connect_ms,
+        freshness,
+    })
+}
+
+/// Records each fleet's finish in the ledger file (if any) and in `ledger`,
+/// which verify reads.
+fn record(
+    cfg: &SimConfig,
+    runs: &[FleetRun],
+    outcomes: &[(PublishOutcome, Arc<FleetShared>)],
+    ledger: &mut Ledger,
+) -> anyhow::Result<()> {
+    for (r, (o, _)) in runs.iter().zip(outcomes) {
+        let finish = RunFinish {
+            run: r.run_id,
+            exceptions: o.exceptions.clone(),
+            failed: o.counters.failed,
+        };
+        if let Some(path) = &cfg.ledger {
+            Ledger::append(path, &LedgerLine::Finish(finish.clone()))?;
+        }
+        ledger.apply(LedgerLine::Start(Box::new(r.start_line(&o.plan))))?;
+        ledger.apply(LedgerLine::Finish(finish))?;
+    }
+    Ok(())
+}
+
+/// What every fleet together should change in `/v1/stats`.
+fn expected_stats(
+    runs: &[FleetRun],
+    outcomes: &[(PublishOutcome, Arc<FleetShared>)],
+) -> StatsExpectation {
+    let mut expect = StatsExpectation::default();
+    for (r, (o, _)) in runs.iter().zip(outcomes) {
+        expect.add(&verify::stats::stats_expectation(
+            &o.plan,
+            &r.first_seq,
+            &r.messages,
+            &o.exceptions,
+            &o.counters,
+        ));
+    }
+    expect
+}
+
+/// Verifies each fleet in turn, and the stats once, after the last.
+async fn verify_fleets(
+    cfg: &SimConfig,
+    url: &str,
+    runs: &[FleetRun],
+    ledger: Ledger,
+    mut stats: Option<(verify::api::Stats, StatsExpectation)>,
+) -> anyhow::Result<Option<VerifyReport>> {
+    let vcfg = VerifyConfig {
+        url: url.to_string(),
+        timeout: cfg.verify_timeout,
+        concurrency: cfg.verify_concurrency,
+    };
+    let ledger = Arc::new(ledger);
+    let mut report: Option<VerifyReport> = None;
+    for (j, r) in runs.iter().enumerate() {
+        // The stats are the pipeline's totals: checked once, after the
+        // last fleet has caught up.
+        let s = if j + 1 == runs.len() {
+            stats.take()
+        } else {
+            None
+        };
+        let one = verify::verify(ledger.clone(), &r.plan.fleet, &vcfg, s).await?;
+        match report.as_mut() {
+            Some(all) => all.merge(one),
+            None => report = Some(one),
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,143 @@
+//! The fleets a run publishes: one plan per fleet, numbered after the
+//! ledger's earlier runs and continuing each device's sequence numbers.
+
+use crate::config::{Rate, SimConfig, Stop};
+use crate::ledger::{Ledger, RunStart};
+use crate::plan::RunPlan;
+use crate::scenario::{FleetSpec, Scenario};
+use crate::signal::MetricSpec;
+
+/// One fleet of a run, before it has started.
+pub(super) struct FleetRun {
+    pub(super) plan: RunPlan,
+    pub(super) qos: u8,
+    /// Per device, the first sequence number this run sends.
+    pub(super) first_seq: Vec<u64>,
+    /// Per device, the telemetry messages this run sends.
+    pub(super) messages: Vec<u64>,
+    pub(super) run_id: u64,
+}
+
+impl FleetRun {
+    /// The ledger's record of this run, under `plan` (as started).
+    pub(super) fn start_line(&self, plan: &RunPlan) -> RunStart {
+        RunStart {
+            run: self.run_id,
+            plan: plan.clone(),
+            first_seq: self.first_seq.clone(),
+            messages: self.messages.clone(),
+        }
+    }
+}
+
+/// The fleets a configuration asks for: its scenario's, or the one its
+/// flat fields describe.
+pub(super) fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Vec<FleetRun>> {
+    let base = base_plan(cfg);
+    let specs = match &cfg.scenario {
+        None => vec![(
+            RunPlan {
+                period_us: cfg.period_us()?,
+                ..base
+            },
+            cfg.qos,
+            cfg.stop,
+        )],
+        Some(sc) => sc
+            .fleets
+            .iter()
+            .map(|f| scenario_plan(cfg, sc, f, &base))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let next = ledger.next_seqs();
+    let first_run = ledger.next_run_id();
+    Ok(specs
+        .into_iter()
+        .enumerate()
+        .map(|(j, (plan, qos, stop))| {
+            let first_seq = (0..plan.devices)
+                .map(|i| {
+                    next.get(&(plan.fleet.clone(), plan.device_id(i)))
+                        .copied()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let messages = (0..plan.devices)
+                .map(|i| match stop {
+                    Stop::Count(c) => c,
+                    Stop::After(d) => plan.messages_within(i, d.as_micros() as u64),
+                })
+                .collect();
+            FleetRun {
+                plan,
+                qos,
+                first_seq,
+                messages,
+                run_id: first_run + j as u64,
+            }
+        })
+        .collect())
+}
+
+/// The plan the flat fields describe, before its period is worked out.
+fn base_plan(cfg: &SimConfig) -> RunPlan {
+    RunPlan {
+        seed: cfg.seed,
+        fleet: cfg.fleet.clone(),
+        prefix: cfg.prefix(),
+        devices: cfg.devices,
+        period_us: 1,
+        readings_per_message: cfg.readings_per_message,
+        metrics: cfg.metrics.clone(),
+        run_start_ms: 0,
+        faults: cfg.faults.clone(),
+        allowed_lateness_ms: cfg.allowed_lateness.as_millis() as i64,
+        clock_skew_ms: cfg.clock_skew.as_millis() as i64,
+        arrival_slack_ms: cfg.arrival_slack.as_millis() as i64,
+        watermark_slack_ms: cfg.watermark_slack.as_millis() as i64,
+        segments: Vec::new(),
+        offline: Vec::new(),
+        storms: Vec::new(),
+    }
+}
+
+/// One fleet of a scenario: its plan, QoS and when it stops.
+fn scenario_plan(
+    cfg: &SimConfig,
+    sc: &Scenario,
+    f: &FleetSpec,
+    base: &RunPlan,
+) -> anyhow::Result<(RunPlan, u8, Stop)> {
+    let one = SimConfig {
+        devices: f.devices,
+        rate: match (f.rate, f.total_rate) {
+            (_, Some(t)) => Rate::Total(t),
+            (r, None) => Rate::PerDevice(r.unwrap_or(1.0)),
+        },
+        scenario: None,
+        ..cfg.clone()
+    };
+    let period_us = one.period_us()?;
+    let schedule = sc.schedule(period_us);
+    let plan = RunPlan {
+        seed: sc.seed.unwrap_or(cfg.seed),
+        fleet: f.name.clone(),
+        prefix: f.prefix.clone().unwrap_or_else(|| format!("{}-d", f.name)),
+        devices: f.devices,
+        period_us,
+        readings_per_message: f.readings_per_message,
+        metrics: f
+            .metrics
+            .iter()
+            .map(|name| MetricSpec {
+                name: name.clone(),
+                signal: f.signals.get(name).copied().unwrap_or_default(),
+            })
+            .collect(),
+        segments: schedule.segments,
+        offline: schedule.offline,
+        storms: schedule.storms,
+        ..base.clone()
+    };
+    Ok((plan, f.qos, Stop::After(sc.length())))
+}

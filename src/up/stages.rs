@@ -1,0 +1,418 @@
+//! One function per stage `iotpipe up` starts. Each stage stops on its token
+//! of the pipeline's cancellation tree, and reports a stop it was not asked
+//! for to [`Failures`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use processors::api::guard::{ApiLimits, Guard, Tokens};
+use processors::api::{ApiState, MetricsRenderer, app};
+use processors::metrics::ProcessorMetrics;
+use processors::run::{Durability, FlushPolicy, ProcessorConfig, run_flusher, run_shard};
+use processors::store::RollupStore;
+use stream::{ReadError, ShardReader, StreamProducer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{CONSUMER, WrapReader, WrapStore, now_ms};
+use crate::backends::{Store, Stream};
+use crate::config::Config;
+use crate::leased::SpawnShard;
+
+/// How often retention and dead-letter trimming run.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(60);
+
+/// Where stages report that they stopped on their own, which is always a
+/// failure; [`super::Pipeline::failure`] watches it.
+#[derive(Clone)]
+pub(super) struct Failures(Arc<watch::Sender<Option<String>>>);
+
+impl Failures {
+    pub(super) fn new() -> (Failures, watch::Receiver<Option<String>>) {
+        let (tx, rx) = watch::channel(None);
+        (Failures(Arc::new(tx)), rx)
+    }
+
+    /// Records `why`, in place of any earlier reason.
+    fn report(&self, why: String) {
+        self.0.send_replace(Some(why));
+    }
+
+    /// Records `why` unless a reason is recorded already: a stage that
+    /// stops because another failed must not hide the first reason.
+    fn report_unless_reported(&self, why: &str) {
+        self.0.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(why.into());
+            }
+            true
+        });
+    }
+}
+
+/// The MQTT listeners, bound.
+pub(super) struct MqttListeners {
+    pub(super) listeners: Vec<ingest::Listener>,
+    /// The plain listener's address (the TLS one's if plain is off).
+    pub(super) addr: SocketAddr,
+    pub(super) tls_addr: Option<SocketAddr>,
+}
+
+/// Binds the plain MQTT listener (unless it is off) and the TLS one (if
+/// configured).
+pub(super) async fn bind_mqtt(
+    config: &Config,
+    tls: Option<(SocketAddr, ingest::tls::TlsAcceptor)>,
+) -> anyhow::Result<MqttListeners> {
+    let mut listeners = Vec::new();
+    let mut plain_addr = None;
+    if config.mqtt.plain {
+        let socket = TcpListener::bind(config.mqtt.listen)
+            .await
+            .with_context(|| format!("cannot listen for MQTT on {}", config.mqtt.listen))?;
+        plain_addr = Some(socket.local_addr()?);
+        listeners.push(ingest::Listener::tcp(socket));
+    }
+    let mut tls_addr = None;
+    if let Some((addr, acceptor)) = tls {
+        let socket = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for MQTT over TLS on {addr}"))?;
+        tls_addr = Some(socket.local_addr()?);
+        listeners.push(ingest::Listener::tls(socket, acceptor));
+    }
+    let Some(addr) = plain_addr.or(tls_addr) else {
+        anyhow::bail!("no MQTT listener: mqtt.plain is off and mqtt.tls_listen is not set");
+    };
+    Ok(MqttListeners {
+        listeners,
+        addr,
+        tls_addr,
+    })
+}
+
+/// What the stages share, opened and checked by `start_with`.
+pub(super) struct Wiring<'a> {
+    pub(super) config: &'a Config,
+    pub(super) aggregate: Arc<rollup::AggregateConfig>,
+    pub(super) stream: Arc<Stream>,
+    pub(super) store: Arc<Store>,
+    pub(super) failures: Failures,
+}
+
+impl Wiring<'_> {
+    /// Which messages the processors may refuse by time, so that the intake
+    /// keeps their client id and raw payload for the dead letter.
+    fn lateness(&self) -> ingest::LatenessConfig {
+        ingest::LatenessConfig {
+            allowed_lateness_ms: self.aggregate.allowed_lateness_ms,
+            future_tolerance_ms: self.aggregate.future_tolerance_ms,
+        }
+    }
+
+    /// A processor per shard (on Kinesis, per lease this process holds) and
+    /// the store's flusher, all stopping on children of `stop`.
+    pub(super) async fn start_processors(
+        &self,
+        wrap_store: Option<&WrapStore>,
+        wrap_reader: Option<WrapReader>,
+        metrics: &Arc<ProcessorMetrics>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<Vec<JoinHandle<Result<(), ReadError>>>> {
+        let processor = &self.config.processor;
+        let processor_config = ProcessorConfig {
+            batch_max_records: processor.batch_max_records,
+            flush: FlushPolicy {
+                interval: processor.flush_interval,
+                max_dirty_items: processor.flush_max_dirty_items,
+            },
+            ..ProcessorConfig::default()
+        };
+        let durability = Arc::new(Durability::default());
+        let store: Arc<dyn RollupStore> = match wrap_store {
+            Some(wrap) => wrap(self.store.writer()),
+            None => self.store.writer(),
+        };
+        let spawn_shard = shard_spawner(
+            ShardStages {
+                store: store.clone(),
+                aggregate: self.aggregate.clone(),
+                processor_config: processor_config.clone(),
+                metrics: metrics.clone(),
+                durability: durability.clone(),
+            },
+            wrap_reader,
+            self.failures.clone(),
+        );
+        let mut tasks = Vec::new();
+        match self.stream.as_ref() {
+            Stream::Kinesis(kinesis) => {
+                // Shared with any other process on the same stream, by leases.
+                let failures = self.failures.clone();
+                tasks.push(crate::leased::spawn(
+                    kinesis.clone(),
+                    CONSUMER,
+                    self.config.backend.lease_duration,
+                    spawn_shard,
+                    stop.clone(),
+                    move |why| failures.report(why),
+                    now_ms,
+                ));
+            }
+            Stream::Embedded(_) => {
+                for reader in self.stream.readers(CONSUMER).await? {
+                    tasks.push(spawn_shard(reader, stop.child_token()));
+                }
+            }
+        }
+        // Flushes happen in one place, so that shards share them.
+        let flusher = run_flusher(store, durability, processor_config, metrics.clone(), watch_of(stop));
+        let failures = self.failures.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = flusher.await;
+            if let Err(e) = &result {
+                failures.report(format!("the store flusher failed: {e}"));
+            }
+            result
+        }));
+        Ok(tasks)
+    }
+
+    /// The MQTT endpoint on `listeners`, appending to `producer`.
+    pub(super) fn start_endpoint(
+        &self,
+        listeners: Vec<ingest::Listener>,
+        authorizer: Arc<dyn ingest::Authorizer>,
+        producer: &Arc<dyn StreamProducer>,
+        metrics: &Arc<ingest::IngestMetrics>,
+        stop: &CancellationToken,
+    ) -> JoinHandle<std::io::Result<()>> {
+        let mqtt = &self.config.mqtt;
+        let endpoint = ingest::EndpointConfig {
+            max_connections: mqtt.max_connections,
+            max_inflight: mqtt.max_inflight,
+            commit_interval: mqtt.commit_interval,
+            authorizer,
+            lateness: self.lateness(),
+            ..ingest::EndpointConfig::default()
+        };
+        let serve = ingest::serve_on(
+            listeners,
+            producer.clone(),
+            endpoint,
+            metrics.clone(),
+            stop.clone().cancelled_owned(),
+        );
+        let failures = self.failures.clone();
+        tokio::spawn(async move {
+            let result = serve.await;
+            failures.report_unless_reported("the MQTT endpoint stopped");
+            result
+        })
+    }
+
+    /// The bridge from an external broker, appending to `producer`.
+    pub(super) fn start_bridge(
+        &self,
+        mut bridge: ingest::bridge::BridgeConfig,
+        producer: &Arc<dyn StreamProducer>,
+        metrics: &Arc<ingest::IngestMetrics>,
+        stop: &CancellationToken,
+    ) -> JoinHandle<()> {
+        bridge.lateness = self.lateness();
+        tokio::spawn(ingest::bridge::run(
+            bridge,
+            producer.clone(),
+            metrics.clone(),
+            stop.clone().cancelled_owned(),
+        ))
+    }
+
+    /// The query API, the dashboard and `/metrics` on `listener`.
+    pub(super) fn start_api(
+        &self,
+        listener: TcpListener,
+        tokens: Option<Tokens>,
+        ingest_metrics: &Arc<ingest::IngestMetrics>,
+        processor_metrics: &Arc<ProcessorMetrics>,
+        stop: &CancellationToken,
+    ) -> JoinHandle<std::io::Result<()>> {
+        let mut state = ApiState::new(self.store.query(), self.aggregate.clone());
+        state.guard = Arc::new(Guard::new(
+            tokens,
+            ApiLimits {
+                max_concurrent: self.config.http.max_concurrent,
+                timeout: self.config.http.timeout,
+            },
+        ));
+        state.metrics = metrics(
+            ingest_metrics.clone(),
+            processor_metrics.clone(),
+            self.stream.clone(),
+        );
+        let router = app(state).layer(axum::middleware::from_fn_with_state(
+            self.stream.clone(),
+            stream_health,
+        ));
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
+    }
+
+    /// Retention, dead-letter trimming and the sweep of quiet devices, once
+    /// a minute.
+    pub(super) fn start_maintenance(&self, stop: &CancellationToken) -> JoinHandle<()> {
+        let (stream, store) = (self.stream.clone(), self.store.clone());
+        let aggregate = self.aggregate.clone();
+        let keep = self.config.aggregate.dead_letters_per_reason;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
+            loop {
+                // Shutdown abandons a pass where it stands: the next process
+                // runs it again, and nothing in it waits to be drained.
+                let pass = async {
+                    tick.tick().await;
+                    maintain(&stream, &store, &aggregate, keep).await;
+                };
+                if stop.run_until_cancelled(pass).await.is_none() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// One maintenance pass.
+async fn maintain(
+    stream: &Stream,
+    store: &Store,
+    aggregate: &rollup::AggregateConfig,
+    dead_letters_per_reason: usize,
+) {
+    let now = now_ms();
+    let dropped = stream.maintain(now).await;
+    store
+        .dead_letter_dropped(&dropped, aggregate.dead_letter_retention_ms)
+        .await;
+    store.maintain(now, dead_letters_per_reason).await;
+    // Devices that stopped publishing keep their last windows pending until
+    // this compacts them.
+    let (writer, query) = (store.writer(), store.query());
+    match processors::run::sweep_quiet_devices(writer.as_ref(), query.as_ref(), aggregate).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(devices = n, "Compacted the final windows of quiet devices."),
+        Err(e) => {
+            tracing::warn!(error = %e, "Sweeping quiet devices failed; will retry.")
+        }
+    }
+}
+
+/// `/metrics`: each part renders its own figures; this only puts them
+/// together.
+fn metrics(
+    ingest: Arc<ingest::IngestMetrics>,
+    processors: Arc<ProcessorMetrics>,
+    stream: Arc<Stream>,
+) -> MetricsRenderer {
+    Arc::new(move |out: &mut String| {
+        ingest::metrics::render(&ingest.snapshot(), out);
+        processors.render(now_ms(), out);
+        stream.render_metrics(out);
+    })
+}
+
+/// The processors' loops (`run_shard`, `run_flusher`) stop on a watch that
+/// turns true: this one turns true when `stop` is cancelled.
+fn watch_of(stop: &CancellationToken) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(stop.is_cancelled());
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = stop.cancelled() => {
+                tx.send_replace(true);
+            }
+            // Every receiver is gone: nothing to tell.
+            () = tx.closed() => {}
+        }
+    });
+    rx
+}
+
+/// What every shard processor shares.
+struct ShardStages {
+    store: Arc<dyn RollupStore>,
+    aggregate: Arc<rollup::AggregateConfig>,
+    processor_config: ProcessorConfig,
+    metrics: Arc<ProcessorMetrics>,
+    durability: Arc<Durability>,
+}
+
+/// Starts a shard's processor on a reader (passed through `wrap` first);
+/// a processor that stops without being asked is a pipeline failure, except
+/// one whose lease another process took.
+fn shard_spawner(stages: ShardStages, wrap: Option<WrapReader>, failures: Failures) -> SpawnShard {
+    Arc::new(
+        move |mut reader: Box<dyn ShardReader>, stop: CancellationToken| {
+            let shard = reader.shard_id().to_string();
+            if let Some(wrap) = &wrap {
+                reader = wrap(reader);
+            }
+            let task = run_shard(
+                reader,
+                stages.store.clone(),
+                stages.aggregate.clone(),
+                stages.processor_config.clone(),
+                stages.metrics.clone(),
+                stages.durability.clone(),
+                watch_of(&stop),
+            );
+            let failures = failures.clone();
+            tokio::spawn(async move {
+                let result = task.await;
+                let lost = matches!(result, Err(ReadError::LeaseLost(_)));
+                if !stop.is_cancelled() && !lost {
+                    let why = match &result {
+                        Ok(()) => format!("processor for {shard} stopped"),
+                        Err(e) => format!("processor for {shard} failed: {e}"),
+                    };
+                    failures.report(why);
+                }
+                result
+            })
+        },
+    )
+}
+
+/// `/healthz` says `degraded`, with the reason, once the stream lost
+/// records the processors had not read; the router's own answer otherwise.
+/// Still 200: restarting the process would not bring the records back.
+pub(super) async fn stream_health(
+    axum::extract::State(stream): axum::extract::State<Arc<Stream>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if request.uri().path() == "/healthz"
+        && let Some(reason) = stream.degraded()
+    {
+        #[derive(serde::Serialize)]
+        struct Degraded {
+            status: &'static str,
+            reasons: Vec<String>,
+        }
+        return axum::Json(Degraded {
+            status: "degraded",
+            reasons: vec![reason],
+        })
+        .into_response();
+    }
+    next.run(request).await
+}

@@ -1,0 +1,151 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use processors::api::{ApiState, app};
+
+use super::stages::stream_health;
+use super::*;
+
+#[tokio::test]
+async fn config_errors_are_reported_before_any_listener_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "too-short admin\n").unwrap();
+    // The MQTT port is taken: had the listener been bound before the
+    // token file was read, binding would have been the error.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    config.mqtt.listen = taken.local_addr().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.token_file = Some(tokens);
+    let started = Arc::new(AtomicBool::new(false));
+    let hooks = Hooks {
+        wrap_producer: Some(Box::new({
+            let started = started.clone();
+            move |p| {
+                started.store(true, Ordering::SeqCst);
+                p
+            }
+        })),
+        wrap_reader: Some(Box::new({
+            let started = started.clone();
+            move |r| {
+                started.store(true, Ordering::SeqCst);
+                r
+            }
+        })),
+        ..Hooks::default()
+    };
+    let Err(err) = start_with(&config, hooks).await else {
+        panic!("a bad token file must stop the start");
+    };
+    let err = format!("{err:#}");
+    assert!(err.contains("API token file"), "{err}");
+    assert!(
+        !started.load(Ordering::SeqCst),
+        "a stage started before the check"
+    );
+    assert!(
+        !config.data_dir.exists(),
+        "the data dir was opened before the check"
+    );
+}
+
+async fn get(router: axum::Router, uri: &str) -> serde_json::Value {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let request = axum::http::Request::get(uri)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 200, "{uri}");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+#[tokio::test]
+async fn unread_records_the_budget_deletes_are_counted_reported_and_dead_lettered() {
+    use stream::embedded::{EmbeddedConfig, EmbeddedLog};
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let small = EmbeddedConfig {
+        shards: 1,
+        segment_bytes: 1024,
+        ..EmbeddedConfig::default()
+    };
+    let path = dir.path().join("stream");
+    let log = EmbeddedLog::open(&path, small.clone()).unwrap();
+    let records = (0..50)
+        .map(|i| stream::PutRecord {
+            partition_key: "d".into(),
+            data: bytes::Bytes::from(format!("{i:0>100}")),
+        })
+        .collect();
+    log.put(records).await.unwrap();
+    // The processors register, and read nothing.
+    drop(log.reader("shard-0000", CONSUMER).unwrap());
+    log.close().await.unwrap();
+    drop(log);
+    let budget = EmbeddedConfig {
+        max_bytes: Some(1),
+        ..small
+    };
+    let stream = Arc::new(Stream::Embedded(EmbeddedLog::open(&path, budget).unwrap()));
+    let health = axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            stream.clone(),
+            stream_health,
+        ));
+    assert_eq!(get(health.clone(), "/healthz").await["status"], "ok");
+
+    // No record is old, but none fits the budget: every closed segment
+    // goes, unread.
+    let dropped = stream.maintain(0).await;
+    assert!(dropped.len() > 1, "{dropped:?}");
+    let lost: u64 = dropped.iter().map(|r| r.records).sum();
+    assert!(lost > 0 && lost < 50, "{lost}");
+
+    let health = get(health, "/healthz").await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    assert!(
+        health["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains(&format!("deleted {lost} records"))
+    );
+    let mut metrics = String::new();
+    stream.render_metrics(&mut metrics);
+    let line = format!("iotpipe_stream_records_dropped_total{{shard=\"shard-0000\"}} {lost}");
+    assert!(metrics.lines().any(|l| l == line), "{metrics}");
+
+    let store = Store::open(&config).await.unwrap();
+    store.dead_letter_dropped(&dropped, 7 * 86_400_000).await;
+    let api = app(ApiState::new(
+        store.query(),
+        Arc::new(config.aggregate().unwrap()),
+    ));
+    let letters = get(api, "/v1/dead-letters?reason=retention").await;
+    let letters = letters["dead_letters"].as_array().unwrap().clone();
+    assert_eq!(letters.len(), dropped.len(), "{letters:?}");
+    let first = letters.iter().find(|l| l["seq"] == "1").unwrap();
+    assert_eq!(first["reason"], "retention");
+    assert_eq!(first["shard"], "shard-0000");
+    let range = &dropped[0];
+    let detail = format!(
+        "stream records 1..={} of shard-0000 ({} records)",
+        range.last_seq, range.records
+    );
+    assert!(
+        first["detail"].as_str().unwrap().contains(&detail),
+        "{first}"
+    );
+}
