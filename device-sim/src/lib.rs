@@ -406,6 +406,7 @@ fn summarize(
     let mut c = DeviceCounters::default();
     let mut latency: Option<hdrhistogram::Histogram<u64>> = None;
     let mut lag: Option<hdrhistogram::Histogram<u64>> = None;
+    let mut timeline = publish::AckTimeline::default();
     let (mut first, mut last) = (None, None);
     let mut elapsed = Duration::ZERO;
     let (mut target_msgs, mut target_readings) = (0.0, 0.0);
@@ -415,6 +416,7 @@ fn summarize(
         c.add(&o.counters);
         merge_histogram(&mut latency, shared.latency());
         merge_histogram(&mut lag, shared.lag());
+        timeline.merge(&shared.ack_timeline());
         first = publish::earliest(first, o.first_publish);
         last = last.max(o.last_done);
         elapsed = elapsed.max(o.elapsed);
@@ -486,6 +488,7 @@ fn summarize(
         behind_schedule: c.behind,
         max_lag_ms: c.max_lag_ms,
         puback,
+        puback_timeline: timeline.buckets(),
         elapsed_ms: elapsed.as_millis() as u64,
         last_error: c.last_error.clone(),
         verify: None,
