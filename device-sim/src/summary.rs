@@ -98,6 +98,8 @@ pub struct Summary {
     pub behind_schedule: u64,
     pub max_lag_ms: i64,
     pub puback: Option<Latency>,
+    /// PUBACKs per 100 ms of wall-clock time, in the JSON report only.
+    pub puback_timeline: Vec<crate::publish::AckBucket>,
     pub elapsed_ms: u64,
     pub last_error: Option<String>,
     pub verify: Option<VerifyReport>,

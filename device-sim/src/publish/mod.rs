@@ -35,8 +35,10 @@ use transport::{TlsOptions, TlsSetup};
 /// State every device of the fleet writes to.
 #[derive(Debug)]
 pub struct FleetShared {
-    /// PUBACK latency in µs, from the PUBLISH being written to its PUBACK.
-    latency: Mutex<Histogram<u64>>,
+    /// PUBACK latency in µs, from the PUBLISH being written to its PUBACK,
+    /// and per 100 ms of wall-clock time, so that a tail can be placed in
+    /// time next to the broker's own events.
+    latency: Mutex<(Histogram<u64>, AckTimeline)>,
     /// Every send's lag in µs, from its due time to its first write: how
     /// far behind schedule publishing ran.
     lag: Mutex<Histogram<u64>>,
@@ -53,7 +55,10 @@ pub struct FleetShared {
 impl FleetShared {
     pub fn new() -> anyhow::Result<Self> {
         Ok(FleetShared {
-            latency: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
+            latency: Mutex::new((
+                Histogram::new_with_bounds(1, 3_600_000_000, 3)?,
+                AckTimeline::default(),
+            )),
             lag: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 3)?),
             issued: AtomicU64::new(0),
             completed: AtomicU64::new(0),
@@ -64,8 +69,9 @@ impl FleetShared {
 
     pub fn record_latency(&self, d: Duration) {
         let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
-        let mut h = self.latency.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = h.record(us);
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = l.0.record(us);
+        l.1.record(crate::now_ms(), us);
     }
 
     /// Records lags in µs (0: on time).
@@ -87,7 +93,66 @@ impl FleetShared {
         self.latency
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .0
             .clone()
+    }
+
+    pub fn ack_timeline(&self) -> AckTimeline {
+        self.latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+}
+
+/// PUBACKs per 100 ms of wall-clock time (when the PUBACK arrived): how
+/// many, the slowest, and how many took over 100 ms. A tail that recurs at
+/// a period shows here as a row of slow buckets.
+#[derive(Debug, Clone, Default)]
+pub struct AckTimeline {
+    buckets: std::collections::BTreeMap<i64, AckBucket>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct AckBucket {
+    /// Wall-clock ms since the epoch at the bucket's start.
+    pub at_ms: i64,
+    pub acks: u64,
+    pub max_ms: f64,
+    /// PUBACKs that took more than 100 ms.
+    pub slow: u64,
+}
+
+/// The timeline's bucket width.
+const ACK_BUCKET_MS: i64 = 100;
+
+impl AckTimeline {
+    fn record(&mut self, now_ms: i64, us: u64) {
+        let at_ms = now_ms.div_euclid(ACK_BUCKET_MS) * ACK_BUCKET_MS;
+        let b = self.buckets.entry(at_ms).or_insert(AckBucket {
+            at_ms,
+            ..AckBucket::default()
+        });
+        b.acks += 1;
+        b.max_ms = b.max_ms.max(us as f64 / 1000.0);
+        b.slow += u64::from(us > 100_000);
+    }
+
+    pub fn merge(&mut self, other: &AckTimeline) {
+        for (at, o) in &other.buckets {
+            let b = self.buckets.entry(*at).or_insert(AckBucket {
+                at_ms: *at,
+                ..AckBucket::default()
+            });
+            b.acks += o.acks;
+            b.max_ms = b.max_ms.max(o.max_ms);
+            b.slow += o.slow;
+        }
+    }
+
+    pub fn buckets(&self) -> Vec<AckBucket> {
+        self.buckets.values().copied().collect()
     }
 }
 

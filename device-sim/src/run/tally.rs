@@ -21,6 +21,7 @@ struct Totals {
     counters: DeviceCounters,
     latency: Option<Histogram<u64>>,
     lag: Option<Histogram<u64>>,
+    timeline: publish::AckTimeline,
     first: Option<Instant>,
     last: Option<Instant>,
     elapsed: Duration,
@@ -37,6 +38,7 @@ impl Totals {
             t.counters.add(&o.counters);
             merge_histogram(&mut t.latency, shared.latency());
             merge_histogram(&mut t.lag, shared.lag());
+            t.timeline.merge(&shared.ack_timeline());
             t.first = publish::earliest(t.first, o.first_publish);
             t.last = t.last.max(o.last_done);
             t.elapsed = t.elapsed.max(o.elapsed);
@@ -129,6 +131,7 @@ pub(super) fn summarize(
         behind_schedule: c.behind,
         max_lag_ms: c.max_lag_ms,
         puback,
+        puback_timeline: t.timeline.buckets(),
         elapsed_ms: t.elapsed.as_millis() as u64,
         last_error: c.last_error.clone(),
         verify: None,

@@ -115,6 +115,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // One future for the whole connection: a fresh `cancelled()` per
+        // wake would register with and leave the token's waiter list twice
+        // for every message.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             self.read_packets();
             self.dispatch();
@@ -132,7 +137,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             let reading = !self.draining && self.session.wants_input();
             let wake = tokio::select! {
                 biased;
-                _ = shutdown.cancelled(), if !self.draining => Wake::Shutdown,
+                _ = &mut cancelled, if !self.draining => Wake::Shutdown,
                 _ = kicked(&mut self.kick) => Wake::Kicked,
                 Some(c) = self.completions.recv() => Wake::Durable(c),
                 r = read_some(&mut self.socket, &mut self.rbuf), if reading => Wake::Read(r),

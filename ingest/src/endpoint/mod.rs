@@ -301,6 +301,18 @@ async fn handshake(
     Some((stream, certificate))
 }
 
+/// How far shutdown has gone past its deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settling {
+    /// Connections drain and the appender retries what the stream refuses.
+    Draining,
+    /// One `shutdown_timeout` passed: the appender gives up on records the
+    /// stream has not stored, and connections get one more timeout to close.
+    Abandoned,
+    /// Two timeouts passed: connections still open were cut off.
+    CutOff,
+}
+
 /// Waits for connections to drain and the appender to finish. After
 /// `shutdown_timeout` the appender gives up on records the stream will not
 /// store; after twice that, connections still stuck (a socket write that never
@@ -314,27 +326,29 @@ async fn settle(
     let timeout = shared.config.shutdown_timeout;
     let timer = tokio::time::sleep(timeout);
     tokio::pin!(timer);
-    let mut stage = 0;
+    let mut settling = Settling::Draining;
     loop {
         tokio::select! {
             done = connections.join_next() => if done.is_none() { break },
-            _ = &mut timer, if stage < 2 => {
-                stage += 1;
-                if stage == 1 {
+            _ = &mut timer, if settling != Settling::CutOff => match settling {
+                Settling::Draining => {
+                    settling = Settling::Abandoned;
                     abandon.cancel();
                     timer.as_mut().reset(tokio::time::Instant::now() + timeout);
-                } else {
+                }
+                Settling::Abandoned | Settling::CutOff => {
+                    settling = Settling::CutOff;
                     tracing::warn!(connections = connections.len(), "Connections did not close in time and are cut off.");
                     connections.abort_all();
                 }
-            }
+            },
         }
     }
     // The appender ends once the last sender, held in `shared`, is gone.
     drop(shared);
     let finished = tokio::select! {
         r = &mut appender => Some(r),
-        _ = &mut timer, if stage == 0 => None,
+        _ = &mut timer, if settling == Settling::Draining => None,
     };
     let finished = match finished {
         Some(r) => r,

@@ -119,7 +119,67 @@ impl<S: RollupStore + RollupQuery> CachedStore<S> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Moves up to [`FLUSH_CHUNK`] entries' worth of dirty items after
+    /// `after` (from the start if `None`) into `commit`, marking them clean
+    /// and recording each in `flushed`. Returns where to go on from, or
+    /// `None` once the end of the cache is reached.
+    fn take_dirty(
+        &self,
+        after: Option<(String, String)>,
+        commit: &mut Commit,
+        flushed: &mut Vec<((String, String), Option<u64>, bool)>,
+    ) -> Option<(String, String)> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let start = match after {
+            Some(id) => Bound::Excluded(id),
+            None => Bound::Unbounded,
+        };
+        let mut taken = 0;
+        let mut visited = 0;
+        let mut last = None;
+        for (id, e) in state.entries.range_mut((start, Bound::Unbounded)) {
+            if visited == FLUSH_CHUNK {
+                break;
+            }
+            visited += 1;
+            last = Some(id);
+            if !e.dirty {
+                continue;
+            }
+            let Some(item) = e.value.clone() else {
+                continue;
+            };
+            e.dirty = false;
+            taken += 1;
+            let condition = if e.insert_once {
+                Condition::InsertOnce
+            } else {
+                e.inner_version
+                    .map_or(Condition::Absent, Condition::Version)
+            };
+            let write = Write {
+                key: e.key.clone(),
+                condition,
+                item,
+                expires_at: e.expires_at,
+            };
+            if e.key.is_written_last() {
+                commit.then.push(write);
+            } else {
+                commit.writes.push(write);
+            }
+            flushed.push((id.clone(), e.inner_version, e.insert_once));
+        }
+        let next = (visited == FLUSH_CHUNK).then(|| last.cloned()).flatten();
+        state.dirty -= taken;
+        next
+    }
 }
+
+/// Cache entries a flush looks at per hold of the lock.
+const FLUSH_CHUNK: usize = 4096;
 
 #[async_trait]
 impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
@@ -261,36 +321,20 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
         let _one = self.flushing.lock().await;
         let mut flushed: Vec<((String, String), Option<u64>, bool)> = Vec::new();
         let mut commit = Commit::default();
-        {
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            let mut taken = 0;
-            for (id, e) in state.entries.iter_mut().filter(|(_, e)| e.dirty) {
-                let Some(item) = e.value.clone() else {
-                    continue;
-                };
-                e.dirty = false;
-                taken += 1;
-                let condition = if e.insert_once {
-                    Condition::InsertOnce
-                } else {
-                    e.inner_version
-                        .map_or(Condition::Absent, Condition::Version)
-                };
-                let write = Write {
-                    key: e.key.clone(),
-                    condition,
-                    item,
-                    expires_at: e.expires_at,
-                };
-                if e.key.is_written_last() {
-                    commit.then.push(write);
-                } else {
-                    commit.writes.push(write);
-                }
-                flushed.push((id.clone(), e.inner_version, e.insert_once));
+        // The dirty items are copied a chunk at a time, letting go of the
+        // lock (and of the worker thread) between chunks: at a fleet's shape
+        // a flush copies tens of thousands of items, and the shard loops and
+        // the API would otherwise wait for all of them. An item committed
+        // while the copy runs is either taken with its newer value or left
+        // dirty for the next flush, so the flush still covers everything
+        // committed before it started.
+        let mut after = None;
+        loop {
+            after = self.take_dirty(after, &mut commit, &mut flushed);
+            if after.is_none() {
+                break;
             }
-            state.dirty -= taken;
+            tokio::task::yield_now().await;
         }
         let written = commit.writes.len() + commit.then.len();
         if !commit.is_empty()
@@ -425,5 +469,59 @@ impl<S: RollupStore + RollupQuery> RollupQuery for CachedStore<S> {
             .take(limit)
             .map(|((pk, sk), item)| (pk, sk, item))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use schemas::state::ItemState;
+
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    fn counter(name: &str, condition: Condition, n: u64) -> Commit {
+        Commit {
+            writes: vec![Write {
+                key: ItemKey::Counter {
+                    shard: "s".into(),
+                    name: name.into(),
+                },
+                condition,
+                item: Item {
+                    applied: Default::default(),
+                    state: ItemState::Counter(n),
+                },
+                expires_at: None,
+            }],
+            then: vec![],
+        }
+    }
+
+    /// A flush copies the dirty items a chunk at a time; items on both sides
+    /// of every chunk boundary reach the inner store, once each.
+    #[tokio::test]
+    async fn a_flush_larger_than_a_chunk_writes_every_dirty_item_once() {
+        let inner = Arc::new(MemoryStore::new());
+        let cache = CachedStore::new(inner.clone(), CacheConfig::default());
+        let n = FLUSH_CHUNK * 2 + 7;
+        for i in 0..n {
+            cache
+                .commit(counter(&format!("c{i:06}"), Condition::Absent, 1))
+                .await
+                .unwrap();
+        }
+        assert_eq!(cache.flush().await.unwrap(), n);
+        assert_eq!(cache.unflushed(), 0);
+        assert_eq!(cache.flush().await.unwrap(), 0, "nothing is written twice");
+        for i in [0, FLUSH_CHUNK - 1, FLUSH_CHUNK, n - 1] {
+            let pk = ItemKey::Counter {
+                shard: "s".into(),
+                name: format!("c{i:06}"),
+            };
+            assert!(
+                inner.get(&pk.pk(), &pk.sk()).await.unwrap().is_some(),
+                "counter {i} reached the inner store"
+            );
+        }
     }
 }
