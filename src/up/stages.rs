@@ -170,7 +170,13 @@ impl Wiring<'_> {
             }
         }
         // Flushes happen in one place, so that shards share them.
-        let flusher = run_flusher(store, durability, processor_config, metrics.clone(), watch_of(stop));
+        let flusher = run_flusher(
+            store,
+            durability,
+            processor_config,
+            metrics.clone(),
+            watch_of(stop),
+        );
         let failures = self.failures.clone();
         tasks.push(tokio::spawn(async move {
             let result = flusher.await;
