@@ -117,19 +117,11 @@ impl Stream {
         ))
     }
 
-    /// Appends the stream's own metrics to `/metrics`.
+    /// Appends the stream's own metrics to `/metrics`; Kinesis has none
+    /// of its own here (CloudWatch keeps them).
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let Stream::Embedded(log) = self else {
-            return;
-        };
-        let name = "iotpipe_stream_records_dropped_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Stream records deleted by the disk budget before the processors read them.\n# TYPE {name} counter"
-        );
-        for (shard, n) in log.records_dropped() {
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {n}");
+        if let Stream::Embedded(log) = self {
+            log.render_metrics(out);
         }
     }
 

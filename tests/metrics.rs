@@ -167,16 +167,16 @@ async fn metrics_explain_a_run_with_malformed_messages() {
     let m = parse(&text);
 
     // Messages in: at least every acknowledged one (retransmissions may add).
-    let messages_in = value(&m, "iotpipe_messages_in_total");
+    let messages_in = value(&m, "iotpipe_mqtt_messages_received_total");
     assert!(messages_in >= summary.acked as f64, "{messages_in}");
     assert!(summary.acked > 0);
 
     // Readings accepted: every reading sent, once (the simulator sends its
     // malformed messages besides its readings).
     let sent = summary.readings_sent as f64;
-    let accepted = value(&m, "iotpipe_readings_accepted_total");
+    let accepted = value(&m, "iotpipe_processor_readings_accepted_total");
     assert_eq!(accepted, sent, "processor readings accepted");
-    let ingest_accepted = value(&m, "iotpipe_ingest_readings_accepted_total");
+    let ingest_accepted = value(&m, "iotpipe_mqtt_readings_accepted_total");
     assert!(ingest_accepted >= sent, "{ingest_accepted}");
 
     // Rejections by reason: every malformed message is counted as such, and
@@ -229,7 +229,7 @@ async fn metrics_explain_a_run_with_malformed_messages() {
     let timed = histogram_count(&m, "iotpipe_processor_batch_seconds");
     assert!(timed > 0.0 && timed <= batches, "{timed} of {batches}");
     assert!(histogram_count(&m, "iotpipe_store_write_seconds") > 0.0);
-    assert!(histogram_count(&m, "iotpipe_freshness_seconds") > 0.0);
+    assert!(histogram_count(&m, "iotpipe_processor_freshness_seconds") > 0.0);
 
     // No label names a device: the run's ids all start with the prefix.
     for s in &m {
@@ -242,5 +242,45 @@ async fn metrics_explain_a_run_with_malformed_messages() {
         }
     }
 
+    // Every name follows the naming rule, and docs/METRICS.md lists it.
+    let documented = include_str!("../docs/METRICS.md");
+    for name in m.iter().map(|s| family(&s.name)).collect::<BTreeSet<_>>() {
+        assert!(follows_the_naming_rule(name), "`{name}` breaks the rule");
+        assert!(
+            documented.contains(&format!("`{name}`")),
+            "`{name}` is missing from docs/METRICS.md"
+        );
+    }
+
     p.shutdown().await.unwrap();
+}
+
+/// A histogram's series share its family's name.
+fn family(name: &str) -> &str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name)
+}
+
+/// docs/METRICS.md: `iotpipe_<stage>_<what>`, a stage the data flows
+/// through, lower snake case.
+fn follows_the_naming_rule(name: &str) -> bool {
+    const STAGES: [&str; 7] = ["mqtt", "bridge", "tap", "stream", "processor", "store", "api"];
+    let Some(rest) = name.strip_prefix("iotpipe_") else {
+        return false;
+    };
+    let stage = rest.split('_').next().unwrap_or("");
+    STAGES.contains(&stage)
+        && rest.len() > stage.len() + 1
+        && rest.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+#[test]
+fn the_naming_rule_refuses_names_without_a_stage() {
+    assert!(follows_the_naming_rule("iotpipe_mqtt_messages_received_total"));
+    assert!(!follows_the_naming_rule("iotpipe_messages_in_total"));
+    assert!(!follows_the_naming_rule("iotpipe_mqtt"));
+    assert!(!follows_the_naming_rule("mqtt_messages_total"));
+    assert!(!follows_the_naming_rule("iotpipe_mqtt_Bytes"));
 }

@@ -66,7 +66,7 @@ async fn bad_input_is_refused_counted_kept_and_the_pipeline_goes_on() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("iotpipe_ingest_rejected_total{reason=\"not_finite\"} 1"),
+        metrics.contains("iotpipe_mqtt_messages_refused_total{reason=\"not_finite\"} 1"),
         "{metrics}"
     );
     p.shutdown().await.unwrap();

@@ -259,12 +259,12 @@ pub fn render(s: &MetricsSnapshot, out: &mut String) {
     }
     let gauges = [
         (
-            "iotpipe_broker_subscribed",
+            "iotpipe_bridge_subscribed",
             "Whether the broker bridge holds its subscription (1) or not (0).",
             s.bridge_subscribed,
         ),
         (
-            "iotpipe_mqtt_connections",
+            "iotpipe_mqtt_connections_open",
             "Open MQTT connections.",
             s.connections_current,
         ),
@@ -274,7 +274,7 @@ pub fn render(s: &MetricsSnapshot, out: &mut String) {
     }
     by_reason(
         out,
-        "iotpipe_ingest_rejected_total",
+        "iotpipe_mqtt_messages_refused_total",
         "Messages refused at the endpoint, by reason.",
         s.rejected.iter().map(|(r, n)| (r.as_str(), *n)),
     );
@@ -310,7 +310,7 @@ pub fn render(s: &MetricsSnapshot, out: &mut String) {
 fn counters(s: &MetricsSnapshot) -> [(&'static str, &'static str, u64); 19] {
     [
         (
-            "iotpipe_mqtt_connections_total",
+            "iotpipe_mqtt_connections_accepted_total",
             "MQTT connections accepted.",
             s.connections_total,
         ),
@@ -335,22 +335,22 @@ fn counters(s: &MetricsSnapshot) -> [(&'static str, &'static str, u64); 19] {
             s.keepalive_timeouts,
         ),
         (
-            "iotpipe_messages_in_total",
+            "iotpipe_mqtt_messages_received_total",
             "PUBLISH messages received.",
             s.messages_in,
         ),
         (
-            "iotpipe_messages_accepted_total",
+            "iotpipe_mqtt_messages_accepted_total",
             "Messages that passed validation.",
             s.messages_accepted,
         ),
         (
-            "iotpipe_ingest_readings_accepted_total",
+            "iotpipe_mqtt_readings_accepted_total",
             "Readings in messages that passed validation.",
             s.readings_accepted,
         ),
         (
-            "iotpipe_mqtt_bytes_in_total",
+            "iotpipe_mqtt_payload_received_bytes_total",
             "Payload bytes received.",
             s.bytes_in,
         ),
@@ -380,12 +380,12 @@ fn counters(s: &MetricsSnapshot) -> [(&'static str, &'static str, u64); 19] {
             s.append_abandoned,
         ),
         (
-            "iotpipe_mqtt_refused_too_large_total",
+            "iotpipe_mqtt_packets_too_large_total",
             "Packets over the size limit.",
             s.refused_too_large,
         ),
         (
-            "iotpipe_mqtt_refused_qos2_total",
+            "iotpipe_mqtt_publishes_qos2_refused_total",
             "QoS 2 publishes refused.",
             s.refused_qos2,
         ),
@@ -462,10 +462,10 @@ mod tests {
         render(&m.snapshot(), &mut out);
         let lines: Vec<&str> = out.lines().collect();
         for line in [
-            "# TYPE iotpipe_messages_in_total counter",
-            "iotpipe_messages_in_total 1",
-            "iotpipe_mqtt_connections 0",
-            "iotpipe_ingest_rejected_total{reason=\"schema\"} 1",
+            "# TYPE iotpipe_mqtt_messages_received_total counter",
+            "iotpipe_mqtt_messages_received_total 1",
+            "iotpipe_mqtt_connections_open 0",
+            "iotpipe_mqtt_messages_refused_total{reason=\"schema\"} 1",
             "iotpipe_mqtt_subscriptions_refused_total{reason=\"not_authorized\"} 1",
             "iotpipe_stream_append_seconds_bucket{le=\"0.002\"} 0",
             "iotpipe_stream_append_seconds_bucket{le=\"0.005\"} 1",

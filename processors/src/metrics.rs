@@ -203,22 +203,22 @@ impl ProcessorMetrics {
                 &self.records,
             ),
             (
-                "iotpipe_readings_accepted_total",
+                "iotpipe_processor_readings_accepted_total",
                 "Readings folded into rollups.",
                 &self.readings_accepted,
             ),
             (
-                "iotpipe_readings_duplicate_total",
+                "iotpipe_processor_readings_duplicate_total",
                 "Readings delivered again and absorbed.",
                 &self.readings_duplicate,
             ),
             (
-                "iotpipe_readings_late_total",
+                "iotpipe_processor_readings_late_total",
                 "Accepted readings that arrived after a window's end.",
                 &self.readings_late,
             ),
             (
-                "iotpipe_readings_replayed_total",
+                "iotpipe_processor_readings_replayed_total",
                 "Readings skipped because a retried batch had already applied them.",
                 &self.readings_replayed,
             ),
@@ -285,7 +285,7 @@ impl ProcessorMetrics {
             out,
         );
         self.freshness_seconds.render(
-            "iotpipe_freshness_seconds",
+            "iotpipe_processor_freshness_seconds",
             "Time from a record's arrival in the stream to its effect in the store.",
             "",
             out,

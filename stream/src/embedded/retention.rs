@@ -315,3 +315,19 @@ fn scan(path: &Path, len: u64, after: u64) -> io::Result<Scan> {
     }
     Ok(out)
 }
+
+impl super::EmbeddedLog {
+    /// Appends the log's own metrics to `out`, in Prometheus text format:
+    /// the stream renders what only the stream knows.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let name = "iotpipe_stream_records_dropped_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Stream records deleted by the disk budget before the processors read them.\n# TYPE {name} counter"
+        );
+        for (shard, n) in self.records_dropped() {
+            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {n}");
+        }
+    }
+}

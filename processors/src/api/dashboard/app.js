@@ -176,8 +176,8 @@
     const now = performance.now();
     const scrape = {
       at: now,
-      messages: total(metrics, "iotpipe_messages_in_total"),
-      readings: total(metrics, "iotpipe_readings_accepted_total"),
+      messages: total(metrics, "iotpipe_mqtt_messages_received_total"),
+      readings: total(metrics, "iotpipe_processor_readings_accepted_total"),
     };
     const prev = state.lastScrape;
     if (prev && now > prev.at) {
