@@ -26,7 +26,7 @@
 //! Throttling and 5xx answers are retried with backoff and full jitter
 //! before a call reports [`StoreError::Unavailable`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -38,7 +38,7 @@ use aws::client::{describe, is_retryable};
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::SdkError;
 use aws_sdk_dynamodb::primitives::Blob;
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::AttributeValue;
 use futures::{StreamExt, TryStreamExt};
 use schemas::state::Item;
 
@@ -46,6 +46,11 @@ use rollup::{Commit, Condition, LoadedItem, Write};
 
 use super::{Range, RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
+
+mod plan;
+mod read;
+
+use plan::plan_reads;
 
 /// BatchGetItem takes at most 100 keys.
 const BATCH_GET_MAX: usize = 100;
@@ -90,87 +95,6 @@ pub struct DynamoStore {
     /// succeeded: the retry after a conflict must see what beat it, which an
     /// eventually consistent read may not.
     strong_reads: Arc<AtomicBool>,
-}
-
-/// One read call of a load.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Read {
-    /// Up to 100 distinct keys by BatchGetItem.
-    Keys {
-        keys: Vec<(String, String)>,
-        consistent: bool,
-    },
-    /// Every item of `pk` from `from` to `to` (both included) by Query.
-    Range {
-        pk: String,
-        from: String,
-        to: String,
-        consistent: bool,
-    },
-}
-
-/// Items only their device's batches write, whose stale read can only
-/// cost a conflict and a reload, never a wrong write.
-fn device_owned(key: &ItemKey) -> bool {
-    matches!(
-        key,
-        ItemKey::Span { .. }
-            | ItemKey::DeviceWindow { .. }
-            | ItemKey::Device { .. }
-            | ItemKey::Member { .. }
-    )
-}
-
-/// Plans the calls that read `keys`: the spans or coarse windows of one
-/// device that a load asks for together (a batch starting a span, a
-/// compaction reading an hour's spans or a day's hours) lie next to each
-/// other in sort-key order, so one Query reads them for the units of their
-/// total size; the rest go by BatchGetItem, split by consistency since a
-/// BatchGetItem sets it per table.
-fn plan_reads(keys: &[ItemKey], eventual_device_reads: bool) -> Vec<Read> {
-    let consistent = |k: &ItemKey| !(eventual_device_reads && device_owned(k));
-    let mut ranges: BTreeMap<String, (String, String, bool)> = BTreeMap::new();
-    let mut singles: BTreeMap<(String, String), bool> = BTreeMap::new();
-    for key in keys {
-        let (pk, sk) = (key.pk(), key.sk());
-        if matches!(key, ItemKey::Span { .. } | ItemKey::DeviceWindow { .. }) {
-            let entry = ranges
-                .entry(pk)
-                .or_insert_with(|| (sk.clone(), sk.clone(), consistent(key)));
-            if sk < entry.0 {
-                entry.0 = sk;
-            } else if sk > entry.1 {
-                entry.1 = sk;
-            }
-        } else {
-            singles.insert((pk, sk), consistent(key));
-        }
-    }
-    let mut reads = Vec::new();
-    for (pk, (from, to, consistent)) in ranges {
-        if from == to {
-            singles.insert((pk, from), consistent);
-        } else {
-            reads.push(Read::Range {
-                pk,
-                from,
-                to,
-                consistent,
-            });
-        }
-    }
-    for want in [true, false] {
-        let keys: Vec<(String, String)> = singles
-            .iter()
-            .filter(|(_, c)| **c == want)
-            .map(|(id, _)| id.clone())
-            .collect();
-        reads.extend(keys.chunks(BATCH_GET_MAX).map(|chunk| Read::Keys {
-            keys: chunk.to_vec(),
-            consistent: want,
-        }));
-    }
-    reads
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -283,120 +207,6 @@ impl DynamoStore {
                 }
                 Err(e) => return Err(unavailable(what, describe(&e))),
             }
-        }
-    }
-
-    /// Loads up to 100 distinct keys with one BatchGetItem, plus retries of
-    /// what DynamoDB left unprocessed.
-    async fn load_chunk(
-        &self,
-        keys: Vec<(String, String)>,
-        consistent: bool,
-    ) -> Result<Vec<(String, String, u64, Item)>, StoreError> {
-        let mut pending = KeysAndAttributes::builder()
-            .set_keys(Some(
-                keys.into_iter()
-                    .map(|(pk, sk)| {
-                        HashMap::from([("pk".to_string(), s(pk)), ("sk".to_string(), s(sk))])
-                    })
-                    .collect(),
-            ))
-            .consistent_read(consistent)
-            .projection_expression("#pk, #sk, #v, #s")
-            .set_expression_attribute_names(Some(names()))
-            .build()
-            .map_err(|e| unavailable("BatchGetItem", e))?;
-        let mut found = Vec::new();
-        let mut starved = 0;
-        loop {
-            let request = pending.clone();
-            let out = self
-                .retrying("BatchGetItem", || {
-                    self.client
-                        .batch_get_item()
-                        .request_items(&self.table, request.clone())
-                        .send()
-                })
-                .await?;
-            for item in out
-                .responses()
-                .and_then(|r| r.get(&self.table))
-                .into_iter()
-                .flatten()
-            {
-                found.push(decode(item)?);
-            }
-            match out
-                .unprocessed_keys()
-                .and_then(|u| u.get(&self.table))
-                .filter(|k| !k.keys().is_empty())
-            {
-                None => return Ok(found),
-                Some(rest) => {
-                    // DynamoDB hands back what it could not read under
-                    // throttling; back off as for a throttled call.
-                    starved += 1;
-                    if starved >= self.cfg.max_attempts {
-                        return Err(StoreError::Unavailable(format!(
-                            "BatchGetItem left {} keys unprocessed {starved} times",
-                            rest.keys().len()
-                        )));
-                    }
-                    let delay = self.cfg.backoff.delay(starved, &mut rand::rng());
-                    pending = rest.clone();
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
-    }
-
-    /// Reads every item of one partition between two sort keys, both
-    /// included, by Query pages.
-    async fn load_range(
-        &self,
-        pk: String,
-        from: String,
-        to: String,
-        consistent: bool,
-    ) -> Result<Vec<(String, String, u64, Item)>, StoreError> {
-        let mut found = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let out = self
-                .retrying("Query", || {
-                    self.client
-                        .query()
-                        .table_name(&self.table)
-                        .key_condition_expression("#pk = :pk AND #sk BETWEEN :a AND :b")
-                        .projection_expression("#pk, #sk, #v, #s")
-                        .set_expression_attribute_names(Some(names()))
-                        .expression_attribute_values(":pk", s(pk.clone()))
-                        .expression_attribute_values(":a", s(from.clone()))
-                        .expression_attribute_values(":b", s(to.clone()))
-                        .consistent_read(consistent)
-                        .set_exclusive_start_key(start.clone())
-                        .send()
-                })
-                .await?;
-            for item in out.items() {
-                found.push(decode(item)?);
-            }
-            match out.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => return Ok(found),
-            }
-        }
-    }
-
-    async fn read(&self, read: Read) -> Result<Vec<(String, String, u64, Item)>, StoreError> {
-        match read {
-            Read::Keys { keys, consistent } => self.load_chunk(keys, consistent).await,
-            Read::Range {
-                pk,
-                from,
-                to,
-                consistent,
-            } => self.load_range(pk, from, to, consistent).await,
         }
     }
 
@@ -650,81 +460,4 @@ impl RollupQuery for DynamoStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rollup::keys::time_sk;
-
-    fn span(device: &str, start: i64) -> ItemKey {
-        ItemKey::Span {
-            device: device.into(),
-            start,
-        }
-    }
-
-    #[test]
-    fn a_devices_spans_asked_together_are_one_range_and_the_rest_one_batch() {
-        let keys = [
-            span("a", 600_000),
-            span("b", 0),
-            span("a", 0),
-            span("a", 1_200_000),
-            ItemKey::Device { device: "a".into() },
-            ItemKey::Watermark { shard: "s0".into() },
-            span("a", 600_000),
-        ];
-        let reads = plan_reads(&keys, true);
-        assert_eq!(
-            reads,
-            vec![
-                Read::Range {
-                    pk: "s|a".into(),
-                    from: time_sk(0),
-                    to: time_sk(1_200_000),
-                    consistent: false,
-                },
-                Read::Keys {
-                    keys: vec![("k".into(), "s0".into())],
-                    consistent: true,
-                },
-                Read::Keys {
-                    keys: vec![("d|a".into(), "-".into()), ("s|b".into(), time_sk(0)),],
-                    consistent: false,
-                },
-            ]
-        );
-    }
-
-    #[test]
-    fn after_a_conflict_every_read_is_strongly_consistent() {
-        let keys = [span("a", 0), span("a", 600_000), span("b", 0)];
-        let reads = plan_reads(&keys, false);
-        assert!(reads.iter().all(|r| match r {
-            Read::Keys { consistent, .. } | Read::Range { consistent, .. } => *consistent,
-        }));
-    }
-
-    #[test]
-    fn a_batch_get_names_each_key_once_and_at_most_a_hundred() {
-        let keys: Vec<ItemKey> = (0..250)
-            .flat_map(|i| {
-                [
-                    ItemKey::Device {
-                        device: format!("d{i}"),
-                    },
-                    ItemKey::Device {
-                        device: format!("d{i}"),
-                    },
-                ]
-            })
-            .collect();
-        let reads = plan_reads(&keys, true);
-        let sizes: Vec<usize> = reads
-            .iter()
-            .map(|r| match r {
-                Read::Keys { keys, .. } => keys.len(),
-                Read::Range { .. } => 0,
-            })
-            .collect();
-        assert_eq!(sizes, vec![100, 100, 50]);
-    }
-}
+mod tests;
