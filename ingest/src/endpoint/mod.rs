@@ -121,38 +121,8 @@ pub async fn serve_on(
     metrics: Arc<IngestMetrics>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
-    let (append_tx, append_rx) = mpsc::unbounded_channel();
-    let tap = Arc::new(TapHub::default());
     let abandon = CancellationToken::new();
-    let appender = tokio::spawn(appender::run(
-        append_rx,
-        producer,
-        AppenderConfig {
-            commit_interval: config.commit_interval,
-            commit_max_records: config.commit_max_records.max(1),
-            commit_max_bytes: config.commit_max_bytes.max(1),
-            max_puts_in_flight: config.max_puts_in_flight,
-            retry_backoff_min: config.retry_backoff_min,
-            retry_backoff_max: config.retry_backoff_max,
-        },
-        metrics.clone(),
-        tap.clone(),
-        abandon.clone(),
-    ));
-    let shared = Arc::new(Shared {
-        session: Arc::new(SessionConfig {
-            max_inflight: config.max_inflight.max(1),
-            max_packet_bytes: config.max_packet_bytes,
-            max_keepalive_secs: config.max_keepalive_secs.max(1),
-            authorizer: config.authorizer.clone(),
-            lateness: config.lateness,
-        }),
-        config,
-        metrics: metrics.clone(),
-        registry: ClientRegistry::default(),
-        tap,
-        appender: append_tx,
-    });
+    let (shared, appender) = start_appender(producer, config, metrics.clone(), &abandon);
     for l in &listeners {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, tls = l.is_tls(), "The MQTT endpoint is listening.");
@@ -202,32 +172,14 @@ pub async fn serve_on(
         next_id += 1;
         bump(&metrics.connections_total);
         metrics.connections_current.fetch_add(1, Ordering::Relaxed);
-        let live = Live {
-            metrics: metrics.clone(),
-            _permit: permit,
-        };
-        let stop = stop.child_token();
-        let (conn_id, shared) = (next_id, shared.clone());
-        connections.spawn(async move {
-            let _live = live;
-            let started = Instant::now();
-            match tls {
-                None => {
-                    Connection::new(socket, conn_id, shared, None, started)
-                        .run(stop)
-                        .await
-                }
-                Some(acceptor) => {
-                    if let Some((stream, certificate)) =
-                        handshake(&acceptor, socket, &shared, &stop).await
-                    {
-                        Connection::new(stream, conn_id, shared, certificate, started)
-                            .run(stop)
-                            .await
-                    }
-                }
-            }
-        });
+        spawn_connection(
+            &mut connections,
+            (socket, tls),
+            next_id,
+            &shared,
+            stop.child_token(),
+            permit,
+        );
     }
     drop(listeners);
 
@@ -239,6 +191,85 @@ pub async fn serve_on(
     settle(connections, shared, appender, &abandon).await;
     tracing::info!("The MQTT endpoint has stopped.");
     result
+}
+
+/// Starts the appender every connection hands its records to, and builds
+/// what the connections share around it.
+fn start_appender(
+    producer: Arc<dyn StreamProducer>,
+    config: EndpointConfig,
+    metrics: Arc<IngestMetrics>,
+    abandon: &CancellationToken,
+) -> (Arc<Shared>, tokio::task::JoinHandle<()>) {
+    let (append_tx, append_rx) = mpsc::unbounded_channel();
+    let tap = Arc::new(TapHub::default());
+    let appender = tokio::spawn(appender::run(
+        append_rx,
+        producer,
+        AppenderConfig {
+            commit_interval: config.commit_interval,
+            commit_max_records: config.commit_max_records.max(1),
+            commit_max_bytes: config.commit_max_bytes.max(1),
+            max_puts_in_flight: config.max_puts_in_flight,
+            retry_backoff_min: config.retry_backoff_min,
+            retry_backoff_max: config.retry_backoff_max,
+        },
+        metrics.clone(),
+        tap.clone(),
+        abandon.clone(),
+    ));
+    let shared = Arc::new(Shared {
+        session: Arc::new(SessionConfig {
+            max_inflight: config.max_inflight.max(1),
+            max_packet_bytes: config.max_packet_bytes,
+            max_keepalive_secs: config.max_keepalive_secs.max(1),
+            authorizer: config.authorizer.clone(),
+            lateness: config.lateness,
+        }),
+        config,
+        metrics: metrics.clone(),
+        registry: ClientRegistry::default(),
+        tap,
+        appender: append_tx,
+    });
+    (shared, appender)
+}
+
+/// Runs one accepted connection to its end, holding its slot (`permit`)
+/// and the open-connections gauge for as long as it lives.
+fn spawn_connection(
+    connections: &mut JoinSet<()>,
+    (socket, tls): (TcpStream, Option<TlsAcceptor>),
+    conn_id: u64,
+    shared: &Arc<Shared>,
+    stop: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let live = Live {
+        metrics: shared.metrics.clone(),
+        _permit: permit,
+    };
+    let shared = shared.clone();
+    connections.spawn(async move {
+        let _live = live;
+        let started = Instant::now();
+        match tls {
+            None => {
+                Connection::new(socket, conn_id, shared, None, started)
+                    .run(stop)
+                    .await
+            }
+            Some(acceptor) => {
+                if let Some((stream, certificate)) =
+                    handshake(&acceptor, socket, &shared, &stop).await
+                {
+                    Connection::new(stream, conn_id, shared, certificate, started)
+                        .run(stop)
+                        .await
+                }
+            }
+        }
+    });
 }
 
 /// Accepts from whichever listener has a connection waiting, starting the
