@@ -242,7 +242,13 @@ async fn metrics_explain_a_run_with_malformed_messages() {
         }
     }
 
-    // Every name follows the naming rule, and docs/METRICS.md lists it.
+    assert_named_by_the_rule_and_documented(&m);
+
+    p.shutdown().await.unwrap();
+}
+
+/// Every name follows the naming rule, and docs/METRICS.md lists it.
+fn assert_named_by_the_rule_and_documented(m: &[Sample]) {
     let documented = include_str!("../docs/METRICS.md");
     for name in m.iter().map(|s| family(&s.name)).collect::<BTreeSet<_>>() {
         assert!(follows_the_naming_rule(name), "`{name}` breaks the rule");
@@ -251,8 +257,6 @@ async fn metrics_explain_a_run_with_malformed_messages() {
             "`{name}` is missing from docs/METRICS.md"
         );
     }
-
-    p.shutdown().await.unwrap();
 }
 
 /// A histogram's series share its family's name.
@@ -266,19 +270,31 @@ fn family(name: &str) -> &str {
 /// docs/METRICS.md: `iotpipe_<stage>_<what>`, a stage the data flows
 /// through, lower snake case.
 fn follows_the_naming_rule(name: &str) -> bool {
-    const STAGES: [&str; 7] = ["mqtt", "bridge", "tap", "stream", "processor", "store", "api"];
+    const STAGES: [&str; 7] = [
+        "mqtt",
+        "bridge",
+        "tap",
+        "stream",
+        "processor",
+        "store",
+        "api",
+    ];
     let Some(rest) = name.strip_prefix("iotpipe_") else {
         return false;
     };
     let stage = rest.split('_').next().unwrap_or("");
     STAGES.contains(&stage)
         && rest.len() > stage.len() + 1
-        && rest.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[test]
 fn the_naming_rule_refuses_names_without_a_stage() {
-    assert!(follows_the_naming_rule("iotpipe_mqtt_messages_received_total"));
+    assert!(follows_the_naming_rule(
+        "iotpipe_mqtt_messages_received_total"
+    ));
     assert!(!follows_the_naming_rule("iotpipe_messages_in_total"));
     assert!(!follows_the_naming_rule("iotpipe_mqtt"));
     assert!(!follows_the_naming_rule("mqtt_messages_total"));

@@ -62,6 +62,42 @@ fn record(i: i64) -> Record {
     }
 }
 
+/// Dashboard `i` of `clients`: asks for `url` every `interval_ms` (back to
+/// back if 0) until `end`, and returns its latencies and error count.
+async fn dashboard(
+    http: reqwest::Client,
+    url: String,
+    i: usize,
+    clients: usize,
+    interval_ms: u64,
+    end: Instant,
+) -> (Vec<Duration>, u64) {
+    let mut lat = Vec::new();
+    let mut errors = 0u64;
+    let mut tick = (interval_ms > 0).then(|| {
+        // Clients spread over the interval, as independent dashboards are.
+        let offset = Duration::from_millis(interval_ms * i as u64 / clients as u64);
+        tokio::time::interval_at(
+            tokio::time::Instant::now() + offset,
+            Duration::from_millis(interval_ms),
+        )
+    });
+    while Instant::now() < end {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let t = Instant::now();
+        match http.get(&url).send().await {
+            Ok(r) if r.status().is_success() => match r.bytes().await {
+                Ok(_) => lat.push(t.elapsed()),
+                Err(_) => errors += 1,
+            },
+            _ => errors += 1,
+        }
+    }
+    (lat, errors)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -119,32 +155,7 @@ async fn main() -> anyhow::Result<()> {
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
             let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move {
-                let mut lat = Vec::new();
-                let mut errors = 0u64;
-                let mut tick = (interval_ms > 0).then(|| {
-                    // Clients spread over the interval, as independent dashboards are.
-                    let offset = Duration::from_millis(interval_ms * i as u64 / clients as u64);
-                    tokio::time::interval_at(
-                        tokio::time::Instant::now() + offset,
-                        Duration::from_millis(interval_ms),
-                    )
-                });
-                while Instant::now() < end {
-                    if let Some(t) = tick.as_mut() {
-                        t.tick().await;
-                    }
-                    let t = Instant::now();
-                    match http.get(&url).send().await {
-                        Ok(r) if r.status().is_success() => match r.bytes().await {
-                            Ok(_) => lat.push(t.elapsed()),
-                            Err(_) => errors += 1,
-                        },
-                        _ => errors += 1,
-                    }
-                }
-                (lat, errors)
-            })
+            tokio::spawn(dashboard(http, url, i, clients, interval_ms, end))
         })
         .collect();
     let started = Instant::now();

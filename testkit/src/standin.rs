@@ -329,6 +329,117 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
     buf.get(i + 1 + 6).copied()
 }
 
+/// Both protocols reduced to what the stand-in acts on.
+enum In {
+    Connect(String),
+    Publish(String, bytes::Bytes, QoS, u16),
+    Ping,
+    Disconnect,
+    Other,
+}
+
+/// The next packet at the front of `buf` at protocol `level`, or the
+/// bytes it still needs; `None` when the stream is not MQTT the stand-in
+/// can read.
+fn read_packet(level: Option<u8>, buf: &mut BytesMut) -> Option<Result<In, mqttbytes::Error>> {
+    Some(match level {
+        None => Err(mqttbytes::Error::InsufficientBytes(1)),
+        Some(5) => match mqttbytes5::v5::Packet::read(buf, Some(1 << 20)) {
+            Ok(mqttbytes5::v5::Packet::Connect(c, _, _)) => Ok(In::Connect(c.client_id)),
+            Ok(mqttbytes5::v5::Packet::Publish(p)) => Ok(In::Publish(
+                String::from_utf8(p.topic.to_vec()).unwrap(),
+                p.payload,
+                match p.qos {
+                    mqttbytes5::QoS::AtMostOnce => QoS::AtMostOnce,
+                    _ => QoS::AtLeastOnce,
+                },
+                p.pkid,
+            )),
+            Ok(mqttbytes5::v5::Packet::PingReq(_)) => Ok(In::Ping),
+            Ok(mqttbytes5::v5::Packet::Disconnect(_)) => Ok(In::Disconnect),
+            Ok(_) => Ok(In::Other),
+            Err(mqttbytes5::Error::InsufficientBytes(n)) => {
+                Err(mqttbytes::Error::InsufficientBytes(n))
+            }
+            // A two-byte DISCONNECT, which rumqttc's v5 reader refuses.
+            Err(_) if buf.starts_with(&[0xE0, 0x00]) => Ok(In::Disconnect),
+            Err(_) => return None,
+        },
+        Some(_) => match Packet::read(buf, 1 << 20) {
+            Ok(Packet::Connect(c)) => Ok(In::Connect(c.client_id)),
+            Ok(Packet::Publish(p)) => Ok(In::Publish(p.topic, p.payload, p.qos, p.pkid)),
+            Ok(Packet::PingReq) => Ok(In::Ping),
+            Ok(Packet::Disconnect) => Ok(In::Disconnect),
+            Ok(_) => Ok(In::Other),
+            Err(e) => Err(e),
+        },
+    })
+}
+
+/// Takes in one PUBLISH and queues its PUBACK in `out`, as the faults and
+/// the PUBACK pacing say; `false` when the connection is to end.
+async fn on_publish<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut BytesMut,
+    pipeline: &Pipeline,
+    device: &str,
+    next_ack: &mut tokio::time::Instant,
+    (topic, payload, qos, pkid): (&str, &[u8], QoS, u16),
+    v5: bool,
+) -> bool {
+    pipeline
+        .first_publish
+        .lock()
+        .unwrap()
+        .get_or_insert_with(tokio::time::Instant::now);
+    pipeline.ingest(topic, payload, now_ms());
+    let drop_now = {
+        let mut f = pipeline.faults.lock().unwrap();
+        match f.drop_after.get_mut(device) {
+            Some(0) => {
+                f.drop_after.remove(device);
+                true
+            }
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        }
+    };
+    if drop_now {
+        // Stored, never acknowledged: the device must retry,
+        // and the retry must count once.
+        let _ = stream.write_all(out).await;
+        return false;
+    }
+    if qos == QoS::AtLeastOnce {
+        let every = *pipeline.puback_every.lock().unwrap();
+        if let Some(every) = every {
+            // Serialized: one PUBACK per interval, each
+            // written on its own. A timer that fires late
+            // does not slow the cadence; an idle spell
+            // does not earn a burst.
+            let now = tokio::time::Instant::now();
+            *next_ack = (*next_ack).max(now - every) + every;
+            if stream.write_all(out).await.is_err() {
+                return false;
+            }
+            out.clear();
+            tokio::time::sleep_until(*next_ack).await;
+            *pipeline.last_puback.lock().unwrap() = Some(tokio::time::Instant::now());
+        }
+        if v5 {
+            mqttbytes5::v5::PubAck::new(pkid, None).write(out).unwrap();
+        } else {
+            Packet::PubAck(PubAck::new(pkid))
+                .write(out, 1 << 20)
+                .unwrap();
+        }
+    }
+    true
+}
+
 async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: Arc<Pipeline>) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::new();
@@ -344,45 +455,9 @@ async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: 
                     *pipeline.protocols.lock().unwrap().entry(l).or_default() += 1;
                 }
             }
-            // Both protocols reduced to what the stand-in acts on.
-            enum In {
-                Connect(String),
-                Publish(String, bytes::Bytes, QoS, u16),
-                Ping,
-                Disconnect,
-                Other,
-            }
-            let packet = match level {
-                None => Err(mqttbytes::Error::InsufficientBytes(1)),
-                Some(5) => match mqttbytes5::v5::Packet::read(&mut buf, Some(1 << 20)) {
-                    Ok(mqttbytes5::v5::Packet::Connect(c, _, _)) => Ok(In::Connect(c.client_id)),
-                    Ok(mqttbytes5::v5::Packet::Publish(p)) => Ok(In::Publish(
-                        String::from_utf8(p.topic.to_vec()).unwrap(),
-                        p.payload,
-                        match p.qos {
-                            mqttbytes5::QoS::AtMostOnce => QoS::AtMostOnce,
-                            _ => QoS::AtLeastOnce,
-                        },
-                        p.pkid,
-                    )),
-                    Ok(mqttbytes5::v5::Packet::PingReq(_)) => Ok(In::Ping),
-                    Ok(mqttbytes5::v5::Packet::Disconnect(_)) => Ok(In::Disconnect),
-                    Ok(_) => Ok(In::Other),
-                    Err(mqttbytes5::Error::InsufficientBytes(n)) => {
-                        Err(mqttbytes::Error::InsufficientBytes(n))
-                    }
-                    // A two-byte DISCONNECT, which rumqttc's v5 reader refuses.
-                    Err(_) if buf.starts_with(&[0xE0, 0x00]) => Ok(In::Disconnect),
-                    Err(_) => return,
-                },
-                Some(_) => match Packet::read(&mut buf, 1 << 20) {
-                    Ok(Packet::Connect(c)) => Ok(In::Connect(c.client_id)),
-                    Ok(Packet::Publish(p)) => Ok(In::Publish(p.topic, p.payload, p.qos, p.pkid)),
-                    Ok(Packet::PingReq) => Ok(In::Ping),
-                    Ok(Packet::Disconnect) => Ok(In::Disconnect),
-                    Ok(_) => Ok(In::Other),
-                    Err(e) => Err(e),
-                },
+            let packet = match read_packet(level, &mut buf) {
+                Some(p) => p,
+                None => return,
             };
             let v5 = level == Some(5);
             match packet {
@@ -403,58 +478,19 @@ async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: 
                     }
                 }
                 Ok(In::Publish(topic, payload, qos, pkid)) => {
-                    pipeline
-                        .first_publish
-                        .lock()
-                        .unwrap()
-                        .get_or_insert_with(tokio::time::Instant::now);
-                    pipeline.ingest(&topic, &payload, now_ms());
-                    let drop_now = {
-                        let mut f = pipeline.faults.lock().unwrap();
-                        match f.drop_after.get_mut(&device) {
-                            Some(0) => {
-                                f.drop_after.remove(&device);
-                                true
-                            }
-                            Some(n) => {
-                                *n -= 1;
-                                false
-                            }
-                            None => false,
-                        }
-                    };
-                    if drop_now {
-                        // Stored, never acknowledged: the device must retry,
-                        // and the retry must count once.
-                        let _ = stream.write_all(&out).await;
+                    let publish = (topic.as_str(), &payload[..], qos, pkid);
+                    if !on_publish(
+                        &mut stream,
+                        &mut out,
+                        &pipeline,
+                        &device,
+                        &mut next_ack,
+                        publish,
+                        v5,
+                    )
+                    .await
+                    {
                         return;
-                    }
-                    if qos == QoS::AtLeastOnce {
-                        let every = *pipeline.puback_every.lock().unwrap();
-                        if let Some(every) = every {
-                            // Serialized: one PUBACK per interval, each
-                            // written on its own. A timer that fires late
-                            // does not slow the cadence; an idle spell
-                            // does not earn a burst.
-                            let now = tokio::time::Instant::now();
-                            next_ack = next_ack.max(now - every) + every;
-                            if stream.write_all(&out).await.is_err() {
-                                return;
-                            }
-                            out.clear();
-                            tokio::time::sleep_until(next_ack).await;
-                            *pipeline.last_puback.lock().unwrap() =
-                                Some(tokio::time::Instant::now());
-                        }
-                        if v5 {
-                            mqttbytes5::v5::PubAck::new(pkid, None)
-                                .write(&mut out)
-                                .unwrap();
-                        } else {
-                            Packet::PubAck(PubAck::new(pkid))
-                                .write(&mut out, 1 << 20)
-                                .unwrap();
-                        }
                     }
                 }
                 Ok(In::Ping) => {
