@@ -82,8 +82,9 @@ struct CostArgs {
     /// provisioned (billed per shard hour, sized to the load).
     #[arg(long, value_enum, default_value = "on-demand")]
     kinesis: iotpipe::cost::KinesisMode,
-    /// Most records per Lambda invocation (the template's BatchSize).
-    #[arg(long, default_value_t = 1000)]
+    /// Most records per Lambda invocation (the template's BatchSize, whose
+    /// default is the event source's maximum).
+    #[arg(long, default_value_t = 10_000)]
     batch_size: u64,
     /// Seconds the event source gathers records per invocation (the
     /// template's MaximumBatchingWindowInSeconds): longer windows rewrite

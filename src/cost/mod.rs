@@ -6,7 +6,8 @@
 //! IoT Core meters messages and rules in 5 KB increments (Basic Ingest skips
 //! the messaging charge), Kinesis on demand rounds each record up to 1 KB,
 //! and DynamoDB charges a write unit per KB written and a read unit per
-//! 4 KB read strongly consistent, per item.
+//! 4 KB read strongly consistent (half that eventually consistent), per
+//! item or, for a Query, per call on the items' total size.
 //!
 //! The store's side follows its items ([`writes`]): per Lambda batch, each
 //! device writes one span item per span its readings fall in (every metric
