@@ -101,3 +101,22 @@ impl Rejection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counters, dead-letter keys and `/metrics` labels are all built from
+    /// a reason's name and index, so each must be one variant's alone and
+    /// read back as that variant.
+    #[test]
+    fn every_reason_has_one_name_and_index_that_read_back() {
+        let mut names = std::collections::BTreeSet::new();
+        for (i, r) in RejectReason::ALL.into_iter().enumerate() {
+            assert_eq!(r.index(), i, "{r}");
+            assert_eq!(r.as_str().parse::<RejectReason>(), Ok(r));
+            assert!(names.insert(r.as_str()), "{r} named twice");
+        }
+        assert!("too late".parse::<RejectReason>().is_err());
+    }
+}
