@@ -24,6 +24,7 @@
 //! - `writer`: the per-shard append thread.
 //! - `produce`: `put`, which hands each shard's writer its part of a batch.
 //! - `reader`: [`EmbeddedReader`].
+//! - `fill`: a reader's read-ahead from the segment files when it is behind.
 //! - `recovery`: opening a shard, cutting a torn tail.
 //! - `retention`: deleting segments every consumer has passed, and what a
 //!   disk budget forces out unread.
@@ -46,6 +47,7 @@
 
 mod config;
 mod files;
+mod fill;
 mod frame;
 mod meta;
 #[cfg(test)]
