@@ -16,12 +16,15 @@
 //! ```
 //!
 //! Layout:
+//! - `config`: [`EmbeddedConfig`], what opening reports, the log's errors.
 //! - `frame`: one record's bytes (pure).
 //! - `segment`: segment names, listing, scanning frames.
 //! - `shard`: the state a shard's writer, readers and retention share, and
 //!   its tail cache.
 //! - `writer`: the per-shard append thread.
+//! - `produce`: `put`, which hands each shard's writer its part of a batch.
 //! - `reader`: [`EmbeddedReader`].
+//! - `fill`: a reader's read-ahead from the segment files when it is behind.
 //! - `recovery`: opening a shard, cutting a torn tail.
 //! - `retention`: deleting segments every consumer has passed, and what a
 //!   disk budget forces out unread.
@@ -42,11 +45,14 @@
 //! in a shard, whatever crashes: with `sync` off, one a crash lost is
 //! skipped, never reused.
 
+mod config;
 mod files;
+mod fill;
 mod frame;
 mod meta;
 #[cfg(test)]
 mod power_loss;
+mod produce;
 mod reader;
 mod recovery;
 mod reserve;
@@ -62,14 +68,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+pub use config::{EmbeddedConfig, LogError, OpenError, ShardRecovery};
 pub use reader::EmbeddedReader;
 pub use retention::{DroppedRange, RetentionReport};
 
+use crate::ReadError;
 use crate::partition;
-use crate::{ProduceError, PutOutcome, PutRecord, ReadError, SeqNo, StreamProducer};
+use config::check_config;
 use meta::Meta;
 use shard::Shard;
 use storage::{Disk, Storage};
@@ -80,119 +87,6 @@ type WriterThread = (String, JoinHandle<Result<(), String>>);
 
 /// Requests that may queue for one shard's writer before `put` waits.
 const QUEUE_DEPTH: usize = 1024;
-
-/// How the embedded log stores and keeps records.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EmbeddedConfig {
-    /// Shards in a new log. An existing log must be opened with the count it
-    /// was created with: records are placed by key hash, so another count
-    /// would reorder devices.
-    pub shards: u32,
-    /// A segment file closes once it holds this many bytes; retention
-    /// deletes whole segments.
-    pub segment_bytes: u64,
-    /// How long records are kept, by arrival time, once every registered
-    /// consumer has read them.
-    pub retention_ms: i64,
-    /// The most bytes the segments may hold; over it, retention deletes the
-    /// oldest segments even unread, and reports what was lost. `None`: no
-    /// budget, and unread records are kept however long a consumer stalls.
-    pub max_bytes: Option<u64>,
-    /// Sync each group of appends to disk before acknowledging it. Off, an
-    /// acknowledged record survives a crash of the process but not of the
-    /// machine; its sequence number is never reused, so consumers that had
-    /// checkpointed past it still read every record appended after the
-    /// crash.
-    pub sync: bool,
-    /// Memory per shard for its newest records, so that consumers keeping up
-    /// read without touching the disk.
-    pub tail_cache_bytes: usize,
-}
-
-impl Default for EmbeddedConfig {
-    fn default() -> Self {
-        EmbeddedConfig {
-            shards: 4,
-            segment_bytes: 64 * 1024 * 1024,
-            retention_ms: 24 * 60 * 60 * 1000,
-            max_bytes: None,
-            sync: true,
-            tail_cache_bytes: 8 * 1024 * 1024,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("invalid embedded log config: {0}")]
-    InvalidConfig(String),
-    #[error(
-        "{dir} holds a log of {on_disk} shards, but {configured} were configured; \
-         the embedded log cannot reshard, so configure {on_disk} or use a new directory"
-    )]
-    ShardCountMismatch {
-        dir: PathBuf,
-        on_disk: u32,
-        configured: u32,
-    },
-    #[error("{dir} holds a log of format {found}; this build reads format {supported}")]
-    UnsupportedFormat {
-        dir: PathBuf,
-        found: u32,
-        supported: u32,
-    },
-    #[error("{dir} is not a usable embedded log: {reason}")]
-    Corrupt { dir: PathBuf, reason: String },
-    #[error("{dir} is already open, in this process or another")]
-    Locked { dir: PathBuf },
-}
-
-impl OpenError {
-    fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> OpenError {
-        let context = context.into();
-        move |source| OpenError::Io { context, source }
-    }
-}
-
-/// Failures of the log's upkeep: retention and closing.
-#[derive(Debug, thiserror::Error)]
-pub enum LogError {
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
-    /// A shard's writer could not make its last records durable on close.
-    #[error("closing shard {shard}: {message}")]
-    Flush { shard: String, message: String },
-    #[error("a background task failed: {0}")]
-    Task(String),
-}
-
-/// What opening found in one shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShardRecovery {
-    pub shard: String,
-    /// The sequence number the next record gets.
-    pub next_seq: SeqNo,
-    /// Bytes cut from the end of the last segment: a torn or corrupt tail.
-    pub truncated_bytes: u64,
-    /// Whole frames in the cut tail, judged by their length fields: records
-    /// that were written but are lost (zero for a write that was cut short,
-    /// which was never acknowledged).
-    pub dropped_records: u64,
-    /// Sequence numbers passed over because the files ended below the
-    /// reserved mark (a crash with `sync` off): an upper bound on the
-    /// acknowledged records the crash lost; none of the numbers is reused.
-    pub numbers_skipped: u64,
-}
 
 /// The local durable, sharded log. See the module docs.
 ///
@@ -514,119 +408,9 @@ fn join_writers(threads: Vec<WriterThread>) -> Result<(), LogError> {
     first_error.map_or(Ok(()), Err)
 }
 
-#[async_trait]
-impl StreamProducer for EmbeddedLog {
-    /// Any number: a put hands each shard's writer its records in one queued
-    /// request before it first waits (or waits in the queue's line, which is
-    /// first come, first served), and each writer stores requests in queue
-    /// order.
-    fn max_puts_in_order(&self) -> usize {
-        usize::MAX
-    }
-
-    async fn put(&self, records: Vec<PutRecord>) -> Result<Vec<PutOutcome>, ProduceError> {
-        let senders = match self.writers.read() {
-            Ok(writers) => writers.clone().ok_or(ProduceError::Closed)?,
-            Err(_) => return Err(ProduceError::Closed),
-        };
-        let mut outcomes: Vec<Option<PutOutcome>> = vec![None; records.len()];
-        let mut by_shard: Vec<(Vec<usize>, Vec<PutRecord>)> = (0..self.shards.len())
-            .map(|_| (Vec::new(), Vec::new()))
-            .collect();
-        for (i, record) in records.into_iter().enumerate() {
-            if let Err(message) = frame::check_record(&record.partition_key, &record.data) {
-                outcomes[i] = Some(PutOutcome::Failed {
-                    retryable: false,
-                    message,
-                });
-                continue;
-            }
-            let shard = partition::shard_for(&record.partition_key, self.config.shards) as usize;
-            by_shard[shard].0.push(i);
-            by_shard[shard].1.push(record);
-        }
-
-        let mut pending = Vec::new();
-        let mut sent = 0;
-        let mut refused = 0;
-        for (shard, (indices, records)) in by_shard.into_iter().enumerate() {
-            if records.is_empty() {
-                continue;
-            }
-            let (reply, answer) = oneshot::channel();
-            sent += indices.len();
-            match senders[shard].send(AppendRequest { records, reply }).await {
-                Ok(()) => pending.push((shard, indices, answer)),
-                Err(_) => {
-                    refused += indices.len();
-                    fail(&mut outcomes, &indices, "stream is closed");
-                }
-            }
-        }
-        for (shard, indices, answer) in pending {
-            let Ok(reply) = answer.await else {
-                fail(&mut outcomes, &indices, "the shard writer stopped");
-                continue;
-            };
-            let shard_id = &self.shards[shard].id;
-            for (n, i) in indices.iter().enumerate() {
-                outcomes[*i] = Some(if n < reply.stored {
-                    PutOutcome::Stored {
-                        shard: shard_id.clone(),
-                        seq: SeqNo::from(reply.first_seq + n as u64),
-                    }
-                } else {
-                    PutOutcome::Failed {
-                        retryable: true,
-                        message: reply.error.clone().unwrap_or_default(),
-                    }
-                });
-            }
-        }
-        if sent > 0 && refused == sent {
-            return Err(ProduceError::Closed);
-        }
-        Ok(outcomes
-            .into_iter()
-            .map(|o| {
-                o.unwrap_or(PutOutcome::Failed {
-                    retryable: true,
-                    message: "record was not handled".to_owned(),
-                })
-            })
-            .collect())
-    }
-}
-
-fn fail(outcomes: &mut [Option<PutOutcome>], indices: &[usize], message: &str) {
-    for i in indices {
-        outcomes[*i] = Some(PutOutcome::Failed {
-            retryable: true,
-            message: message.to_owned(),
-        });
-    }
-}
-
 /// `shard-0000`, `shard-0001`, ...
 fn shard_id(index: u32) -> String {
     format!("shard-{index:04}")
-}
-
-fn check_config(config: &EmbeddedConfig) -> Result<(), OpenError> {
-    if config.shards == 0 {
-        return Err(OpenError::InvalidConfig("shards must be at least 1".into()));
-    }
-    if config.segment_bytes == 0 {
-        return Err(OpenError::InvalidConfig(
-            "segment_bytes must be at least 1".into(),
-        ));
-    }
-    if config.retention_ms <= 0 {
-        return Err(OpenError::InvalidConfig(
-            "retention_ms must be positive".into(),
-        ));
-    }
-    Ok(())
 }
 
 fn take_lock(dir: &Path) -> Result<File, OpenError> {

@@ -3,26 +3,18 @@
 //! writer's notification when it has read everything.
 
 use std::collections::VecDeque;
-use std::fs::File;
-use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::files;
-use super::segment::{Scanner, Step};
+use super::fill::{FileCursor, fill};
 use super::shard::{Committed, Shard};
 use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
-
-/// A read from the segment files stops after this many records or bytes; the
-/// rest waits in the next call, so one call's memory stays bounded.
-const FILL_RECORDS: usize = 4096;
-const FILL_BYTES: usize = 4 * 1024 * 1024;
 
 /// Reads one shard in order for one consumer; see [`crate::ShardReader`].
 pub struct EmbeddedReader {
@@ -45,14 +37,6 @@ pub struct EmbeddedReader {
     /// first.
     skipped: u64,
     checkpoint_dir: PathBuf,
-}
-
-/// An open segment and the offset of the frame with sequence number `seq`.
-struct FileCursor {
-    base: u64,
-    file: File,
-    offset: u64,
-    seq: u64,
 }
 
 impl std::fmt::Debug for EmbeddedReader {
@@ -344,195 +328,4 @@ fn check_consumer(consumer: &str) -> Result<(), ReadError> {
             "consumer name {consumer:?} must be 1..=64 characters of [A-Za-z0-9_.-], not starting with '.'"
         )))
     }
-}
-
-/// What one read from the segment files produced.
-struct Fill {
-    /// Consecutive records, except across a damaged segment.
-    records: Vec<Record>,
-    /// Records passed over: deleted by retention, or in a damaged segment.
-    skipped: u64,
-    /// The sequence number after the read: where the next read starts.
-    next: u64,
-    /// Positioned at `next`, when the read stopped inside a segment.
-    cursor: Option<FileCursor>,
-}
-
-/// Reads records from `from` (or the oldest retained, if later) up to `end`,
-/// continuing from `cursor` when it points at `from`. Blocking.
-fn fill(shard: &Shard, cursor: Option<FileCursor>, from: u64, end: u64) -> Result<Fill, ReadError> {
-    let io_error = |what: &str, e: io::Error| ReadError::Io(format!("{what} in {}: {e}", shard.id));
-    let mut out = Fill {
-        records: Vec::new(),
-        skipped: 0,
-        next: from,
-        cursor: None,
-    };
-    let mut bytes = 0;
-    let mut cursor = match cursor.filter(|c| c.seq == from) {
-        Some(cursor) => cursor,
-        None => {
-            let (cursor, skip) = locate(shard, from)?;
-            out.skipped += skip;
-            out.next += skip;
-            cursor
-        }
-    };
-    loop {
-        // One snapshot per segment: if a later segment exists, this one is
-        // closed and its length final.
-        let (seg_end, next_base) = {
-            let segments = shard.segments();
-            let len = segments
-                .iter()
-                .find(|s| s.base == cursor.base)
-                .map(|s| s.len);
-            let next = segments.iter().map(|s| s.base).find(|b| *b > cursor.base);
-            (len, next)
-        };
-        let seg_end = match seg_end {
-            Some(len) => len,
-            // Retention deleted the segment under us; the open handle still
-            // reads it, and a deleted segment was closed, hence whole.
-            None => cursor
-                .file
-                .metadata()
-                .map_err(|e| io_error("reading a segment", e))?
-                .len(),
-        };
-        let mut scanner = Scanner::new(&cursor.file, cursor.offset, seg_end);
-        let damage = loop {
-            let step = scanner
-                .next()
-                .map_err(|e| io_error("reading a segment", e))?;
-            match step {
-                Step::Frame { frame, offset } => {
-                    if frame.seq < out.next {
-                        continue;
-                    }
-                    let full = out.records.len() >= FILL_RECORDS || bytes >= FILL_BYTES;
-                    if frame.seq >= end || full {
-                        cursor.offset = offset;
-                        cursor.seq = frame.seq;
-                        out.cursor = Some(cursor);
-                        return Ok(out);
-                    }
-                    if frame.seq != out.next {
-                        break Some(format!("expected record {}, found {}", out.next, frame.seq));
-                    }
-                    bytes += frame.data.len();
-                    out.records.push(Record {
-                        seq: SeqNo::from(frame.seq),
-                        partition_key: frame.key.to_owned(),
-                        data: Bytes::copy_from_slice(frame.data),
-                        arrival_ms: frame.arrival_ms,
-                    });
-                    out.next += 1;
-                }
-                Step::End => break None,
-                Step::Torn { offset } => break Some(format!("a cut frame at offset {offset}")),
-                Step::Corrupt { offset, reason } => {
-                    break Some(format!("{reason} at offset {offset}"));
-                }
-            }
-        };
-        cursor.offset = scanner.position();
-        cursor.seq = out.next;
-        let Some(next_base) = next_base else {
-            if let Some(damage) = damage {
-                return Err(ReadError::Io(format!(
-                    "segment {} of {} is damaged where records are committed: {damage}",
-                    cursor.base, shard.id
-                )));
-            }
-            // The segment being written: everything committed is read.
-            out.cursor = Some(cursor);
-            return Ok(out);
-        };
-        if let Some(damage) = damage {
-            let lost = next_base.saturating_sub(out.next);
-            tracing::warn!(
-                shard = %shard.id,
-                segment = cursor.base,
-                damage = %damage,
-                lost,
-                "A closed segment is damaged; reading continues with the next one."
-            );
-            out.skipped += lost;
-        }
-        out.next = out.next.max(next_base);
-        if out.next >= end || out.records.len() >= FILL_RECORDS || bytes >= FILL_BYTES {
-            // The next read locates the segment by number.
-            return Ok(out);
-        }
-        match File::open(shard.segment_path(next_base)) {
-            Ok(file) => {
-                cursor = FileCursor {
-                    base: next_base,
-                    file,
-                    offset: 0,
-                    seq: next_base,
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // Deleted by retention since the snapshot: go on at the
-                // oldest retained segment.
-                let (relocated, skip) = locate(shard, out.next)?;
-                out.skipped += skip;
-                out.next += skip;
-                cursor = relocated;
-            }
-            Err(e) => return Err(io_error("opening a segment", e)),
-        }
-    }
-}
-
-/// Opens the segment holding `seq`, or the oldest one if retention deleted
-/// `seq`; returns the cursor at that segment's start and how many records
-/// were skipped.
-fn locate(shard: &Shard, seq: u64) -> Result<(FileCursor, u64), ReadError> {
-    // Each retry follows a deletion by retention, which only moves forward.
-    for _ in 0..8 {
-        let (base, first_base) = {
-            let segments = shard.segments();
-            let first = segments.first().map(|s| s.base);
-            let holding = segments
-                .iter()
-                .rev()
-                .find(|s| s.base <= seq)
-                .map(|s| s.base);
-            (holding, first)
-        };
-        let Some(first_base) = first_base else {
-            return Err(ReadError::Io(format!("{} has no segments", shard.id)));
-        };
-        let (base, skip) = match base {
-            Some(base) => (base, 0),
-            None => (first_base, first_base - seq),
-        };
-        match File::open(shard.segment_path(base)) {
-            Ok(file) => {
-                return Ok((
-                    FileCursor {
-                        base,
-                        file,
-                        offset: 0,
-                        seq: base,
-                    },
-                    skip,
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Err(ReadError::Io(format!(
-                    "opening a segment of {}: {e}",
-                    shard.id
-                )));
-            }
-        }
-    }
-    Err(ReadError::Io(format!(
-        "segments of {} keep disappearing while a reader looks for record {seq}",
-        shard.id
-    )))
 }

@@ -31,27 +31,7 @@ pub(crate) fn open_shard(
     fresh: bool,
 ) -> Result<OpenedShard, OpenError> {
     let dir = root.join(id);
-    let checkpoints = dir.join(CHECKPOINT_DIR);
-    std::fs::create_dir_all(&checkpoints)
-        .map_err(OpenError::io(format!("creating {}", checkpoints.display())))?;
-    let listing_error = OpenError::io(format!("listing {}", dir.display()));
-    let mut listed = segment::list(&dir).map_err(listing_error)?;
-    if fresh {
-        if listed.iter().any(|s| s.len > 0) {
-            return Err(OpenError::Corrupt {
-                dir: root.to_owned(),
-                reason: format!("{id} holds records but the meta file is missing"),
-            });
-        }
-        if listed.is_empty() {
-            let path = shard::segment_path(&dir, 1);
-            File::create(&path).map_err(OpenError::io(format!("creating {}", path.display())))?;
-            files::sync_dir(&dir).map_err(OpenError::io(format!("syncing {}", dir.display())))?;
-            files::sync_dir(root).map_err(OpenError::io(format!("syncing {}", root.display())))?;
-            listed =
-                segment::list(&dir).map_err(OpenError::io(format!("listing {}", dir.display())))?;
-        }
-    }
+    let listed = list_segments(root, &dir, id, fresh)?;
     let Some(last) = listed.last().cloned() else {
         return Err(OpenError::Corrupt {
             dir: root.to_owned(),
@@ -67,58 +47,16 @@ pub(crate) fn open_shard(
     let scan_error = OpenError::io(format!("scanning {}", last.path.display()));
     let mut tail = TailCache::new(config.tail_cache_bytes);
     let scanned = scan_last(&file, last.base, last.len, &mut tail).map_err(scan_error)?;
-
+    let cut = cut_torn_tail(id, &file, &last, &scanned)?;
     let mut report = ShardRecovery {
         shard: id.to_owned(),
         next_seq: SeqNo::from(scanned.next_seq),
-        truncated_bytes: 0,
-        dropped_records: 0,
+        truncated_bytes: cut.as_ref().map_or(0, |c| c.bytes),
+        dropped_records: cut.as_ref().map_or(0, |c| c.records),
         numbers_skipped: 0,
     };
-    let mut allocated = last.len;
-    if scanned.good_len < last.len {
-        let cut = last.len - scanned.good_len;
-        let mut tail_bytes = vec![0u8; usize::try_from(cut).unwrap_or(0)];
-        let read = file.read_exact_at(&mut tail_bytes, scanned.good_len);
-        // Zeros only: space the writer wrote ahead of its records, which a
-        // crash (rather than a clean close) left behind. Nothing is torn.
-        let written_ahead = read.is_ok() && tail_bytes.iter().all(|b| *b == 0);
-        if !written_ahead {
-            let dropped = match read {
-                Ok(()) => segment::count_claimed_frames(&tail_bytes),
-                Err(_) => 0,
-            };
-            let truncate_error = OpenError::io(format!("truncating {}", last.path.display()));
-            file.set_len(scanned.good_len)
-                .and_then(|()| file.sync_all())
-                .map_err(truncate_error)?;
-            allocated = scanned.good_len;
-            tracing::warn!(
-                shard = id,
-                segment = %last.path.display(),
-                dropped_bytes = cut,
-                dropped_records = dropped,
-                reason = %scanned.stop,
-                resume_seq = scanned.next_seq,
-                "Cut a torn or corrupt tail from the last segment."
-            );
-            report.truncated_bytes = cut;
-            report.dropped_records = dropped;
-        }
-    }
 
-    let mut segments: Vec<SegmentInfo> = listed
-        .iter()
-        .map(|s| SegmentInfo {
-            base: s.base,
-            len: s.len,
-            last_arrival_ms: None,
-            last_seq: None,
-        })
-        .collect();
-    if let Some(active) = segments.last_mut() {
-        active.len = scanned.good_len;
-    }
+    let mut segments = segment_infos(&listed, scanned.good_len);
     let reserved = reserve::read(&dir).map_err(|reason| OpenError::Corrupt {
         dir: root.to_owned(),
         reason,
@@ -126,7 +64,11 @@ pub(crate) fn open_shard(
     let mut start = WriterStart {
         base: last.base,
         len: scanned.good_len,
-        allocated,
+        allocated: if cut.is_some() {
+            scanned.good_len
+        } else {
+            last.len
+        },
         next_seq: scanned.next_seq,
         last_arrival_ms: scanned.last_arrival_ms.unwrap_or(i64::MIN),
         reserved: reserved.unwrap_or(0),
@@ -148,6 +90,106 @@ pub(crate) fn open_shard(
         start,
         report,
     })
+}
+
+/// Lists the segments of shard `id` in `dir`, creating its checkpoint folder
+/// and, in a `fresh` log, its first segment.
+fn list_segments(
+    root: &Path,
+    dir: &Path,
+    id: &str,
+    fresh: bool,
+) -> Result<Vec<segment::Listed>, OpenError> {
+    let checkpoints = dir.join(CHECKPOINT_DIR);
+    std::fs::create_dir_all(&checkpoints)
+        .map_err(OpenError::io(format!("creating {}", checkpoints.display())))?;
+    let listing_error = OpenError::io(format!("listing {}", dir.display()));
+    let mut listed = segment::list(dir).map_err(listing_error)?;
+    if fresh {
+        if listed.iter().any(|s| s.len > 0) {
+            return Err(OpenError::Corrupt {
+                dir: root.to_owned(),
+                reason: format!("{id} holds records but the meta file is missing"),
+            });
+        }
+        if listed.is_empty() {
+            let path = shard::segment_path(dir, 1);
+            File::create(&path).map_err(OpenError::io(format!("creating {}", path.display())))?;
+            files::sync_dir(dir).map_err(OpenError::io(format!("syncing {}", dir.display())))?;
+            files::sync_dir(root).map_err(OpenError::io(format!("syncing {}", root.display())))?;
+            listed =
+                segment::list(dir).map_err(OpenError::io(format!("listing {}", dir.display())))?;
+        }
+    }
+    Ok(listed)
+}
+
+/// What cutting the last segment's tail removed.
+struct Cut {
+    bytes: u64,
+    /// Whole frames in the cut bytes, judged by their length fields.
+    records: u64,
+}
+
+/// Cuts what follows the last good frame of the last segment (`file`), and
+/// syncs the cut; `None` when nothing follows it but zeros.
+fn cut_torn_tail(
+    id: &str,
+    file: &File,
+    last: &segment::Listed,
+    scanned: &Scanned,
+) -> Result<Option<Cut>, OpenError> {
+    if scanned.good_len >= last.len {
+        return Ok(None);
+    }
+    let cut = last.len - scanned.good_len;
+    let mut tail_bytes = vec![0u8; usize::try_from(cut).unwrap_or(0)];
+    let read = file.read_exact_at(&mut tail_bytes, scanned.good_len);
+    // Zeros only: space the writer wrote ahead of its records, which a
+    // crash (rather than a clean close) left behind. Nothing is torn.
+    let written_ahead = read.is_ok() && tail_bytes.iter().all(|b| *b == 0);
+    if written_ahead {
+        return Ok(None);
+    }
+    let dropped = match read {
+        Ok(()) => segment::count_claimed_frames(&tail_bytes),
+        Err(_) => 0,
+    };
+    let truncate_error = OpenError::io(format!("truncating {}", last.path.display()));
+    file.set_len(scanned.good_len)
+        .and_then(|()| file.sync_all())
+        .map_err(truncate_error)?;
+    tracing::warn!(
+        shard = id,
+        segment = %last.path.display(),
+        dropped_bytes = cut,
+        dropped_records = dropped,
+        reason = %scanned.stop,
+        resume_seq = scanned.next_seq,
+        "Cut a torn or corrupt tail from the last segment."
+    );
+    Ok(Some(Cut {
+        bytes: cut,
+        records: dropped,
+    }))
+}
+
+/// The shard's view of the listed segments; the last one, where the writer
+/// resumes, ends at `good_len`.
+fn segment_infos(listed: &[segment::Listed], good_len: u64) -> Vec<SegmentInfo> {
+    let mut segments: Vec<SegmentInfo> = listed
+        .iter()
+        .map(|s| SegmentInfo {
+            base: s.base,
+            len: s.len,
+            last_arrival_ms: None,
+            last_seq: None,
+        })
+        .collect();
+    if let Some(active) = segments.last_mut() {
+        active.len = good_len;
+    }
+    segments
 }
 
 /// Closes the last segment (`file`) as it is and starts a new, empty one
