@@ -27,7 +27,7 @@ use rollup::aggregate::{self, ApplyError, BatchStats};
 use schemas::shard::Record;
 
 use crate::metrics::ProcessorMetrics;
-use crate::store::{RollupStore, StoreError};
+use crate::store::{RollupStore, Scan, StoreError};
 
 /// How a processor reads and retries.
 #[derive(Debug, Clone)]
@@ -134,7 +134,9 @@ pub async fn sweep_quiet_devices(
     let mut swept = 0;
     let mut after = None;
     loop {
-        let page = query.scan_prefix("d|", after.clone(), 1000).await?;
+        let page = query
+            .scan_prefix(Scan::new("d|", after.clone(), 1000))
+            .await?;
         let full = page.len() == 1000;
         for (pk, sk, item) in page {
             after = Some((pk.clone(), sk.clone()));

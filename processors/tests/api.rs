@@ -406,11 +406,9 @@ impl processors::store::RollupQuery for Stall {
     }
     async fn scan_prefix(
         &self,
-        p: &str,
-        a: Option<(String, String)>,
-        l: usize,
-    ) -> Result<Vec<(String, String, schemas::state::Item)>, processors::store::StoreError> {
-        self.inner.scan_prefix(p, a, l).await
+        scan: processors::store::Scan,
+    ) -> Result<Vec<processors::store::KeyedItem>, processors::store::StoreError> {
+        self.inner.scan_prefix(scan).await
     }
 }
 

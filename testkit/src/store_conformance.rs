@@ -10,7 +10,7 @@ use schemas::state::{Item, ItemState};
 
 use rollup::{Commit, Condition, Write};
 
-use processors::store::{Range, RollupQuery, RollupStore, StoreError};
+use processors::store::{Range, RollupQuery, RollupStore, Scan, StoreError};
 use rollup::keys::ItemKey;
 
 /// A counter item's key.
@@ -198,18 +198,24 @@ async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
         })
         .collect();
     commit_writes(store, writes).await;
-    let all = store.scan_prefix("m|f", None, 100).await.unwrap();
+    let all = store
+        .scan_prefix(Scan::new("m|f", None, 100))
+        .await
+        .unwrap();
     let got: Vec<(&str, &str)> = all
         .iter()
         .map(|(pk, sk, _)| (pk.as_str(), sk.as_str()))
         .collect();
     assert_eq!(got, keys, "prefix scan in (pk, sk) order");
     let page = store
-        .scan_prefix("m|f", Some(("m|fa".into(), "d1".into())), 2)
+        .scan_prefix(Scan::new("m|f", Some(("m|fa".into(), "d1".into())), 2))
         .await
         .unwrap();
     let got: Vec<&str> = page.iter().map(|(_, sk, _)| sk.as_str()).collect();
     assert_eq!(got, ["d2", "d3"], "a scan resumes after the given key");
-    let exact = store.scan_prefix("m|fb", None, 100).await.unwrap();
+    let exact = store
+        .scan_prefix(Scan::new("m|fb", None, 100))
+        .await
+        .unwrap();
     assert_eq!(exact.len(), 1);
 }

@@ -17,7 +17,7 @@ use schemas::state::Item;
 
 use rollup::{Commit, LoadedItem};
 
-use processors::store::{Range, RollupQuery, RollupStore, StoreError};
+use processors::store::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError};
 use rollup::keys::ItemKey;
 
 /// The message of every injected failure, so logs tell them from real ones.
@@ -221,13 +221,8 @@ impl<S: RollupQuery + ?Sized> RollupQuery for FaultyStore<S> {
         self.inner.range(range).await
     }
 
-    async fn scan_prefix(
-        &self,
-        pk_prefix: &str,
-        after: Option<(String, String)>,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Item)>, StoreError> {
-        self.inner.scan_prefix(pk_prefix, after, limit).await
+    async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
+        self.inner.scan_prefix(scan).await
     }
 }
 

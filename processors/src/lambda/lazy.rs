@@ -14,7 +14,7 @@ use crate::store::dynamodb::DynamoStore;
 use rollup::keys::ItemKey;
 use rollup::{Commit, LoadedItem};
 
-use crate::store::{Range, RollupQuery, RollupStore, StoreError};
+use crate::store::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError};
 
 pub struct LazyDynamoStore {
     aws: AwsConfig,
@@ -60,15 +60,7 @@ impl RollupQuery for LazyDynamoStore {
         self.store().await.range(range).await
     }
 
-    async fn scan_prefix(
-        &self,
-        pk_prefix: &str,
-        after: Option<(String, String)>,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Item)>, StoreError> {
-        self.store()
-            .await
-            .scan_prefix(pk_prefix, after, limit)
-            .await
+    async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
+        self.store().await.scan_prefix(scan).await
     }
 }

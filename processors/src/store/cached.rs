@@ -28,7 +28,7 @@ use schemas::state::Item;
 
 use rollup::{Commit, Condition, LoadedItem, Write};
 
-use super::{Range, RollupQuery, RollupStore, StoreError};
+use super::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError};
 use rollup::keys::ItemKey;
 
 /// How much the cache keeps.
@@ -435,30 +435,19 @@ impl<S: RollupStore + RollupQuery> RollupQuery for CachedStore<S> {
         Ok(rows)
     }
 
-    async fn scan_prefix(
-        &self,
-        pk_prefix: &str,
-        after: Option<(String, String)>,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Item)>, StoreError> {
-        let stored = self
-            .inner
-            .scan_prefix(pk_prefix, after.clone(), limit)
-            .await?;
-        let cached: Vec<(String, String, Item)> = {
+    async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
+        let limit = scan.limit;
+        let cached: Vec<KeyedItem> = {
             let state = self.lock();
-            let start = match &after {
-                Some(k) => Bound::Excluded(k.clone()),
-                None => Bound::Included((pk_prefix.to_string(), String::new())),
-            };
             state
                 .entries
-                .range((start, Bound::Unbounded))
-                .take_while(|((pk, _), _)| pk.starts_with(pk_prefix))
+                .range((scan.start(), Bound::Unbounded))
+                .take_while(|((pk, _), _)| pk.starts_with(&scan.pk_prefix))
                 .filter_map(|((pk, sk), e)| e.value.clone().map(|v| (pk.clone(), sk.clone(), v)))
                 .take(limit)
                 .collect()
         };
+        let stored = self.inner.scan_prefix(scan).await?;
         let mut merged: BTreeMap<(String, String), Item> = stored
             .into_iter()
             .map(|(pk, sk, item)| ((pk, sk), item))

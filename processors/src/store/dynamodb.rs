@@ -44,7 +44,7 @@ use schemas::state::Item;
 
 use rollup::{Commit, Condition, LoadedItem, Write};
 
-use super::{Range, RollupQuery, RollupStore, StoreError};
+use super::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError};
 use rollup::keys::ItemKey;
 
 mod plan;
@@ -411,28 +411,23 @@ impl RollupQuery for DynamoStore {
         }
     }
 
-    async fn scan_prefix(
-        &self,
-        pk_prefix: &str,
-        after: Option<(String, String)>,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Item)>, StoreError> {
+    async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
         let mut rows = Vec::new();
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let out = self
                 .retrying("Scan", || {
-                    let scan = self
+                    let call = self
                         .client
                         .scan()
                         .table_name(&self.table)
                         .set_exclusive_start_key(start.clone());
-                    if pk_prefix.is_empty() {
-                        scan.send()
+                    if scan.pk_prefix.is_empty() {
+                        call.send()
                     } else {
-                        scan.filter_expression("begins_with(#pk, :prefix)")
+                        call.filter_expression("begins_with(#pk, :prefix)")
                             .expression_attribute_names("#pk", "pk")
-                            .expression_attribute_values(":prefix", s(pk_prefix))
+                            .expression_attribute_values(":prefix", s(&scan.pk_prefix))
                             .send()
                     }
                 })
@@ -449,11 +444,11 @@ impl RollupQuery for DynamoStore {
         Ok(rows
             .into_iter()
             .filter(|(pk, sk, _, _)| {
-                after
+                scan.after
                     .as_ref()
                     .is_none_or(|(apk, ask)| (pk, sk) > (apk, ask))
             })
-            .take(limit)
+            .take(scan.limit)
             .map(|(pk, sk, _, item)| (pk, sk, item))
             .collect())
     }

@@ -9,7 +9,7 @@ use schemas::state::Item;
 
 use rollup::{Commit, Condition, LoadedItem, Write};
 
-use super::{Range, RollupQuery, RollupStore, StoreError};
+use super::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError};
 use rollup::keys::ItemKey;
 
 #[derive(Debug, Default)]
@@ -109,22 +109,12 @@ impl RollupQuery for MemoryStore {
         })
     }
 
-    async fn scan_prefix(
-        &self,
-        pk_prefix: &str,
-        after: Option<(String, String)>,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Item)>, StoreError> {
-        use std::ops::Bound;
+    async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
         let map = self.lock();
-        let start = match after {
-            Some(k) => Bound::Excluded(k),
-            None => Bound::Included((pk_prefix.to_string(), String::new())),
-        };
         Ok(map
-            .range((start, Bound::Unbounded))
-            .take_while(|((pk, _), _)| pk.starts_with(pk_prefix))
-            .take(limit)
+            .range((scan.start(), std::ops::Bound::Unbounded))
+            .take_while(|((pk, _), _)| pk.starts_with(&scan.pk_prefix))
+            .take(scan.limit)
             .map(|((pk, sk), (_, item))| (pk.clone(), sk.clone(), item.clone()))
             .collect())
     }

@@ -91,6 +91,40 @@ pub async fn watermarks(
         .collect())
 }
 
+/// A page of a scan over partitions whose key starts with `pk_prefix`: at
+/// most `limit` items after `after` = (pk, sk), or from the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    pub pk_prefix: String,
+    pub after: Option<(String, String)>,
+    pub limit: usize,
+}
+
+impl Scan {
+    pub fn new(
+        pk_prefix: impl Into<String>,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Self {
+        Scan {
+            pk_prefix: pk_prefix.into(),
+            after,
+            limit,
+        }
+    }
+
+    /// Where the scan starts in a map ordered by (pk, sk).
+    pub fn start(&self) -> std::ops::Bound<(String, String)> {
+        match &self.after {
+            Some(key) => std::ops::Bound::Excluded(key.clone()),
+            None => std::ops::Bound::Included((self.pk_prefix.clone(), String::new())),
+        }
+    }
+}
+
+/// An item with its keys, as a scan returns it: (pk, sk, item).
+pub type KeyedItem = (String, String, Item);
+
 /// A range of one partition, `from <= sk < to`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Range {
@@ -108,12 +142,7 @@ pub trait RollupQuery: Send + Sync + 'static {
     /// Items of `range.pk` with sort keys in `[from, to)`, at most `limit`.
     async fn range(&self, range: Range) -> Result<Vec<(String, Item)>, StoreError>;
 
-    /// Items of every partition whose key starts with `pk_prefix`, ordered by
-    /// (pk, sk), starting after `after` = (pk, sk) when given.
-    async fn scan_prefix(
-        &self,
-        pk_prefix: &str,
-        after: Option<(String, String)>,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Item)>, StoreError>;
+    /// Items of every partition whose key starts with `scan.pk_prefix`,
+    /// ordered by (pk, sk), starting after `scan.after` when given.
+    async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError>;
 }

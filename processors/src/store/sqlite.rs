@@ -19,7 +19,7 @@ use schemas::state::Item;
 
 use rollup::{Commit, Condition, LoadedItem};
 
-use super::{Range, RollupQuery, RollupStore, StoreError};
+use super::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError};
 use rollup::keys::ItemKey;
 
 /// The layout this build writes: items keyed by (pk, sk) in a clustered
@@ -357,13 +357,12 @@ impl RollupQuery for SqliteStore {
         .await
     }
 
-    async fn scan_prefix(
-        &self,
-        pk_prefix: &str,
-        after: Option<(String, String)>,
-        limit: usize,
-    ) -> Result<Vec<(String, String, Item)>, StoreError> {
-        let prefix = pk_prefix.to_string();
+    async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
+        let Scan {
+            pk_prefix: prefix,
+            after,
+            limit,
+        } = scan;
         self.read(move |conn| {
             // Every key character sorts below '~', so prefix + '~' bounds the prefix.
             let end = format!("{prefix}~");
