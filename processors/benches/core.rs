@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
@@ -14,59 +13,12 @@ use processors::store::sqlite::SqliteStore;
 use rollup::AggregateConfig;
 use rollup::aggregate::fold;
 use rollup::keys::ItemKey;
-use schemas::shard::Record;
-use schemas::{Metric, PackedRecord, Reading};
+use testkit::batches::busy_shard;
 
 // The allocator iotpipe's binaries use: the core allocates per batch, and
 // glibc's malloc costs several times more under this churn.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const T0: i64 = 1_767_225_600_000;
-
-/// `records` packed records from `devices` devices, `per_record` readings
-/// each, two metrics, all within a few minutes (as one batch of a busy shard).
-fn batch(records: usize, devices: usize, per_record: usize, first_seq: u64) -> Vec<Record> {
-    (0..records)
-        .map(|i| {
-            let device = format!("dev-{:05}", i % devices);
-            let base = (first_seq as usize + i / devices) * per_record;
-            let readings: Vec<Reading> = (0..per_record)
-                .map(|k| {
-                    let seq = (base + k) as u64;
-                    Reading {
-                        seq: Some(seq),
-                        ts: T0 + seq as i64 * 50,
-                        metrics: vec![
-                            Metric {
-                                name: "temperature".into(),
-                                value: 20.0 + (seq % 17) as f64 * 0.1,
-                            },
-                            Metric {
-                                name: "humidity".into(),
-                                value: 40.0 + (seq % 13) as f64,
-                            },
-                        ],
-                    }
-                })
-                .collect();
-            let data = PackedRecord {
-                device_id: device.clone(),
-                fleet: "bench".into(),
-                // Received just after its last reading: on time, not late.
-                received_at: readings.last().map_or(T0, |r| r.ts + 20),
-                readings,
-            }
-            .encode();
-            Record {
-                seq: (first_seq as u128 + i as u128 + 1).into(),
-                partition_key: device,
-                data: Bytes::from(data),
-                arrival_ms: T0,
-            }
-        })
-        .collect()
-}
 
 fn bench_core(c: &mut Criterion) {
     let cfg = AggregateConfig::default();
@@ -80,11 +32,11 @@ fn bench_core(c: &mut Criterion) {
     ] {
         // A warm store: the windows exist, as in steady state.
         let store = MemoryStore::new();
-        let warm = batch(records, 1000, per_record, 0);
+        let warm = busy_shard(records, 1000, per_record, 0);
         let load = |keys: &[ItemKey]| rt.block_on(store.load(keys)).unwrap();
         let warmed = fold("shard-0000", &warm, &cfg, load).unwrap();
         rt.block_on(store.commit(warmed.commit)).unwrap();
-        let next = batch(records, 1000, per_record, records as u64);
+        let next = busy_shard(records, 1000, per_record, records / 1000);
         g.throughput(Throughput::Elements((records * per_record) as u64));
         // Loads from memory included: the core needs two rounds of them.
         g.bench_function(format!("plan+load+apply, {name} (readings/s)"), |b| {
@@ -112,9 +64,10 @@ fn bench_store(c: &mut Criterion) {
     let mut g = c.benchmark_group("store");
     g.sample_size(10);
     for (name, store) in stores {
-        let mut first = 0u64;
+        // Each batch of 2,000 records is two more of every device.
+        let mut round = 0;
         // Each iteration folds a fresh batch into warm windows: load + commit.
-        let probe = batch(2_000, 1000, 1, 0);
+        let probe = busy_shard(2_000, 1000, 1, 0);
         let writes = {
             let c = fold("shard-0000", &probe, &cfg, |keys| {
                 rt.block_on(store.load(keys)).unwrap()
@@ -128,8 +81,8 @@ fn bench_store(c: &mut Criterion) {
         g.throughput(Throughput::Elements(writes as u64));
         g.bench_function(format!("{name}: load+commit (items/s)"), |b| {
             b.iter(|| {
-                first += 2_000;
-                let records = batch(2_000, 1000, 1, first);
+                round += 2;
+                let records = busy_shard(2_000, 1000, 1, round);
                 let c = fold("shard-0000", &records, &cfg, |keys| {
                     rt.block_on(store.load(keys)).unwrap()
                 })

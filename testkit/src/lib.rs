@@ -12,6 +12,7 @@
 //! - Launchers, one per external service: [`moto`] (Kinesis and DynamoDB),
 //!   [`mosquitto`], [`rumqttd`] (in process), [`chromium`], and [`up`]
 //!   (`iotpipe up` as a child process a test can kill).
+//! - [`batches`]: a busy shard's batches, for the core's benchmarks.
 //! - [`lambda`]: Kinesis events as the event source mapping writes them.
 //! - [`Pki`]: a test CA with server and client certificates.
 //! - [`now_ms`]: the wall clock, for tests that must stamp real times.
@@ -21,6 +22,7 @@
 //! needs this crate's types would see two copies of its own crate's types,
 //! so such tests live under that crate's `tests/` instead.
 
+pub mod batches;
 pub mod chromium;
 pub mod lambda;
 mod memory_producer;
