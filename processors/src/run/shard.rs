@@ -69,45 +69,40 @@ pub async fn run_shard(
         };
         read_retries = 0;
         record_lag(&lag, reader.as_ref(), &batch);
-        let Some(last) = batch.last().map(|r| r.seq) else {
-            if draining {
-                // Drained: make the rest durable now rather than wait for
-                // the flusher, which may already have stopped.
-                if let Some(&(seq, _)) = unflushed.back() {
-                    durability
-                        .flush(&shard, store.as_ref(), &processor_config, &metrics)
-                        .await
-                        .map_err(|e| stream::ReadError::Io(e.to_string()))?;
-                    checkpoint(&shard, &mut reader, seq, &processor_config, &metrics).await?;
+        match batch.last().map(|r| r.seq) {
+            None => {
+                if draining {
+                    // Drained: make the rest durable now rather than wait for
+                    // the flusher, which may already have stopped.
+                    if let Some(&(seq, _)) = unflushed.back() {
+                        durability
+                            .flush(&shard, store.as_ref(), &processor_config, &metrics)
+                            .await
+                            .map_err(|e| stream::ReadError::Io(e.to_string()))?;
+                        checkpoint(&shard, &mut reader, seq, &processor_config, &metrics).await?;
+                    }
+                    tracing::info!(shard, "Shard drained; processor stops.");
+                    return Ok(());
                 }
-                tracing::info!(shard, "Shard drained; processor stops.");
-                return Ok(());
+                if idle_since.elapsed() >= IDLE_WATERMARK_EVERY {
+                    idle_since = Instant::now();
+                    advance_idle(&shard, store.as_ref(), &aggregate_config).await;
+                }
             }
-            checkpoint_flushed(
-                &shard,
-                &mut reader,
-                &mut unflushed,
-                &durability,
-                &processor_config,
-                &metrics,
-            )
-            .await?;
-            if idle_since.elapsed() >= IDLE_WATERMARK_EVERY {
-                idle_since = Instant::now();
-                advance_idle(&shard, store.as_ref(), &aggregate_config).await;
+            Some(last) => {
+                apply_batch(
+                    &shard,
+                    &batch,
+                    store.as_ref(),
+                    &aggregate_config,
+                    &processor_config,
+                    &metrics,
+                )
+                .await?;
+                unflushed.push_back((last, durability.mark()));
             }
-            continue;
-        };
-        apply_batch(
-            &shard,
-            &batch,
-            store.as_ref(),
-            &aggregate_config,
-            &processor_config,
-            &metrics,
-        )
-        .await?;
-        unflushed.push_back((last, durability.mark()));
+        }
+        // Idle or not, checkpoint what flushes have made durable since.
         checkpoint_flushed(
             &shard,
             &mut reader,
