@@ -5,8 +5,8 @@
 //! the pipeline's bottleneck (about nine items per reading when each batch
 //! holds one reading per device). The cache keeps loaded items in memory,
 //! applies commits there, and [`CachedStore::flush`]es the dirty ones to the
-//! inner store in one commit, so an item that changed ten times between
-//! flushes is written once.
+//! inner store in transactions of a few thousand items, so an item that
+//! changed ten times between flushes is written once.
 //!
 //! Exactly-once still holds: the shard loop checkpoints only after a flush
 //! (`RollupStore::flush`), so a crash replays from the last flushed position,
@@ -21,12 +21,13 @@
 //!
 //! - `entries`: the entries, by `ItemKey` for the processors' loads and
 //!   commits and in (pk, sk) order for queries and flushes;
+//! - `flush`: the flush, its transactions and their order;
 //! - `query`: the `RollupQuery` side, reading through the cache.
 
 mod entries;
+mod flush;
 mod query;
 
-use std::ops::Bound;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -34,7 +35,7 @@ use async_trait::async_trait;
 use rollup::{Commit, Condition, LoadedItem, Write};
 
 use super::{RollupQuery, RollupStore, StoreError};
-use entries::{Entry, Id, State};
+use entries::{Entry, State};
 use rollup::keys::ItemKey;
 
 /// How much the cache keeps.
@@ -70,10 +71,6 @@ impl<S> std::fmt::Debug for CachedStore<S> {
     }
 }
 
-/// An item a flush took: its key, the inner version its write was
-/// conditional on, and whether it was written once.
-type Flushed = (ItemKey, Option<u64>, bool);
-
 impl<S: RollupStore + RollupQuery> CachedStore<S> {
     pub fn new(inner: Arc<S>, config: CacheConfig) -> Self {
         CachedStore {
@@ -103,70 +100,7 @@ impl<S: RollupStore + RollupQuery> CachedStore<S> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Moves up to [`FLUSH_CHUNK`] entries' worth of dirty items after
-    /// `after` (from the start if `None`) into `commit`, marking them clean
-    /// and recording each in `flushed`. Returns where to go on from, or
-    /// `None` once the end of the cache is reached.
-    fn take_dirty(
-        &self,
-        after: Option<Id>,
-        commit: &mut Commit,
-        flushed: &mut Vec<Flushed>,
-    ) -> Option<Id> {
-        let mut guard = self.lock();
-        let state = &mut *guard;
-        let start = match after {
-            Some(id) => Bound::Excluded(id),
-            None => Bound::Unbounded,
-        };
-        let mut taken = 0;
-        let mut visited = 0;
-        let mut last = None;
-        for (id, key) in state.order.range((start, Bound::Unbounded)) {
-            if visited == FLUSH_CHUNK {
-                break;
-            }
-            visited += 1;
-            last = Some(id);
-            let Some(e) = state.entries.get_mut(key) else {
-                continue;
-            };
-            if !e.dirty {
-                continue;
-            }
-            let Some(item) = e.value.clone() else {
-                continue;
-            };
-            e.dirty = false;
-            taken += 1;
-            let condition = if e.insert_once {
-                Condition::InsertOnce
-            } else {
-                e.inner_version
-                    .map_or(Condition::Absent, Condition::Version)
-            };
-            let write = Write {
-                key: key.clone(),
-                condition,
-                item,
-                expires_at: e.expires_at,
-            };
-            if key.is_written_last() {
-                commit.then.push(write);
-            } else {
-                commit.writes.push(write);
-            }
-            flushed.push((key.clone(), e.inner_version, e.insert_once));
-        }
-        let next = (visited == FLUSH_CHUNK).then(|| last.cloned()).flatten();
-        state.dirty -= taken;
-        next
-    }
 }
-
-/// Cache entries a flush looks at per hold of the lock.
-const FLUSH_CHUNK: usize = 4096;
 
 /// Why a commit cannot be applied to the cache as it stands.
 enum Refused {
@@ -322,109 +256,9 @@ impl<S: RollupStore + RollupQuery> RollupStore for CachedStore<S> {
     }
 
     async fn flush(&self) -> Result<usize, StoreError> {
-        let _one = self.flushing.lock().await;
-        let mut flushed: Vec<Flushed> = Vec::new();
-        let mut commit = Commit::default();
-        // The dirty items are copied a chunk at a time, letting go of the
-        // lock (and of the worker thread) between chunks: at a fleet's shape
-        // a flush copies tens of thousands of items, and the shard loops and
-        // the API would otherwise wait for all of them. An item committed
-        // while the copy runs is either taken with its newer value or left
-        // dirty for the next flush, so the flush still covers everything
-        // committed before it started.
-        let mut after = None;
-        loop {
-            after = self.take_dirty(after, &mut commit, &mut flushed);
-            if after.is_none() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        let written = commit.writes.len() + commit.then.len();
-        if !commit.is_empty()
-            && let Err(e) = self.inner.commit(commit).await
-        {
-            // Nothing is lost: mark the items dirty again for the next flush.
-            let mut guard = self.lock();
-            let state = &mut *guard;
-            let mut again = 0;
-            for (key, _, _) in &flushed {
-                if let Some(entry) = state.entries.get_mut(key)
-                    && !entry.dirty
-                {
-                    entry.dirty = true;
-                    again += 1;
-                }
-            }
-            state.dirty += again;
-            return Err(e);
-        }
-        let mut state = self.lock();
-        for (key, inner_version, insert_once) in flushed {
-            if let Some(entry) = state.entries.get_mut(&key) {
-                entry.inner_version = if insert_once {
-                    None
-                } else {
-                    Some(inner_version.map_or(1, |v| v + 1))
-                };
-            }
-        }
-        state.generation += 1;
-        state.evict(self.config.idle_flushes, self.config.max_items);
-        Ok(written)
+        self.flush_dirty().await
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use schemas::state::{Item, ItemState};
-
-    use super::*;
-    use crate::store::memory::MemoryStore;
-
-    fn counter(name: &str, condition: Condition, n: u64) -> Commit {
-        Commit {
-            writes: vec![Write {
-                key: ItemKey::Counter {
-                    shard: "s".into(),
-                    name: name.into(),
-                },
-                condition,
-                item: Item {
-                    applied: Default::default(),
-                    state: ItemState::Counter(n),
-                },
-                expires_at: None,
-            }],
-            then: vec![],
-        }
-    }
-
-    /// A flush copies the dirty items a chunk at a time; items on both sides
-    /// of every chunk boundary reach the inner store, once each.
-    #[tokio::test]
-    async fn a_flush_larger_than_a_chunk_writes_every_dirty_item_once() {
-        let inner = Arc::new(MemoryStore::new());
-        let cache = CachedStore::new(inner.clone(), CacheConfig::default());
-        let n = FLUSH_CHUNK * 2 + 7;
-        for i in 0..n {
-            cache
-                .commit(counter(&format!("c{i:06}"), Condition::Absent, 1))
-                .await
-                .unwrap();
-        }
-        assert_eq!(cache.flush().await.unwrap(), n);
-        assert_eq!(cache.unflushed(), 0);
-        assert_eq!(cache.flush().await.unwrap(), 0, "nothing is written twice");
-        for i in [0, FLUSH_CHUNK - 1, FLUSH_CHUNK, n - 1] {
-            let pk = ItemKey::Counter {
-                shard: "s".into(),
-                name: format!("c{i:06}"),
-            };
-            assert!(
-                inner.get(&pk.pk(), &pk.sk()).await.unwrap().is_some(),
-                "counter {i} reached the inner store"
-            );
-        }
-    }
-}
+mod tests;
