@@ -72,7 +72,9 @@ impl Durability {
 
     /// Flushes `store`, retrying passing errors; returns the items written.
     /// Flushes may overlap (the store serialises them): a flush that started
-    /// later covers everything an earlier one would have.
+    /// later covers everything an earlier one would have. The write-behind
+    /// cache writes a flush in several transactions; it returns `Ok` only
+    /// once all of them succeeded, so a mark is covered only then.
     pub async fn flush(
         &self,
         who: &str,
