@@ -32,8 +32,19 @@ fn free_port() -> Result<u16> {
 }
 
 impl Mosquitto {
-    /// Starts Mosquitto with `extra` config lines after the listener.
+    /// Starts Mosquitto with `extra` config lines after the listener,
+    /// logging everything to [`Mosquitto::log_text`].
     pub fn start(extra: &str) -> Result<Mosquitto> {
+        Self::launch("all", extra)
+    }
+
+    /// Starts Mosquitto logging errors only, for load: logging every packet
+    /// would cost the broker more than the load it is measured under.
+    pub fn start_quiet(extra: &str) -> Result<Mosquitto> {
+        Self::launch("error", extra)
+    }
+
+    fn launch(log_type: &str, extra: &str) -> Result<Mosquitto> {
         let bin = require("mosquitto", "apt-get install -y mosquitto")?;
         let dir = tempfile::tempdir()?;
         // The port is free a moment ago; if another process takes it first,
@@ -45,7 +56,7 @@ impl Mosquitto {
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest file {}\nlog_type all\n{extra}\n",
+                    "listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest file {}\nlog_type {log_type}\n{extra}\n",
                     log.display()
                 ),
             )?;
@@ -69,6 +80,14 @@ impl Mosquitto {
             let _ = child.wait();
         }
         bail!("mosquitto did not start")
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,189 @@
+//! What the benchmark samples while the simulator runs, and the figures it
+//! derives from the samples: a process's CPU (from `/proc/PID/stat`), the
+//! bytes it made the kernel write (`/proc/PID/io`), and the pipeline's own
+//! count of accepted readings (`/v1/stats`, so the simulator's rate is
+//! checked against something independent).
+//!
+//! Sampling runs on a thread or a task; the arithmetic on the samples is
+//! pure and tested without either.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How often a process's CPU is read.
+const CPU_EVERY: Duration = Duration::from_millis(250);
+/// How often `/v1/stats` is asked.
+pub const STATS_EVERY: Duration = Duration::from_millis(400);
+
+/// Clock ticks per second of `/proc/PID/stat`'s times: 100 on every Linux
+/// this runs on (`getconf CLK_TCK`), and the kernel's ABI keeps it fixed.
+const CLK_TCK: f64 = 100.0;
+
+/// User plus system CPU seconds of a process so far, its threads included.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_cpu_seconds(&stat)
+}
+
+/// Fields 14 and 15 (utime, stime), counted after the command name, which
+/// is in parentheses and may hold spaces.
+fn parse_cpu_seconds(stat: &str) -> Option<f64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / CLK_TCK)
+}
+
+/// Bytes a process has caused to be written to storage so far.
+pub fn disk_written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("write_bytes:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One process's CPU seconds over time: (seconds since the series began,
+/// CPU seconds so far).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CpuSeries(pub Vec<(f64, f64)>);
+
+impl CpuSeries {
+    /// The CPU used between `t0` and `t1` (seconds since the series began),
+    /// interpolated between samples; `None` without samples.
+    pub fn between(&self, t0: f64, t1: f64) -> Option<f64> {
+        Some(self.at(t1)? - self.at(t0)?)
+    }
+
+    fn at(&self, t: f64) -> Option<f64> {
+        let samples = &self.0;
+        let after = samples.iter().position(|&(ts, _)| ts >= t);
+        match after {
+            None => samples.last().map(|&(_, c)| c),
+            Some(0) => Some(samples[0].1),
+            Some(i) => {
+                let (pt, pc) = samples[i - 1];
+                let (ts, c) = samples[i];
+                Some(if ts > pt {
+                    pc + (c - pc) * (t - pt) / (ts - pt)
+                } else {
+                    c
+                })
+            }
+        }
+    }
+}
+
+/// Samples processes' CPU on a thread of its own, so that the CPU spent in
+/// the simulator's publishing window (not while devices connect, nor while
+/// verify reads the API) can be cut out afterwards.
+pub struct CpuSampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<CpuSeries>>>,
+}
+
+impl CpuSampler {
+    pub fn start(pids: Vec<u32>) -> CpuSampler {
+        let started = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut series = vec![CpuSeries::default(); pids.len()];
+            while !done.load(Ordering::Relaxed) {
+                let t = started.elapsed().as_secs_f64();
+                for (pid, s) in pids.iter().zip(series.iter_mut()) {
+                    if let Some(c) = cpu_seconds(*pid) {
+                        s.0.push((t, c));
+                    }
+                }
+                std::thread::sleep(CPU_EVERY);
+            }
+            series
+        });
+        CpuSampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; one series per pid, in the order given.
+    pub fn finish(mut self) -> Vec<CpuSeries> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The pipeline's readings/s from `/v1/stats` samples (seconds, accepted
+/// readings so far): between the first sample that shows an increase and
+/// the first that shows the final count, so that a sampling interval at
+/// either end of the run does not dilute the rate.
+pub fn pipeline_rate(samples: &[(f64, u64)]) -> Option<f64> {
+    let (&(_, start), &(_, last)) = (samples.first()?, samples.last()?);
+    let first_rise = samples.iter().position(|&(_, n)| n > start)?;
+    let (t0, n0) = samples[first_rise];
+    let (t1, n1) = samples[first_rise..]
+        .iter()
+        .copied()
+        .find(|&(_, n)| n == last)?;
+    (t1 > t0).then(|| (n1 - n0) as f64 / (t1 - t0))
+}
+
+/// The sum of every sample of `name`, over all its label sets, in a
+/// Prometheus text page.
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_seconds_are_read_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "42 (tokio (worker) 1) S 1 2 3 4 5 6 7 8 9 10 250 150 0 0 20";
+        assert_eq!(parse_cpu_seconds(stat), Some(4.0));
+        assert_eq!(parse_cpu_seconds("42 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn cpu_between_two_times_is_interpolated_between_samples() {
+        let s = CpuSeries(vec![(0.0, 1.0), (1.0, 2.0), (2.0, 4.0)]);
+        assert_eq!(s.between(0.5, 1.5), Some(1.5));
+        // Before the first sample and after the last, the nearest sample.
+        assert_eq!(s.between(-1.0, 3.0), Some(3.0));
+        assert_eq!(CpuSeries::default().between(0.0, 1.0), None);
+    }
+
+    #[test]
+    fn the_pipeline_rate_runs_from_the_first_rise_to_the_final_count() {
+        // Idle before and after: 100 readings between t = 1 and t = 3.
+        let samples = [(0.0, 10), (1.0, 20), (2.0, 70), (3.0, 120), (4.0, 120)];
+        assert_eq!(pipeline_rate(&samples), Some(50.0));
+        assert_eq!(pipeline_rate(&[(0.0, 5), (1.0, 5)]), None);
+        assert_eq!(pipeline_rate(&[(0.0, 5)]), None);
+        // One rising sample: no interval to divide by.
+        assert_eq!(pipeline_rate(&[(0.0, 5), (1.0, 9)]), None);
+    }
+
+    #[test]
+    fn a_metric_is_summed_over_its_label_sets_and_not_confused_with_a_longer_name() {
+        let page = "# TYPE a counter\na{shard=\"0\"} 2\na{shard=\"1\"} 3\na_total 100\na 1.5\n";
+        assert_eq!(metric(page, "a"), 6.5);
+        assert_eq!(metric(page, "a_total"), 100.0);
+        assert_eq!(metric(page, "b"), 0.0);
+    }
+}
