@@ -100,6 +100,18 @@ async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {
     (status, ctype, json)
 }
 
+/// A CSV answer's text, checking its content type.
+async fn get_csv(state: &ApiState, uri: &str) -> String {
+    let resp = app(state.clone())
+        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+    assert_eq!(resp.headers()["content-type"], "text/csv; charset=utf-8");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
 #[tokio::test]
 async fn device_windows_and_downsampling() {
     let (_, s) = filled().await;
@@ -279,17 +291,7 @@ async fn fields_can_be_selected_and_served_as_csv() {
     let w = body["windows"][0].as_object().unwrap();
     let keys: Vec<&str> = w.keys().map(String::as_str).collect();
     assert_eq!(keys, ["count", "end", "last", "max", "start"]);
-    let resp = app(s.clone())
-        .oneshot(
-            Request::get(format!("{uri}&format=csv"))
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(resp.headers()["content-type"], "text/csv; charset=utf-8");
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8(body.to_vec()).unwrap();
+    let text = get_csv(&s, &format!("{uri}&format=csv")).await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "start,end,count,max,last_ts,last_value");
     assert_eq!(
@@ -609,4 +611,109 @@ async fn a_quiet_devices_last_windows_are_compacted_by_the_sweep() {
         .await
         .unwrap();
     assert_eq!(again, 0);
+}
+
+/// One device with readings in minutes 0, 1 and 4 (values 1, 2, 5) of the
+/// six from T0: a gap of two minutes, and one open minute at the end.
+async fn gappy() -> ApiState {
+    let store = Arc::new(MemoryStore::new());
+    let cfg = Arc::new(AggregateConfig::default());
+    let batch: Vec<Record> = [(0, 1.0), (1, 2.0), (4, 5.0)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(minute, value))| record(i as u128 + 1, "d9", "f", T0 + minute * MIN, value))
+        .collect();
+    let metrics = ProcessorMetrics::default();
+    process_batch("s0", &batch, store.as_ref(), &cfg, &metrics)
+        .await
+        .unwrap();
+    let mut state = ApiState::new(store, cfg);
+    state.clock = Arc::new(move || T0 + 6 * MIN);
+    state
+}
+
+/// An answer's windows in short: each as its avg, prefixed by how it was
+/// filled (`n`ull, `p`revious, `l`inear), `-` for no value: "1 2 l3 n- 5".
+fn filled_rows(body: &Value) -> String {
+    let row = |w: &Value| {
+        let how = w["filled"].as_str().map_or("", |f| &f[..1]);
+        let avg = w["avg"].as_f64().map_or("-".into(), |a| a.to_string());
+        format!("{how}{avg}")
+    };
+    let rows: Vec<String> = body["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(row)
+        .collect();
+    rows.join(" ")
+}
+
+#[tokio::test]
+async fn gaps_are_filled_as_asked_and_say_so() {
+    let s = gappy().await;
+    let range = format!(
+        "res=1m&from={T0}&to={}&agg=count,avg,sum,last",
+        T0 + 6 * MIN
+    );
+    let uri = |fill: &str| format!("/v1/devices/d9/metrics/t?{range}&{fill}");
+    for (fill, want) in [
+        ("fill=none", "1 2 5"),
+        ("fill=null", "1 2 n- n- 5 n-"),
+        ("fill=previous", "1 2 p2 p2 5 p5"),
+        ("fill=linear", "1 2 l3 l4 5 n-"),
+        // The two-minute gap is longer than one minute: left empty.
+        ("fill=linear&max_gap=1m", "1 2 n- n- 5 n-"),
+        ("fill=previous&max_gap=2m", "1 2 p2 p2 5 p5"),
+    ] {
+        let (status, _, body) = get(&s, &uri(fill)).await;
+        assert_eq!(status, StatusCode::OK, "{fill}: {body}");
+        assert_eq!(filled_rows(&body), want, "{fill}");
+    }
+    // A filled window has no readings: count 0, no sum, no last reading.
+    let (_, _, body) = get(&s, &uri("fill=previous")).await;
+    let gap = &body["windows"][2];
+    assert_eq!(gap["count"], 0);
+    assert!(gap["sum"].is_null() && gap["last"].is_null(), "{gap}");
+    let text = get_csv(&s, &format!("{}&format=csv", uri("fill=linear"))).await;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "start,end,count,avg,sum,last_ts,last_value,filled"
+    );
+    let third = format!(
+        "{},{},0,3.0,null,null,null,linear",
+        T0 + 2 * MIN,
+        T0 + 3 * MIN
+    );
+    assert_eq!(lines[3], third);
+    assert!(
+        lines[2].ends_with(','),
+        "a stored row leaves `filled` empty: {}",
+        lines[2]
+    );
+}
+
+#[tokio::test]
+async fn gap_filling_refuses_what_it_cannot_answer() {
+    let s = gappy().await;
+    let base = format!(
+        "/v1/devices/d9/metrics/t?res=1m&from={T0}&to={}",
+        T0 + 6 * MIN
+    );
+    for bad in [
+        "fill=zero",
+        "fill=null&max_gap=1m",
+        "max_gap=1m",
+        "fill=linear&max_gap=soon",
+        // Six windows to fill, five allowed: a filled answer is one page.
+        "fill=null&limit=5",
+    ] {
+        let (status, _, body) = get(&s, &format!("{base}&{bad}")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(
+            body["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "{bad}"
+        );
+    }
 }

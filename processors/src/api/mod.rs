@@ -14,6 +14,7 @@
 //! router runs on SQLite, DynamoDB or memory, and tests fix the time.
 
 mod dashboard;
+mod fill;
 pub mod guard;
 mod params;
 mod problem;

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use schemas::WindowView;
 use serde_json::Value;
 
+use super::fill::{self, Fill, FillSpec, Slots};
 use super::params::Params;
 use super::windows::{self, Series, WindowQuery};
 use super::{
@@ -39,7 +40,9 @@ pub(super) async fn fleet_windows(
 fn window_params(raw: Option<&str>) -> Result<Params, Problem> {
     Params::parse(
         raw,
-        &["res", "from", "to", "limit", "cursor", "agg", "format"],
+        &[
+            "res", "from", "to", "limit", "cursor", "agg", "format", "fill", "max_gap",
+        ],
     )
 }
 
@@ -127,19 +130,27 @@ impl serde::Serialize for Field<'_> {
 struct Picked<'a> {
     w: &'a WindowView,
     fields: &'a [&'static str],
+    /// How the window was filled, if it holds no readings (`fill=`).
+    filled: Option<Fill>,
 }
 
 impl serde::Serialize for Picked<'_> {
     fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let w = self.w;
-        let mut m = ser.serialize_map(Some(2 + self.fields.len()))?;
+        let mut m = ser.serialize_map(Some(3 + self.fields.len()))?;
         m.serialize_entry("start", &w.start)?;
         m.serialize_entry("end", &w.end)?;
         for f in self.fields {
-            if let Some(v) = field(w, f) {
-                m.serialize_entry(f, &v)?;
+            match field(w, f) {
+                // A filled window holds no reading to be first or last.
+                Some(Field::Point(_)) if self.filled.is_some() => m.serialize_entry(f, &())?,
+                Some(v) => m.serialize_entry(f, &v)?,
+                None => {}
             }
+        }
+        if let Some(how) = self.filled {
+            m.serialize_entry("filled", how.name())?;
         }
         m.end()
     }
@@ -176,8 +187,8 @@ fn cell(out: &mut String, v: f64) {
 }
 
 /// Windows as CSV: one row per window, `first` and `last` split into time
-/// and value columns.
-fn windows_csv(windows: &[WindowView], fields: &[&str]) -> String {
+/// and value columns; with `fill=`, a last column says how a row was filled.
+fn windows_csv(rows: &[Picked], fields: &[&str], filling: bool) -> String {
     use std::fmt::Write;
     let mut header = vec!["start".to_string(), "end".to_string()];
     for f in fields {
@@ -189,9 +200,13 @@ fn windows_csv(windows: &[WindowView], fields: &[&str]) -> String {
             other => header.push(other.to_string()),
         }
     }
+    if filling {
+        header.push("filled".into());
+    }
     let mut out = header.join(",");
     out.push('\n');
-    for w in windows {
+    for row in rows {
+        let w = row.w;
         let _ = write!(out, "{},{}", w.start, w.end);
         for f in fields {
             out.push(',');
@@ -203,12 +218,17 @@ fn windows_csv(windows: &[WindowView], fields: &[&str]) -> String {
                 Some(Field::Flag(b)) => {
                     let _ = write!(out, "{b}");
                 }
+                Some(Field::Point(_)) if row.filled.is_some() => out.push_str("null,null"),
                 Some(Field::Point(p)) => {
                     let _ = write!(out, "{},", p.ts);
                     cell(&mut out, p.value);
                 }
                 None => {}
             }
+        }
+        if filling {
+            out.push(',');
+            out.push_str(row.filled.map_or("", Fill::name));
         }
         out.push('\n');
     }
@@ -256,9 +276,28 @@ async fn windows_response(
 ) -> Result<Response, Problem> {
     let res = p.resolution("res")?.unwrap_or(s.config.finest());
     let (from, to) = time_range(p, (s.clock)())?;
-    let limit = p.limit(DEFAULT_LIMIT, MAX_LIMIT)?;
+    let mut limit = p.limit(DEFAULT_LIMIT, MAX_LIMIT)?;
     let fields = agg_fields(p)?;
     let csv = is_csv(p)?;
+    let spec = FillSpec::parse(p.get("fill"), p.get("max_gap"))?;
+    let slots = Slots {
+        first_start: windows::ceil_to(from, res),
+        end: windows::ceil_to(to, res),
+        res_ms: res.ms(),
+    };
+    if spec.fill != Fill::None {
+        // A filled answer holds every window of the range, in one page:
+        // filling across pages would need the neighbours of each page.
+        let n = slots.count();
+        if n > limit {
+            return Err(Problem::bad_request(format!(
+                "fill={} answers every window of the range in one page: {n} windows of {res} \
+                 exceed the limit of {limit}; narrow `from`..`to` or raise `limit` (at most {MAX_LIMIT})",
+                spec.fill.name()
+            )));
+        }
+        limit = n.max(1);
+    }
     let q = WindowQuery {
         series,
         metric: metric.clone(),
@@ -268,16 +307,34 @@ async fn windows_response(
         limit,
     };
     let page = windows::query(s.query.as_ref(), &q, &s.config).await?;
-    let windows: Vec<Picked> = page
-        .windows
-        .iter()
-        .map(|w| Picked { w, fields: &fields })
-        .collect();
+    let filled = (spec.fill != Fill::None).then(|| {
+        let is_final = |end| s.config.is_final(end, page.watermark);
+        fill::fill(&page.windows, slots, spec, &is_final)
+    });
+    let windows: Vec<Picked> = match &filled {
+        Some(rows) => rows
+            .iter()
+            .map(|r| Picked {
+                w: &r.view,
+                fields: &fields,
+                filled: r.filled,
+            })
+            .collect(),
+        None => page
+            .windows
+            .iter()
+            .map(|w| Picked {
+                w,
+                fields: &fields,
+                filled: None,
+            })
+            .collect(),
+    };
     let next_cursor = page.next.map(|n| n.to_string());
     if csv {
         let mut resp = (
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            windows_csv(&page.windows, &fields),
+            windows_csv(&windows, &fields, filled.is_some()),
         )
             .into_response();
         if let Some(c) = next_cursor.and_then(|c| c.parse().ok()) {

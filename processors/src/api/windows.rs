@@ -40,6 +40,8 @@ pub struct WindowPage {
     pub windows: Vec<WindowView>,
     /// The start of the next window, if there are more.
     pub next: Option<i64>,
+    /// The series' processed watermark: what makes a window final.
+    pub watermark: i64,
 }
 
 /// The coarsest stored resolution that `res` is a multiple of.
@@ -59,7 +61,9 @@ pub fn stored_for(res: Resolution, config: &AggregateConfig) -> Result<Resolutio
         })
 }
 
-fn ceil_to(x: i64, res: Resolution) -> i64 {
+/// The first window start at or after `x`: a range's windows start in
+/// `[ceil_to(from), ceil_to(to))`.
+pub fn ceil_to(x: i64, res: Resolution) -> i64 {
     let start = res.window_start(x);
     if start == x { x } else { start + res.ms() }
 }
@@ -97,7 +101,7 @@ pub async fn query(
             .await?;
         }
     }
-    Ok(out.finish())
+    Ok(out.finish(watermark))
 }
 
 /// What makes a series' windows final: the minimum over every shard's
@@ -158,7 +162,7 @@ impl Merger<'_> {
         self.windows.push(agg.view(start, self.res, is_final));
     }
 
-    fn finish(mut self) -> WindowPage {
+    fn finish(mut self, watermark: i64) -> WindowPage {
         if self.next.is_none()
             && let Some(done) = self.current.take()
         {
@@ -170,6 +174,7 @@ impl Merger<'_> {
         WindowPage {
             windows: self.windows,
             next: self.next,
+            watermark,
         }
     }
 }
