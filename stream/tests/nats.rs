@@ -128,6 +128,41 @@ async fn a_retried_put_of_the_same_record_is_stored_once() {
     assert!(read.iter().all(|r| r.partition_key == "dev-1"));
 }
 
+#[tokio::test]
+async fn a_put_larger_than_the_clients_ack_pool_is_stored_whole_and_in_order() {
+    let server = NatsServer::start().unwrap();
+    let stream = open(&server, &unique_name("large"), 2).await;
+    // More records than the client lends ack permits for (5,000).
+    let records: Vec<PutRecord> = (0..6_000)
+        .map(|i| record(&format!("dev-{}", i % 10), i))
+        .collect();
+    let stored = put(&stream, records).await;
+    for key in 0..10 {
+        let seqs: Vec<&(String, SeqNo)> = stored.iter().skip(key).step_by(10).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0].0 == w[1].0 && w[0].1 < w[1].1),
+            "dev-{key} was stored out of order"
+        );
+    }
+    let mut total = 0;
+    for shard in stream.shard_ids() {
+        let n = stored.iter().filter(|(s, _)| *s == shard).count();
+        let mut reader = stream.reader(&shard, "app").await.unwrap();
+        let mut read = Vec::new();
+        while read.len() < n {
+            let batch = reader
+                .next_batch(1_000, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert!(!batch.is_empty());
+            read.extend(batch);
+        }
+        assert_eq!(read.len(), n);
+        total += n;
+    }
+    assert_eq!(total, 6_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_survive_a_server_crash_and_a_reader_resumes_after_its_checkpoint() {
     let mut server = NatsServer::start().unwrap();

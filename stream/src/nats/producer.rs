@@ -8,8 +8,8 @@
 //! caller retried a `Failed` record that did land, is stored once and acked
 //! with its first sequence number. Two records alike in key and bytes are
 //! one record then; every record iotpipe builds carries its arrival time and
-//! its whole message, so those are the same message, which the store would
-//! count once anyway.
+//! its whole message, so those are the same message, whose readings the store
+//! would count once anyway.
 
 use std::fmt::Write as _;
 
