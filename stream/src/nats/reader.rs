@@ -30,6 +30,13 @@ use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
 const MAX_FAILURES: u32 = 10;
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long one pull request of the consumer lasts; the server sends a
+/// heartbeat every half of it. A restarted server has forgotten the consumer,
+/// and the client notices by missing heartbeats or a failed pull, so this
+/// bounds the stall after a restart (the client's default, 30 s, stalled a
+/// reader for 15 s). An idle partition costs a request per period.
+const PULL_EXPIRY: Duration = Duration::from_secs(4);
+
 pub struct NatsShardReader {
     js: jetstream::Context,
     stream: String,
@@ -261,6 +268,7 @@ async fn subscribe(
     let config = OrderedConfig {
         filter_subject: subject.clone(),
         deliver_policy,
+        max_expires: PULL_EXPIRY,
         ..OrderedConfig::default()
     };
     let consumer = js
