@@ -1,6 +1,6 @@
 //! Which stream and which store `iotpipe up` runs on: the embedded log and
 //! SQLite by default, or Kinesis and DynamoDB (real AWS, or a wire-compatible
-//! server with `--endpoint-url`).
+//! server with `--endpoint-url`), or a NATS JetStream stream.
 
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use schemas::RejectReason;
 use schemas::state::{DeadLetter, Item, ItemState};
 use stream::embedded::{DroppedRange, EmbeddedConfig, EmbeddedLog};
 use stream::kinesis::{AwsConfig, KinesisStream};
+use stream::nats::{NatsConfig, NatsStream};
 use stream::{ShardReader, StreamProducer};
 
 use crate::config::{BackendConfig, Config, StoreKind, StreamKind};
@@ -23,6 +24,7 @@ use crate::config::{BackendConfig, Config, StoreKind, StreamKind};
 pub enum Stream {
     Embedded(Arc<EmbeddedLog>),
     Kinesis(Arc<KinesisStream>),
+    Nats(Arc<NatsStream>),
 }
 
 impl Stream {
@@ -52,6 +54,19 @@ impl Stream {
                     .with_context(|| format!("cannot open Kinesis stream {}", b.stream_name))?;
                 Ok(Stream::Kinesis(Arc::new(stream)))
             }
+            StreamKind::Nats => {
+                let b = &config.backend;
+                let nats = NatsConfig {
+                    partitions: config.stream.shards,
+                    retention: config.stream.retention,
+                    ..NatsConfig::default()
+                };
+                let client = stream::nats::connect(&b.nats_url).await?;
+                let stream = NatsStream::open(client, &b.stream_name, &nats)
+                    .await
+                    .with_context(|| format!("cannot open JetStream stream {}", b.stream_name))?;
+                Ok(Stream::Nats(Arc::new(stream)))
+            }
         }
     }
 
@@ -59,6 +74,7 @@ impl Stream {
         match self {
             Stream::Embedded(log) => log.clone(),
             Stream::Kinesis(k) => k.clone(),
+            Stream::Nats(n) => n.clone(),
         }
     }
 
@@ -77,6 +93,15 @@ impl Stream {
             Stream::Kinesis(k) => {
                 for shard in k.shard_ids().await.context("cannot list Kinesis shards")? {
                     let reader = k
+                        .reader(&shard, consumer)
+                        .await
+                        .with_context(|| format!("cannot read shard {shard}"))?;
+                    readers.push(Box::new(reader));
+                }
+            }
+            Stream::Nats(n) => {
+                for shard in n.shard_ids() {
+                    let reader = n
                         .reader(&shard, consumer)
                         .await
                         .with_context(|| format!("cannot read shard {shard}"))?;

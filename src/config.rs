@@ -299,6 +299,8 @@ pub enum StreamKind {
     Embedded,
     /// An Amazon Kinesis data stream.
     Kinesis,
+    /// A NATS JetStream stream (`nats_url`).
+    Nats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -320,8 +322,11 @@ pub struct BackendConfig {
     pub store: StoreKind,
     pub endpoint_url: Option<String>,
     pub region: Option<String>,
-    /// The Kinesis stream, created with `stream.shards` shards if missing.
+    /// The Kinesis or JetStream stream, created with `stream.shards` shards
+    /// if missing.
     pub stream_name: String,
+    /// The NATS server (or any server of a cluster) of the `nats` stream.
+    pub nats_url: String,
     /// The DynamoDB table where Kinesis consumers keep their shard leases
     /// and checkpoints.
     pub lease_table: String,
@@ -341,6 +346,7 @@ impl Default for BackendConfig {
             endpoint_url: None,
             region: None,
             stream_name: "iotpipe-telemetry".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
             lease_table: "iotpipe-leases".into(),
             lease_duration: Duration::from_secs(10),
             table_name: "iotpipe-rollups".into(),
@@ -519,15 +525,18 @@ flush_max_dirty_items = 500000
 [backend]
 # Where the stream and the rollups live: "embedded" and "sqlite" in data_dir,
 # or "kinesis" and "dynamodb" on AWS (credentials and region from the usual
-# AWS environment or profile).
+# AWS environment or profile); stream may also be "nats", a NATS JetStream
+# stream at nats_url.
 stream = "embedded"
 store = "sqlite"
 # A wire-compatible server instead of AWS's endpoints (e.g. a local moto).
 # endpoint_url = "http://127.0.0.1:5000"
 # region = "us-east-1"
-# The Kinesis stream (created with stream.shards shards if missing), the
-# table of shard leases and checkpoints, and the table of rollups.
+# The Kinesis or JetStream stream (created with stream.shards shards if
+# missing), the table of shard leases and checkpoints, and the table of
+# rollups.
 stream_name = "iotpipe-telemetry"
+nats_url = "nats://127.0.0.1:4222"
 lease_table = "iotpipe-leases"
 # Processes reading the same Kinesis stream share its shards by leases; a
 # process that stops renewing loses its shards to the others after this long.

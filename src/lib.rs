@@ -1,7 +1,8 @@
 //! The `iotpipe` command: the whole local pipeline in one process.
 //!
 //! - `config`: every setting, from a TOML file and flags.
-//! - `backends`: the embedded log and SQLite, or Kinesis and DynamoDB.
+//! - `backends`: the embedded log and SQLite, or Kinesis and DynamoDB, or a
+//!   NATS JetStream stream.
 //! - `up`: starts the endpoint, the stream, the processors, the store and the
 //!   API, and stops them front to back.
 //! - `leased`: the processors on a Kinesis stream shared with other

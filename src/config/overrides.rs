@@ -48,7 +48,8 @@ pub struct Overrides {
     /// it the API answers anyone who can reach it.
     #[arg(long)]
     pub api_token_file: Option<PathBuf>,
-    /// The stream: the embedded durable log, or Amazon Kinesis [default: embedded].
+    /// The stream: the embedded durable log, Amazon Kinesis or NATS
+    /// JetStream [default: embedded].
     #[arg(long, value_enum)]
     pub stream: Option<StreamKind>,
     /// The rollup store: SQLite, or Amazon DynamoDB [default: sqlite].
@@ -61,9 +62,12 @@ pub struct Overrides {
     /// AWS region for the Kinesis and DynamoDB backends [default: from the environment].
     #[arg(long)]
     pub region: Option<String>,
-    /// The Kinesis stream [default: iotpipe-telemetry].
+    /// The Kinesis or JetStream stream [default: iotpipe-telemetry].
     #[arg(long)]
     pub stream_name: Option<String>,
+    /// The NATS server of the `nats` stream [default: nats://127.0.0.1:4222].
+    #[arg(long)]
+    pub nats_url: Option<String>,
     /// The DynamoDB table of rollups [default: iotpipe-rollups].
     #[arg(long)]
     pub table_name: Option<String>,
@@ -91,6 +95,7 @@ impl Overrides {
         set_some(&mut c.backend.endpoint_url, self.endpoint_url);
         set_some(&mut c.backend.region, self.region);
         set(&mut c.backend.stream_name, self.stream_name);
+        set(&mut c.backend.nats_url, self.nats_url);
         set(&mut c.backend.table_name, self.table_name);
         set(&mut c.log.format, self.log_format);
     }
@@ -159,6 +164,7 @@ mod tests {
             "--endpoint-url=http://127.0.0.1:5000",
             "--region=eu-west-1",
             "--stream-name=s",
+            "--nats-url=nats://n:4222",
             "--table-name=t",
             "--log-format=json",
         ])
@@ -182,6 +188,7 @@ mod tests {
         want.backend.endpoint_url = Some("http://127.0.0.1:5000".into());
         want.backend.region = Some("eu-west-1".into());
         want.backend.stream_name = "s".into();
+        want.backend.nats_url = "nats://n:4222".into();
         want.backend.table_name = "t".into();
         want.log.format = LogFormat::Json;
         assert_eq!(config, want);

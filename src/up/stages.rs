@@ -163,7 +163,9 @@ impl Wiring<'_> {
                     now_ms,
                 ));
             }
-            Stream::Embedded(_) => {
+            // JetStream partitions are not shared between processes yet: one
+            // process reads them all, as it does the embedded log's shards.
+            Stream::Embedded(_) | Stream::Nats(_) => {
                 for reader in self.stream.readers(CONSUMER).await? {
                     tasks.push(spawn_shard(reader, stop.child_token()));
                 }

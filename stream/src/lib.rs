@@ -12,6 +12,8 @@
 //! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
 //! - [`kinesis`]: Amazon Kinesis ([`kinesis::KinesisStream`]), leases and
 //!   checkpoints in a DynamoDB lease table.
+//! - [`nats`]: NATS JetStream ([`nats::NatsStream`]), partitions as subjects,
+//!   checkpoints in a KV bucket.
 //!
 //! The trait contract as checks every backend runs, and the wrappers that
 //! inject faults into any producer or reader, are test support: they live in
@@ -23,6 +25,7 @@
 
 pub mod embedded;
 pub mod kinesis;
+pub mod nats;
 pub mod partition;
 
 use std::time::Duration;

@@ -10,8 +10,9 @@
 //!   hold or fail; [`standin`], an in-memory pipeline behind MQTT and the
 //!   query API, for the simulator's own tests.
 //! - Launchers, one per external service: [`moto`] (Kinesis and DynamoDB),
-//!   [`mosquitto`], [`rumqttd`] (in process), [`chromium`], and [`up`]
-//!   (`iotpipe up` as a child process a test can kill).
+//!   [`mosquitto`], [`nats`] (a JetStream server that a test can kill and
+//!   restart), [`rumqttd`] (in process), [`chromium`], and [`up`] (`iotpipe
+//!   up` as a child process a test can kill).
 //! - [`batches`]: a busy shard's batches, for the core's benchmarks.
 //! - [`lambda`]: Kinesis events as the event source mapping writes them.
 //! - [`Pki`]: a test CA with server and client certificates.
@@ -28,6 +29,7 @@ pub mod lambda;
 mod memory_producer;
 pub mod mosquitto;
 pub mod moto;
+pub mod nats;
 mod pki;
 pub mod rumqttd;
 pub mod standin;

@@ -1,0 +1,256 @@
+//! The stream contract, deduplication and a server crash, run against NATS
+//! JetStream (`nats-server -js`, started per test by `testkit::nats`, or the
+//! server `IOTPIPE_TEST_NATS_URL` names).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use stream::nats::{self, NatsConfig, NatsStream};
+use stream::{PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer};
+use testkit::moto::unique_name;
+use testkit::nats::NatsServer;
+use testkit::stream_conformance::Harness;
+
+struct Nats {
+    stream: Arc<NatsStream>,
+    /// Kept for the stream's life: dropping it kills the server.
+    _server: NatsServer,
+}
+
+fn config(partitions: u32) -> NatsConfig {
+    NatsConfig {
+        partitions,
+        ..NatsConfig::default()
+    }
+}
+
+async fn open(server: &NatsServer, name: &str, partitions: u32) -> NatsStream {
+    let client = nats::connect(server.url()).await.unwrap();
+    NatsStream::open(client, name, &config(partitions))
+        .await
+        .unwrap()
+}
+
+impl Nats {
+    async fn new() -> Self {
+        let server = NatsServer::start().unwrap();
+        let stream = open(&server, &unique_name("conformance"), 2).await;
+        Nats {
+            stream: Arc::new(stream),
+            _server: server,
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for Nats {
+    fn producer(&self) -> Arc<dyn StreamProducer> {
+        self.stream.clone()
+    }
+
+    fn shard_ids(&self) -> Vec<String> {
+        self.stream.shard_ids()
+    }
+
+    async fn reader(&self, shard: &str, consumer: &str) -> Result<Box<dyn ShardReader>, ReadError> {
+        Ok(Box::new(self.stream.reader(shard, consumer).await?))
+    }
+}
+
+testkit::stream_conformance_tests!(Nats::new().await);
+
+fn record(key: &str, n: usize) -> PutRecord {
+    PutRecord {
+        partition_key: key.to_owned(),
+        data: Bytes::from(format!("{key}/{n}")),
+    }
+}
+
+async fn put(stream: &NatsStream, records: Vec<PutRecord>) -> Vec<(String, SeqNo)> {
+    stream
+        .put(records)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| match o {
+            PutOutcome::Stored { shard, seq } => (shard, seq),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Reads exactly `n` records, then checks that nothing more comes.
+async fn read_exactly(reader: &mut dyn ShardReader, n: usize) -> Vec<Record> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let batch = reader
+            .next_batch(100, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!batch.is_empty(), "{} of {n} records came", out.len());
+        out.extend(batch);
+    }
+    let more = reader
+        .next_batch(100, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(more.is_empty(), "{} records more than were put", more.len());
+    assert_eq!(out.len(), n);
+    out
+}
+
+#[tokio::test]
+async fn a_retried_put_of_the_same_record_is_stored_once() {
+    let server = NatsServer::start().unwrap();
+    let stream = open(&server, &unique_name("dedup"), 2).await;
+    let first = put(&stream, vec![record("dev-1", 0), record("dev-1", 1)]).await;
+    // The caller retries both (say their acks were lost), and a new one.
+    let again = put(
+        &stream,
+        vec![record("dev-1", 0), record("dev-1", 1), record("dev-1", 2)],
+    )
+    .await;
+    assert_eq!(
+        again[..2],
+        first[..],
+        "a retry names the first sequence numbers"
+    );
+    assert!(again[2].1 > first[1].1);
+
+    let mut reader = stream.reader(&first[0].0, "app").await.unwrap();
+    let read = read_exactly(&mut reader, 3).await;
+    let data: Vec<&[u8]> = read.iter().map(|r| r.data.as_ref()).collect();
+    assert_eq!(data, [&b"dev-1/0"[..], b"dev-1/1", b"dev-1/2"]);
+    assert!(read.iter().all(|r| r.partition_key == "dev-1"));
+}
+
+#[tokio::test]
+async fn a_put_larger_than_the_clients_ack_pool_is_stored_whole_and_in_order() {
+    let server = NatsServer::start().unwrap();
+    let stream = open(&server, &unique_name("large"), 2).await;
+    // More records than the client lends ack permits for (5,000).
+    let records: Vec<PutRecord> = (0..6_000)
+        .map(|i| record(&format!("dev-{}", i % 10), i))
+        .collect();
+    let stored = put(&stream, records).await;
+    for key in 0..10 {
+        let seqs: Vec<&(String, SeqNo)> = stored.iter().skip(key).step_by(10).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0].0 == w[1].0 && w[0].1 < w[1].1),
+            "dev-{key} was stored out of order"
+        );
+    }
+    let mut total = 0;
+    for shard in stream.shard_ids() {
+        let n = stored.iter().filter(|(s, _)| *s == shard).count();
+        let mut reader = stream.reader(&shard, "app").await.unwrap();
+        let mut read = Vec::new();
+        while read.len() < n {
+            let batch = reader
+                .next_batch(1_000, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert!(!batch.is_empty());
+            read.extend(batch);
+        }
+        assert_eq!(read.len(), n);
+        total += n;
+    }
+    assert_eq!(total, 6_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_survive_a_server_crash_and_a_reader_resumes_after_its_checkpoint() {
+    let mut server = NatsServer::start().unwrap();
+    if !server.is_local() {
+        eprintln!(
+            "skipped: the server at {} is not this test's to kill",
+            server.url()
+        );
+        return;
+    }
+    let name = unique_name("crash");
+    let stream = open(&server, &name, 2).await;
+    let stored = put(&stream, (0..10).map(|i| record("crash", i)).collect()).await;
+    let shard = stored[0].0.clone();
+    let mut reader = stream.reader(&shard, "app").await.unwrap();
+    let read = read_exactly(&mut reader, 10).await;
+    reader.checkpoint(read[5].seq).await.unwrap();
+    drop(reader);
+
+    server.kill().unwrap();
+    server.start_again().unwrap();
+
+    // A restarted process: a new connection, the same stream.
+    let reopened = open(&server, &name, 2).await;
+    let mut resumed = reopened.reader(&shard, "app").await.unwrap();
+    let rest = read_exactly(&mut resumed, 4).await;
+    let seqs: Vec<SeqNo> = rest.iter().map(|r| r.seq).collect();
+    let expected: Vec<SeqNo> = stored[6..].iter().map(|(_, s)| *s).collect();
+    assert_eq!(seqs, expected);
+    let mut other = reopened.reader(&shard, "other").await.unwrap();
+    assert_eq!(read_exactly(&mut other, 10).await.len(), 10);
+
+    // The first connection reconnects by itself; a put during that may time
+    // out, and its retry is stored once.
+    let mut attempts = 0;
+    let late = loop {
+        attempts += 1;
+        match stream
+            .put(vec![record("crash", 10)])
+            .await
+            .unwrap()
+            .remove(0)
+        {
+            PutOutcome::Stored { seq, .. } => break seq,
+            PutOutcome::Failed { retryable, message } => {
+                assert!(retryable && attempts < 10, "{message}");
+            }
+        }
+    };
+    let tail = read_exactly(&mut resumed, 1).await;
+    assert_eq!(tail[0].seq, late);
+    assert_eq!(tail[0].data, "crash/10");
+}
+
+#[tokio::test]
+async fn an_existing_stream_keeps_its_partitions() {
+    let server = NatsServer::start().unwrap();
+    let name = unique_name("reopen");
+    let first = open(&server, &name, 3).await;
+    let again = open(&server, &name, 8).await;
+    assert_eq!(again.shard_ids(), first.shard_ids());
+    assert_eq!(again.shard_ids().len(), 3);
+    assert_eq!(again.shard_of("dev-7"), first.shard_of("dev-7"));
+}
+
+#[tokio::test]
+async fn bad_shards_consumers_and_checkpoints_are_refused() {
+    let server = NatsServer::start().unwrap();
+    let stream = open(&server, &unique_name("refuse"), 2).await;
+    let err = stream.reader("shard-0002", "app").await;
+    assert!(matches!(err, Err(ReadError::NoSuchShard(_))), "{err:?}");
+    let err = stream.reader("shard-0000", "a.b").await;
+    assert!(matches!(err, Err(ReadError::InvalidArgument(_))), "{err:?}");
+
+    let stored = put(&stream, vec![record("k", 0), record("k", 1)]).await;
+    let mut reader = stream.reader(&stored[0].0, "app").await.unwrap();
+    let unread = reader.checkpoint(stored[0].1).await;
+    assert!(
+        matches!(unread, Err(ReadError::InvalidArgument(_))),
+        "{unread:?}"
+    );
+    let first = reader.next_batch(1, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let ahead = reader.checkpoint(stored[1].1).await;
+    assert!(
+        matches!(ahead, Err(ReadError::InvalidArgument(_))),
+        "{ahead:?}"
+    );
+    reader.checkpoint(first[0].seq).await.unwrap();
+    assert_eq!(reader.lag().records_behind, 1);
+}
