@@ -10,7 +10,8 @@
 //!   hold or fail; [`standin`], an in-memory pipeline behind MQTT and the
 //!   query API, for the simulator's own tests.
 //! - Launchers, one per external service: [`moto`] (Kinesis and DynamoDB),
-//!   [`mosquitto`], [`rumqttd`] (in process), [`chromium`], and [`up`]
+//!   [`mosquitto`], [`rumqttd`] (in process), [`chromium`], [`postgres`]
+//!   (a server per test binary, a database per test), and [`up`]
 //!   (`iotpipe up` as a child process a test can kill).
 //! - [`batches`]: a busy shard's batches, for the core's benchmarks.
 //! - [`lambda`]: Kinesis events as the event source mapping writes them.
@@ -29,6 +30,7 @@ mod memory_producer;
 pub mod mosquitto;
 pub mod moto;
 mod pki;
+pub mod postgres;
 pub mod rumqttd;
 pub mod standin;
 pub mod store_conformance;
