@@ -51,7 +51,7 @@ pub struct Overrides {
     /// The stream: the embedded durable log, or Amazon Kinesis [default: embedded].
     #[arg(long, value_enum)]
     pub stream: Option<StreamKind>,
-    /// The rollup store: SQLite, or Amazon DynamoDB [default: sqlite].
+    /// The rollup store: SQLite, Amazon DynamoDB or PostgreSQL [default: sqlite].
     #[arg(long, value_enum)]
     pub store: Option<StoreKind>,
     /// A wire-compatible AWS endpoint (e.g. http://127.0.0.1:5000 for moto)
@@ -67,6 +67,10 @@ pub struct Overrides {
     /// The DynamoDB table of rollups [default: iotpipe-rollups].
     #[arg(long)]
     pub table_name: Option<String>,
+    /// The PostgreSQL database for `--store postgres`, as a URL
+    /// (postgresql://USER@HOST/DATABASE) or key=value pairs.
+    #[arg(long)]
+    pub postgres_url: Option<String>,
     /// Log format [default: auto: text on a terminal, JSON otherwise].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -92,6 +96,7 @@ impl Overrides {
         set_some(&mut c.backend.region, self.region);
         set(&mut c.backend.stream_name, self.stream_name);
         set(&mut c.backend.table_name, self.table_name);
+        set_some(&mut c.backend.postgres_url, self.postgres_url);
         set(&mut c.log.format, self.log_format);
     }
 }
@@ -160,6 +165,7 @@ mod tests {
             "--region=eu-west-1",
             "--stream-name=s",
             "--table-name=t",
+            "--postgres-url=host=/run/postgresql dbname=iotpipe",
             "--log-format=json",
         ])
         .apply(&mut config);
@@ -183,6 +189,7 @@ mod tests {
         want.backend.region = Some("eu-west-1".into());
         want.backend.stream_name = "s".into();
         want.backend.table_name = "t".into();
+        want.backend.postgres_url = Some("host=/run/postgresql dbname=iotpipe".into());
         want.log.format = LogFormat::Json;
         assert_eq!(config, want);
     }
