@@ -18,7 +18,8 @@
 //! Two connections, no pool: the writer runs one commit at a time behind a
 //! mutex (the processors' shards take turns, as they do on SQLite's one
 //! writer), and the reader serves `load` and the queries, which
-//! tokio-postgres pipelines on one connection. A connection that dies is
+//! tokio-postgres pipelines on one connection (the minutely purge and
+//! dead-letter trim open a third for the call). A connection that dies is
 //! opened again by the next call that needs it; that call's error has
 //! already reported the failure as [`StoreError::Unavailable`], which the
 //! shard loop retries. A pool (deadpool-postgres) is the step up when one
@@ -279,10 +280,13 @@ impl PostgresStore {
     }
 
     /// Deletes items whose retention ended before `now_ms`; returns how many.
+    ///
+    /// On a connection of its own, opened for the call: a long delete on
+    /// the reader would hold up every load and query pipelined behind it,
+    /// and on the writer every commit. It runs once a minute.
     pub async fn purge_expired(&self, now_ms: i64) -> Result<usize, StoreError> {
-        let conn = self.reader().await?;
-        let deleted = conn
-            .client
+        let client = connect(&self.config).await?;
+        let deleted = client
             .execute(
                 "DELETE FROM items WHERE expires_at IS NOT NULL AND expires_at < $1",
                 &[&now_ms],
@@ -295,14 +299,14 @@ impl PostgresStore {
     /// Keeps at most `keep` dead letters per reason, the newest; returns how
     /// many were deleted.
     pub async fn trim_dead_letters(&self, keep: usize) -> Result<usize, StoreError> {
-        let conn = self.reader().await?;
+        // A connection of its own, as for `purge_expired`.
+        let client = connect(&self.config).await?;
         let keep = i64::try_from(keep).unwrap_or(i64::MAX);
         let mut deleted = 0;
         for reason in schemas::RejectReason::ALL {
             let pk = rollup::keys::dead_letter_pk(reason);
             // Nothing past `keep`: the cutoff is NULL and nothing matches.
-            deleted += conn
-                .client
+            deleted += client
                 .execute(
                     "DELETE FROM items WHERE pk = $1 AND sk <= (
                          SELECT sk FROM items WHERE pk = $1 ORDER BY sk DESC LIMIT 1 OFFSET $2
