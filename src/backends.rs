@@ -1,12 +1,14 @@
 //! Which stream and which store `iotpipe up` runs on: the embedded log and
 //! SQLite by default, or Kinesis and DynamoDB (real AWS, or a wire-compatible
-//! server with `--endpoint-url`), or a NATS JetStream stream.
+//! server with `--endpoint-url`), or a NATS JetStream stream and a
+//! PostgreSQL store.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use processors::store::cached::{CacheConfig, CachedStore};
 use processors::store::dynamodb::DynamoStore;
+use processors::store::postgres::PostgresStore;
 use processors::store::sqlite::SqliteStore;
 use processors::store::{RollupQuery, RollupStore};
 use rollup::keys::ItemKey;
@@ -161,12 +163,20 @@ impl Stream {
 /// An opened rollup store. SQLite sits behind a write-behind cache: the
 /// processors' flusher writes it out by the flush policy rather than write
 /// every change.
+///
+/// PostgreSQL, like DynamoDB, is written through: it is the store that
+/// several processes share (processors, and query APIs elsewhere), and the
+/// cache may only run as its store's single writer, while a shard may move
+/// from one process to another. Each batch is one transaction of a few
+/// batched statements, so writing through costs round trips, not a write per
+/// item.
 pub enum Store {
     Sqlite {
         cache: Arc<CachedStore<SqliteStore>>,
         db: Arc<SqliteStore>,
     },
     Dynamo(Arc<DynamoStore>),
+    Postgres(Arc<PostgresStore>),
 }
 
 impl Store {
@@ -189,6 +199,21 @@ impl Store {
                     .with_context(|| format!("cannot open DynamoDB table {}", b.table_name))?;
                 Ok(Store::Dynamo(Arc::new(store)))
             }
+            StoreKind::Postgres => {
+                let Some(url) = &config.backend.postgres_url else {
+                    anyhow::bail!(
+                        "the postgres store needs a database: --postgres-url or backend.postgres_url"
+                    );
+                };
+                let pg = processors::store::postgres::parse_url(url)
+                    .map_err(anyhow::Error::msg)
+                    .context("backend.postgres_url")?;
+                let server = processors::store::postgres::describe(&pg);
+                let store = PostgresStore::open(pg).await.with_context(|| {
+                    format!("cannot open the PostgreSQL rollup store ({server})")
+                })?;
+                Ok(Store::Postgres(Arc::new(store)))
+            }
         }
     }
 
@@ -196,6 +221,7 @@ impl Store {
         match self {
             Store::Sqlite { cache, .. } => cache.clone(),
             Store::Dynamo(s) => s.clone(),
+            Store::Postgres(s) => s.clone(),
         }
     }
 
@@ -205,6 +231,7 @@ impl Store {
         match self {
             Store::Sqlite { cache, .. } => cache.clone(),
             Store::Dynamo(s) => s.clone(),
+            Store::Postgres(s) => s.clone(),
         }
     }
 
@@ -244,15 +271,23 @@ impl Store {
     /// Retention and dead-letter trimming. DynamoDB expires items by its TTL
     /// attribute on its own.
     pub async fn maintain(&self, now_ms: i64, dead_letters_per_reason: usize) {
-        let Store::Sqlite { db: store, .. } = self else {
-            return;
+        let (purged, trimmed) = match self {
+            Store::Sqlite { db, .. } => (
+                db.purge_expired(now_ms).await,
+                db.trim_dead_letters(dead_letters_per_reason).await,
+            ),
+            Store::Postgres(db) => (
+                db.purge_expired(now_ms).await,
+                db.trim_dead_letters(dead_letters_per_reason).await,
+            ),
+            Store::Dynamo(_) => return,
         };
-        match store.purge_expired(now_ms).await {
+        match purged {
             Ok(n) if n > 0 => tracing::info!(items = n, "Expired rollups purged."),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "Rollup purge failed; will retry."),
         }
-        if let Err(e) = store.trim_dead_letters(dead_letters_per_reason).await {
+        if let Err(e) = trimmed {
             tracing::warn!(error = %e, "Dead-letter trim failed; will retry.");
         }
     }

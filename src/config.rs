@@ -310,6 +310,8 @@ pub enum StoreKind {
     Sqlite,
     /// An Amazon DynamoDB table.
     Dynamodb,
+    /// A PostgreSQL database (`backend.postgres_url`).
+    Postgres,
 }
 
 /// Where the stream and the store live. The AWS backends use the SDK's
@@ -336,6 +338,9 @@ pub struct BackendConfig {
     pub lease_duration: Duration,
     /// The DynamoDB table of rollups, created on demand if missing.
     pub table_name: String,
+    /// The PostgreSQL database of rollups (`store = "postgres"`), as a URL
+    /// or `key=value` pairs; iotpipe creates and migrates its tables.
+    pub postgres_url: Option<String>,
 }
 
 impl Default for BackendConfig {
@@ -350,6 +355,7 @@ impl Default for BackendConfig {
             lease_table: "iotpipe-leases".into(),
             lease_duration: Duration::from_secs(10),
             table_name: "iotpipe-rollups".into(),
+            postgres_url: None,
         }
     }
 }
@@ -526,7 +532,8 @@ flush_max_dirty_items = 500000
 # Where the stream and the rollups live: "embedded" and "sqlite" in data_dir,
 # or "kinesis" and "dynamodb" on AWS (credentials and region from the usual
 # AWS environment or profile); stream may also be "nats", a NATS JetStream
-# stream at nats_url.
+# stream at nats_url, and store "postgres", a PostgreSQL database at
+# postgres_url.
 stream = "embedded"
 store = "sqlite"
 # A wire-compatible server instead of AWS's endpoints (e.g. a local moto).
@@ -542,6 +549,12 @@ lease_table = "iotpipe-leases"
 # process that stops renewing loses its shards to the others after this long.
 lease_duration = "10s"
 table_name = "iotpipe-rollups"
+# The PostgreSQL database of rollups for store = "postgres", as a URL or as
+# key=value pairs (host=/run/postgresql dbname=iotpipe for a unix socket).
+# iotpipe creates its tables and applies its migrations when it starts. A
+# password is better kept here, in a file only iotpipe reads, than on a
+# command line. No TLS: use a unix socket or a trusted network.
+# postgres_url = "postgresql://iotpipe:PASSWORD@127.0.0.1:5432/iotpipe"
 
 [log]
 # auto (human-readable on a terminal, JSON otherwise), text or json.

@@ -9,8 +9,8 @@
 //! and the part of the body that must match (objects match by subset, arrays element by element,
 //! numbers within 1e-9 relative, an RFC 3339 string matches its ms).
 //!
-//! Every case runs on every store backend (memory, SQLite, and DynamoDB on
-//! moto) and in three batchings (one batch;
+//! Every case runs on every store backend (memory, SQLite, DynamoDB on moto,
+//! and PostgreSQL on `testkit::postgres`'s server) and in three batchings (one batch;
 //! one record per batch; half, then everything again as a replay), which must
 //! all give the same answers.
 
@@ -232,10 +232,12 @@ fn cases() -> Vec<PathBuf> {
     dirs
 }
 
+/// A store's writer and reader, and what keeps it alive (a temp dir, a
+/// test database) until the case is checked.
 type Opened = (
     Arc<dyn RollupStore>,
     Arc<dyn RollupQuery>,
-    Option<tempfile::TempDir>,
+    Option<Box<dyn std::any::Any>>,
 );
 
 async fn run_all<F, Fut>(backend: &str, open: F)
@@ -285,7 +287,7 @@ async fn golden_cases_on_the_sqlite_store() {
         (
             s.clone() as Arc<dyn RollupStore>,
             s as Arc<dyn RollupQuery>,
-            Some(dir),
+            Some(Box::new(dir) as Box<dyn std::any::Any>),
         )
     })
     .await;
@@ -301,7 +303,7 @@ async fn golden_cases_on_the_cached_sqlite_store() {
         (
             s.clone() as Arc<dyn RollupStore>,
             s as Arc<dyn RollupQuery>,
-            Some(dir),
+            Some(Box::new(dir) as Box<dyn std::any::Any>),
         )
     })
     .await;
@@ -319,6 +321,21 @@ async fn golden_cases_on_the_dynamodb_store() {
             s.clone() as Arc<dyn RollupStore>,
             s as Arc<dyn RollupQuery>,
             None,
+        )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn golden_cases_on_the_postgres_store() {
+    use processors::store::postgres::PostgresStore;
+    run_all("postgres", || async {
+        let db = testkit::postgres::database().await.unwrap();
+        let s = Arc::new(PostgresStore::open(db.config()).await.unwrap());
+        (
+            s.clone() as Arc<dyn RollupStore>,
+            s as Arc<dyn RollupQuery>,
+            Some(Box::new(db) as Box<dyn std::any::Any>),
         )
     })
     .await;

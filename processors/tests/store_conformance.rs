@@ -45,6 +45,41 @@ async fn sqlite_store_keeps_items_across_reopen_and_purges_expired() {
 }
 
 #[tokio::test]
+async fn postgres_store_conforms() {
+    use processors::store::postgres::PostgresStore;
+    let db = testkit::postgres::database().await.unwrap();
+    let store = PostgresStore::open(db.config()).await.unwrap();
+    conformance::run(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_store_keeps_items_across_reopen_and_purges_expired() {
+    use processors::store::RollupQuery;
+    use processors::store::postgres::PostgresStore;
+    use rollup::{Condition, Write};
+    use testkit::store_conformance::{commit_writes, counter, write};
+
+    let db = testkit::postgres::database().await.unwrap();
+    let key = |name: &str| counter("s", name);
+    {
+        let store = PostgresStore::open(db.config()).await.unwrap();
+        let w = |name: &str, expires_at| Write {
+            expires_at,
+            ..write(key(name), Condition::Absent, 1)
+        };
+        let writes = vec![w("keep", None), w("old", Some(100)), w("new", Some(300))];
+        commit_writes(&store, writes).await;
+    }
+    let store = PostgresStore::connect(&db.url()).await.unwrap();
+    assert_eq!(store.purge_expired(200).await.unwrap(), 1);
+    for (name, kept) in [("keep", true), ("old", false), ("new", true)] {
+        let k = key(name);
+        let found = store.get(&k.pk(), &k.sk()).await.unwrap();
+        assert_eq!(found.is_some(), kept, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn the_write_behind_cache_conforms() {
     use processors::store::cached::{CacheConfig, CachedStore};
     let dir = tempfile::tempdir().unwrap();

@@ -52,7 +52,7 @@ pub struct Overrides {
     /// JetStream [default: embedded].
     #[arg(long, value_enum)]
     pub stream: Option<StreamKind>,
-    /// The rollup store: SQLite, or Amazon DynamoDB [default: sqlite].
+    /// The rollup store: SQLite, Amazon DynamoDB or PostgreSQL [default: sqlite].
     #[arg(long, value_enum)]
     pub store: Option<StoreKind>,
     /// A wire-compatible AWS endpoint (e.g. http://127.0.0.1:5000 for moto)
@@ -71,6 +71,10 @@ pub struct Overrides {
     /// The DynamoDB table of rollups [default: iotpipe-rollups].
     #[arg(long)]
     pub table_name: Option<String>,
+    /// The PostgreSQL database for `--store postgres`, as a URL
+    /// (postgresql://USER@HOST/DATABASE) or key=value pairs.
+    #[arg(long)]
+    pub postgres_url: Option<String>,
     /// Log format [default: auto: text on a terminal, JSON otherwise].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -97,6 +101,7 @@ impl Overrides {
         set(&mut c.backend.stream_name, self.stream_name);
         set(&mut c.backend.nats_url, self.nats_url);
         set(&mut c.backend.table_name, self.table_name);
+        set_some(&mut c.backend.postgres_url, self.postgres_url);
         set(&mut c.log.format, self.log_format);
     }
 }
@@ -166,6 +171,7 @@ mod tests {
             "--stream-name=s",
             "--nats-url=nats://n:4222",
             "--table-name=t",
+            "--postgres-url=host=/run/postgresql dbname=iotpipe",
             "--log-format=json",
         ])
         .apply(&mut config);
@@ -190,6 +196,7 @@ mod tests {
         want.backend.stream_name = "s".into();
         want.backend.nats_url = "nats://n:4222".into();
         want.backend.table_name = "t".into();
+        want.backend.postgres_url = Some("host=/run/postgresql dbname=iotpipe".into());
         want.log.format = LogFormat::Json;
         assert_eq!(config, want);
     }

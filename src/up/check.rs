@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use processors::api::guard::Tokens;
 
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 
 /// What `start_with` reads from the configuration and the files it names,
 /// checked before anything starts: a bad file is reported before a listener
@@ -25,6 +25,14 @@ pub(super) fn check(config: &Config) -> anyhow::Result<CheckedConfig> {
     if config.backend.lease_duration < Duration::from_secs(1) {
         // Renewed three times per duration: shorter would renew in a loop.
         anyhow::bail!("backend.lease_duration must be at least 1s");
+    }
+    if config.backend.store == StoreKind::Postgres {
+        let url = config.backend.postgres_url.as_deref().context(
+            "the postgres store needs a database: --postgres-url or backend.postgres_url",
+        )?;
+        processors::store::postgres::parse_url(url)
+            .map_err(anyhow::Error::msg)
+            .context("backend.postgres_url")?;
     }
     if !config.mqtt.plain && config.mqtt.tls_listen.is_none() {
         anyhow::bail!("no MQTT listener: mqtt.plain is off and mqtt.tls_listen is not set");

@@ -11,7 +11,8 @@
 //!   query API, for the simulator's own tests.
 //! - Launchers, one per external service: [`moto`] (Kinesis and DynamoDB),
 //!   [`mosquitto`], [`nats`] (a JetStream server that a test can kill and
-//!   restart), [`rumqttd`] (in process), [`chromium`], and [`up`] (`iotpipe
+//!   restart), [`rumqttd`] (in process), [`chromium`], [`postgres`] (a
+//!   server per test binary, a database per test), and [`up`] (`iotpipe
 //!   up` as a child process a test can kill).
 //! - [`batches`]: a busy shard's batches, for the core's benchmarks.
 //! - [`lambda`]: Kinesis events as the event source mapping writes them.
@@ -31,6 +32,7 @@ pub mod mosquitto;
 pub mod moto;
 pub mod nats;
 mod pki;
+pub mod postgres;
 pub mod rumqttd;
 pub mod standin;
 pub mod store_conformance;

@@ -6,6 +6,8 @@
 //! - `sqlite`: the embedded backend; `cached`: a write-behind cache in front
 //!   of it; `dynamodb`: the AWS backend; `memory`: for tests and benchmarks.
 //! - `dynamodb`: the AWS backend, one DynamoDB table.
+//! - `postgres`: a PostgreSQL server, one table, for fleets beyond one
+//!   machine without AWS.
 //!
 //! The suite every backend runs and the fault-injecting wrapper are test
 //! support, in the dev-only `testkit` crate.
@@ -18,6 +20,7 @@
 pub mod cached;
 pub mod dynamodb;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
