@@ -29,6 +29,8 @@
 //! cargo run --release -p ingest --example vs_rumqttd -- loss-bridge [--kills 5] [--seed 7]
 //! ```
 
+mod common;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -150,14 +152,15 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A valid payload of about 100 bytes.
-fn payload(seq: u64) -> Vec<u8> {
-    let head = format!(
-        r#"{{"seq":{seq},"ts":1764240000123,"metrics":{{"temperature":21.5,"humidity":40.2,"pad":"#
-    );
-    let tail = "}}";
-    let digits = 100usize.saturating_sub(head.len() + tail.len()).max(1);
-    format!("{head}{}{tail}", "1".repeat(digits)).into_bytes()
+/// Copies `metrics`' durable appends into `appended` every 50 ms, for as
+/// long as the process runs.
+fn mirror_appended(metrics: Arc<IngestMetrics>, appended: Arc<AtomicU64>) {
+    std::thread::spawn(move || {
+        loop {
+            appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
 }
 
 /// Starts the server side of `target` on `port`, appending to `log`; the
@@ -181,13 +184,7 @@ fn start_server(
                 metrics.clone(),
                 std::future::pending(),
             ));
-            let appended = appended.clone();
-            std::thread::spawn(move || {
-                loop {
-                    appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
+            mirror_appended(metrics, appended.clone());
         }
         Target::Bridge => {
             let metrics = Arc::new(IngestMetrics::new());
@@ -200,13 +197,7 @@ fn start_server(
                 metrics.clone(),
                 std::future::pending(),
             ));
-            let appended = appended.clone();
-            std::thread::spawn(move || {
-                loop {
-                    appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
+            mirror_appended(metrics, appended.clone());
         }
         Target::Rumqttd => {
             let (_link_tx, mut link_rx) = testkit::rumqttd::start(
@@ -309,12 +300,7 @@ fn start_publishers(
         let (acked, ids, running) = (p.acked.clone(), p.acked_ids.clone(), p.running.clone());
         rt.spawn(async move {
             let device = format!("dev-{i}");
-            let mut options =
-                rumqttc::MqttOptions::new(&device, addr.ip().to_string(), addr.port());
-            options.set_inflight(100);
-            options.set_keep_alive(Duration::from_secs(30));
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-            let topic = format!("dt/bench/{device}/telemetry");
+            let (client, mut eventloop, topic) = common::publisher(addr, &device);
             // Publish requests leave in the order they are made, so the
             // n-th outgoing PUBLISH carries the n-th seq sent here.
             let (seq_tx, mut seq_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
@@ -323,7 +309,12 @@ fn start_publishers(
                 while running.load(Ordering::Relaxed) {
                     if seq_tx.send(seq).is_err()
                         || client
-                            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload(seq))
+                            .publish(
+                                &topic,
+                                rumqttc::QoS::AtLeastOnce,
+                                false,
+                                common::payload(seq),
+                            )
                             .await
                             .is_err()
                     {
