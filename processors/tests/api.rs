@@ -126,6 +126,12 @@ async fn get_ok(state: &ApiState, uri: &str) -> Value {
     body
 }
 
+/// The windows `uri` answers with, which must be 200.
+async fn windows(state: &ApiState, uri: &str) -> Vec<Value> {
+    let body = get_ok(state, uri).await;
+    body["windows"].as_array().unwrap().clone()
+}
+
 /// `/v1/{scope}/metrics/t` over the first ten minutes, with `query` (its
 /// resolution and anything else).
 fn ten_minutes(scope: &str, query: &str) -> String {
@@ -138,8 +144,7 @@ fn ten_minutes(scope: &str, query: &str) -> String {
 #[tokio::test]
 async fn device_windows_and_downsampling() {
     let (_, s) = filled().await;
-    let body = get_ok(&s, &ten_minutes("devices/d1", "res=1m")).await;
-    let w = body["windows"].as_array().unwrap();
+    let w = windows(&s, &ten_minutes("devices/d1", "res=1m")).await;
     assert_eq!(w.len(), 10);
     assert_eq!(w[3]["start"], T0 + 3 * MIN);
     assert_eq!(w[3]["end"], T0 + 4 * MIN);
@@ -148,8 +153,7 @@ async fn device_windows_and_downsampling() {
     assert_eq!(w[0]["final"], true);
     assert_eq!(w[9]["final"], false);
     // 5m windows are merged from the stored minutes.
-    let (_, _, body) = get(&s, &ten_minutes("devices/d1", "res=5m")).await;
-    let w = body["windows"].as_array().unwrap();
+    let w = windows(&s, &ten_minutes("devices/d1", "res=5m")).await;
     assert_eq!(w.len(), 2);
     assert_eq!(
         (w[0]["count"].as_u64(), w[0]["sum"].as_f64()),
@@ -173,8 +177,7 @@ async fn device_windows_and_downsampling() {
 #[tokio::test]
 async fn fleet_windows_merge_every_shard() {
     let (_, s) = filled().await;
-    let body = get_ok(&s, &ten_minutes("fleets/f", "res=1m")).await;
-    let w = body["windows"].as_array().unwrap();
+    let w = windows(&s, &ten_minutes("fleets/f", "res=1m")).await;
     assert_eq!(w.len(), 10);
     assert_eq!(w[2]["count"], 2);
     assert_eq!(w[2]["sum"], 2.0 + 102.0);

@@ -242,11 +242,17 @@ async fn counter(store: &DynamoStore, name: &str) -> u64 {
     }
 }
 
+/// A fresh table after the handler took `event`, reporting no record failed.
+async fn taking_whole(event: KinesisEvent) -> Arc<DynamoStore> {
+    let store = Arc::new(fresh_store().await);
+    let response = handler(store.clone()).handle(event).await;
+    assert!(failures(&response).is_empty(), "{response:?}");
+    store
+}
+
 #[tokio::test]
 async fn iot_rule_records_become_rollups_and_bad_ones_are_counted() {
-    let store = Arc::new(fresh_store().await);
-    let response = handler(store.clone()).handle(iot_fixture()).await;
-    assert!(failures(&response).is_empty(), "{response:?}");
+    let store = taking_whole(iot_fixture()).await;
     assert_eq!(window_count(&store, "dev-1", "temperature", T0).await, 3);
     assert_eq!(window_count(&store, "dev-2", "humidity", T0).await, 3);
     assert_eq!(counter(&store, "accepted_readings").await, 6);
@@ -255,9 +261,7 @@ async fn iot_rule_records_become_rollups_and_bad_ones_are_counted() {
 
 #[tokio::test]
 async fn packed_records_become_rollups() {
-    let store = Arc::new(fresh_store().await);
-    let response = handler(store.clone()).handle(packed_fixture()).await;
-    assert!(failures(&response).is_empty(), "{response:?}");
+    let store = taking_whole(packed_fixture()).await;
     assert_eq!(window_count(&store, "dev-7", "pressure", T0).await, 6);
     assert_eq!(window_count(&store, "dev-8", "pressure", T0).await, 3);
     assert_eq!(counter(&store, "accepted_readings").await, 9);
