@@ -138,24 +138,7 @@ fn run(publishers: usize, args: &Args) -> Result<()> {
         let running = running.clone();
         client_rt.spawn(async move {
             let (client, mut eventloop, topic) = common::publisher(addr, &format!("dev-{p}"));
-            tokio::spawn(async move {
-                let mut seq = 0u64;
-                while running.load(Ordering::Relaxed) {
-                    if client
-                        .publish(
-                            &topic,
-                            rumqttc::QoS::AtLeastOnce,
-                            false,
-                            common::payload(seq),
-                        )
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    seq += 1;
-                }
-            });
+            tokio::spawn(common::publish_while(client, topic, running, |_| true));
             while let Ok(event) = eventloop.poll().await {
                 if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
                     acked.fetch_add(1, Ordering::Relaxed);

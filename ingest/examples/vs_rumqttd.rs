@@ -304,25 +304,9 @@ fn start_publishers(
             // Publish requests leave in the order they are made, so the
             // n-th outgoing PUBLISH carries the n-th seq sent here.
             let (seq_tx, mut seq_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-            tokio::spawn(async move {
-                let mut seq = 0u64;
-                while running.load(Ordering::Relaxed) {
-                    if seq_tx.send(seq).is_err()
-                        || client
-                            .publish(
-                                &topic,
-                                rumqttc::QoS::AtLeastOnce,
-                                false,
-                                common::payload(seq),
-                            )
-                            .await
-                            .is_err()
-                    {
-                        break;
-                    }
-                    seq += 1;
-                }
-            });
+            tokio::spawn(common::publish_while(client, topic, running, move |seq| {
+                seq_tx.send(seq).is_ok()
+            }));
             let mut by_pkid: HashMap<u16, u64> = HashMap::new();
             let mut unsent: VecDeque<u64> = VecDeque::new();
             while let Ok(event) = eventloop.poll().await {

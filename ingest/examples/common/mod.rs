@@ -2,6 +2,8 @@
 //! server, written once so that their figures measure the same publishers.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// A valid payload of exactly 100 bytes.
@@ -25,4 +27,27 @@ pub fn publisher(
     options.set_keep_alive(Duration::from_secs(30));
     let (client, eventloop) = rumqttc::AsyncClient::new(options, 100);
     (client, eventloop, format!("dt/bench/{device}/telemetry"))
+}
+
+/// Publishes `payload(0)`, `payload(1)`, … at QoS 1 to `topic` while
+/// `running` holds, telling `sending` each seq before its publish request is
+/// made; stops when `sending` returns false or the client is gone.
+pub async fn publish_while(
+    client: rumqttc::AsyncClient,
+    topic: String,
+    running: Arc<AtomicBool>,
+    mut sending: impl FnMut(u64) -> bool,
+) {
+    let mut seq = 0u64;
+    while running.load(Ordering::Relaxed) {
+        if !sending(seq)
+            || client
+                .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload(seq))
+                .await
+                .is_err()
+        {
+            break;
+        }
+        seq += 1;
+    }
 }
