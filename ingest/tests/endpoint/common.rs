@@ -236,6 +236,24 @@ impl V4 {
         .await?
     }
 
+    /// Publishes `payload(seq)` to `device`'s telemetry topic at `qos`.
+    pub async fn telemetry(&self, device: &str, qos: rumqttc::QoS, seq: u64) -> Result<()> {
+        self.client
+            .publish(format!("dt/f/{device}/telemetry"), qos, false, payload(seq))
+            .await?;
+        Ok(())
+    }
+
+    /// A round trip that finds no PUBACK sent before it: nothing published
+    /// so far has been acknowledged.
+    pub async fn no_puback_yet(&mut self) -> Result<()> {
+        let before = self.round_trip("nothing/here").await?;
+        if before.iter().any(|p| matches!(p, v4::Packet::PubAck(_))) {
+            bail!("acknowledged too early: {before:?}");
+        }
+        Ok(())
+    }
+
     /// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
     pub async fn suback(&mut self, filters: &[&str]) -> Result<Vec<v4::SubscribeReasonCode>> {
         let filters = filters
