@@ -250,21 +250,37 @@ async fn taking_whole(event: KinesisEvent) -> Arc<DynamoStore> {
     store
 }
 
+/// Each (device, metric)'s minute window at `T0` counted its readings, and
+/// `accepted` readings were accepted in all.
+async fn assert_rollups(store: &DynamoStore, windows: &[(&str, &str, u64)], accepted: u64) {
+    for &(device, metric, count) in windows {
+        let got = window_count(store, device, metric, T0).await;
+        assert_eq!(got, count, "{device} {metric}");
+    }
+    assert_eq!(counter(store, "accepted_readings").await, accepted);
+}
+
 #[tokio::test]
 async fn iot_rule_records_become_rollups_and_bad_ones_are_counted() {
     let store = taking_whole(iot_fixture()).await;
-    assert_eq!(window_count(&store, "dev-1", "temperature", T0).await, 3);
-    assert_eq!(window_count(&store, "dev-2", "humidity", T0).await, 3);
-    assert_eq!(counter(&store, "accepted_readings").await, 6);
+    assert_rollups(
+        &store,
+        &[("dev-1", "temperature", 3), ("dev-2", "humidity", 3)],
+        6,
+    )
+    .await;
     assert_eq!(counter(&store, "rejected:bad_record").await, 1);
 }
 
 #[tokio::test]
 async fn packed_records_become_rollups() {
     let store = taking_whole(packed_fixture()).await;
-    assert_eq!(window_count(&store, "dev-7", "pressure", T0).await, 6);
-    assert_eq!(window_count(&store, "dev-8", "pressure", T0).await, 3);
-    assert_eq!(counter(&store, "accepted_readings").await, 9);
+    assert_rollups(
+        &store,
+        &[("dev-7", "pressure", 6), ("dev-8", "pressure", 3)],
+        9,
+    )
+    .await;
 }
 
 #[tokio::test]
