@@ -105,16 +105,8 @@ fn main() -> Result<()> {
 }
 
 fn run(publishers: usize, args: &Args) -> Result<()> {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.server_threads)
-        .thread_name("endpoint")
-        .enable_all()
-        .build()?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("client")
-        .enable_all()
-        .build()?;
+    let server_rt = common::runtime("endpoint", args.server_threads)?;
+    let client_rt = common::runtime("client", 2)?;
 
     let metrics = Arc::new(IngestMetrics::new());
     let producer = Arc::new(CountingProducer::default());

@@ -367,16 +367,8 @@ fn throughput(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = open_log(dir.path())?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(server_workers)
-        .thread_name("server")
-        .enable_all()
-        .build()?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("client")
-        .enable_all()
-        .build()?;
+    let server_rt = common::runtime("server", server_workers)?;
+    let client_rt = common::runtime("client", 2)?;
     let port = free_port()?;
     let appended = start_server(target, port, log, &server_rt, endpoint)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -416,11 +408,7 @@ fn throughput(
 
 /// The child of `loss`: serves until killed.
 fn serve_child(target: Target, dir: &Path, port: u16) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("server")
-        .enable_all()
-        .build()?;
+    let rt = common::runtime("server", 1)?;
     let log = open_log(dir)?;
     start_server(target, port, log, &rt, EndpointConfig::default())?;
     println!("ready");
@@ -462,10 +450,7 @@ fn loss_bridge(kills: u64, seed: u64) -> Result<()> {
     let log_dir = broker.dir().join("log");
     let mut child = spawn_server(Target::Bridge, port, &log_dir)?;
     std::thread::sleep(Duration::from_millis(300));
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let client_rt = common::runtime("client", 2)?;
     let pubs = start_publishers(
         &client_rt,
         SocketAddr::from(([127, 0, 0, 1], port)),
@@ -520,10 +505,7 @@ fn loss(target: Target, runs: u64, seed: u64) -> Result<()> {
         let port = free_port()?;
         let mut child = spawn_server(target, port, dir.path())?;
         std::thread::sleep(Duration::from_millis(200));
-        let client_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let client_rt = common::runtime("client", 2)?;
         let pubs = start_publishers(
             &client_rt,
             SocketAddr::from(([127, 0, 0, 1], port)),

@@ -51,3 +51,13 @@ pub async fn publish_while(
         seq += 1;
     }
 }
+
+/// A multi-thread runtime of `workers` threads named `name`, so that each
+/// side's CPU time can be told apart in /proc.
+pub fn runtime(name: &str, workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name(name)
+        .enable_all()
+        .build()
+}
