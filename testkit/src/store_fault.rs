@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::stream_fault::{Dice, Stall, StallPoint, seed_for};
+use crate::stream_fault::{Dice, Stall, StallPoint, counts, seed_for};
 use async_trait::async_trait;
 use schemas::state::Item;
 
@@ -74,14 +74,9 @@ pub struct StoreInjectedCounts {
 
 impl StoreInjected {
     pub fn snapshot(&self) -> StoreInjectedCounts {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StoreInjectedCounts {
-            load_errors: get(&self.load_errors),
-            commit_errors_before: get(&self.commit_errors_before),
-            partial_commits: get(&self.partial_commits),
-            partial_writes: get(&self.partial_writes),
-            conflicts: get(&self.conflicts),
-        }
+        counts!(self => StoreInjectedCounts {
+            load_errors, commit_errors_before, partial_commits, partial_writes, conflicts
+        })
     }
 }
 
