@@ -250,37 +250,37 @@ async fn taking_whole(event: KinesisEvent) -> Arc<DynamoStore> {
     store
 }
 
-/// Each (device, metric)'s minute window at `T0` counted its readings, and
-/// `accepted` readings were accepted in all.
-async fn assert_rollups(store: &DynamoStore, windows: &[(&str, &str, u64)], accepted: u64) {
-    for &(device, metric, count) in windows {
-        let got = window_count(store, device, metric, T0).await;
-        assert_eq!(got, count, "{device} {metric}");
+/// Each fixture on its own table: the minute windows at `T0` count its
+/// readings per (device, metric), and its counters read as listed (the IoT
+/// rule fixture holds one bad record).
+#[tokio::test]
+async fn each_fixture_becomes_rollups_and_bad_records_are_counted() {
+    type Windows = &'static [(&'static str, &'static str, u64)];
+    type Counters = &'static [(&'static str, u64)];
+    let cases: [(&str, KinesisEvent, Windows, Counters); 2] = [
+        (
+            "IoT rule records",
+            iot_fixture(),
+            &[("dev-1", "temperature", 3), ("dev-2", "humidity", 3)],
+            &[("accepted_readings", 6), ("rejected:bad_record", 1)],
+        ),
+        (
+            "packed records",
+            packed_fixture(),
+            &[("dev-7", "pressure", 6), ("dev-8", "pressure", 3)],
+            &[("accepted_readings", 9)],
+        ),
+    ];
+    for (what, event, windows, counters) in cases {
+        let store = taking_whole(event).await;
+        for &(device, metric, count) in windows {
+            let got = window_count(&store, device, metric, T0).await;
+            assert_eq!(got, count, "{what}: {device} {metric}");
+        }
+        for &(name, value) in counters {
+            assert_eq!(counter(&store, name).await, value, "{what}: {name}");
+        }
     }
-    assert_eq!(counter(store, "accepted_readings").await, accepted);
-}
-
-#[tokio::test]
-async fn iot_rule_records_become_rollups_and_bad_ones_are_counted() {
-    let store = taking_whole(iot_fixture()).await;
-    assert_rollups(
-        &store,
-        &[("dev-1", "temperature", 3), ("dev-2", "humidity", 3)],
-        6,
-    )
-    .await;
-    assert_eq!(counter(&store, "rejected:bad_record").await, 1);
-}
-
-#[tokio::test]
-async fn packed_records_become_rollups() {
-    let store = taking_whole(packed_fixture()).await;
-    assert_rollups(
-        &store,
-        &[("dev-7", "pressure", 6), ("dev-8", "pressure", 3)],
-        9,
-    )
-    .await;
 }
 
 #[tokio::test]
