@@ -11,6 +11,8 @@
 //!     [--publishers 4,16] [--secs 10] [--server-threads 1]
 //! ```
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -67,16 +69,6 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-/// A valid payload of exactly 100 bytes.
-fn payload(seq: u64) -> Vec<u8> {
-    let head = format!(
-        r#"{{"seq":{seq},"ts":1764240000123,"metrics":{{"temperature":21.5,"humidity":40.2,"pad":"#
-    );
-    let tail = "}}";
-    let digits = 100usize.saturating_sub(head.len() + tail.len()).max(1);
-    format!("{head}{}{tail}", "1".repeat(digits)).into_bytes()
-}
-
 /// CPU seconds used so far by this process's threads whose name starts with
 /// `prefix`, from /proc (Linux only).
 fn thread_cpu_secs(prefix: &str) -> f64 {
@@ -113,16 +105,8 @@ fn main() -> Result<()> {
 }
 
 fn run(publishers: usize, args: &Args) -> Result<()> {
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.server_threads)
-        .thread_name("endpoint")
-        .enable_all()
-        .build()?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("client")
-        .enable_all()
-        .build()?;
+    let server_rt = common::runtime("endpoint", args.server_threads)?;
+    let client_rt = common::runtime("client", 2)?;
 
     let metrics = Arc::new(IngestMetrics::new());
     let producer = Arc::new(CountingProducer::default());
@@ -145,26 +129,8 @@ fn run(publishers: usize, args: &Args) -> Result<()> {
         let acked = acked.clone();
         let running = running.clone();
         client_rt.spawn(async move {
-            let device = format!("dev-{p}");
-            let mut options =
-                rumqttc::MqttOptions::new(&device, addr.ip().to_string(), addr.port());
-            options.set_inflight(100);
-            options.set_keep_alive(Duration::from_secs(30));
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-            let topic = format!("dt/bench/{device}/telemetry");
-            tokio::spawn(async move {
-                let mut seq = 0u64;
-                while running.load(Ordering::Relaxed) {
-                    if client
-                        .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload(seq))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    seq += 1;
-                }
-            });
+            let (client, mut eventloop, topic) = common::publisher(addr, &format!("dev-{p}"));
+            tokio::spawn(common::publish_while(client, topic, running, |_| true));
             while let Ok(event) = eventloop.poll().await {
                 if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = event {
                     acked.fetch_add(1, Ordering::Relaxed);

@@ -29,6 +29,8 @@
 //! cargo run --release -p ingest --example vs_rumqttd -- loss-bridge [--kills 5] [--seed 7]
 //! ```
 
+mod common;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -150,14 +152,15 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A valid payload of about 100 bytes.
-fn payload(seq: u64) -> Vec<u8> {
-    let head = format!(
-        r#"{{"seq":{seq},"ts":1764240000123,"metrics":{{"temperature":21.5,"humidity":40.2,"pad":"#
-    );
-    let tail = "}}";
-    let digits = 100usize.saturating_sub(head.len() + tail.len()).max(1);
-    format!("{head}{}{tail}", "1".repeat(digits)).into_bytes()
+/// Copies `metrics`' durable appends into `appended` every 50 ms, for as
+/// long as the process runs.
+fn mirror_appended(metrics: Arc<IngestMetrics>, appended: Arc<AtomicU64>) {
+    std::thread::spawn(move || {
+        loop {
+            appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
 }
 
 /// Starts the server side of `target` on `port`, appending to `log`; the
@@ -181,13 +184,7 @@ fn start_server(
                 metrics.clone(),
                 std::future::pending(),
             ));
-            let appended = appended.clone();
-            std::thread::spawn(move || {
-                loop {
-                    appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
+            mirror_appended(metrics, appended.clone());
         }
         Target::Bridge => {
             let metrics = Arc::new(IngestMetrics::new());
@@ -200,13 +197,7 @@ fn start_server(
                 metrics.clone(),
                 std::future::pending(),
             ));
-            let appended = appended.clone();
-            std::thread::spawn(move || {
-                loop {
-                    appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            });
+            mirror_appended(metrics, appended.clone());
         }
         Target::Rumqttd => {
             let (_link_tx, mut link_rx) = testkit::rumqttd::start(
@@ -309,29 +300,13 @@ fn start_publishers(
         let (acked, ids, running) = (p.acked.clone(), p.acked_ids.clone(), p.running.clone());
         rt.spawn(async move {
             let device = format!("dev-{i}");
-            let mut options =
-                rumqttc::MqttOptions::new(&device, addr.ip().to_string(), addr.port());
-            options.set_inflight(100);
-            options.set_keep_alive(Duration::from_secs(30));
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100);
-            let topic = format!("dt/bench/{device}/telemetry");
+            let (client, mut eventloop, topic) = common::publisher(addr, &device);
             // Publish requests leave in the order they are made, so the
             // n-th outgoing PUBLISH carries the n-th seq sent here.
             let (seq_tx, mut seq_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
-            tokio::spawn(async move {
-                let mut seq = 0u64;
-                while running.load(Ordering::Relaxed) {
-                    if seq_tx.send(seq).is_err()
-                        || client
-                            .publish(&topic, rumqttc::QoS::AtLeastOnce, false, payload(seq))
-                            .await
-                            .is_err()
-                    {
-                        break;
-                    }
-                    seq += 1;
-                }
-            });
+            tokio::spawn(common::publish_while(client, topic, running, move |seq| {
+                seq_tx.send(seq).is_ok()
+            }));
             let mut by_pkid: HashMap<u16, u64> = HashMap::new();
             let mut unsent: VecDeque<u64> = VecDeque::new();
             while let Ok(event) = eventloop.poll().await {
@@ -392,16 +367,8 @@ fn throughput(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let log = open_log(dir.path())?;
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(server_workers)
-        .thread_name("server")
-        .enable_all()
-        .build()?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("client")
-        .enable_all()
-        .build()?;
+    let server_rt = common::runtime("server", server_workers)?;
+    let client_rt = common::runtime("client", 2)?;
     let port = free_port()?;
     let appended = start_server(target, port, log, &server_rt, endpoint)?;
     std::thread::sleep(Duration::from_millis(300));
@@ -441,11 +408,7 @@ fn throughput(
 
 /// The child of `loss`: serves until killed.
 fn serve_child(target: Target, dir: &Path, port: u16) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("server")
-        .enable_all()
-        .build()?;
+    let rt = common::runtime("server", 1)?;
     let log = open_log(dir)?;
     start_server(target, port, log, &rt, EndpointConfig::default())?;
     println!("ready");
@@ -487,10 +450,7 @@ fn loss_bridge(kills: u64, seed: u64) -> Result<()> {
     let log_dir = broker.dir().join("log");
     let mut child = spawn_server(Target::Bridge, port, &log_dir)?;
     std::thread::sleep(Duration::from_millis(300));
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let client_rt = common::runtime("client", 2)?;
     let pubs = start_publishers(
         &client_rt,
         SocketAddr::from(([127, 0, 0, 1], port)),
@@ -545,10 +505,7 @@ fn loss(target: Target, runs: u64, seed: u64) -> Result<()> {
         let port = free_port()?;
         let mut child = spawn_server(target, port, dir.path())?;
         std::thread::sleep(Duration::from_millis(200));
-        let client_rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let client_rt = common::runtime("client", 2)?;
         let pubs = start_publishers(
             &client_rt,
             SocketAddr::from(([127, 0, 0, 1], port)),

@@ -12,7 +12,7 @@
 use schemas::Topic;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod users_file;
 
 pub use users_file::{UsersFile, UsersFileError};

@@ -137,17 +137,8 @@ fn to_hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::{Authorizer, ConnectInfo};
-
-    fn login<'a>(user: &'a str, password: &'a str) -> ConnectInfo<'a> {
-        ConnectInfo {
-            client_id: "c",
-            username: Some(user),
-            password: Some(password.as_bytes()),
-            certificate: None,
-            certificate_role: Role::Device,
-        }
-    }
+    use crate::auth::Authorizer;
+    use crate::auth::tests::login;
 
     #[test]
     fn added_users_log_in_with_their_password_and_removal_keeps_the_rest() {

@@ -13,7 +13,7 @@ use processors::store::sqlite::SqliteStore;
 use rollup::AggregateConfig;
 use rollup::aggregate::fold;
 use rollup::keys::ItemKey;
-use testkit::batches::busy_shard;
+use testkit::batches::{busy_shard, warm_busy_shard};
 
 // The allocator iotpipe's binaries use: the core allocates per batch, and
 // glibc's malloc costs several times more under this churn.
@@ -31,12 +31,8 @@ fn bench_core(c: &mut Criterion) {
         ("20-reading records", 1_000, 20),
     ] {
         // A warm store: the windows exist, as in steady state.
-        let store = MemoryStore::new();
-        let warm = busy_shard(records, 1000, per_record, 0);
+        let (store, next) = warm_busy_shard(&rt, &cfg, records, per_record);
         let load = |keys: &[ItemKey]| rt.block_on(store.load(keys)).unwrap();
-        let warmed = fold("shard-0000", &warm, &cfg, load).unwrap();
-        rt.block_on(store.commit(warmed.commit)).unwrap();
-        let next = busy_shard(records, 1000, per_record, records / 1000);
         g.throughput(Throughput::Elements((records * per_record) as u64));
         // Loads from memory included: the core needs two rounds of them.
         g.bench_function(format!("plan+load+apply, {name} (readings/s)"), |b| {

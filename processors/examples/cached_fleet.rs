@@ -23,59 +23,19 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
 use processors::store::RollupStore;
 use processors::store::cached::{CacheConfig, CachedStore};
 use processors::store::sqlite::SqliteStore;
 use rollup::AggregateConfig;
-use schemas::shard::Record;
-use schemas::{Metric, PackedRecord, Reading};
+use testkit::batches::{FLEET_METRICS, fleet_round};
 
 // The allocator iotpipe's binaries use.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const T0: i64 = 1_767_225_600_000;
 const SHARD: &str = "shard-0000";
-const METRICS: [&str; 3] = ["temperature", "humidity", "battery"];
-
-/// One record per device, each holding the device's `k`-th reading, one
-/// second after its previous one.
-fn batch(devices: usize, k: u64, metrics: usize) -> Vec<Record> {
-    (0..devices)
-        .map(|i| {
-            let device = format!("fleet-d{i:05}");
-            let ts = T0 + k as i64 * 1000 + i as i64 % 1000;
-            let reading = Reading {
-                seq: Some(k),
-                ts,
-                metrics: METRICS[..metrics]
-                    .iter()
-                    .enumerate()
-                    .map(|(m, name)| Metric {
-                        name: (*name).into(),
-                        value: 20.0 + ((i + m) % 17) as f64 * 0.1 + k as f64,
-                    })
-                    .collect(),
-            };
-            let data = PackedRecord {
-                device_id: device.clone(),
-                fleet: "fleet".into(),
-                received_at: ts + 20,
-                readings: vec![reading],
-            }
-            .encode();
-            Record {
-                seq: (k * devices as u64 + i as u64 + 1).into(),
-                partition_key: device,
-                data: Bytes::from(data),
-                arrival_ms: ts + 20,
-            }
-        })
-        .collect()
-}
 
 fn arg(n: usize, default: usize) -> usize {
     std::env::args()
@@ -88,7 +48,7 @@ fn main() {
     let devices = arg(1, 19_000);
     let rounds = arg(2, 20);
     let flush_every = arg(3, 10).max(1);
-    let metrics = arg(4, 2).clamp(1, METRICS.len());
+    let metrics = arg(4, 2).clamp(1, FLEET_METRICS.len());
     let cfg = AggregateConfig::default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -99,7 +59,7 @@ fn main() {
     let store = CachedStore::new(sqlite, CacheConfig::default());
     let stats = ProcessorMetrics::default();
 
-    let warm = batch(devices, 0, metrics);
+    let warm = fleet_round(devices, 0, metrics);
     rt.block_on(process_batch(SHARD, &warm, &store, &cfg, &stats))
         .unwrap();
     rt.block_on(store.flush()).unwrap();
@@ -107,7 +67,7 @@ fn main() {
     let (mut batches, mut flushes) = (Duration::ZERO, Duration::ZERO);
     let mut flushed = 0;
     for k in 1..=rounds as u64 {
-        let records = batch(devices, k, metrics);
+        let records = fleet_round(devices, k, metrics);
         let started = Instant::now();
         rt.block_on(process_batch(SHARD, &records, &store, &cfg, &stats))
             .unwrap();

@@ -9,11 +9,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use processors::store::RollupStore;
-use processors::store::memory::MemoryStore;
 use rollup::AggregateConfig;
 use rollup::aggregate::fold;
 use rollup::keys::ItemKey;
-use testkit::batches::busy_shard;
+use testkit::batches::warm_busy_shard;
 
 // The allocator iotpipe's binaries use: the core allocates per batch, and
 // glibc's malloc costs several times more under this churn.
@@ -30,12 +29,8 @@ fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let store = MemoryStore::new();
-    let warm = busy_shard(records, 1000, per_record, 0);
+    let (store, next) = warm_busy_shard(&rt, &cfg, records, per_record);
     let load = |keys: &[ItemKey]| rt.block_on(store.load(keys)).unwrap();
-    let warmed = fold("shard-0000", &warm, &cfg, load).unwrap();
-    rt.block_on(store.commit(warmed.commit)).unwrap();
-    let next = busy_shard(records, 1000, per_record, records / 1000);
     let started = std::time::Instant::now();
     let out = fold("shard-0000", &next, &cfg, load).unwrap();
     let elapsed = started.elapsed();

@@ -14,57 +14,18 @@
 use std::path::Path;
 use std::time::Instant;
 
-use bytes::Bytes;
 use processors::store::RollupStore;
 use processors::store::memory::MemoryStore;
 use processors::store::sqlite::SqliteStore;
 use rollup::aggregate::fold;
 use rollup::{AggregateConfig, Commit};
 use schemas::shard::Record;
-use schemas::{Metric, PackedRecord, Reading};
+use testkit::batches::fleet_round;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const T0: i64 = 1_767_225_600_000;
 const SHARD: &str = "shard-0000";
-
-/// One record per device, each holding the device's `k`-th reading.
-fn batch(devices: usize, k: u64) -> Vec<Record> {
-    (0..devices)
-        .map(|i| {
-            let device = format!("fleet-d{i:05}");
-            let ts = T0 + k as i64 * 1000 + i as i64 % 1000;
-            let reading = Reading {
-                seq: Some(k),
-                ts,
-                metrics: vec![
-                    Metric {
-                        name: "temperature".into(),
-                        value: 20.0 + (i % 17) as f64 * 0.1 + k as f64,
-                    },
-                    Metric {
-                        name: "humidity".into(),
-                        value: 40.0 + (i % 13) as f64,
-                    },
-                ],
-            };
-            let data = PackedRecord {
-                device_id: device.clone(),
-                fleet: "fleet".into(),
-                received_at: ts + 20,
-                readings: vec![reading],
-            }
-            .encode();
-            Record {
-                seq: (k * devices as u64 + i as u64 + 1).into(),
-                partition_key: device,
-                data: Bytes::from(data),
-                arrival_ms: ts + 20,
-            }
-        })
-        .collect()
-}
 
 /// The commit the core makes for `records` against `memory`, which it then
 /// also applies to `memory`, so that the next one is conditional on it.
@@ -129,8 +90,8 @@ fn main() {
     let db = dir.path().join("rollups.db");
     let store = SqliteStore::open(&db).unwrap();
     let memory = MemoryStore::new();
-    let first = core_commit(&rt, &memory, &batch(devices, 0), &cfg);
-    let second = core_commit(&rt, &memory, &batch(devices, 1), &cfg);
+    let first = core_commit(&rt, &memory, &fleet_round(devices, 0, 2), &cfg);
+    let second = core_commit(&rt, &memory, &fleet_round(devices, 1, 2), &cfg);
     timed_flush(&rt, &store, &db, "insert", first);
     timed_flush(&rt, &store, &db, "update", second);
 }

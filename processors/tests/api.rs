@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use processors::api::guard::{ApiLimits, Guard, Tokens};
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
@@ -84,9 +85,20 @@ async fn idle_until(store: &MemoryStore, shard: &str, now: i64, cfg: &AggregateC
         .unwrap();
 }
 
-async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {
+/// GETs `uri`: the status, the content type and the body as text.
+async fn get_text(state: &ApiState, uri: &str) -> (StatusCode, String, String) {
+    get_as(state, uri, None).await
+}
+
+/// GETs `uri` with `token` as its bearer token, if any: the status, the
+/// content type and the body as text.
+async fn get_as(state: &ApiState, uri: &str, token: Option<&str>) -> (StatusCode, String, String) {
+    let mut req = Request::get(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
     let resp = app(state.clone())
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+        .oneshot(req.body(Body::empty()).unwrap())
         .await
         .unwrap();
     let status = resp.status();
@@ -96,32 +108,51 @@ async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    (status, ctype, String::from_utf8(body.to_vec()).unwrap())
+}
+
+/// GETs `uri`: the status, the content type and the body as JSON (`null`
+/// if it is not JSON).
+async fn get(state: &ApiState, uri: &str) -> (StatusCode, String, Value) {
+    let (status, ctype, body) = get_text(state, uri).await;
+    let json = serde_json::from_str(&body).unwrap_or(Value::Null);
     (status, ctype, json)
 }
 
-/// A CSV answer's text, checking its content type.
+/// A CSV answer's text, which must be 200 and say it is CSV.
 async fn get_csv(state: &ApiState, uri: &str) -> String {
-    let resp = app(state.clone())
-        .oneshot(Request::get(uri).body(Body::empty()).unwrap())
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK, "{uri}");
-    assert_eq!(resp.headers()["content-type"], "text/csv; charset=utf-8");
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    String::from_utf8(body.to_vec()).unwrap()
+    let (status, ctype, text) = get_text(state, uri).await;
+    assert_eq!(status, StatusCode::OK, "{uri}: {text}");
+    assert_eq!(ctype, "text/csv; charset=utf-8");
+    text
+}
+
+/// GETs `uri`, which must answer 200, and returns the JSON body.
+async fn get_ok(state: &ApiState, uri: &str) -> Value {
+    let (status, _, body) = get(state, uri).await;
+    assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+    body
+}
+
+/// The windows `uri` answers with, which must be 200.
+async fn windows(state: &ApiState, uri: &str) -> Vec<Value> {
+    let body = get_ok(state, uri).await;
+    body["windows"].as_array().unwrap().clone()
+}
+
+/// `/v1/{scope}/metrics/t` over the first ten minutes, with `query` (its
+/// resolution and anything else).
+fn ten_minutes(scope: &str, query: &str) -> String {
+    format!(
+        "/v1/{scope}/metrics/t?{query}&from={T0}&to={}",
+        T0 + 10 * MIN
+    )
 }
 
 #[tokio::test]
 async fn device_windows_and_downsampling() {
     let (_, s) = filled().await;
-    let uri = format!(
-        "/v1/devices/d1/metrics/t?res=1m&from={T0}&to={}",
-        T0 + 10 * MIN
-    );
-    let (status, _, body) = get(&s, &uri).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let w = body["windows"].as_array().unwrap();
+    let w = windows(&s, &ten_minutes("devices/d1", "res=1m")).await;
     assert_eq!(w.len(), 10);
     assert_eq!(w[3]["start"], T0 + 3 * MIN);
     assert_eq!(w[3]["end"], T0 + 4 * MIN);
@@ -130,12 +161,7 @@ async fn device_windows_and_downsampling() {
     assert_eq!(w[0]["final"], true);
     assert_eq!(w[9]["final"], false);
     // 5m windows are merged from the stored minutes.
-    let uri = format!(
-        "/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}",
-        T0 + 10 * MIN
-    );
-    let (_, _, body) = get(&s, &uri).await;
-    let w = body["windows"].as_array().unwrap();
+    let w = windows(&s, &ten_minutes("devices/d1", "res=5m")).await;
     assert_eq!(w.len(), 2);
     assert_eq!(
         (w[0]["count"].as_u64(), w[0]["sum"].as_f64()),
@@ -148,25 +174,18 @@ async fn device_windows_and_downsampling() {
     assert_eq!(w[1]["first"]["value"], 5.0);
     assert_eq!(w[1]["last"]["value"], 9.0);
     // RFC 3339 times work too.
-    let (status, _, body) = get(
+    let body = get_ok(
         &s,
         "/v1/devices/d1/metrics/t?res=1h&from=2025-11-27T10:00:00Z&to=2025-11-27T12:00:00Z",
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["windows"][0]["count"], 10);
 }
 
 #[tokio::test]
 async fn fleet_windows_merge_every_shard() {
     let (_, s) = filled().await;
-    let uri = format!(
-        "/v1/fleets/f/metrics/t?res=1m&from={T0}&to={}",
-        T0 + 10 * MIN
-    );
-    let (status, _, body) = get(&s, &uri).await;
-    assert_eq!(status, StatusCode::OK);
-    let w = body["windows"].as_array().unwrap();
+    let w = windows(&s, &ten_minutes("fleets/f", "res=1m")).await;
     assert_eq!(w.len(), 10);
     assert_eq!(w[2]["count"], 2);
     assert_eq!(w[2]["sum"], 2.0 + 102.0);
@@ -184,24 +203,15 @@ async fn fleet_windows_merge_every_shard() {
 #[tokio::test]
 async fn pages_follow_the_cursor() {
     let (_, s) = filled().await;
-    let mut uri = format!(
-        "/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4",
-        T0 + 10 * MIN
-    );
+    let mut uri = ten_minutes("devices/d2", "res=1m&limit=4");
     let mut starts = Vec::new();
     for _ in 0..5 {
-        let (status, _, body) = get(&s, &uri).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
+        let body = get_ok(&s, &uri).await;
         for w in body["windows"].as_array().unwrap() {
             starts.push(w["start"].as_i64().unwrap());
         }
         match body["next_cursor"].as_str() {
-            Some(c) => {
-                uri = format!(
-                    "/v1/devices/d2/metrics/t?res=1m&from={T0}&to={}&limit=4&cursor={c}",
-                    T0 + 10 * MIN
-                )
-            }
+            Some(c) => uri = ten_minutes("devices/d2", &format!("res=1m&limit=4&cursor={c}")),
             None => break,
         }
     }
@@ -212,8 +222,7 @@ async fn pages_follow_the_cursor() {
 #[tokio::test]
 async fn devices_latest_and_listing() {
     let (_, s) = filled().await;
-    let (status, _, body) = get(&s, "/v1/devices/d1").await;
-    assert_eq!(status, StatusCode::OK);
+    let body = get_ok(&s, "/v1/devices/d1").await;
     assert_eq!(body["fleet"], "f");
     assert_eq!(body["metrics"]["t"]["value"], 9.0);
     assert_eq!(body["metrics"]["t"]["ts"], T0 + 9 * MIN + 5);
@@ -268,8 +277,7 @@ async fn errors_are_problems() {
 #[tokio::test]
 async fn openapi_and_health() {
     let (_, s) = filled().await;
-    let (status, _, body) = get(&s, "/openapi.json").await;
-    assert_eq!(status, StatusCode::OK);
+    let body = get_ok(&s, "/openapi.json").await;
     assert_eq!(body["openapi"], "3.0.3");
     assert!(body["paths"]["/v1/fleets/{fleet}/metrics/{metric}"].is_object());
     let (status, _, body) = get(&s, "/healthz").await;
@@ -280,14 +288,34 @@ async fn openapi_and_health() {
 }
 
 #[tokio::test]
+async fn the_dashboard_and_its_files_are_served_without_a_token() {
+    let mut state = ApiState::new(
+        Arc::new(MemoryStore::new()),
+        Arc::new(AggregateConfig::default()),
+    );
+    let tokens = Tokens::parse("dashboard-test-token-0001 read").unwrap();
+    state.guard = Arc::new(Guard::new(Some(tokens), ApiLimits::default()));
+    let (status, ct, body) = get_text(&state, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ct.starts_with("text/html"), "{ct}");
+    assert!(body.contains("/dashboard/app.js"), "{body}");
+    let (status, ct, body) = get_text(&state, "/dashboard/app.js").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ct.starts_with("text/javascript"), "{ct}");
+    assert!(body.contains("Authorization"));
+    let (status, ct, _) = get_text(&state, "/dashboard/style.css").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(ct.starts_with("text/css"), "{ct}");
+    // The data behind it still needs the token.
+    let (status, _, _) = get_text(&state, "/v1/stats").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn fields_can_be_selected_and_served_as_csv() {
     let (_, s) = filled().await;
-    let uri = format!(
-        "/v1/devices/d1/metrics/t?res=5m&from={T0}&to={}&agg=count,max,last",
-        T0 + 10 * MIN
-    );
-    let (status, _, body) = get(&s, &uri).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    let uri = ten_minutes("devices/d1", "res=5m&agg=count,max,last");
+    let body = get_ok(&s, &uri).await;
     let w = body["windows"][0].as_object().unwrap();
     let keys: Vec<&str> = w.keys().map(String::as_str).collect();
     assert_eq!(keys, ["count", "end", "last", "max", "start"]);
@@ -307,30 +335,17 @@ async fn fields_can_be_selected_and_served_as_csv() {
 
 #[tokio::test]
 async fn tokens_guard_everything_but_health() {
-    use processors::api::guard::{ApiLimits, Guard, Tokens};
     let (_, mut s) = filled().await;
     let tokens = Tokens::parse("reader-token-0123456789\nadmin-token-0123456789 admin\n").unwrap();
     s.guard = Arc::new(Guard::new(Some(tokens), ApiLimits::default()));
     let call = |uri: &'static str, token: Option<&'static str>| {
         let s = s.clone();
         async move {
-            let mut req = Request::get(uri);
-            if let Some(t) = token {
-                req = req.header("authorization", format!("Bearer {t}"));
-            }
-            let resp = app(s)
-                .oneshot(req.body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            let status = resp.status();
-            let ctype = resp
-                .headers()
-                .get("content-type")
-                .map(|v| v.to_str().unwrap().to_string());
+            let (status, ctype, _) = get_as(&s, uri, token).await;
             (status, ctype)
         }
     };
-    let problem = Some("application/problem+json".to_string());
+    let problem = "application/problem+json".to_string();
     assert_eq!(
         call("/v1/stats", None).await,
         (StatusCode::UNAUTHORIZED, problem.clone())
@@ -356,24 +371,7 @@ async fn tokens_guard_everything_but_health() {
     );
     assert_eq!(call("/healthz", None).await.0, StatusCode::OK);
     assert_eq!(call("/openapi.json", None).await.0, StatusCode::OK);
-    let resp = app(s.clone())
-        .oneshot(
-            Request::get("/metrics")
-                .header("authorization", "Bearer admin-token-0123456789")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
+    let (_, _, text) = get_as(&s, "/metrics", Some("admin-token-0123456789")).await;
     assert!(text.contains("iotpipe_api_unauthorized_total 3"), "{text}");
     assert!(text.contains("iotpipe_api_forbidden_total 1"), "{text}");
 }
@@ -416,7 +414,6 @@ impl processors::store::RollupQuery for Stall {
 
 #[tokio::test]
 async fn requests_beyond_the_limit_are_shed_and_slow_ones_time_out() {
-    use processors::api::guard::{ApiLimits, Guard};
     let (store, mut s) = filled().await;
     let (entered, go) = (
         Arc::new(tokio::sync::Notify::new()),

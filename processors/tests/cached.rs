@@ -21,6 +21,11 @@ fn counter(name: &str, condition: Condition, n: u64) -> Commit {
     }
 }
 
+/// Commits `c` to the cache, which takes it without touching the store.
+async fn commit(cache: &impl RollupStore, c: Commit) {
+    cache.commit(c).await.unwrap();
+}
+
 /// The flush policy reads the dirty count after every batch, so it is
 /// kept as a count; it must stay equal to the dirty items through
 /// rewrites, flushes and failed flushes.
@@ -32,36 +37,18 @@ async fn the_dirty_count_follows_rewrites_flushes_and_failed_flushes() {
     };
     let inner = Arc::new(FaultyStore::new(Arc::new(MemoryStore::new()), failing));
     let cache = CachedStore::new(inner, CacheConfig::default());
-    cache
-        .commit(counter("a", Condition::Absent, 1))
-        .await
-        .unwrap();
-    cache
-        .commit(counter("a", Condition::Version(1), 2))
-        .await
-        .unwrap();
-    cache
-        .commit(counter("b", Condition::Absent, 1))
-        .await
-        .unwrap();
+    commit(&cache, counter("a", Condition::Absent, 1)).await;
+    commit(&cache, counter("a", Condition::Version(1), 2)).await;
+    commit(&cache, counter("b", Condition::Absent, 1)).await;
     assert_eq!(cache.unflushed(), 2, "a rewritten item counts once");
     assert!(cache.flush().await.is_err());
     assert_eq!(cache.unflushed(), 2, "a failed flush leaves both dirty");
 
     let cache = CachedStore::new(Arc::new(MemoryStore::new()), CacheConfig::default());
-    cache
-        .commit(counter("a", Condition::Absent, 1))
-        .await
-        .unwrap();
-    cache
-        .commit(counter("b", Condition::Absent, 1))
-        .await
-        .unwrap();
+    commit(&cache, counter("a", Condition::Absent, 1)).await;
+    commit(&cache, counter("b", Condition::Absent, 1)).await;
     assert_eq!(cache.flush().await.unwrap(), 2);
     assert_eq!(cache.unflushed(), 0);
-    cache
-        .commit(counter("a", Condition::Version(1), 2))
-        .await
-        .unwrap();
+    commit(&cache, counter("a", Condition::Version(1), 2)).await;
     assert_eq!(cache.unflushed(), 1);
 }

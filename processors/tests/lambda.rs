@@ -242,25 +242,45 @@ async fn counter(store: &DynamoStore, name: &str) -> u64 {
     }
 }
 
-#[tokio::test]
-async fn iot_rule_records_become_rollups_and_bad_ones_are_counted() {
+/// A fresh table after the handler took `event`, reporting no record failed.
+async fn taking_whole(event: KinesisEvent) -> Arc<DynamoStore> {
     let store = Arc::new(fresh_store().await);
-    let response = handler(store.clone()).handle(iot_fixture()).await;
+    let response = handler(store.clone()).handle(event).await;
     assert!(failures(&response).is_empty(), "{response:?}");
-    assert_eq!(window_count(&store, "dev-1", "temperature", T0).await, 3);
-    assert_eq!(window_count(&store, "dev-2", "humidity", T0).await, 3);
-    assert_eq!(counter(&store, "accepted_readings").await, 6);
-    assert_eq!(counter(&store, "rejected:bad_record").await, 1);
+    store
 }
 
+/// Each fixture on its own table: the minute windows at `T0` count its
+/// readings per (device, metric), and its counters read as listed (the IoT
+/// rule fixture holds one bad record).
 #[tokio::test]
-async fn packed_records_become_rollups() {
-    let store = Arc::new(fresh_store().await);
-    let response = handler(store.clone()).handle(packed_fixture()).await;
-    assert!(failures(&response).is_empty(), "{response:?}");
-    assert_eq!(window_count(&store, "dev-7", "pressure", T0).await, 6);
-    assert_eq!(window_count(&store, "dev-8", "pressure", T0).await, 3);
-    assert_eq!(counter(&store, "accepted_readings").await, 9);
+async fn each_fixture_becomes_rollups_and_bad_records_are_counted() {
+    type Windows = &'static [(&'static str, &'static str, u64)];
+    type Counters = &'static [(&'static str, u64)];
+    let cases: [(&str, KinesisEvent, Windows, Counters); 2] = [
+        (
+            "IoT rule records",
+            iot_fixture(),
+            &[("dev-1", "temperature", 3), ("dev-2", "humidity", 3)],
+            &[("accepted_readings", 6), ("rejected:bad_record", 1)],
+        ),
+        (
+            "packed records",
+            packed_fixture(),
+            &[("dev-7", "pressure", 6), ("dev-8", "pressure", 3)],
+            &[("accepted_readings", 9)],
+        ),
+    ];
+    for (what, event, windows, counters) in cases {
+        let store = taking_whole(event).await;
+        for &(device, metric, count) in windows {
+            let got = window_count(&store, device, metric, T0).await;
+            assert_eq!(got, count, "{what}: {device} {metric}");
+        }
+        for &(name, value) in counters {
+            assert_eq!(counter(&store, name).await, value, "{what}: {name}");
+        }
+    }
 }
 
 #[tokio::test]

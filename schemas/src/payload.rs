@@ -268,28 +268,33 @@ mod tests {
 
     #[test]
     fn names_each_reason() {
-        assert_eq!(reason(b"{\"ts\": 1, "), RejectReason::MalformedJson);
-        assert_eq!(reason(b"\xff\xfe"), RejectReason::MalformedJson);
-        assert_eq!(
-            reason(br#"{"ts": 1, "metrics": {"t": "hot"}}"#),
-            RejectReason::Schema
-        );
-        assert_eq!(
-            reason(br#"{"ts": 1, "metrics": {"t": NaN}}"#),
-            RejectReason::NotFinite
-        );
-        assert_eq!(
-            reason(br#"{"ts": 1, "metrics": {"t": -Infinity}}"#),
-            RejectReason::NotFinite
-        );
-        assert_eq!(
-            reason(br#"{"ts": 1, "metrics": {"t": 1e999}}"#),
-            RejectReason::NotFinite
-        );
-        assert_eq!(
-            reason(br#"{"ts": 1, "metrics": {"NaN": nope}}"#),
-            RejectReason::MalformedJson
-        );
+        let cases: [(&[u8], RejectReason); 7] = [
+            (b"{\"ts\": 1, ", RejectReason::MalformedJson),
+            (b"\xff\xfe", RejectReason::MalformedJson),
+            (
+                br#"{"ts": 1, "metrics": {"t": "hot"}}"#,
+                RejectReason::Schema,
+            ),
+            (
+                br#"{"ts": 1, "metrics": {"t": NaN}}"#,
+                RejectReason::NotFinite,
+            ),
+            (
+                br#"{"ts": 1, "metrics": {"t": -Infinity}}"#,
+                RejectReason::NotFinite,
+            ),
+            (
+                br#"{"ts": 1, "metrics": {"t": 1e999}}"#,
+                RejectReason::NotFinite,
+            ),
+            (
+                br#"{"ts": 1, "metrics": {"NaN": nope}}"#,
+                RejectReason::MalformedJson,
+            ),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(reason(bytes), want, "{}", String::from_utf8_lossy(bytes));
+        }
         let big = format!(
             r#"{{"ts": 1, "metrics": {{"t": 1}}, "pad": "{}"}}"#,
             "x".repeat(MAX_MESSAGE_BYTES)

@@ -50,27 +50,11 @@ impl Reading {
 
 /// Checks a metric name: `[A-Za-z0-9_.-]{1,64}`.
 pub fn check_metric_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_METRIC_NAME_LEN {
-        return Err(format!(
-            "metric name must be 1..={MAX_METRIC_NAME_LEN} characters, got {}",
-            name.len()
-        ));
-    }
-    if name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-    {
-        return Ok(());
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "metric name `{}` contains `{}`; allowed are A-Z a-z 0-9 _ . -",
-            crate::topic::clip(name),
-            c.escape_default()
-        ));
-    }
-    Ok(())
+    crate::topic::check_name(
+        "metric name",
+        name,
+        MAX_METRIC_NAME_LEN,
+        |b| matches!(b, b'_' | b'.' | b'-'),
+        "_ . -",
+    )
 }

@@ -44,32 +44,45 @@ impl<'a> Topic<'a> {
 
 /// Checks a fleet or device id: 1..=64 chars of `[A-Za-z0-9_.:-]`.
 pub fn check_id(what: &str, id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
+    check_name(
+        what,
+        id,
+        MAX_ID_LEN,
+        |b| matches!(b, b'_' | b'.' | b':' | b'-'),
+        "_ . : -",
+    )
+}
+
+/// Checks that `s` is 1..=`max_len` characters, each an ASCII letter or
+/// digit or a byte `is_punct` allows (`allowed` lists those for the error);
+/// `what` names `s` in the error. Ids and metric names share it.
+pub(crate) fn check_name(
+    what: &str,
+    s: &str,
+    max_len: usize,
+    is_punct: impl Fn(u8) -> bool,
+    allowed: &str,
+) -> Result<(), String> {
+    if s.is_empty() || s.len() > max_len {
         return Err(format!(
-            "{what} must be 1..={MAX_ID_LEN} characters, got {}",
-            id.len()
+            "{what} must be 1..={max_len} characters, got {}",
+            s.len()
         ));
     }
+    let ok = |b: u8| b.is_ascii_alphanumeric() || is_punct(b);
     // Every allowed character is ASCII, so checking bytes is exact and much
     // faster; the slow path only runs to name the offending character.
-    if id
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
-    {
+    if s.bytes().all(ok) {
         return Ok(());
     }
-    if let Some(c) = id.chars().find(|c| !is_id_char(*c)) {
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii() && ok(*c as u8))) {
         return Err(format!(
-            "{what} `{}` contains `{}`; allowed are A-Z a-z 0-9 _ . : -",
-            clip(id),
+            "{what} `{}` contains `{}`; allowed are A-Z a-z 0-9 {allowed}",
+            clip(s),
             c.escape_default()
         ));
     }
     Ok(())
-}
-
-fn is_id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')
 }
 
 /// Keeps details readable when the input is huge or hostile.

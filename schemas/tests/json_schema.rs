@@ -31,38 +31,42 @@ fn validator(file: &str) -> jsonschema::Validator {
     jsonschema::validator_for(&schema).unwrap()
 }
 
-#[test]
-fn payload_schema_and_decoder_agree() {
-    let v = validator("payload-v1.schema.json");
-    for (name, bytes) in fixtures("valid") {
+/// Every fixture in `valid` passes both `schema` and `decode`; every one in
+/// `invalid` fails both.
+fn schema_and_decoder_agree<T, E: std::fmt::Display>(
+    schema: &str,
+    (valid, invalid): (&str, &str),
+    decode: impl Fn(&[u8]) -> Result<T, E>,
+) {
+    let v = validator(schema);
+    for (name, bytes) in fixtures(valid) {
         let json: Value = serde_json::from_slice(&bytes).unwrap();
         assert!(v.is_valid(&json), "schema refuses {name}");
-        schemas::decode_payload(&bytes).unwrap_or_else(|e| panic!("decoder refuses {name}: {e}"));
+        if let Err(e) = decode(&bytes) {
+            panic!("decoder refuses {name}: {e}");
+        }
     }
-    for (name, bytes) in fixtures("invalid") {
+    for (name, bytes) in fixtures(invalid) {
         let json: Value = serde_json::from_slice(&bytes).unwrap();
         assert!(!v.is_valid(&json), "schema accepts {name}");
-        assert!(
-            schemas::decode_payload(&bytes).is_err(),
-            "decoder accepts {name}"
-        );
+        assert!(decode(&bytes).is_err(), "decoder accepts {name}");
     }
 }
 
 #[test]
+fn payload_schema_and_decoder_agree() {
+    schema_and_decoder_agree(
+        "payload-v1.schema.json",
+        ("valid", "invalid"),
+        schemas::decode_payload,
+    );
+}
+
+#[test]
 fn rule_record_schema_and_decoder_agree() {
-    let v = validator("rule-record-v1.schema.json");
-    for (name, bytes) in fixtures("rule-valid") {
-        let json: Value = serde_json::from_slice(&bytes).unwrap();
-        assert!(v.is_valid(&json), "schema refuses {name}");
-        schemas::decode_rule_json(&bytes).unwrap_or_else(|e| panic!("decoder refuses {name}: {e}"));
-    }
-    for (name, bytes) in fixtures("rule-invalid") {
-        let json: Value = serde_json::from_slice(&bytes).unwrap();
-        assert!(!v.is_valid(&json), "schema accepts {name}");
-        assert!(
-            schemas::decode_rule_json(&bytes).is_err(),
-            "decoder accepts {name}"
-        );
-    }
+    schema_and_decoder_agree(
+        "rule-record-v1.schema.json",
+        ("rule-valid", "rule-invalid"),
+        schemas::decode_rule_json,
+    );
 }

@@ -145,28 +145,24 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
         &mut lines,
     );
     let d = &prices.dynamodb;
-    lines.push(Line::priced(
-        "DynamoDB",
-        "write request units",
-        readings * pattern.wru() / MILLION,
-        "M WRU",
-        d.per_million_write_units,
-    ));
-    lines.push(Line::priced(
-        "DynamoDB",
-        "read request units",
-        readings * pattern.rru() / MILLION,
-        "M RRU",
-        d.per_million_read_units,
-    ));
     let stored = writes::stored_bytes(&store_shape(p), &p.retention);
-    lines.push(Line::priced(
-        "DynamoDB",
-        "storage",
-        stored / GB,
-        "GB-month",
-        d.storage_per_gb_month,
-    ));
+    for (item, quantity, unit, price) in [
+        (
+            "write request units",
+            readings * pattern.wru() / MILLION,
+            "M WRU",
+            d.per_million_write_units,
+        ),
+        (
+            "read request units",
+            readings * pattern.rru() / MILLION,
+            "M RRU",
+            d.per_million_read_units,
+        ),
+        ("storage", stored / GB, "GB-month", d.storage_per_gb_month),
+    ] {
+        lines.push(Line::priced("DynamoDB", item, quantity, unit, price));
+    }
     let naive_usd = ingest_usd + naive_store_usd(p, prices, msgs, invocations);
     Estimate {
         lines,

@@ -29,6 +29,11 @@ fn profile() -> Profile {
     }
 }
 
+/// The estimate for `p` at the default prices.
+fn estimate_at(p: Profile) -> Estimate {
+    estimate(&p, &Prices::default_table().unwrap())
+}
+
 fn line<'a>(e: &'a Estimate, item: &str) -> &'a Line {
     e.lines.iter().find(|l| l.item == item).unwrap()
 }
@@ -42,8 +47,7 @@ fn the_default_table_parses_and_is_dated() {
 
 #[test]
 fn messaging_is_metered_in_5_kb_units_and_tiered() {
-    let prices = Prices::default_table().unwrap();
-    let e = estimate(&profile(), &prices);
+    let e = estimate_at(profile());
     // 1,000 msgs/s is 2,628 M messages a month: 1,000 M at $1, the rest at $0.80.
     let m = line(&e, "messaging (5 KB units)");
     assert!((m.quantity - 2628.0).abs() < 1e-6);
@@ -51,38 +55,30 @@ fn messaging_is_metered_in_5_kb_units_and_tiered() {
 
     let mut big = profile();
     big.payload_bytes = 6000;
-    let e = estimate(&big, &prices);
+    let e = estimate_at(big);
     assert!((line(&e, "messaging (5 KB units)").quantity - 2.0 * 2628.0).abs() < 1e-6);
     assert!((line(&e, "rules triggered").quantity - 2.0 * 2628.0).abs() < 1e-6);
 }
 
 #[test]
 fn basic_ingest_drops_only_the_messaging_charge() {
-    let prices = Prices::default_table().unwrap();
-    let plain = estimate(&profile(), &prices);
-    let basic = estimate(
-        &Profile {
-            basic_ingest: true,
-            ..profile()
-        },
-        &prices,
-    );
+    let plain = estimate_at(profile());
+    let basic = estimate_at(Profile {
+        basic_ingest: true,
+        ..profile()
+    });
     let messaging = line(&plain, "messaging (5 KB units)").usd;
     assert!((plain.total() - basic.total() - messaging).abs() < 1e-6);
 }
 
 #[test]
 fn a_given_write_amplification_scales_the_modelled_units() {
-    let prices = Prices::default_table().unwrap();
-    let e = estimate(&profile(), &prices);
+    let e = estimate_at(profile());
     assert!((e.write_amplification() - 0.1).abs() < 1e-9);
-    let e2 = estimate(
-        &Profile {
-            write_amplification: Some(0.2),
-            ..profile()
-        },
-        &prices,
-    );
+    let e2 = estimate_at(Profile {
+        write_amplification: Some(0.2),
+        ..profile()
+    });
     for item in ["write request units", "read request units"] {
         let (one, two) = (line(&e, item).quantity, line(&e2, item).quantity);
         assert!(one > 0.0 && (two - 2.0 * one).abs() < 1e-6, "{item}");
@@ -93,36 +89,29 @@ fn a_given_write_amplification_scales_the_modelled_units() {
 
 #[test]
 fn lambda_invocations_follow_shards_and_batches() {
-    let prices = Prices::default_table().unwrap();
     // 1,000 msgs/s over on-demand's 4 shards: one invocation per shard a second.
-    let e = estimate(&profile(), &prices);
+    let e = estimate_at(profile());
     assert!((line(&e, "requests").quantity - 4.0 * SECONDS_PER_MONTH / MILLION).abs() < 1e-6);
     // 100,000 msgs/s: 100 shards, each 1,000 records a second = one batch.
-    let e = estimate(
-        &Profile {
-            devices: 100_000,
-            ..profile()
-        },
-        &prices,
-    );
+    let e = estimate_at(Profile {
+        devices: 100_000,
+        ..profile()
+    });
     assert!((line(&e, "requests").quantity - 100.0 * SECONDS_PER_MONTH / MILLION).abs() < 1e-6);
 }
 
 /// The real fleet's shape: 10,000 devices reporting one message a
 /// minute, 3 metrics, the template's batch size.
 fn fleet(window: f64, batch_size: u64) -> Estimate {
-    estimate(
-        &Profile {
-            devices: 10_000,
-            msgs_per_device_per_s: 1.0 / 60.0,
-            metrics_per_reading: 3,
-            write_amplification: None,
-            batching_window_s: window,
-            batch_size,
-            ..profile()
-        },
-        &Prices::default_table().unwrap(),
-    )
+    estimate_at(Profile {
+        devices: 10_000,
+        msgs_per_device_per_s: 1.0 / 60.0,
+        metrics_per_reading: 3,
+        write_amplification: None,
+        batching_window_s: window,
+        batch_size,
+        ..profile()
+    })
 }
 
 #[test]
@@ -163,17 +152,13 @@ fn the_batch_size_cuts_a_long_batching_window_short() {
 
 #[test]
 fn a_chatty_fleet_writes_far_less_than_one_item_per_reading() {
-    let prices = Prices::default_table().unwrap();
-    let e = estimate(
-        &Profile {
-            devices: 200,
-            msgs_per_device_per_s: 100.0,
-            metrics_per_reading: 3,
-            write_amplification: None,
-            ..profile()
-        },
-        &prices,
-    );
+    let e = estimate_at(Profile {
+        devices: 200,
+        msgs_per_device_per_s: 100.0,
+        metrics_per_reading: 3,
+        write_amplification: None,
+        ..profile()
+    });
     let w = e.write_amplification();
     assert!(w < 0.05, "{w}");
 }
@@ -250,18 +235,14 @@ fn storage_keeps_each_kind_of_item_for_its_retention() {
 
 #[test]
 fn a_rare_reporter_pays_for_its_batches_not_for_empty_windows() {
-    let prices = Prices::default_table().unwrap();
     // One device, one message an hour: one invocation per message, its
     // batch writing the fleet windows and counters for one reading.
-    let e = estimate(
-        &Profile {
-            devices: 1,
-            msgs_per_device_per_s: 1.0 / 3600.0,
-            write_amplification: None,
-            ..profile()
-        },
-        &prices,
-    );
+    let e = estimate_at(Profile {
+        devices: 1,
+        msgs_per_device_per_s: 1.0 / 3600.0,
+        write_amplification: None,
+        ..profile()
+    });
     let requests = line(&e, "requests").quantity * MILLION;
     assert!((requests - HOURS_PER_MONTH).abs() < 1e-6, "{requests}");
     let w = e.write_amplification();
@@ -278,13 +259,10 @@ fn bad_tables_are_refused() {
 #[test]
 fn no_load_costs_only_fixed_charges() {
     let prices = Prices::default_table().unwrap();
-    let e = estimate(
-        &Profile {
-            msgs_per_device_per_s: 0.0,
-            ..profile()
-        },
-        &prices,
-    );
+    let e = estimate_at(Profile {
+        msgs_per_device_per_s: 0.0,
+        ..profile()
+    });
     assert_eq!(e.service("Lambda"), 0.0);
     assert_eq!(e.service("DynamoDB"), 0.0);
     assert!(e.write_amplification().is_sign_positive());

@@ -342,25 +342,21 @@ fn device_items(s: &StoreShape, b: &BatchShape, z: &Sizes) -> Vec<ItemCost> {
     // A compaction reads the spans it merges by one Query, metered on their
     // total size.
     let spans_in = |len_s: f64| len_s / s.span_s * s.filled(s.span_s) * z.span;
-    if hours > 0.0 {
-        // Each hour reads the hour's span items and writes one item.
-        items.push(ItemCost {
-            item: "hour items (compaction)",
-            writes: hours,
-            wru: hours * wru(z.hour),
-            rru: hours * rru_eventual(spans_in(HOUR_S)),
-            bytes: z.hour,
-        });
-    }
-    if days > 0.0 {
-        // A day is compacted from its spans too, as the API merges it.
-        items.push(ItemCost {
-            item: "day items (compaction)",
-            writes: days,
-            wru: days * wru(z.day),
-            rru: days * rru_eventual(spans_in(DAY_S)),
-            bytes: z.day,
-        });
+    // Each hour reads the hour's span items and writes one item; a day is
+    // compacted from its spans too, as the API merges it.
+    for (item, count, bytes, len_s) in [
+        ("hour items (compaction)", hours, z.hour, HOUR_S),
+        ("day items (compaction)", days, z.day, DAY_S),
+    ] {
+        if count > 0.0 {
+            items.push(ItemCost {
+                item,
+                writes: count,
+                wru: count * wru(bytes),
+                rru: count * rru_eventual(spans_in(len_s)),
+                bytes,
+            });
+        }
     }
     items
 }

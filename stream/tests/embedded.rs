@@ -253,17 +253,19 @@ async fn reopen_after_damage(dir: &Path, intact: usize, truncated: u64, dropped:
     assert!(next[0].data.starts_with(b"k/99/"));
 }
 
+/// Rewrites `segment` as `f` leaves its bytes: what a crash or a bad disk
+/// might have left.
+fn damage(segment: &Path, f: impl FnOnce(&mut Vec<u8>)) {
+    let mut bytes = std::fs::read(segment).unwrap();
+    f(&mut bytes);
+    std::fs::write(segment, bytes).unwrap();
+}
+
 #[tokio::test]
 async fn a_frame_cut_short_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (segment, frame) = closed_log_of_five(dir.path()).await;
-    let len = std::fs::metadata(&segment).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&segment)
-        .unwrap()
-        .set_len(len - 3)
-        .unwrap();
+    damage(&segment, |bytes| bytes.truncate(bytes.len() - 3));
     reopen_after_damage(dir.path(), 4, frame - 3, 0).await;
 }
 
@@ -271,9 +273,9 @@ async fn a_frame_cut_short_is_dropped() {
 async fn garbage_after_the_last_frame_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (segment, _) = closed_log_of_five(dir.path()).await;
-    let mut bytes = std::fs::read(&segment).unwrap();
-    bytes.extend(std::iter::repeat_n(0xAB, 37));
-    std::fs::write(&segment, bytes).unwrap();
+    damage(&segment, |bytes| {
+        bytes.extend(std::iter::repeat_n(0xAB, 37))
+    });
     reopen_after_damage(dir.path(), 5, 37, 0).await;
 }
 
@@ -296,9 +298,7 @@ async fn the_active_segment_is_written_ahead_and_trimmed_on_close() {
 async fn zeros_written_ahead_are_kept_not_cut() {
     let dir = tempfile::tempdir().unwrap();
     let (segment, _) = closed_log_of_five(dir.path()).await;
-    let mut bytes = std::fs::read(&segment).unwrap();
-    bytes.extend(std::iter::repeat_n(0, 4096));
-    std::fs::write(&segment, bytes).unwrap();
+    damage(&segment, |bytes| bytes.extend(std::iter::repeat_n(0, 4096)));
     reopen_after_damage(dir.path(), 5, 0, 0).await;
 }
 
@@ -306,10 +306,10 @@ async fn zeros_written_ahead_are_kept_not_cut() {
 async fn a_frame_cut_short_before_zeros_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let (segment, frame) = closed_log_of_five(dir.path()).await;
-    let mut bytes = std::fs::read(&segment).unwrap();
-    bytes.truncate(bytes.len() - 3);
-    bytes.extend(std::iter::repeat_n(0, 4096));
-    std::fs::write(&segment, bytes).unwrap();
+    damage(&segment, |bytes| {
+        bytes.truncate(bytes.len() - 3);
+        bytes.extend(std::iter::repeat_n(0, 4096));
+    });
     // The torn frame's header claims a length the zeros fill, so it counts as
     // one dropped record.
     reopen_after_damage(dir.path(), 4, frame - 3 + 4096, 1).await;
@@ -319,10 +319,10 @@ async fn a_frame_cut_short_before_zeros_is_dropped() {
 async fn a_flipped_byte_in_the_last_frame_drops_that_frame() {
     let dir = tempfile::tempdir().unwrap();
     let (segment, frame) = closed_log_of_five(dir.path()).await;
-    let mut bytes = std::fs::read(&segment).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0x01;
-    std::fs::write(&segment, bytes).unwrap();
+    damage(&segment, |bytes| {
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+    });
     reopen_after_damage(dir.path(), 4, frame, 1).await;
 }
 

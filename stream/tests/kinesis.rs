@@ -161,18 +161,7 @@ async fn children_wait_until_their_parent_is_read_to_its_end() {
     // The parent's reader reads what it holds, checkpoints, and so ends it.
     // (moto keeps the parent's records in the parent, as Kinesis does.)
     let mut parent_reader = stream.reader(&parent, "app").await.unwrap();
-    let mut read = Vec::new();
-    loop {
-        let batch = parent_reader
-            .next_batch(100, Duration::from_millis(200))
-            .await
-            .unwrap();
-        let Some(last) = batch.last().map(|r| r.seq) else {
-            break;
-        };
-        read.extend(batch.into_iter().map(|r| r.data));
-        parent_reader.checkpoint(last).await.unwrap();
-    }
+    let read = drain_reader(&mut parent_reader, 100, Duration::from_millis(200)).await;
     let expected: Vec<Bytes> = (0..4).map(|i| Bytes::from(format!("before/{i}"))).collect();
     assert_eq!(read, expected);
     assert_eq!(
@@ -302,18 +291,27 @@ impl Process {
     /// batch.
     async fn drain(&mut self) {
         for reader in self.readers.values_mut() {
-            loop {
-                let batch = reader
-                    .next_batch(500, Duration::from_millis(500))
-                    .await
-                    .unwrap();
-                let Some(last) = batch.last().map(|r| r.seq) else {
-                    break;
-                };
-                self.consumed.extend(batch.into_iter().map(|r| r.data));
-                reader.checkpoint(last).await.unwrap();
-            }
+            let read = drain_reader(reader, 500, Duration::from_millis(500)).await;
+            self.consumed.extend(read);
         }
+    }
+}
+
+/// Reads `reader` to its current end in batches of up to `max`, waiting up
+/// to `wait` for each, and checkpoints every batch: the records' data.
+async fn drain_reader(
+    reader: &mut (impl ShardReader + ?Sized),
+    max: usize,
+    wait: Duration,
+) -> Vec<Bytes> {
+    let mut read = Vec::new();
+    loop {
+        let batch = reader.next_batch(max, wait).await.unwrap();
+        let Some(last) = batch.last().map(|r| r.seq) else {
+            return read;
+        };
+        read.extend(batch.into_iter().map(|r| r.data));
+        reader.checkpoint(last).await.unwrap();
     }
 }
 

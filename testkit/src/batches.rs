@@ -1,8 +1,13 @@
 //! Batches shaped like a busy shard's, for the core's benchmarks and its
 //! instruction counts: the same records wherever the core is measured, so
-//! figures from the two agree.
+//! figures from the two agree. [`fleet_round`] is the other shape measured:
+//! a whole fleet's one reading each, as the store's flush sees it.
 
 use bytes::Bytes;
+use processors::store::RollupStore;
+use processors::store::memory::MemoryStore;
+use rollup::AggregateConfig;
+use rollup::aggregate::fold;
 use schemas::shard::Record;
 use schemas::{Metric, PackedRecord, Reading};
 
@@ -34,6 +39,71 @@ pub fn busy_shard(records: usize, devices: usize, per_record: usize, round: usiz
                 partition_key: device,
                 data: Bytes::from(data),
                 arrival_ms: T0,
+            }
+        })
+        .collect()
+}
+
+/// A store that already holds round 0 of [`busy_shard`] (the windows exist,
+/// as in steady state), and the round after it, to measure against it.
+///
+/// # Panics
+/// If the core or the memory store fails: a benchmark has nothing to
+/// measure then.
+#[allow(clippy::expect_used)]
+pub fn warm_busy_shard(
+    rt: &tokio::runtime::Runtime,
+    cfg: &AggregateConfig,
+    records: usize,
+    per_record: usize,
+) -> (MemoryStore, Vec<Record>) {
+    let store = MemoryStore::new();
+    let warm = busy_shard(records, 1000, per_record, 0);
+    let warmed = fold("shard-0000", &warm, cfg, |keys| {
+        rt.block_on(store.load(keys)).expect("memory store load")
+    })
+    .expect("core folds the warm-up round");
+    rt.block_on(store.commit(warmed.commit))
+        .expect("memory store commit");
+    let next = busy_shard(records, 1000, per_record, records / 1000);
+    (store, next)
+}
+
+/// The metric names [`fleet_round`] takes its first `metrics` from.
+pub const FLEET_METRICS: [&str; 3] = ["temperature", "humidity", "battery"];
+
+/// One record per device of a fleet of `devices` (`fleet-d00000`, …), each
+/// holding the device's `k`-th reading, one second after its previous one,
+/// at the first `metrics` of [`FLEET_METRICS`], received on time.
+pub fn fleet_round(devices: usize, k: u64, metrics: usize) -> Vec<Record> {
+    (0..devices)
+        .map(|i| {
+            let device = format!("fleet-d{i:05}");
+            let ts = T0 + k as i64 * 1000 + i as i64 % 1000;
+            let reading = Reading {
+                seq: Some(k),
+                ts,
+                metrics: FLEET_METRICS[..metrics]
+                    .iter()
+                    .enumerate()
+                    .map(|(m, name)| Metric {
+                        name: (*name).into(),
+                        value: 20.0 + ((i + m) % 17) as f64 * 0.1 + k as f64,
+                    })
+                    .collect(),
+            };
+            let data = PackedRecord {
+                device_id: device.clone(),
+                fleet: "fleet".into(),
+                received_at: ts + 20,
+                readings: vec![reading],
+            }
+            .encode();
+            Record {
+                seq: (k * devices as u64 + i as u64 + 1).into(),
+                partition_key: device,
+                data: Bytes::from(data),
+                arrival_ms: ts + 20,
             }
         })
         .collect()

@@ -117,21 +117,13 @@ impl MemoryProducer {
 
     /// Waits until at least `n` records are stored.
     pub async fn wait_stored(&self, n: usize, within: Duration) -> Result<(), Timeout> {
-        let mut rx = self.stored.subscribe();
-        tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
-            .await
-            .map(drop)
-            .map_err(|_| Timeout(format!("{n} stored records")))
+        wait_count(&self.stored, n, within, "stored records").await
     }
 
     /// Waits until at least `n` `put` calls have begun (and, if held, are
     /// waiting).
     pub async fn wait_puts_begun(&self, n: usize, within: Duration) -> Result<(), Timeout> {
-        let mut rx = self.begun.subscribe();
-        tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
-            .await
-            .map(drop)
-            .map_err(|_| Timeout(format!("{n} puts")))
+        wait_count(&self.begun, n, within, "puts").await
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -183,4 +175,18 @@ impl StreamProducer for MemoryProducer {
         self.stored.send_replace(n);
         Ok(outcomes)
     }
+}
+
+/// Waits until `count` reaches `n`, or `within` passes.
+async fn wait_count(
+    count: &watch::Sender<usize>,
+    n: usize,
+    within: Duration,
+    what: &str,
+) -> Result<(), Timeout> {
+    let mut rx = count.subscribe();
+    tokio::time::timeout(within, rx.wait_for(|c| *c >= n))
+        .await
+        .map(drop)
+        .map_err(|_| Timeout(format!("{n} {what}")))
 }

@@ -223,18 +223,10 @@ fn view(start: i64, res: i64, w: &Window) -> Value {
         .iter()
         .map(|v| v.1)
         .fold(f64::NEG_INFINITY, f64::max);
-    let first = w
-        .values
-        .iter()
-        .copied()
-        .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
-        .unwrap();
-    let last = w
-        .values
-        .iter()
-        .copied()
-        .max_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
-        .unwrap();
+    // By time, ties broken by value, as the store's first and last are.
+    let mut by_time = w.values.clone();
+    by_time.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    let (first, last) = (by_time[0], by_time[by_time.len() - 1]);
     let mut sorted: Vec<f64> = w.values.iter().map(|v| v.1).collect();
     sorted.sort_by(f64::total_cmp);
     let q = |p: f64| sorted[((p * (sorted.len() - 1) as f64).round()) as usize];

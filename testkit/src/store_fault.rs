@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::stream_fault::{Dice, Stall, StallPoint, seed_for};
+use crate::stream_fault::{Dice, Stall, StallPoint, counts, seed_for};
 use async_trait::async_trait;
 use schemas::state::Item;
 
@@ -74,14 +74,9 @@ pub struct StoreInjectedCounts {
 
 impl StoreInjected {
     pub fn snapshot(&self) -> StoreInjectedCounts {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StoreInjectedCounts {
-            load_errors: get(&self.load_errors),
-            commit_errors_before: get(&self.commit_errors_before),
-            partial_commits: get(&self.partial_commits),
-            partial_writes: get(&self.partial_writes),
-            conflicts: get(&self.conflicts),
-        }
+        counts!(self => StoreInjectedCounts {
+            load_errors, commit_errors_before, partial_commits, partial_writes, conflicts
+        })
     }
 }
 
@@ -118,6 +113,18 @@ impl<S: ?Sized> FaultyStore<S> {
             commits: AtomicU64::new(0),
         }
     }
+
+    /// What every call does first: numbers it in `calls`, draws its dice,
+    /// waits out the delay and then `stall`'s hold before the inner call.
+    async fn begin(&self, calls: &AtomicU64, stall: &Stall) -> (u64, Dice) {
+        let call = calls.fetch_add(1, Ordering::Relaxed);
+        let dice = self.dice.fork();
+        if !self.faults.delay.is_zero() {
+            tokio::time::sleep(self.faults.delay).await;
+        }
+        stall.at(StallPoint::Before, call).await;
+        (call, dice)
+    }
 }
 
 impl FaultyStore {
@@ -142,13 +149,8 @@ fn unavailable(what: &str) -> StoreError {
 #[async_trait]
 impl<S: RollupStore + ?Sized> RollupStore for FaultyStore<S> {
     async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
-        let call = self.loads.fetch_add(1, Ordering::Relaxed);
-        let dice = self.dice.fork();
         let f = &self.faults;
-        if !f.delay.is_zero() {
-            tokio::time::sleep(f.delay).await;
-        }
-        f.load_stall.at(StallPoint::Before, call).await;
+        let (call, dice) = self.begin(&self.loads, &f.load_stall).await;
         if dice.chance(f.load_error) {
             bump(&f.injected.load_errors, 1);
             return Err(unavailable("load failed"));
@@ -159,13 +161,8 @@ impl<S: RollupStore + ?Sized> RollupStore for FaultyStore<S> {
     }
 
     async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-        let call = self.commits.fetch_add(1, Ordering::Relaxed);
-        let dice = self.dice.fork();
         let f = &self.faults;
-        if !f.delay.is_zero() {
-            tokio::time::sleep(f.delay).await;
-        }
-        f.commit_stall.at(StallPoint::Before, call).await;
+        let (call, dice) = self.begin(&self.commits, &f.commit_stall).await;
         if dice.chance(f.commit_error_before) {
             bump(&f.injected.commit_errors_before, 1);
             return Err(unavailable("commit failed before any write"));
@@ -232,26 +229,15 @@ mod tests {
     use std::collections::BTreeSet;
 
     use crate::stream_fault::Gate;
-    use schemas::state::ItemState;
 
     use super::*;
+    use crate::store_conformance;
     use processors::store::memory::MemoryStore;
     use rollup::keys::COUNTER_PK;
     use rollup::{Condition, Write};
 
     fn write(name: &str) -> Write {
-        Write {
-            key: ItemKey::Counter {
-                shard: "s".into(),
-                name: name.into(),
-            },
-            condition: Condition::Absent,
-            item: Item {
-                applied: Default::default(),
-                state: ItemState::Counter(1),
-            },
-            expires_at: None,
-        }
+        store_conformance::write(store_conformance::counter("s", name), Condition::Absent, 1)
     }
 
     /// Five writes and three `then` writes, named in commit order.

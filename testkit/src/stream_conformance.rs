@@ -356,6 +356,18 @@ pub async fn sequence_increases_per_shard(h: &dyn Harness) -> Result<(), Violati
     Ok(())
 }
 
+/// Checkpoints `reader` at `seq` and drops it, as a consumer that stops.
+async fn checkpoint_and_close(
+    check: &'static str,
+    mut reader: Box<dyn ShardReader>,
+    seq: SeqNo,
+) -> Result<(), Violation> {
+    reader
+        .checkpoint(seq)
+        .await
+        .map_err(|e| violation(check, format!("checkpoint: {e}")))
+}
+
 /// A new reader for a consumer resumes right after its checkpoint; another
 /// consumer starts from the beginning; a checkpoint at the end leaves
 /// nothing to read.
@@ -367,11 +379,7 @@ pub async fn checkpoint_resume(h: &dyn Harness) -> Result<(), Violation> {
 
     let mut first = open_reader(CHECK, h, &shard, "ckpt-a").await?;
     let head = read_n(CHECK, first.as_mut(), 4, 4).await?;
-    first
-        .checkpoint(head[3].seq)
-        .await
-        .map_err(|e| violation(CHECK, format!("checkpoint: {e}")))?;
-    drop(first);
+    checkpoint_and_close(CHECK, first, head[3].seq).await?;
 
     let mut resumed = open_reader(CHECK, h, &shard, "ckpt-a").await?;
     let rest = read_n(CHECK, resumed.as_mut(), 6, 100).await?;
@@ -381,11 +389,7 @@ pub async fn checkpoint_resume(h: &dyn Harness) -> Result<(), Violation> {
             rest[0].seq, head[3].seq
         )
     })?;
-    resumed
-        .checkpoint(rest[5].seq)
-        .await
-        .map_err(|e| violation(CHECK, format!("checkpoint: {e}")))?;
-    drop(resumed);
+    checkpoint_and_close(CHECK, resumed, rest[5].seq).await?;
 
     let mut other = open_reader(CHECK, h, &shard, "ckpt-b").await?;
     let all = read_n(CHECK, other.as_mut(), 10, 100).await?;

@@ -270,16 +270,20 @@ pub struct InjectedCounts {
     pub checkpoint_errors: u64,
 }
 
+/// `$counts { field: $from.field, … }`, each counter read once: the
+/// snapshot of a set of fault counters. A macro because it names fields.
+macro_rules! counts {
+    ($from:expr => $counts:ident { $($field:ident),* $(,)? }) => {
+        $counts { $($field: $from.$field.load(std::sync::atomic::Ordering::Relaxed)),* }
+    };
+}
+pub(crate) use counts;
+
 impl Injected {
     pub fn snapshot(&self) -> InjectedCounts {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        InjectedCounts {
-            put_unavailable: get(&self.put_unavailable),
-            record_failed: get(&self.record_failed),
-            record_stored_but_failed: get(&self.record_stored_but_failed),
-            read_errors: get(&self.read_errors),
-            checkpoint_errors: get(&self.checkpoint_errors),
-        }
+        counts!(self => InjectedCounts {
+            put_unavailable, record_failed, record_stored_but_failed, read_errors, checkpoint_errors
+        })
     }
 }
 

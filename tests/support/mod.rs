@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
+use device_sim::{BrokerAddr, Rate, SimConfig, Stop, VerifyReport};
 use iotpipe::{Config, Pipeline};
 use serde_json::Value;
 
@@ -117,4 +117,16 @@ pub async fn publish_acked(p: &Pipeline, id: &str, messages: &[(String, Vec<u8>)
         }
     }
     client.disconnect().await.unwrap();
+}
+
+/// The simulator's verify report, which must exist and have found every
+/// reading counted exactly once.
+pub fn verified(verify: Option<VerifyReport>) -> VerifyReport {
+    let verify = verify.expect("verify ran");
+    assert!(
+        verify.ok,
+        "lost or double-counted readings: {:#?}",
+        verify.mismatches
+    );
+    verify
 }

@@ -98,89 +98,108 @@ mod tests {
         }
     }
 
+    /// One run's figures, and what its verdict must say.
+    struct Case {
+        what: &'static str,
+        behind: u64,
+        window_waits: u64,
+        /// Readings per second (achieved, target).
+        rate: (f64, f64),
+        lag_p50_ms: f64,
+        puback_p50_ms: f64,
+        window: usize,
+        starts_with: &'static str,
+        contains: &'static [&'static str],
+    }
+
+    const ON_RATE: Case = Case {
+        what: "on rate and on time",
+        behind: 0,
+        window_waits: 0,
+        rate: (995.0, 1000.0),
+        lag_p50_ms: 5.0,
+        puback_p50_ms: 5.0,
+        window: 256,
+        starts_with: "kept the schedule",
+        contains: &[],
+    };
+
     #[test]
     fn the_verdict_names_the_side_that_fell_behind() {
-        let mut c = DeviceCounters::default();
-        let on_time = latency(5.0);
-        let kept = verdict(
-            &c,
-            (995.0, 1000.0),
-            Some(&on_time),
-            Some(&latency(5.0)),
-            256,
-        );
-        assert!(kept.starts_with("kept the schedule"), "{kept}");
-        c.behind = 500;
-        let late_but_on_rate = verdict(
-            &c,
-            (990.0, 1000.0),
-            Some(&latency(300.0)),
-            Some(&latency(5.0)),
-            256,
-        );
-        assert!(
-            late_but_on_rate.starts_with("kept the schedule"),
-            "{late_but_on_rate}"
-        );
-        assert!(
-            late_but_on_rate.contains("500 publishes over 100 ms late"),
-            "{late_but_on_rate}"
-        );
-        // On rate, but publishes ran seconds behind at the p99: not kept.
-        let far_behind = verdict(
-            &c,
-            (1000.0, 1000.0),
-            Some(&latency(9400.0)),
-            Some(&latency(3.0)),
-            256,
-        );
-        assert!(
-            far_behind.starts_with("did not keep the schedule: publish lag p99 9.4 s"),
-            "{far_behind}"
-        );
-        assert!(
-            far_behind.contains("the simulator fell behind its schedule"),
-            "{far_behind}"
-        );
-        let slow_broker = verdict(
-            &c,
-            (800.0, 1000.0),
-            Some(&latency(2000.0)),
-            Some(&latency(8000.0)),
-            256,
-        );
-        assert!(
-            slow_broker.starts_with("did not keep the schedule"),
-            "{slow_broker}"
-        );
-        assert!(
-            slow_broker.contains("the broker is not keeping up"),
-            "{slow_broker}"
-        );
-        assert!(
-            slow_broker.contains("publishing also fell behind"),
-            "{slow_broker}"
-        );
-        // Published on time, acknowledged at 54 %: the broker.
-        let short_acks = verdict(
-            &c,
-            (540.0, 1000.0),
-            Some(&on_time),
-            Some(&latency(300.0)),
-            256,
-        );
-        assert!(
-            short_acks.contains("540.0 of 1000.0 readings/s acknowledged (54.0 %)"),
-            "{short_acks}"
-        );
-        assert!(
-            short_acks.contains("the broker is not keeping up"),
-            "{short_acks}"
-        );
-        c.behind = 0;
-        c.window_waits = 7;
-        let full = verdict(&c, (990.0, 1000.0), Some(&on_time), Some(&latency(30.0)), 4);
-        assert!(full.starts_with("kept the schedule"), "{full}");
-        assert!(full.contains("7 publishes waited"), "{full}");
+        for case in [
+            ON_RATE,
+            Case {
+                what: "late but on rate",
+                behind: 500,
+                rate: (990.0, 1000.0),
+                lag_p50_ms: 300.0,
+                contains: &["500 publishes over 100 ms late"],
+                ..ON_RATE
+            },
+            // On rate, but publishes ran seconds behind at the p99: not kept.
+            Case {
+                what: "far behind",
+                behind: 500,
+                rate: (1000.0, 1000.0),
+                lag_p50_ms: 9400.0,
+                puback_p50_ms: 3.0,
+                starts_with: "did not keep the schedule: publish lag p99 9.4 s",
+                contains: &["the simulator fell behind its schedule"],
+                ..ON_RATE
+            },
+            Case {
+                what: "slow broker",
+                behind: 500,
+                rate: (800.0, 1000.0),
+                lag_p50_ms: 2000.0,
+                puback_p50_ms: 8000.0,
+                starts_with: "did not keep the schedule",
+                contains: &[
+                    "the broker is not keeping up",
+                    "publishing also fell behind",
+                ],
+                ..ON_RATE
+            },
+            // Published on time, acknowledged at 54 %: the broker.
+            Case {
+                what: "short acks",
+                behind: 500,
+                rate: (540.0, 1000.0),
+                puback_p50_ms: 300.0,
+                starts_with: "",
+                contains: &[
+                    "540.0 of 1000.0 readings/s acknowledged (54.0 %)",
+                    "the broker is not keeping up",
+                ],
+                ..ON_RATE
+            },
+            Case {
+                what: "full window",
+                window_waits: 7,
+                rate: (990.0, 1000.0),
+                puback_p50_ms: 30.0,
+                window: 4,
+                contains: &["7 publishes waited"],
+                ..ON_RATE
+            },
+        ] {
+            let c = DeviceCounters {
+                behind: case.behind,
+                window_waits: case.window_waits,
+                ..DeviceCounters::default()
+            };
+            let v = verdict(
+                &c,
+                case.rate,
+                Some(&latency(case.lag_p50_ms)),
+                Some(&latency(case.puback_p50_ms)),
+                case.window,
+            );
+            let what = case.what;
+            assert!(v.starts_with(case.starts_with), "{what}: {v}");
+            for part in case.contains {
+                assert!(v.contains(part), "{what}: {part:?} not in {v}");
+            }
+        }
     }
 }

@@ -37,7 +37,9 @@ fn own_device_only_pins_the_device_to_the_username() {
     assert!(!OwnDeviceOnly.may_publish(&p, &other));
 }
 
-fn login<'a>(user: &'a str, password: &'a str) -> ConnectInfo<'a> {
+/// A device logging in with a username and password; the users file's tests
+/// use it too.
+pub(crate) fn login<'a>(user: &'a str, password: &'a str) -> ConnectInfo<'a> {
     ConnectInfo {
         client_id: "c1",
         username: Some(user),
@@ -166,13 +168,17 @@ fn a_device_filter_must_name_the_device_at_the_device_level() {
     assert!(!only_own_topics("dt/f/#", "#"));
 }
 
+fn principal(identity: &str, role: Role) -> Principal {
+    Principal {
+        client_id: "c".into(),
+        identity: Some(identity.into()),
+        role,
+    }
+}
+
 #[test]
 fn only_an_operator_may_subscribe_beyond_its_device() {
-    let device = Principal {
-        client_id: "c".into(),
-        identity: Some("dev-b".into()),
-        role: Role::Device,
-    };
+    let device = principal("dev-b", Role::Device);
     let operator = Principal {
         role: Role::Operator,
         ..device.clone()
@@ -194,11 +200,7 @@ fn only_an_operator_may_subscribe_beyond_its_device() {
 
 #[test]
 fn an_operator_still_publishes_only_as_itself() {
-    let operator = Principal {
-        client_id: "c".into(),
-        identity: Some("ops".into()),
-        role: Role::Operator,
-    };
+    let operator = principal("ops", Role::Operator);
     let own = Topic {
         fleet: "f",
         device_id: "ops",

@@ -94,29 +94,6 @@ async fn v5_login(ep: &Endpoint, user: &str, password: &str) -> Result<V5> {
     V5::connect_with(options).await
 }
 
-/// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
-async fn v4_suback(c: &mut V4, filters: &[&str]) -> Result<Vec<v4::SubscribeReasonCode>> {
-    let filters = filters
-        .iter()
-        .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), QoS::AtMostOnce));
-    c.client.subscribe_many(filters).await?;
-    match c.incoming(|p| matches!(p, v4::Packet::SubAck(_))).await? {
-        v4::Packet::SubAck(a) => Ok(a.return_codes),
-        other => bail!("not a SUBACK: {other:?}"),
-    }
-}
-
-async fn v5_suback(c: &mut V5, filters: &[&str]) -> Result<Vec<v5::SubscribeReasonCode>> {
-    let filters = filters
-        .iter()
-        .map(|f| v5::Filter::new(f.to_string(), rumqttc::v5::mqttbytes::QoS::AtMostOnce));
-    c.client.subscribe_many(filters).await?;
-    match c.incoming(|p| matches!(p, v5::Packet::SubAck(_))).await? {
-        v5::Packet::SubAck(a) => Ok(a.return_codes),
-        other => bail!("not a SUBACK: {other:?}"),
-    }
-}
-
 async fn v4_next_publish(c: &mut V4) -> Result<(String, String)> {
     match c.incoming(|p| matches!(p, v4::Packet::Publish(_))).await? {
         v4::Packet::Publish(p) => Ok((p.topic, String::from_utf8(p.payload.to_vec())?)),
@@ -200,12 +177,12 @@ async fn a_v4_device_is_refused_other_devices_topics_and_receives_none_of_their_
     let ep = start_with_users().await?;
     let mut operator = v4_login(&ep, "ops", "token-ops").await?;
     assert_eq!(
-        v4_suback(&mut operator, &["dt/#"]).await?,
+        operator.suback(&["dt/#"]).await?,
         vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
     );
     let mut b = v4_login(&ep, "dev-2", "token-2").await?;
     assert_eq!(
-        v4_suback(&mut b, &NOT_B).await?,
+        b.suback(&NOT_B).await?,
         vec![v4::SubscribeReasonCode::Failure; 2],
         "0x80 for each filter"
     );
@@ -246,7 +223,7 @@ async fn a_v5_device_is_told_not_authorized_per_filter_and_receives_none_of_anot
     let ep = start_with_users().await?;
     let mut operator = v5_login(&ep, "ops", "token-ops").await?;
     assert_eq!(
-        v5_suback(&mut operator, &["dt/#"]).await?,
+        operator.suback(&["dt/#"]).await?,
         vec![v5::SubscribeReasonCode::Success(
             rumqttc::v5::mqttbytes::QoS::AtMostOnce
         )]
@@ -256,7 +233,7 @@ async fn a_v5_device_is_told_not_authorized_per_filter_and_receives_none_of_anot
     let mine = own("dev-2");
     filters.push(&mine);
     assert_eq!(
-        v5_suback(&mut b, &filters).await?,
+        b.suback(&filters).await?,
         vec![
             v5::SubscribeReasonCode::NotAuthorized,
             v5::SubscribeReasonCode::NotAuthorized,
@@ -299,7 +276,7 @@ async fn without_authentication_anyone_may_watch_the_fleet() -> Result<()> {
     let ep = start(config()).await?;
     let mut anyone = V4::connect(ep.addr, "anyone").await?;
     assert_eq!(
-        v4_suback(&mut anyone, &["dt/#"]).await?,
+        anyone.suback(&["dt/#"]).await?,
         vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
     );
     ep.stop().await

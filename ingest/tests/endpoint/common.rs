@@ -154,6 +154,45 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> Result<T> {
         .with_context(|| format!("timed out waiting for {what}"))
 }
 
+/// A rumqttc event loop, of either protocol.
+trait EventLoop: Send + 'static {
+    type Event: Send + 'static;
+    type Error: Send + 'static;
+    fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send + '_;
+}
+
+impl EventLoop for rumqttc::EventLoop {
+    type Event = rumqttc::Event;
+    type Error = rumqttc::ConnectionError;
+    fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send + '_ {
+        self.poll()
+    }
+}
+
+impl EventLoop for rumqttc::v5::EventLoop {
+    type Event = rumqttc::v5::Event;
+    type Error = rumqttc::v5::ConnectionError;
+    fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send + '_ {
+        self.poll()
+    }
+}
+
+/// Runs `eventloop` on its own task and hands over every event, until the
+/// connection fails or the receiver is dropped.
+fn pump<L: EventLoop>(mut eventloop: L) -> mpsc::UnboundedReceiver<Result<L::Event, L::Error>> {
+    let (tx, events) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let event = eventloop.next().await;
+            let failed = event.is_err();
+            if tx.send(event).is_err() || failed {
+                break;
+            }
+        }
+    });
+    events
+}
+
 /// A rumqttc 3.1.1 client whose event loop runs on its own task.
 pub struct V4 {
     pub client: rumqttc::AsyncClient,
@@ -173,17 +212,8 @@ impl V4 {
     }
 
     pub async fn connect_with(options: rumqttc::MqttOptions) -> Result<V4> {
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1000);
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let event = eventloop.poll().await;
-                let failed = event.is_err();
-                if tx.send(event).is_err() || failed {
-                    break;
-                }
-            }
-        });
+        let (client, eventloop) = rumqttc::AsyncClient::new(options, 1000);
+        let events = pump(eventloop);
         let mut c = V4 { client, events };
         c.incoming(|p| matches!(p, v4::Packet::ConnAck(_)))
             .await
@@ -204,6 +234,39 @@ impl V4 {
             }
         })
         .await?
+    }
+
+    /// Publishes `payload(seq)` to `device`'s telemetry topic at `qos`.
+    pub async fn telemetry(&self, device: &str, qos: rumqttc::QoS, seq: u64) -> Result<()> {
+        self.client
+            .publish(format!("dt/f/{device}/telemetry"), qos, false, payload(seq))
+            .await?;
+        Ok(())
+    }
+
+    /// A round trip that finds no PUBACK sent before it: nothing published
+    /// so far has been acknowledged.
+    pub async fn no_puback_yet(&mut self) -> Result<()> {
+        let before = self.round_trip("nothing/here").await?;
+        if before.iter().any(|p| matches!(p, v4::Packet::PubAck(_))) {
+            bail!("acknowledged too early: {before:?}");
+        }
+        Ok(())
+    }
+
+    /// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
+    pub async fn suback(&mut self, filters: &[&str]) -> Result<Vec<v4::SubscribeReasonCode>> {
+        let filters = filters
+            .iter()
+            .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), rumqttc::QoS::AtMostOnce));
+        self.client.subscribe_many(filters).await?;
+        match self
+            .incoming(|p| matches!(p, v4::Packet::SubAck(_)))
+            .await?
+        {
+            v4::Packet::SubAck(a) => Ok(a.return_codes),
+            other => bail!("not a SUBACK: {other:?}"),
+        }
     }
 
     /// PUBACK packet ids, the next `n` of them, in arrival order.
@@ -300,17 +363,8 @@ impl V5 {
     }
 
     pub async fn connect_with(options: rumqttc::v5::MqttOptions) -> Result<V5> {
-        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 1000);
-        let (tx, events) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let event = eventloop.poll().await;
-                let failed = event.is_err();
-                if tx.send(event).is_err() || failed {
-                    break;
-                }
-            }
-        });
+        let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 1000);
+        let events = pump(eventloop);
         let mut c = V5 {
             client,
             connack: v5::ConnAck {
@@ -340,6 +394,21 @@ impl V5 {
             }
         })
         .await?
+    }
+
+    /// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
+    pub async fn suback(&mut self, filters: &[&str]) -> Result<Vec<v5::SubscribeReasonCode>> {
+        let filters = filters
+            .iter()
+            .map(|f| v5::Filter::new(f.to_string(), rumqttc::v5::mqttbytes::QoS::AtMostOnce));
+        self.client.subscribe_many(filters).await?;
+        match self
+            .incoming(|p| matches!(p, v5::Packet::SubAck(_)))
+            .await?
+        {
+            v5::Packet::SubAck(a) => Ok(a.return_codes),
+            other => bail!("not a SUBACK: {other:?}"),
+        }
     }
 
     /// Publishes `payload(1)` at QoS 1 to each device's telemetry topic in

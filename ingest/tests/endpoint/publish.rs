@@ -14,16 +14,10 @@ async fn a_v4_puback_waits_for_the_stream() -> Result<()> {
     let ep = start(config()).await?;
     let mut c = V4::connect(ep.addr, "dev-1").await?;
     ep.producer.hold();
-    c.client
-        .publish("dt/f/dev-1/telemetry", QoS::AtLeastOnce, false, payload(1))
-        .await?;
+    c.telemetry("dev-1", QoS::AtLeastOnce, 1).await?;
     ep.producer.wait_puts_begun(1, WAIT).await?;
     // While the put is held, a round trip comes back with no PUBACK before it.
-    let before = c.round_trip("nothing/here").await?;
-    assert!(
-        !before.iter().any(|p| matches!(p, v4::Packet::PubAck(_))),
-        "{before:?}"
-    );
+    c.no_puback_yet().await?;
     assert_eq!(ep.snapshot().acks_sent, 0);
     ep.producer.release();
     assert_eq!(c.pubacks(1).await?, vec![1]);
@@ -75,9 +69,7 @@ async fn qos0_is_appended_without_an_ack() -> Result<()> {
     let ep = start(config()).await?;
     let c = V4::connect(ep.addr, "dev-1").await?;
     for seq in 0..3 {
-        c.client
-            .publish("dt/f/dev-1/telemetry", QoS::AtMostOnce, false, payload(seq))
-            .await?;
+        c.telemetry("dev-1", QoS::AtMostOnce, seq).await?;
     }
     ep.producer.wait_stored(3, WAIT).await?;
     let data: Vec<_> = ep.producer.records().into_iter().map(|r| r.data).collect();
@@ -95,10 +87,7 @@ async fn pubacks_follow_publish_order_even_when_durability_does_not() -> Result<
     // records queue up and go into the next put together.
     let other = V4::connect(ep.addr, "dev-0").await?;
     ep.producer.hold();
-    other
-        .client
-        .publish("dt/f/dev-0/telemetry", QoS::AtMostOnce, false, payload(0))
-        .await?;
+    other.telemetry("dev-0", QoS::AtMostOnce, 0).await?;
     ep.producer.wait_puts_begun(1, WAIT).await?;
 
     let mut c = V4::connect(ep.addr, "dev-1").await?;

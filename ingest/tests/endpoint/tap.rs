@@ -29,10 +29,7 @@ async fn a_subscriber_sees_durable_accepted_telemetry_only() -> Result<()> {
     let mut device = V4::connect(ep.addr, "dev-1").await?;
 
     ep.producer.hold();
-    device
-        .client
-        .publish("dt/f/dev-1/telemetry", QoS::AtLeastOnce, false, payload(1))
-        .await?;
+    device.telemetry("dev-1", QoS::AtLeastOnce, 1).await?;
     ep.producer.wait_puts_begun(1, WAIT).await?;
     let before = watcher.round_trip("x/y").await?;
     assert!(before.is_empty(), "shown before durable: {before:?}");
@@ -43,10 +40,7 @@ async fn a_subscriber_sees_durable_accepted_telemetry_only() -> Result<()> {
         .client
         .publish("dt/f/dev-1/telemetry", QoS::AtLeastOnce, false, "{broken")
         .await?;
-    device
-        .client
-        .publish("dt/f/dev-2/telemetry", QoS::AtLeastOnce, false, payload(2))
-        .await?;
+    device.telemetry("dev-2", QoS::AtLeastOnce, 2).await?;
     device.pubacks(2).await?;
 
     let mut seen = Vec::new();

@@ -157,18 +157,6 @@ async fn with_client_certificates_the_cn_is_the_device() -> Result<()> {
     ep.stop().await
 }
 
-/// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
-async fn v5_suback(c: &mut V5, filters: &[&str]) -> Result<Vec<v5::SubscribeReasonCode>> {
-    let filters = filters
-        .iter()
-        .map(|f| v5::Filter::new(f.to_string(), rumqttc::v5::mqttbytes::QoS::AtMostOnce));
-    c.client.subscribe_many(filters).await?;
-    match c.incoming(|p| matches!(p, v5::Packet::SubAck(_))).await? {
-        v5::Packet::SubAck(a) => Ok(a.return_codes),
-        other => bail!("not a SUBACK: {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn with_client_certificates_only_an_operator_unit_may_watch_the_fleet() -> Result<()> {
     let pki = Pki::new()?;
@@ -189,7 +177,7 @@ async fn with_client_certificates_only_an_operator_unit_may_watch_the_fleet() ->
         };
         let mut c = V5::connect_with(login.v5("watcher")).await?;
         assert_eq!(
-            v5_suback(&mut c, &["dt/#", "dt/+/dev-2/telemetry"]).await?,
+            c.suback(&["dt/#", "dt/+/dev-2/telemetry"]).await?,
             codes,
             "{}",
             cert.cert.display()

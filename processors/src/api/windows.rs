@@ -4,7 +4,7 @@
 //! compaction uses; stored windows merged into any multiple of a stored
 //! resolution, paginated. `final` comes from the processed watermark.
 
-use schemas::state::{DeviceState, ItemState, SpanState};
+use schemas::state::{DeviceState, Item, ItemState, SpanState};
 use schemas::{Resolution, WindowAgg, WindowView};
 
 use super::problem::Problem;
@@ -188,10 +188,33 @@ async fn stored_rows(
     end: i64,
     out: &mut Merger<'_>,
 ) -> Result<(), Problem> {
+    read_pages(store, pk, from, end, |rows| {
+        for (sk, item) in rows {
+            let (Some(start), ItemState::Window(agg)) = (start_of_sk(&sk), &item.state) else {
+                continue;
+            };
+            if !out.push(start, agg) {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+}
+
+/// Reads partition `pk` over `[from, end)` a page at a time, handing each
+/// page to `visit` until the rows run out or `visit` returns false.
+async fn read_pages(
+    store: &dyn RollupQuery,
+    pk: &str,
+    from: i64,
+    end: i64,
+    mut visit: impl FnMut(Vec<(String, Item)>) -> bool,
+) -> Result<(), Problem> {
     let mut cursor = time_sk(from);
     let end = time_sk(end);
     loop {
-        let rows = store
+        let page = store
             .range(Range {
                 pk: pk.to_string(),
                 from: cursor.clone(),
@@ -200,18 +223,12 @@ async fn stored_rows(
                 descending: false,
             })
             .await?;
-        let full = rows.len() == PAGE;
-        for (sk, item) in rows {
+        let full = page.len() == PAGE;
+        if let Some((sk, _)) = page.last() {
             // Continue strictly after this row on the next page.
             cursor = format!("{sk}\u{0}");
-            let (Some(start), ItemState::Window(agg)) = (start_of_sk(&sk), &item.state) else {
-                continue;
-            };
-            if !out.push(start, agg) {
-                return Ok(());
-            }
         }
-        if !full {
+        if !visit(page) || !full {
             return Ok(());
         }
     }
@@ -304,21 +321,10 @@ async fn coarse_rows(
         }
     }
     let pk = keys::device_window_pk(device, stored);
-    let mut cursor = time_sk(from);
-    let end_sk = time_sk(end);
-    loop {
-        let page = store
-            .range(Range {
-                pk: pk.clone(),
-                from: cursor.clone(),
-                to: end_sk.clone(),
-                limit: PAGE,
-                descending: false,
-            })
-            .await?;
-        let full = page.len() == PAGE;
+    // Enough for a page of answers: stop reading.
+    let enough = (out.limit + 1) * (out.res.ms() / stored.ms()).max(1) as usize;
+    read_pages(store, &pk, from, end, |page| {
         for (sk, item) in page {
-            cursor = format!("{sk}\u{0}");
             let (Some(start), ItemState::Windows(w)) = (start_of_sk(&sk), item.state) else {
                 continue;
             };
@@ -326,11 +332,9 @@ async fn coarse_rows(
                 rows.push((start, agg));
             }
         }
-        // Enough for a page of answers: stop reading.
-        if !full || rows.len() > (out.limit + 1) * (out.res.ms() / stored.ms()).max(1) as usize {
-            break;
-        }
-    }
+        rows.len() <= enough
+    })
+    .await?;
     // A window compacted while it was read is the same either way.
     pending.retain(|(start, _)| rows.binary_search_by_key(start, |(s, _)| *s).is_err());
     rows.extend(pending);

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use aws::AwsConfig;
 use processors::lambda::aggregate::AggregateHandler;
-use processors::lambda::env::FunctionConfig;
+use processors::lambda::env::{FromEnv, FunctionConfig};
 use processors::lambda::lazy::LazyDynamoStore;
 use processors::lambda::serve;
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use aws::AwsConfig;
+use processors::lambda::env::FromEnv;
 use processors::lambda::replay::{ReplayConfig, ReplayHandler};
 use processors::lambda::serve;
 use stream::kinesis::KinesisStream;

@@ -37,18 +37,47 @@ pub struct FunctionConfig {
     pub metrics: EmfConfig,
 }
 
-impl FunctionConfig {
-    /// Reads the process environment.
-    pub fn from_env() -> Result<Self, EnvError> {
-        Self::from_vars(|name| std::env::var(name).ok())
-    }
-
+/// A function's configuration, read from environment variables once in its
+/// `main`.
+pub trait FromEnv: Sized {
     /// Reads variables through `var`, so tests need not touch the process
     /// environment.
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
-        let table_name = var("TABLE_NAME")
-            .filter(|t| !t.is_empty())
-            .ok_or(EnvError::Missing("TABLE_NAME"))?;
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError>;
+
+    /// Reads the process environment.
+    fn from_env() -> Result<Self, EnvError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+}
+
+/// `name`'s value, which must be set and not empty.
+pub(super) fn required(
+    var: impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<String, EnvError> {
+    var(name)
+        .filter(|v| !v.is_empty())
+        .ok_or(EnvError::Missing(name))
+}
+
+/// `metrics` with the namespace (`METRICS_NAMESPACE`) and function name
+/// (`AWS_LAMBDA_FUNCTION_NAME`) the environment sets, where it does.
+pub(super) fn metrics_from_vars(
+    var: impl Fn(&str) -> Option<String>,
+    mut metrics: EmfConfig,
+) -> EmfConfig {
+    if let Some(namespace) = var("METRICS_NAMESPACE").filter(|n| !n.is_empty()) {
+        metrics.namespace = namespace;
+    }
+    if let Some(function) = var("AWS_LAMBDA_FUNCTION_NAME").filter(|f| !f.is_empty()) {
+        metrics.function = function;
+    }
+    metrics
+}
+
+impl FromEnv for FunctionConfig {
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        let table_name = required(&var, "TABLE_NAME")?;
         let mut config = AggregateConfig::default();
         if let Some(list) = var("RESOLUTIONS") {
             config.resolutions = list
@@ -92,13 +121,7 @@ impl FunctionConfig {
             name: "RESOLUTIONS",
             detail,
         })?;
-        let mut metrics = EmfConfig::default();
-        if let Some(namespace) = var("METRICS_NAMESPACE").filter(|n| !n.is_empty()) {
-            metrics.namespace = namespace;
-        }
-        if let Some(function) = var("AWS_LAMBDA_FUNCTION_NAME").filter(|f| !f.is_empty()) {
-            metrics.function = function;
-        }
+        let metrics = metrics_from_vars(&var, EmfConfig::default());
         Ok(FunctionConfig {
             table_name,
             aggregate: config,

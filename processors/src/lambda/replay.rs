@@ -50,7 +50,7 @@ use stream::{PutOutcome, PutRecord, StreamProducer};
 
 use super::Handler;
 use super::emf::{self, EmfConfig};
-use super::env::EnvError;
+use super::env::{EnvError, FromEnv, metrics_from_vars, required};
 
 /// The payload fields the topic rule's `SELECT` names, in its order; the
 /// template test checks that the rule's SQL projects exactly these plus the
@@ -66,25 +66,16 @@ pub struct ReplayConfig {
     pub metrics: EmfConfig,
 }
 
-impl ReplayConfig {
-    pub fn from_env() -> Result<Self, EnvError> {
-        Self::from_vars(|name| std::env::var(name).ok())
-    }
-
-    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
-        let stream_name = var("STREAM_NAME")
-            .filter(|s| !s.is_empty())
-            .ok_or(EnvError::Missing("STREAM_NAME"))?;
-        let mut metrics = EmfConfig {
-            function: "replay".into(),
-            ..EmfConfig::default()
-        };
-        if let Some(namespace) = var("METRICS_NAMESPACE").filter(|n| !n.is_empty()) {
-            metrics.namespace = namespace;
-        }
-        if let Some(function) = var("AWS_LAMBDA_FUNCTION_NAME").filter(|f| !f.is_empty()) {
-            metrics.function = function;
-        }
+impl FromEnv for ReplayConfig {
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, EnvError> {
+        let stream_name = required(&var, "STREAM_NAME")?;
+        let metrics = metrics_from_vars(
+            &var,
+            EmfConfig {
+                function: "replay".into(),
+                ..EmfConfig::default()
+            },
+        );
         Ok(ReplayConfig {
             stream_name,
             metrics,

@@ -121,6 +121,30 @@ fn string_attr<'a>(item: &'a HashMap<String, AttributeValue>, name: &str) -> Opt
 }
 
 /// Decodes a stored item into (pk, sk, version, item).
+/// Where the next page of a Query or Scan starts; `None` for the first.
+type PageKey = Option<HashMap<String, AttributeValue>>;
+
+/// Every item of a paged Query or Scan, decoded: `page` fetches the page
+/// that starts at its key, and returns its items and the next page's key.
+async fn every_page<F, Fut>(mut page: F) -> Result<Vec<(String, String, u64, Item)>, StoreError>
+where
+    F: FnMut(PageKey) -> Fut,
+    Fut: Future<Output = Result<(Vec<HashMap<String, AttributeValue>>, PageKey), StoreError>>,
+{
+    let mut rows = Vec::new();
+    let mut start = None;
+    loop {
+        let (items, next) = page(start).await?;
+        for item in &items {
+            rows.push(decode(item)?);
+        }
+        match next {
+            Some(key) => start = Some(key),
+            None => return Ok(rows),
+        }
+    }
+}
+
 fn decode(
     item: &HashMap<String, AttributeValue>,
 ) -> Result<(String, String, u64, Item), StoreError> {
@@ -412,9 +436,8 @@ impl RollupQuery for DynamoStore {
     }
 
     async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
-        let mut rows = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
+        let prefix = &scan.pk_prefix;
+        let mut rows = every_page(|start| async move {
             let out = self
                 .retrying("Scan", || {
                     let call = self
@@ -422,24 +445,19 @@ impl RollupQuery for DynamoStore {
                         .scan()
                         .table_name(&self.table)
                         .set_exclusive_start_key(start.clone());
-                    if scan.pk_prefix.is_empty() {
+                    if prefix.is_empty() {
                         call.send()
                     } else {
                         call.filter_expression("begins_with(#pk, :prefix)")
                             .expression_attribute_names("#pk", "pk")
-                            .expression_attribute_values(":prefix", s(&scan.pk_prefix))
+                            .expression_attribute_values(":prefix", s(prefix))
                             .send()
                     }
                 })
                 .await?;
-            for item in out.items() {
-                rows.push(decode(item)?);
-            }
-            match out.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => break,
-            }
-        }
+            Ok((out.items.unwrap_or_default(), out.last_evaluated_key))
+        })
+        .await?;
         rows.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         Ok(rows
             .into_iter()

@@ -663,56 +663,39 @@ fn a_coarser_window_is_compacted_once_it_cannot_change() {
 #[test]
 fn a_reading_behind_the_watermark_is_refused_not_folded() {
     let cfg = AggregateConfig::default();
-    let mut m = Mem::default();
-    let late_arrival = T0 + MIN + cfg.allowed_lateness_ms + cfg.watermark_slack_ms + 5_000;
-    m.run(
-        "s0",
-        &[rec(
-            1,
-            "d2",
-            late_arrival,
-            vec![reading(Some(1), late_arrival, &[("t", 1.0)])],
-        )],
-        None,
-    );
-    // Stamped 1 ms before its window's bound, read after the watermark
-    // passed it.
+    // Another device's record arrives at `arrival` and moves the watermark;
+    // then a record stamped 1 ms before its window's bound is read.
     let stamped = T0 + MIN + cfg.allowed_lateness_ms - 1;
-    let stats = m.run(
-        "s0",
-        &[rec(
-            2,
-            "d1",
-            stamped,
-            vec![reading(Some(1), T0, &[("t", 9.0)])],
-        )],
-        None,
-    );
+    let after_watermark_from = |arrival: i64| {
+        let mut m = Mem::default();
+        m.run(
+            "s0",
+            &[rec(
+                1,
+                "d2",
+                arrival,
+                vec![reading(Some(1), arrival, &[("t", 1.0)])],
+            )],
+            None,
+        );
+        let stats = m.run(
+            "s0",
+            &[rec(
+                2,
+                "d1",
+                stamped,
+                vec![reading(Some(1), T0, &[("t", 9.0)])],
+            )],
+            None,
+        );
+        (m, stats)
+    };
+    let slack_ends = T0 + MIN + cfg.allowed_lateness_ms + cfg.watermark_slack_ms;
+    let (m, stats) = after_watermark_from(slack_ends + 5_000);
     assert_eq!(stats.accepted_readings, 0);
     assert_eq!(stats.rejected, vec![(RejectReason::TooLate, 1)]);
     assert!(m.window("d1", "t", "1m", T0).is_none());
     // Within the slack the same record is accepted.
-    let mut m = Mem::default();
-    let arrival = T0 + MIN + cfg.allowed_lateness_ms + cfg.watermark_slack_ms - 5_000;
-    m.run(
-        "s0",
-        &[rec(
-            1,
-            "d2",
-            arrival,
-            vec![reading(Some(1), arrival, &[("t", 1.0)])],
-        )],
-        None,
-    );
-    let stats = m.run(
-        "s0",
-        &[rec(
-            2,
-            "d1",
-            stamped,
-            vec![reading(Some(1), T0, &[("t", 9.0)])],
-        )],
-        None,
-    );
+    let (_, stats) = after_watermark_from(slack_ends - 5_000);
     assert_eq!(stats.accepted_readings, 1);
 }

@@ -32,6 +32,15 @@ pub(crate) fn write_atomic(
     sync_dir(dir)
 }
 
+/// Removes `path`; one that is gone already is not an error, so that a
+/// removal interrupted by a crash can simply be done again.
+pub(crate) fn remove_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// The contents of `path`, or `None` if it does not exist.
 pub(crate) fn read_if_exists(path: &Path) -> io::Result<Option<String>> {
     match std::fs::read_to_string(path) {

@@ -63,7 +63,6 @@ mod storage;
 mod writer;
 
 use std::fs::File;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -335,16 +334,10 @@ impl EmbeddedLog {
     pub fn deregister(&self, consumer: &str) -> Result<(), LogError> {
         for shard in &self.shards {
             let path = shard.dir.join(reader::CHECKPOINT_DIR).join(consumer);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(LogError::Io {
-                        context: format!("removing {}", path.display()),
-                        source,
-                    });
-                }
-            }
+            files::remove_if_exists(&path).map_err(|source| LogError::Io {
+                context: format!("removing {}", path.display()),
+                source,
+            })?;
         }
         Ok(())
     }

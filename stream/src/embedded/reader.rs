@@ -260,18 +260,7 @@ impl ShardReader for EmbeddedReader {
         let dir = self.checkpoint_dir.clone();
         let name = self.consumer.clone();
         tokio::task::spawn_blocking(move || {
-            files::write_atomic(
-                &dir,
-                &name,
-                &format!(".{name}.tmp"),
-                format!("{seq}\n").as_bytes(),
-            )
-            .map_err(|e| {
-                ReadError::Io(format!(
-                    "writing checkpoint {name} in {}: {e}",
-                    dir.display()
-                ))
-            })
+            write_checkpoint(&dir, &name, seq, "writing checkpoint")
         })
         .await
         .map_err(|e| ReadError::Io(format!("checkpoint task failed: {e}")))?
@@ -296,18 +285,24 @@ impl ShardReader for EmbeddedReader {
 }
 
 fn register(dir: &std::path::Path, consumer: &str, seq: u64) -> Result<(), ReadError> {
+    write_checkpoint(dir, consumer, seq, "registering consumer")
+}
+
+/// Replaces `consumer`'s checkpoint file in `dir` with `seq`, atomically;
+/// `doing` names the step in the error.
+fn write_checkpoint(
+    dir: &std::path::Path,
+    consumer: &str,
+    seq: u64,
+    doing: &str,
+) -> Result<(), ReadError> {
     files::write_atomic(
         dir,
         consumer,
         &format!(".{consumer}.tmp"),
         format!("{seq}\n").as_bytes(),
     )
-    .map_err(|e| {
-        ReadError::Io(format!(
-            "registering consumer {consumer} in {}: {e}",
-            dir.display()
-        ))
-    })
+    .map_err(|e| ReadError::Io(format!("{doing} {consumer} in {}: {e}", dir.display())))
 }
 
 /// Where each shard keeps its consumers' checkpoints.

@@ -265,16 +265,10 @@ fn delete(shard: &Shard, oldest: &Oldest) -> Result<(), LogError> {
     shard.segments().retain(|s| s.base != oldest.base);
     shard.set_oldest(oldest.next_base);
     let path = shard.segment_path(oldest.base);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(LogError::Io {
-                context: format!("deleting {}", path.display()),
-                source,
-            });
-        }
-    }
+    files::remove_if_exists(&path).map_err(|source| LogError::Io {
+        context: format!("deleting {}", path.display()),
+        source,
+    })?;
     tracing::info!(
         shard = %shard.id,
         first_seq = oldest.base,

@@ -280,3 +280,20 @@ impl StreamProducer for KinesisStream {
         producer::put_ordered(&api, &records, &self.cfg.producer).await
     }
 }
+
+/// What became of each record, in a word (`stored`, `retryable`, `final`),
+/// so that a test states a whole batch's outcomes in one line.
+#[cfg(test)]
+fn fates(out: &[PutOutcome]) -> Vec<&'static str> {
+    out.iter()
+        .map(|o| match o {
+            PutOutcome::Stored { .. } => "stored",
+            PutOutcome::Failed {
+                retryable: true, ..
+            } => "retryable",
+            PutOutcome::Failed {
+                retryable: false, ..
+            } => "final",
+        })
+        .collect()
+}

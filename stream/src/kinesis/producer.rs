@@ -183,6 +183,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::kinesis::fates;
 
     type Script = Box<dyn Fn(&str, u32) -> Option<&'static str> + Send + Sync>;
 
@@ -327,22 +328,7 @@ mod tests {
         };
         let records = vec![rec("a", 0), rec("a", 1), rec("a", 2), rec("b", 0)];
         let out = put_ordered(&api, &records, &cfg).await.unwrap();
-        assert!(matches!(out[0], PutOutcome::Stored { .. }));
-        assert!(matches!(
-            out[1],
-            PutOutcome::Failed {
-                retryable: true,
-                ..
-            }
-        ));
-        assert!(matches!(
-            out[2],
-            PutOutcome::Failed {
-                retryable: true,
-                ..
-            }
-        ));
-        assert!(matches!(out[3], PutOutcome::Stored { .. }));
+        assert_eq!(fates(&out), ["stored", "retryable", "retryable", "stored"]);
         assert_eq!(*api.attempts.lock().unwrap().get("a/1").unwrap(), 3);
         assert!(
             !api.attempts.lock().unwrap().contains_key("a/2"),
@@ -365,21 +351,7 @@ mod tests {
         let out = put_ordered(&api, &records, &ProducerConfig::default())
             .await
             .unwrap();
-        assert!(matches!(
-            out[0],
-            PutOutcome::Failed {
-                retryable: false,
-                ..
-            }
-        ));
-        assert!(matches!(out[1], PutOutcome::Stored { .. }));
-        assert!(matches!(
-            out[2],
-            PutOutcome::Failed {
-                retryable: false,
-                ..
-            }
-        ));
+        assert_eq!(fates(&out), ["final", "stored", "final"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -392,20 +364,7 @@ mod tests {
         )
         .await
         .unwrap();
-        assert!(matches!(
-            out[0],
-            PutOutcome::Failed {
-                retryable: false,
-                ..
-            }
-        ));
-        assert!(matches!(
-            out[1],
-            PutOutcome::Failed {
-                retryable: false,
-                ..
-            }
-        ));
+        assert_eq!(fates(&out), ["final", "final"]);
         assert_eq!(*api.attempts.lock().unwrap().get("a/0").unwrap(), 1);
     }
 

@@ -313,12 +313,35 @@ mod tests {
 
     use super::*;
     use crate::SeqNo;
+    use crate::kinesis::fates;
 
     fn rec(key: &str, n: usize) -> PutRecord {
         PutRecord {
             partition_key: key.into(),
             data: Bytes::from(format!("{key}/{n}")),
         }
+    }
+
+    /// A plan for `records` with `max_attempts` per record, begun now, and
+    /// its backoff jitter's dice seeded with `seed`.
+    fn start(records: &[PutRecord], max_attempts: u32, seed: u64) -> (PutPlan, StdRng, Instant) {
+        let t0 = Instant::now();
+        let plan = PutPlan::new(records, &cfg(max_attempts), t0);
+        (plan, StdRng::seed_from_u64(seed), t0)
+    }
+
+    /// Settles `request` with `result`, which must leave nothing more to do,
+    /// and finishes the plan.
+    fn settle_last(
+        mut plan: PutPlan,
+        request: &Request,
+        result: Result<Vec<EntryResult>, CallFailure>,
+        now: Instant,
+        rng: &mut StdRng,
+    ) -> Result<Vec<PutOutcome>, ProduceError> {
+        plan.settle(request, result, now, rng);
+        assert_eq!(plan.next_step(now), Step::Done);
+        plan.finish()
     }
 
     fn cfg(max_attempts: u32) -> ProducerConfig {
@@ -353,9 +376,7 @@ mod tests {
     #[test]
     fn a_round_sends_one_record_per_key_and_the_next_only_once_it_is_stored() {
         let records = [rec("a", 0), rec("b", 0), rec("a", 1)];
-        let t0 = Instant::now();
-        let mut plan = PutPlan::new(&records, &cfg(3), t0);
-        let mut rng = StdRng::seed_from_u64(1);
+        let (mut plan, mut rng, t0) = start(&records, 3, 1);
 
         let round = requests(plan.next_step(t0));
         assert_eq!(round.len(), 1);
@@ -381,9 +402,7 @@ mod tests {
     #[test]
     fn a_throttled_key_backs_off_while_other_keys_go_on() {
         let records = [rec("a", 0), rec("b", 0), rec("b", 1)];
-        let t0 = Instant::now();
-        let mut plan = PutPlan::new(&records, &cfg(3), t0);
-        let mut rng = StdRng::seed_from_u64(2);
+        let (mut plan, mut rng, t0) = start(&records, 3, 2);
 
         let round = requests(plan.next_step(t0));
         plan.settle(&round[0], Ok(vec![throttled(), stored(1)]), t0, &mut rng);
@@ -408,9 +427,7 @@ mod tests {
     #[test]
     fn a_head_out_of_attempts_fails_its_key_unsent_records_too() {
         let records = [rec("a", 0), rec("a", 1)];
-        let t0 = Instant::now();
-        let mut plan = PutPlan::new(&records, &cfg(2), t0);
-        let mut rng = StdRng::seed_from_u64(3);
+        let (mut plan, mut rng, t0) = start(&records, 2, 3);
         let mut now = t0;
         let mut sends = 0;
         loop {
@@ -441,51 +458,28 @@ mod tests {
             data: Bytes::from(vec![b'x'; MAX_RECORD_BYTES]),
         };
         let records = [big, rec("b", 0)];
-        let t0 = Instant::now();
-        let mut plan = PutPlan::new(&records, &cfg(10), t0);
-        let mut rng = StdRng::seed_from_u64(4);
+        let (mut plan, mut rng, t0) = start(&records, 10, 4);
         let round = requests(plan.next_step(t0));
         assert_eq!(round[0].records, [1], "a refused record is never sent");
         let denied = EntryResult::Failed {
             code: "KMSAccessDeniedException".into(),
             message: "no".into(),
         };
-        plan.settle(&round[0], Ok(vec![denied]), t0, &mut rng);
-        assert_eq!(plan.next_step(t0), Step::Done);
-        let out = plan.finish().unwrap();
-        assert!(
-            out.iter().all(|o| matches!(
-                o,
-                PutOutcome::Failed {
-                    retryable: false,
-                    ..
-                }
-            )),
-            "{out:?}"
-        );
+        let out = settle_last(plan, &round[0], Ok(vec![denied]), t0, &mut rng).unwrap();
+        assert_eq!(fates(&out), ["final", "final"], "{out:?}");
     }
 
     #[test]
     fn a_stored_record_with_an_unreadable_sequence_number_is_not_retried() {
         let records = [rec("a", 0)];
-        let t0 = Instant::now();
-        let mut plan = PutPlan::new(&records, &cfg(3), t0);
-        let mut rng = StdRng::seed_from_u64(5);
+        let (mut plan, mut rng, t0) = start(&records, 3, 5);
         let round = requests(plan.next_step(t0));
         let odd = EntryResult::Stored {
             shard: "s".into(),
             seq: "not-a-number".into(),
         };
-        plan.settle(&round[0], Ok(vec![odd]), t0, &mut rng);
-        assert_eq!(plan.next_step(t0), Step::Done);
-        let out = plan.finish().unwrap();
-        assert!(matches!(
-            out[0],
-            PutOutcome::Failed {
-                retryable: false,
-                ..
-            }
-        ));
+        let out = settle_last(plan, &round[0], Ok(vec![odd]), t0, &mut rng).unwrap();
+        assert_eq!(fates(&out), ["final"]);
     }
 
     #[test]
@@ -500,25 +494,16 @@ mod tests {
 
         let mut plan = PutPlan::new(&records, &cfg(1), t0);
         let round = requests(plan.next_step(t0));
-        plan.settle(&round[0], Err(failure()), t0, &mut rng);
-        assert_eq!(plan.next_step(t0), Step::Done);
-        assert!(matches!(plan.finish(), Err(ProduceError::Unavailable(_))));
+        let finished = settle_last(plan, &round[0], Err(failure()), t0, &mut rng);
+        assert!(matches!(finished, Err(ProduceError::Unavailable(_))));
 
         // One record refused before sending: the call did reach a verdict
         // of its own, so it reports per record.
         let records = [rec("a", 0), rec("", 0)];
         let mut plan = PutPlan::new(&records, &cfg(1), t0);
         let round = requests(plan.next_step(t0));
-        plan.settle(&round[0], Err(failure()), t0, &mut rng);
-        assert_eq!(plan.next_step(t0), Step::Done);
-        let out = plan.finish().unwrap();
-        assert!(matches!(
-            out[0],
-            PutOutcome::Failed {
-                retryable: true,
-                ..
-            }
-        ));
+        let out = settle_last(plan, &round[0], Err(failure()), t0, &mut rng).unwrap();
+        assert_eq!(fates(&out)[0], "retryable");
     }
 
     #[test]

@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::KeysAndAttributes;
 use schemas::state::Item;
 
 use super::plan::Read;
-use super::{DynamoStore, StoreError, decode, names, s, unavailable};
+use super::{DynamoStore, StoreError, decode, every_page, names, s, unavailable};
 
 impl DynamoStore {
     /// Loads up to 100 distinct keys with one BatchGetItem, plus retries of
@@ -83,9 +83,8 @@ impl DynamoStore {
         to: String,
         consistent: bool,
     ) -> Result<Vec<(String, String, u64, Item)>, StoreError> {
-        let mut found = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
+        let (pk, from, to) = (&pk, &from, &to);
+        every_page(|start| async move {
             let out = self
                 .retrying("Query", || {
                     self.client
@@ -102,14 +101,9 @@ impl DynamoStore {
                         .send()
                 })
                 .await?;
-            for item in out.items() {
-                found.push(decode(item)?);
-            }
-            match out.last_evaluated_key {
-                Some(key) => start = Some(key),
-                None => return Ok(found),
-            }
-        }
+            Ok((out.items.unwrap_or_default(), out.last_evaluated_key))
+        })
+        .await
     }
 
     pub(super) async fn read(
