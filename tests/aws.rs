@@ -8,7 +8,6 @@ mod support;
 
 use std::time::Duration;
 
-use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
 use iotpipe::config::{StoreKind, StreamKind};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -32,23 +31,7 @@ fn aws_config(dir: &std::path::Path) -> iotpipe::Config {
 async fn the_simulator_verifies_exactly_on_kinesis_and_dynamodb() {
     let dir = tempfile::tempdir().unwrap();
     let p = iotpipe::start(&aws_config(dir.path())).await.unwrap();
-    let summary = device_sim::run(SimConfig {
-        broker: BrokerAddr {
-            host: p.mqtt_addr.ip().to_string(),
-            port: p.mqtt_addr.port(),
-        },
-        devices: 20,
-        rate: Rate::PerDevice(2.0),
-        stop: Stop::After(Duration::from_secs(5)),
-        qos: 1,
-        seed: 3,
-        verify: Some(format!("http://{}", p.http_addr)),
-        verify_timeout: Duration::from_secs(90),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    assert!(summary.ok(), "{summary}");
+    support::a_short_run_verifies(&p, 3).await;
     p.shutdown().await.unwrap();
 }
 

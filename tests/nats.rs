@@ -8,7 +8,6 @@ mod support;
 
 use std::time::Duration;
 
-use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
 use iotpipe::config::StreamKind;
 use rand::{Rng, SeedableRng};
 use testkit::moto::unique_name;
@@ -28,36 +27,15 @@ async fn the_simulator_verifies_exactly_on_jetstream() {
     let server = NatsServer::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let p = iotpipe::start(&config(dir.path(), &server)).await.unwrap();
-    let summary = device_sim::run(SimConfig {
-        broker: BrokerAddr {
-            host: p.mqtt_addr.ip().to_string(),
-            port: p.mqtt_addr.port(),
-        },
-        devices: 20,
-        rate: Rate::PerDevice(2.0),
-        stop: Stop::After(Duration::from_secs(5)),
-        qos: 1,
-        seed: 5,
-        verify: Some(format!("http://{}", p.http_addr)),
-        verify_timeout: Duration::from_secs(60),
-        ..SimConfig::default()
-    })
-    .await
-    .unwrap();
-    assert!(summary.ok(), "{summary}");
+    support::a_short_run_verifies(&p, 5).await;
     p.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_of_the_nats_server_lose_nothing_and_count_nothing_twice() {
-    let mut server = NatsServer::start().unwrap();
-    if !server.is_local() {
-        eprintln!(
-            "skipped: the server at {} is not this test's to kill",
-            server.url()
-        );
+    let Some(mut server) = NatsServer::start_killable().unwrap() else {
         return;
-    }
+    };
     let dir = tempfile::tempdir().unwrap();
     let p = iotpipe::start(&config(dir.path(), &server)).await.unwrap();
     let sim = support::load_through_crashes(p.mqtt_addr, p.http_addr, 17);

@@ -5,9 +5,6 @@
 
 mod support;
 
-use std::time::Duration;
-
-use device_sim::{Rate, SimConfig, Stop};
 use iotpipe::config::StoreKind;
 
 fn postgres_config(dir: &std::path::Path, url: String) -> iotpipe::Config {
@@ -25,18 +22,7 @@ async fn the_simulator_verifies_exactly_on_postgres() {
     let p = iotpipe::start(&postgres_config(dir.path(), db.url()))
         .await
         .unwrap();
-    let summary = device_sim::run(SimConfig {
-        devices: 20,
-        rate: Rate::PerDevice(2.0),
-        stop: Stop::After(Duration::from_secs(5)),
-        qos: 1,
-        seed: 5,
-        verify_timeout: Duration::from_secs(90),
-        ..support::sim(p.mqtt_addr, p.http_addr)
-    })
-    .await
-    .unwrap();
-    assert!(summary.ok(), "{summary}");
+    support::a_short_run_verifies(&p, 5).await;
     p.shutdown().await.unwrap();
 }
 

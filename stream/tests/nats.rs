@@ -165,14 +165,9 @@ async fn a_put_larger_than_the_clients_ack_pool_is_stored_whole_and_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_survive_a_server_crash_and_a_reader_resumes_after_its_checkpoint() {
-    let mut server = NatsServer::start().unwrap();
-    if !server.is_local() {
-        eprintln!(
-            "skipped: the server at {} is not this test's to kill",
-            server.url()
-        );
+    let Some(mut server) = NatsServer::start_killable().unwrap() else {
         return;
-    }
+    };
     let name = unique_name("crash");
     let stream = open(&server, &name, 2).await;
     let stored = put(&stream, (0..10).map(|i| record("crash", i)).collect()).await;

@@ -9,7 +9,6 @@
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -40,20 +39,7 @@ pub fn moto_config() -> Result<AwsConfig, String> {
     Ok(AwsConfig::stand_in(moto_endpoint()?))
 }
 
-/// A name no other test of any test binary uses against the same server:
-/// moto keeps every stream and table until it stops.
-pub fn unique_name(prefix: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "{prefix}-{}-{nanos}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
+pub use crate::unique_name;
 
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")

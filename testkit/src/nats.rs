@@ -88,6 +88,20 @@ impl NatsServer {
         self.local.is_some()
     }
 
+    /// A server this test may kill: `None`, saying so, when
+    /// `IOTPIPE_TEST_NATS_URL` names a server the test did not start.
+    pub fn start_killable() -> Result<Option<NatsServer>> {
+        let server = NatsServer::start()?;
+        if server.is_local() {
+            return Ok(Some(server));
+        }
+        eprintln!(
+            "skipped: the server at {} is not this test's to kill",
+            server.url()
+        );
+        Ok(None)
+    }
+
     /// Kills the server with SIGKILL, as a crash would.
     pub fn kill(&mut self) -> Result<()> {
         let local = self.local_mut()?;

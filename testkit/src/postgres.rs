@@ -20,7 +20,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use tokio_postgres::config::Host;
@@ -139,18 +138,9 @@ pub async fn database() -> Result<TestDb, String> {
 }
 
 /// A database name no other test of any test binary uses on the same
-/// server: lower case, as SQL folds unquoted names.
+/// server: lower case, as SQL folds unquoted names, and no `-`.
 fn unique_name() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "iotpipe_test_{}_{nanos}_{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    crate::unique_name("iotpipe_test").replace('-', "_")
 }
 
 async fn connect(config: &Config) -> Result<tokio_postgres::Client, String> {
