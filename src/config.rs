@@ -184,9 +184,8 @@ pub struct AggregateSettings {
     /// How long after its end a window still takes readings.
     #[serde(with = "duration_text")]
     pub allowed_lateness: Duration,
-    /// How long windows are kept after their end, one per resolution.
-    #[serde(serialize_with = "duration_text::serialize_all")]
-    pub retention: Vec<humantime_serde::Serde<Duration>>,
+    /// How long windows are kept after their end, per resolution.
+    pub retention: RetentionSetting,
     /// How long refused messages are kept for inspection.
     #[serde(with = "duration_text")]
     pub dead_letter_retention: Duration,
@@ -203,11 +202,59 @@ impl Default for AggregateSettings {
         AggregateSettings {
             resolutions: d.resolutions.iter().map(|r| r.to_string()).collect(),
             allowed_lateness: ms(d.allowed_lateness_ms),
-            retention: d.retention_ms.iter().map(|r| ms(*r).into()).collect(),
+            retention: RetentionSetting::Named(rollup::config::format_retention(
+                &d.resolutions,
+                &d.retention_ms,
+            )),
             dead_letter_retention: ms(d.dead_letter_retention_ms),
             dead_letters_per_reason: 10_000,
             watermark_slack: ms(d.watermark_slack_ms),
         }
+    }
+}
+
+/// `aggregate.retention`: named per resolution (`"1m=30d,1h=400d,1d=forever"`,
+/// a resolution left out keeps its default), or a list with one per
+/// resolution, finest first (`["7days", "90days", "forever"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RetentionSetting {
+    Named(String),
+    List(Vec<Keep>),
+}
+
+impl RetentionSetting {
+    /// Milliseconds per resolution (`None`: forever).
+    fn resolve(&self, resolutions: &[schemas::Resolution]) -> Result<Vec<Option<i64>>, String> {
+        match self {
+            RetentionSetting::Named(text) => rollup::config::parse_retention(text, resolutions),
+            RetentionSetting::List(list) => Ok(list.iter().map(|k| k.0.map(to_ms)).collect()),
+        }
+    }
+}
+
+/// One retention in a list: `forever` or a duration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Keep(pub Option<Duration>);
+
+impl Serialize for Keep {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Some(d) => s.serialize_str(&duration_text::format(d)),
+            None => s.serialize_str("forever"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == "forever" {
+            return Ok(Keep(None));
+        }
+        humantime::parse_duration(&text)
+            .map(|d| Keep(Some(d)))
+            .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e} (or `forever`)")))
     }
 }
 
@@ -248,13 +295,6 @@ mod duration_text {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         humantime_serde::deserialize(d)
-    }
-
-    pub fn serialize_all<S: Serializer>(
-        ds: &[humantime_serde::Serde<Duration>],
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
-        s.collect_seq(ds.iter().map(|d| format(**d)))
     }
 }
 
@@ -403,15 +443,16 @@ impl Config {
             .map(|r| r.parse::<schemas::Resolution>().map_err(anyhow::Error::msg))
             .collect::<anyhow::Result<Vec<_>>>()
             .context("aggregate.resolutions")?;
+        let retention_ms = self
+            .aggregate
+            .retention
+            .resolve(&resolutions)
+            .map_err(anyhow::Error::msg)
+            .context("aggregate.retention")?;
         let cfg = rollup::AggregateConfig {
             resolutions,
             allowed_lateness_ms: to_ms(self.aggregate.allowed_lateness),
-            retention_ms: self
-                .aggregate
-                .retention
-                .iter()
-                .map(|d| to_ms(**d))
-                .collect(),
+            retention_ms,
             stream_retention_ms: to_ms(self.stream.retention),
             dead_letter_retention_ms: to_ms(self.aggregate.dead_letter_retention),
             watermark_slack_ms: to_ms(self.aggregate.watermark_slack),
@@ -503,8 +544,13 @@ resolutions = ["1m", "1h", "1d"]
 # refused as too_late. A window says `final` once this has passed and every
 # record that arrived by then has been applied (the processed watermark).
 allowed_lateness = "1h"
-# How long windows are kept after their end, one per resolution.
-retention = ["7days", "90days", "1098days"]
+# How long windows are kept after their end, per resolution: `forever`, or a
+# duration like 30d or 36h. A resolution left out keeps its default (7d below
+# an hour, 90d below a day, 1098d from a day). A list with one per resolution,
+# finest first, works too: ["7days", "90days", "forever"]. Expired windows are
+# no longer served, and are deleted within a minute (SQLite, PostgreSQL) or by
+# the table's TTL (DynamoDB, within days).
+retention = "1m=7d,1h=90d,1d=1098d"
 # How long refused messages are kept for inspection, and at most how many per
 # reason.
 dead_letter_retention = "7days"
@@ -603,8 +649,34 @@ mod tests {
     fn bad_resolutions_are_errors() {
         let mut c = Config::default();
         c.aggregate.resolutions = vec!["1m".into(), "90s".into()];
-        c.aggregate.retention.push(Duration::ZERO.into());
-        c.aggregate.retention.truncate(2);
-        assert!(c.aggregate().is_err());
+        c.aggregate.retention = RetentionSetting::List(vec![Keep(None); 2]);
+        let err = c.aggregate().unwrap_err();
+        assert!(format!("{err:#}").contains("90s"), "{err:#}");
+    }
+
+    #[test]
+    fn retention_is_named_per_resolution_or_listed() {
+        let read = |text: &str| {
+            let c: Config = toml::from_str(&format!("[aggregate]\n{text}\n")).unwrap();
+            c.aggregate()
+                .map(|a| a.retention_ms)
+                .map_err(|e| format!("{e:#}"))
+        };
+        const DAY: i64 = 86_400_000;
+        assert_eq!(
+            read(r#"retention = "1m=30d,1h=400d,1d=forever""#),
+            Ok(vec![Some(30 * DAY), Some(400 * DAY), None])
+        );
+        assert_eq!(
+            read(r#"retention = ["30days", "forever", "3y"]"#).map(|r| r[..2].to_vec()),
+            Ok(vec![Some(30 * DAY), None])
+        );
+        let err = read(r#"retention = "1m=30d,5m=1d""#).unwrap_err();
+        assert!(
+            err.contains("aggregate.retention") && err.contains("5m"),
+            "{err}"
+        );
+        let err = toml::from_str::<Config>("[aggregate]\nretention = [\"always\"]\n").unwrap_err();
+        assert!(err.to_string().contains("retention"), "{err}");
     }
 }

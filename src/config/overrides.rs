@@ -28,6 +28,10 @@ pub struct Overrides {
     /// How long after its end a window still takes readings, e.g. 1h, 30m [default: 1h].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub allowed_lateness: Option<Duration>,
+    /// How long windows are kept after their end, per resolution, e.g.
+    /// 1m=30d,1h=400d,1d=forever [default: 1m=7d,1h=90d,1d=1098d].
+    #[arg(long)]
+    pub retention: Option<String>,
     /// Take telemetry from an external MQTT broker (mqtt://HOST:PORT): a
     /// persistent QoS 1 subscription, each message acknowledged once durable.
     #[arg(long)]
@@ -88,6 +92,10 @@ impl Overrides {
         set(&mut c.http.listen, self.http_listen);
         set(&mut c.stream.shards, self.shards);
         set(&mut c.aggregate.allowed_lateness, self.allowed_lateness);
+        set(
+            &mut c.aggregate.retention,
+            self.retention.map(super::RetentionSetting::Named),
+        );
         set_some(&mut c.broker.url, self.broker);
         set(&mut c.broker.client_id, self.broker_client_id);
         set_some(&mut c.broker.username, self.broker_username);

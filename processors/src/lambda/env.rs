@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `TABLE_NAME` | the rollup table | required |
 //! | `RESOLUTIONS` | stored resolutions, ascending | `1m,1h,1d` |
-//! | `RETENTION` | per resolution, how long a window is kept | `7d,90d,1098d` |
+//! | `RETENTION` | per resolution, how long a window is kept after its end (`1m=30d,1h=400d,1d=forever`, or one per resolution in order) | `1m=7d,1h=90d,1d=1098d` |
 //! | `ALLOWED_LATENESS` | how long after its end a window accepts readings | `1h` |
 //! | `STREAM_RETENTION` | the Kinesis stream's retention | `24h` |
 //! | `DEAD_LETTER_RETENTION` | how long dead letters are kept | `7d` |
@@ -88,20 +88,19 @@ impl FromEnv for FunctionConfig {
                     name: "RESOLUTIONS",
                     detail,
                 })?;
-            if var("RETENTION").is_none() {
-                // Keep the default retentions aligned with the new list.
-                config.retention_ms = config
-                    .resolutions
-                    .iter()
-                    .map(|r| default_retention_ms(*r))
-                    .collect();
-            }
+            // Keep the default retentions aligned with the new list.
+            config.retention_ms = config
+                .resolutions
+                .iter()
+                .map(|r| Some(rollup::config::default_retention_ms(*r)))
+                .collect();
         }
-        if let Some(list) = var("RETENTION") {
-            config.retention_ms = list
-                .split(',')
-                .map(|d| duration_ms("RETENTION", d.trim()))
-                .collect::<Result<_, _>>()?;
+        if let Some(text) = var("RETENTION") {
+            config.retention_ms = rollup::config::parse_retention(&text, &config.resolutions)
+                .map_err(|detail| EnvError::Invalid {
+                    name: "RETENTION",
+                    detail,
+                })?;
         }
         let durations: [(&'static str, &mut i64); 4] = [
             ("ALLOWED_LATENESS", &mut config.allowed_lateness_ms),
@@ -130,38 +129,9 @@ impl FromEnv for FunctionConfig {
     }
 }
 
-/// The retention [`AggregateConfig::default`] gives a resolution like `r`.
-fn default_retention_ms(r: Resolution) -> i64 {
-    if r.ms() < Resolution::HOUR {
-        7 * Resolution::DAY
-    } else if r.ms() < Resolution::DAY {
-        90 * Resolution::DAY
-    } else {
-        3 * 366 * Resolution::DAY
-    }
-}
-
 /// `90s`, `1h`, `500ms`, `0` as milliseconds.
 fn duration_ms(name: &'static str, text: &str) -> Result<i64, EnvError> {
-    let invalid = || EnvError::Invalid {
-        name,
-        detail: format!("`{text}` is not a duration like 500ms, 90s, 15m, 1h or 7d"),
-    };
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: i64 = digits.parse().map_err(|_| invalid())?;
-    let unit_ms = match unit {
-        "" if n == 0 => 0,
-        "ms" => 1,
-        "s" => Resolution::SECOND,
-        "m" => Resolution::MINUTE,
-        "h" => Resolution::HOUR,
-        "d" => Resolution::DAY,
-        _ => return Err(invalid()),
-    };
-    n.checked_mul(unit_ms).ok_or_else(invalid)
+    rollup::config::parse_duration_ms(text).map_err(|detail| EnvError::Invalid { name, detail })
 }
 
 #[cfg(test)]
@@ -206,11 +176,25 @@ mod tests {
         assert_eq!(a.resolutions.len(), 2);
         assert_eq!(
             a.retention_ms,
-            vec![7 * Resolution::DAY, 7 * Resolution::DAY]
+            vec![Some(7 * Resolution::DAY), Some(7 * Resolution::DAY)]
         );
         assert_eq!(a.allowed_lateness_ms, 90_000);
         assert_eq!(a.stream_retention_ms, 7 * Resolution::DAY);
         assert_eq!(a.dead_letter_retention_ms, 0);
+    }
+
+    #[test]
+    fn retention_is_named_per_resolution_and_may_be_forever() {
+        let config = FunctionConfig::from_vars(vars(&[
+            ("TABLE_NAME", "t"),
+            ("RESOLUTIONS", "1m,15m"),
+            ("RETENTION", "15m=forever"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.aggregate.retention_ms,
+            vec![Some(7 * Resolution::DAY), None]
+        );
     }
 
     #[test]
@@ -220,6 +204,7 @@ mod tests {
             ("ALLOWED_LATENESS", "5"),
             ("RESOLUTIONS", "1h,1m"),
             ("RETENTION", "7d"),
+            ("RETENTION", "1h=5m"),
         ] {
             let err =
                 FunctionConfig::from_vars(vars(&[("TABLE_NAME", "t"), (name, value)])).unwrap_err();

@@ -403,10 +403,12 @@ pub(crate) fn expiry(key: &ItemKey, config: &AggregateConfig) -> Option<i64> {
     match key {
         ItemKey::DeviceWindow { res, start, .. } | ItemKey::FleetWindow { res, start, .. } => {
             let i = config.resolutions.iter().position(|r| r == res)?;
-            let keep = *config.retention_ms.get(i)?;
+            let keep = (*config.retention_ms.get(i)?)?;
             Some(start + res.ms() + keep)
         }
-        ItemKey::Span { start, .. } => Some(start + config.span_ms() + config.span_retention_ms()),
+        ItemKey::Span { start, .. } => config
+            .span_retention_ms()
+            .map(|keep| start + config.span_ms() + keep),
         _ => None,
     }
 }
