@@ -104,15 +104,15 @@ struct CostArgs {
     /// Metrics per reading: they size the store's items.
     #[arg(long, default_value_t = 3)]
     metrics: u64,
-    /// How long 1-minute windows (span items) are kept, in days (the table's TTL).
-    #[arg(long, default_value_t = 30)]
-    retention_days: u64,
-    /// How long 1-hour windows are kept, in days.
-    #[arg(long, default_value_t = 90)]
-    hour_retention_days: u64,
-    /// How long 1-day windows are kept, in days.
-    #[arg(long, default_value_t = 1098)]
-    day_retention_days: u64,
+    /// How long windows are kept after their end, per resolution, as the
+    /// config file's `aggregate.retention` says it (the table's TTL):
+    /// `1m=30d,1h=400d,1d=forever`; a resolution left out keeps the default.
+    #[arg(long, default_value = "1m=30d,1h=90d,1d=1098d")]
+    retention: String,
+    /// `forever` windows are priced at what the table holds after they have
+    /// accumulated this long: without a TTL the bill grows every month.
+    #[arg(long, default_value = "1098d", value_parser = humantime::parse_duration)]
+    forever_horizon: std::time::Duration,
     /// A price table (TOML, like src/cost/prices.toml) instead of the built-in one.
     #[arg(long)]
     prices: Option<PathBuf>,
@@ -216,7 +216,7 @@ fn users(cmd: UsersCommand) -> anyhow::Result<()> {
 }
 
 fn cost(a: CostArgs) -> anyhow::Result<()> {
-    use iotpipe::cost::{Prices, Profile, Retention, estimate, render};
+    use iotpipe::cost::{Prices, Profile, estimate, render};
     anyhow::ensure!(
         a.rate.is_finite() && a.rate >= 0.0,
         "--rate must be a non-negative number"
@@ -239,7 +239,13 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         span_s >= 60.0 && span_s % 60.0 == 0.0 && 3600.0 % span_s == 0.0,
         "--span must be a whole number of minutes that divides an hour"
     );
-    let days = |d: u64| d as f64 * 86_400.0;
+    let retention = iotpipe::cost::Retention::parse(
+        &a.retention,
+        a.resolutions,
+        a.forever_horizon.as_secs_f64(),
+    )
+    .map_err(anyhow::Error::msg)
+    .context("--retention")?;
     let profile = Profile {
         devices: a.devices,
         msgs_per_device_per_s: a.rate,
@@ -258,11 +264,7 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         lambda_memory_mb: a.lambda_memory_mb,
         lambda_base_ms: a.lambda_base_ms,
         lambda_ms_per_write: a.lambda_ms_per_write,
-        retention: Retention {
-            span_s: days(a.retention_days),
-            hour_s: days(a.hour_retention_days),
-            day_s: days(a.day_retention_days),
-        },
+        retention,
     };
     print!(
         "{}",

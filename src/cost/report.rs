@@ -25,6 +25,13 @@ pub fn render(p: &Profile, prices: &Prices, e: &Estimate) -> String {
         "prices: {} list prices as of {}\n",
         prices.region, prices.as_of
     );
+    let _ = writeln!(
+        out,
+        "windows kept after their end: 1m {:.0} days, 1h {:.0} days, 1d {:.0} days\n",
+        p.retention.span_s / writes::DAY_S,
+        p.retention.hour_s / writes::DAY_S,
+        p.retention.day_s / writes::DAY_S,
+    );
     render_pattern(&mut out, p, e);
     let _ = writeln!(
         out,

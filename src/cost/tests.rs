@@ -234,6 +234,35 @@ fn storage_keeps_each_kind_of_item_for_its_retention() {
 }
 
 #[test]
+fn retention_is_read_as_the_config_file_writes_it_and_forever_grows_with_the_horizon() {
+    let r = Retention::parse("1m=30d,1h=400d,1d=forever", 3, 5.0 * 365.0 * DAY).unwrap();
+    assert_eq!(
+        (r.span_s, r.hour_s, r.day_s),
+        (30.0 * DAY, 400.0 * DAY, 5.0 * 365.0 * DAY)
+    );
+    // Left out: the pipeline's default; not stored: nothing.
+    let r = Retention::parse("1h=forever", 2, 100.0 * DAY).unwrap();
+    assert_eq!((r.span_s, r.hour_s, r.day_s), (7.0 * DAY, 100.0 * DAY, 0.0));
+    assert!(
+        Retention::parse("1d=forever", 2, DAY)
+            .unwrap_err()
+            .contains("1d")
+    );
+    let stored_after = |years: f64| {
+        let retention = Retention::parse("1d=forever", 3, years * 365.0 * DAY).unwrap();
+        line(
+            &estimate_at(Profile {
+                retention,
+                ..profile()
+            }),
+            "storage",
+        )
+        .quantity
+    };
+    assert!(stored_after(10.0) > stored_after(3.0));
+}
+
+#[test]
 fn a_rare_reporter_pays_for_its_batches_not_for_empty_windows() {
     // One device, one message an hour: one invocation per message, its
     // batch writing the fleet windows and counters for one reading.

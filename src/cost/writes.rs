@@ -387,6 +387,27 @@ pub struct Retention {
     pub day_s: f64,
 }
 
+impl Retention {
+    /// Reads a retention per resolution as the config file's
+    /// `aggregate.retention` writes it (`1m=30d,1h=400d,1d=forever`) for the
+    /// first `levels` of 1m, 1h, 1d. `forever` is priced at what accumulates
+    /// over `forever_horizon_s`; a level not stored holds nothing.
+    pub fn parse(text: &str, levels: u64, forever_horizon_s: f64) -> Result<Self, String> {
+        let stored = &schemas::Resolution::DEFAULTS[..levels.clamp(1, 3) as usize];
+        let keep = rollup::config::parse_retention(text, stored)?;
+        let secs = |i: usize| match keep.get(i).copied() {
+            Some(Some(ms)) => ms as f64 / 1000.0,
+            Some(None) => forever_horizon_s,
+            None => 0.0,
+        };
+        Ok(Retention {
+            span_s: secs(0),
+            hour_s: secs(1),
+            day_s: secs(2),
+        })
+    }
+}
+
 /// Bytes the table holds once every retention is full, DynamoDB's
 /// per-item overhead included.
 pub fn stored_bytes(s: &StoreShape, keep: &Retention) -> f64 {

@@ -275,7 +275,12 @@ async fn windows_response(
     metric: String,
 ) -> Result<Response, Problem> {
     let res = p.resolution("res")?.unwrap_or(s.config.finest());
-    let (from, to) = time_range(p, (s.clock)())?;
+    let now = (s.clock)();
+    let (from, to) = time_range(p, now)?;
+    // Expired windows are not served, whether or not the store has deleted
+    // them yet: the answer is the same on every store.
+    let stored = windows::stored_for(res, &s.config)?;
+    let from = from.max(s.config.retained_from(stored, now)).min(to);
     let mut limit = p.limit(DEFAULT_LIMIT, MAX_LIMIT)?;
     let fields = agg_fields(p)?;
     let csv = is_csv(p)?;
