@@ -170,6 +170,60 @@ async fn the_page_shows_the_windows_the_api_holds() {
     p.shutdown().await.unwrap();
 }
 
+/// Minutes 0, 1 and 4 of a device: the chart's line stops at the gap and
+/// starts again after it, one run of windows each side, rather than a
+/// straight line across minutes that had no readings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_draws_a_gap_as_a_gap() {
+    chromium().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let p = support::start(dir.path()).await;
+    let m0 = now_ms().div_euclid(60_000) * 60_000 - 10 * 60_000;
+    let messages: Vec<(String, Vec<u8>)> = [(0, 1.0), (1, 2.0), (4, 5.0)]
+        .iter()
+        .enumerate()
+        .map(|(seq, (minute, t))| {
+            let ts = m0 + minute * 60_000 + 5;
+            let payload = serde_json::json!({"seq": seq, "ts": ts, "metrics": {"t": t}});
+            (
+                "dt/gaps/g1/telemetry".to_string(),
+                serde_json::to_vec(&payload).unwrap(),
+            )
+        })
+        .collect();
+    support::publish_acked(&p, "g1", &messages).await;
+    let path = format!(
+        "/v1/devices/g1/metrics/t?res=1m&from={m0}&to={}",
+        m0 + 10 * 60_000
+    );
+    support::wait_for(&p, &path, Duration::from_secs(20), |body| {
+        body["windows"].as_array().is_some_and(|w| w.len() == 3)
+    })
+    .await;
+
+    let url = format!(
+        "http://{}/?fleet=gaps&device=g1&metric=t&res=1m",
+        p.http_addr
+    );
+    let html = dump_dom(&url).await.unwrap();
+    let (_, chart) = element(&html, "chart");
+    let chart = &chart[..chart.find("</svg>").unwrap()];
+    // Minutes 0 and 1 are a line of two points; minute 4, alone past the
+    // gap, is a dot. Nothing joins minute 1 to minute 4.
+    let lines: Vec<usize> = chart
+        .split("<polyline")
+        .skip(1)
+        .filter(|l| l.contains("class=\"avg\""))
+        .map(|l| {
+            let points = l.split("points=\"").nth(1).unwrap();
+            points[..points.find('"').unwrap()].split(' ').count()
+        })
+        .collect();
+    assert_eq!(lines, [2], "{chart}");
+    assert_eq!(chart.matches("class=\"dot\"").count(), 1, "{chart}");
+    p.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_asks_for_a_token_when_the_api_wants_one() {
     chromium().unwrap();
