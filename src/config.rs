@@ -12,7 +12,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 mod overrides;
+mod retention;
 pub use overrides::Overrides;
+pub use retention::{Keep, RetentionSetting};
 
 /// The whole configuration. `Config::default()` is what `iotpipe up` runs
 /// with when given nothing.
@@ -213,56 +215,11 @@ impl Default for AggregateSettings {
     }
 }
 
-/// `aggregate.retention`: named per resolution (`"1m=30d,1h=400d,1d=forever"`,
-/// a resolution left out keeps its default), or a list with one per
-/// resolution, finest first (`["7days", "90days", "forever"]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum RetentionSetting {
-    Named(String),
-    List(Vec<Keep>),
-}
-
-impl RetentionSetting {
-    /// Milliseconds per resolution (`None`: forever).
-    fn resolve(&self, resolutions: &[schemas::Resolution]) -> Result<Vec<Option<i64>>, String> {
-        match self {
-            RetentionSetting::Named(text) => rollup::config::parse_retention(text, resolutions),
-            RetentionSetting::List(list) => Ok(list.iter().map(|k| k.0.map(to_ms)).collect()),
-        }
-    }
-}
-
-/// One retention in a list: `forever` or a duration.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Keep(pub Option<Duration>);
-
-impl Serialize for Keep {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0 {
-            Some(d) => s.serialize_str(&duration_text::format(d)),
-            None => s.serialize_str("forever"),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Keep {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        if text == "forever" {
-            return Ok(Keep(None));
-        }
-        humantime::parse_duration(&text)
-            .map(|d| Keep(Some(d)))
-            .map_err(|e| serde::de::Error::custom(format!("`{text}`: {e} (or `forever`)")))
-    }
-}
-
 /// Durations in a config file: read as humantime reads them (`90days`,
 /// `1h 30m`), written in the largest unit that divides them (`90d`, `90m`).
 /// humantime's own output counts months of 30.44 days, which turns a file's
 /// `90days` into `2months 29days 2h 52m 48s` in `iotpipe config check`.
-mod duration_text {
+pub(crate) mod duration_text {
     use std::time::Duration;
 
     use serde::{Deserializer, Serializer};
