@@ -25,13 +25,22 @@ pub fn render(p: &Profile, prices: &Prices, e: &Estimate) -> String {
         "prices: {} list prices as of {}\n",
         prices.region, prices.as_of
     );
-    let _ = writeln!(
-        out,
-        "windows kept after their end: 1m {:.0} days, 1h {:.0} days, 1d {:.0} days\n",
-        p.retention.span_s / writes::DAY_S,
-        p.retention.hour_s / writes::DAY_S,
-        p.retention.day_s / writes::DAY_S,
-    );
+    let r = &p.retention;
+    let kept = [("1m", r.span_s), ("1h", r.hour_s), ("1d", r.day_s)]
+        .iter()
+        .zip(r.forever)
+        .take(p.resolutions.clamp(1, 3) as usize)
+        .map(|((res, s), forever)| {
+            let days = s / writes::DAY_S;
+            if forever {
+                format!("{res} forever (priced after {days:.0} days)")
+            } else {
+                format!("{res} {days:.0} days")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(out, "windows kept after their end: {kept}\n");
     render_pattern(&mut out, p, e);
     let _ = writeln!(
         out,

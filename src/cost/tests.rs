@@ -25,6 +25,7 @@ fn profile() -> Profile {
             span_s: 30.0 * DAY,
             hour_s: 90.0 * DAY,
             day_s: 1098.0 * DAY,
+            forever: [false; 3],
         },
     }
 }

@@ -385,6 +385,9 @@ pub struct Retention {
     pub span_s: f64,
     pub hour_s: f64,
     pub day_s: f64,
+    /// Which of 1m, 1h, 1d are kept forever: their figure above is the
+    /// horizon the bill is priced at.
+    pub forever: [bool; 3],
 }
 
 impl Retention {
@@ -404,6 +407,7 @@ impl Retention {
             span_s: secs(0),
             hour_s: secs(1),
             day_s: secs(2),
+            forever: [0, 1, 2].map(|i| keep.get(i) == Some(&None)),
         })
     }
 }
