@@ -240,6 +240,12 @@ type Opened = (
     Option<Box<dyn std::any::Any>>,
 );
 
+/// One store as both writer and reader, keeping `alive` (`()` for
+/// nothing) as long as it.
+fn opened<S: RollupStore + RollupQuery + 'static>(s: Arc<S>, alive: impl std::any::Any) -> Opened {
+    (s.clone(), s, Some(Box::new(alive)))
+}
+
 async fn run_all<F, Fut>(backend: &str, open: F)
 where
     F: Fn() -> Fut,
@@ -270,11 +276,7 @@ where
 async fn golden_cases_on_the_memory_store() {
     run_all("memory", || async {
         let s = Arc::new(MemoryStore::new());
-        (
-            s.clone() as Arc<dyn RollupStore>,
-            s as Arc<dyn RollupQuery>,
-            None,
-        )
+        opened(s, ())
     })
     .await;
 }
@@ -284,11 +286,7 @@ async fn golden_cases_on_the_sqlite_store() {
     run_all("sqlite", || async {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
-        (
-            s.clone() as Arc<dyn RollupStore>,
-            s as Arc<dyn RollupQuery>,
-            Some(Box::new(dir) as Box<dyn std::any::Any>),
-        )
+        opened(s, dir)
     })
     .await;
 }
@@ -300,11 +298,7 @@ async fn golden_cases_on_the_cached_sqlite_store() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
         let s = Arc::new(CachedStore::new(db, CacheConfig::default()));
-        (
-            s.clone() as Arc<dyn RollupStore>,
-            s as Arc<dyn RollupQuery>,
-            Some(Box::new(dir) as Box<dyn std::any::Any>),
-        )
+        opened(s, dir)
     })
     .await;
 }
@@ -317,11 +311,7 @@ async fn golden_cases_on_the_dynamodb_store() {
         let s = DynamoStore::connect(&moto_config().unwrap(), &unique_name("golden")).await;
         s.create_table().await.unwrap();
         let s = Arc::new(s);
-        (
-            s.clone() as Arc<dyn RollupStore>,
-            s as Arc<dyn RollupQuery>,
-            None,
-        )
+        opened(s, ())
     })
     .await;
 }
@@ -332,11 +322,7 @@ async fn golden_cases_on_the_postgres_store() {
     run_all("postgres", || async {
         let db = testkit::postgres::database().await.unwrap();
         let s = Arc::new(PostgresStore::open(db.config()).await.unwrap());
-        (
-            s.clone() as Arc<dyn RollupStore>,
-            s as Arc<dyn RollupQuery>,
-            Some(Box::new(db) as Box<dyn std::any::Any>),
-        )
+        opened(s, db)
     })
     .await;
 }

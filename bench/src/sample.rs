@@ -136,6 +136,17 @@ pub fn pipeline_rate(samples: &[(f64, u64)]) -> Option<f64> {
     (t1 > t0).then(|| (n1 - n0) as f64 / (t1 - t0))
 }
 
+/// Whether the store has flushed everything committed before `at_end`
+/// was read, given `now`: two readings of the flushes the pipeline has
+/// completed (`iotpipe_store_flush_seconds_count`). Its flusher runs one
+/// flush at a time and a flush writes everything committed before it
+/// started, so once the count has risen by two, the second of those
+/// flushes started after `at_end` and covered it. A count that went down
+/// belongs to another process.
+pub fn flushed_after(at_end: f64, now: f64) -> bool {
+    now - at_end >= 2.0
+}
+
 /// The sum of every sample of `name`, over all its label sets, in a
 /// Prometheus text page.
 pub fn metric(page: &str, name: &str) -> f64 {
@@ -177,6 +188,22 @@ mod tests {
         assert_eq!(pipeline_rate(&[(0.0, 5)]), None);
         // One rising sample: no interval to divide by.
         assert_eq!(pipeline_rate(&[(0.0, 5), (1.0, 9)]), None);
+    }
+
+    #[test]
+    fn the_store_has_flushed_only_once_a_flush_began_and_ended_after_the_step() {
+        for (at_end, now, done) in [
+            (0.0, 0.0, false),
+            // A flush that was running when the step ended may have started
+            // before its last commit.
+            (0.0, 1.0, false),
+            (0.0, 2.0, true),
+            (5.0, 9.0, true),
+            // Absent (0) or restarted: never taken for done.
+            (3.0, 0.0, false),
+        ] {
+            assert_eq!(flushed_after(at_end, now), done, "{at_end} -> {now}");
+        }
     }
 
     #[test]

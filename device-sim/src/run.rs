@@ -264,8 +264,8 @@ fn record(
     for (r, (o, _)) in runs.iter().zip(outcomes) {
         let finish = RunFinish {
             run: r.run_id,
-            exceptions: o.exceptions.clone(),
-            failed: o.counters.failed,
+            exceptions: o.sum.exceptions.clone(),
+            failed: o.sum.counters.failed,
         };
         if let Some(path) = &cfg.ledger {
             Ledger::append(path, &LedgerLine::Finish(finish.clone()))?;
@@ -287,8 +287,8 @@ fn expected_stats(
             &o.plan,
             &r.first_seq,
             &r.messages,
-            &o.exceptions,
-            &o.counters,
+            &o.sum.exceptions,
+            &o.sum.counters,
         ));
     }
     expect

@@ -76,16 +76,8 @@ impl Running {
     }
 }
 
-/// Polls a condition that has no notification of its own (metrics).
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    Ok(())
+async fn eventually(what: &str, condition: impl FnMut() -> bool) -> Result<()> {
+    testkit::eventually(what, WAIT, condition).await
 }
 
 /// Publishes `seqs` from `dev-1` at QoS 1 and waits for the broker's PUBACKs.

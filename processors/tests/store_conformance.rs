@@ -19,26 +19,36 @@ async fn sqlite_store_conforms() {
 
 #[tokio::test]
 async fn sqlite_store_keeps_items_across_reopen_and_purges_expired() {
-    use processors::store::RollupQuery;
-    use rollup::{Condition, Write};
-    use testkit::store_conformance::{commit_writes, counter, write};
-
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rollups.db");
-    let key = |name: &str| counter("s", name);
-    {
-        let store = SqliteStore::open(&path).unwrap();
-        let w = |name: &str, expires_at| Write {
-            expires_at,
-            ..write(key(name), Condition::Absent, 1)
-        };
-        let writes = vec![w("keep", None), w("old", Some(100)), w("new", Some(300))];
-        commit_writes(&store, writes).await;
-    }
+    commit_expiring(&SqliteStore::open(&path).unwrap()).await;
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.purge_expired(200).await.unwrap(), 1);
+    only_the_expired_is_gone(&store).await;
+}
+
+/// The items the purge tests write: one without an expiry, one that
+/// expired at 100 and one that expires at 300.
+async fn commit_expiring(store: &dyn processors::store::RollupStore) {
+    use rollup::{Condition, Write};
+    use testkit::store_conformance::{commit_writes, write};
+    let w = |name: &str, expires_at| Write {
+        expires_at,
+        ..write(expiring(name), Condition::Absent, 1)
+    };
+    let writes = vec![w("keep", None), w("old", Some(100)), w("new", Some(300))];
+    commit_writes(store, writes).await;
+}
+
+fn expiring(name: &str) -> rollup::keys::ItemKey {
+    testkit::store_conformance::counter("s", name)
+}
+
+/// After a purge at 200, of [`commit_expiring`]'s items only the one that
+/// expired at 100 is gone.
+async fn only_the_expired_is_gone(store: &dyn processors::store::RollupQuery) {
     for (name, kept) in [("keep", true), ("old", false), ("new", true)] {
-        let k = key(name);
+        let k = expiring(name);
         let found = store.get(&k.pk(), &k.sk()).await.unwrap();
         assert_eq!(found.is_some(), kept, "{name}");
     }
@@ -54,29 +64,13 @@ async fn postgres_store_conforms() {
 
 #[tokio::test]
 async fn postgres_store_keeps_items_across_reopen_and_purges_expired() {
-    use processors::store::RollupQuery;
     use processors::store::postgres::PostgresStore;
-    use rollup::{Condition, Write};
-    use testkit::store_conformance::{commit_writes, counter, write};
 
     let db = testkit::postgres::database().await.unwrap();
-    let key = |name: &str| counter("s", name);
-    {
-        let store = PostgresStore::open(db.config()).await.unwrap();
-        let w = |name: &str, expires_at| Write {
-            expires_at,
-            ..write(key(name), Condition::Absent, 1)
-        };
-        let writes = vec![w("keep", None), w("old", Some(100)), w("new", Some(300))];
-        commit_writes(&store, writes).await;
-    }
+    commit_expiring(&PostgresStore::open(db.config()).await.unwrap()).await;
     let store = PostgresStore::connect(&db.url()).await.unwrap();
     assert_eq!(store.purge_expired(200).await.unwrap(), 1);
-    for (name, kept) in [("keep", true), ("old", false), ("new", true)] {
-        let k = key(name);
-        let found = store.get(&k.pk(), &k.sk()).await.unwrap();
-        assert_eq!(found.is_some(), kept, "{name}");
-    }
+    only_the_expired_is_gone(&store).await;
 }
 
 #[tokio::test]

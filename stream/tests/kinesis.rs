@@ -14,7 +14,7 @@ use stream::kinesis::{
 };
 use stream::{PutOutcome, PutRecord, ReadError, ShardReader, StreamProducer};
 use testkit::moto::{moto_config, unique_name};
-use testkit::stream_conformance::Harness;
+use testkit::stream_conformance::{Harness, put_stored, record};
 
 struct Moto {
     stream: Arc<KinesisStream>,
@@ -93,24 +93,8 @@ impl Harness for Moto {
 
 testkit::stream_conformance_tests!(Moto::new().await);
 
-fn record(key: &str, n: usize) -> PutRecord {
-    PutRecord {
-        partition_key: key.to_owned(),
-        data: Bytes::from(format!("{key}/{n}")),
-    }
-}
-
 async fn put(stream: &KinesisStream, records: Vec<PutRecord>) -> Vec<(String, stream::SeqNo)> {
-    stream
-        .put(records)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| match o {
-            PutOutcome::Stored { shard, seq } => (shard, seq),
-            other => panic!("{other:?}"),
-        })
-        .collect()
+    put_stored("put", stream, records).await.unwrap()
 }
 
 #[tokio::test]

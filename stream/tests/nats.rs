@@ -8,12 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use stream::nats::{self, NatsConfig, NatsStream};
 use stream::{PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer};
 use testkit::moto::unique_name;
 use testkit::nats::NatsServer;
-use testkit::stream_conformance::Harness;
+use testkit::stream_conformance::{Harness, put_stored, record};
 
 struct Nats {
     stream: Arc<NatsStream>,
@@ -63,24 +62,8 @@ impl Harness for Nats {
 
 testkit::stream_conformance_tests!(Nats::new().await);
 
-fn record(key: &str, n: usize) -> PutRecord {
-    PutRecord {
-        partition_key: key.to_owned(),
-        data: Bytes::from(format!("{key}/{n}")),
-    }
-}
-
 async fn put(stream: &NatsStream, records: Vec<PutRecord>) -> Vec<(String, SeqNo)> {
-    stream
-        .put(records)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|o| match o {
-            PutOutcome::Stored { shard, seq } => (shard, seq),
-            other => panic!("{other:?}"),
-        })
-        .collect()
+    put_stored("put", stream, records).await.unwrap()
 }
 
 /// Reads exactly `n` records, then checks that nothing more comes.
@@ -148,16 +131,7 @@ async fn a_put_larger_than_the_clients_ack_pool_is_stored_whole_and_in_order() {
     for shard in stream.shard_ids() {
         let n = stored.iter().filter(|(s, _)| *s == shard).count();
         let mut reader = stream.reader(&shard, "app").await.unwrap();
-        let mut read = Vec::new();
-        while read.len() < n {
-            let batch = reader
-                .next_batch(1_000, Duration::from_secs(10))
-                .await
-                .unwrap();
-            assert!(!batch.is_empty());
-            read.extend(batch);
-        }
-        assert_eq!(read.len(), n);
+        read_exactly(&mut reader, n).await;
         total += n;
     }
     assert_eq!(total, 6_000);

@@ -18,6 +18,7 @@
 //! - [`lambda`]: Kinesis events as the event source mapping writes them.
 //! - [`Pki`]: a test CA with server and client certificates.
 //! - [`now_ms`]: the wall clock, for tests that must stamp real times.
+//! - [`eventually`]: polls a condition that has no notification of its own.
 //!
 //! It depends on the crates whose contracts it carries (`stream`,
 //! `processors`, `ingest`). A unit test inside one of those crates that
@@ -50,6 +51,23 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Polls `condition` until it holds, for state with no notification of
+/// its own (metrics, counters); an error after `within`.
+pub async fn eventually(
+    what: &str,
+    within: std::time::Duration,
+    mut condition: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition() {
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    Ok(())
 }
 
 /// A name no other test of any test binary uses against the same server

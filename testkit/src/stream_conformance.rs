@@ -128,7 +128,9 @@ where
     Ok(())
 }
 
-fn record(key: &str, n: usize) -> PutRecord {
+/// Record `n` of partition key `key`: its data, `{key}/{n}`, tells a read
+/// which record it is ([`number_of`]). Backends' own tests put these too.
+pub fn record(key: &str, n: usize) -> PutRecord {
     PutRecord {
         partition_key: key.to_owned(),
         data: Bytes::from(format!("{key}/{n}")),
@@ -156,9 +158,18 @@ async fn put_all(
     h: &dyn Harness,
     records: Vec<PutRecord>,
 ) -> Result<Vec<(String, SeqNo)>, Violation> {
+    put_stored(check, h.producer().as_ref(), records).await
+}
+
+/// Puts `records` into `producer` and returns the shard and sequence number
+/// each was stored at; a failed put or record violates `check`.
+pub async fn put_stored(
+    check: &'static str,
+    producer: &dyn StreamProducer,
+    records: Vec<PutRecord>,
+) -> Result<Vec<(String, SeqNo)>, Violation> {
     let n = records.len();
-    let outcomes = h
-        .producer()
+    let outcomes = producer
         .put(records)
         .await
         .map_err(|e| violation(check, format!("put failed: {e}")))?;

@@ -26,9 +26,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::codec::{self, Incoming, Login, Protocol};
+use super::codec::{self, Incoming, Login};
 use super::transport::{self, Stream, TlsSetup};
-use super::{ConnectLimiter, FleetShared};
+use super::{ConnectLimiter, FleetShared, PublishConfig};
 use crate::freshness::Sample;
 use crate::lateness::{Class, Exceptions};
 use crate::payload::{DeviceValues, malformed};
@@ -115,9 +115,26 @@ pub struct DeviceOutcome {
     pub last_done: Option<Instant>,
 }
 
+impl DeviceOutcome {
+    /// Adds another device's outcome to this one: a fleet's, or a run's.
+    pub fn merge(&mut self, o: DeviceOutcome) {
+        self.counters.add(&o.counters);
+        self.exceptions.merge(o.exceptions);
+        self.first_publish = super::earliest(self.first_publish, o.first_publish);
+        self.last_done = self.last_done.max(o.last_done);
+    }
+}
+
 /// Everything the devices of one fleet share.
 #[derive(Debug)]
 pub struct DeviceEnv {
+    /// How to reach the broker and publish, as the fleet was given it.
+    pub cfg: PublishConfig,
+    /// The fleet's plan before it starts: what the devices are, and the
+    /// bounds on when the pipeline stamps a message (`clock_skew_ms`,
+    /// `arrival_slack_ms`, `allowed_lateness_ms`).
+    pub plan: Arc<RunPlan>,
+    /// The broker's address, resolved once for the fleet.
     pub broker: SocketAddr,
     /// The broker's host name, for TLS's server name check.
     pub server_name: Option<ServerName<'static>>,
@@ -125,23 +142,16 @@ pub struct DeviceEnv {
     /// Source addresses, device `i` using `source[i % len]`; empty: the
     /// system's choice.
     pub source: Vec<IpAddr>,
-    pub protocol: Protocol,
-    pub qos1: bool,
-    pub keep_alive: Duration,
-    /// QoS 1 publishes a device keeps unacknowledged at most (lowered to
-    /// the broker's Receive Maximum under MQTT 5).
-    pub max_inflight: usize,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub ack_timeout: Duration,
-    pub skew_ms: i64,
-    /// Added to the PUBACK side of the arrival interval (see `SimConfig::arrival_slack`).
-    pub slack_ms: i64,
-    pub allowed_lateness_ms: i64,
     pub limiter: Arc<ConnectLimiter>,
     pub shared: Arc<FleetShared>,
     /// Sampled publishes for the freshness probe; `None`: not measured.
     pub freshness: Option<(u64, mpsc::Sender<Sample>)>,
+}
+
+impl DeviceEnv {
+    fn qos1(&self) -> bool {
+        self.cfg.qos == 1
+    }
 }
 
 /// A send not yet completed.
@@ -237,15 +247,13 @@ const LAG_BATCH: usize = 64;
 /// its schedule and waits for its PUBACKs.
 pub async fn run(
     env: Arc<DeviceEnv>,
-    plan: Arc<RunPlan>,
     index: u32,
     first_seq: u64,
     messages: u64,
     mut start: watch::Receiver<Option<Arc<RunPlan>>>,
     connected: mpsc::UnboundedSender<u32>,
 ) -> DeviceOutcome {
-    let mut dev = Device::new(env, &plan, index, first_seq, connected);
-    drop(plan);
+    let mut dev = Device::new(env, index, first_seq, connected);
 
     // Until the run starts: stay connected.
     let plan = loop {
@@ -302,23 +310,23 @@ pub async fn run(
             dev.submit(send);
         }
     }
-    let deadline = Instant::now() + dev.env.ack_timeout;
+    let deadline = Instant::now() + dev.env.cfg.ack_timeout;
     dev.serve(Some(deadline), true).await;
     dev.close().await;
     dev.outcome()
 }
 
 impl Device {
-    /// Device `index` of `plan`, not yet connected; it tells `connected`
-    /// when it first is.
+    /// Device `index` of the fleet's plan, not yet connected; it tells
+    /// `connected` when it first is.
     fn new(
         env: Arc<DeviceEnv>,
-        plan: &RunPlan,
         index: u32,
         first_seq: u64,
         connected: mpsc::UnboundedSender<u32>,
     ) -> Device {
-        let max_inflight = env.max_inflight.max(1);
+        let plan = &env.plan;
+        let max_inflight = env.cfg.max_inflight.max(1);
         let mut dev = Device {
             device_id: plan.device_id(index),
             topic: plan.topic(index),
@@ -459,7 +467,7 @@ impl Device {
     /// Handles every whole packet in the read buffer.
     fn on_bytes(&mut self) -> Result<(), Lost> {
         loop {
-            let packet = codec::decode(self.env.protocol, &mut self.rbuf)
+            let packet = codec::decode(self.env.cfg.protocol, &mut self.rbuf)
                 .map_err(|e| Lost::Protocol(e.to_string()))?;
             match packet {
                 None => return Ok(()),
@@ -495,10 +503,11 @@ impl Device {
         if let SendKind::Telemetry(m) = &p.send.kind {
             self.counters.telemetry_completed += 1;
             self.env.shared.completed.fetch_add(1, Ordering::Relaxed);
-            let lo = p.first_write_ms - self.env.skew_ms;
-            let hi = done_ms + self.env.skew_ms + self.env.slack_ms;
+            let plan = &self.env.plan;
+            let lo = p.first_write_ms - plan.clock_skew_ms;
+            let hi = done_ms + plan.clock_skew_ms + plan.arrival_slack_ms;
             self.exceptions
-                .record_arrival(self.index, m, lo, hi, self.env.allowed_lateness_ms);
+                .record_arrival(self.index, m, lo, hi, plan.allowed_lateness_ms);
             self.counters.readings_completed += m.readings.len() as u64;
             self.last_done = Some(Instant::now());
         }

@@ -26,10 +26,9 @@ use tokio::time::Instant;
 
 use crate::config::BrokerAddr;
 use crate::freshness::Sample;
-use crate::lateness::Exceptions;
 use crate::plan::RunPlan;
 use codec::Protocol;
-use device::{DeviceCounters, DeviceEnv, DeviceOutcome};
+use device::{DeviceEnv, DeviceOutcome};
 use transport::{TlsOptions, TlsSetup};
 
 /// State every device of the fleet writes to.
@@ -248,13 +247,8 @@ pub fn source_addresses(given: &[IpAddr], broker: SocketAddr, devices: u32) -> V
 pub struct PublishOutcome {
     /// The plan as run: its `run_start_ms` is set.
     pub plan: RunPlan,
-    pub counters: DeviceCounters,
-    pub exceptions: Exceptions,
-    /// When the first telemetry message was first written, and when the
-    /// last was acknowledged (QoS 1) or written (QoS 0): the real time the
-    /// achieved rate is measured over.
-    pub first_publish: Option<Instant>,
-    pub last_done: Option<Instant>,
+    /// Every device's outcome, added up.
+    pub sum: DeviceOutcome,
     /// From the schedule's start to the last PUBACK (or the ack timeout).
     pub elapsed: Duration,
     /// Devices that had not connected when the schedule started.
@@ -325,20 +319,12 @@ impl Fleet {
             None => (None, None),
         };
         let env = Arc::new(DeviceEnv {
+            cfg: cfg.clone(),
+            plan: Arc::new(plan.clone()),
             broker,
             server_name,
             tls,
             source: source_addresses(&cfg.source_addrs, broker, plan.devices),
-            protocol: cfg.protocol,
-            qos1: cfg.qos == 1,
-            keep_alive: cfg.keep_alive,
-            max_inflight: cfg.max_inflight,
-            username: cfg.username.clone(),
-            password: cfg.password.clone(),
-            ack_timeout: cfg.ack_timeout,
-            skew_ms: plan.clock_skew_ms,
-            slack_ms: plan.arrival_slack_ms,
-            allowed_lateness_ms: plan.allowed_lateness_ms,
             limiter,
             shared: shared.clone(),
             freshness,
@@ -346,13 +332,11 @@ impl Fleet {
         let started = Instant::now();
         let (start, start_rx) = watch::channel(None);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let pre = Arc::new(plan.clone());
         let mut tasks = Vec::with_capacity(plan.devices as usize);
         for index in 0..plan.devices {
             let i = index as usize;
             tasks.push(tokio::spawn(device::run(
                 env.clone(),
-                pre.clone(),
                 index,
                 first_seq.get(i).copied().unwrap_or(0),
                 messages.get(i).copied().unwrap_or(0),
@@ -360,7 +344,7 @@ impl Fleet {
                 tx.clone(),
             )));
         }
-        drop((tx, pre, start_rx));
+        drop((tx, start_rx));
         let deadline = started + cfg.connect_timeout;
         let mut connected = 0u32;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -405,22 +389,13 @@ impl Fleet {
 
     /// Waits for every device to finish and sums up.
     pub async fn finish(self, started: Instant) -> anyhow::Result<PublishOutcome> {
-        let mut counters = DeviceCounters::default();
-        let mut exceptions = Exceptions::default();
-        let (mut first_publish, mut last_done) = (None, None);
+        let mut sum = DeviceOutcome::default();
         for t in self.tasks {
-            let o = t.await.context("a device's task panicked")?;
-            counters.add(&o.counters);
-            exceptions.merge(o.exceptions);
-            first_publish = earliest(first_publish, o.first_publish);
-            last_done = last_done.max(o.last_done);
+            sum.merge(t.await.context("a device's task panicked")?);
         }
         Ok(PublishOutcome {
             plan: self.plan,
-            counters,
-            exceptions,
-            first_publish,
-            last_done,
+            sum,
             elapsed: started.elapsed(),
             not_connected: self.not_connected,
         })

@@ -35,18 +35,18 @@ impl Totals {
     fn of(runs: &[FleetRun], outcomes: &[(PublishOutcome, Arc<FleetShared>)]) -> Totals {
         let mut t = Totals::default();
         for (r, (o, shared)) in runs.iter().zip(outcomes) {
-            t.counters.add(&o.counters);
+            t.counters.add(&o.sum.counters);
             merge_histogram(&mut t.latency, shared.latency());
             merge_histogram(&mut t.lag, shared.lag());
             t.timeline.merge(&shared.ack_timeline());
-            t.first = publish::earliest(t.first, o.first_publish);
-            t.last = t.last.max(o.last_done);
+            t.first = publish::earliest(t.first, o.sum.first_publish);
+            t.last = t.last.max(o.sum.last_done);
             t.elapsed = t.elapsed.max(o.elapsed);
             t.not_connected += o.not_connected;
             let (msgs, readings) = planned_rates(r, o);
             t.target_msgs += msgs;
             t.target_readings += readings;
-            let oc = &o.counters;
+            let oc = &o.sum.counters;
             t.fleets.push(FleetSummary {
                 run: r.run_id,
                 fleet: o.plan.fleet.clone(),

@@ -135,17 +135,8 @@ impl Endpoint {
     }
 }
 
-/// Polls `condition` until it holds; for state with no notification of its
-/// own (metrics).
-pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition() {
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    Ok(())
+pub async fn eventually(what: &str, condition: impl FnMut() -> bool) -> Result<()> {
+    testkit::eventually(what, WAIT, condition).await
 }
 
 pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> Result<T> {

@@ -219,30 +219,31 @@ fn empty(start: i64, end: i64, how: Fill) -> Row {
 
 fn carried(from: &WindowView, start: i64, end: i64, how: Fill) -> Row {
     let mut row = empty(start, end, how);
-    let v = &mut row.view;
-    v.min = from.min;
-    v.max = from.max;
-    v.avg = from.avg;
-    v.stddev = from.stddev;
-    v.p50 = from.p50;
-    v.p90 = from.p90;
-    v.p99 = from.p99;
+    set_intensive(&mut row.view, |field| field(from));
     row
 }
 
 fn interpolated(before: &WindowView, after: &WindowView, start: i64, end: i64) -> Row {
     let t = (start - before.start) as f64 / (after.start - before.start) as f64;
-    let at = |a: f64, b: f64| a + (b - a) * t;
     let mut row = empty(start, end, Fill::Linear);
-    let v = &mut row.view;
-    v.min = at(before.min, after.min);
-    v.max = at(before.max, after.max);
-    v.avg = at(before.avg, after.avg);
-    v.stddev = at(before.stddev, after.stddev);
-    v.p50 = at(before.p50, after.p50);
-    v.p90 = at(before.p90, after.p90);
-    v.p99 = at(before.p99, after.p99);
+    set_intensive(&mut row.view, |field| {
+        let (a, b) = (field(before), field(after));
+        a + (b - a) * t
+    });
     row
+}
+
+/// Sets the values a gap may take from stored windows (counts and sums
+/// never: nothing was measured there), each to what `value` makes of that
+/// field.
+fn set_intensive(v: &mut WindowView, value: impl Fn(fn(&WindowView) -> f64) -> f64) {
+    v.min = value(|w| w.min);
+    v.max = value(|w| w.max);
+    v.avg = value(|w| w.avg);
+    v.stddev = value(|w| w.stddev);
+    v.p50 = value(|w| w.p50);
+    v.p90 = value(|w| w.p90);
+    v.p99 = value(|w| w.p99);
 }
 
 #[cfg(test)]

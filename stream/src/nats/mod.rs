@@ -95,6 +95,21 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, ReadError> {
         .map_err(|e| ReadError::Io(format!("connecting to NATS at {url}: {e}")))
 }
 
+/// A name that NATS takes in a subject or a key: non-empty, of letters,
+/// digits, '-' and '_' only.
+fn check_name(what: &str, name: &str) -> Result<(), ReadError> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ReadError::InvalidArgument(format!(
+            "{what} name {name:?} must be letters, digits, '-' and '_'"
+        )));
+    }
+    Ok(())
+}
+
 impl NatsStream {
     /// Opens stream `name` on `client`, creating it with `cfg.partitions`
     /// partitions unless it exists, and its checkpoint bucket likewise.
@@ -103,16 +118,8 @@ impl NatsStream {
         name: &str,
         cfg: &NatsConfig,
     ) -> Result<NatsStream, ReadError> {
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            // The name is also a subject token and part of a bucket name.
-            return Err(ReadError::InvalidArgument(format!(
-                "stream name {name:?} must be letters, digits, '-' and '_'"
-            )));
-        }
+        // The name is also a subject token and part of a bucket name.
+        check_name("stream", name)?;
         let js = jetstream::ContextBuilder::new()
             .timeout(cfg.timeout)
             .build(client);
@@ -159,16 +166,8 @@ impl NatsStream {
         let index = (0..self.partitions)
             .find(|i| shard_id(*i) == shard)
             .ok_or_else(|| ReadError::NoSuchShard(shard.to_string()))?;
-        if consumer.is_empty()
-            || !consumer
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            // It becomes a KV key: no dots, wildcards or spaces.
-            return Err(ReadError::InvalidArgument(format!(
-                "consumer name {consumer:?} must be letters, digits, '-' and '_'"
-            )));
-        }
+        // It becomes a KV key: no dots, wildcards or spaces.
+        check_name("consumer", consumer)?;
         NatsShardReader::open(
             self.js.clone(),
             self.name.clone(),

@@ -99,10 +99,11 @@ impl Device {
                 self.backoff = MIN_BACKOFF;
                 self.inflight_cap = self
                     .env
+                    .cfg
                     .max_inflight
                     .min(receive_max.map_or(usize::MAX, usize::from))
                     .max(1);
-                self.ping_at = Instant::now() + self.env.keep_alive / 2;
+                self.ping_at = Instant::now() + self.env.cfg.keep_alive / 2;
                 if let Some(tx) = self.announced.take() {
                     let _ = tx.send(self.index);
                     self.env.shared.connected.fetch_add(1, Ordering::Relaxed);
@@ -154,12 +155,12 @@ impl Device {
         let mut out = BytesMut::new();
         let expand =
             |s: &Option<String>| s.as_ref().map(|v| v.replace("{device}", &self.device_id));
-        let (user, pass) = (expand(&env.username), expand(&env.password));
+        let (user, pass) = (expand(&env.cfg.username), expand(&env.cfg.password));
         codec::connect(
             &mut out,
-            env.protocol,
+            env.cfg.protocol,
             &self.device_id,
-            env.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
+            env.cfg.keep_alive.as_secs().min(u64::from(u16::MAX)) as u16,
             Login {
                 username: user.as_deref(),
                 password: pass.as_deref(),
@@ -171,7 +172,7 @@ impl Device {
             .map_err(|e| format!("writing CONNECT: {e}"))?;
         self.rbuf.clear();
         loop {
-            match codec::decode(env.protocol, &mut self.rbuf).map_err(|e| e.to_string())? {
+            match codec::decode(env.cfg.protocol, &mut self.rbuf).map_err(|e| e.to_string())? {
                 Some(Incoming::ConnAck {
                     accepted: true,
                     receive_max,

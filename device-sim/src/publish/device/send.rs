@@ -71,9 +71,9 @@ impl Device {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             codec::publish(
                 &mut self.wbuf,
-                self.env.protocol,
+                self.env.cfg.protocol,
                 &self.topic,
-                self.env.qos1,
+                self.env.qos1(),
                 pkid,
                 again,
                 &payload,
@@ -177,7 +177,7 @@ impl Device {
     }
 
     pub(super) fn after_write(&mut self) {
-        if !self.env.qos1 && self.wbuf.is_empty() {
+        if !self.env.qos1() && self.wbuf.is_empty() {
             // Written to the socket is all QoS 0 promises; the skew margin
             // bounds the arrival. Sends still in the buffer when a
             // connection breaks are written again instead.
@@ -189,7 +189,7 @@ impl Device {
         if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_WBUF {
             self.wbuf = BytesMut::new();
         }
-        self.ping_at = Instant::now() + self.env.keep_alive / 2;
+        self.ping_at = Instant::now() + self.env.cfg.keep_alive / 2;
         if !self.wbuf.is_empty() {
             // Part is left: come back soon rather than at the next ping.
             self.ping_at = Instant::now();
