@@ -61,6 +61,7 @@ impl Stream {
                 let nats = NatsConfig {
                     partitions: config.stream.shards,
                     retention: config.stream.retention,
+                    replicas: b.nats_replicas,
                     ..NatsConfig::default()
                 };
                 let client = stream::nats::connect(&b.nats_url).await?;

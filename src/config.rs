@@ -324,8 +324,12 @@ pub struct BackendConfig {
     /// The Kinesis or JetStream stream, created with `stream.shards` shards
     /// if missing.
     pub stream_name: String,
-    /// The NATS server (or any server of a cluster) of the `nats` stream.
+    /// The NATS server of the `nats` stream, or a cluster's servers,
+    /// comma-separated.
     pub nats_url: String,
+    /// Copies JetStream keeps of a new `nats` stream, one per cluster node
+    /// (at most 5): an append is acknowledged once a majority has stored it.
+    pub nats_replicas: usize,
     /// The DynamoDB table where Kinesis consumers keep their shard leases
     /// and checkpoints.
     pub lease_table: String,
@@ -349,6 +353,7 @@ impl Default for BackendConfig {
             region: None,
             stream_name: "iotpipe-telemetry".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_replicas: 1,
             lease_table: "iotpipe-leases".into(),
             lease_duration: Duration::from_secs(10),
             table_name: "iotpipe-rollups".into(),
@@ -546,7 +551,10 @@ store = "sqlite"
 # missing), the table of shard leases and checkpoints, and the table of
 # rollups.
 stream_name = "iotpipe-telemetry"
+# A cluster is its servers, comma-separated; give a new stream a replica on
+# each of three nodes to survive the loss of one.
 nats_url = "nats://127.0.0.1:4222"
+nats_replicas = 1
 lease_table = "iotpipe-leases"
 # Processes reading the same Kinesis stream share its shards by leases; a
 # process that stops renewing loses its shards to the others after this long.

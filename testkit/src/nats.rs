@@ -7,6 +7,9 @@
 //! file it writes, so two tests never race for one. [`NatsServer::kill`] and
 //! [`NatsServer::start_again`] stop it with SIGKILL and start it on the same
 //! store and port, for crash tests; clients reconnect to the same URL.
+//!
+//! [`NatsCluster`] starts three such servers as one JetStream cluster, each
+//! of which can be killed and started again the same way.
 
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpStream};
@@ -33,6 +36,9 @@ pub struct NatsServer {
 struct Local {
     bin: PathBuf,
     port: u16,
+    /// Arguments besides the port, the same at every start (a cluster
+    /// node's name, cluster port and routes).
+    extra: Vec<OsString>,
     /// The store, the ports files and the log; kept across restarts.
     dir: tempfile::TempDir,
     /// `None` while killed.
@@ -49,33 +55,10 @@ impl NatsServer {
                 .map_err(|_| anyhow::anyhow!("{URL_VAR} is not UTF-8"))?;
             return Ok(NatsServer { url, local: None });
         }
-        let bin = server_binary()?;
-        let dir = tempfile::tempdir()?;
-        let ports_dir = dir.path().join("ports");
-        std::fs::create_dir_all(&ports_dir)?;
-        let port_args = [
-            "-p".into(),
-            "-1".into(),
-            "--ports_file_dir".into(),
-            ports_dir.clone().into_os_string(),
-        ];
-        let mut child = spawn(&bin, dir.path(), &port_args)?;
-        let port = match read_port(&ports_dir, &mut child) {
-            Ok(port) => port,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e.context(log_tail(dir.path())));
-            }
-        };
+        let local = Local::start(server_binary()?, Vec::new())?;
         Ok(NatsServer {
-            url: format!("nats://127.0.0.1:{port}"),
-            local: Some(Local {
-                bin,
-                port,
-                dir,
-                child: Some(child),
-            }),
+            url: format!("nats://127.0.0.1:{}", local.port),
+            local: Some(local),
         })
     }
 
@@ -104,30 +87,12 @@ impl NatsServer {
 
     /// Kills the server with SIGKILL, as a crash would.
     pub fn kill(&mut self) -> Result<()> {
-        let local = self.local_mut()?;
-        if let Some(mut child) = local.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        self.local_mut()?.kill()
     }
 
     /// Starts the killed server again on the same store and port.
     pub fn start_again(&mut self) -> Result<()> {
-        let local = self.local_mut()?;
-        if local.child.is_some() {
-            bail!("the NATS server is running");
-        }
-        let port_args = ["-p".into(), local.port.to_string().into()];
-        let mut child = spawn(&local.bin, local.dir.path(), &port_args)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], local.port));
-        if let Err(e) = wait_listening(addr, &mut child) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(e.context(log_tail(local.dir.path())));
-        }
-        local.child = Some(child);
-        Ok(())
+        self.local_mut()?.start_again()
     }
 
     /// The server's log so far (empty for an external server).
@@ -142,6 +107,141 @@ impl NatsServer {
         self.local
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("the NATS server at {} is not this test's", self.url))
+    }
+}
+
+impl Local {
+    /// Starts a server on a port of its choice, read back from its ports file.
+    fn start(bin: PathBuf, extra: Vec<OsString>) -> Result<Local> {
+        let dir = tempfile::tempdir()?;
+        let ports_dir = dir.path().join("ports");
+        std::fs::create_dir_all(&ports_dir)?;
+        let mut args: Vec<OsString> = vec![
+            "-p".into(),
+            "-1".into(),
+            "--ports_file_dir".into(),
+            ports_dir.clone().into_os_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        let mut child = spawn(&bin, dir.path(), &args)?;
+        let port = match read_port(&ports_dir, &mut child) {
+            Ok(port) => port,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.context(log_tail(dir.path())));
+            }
+        };
+        Ok(Local {
+            bin,
+            port,
+            extra,
+            dir,
+            child: Some(child),
+        })
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("the NATS server is running");
+        }
+        let mut args: Vec<OsString> = vec!["-p".into(), self.port.to_string().into()];
+        args.extend(self.extra.iter().cloned());
+        let mut child = spawn(&self.bin, self.dir.path(), &args)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        if let Err(e) = wait_listening(addr, &mut child) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e.context(log_tail(self.dir.path())));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+}
+
+/// A JetStream cluster of servers on loopback, each with its own store,
+/// killed when dropped. Streams created with replicas keep a copy on each
+/// node, so any one node may crash ([`NatsCluster::kill`]) and come back
+/// ([`NatsCluster::start_again`]) without an acknowledged record being lost.
+pub struct NatsCluster {
+    nodes: Vec<Local>,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers that route to each other. JetStream clustering
+    /// wants every route configured at start, so the cluster ports are picked
+    /// first (bound on port 0 and let go, a short window another process
+    /// could take one in) while the client ports are each server's own choice.
+    pub fn start(n: usize) -> Result<NatsCluster> {
+        let bin = server_binary()?;
+        let listeners = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let ports = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<Vec<u16>>>()?;
+        drop(listeners);
+        let routes = ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let name = format!("iotpipe-test-{}", std::process::id());
+        let mut nodes = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let extra: Vec<OsString> = vec![
+                "--server_name".into(),
+                format!("n{i}").into(),
+                "--cluster_name".into(),
+                name.clone().into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{port}").into(),
+                "--routes".into(),
+                routes.clone().into(),
+            ];
+            nodes.push(Local::start(bin.clone(), extra)?);
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every node's client URL, comma-separated, as clients take a server list.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) -> Result<()> {
+        self.node(i)?.kill()
+    }
+
+    /// Starts killed node `i` again on its store and ports.
+    pub fn start_again(&mut self, i: usize) -> Result<()> {
+        self.node(i)?.start_again()
+    }
+
+    fn node(&mut self, i: usize) -> Result<&mut Local> {
+        self.nodes
+            .get_mut(i)
+            .ok_or_else(|| anyhow::anyhow!("the cluster has no node {i}"))
+    }
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        let _ = self.kill();
     }
 }
 
@@ -231,15 +331,6 @@ fn log_tail(dir: &Path) -> String {
     let lines: Vec<&str> = log.lines().collect();
     let tail = lines[lines.len().saturating_sub(20)..].join("\n");
     format!("nats-server log:\n{tail}")
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        if let Some(child) = self.local.as_mut().and_then(|l| l.child.as_mut()) {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -87,10 +87,14 @@ impl std::fmt::Debug for NatsStream {
     }
 }
 
-/// Connects to the NATS server (or cluster) at `url`, for [`NatsStream::open`].
-/// The client reconnects by itself after the connection drops.
+/// Connects to the NATS server at `url`, or to the first of a cluster's
+/// servers that answers when `url` lists several, comma-separated
+/// (`nats://a:4222,nats://b:4222`), for [`NatsStream::open`]. The client
+/// reconnects by itself after the connection drops, to any server of the
+/// list or that the cluster told it of.
 pub async fn connect(url: &str) -> Result<async_nats::Client, ReadError> {
-    async_nats::connect(url)
+    let servers: Vec<&str> = url.split(',').map(str::trim).collect();
+    async_nats::connect(servers)
         .await
         .map_err(|e| ReadError::Io(format!("connecting to NATS at {url}: {e}")))
 }

@@ -1,0 +1,170 @@
+//! The stream on a three-node JetStream cluster, each partition replicated
+//! on every node (`testkit::nats::NatsCluster`): the stream contract holds,
+//! and a node killed with SIGKILL while records are being appended loses no
+//! acknowledged record and stores none twice.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use stream::nats::{self, NatsConfig, NatsStream};
+use stream::{PutOutcome, ReadError, SeqNo, ShardReader, StreamProducer};
+use testkit::moto::unique_name;
+use testkit::nats::NatsCluster;
+use testkit::stream_conformance::{Harness, record};
+
+const NODES: usize = 3;
+
+/// Opens stream `name` with a replica on every node. A new cluster elects
+/// its JetStream leader after the servers start, and creating a stream
+/// fails until it has one, so the open is tried again until it succeeds.
+async fn open_replicated(cluster: &NatsCluster, name: &str) -> NatsStream {
+    let config = NatsConfig {
+        partitions: 2,
+        replicas: NODES,
+        ..NatsConfig::default()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let client = nats::connect(&cluster.url()).await.unwrap();
+        match NatsStream::open(client, name, &config).await {
+            Ok(stream) => return stream,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("the cluster is not ready yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the cluster never took the stream: {e}"),
+        }
+    }
+}
+
+struct Cluster {
+    stream: Arc<NatsStream>,
+    /// Kept for the stream's life: dropping it kills the servers.
+    _cluster: NatsCluster,
+}
+
+impl Cluster {
+    async fn new() -> Self {
+        let cluster = NatsCluster::start(NODES).unwrap();
+        let stream = open_replicated(&cluster, &unique_name("conformance")).await;
+        Cluster {
+            stream: Arc::new(stream),
+            _cluster: cluster,
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for Cluster {
+    fn producer(&self) -> Arc<dyn StreamProducer> {
+        self.stream.clone()
+    }
+
+    fn shard_ids(&self) -> Vec<String> {
+        self.stream.shard_ids()
+    }
+
+    async fn reader(&self, shard: &str, consumer: &str) -> Result<Box<dyn ShardReader>, ReadError> {
+        Ok(Box::new(self.stream.reader(shard, consumer).await?))
+    }
+}
+
+testkit::stream_conformance_tests!(Cluster::new().await);
+
+/// Puts records `range` (ten keys) in batches of 50, putting again what
+/// failed as retryable, as the endpoint does, until each is stored; adds
+/// where each went to `stored`.
+async fn put_until_stored(
+    stream: &NatsStream,
+    range: std::ops::Range<usize>,
+    stored: &mut BTreeMap<usize, (String, SeqNo)>,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut todo: Vec<usize> = range.collect();
+    while !todo.is_empty() {
+        let batch: Vec<usize> = todo.iter().copied().take(50).collect();
+        let records = batch
+            .iter()
+            .map(|&i| record(&format!("dev-{}", i % 10), i))
+            .collect();
+        let outcomes = stream.put(records).await.unwrap();
+        for (i, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                PutOutcome::Stored { shard, seq } => {
+                    stored.insert(*i, (shard, seq));
+                    todo.retain(|t| t != i);
+                }
+                PutOutcome::Failed { retryable, message } => {
+                    assert!(retryable, "record {i}: {message}");
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "record {i} still not stored: {message}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_append_loses_no_acknowledged_record_and_stores_none_twice() {
+    let mut cluster = NatsCluster::start(NODES).unwrap();
+    let stream = open_replicated(&cluster, &unique_name("node-crash")).await;
+    let mut stored = BTreeMap::new();
+    put_until_stored(&stream, 0..200, &mut stored).await;
+    cluster.kill(0).unwrap();
+    put_until_stored(&stream, 200..400, &mut stored).await;
+    cluster.start_again(0).unwrap();
+    put_until_stored(&stream, 400..500, &mut stored).await;
+
+    // A new process reads every partition from the start.
+    let reader_stream = open_replicated(&cluster, stream.name()).await;
+    let mut seen: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for shard in reader_stream.shard_ids() {
+        let expected = stored.values().filter(|(s, _)| *s == shard).count();
+        let mut reader = reader_stream.reader(&shard, "check").await.unwrap();
+        let mut read = Vec::new();
+        while read.len() < expected {
+            let batch = reader
+                .next_batch(500, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert!(!batch.is_empty(), "{shard}: {} of {expected}", read.len());
+            read.extend(batch);
+        }
+        let more = reader
+            .next_batch(500, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(
+            more.is_empty(),
+            "{shard}: {} records stored twice",
+            more.len()
+        );
+        for r in read {
+            let text = String::from_utf8(r.data.to_vec()).unwrap();
+            let (key, n) = text.split_once('/').unwrap();
+            assert_eq!(key, r.partition_key);
+            seen.entry(key.to_string())
+                .or_default()
+                .push(n.parse().unwrap());
+        }
+    }
+    let mut all: Vec<usize> = seen.values().flatten().copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..500).collect::<Vec<_>>(),
+        "each record exactly once"
+    );
+    for (key, ns) in &seen {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{key} out of order: {ns:?}"
+        );
+    }
+}
