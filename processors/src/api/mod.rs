@@ -183,6 +183,7 @@ async fn list_devices(
         .into_iter()
         .filter_map(|(device, item)| match item.state {
             ItemState::Member(m) => Some((device, m.last_seen)),
+            ItemState::FleetMember(m) => Some((device, m.last_seen)),
             _ => None,
         })
         .collect();
