@@ -28,6 +28,10 @@ pub struct Overrides {
     /// How long after its end a window still takes readings, e.g. 1h, 30m [default: 1h].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub allowed_lateness: Option<Duration>,
+    /// A device that sent no reading for this long is listed `stale`, e.g.
+    /// 5m, 90s [default: 5m]; a fleet may have its own (`http.stale_after_fleets`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub stale_after: Option<Duration>,
     /// Take telemetry from an external MQTT broker (mqtt://HOST:PORT): a
     /// persistent QoS 1 subscription, each message acknowledged once durable.
     #[arg(long)]
@@ -88,6 +92,7 @@ impl Overrides {
         set(&mut c.http.listen, self.http_listen);
         set(&mut c.stream.shards, self.shards);
         set(&mut c.aggregate.allowed_lateness, self.allowed_lateness);
+        set(&mut c.http.stale_after, self.stale_after);
         set_some(&mut c.broker.url, self.broker);
         set(&mut c.broker.client_id, self.broker_client_id);
         set_some(&mut c.broker.username, self.broker_username);
