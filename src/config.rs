@@ -4,6 +4,7 @@
 //! Every section denies unknown keys, so a typo in a config file is an error
 //! that names it rather than a setting silently left at its default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -77,6 +78,9 @@ pub struct MqttConfig {
     /// Usernames and salted password hashes (`iotpipe users add`): with it,
     /// a client must log in, and may publish only as its own device.
     pub users_file: Option<PathBuf>,
+    /// Append a presence record when a device connects, disconnects, or
+    /// loses a connection it left a Last Will for: what `offline` is.
+    pub presence: bool,
 }
 
 impl Default for MqttConfig {
@@ -93,6 +97,7 @@ impl Default for MqttConfig {
             tls_client_ca: None,
             tls_require_client_cert: false,
             users_file: None,
+            presence: true,
         }
     }
 }
@@ -136,6 +141,11 @@ pub struct HttpConfig {
     /// The longest a request may take.
     #[serde(with = "duration_text")]
     pub timeout: Duration,
+    /// A device that sent no reading for this long is `stale`.
+    #[serde(with = "duration_text")]
+    pub stale_after: Duration,
+    /// A fleet's own `stale_after`, by fleet id.
+    pub stale_after_fleets: BTreeMap<String, humantime_serde::Serde<Duration>>,
 }
 
 impl Default for HttpConfig {
@@ -145,6 +155,8 @@ impl Default for HttpConfig {
             token_file: None,
             max_concurrent: 256,
             timeout: Duration::from_secs(10),
+            stale_after: Duration::from_secs(300),
+            stale_after_fleets: BTreeMap::new(),
         }
     }
 }
@@ -462,6 +474,10 @@ tls_require_client_cert = false
 # With it (or with client certificates) a client must authenticate and may
 # publish only to dt/{fleet}/{its own id}/telemetry.
 # users_file = "/etc/iotpipe/users"
+# Append a presence record to the stream when a device connects, disconnects,
+# or loses a connection it left a Last Will for: what `offline` means in the
+# device list.
+presence = true
 
 [broker]
 # Take telemetry from an external MQTT broker: iotpipe subscribes to
@@ -482,6 +498,10 @@ listen = "127.0.0.1:8080"
 max_concurrent = 256
 # The longest a request may take.
 timeout = "10s"
+# A device that sent no reading for this long is listed `stale`.
+stale_after = "5m"
+# A fleet's own `stale_after`.
+# stale_after_fleets = { "fleet-a" = "30m" }
 
 [stream]
 # Shards of the embedded log; fixed when the data directory is created.

@@ -38,6 +38,8 @@ impl Extra {
                 "malformed_json" => "rejected.malformed_json",
                 other => panic!("the simulator sent a message refused as {other}"),
             },
+            // Presence counts nothing: a copy only sets the same state.
+            Ok(StreamRecord::Presence(_)) => return,
             Err(e) => panic!("the endpoint put an unreadable record: {e:?}"),
         };
         *self.0.entry(counter).or_default() += 1;

@@ -480,6 +480,7 @@ impl Bridge<'_> {
                 add(&self.metrics.readings_accepted, readings as u64);
             }
             Verdict::Rejected(reason) => self.metrics.reject(reason),
+            Verdict::Presence => {}
         }
         AppendItem {
             token,

@@ -85,6 +85,11 @@ pub struct EndpointConfig {
     /// default.
     pub authorizer: Arc<dyn Authorizer>,
     pub lateness: LatenessConfig,
+    /// Append a presence record when a device connects, disconnects, or
+    /// loses a connection that left a Last Will. Off by default here, so
+    /// that the stream holds only what devices published; `iotpipe up`
+    /// turns it on (`mqtt.presence`).
+    pub presence: bool,
 }
 
 impl Default for EndpointConfig {
@@ -107,6 +112,7 @@ impl Default for EndpointConfig {
             now_ms: wall_clock(),
             authorizer: Arc::new(AllowAll),
             lateness: LatenessConfig::default(),
+            presence: false,
         }
     }
 }

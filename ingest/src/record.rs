@@ -17,8 +17,12 @@ const MAX_PARTITION_KEY: usize = 256;
 /// What became of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    Accepted { readings: usize },
+    Accepted {
+        readings: usize,
+    },
     Rejected(RejectReason),
+    /// A connect or disconnect of the device: no message behind it.
+    Presence,
 }
 
 /// A message turned into a stream record.

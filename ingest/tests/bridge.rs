@@ -120,6 +120,7 @@ fn seqs(producer: &MemoryProducer) -> Result<Vec<u64>> {
         match schemas::decode_record(&r.data)? {
             StreamRecord::Readings(p) => out.extend(p.readings.iter().filter_map(|r| r.seq)),
             StreamRecord::Rejected(m) => bail!("unexpected dead letter: {m:?}"),
+            StreamRecord::Presence(p) => bail!("unexpected presence: {p:?}"),
         }
     }
     out.sort_unstable();

@@ -721,3 +721,111 @@ async fn gap_filling_refuses_what_it_cannot_answer() {
         );
     }
 }
+
+fn presence(seq: u128, device: &str, fleet: Option<&str>, at: i64) -> Record {
+    let data = schemas::Presence {
+        device_id: device.into(),
+        fleet: fleet.map(str::to_string),
+        client_id: device.into(),
+        at,
+        event: schemas::PresenceEvent::Disconnected {
+            reason: schemas::presence::CONNECTION_LOST.into(),
+        },
+    }
+    .encode();
+    Record {
+        seq: seq.into(),
+        partition_key: device.into(),
+        data: Bytes::from(data),
+        arrival_ms: at,
+    }
+}
+
+async fn ids(state: &ApiState, uri: &str) -> Vec<String> {
+    get_ok(state, uri).await["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Three devices publish for ten minutes from one span start, so their
+/// member rows say only when the span started; one then stops, one
+/// disconnects with its will. Listing by status reads past the rows to
+/// each device's latest reading, and the time is the API's clock.
+#[tokio::test]
+async fn devices_are_listed_by_status_against_the_clock() {
+    let store = Arc::new(MemoryStore::new());
+    let cfg = Arc::new(AggregateConfig::default());
+    let metrics = ProcessorMetrics::default();
+    let mut seq = 0u128;
+    for minute in 0..10 {
+        let mut batch = Vec::new();
+        for device in ["on", "quiet", "gone"] {
+            if device == "quiet" && minute >= 3 {
+                continue;
+            }
+            seq += 1;
+            batch.push(record(seq, device, "f", T0 + minute * MIN + 5, 1.0));
+        }
+        if minute == 6 {
+            seq += 1;
+            // IoT Core's events name no fleet; the device item's is used.
+            batch.push(presence(seq, "gone", None, T0 + minute * MIN + 30));
+        }
+        process_batch("s0", &batch, store.as_ref(), &cfg, &metrics)
+            .await
+            .unwrap();
+    }
+    let mut state = ApiState::new(store.clone(), cfg);
+    let now = T0 + 9 * MIN + 30;
+    state.clock = Arc::new(move || now);
+    // `quiet` last published 6.5 minutes ago; `gone` published after its
+    // disconnect, so it is online again.
+    assert_eq!(
+        ids(&state, "/v1/devices?fleet=f&status=stale").await,
+        ["quiet"]
+    );
+    assert_eq!(
+        ids(&state, "/v1/devices?fleet=f&status=online").await,
+        ["gone", "on"]
+    );
+    let body = get_ok(&state, "/v1/devices?fleet=f").await;
+    let on = &body["devices"][1];
+    assert_eq!(on["status"], "online");
+    assert_eq!(on["last_seen"], T0 + 9 * MIN + 15);
+
+    // Now `gone` disconnects after its last reading.
+    process_batch(
+        "s0",
+        &[presence(seq + 1, "gone", Some("f"), T0 + 9 * MIN + 20)],
+        store.as_ref(),
+        &AggregateConfig::default(),
+        &metrics,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ids(&state, "/v1/devices?fleet=f&status=offline").await,
+        ["gone"]
+    );
+    assert_eq!(
+        get_ok(&state, "/v1/devices/gone").await["status"],
+        "offline"
+    );
+    assert_eq!(get_ok(&state, "/v1/devices/quiet").await["status"], "stale");
+    // A fleet's own threshold.
+    let mut lenient = state.clone();
+    lenient.stale_after = Arc::new(processors::api::StaleAfter {
+        default_ms: 5 * MIN,
+        fleets: [("f".to_string(), 10 * MIN)].into(),
+    });
+    assert!(
+        ids(&lenient, "/v1/devices?fleet=f&status=stale")
+            .await
+            .is_empty()
+    );
+    let (status, _, _) = get(&state, "/v1/devices?fleet=f&status=asleep").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}

@@ -396,3 +396,26 @@ fn a_payload_cannot_name_its_own_device_fleet_or_arrival() {
         assert_eq!(replayed, emitted);
     }
 }
+
+/// IoT Core's lifecycle events reach the same stream, keyed by device, in
+/// the shape the stream's decoder reads as presence.
+#[test]
+fn lifecycle_events_feed_the_stream_keyed_by_device() {
+    let t = template();
+    let rule = &resource(&t, "PresenceRule")["Properties"]["TopicRulePayload"];
+    let sql = rule["Sql"].as_str().unwrap();
+    assert!(sql.ends_with("FROM '$aws/events/presence/+/+'"), "{sql}");
+    let kinesis = &rule["Actions"][0]["Kinesis"];
+    assert_eq!(kinesis["StreamName"], json!({"Ref": "TelemetryStream"}));
+    assert_eq!(kinesis["PartitionKey"], "${clientId}");
+    // What the rule forwards for a disconnect decodes as presence.
+    let event = br#"{"clientId": "dev-1", "timestamp": 1764240000500,
+        "eventType": "disconnected", "disconnectReason": "CONNECTION_LOST"}"#;
+    let Ok(schemas::StreamRecord::Presence(p)) = schemas::decode_record(event) else {
+        panic!("not read as presence")
+    };
+    assert!(p.event.is_offline());
+    for field in ["clientId", "timestamp", "eventType", "disconnectReason"] {
+        assert!(sql.contains(field), "{sql} lacks {field}");
+    }
+}

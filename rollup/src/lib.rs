@@ -15,6 +15,8 @@
 //! - `lateness`: the rule that makes a window final and a reading `too_late`
 //!   or `in_future`, which the endpoint asks too.
 //! - `keys`: the one logical table's keys, shared by every store.
+//! - `liveness`: a device's status (online, offline, stale) from its member
+//!   row, its latest reading and the time the caller gives.
 //!
 //! The shells (the local loop, the Lambda handler) load, call the core and
 //! commit; the store roles and their I/O error type live with them, in
@@ -30,6 +32,7 @@ pub mod commit;
 pub mod config;
 pub mod keys;
 pub mod lateness;
+pub mod liveness;
 pub mod span;
 pub mod sweep;
 

@@ -10,6 +10,8 @@
 //! - `record`: the packed stream record (postcard behind a magic prefix and a
 //!   version byte) carrying readings or a refused message, and
 //!   [`decode_record`], which reads it and the IoT rule's JSON.
+//! - `presence`: a device's connects and disconnects (the endpoint's, and
+//!   IoT Core's lifecycle events).
 //! - `reading`: the reading every format carries, and its identity.
 //! - `rollup`: resolutions, the mergeable window aggregate, and the window
 //!   the query API returns.
@@ -23,6 +25,7 @@
 //! them against the same fixtures as the Rust decoder, so the two cannot drift.
 
 pub mod payload;
+pub mod presence;
 pub mod reading;
 pub mod record;
 pub mod reject;
@@ -34,6 +37,7 @@ pub mod state;
 pub mod topic;
 
 pub use payload::{RuleRecord, decode_payload, decode_rule_json};
+pub use presence::{Presence, PresenceEvent};
 pub use reading::{Metric, Reading, ReadingId};
 pub use record::{
     Origin, PackedRecord, PackedView, ReadingView, RecordView, RejectedMessage, StreamRecord,

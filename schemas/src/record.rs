@@ -9,12 +9,17 @@
 //! The endpoint also writes the messages it refuses into the stream, as
 //! [`RejectedMessage`]s: that way a refusal is durable before the device is
 //! acknowledged, and the processors count it exactly once, like a reading.
+//!
+//! A device's connects and disconnects travel as [`Presence`] records, keyed
+//! by its device id like its readings; IoT Core's lifecycle events (JSON)
+//! decode to the same.
 
 use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
 use crate::payload::{RuleRecord, decode_rule_json};
+use crate::presence::{Presence, decode_lifecycle_json, looks_like_lifecycle};
 use crate::reading::{
     MAX_METRICS, MAX_READINGS, MAX_TS, Metric, Reading, ReadingId, check_metric_name,
 };
@@ -98,10 +103,11 @@ impl Origin {
 }
 
 /// What a packed record carries.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StreamRecord {
     Readings(PackedRecord),
     Rejected(RejectedMessage),
+    Presence(Presence),
 }
 
 /// The packed body as written: variants are only ever added at the end, so a
@@ -113,10 +119,13 @@ enum PackedBody<'a> {
     Rejected(RejectedMessage),
     /// Readings with their [`Origin`].
     ReadingsFrom(#[serde(borrow)] PackedView<'a>, Origin),
+    Presence(Presence),
 }
 
-/// The variant index of [`PackedBody::ReadingsFrom`], as postcard writes it.
+/// The variant indexes of [`PackedBody`], as postcard writes them.
+const REJECTED: u8 = 1;
 const READINGS_FROM: u8 = 2;
+const PRESENCE: u8 = 3;
 
 impl StreamRecord {
     pub fn encode(&self) -> Vec<u8> {
@@ -127,12 +136,28 @@ impl StreamRecord {
 
     /// Appends the encoded record to `buf`.
     pub fn encode_into(&self, buf: &mut Vec<u8>) {
-        buf.extend_from_slice(&PACKED_MAGIC);
-        buf.push(PACKED_VERSION);
-        // Serializing plain owned data into a Vec cannot fail.
-        if let Ok(body) = postcard::to_extend(self, std::mem::take(buf)) {
-            *buf = body;
+        match self {
+            StreamRecord::Readings(r) => r.encode_into(buf),
+            StreamRecord::Rejected(m) => encode_body(buf, REJECTED, m),
+            StreamRecord::Presence(p) => encode_body(buf, PRESENCE, p),
         }
+    }
+}
+
+/// Writes the header, then `body` as the [`PackedBody`] variant `index`.
+fn encode_body(buf: &mut Vec<u8>, index: u8, body: &impl Serialize) {
+    buf.extend_from_slice(&PACKED_MAGIC);
+    buf.push(PACKED_VERSION);
+    buf.push(index);
+    // Serializing plain owned data into a Vec cannot fail.
+    if let Ok(out) = postcard::to_extend(body, std::mem::take(buf)) {
+        *buf = out;
+    }
+}
+
+impl Presence {
+    pub fn encode(&self) -> Vec<u8> {
+        StreamRecord::Presence(self.clone()).encode()
     }
 }
 
@@ -278,6 +303,7 @@ pub enum RecordView<'a> {
     #[serde(borrow)]
     Readings(PackedView<'a>),
     Rejected(RejectedMessage),
+    Presence(Presence),
 }
 
 /// Decodes a stream record of either shape and validates it as strictly as the
@@ -300,16 +326,27 @@ pub fn decode_record_view(data: &[u8]) -> Result<RecordView<'_>, Rejection> {
                 origin: Some(origin),
                 ..r
             }),
+            Ok(PackedBody::Presence(p)) => RecordView::Presence(p),
             Err(e) => return Err(bad(format!("packed record: {e}"))),
         };
-        if let RecordView::Readings(r) = &record {
-            validate(r).map_err(bad)?;
+        match &record {
+            RecordView::Readings(r) => validate(r).map_err(bad)?,
+            RecordView::Presence(p) => p.validate().map_err(bad)?,
+            RecordView::Rejected(_) => {}
         }
         return Ok(record);
     }
     let first = data.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'{') {
-        return decode_rule_json(data).map(|r| RecordView::Readings(r.into()));
+        // Readings first: they are nearly every record, and a lifecycle
+        // event is never a valid rule record.
+        return match decode_rule_json(data) {
+            Ok(r) => Ok(RecordView::Readings(r.into())),
+            Err(_) if looks_like_lifecycle(data) => {
+                decode_lifecycle_json(data).map(RecordView::Presence)
+            }
+            Err(e) => Err(e),
+        };
     }
     Err(Rejection::new(
         RejectReason::BadRecord,
@@ -322,6 +359,7 @@ pub fn decode_record(data: &[u8]) -> Result<StreamRecord, Rejection> {
     decode_record_view(data).map(|v| match v {
         RecordView::Readings(r) => StreamRecord::Readings(r.to_owned_record()),
         RecordView::Rejected(m) => StreamRecord::Rejected(m),
+        RecordView::Presence(p) => StreamRecord::Presence(p),
     })
 }
 
@@ -421,6 +459,77 @@ mod tests {
         assert_eq!(m.payload_len, 5000);
         let rec = StreamRecord::Rejected(m);
         assert_eq!(decode_record(&rec.encode()).unwrap(), rec);
+    }
+
+    fn presence() -> Presence {
+        Presence {
+            device_id: "dev-1".into(),
+            fleet: Some("f".into()),
+            client_id: "client-1".into(),
+            at: 1_764_240_000_500,
+            event: crate::presence::PresenceEvent::Disconnected {
+                reason: crate::presence::CONNECTION_LOST.into(),
+            },
+        }
+    }
+
+    #[test]
+    fn presence_round_trips_and_older_variants_keep_their_bytes() {
+        for p in [
+            presence(),
+            Presence {
+                fleet: None,
+                event: crate::presence::PresenceEvent::Connected,
+                ..presence()
+            },
+        ] {
+            let bytes = p.encode();
+            assert_eq!(bytes[4], PRESENCE);
+            assert_eq!(decode_record(&bytes).unwrap(), StreamRecord::Presence(p));
+        }
+        // Adding the variant changed no earlier record's encoding.
+        let m = RejectedMessage::new("t", "c", 7, Rejection::new(RejectReason::Schema, "x"), b"p");
+        let mut old = PACKED_MAGIC.to_vec();
+        old.push(PACKED_VERSION);
+        old.push(REJECTED);
+        old.extend(postcard::to_allocvec(&m).unwrap());
+        assert_eq!(StreamRecord::Rejected(m).encode(), old);
+        let mut readings = PACKED_MAGIC.to_vec();
+        readings.push(PACKED_VERSION);
+        readings.push(0);
+        readings.extend(postcard::to_allocvec(&sample()).unwrap());
+        assert_eq!(StreamRecord::Readings(sample()).encode(), readings);
+    }
+
+    #[test]
+    fn a_bad_presence_record_is_refused() {
+        let mut p = presence();
+        p.device_id = "a/b".into();
+        let bytes = StreamRecord::Presence(p).encode();
+        assert_eq!(
+            decode_record(&bytes).unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+        let mut p = presence();
+        p.at = -5;
+        assert_eq!(
+            decode_record(&p.encode()).unwrap_err().reason,
+            RejectReason::BadRecord
+        );
+    }
+
+    #[test]
+    fn lifecycle_json_decodes_to_presence() {
+        let json = br#"{"clientId": "dev-1", "timestamp": 1764240000500,
+            "eventType": "disconnected", "disconnectReason": "MQTT_KEEP_ALIVE_TIMEOUT"}"#;
+        let StreamRecord::Presence(p) = decode_record(json).unwrap() else {
+            panic!("not presence");
+        };
+        assert_eq!(p.device_id, "dev-1");
+        assert_eq!(p.at, 1_764_240_000_500);
+        assert!(p.event.is_offline());
+        let bad = br#"{"clientId": "dev-1", "eventType": "connected"}"#;
+        assert_eq!(decode_record(bad).unwrap_err().reason, RejectReason::Schema);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::presence::PresenceEvent;
 use crate::reading::ReadingId;
 use crate::reject::RejectReason;
 use crate::rollup::{Point, WindowAgg};
@@ -36,12 +37,18 @@ pub enum ItemState {
     /// longer change.
     Windows(MetricWindows),
     Device(DeviceState),
+    /// A fleet member row as written before presence existed; it reads as a
+    /// [`FleetMember`] with no presence.
     Member(MemberState),
     Counter(u64),
     /// A shard's processed watermark: every record of the shard that arrived
     /// (`received_at`) at or before it has been applied.
     Watermark(i64),
     DeadLetter(DeadLetter),
+    /// A device's entry in its fleet's list, with its last presence event:
+    /// everything listing a fleet by status needs, in the rows that listing
+    /// reads anyway.
+    FleetMember(FleetMember),
 }
 
 impl Item {
@@ -384,6 +391,49 @@ pub struct MemberState {
     pub last_seen: i64,
 }
 
+/// A device's entry in its fleet's list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetMember {
+    /// The latest `received_at` of a reading, as of the device's latest
+    /// span start (0 if it has sent none): the member row is written when a
+    /// device starts a span, not per reading, so readings since live in the
+    /// device's latest span.
+    pub last_seen: i64,
+    /// The latest connect or disconnect by event time.
+    pub presence: Option<PresenceMark>,
+}
+
+/// A device's latest presence event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceMark {
+    /// When it happened (the event's own time), ms since the epoch.
+    pub at: i64,
+    pub event: PresenceEvent,
+}
+
+impl FleetMember {
+    /// Keeps `event` if it is at least as recent as the one held: by event
+    /// time, and by stream order between equal times. Applying the same
+    /// event twice changes nothing.
+    pub fn observe_presence(&mut self, at: i64, event: &PresenceEvent) {
+        if self.presence.as_ref().is_none_or(|p| at >= p.at) {
+            self.presence = Some(PresenceMark {
+                at,
+                event: event.clone(),
+            });
+        }
+    }
+}
+
+impl From<MemberState> for FleetMember {
+    fn from(m: MemberState) -> Self {
+        FleetMember {
+            last_seen: m.last_seen,
+            presence: None,
+        }
+    }
+}
+
 /// A refused message or reading, kept for a person to inspect.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
@@ -506,6 +556,36 @@ mod tests {
         .encode()
         .len();
         assert!(small * 2 < big, "{small} vs {big}");
+    }
+
+    #[test]
+    fn member_rows_of_either_shape_read_back() {
+        let old = Item {
+            state: ItemState::Member(MemberState { last_seen: 5 }),
+            ..Item::default()
+        };
+        let ItemState::Member(m) = Item::decode(&old.encode()).unwrap().state else {
+            panic!("not a member")
+        };
+        let mut member = FleetMember::from(m);
+        assert_eq!(member.last_seen, 5);
+        let lost = PresenceEvent::Disconnected {
+            reason: "CONNECTION_LOST".into(),
+        };
+        member.observe_presence(20, &lost);
+        // An older event arriving later changes nothing; a newer one wins.
+        member.observe_presence(10, &PresenceEvent::Connected);
+        assert_eq!(member.presence.as_ref().unwrap().event, lost);
+        member.observe_presence(30, &PresenceEvent::Connected);
+        let new = Item {
+            state: ItemState::FleetMember(member.clone()),
+            ..Item::default()
+        };
+        let ItemState::FleetMember(back) = Item::decode(&new.encode()).unwrap().state else {
+            panic!("not a fleet member")
+        };
+        assert_eq!(back, member);
+        assert_eq!(back.presence.unwrap().at, 30);
     }
 
     #[test]

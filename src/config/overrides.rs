@@ -32,6 +32,10 @@ pub struct Overrides {
     /// 1m=30d,1h=400d,1d=forever [default: 1m=7d,1h=90d,1d=1098d].
     #[arg(long)]
     pub retention: Option<String>,
+    /// A device that sent no reading for this long is listed `stale`, e.g.
+    /// 5m, 90s [default: 5m]; a fleet may have its own (`http.stale_after_fleets`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub stale_after: Option<Duration>,
     /// Take telemetry from an external MQTT broker (mqtt://HOST:PORT): a
     /// persistent QoS 1 subscription, each message acknowledged once durable.
     #[arg(long)]
@@ -96,6 +100,7 @@ impl Overrides {
             &mut c.aggregate.retention,
             self.retention.map(super::RetentionSetting::Named),
         );
+        set(&mut c.http.stale_after, self.stale_after);
         set_some(&mut c.broker.url, self.broker);
         set(&mut c.broker.client_id, self.broker_client_id);
         set_some(&mut c.broker.username, self.broker_username);

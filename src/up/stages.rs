@@ -206,6 +206,7 @@ impl Wiring<'_> {
             commit_interval: mqtt.commit_interval,
             authorizer,
             lateness: self.lateness(),
+            presence: mqtt.presence,
             ..ingest::EndpointConfig::default()
         };
         let serve = ingest::serve_on(
@@ -257,6 +258,15 @@ impl Wiring<'_> {
                 timeout: self.config.http.timeout,
             },
         ));
+        let http = &self.config.http;
+        state.stale_after = Arc::new(processors::api::StaleAfter {
+            default_ms: millis(http.stale_after),
+            fleets: http
+                .stale_after_fleets
+                .iter()
+                .map(|(fleet, d)| (fleet.clone(), millis(**d)))
+                .collect(),
+        });
         state.metrics = metrics(
             ingest_metrics.clone(),
             processor_metrics.clone(),
@@ -423,4 +433,9 @@ pub(super) async fn stream_health(
         .into_response();
     }
     next.run(request).await
+}
+
+/// A duration in ms, as the API keeps times.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -51,6 +51,9 @@ pub(crate) struct ConnectPacket {
     /// MQTT 5: the largest packet the client accepts; live-tap messages above
     /// it are skipped for that client.
     pub max_packet_size: Option<u32>,
+    /// The Last Will's topic, if the client left one: losing its connection
+    /// is then the device going offline.
+    pub will_topic: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -186,6 +189,7 @@ fn decode_v4(frame: Frame) -> Result<Inbound, DecodeError> {
             username: c.login.as_ref().map(|l| l.username.clone()),
             password: c.login.map(|l| l.password),
             max_packet_size: None,
+            will_topic: c.last_will.map(|w| w.topic),
         }),
         v4::Packet::Publish(p) => Inbound::Publish(PublishPacket {
             qos: p.qos as u8,
@@ -229,7 +233,7 @@ fn decode_v5(frame: Frame) -> Result<Inbound, DecodeError> {
     let mut bytes = frame.bytes;
     let packet = v5::Packet::read(&mut bytes, None).map_err(malformed)?;
     Ok(match packet {
-        v5::Packet::Connect(c, _will, login) => Inbound::Connect(ConnectPacket {
+        v5::Packet::Connect(c, will, login) => Inbound::Connect(ConnectPacket {
             protocol: Protocol::V5,
             client_id: c.client_id,
             clean_start: c.clean_start,
@@ -237,6 +241,7 @@ fn decode_v5(frame: Frame) -> Result<Inbound, DecodeError> {
             username: login.as_ref().map(|l| l.username.clone()),
             password: login.map(|l| l.password),
             max_packet_size: c.properties.and_then(|p| p.max_packet_size),
+            will_topic: will.and_then(|w| String::from_utf8(w.topic.to_vec()).ok()),
         }),
         v5::Packet::Publish(p) => {
             let topic =

@@ -260,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                             add(&metrics.readings_accepted, readings as u64);
                         }
                         Verdict::Rejected(reason) => metrics.reject(reason),
+                        Verdict::Presence => {}
                     }
                     let tap = a.tap.filter(|_| self.shared.tap.has_subscribers()).map(
                         |(topic, payload)| TapMessage {

@@ -25,6 +25,7 @@ pub fn feed(data: &[u8]) {
         max_keepalive_secs: 60,
         authorizer: Arc::new(AllowAll),
         lateness: crate::LatenessConfig::default(),
+        presence: true,
     });
     let mut session = Session::new(config, 1);
     let mut buf = BytesMut::from(data);

@@ -225,6 +225,7 @@ fn start_appender(
             max_keepalive_secs: config.max_keepalive_secs.max(1),
             authorizer: config.authorizer.clone(),
             lateness: config.lateness,
+            presence: config.presence,
         }),
         config,
         metrics: metrics.clone(),

@@ -11,7 +11,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use schemas::RejectReason;
+use schemas::presence::{CLEAN_DISCONNECT, CONNECTION_LOST};
+use schemas::topic::check_id;
+use schemas::{Presence, PresenceEvent, RejectReason, Topic};
 
 use super::codec::{
     ConnAck, ConnAckCode, ConnectPacket, DecodeError, DisconnectReasonCode, Inbound, Outbound,
@@ -31,6 +33,8 @@ pub(crate) struct SessionConfig {
     pub max_keepalive_secs: u16,
     pub authorizer: Arc<dyn Authorizer>,
     pub lateness: crate::LatenessConfig,
+    /// Append presence records (see [`crate::EndpointConfig::presence`]).
+    pub presence: bool,
 }
 
 /// What the connection shell must do, in order.
@@ -148,6 +152,23 @@ pub(crate) struct Session {
     next_token: u64,
     /// Who the connection's verified TLS client certificate names.
     certificate: Option<Certified>,
+    /// Whose presence this connection reports, once connected.
+    presence: Option<PresenceOf>,
+    /// When the last packet arrived. A lost connection is noticed later (a
+    /// failed read, a keepalive timeout); the device was last heard then.
+    last_ms: i64,
+}
+
+/// The device a connection's presence records are about.
+#[derive(Debug)]
+struct PresenceOf {
+    device_id: String,
+    /// From the will topic, else from the connection's first accepted
+    /// publish; unknown, the processors take the device item's.
+    fleet: Option<String>,
+    client_id: String,
+    /// The client left a Last Will: losing the connection is going offline.
+    will: bool,
 }
 
 impl Session {
@@ -160,6 +181,8 @@ impl Session {
             pending: VecDeque::new(),
             next_token: 0,
             certificate: None,
+            presence: None,
+            last_ms: 0,
         }
     }
 
@@ -190,6 +213,7 @@ impl Session {
 
     /// Handles one packet. `now_ms` stamps `received_at`.
     pub fn receive(&mut self, packet: Inbound, now_ms: i64, out: &mut Vec<Action>) {
+        self.last_ms = now_ms;
         match (&self.state, packet) {
             (State::Closed, _) => {}
             (State::AwaitingConnect, Inbound::Connect(c)) => self.connect(c, out),
@@ -241,6 +265,9 @@ impl Session {
             return;
         }
         let connected = matches!(self.state, State::Connected(_));
+        if connected && let Some(event) = self.presence_on_close(&reason) {
+            self.report_presence(event, self.last_ms, out);
+        }
         if let (true, Some(Protocol::V5), Some(code)) = (connected, self.protocol, reason.v5_code())
         {
             out.push(Action::Send(Outbound::Disconnect(code)));
@@ -277,6 +304,85 @@ impl Session {
                 out.push(Action::Send(Outbound::PubAck { pkid, reason }));
             }
         }
+    }
+
+    /// What closing for `reason` says about the device: a DISCONNECT is a
+    /// clean disconnect, and a lost connection with a will is the will. A
+    /// takeover (the device connected again) and a shutdown (the server
+    /// went away, not the device) say nothing.
+    fn presence_on_close(&self, reason: &CloseReason) -> Option<PresenceEvent> {
+        let will = self.presence.as_ref()?.will;
+        let reason = match reason {
+            CloseReason::ClientDisconnected => CLEAN_DISCONNECT,
+            CloseReason::TakenOver
+            | CloseReason::ServerShutdown
+            | CloseReason::ConnectRefused
+            | CloseReason::AppendFailed => return None,
+            _ if will => CONNECTION_LOST,
+            _ => return None,
+        };
+        Some(PresenceEvent::Disconnected {
+            reason: reason.into(),
+        })
+    }
+
+    /// Hands the appender a presence record. It owes no acknowledgement,
+    /// but takes its place in the queue like any record.
+    fn report_presence(&mut self, event: PresenceEvent, at: i64, out: &mut Vec<Action>) {
+        let Some(p) = &self.presence else { return };
+        let record = Presence {
+            device_id: p.device_id.clone(),
+            fleet: p.fleet.clone(),
+            client_id: p.client_id.clone(),
+            at,
+            event,
+        };
+        let token = self.next_token;
+        self.next_token += 1;
+        self.pending.push_back(Pending {
+            ack: None,
+            durable: false,
+        });
+        out.push(Action::Append(Append {
+            token,
+            partition_key: record.device_id.clone(),
+            data: record.encode(),
+            verdict: Verdict::Presence,
+            tap: None,
+        }));
+    }
+
+    /// Whose presence a connection reports: the device its will topic
+    /// (`dt/{fleet}/{device}/...`) names, if it may publish as that device;
+    /// else its identity (username or certificate CN), else its client id.
+    /// None when that is no valid device id.
+    fn presence_of(&self, principal: &Principal, will_topic: Option<&str>) -> Option<PresenceOf> {
+        if !self.config.presence {
+            return None;
+        }
+        let will = will_topic.is_some();
+        let client_id = crate::record::clip_key(&principal.client_id);
+        if let Some(t) = will_topic.and_then(will_device)
+            && self.config.authorizer.may_publish(principal, &t)
+        {
+            return Some(PresenceOf {
+                device_id: t.device_id.to_string(),
+                fleet: Some(t.fleet.to_string()),
+                client_id,
+                will,
+            });
+        }
+        let device = principal
+            .identity
+            .as_deref()
+            .unwrap_or(&principal.client_id);
+        check_id("device_id", device).ok()?;
+        Some(PresenceOf {
+            device_id: device.to_string(),
+            fleet: None,
+            client_id,
+            will,
+        })
     }
 
     fn connect(&mut self, c: ConnectPacket, out: &mut Vec<Action>) {
@@ -326,7 +432,9 @@ impl Session {
             receive_max: u16::try_from(self.config.max_inflight).unwrap_or(u16::MAX),
             max_packet_size: u32::try_from(self.config.max_packet_bytes).unwrap_or(u32::MAX),
         })));
+        self.presence = self.presence_of(&principal, c.will_topic.as_deref());
         self.state = State::Connected(principal);
+        self.report_presence(PresenceEvent::Connected, self.last_ms, out);
     }
 
     fn refuse_connect(&mut self, code: ConnAckCode, out: &mut Vec<Action>) {
@@ -370,8 +478,16 @@ impl Session {
             now_ms,
             &self.config.lateness,
         );
+        if let (Verdict::Accepted { .. }, Some((topic, _)), Some(p)) =
+            (verdict, &tap, &mut self.presence)
+            && p.fleet.is_none()
+            && let Ok(t) = Topic::parse(topic)
+            && t.device_id == p.device_id
+        {
+            p.fleet = Some(t.fleet.to_string());
+        }
         let ack_reason = match verdict {
-            Verdict::Accepted { .. } => PubAckReason::Success,
+            Verdict::Accepted { .. } | Verdict::Presence => PubAckReason::Success,
             Verdict::Rejected(RejectReason::BadTopic) => PubAckReason::TopicNameInvalid,
             Verdict::Rejected(RejectReason::Unauthorized) => PubAckReason::NotAuthorized,
             Verdict::Rejected(_) => PubAckReason::PayloadFormatInvalid,
@@ -441,6 +557,19 @@ impl Session {
             codes,
         }));
     }
+}
+
+/// The device a will topic names, if it is `dt/{fleet}/{device}/...` with
+/// valid ids (the suffix is the device's to choose, `status` say).
+fn will_device(topic: &str) -> Option<Topic<'_>> {
+    let mut parts = topic.split('/');
+    let (Some("dt"), Some(fleet), Some(device_id), Some(_)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    (check_id("fleet", fleet).is_ok() && check_id("device_id", device_id).is_ok())
+        .then_some(Topic { fleet, device_id })
 }
 
 #[cfg(test)]

@@ -130,6 +130,8 @@ impl Endpoint {
                             }
                         }
                         StreamRecord::Rejected(m) => out.rejected.push((m.reason, m.client_id)),
+                        // Connects and disconnects: not what these clients are held to.
+                        StreamRecord::Presence(_) => {}
                     }
                 }
             }

@@ -5,6 +5,7 @@
 mod auth;
 mod common;
 mod durability;
+mod presence;
 mod publish;
 mod refusals;
 mod sessions;

@@ -29,7 +29,8 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use schemas::state::{DeviceState, Item, ItemState};
+use rollup::liveness::{self, Status};
+use schemas::state::{DeviceState, FleetMember, Item, ItemState, PresenceMark};
 use serde_json::{Value, json};
 
 pub use params::parse_time;
@@ -61,6 +62,31 @@ pub struct ApiState {
     pub metrics: MetricsRenderer,
     /// Authentication, limits and the API's own counters.
     pub guard: Arc<guard::Guard>,
+    /// When a device without readings counts as `stale`.
+    pub stale_after: Arc<StaleAfter>,
+}
+
+/// How long a device may send no reading before it is `stale`: one time for
+/// every fleet, and a fleet's own where it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleAfter {
+    pub default_ms: i64,
+    pub fleets: BTreeMap<String, i64>,
+}
+
+impl Default for StaleAfter {
+    fn default() -> Self {
+        StaleAfter {
+            default_ms: 5 * 60_000,
+            fleets: BTreeMap::new(),
+        }
+    }
+}
+
+impl StaleAfter {
+    pub fn of(&self, fleet: &str) -> i64 {
+        self.fleets.get(fleet).copied().unwrap_or(self.default_ms)
+    }
 }
 
 impl ApiState {
@@ -71,6 +97,7 @@ impl ApiState {
             clock: Arc::new(|| chrono::Utc::now().timestamp_millis()),
             metrics: Arc::new(|_| {}),
             guard: Arc::new(guard::Guard::new(None, guard::ApiLimits::default())),
+            stale_after: Arc::new(StaleAfter::default()),
         }
     }
 }
@@ -143,11 +170,18 @@ fn check_metric(metric: &str) -> Result<(), Problem> {
 /// Devices of one fleet, by a range read of its member partition (a Query
 /// on DynamoDB). `fleet` is required: listing every fleet would read every
 /// partition, which on DynamoDB is a Scan of the whole table.
+///
+/// A member row holds the device's presence and its `last_seen` as of its
+/// latest span start (it is written then, not per reading). A row that reads
+/// `online` is sure; for the others the device's latest span is read (one
+/// single-item Query each) for its latest reading. So a page costs one Query
+/// plus one per device that is stale or offline, or whose span started more
+/// than `stale_after` ago.
 async fn list_devices(
     State(s): State<ApiState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
-    let p = Params::parse(raw.as_deref(), &["fleet", "limit", "cursor"])?;
+    let p = Params::parse(raw.as_deref(), &["fleet", "limit", "cursor", "status"])?;
     let limit = p.limit(1000, MAX_LIMIT)?;
     let Some(fleet) = p.get("fleet") else {
         return Err(Problem::bad_request(
@@ -155,6 +189,10 @@ async fn list_devices(
         ));
     };
     check_id("fleet", fleet)?;
+    let wanted: Option<Status> = p
+        .get("status")
+        .map(|st| st.parse().map_err(Problem::bad_request))
+        .transpose()?;
     // The cursor is the last (fleet, device) returned; the next page starts
     // just after that device.
     let from = match p.get("cursor") {
@@ -179,26 +217,89 @@ async fn list_devices(
             descending: false,
         })
         .await?;
-    let mut devices: Vec<(String, i64)> = rows
+    let mut members: Vec<(String, FleetMember)> = rows
         .into_iter()
-        .filter_map(|(device, item)| match item.state {
-            ItemState::Member(m) => Some((device, m.last_seen)),
-            _ => None,
-        })
+        .filter_map(|(device, item)| member_of(item.state).map(|m| (device, m)))
         .collect();
-    let next_cursor = if devices.len() > limit {
-        devices.truncate(limit);
-        devices.last().map(|(d, _)| format!("{fleet}/{d}"))
+    // The cursor follows the rows read, not the rows a status filter keeps.
+    let next_cursor = if members.len() > limit {
+        members.truncate(limit);
+        members.last().map(|(d, _)| format!("{fleet}/{d}"))
     } else {
         None
     };
-    let devices: Vec<Value> = devices
-        .into_iter()
-        .map(|(device_id, last_seen)| {
-            json!({"device_id": device_id, "fleet": fleet, "last_seen": last_seen})
+    let now = (s.clock)();
+    let stale_after = s.stale_after.of(fleet);
+    let statuses = futures::future::try_join_all(
+        members
+            .iter()
+            .map(|(device, m)| device_status(&s, device, m, now, stale_after)),
+    )
+    .await?;
+    let devices: Vec<Value> = members
+        .iter()
+        .zip(statuses)
+        .filter(|(_, (status, _))| wanted.is_none_or(|w| w == *status))
+        .map(|((device_id, _), (status, last_seen))| {
+            json!({
+                "device_id": device_id,
+                "fleet": fleet,
+                "last_seen": (last_seen > 0).then_some(last_seen),
+                "status": status.as_str(),
+            })
         })
         .collect();
     Ok(axum::Json(json!({"devices": devices, "next_cursor": next_cursor})).into_response())
+}
+
+/// A member row in its current shape, from either shape stored.
+fn member_of(state: ItemState) -> Option<FleetMember> {
+    match state {
+        ItemState::Member(m) => Some(m.into()),
+        ItemState::FleetMember(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// A listed device's status and latest reading: from its member row when
+/// that is sure, else with its latest span read too.
+async fn device_status(
+    s: &ApiState,
+    device: &str,
+    m: &FleetMember,
+    now: i64,
+    stale_after: i64,
+) -> Result<(Status, i64), Problem> {
+    let status = liveness::status(m.last_seen, m.presence.as_ref(), now, stale_after);
+    if !liveness::needs_latest_reading(status) {
+        return Ok((status, m.last_seen));
+    }
+    let last_seen = latest_reading(s, device).await?.max(m.last_seen);
+    Ok((
+        liveness::status(last_seen, m.presence.as_ref(), now, stale_after),
+        last_seen,
+    ))
+}
+
+/// The arrival of the device's latest reading, from its latest span.
+async fn latest_reading(s: &ApiState, device: &str) -> Result<i64, Problem> {
+    let rows = s
+        .query
+        .range(Range {
+            pk: keys::span_pk(device),
+            from: String::new(),
+            to: "~".into(),
+            limit: 1,
+            descending: true,
+        })
+        .await?;
+    Ok(rows
+        .into_iter()
+        .find_map(|(_, item)| match item.state {
+            ItemState::Span(span) => Some(span.last_seen),
+            _ => None,
+        })
+        .unwrap_or(0))
 }
 
 async fn device(
@@ -235,10 +336,23 @@ async fn device(
         .iter()
         .map(|(name, p)| (name.clone(), json!({"ts": p.ts, "value": p.value})))
         .collect();
+    let presence: Option<PresenceMark> = s
+        .query
+        .get(&keys::member_pk(&d.fleet), &device_id)
+        .await?
+        .and_then(|item| member_of(item.state))
+        .and_then(|m| m.presence);
+    let status = liveness::status(
+        d.last_seen,
+        presence.as_ref(),
+        (s.clock)(),
+        s.stale_after.of(&d.fleet),
+    );
     Ok(axum::Json(json!({
         "device_id": device_id,
         "fleet": d.fleet,
         "last_seen": d.last_seen,
+        "status": status.as_str(),
         "metrics": metrics,
     }))
     .into_response())

@@ -170,6 +170,7 @@ impl Batcher<'_, '_> {
                 Ok(())
             }
             Body::Rejected(m) => self.reject_message(record.seq, m),
+            Body::Presence { presence, member } => self.presence(record.seq, presence, *member),
             Body::Unreadable {
                 rejection,
                 head,

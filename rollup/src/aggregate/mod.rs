@@ -224,7 +224,7 @@ fn mismatch(expected: &str, found: &ItemState) -> String {
         ItemState::Span(_) => "a span",
         ItemState::Windows(_) => "a device window",
         ItemState::Device(_) => "a device",
-        ItemState::Member(_) => "a fleet member",
+        ItemState::Member(_) | ItemState::FleetMember(_) => "a fleet member",
         ItemState::Counter(_) => "a counter",
         ItemState::Watermark(_) => "a watermark",
         ItemState::DeadLetter(_) => "a dead letter",

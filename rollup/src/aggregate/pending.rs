@@ -1,9 +1,9 @@
 //! The device item's bookkeeping: which coarser windows a device has
 //! pending, and its entry in its fleet's member list.
 
-use schemas::SeqNo;
 use schemas::record::PackedView;
-use schemas::state::{DeviceState, ItemState, MemberState};
+use schemas::state::{DeviceState, FleetMember, ItemState};
+use schemas::{Presence, SeqNo};
 
 use super::apply::Batcher;
 use super::{ApplyError, mismatch};
@@ -73,17 +73,42 @@ impl Batcher<'_, '_> {
             return Ok(());
         };
         self.touch(slot, seq, |state| {
-            if let ItemState::Empty = state {
-                *state = ItemState::Member(MemberState::default());
-            }
-            match state {
-                ItemState::Member(m) => {
-                    m.last_seen = m.last_seen.max(received_at);
-                    Ok(())
-                }
-                other => Err(mismatch("fleet member", other)),
-            }
+            let mut m = fleet_member(state)?;
+            m.last_seen = m.last_seen.max(received_at);
+            *state = ItemState::FleetMember(m);
+            Ok(())
         })?;
         Ok(())
+    }
+
+    /// Folds a connect or disconnect into the device's member row; the
+    /// latest by event time wins, so the order presence arrives in (IoT
+    /// Core's lifecycle events may arrive out of order) does not matter.
+    pub(super) fn presence(
+        &mut self,
+        seq: SeqNo,
+        presence: &Presence,
+        slot: Option<u32>,
+    ) -> Result<(), ApplyError> {
+        let Some(slot) = slot else {
+            return Ok(());
+        };
+        self.touch(slot as usize, seq, |state| {
+            let mut m = fleet_member(state)?;
+            m.observe_presence(presence.at, &presence.event);
+            *state = ItemState::FleetMember(m);
+            Ok(())
+        })?;
+        Ok(())
+    }
+}
+
+/// A member row as loaded, in its current shape.
+fn fleet_member(state: &ItemState) -> Result<FleetMember, String> {
+    match state {
+        ItemState::Empty => Ok(FleetMember::default()),
+        ItemState::Member(m) => Ok(m.clone().into()),
+        ItemState::FleetMember(m) => Ok(m.clone()),
+        other => Err(mismatch("fleet member", other)),
     }
 }

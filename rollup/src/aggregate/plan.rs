@@ -2,6 +2,7 @@
 //! `received_at`, intern names, and list the items the batch may touch.
 
 use rustc_hash::{FxHashMap, FxHashSet};
+use schemas::Presence;
 use schemas::record::{PackedView, RecordView, RejectedMessage};
 use schemas::shard::Record;
 use schemas::{RejectReason, Rejection, SeqNo, decode_record_view};
@@ -50,6 +51,9 @@ pub struct Plan<'a> {
     pub(super) compactions: Vec<Compaction>,
     /// Devices that start a span in this batch, and their member slot.
     pub(super) members: Vec<(u32, u32)>,
+    /// Per presence record that names no fleet: its index in `records`, its
+    /// device, and the slot of the device item that names the fleet.
+    pub(super) presence_fleets: Vec<(usize, u32, u32)>,
 }
 
 impl Plan<'_> {
@@ -146,6 +150,12 @@ pub(super) enum Body<'a> {
         refusals: Vec<Option<Rejection>>,
     },
     Rejected(RejectedMessage),
+    /// A connect or disconnect, folded into the device's fleet member row
+    /// at `member` (`None` while, or if, its fleet is unknown).
+    Presence {
+        presence: Presence,
+        member: Option<u32>,
+    },
     Unreadable {
         rejection: Rejection,
         head: Vec<u8>,
@@ -173,6 +183,7 @@ pub fn plan<'a>(shard: &str, records: &'a [Record], config: &AggregateConfig) ->
                 p.add_key(Key::Counter(Counter::Rejected(message.reason)));
                 Body::Rejected(message)
             }
+            Ok(RecordView::Presence(presence)) => p.plan_presence(presence),
             Err(rejection) => p.plan_unreadable(r, rejection),
         };
         p.records.push(Decoded { seq: r.seq, body });
@@ -206,6 +217,7 @@ impl<'a> Plan<'a> {
             loaded_watermark: None,
             compactions: Vec::new(),
             members: Vec::new(),
+            presence_fleets: Vec::new(),
         };
         p.add_key(Key::Counter(Counter::Accepted));
         p.add_key(Key::Counter(Counter::Duplicate));
@@ -277,6 +289,18 @@ impl<'a> Plan<'a> {
             self.cells.push(key);
         }
         id
+    }
+
+    /// A presence record: its device's member row, when it names the fleet;
+    /// otherwise the device item is read first for it (see
+    /// `Plan::resolve_presence_fleets`).
+    fn plan_presence(&mut self, presence: Presence) -> Body<'a> {
+        let member = presence.fleet.as_deref().map(|fleet| {
+            let dev = self.devices.id(&presence.device_id);
+            let fleet = self.fleets.id(fleet);
+            self.add_key(Key::Member { fleet, dev })
+        });
+        Body::Presence { presence, member }
     }
 
     /// A record that does not decode: counted, and kept in part.

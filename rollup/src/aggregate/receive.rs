@@ -29,8 +29,14 @@ impl Plan<'_> {
         while self.keys().is_empty() && self.rounds < 2 {
             let from = self.keys.len();
             match self.rounds {
-                0 => self.after_first_round(config)?,
-                _ => self.plan_compactions(config)?,
+                0 => {
+                    self.after_first_round(config)?;
+                    self.list_presence_devices();
+                }
+                _ => {
+                    self.plan_compactions(config)?;
+                    self.resolve_presence_fleets()?;
+                }
             }
             self.rounds += 1;
             self.extend_keys(from);
@@ -63,6 +69,42 @@ impl Plan<'_> {
             if new_span.contains(&dev) {
                 let slot = self.add_key(Key::Member { fleet, dev });
                 self.members.push((dev, slot));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists the device item of each presence record that names no fleet:
+    /// the item holds the fleet the device publishes in.
+    fn list_presence_devices(&mut self) {
+        for index in 0..self.records.len() {
+            let Body::Presence {
+                presence,
+                member: None,
+            } = &self.records[index].body
+            else {
+                continue;
+            };
+            let dev = self.devices.id(&presence.device_id);
+            let slot = self.add_key(Key::Device { dev });
+            self.presence_fleets.push((index, dev, slot));
+        }
+    }
+
+    /// Lists the member row of each presence record whose fleet its device
+    /// item names. A device with no item has sent no accepted reading, so no
+    /// fleet lists it, and its presence has nowhere to go: once it publishes,
+    /// its readings list it, online.
+    fn resolve_presence_fleets(&mut self) -> Result<(), ApplyError> {
+        for (index, dev, slot) in std::mem::take(&mut self.presence_fleets) {
+            let fleet = match self.loaded[slot as usize].as_ref().map(|s| &s.item.state) {
+                None | Some(ItemState::Empty) => continue,
+                Some(ItemState::Device(d)) => self.fleets.id(&d.fleet),
+                Some(other) => return Err(self.unreadable(slot, "device", other)),
+            };
+            let member = self.add_key(Key::Member { fleet, dev });
+            if let Body::Presence { member: m, .. } = &mut self.records[index].body {
+                *m = Some(member);
             }
         }
         Ok(())

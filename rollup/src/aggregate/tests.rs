@@ -699,3 +699,75 @@ fn a_reading_behind_the_watermark_is_refused_not_folded() {
     let (_, stats) = after_watermark_from(slack_ends - 5_000);
     assert_eq!(stats.accepted_readings, 1);
 }
+
+fn presence_rec(seq: u128, device: &str, fleet: Option<&str>, at: i64, online: bool) -> Record {
+    let event = if online {
+        schemas::PresenceEvent::Connected
+    } else {
+        schemas::PresenceEvent::Disconnected {
+            reason: schemas::presence::CONNECTION_LOST.into(),
+        }
+    };
+    let data = schemas::Presence {
+        device_id: device.into(),
+        fleet: fleet.map(str::to_string),
+        client_id: device.into(),
+        at,
+        event,
+    }
+    .encode();
+    Record {
+        seq: seq.into(),
+        partition_key: device.into(),
+        data: Bytes::from(data),
+        arrival_ms: at,
+    }
+}
+
+fn member(m: &Mem, device: &str) -> Option<schemas::state::FleetMember> {
+    match m.state(&crate::keys::member_pk("f"), device)? {
+        ItemState::FleetMember(f) => Some(f.clone()),
+        _ => None,
+    }
+}
+
+/// Presence lands in the device's member row, beside what its readings
+/// wrote there; a presence that names no fleet finds it in the device item,
+/// and an older event replayed or arriving late changes nothing.
+#[test]
+fn presence_is_folded_into_the_member_row_once_and_latest_wins() {
+    let mut m = Mem::default();
+    let batch = vec![
+        rec(1, "d1", T0 + 100, vec![reading(Some(1), T0, &[("t", 1.0)])]),
+        presence_rec(2, "d1", Some("f"), T0 + 200, false),
+    ];
+    let stats = m.run("s0", &batch, None);
+    assert_eq!(stats.accepted_readings, 1);
+    let row = member(&m, "d1").unwrap();
+    assert_eq!(row.last_seen, T0 + 100);
+    let mark = row.presence.unwrap();
+    assert_eq!(mark.at, T0 + 200);
+    assert!(mark.event.is_offline());
+    let before = m.snapshot();
+    m.run("s0", &batch, None);
+    assert_eq!(m.snapshot(), before, "a replay changed the store");
+
+    // IoT Core's events name no fleet: the device item's is used. An
+    // older event arriving after a newer one is ignored.
+    m.run(
+        "s0",
+        &[
+            presence_rec(3, "d1", None, T0 + 300, true),
+            presence_rec(4, "d1", None, T0 + 250, false),
+        ],
+        None,
+    );
+    let mark = member(&m, "d1").unwrap().presence.unwrap();
+    assert_eq!(mark.at, T0 + 300);
+    assert_eq!(mark.event, schemas::PresenceEvent::Connected);
+
+    // A device no fleet lists has nowhere to show its presence.
+    let stats = m.run("s0", &[presence_rec(5, "d9", None, T0, false)], None);
+    assert_eq!(stats.records, 1);
+    assert!(m.0.keys().all(|(_, sk)| sk != "d9"));
+}

@@ -19,6 +19,7 @@ fn config(authorizer: Arc<dyn Authorizer>) -> Arc<SessionConfig> {
         max_keepalive_secs: 1200,
         authorizer,
         lateness: crate::LatenessConfig::default(),
+        presence: false,
     })
 }
 
@@ -31,6 +32,7 @@ fn connect_packet(protocol: Protocol, client_id: &str) -> ConnectPacket {
         username: None,
         password: None,
         max_packet_size: None,
+        will_topic: None,
     }
 }
 
@@ -596,4 +598,123 @@ fn v5_topic_aliases_and_retain_are_refused() {
     let mut s = connected(Protocol::V4);
     let out = receive(&mut s, Inbound::Publish(p));
     assert_eq!(appended(&out).verdict, Verdict::Accepted { readings: 1 });
+}
+
+fn presence_session() -> Session {
+    let cfg = SessionConfig {
+        max_inflight: 8,
+        max_packet_bytes: 140_000,
+        max_keepalive_secs: 1200,
+        authorizer: Arc::new(AllowAll),
+        lateness: crate::LatenessConfig::default(),
+        presence: true,
+    };
+    Session::new(Arc::new(cfg), 9)
+}
+
+fn presences(out: &[Action]) -> Vec<schemas::Presence> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Append(a) if a.verdict == Verdict::Presence => {
+                match decode_record(&a.data).unwrap() {
+                    StreamRecord::Presence(p) => Some(p),
+                    other => panic!("not presence: {other:?}"),
+                }
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_connection_with_a_will_reports_connect_and_the_will_on_loss() {
+    let mut s = presence_session();
+    let mut out = Vec::new();
+    let mut c = connect_packet(Protocol::V4, "dev-1");
+    c.will_topic = Some("dt/f/dev-1/status".into());
+    s.receive(Inbound::Connect(c), NOW, &mut out);
+    let p = presences(&out);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].device_id, "dev-1");
+    assert_eq!(p[0].fleet.as_deref(), Some("f"));
+    assert_eq!(p[0].event, schemas::PresenceEvent::Connected);
+    // The presence record owes no PUBACK, and holds none back.
+    let token = appended(&out).token;
+    out.clear();
+    s.receive(
+        publish(1, 1, "dt/f/dev-1/telemetry", GOOD.as_bytes()),
+        NOW + 5,
+        &mut out,
+    );
+    let publish_token = appended(&out).token;
+    out.clear();
+    s.durable(publish_token, true, &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    s.durable(token, true, &mut out);
+    assert!(
+        matches!(
+            out.as_slice(),
+            [Action::Send(Outbound::PubAck { pkid: 1, .. })]
+        ),
+        "{out:?}"
+    );
+    out.clear();
+    s.close(CloseReason::SocketClosed, &mut out);
+    let p = presences(&out);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].at, NOW + 5, "the device was last heard then");
+    assert!(p[0].event.is_offline());
+    assert!(matches!(
+        out.last(),
+        Some(Action::Close(CloseReason::SocketClosed))
+    ));
+}
+
+#[test]
+fn a_clean_disconnect_is_reported_and_a_loss_without_a_will_is_not() {
+    let mut s = presence_session();
+    let mut out = Vec::new();
+    s.receive(
+        Inbound::Connect(connect_packet(Protocol::V5, "dev-2")),
+        NOW,
+        &mut out,
+    );
+    out.clear();
+    // The fleet comes from the connection's publishes.
+    s.receive(
+        publish(0, 0, "dt/g/dev-2/telemetry", GOOD.as_bytes()),
+        NOW + 1,
+        &mut out,
+    );
+    out.clear();
+    s.receive(Inbound::Disconnect, NOW + 2, &mut out);
+    let p = presences(&out);
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].fleet.as_deref(), Some("g"));
+    assert_eq!(
+        p[0].event,
+        schemas::PresenceEvent::Disconnected {
+            reason: schemas::presence::CLEAN_DISCONNECT.into()
+        }
+    );
+
+    let mut s = presence_session();
+    out.clear();
+    s.receive(
+        Inbound::Connect(connect_packet(Protocol::V4, "dev-3")),
+        NOW,
+        &mut out,
+    );
+    assert_eq!(presences(&out)[0].fleet, None);
+    out.clear();
+    s.close(CloseReason::KeepaliveTimeout, &mut out);
+    assert!(presences(&out).is_empty(), "{out:?}");
+    // Nor does a takeover: the device is still connected.
+    let mut s = presence_session();
+    let mut c = connect_packet(Protocol::V4, "dev-4");
+    c.will_topic = Some("dt/f/dev-4/status".into());
+    s.receive(Inbound::Connect(c), NOW, &mut out);
+    out.clear();
+    s.close(CloseReason::TakenOver, &mut out);
+    assert!(presences(&out).is_empty(), "{out:?}");
 }
