@@ -244,6 +244,10 @@ pub struct Args {
     /// Never show the live progress line (it shows only when stdout is a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics while the run goes on
+    /// (e.g. 127.0.0.1:9464; port 0 picks one and prints it).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Args {
@@ -377,6 +381,8 @@ impl Args {
             password: self.password,
             freshness_sample: self.freshness_sample,
             scenario,
+            metrics_listen: self.metrics_listen,
+            live: None,
         })
     }
 }

@@ -168,6 +168,12 @@ pub struct SimConfig {
     /// Mixed fleets and stages; replaces the single fleet's devices, rate,
     /// metrics, readings per message, QoS and stop.
     pub scenario: Option<Scenario>,
+    /// Serve Prometheus metrics here while the run goes on (port 0: any;
+    /// the bound address is printed on stderr).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Figures the run keeps up to date as it goes, for an endpoint the
+    /// caller serves itself (see [`crate::exporter::serve`]).
+    pub live: Option<std::sync::Arc<crate::exporter::Live>>,
 }
 
 impl Default for SimConfig {
@@ -215,6 +221,8 @@ impl Default for SimConfig {
             password: None,
             freshness_sample: FreshnessSample::Off,
             scenario: None,
+            metrics_listen: None,
+            live: None,
         }
     }
 }

@@ -22,6 +22,7 @@
 //! - [`verify`]: reads the API and compares.
 //! - [`resources`]: open-files limit, the simulator's memory and CPU.
 //! - [`summary`]: the run's numbers.
+//! - [`exporter`]: the run's figures as Prometheus metrics while it goes on.
 //! - `run`: [`run`], in named steps (plan, connect, publish, record, tally,
 //!   verify), and the verdict on the schedule.
 //!
@@ -31,6 +32,7 @@
 pub mod cli;
 pub mod config;
 pub mod expect;
+pub mod exporter;
 pub mod freshness;
 pub mod lateness;
 pub mod ledger;

@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::SimConfig;
+use crate::exporter::{self, Live, Phase};
 use crate::freshness::{self, Sample};
 use crate::ledger::{Ledger, LedgerLine, RunFinish};
 use crate::publish::{self, ConnectLimiter, Fleet, FleetShared, PublishConfig, PublishOutcome};
@@ -32,6 +33,16 @@ mod verdict;
 /// and verify if asked.
 pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     cfg.validate()?;
+    // The endpoint serves until this run returns, however it returns.
+    let mut cfg = cfg;
+    let _serving = match cfg.metrics_listen {
+        Some(addr) => {
+            let live = cfg.live.get_or_insert_with(Live::new).clone();
+            Some(exporter::start(addr, live).await?.1)
+        }
+        None => None,
+    };
+    let cfg = cfg;
     let warnings = cfg.warnings();
     for w in &warnings {
         eprintln!("device-sim: warning: {w}");
@@ -42,12 +53,17 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     };
     let runs = fleet_plans(&cfg, &ledger)?;
     let devices: u32 = runs.iter().map(|r| r.plan.devices).sum();
+    if let Some(live) = &cfg.live {
+        let total: u64 = runs.iter().flat_map(|r| r.messages.iter()).sum();
+        live.planned(u64::from(devices), total);
+    }
     let files_limit = resources::ensure_open_files(u64::from(devices) + resources::SPARE_FILES)?;
     let stats_before = stats_before(&cfg).await?;
 
     let before_connect = resources::Usage::now(files_limit);
     let connected = connect(&cfg, &runs, devices).await?;
     let rss_connected_mib = resources::Usage::now(files_limit).rss_mib;
+    set_phase(&cfg, Phase::Publishing);
     let published = publish(&cfg, &runs, connected).await?;
     record(&cfg, &runs, &published.outcomes, &mut ledger)?;
 
@@ -60,6 +76,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     );
     summary.freshness = published.freshness;
     if let Some(url) = &cfg.verify {
+        set_phase(&cfg, Phase::Verifying);
         let expect = expected_stats(&runs, &published.outcomes);
         let stats = stats_before.map(|before| (before, expect));
         summary.verify = verify_fleets(&cfg, url, &runs, ledger, stats).await?;
@@ -74,7 +91,16 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(live) = &cfg.live {
+        live.finish(&summary);
+    }
     Ok(summary)
+}
+
+fn set_phase(cfg: &SimConfig, phase: Phase) {
+    if let Some(live) = &cfg.live {
+        live.set_phase(phase);
+    }
 }
 
 /// `/v1/stats` before publishing. Stats deltas only mean something when the
@@ -134,6 +160,9 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
             connect_timeout,
         };
         let shared = Arc::new(FleetShared::new()?);
+        if let Some(live) = &cfg.live {
+            live.add_fleet(shared.clone());
+        }
         let fresh = fresh_tx
             .clone()
             .zip(freshness.as_ref().map(|(_, every)| *every))
