@@ -13,6 +13,9 @@
 //!   stages).
 //! - [`signal`]: deterministic values per (seed, device, metric, seq).
 //! - [`payload`]: payload v1 JSON.
+//! - [`replay`]: a recorded file's rows as a fleet's schedule and values.
+//! - [`template`]: payloads shaped by a template, and what payload v1 makes
+//!   of them.
 //! - [`lateness`]: late and too-late decisions with honest uncertainty.
 //! - [`publish`]: one lean MQTT connection per device (3.1.1 or 5, TCP or
 //!   TLS), PUBACK tracking, retries.
@@ -39,11 +42,13 @@ pub mod ledger;
 pub mod payload;
 pub mod plan;
 pub mod publish;
+pub mod replay;
 pub mod resources;
 mod run;
 pub mod scenario;
 pub mod signal;
 pub mod summary;
+pub mod template;
 pub mod verify;
 
 use std::time::{SystemTime, UNIX_EPOCH};

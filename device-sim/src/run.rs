@@ -20,6 +20,7 @@ use crate::freshness::{self, Sample};
 use crate::ledger::{Ledger, LedgerLine, RunFinish};
 use crate::publish::{self, ConnectLimiter, Fleet, FleetShared, PublishConfig, PublishOutcome};
 use crate::summary::Summary;
+use crate::template::Verdict;
 use crate::verify::api::Api;
 use crate::verify::{self, StatsExpectation, VerifyConfig, VerifyReport};
 use crate::{now_ms, resources};
@@ -52,13 +53,14 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         None => Ledger::default(),
     };
     let runs = fleet_plans(&cfg, &ledger)?;
+    let refused = template_refusal(&cfg, &runs)?;
     let devices: u32 = runs.iter().map(|r| r.plan.devices).sum();
     if let Some(live) = &cfg.live {
         let total: u64 = runs.iter().flat_map(|r| r.messages.iter()).sum();
         live.planned(u64::from(devices), total);
     }
     let files_limit = resources::ensure_open_files(u64::from(devices) + resources::SPARE_FILES)?;
-    let stats_before = stats_before(&cfg).await?;
+    let stats_before = stats_before(&cfg, refused.is_some()).await?;
 
     let before_connect = resources::Usage::now(files_limit);
     let connected = connect(&cfg, &runs, devices).await?;
@@ -77,9 +79,24 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     summary.freshness = published.freshness;
     if let Some(url) = &cfg.verify {
         set_phase(&cfg, Phase::Verifying);
-        let expect = expected_stats(&runs, &published.outcomes);
-        let stats = stats_before.map(|before| (before, expect));
-        summary.verify = verify_fleets(&cfg, url, &runs, ledger, stats).await?;
+        summary.verify = match (refused, stats_before) {
+            (Some(reason), Some(before)) => Some(
+                verify::verify_refused(
+                    url,
+                    &before,
+                    reason,
+                    &published.outcomes,
+                    devices,
+                    cfg.verify_timeout,
+                )
+                .await?,
+            ),
+            (_, stats_before) => {
+                let expect = expected_stats(&runs, &published.outcomes);
+                let stats = stats_before.map(|before| (before, expect));
+                verify_fleets(&cfg, url, &runs, ledger, stats).await?
+            }
+        };
     }
     summary.usage = resources::Usage::now(files_limit);
     summary.rss_connected_mib = rss_connected_mib;
@@ -103,11 +120,43 @@ fn set_phase(cfg: &SimConfig, phase: Phase) {
     }
 }
 
+/// What payload v1 makes of the run's template, when verifying: `None` when
+/// its payloads read back as the readings (or there is no template), the
+/// reason the pipeline must refuse them with, or an error when they say
+/// something else, which verify cannot expect.
+fn template_refusal(cfg: &SimConfig, runs: &[FleetRun]) -> anyhow::Result<Option<&'static str>> {
+    let Some(t) = &cfg.payload_template else {
+        return Ok(None);
+    };
+    if cfg.verify.is_none() {
+        return Ok(None);
+    }
+    let mut refused = None;
+    for r in runs {
+        let names: Vec<String> = r.plan.metrics.iter().map(|m| m.name.clone()).collect();
+        match t.verdict(&names) {
+            Verdict::Faithful => {}
+            Verdict::Refused(reason) => refused = Some(reason),
+            Verdict::Unfaithful(why) => anyhow::bail!(
+                "--payload-template: {why}, so verify cannot know what the pipeline stores; run without --verify"
+            ),
+        }
+    }
+    anyhow::ensure!(
+        refused.is_none() || !cfg.faults.any(),
+        "a template whose payloads are refused cannot be combined with fault knobs"
+    );
+    Ok(refused)
+}
+
 /// `/v1/stats` before publishing. Stats deltas only mean something when the
 /// run injects faults, and assume nothing else publishes meanwhile.
-async fn stats_before(cfg: &SimConfig) -> anyhow::Result<Option<verify::api::Stats>> {
+async fn stats_before(
+    cfg: &SimConfig,
+    refused: bool,
+) -> anyhow::Result<Option<verify::api::Stats>> {
     match &cfg.verify {
-        Some(url) if cfg.faults.any() => Ok(Some(
+        Some(url) if cfg.faults.any() || refused => Ok(Some(
             Api::new(url, 1)?
                 .stats()
                 .await
