@@ -253,10 +253,13 @@ pub fn judge(bytes: &[u8], seq: u64, ts: i64, metrics: &[(String, f64)]) -> Verd
         [(s, t, values)] => {
             let mut values = values.clone();
             values.sort_by(|a, b| a.0.cmp(&b.0));
-            if *s != Some(seq) {
-                Verdict::Unfaithful(format!(
-                    "the payload's seq is {s:?}, not the reading's {seq}"
-                ))
+            if s.is_none() {
+                Verdict::Unfaithful(
+                    "the payload has no `seq`, so a retransmission cannot be told from a new reading"
+                        .into(),
+                )
+            } else if *s != Some(seq) {
+                Verdict::Unfaithful("the payload's `seq` is not the reading's".into())
             } else if *t != ts {
                 Verdict::Unfaithful(format!("the payload's ts is {t}, not the reading's {ts}"))
             } else if values != want {
