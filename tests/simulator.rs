@@ -90,3 +90,56 @@ async fn late_readings_verify_exactly_and_too_late_ones_are_counted() {
     assert!(late_windows > 0, "no late reading was accepted");
     p.shutdown().await.unwrap();
 }
+
+/// A recorded file (4 devices, 301 rows of two metrics, out of order across
+/// devices, one row recorded 2 minutes late) replayed at its pace through the
+/// whole pipeline verifies exactly; a template adding `device_id` is refused
+/// `schema` by the endpoint, and verify expects exactly that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_file_verifies_and_a_refused_template_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = support::start(dir.path()).await;
+    let file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("device-sim/tests/data/replay.csv");
+    let summary = device_sim::run(SimConfig {
+        fleet: "replayed".into(),
+        replay: Some(device_sim::replay::ReplayConfig {
+            file,
+            speed: device_sim::replay::Speed::Factor(1.0),
+            time: device_sim::replay::TimeMode::Shift,
+        }),
+        stop: Stop::Count(u64::MAX),
+        ..sim(&p)
+    })
+    .await
+    .unwrap();
+    println!("{summary}");
+    assert!(summary.ok(), "{summary}");
+    assert_eq!((summary.readings_sent, summary.acked), (301, 301));
+    let verify = support::verified(summary.verify);
+    assert_eq!(verify.devices, 4);
+
+    let template = device_sim::template::Template::parse(
+        r#"{"device_id": {{device}}, "seq": {{seq}}, "ts": {{ts}}, "metrics": {{metrics}}}"#,
+    )
+    .unwrap();
+    let summary = device_sim::run(SimConfig {
+        fleet: "templated".into(),
+        devices: 5,
+        stop: Stop::Count(4),
+        payload_template: Some(template),
+        ..sim(&p)
+    })
+    .await
+    .unwrap();
+    println!("{summary}");
+    assert!(summary.ok(), "{summary}");
+    let verify = summary.verify.unwrap();
+    let schema = verify
+        .stats
+        .iter()
+        .find(|c| c.counter == "rejected.schema")
+        .unwrap();
+    assert_eq!(schema.got, 20, "{verify}");
+    p.shutdown().await.unwrap();
+}

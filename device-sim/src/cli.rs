@@ -244,6 +244,28 @@ pub struct Args {
     /// Never show the live progress line (it shows only when stdout is a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics while the run goes on
+    /// (e.g. 127.0.0.1:9464; port 0 picks one and prints it).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Replay a recorded file (CSV with a header `device,ts[,fleet],METRIC...`,
+    /// or JSON lines `{"device","ts","fleet"?,"metrics"}`) instead of seeded
+    /// devices; the whole file unless --count or --duration cut it short.
+    #[arg(long, value_name = "FILE")]
+    pub replay: Option<PathBuf>,
+    /// The replay's pace: a factor of the recorded pace (1, 10, 0.5) or `max`.
+    #[arg(long, default_value = "1")]
+    pub replay_speed: crate::replay::Speed,
+    /// The replayed timestamps: `shift` (the first reading is taken when the
+    /// run starts) or `keep` (as recorded: for files within the pipeline's
+    /// allowed lateness).
+    #[arg(long, value_enum, default_value = "shift")]
+    pub replay_time: crate::replay::TimeMode,
+    /// Shape the payload: a JSON template inline (starting with `{`) or a
+    /// file, with {{seq}}, {{ts}}, {{metrics}}, {{metric:NAME}}, {{device}}
+    /// and {{fleet}}.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub payload_template: Option<String>,
 }
 
 impl Args {
@@ -331,9 +353,14 @@ impl Args {
             (Some(d), _) => Stop::After(d),
             (None, Some(c)) => Stop::Count(c),
             (None, None) if scenario.is_some() => Stop::Count(0),
+            (None, None) if self.replay.is_some() => Stop::Count(u64::MAX),
             (None, None) => bail!("give --duration or --count (or --scenario)"),
         };
         let metrics = self.metric_specs()?;
+        let payload_template = match &self.payload_template {
+            Some(t) => Some(crate::template::Template::load(t)?),
+            None => None,
+        };
         let report_json = self.report_json()?;
         Ok(SimConfig {
             broker,
@@ -377,6 +404,14 @@ impl Args {
             password: self.password,
             freshness_sample: self.freshness_sample,
             scenario,
+            metrics_listen: self.metrics_listen,
+            live: None,
+            replay: self.replay.map(|file| crate::replay::ReplayConfig {
+                file,
+                speed: self.replay_speed,
+                time: self.replay_time,
+            }),
+            payload_template,
         })
     }
 }
@@ -397,7 +432,7 @@ pub fn default_fleet(ledger: bool, run_key: u64) -> String {
 /// URL, or for a scenario (whose fleets have their own names).
 pub fn query_lines(cfg: &SimConfig) -> Option<String> {
     let api = cfg.verify.as_deref()?.trim_end_matches('/');
-    if cfg.scenario.is_some() || cfg.devices == 0 {
+    if cfg.scenario.is_some() || cfg.replay.is_some() || cfg.devices == 0 {
         return None;
     }
     let metric = cfg

@@ -168,6 +168,17 @@ pub struct SimConfig {
     /// Mixed fleets and stages; replaces the single fleet's devices, rate,
     /// metrics, readings per message, QoS and stop.
     pub scenario: Option<Scenario>,
+    /// Serve Prometheus metrics here while the run goes on (port 0: any;
+    /// the bound address is printed on stderr).
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Figures the run keeps up to date as it goes, for an endpoint the
+    /// caller serves itself (see [`crate::exporter::serve`]).
+    pub live: Option<std::sync::Arc<crate::exporter::Live>>,
+    /// Replay a recorded file instead of the seed's fleet: its devices,
+    /// timestamps and values (see [`crate::replay`]).
+    pub replay: Option<crate::replay::ReplayConfig>,
+    /// Shape every payload with this template (see [`crate::template`]).
+    pub payload_template: Option<crate::template::Template>,
 }
 
 impl Default for SimConfig {
@@ -215,6 +226,10 @@ impl Default for SimConfig {
             password: None,
             freshness_sample: FreshnessSample::Off,
             scenario: None,
+            metrics_listen: None,
+            live: None,
+            replay: None,
+            payload_template: None,
         }
     }
 }
@@ -283,7 +298,27 @@ impl SimConfig {
         out
     }
 
+    /// What a replay cannot be combined with.
+    fn validate_replay(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.scenario.is_none() || self.replay.is_none(),
+            "give --scenario or --replay, not both"
+        );
+        if self.replay.is_some() {
+            ensure!(
+                self.readings_per_message == 1,
+                "a replay sends each recorded row as one message: leave --readings-per-message at 1"
+            );
+            ensure!(
+                self.faults.late_rate == 0.0,
+                "a replay's readings are late as recorded: --late-rate does not apply"
+            );
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_replay()?;
         if let Some(s) = &self.scenario {
             s.validate()?;
             for f in &s.fleets {

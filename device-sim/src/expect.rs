@@ -262,15 +262,20 @@ pub fn device_windows(runs: &[Run], occurrences: &[(usize, u32)]) -> Windows {
                 if tl == Class::Yes {
                     continue;
                 }
-                let vs = values.values(r.seq);
+                let vs = values.reading_values(r.seq);
                 for res in RESOLUTIONS_MS {
                     let end = window_end(r.ts, res);
                     let late = classify(end, due, due) == Class::Yes;
-                    for (m, v) in plan.metrics.iter().zip(&vs) {
+                    // A recorded row may lack a metric: no reading of it.
+                    let present = vs
+                        .iter()
+                        .zip(&plan.metrics)
+                        .filter_map(|(v, m)| Some((m, (*v)?)));
+                    for (m, v) in present {
                         windows
                             .entry((m.name.clone(), res, end - res))
                             .or_default()
-                            .add(r.ts, *v, late, tl == Class::Maybe);
+                            .add(r.ts, v, late, tl == Class::Maybe);
                     }
                 }
             }

@@ -88,7 +88,39 @@ impl Ledger {
                 .with_context(|| format!("ledger {} line {}", path.display(), n + 1))?;
             ledger.apply(parsed)?;
         }
+        ledger.read_replays()?;
         Ok(ledger)
+    }
+
+    /// Reads again the files that replayed runs published, so that verify
+    /// can regenerate their readings; a file changed since is refused.
+    fn read_replays(&mut self) -> anyhow::Result<()> {
+        for run in &mut self.runs {
+            let n = run.start.run;
+            let plan = &mut run.start.plan;
+            let Some(r) = plan.replay.as_mut() else {
+                continue;
+            };
+            if r.data.is_some() {
+                continue;
+            }
+            let rec = crate::replay::load(&r.file, &r.default_fleet, r.speed)
+                .with_context(|| format!("ledger run {n} replayed {}", r.file.display()))?;
+            if rec.digest != r.digest {
+                bail!(
+                    "ledger run {n} replayed {}, which has changed since (digest {}, now {}): its readings cannot be regenerated",
+                    r.file.display(),
+                    r.digest,
+                    rec.digest
+                );
+            }
+            r.data = rec
+                .fleets
+                .get(&plan.fleet)
+                .cloned()
+                .map(std::sync::Arc::new);
+        }
+        Ok(())
     }
 
     pub fn apply(&mut self, line: LedgerLine) -> anyhow::Result<()> {

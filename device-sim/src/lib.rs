@@ -13,6 +13,9 @@
 //!   stages).
 //! - [`signal`]: deterministic values per (seed, device, metric, seq).
 //! - [`payload`]: payload v1 JSON.
+//! - [`replay`]: a recorded file's rows as a fleet's schedule and values.
+//! - [`template`]: payloads shaped by a template, and what payload v1 makes
+//!   of them.
 //! - [`lateness`]: late and too-late decisions with honest uncertainty.
 //! - [`publish`]: one lean MQTT connection per device (3.1.1 or 5, TCP or
 //!   TLS), PUBACK tracking, retries.
@@ -22,6 +25,7 @@
 //! - [`verify`]: reads the API and compares.
 //! - [`resources`]: open-files limit, the simulator's memory and CPU.
 //! - [`summary`]: the run's numbers.
+//! - [`exporter`]: the run's figures as Prometheus metrics while it goes on.
 //! - `run`: [`run`], in named steps (plan, connect, publish, record, tally,
 //!   verify), and the verdict on the schedule.
 //!
@@ -31,17 +35,20 @@
 pub mod cli;
 pub mod config;
 pub mod expect;
+pub mod exporter;
 pub mod freshness;
 pub mod lateness;
 pub mod ledger;
 pub mod payload;
 pub mod plan;
 pub mod publish;
+pub mod replay;
 pub mod resources;
 mod run;
 pub mod scenario;
 pub mod signal;
 pub mod summary;
+pub mod template;
 pub mod verify;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -2,9 +2,12 @@
 //! not share the pipeline's wire code, or a bug there could hide itself.
 
 use std::io::Write as _;
+use std::sync::Arc;
 
 use crate::plan::{Message, RunPlan};
+use crate::replay::ReplayFleet;
 use crate::signal::SignalGen;
+use crate::template::Template;
 
 /// Values for one device in one run, one generator per metric.
 #[derive(Debug)]
@@ -14,10 +17,34 @@ pub struct DeviceValues {
     /// building them as `serde_json::Value` maps took most of the
     /// simulator's CPU at 20 readings per message.
     gens: Vec<(Vec<u8>, SignalGen)>,
+    /// A replayed device's rows, by `seq - first_seq`, instead of the
+    /// generators (which are then empty).
+    recorded: Option<(Arc<ReplayFleet>, usize, u64)>,
+    /// The metrics' names as JSON strings, for recorded values.
+    names: Vec<Vec<u8>>,
+    /// The payload's template, with the device's id and fleet.
+    template: Option<(Template, String, String)>,
 }
 
 impl DeviceValues {
     pub fn new(plan: &RunPlan, device: u32, first_seq: u64) -> Self {
+        let names = plan
+            .metrics
+            .iter()
+            .map(|m| serde_json::to_vec(&m.name).unwrap_or_default())
+            .collect();
+        let template = plan
+            .template
+            .clone()
+            .map(|t| (t, plan.device_id(device), plan.fleet.clone()));
+        if let Some(data) = plan.replay.as_ref().and_then(|r| r.data.clone()) {
+            return DeviceValues {
+                gens: Vec::new(),
+                recorded: Some((data, device as usize, first_seq)),
+                names,
+                template,
+            };
+        }
         let gens = plan
             .metrics
             .iter()
@@ -28,7 +55,12 @@ impl DeviceValues {
                 )
             })
             .collect();
-        DeviceValues { gens }
+        DeviceValues {
+            gens,
+            recorded: None,
+            names,
+            template,
+        }
     }
 
     /// The values of reading `seq`, in the plan's metric order.
@@ -36,8 +68,66 @@ impl DeviceValues {
         self.gens.iter_mut().map(|(_, g)| g.value(seq)).collect()
     }
 
+    /// The values of reading `seq`, in the plan's metric order: `None` for
+    /// a metric a recorded row has no value for.
+    pub fn reading_values(&mut self, seq: u64) -> Vec<Option<f64>> {
+        match &self.recorded {
+            Some((data, device, first_seq)) => {
+                let row = data.devices.get(*device).and_then(|d| {
+                    let k = usize::try_from(seq.checked_sub(*first_seq)?).ok()?;
+                    d.rows.get(k)
+                });
+                match row {
+                    Some(r) => r.values.clone(),
+                    None => vec![None; self.names.len()],
+                }
+            }
+            None => self.values(seq).into_iter().map(Some).collect(),
+        }
+    }
+
     fn write_reading(&mut self, out: &mut Vec<u8>, seq: u64, ts: i64) {
+        if self.template.is_some() {
+            let values = self.reading_values(seq);
+            let metrics: Vec<(&[u8], f64)> = self
+                .names
+                .iter()
+                .zip(&values)
+                .filter_map(|(n, v)| Some((n.as_slice(), (*v)?)))
+                .collect();
+            if let Some((t, device, fleet)) = &self.template {
+                t.render(
+                    out,
+                    &crate::template::Reading {
+                        device,
+                        fleet,
+                        seq,
+                        ts,
+                        metrics: &metrics,
+                    },
+                );
+            }
+            return;
+        }
         let _ = write!(out, "{{\"seq\":{seq},\"ts\":{ts},\"metrics\":{{");
+        if self.recorded.is_some() {
+            let values = self.reading_values(seq);
+            let present = self
+                .names
+                .iter()
+                .zip(&values)
+                .filter_map(|(n, v)| Some((n, (*v)?)));
+            for (i, (name, v)) in present.enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(name);
+                out.push(b':');
+                let _ = serde_json::to_writer(&mut *out, &v);
+            }
+            out.extend_from_slice(b"}}");
+            return;
+        }
         for (i, (name, g)) in self.gens.iter_mut().enumerate() {
             if i > 0 {
                 out.push(b',');

@@ -19,6 +19,7 @@ use rand_chacha::rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::lateness::{Class, classify};
+use crate::replay::ReplayPlan;
 use crate::signal::{MetricSpec, mix, unit};
 
 pub const MINUTE_MS: i64 = 60_000;
@@ -97,6 +98,14 @@ pub struct RunPlan {
     pub offline: Vec<OfflineWindow>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub storms: Vec<Storm>,
+    /// A recorded file's rows instead of the seed's schedule and values
+    /// (see [`crate::replay`]): one reading per message, no stages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<ReplayPlan>,
+    /// The payload's shape (see [`crate::template`]); `None`: payload v1
+    /// as [`crate::payload`] writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<crate::template::Template>,
 }
 
 /// A stretch of the schedule with one period per device. Times are µs from
@@ -182,7 +191,11 @@ pub struct Send {
 
 impl RunPlan {
     pub fn device_id(&self, index: u32) -> String {
-        format!("{}{index:05}", self.prefix)
+        let recorded = self.replay.as_ref().and_then(|r| r.data.as_ref());
+        match recorded.and_then(|d| d.devices.get(index as usize)) {
+            Some(d) => d.id.clone(),
+            None => format!("{}{index:05}", self.prefix),
+        }
     }
 
     pub fn topic(&self, index: u32) -> String {
@@ -227,6 +240,9 @@ impl RunPlan {
     /// When device `index`'s `k`-th message is due, µs since the epoch.
     pub fn due_us(&self, index: u32, k: u64) -> i64 {
         let base = self.run_start_ms * 1000;
+        if let Some(r) = &self.replay {
+            return base + r.row(index, k).map_or(0, |row| row.due_us as i64);
+        }
         if self.segments.is_empty() {
             return base + (self.phase_us(index) + k * self.period_us) as i64;
         }
@@ -246,6 +262,9 @@ impl RunPlan {
     /// How many messages device `index` sends in `duration_us`: those due
     /// before the end.
     pub fn messages_within(&self, index: u32, duration_us: u64) -> u64 {
+        if let Some(r) = &self.replay {
+            return r.rows_within(index, duration_us);
+        }
         if self.segments.is_empty() {
             let phase = self.phase_us(index);
             if duration_us <= phase {
@@ -261,6 +280,10 @@ impl RunPlan {
 
     /// The schedule's planned length in µs, if it has segments.
     pub fn planned_length_us(&self) -> Option<u64> {
+        if let Some(d) = self.replay.as_ref().and_then(|r| r.data.as_ref()) {
+            let last = d.devices.iter().filter_map(|d| d.rows.last());
+            return Some(last.map(|r| r.due_us).max().unwrap_or(0) + 1);
+        }
         self.segments.last().map(|s| s.end_us)
     }
 
@@ -309,8 +332,19 @@ impl RunPlan {
             .collect()
     }
 
-    /// Message `k`'s readings, without faults, due at `due_us`.
-    fn readings(&self, first_seq: u64, k: u64, due_us: i64) -> Vec<PlannedReading> {
+    /// Device `index`'s message `k`'s readings, without faults, due at
+    /// `due_us`.
+    fn readings(&self, index: u32, first_seq: u64, k: u64, due_us: i64) -> Vec<PlannedReading> {
+        if let Some(r) = &self.replay {
+            return r
+                .row(index, k)
+                .map(|row| PlannedReading {
+                    seq: first_seq + k,
+                    ts: r.ts(row, self.run_start_ms),
+                })
+                .into_iter()
+                .collect();
+        }
         let kk = u64::from(self.readings_per_message.max(1));
         (0..kk)
             .map(|j| {
@@ -401,7 +435,7 @@ impl Sends<'_> {
             if due >= end_us {
                 break;
             }
-            readings.extend(plan.readings(self.first_seq, self.next_k, due));
+            readings.extend(plan.readings(self.index, self.first_seq, self.next_k, due));
             self.next_k += 1;
         }
         let kk = u64::from(plan.readings_per_message.max(1));
@@ -438,7 +472,7 @@ impl Sends<'_> {
     /// schedule when it is held back), with its faults.
     fn push_message(&mut self, k: u64, due_us: i64, d: Draws) {
         let plan = self.plan;
-        let mut readings = plan.readings(self.first_seq, k, plan.due_us(self.index, k));
+        let mut readings = plan.readings(self.index, self.first_seq, k, plan.due_us(self.index, k));
         let due_ms = due_us.div_euclid(1000);
         let mut late_reading = None;
         if d.late && plan.faults.late_by_ms > 0 {

@@ -15,10 +15,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::config::SimConfig;
+use crate::exporter::{self, Live, Phase};
 use crate::freshness::{self, Sample};
 use crate::ledger::{Ledger, LedgerLine, RunFinish};
 use crate::publish::{self, ConnectLimiter, Fleet, FleetShared, PublishConfig, PublishOutcome};
 use crate::summary::Summary;
+use crate::template::Verdict;
 use crate::verify::api::Api;
 use crate::verify::{self, StatsExpectation, VerifyConfig, VerifyReport};
 use crate::{now_ms, resources};
@@ -32,6 +34,16 @@ mod verdict;
 /// and verify if asked.
 pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     cfg.validate()?;
+    // The endpoint serves until this run returns, however it returns.
+    let mut cfg = cfg;
+    let _serving = match cfg.metrics_listen {
+        Some(addr) => {
+            let live = cfg.live.get_or_insert_with(Live::new).clone();
+            Some(exporter::start(addr, live).await?.1)
+        }
+        None => None,
+    };
+    let cfg = cfg;
     let warnings = cfg.warnings();
     for w in &warnings {
         eprintln!("device-sim: warning: {w}");
@@ -41,13 +53,19 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         None => Ledger::default(),
     };
     let runs = fleet_plans(&cfg, &ledger)?;
+    let refused = template_refusal(&cfg, &runs)?;
     let devices: u32 = runs.iter().map(|r| r.plan.devices).sum();
+    if let Some(live) = &cfg.live {
+        let total: u64 = runs.iter().flat_map(|r| r.messages.iter()).sum();
+        live.planned(u64::from(devices), total);
+    }
     let files_limit = resources::ensure_open_files(u64::from(devices) + resources::SPARE_FILES)?;
-    let stats_before = stats_before(&cfg).await?;
+    let stats_before = stats_before(&cfg, refused.is_some()).await?;
 
     let before_connect = resources::Usage::now(files_limit);
     let connected = connect(&cfg, &runs, devices).await?;
     let rss_connected_mib = resources::Usage::now(files_limit).rss_mib;
+    set_phase(&cfg, Phase::Publishing);
     let published = publish(&cfg, &runs, connected).await?;
     record(&cfg, &runs, &published.outcomes, &mut ledger)?;
 
@@ -60,9 +78,25 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     );
     summary.freshness = published.freshness;
     if let Some(url) = &cfg.verify {
-        let expect = expected_stats(&runs, &published.outcomes);
-        let stats = stats_before.map(|before| (before, expect));
-        summary.verify = verify_fleets(&cfg, url, &runs, ledger, stats).await?;
+        set_phase(&cfg, Phase::Verifying);
+        summary.verify = match (refused, stats_before) {
+            (Some(reason), Some(before)) => Some(
+                verify::verify_refused(
+                    url,
+                    &before,
+                    reason,
+                    &published.outcomes,
+                    devices,
+                    cfg.verify_timeout,
+                )
+                .await?,
+            ),
+            (_, stats_before) => {
+                let expect = expected_stats(&runs, &published.outcomes);
+                let stats = stats_before.map(|before| (before, expect));
+                verify_fleets(&cfg, url, &runs, ledger, stats).await?
+            }
+        };
     }
     summary.usage = resources::Usage::now(files_limit);
     summary.rss_connected_mib = rss_connected_mib;
@@ -74,14 +108,55 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         let text = serde_json::to_string_pretty(&summary)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     }
+    if let Some(live) = &cfg.live {
+        live.finish(&summary);
+    }
     Ok(summary)
+}
+
+fn set_phase(cfg: &SimConfig, phase: Phase) {
+    if let Some(live) = &cfg.live {
+        live.set_phase(phase);
+    }
+}
+
+/// What payload v1 makes of the run's template, when verifying: `None` when
+/// its payloads read back as the readings (or there is no template), the
+/// reason the pipeline must refuse them with, or an error when they say
+/// something else, which verify cannot expect.
+fn template_refusal(cfg: &SimConfig, runs: &[FleetRun]) -> anyhow::Result<Option<&'static str>> {
+    let Some(t) = &cfg.payload_template else {
+        return Ok(None);
+    };
+    if cfg.verify.is_none() {
+        return Ok(None);
+    }
+    let mut refused = None;
+    for r in runs {
+        let names: Vec<String> = r.plan.metrics.iter().map(|m| m.name.clone()).collect();
+        match t.verdict(&names) {
+            Verdict::Faithful => {}
+            Verdict::Refused(reason) => refused = Some(reason),
+            Verdict::Unfaithful(why) => anyhow::bail!(
+                "--payload-template: {why}, so verify cannot know what the pipeline stores; run without --verify"
+            ),
+        }
+    }
+    anyhow::ensure!(
+        refused.is_none() || !cfg.faults.any(),
+        "a template whose payloads are refused cannot be combined with fault knobs"
+    );
+    Ok(refused)
 }
 
 /// `/v1/stats` before publishing. Stats deltas only mean something when the
 /// run injects faults, and assume nothing else publishes meanwhile.
-async fn stats_before(cfg: &SimConfig) -> anyhow::Result<Option<verify::api::Stats>> {
+async fn stats_before(
+    cfg: &SimConfig,
+    refused: bool,
+) -> anyhow::Result<Option<verify::api::Stats>> {
     match &cfg.verify {
-        Some(url) if cfg.faults.any() => Ok(Some(
+        Some(url) if cfg.faults.any() || refused => Ok(Some(
             Api::new(url, 1)?
                 .stats()
                 .await
@@ -134,6 +209,9 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
             connect_timeout,
         };
         let shared = Arc::new(FleetShared::new()?);
+        if let Some(live) = &cfg.live {
+            live.add_fleet(shared.clone());
+        }
         let fresh = fresh_tx
             .clone()
             .zip(freshness.as_ref().map(|(_, every)| *every))

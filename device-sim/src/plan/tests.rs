@@ -28,6 +28,8 @@ pub(crate) fn plan() -> RunPlan {
         segments: Vec::new(),
         offline: Vec::new(),
         storms: Vec::new(),
+        replay: None,
+        template: None,
     }
 }
 

@@ -493,6 +493,7 @@ impl Device {
         }
         if reason >= 0x80 {
             self.counters.refused += 1;
+            self.env.shared.refused.fetch_add(1, Ordering::Relaxed);
             self.counters.last_error = Some(format!("PUBACK reason code {reason:#04x}"));
         }
         self.complete(p, crate::now_ms());

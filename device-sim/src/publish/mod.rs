@@ -49,6 +49,12 @@ pub struct FleetShared {
     pub connected: AtomicU32,
     /// Freshness samples dropped because the probe queue was full.
     pub freshness_dropped: AtomicU64,
+    /// The devices' counters of the same names, as they happen, for
+    /// `--metrics-listen` (the summary adds up the devices' own at the end).
+    pub refused: AtomicU64,
+    pub failed: AtomicU64,
+    pub retransmissions: AtomicU64,
+    pub reconnects: AtomicU64,
 }
 
 impl FleetShared {
@@ -63,6 +69,10 @@ impl FleetShared {
             completed: AtomicU64::new(0),
             connected: AtomicU32::new(0),
             freshness_dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retransmissions: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
         })
     }
 

@@ -4,6 +4,7 @@
 use crate::config::{Rate, SimConfig, Stop};
 use crate::ledger::{Ledger, RunStart};
 use crate::plan::RunPlan;
+use crate::replay::{self, Recording, ReplayConfig, ReplayPlan, TimeMode};
 use crate::scenario::{FleetSpec, Scenario};
 use crate::signal::MetricSpec;
 
@@ -34,8 +35,9 @@ impl FleetRun {
 /// flat fields describe.
 pub(super) fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Vec<FleetRun>> {
     let base = base_plan(cfg);
-    let specs = match &cfg.scenario {
-        None => vec![(
+    let specs = match (&cfg.scenario, &cfg.replay) {
+        (None, Some(replay)) => replay_plans(cfg, replay, &base)?,
+        (None, None) => vec![(
             RunPlan {
                 period_us: cfg.period_us()?,
                 ..base
@@ -43,7 +45,7 @@ pub(super) fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Ve
             cfg.qos,
             cfg.stop,
         )],
-        Some(sc) => sc
+        (Some(sc), _) => sc
             .fleets
             .iter()
             .map(|f| scenario_plan(cfg, sc, f, &base))
@@ -64,6 +66,9 @@ pub(super) fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Ve
                 .collect();
             let messages = (0..plan.devices)
                 .map(|i| match stop {
+                    Stop::Count(c) if plan.replay.is_some() => {
+                        c.min(plan.messages_within(i, u64::MAX))
+                    }
                     Stop::Count(c) => c,
                     Stop::After(d) => plan.messages_within(i, d.as_micros() as u64),
                 })
@@ -98,6 +103,8 @@ fn base_plan(cfg: &SimConfig) -> RunPlan {
         segments: Vec::new(),
         offline: Vec::new(),
         storms: Vec::new(),
+        replay: None,
+        template: cfg.payload_template.clone(),
     }
 }
 
@@ -140,4 +147,77 @@ fn scenario_plan(
         ..base.clone()
     };
     Ok((plan, f.qos, Stop::After(sc.length())))
+}
+
+/// A recorded file's fleets, each replaying its devices' rows.
+fn replay_plans(
+    cfg: &SimConfig,
+    replay: &ReplayConfig,
+    base: &RunPlan,
+) -> anyhow::Result<Vec<(RunPlan, u8, Stop)>> {
+    let rec = replay::load(&replay.file, &cfg.fleet, replay.speed)?;
+    check_future(&rec, replay)?;
+    let metrics: Vec<MetricSpec> = rec
+        .metrics
+        .iter()
+        .map(|name| MetricSpec {
+            name: name.clone(),
+            signal: Default::default(),
+        })
+        .collect();
+    Ok(rec
+        .fleets
+        .into_iter()
+        .map(|(fleet, data)| {
+            let plan = RunPlan {
+                fleet: fleet.clone(),
+                devices: data.devices.len() as u32,
+                // Unused: the rows set the pace.
+                period_us: 1_000_000,
+                readings_per_message: 1,
+                metrics: metrics.clone(),
+                replay: Some(ReplayPlan {
+                    file: replay.file.clone(),
+                    digest: rec.digest.clone(),
+                    speed: replay.speed,
+                    time: replay.time,
+                    default_fleet: cfg.fleet.clone(),
+                    first_ts: rec.first_ts,
+                    data: Some(std::sync::Arc::new(data)),
+                }),
+                ..base.clone()
+            };
+            (plan, cfg.qos, cfg.stop)
+        })
+        .collect())
+}
+
+/// The pipeline refuses readings more than 10 minutes ahead of their
+/// arrival (`in_future`), which the expectations do not model: a replay
+/// whose readings would run that far ahead of their publish is refused
+/// before it starts.
+fn check_future(rec: &Recording, replay: &ReplayConfig) -> anyhow::Result<()> {
+    // Beyond this, with a margin for the clocks.
+    const AHEAD_MS: i64 = 9 * 60_000;
+    let now = crate::now_ms();
+    for d in rec.fleets.values().flat_map(|f| f.devices.iter()) {
+        for row in &d.rows {
+            let due_ms = now + (row.due_us / 1000) as i64;
+            let ts = match replay.time {
+                TimeMode::Shift => now + (row.ts - rec.first_ts),
+                TimeMode::Keep => row.ts,
+            };
+            anyhow::ensure!(
+                ts - due_ms <= AHEAD_MS,
+                "replaying {} at {:?} with --replay-time {:?}: device {}'s reading at {} would be published {} s before its time, and the pipeline refuses readings more than 10 min ahead (in_future); replay slower, or with --replay-time keep for a recent file",
+                replay.file.display(),
+                replay.speed,
+                replay.time,
+                d.id,
+                row.ts,
+                (ts - due_ms) / 1000
+            );
+        }
+    }
+    Ok(())
 }

@@ -237,6 +237,73 @@ pub async fn verify(
     })
 }
 
+/// Verifies a run whose template makes every payload one the pipeline must
+/// refuse with `reason`: nothing accepted, and each telemetry message (and
+/// duplicate) counted under `reason` once, or twice when retransmitted.
+pub async fn verify_refused(
+    url: &str,
+    before: &Stats,
+    reason: &str,
+    outcomes: &[(
+        crate::publish::PublishOutcome,
+        Arc<crate::publish::FleetShared>,
+    )],
+    devices: u32,
+    timeout: Duration,
+) -> anyhow::Result<VerifyReport> {
+    let started = Instant::now();
+    let mut c = crate::publish::device::DeviceCounters::default();
+    for (o, _) in outcomes {
+        c.add(&o.sum.counters);
+    }
+    let messages = c.issued - c.malformed_issued;
+    let lo = messages.saturating_sub(c.failed);
+    let hi = messages + c.retransmissions;
+    let api = Api::new(url, 1)?;
+    // Refusals may be counted a little after their PUBACKs: poll until the
+    // counters are as expected or the timeout passes.
+    let deadline = started + timeout;
+    let stats = loop {
+        let after = api.stats().await?;
+        let delta = |f: &dyn Fn(&Stats) -> u64| f(&after) as i64 - f(before) as i64;
+        let stats = vec![
+            StatCheck {
+                counter: "accepted_readings".into(),
+                expected_lo: 0,
+                expected_hi: 0,
+                got: delta(&|s| s.accepted_readings),
+            },
+            StatCheck {
+                counter: format!("rejected.{reason}"),
+                expected_lo: lo,
+                expected_hi: hi,
+                got: delta(&|s| s.rejected(reason)),
+            },
+        ];
+        if stats.iter().all(StatCheck::ok) || Instant::now() >= deadline {
+            break stats;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    };
+    Ok(VerifyReport {
+        ok: stats.iter().all(StatCheck::ok),
+        devices: u64::from(devices),
+        series: 0,
+        windows: 0,
+        uncertain_windows: 0,
+        too_uncertain: false,
+        mismatch_count: 0,
+        mismatches: Vec::new(),
+        caught_up: true,
+        more_than_expected: false,
+        unknown_windows: 0,
+        catch_up_ms: 0,
+        catch_up_detail: format!("every payload refused as {reason}"),
+        stats,
+        verify_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
 /// Regenerates every device once and keeps only the fleet's windows, and
 /// the readings expected per metric (from the 1d windows).
 fn expect_fleet(

@@ -28,6 +28,7 @@ impl Device {
         self.requeue();
         if was_up {
             self.counters.reconnects += 1;
+            self.env.shared.reconnects.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -75,6 +76,7 @@ impl Device {
             .collect();
         for p in pending {
             self.counters.failed += 1;
+            self.env.shared.failed.fetch_add(1, Ordering::Relaxed);
             if p.first_write_ms == 0 {
                 // Never written: it ran at least this far behind.
                 let lag_us = self.lag_us(p.send.due_us, now);

@@ -45,6 +45,10 @@ impl Device {
             if again && !p.retried {
                 p.retried = true;
                 self.counters.retransmissions += 1;
+                self.env
+                    .shared
+                    .retransmissions
+                    .fetch_add(1, Ordering::Relaxed);
                 match &p.send.kind {
                     SendKind::Telemetry(m) | SendKind::Duplicate(m) => {
                         self.counters.retransmitted_readings += m.readings.len() as u64
