@@ -24,26 +24,7 @@ const T0: i64 = 1_764_240_000_000; // a minute boundary
 const MIN: i64 = 60_000;
 
 fn record(seq: u128, device: &str, fleet: &str, ts: i64, value: f64) -> Record {
-    let data = PackedRecord {
-        device_id: device.into(),
-        fleet: fleet.into(),
-        received_at: ts + 10,
-        readings: vec![Reading {
-            seq: Some(seq as u64),
-            ts,
-            metrics: vec![Metric {
-                name: "t".into(),
-                value,
-            }],
-        }],
-    }
-    .encode();
-    Record {
-        seq: seq.into(),
-        partition_key: device.into(),
-        data: Bytes::from(data),
-        arrival_ms: ts + 10,
-    }
+    testkit::batches::one_reading(seq as u64, device, fleet, ts, value)
 }
 
 /// Two devices on two shards, one reading a minute for 10 minutes each.

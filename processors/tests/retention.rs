@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
@@ -18,8 +17,8 @@ use processors::run::{advance_idle_watermark, process_batch, sweep_quiet_devices
 use processors::store::{Range, RollupQuery, RollupStore};
 use rollup::AggregateConfig;
 use rollup::keys;
+use schemas::Resolution;
 use schemas::shard::Record;
-use schemas::{Metric, PackedRecord, Reading, Resolution};
 use serde_json::Value;
 use tower::ServiceExt;
 
@@ -44,28 +43,9 @@ fn config() -> AggregateConfig {
     config
 }
 
+/// Reading `i` of the one device, `i` minutes after T0, worth `i`.
 fn record(i: i64) -> Record {
-    let ts = T0 + i * MIN + 5;
-    let data = PackedRecord {
-        device_id: "d1".into(),
-        fleet: "f".into(),
-        received_at: ts + 10,
-        readings: vec![Reading {
-            seq: Some(i as u64 + 1),
-            ts,
-            metrics: vec![Metric {
-                name: "t".into(),
-                value: i as f64,
-            }],
-        }],
-    }
-    .encode();
-    Record {
-        seq: (i as u128 + 1).into(),
-        partition_key: "d1".into(),
-        data: Bytes::from(data),
-        arrival_ms: ts + 10,
-    }
+    testkit::batches::one_reading(i as u64 + 1, "d1", "f", T0 + i * MIN + 5, i as f64)
 }
 
 /// Windows the API serves for `scope` (`devices/d1` or `fleets/f`) at `res`

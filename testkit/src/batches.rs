@@ -14,6 +14,32 @@ use schemas::{Metric, PackedRecord, Reading};
 /// The first reading's time: 2026-01-01T00:00:00Z.
 pub const T0: i64 = 1_767_225_600_000;
 
+/// One record holding one reading of metric `t` by `device`: `seq` is its
+/// sequence number in the shard and the device's, and it was received
+/// 10 ms after `ts`. The shape the API's and retention's tests build on.
+pub fn one_reading(seq: u64, device: &str, fleet: &str, ts: i64, value: f64) -> Record {
+    let data = PackedRecord {
+        device_id: device.into(),
+        fleet: fleet.into(),
+        received_at: ts + 10,
+        readings: vec![Reading {
+            seq: Some(seq),
+            ts,
+            metrics: vec![Metric {
+                name: "t".into(),
+                value,
+            }],
+        }],
+    }
+    .encode();
+    Record {
+        seq: u128::from(seq).into(),
+        partition_key: device.into(),
+        data: Bytes::from(data),
+        arrival_ms: ts + 10,
+    }
+}
+
 /// `records` packed records from `devices` devices, `per_record` readings
 /// each at two metrics, 50 ms apart, received on time. `round` says how
 /// many records of each device came before, so round `n + k` continues
