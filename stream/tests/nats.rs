@@ -7,18 +7,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use stream::nats::{self, NatsConfig, NatsStream};
 use stream::{PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer};
 use testkit::moto::unique_name;
 use testkit::nats::NatsServer;
-use testkit::stream_conformance::{Harness, put_stored, record};
+use testkit::stream_conformance::{put_stored, record};
 
-struct Nats {
-    stream: Arc<NatsStream>,
-    /// Kept for the stream's life: dropping it kills the server.
-    _server: NatsServer,
-}
+mod support;
+use support::NatsHarness;
 
 fn config(partitions: u32) -> NatsConfig {
     NatsConfig {
@@ -34,33 +30,17 @@ async fn open(server: &NatsServer, name: &str, partitions: u32) -> NatsStream {
         .unwrap()
 }
 
-impl Nats {
-    async fn new() -> Self {
-        let server = NatsServer::start().unwrap();
-        let stream = open(&server, &unique_name("conformance"), 2).await;
-        Nats {
-            stream: Arc::new(stream),
-            _server: server,
-        }
+/// The conformance suite's stream, on a server of its own.
+async fn harness() -> NatsHarness<NatsServer> {
+    let server = NatsServer::start().unwrap();
+    let stream = open(&server, &unique_name("conformance"), 2).await;
+    NatsHarness {
+        stream: Arc::new(stream),
+        _servers: server,
     }
 }
 
-#[async_trait]
-impl Harness for Nats {
-    fn producer(&self) -> Arc<dyn StreamProducer> {
-        self.stream.clone()
-    }
-
-    fn shard_ids(&self) -> Vec<String> {
-        self.stream.shard_ids()
-    }
-
-    async fn reader(&self, shard: &str, consumer: &str) -> Result<Box<dyn ShardReader>, ReadError> {
-        Ok(Box::new(self.stream.reader(shard, consumer).await?))
-    }
-}
-
-testkit::stream_conformance_tests!(Nats::new().await);
+testkit::stream_conformance_tests!(harness().await);
 
 async fn put(stream: &NatsStream, records: Vec<PutRecord>) -> Vec<(String, SeqNo)> {
     put_stored("put", stream, records).await.unwrap()

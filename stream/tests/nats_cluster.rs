@@ -9,12 +9,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use stream::nats::{self, NatsConfig, NatsStream};
-use stream::{PutOutcome, ReadError, SeqNo, ShardReader, StreamProducer};
+use stream::{PutOutcome, SeqNo, ShardReader, StreamProducer};
 use testkit::moto::unique_name;
 use testkit::nats::NatsCluster;
-use testkit::stream_conformance::{Harness, record};
+use testkit::stream_conformance::record;
+
+mod support;
+use support::NatsHarness;
 
 const NODES: usize = 3;
 
@@ -41,39 +43,17 @@ async fn open_replicated(cluster: &NatsCluster, name: &str) -> NatsStream {
     }
 }
 
-struct Cluster {
-    stream: Arc<NatsStream>,
-    /// Kept for the stream's life: dropping it kills the servers.
-    _cluster: NatsCluster,
-}
-
-impl Cluster {
-    async fn new() -> Self {
-        let cluster = NatsCluster::start(NODES).unwrap();
-        let stream = open_replicated(&cluster, &unique_name("conformance")).await;
-        Cluster {
-            stream: Arc::new(stream),
-            _cluster: cluster,
-        }
+/// The conformance suite's stream, on a cluster of its own.
+async fn harness() -> NatsHarness<NatsCluster> {
+    let cluster = NatsCluster::start(NODES).unwrap();
+    let stream = open_replicated(&cluster, &unique_name("conformance")).await;
+    NatsHarness {
+        stream: Arc::new(stream),
+        _servers: cluster,
     }
 }
 
-#[async_trait]
-impl Harness for Cluster {
-    fn producer(&self) -> Arc<dyn StreamProducer> {
-        self.stream.clone()
-    }
-
-    fn shard_ids(&self) -> Vec<String> {
-        self.stream.shard_ids()
-    }
-
-    async fn reader(&self, shard: &str, consumer: &str) -> Result<Box<dyn ShardReader>, ReadError> {
-        Ok(Box::new(self.stream.reader(shard, consumer).await?))
-    }
-}
-
-testkit::stream_conformance_tests!(Cluster::new().await);
+testkit::stream_conformance_tests!(harness().await);
 
 /// Puts records `range` (ten keys) in batches of 50, putting again what
 /// failed as retryable, as the endpoint does, until each is stored; adds
