@@ -12,22 +12,8 @@ use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
 use testkit::Pki;
 use testkit::standin::Harness;
 
-fn config(h: &Harness, fleet: &str) -> SimConfig {
-    SimConfig {
-        broker: BrokerAddr {
-            host: h.mqtt.ip().to_string(),
-            port: h.mqtt.port(),
-        },
-        devices: 20,
-        rate: Rate::PerDevice(10.0),
-        stop: Stop::Count(10),
-        fleet: fleet.into(),
-        verify: Some(h.api_url()),
-        verify_timeout: Duration::from_secs(10),
-        ack_timeout: Duration::from_secs(10),
-        ..SimConfig::default()
-    }
-}
+mod common;
+use common::config;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_and_verifies_a_small_fleet() {

@@ -8,27 +8,13 @@ use std::time::Duration;
 
 use device_sim::exporter::{self, Live};
 use device_sim::replay::{ReplayConfig, Speed, TimeMode};
-use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
+use device_sim::{SimConfig, Stop};
 use testkit::standin::Harness;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 
-fn config(h: &Harness, fleet: &str) -> SimConfig {
-    SimConfig {
-        broker: BrokerAddr {
-            host: h.mqtt.ip().to_string(),
-            port: h.mqtt.port(),
-        },
-        devices: 20,
-        rate: Rate::PerDevice(10.0),
-        stop: Stop::Count(10),
-        fleet: fleet.into(),
-        verify: Some(h.api_url()),
-        verify_timeout: Duration::from_secs(10),
-        ack_timeout: Duration::from_secs(10),
-        ..SimConfig::default()
-    }
-}
+mod common;
+use common::config;
 
 /// One sample's value in Prometheus text, by its full name and labels.
 fn sample(text: &str, name: &str) -> Option<f64> {
