@@ -601,11 +601,15 @@ fn v5_topic_aliases_and_retain_are_refused() {
 }
 
 fn presence_session() -> Session {
+    presence_session_with(Arc::new(AllowAll))
+}
+
+fn presence_session_with(authorizer: Arc<dyn Authorizer>) -> Session {
     let cfg = SessionConfig {
         max_inflight: 8,
         max_packet_bytes: 140_000,
         max_keepalive_secs: 1200,
-        authorizer: Arc::new(AllowAll),
+        authorizer,
         lateness: crate::LatenessConfig::default(),
         presence: true,
     };
@@ -624,6 +628,27 @@ fn presences(out: &[Action]) -> Vec<schemas::Presence> {
             _ => None,
         })
         .collect()
+}
+
+/// A device cannot mark another device online or offline: a will naming a
+/// device it may not publish as is not taken for that device's presence,
+/// and the records speak of the device it is.
+#[test]
+fn a_will_naming_another_device_reports_only_the_device_itself() {
+    let mut s = presence_session_with(Arc::new(OwnDeviceOnly));
+    let mut out = Vec::new();
+    let mut c = connect_packet(Protocol::V4, "client-7");
+    c.username = Some("dev-b".into());
+    c.will_topic = Some("dt/f/dev-a/status".into());
+    s.receive(Inbound::Connect(c), NOW, &mut out);
+    s.close(CloseReason::SocketClosed, &mut out);
+    let p = presences(&out);
+    assert_eq!(p.len(), 2, "{p:?}");
+    for presence in &p {
+        assert_eq!(presence.device_id, "dev-b");
+        assert_eq!(presence.fleet, None, "the will's fleet is not taken either");
+    }
+    assert!(p[1].event.is_offline());
 }
 
 #[test]
