@@ -419,7 +419,9 @@ impl SimConfig {
     }
 }
 
-fn check_id(what: &str, id: &str) -> anyhow::Result<()> {
+/// A fleet or device id as the topic takes it (checked here, not by the
+/// pipeline's own code, so that a bug there cannot hide).
+pub(crate) fn check_id(what: &str, id: &str) -> anyhow::Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 64
         && id

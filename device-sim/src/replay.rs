@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::config::check_id;
 use anyhow::{Context, bail, ensure};
 use serde::{Deserialize, Serialize};
 
@@ -372,16 +373,6 @@ fn group(
 
 /// The largest `ts` payload v1 takes (year 9999).
 const MAX_TS: i64 = 253_402_300_799_999;
-
-fn check_id(what: &str, id: &str) -> anyhow::Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
-    ensure!(ok, "{what} `{id}` must be 1..=64 of [A-Za-z0-9_.:-]");
-    Ok(())
-}
 
 fn check_metric(name: &str) -> anyhow::Result<()> {
     let ok = !name.is_empty()
