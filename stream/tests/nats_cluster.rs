@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stream::nats::{self, NatsConfig, NatsStream};
-use stream::{PutOutcome, SeqNo, ShardReader, StreamProducer};
+use stream::{PutOutcome, ReadError, SeqNo, ShardReader, StreamProducer};
 use testkit::moto::unique_name;
 use testkit::nats::NatsCluster;
 use testkit::stream_conformance::record;
@@ -106,7 +106,19 @@ async fn a_node_killed_mid_append_loses_no_acknowledged_record_and_stores_none_t
     let mut seen: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for shard in reader_stream.shard_ids() {
         let expected = stored.values().filter(|(s, _)| *s == shard).count();
-        let mut reader = reader_stream.reader(&shard, "check").await.unwrap();
+        // Just after a node's restart the cluster may still be settling, and
+        // creating a consumer can time out; a process would try again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut reader = loop {
+            match reader_stream.reader(&shard, "check").await {
+                Ok(reader) => break reader,
+                Err(ReadError::Io(e)) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("the consumer is not created yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("{shard}: {e}"),
+            }
+        };
         let mut read = Vec::new();
         while read.len() < expected {
             let batch = reader
