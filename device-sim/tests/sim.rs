@@ -106,17 +106,10 @@ async fn a_ledger_continues_seqs_and_verifies_the_union() {
     assert!(s2.ok(), "{s2}");
     assert_eq!(s2.run, 2);
     assert_eq!(s2.verify.as_ref().unwrap().devices, 7);
-    let mut seqs: Vec<u64> = h
-        .pipeline
-        .accepted
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(d, _)| d == "f4-d00000")
-        .map(|(_, s)| *s)
-        .collect();
-    seqs.sort_unstable();
-    assert_eq!(seqs, (0..10).collect::<Vec<_>>());
+    assert_eq!(
+        h.pipeline.accepted_seqs("f4-d00000"),
+        (0..10).collect::<Vec<_>>()
+    );
     let lines = std::fs::read_to_string(&ledger).unwrap();
     assert_eq!(lines.lines().count(), 4, "a start and a finish per run");
 }

@@ -136,16 +136,7 @@ async fn a_recorded_file_replays_and_verifies_exactly() {
     // 4 devices and the fleet, 2 metrics, 3 resolutions.
     assert_eq!(v.series, 5 * 2 * 3, "{v}");
     // meter-c's old row reached a window that had ended: late, and counted.
-    let c: Vec<(String, u64)> = h
-        .pipeline
-        .accepted
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(d, _)| d == "meter-c")
-        .cloned()
-        .collect();
-    assert_eq!(c.len(), 76);
+    assert_eq!(h.pipeline.accepted_seqs("meter-c").len(), 76);
     assert_eq!(h.pipeline.stats.lock().unwrap().accepted_readings, 301);
 
     // Again as fast as the window allows, continuing the ledger: the union
@@ -161,17 +152,10 @@ async fn a_recorded_file_replays_and_verifies_exactly() {
     assert!(s.ok(), "{s}");
     assert_eq!((s.run, s.readings_sent), (2, 301));
     assert_eq!(h.pipeline.stats.lock().unwrap().accepted_readings, 602);
-    let mut seqs: Vec<u64> = h
-        .pipeline
-        .accepted
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(d, _)| d == "meter-a")
-        .map(|(_, s)| *s)
-        .collect();
-    seqs.sort_unstable();
-    assert_eq!(seqs, (0..150).collect::<Vec<_>>());
+    assert_eq!(
+        h.pipeline.accepted_seqs("meter-a"),
+        (0..150).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The accepted seqs of `device`, sorted: what continuing a ledger must
+    /// leave without gaps or repeats.
+    pub fn accepted_seqs(&self, device: &str) -> Vec<u64> {
+        let mut seqs: Vec<u64> = self
+            .accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(d, _)| d == device)
+            .map(|(_, s)| *s)
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    }
+
     fn reject(&self, reason: &str) {
         *self
             .stats
