@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use ingest::{EndpointConfig, IngestMetrics};
+use ingest::{EndpointConfig, GroupCommit, IngestMetrics};
 use rand::{Rng, SeedableRng};
 use schemas::{PackedRecord, StreamRecord, Topic};
 use stream::embedded::{EmbeddedConfig, EmbeddedLog};
@@ -90,24 +90,29 @@ fn main() -> Result<()> {
         Some("throughput") => {
             let publishers = num("--publishers", 4)? as usize;
             let secs = num("--secs", 10)?;
-            let defaults = EndpointConfig::default();
+            let defaults = GroupCommit::default();
             let endpoint = EndpointConfig {
-                commit_interval: Duration::from_micros(num(
-                    "--commit-interval-us",
-                    defaults.commit_interval.as_micros() as u64,
-                )?),
-                max_puts_in_flight: num("--puts-in-flight", defaults.max_puts_in_flight as u64)?
-                    as usize,
-                commit_max_records: num("--commit-max-records", defaults.commit_max_records as u64)?
-                    as usize,
-                ..defaults
+                group_commit: GroupCommit {
+                    commit_interval: Duration::from_micros(num(
+                        "--commit-interval-us",
+                        defaults.commit_interval.as_micros() as u64,
+                    )?),
+                    max_puts_in_flight: num("--puts-in-flight", defaults.max_puts_in_flight as u64)?
+                        as usize,
+                    commit_max_records: num(
+                        "--commit-max-records",
+                        defaults.commit_max_records as u64,
+                    )? as usize,
+                    ..defaults
+                },
+                ..EndpointConfig::default()
             };
             // Both servers share this runtime: the endpoint runs on it, and so
             // does the bridge behind rumqttd (which adds threads of its own).
             let server_workers = num("--server-workers", 1)? as usize;
             println!(
                 "endpoint: commit interval {:?}, {} puts in flight; server runtime: {server_workers} worker(s)",
-                endpoint.commit_interval, endpoint.max_puts_in_flight
+                endpoint.group_commit.commit_interval, endpoint.group_commit.max_puts_in_flight
             );
             println!("target     publishers  acked/s  appended/s  server CPU");
             for target in [Target::Endpoint, Target::Rumqttd] {

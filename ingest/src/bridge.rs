@@ -35,8 +35,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Clock, wall_clock};
-use crate::endpoint::appender::{self, AppendItem, AppendRequest, AppenderConfig, Completion};
+use crate::config::{Clock, GroupCommit, wall_clock};
+use crate::endpoint::appender::{self, AppendItem, AppendRequest, Completion};
 use crate::endpoint::tap::TapHub;
 use crate::metrics::{IngestMetrics, add, bump};
 use crate::record::{self, Verdict};
@@ -69,12 +69,7 @@ pub struct BridgeConfig {
     /// the broker's whole in-flight window, so latency buys it little, while
     /// bigger batches keep the processors ahead. `scripts/bench`, Mosquitto
     /// at QoS 1: 30,143 msgs/s sustained at 2 ms, 24,326 at 0.
-    pub commit_interval: Duration,
-    pub commit_max_records: usize,
-    pub commit_max_bytes: usize,
-    pub max_puts_in_flight: usize,
-    pub retry_backoff_min: Duration,
-    pub retry_backoff_max: Duration,
+    pub group_commit: GroupCommit,
     /// Waits between reconnect attempts, doubling from min to max.
     pub reconnect_backoff_min: Duration,
     pub reconnect_backoff_max: Duration,
@@ -96,7 +91,7 @@ impl std::fmt::Debug for BridgeConfig {
             .field("tls", &self.tls.is_some())
             .field("topic_filter", &self.topic_filter)
             .field("max_pending", &self.max_pending)
-            .field("commit_interval", &self.commit_interval)
+            .field("group_commit", &self.group_commit)
             .finish_non_exhaustive()
     }
 }
@@ -151,12 +146,10 @@ impl BridgeConfig {
             topic_filter: TELEMETRY_FILTER.to_string(),
             keepalive: Duration::from_secs(30),
             max_pending: 20_000,
-            commit_interval: Duration::from_millis(2),
-            commit_max_records: 5000,
-            commit_max_bytes: 8 << 20,
-            max_puts_in_flight: 4,
-            retry_backoff_min: Duration::from_millis(10),
-            retry_backoff_max: Duration::from_secs(1),
+            group_commit: GroupCommit {
+                commit_interval: Duration::from_millis(2),
+                ..GroupCommit::default()
+            },
             reconnect_backoff_min: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
@@ -312,14 +305,7 @@ fn spawn_appender(
     tokio::spawn(appender::run(
         requests,
         producer,
-        AppenderConfig {
-            commit_interval: config.commit_interval,
-            commit_max_records: config.commit_max_records.max(1),
-            commit_max_bytes: config.commit_max_bytes.max(1),
-            max_puts_in_flight: config.max_puts_in_flight,
-            retry_backoff_min: config.retry_backoff_min,
-            retry_backoff_max: config.retry_backoff_max,
-        },
+        config.group_commit.clone(),
         metrics,
         // The bridge has no live tap of its own: the broker is the place to
         // watch telemetry.

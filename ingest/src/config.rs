@@ -28,20 +28,10 @@ pub fn wall_clock() -> Clock {
 /// letter. The rule is the core's own, so the two cannot drift apart.
 pub use rollup::LatenessConfig;
 
-/// How the endpoint behaves. Build with `EndpointConfig::default()` and
-/// override fields.
-#[derive(Clone)]
-pub struct EndpointConfig {
-    /// The largest MQTT packet read, fixed header included. It leaves room
-    /// above the 128 KiB payload limit for the topic, properties and header, so
-    /// that a payload just over the limit is still read and dead-lettered as
-    /// `too_large` with its topic; anything bigger closes the connection
-    /// before it is buffered.
-    pub max_packet_bytes: usize,
-    /// Records a connection may have waiting for the stream (QoS 0 and 1).
-    /// At the limit the endpoint stops reading that socket, which is what slows
-    /// a device down; it is also the Receive Maximum advertised to MQTT 5.
-    pub max_inflight: usize,
+/// How records are gathered into puts to the stream: the endpoint's and the
+/// bridge's appender share it.
+#[derive(Debug, Clone)]
+pub struct GroupCommit {
     /// The least time between the starts of two `put`s. Zero (the default)
     /// puts as soon as a slot in flight is free; records arriving while every
     /// slot is busy gather into the next put, which is all the batching an
@@ -57,6 +47,40 @@ pub struct EndpointConfig {
     /// is what bounds throughput when few connections keep many messages in
     /// flight.
     pub max_puts_in_flight: usize,
+    /// First wait before retrying a failed append; doubles up to the max.
+    pub retry_backoff_min: Duration,
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        GroupCommit {
+            commit_interval: Duration::ZERO,
+            commit_max_records: 5000,
+            commit_max_bytes: 8 << 20,
+            max_puts_in_flight: 4,
+            retry_backoff_min: Duration::from_millis(10),
+            retry_backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// How the endpoint behaves. Build with `EndpointConfig::default()` and
+/// override fields.
+#[derive(Clone)]
+pub struct EndpointConfig {
+    /// The largest MQTT packet read, fixed header included. It leaves room
+    /// above the 128 KiB payload limit for the topic, properties and header, so
+    /// that a payload just over the limit is still read and dead-lettered as
+    /// `too_large` with its topic; anything bigger closes the connection
+    /// before it is buffered.
+    pub max_packet_bytes: usize,
+    /// Records a connection may have waiting for the stream (QoS 0 and 1).
+    /// At the limit the endpoint stops reading that socket, which is what slows
+    /// a device down; it is also the Receive Maximum advertised to MQTT 5.
+    pub max_inflight: usize,
+    /// How accepted records are gathered into puts to the stream.
+    pub group_commit: GroupCommit,
     /// The longest keepalive honoured, in seconds. A client asking for 0 (no
     /// keepalive) or more is held to this (IoT Core's 1200 s); MQTT 5 clients
     /// are told so with Server Keep Alive. A connection silent for 1.5 ×
@@ -72,9 +96,6 @@ pub struct EndpointConfig {
     /// Messages queued per live-tap subscriber; beyond it messages for that
     /// subscriber are dropped and counted, never slowing ingest.
     pub tap_queue: usize,
-    /// First wait before retrying a failed append; doubles up to the max.
-    pub retry_backoff_min: Duration,
-    pub retry_backoff_max: Duration,
     /// After shutdown is requested, how long the appender keeps retrying
     /// records the stream refuses before giving up on them (they stay
     /// unacknowledged, so devices resend them).
@@ -97,17 +118,12 @@ impl Default for EndpointConfig {
         EndpointConfig {
             max_packet_bytes: MAX_MESSAGE_BYTES + 4096,
             max_inflight: 1000,
-            commit_interval: Duration::ZERO,
-            commit_max_records: 5000,
-            commit_max_bytes: 8 << 20,
-            max_puts_in_flight: 4,
+            group_commit: GroupCommit::default(),
             max_keepalive_secs: 1200,
             connect_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             tap_queue: 1000,
-            retry_backoff_min: Duration::from_millis(10),
-            retry_backoff_max: Duration::from_secs(1),
             shutdown_timeout: Duration::from_secs(10),
             now_ms: wall_clock(),
             authorizer: Arc::new(AllowAll),
@@ -122,17 +138,12 @@ impl fmt::Debug for EndpointConfig {
         f.debug_struct("EndpointConfig")
             .field("max_packet_bytes", &self.max_packet_bytes)
             .field("max_inflight", &self.max_inflight)
-            .field("commit_interval", &self.commit_interval)
-            .field("commit_max_records", &self.commit_max_records)
-            .field("commit_max_bytes", &self.commit_max_bytes)
-            .field("max_puts_in_flight", &self.max_puts_in_flight)
+            .field("group_commit", &self.group_commit)
             .field("max_keepalive_secs", &self.max_keepalive_secs)
             .field("connect_timeout", &self.connect_timeout)
             .field("write_timeout", &self.write_timeout)
             .field("max_connections", &self.max_connections)
             .field("tap_queue", &self.tap_queue)
-            .field("retry_backoff_min", &self.retry_backoff_min)
-            .field("retry_backoff_max", &self.retry_backoff_max)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .finish_non_exhaustive()
     }

@@ -48,7 +48,7 @@ pub use auth::{
     AllowAll, Authorizer, ClientCertificates, ConnectInfo, ConnectRefusal, OwnDeviceOnly,
     Principal, Role, UsersFile, UsersFileError,
 };
-pub use config::{Clock, EndpointConfig, LatenessConfig};
+pub use config::{Clock, EndpointConfig, GroupCommit, LatenessConfig};
 pub use endpoint::{Listener, serve, serve_on};
 
 /// The fuzz harness's entry point (see `ingest/fuzz/`); not an API.

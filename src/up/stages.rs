@@ -203,7 +203,10 @@ impl Wiring<'_> {
         let endpoint = ingest::EndpointConfig {
             max_connections: mqtt.max_connections,
             max_inflight: mqtt.max_inflight,
-            commit_interval: mqtt.commit_interval,
+            group_commit: ingest::GroupCommit {
+                commit_interval: mqtt.commit_interval,
+                ..ingest::GroupCommit::default()
+            },
             authorizer,
             lateness: self.lateness(),
             presence: mqtt.presence,

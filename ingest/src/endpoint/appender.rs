@@ -17,7 +17,6 @@
 //! Nothing is reported durable that the stream did not report `Stored`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -27,6 +26,7 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::tap::{TapHub, TapMessage};
+use crate::config::GroupCommit;
 use crate::metrics::{IngestMetrics, add, bump};
 
 /// Records from one connection, in the order its session made them.
@@ -56,17 +56,6 @@ pub(crate) struct Completion {
     pub failed: Vec<u64>,
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct AppenderConfig {
-    pub commit_interval: Duration,
-    pub commit_max_records: usize,
-    pub commit_max_bytes: usize,
-    /// Puts in flight at most; the stream may allow fewer.
-    pub max_puts_in_flight: usize,
-    pub retry_backoff_min: Duration,
-    pub retry_backoff_max: Duration,
-}
-
 /// Runs until every sender of `requests` is gone and every batch is settled.
 /// Once `abandon` is cancelled, records the stream has not stored are given
 /// up on instead of retried.
@@ -81,7 +70,7 @@ pub(crate) struct AppenderConfig {
 pub(crate) async fn run(
     mut requests: mpsc::UnboundedReceiver<AppendRequest>,
     producer: Arc<dyn StreamProducer>,
-    config: AppenderConfig,
+    config: GroupCommit,
     metrics: Arc<IngestMetrics>,
     tap: Arc<TapHub>,
     abandon: CancellationToken,
@@ -167,8 +156,10 @@ impl Batch {
         self.requests.is_empty()
     }
 
-    fn is_full(&self, config: &AppenderConfig) -> bool {
-        self.records >= config.commit_max_records || self.bytes >= config.commit_max_bytes
+    fn is_full(&self, config: &GroupCommit) -> bool {
+        // A zero limit would put empty batches: one record or byte at least.
+        self.records >= config.commit_max_records.max(1)
+            || self.bytes >= config.commit_max_bytes.max(1)
     }
 }
 
@@ -178,7 +169,7 @@ type Slot = (usize, usize);
 async fn commit(
     batch: Batch,
     producer: &dyn StreamProducer,
-    config: &AppenderConfig,
+    config: &GroupCommit,
     metrics: &IngestMetrics,
     tap: &TapHub,
     abandon: &CancellationToken,
@@ -304,9 +295,10 @@ mod tests {
     use super::*;
     use crate::testing::MemoryProducer;
     use bytes::Bytes;
+    use std::time::Duration;
 
-    fn config() -> AppenderConfig {
-        AppenderConfig {
+    fn config() -> GroupCommit {
+        GroupCommit {
             commit_interval: Duration::from_millis(2),
             commit_max_records: 3,
             commit_max_bytes: 1 << 20,

@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::EndpointConfig;
 use crate::metrics::{IngestMetrics, bump};
-use appender::{AppendRequest, AppenderConfig};
+use appender::AppendRequest;
 use connection::Connection;
 use session::SessionConfig;
 use tap::TapHub;
@@ -206,14 +206,7 @@ fn start_appender(
     let appender = tokio::spawn(appender::run(
         append_rx,
         producer,
-        AppenderConfig {
-            commit_interval: config.commit_interval,
-            commit_max_records: config.commit_max_records.max(1),
-            commit_max_bytes: config.commit_max_bytes.max(1),
-            max_puts_in_flight: config.max_puts_in_flight,
-            retry_backoff_min: config.retry_backoff_min,
-            retry_backoff_max: config.retry_backoff_max,
-        },
+        config.group_commit.clone(),
         metrics.clone(),
         tap.clone(),
         abandon.clone(),

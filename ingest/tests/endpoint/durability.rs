@@ -12,8 +12,8 @@ use crate::common::*;
 #[tokio::test]
 async fn a_failing_stream_delays_the_ack_until_it_recovers() -> Result<()> {
     let mut cfg = config();
-    cfg.retry_backoff_min = Duration::from_millis(1);
-    cfg.retry_backoff_max = Duration::from_millis(5);
+    cfg.group_commit.retry_backoff_min = Duration::from_millis(1);
+    cfg.group_commit.retry_backoff_max = Duration::from_millis(5);
     let ep = start(cfg).await?;
     let mut c = V4::connect(ep.addr, "dev-1").await?;
     ep.producer.set_unavailable(true);
