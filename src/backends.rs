@@ -11,10 +11,9 @@ use processors::store::dynamodb::DynamoStore;
 use processors::store::postgres::PostgresStore;
 use processors::store::sqlite::SqliteStore;
 use processors::store::{RollupQuery, RollupStore};
-use rollup::keys::ItemKey;
-use rollup::{Commit, Condition, Write};
+use rollup::{Commit, Write};
 use schemas::RejectReason;
-use schemas::state::{DeadLetter, Item, ItemState};
+use schemas::state::DeadLetter;
 use stream::embedded::{DroppedRange, EmbeddedConfig, EmbeddedLog};
 use stream::kinesis::{AwsConfig, KinesisStream};
 use stream::nats::{NatsConfig, NatsStream};
@@ -241,21 +240,7 @@ impl Store {
     pub async fn dead_letter_dropped(&self, dropped: &[DroppedRange], retention_ms: i64) {
         let writes = dropped
             .iter()
-            .map(|range| Write {
-                key: ItemKey::DeadLetter {
-                    reason: RejectReason::Retention,
-                    received_at: range.last_arrival_ms,
-                    shard: range.shard.clone(),
-                    seq: range.first_seq,
-                    index: 0,
-                },
-                condition: Condition::InsertOnce,
-                expires_at: Some(range.last_arrival_ms.saturating_add(retention_ms)),
-                item: Item {
-                    applied: Default::default(),
-                    state: ItemState::DeadLetter(retention_letter(range)),
-                },
-            })
+            .map(|range| Write::dead_letter(retention_letter(range), 0, retention_ms))
             .collect::<Vec<_>>();
         if writes.is_empty() {
             return;
@@ -295,10 +280,10 @@ impl Store {
 }
 
 fn retention_letter(range: &DroppedRange) -> DeadLetter {
-    DeadLetter {
-        received_at: range.last_arrival_ms,
-        reason: RejectReason::Retention,
-        detail: format!(
+    DeadLetter::new(
+        range.last_arrival_ms,
+        RejectReason::Retention,
+        format!(
             "stream records {}..={} of {} ({} records) were deleted by the disk budget \
              (stream.max_bytes) before consumer(s) {} read them",
             range.first_seq,
@@ -307,15 +292,9 @@ fn retention_letter(range: &DroppedRange) -> DeadLetter {
             range.records,
             range.consumers.join(", ")
         ),
-        topic: None,
-        client_id: None,
-        device_id: None,
-        fleet: None,
-        payload_head: Vec::new(),
-        payload_len: 0,
-        shard: range.shard.clone(),
-        seq: range.first_seq,
-    }
+        range.shard.clone(),
+        range.first_seq,
+    )
 }
 
 /// The AWS SDK's configuration: the default credential chain against AWS,

@@ -9,7 +9,7 @@ use processors::store::{RollupQuery, RollupStore, StoreError};
 use rollup::keys::ItemKey;
 use rollup::{Commit, Condition, Write};
 use schemas::RejectReason;
-use schemas::state::{DeadLetter, Item, ItemState};
+use schemas::state::{DeadLetter, ItemState};
 use testkit::store_conformance::{commit_writes, counter, value, write};
 
 async fn client(db: &testkit::postgres::TestDb) -> tokio_postgres::Client {
@@ -176,33 +176,17 @@ async fn a_fleet_sized_commit_lands_whole_and_loads_in_order() {
 }
 
 fn dead_letter(received_at: i64) -> Write {
-    let letter = DeadLetter {
+    let letter = DeadLetter::new(
         received_at,
-        reason: RejectReason::MalformedJson,
-        detail: "not JSON".into(),
-        topic: None,
-        client_id: None,
-        device_id: None,
-        fleet: None,
-        payload_head: Vec::new(),
-        payload_len: 0,
-        shard: "s".into(),
-        seq: 1u128.into(),
-    };
+        RejectReason::MalformedJson,
+        "not JSON".into(),
+        "s".into(),
+        1u128.into(),
+    );
+    // Kept for ever: the test trims by count, not by age.
     Write {
-        key: ItemKey::DeadLetter {
-            reason: RejectReason::MalformedJson,
-            received_at,
-            shard: "s".into(),
-            seq: 1u128.into(),
-            index: 0,
-        },
-        condition: Condition::InsertOnce,
-        item: Item {
-            applied: Default::default(),
-            state: ItemState::DeadLetter(letter),
-        },
         expires_at: None,
+        ..Write::dead_letter(letter, 0, 0)
     }
 }
 

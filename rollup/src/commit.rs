@@ -5,7 +5,7 @@
 //! move them (`RollupStore`, with its I/O error type) belong to the shells
 //! that do the I/O.
 
-use schemas::state::Item;
+use schemas::state::{DeadLetter, Item, ItemState};
 
 use crate::keys::ItemKey;
 
@@ -45,6 +45,28 @@ pub struct Write {
 pub struct Commit {
     pub writes: Vec<Write>,
     pub then: Vec<Write>,
+}
+
+impl Write {
+    /// The write that keeps `letter`, the `index`th refusal of its record:
+    /// written once, whatever the retries, since its key names the record.
+    pub fn dead_letter(letter: DeadLetter, index: u32, retention_ms: i64) -> Write {
+        Write {
+            key: ItemKey::DeadLetter {
+                reason: letter.reason,
+                received_at: letter.received_at,
+                shard: letter.shard.clone(),
+                seq: letter.seq,
+                index,
+            },
+            condition: Condition::InsertOnce,
+            expires_at: Some(letter.received_at.saturating_add(retention_ms)),
+            item: Item {
+                applied: Default::default(),
+                state: ItemState::DeadLetter(letter),
+            },
+        }
+    }
 }
 
 impl Commit {

@@ -452,6 +452,32 @@ pub struct DeadLetter {
     pub seq: SeqNo,
 }
 
+impl DeadLetter {
+    /// A dead letter that names no message: no topic, client, device or
+    /// payload. Refusals that have them set the fields after.
+    pub fn new(
+        received_at: i64,
+        reason: RejectReason,
+        detail: String,
+        shard: String,
+        seq: SeqNo,
+    ) -> Self {
+        DeadLetter {
+            received_at,
+            reason,
+            detail,
+            topic: None,
+            client_id: None,
+            device_id: None,
+            fleet: None,
+            payload_head: Vec::new(),
+            payload_len: 0,
+            shard,
+            seq,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,13 +2,12 @@
 //! and kept as a dead letter.
 
 use schemas::record::{PackedView, ReadingView, RejectedMessage};
-use schemas::state::{DeadLetter, Item, ItemState};
+use schemas::state::DeadLetter;
 use schemas::{Rejection, SeqNo};
 
 use super::apply::Batcher;
 use super::{ApplyError, Counter};
-use crate::commit::{Condition, Write};
-use crate::keys::ItemKey;
+use crate::commit::Write;
 
 impl Batcher<'_, '_> {
     pub(super) fn reject_reading(
@@ -36,7 +35,6 @@ impl Batcher<'_, '_> {
             }
         };
         self.dead_letter(
-            seq,
             index as u32,
             DeadLetter {
                 received_at: r.received_at,
@@ -65,7 +63,6 @@ impl Batcher<'_, '_> {
         }
         let topic = schemas::Topic::parse(&m.topic).ok();
         self.dead_letter(
-            seq,
             0,
             DeadLetter {
                 received_at: m.received_at,
@@ -94,44 +91,24 @@ impl Batcher<'_, '_> {
         if self.count(seq, Counter::Rejected(rejection.reason))? {
             self.stats.reject(rejection.reason);
         }
-        self.dead_letter(
-            seq,
+        // An unreadable record has no trustworthy time of its own.
+        let mut letter = DeadLetter::new(
             0,
-            DeadLetter {
-                // An unreadable record has no trustworthy time of its own.
-                received_at: 0,
-                reason: rejection.reason,
-                detail: rejection.detail.clone(),
-                topic: None,
-                client_id: None,
-                device_id: None,
-                fleet: None,
-                payload_head: head.to_vec(),
-                payload_len: len,
-                shard: self.plan.shard.clone(),
-                seq,
-            },
+            rejection.reason,
+            rejection.detail.clone(),
+            self.plan.shard.clone(),
+            seq,
         );
+        letter.payload_head = head.to_vec();
+        letter.payload_len = len;
+        self.dead_letter(0, letter);
         Ok(())
     }
 
-    pub(super) fn dead_letter(&mut self, seq: SeqNo, index: u32, letter: DeadLetter) {
-        let received_at = letter.received_at;
-        self.dead_letters.push(Write {
-            key: ItemKey::DeadLetter {
-                reason: letter.reason,
-                received_at,
-                shard: self.plan.shard.clone(),
-                seq,
-                index,
-            },
-            condition: Condition::InsertOnce,
-            expires_at: Some(received_at.saturating_add(self.config.dead_letter_retention_ms)),
-            item: Item {
-                applied: Default::default(),
-                state: ItemState::DeadLetter(letter),
-            },
-        });
+    pub(super) fn dead_letter(&mut self, index: u32, letter: DeadLetter) {
+        let retention_ms = self.config.dead_letter_retention_ms;
+        self.dead_letters
+            .push(Write::dead_letter(letter, index, retention_ms));
     }
 }
 
