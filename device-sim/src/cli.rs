@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, ensure};
+use anyhow::{Context, bail, ensure};
 use clap::{ArgGroup, Parser};
 
 use crate::config::{BrokerAddr, Rate, SimConfig, Stop, parse_duration};
@@ -244,6 +244,16 @@ pub struct Args {
     /// Never show the live progress line (it shows only when stdout is a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// Spread the devices over N simulator processes, each holding its share
+    /// of the connections (one process holds at most its open-files limit of
+    /// them). The run stays one run: one schedule, one ledger entry, one
+    /// summary, one verify.
+    #[arg(long, value_name = "N")]
+    pub processes: Option<u32>,
+    /// Set by the parent of a spread run: run devices I, I+N, I+2N... and
+    /// answer the parent on stdin and stdout.
+    #[arg(long, value_name = "I/N", hide = true)]
+    pub worker: Option<String>,
     /// Serve Prometheus metrics on http://ADDR/metrics while the run goes on
     /// (e.g. 127.0.0.1:9464; port 0 picks one and prints it).
     #[arg(long, value_name = "ADDR")]
@@ -412,6 +422,20 @@ impl Args {
                 time: self.replay_time,
             }),
             payload_template,
+            processes: match self.processes {
+                Some(count) => Some(crate::processes::Processes {
+                    count,
+                    exe: std::env::current_exe().context("finding the simulator's executable")?,
+                    // The caller knows the command line: see `main`.
+                    args: Vec::new(),
+                }),
+                None => None,
+            },
+            worker: self
+                .worker
+                .as_deref()
+                .map(crate::processes::Slot::parse)
+                .transpose()?,
         })
     }
 }

@@ -179,6 +179,12 @@ pub struct SimConfig {
     pub replay: Option<crate::replay::ReplayConfig>,
     /// Shape every payload with this template (see [`crate::template`]).
     pub payload_template: Option<crate::template::Template>,
+    /// Spread the devices over worker processes (see [`crate::processes`]);
+    /// `None`: this process runs them all.
+    pub processes: Option<crate::processes::Processes>,
+    /// This process is a worker of a spread run: it runs these devices and
+    /// answers its parent (see [`crate::processes`]).
+    pub worker: Option<crate::processes::Slot>,
 }
 
 impl Default for SimConfig {
@@ -230,6 +236,8 @@ impl Default for SimConfig {
             live: None,
             replay: None,
             payload_template: None,
+            processes: None,
+            worker: None,
         }
     }
 }
@@ -317,8 +325,25 @@ impl SimConfig {
         Ok(())
     }
 
+    /// What a run spread over processes cannot be combined with.
+    fn validate_processes(&self) -> anyhow::Result<()> {
+        if let Some(p) = &self.processes {
+            ensure!(p.count >= 2, "--processes takes 2 or more");
+            ensure!(
+                self.metrics_listen.is_none() && self.live.is_none(),
+                "--metrics-listen serves one process's figures: it cannot be combined with --processes"
+            );
+            ensure!(
+                self.worker.is_none(),
+                "a worker cannot spread its devices again"
+            );
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         self.validate_replay()?;
+        self.validate_processes()?;
         if let Some(s) = &self.scenario {
             s.validate()?;
             for f in &s.fleets {

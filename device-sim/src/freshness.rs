@@ -261,18 +261,62 @@ impl Book {
 
     /// The figures, with `dropped` samples the devices could not queue.
     /// Anything still waiting counts as timed out.
-    pub fn figures(mut self, dropped: u64, every: u64, timeout: Duration) -> Freshness {
-        self.timed_out += self.waiting() as u64;
+    pub fn figures(self, dropped: u64, every: u64, timeout: Duration) -> Freshness {
+        self.tally(dropped, every).figures(timeout)
+    }
+
+    /// What the probe saw, settled: anything still waiting has timed out.
+    pub fn tally(self, dropped: u64, every: u64) -> Tally {
+        Tally {
+            timed_out: self.timed_out + self.waiting() as u64,
+            visible_us: self.visible_us,
+            samples: self.samples,
+            errors: self.errors,
+            dropped,
+            every,
+        }
+    }
+}
+
+/// A settled probe's samples, before they become figures: what each
+/// process of a run spread over several sends back, so that the
+/// percentiles are taken over every sample of the run at once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Tally {
+    /// How long each visible sample took, µs.
+    pub visible_us: Vec<u64>,
+    /// Samples taken by the probe (without the dropped ones).
+    pub samples: u64,
+    pub timed_out: u64,
+    pub errors: u64,
+    /// Samples the devices could not queue to the probe.
+    pub dropped: u64,
+    /// One telemetry publish in `every` was sampled.
+    pub every: u64,
+}
+
+impl Tally {
+    pub fn merge(&mut self, other: Tally) {
+        self.visible_us.extend(other.visible_us);
+        self.samples += other.samples;
+        self.timed_out += other.timed_out;
+        self.errors += other.errors;
+        self.dropped += other.dropped;
+        self.every = self.every.max(other.every);
+    }
+
+    /// The figures: every miss ranks above every visible sample.
+    pub fn figures(mut self, timeout: Duration) -> Freshness {
         self.visible_us.sort_unstable();
-        let missed = dropped + self.timed_out;
+        let missed = self.dropped + self.timed_out;
         let q = |q: f64| quantile(&self.visible_us, missed, q);
         Freshness {
-            sample_every: every,
-            samples: self.samples + dropped,
+            sample_every: self.every,
+            samples: self.samples + self.dropped,
             visible: self.visible_us.len() as u64,
             missed,
             timed_out: self.timed_out,
-            dropped,
+            dropped: self.dropped,
             errors: self.errors,
             p50_ms: q(0.5),
             p90_ms: q(0.9),

@@ -24,6 +24,8 @@
 //! - [`expect`]: expected windows, regenerated one device at a time.
 //! - [`verify`]: reads the API and compares.
 //! - [`resources`]: open-files limit, the simulator's memory and CPU.
+//! - [`processes`]: a run spread over several simulator processes, one
+//!   plan and one verify.
 //! - [`summary`]: the run's numbers.
 //! - [`exporter`]: the run's figures as Prometheus metrics while it goes on.
 //! - `run`: [`run`], in named steps (plan, connect, publish, record, tally,
@@ -41,6 +43,7 @@ pub mod lateness;
 pub mod ledger;
 pub mod payload;
 pub mod plan;
+pub mod processes;
 pub mod publish;
 pub mod replay;
 pub mod resources;
@@ -54,7 +57,7 @@ pub mod verify;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use config::{BrokerAddr, Rate, SimConfig, Stop};
-pub use run::run;
+pub use run::{run, serve_worker};
 pub use summary::Summary;
 pub use verify::VerifyReport;
 pub use verify::stats::stats_expectation;

@@ -24,7 +24,7 @@ pub fn ensure_open_files(needed: u64) -> anyhow::Result<u64> {
 }
 
 /// What the simulator process used.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Peak resident memory (VmHWM), MiB.
     pub peak_rss_mib: f64,
@@ -37,6 +37,15 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Adds another process's use: a spread run's figures are its
+    /// processes' together (the peak as the sum of each one's peak).
+    pub fn add(&mut self, other: &Usage) {
+        self.peak_rss_mib += other.peak_rss_mib;
+        self.rss_mib += other.rss_mib;
+        self.cpu_seconds += other.cpu_seconds;
+        self.open_files_limit = self.open_files_limit.max(other.open_files_limit);
+    }
+
     pub fn now(open_files_limit: u64) -> Usage {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
         let kib = |key: &str| -> f64 {

@@ -3,6 +3,8 @@
 //! them in the ledger, add up the numbers, verify.
 //!
 //! - `fleets`: the fleets' plans, continuing the ledger's runs.
+//! - `spread`: a run over several processes: the parent's side and the
+//!   workers' (see [`crate::processes`]).
 //! - `tally`: the run's numbers, from the fleets' outcomes.
 //! - `verdict`: whether the schedule was kept, and who fell behind.
 
@@ -27,8 +29,11 @@ use crate::{now_ms, resources};
 use fleets::{FleetRun, fleet_plans};
 
 mod fleets;
+mod spread;
 mod tally;
 mod verdict;
+
+pub use spread::serve_worker;
 
 /// Runs a simulation: connect, publish the schedule, record it in the ledger,
 /// and verify if asked.
@@ -59,14 +64,15 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         let total: u64 = runs.iter().flat_map(|r| r.messages.iter()).sum();
         live.planned(u64::from(devices), total);
     }
-    let files_limit = resources::ensure_open_files(u64::from(devices) + resources::SPARE_FILES)?;
+    // Spread over workers, this process holds no device's connection.
+    let sockets = if cfg.processes.is_some() { 0 } else { devices };
+    let files_limit = resources::ensure_open_files(u64::from(sockets) + resources::SPARE_FILES)?;
     let stats_before = stats_before(&cfg, refused.is_some()).await?;
 
-    let before_connect = resources::Usage::now(files_limit);
-    let connected = connect(&cfg, &runs, devices).await?;
-    let rss_connected_mib = resources::Usage::now(files_limit).rss_mib;
-    set_phase(&cfg, Phase::Publishing);
-    let published = publish(&cfg, &runs, connected).await?;
+    let published = match &cfg.processes {
+        Some(p) => spread::publish_workers(&cfg, &runs, p).await?,
+        None => publish_here(&cfg, &runs, devices, files_limit).await?,
+    };
     record(&cfg, &runs, &published.outcomes, &mut ledger)?;
 
     let mut summary = tally::summarize(
@@ -76,7 +82,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         published.connect_ms,
         warnings,
     );
-    summary.freshness = published.freshness;
+    summary.freshness = published.freshness.map(|t| t.figures(cfg.verify_timeout));
     if let Some(url) = &cfg.verify {
         set_phase(&cfg, Phase::Verifying);
         summary.verify = match (refused, stats_before) {
@@ -99,10 +105,12 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         };
     }
     summary.usage = resources::Usage::now(files_limit);
+    summary.usage.add(&published.workers);
+    let (rss_before_mib, rss_connected_mib) = published.rss_mib;
     summary.rss_connected_mib = rss_connected_mib;
     if devices > 0 {
         summary.idle_kib_per_device =
-            (rss_connected_mib - before_connect.rss_mib).max(0.0) * 1024.0 / f64::from(devices);
+            (rss_connected_mib - rss_before_mib).max(0.0) * 1024.0 / f64::from(devices);
     }
     if let Some(path) = &cfg.report_json {
         let text = serde_json::to_string_pretty(&summary)?;
@@ -112,6 +120,36 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         live.finish(&summary);
     }
     Ok(summary)
+}
+
+/// Connects and publishes every device in this process.
+async fn publish_here(
+    cfg: &SimConfig,
+    runs: &[FleetRun],
+    devices: u32,
+    files_limit: u64,
+) -> anyhow::Result<Published> {
+    let before_connect = resources::Usage::now(files_limit).rss_mib;
+    let connected = connect(cfg, runs, devices).await?;
+    let rss_connected_mib = resources::Usage::now(files_limit).rss_mib;
+    set_phase(cfg, Phase::Publishing);
+    let run_start_ms = now_ms() + 100;
+    record_start(cfg, runs, run_start_ms)?;
+    let mut published = publish(cfg, connected, run_start_ms).await?;
+    published.rss_mib = (before_connect, rss_connected_mib);
+    Ok(published)
+}
+
+/// Records each fleet's start in the ledger file, before anyone publishes.
+fn record_start(cfg: &SimConfig, runs: &[FleetRun], run_start_ms: i64) -> anyhow::Result<()> {
+    if let Some(path) = &cfg.ledger {
+        for r in runs {
+            let mut plan = r.plan.clone();
+            plan.run_start_ms = run_start_ms;
+            Ledger::append(path, &LedgerLine::Start(Box::new(r.start_line(&plan))))?;
+        }
+    }
+    Ok(())
 }
 
 fn set_phase(cfg: &SimConfig, phase: Phase) {
@@ -182,7 +220,9 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
         .scenario
         .as_ref()
         .and_then(|s| s.connect_rate)
-        .or(cfg.connect_rate);
+        .or(cfg.connect_rate)
+        // A worker of a spread run connects its share at its share of the rate.
+        .map(|r| r / f64::from(cfg.worker.map_or(1, |s| s.of)));
     let connect_timeout = cfg.connect_timeout.unwrap_or(Duration::from_secs(10))
         + connect_rate
             .filter(|r| *r > 0.0)
@@ -207,6 +247,7 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
             connect_rate,
             ack_timeout: cfg.ack_timeout,
             connect_timeout,
+            slot: cfg.worker,
         };
         let shared = Arc::new(FleetShared::new()?);
         if let Some(live) = &cfg.live {
@@ -264,15 +305,19 @@ fn start_freshness(cfg: &SimConfig, total: u64, devices: u32) -> FreshnessProbe 
 struct Published {
     outcomes: Vec<(PublishOutcome, Arc<FleetShared>)>,
     connect_ms: u64,
-    freshness: Option<freshness::Freshness>,
+    freshness: Option<freshness::Tally>,
+    /// Resident memory before and after connecting, MiB (summed over the
+    /// workers of a spread run).
+    rss_mib: (f64, f64),
+    /// What the workers of a spread run used, added up; zero otherwise.
+    workers: resources::Usage,
 }
 
-/// Starts every fleet at once, recorded in the ledger before anyone
-/// publishes, and waits for them to finish.
+/// Starts every fleet at `run_start_ms`, and waits for them to finish.
 async fn publish(
     cfg: &SimConfig,
-    runs: &[FleetRun],
     connected: Connected,
+    run_start_ms: i64,
 ) -> anyhow::Result<Published> {
     let Connected {
         mut fleets,
@@ -280,14 +325,6 @@ async fn publish(
         total,
         freshness,
     } = connected;
-    let run_start_ms = now_ms() + 100;
-    if let Some(path) = &cfg.ledger {
-        for r in runs {
-            let mut plan = r.plan.clone();
-            plan.run_start_ms = run_start_ms;
-            Ledger::append(path, &LedgerLine::Start(Box::new(r.start_line(&plan))))?;
-        }
-    }
     let origin = Instant::now();
     for f in &mut fleets {
         f.start(run_start_ms);
@@ -320,7 +357,7 @@ async fn publish(
                         .load(std::sync::atomic::Ordering::Relaxed)
                 })
                 .sum();
-            book.figures(dropped, every, cfg.verify_timeout)
+            book.tally(dropped, every)
         }),
         None => None,
     };
@@ -328,6 +365,8 @@ async fn publish(
         outcomes,
         connect_ms,
         freshness,
+        rss_mib: (0.0, 0.0),
+        workers: resources::Usage::default(),
     })
 }
 

@@ -46,7 +46,7 @@ const CONNECT_ATTEMPT: Duration = Duration::from_secs(10);
 const KEEP_WBUF: usize = 4096;
 
 /// Counters of one device, summed into the run's summary.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DeviceCounters {
     /// Distinct sends handed to the connection at least once.
     pub issued: u64,

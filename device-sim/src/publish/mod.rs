@@ -113,6 +113,24 @@ impl FleetShared {
             .1
             .clone()
     }
+
+    /// Adds what another process's fleet recorded: its PUBACK latencies,
+    /// their timeline and its lags.
+    pub fn absorb(
+        &self,
+        latency: &Histogram<u64>,
+        timeline: &AckTimeline,
+        lag: &Histogram<u64>,
+    ) -> anyhow::Result<()> {
+        let mut l = self.latency.lock().unwrap_or_else(|e| e.into_inner());
+        l.0.add(latency)?;
+        l.1.merge(timeline);
+        self.lag
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(lag)?;
+        Ok(())
+    }
 }
 
 /// PUBACKs per 100 ms of wall-clock time (when the PUBACK arrived): how
@@ -123,7 +141,7 @@ pub struct AckTimeline {
     buckets: std::collections::BTreeMap<i64, AckBucket>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AckBucket {
     /// Wall-clock ms since the epoch at the bucket's start.
     pub at_ms: i64,
@@ -162,6 +180,12 @@ impl AckTimeline {
 
     pub fn buckets(&self) -> Vec<AckBucket> {
         self.buckets.values().copied().collect()
+    }
+
+    pub fn from_buckets(buckets: &[AckBucket]) -> AckTimeline {
+        AckTimeline {
+            buckets: buckets.iter().map(|b| (b.at_ms, *b)).collect(),
+        }
     }
 }
 
@@ -218,6 +242,9 @@ pub struct PublishConfig {
     pub ack_timeout: Duration,
     /// How long to wait for every device's first CONNACK.
     pub connect_timeout: Duration,
+    /// The devices this process runs, when a run is spread over several
+    /// (see `--processes`); `None`: all of them.
+    pub slot: Option<crate::processes::Slot>,
 }
 
 /// Connections one source address can hold to one broker address: the
@@ -342,8 +369,10 @@ impl Fleet {
         let started = Instant::now();
         let (start, start_rx) = watch::channel(None);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut tasks = Vec::with_capacity(plan.devices as usize);
-        for index in 0..plan.devices {
+        let mine = |index: &u32| cfg.slot.is_none_or(|s| s.holds(*index));
+        let devices = (0..plan.devices).filter(mine).count() as u32;
+        let mut tasks = Vec::with_capacity(devices as usize);
+        for index in (0..plan.devices).filter(mine) {
             let i = index as usize;
             tasks.push(tokio::spawn(device::run(
                 env.clone(),
@@ -358,7 +387,7 @@ impl Fleet {
         let deadline = started + cfg.connect_timeout;
         let mut connected = 0u32;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
-        while connected < plan.devices {
+        while connected < devices {
             tokio::select! {
                 got = tokio::time::timeout_at(deadline, rx.recv()) => match got {
                     Ok(Some(_)) => connected += 1,
@@ -366,8 +395,8 @@ impl Fleet {
                 },
                 _ = tick.tick(), if progress => {
                     draw(&format!(
-                        "{:>7.1} s  connected {connected}/{} devices of fleet {}",
-                        started.elapsed().as_secs_f64(), plan.devices, plan.fleet
+                        "{:>7.1} s  connected {connected}/{devices} devices of fleet {}",
+                        started.elapsed().as_secs_f64(), plan.fleet
                     ));
                 }
             }
@@ -376,7 +405,7 @@ impl Fleet {
         if progress {
             draw("");
         }
-        if connected == 0 && plan.devices > 0 {
+        if connected == 0 && devices > 0 {
             drop(start);
             return Err(no_device_connected(tasks, cfg).await);
         }
@@ -385,7 +414,7 @@ impl Fleet {
             tasks,
             start,
             shared,
-            not_connected: plan.devices - connected,
+            not_connected: devices - connected,
             connect_time,
         })
     }
