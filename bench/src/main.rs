@@ -21,8 +21,13 @@
 //! received every acknowledged message at the offered rate.
 //!
 //! Fleet shape (`--fleet-rates`): many quiet devices, one step per
-//! per-device rate instead of a ramp, the pipeline and Mosquitto alone (no
+//! per-device rate instead of a ramp, the pipeline (on its embedded log and
+//! SQLite, then on NATS JetStream and PostgreSQL) and Mosquitto alone (no
 //! subscriber) at the same shape, each with its CPU µs per message.
+//!
+//! On NATS and PostgreSQL the CPU and disk figures add the servers' own
+//! processes to iotpipe's; the test kit runs PostgreSQL with `fsync=off`,
+//! so its commits cost no sync that the embedded store pays.
 //!
 //! The processes are launched by the test kit's launchers ([`testkit::up`],
 //! [`testkit::mosquitto`]), the same the end-to-end tests use.
@@ -39,7 +44,7 @@ use clap::Parser;
 use serde_json::{Value, json};
 
 use ramp::{Ramp, RampPlan};
-use steps::{Bench, Binaries, Broker, Load, Step};
+use steps::{Backend, Bench, Binaries, Broker, Load, Step};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -145,15 +150,18 @@ fn binaries() -> Result<Binaries> {
 struct Config {
     baseline: bool,
     broker: Broker,
+    backend: Backend,
     qos: u8,
     readings: u32,
 }
 
 impl Config {
     fn name(&self) -> String {
-        let broker = match self.broker {
-            Broker::Embedded => "embedded",
-            Broker::Mosquitto => "mosquitto",
+        let broker = match (self.broker, self.backend) {
+            (Broker::Embedded, Backend::Embedded) => "embedded",
+            (Broker::Mosquitto, Backend::Embedded) => "mosquitto",
+            (Broker::Embedded, Backend::NatsPostgres) => NATS_POSTGRES,
+            (Broker::Mosquitto, Backend::NatsPostgres) => "mosquitto-nats-postgres",
         };
         if self.baseline {
             format!("baseline-{broker}-q{}", self.qos)
@@ -171,12 +179,17 @@ impl Config {
         if self.baseline {
             bench.baseline_step(self.broker, load).await
         } else {
-            bench.pipeline_step(self.broker, load).await
+            bench.pipeline_step(self.broker, self.backend, load).await
         }
     }
 }
 
-/// Every configuration, baseline first, in the order they run.
+/// The name part of the endpoint on NATS JetStream and PostgreSQL.
+const NATS_POSTGRES: &str = "nats-postgres";
+
+/// Every configuration, baseline first, in the order they run. The
+/// pipeline on NATS and PostgreSQL is measured behind its own endpoint at
+/// QoS 1, against the same baseline as the embedded default.
 fn configs() -> Vec<Config> {
     let mut all = vec![];
     for broker in [Broker::Embedded, Broker::Mosquitto] {
@@ -184,12 +197,20 @@ fn configs() -> Vec<Config> {
             let config = |baseline, readings| Config {
                 baseline,
                 broker,
+                backend: Backend::Embedded,
                 qos,
                 readings,
             };
             all.extend([config(true, 1), config(false, 1), config(false, 20)]);
         }
     }
+    all.extend([1, 20].map(|readings| Config {
+        baseline: false,
+        broker: Broker::Embedded,
+        backend: Backend::NatsPostgres,
+        qos: 1,
+        readings,
+    }));
     all
 }
 
@@ -246,19 +267,18 @@ async fn fleet(args: &Args, bench: &Bench) -> Result<Vec<Outcome>> {
                 readings,
                 rate,
             };
-            for baseline in [true, false] {
-                let config = if baseline {
-                    format!("fleet-baseline-mosquitto-q1-r{readings}")
-                } else {
-                    format!("fleet-embedded-q1-r{readings}")
+            for backend in [None, Some(Backend::Embedded), Some(Backend::NatsPostgres)] {
+                let config = match backend {
+                    None => format!("fleet-baseline-mosquitto-q1-r{readings}"),
+                    Some(Backend::Embedded) => format!("fleet-embedded-q1-r{readings}"),
+                    Some(Backend::NatsPostgres) => format!("fleet-{NATS_POSTGRES}-q1-r{readings}"),
                 };
                 if !args.only.is_empty() && !args.only.contains(&config) {
                     continue;
                 }
-                let step = if baseline {
-                    bench.fleet_baseline_step(load).await?
-                } else {
-                    bench.pipeline_step(Broker::Embedded, load).await?
+                let step = match backend {
+                    None => bench.fleet_baseline_step(load).await?,
+                    Some(b) => bench.pipeline_step(Broker::Embedded, b, load).await?,
                 };
                 let name = format!("{config}@{per_device}");
                 println!(
@@ -319,7 +339,9 @@ fn print_summary(outcomes: &[Outcome]) {
                 f("write_amplification"),
                 f("sqlite_writes_per_reading"),
             );
-            let mut parts = o.name.split('-');
+            // The NATS and PostgreSQL pipeline is behind the embedded endpoint.
+            let name = o.name.replace(NATS_POSTGRES, "embedded");
+            let mut parts = name.split('-');
             let (broker, qos) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             if let Some(b) =
                 baseline(&format!("baseline-{broker}-{qos}")).filter(|_| o.name.ends_with("-r1"))
@@ -353,6 +375,8 @@ mod tests {
                 "baseline-mosquitto-q0",
                 "mosquitto-q0-r1",
                 "mosquitto-q0-r20",
+                "nats-postgres-q1-r1",
+                "nats-postgres-q1-r20",
             ]
         );
     }

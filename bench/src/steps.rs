@@ -2,8 +2,9 @@
 //! rate, and the verdict with the figures behind it.
 //!
 //! - [`Bench::pipeline_step`]: `iotpipe up` (the embedded endpoint, or
-//!   Mosquitto in front with iotpipe's bridge behind it), the simulator with
-//!   `--verify`, the pipeline's own counters read alongside.
+//!   Mosquitto in front with iotpipe's bridge behind it; on the embedded
+//!   log and SQLite, or on NATS JetStream and PostgreSQL), the simulator
+//!   with `--verify`, the pipeline's own counters read alongside.
 //! - [`Bench::baseline_step`]: the broker alone (Mosquitto, or rumqttd
 //!   embedded in a counting subscriber), every message counted as delivered.
 //! - [`Bench::fleet_baseline_step`]: Mosquitto alone at fleet shape, nothing
@@ -41,6 +42,73 @@ pub struct Bench {
     pub connect_rate: Option<f64>,
     pub iotpipe_config: Option<PathBuf>,
     pub http: reqwest::Client,
+}
+
+/// Where the pipeline keeps its stream and its rollups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded log and SQLite behind the write-behind cache: `iotpipe
+    /// up`'s default.
+    Embedded,
+    /// A NATS JetStream server and a PostgreSQL database, started for the
+    /// step by the test kit's launchers (PostgreSQL there runs with
+    /// `fsync=off`; JetStream syncs on its own interval, not per message).
+    NatsPostgres,
+}
+
+/// The servers a [`Backend::NatsPostgres`] step runs on, stopped with it.
+struct Services {
+    nats: testkit::nats::NatsServer,
+    db: testkit::postgres::TestDb,
+}
+
+impl Services {
+    async fn start(backend: Backend) -> Result<Option<Services>> {
+        if backend == Backend::Embedded {
+            return Ok(None);
+        }
+        let nats = blocking(testkit::nats::NatsServer::start).await?;
+        let db = testkit::postgres::database()
+            .await
+            .map_err(anyhow::Error::msg)?;
+        Ok(Some(Services { nats, db }))
+    }
+
+    fn args(&self) -> Vec<String> {
+        [
+            "--stream",
+            "nats",
+            "--nats-url",
+            self.nats.url(),
+            "--store",
+            "postgres",
+            "--postgres-url",
+            &self.db.url(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The processes besides iotpipe whose CPU and disk writes the step
+    /// counts: the NATS server, and every PostgreSQL process (the server
+    /// forks one per connection).
+    fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.nats.pid().into_iter().collect();
+        pids.extend(processes_named("postgres"));
+        pids
+    }
+}
+
+/// The pids of the processes whose command is `name`.
+fn processes_named(name: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +172,12 @@ impl Drop for Running {
 }
 
 impl Bench {
-    pub async fn pipeline_step(&self, broker: Broker, load: Load) -> Result<Step> {
+    pub async fn pipeline_step(
+        &self,
+        broker: Broker,
+        backend: Backend,
+        load: Load,
+    ) -> Result<Step> {
         let workdir = workdir()?;
         let mosquitto = match broker {
             Broker::Mosquitto => {
@@ -112,8 +185,15 @@ impl Bench {
             }
             Broker::Embedded => None,
         };
-        let up = self.up(workdir.path(), mosquitto.as_ref()).await?;
+        let services = Services::start(backend).await?;
+        let extra = services.as_ref().map(Services::args).unwrap_or_default();
+        let up = self.up(workdir.path(), mosquitto.as_ref(), extra).await?;
         let pid = up.0.child.id();
+        // iotpipe first, then Mosquitto in front, then the servers behind.
+        let mut pids = vec![pid];
+        pids.extend(mosquitto.as_ref().map(Mosquitto::pid));
+        let servers = services.as_ref().map(Services::pids).unwrap_or_default();
+        pids.extend(&servers);
         let api = format!("http://{}", up.0.http);
         let broker_url = match &mosquitto {
             Some(m) => m.url(),
@@ -125,21 +205,36 @@ impl Bench {
             self.wait_subscribed(&api).await?;
         }
         let stats = StatsSampler::start(self.http.clone(), format!("{api}/v1/stats"));
-        let written_before = disk_written(pid);
-        let mut cpu_of = vec![pid];
-        cpu_of.extend(mosquitto.as_ref().map(Mosquitto::pid));
+        let written_before: u64 = pids.iter().map(|p| disk_written(*p)).sum();
         let sim = Sim {
             broker: &broker_url,
             load,
             verify: Some(&api),
             in_front: mosquitto.is_some(),
-            cpu_of,
+            cpu_of: pids.clone(),
         };
         let run = self.simulate(sim, workdir.path()).await;
         let pipeline_readings_per_s = pipeline_rate(&stats.finish().await);
         let (r, cpu) = run?;
-        self.wait_flushed(&api).await?;
-        let written = disk_written(pid).saturating_sub(written_before);
+        if backend == Backend::Embedded {
+            // Only the write-behind cache flushes; PostgreSQL is written
+            // through.
+            self.wait_flushed(&api).await?;
+        }
+        let written = pids
+            .iter()
+            .map(|p| disk_written(*p))
+            .sum::<u64>()
+            .saturating_sub(written_before);
+        let mosquitto_cpu = mosquitto
+            .as_ref()
+            .and_then(|_| cpu.get(1).copied().flatten());
+        let servers_cpu: Option<f64> = cpu
+            .iter()
+            .skip(1 + usize::from(mosquitto.is_some()))
+            .flatten()
+            .copied()
+            .reduce(|a, b| a + b);
         let page = self.get(&format!("{api}/metrics")).await?;
         let accepted = metric(&page, "iotpipe_processor_readings_accepted_total");
         let writes = metric(&page, "iotpipe_store_writes_total");
@@ -174,7 +269,9 @@ impl Bench {
             // CPU of iotpipe (and of Mosquitto in front) per acknowledged
             // message, over the publishing window.
             "iotpipe_cpu_us_per_msg": cpu.first().copied().flatten(),
-            "mosquitto_cpu_us_per_msg": cpu.get(1).copied().flatten(),
+            "mosquitto_cpu_us_per_msg": mosquitto_cpu,
+            // The NATS server and PostgreSQL's processes together.
+            "servers_cpu_us_per_msg": servers_cpu,
             "devices": self.devices,
             "readings_accepted": accepted,
             "store_writes": writes,
@@ -184,7 +281,8 @@ impl Bench {
             "write_amplification": per_reading(writes),
             // What reached SQLite after the cache coalesced it.
             "sqlite_writes_per_reading": per_reading(flushed),
-            // Bytes iotpipe made the kernel write (log and store together).
+            // Bytes iotpipe (and the servers behind it) made the kernel
+            // write: log and store together.
             "disk_bytes_per_reading": per_reading(written as f64),
         });
         Ok(Step { pass, figures })
@@ -283,7 +381,12 @@ impl Bench {
         Ok(Step { pass, figures })
     }
 
-    async fn up(&self, dir: &Path, in_front: Option<&Mosquitto>) -> Result<Running> {
+    async fn up(
+        &self,
+        dir: &Path,
+        in_front: Option<&Mosquitto>,
+        extra: Vec<String>,
+    ) -> Result<Running> {
         let mut args: Vec<String> = [
             "--mqtt-listen",
             "127.0.0.1:0",
@@ -298,6 +401,7 @@ impl Bench {
         if let Some(config) = &self.iotpipe_config {
             args.extend(["--config".into(), config.display().to_string()]);
         }
+        args.extend(extra);
         let bin = self.bins.iotpipe.clone();
         let data = dir.join("data");
         let up = blocking(move || {

@@ -66,6 +66,11 @@ impl NatsServer {
         &self.url
     }
 
+    /// The server process, when this test started it and it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.local.as_ref()?.child.as_ref().map(Child::id)
+    }
+
     /// Whether this is a server the test started (and so can kill).
     pub fn is_local(&self) -> bool {
         self.local.is_some()
