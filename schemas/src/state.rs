@@ -49,6 +49,9 @@ pub enum ItemState {
     /// everything listing a fleet by status needs, in the rows that listing
     /// reads anyway.
     FleetMember(FleetMember),
+    /// A window at one revision that crossed an alert rule's threshold,
+    /// with its delivery state.
+    Alert(AlertState),
 }
 
 impl Item {
@@ -625,4 +628,32 @@ mod tests {
         assert!(Item::decode(&[]).is_err());
         assert!(Item::decode(&[9, 0]).is_err());
     }
+}
+
+/// One alert: what fired, and whether its notification was delivered. The
+/// key (rule, window start, revision) makes it one item per revision however
+/// often the window is evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertState {
+    pub rule: String,
+    pub fleet: String,
+    /// The device, for a rule on one device's windows.
+    pub device: Option<String>,
+    pub metric: String,
+    /// The window's resolution, as written (`1m`).
+    pub resolution: String,
+    pub aggregate: String,
+    /// `>`, `>=`, `<` or `<=`.
+    pub comparison: String,
+    pub threshold: f64,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub revision: u64,
+    pub value: f64,
+    pub late_count: u64,
+    /// When the evaluator first found it, ms since the epoch.
+    pub fired_at: i64,
+    /// When a notification was acknowledged (a webhook's 2xx); `None` while
+    /// it is still to be delivered, which is what a restart resumes.
+    pub delivered_at: Option<i64>,
 }

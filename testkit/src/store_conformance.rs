@@ -73,6 +73,7 @@ pub async fn run<S: RollupStore + RollupQuery>(store: &S) {
     versions_and_conditions(store).await;
     ranges(store).await;
     prefix_scans(store).await;
+    alerts(store).await;
 }
 
 async fn versions_and_conditions<S: RollupStore + RollupQuery>(store: &S) {
@@ -218,4 +219,90 @@ async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
         .await
         .unwrap();
     assert_eq!(exact.len(), 1);
+}
+
+fn alert(start: i64, revision: u64, value: f64) -> Write {
+    Write {
+        key: ItemKey::Alert {
+            rule: "conf-hot".into(),
+            start,
+            revision,
+        },
+        condition: Condition::InsertOnce,
+        item: Item {
+            applied: Default::default(),
+            state: ItemState::Alert(schemas::state::AlertState {
+                rule: "conf-hot".into(),
+                fleet: "f".into(),
+                device: None,
+                metric: "temp".into(),
+                resolution: "1m".into(),
+                aggregate: "avg".into(),
+                comparison: ">".into(),
+                threshold: 30.0,
+                window_start: start,
+                window_end: start + 60_000,
+                revision,
+                value,
+                late_count: revision,
+                fired_at: 1,
+                delivered_at: None,
+            }),
+        },
+        expires_at: None,
+    }
+}
+
+fn alert_state(item: &Item) -> &schemas::state::AlertState {
+    match &item.state {
+        ItemState::Alert(a) => a,
+        other => panic!("expected an alert, found {other:?}"),
+    }
+}
+
+/// Alert items: written once per (rule, window, revision) however often a
+/// window is evaluated, marked delivered by a versioned write, and listed
+/// newest first.
+async fn alerts<S: RollupStore + RollupQuery>(store: &S) {
+    let first = alert(60_000, 0, 31.0);
+    commit_writes(store, vec![first.clone(), alert(120_000, 0, 33.0)]).await;
+    // Evaluated again, even with another value: the first item stays.
+    commit_writes(store, vec![alert(60_000, 0, 99.0), alert(60_000, 1, 35.0)]).await;
+    let loaded = store.load(std::slice::from_ref(&first.key)).await.unwrap()[0]
+        .clone()
+        .expect("an alert must load");
+    assert_eq!(
+        alert_state(&loaded.item).value,
+        31.0,
+        "InsertOnce keeps the first alert"
+    );
+
+    let mut delivered = loaded.item.clone();
+    if let ItemState::Alert(a) = &mut delivered.state {
+        a.delivered_at = Some(5);
+    }
+    let mark = Write {
+        key: first.key.clone(),
+        condition: Condition::Version(loaded.version),
+        item: delivered,
+        expires_at: None,
+    };
+    commit_writes(store, vec![mark]).await;
+
+    let rows = store
+        .range(range(&first.key.pk(), "", "~", 10, true))
+        .await
+        .unwrap();
+    let listed: Vec<(i64, u64, Option<i64>)> = rows
+        .iter()
+        .map(|(_, item)| {
+            let a = alert_state(item);
+            (a.window_start, a.revision, a.delivered_at)
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [(120_000, 0, None), (60_000, 1, None), (60_000, 0, Some(5))],
+        "alerts are listed newest window first, each revision once"
+    );
 }
