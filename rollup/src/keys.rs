@@ -12,6 +12,7 @@
 //! | processed watermark | `k` | `{shard}` |
 //! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:078}\|{index:05}` |
 //! | alert | `a\|{rule}` | `{window start:015}\|{revision:010}` |
+//! | alert delivered | `a\|{rule}` | `{window start:015}\|{revision:010}\|d` |
 //!
 //! `|` cannot occur in ids or metric names, so keys never collide, and the
 //! zero-padded numbers make string order time order, which is what range
@@ -66,6 +67,13 @@ pub enum ItemKey {
         start: i64,
         revision: u64,
     },
+    /// That alert's notification was delivered: written once, right after
+    /// the alert in its partition.
+    AlertDelivered {
+        rule: String,
+        start: i64,
+        revision: u64,
+    },
 }
 
 impl ItemKey {
@@ -81,7 +89,7 @@ impl ItemKey {
             ItemKey::Counter { .. } => COUNTER_PK.to_string(),
             ItemKey::Watermark { .. } => WATERMARK_PK.to_string(),
             ItemKey::DeadLetter { reason, .. } => dead_letter_pk(*reason),
-            ItemKey::Alert { rule, .. } => alert_pk(rule),
+            ItemKey::Alert { rule, .. } | ItemKey::AlertDelivered { rule, .. } => alert_pk(rule),
         }
     }
 
@@ -107,6 +115,9 @@ impl ItemKey {
             ItemKey::Alert {
                 start, revision, ..
             } => format!("{}|{revision:010}", time_sk(*start)),
+            ItemKey::AlertDelivered {
+                start, revision, ..
+            } => format!("{}|{revision:010}|d", time_sk(*start)),
         }
     }
 }
@@ -223,5 +234,12 @@ mod tests {
         assert_eq!(alert(1).sk(), "000000000060000|0000000001");
         assert!(alert(1).sk() < alert(10).sk());
         assert_eq!(start_of_sk(&alert(1).sk()), Some(60_000));
+        let delivered = ItemKey::AlertDelivered {
+            rule: "hot".into(),
+            start: 60_000,
+            revision: 1,
+        };
+        assert_eq!(delivered.pk(), "a|hot");
+        assert!(alert(1).sk() < delivered.sk() && delivered.sk() < alert(2).sk());
     }
 }

@@ -52,6 +52,10 @@ pub enum ItemState {
     /// A window at one revision that crossed an alert rule's threshold,
     /// with its delivery state.
     Alert(AlertState),
+    /// When an alert's notification was acknowledged (a webhook's 2xx), ms
+    /// since the epoch: an item of its own beside the alert, written once,
+    /// so that neither is ever rewritten.
+    AlertDelivered(i64),
 }
 
 impl Item {
@@ -630,9 +634,9 @@ mod tests {
     }
 }
 
-/// One alert: what fired, and whether its notification was delivered. The
-/// key (rule, window start, revision) makes it one item per revision however
-/// often the window is evaluated.
+/// One alert: what fired. The key (rule, window start, revision) makes it
+/// one item per revision however often the window is evaluated; its
+/// delivery is recorded beside it ([`ItemState::AlertDelivered`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertState {
     pub rule: String,
@@ -653,7 +657,4 @@ pub struct AlertState {
     pub late_count: u64,
     /// When the evaluator first found it, ms since the epoch.
     pub fired_at: i64,
-    /// When a notification was acknowledged (a webhook's 2xx); `None` while
-    /// it is still to be delivered, which is what a restart resumes.
-    pub delivered_at: Option<i64>,
 }

@@ -221,13 +221,17 @@ async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
     assert_eq!(exact.len(), 1);
 }
 
+fn alert_key(start: i64, revision: u64) -> ItemKey {
+    ItemKey::Alert {
+        rule: "conf-hot".into(),
+        start,
+        revision,
+    }
+}
+
 fn alert(start: i64, revision: u64, value: f64) -> Write {
     Write {
-        key: ItemKey::Alert {
-            rule: "conf-hot".into(),
-            start,
-            revision,
-        },
+        key: alert_key(start, revision),
         condition: Condition::InsertOnce,
         item: Item {
             applied: Default::default(),
@@ -246,63 +250,71 @@ fn alert(start: i64, revision: u64, value: f64) -> Write {
                 value,
                 late_count: revision,
                 fired_at: 1,
-                delivered_at: None,
             }),
         },
         expires_at: None,
     }
 }
 
-fn alert_state(item: &Item) -> &schemas::state::AlertState {
-    match &item.state {
-        ItemState::Alert(a) => a,
-        other => panic!("expected an alert, found {other:?}"),
-    }
-}
-
-/// Alert items: written once per (rule, window, revision) however often a
-/// window is evaluated, marked delivered by a versioned write, and listed
-/// newest first.
+/// Alert items: looked up, then written once per (rule, window, revision)
+/// however often a window is evaluated; their delivery marks beside them,
+/// written once too; listed newest first.
 async fn alerts<S: RollupStore + RollupQuery>(store: &S) {
     let first = alert(60_000, 0, 31.0);
+    // The evaluator looks an alert up before writing it: a store that
+    // remembers the miss must still take the write.
+    let missing = store.load(std::slice::from_ref(&first.key)).await.unwrap();
+    assert!(missing[0].is_none());
     commit_writes(store, vec![first.clone(), alert(120_000, 0, 33.0)]).await;
     // Evaluated again, even with another value: the first item stays.
     commit_writes(store, vec![alert(60_000, 0, 99.0), alert(60_000, 1, 35.0)]).await;
     let loaded = store.load(std::slice::from_ref(&first.key)).await.unwrap()[0]
         .clone()
         .expect("an alert must load");
-    assert_eq!(
-        alert_state(&loaded.item).value,
-        31.0,
-        "InsertOnce keeps the first alert"
-    );
-
-    let mut delivered = loaded.item.clone();
-    if let ItemState::Alert(a) = &mut delivered.state {
-        a.delivered_at = Some(5);
-    }
-    let mark = Write {
-        key: first.key.clone(),
-        condition: Condition::Version(loaded.version),
-        item: delivered,
-        expires_at: None,
+    let ItemState::Alert(a) = &loaded.item.state else {
+        panic!("expected an alert, found {:?}", loaded.item.state);
     };
-    commit_writes(store, vec![mark]).await;
+    assert_eq!(a.value, 31.0, "InsertOnce keeps the first alert");
+
+    let delivered = ItemKey::AlertDelivered {
+        rule: "conf-hot".into(),
+        start: 60_000,
+        revision: 0,
+    };
+    assert!(store.load(std::slice::from_ref(&delivered)).await.unwrap()[0].is_none());
+    for at in [5, 6] {
+        let mark = Write {
+            key: delivered.clone(),
+            condition: Condition::InsertOnce,
+            item: Item {
+                applied: Default::default(),
+                state: ItemState::AlertDelivered(at),
+            },
+            expires_at: None,
+        };
+        commit_writes(store, vec![mark]).await;
+    }
 
     let rows = store
         .range(range(&first.key.pk(), "", "~", 10, true))
         .await
         .unwrap();
-    let listed: Vec<(i64, u64, Option<i64>)> = rows
+    let listed: Vec<String> = rows
         .iter()
-        .map(|(_, item)| {
-            let a = alert_state(item);
-            (a.window_start, a.revision, a.delivered_at)
+        .map(|(sk, item)| match &item.state {
+            ItemState::Alert(a) => format!("{}/{}", a.window_start, a.revision),
+            ItemState::AlertDelivered(at) => format!("{sk} delivered at {at}"),
+            other => panic!("expected an alert, found {other:?}"),
         })
         .collect();
     assert_eq!(
         listed,
-        [(120_000, 0, None), (60_000, 1, None), (60_000, 0, Some(5))],
-        "alerts are listed newest window first, each revision once"
+        [
+            "120000/0".to_string(),
+            "60000/1".into(),
+            format!("{} delivered at 5", delivered.sk()),
+            "60000/0".into(),
+        ],
+        "alerts are listed newest window first, each revision once, marks beside them"
     );
 }
