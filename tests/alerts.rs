@@ -179,13 +179,9 @@ fn all_delivered(body: &Value) -> bool {
 }
 
 async fn metric(p: &Pipeline, name: &str) -> f64 {
-    let text = reqwest::get(format!("http://{}/metrics", p.http_addr))
+    support::metrics_text(p)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
+        .lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }

@@ -157,20 +157,10 @@ fn apply(state: &mut State, commit: Commit) {
                 // Write-once items keep their first value.
                 e.used = generation;
             }
-            Some(e) if condition == Condition::InsertOnce => {
-                // Loaded as absent first (an alert is looked up before it
-                // is written): the first value is this one.
-                e.value = Some(item);
-                e.version += 1;
-                if !e.dirty {
-                    e.dirty = true;
-                    state.dirty += 1;
-                }
-                e.insert_once = true;
-                e.expires_at = expires_at;
-                e.used = generation;
-            }
             Some(e) => {
+                // A write-once item loaded as absent first (an alert is
+                // looked up before it is written) takes this first value.
+                e.insert_once |= condition == Condition::InsertOnce;
                 e.value = Some(item);
                 e.version += 1;
                 if !e.dirty {
