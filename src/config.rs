@@ -12,8 +12,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+mod alerts;
 mod overrides;
 mod retention;
+pub use alerts::AlertsConfig;
 pub use overrides::Overrides;
 pub use retention::{Keep, RetentionSetting};
 
@@ -32,6 +34,7 @@ pub struct Config {
     pub processor: ProcessorSettings,
     pub backend: BackendConfig,
     pub log: LogConfig,
+    pub alerts: AlertsConfig,
 }
 
 impl Default for Config {
@@ -46,6 +49,7 @@ impl Default for Config {
             processor: ProcessorSettings::default(),
             backend: BackendConfig::default(),
             log: LogConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -404,8 +408,13 @@ impl Config {
             .with_context(|| format!("cannot read config file {}", path.display()))?;
         let config: Config = toml::from_str(&text)
             .with_context(|| format!("config file {} is invalid", path.display()))?;
-        config.aggregate()?;
+        config.alerts()?;
         Ok(config)
+    }
+
+    /// The alert loop's settings, validated; `None` without rules.
+    pub fn alerts(&self) -> anyhow::Result<Option<processors::alerts::AlertsSetup>> {
+        self.alerts.setup(&self.aggregate()?)
     }
 
     /// The processors' view, validated.
@@ -590,6 +599,33 @@ table_name = "iotpipe-rollups"
 [log]
 # auto (human-readable on a terminal, JSON otherwise), text or json.
 format = "auto"
+
+[alerts]
+# Rules on windows: each window is judged once the processed watermark has
+# passed its end, and again at each revision a late reading makes; an alert
+# fires once per (rule, window, revision). GET /v1/alerts lists them.
+evaluate_every = "1s"
+# How long a fired alert is kept.
+keep = "7days"
+# [[alerts.rules]]
+# name = "hot"                 # [A-Za-z0-9_.:-], unique
+# fleet = "meters"             # or device = "meter-0001"
+# metric = "temperature"
+# resolution = "5m"            # one of aggregate.resolutions
+# aggregate = "avg"            # count, sum, min, max, avg, stddev, p50, p90, p99
+# comparison = ">"             # >, >=, <, <=
+# threshold = 30.0
+# for = 1                      # consecutive windows that must cross
+#
+# Each alert is POSTed as JSON, signed in X-Iotpipe-Signature with
+# sha256=<hex HMAC-SHA256 of the body under secret>, its id in
+# X-Iotpipe-Alert-Id; retried with exponential backoff until a 2xx.
+# [alerts.webhook]
+# url = "http://127.0.0.1:9000/alerts"
+# secret = "a shared secret"
+# retry_initial = "1s"
+# retry_max = "5m"
+# timeout = "10s"
 "#;
 
 #[cfg(test)]

@@ -129,6 +129,7 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         authorizer,
         bridge,
         tokens,
+        alerts,
     } = check(config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
@@ -147,6 +148,8 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
         stream: stream.clone(),
         store,
         failures,
+        alerts: alerts.map(Arc::new),
+        alert_metrics: Arc::default(),
     };
 
     // Back to front, so that each stage's consumer runs before it does.

@@ -270,7 +270,7 @@ fn family(name: &str) -> &str {
 /// docs/METRICS.md: `iotpipe_<stage>_<what>`, a stage the data flows
 /// through, lower snake case.
 fn follows_the_naming_rule(name: &str) -> bool {
-    const STAGES: [&str; 7] = [
+    const STAGES: [&str; 8] = [
         "mqtt",
         "bridge",
         "tap",
@@ -278,6 +278,7 @@ fn follows_the_naming_rule(name: &str) -> bool {
         "processor",
         "store",
         "api",
+        "alert",
     ];
     let Some(rest) = name.strip_prefix("iotpipe_") else {
         return false;

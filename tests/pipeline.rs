@@ -59,12 +59,7 @@ async fn bad_input_is_refused_counted_kept_and_the_pipeline_goes_on() {
     }
     let (_, body) = get(&p, "/v1/devices/dev-1").await;
     assert_eq!(body["metrics"]["temperature"]["value"], 21.5);
-    let metrics = reqwest::get(format!("http://{}/metrics", p.http_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = support::metrics_text(&p).await;
     assert!(
         metrics.contains("iotpipe_mqtt_messages_refused_total{reason=\"not_finite\"} 1"),
         "{metrics}"

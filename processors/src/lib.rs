@@ -6,9 +6,12 @@
 //! - `run`: the local loop, one task per shard, around
 //!   [`run::process_batch`], the function the Lambda handler calls too.
 //! - `api`: the query API router.
+//! - `alerts`: alert rules evaluated on the windows the API reads, and
+//!   their webhook notifications.
 //! - `lambda`: the Lambda functions' handlers (binaries in `src/bin/`).
 //! - `metrics`: what the processors count for `/metrics`.
 
+pub mod alerts;
 pub mod api;
 pub mod lambda;
 pub mod metrics;

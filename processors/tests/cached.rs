@@ -52,3 +52,21 @@ async fn the_dirty_count_follows_rewrites_flushes_and_failed_flushes() {
     commit(&cache, counter("a", Condition::Version(1), 2)).await;
     assert_eq!(cache.unflushed(), 1);
 }
+
+/// A write-once item looked up first (an alert, or its delivery mark) is
+/// taken, counted dirty, flushed as write-once, and keeps its first value.
+#[tokio::test]
+async fn a_write_once_item_looked_up_first_is_written_and_flushed_once() {
+    let inner = Arc::new(MemoryStore::new());
+    let cache = CachedStore::new(inner.clone(), CacheConfig::default());
+    let key = store_conformance::counter("s", "once");
+    assert!(cache.load(std::slice::from_ref(&key)).await.unwrap()[0].is_none());
+    commit(&cache, counter("once", Condition::InsertOnce, 1)).await;
+    commit(&cache, counter("once", Condition::InsertOnce, 2)).await;
+    assert_eq!(cache.unflushed(), 1);
+    assert_eq!(cache.flush().await.unwrap(), 1);
+    let stored = inner.load(std::slice::from_ref(&key)).await.unwrap()[0]
+        .clone()
+        .expect("flushed");
+    assert_eq!(store_conformance::value(&stored.item), 1);
+}

@@ -11,6 +11,8 @@
 //! | counter | `c` | `{shard}\|{name}` |
 //! | processed watermark | `k` | `{shard}` |
 //! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:078}\|{index:05}` |
+//! | alert | `a\|{rule}` | `{window start:015}\|{revision:010}` |
+//! | alert delivered | `a\|{rule}` | `{window start:015}\|{revision:010}\|d` |
 //!
 //! `|` cannot occur in ids or metric names, so keys never collide, and the
 //! zero-padded numbers make string order time order, which is what range
@@ -59,6 +61,19 @@ pub enum ItemKey {
         seq: SeqNo,
         index: u32,
     },
+    /// A window at one revision that fired a rule: written once.
+    Alert {
+        rule: String,
+        start: i64,
+        revision: u64,
+    },
+    /// That alert's notification was delivered: written once, right after
+    /// the alert in its partition.
+    AlertDelivered {
+        rule: String,
+        start: i64,
+        revision: u64,
+    },
 }
 
 impl ItemKey {
@@ -74,6 +89,7 @@ impl ItemKey {
             ItemKey::Counter { .. } => COUNTER_PK.to_string(),
             ItemKey::Watermark { .. } => WATERMARK_PK.to_string(),
             ItemKey::DeadLetter { reason, .. } => dead_letter_pk(*reason),
+            ItemKey::Alert { rule, .. } | ItemKey::AlertDelivered { rule, .. } => alert_pk(rule),
         }
     }
 
@@ -96,6 +112,12 @@ impl ItemKey {
                 time_sk(*received_at),
                 seq.padded()
             ),
+            ItemKey::Alert {
+                start, revision, ..
+            } => format!("{}|{revision:010}", time_sk(*start)),
+            ItemKey::AlertDelivered {
+                start, revision, ..
+            } => format!("{}|{revision:010}|d", time_sk(*start)),
         }
     }
 }
@@ -143,6 +165,12 @@ pub fn member_pk(fleet: &str) -> String {
 
 pub fn dead_letter_pk(reason: RejectReason) -> String {
     format!("l|{reason}")
+}
+
+pub const ALERT_PK_PREFIX: &str = "a|";
+
+pub fn alert_pk(rule: &str) -> String {
+    format!("{ALERT_PK_PREFIX}{rule}")
 }
 
 /// A time as a sort key: 15 digits hold every accepted timestamp.
@@ -197,5 +225,21 @@ mod tests {
             start: 253_402_300_740_000,
         };
         assert_eq!(d.sk(), "253402300740000");
+        let alert = |revision| ItemKey::Alert {
+            rule: "hot".into(),
+            start: 60_000,
+            revision,
+        };
+        assert_eq!(alert(1).pk(), "a|hot");
+        assert_eq!(alert(1).sk(), "000000000060000|0000000001");
+        assert!(alert(1).sk() < alert(10).sk());
+        assert_eq!(start_of_sk(&alert(1).sk()), Some(60_000));
+        let delivered = ItemKey::AlertDelivered {
+            rule: "hot".into(),
+            start: 60_000,
+            revision: 1,
+        };
+        assert_eq!(delivered.pk(), "a|hot");
+        assert!(alert(1).sk() < delivered.sk() && delivered.sk() < alert(2).sk());
     }
 }

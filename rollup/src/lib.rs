@@ -17,6 +17,8 @@
 //! - `keys`: the one logical table's keys, shared by every store.
 //! - `liveness`: a device's status (online, offline, stale) from its member
 //!   row, its latest reading and the time the caller gives.
+//! - `alerts`: alert rules on windows and [`alerts::evaluate`], which windows
+//!   fire them at a watermark, for the shell's evaluator.
 //!
 //! The shells (the local loop, the Lambda handler) load, call the core and
 //! commit; the store roles and their I/O error type live with them, in
@@ -28,6 +30,7 @@
 //! code that reaches for them.
 
 pub mod aggregate;
+pub mod alerts;
 pub mod commit;
 pub mod config;
 pub mod keys;

@@ -49,6 +49,13 @@ pub enum ItemState {
     /// everything listing a fleet by status needs, in the rows that listing
     /// reads anyway.
     FleetMember(FleetMember),
+    /// A window at one revision that crossed an alert rule's threshold,
+    /// with its delivery state.
+    Alert(AlertState),
+    /// When an alert's notification was acknowledged (a webhook's 2xx), ms
+    /// since the epoch: an item of its own beside the alert, written once,
+    /// so that neither is ever rewritten.
+    AlertDelivered(i64),
 }
 
 impl Item {
@@ -651,4 +658,29 @@ mod tests {
         assert!(Item::decode(&[]).is_err());
         assert!(Item::decode(&[9, 0]).is_err());
     }
+}
+
+/// One alert: what fired. The key (rule, window start, revision) makes it
+/// one item per revision however often the window is evaluated; its
+/// delivery is recorded beside it ([`ItemState::AlertDelivered`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertState {
+    pub rule: String,
+    pub fleet: String,
+    /// The device, for a rule on one device's windows.
+    pub device: Option<String>,
+    pub metric: String,
+    /// The window's resolution, as written (`1m`).
+    pub resolution: String,
+    pub aggregate: String,
+    /// `>`, `>=`, `<` or `<=`.
+    pub comparison: String,
+    pub threshold: f64,
+    pub window_start: i64,
+    pub window_end: i64,
+    pub revision: u64,
+    pub value: f64,
+    pub late_count: u64,
+    /// When the evaluator first found it, ms since the epoch.
+    pub fired_at: i64,
 }

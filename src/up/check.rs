@@ -18,6 +18,7 @@ pub(super) struct CheckedConfig {
     pub(super) authorizer: Arc<dyn ingest::Authorizer>,
     pub(super) bridge: Option<ingest::bridge::BridgeConfig>,
     pub(super) tokens: Option<Tokens>,
+    pub(super) alerts: Option<processors::alerts::AlertsSetup>,
 }
 
 pub(super) fn check(config: &Config) -> anyhow::Result<CheckedConfig> {
@@ -87,11 +88,13 @@ pub(super) fn check(config: &Config) -> anyhow::Result<CheckedConfig> {
             )
         }
     };
+    let alerts = config.alerts.setup(&aggregate)?;
     Ok(CheckedConfig {
         aggregate,
         tls,
         authorizer,
         bridge,
         tokens,
+        alerts,
     })
 }

@@ -102,6 +102,9 @@ pub(super) struct Wiring<'a> {
     pub(super) stream: Arc<Stream>,
     pub(super) store: Arc<Store>,
     pub(super) failures: Failures,
+    /// The alert rules and where they notify, if any rule is configured.
+    pub(super) alerts: Option<Arc<processors::alerts::AlertsSetup>>,
+    pub(super) alert_metrics: Arc<processors::alerts::AlertMetrics>,
 }
 
 impl Wiring<'_> {
@@ -270,10 +273,14 @@ impl Wiring<'_> {
                 .map(|(fleet, d)| (fleet.clone(), millis(**d)))
                 .collect(),
         });
+        if let Some(alerts) = &self.alerts {
+            state.alert_rules = alerts.rules.iter().map(|r| r.name.clone()).collect();
+        }
         state.metrics = metrics(
             ingest_metrics.clone(),
             processor_metrics.clone(),
             self.stream.clone(),
+            self.alert_metrics.clone(),
         );
         let router = app(state).layer(axum::middleware::from_fn_with_state(
             self.stream.clone(),
@@ -288,13 +295,14 @@ impl Wiring<'_> {
     }
 
     /// Retention, dead-letter trimming and the sweep of quiet devices, once
-    /// a minute.
+    /// a minute; beside them, the alert loop when rules are configured.
     pub(super) fn start_maintenance(&self, stop: &CancellationToken) -> JoinHandle<()> {
         let (stream, store) = (self.stream.clone(), self.store.clone());
         let aggregate = self.aggregate.clone();
         let keep = self.config.aggregate.dead_letters_per_reason;
         let stop = stop.clone();
-        tokio::spawn(async move {
+        let alerts = self.alert_loop(&stop);
+        let passes = async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
             loop {
                 // Shutdown abandons a pass where it stands: the next process
@@ -307,7 +315,34 @@ impl Wiring<'_> {
                     return;
                 }
             }
+        };
+        tokio::spawn(async move {
+            match alerts {
+                Some(alerts) => {
+                    tokio::join!(passes, alerts);
+                }
+                None => passes.await,
+            }
         })
+    }
+}
+
+impl Wiring<'_> {
+    /// The alert rules' evaluation and notifications, stopping with `stop`.
+    fn alert_loop(
+        &self,
+        stop: &CancellationToken,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let setup = self.alerts.clone()?;
+        let ctx = processors::alerts::AlertContext {
+            setup,
+            store: self.store.writer(),
+            query: self.store.query(),
+            aggregate: self.aggregate.clone(),
+            metrics: self.alert_metrics.clone(),
+            clock: Arc::new(now_ms),
+        };
+        Some(processors::alerts::run(ctx, stop.clone().cancelled_owned()))
     }
 }
 
@@ -342,11 +377,13 @@ fn metrics(
     ingest: Arc<ingest::IngestMetrics>,
     processors: Arc<ProcessorMetrics>,
     stream: Arc<Stream>,
+    alerts: Arc<processors::alerts::AlertMetrics>,
 ) -> MetricsRenderer {
     Arc::new(move |out: &mut String| {
         ingest::metrics::render(&ingest.snapshot(), out);
         processors.render(now_ms(), out);
         stream.render_metrics(out);
+        alerts.render(out);
     })
 }
 

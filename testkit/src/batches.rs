@@ -18,10 +18,23 @@ pub const T0: i64 = 1_767_225_600_000;
 /// sequence number in the shard and the device's, and it was received
 /// 10 ms after `ts`. The shape the API's and retention's tests build on.
 pub fn one_reading(seq: u64, device: &str, fleet: &str, ts: i64, value: f64) -> Record {
+    one_reading_received(seq, device, fleet, ts, value, ts + 10)
+}
+
+/// [`one_reading`], received at `received_at`: after its window's end, a
+/// late reading.
+pub fn one_reading_received(
+    seq: u64,
+    device: &str,
+    fleet: &str,
+    ts: i64,
+    value: f64,
+    received_at: i64,
+) -> Record {
     let data = PackedRecord {
         device_id: device.into(),
         fleet: fleet.into(),
-        received_at: ts + 10,
+        received_at,
         readings: vec![Reading {
             seq: Some(seq),
             ts,
@@ -36,7 +49,7 @@ pub fn one_reading(seq: u64, device: &str, fleet: &str, ts: i64, value: f64) -> 
         seq: u128::from(seq).into(),
         partition_key: device.into(),
         data: Bytes::from(data),
-        arrival_ms: ts + 10,
+        arrival_ms: received_at,
     }
 }
 

@@ -73,6 +73,7 @@ pub async fn run<S: RollupStore + RollupQuery>(store: &S) {
     versions_and_conditions(store).await;
     ranges(store).await;
     prefix_scans(store).await;
+    alerts(store).await;
 }
 
 async fn versions_and_conditions<S: RollupStore + RollupQuery>(store: &S) {
@@ -218,4 +219,102 @@ async fn prefix_scans<S: RollupStore + RollupQuery>(store: &S) {
         .await
         .unwrap();
     assert_eq!(exact.len(), 1);
+}
+
+fn alert_key(start: i64, revision: u64) -> ItemKey {
+    ItemKey::Alert {
+        rule: "conf-hot".into(),
+        start,
+        revision,
+    }
+}
+
+fn alert(start: i64, revision: u64, value: f64) -> Write {
+    Write {
+        key: alert_key(start, revision),
+        condition: Condition::InsertOnce,
+        item: Item {
+            applied: Default::default(),
+            state: ItemState::Alert(schemas::state::AlertState {
+                rule: "conf-hot".into(),
+                fleet: "f".into(),
+                device: None,
+                metric: "temp".into(),
+                resolution: "1m".into(),
+                aggregate: "avg".into(),
+                comparison: ">".into(),
+                threshold: 30.0,
+                window_start: start,
+                window_end: start + 60_000,
+                revision,
+                value,
+                late_count: revision,
+                fired_at: 1,
+            }),
+        },
+        expires_at: None,
+    }
+}
+
+/// Alert items: looked up, then written once per (rule, window, revision)
+/// however often a window is evaluated; their delivery marks beside them,
+/// written once too; listed newest first.
+async fn alerts<S: RollupStore + RollupQuery>(store: &S) {
+    let first = alert(60_000, 0, 31.0);
+    // The evaluator looks an alert up before writing it: a store that
+    // remembers the miss must still take the write.
+    let missing = store.load(std::slice::from_ref(&first.key)).await.unwrap();
+    assert!(missing[0].is_none());
+    commit_writes(store, vec![first.clone(), alert(120_000, 0, 33.0)]).await;
+    // Evaluated again, even with another value: the first item stays.
+    commit_writes(store, vec![alert(60_000, 0, 99.0), alert(60_000, 1, 35.0)]).await;
+    let loaded = store.load(std::slice::from_ref(&first.key)).await.unwrap()[0]
+        .clone()
+        .expect("an alert must load");
+    let ItemState::Alert(a) = &loaded.item.state else {
+        panic!("expected an alert, found {:?}", loaded.item.state);
+    };
+    assert_eq!(a.value, 31.0, "InsertOnce keeps the first alert");
+
+    let delivered = ItemKey::AlertDelivered {
+        rule: "conf-hot".into(),
+        start: 60_000,
+        revision: 0,
+    };
+    assert!(store.load(std::slice::from_ref(&delivered)).await.unwrap()[0].is_none());
+    for at in [5, 6] {
+        let mark = Write {
+            key: delivered.clone(),
+            condition: Condition::InsertOnce,
+            item: Item {
+                applied: Default::default(),
+                state: ItemState::AlertDelivered(at),
+            },
+            expires_at: None,
+        };
+        commit_writes(store, vec![mark]).await;
+    }
+
+    let rows = store
+        .range(range(&first.key.pk(), "", "~", 10, true))
+        .await
+        .unwrap();
+    let listed: Vec<String> = rows
+        .iter()
+        .map(|(sk, item)| match &item.state {
+            ItemState::Alert(a) => format!("{}/{}", a.window_start, a.revision),
+            ItemState::AlertDelivered(at) => format!("{sk} delivered at {at}"),
+            other => panic!("expected an alert, found {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            "120000/0".to_string(),
+            "60000/1".into(),
+            format!("{} delivered at 5", delivered.sk()),
+            "60000/0".into(),
+        ],
+        "alerts are listed newest window first, each revision once, marks beside them"
+    );
 }

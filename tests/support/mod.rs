@@ -99,6 +99,16 @@ pub async fn wait_for(
     }
 }
 
+/// The pipeline's `/metrics`, as text.
+pub async fn metrics_text(p: &Pipeline) -> String {
+    reqwest::get(format!("http://{}/metrics", p.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// A connected MQTT 3.1.1 client whose event loop runs in the background.
 pub async fn mqtt_client(p: &Pipeline, id: &str) -> rumqttc::AsyncClient {
     let mut opts = rumqttc::MqttOptions::new(id, p.mqtt_addr.ip().to_string(), p.mqtt_addr.port());

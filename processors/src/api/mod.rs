@@ -7,19 +7,22 @@
 //! - `params`: strict query parameters and time parsing.
 //! - `series`: the window series endpoints: `agg=` field selection, JSON and
 //!   CSV answers.
-//! - `windows`: fleet-part merging, query-time downsampling, pagination.
+//! - `windows`: fleet-part merging, query-time downsampling, pagination;
+//!   the alert evaluator reads windows through it too.
+//! - `alerts`: `GET /v1/alerts`.
 //!
 //! **Architecture Invariant:** handlers read the store only through
 //! [`RollupQuery`] and the clock only through [`ApiState::clock`], so the same
 //! router runs on SQLite, DynamoDB or memory, and tests fix the time.
 
+mod alerts;
 mod dashboard;
 mod fill;
 pub mod guard;
 mod params;
 mod problem;
 mod series;
-mod windows;
+pub(crate) mod windows;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +67,9 @@ pub struct ApiState {
     pub guard: Arc<guard::Guard>,
     /// When a device without readings counts as `stale`.
     pub stale_after: Arc<StaleAfter>,
+    /// The configured alert rules' names: what `GET /v1/alerts` lists
+    /// without `rule=`.
+    pub alert_rules: Arc<[String]>,
 }
 
 /// How long a device may send no reading before it is `stale`: one time for
@@ -98,6 +104,7 @@ impl ApiState {
             metrics: Arc::new(|_| {}),
             guard: Arc::new(guard::Guard::new(None, guard::ApiLimits::default())),
             stale_after: Arc::new(StaleAfter::default()),
+            alert_rules: Arc::from([]),
         }
     }
 }
@@ -123,6 +130,7 @@ pub fn app(state: ApiState) -> Router {
         )
         .route("/v1/stats", get(stats))
         .route("/v1/dead-letters", get(dead_letters))
+        .route("/v1/alerts", get(alerts::list))
         .fallback(|| async { Problem::not_found("no such endpoint; see /openapi.json") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

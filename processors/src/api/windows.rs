@@ -107,7 +107,7 @@ pub async fn query(
 /// What makes a series' windows final: the minimum over every shard's
 /// watermark for a fleet (its devices write through all of them), the
 /// device's shard's for a device. Nothing is final before a watermark.
-async fn watermark(store: &dyn RollupQuery, series: &Series) -> Result<i64, Problem> {
+pub(crate) async fn watermark(store: &dyn RollupQuery, series: &Series) -> Result<i64, Problem> {
     let read = |item: &schemas::state::Item| match item.state {
         ItemState::Watermark(w) => Some(w),
         _ => None,

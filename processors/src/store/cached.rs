@@ -153,11 +153,14 @@ fn apply(state: &mut State, commit: Commit) {
             expires_at,
         } = w;
         match state.entries.get_mut(&key) {
-            Some(e) if condition == Condition::InsertOnce => {
+            Some(e) if condition == Condition::InsertOnce && e.value.is_some() => {
                 // Write-once items keep their first value.
                 e.used = generation;
             }
             Some(e) => {
+                // A write-once item loaded as absent first (an alert is
+                // looked up before it is written) takes this first value.
+                e.insert_once |= condition == Condition::InsertOnce;
                 e.value = Some(item);
                 e.version += 1;
                 if !e.dirty {

@@ -225,6 +225,7 @@ fn mismatch(expected: &str, found: &ItemState) -> String {
         ItemState::Windows(_) => "a device window",
         ItemState::Device(_) => "a device",
         ItemState::Member(_) | ItemState::FleetMember(_) => "a fleet member",
+        ItemState::Alert(_) | ItemState::AlertDelivered(_) => "an alert",
         ItemState::Counter(_) => "a counter",
         ItemState::Watermark(_) => "a watermark",
         ItemState::DeadLetter(_) => "a dead letter",

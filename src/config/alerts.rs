@@ -1,0 +1,232 @@
+//! `[alerts]`: rules on windows and where their notifications go.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use processors::alerts::{AlertsSetup, WebhookConfig};
+use rollup::alerts::{AlertRule, Scope};
+use serde::{Deserialize, Serialize};
+
+use super::{duration_text, to_ms};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How often every rule is evaluated against the stored windows.
+    #[serde(with = "duration_text")]
+    pub evaluate_every: Duration,
+    /// How long a fired alert is kept (listed by `GET /v1/alerts`).
+    #[serde(with = "duration_text")]
+    pub keep: Duration,
+    pub rules: Vec<RuleConfig>,
+    pub webhook: Option<WebhookSettings>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            evaluate_every: Duration::from_secs(1),
+            keep: Duration::from_secs(7 * 86_400),
+            rules: Vec::new(),
+            webhook: None,
+        }
+    }
+}
+
+/// One `[[alerts.rules]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    /// A fleet's windows; or `device`, one device's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    pub metric: String,
+    /// A stored resolution (`aggregate.resolutions`).
+    pub resolution: String,
+    /// count, sum, min, max, avg, stddev, p50, p90 or p99.
+    pub aggregate: String,
+    /// `>`, `>=`, `<` or `<=`.
+    pub comparison: String,
+    pub threshold: f64,
+    /// Consecutive windows that must cross, the alerting one the last.
+    #[serde(rename = "for", default = "one")]
+    pub for_windows: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `[alerts.webhook]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// `http://HOST:PORT/PATH`.
+    pub url: String,
+    /// The key of each notification's HMAC-SHA256 signature.
+    pub secret: String,
+    /// The longest wait before a failed notification's first retry; each
+    /// further failure doubles it, up to `retry_max`.
+    #[serde(with = "duration_text", default = "default_retry_initial")]
+    pub retry_initial: Duration,
+    #[serde(with = "duration_text", default = "default_retry_max")]
+    pub retry_max: Duration,
+    /// How long one attempt may take.
+    #[serde(with = "duration_text", default = "default_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_retry_max() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl AlertsConfig {
+    /// The alert loop's settings, every rule validated against the stored
+    /// resolutions; `None` when no rule is configured.
+    pub fn setup(
+        &self,
+        aggregate: &rollup::AggregateConfig,
+    ) -> anyhow::Result<Option<AlertsSetup>> {
+        let mut rules: Vec<AlertRule> = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            let rule = r
+                .rule(aggregate)
+                .with_context(|| format!("alerts.rules[{i}]"))?;
+            if rules.iter().any(|other| other.name == rule.name) {
+                anyhow::bail!("alerts.rules[{i}]: a second rule is named `{}`", rule.name);
+            }
+            rules.push(rule);
+        }
+        if self.evaluate_every.is_zero() {
+            anyhow::bail!("alerts.evaluate_every must be more than 0s");
+        }
+        let webhook = match &self.webhook {
+            None => None,
+            Some(w) => Some(w.webhook().context("alerts.webhook")?),
+        };
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(AlertsSetup {
+            rules,
+            webhook,
+            evaluate_every: self.evaluate_every,
+            keep_ms: to_ms(self.keep),
+        }))
+    }
+}
+
+impl RuleConfig {
+    fn rule(&self, aggregate: &rollup::AggregateConfig) -> anyhow::Result<AlertRule> {
+        let scope = match (&self.fleet, &self.device) {
+            (Some(f), None) => Scope::Fleet(f.clone()),
+            (None, Some(d)) => Scope::Device(d.clone()),
+            _ => anyhow::bail!(
+                "rule `{}`: name exactly one of `fleet` and `device`",
+                self.name
+            ),
+        };
+        let in_rule = |e: String| anyhow::anyhow!("rule `{}`: {e}", self.name);
+        let rule = AlertRule {
+            name: self.name.clone(),
+            scope,
+            metric: self.metric.clone(),
+            res: self.resolution.parse().map_err(in_rule)?,
+            aggregate: self.aggregate.parse().map_err(in_rule)?,
+            comparison: self.comparison.parse().map_err(in_rule)?,
+            threshold: self.threshold,
+            for_windows: self.for_windows,
+        };
+        rule.validate(aggregate).map_err(anyhow::Error::msg)?;
+        Ok(rule)
+    }
+}
+
+impl WebhookSettings {
+    fn webhook(&self) -> anyhow::Result<WebhookConfig> {
+        if !self.url.starts_with("http://") {
+            anyhow::bail!(
+                "url `{}` must be http://: notifications are sent without TLS (a local \
+                 relay can forward them over HTTPS)",
+                self.url
+            );
+        }
+        if self.secret.is_empty() {
+            anyhow::bail!("secret is empty: every notification is signed with it");
+        }
+        Ok(WebhookConfig {
+            url: self.url.clone(),
+            secret: self.secret.clone(),
+            backoff: processors::alerts::Backoff::new(self.retry_initial, self.retry_max),
+            timeout: self.timeout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> AlertsConfig {
+        toml::from_str(text).unwrap()
+    }
+
+    const RULE: &str = r#"
+        [[rules]]
+        name = "hot"
+        fleet = "meters"
+        metric = "temp"
+        resolution = "1m"
+        aggregate = "avg"
+        comparison = ">"
+        threshold = 30.0
+        for = 2
+        [webhook]
+        url = "http://127.0.0.1:9000/alerts"
+        secret = "s3cret"
+    "#;
+
+    #[test]
+    fn a_rule_and_a_webhook_read_back() {
+        let setup = config(RULE)
+            .setup(&rollup::AggregateConfig::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(setup.rules[0].for_windows, 2);
+        assert_eq!(setup.rules[0].scope, Scope::Fleet("meters".into()));
+        assert_eq!(setup.webhook.unwrap().secret, "s3cret");
+        assert_eq!(setup.evaluate_every, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn what_cannot_be_evaluated_is_refused_in_words() {
+        let agg = rollup::AggregateConfig::default();
+        for (from, to, expected) in [
+            ("\"1m\"", "\"5m\"", "5m is not stored"),
+            ("\"avg\"", "\"mean\"", "unknown aggregate `mean`"),
+            ("\">\"", "\"=>\"", "unknown comparison `=>`"),
+            ("\"temp\"", "\"te mp\"", "metric name"),
+            ("http://", "https://", "must be http://"),
+        ] {
+            let text = RULE.replacen(from, to, 1);
+            let e = format!("{:#}", config(&text).setup(&agg).unwrap_err());
+            assert!(e.contains(expected), "{to}: {e}");
+        }
+        let both = RULE.replacen("fleet = \"meters\"", "fleet = \"m\"\ndevice = \"d\"", 1);
+        let e = format!("{:#}", config(&both).setup(&agg).unwrap_err());
+        assert!(e.contains("exactly one of `fleet` and `device`"), "{e}");
+        let unknown = RULE.replacen("threshold", "treshold", 1);
+        assert!(toml::from_str::<AlertsConfig>(&unknown).is_err());
+    }
+}
