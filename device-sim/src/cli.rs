@@ -254,6 +254,11 @@ pub struct Args {
     /// answer the parent on stdin and stdout.
     #[arg(long, value_name = "I/N", hide = true)]
     pub worker: Option<String>,
+    /// With --verify: an iotpipe config file whose `[[alerts.rules]]` verify
+    /// checks: every 1-minute window it found exact fired exactly when it
+    /// crosses its rule's threshold, at the revision the API shows.
+    #[arg(long, value_name = "FILE")]
+    pub alert_rules: Option<PathBuf>,
     /// Serve Prometheus metrics on http://ADDR/metrics while the run goes on
     /// (e.g. 127.0.0.1:9464; port 0 picks one and prints it).
     #[arg(long, value_name = "ADDR")]
@@ -436,6 +441,10 @@ impl Args {
                 .as_deref()
                 .map(crate::processes::Slot::parse)
                 .transpose()?,
+            alert_rules: match &self.alert_rules {
+                Some(path) => crate::verify::alerts::load_rules(path)?,
+                None => Vec::new(),
+            },
         })
     }
 }

@@ -185,6 +185,9 @@ pub struct SimConfig {
     /// This process is a worker of a spread run: it runs these devices and
     /// answers its parent (see [`crate::processes`]).
     pub worker: Option<crate::processes::Slot>,
+    /// With `verify`: alert rules whose alerts are checked against the
+    /// windows found exact (see [`crate::verify::alerts`]).
+    pub alert_rules: Vec<crate::verify::alerts::RuleSpec>,
 }
 
 impl Default for SimConfig {
@@ -238,6 +241,7 @@ impl Default for SimConfig {
             payload_template: None,
             processes: None,
             worker: None,
+            alert_rules: Vec::new(),
         }
     }
 }
@@ -327,6 +331,10 @@ impl SimConfig {
 
     /// What a run spread over processes cannot be combined with.
     fn validate_processes(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.alert_rules.is_empty() || self.verify.is_some(),
+            "--alert-rules are checked by verify: give --verify too"
+        );
         if let Some(p) = &self.processes {
             ensure!(p.count >= 2, "--processes takes 2 or more");
             ensure!(

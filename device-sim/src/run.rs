@@ -69,7 +69,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
     let files_limit = resources::ensure_open_files(u64::from(sockets) + resources::SPARE_FILES)?;
     let stats_before = stats_before(&cfg, refused.is_some()).await?;
 
-    let published = match &cfg.processes {
+    let mut published = match &cfg.processes {
         Some(p) => spread::publish_workers(&cfg, &runs, p).await?,
         None => publish_here(&cfg, &runs, devices, files_limit).await?,
     };
@@ -82,7 +82,10 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         published.connect_ms,
         warnings,
     );
-    summary.freshness = published.freshness.map(|t| t.figures(cfg.verify_timeout));
+    summary.freshness = published
+        .freshness
+        .take()
+        .map(|t| t.figures(cfg.verify_timeout));
     if let Some(url) = &cfg.verify {
         set_phase(&cfg, Phase::Verifying);
         summary.verify = match (refused, stats_before) {
@@ -104,6 +107,9 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
             }
         };
     }
+    if let (Some(url), false) = (&cfg.verify, cfg.alert_rules.is_empty()) {
+        summary.alerts = Some(check_alerts(&cfg, url, &published).await?);
+    }
     summary.usage = resources::Usage::now(files_limit);
     summary.usage.add(&published.workers);
     let (rss_before_mib, rss_connected_mib) = published.rss_mib;
@@ -120,6 +126,40 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         live.finish(&summary);
     }
     Ok(summary)
+}
+
+/// The alerts check, over the windows from the allowed lateness before the
+/// earliest fleet's start (late readings reach back that far) to the last
+/// acknowledgement.
+async fn check_alerts(
+    cfg: &SimConfig,
+    url: &str,
+    published: &Published,
+) -> anyhow::Result<verify::alerts::AlertCheck> {
+    let started = published
+        .outcomes
+        .iter()
+        .map(|(o, _)| o.plan.run_start_ms)
+        .min()
+        .unwrap_or_else(now_ms);
+    let last = published
+        .outcomes
+        .iter()
+        .filter_map(|(o, _)| o.sum.last_done)
+        .max();
+    let acked_until_ms = match last {
+        Some(at) => now_ms() - Instant::now().saturating_duration_since(at).as_millis() as i64,
+        None => now_ms(),
+    };
+    let from_ms = started - cfg.allowed_lateness.as_millis() as i64 - crate::plan::MINUTE_MS;
+    verify::alerts::check(
+        url,
+        &cfg.alert_rules,
+        from_ms,
+        acked_until_ms,
+        cfg.verify_timeout,
+    )
+    .await
 }
 
 /// Connects and publishes every device in this process.

@@ -103,6 +103,8 @@ pub struct Summary {
     pub elapsed_ms: u64,
     pub last_error: Option<String>,
     pub verify: Option<VerifyReport>,
+    /// The alerts check, with `--alert-rules`.
+    pub alerts: Option<crate::verify::alerts::AlertCheck>,
     /// MQTT protocol: "3.1.1" or "5".
     pub protocol: String,
     pub tls: bool,
@@ -130,7 +132,9 @@ pub struct Summary {
 impl Summary {
     /// Every publish completed and, if asked for, verify passed.
     pub fn ok(&self) -> bool {
-        self.failed == 0 && self.verify.as_ref().is_none_or(|v| v.ok)
+        self.failed == 0
+            && self.verify.as_ref().is_none_or(|v| v.ok)
+            && self.alerts.as_ref().is_none_or(|a| a.ok)
     }
 }
 
@@ -272,6 +276,9 @@ impl fmt::Display for Summary {
         }
         if let Some(v) = &self.verify {
             write!(f, "{v}")?;
+        }
+        if let Some(a) = &self.alerts {
+            write!(f, "{a}")?;
         }
         Ok(())
     }

@@ -135,6 +135,7 @@ pub(super) fn summarize(
         elapsed_ms: t.elapsed.as_millis() as u64,
         last_error: c.last_error.clone(),
         verify: None,
+        alerts: None,
         protocol: cfg.protocol.to_string(),
         tls: cfg.tls.is_some(),
         connect_ms,

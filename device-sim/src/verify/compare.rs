@@ -14,7 +14,7 @@ pub const KEPT_MISMATCHES: usize = 20;
 pub const SUM_TOLERANCE: f64 = 1e-9;
 
 /// A window as the query API returns it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ApiWindow {
     pub start: i64,
     pub end: i64,
@@ -35,7 +35,7 @@ pub struct ApiWindow {
     pub is_final: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ApiPoint {
     pub ts: i64,
     pub value: f64,

@@ -4,6 +4,7 @@
 //! - [`api`]: the query API client (pagination, bounded concurrency).
 //! - [`compare`]: the field-by-field comparison, pure.
 //! - [`stats`]: what a run should change in `/v1/stats`, and the check.
+//! - [`alerts`]: the pipeline's alerts against the windows found exact.
 //!
 //! Order of work: (1) regenerate every device once to build the fleet's
 //! expected windows, keeping only those; (2) poll the fleet's 1d counts until
@@ -13,6 +14,7 @@
 //! (4) while time remains, re-check the series that failed, since a pipeline
 //! may update device and fleet series at different moments.
 
+pub mod alerts;
 pub mod api;
 pub mod compare;
 pub mod stats;
