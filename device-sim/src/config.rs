@@ -179,6 +179,11 @@ pub struct SimConfig {
     pub replay: Option<crate::replay::ReplayConfig>,
     /// Shape every payload with this template (see [`crate::template`]).
     pub payload_template: Option<crate::template::Template>,
+    /// Devices that stop or leave with a Last Will mid-run, and verify's
+    /// check of their status (see [`crate::liveness`]).
+    pub liveness: Option<crate::liveness::LivenessConfig>,
+    /// The query API's bearer token, for verify's reads.
+    pub api_token: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -230,6 +235,8 @@ impl Default for SimConfig {
             live: None,
             replay: None,
             payload_template: None,
+            liveness: None,
+            api_token: None,
         }
     }
 }
@@ -306,6 +313,10 @@ impl SimConfig {
         );
         if self.replay.is_some() {
             ensure!(
+                self.liveness.is_none(),
+                "a replay follows its recording: --stop-fraction and --will-fraction do not apply"
+            );
+            ensure!(
                 self.readings_per_message == 1,
                 "a replay sends each recorded row as one message: leave --readings-per-message at 1"
             );
@@ -319,6 +330,9 @@ impl SimConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         self.validate_replay()?;
+        if let Some(l) = &self.liveness {
+            l.validate()?;
+        }
         if let Some(s) = &self.scenario {
             s.validate()?;
             for f in &s.fleets {

@@ -18,6 +18,7 @@ use crate::config::SimConfig;
 use crate::exporter::{self, Live, Phase};
 use crate::freshness::{self, Sample};
 use crate::ledger::{Ledger, LedgerLine, RunFinish};
+use crate::plan::RunPlan;
 use crate::publish::{self, ConnectLimiter, Fleet, FleetShared, PublishConfig, PublishOutcome};
 use crate::summary::Summary;
 use crate::template::Verdict;
@@ -77,6 +78,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         warnings,
     );
     summary.freshness = published.freshness;
+    summary.liveness = published.liveness;
     if let Some(url) = &cfg.verify {
         set_phase(&cfg, Phase::Verifying);
         summary.verify = match (refused, stats_before) {
@@ -97,6 +99,10 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
                 verify_fleets(&cfg, url, &runs, ledger, stats).await?
             }
         };
+    }
+    // The liveness check is part of verify: a miss or an extra fails it.
+    if let Some(v) = summary.verify.as_mut() {
+        v.ok &= summary.liveness.iter().all(|l| l.ok);
     }
     summary.usage = resources::Usage::now(files_limit);
     summary.rss_connected_mib = rss_connected_mib;
@@ -158,6 +164,7 @@ async fn stats_before(
     match &cfg.verify {
         Some(url) if cfg.faults.any() || refused => Ok(Some(
             Api::new(url, 1)?
+                .with_token(cfg.api_token.clone())
                 .stats()
                 .await
                 .context("reading /v1/stats before publishing")?,
@@ -265,6 +272,8 @@ struct Published {
     outcomes: Vec<(PublishOutcome, Arc<FleetShared>)>,
     connect_ms: u64,
     freshness: Option<freshness::Freshness>,
+    /// Each fleet's liveness check, for fleets with a liveness plan.
+    liveness: Vec<crate::liveness::LivenessReport>,
 }
 
 /// Starts every fleet at once, recorded in the ledger before anyone
@@ -289,8 +298,12 @@ async fn publish(
         }
     }
     let origin = Instant::now();
-    for f in &mut fleets {
-        f.start(run_start_ms);
+    let mut liveness = Vec::new();
+    for (f, r) in fleets.iter_mut().zip(runs) {
+        let plan = f.start(run_start_ms);
+        if r.plan.liveness.is_some() {
+            liveness.push(start_liveness_check(cfg, plan)?);
+        }
     }
     let progress = cfg.progress.then(|| {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -324,11 +337,32 @@ async fn publish(
         }),
         None => None,
     };
+    let mut reports = Vec::with_capacity(liveness.len());
+    for task in liveness {
+        reports.push(task.await.context("the liveness check panicked")?);
+    }
     Ok(Published {
         outcomes,
         connect_ms,
         freshness,
+        liveness: reports,
     })
+}
+
+/// Starts the liveness check of a fleet that has started with `plan`: it
+/// reads the API from the plan's stop time on, while the fleet publishes.
+fn start_liveness_check(
+    cfg: &SimConfig,
+    plan: RunPlan,
+) -> anyhow::Result<JoinHandle<crate::liveness::LivenessReport>> {
+    let api = match &cfg.verify {
+        Some(url) => Some(Api::new(url, 4)?.with_token(cfg.api_token.clone())),
+        None => None,
+    };
+    let stop_us = plan.liveness.as_ref().map_or(0, |l| l.stop_us as i64);
+    let ahead_us = plan.run_start_ms * 1000 + stop_us - crate::now_us();
+    let stop = Instant::now() + Duration::from_micros(ahead_us.max(0) as u64);
+    Ok(tokio::spawn(crate::liveness::check(api, plan, stop)))
 }
 
 /// Records each fleet's finish in the ledger file (if any) and in `ledger`,
@@ -382,6 +416,7 @@ async fn verify_fleets(
 ) -> anyhow::Result<Option<VerifyReport>> {
     let vcfg = VerifyConfig {
         url: url.to_string(),
+        token: cfg.api_token.clone(),
         timeout: cfg.verify_timeout,
         concurrency: cfg.verify_concurrency,
     };

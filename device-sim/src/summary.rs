@@ -125,12 +125,17 @@ pub struct Summary {
     /// What one connected, idle device adds to resident memory, KiB.
     pub idle_kib_per_device: f64,
     pub warnings: Vec<String>,
+    /// Each fleet's devices chosen to stop or leave with a will, and the
+    /// check that the API listed exactly them (see [`crate::liveness`]).
+    pub liveness: Vec<crate::liveness::LivenessReport>,
 }
 
 impl Summary {
     /// Every publish completed and, if asked for, verify passed.
     pub fn ok(&self) -> bool {
-        self.failed == 0 && self.verify.as_ref().is_none_or(|v| v.ok)
+        self.failed == 0
+            && self.verify.as_ref().is_none_or(|v| v.ok)
+            && self.liveness.iter().all(|l| l.ok)
     }
 }
 
@@ -272,6 +277,9 @@ impl fmt::Display for Summary {
         }
         if let Some(v) = &self.verify {
             write!(f, "{v}")?;
+        }
+        for l in &self.liveness {
+            write!(f, "{l}")?;
         }
         Ok(())
     }
