@@ -267,6 +267,11 @@ impl Wiring<'_> {
                 .map(|(fleet, d)| (fleet.clone(), millis(**d)))
                 .collect(),
         });
+        // On DynamoDB the counts would Scan the whole table per scrape.
+        state.device_counts = !matches!(
+            self.config.backend.store,
+            crate::config::StoreKind::Dynamodb
+        );
         state.metrics = metrics(
             ingest_metrics.clone(),
             processor_metrics.clone(),

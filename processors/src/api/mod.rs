@@ -3,6 +3,7 @@
 //!
 //! - `guard`: bearer-token authentication and request limits.
 //! - `dashboard`: the web page at `/`, compiled into the binary.
+//! - `device_counts`: every fleet's devices by status, for `/metrics`.
 //! - `problem`: errors as `application/problem+json`.
 //! - `params`: strict query parameters and time parsing.
 //! - `series`: the window series endpoints: `agg=` field selection, JSON and
@@ -14,6 +15,7 @@
 //! router runs on SQLite, DynamoDB or memory, and tests fix the time.
 
 mod dashboard;
+mod device_counts;
 mod fill;
 pub mod guard;
 mod params;
@@ -64,6 +66,10 @@ pub struct ApiState {
     pub guard: Arc<guard::Guard>,
     /// When a device without readings counts as `stale`.
     pub stale_after: Arc<StaleAfter>,
+    /// Whether `/metrics` counts every fleet's devices by status: a scan of
+    /// the member partitions, cheap on a local store, a whole-table Scan on
+    /// DynamoDB (see `device_counts`).
+    pub device_counts: bool,
 }
 
 /// How long a device may send no reading before it is `stale`: one time for
@@ -98,6 +104,7 @@ impl ApiState {
             metrics: Arc::new(|_| {}),
             guard: Arc::new(guard::Guard::new(None, guard::ApiLimits::default())),
             stale_after: Arc::new(StaleAfter::default()),
+            device_counts: false,
         }
     }
 }
@@ -149,6 +156,15 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     let mut out = String::new();
     (s.metrics)(&mut out);
     s.guard.metrics.render(&mut out);
+    if s.device_counts {
+        // A store that cannot answer costs the counts, not the scrape.
+        match device_counts::count(&s).await {
+            Ok(counts) => device_counts::render(&counts, &mut out),
+            Err(e) => {
+                tracing::warn!(error = %e.detail, "Counting devices by status failed; /metrics leaves the counts out.")
+            }
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,
