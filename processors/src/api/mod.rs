@@ -93,6 +93,12 @@ impl StaleAfter {
     pub fn of(&self, fleet: &str) -> i64 {
         self.fleets.get(fleet).copied().unwrap_or(self.default_ms)
     }
+
+    /// The one parser of a stale-after time (`5m`, `90s`, `1h 30m`): for
+    /// `iotpipe up --stale-after` and the query function's `STALE_AFTER`.
+    pub fn parse(text: &str) -> Result<std::time::Duration, String> {
+        humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}`: {e}"))
+    }
 }
 
 impl ApiState {
