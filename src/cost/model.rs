@@ -67,7 +67,7 @@ pub struct Line {
 
 impl Line {
     /// A line billed at `unit_price` per unit.
-    fn priced(
+    pub(super) fn priced(
         service: &'static str,
         item: &'static str,
         quantity: f64,

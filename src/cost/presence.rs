@@ -43,14 +43,14 @@ pub fn lines(p: &Profile, prices: &Prices, telemetry_messages: f64) -> Vec<Line>
             unit: "M messages",
             usd: tiered(telemetry_messages + connects, tiers) - tiered(telemetry_messages, tiers),
         },
-        priced(
+        Line::priced(
             "IoT Core",
             "rules triggered (presence)",
             m,
             "M rules",
             iot.rules_triggered_per_million,
         ),
-        priced(
+        Line::priced(
             "IoT Core",
             "actions executed (presence)",
             m,
@@ -61,14 +61,14 @@ pub fn lines(p: &Profile, prices: &Prices, telemetry_messages: f64) -> Vec<Line>
     let k = &prices.kinesis;
     match p.kinesis {
         KinesisMode::OnDemand => {
-            out.push(priced(
+            out.push(Line::priced(
                 "Kinesis",
                 "presence records in (1 KB)",
                 events * 1024.0 / GB,
                 "GB",
                 k.on_demand_ingest_per_gb,
             ));
-            out.push(priced(
+            out.push(Line::priced(
                 "Kinesis",
                 "presence records out",
                 events * EVENT_B / GB,
@@ -77,7 +77,7 @@ pub fn lines(p: &Profile, prices: &Prices, telemetry_messages: f64) -> Vec<Line>
             ));
         }
         KinesisMode::Provisioned => {
-            out.push(priced(
+            out.push(Line::priced(
                 "Kinesis",
                 "PUT payload units (presence)",
                 m,
@@ -87,7 +87,7 @@ pub fn lines(p: &Profile, prices: &Prices, telemetry_messages: f64) -> Vec<Line>
         }
     }
     let gb_s = events * p.lambda_ms_per_write / 1000.0 * p.lambda_memory_mb as f64 / 1024.0;
-    out.push(priced(
+    out.push(Line::priced(
         "Lambda",
         "duration (presence writes)",
         gb_s,
@@ -95,14 +95,14 @@ pub fn lines(p: &Profile, prices: &Prices, telemetry_messages: f64) -> Vec<Line>
         prices.lambda.per_gb_second,
     ));
     let d = &prices.dynamodb;
-    out.push(priced(
+    out.push(Line::priced(
         "DynamoDB",
         "write request units (presence)",
         m,
         "M WRU",
         d.per_million_write_units,
     ));
-    out.push(priced(
+    out.push(Line::priced(
         "DynamoDB",
         "read request units (presence)",
         m * RRU_PER_EVENT,
@@ -110,20 +110,4 @@ pub fn lines(p: &Profile, prices: &Prices, telemetry_messages: f64) -> Vec<Line>
         d.per_million_read_units,
     ));
     out
-}
-
-fn priced(
-    service: &'static str,
-    item: &'static str,
-    quantity: f64,
-    unit: &'static str,
-    price: f64,
-) -> Line {
-    Line {
-        service,
-        item,
-        quantity,
-        unit,
-        usd: quantity * price,
-    }
 }

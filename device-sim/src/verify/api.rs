@@ -117,47 +117,45 @@ impl Api {
             if let Some(c) = &cursor {
                 query.push(("cursor", c.clone()));
             }
-            let resp = {
-                let _permit = self.in_flight.acquire().await?;
-                let resp = self
-                    .get(&url)
-                    .query(&query)
-                    .send()
-                    .await
-                    .with_context(|| format!("GET {url}"))?;
-                if resp.status() == reqwest::StatusCode::NOT_FOUND
-                    && matches!(scope, Scope::Device(_))
-                {
-                    return Ok(out);
-                }
-                let status = resp.status();
-                let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
-                if !status.is_success() {
-                    bail!("GET {url}?res={res}: {status}: {}", problem_detail(&body));
-                }
-                body
-            };
-            let page: Page = serde_json::from_slice(&resp)
+            let (status, body) = self.fetch(&url, &query).await?;
+            if status == reqwest::StatusCode::NOT_FOUND && matches!(scope, Scope::Device(_)) {
+                return Ok(out);
+            }
+            if !status.is_success() {
+                bail!("GET {url}?res={res}: {status}: {}", problem_detail(&body));
+            }
+            let page: Page = serde_json::from_slice(&body)
                 .with_context(|| format!("GET {url}?res={res}: unexpected body"))?;
             out.extend(page.windows);
-            match page.next_cursor {
-                Some(c) if Some(&c) != cursor.as_ref() => cursor = Some(c),
-                Some(c) => bail!("GET {url}: the API returned the same cursor `{c}` twice"),
+            match advance(&url, &cursor, page.next_cursor)? {
+                Some(c) => cursor = Some(c),
                 None => return Ok(out),
             }
         }
     }
 
-    pub async fn stats(&self) -> anyhow::Result<Stats> {
-        let url = format!("{}/v1/stats", self.base);
+    /// One GET of `url` with `query`, within the cap on requests in
+    /// flight: its status and body.
+    async fn fetch(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<(reqwest::StatusCode, bytes::Bytes)> {
         let _permit = self.in_flight.acquire().await?;
         let resp = self
-            .get(&url)
+            .get(url)
+            .query(query)
             .send()
             .await
             .with_context(|| format!("GET {url}"))?;
         let status = resp.status();
-        let body = resp.bytes().await?;
+        let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
+        Ok((status, body))
+    }
+
+    pub async fn stats(&self) -> anyhow::Result<Stats> {
+        let url = format!("{}/v1/stats", self.base);
+        let (status, body) = self.fetch(&url, &[]).await?;
         if !status.is_success() {
             bail!("GET {url}: {status}: {}", problem_detail(&body));
         }
@@ -193,30 +191,33 @@ impl Api {
             let mut query = vec![("fleet", fleet.to_string())];
             query.extend(status.map(|s| ("status", s.to_string())));
             query.extend(cursor.clone().map(|c| ("cursor", c)));
-            let body = {
-                let _permit = self.in_flight.acquire().await?;
-                let resp = self
-                    .get(&url)
-                    .query(&query)
-                    .send()
-                    .await
-                    .with_context(|| format!("GET {url}"))?;
-                let code = resp.status();
-                let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
-                if !code.is_success() {
-                    bail!("GET {url}?fleet={fleet}: {code}: {}", problem_detail(&body));
-                }
-                body
-            };
+            let (code, body) = self.fetch(&url, &query).await?;
+            if !code.is_success() {
+                bail!("GET {url}?fleet={fleet}: {code}: {}", problem_detail(&body));
+            }
             let page: DevicePage = serde_json::from_slice(&body)
                 .with_context(|| format!("GET {url}?fleet={fleet}: unexpected body"))?;
             out.extend(page.devices.into_iter().map(|d| (d.device_id, d.status)));
-            match page.next_cursor {
-                Some(c) if Some(&c) != cursor.as_ref() => cursor = Some(c),
-                Some(c) => bail!("GET {url}: the API returned the same cursor `{c}` twice"),
+            match advance(&url, &cursor, page.next_cursor)? {
+                Some(c) => cursor = Some(c),
                 None => return Ok(out),
             }
         }
+    }
+}
+
+/// The cursor of the next page, if any; the same cursor twice would loop
+/// forever.
+fn advance(
+    url: &str,
+    cursor: &Option<String>,
+    next: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    match next {
+        Some(c) if Some(&c) == cursor.as_ref() => {
+            bail!("GET {url}: the API returned the same cursor `{c}` twice")
+        }
+        next => Ok(next),
     }
 }
 
