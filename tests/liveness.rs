@@ -75,3 +75,44 @@ async fn stopped_devices_go_stale_and_wills_offline_within_the_configured_time()
     assert!(live.wills.iter().all(|id| offline.contains(id)));
     p.shutdown().await.unwrap();
 }
+
+/// An API behind a bearer token: verify and the liveness check read it with
+/// the simulator's `api_token`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_reads_an_api_that_wants_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "liveness-reader-token read\n").unwrap();
+    let mut config = support::config(dir.path());
+    config.http.stale_after = Duration::from_secs(2);
+    config.http.token_file = Some(tokens);
+    let p = iotpipe::start(&config).await.unwrap();
+    let (status, _) = support::get(&p, "/v1/devices?fleet=guarded").await;
+    assert_eq!(status, 401, "the API wants the token");
+    let summary = device_sim::run(SimConfig {
+        fleet: "guarded".into(),
+        devices: 20,
+        rate: Rate::PerDevice(2.0),
+        stop: Stop::After(Duration::from_secs(10)),
+        seed: 21,
+        liveness: Some(LivenessConfig {
+            stop_fraction: 0.10,
+            will_fraction: 0.05,
+            stop_at: None,
+            within: Duration::from_secs(5),
+        }),
+        api_token: Some("liveness-reader-token".into()),
+        verify_timeout: Duration::from_secs(60),
+        ..support::sim(p.mqtt_addr, p.http_addr)
+    })
+    .await
+    .unwrap();
+    println!("{summary}");
+    assert!(summary.ok(), "{summary}");
+    let [live] = summary.liveness.as_slice() else {
+        panic!("{:?}", summary.liveness);
+    };
+    assert!(live.checked && live.ok, "{live}");
+    assert_eq!((live.stopped.len(), live.wills.len()), (2, 1), "{live}");
+    p.shutdown().await.unwrap();
+}
