@@ -116,6 +116,11 @@ struct CostArgs {
     /// A price table (TOML, like src/cost/prices.toml) instead of the built-in one.
     #[arg(long)]
     prices: Option<PathBuf>,
+    /// Times a day each device connects again: each connect and disconnect
+    /// is a presence record (an IoT rule action, a Kinesis record and a
+    /// member-row write).
+    #[arg(long, default_value_t = 1.0)]
+    reconnects_per_day: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -226,6 +231,10 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
             .is_none_or(|w| w.is_finite() && w >= 0.0),
         "--write-amplification must be a non-negative number"
     );
+    anyhow::ensure!(
+        a.reconnects_per_day.is_finite() && a.reconnects_per_day >= 0.0,
+        "--reconnects-per-day must be a non-negative number"
+    );
     let prices = match &a.prices {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -265,6 +274,7 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
         lambda_base_ms: a.lambda_base_ms,
         lambda_ms_per_write: a.lambda_ms_per_write,
         retention,
+        reconnects_per_day: a.reconnects_per_day,
     };
     print!(
         "{}",

@@ -161,6 +161,20 @@ async fn the_page_shows_the_windows_the_api_holds() {
         lag.iter().all(|r| r["data-behind"].parse::<u64>().is_ok()),
         "{lag:?}"
     );
+    // Every device said DISCONNECT at the end of the run: offline, counted
+    // from /metrics.
+    let statuses: Vec<_> = rows(&html, "statuses")
+        .into_iter()
+        .map(|r| {
+            let n = |k: &str| r[&format!("data-{k}")].clone();
+            (n("fleet"), n("online"), n("stale"), n("offline"))
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [("sim".into(), "0".into(), "0".into(), "3".into())],
+        "{html}"
+    );
     let (_, select) = element(&html, "device");
     let select = &select[..select.find("</select>").unwrap()];
     assert_eq!(select.matches("<option").count(), 3, "{select}");

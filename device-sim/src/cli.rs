@@ -281,6 +281,11 @@ pub struct Args {
     /// and {{fleet}}.
     #[arg(long, value_name = "TEMPLATE")]
     pub payload_template: Option<String>,
+    #[command(flatten)]
+    pub liveness: crate::liveness::LivenessArgs,
+    /// The query API's bearer token (verify reads with it).
+    #[arg(long, env = "IOTPIPE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 impl Args {
@@ -445,6 +450,8 @@ impl Args {
                 Some(path) => crate::verify::alerts::load_rules(path)?,
                 None => Vec::new(),
             },
+            liveness: self.liveness.config(),
+            api_token: self.api_token,
         })
     }
 }

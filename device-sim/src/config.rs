@@ -188,6 +188,11 @@ pub struct SimConfig {
     /// With `verify`: alert rules whose alerts are checked against the
     /// windows found exact (see [`crate::verify::alerts`]).
     pub alert_rules: Vec<crate::verify::alerts::RuleSpec>,
+    /// Devices that stop or leave with a Last Will mid-run, and verify's
+    /// check of their status (see [`crate::liveness`]).
+    pub liveness: Option<crate::liveness::LivenessConfig>,
+    /// The query API's bearer token, for verify's reads.
+    pub api_token: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -242,6 +247,8 @@ impl Default for SimConfig {
             processes: None,
             worker: None,
             alert_rules: Vec::new(),
+            liveness: None,
+            api_token: None,
         }
     }
 }
@@ -318,6 +325,10 @@ impl SimConfig {
         );
         if self.replay.is_some() {
             ensure!(
+                self.liveness.is_none(),
+                "a replay follows its recording: --stop-fraction and --will-fraction do not apply"
+            );
+            ensure!(
                 self.readings_per_message == 1,
                 "a replay sends each recorded row as one message: leave --readings-per-message at 1"
             );
@@ -329,8 +340,12 @@ impl SimConfig {
         Ok(())
     }
 
-    /// What a run spread over processes cannot be combined with.
+    /// The liveness scenario, and what a run spread over processes cannot
+    /// be combined with.
     fn validate_processes(&self) -> anyhow::Result<()> {
+        if let Some(l) = &self.liveness {
+            l.validate()?;
+        }
         ensure!(
             self.alert_rules.is_empty() || self.verify.is_some(),
             "--alert-rules are checked by verify: give --verify too"
@@ -344,6 +359,10 @@ impl SimConfig {
             ensure!(
                 self.worker.is_none(),
                 "a worker cannot spread its devices again"
+            );
+            ensure!(
+                self.liveness.is_none(),
+                "the liveness scenario checks one process's devices: it cannot be combined with --processes"
             );
         }
         Ok(())

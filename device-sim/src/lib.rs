@@ -17,6 +17,8 @@
 //! - [`template`]: payloads shaped by a template, and what payload v1 makes
 //!   of them.
 //! - [`lateness`]: late and too-late decisions with honest uncertainty.
+//! - [`liveness`]: devices that stop or leave with a Last Will mid-run, and
+//!   the check that the API lists exactly them `stale` and `offline`.
 //! - [`publish`]: one lean MQTT connection per device (3.1.1 or 5, TCP or
 //!   TLS), PUBACK tracking, retries.
 //! - [`freshness`]: how soon a published reading shows in the API.
@@ -41,6 +43,7 @@ pub mod exporter;
 pub mod freshness;
 pub mod lateness;
 pub mod ledger;
+pub mod liveness;
 pub mod payload;
 pub mod plan;
 pub mod processes;

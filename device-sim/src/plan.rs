@@ -106,6 +106,10 @@ pub struct RunPlan {
     /// as [`crate::payload`] writes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<crate::template::Template>,
+    /// Devices that stop or leave with a Last Will mid-run (see
+    /// [`crate::liveness`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<crate::liveness::LivenessPlan>,
 }
 
 /// A stretch of the schedule with one period per device. Times are µs from

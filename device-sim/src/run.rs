@@ -20,6 +20,7 @@ use crate::config::SimConfig;
 use crate::exporter::{self, Live, Phase};
 use crate::freshness::{self, Sample};
 use crate::ledger::{Ledger, LedgerLine, RunFinish};
+use crate::plan::RunPlan;
 use crate::publish::{self, ConnectLimiter, Fleet, FleetShared, PublishConfig, PublishOutcome};
 use crate::summary::Summary;
 use crate::template::Verdict;
@@ -86,6 +87,7 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
         .freshness
         .take()
         .map(|t| t.figures(cfg.verify_timeout));
+    summary.liveness = std::mem::take(&mut published.liveness);
     if let Some(url) = &cfg.verify {
         set_phase(&cfg, Phase::Verifying);
         summary.verify = match (refused, stats_before) {
@@ -106,6 +108,10 @@ pub async fn run(cfg: SimConfig) -> anyhow::Result<Summary> {
                 verify_fleets(&cfg, url, &runs, ledger, stats).await?
             }
         };
+    }
+    // The liveness check is part of verify: a miss or an extra fails it.
+    if let Some(v) = summary.verify.as_mut() {
+        v.ok &= summary.liveness.iter().all(|l| l.ok);
     }
     if let (Some(url), false) = (&cfg.verify, cfg.alert_rules.is_empty()) {
         summary.alerts = Some(check_alerts(&cfg, url, &published).await?);
@@ -175,7 +181,7 @@ async fn publish_here(
     set_phase(cfg, Phase::Publishing);
     let run_start_ms = now_ms() + 100;
     record_start(cfg, runs, run_start_ms)?;
-    let mut published = publish(cfg, connected, run_start_ms).await?;
+    let mut published = publish(cfg, runs, connected, run_start_ms).await?;
     published.rss_mib = (before_connect, rss_connected_mib);
     Ok(published)
 }
@@ -236,6 +242,7 @@ async fn stats_before(
     match &cfg.verify {
         Some(url) if cfg.faults.any() || refused => Ok(Some(
             Api::new(url, 1)?
+                .with_token(cfg.api_token.clone())
                 .stats()
                 .await
                 .context("reading /v1/stats before publishing")?,
@@ -351,11 +358,14 @@ struct Published {
     rss_mib: (f64, f64),
     /// What the workers of a spread run used, added up; zero otherwise.
     workers: resources::Usage,
+    /// Each fleet's liveness check, for fleets with a liveness plan.
+    liveness: Vec<crate::liveness::LivenessReport>,
 }
 
 /// Starts every fleet at `run_start_ms`, and waits for them to finish.
 async fn publish(
     cfg: &SimConfig,
+    runs: &[FleetRun],
     connected: Connected,
     run_start_ms: i64,
 ) -> anyhow::Result<Published> {
@@ -366,8 +376,12 @@ async fn publish(
         freshness,
     } = connected;
     let origin = Instant::now();
-    for f in &mut fleets {
-        f.start(run_start_ms);
+    let mut liveness = Vec::new();
+    for (f, r) in fleets.iter_mut().zip(runs) {
+        let plan = f.start(run_start_ms);
+        if r.plan.liveness.is_some() {
+            liveness.push(start_liveness_check(cfg, plan)?);
+        }
     }
     let progress = cfg.progress.then(|| {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -401,13 +415,34 @@ async fn publish(
         }),
         None => None,
     };
+    let mut reports = Vec::with_capacity(liveness.len());
+    for task in liveness {
+        reports.push(task.await.context("the liveness check panicked")?);
+    }
     Ok(Published {
         outcomes,
         connect_ms,
         freshness,
         rss_mib: (0.0, 0.0),
         workers: resources::Usage::default(),
+        liveness: reports,
     })
+}
+
+/// Starts the liveness check of a fleet that has started with `plan`: it
+/// reads the API from the plan's stop time on, while the fleet publishes.
+fn start_liveness_check(
+    cfg: &SimConfig,
+    plan: RunPlan,
+) -> anyhow::Result<JoinHandle<crate::liveness::LivenessReport>> {
+    let api = match &cfg.verify {
+        Some(url) => Some(Api::new(url, 4)?.with_token(cfg.api_token.clone())),
+        None => None,
+    };
+    let stop_us = plan.liveness.as_ref().map_or(0, |l| l.stop_us as i64);
+    let ahead_us = plan.run_start_ms * 1000 + stop_us - crate::now_us();
+    let stop = Instant::now() + Duration::from_micros(ahead_us.max(0) as u64);
+    Ok(tokio::spawn(crate::liveness::check(api, plan, stop)))
 }
 
 /// Records each fleet's finish in the ledger file (if any) and in `ledger`,
@@ -461,6 +496,7 @@ async fn verify_fleets(
 ) -> anyhow::Result<Option<VerifyReport>> {
     let vcfg = VerifyConfig {
         url: url.to_string(),
+        token: cfg.api_token.clone(),
         timeout: cfg.verify_timeout,
         concurrency: cfg.verify_concurrency,
     };

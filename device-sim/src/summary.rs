@@ -127,6 +127,9 @@ pub struct Summary {
     /// What one connected, idle device adds to resident memory, KiB.
     pub idle_kib_per_device: f64,
     pub warnings: Vec<String>,
+    /// Each fleet's devices chosen to stop or leave with a will, and the
+    /// check that the API listed exactly them (see [`crate::liveness`]).
+    pub liveness: Vec<crate::liveness::LivenessReport>,
 }
 
 impl Summary {
@@ -135,6 +138,7 @@ impl Summary {
         self.failed == 0
             && self.verify.as_ref().is_none_or(|v| v.ok)
             && self.alerts.as_ref().is_none_or(|a| a.ok)
+            && self.liveness.iter().all(|l| l.ok)
     }
 }
 
@@ -279,6 +283,9 @@ impl fmt::Display for Summary {
         }
         if let Some(a) = &self.alerts {
             write!(f, "{a}")?;
+        }
+        for l in &self.liveness {
+            write!(f, "{l}")?;
         }
         Ok(())
     }

@@ -809,4 +809,25 @@ async fn devices_are_listed_by_status_against_the_clock() {
     );
     let (status, _, _) = get(&state, "/v1/devices?fleet=f&status=asleep").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // `/metrics` counts the same statuses per fleet, where asked to.
+    let (_, _, text) = get_text(&state, "/metrics").await;
+    assert!(!text.contains("iotpipe_api_devices"), "{text}");
+    let mut counted = state.clone();
+    counted.device_counts = true;
+    let (status, _, text) = get_text(&counted, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    for line in [
+        "iotpipe_api_devices{fleet=\"f\",status=\"online\"} 1",
+        "iotpipe_api_devices{fleet=\"f\",status=\"stale\"} 1",
+        "iotpipe_api_devices{fleet=\"f\",status=\"offline\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+    counted.stale_after = lenient.stale_after.clone();
+    let (_, _, text) = get_text(&counted, "/metrics").await;
+    assert!(
+        text.contains("iotpipe_api_devices{fleet=\"f\",status=\"online\"} 2"),
+        "{text}"
+    );
 }

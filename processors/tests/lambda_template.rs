@@ -148,6 +148,18 @@ fn the_functions_get_every_variable_they_read() {
     }
     assert_eq!(globals["Runtime"], "provided.al2023");
     assert_eq!(globals["Architectures"], json!(["arm64"]));
+    // The query function's own, a parameter the API's parser reads.
+    let query = &resource(&t, "QueryFunction")["Properties"];
+    assert_eq!(
+        query["Environment"]["Variables"]["STALE_AFTER"],
+        json!({"Ref": "StaleAfter"})
+    );
+    let default = t["Parameters"]["StaleAfter"]["Default"].as_str().unwrap();
+    let parsed = processors::lambda::env::stale_after_from_vars(|name| {
+        (name == "STALE_AFTER").then(|| default.to_string())
+    })
+    .unwrap();
+    assert_eq!(parsed, processors::api::StaleAfter::default());
     let replay = &resource(&t, "ReplayFunction")["Properties"];
     assert_eq!(
         replay["Environment"]["Variables"]["STREAM_NAME"],

@@ -34,7 +34,7 @@ pub struct Overrides {
     pub retention: Option<String>,
     /// A device that sent no reading for this long is listed `stale`, e.g.
     /// 5m, 90s [default: 5m]; a fleet may have its own (`http.stale_after_fleets`).
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = processors::api::StaleAfter::parse)]
     pub stale_after: Option<Duration>,
     /// Take telemetry from an external MQTT broker (mqtt://HOST:PORT): a
     /// persistent QoS 1 subscription, each message acknowledged once durable.

@@ -35,9 +35,11 @@
 //! - `model`: the load [`Profile`] and the bill it makes, line by line
 //!   ([`estimate`]).
 //! - [`writes`]: the store's items read and written per reading.
+//! - `presence`: what connects and disconnects cost (`--reconnects-per-day`).
 //! - `report`: the bill as text ([`render`]).
 
 mod model;
+mod presence;
 mod prices;
 mod report;
 mod writes;

@@ -43,6 +43,9 @@ pub struct Profile {
     pub lambda_ms_per_write: f64,
     /// How long span, hour and day items are kept; storage is billed on it.
     pub retention: Retention,
+    /// Times a day each device connects again (a connect and a disconnect,
+    /// each a presence record; see `presence`).
+    pub reconnects_per_day: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,7 +67,7 @@ pub struct Line {
 
 impl Line {
     /// A line billed at `unit_price` per unit.
-    fn priced(
+    pub(super) fn priced(
         service: &'static str,
         item: &'static str,
         quantity: f64,
@@ -119,6 +122,9 @@ fn units(bytes: u64, size: u64) -> f64 {
     bytes.div_ceil(size).max(1) as f64
 }
 
+/// The telemetry's messaging line.
+const MESSAGING: &str = "messaging (5 KB units)";
+
 /// Bytes of the naive design's item: the payload plus keys and arrival time.
 const NAIVE_KEYS_B: u64 = 80;
 
@@ -163,7 +169,15 @@ pub fn estimate(p: &Profile, prices: &Prices) -> Estimate {
     ] {
         lines.push(Line::priced("DynamoDB", item, quantity, unit, price));
     }
-    let naive_usd = ingest_usd + naive_store_usd(p, prices, msgs, invocations);
+    let telemetry_messages = lines
+        .iter()
+        .find(|l| l.item == MESSAGING)
+        .map_or(0.0, |l| l.quantity);
+    let presence = super::presence::lines(p, prices, telemetry_messages);
+    // Presence costs either design the same.
+    let presence_usd: f64 = presence.iter().map(|l| l.usd).sum();
+    lines.extend(presence);
+    let naive_usd = ingest_usd + presence_usd + naive_store_usd(p, prices, msgs, invocations);
     Estimate {
         lines,
         readings,
@@ -192,7 +206,7 @@ fn ingest_lines(p: &Profile, prices: &Prices, lines: &mut Vec<Line>) -> f64 {
         let m = msgs * five_kb / MILLION;
         lines.push(Line {
             service: "IoT Core",
-            item: "messaging (5 KB units)",
+            item: MESSAGING,
             quantity: m,
             unit: "M messages",
             usd: tiered(m, &iot.messaging_tiers),

@@ -27,6 +27,7 @@ fn profile() -> Profile {
             day_s: 1098.0 * DAY,
             forever: [false; 3],
         },
+        reconnects_per_day: 0.0,
     }
 }
 
@@ -297,4 +298,56 @@ fn no_load_costs_only_fixed_charges() {
     assert_eq!(e.service("DynamoDB"), 0.0);
     assert!(e.write_amplification().is_sign_positive());
     assert!(render(&profile(), &prices, &e).contains("as of 2025-01-15"));
+}
+
+#[test]
+fn each_connect_and_disconnect_costs_a_rule_a_record_and_a_member_write() {
+    let quiet = estimate_at(profile());
+    assert!(!quiet.lines.iter().any(|l| l.item.contains("presence")));
+    let p = Profile {
+        reconnects_per_day: 1.0,
+        ..profile()
+    };
+    let e = estimate_at(p.clone());
+    // 1,000 devices, one connect and one disconnect a day: 60,833 records.
+    let events = 1000.0 * 2.0 * HOURS_PER_MONTH / 24.0;
+    let m = events / MILLION;
+    for (item, quantity) in [
+        ("rules triggered (presence)", m),
+        ("actions executed (presence)", m),
+        ("write request units (presence)", m),
+        ("read request units (presence)", m),
+        ("CONNECT messages (5 KB units)", m / 2.0),
+        ("presence records in (1 KB)", events * 1024.0 / GB),
+    ] {
+        assert!((line(&e, item).quantity - quantity).abs() < 1e-9, "{item}");
+    }
+    // The CONNECTs are priced where the telemetry left the tiers: above
+    // 1,000 M messages a month, at $0.80 a million.
+    assert!((line(&e, "CONNECT messages (5 KB units)").usd - m / 2.0 * 0.8).abs() < 1e-9);
+    let added = e.total() - quiet.total();
+    let listed: f64 = e
+        .lines
+        .iter()
+        .filter(|l| l.item.contains("presence") || l.item.starts_with("CONNECT"))
+        .map(|l| l.usd)
+        .sum();
+    assert!((added - listed).abs() < 1e-9, "{added} vs {listed}");
+    // Twice the reconnects, twice the presence bill; Basic Ingest still
+    // pays for CONNECTs.
+    let twice = estimate_at(Profile {
+        reconnects_per_day: 2.0,
+        ..p.clone()
+    });
+    assert!((twice.total() - quiet.total() - 2.0 * added).abs() < 1e-6);
+    let basic = estimate_at(Profile {
+        basic_ingest: true,
+        ..p.clone()
+    });
+    assert!((line(&basic, "CONNECT messages (5 KB units)").usd - m / 2.0).abs() < 1e-9);
+    let provisioned = estimate_at(Profile {
+        kinesis: KinesisMode::Provisioned,
+        ..p
+    });
+    assert!((line(&provisioned, "PUT payload units (presence)").quantity - m).abs() < 1e-9);
 }

@@ -276,6 +276,11 @@ impl Wiring<'_> {
         if let Some(alerts) = &self.alerts {
             state.alert_rules = alerts.rules.iter().map(|r| r.name.clone()).collect();
         }
+        // On DynamoDB the counts would Scan the whole table per scrape.
+        state.device_counts = !matches!(
+            self.config.backend.store,
+            crate::config::StoreKind::Dynamodb
+        );
         state.metrics = metrics(
             ingest_metrics.clone(),
             processor_metrics.clone(),

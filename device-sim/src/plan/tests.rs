@@ -30,6 +30,7 @@ pub(crate) fn plan() -> RunPlan {
         storms: Vec::new(),
         replay: None,
         template: None,
+        liveness: None,
     }
 }
 

@@ -167,6 +167,14 @@ pub struct Login<'a> {
     pub password: Option<&'a str>,
 }
 
+/// A Last Will: published by the broker (at QoS 0, not retained) when the
+/// connection is lost without a DISCONNECT.
+#[derive(Debug, Clone, Copy)]
+pub struct Will<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+}
+
 /// Appends a CONNECT with a clean session (3.1.1) or clean start (5).
 pub fn connect(
     buf: &mut BytesMut,
@@ -175,8 +183,26 @@ pub fn connect(
     keep_alive_secs: u16,
     login: Login<'_>,
 ) {
+    connect_with_will(buf, protocol, client_id, keep_alive_secs, login, None);
+}
+
+/// Appends a CONNECT as [`connect`] does, with a Last Will if given.
+pub fn connect_with_will(
+    buf: &mut BytesMut,
+    protocol: Protocol,
+    client_id: &str,
+    keep_alive_secs: u16,
+    login: Login<'_>,
+    will: Option<Will<'_>>,
+) {
     let mut flags = 0x02u8; // clean session / clean start
     let mut payload_len = 2 + client_id.len();
+    if let Some(w) = will {
+        flags |= 0x04;
+        // MQTT 5 puts an (empty) will property list before the topic.
+        payload_len +=
+            usize::from(protocol == Protocol::V5) + 2 + w.topic.len() + 2 + w.payload.len();
+    }
     if let Some(u) = login.username {
         flags |= 0x80;
         payload_len += 2 + u.len();
@@ -202,6 +228,13 @@ pub fn connect(
         buf.put_u8(0);
     }
     put_str(buf, client_id.as_bytes());
+    if let Some(w) = will {
+        if protocol == Protocol::V5 {
+            buf.put_u8(0);
+        }
+        put_str(buf, w.topic.as_bytes());
+        put_str(buf, w.payload);
+    }
     if let Some(u) = login.username {
         put_str(buf, u.as_bytes());
     }
@@ -334,6 +367,42 @@ mod tests {
             }
             p => panic!("{p:?}"),
         }
+    }
+
+    #[test]
+    fn a_will_round_trips_through_rumqttc_v4_and_v5() {
+        let will = Will {
+            topic: "dt/f/dev-3/status",
+            payload: b"offline",
+        };
+        let login = Login {
+            username: Some("dev-3"),
+            password: None,
+        };
+        let mut buf = BytesMut::new();
+        connect_with_will(&mut buf, Protocol::V4, "dev-3", 60, login, Some(will));
+        match read_v4(&mut buf) {
+            mqttbytes::v4::Packet::Connect(c) => {
+                let w = c.last_will.unwrap();
+                assert_eq!(w.topic, "dt/f/dev-3/status");
+                assert_eq!(w.message, Bytes::from_static(b"offline"));
+                assert_eq!((w.qos, w.retain), (rumqttc::QoS::AtMostOnce, false));
+                assert_eq!(c.login.unwrap().username, "dev-3");
+            }
+            p => panic!("{p:?}"),
+        }
+        connect_with_will(&mut buf, Protocol::V5, "dev-3", 60, login, Some(will));
+        match read_v5(&mut buf) {
+            mqttbytes5::v5::Packet::Connect(c, will, login) => {
+                assert_eq!(c.client_id, "dev-3");
+                let w = will.unwrap();
+                assert_eq!(w.topic, Bytes::from_static(b"dt/f/dev-3/status"));
+                assert_eq!(w.message, Bytes::from_static(b"offline"));
+                assert_eq!(login.unwrap().username, "dev-3");
+            }
+            p => panic!("{p:?}"),
+        }
+        assert!(buf.is_empty());
     }
 
     #[test]

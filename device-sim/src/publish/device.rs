@@ -31,6 +31,7 @@ use super::transport::{self, Stream, TlsSetup};
 use super::{ConnectLimiter, FleetShared, PublishConfig};
 use crate::freshness::Sample;
 use crate::lateness::{Class, Exceptions};
+use crate::liveness::Role;
 use crate::payload::{DeviceValues, malformed};
 use crate::plan::{RunPlan, Send, SendKind};
 
@@ -146,6 +147,8 @@ pub struct DeviceEnv {
     pub shared: Arc<FleetShared>,
     /// Sampled publishes for the freshness probe; `None`: not measured.
     pub freshness: Option<(u64, mpsc::Sender<Sample>)>,
+    /// Each device's liveness role; empty: every device stays.
+    pub roles: Vec<Role>,
 }
 
 impl DeviceEnv {
@@ -201,6 +204,8 @@ enum Link {
 struct Device {
     env: Arc<DeviceEnv>,
     index: u32,
+    /// Whether it leaves mid-run, and how (see [`crate::liveness`]).
+    role: Role,
     device_id: String,
     topic: String,
     values: DeviceValues,
@@ -276,6 +281,8 @@ pub async fn run(
     let offline = plan.offline_windows(index);
     let storms = plan.storm_times(index);
     let (mut next_offline, mut next_storm) = (0usize, 0usize);
+    // A device that leaves does nothing more once its messages are sent.
+    let leaves_at = plan.leaves_at_us(dev.role);
     let origin = (Instant::now(), crate::now_us());
     dev.schedule_origin = Some(origin);
     let at = |us: i64| {
@@ -293,6 +300,9 @@ pub async fn run(
         else {
             break;
         };
+        if leaves_at.is_some_and(|t| due >= t) {
+            break;
+        }
         dev.serve(Some(at(due)), false).await;
         if storm_due == Some(due) {
             next_storm += 1;
@@ -312,7 +322,11 @@ pub async fn run(
     }
     let deadline = Instant::now() + dev.env.cfg.ack_timeout;
     dev.serve(Some(deadline), true).await;
-    dev.close().await;
+    if leaves_at.is_some() {
+        dev.leave();
+    } else {
+        dev.close().await;
+    }
     dev.outcome()
 }
 
@@ -331,6 +345,11 @@ impl Device {
             device_id: plan.device_id(index),
             topic: plan.topic(index),
             values: DeviceValues::new(plan, index, first_seq),
+            role: env
+                .roles
+                .get(index as usize)
+                .copied()
+                .unwrap_or(Role::Stays),
             env,
             index,
             link: Link::Down {

@@ -365,6 +365,7 @@ impl Fleet {
             limiter,
             shared: shared.clone(),
             freshness,
+            roles: plan.liveness_roles(),
         });
         let started = Instant::now();
         let (start, start_rx) = watch::channel(None);

@@ -51,6 +51,7 @@ pub(super) fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Ve
             .map(|f| scenario_plan(cfg, sc, f, &base))
             .collect::<anyhow::Result<_>>()?,
     };
+    let specs = with_liveness(cfg, specs)?;
     let next = ledger.next_seqs();
     let first_run = ledger.next_run_id();
     Ok(specs
@@ -64,6 +65,7 @@ pub(super) fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Ve
                         .unwrap_or(0)
                 })
                 .collect();
+            let roles = plan.liveness_roles();
             let messages = (0..plan.devices)
                 .map(|i| match stop {
                     Stop::Count(c) if plan.replay.is_some() => {
@@ -72,6 +74,8 @@ pub(super) fn fleet_plans(cfg: &SimConfig, ledger: &Ledger) -> anyhow::Result<Ve
                     Stop::Count(c) => c,
                     Stop::After(d) => plan.messages_within(i, d.as_micros() as u64),
                 })
+                .zip(stop_counts(&plan, &roles))
+                .map(|(n, until)| until.map_or(n, |u| n.min(u)))
                 .collect();
             FleetRun {
                 plan,
@@ -105,7 +109,49 @@ fn base_plan(cfg: &SimConfig) -> RunPlan {
         storms: Vec::new(),
         replay: None,
         template: cfg.payload_template.clone(),
+        liveness: None,
     }
+}
+
+/// Each fleet's plan with the run's liveness part, which needs the fleet's
+/// schedule length.
+fn with_liveness(
+    cfg: &SimConfig,
+    specs: Vec<(RunPlan, u8, Stop)>,
+) -> anyhow::Result<Vec<(RunPlan, u8, Stop)>> {
+    let Some(l) = &cfg.liveness else {
+        return Ok(specs);
+    };
+    specs
+        .into_iter()
+        .map(|(mut plan, qos, stop)| {
+            let length_us = match stop {
+                Stop::After(d) => d.as_micros() as u64,
+                Stop::Count(c) => plan
+                    .planned_length_us()
+                    .unwrap_or_else(|| c.saturating_mul(plan.period_us)),
+            };
+            plan.liveness = Some(
+                l.plan(length_us, cfg.verify.is_some())
+                    .map_err(|e| e.context(format!("fleet {}", plan.fleet)))?,
+            );
+            Ok((plan, qos, stop))
+        })
+        .collect()
+}
+
+/// Per device, the messages due before its liveness stop, if it leaves.
+fn stop_counts<'a>(
+    plan: &'a RunPlan,
+    roles: &'a [crate::liveness::Role],
+) -> impl Iterator<Item = Option<u64>> + 'a {
+    (0..plan.devices).map(move |i| {
+        let leaves = roles.get(i as usize).is_some_and(|r| r.leaves());
+        let stop_us = plan.liveness.as_ref().map(|l| l.stop_us);
+        stop_us
+            .filter(|_| leaves)
+            .map(|us| plan.messages_within(i, us))
+    })
 }
 
 /// One fleet of a scenario: its plan, QoS and when it stops.

@@ -193,6 +193,7 @@ fn merge(
         freshness,
         rss_mib: (0.0, 0.0),
         workers,
+        liveness: Vec::new(),
     })
 }
 
@@ -226,7 +227,7 @@ pub async fn serve_worker(cfg: SimConfig) -> anyhow::Result<()> {
         .context("reading the start from the parent")?;
     let start: Start = serde_json::from_str(&line)
         .with_context(|| format!("the parent's start `{}`", line.trim()))?;
-    let published = publish(&cfg, connected, start.run_start_ms).await?;
+    let published = publish(&cfg, &runs, connected, start.run_start_ms).await?;
     let fleets = published
         .outcomes
         .into_iter()

@@ -148,6 +148,7 @@ pub(super) fn summarize(
         rss_connected_mib: 0.0,
         idle_kib_per_device: 0.0,
         warnings,
+        liveness: Vec::new(),
     }
 }
 

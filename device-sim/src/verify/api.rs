@@ -49,6 +49,8 @@ pub struct Api {
     base: String,
     /// Keeps verify from flooding the API however many devices it checks.
     in_flight: Arc<Semaphore>,
+    /// A bearer token for an API that requires one.
+    token: Option<String>,
 }
 
 pub fn res_name(res_ms: i64) -> String {
@@ -70,7 +72,22 @@ impl Api {
             http,
             base: base.trim_end_matches('/').to_string(),
             in_flight: Arc::new(Semaphore::new(concurrency.max(1))),
+            token: None,
         })
+    }
+
+    /// The same client, sending `token` as its bearer token.
+    pub fn with_token(mut self, token: Option<String>) -> Api {
+        self.token = token;
+        self
+    }
+
+    fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        let req = self.http.get(url);
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
     }
 
     /// Every window of a series with start in `[from, to)`, following
@@ -100,53 +117,107 @@ impl Api {
             if let Some(c) = &cursor {
                 query.push(("cursor", c.clone()));
             }
-            let resp = {
-                let _permit = self.in_flight.acquire().await?;
-                let resp = self
-                    .http
-                    .get(&url)
-                    .query(&query)
-                    .send()
-                    .await
-                    .with_context(|| format!("GET {url}"))?;
-                if resp.status() == reqwest::StatusCode::NOT_FOUND
-                    && matches!(scope, Scope::Device(_))
-                {
-                    return Ok(out);
-                }
-                let status = resp.status();
-                let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
-                if !status.is_success() {
-                    bail!("GET {url}?res={res}: {status}: {}", problem_detail(&body));
-                }
-                body
-            };
-            let page: Page = serde_json::from_slice(&resp)
+            let (status, body) = self.fetch(&url, &query).await?;
+            if status == reqwest::StatusCode::NOT_FOUND && matches!(scope, Scope::Device(_)) {
+                return Ok(out);
+            }
+            if !status.is_success() {
+                bail!("GET {url}?res={res}: {status}: {}", problem_detail(&body));
+            }
+            let page: Page = serde_json::from_slice(&body)
                 .with_context(|| format!("GET {url}?res={res}: unexpected body"))?;
             out.extend(page.windows);
-            match page.next_cursor {
-                Some(c) if Some(&c) != cursor.as_ref() => cursor = Some(c),
-                Some(c) => bail!("GET {url}: the API returned the same cursor `{c}` twice"),
+            match advance(&url, &cursor, page.next_cursor)? {
+                Some(c) => cursor = Some(c),
                 None => return Ok(out),
             }
         }
     }
 
-    pub async fn stats(&self) -> anyhow::Result<Stats> {
-        let url = format!("{}/v1/stats", self.base);
+    /// One GET of `url` with `query`, within the cap on requests in
+    /// flight: its status and body.
+    async fn fetch(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<(reqwest::StatusCode, bytes::Bytes)> {
         let _permit = self.in_flight.acquire().await?;
         let resp = self
-            .http
-            .get(&url)
+            .get(url)
+            .query(query)
             .send()
             .await
             .with_context(|| format!("GET {url}"))?;
         let status = resp.status();
-        let body = resp.bytes().await?;
+        let body = resp.bytes().await.with_context(|| format!("GET {url}"))?;
+        Ok((status, body))
+    }
+
+    pub async fn stats(&self) -> anyhow::Result<Stats> {
+        let url = format!("{}/v1/stats", self.base);
+        let (status, body) = self.fetch(&url, &[]).await?;
         if !status.is_success() {
             bail!("GET {url}: {status}: {}", problem_detail(&body));
         }
         serde_json::from_slice(&body).with_context(|| format!("GET {url}: unexpected body"))
+    }
+}
+
+/// `/v1/devices`: one page of a fleet's devices.
+#[derive(Deserialize)]
+struct DevicePage {
+    devices: Vec<ListedDevice>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ListedDevice {
+    device_id: String,
+    status: String,
+}
+
+impl Api {
+    /// Every device of `fleet` with its status (only those of `status`,
+    /// if given), following `next_cursor` to the end.
+    pub async fn devices(
+        &self,
+        fleet: &str,
+        status: Option<&str>,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let url = format!("{}/v1/devices", self.base);
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut query = vec![("fleet", fleet.to_string())];
+            query.extend(status.map(|s| ("status", s.to_string())));
+            query.extend(cursor.clone().map(|c| ("cursor", c)));
+            let (code, body) = self.fetch(&url, &query).await?;
+            if !code.is_success() {
+                bail!("GET {url}?fleet={fleet}: {code}: {}", problem_detail(&body));
+            }
+            let page: DevicePage = serde_json::from_slice(&body)
+                .with_context(|| format!("GET {url}?fleet={fleet}: unexpected body"))?;
+            out.extend(page.devices.into_iter().map(|d| (d.device_id, d.status)));
+            match advance(&url, &cursor, page.next_cursor)? {
+                Some(c) => cursor = Some(c),
+                None => return Ok(out),
+            }
+        }
+    }
+}
+
+/// The cursor of the next page, if any; the same cursor twice would loop
+/// forever.
+fn advance(
+    url: &str,
+    cursor: &Option<String>,
+    next: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    match next {
+        Some(c) if Some(&c) == cursor.as_ref() => {
+            bail!("GET {url}: the API returned the same cursor `{c}` twice")
+        }
+        next => Ok(next),
     }
 }
 

@@ -44,6 +44,8 @@ const MAX_RECHECK: usize = 1000;
 #[derive(Debug, Clone)]
 pub struct VerifyConfig {
     pub url: String,
+    /// The API's bearer token, if it requires one.
+    pub token: Option<String>,
     pub timeout: Duration,
     pub concurrency: usize,
 }
@@ -195,7 +197,7 @@ pub async fn verify(
             .context("regenerating the fleet's windows")?
     };
     let checker = Checker {
-        api: Api::new(&cfg.url, cfg.concurrency)?,
+        api: Api::new(&cfg.url, cfg.concurrency)?.with_token(cfg.token.clone()),
         finality: FinalityBase::of(&ledger, &devices),
         ledger,
         devices,

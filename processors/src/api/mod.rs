@@ -3,6 +3,7 @@
 //!
 //! - `guard`: bearer-token authentication and request limits.
 //! - `dashboard`: the web page at `/`, compiled into the binary.
+//! - `device_counts`: every fleet's devices by status, for `/metrics`.
 //! - `problem`: errors as `application/problem+json`.
 //! - `params`: strict query parameters and time parsing.
 //! - `series`: the window series endpoints: `agg=` field selection, JSON and
@@ -17,6 +18,7 @@
 
 mod alerts;
 mod dashboard;
+mod device_counts;
 mod fill;
 pub mod guard;
 mod params;
@@ -70,6 +72,10 @@ pub struct ApiState {
     /// The configured alert rules' names: what `GET /v1/alerts` lists
     /// without `rule=`.
     pub alert_rules: Arc<[String]>,
+    /// Whether `/metrics` counts every fleet's devices by status: a scan of
+    /// the member partitions, cheap on a local store, a whole-table Scan on
+    /// DynamoDB (see `device_counts`).
+    pub device_counts: bool,
 }
 
 /// How long a device may send no reading before it is `stale`: one time for
@@ -93,6 +99,12 @@ impl StaleAfter {
     pub fn of(&self, fleet: &str) -> i64 {
         self.fleets.get(fleet).copied().unwrap_or(self.default_ms)
     }
+
+    /// The one parser of a stale-after time (`5m`, `90s`, `1h 30m`): for
+    /// `iotpipe up --stale-after` and the query function's `STALE_AFTER`.
+    pub fn parse(text: &str) -> Result<std::time::Duration, String> {
+        humantime::parse_duration(text.trim()).map_err(|e| format!("`{text}`: {e}"))
+    }
 }
 
 impl ApiState {
@@ -105,6 +117,7 @@ impl ApiState {
             guard: Arc::new(guard::Guard::new(None, guard::ApiLimits::default())),
             stale_after: Arc::new(StaleAfter::default()),
             alert_rules: Arc::from([]),
+            device_counts: false,
         }
     }
 }
@@ -157,6 +170,15 @@ async fn metrics(State(s): State<ApiState>) -> Response {
     let mut out = String::new();
     (s.metrics)(&mut out);
     s.guard.metrics.render(&mut out);
+    if s.device_counts {
+        // A store that cannot answer costs the counts, not the scrape.
+        match device_counts::count(&s).await {
+            Ok(counts) => device_counts::render(&counts, &mut out),
+            Err(e) => {
+                tracing::warn!(error = %e.detail, "Counting devices by status failed; /metrics leaves the counts out.")
+            }
+        }
+    }
     (
         [(
             header::CONTENT_TYPE,

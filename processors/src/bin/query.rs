@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use aws::AwsConfig;
 use processors::api::ApiState;
-use processors::lambda::env::{FromEnv, FunctionConfig};
+use processors::lambda::env::{self, FromEnv, FunctionConfig};
 use processors::lambda::lazy::LazyDynamoStore;
 use processors::lambda::query;
 
@@ -15,6 +15,9 @@ use processors::lambda::query;
 async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
+    let stale_after = env::stale_after_from_vars(|name| std::env::var(name).ok())?;
     let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
-    query::run(ApiState::new(Arc::new(store), Arc::new(config.aggregate))).await
+    let mut state = ApiState::new(Arc::new(store), Arc::new(config.aggregate));
+    state.stale_after = Arc::new(stale_after);
+    query::run(state).await
 }

@@ -9,6 +9,7 @@
 //! | `STREAM_RETENTION` | the Kinesis stream's retention | `24h` |
 //! | `DEAD_LETTER_RETENTION` | how long dead letters are kept | `7d` |
 //! | `WATERMARK_SLACK` | how far out of arrival order records reach the function (the IoT rule and Kinesis); windows become final this much later | `10s` |
+//! | `STALE_AFTER` | the query function's: a device that sent no reading for this long is `stale` (parsed as `iotpipe up --stale-after` is) | `5m` |
 //! | `METRICS_NAMESPACE` | the CloudWatch namespace of the EMF metrics | `iotpipe` |
 //! | `AWS_LAMBDA_FUNCTION_NAME` | set by Lambda; the metrics' `Function` dimension | `aggregate` |
 //!
@@ -129,6 +130,25 @@ impl FromEnv for FunctionConfig {
     }
 }
 
+/// The query function's `stale` threshold: `STALE_AFTER`, read with the
+/// parser of `iotpipe up --stale-after`, or the API's default.
+pub fn stale_after_from_vars(
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<crate::api::StaleAfter, EnvError> {
+    let mut stale_after = crate::api::StaleAfter::default();
+    if let Some(text) = var("STALE_AFTER").filter(|t| !t.trim().is_empty()) {
+        let d = crate::api::StaleAfter::parse(&text).map_err(|detail| EnvError::Invalid {
+            name: "STALE_AFTER",
+            detail,
+        })?;
+        stale_after.default_ms = i64::try_from(d.as_millis()).map_err(|_| EnvError::Invalid {
+            name: "STALE_AFTER",
+            detail: format!("`{text}` is too long"),
+        })?;
+    }
+    Ok(stale_after)
+}
+
 /// `90s`, `1h`, `500ms`, `0` as milliseconds.
 fn duration_ms(name: &'static str, text: &str) -> Result<i64, EnvError> {
     rollup::config::parse_duration_ms(text).map_err(|detail| EnvError::Invalid { name, detail })
@@ -195,6 +215,30 @@ mod tests {
             config.aggregate.retention_ms,
             vec![Some(7 * Resolution::DAY), None]
         );
+    }
+
+    #[test]
+    fn the_query_function_reads_its_stale_after() {
+        let default = stale_after_from_vars(vars(&[])).unwrap();
+        assert_eq!(default, crate::api::StaleAfter::default());
+        assert_eq!(default.default_ms, 5 * 60_000);
+        for (text, ms) in [("90s", 90_000), ("10m", 600_000), ("1h 30m", 5_400_000)] {
+            let s = stale_after_from_vars(vars(&[("STALE_AFTER", text)])).unwrap();
+            assert_eq!(s.default_ms, ms, "{text}");
+            assert_eq!(s.of("any-fleet"), ms);
+        }
+        for bad in ["5", "soon", "-1m"] {
+            assert!(
+                matches!(
+                    stale_after_from_vars(vars(&[("STALE_AFTER", bad)])),
+                    Err(EnvError::Invalid {
+                        name: "STALE_AFTER",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -67,6 +67,13 @@ impl Device {
     /// its readings may or may not have reached the pipeline.
     pub(super) async fn close(&mut self) {
         self.say_goodbye().await;
+        self.leave();
+    }
+
+    /// Ends the run for this device without a DISCONNECT: the socket just
+    /// closes, as when a device loses power, and the broker sends its will
+    /// if it left one. What is still pending has failed.
+    pub(super) fn leave(&mut self) {
         self.link = Link::Offline;
         let now = Instant::now();
         let pending: Vec<Pending> = self
@@ -158,7 +165,8 @@ impl Device {
         let expand =
             |s: &Option<String>| s.as_ref().map(|v| v.replace("{device}", &self.device_id));
         let (user, pass) = (expand(&env.cfg.username), expand(&env.cfg.password));
-        codec::connect(
+        let will_topic = (self.role == Role::Wills).then(|| env.plan.will_topic(self.index));
+        codec::connect_with_will(
             &mut out,
             env.cfg.protocol,
             &self.device_id,
@@ -167,6 +175,10 @@ impl Device {
                 username: user.as_deref(),
                 password: pass.as_deref(),
             },
+            will_topic.as_deref().map(|topic| codec::Will {
+                topic,
+                payload: b"offline",
+            }),
         );
         stream
             .write_all(&out)

@@ -219,7 +219,37 @@
         })),
       "No shard has been read yet",
     );
+    fillRows(
+      $("statuses"),
+      statusCounts(metrics, listed.devices).map(([fleet, c]) => ({
+        cells: [fleet, intFormat.format(c.online), intFormat.format(c.stale), intFormat.format(c.offline)],
+        data: { fleet, online: c.online, stale: c.stale, offline: c.offline },
+      })),
+      "No devices yet",
+    );
     return fleets;
+  }
+
+  /**
+   * Devices per fleet by status: every fleet's from /metrics
+   * (iotpipe_api_devices), or, where the API does not count them (on AWS),
+   * the chosen fleet's from its listed devices.
+   */
+  function statusCounts(metrics, listed) {
+    const counts = new Map();
+    const of = (fleet) => {
+      if (!counts.has(fleet)) counts.set(fleet, { online: 0, stale: 0, offline: 0 });
+      return counts.get(fleet);
+    };
+    const series = metrics.get("iotpipe_api_devices");
+    if (series) {
+      for (const s of series) {
+        if (s.labels.status in of(s.labels.fleet)) of(s.labels.fleet)[s.labels.status] = s.value;
+      }
+    } else if (state.fleet) {
+      for (const d of listed) if (d.status in of(state.fleet)) of(state.fleet)[d.status] += 1;
+    }
+    return [...counts.entries()].sort((a, b) => (a[0] < b[0] ? -1 : 1));
   }
 
   /** Replaces a table's body; cells align like their column's header. */

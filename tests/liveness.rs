@@ -1,0 +1,118 @@
+//! Device liveness end to end (issue 20, must show 1): a simulator run where
+//! 10 % of the devices stop publishing and 5 % leave with a Last Will, and
+//! `GET /v1/devices?status=stale` and `?status=offline` list exactly those
+//! devices within the configured time, while the others read `online`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use device_sim::liveness::LivenessConfig;
+use device_sim::{Rate, SimConfig, Stop};
+
+fn ids(body: &serde_json::Value) -> BTreeSet<String> {
+    body["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// 200 devices at 2 msg/s for 20 s with `stale_after` 3 s. Halfway through,
+/// 20 devices stop and drop their connections without a will, and 10 that
+/// connected with a will drop theirs. Within 8 s of that the API lists
+/// exactly the 20 `stale` and the 10 `offline`, and the 170 others `online`
+/// (they still publish); verify then finds every reading sent, the
+/// stopped devices' fewer ones included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_devices_go_stale_and_wills_offline_within_the_configured_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::config(dir.path());
+    config.http.stale_after = Duration::from_secs(3);
+    let p = iotpipe::start(&config).await.unwrap();
+    let summary = device_sim::run(SimConfig {
+        fleet: "live".into(),
+        devices: 200,
+        rate: Rate::PerDevice(2.0),
+        stop: Stop::After(Duration::from_secs(20)),
+        seed: 20,
+        liveness: Some(LivenessConfig {
+            stop_fraction: 0.10,
+            will_fraction: 0.05,
+            stop_at: None,
+            within: Duration::from_secs(8),
+        }),
+        verify_timeout: Duration::from_secs(60),
+        ..support::sim(p.mqtt_addr, p.http_addr)
+    })
+    .await
+    .unwrap();
+    println!("{summary}");
+    assert!(summary.ok(), "{summary}");
+    let [live] = summary.liveness.as_slice() else {
+        panic!("one fleet, one liveness report: {:?}", summary.liveness);
+    };
+    assert!(live.checked && live.ok, "{live}");
+    assert_eq!((live.stopped.len(), live.wills.len()), (20, 10), "{live}");
+    assert!(live.after_stop_ms <= 8_000, "{live}");
+    assert_eq!(summary.failed, 0);
+    // 40 messages each for those that stay, about 20 for those that left.
+    assert!(summary.messages_sent < 170 * 40 + 30 * 21, "{summary}");
+    assert!(summary.messages_sent > 170 * 39 + 30 * 19, "{summary}");
+    support::verified(summary.verify);
+
+    // After the run the stopped devices are still stale; everyone else
+    // said DISCONNECT (those that stayed) or left a will: offline.
+    let (_, stale) = support::get(&p, "/v1/devices?fleet=live&status=stale").await;
+    assert_eq!(ids(&stale), live.stopped.iter().cloned().collect());
+    let (_, offline) = support::get(&p, "/v1/devices?fleet=live&status=offline").await;
+    let offline = ids(&offline);
+    assert_eq!(offline.len(), 180);
+    assert!(live.wills.iter().all(|id| offline.contains(id)));
+    p.shutdown().await.unwrap();
+}
+
+/// An API behind a bearer token: verify and the liveness check read it with
+/// the simulator's `api_token`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_reads_an_api_that_wants_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "liveness-reader-token read\n").unwrap();
+    let mut config = support::config(dir.path());
+    config.http.stale_after = Duration::from_secs(2);
+    config.http.token_file = Some(tokens);
+    let p = iotpipe::start(&config).await.unwrap();
+    let (status, _) = support::get(&p, "/v1/devices?fleet=guarded").await;
+    assert_eq!(status, 401, "the API wants the token");
+    let summary = device_sim::run(SimConfig {
+        fleet: "guarded".into(),
+        devices: 20,
+        rate: Rate::PerDevice(2.0),
+        stop: Stop::After(Duration::from_secs(10)),
+        seed: 21,
+        liveness: Some(LivenessConfig {
+            stop_fraction: 0.10,
+            will_fraction: 0.05,
+            stop_at: None,
+            within: Duration::from_secs(5),
+        }),
+        api_token: Some("liveness-reader-token".into()),
+        verify_timeout: Duration::from_secs(60),
+        ..support::sim(p.mqtt_addr, p.http_addr)
+    })
+    .await
+    .unwrap();
+    println!("{summary}");
+    assert!(summary.ok(), "{summary}");
+    let [live] = summary.liveness.as_slice() else {
+        panic!("{:?}", summary.liveness);
+    };
+    assert!(live.checked && live.ok, "{live}");
+    assert_eq!((live.stopped.len(), live.wills.len()), (2, 1), "{live}");
+    p.shutdown().await.unwrap();
+}
