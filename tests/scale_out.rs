@@ -5,20 +5,31 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Command;
+use std::time::Duration;
 
-use testkit::nats::NatsServer;
+use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
+use stream::lease::LeasedStream;
+use stream::nats::{NatsConfig, NatsStream};
+use testkit::nats::{NatsCluster, NatsServer};
 use testkit::unique_name;
 use testkit::up::RoleProcess;
 
 const BIN: &str = env!("CARGO_BIN_EXE_iotpipe");
 const PARTITIONS: u32 = 4;
+/// The consumer name the processors lease partitions under.
+const CONSUMER: &str = "processors";
 
 /// One deployment's shared settings: every role process is started with the
 /// same config file and flags, each in a data directory of its own.
 struct Deployment {
     dir: tempfile::TempDir,
+    nats_url: String,
+    stream_name: String,
+    replicas: usize,
     args: Vec<String>,
 }
 
@@ -56,13 +67,65 @@ impl Deployment {
         ]
         .map(str::to_string)
         .to_vec();
-        Deployment { dir, args }
+        Deployment {
+            dir,
+            nats_url: nats_url.to_string(),
+            stream_name,
+            replicas,
+            args,
+        }
     }
 
     /// `iotpipe ROLE` in data directory `name`.
     fn start(&self, role: &str, name: &str) -> RoleProcess {
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
         RoleProcess::spawn(BIN.as_ref(), role, &self.dir.path().join(name), &args).unwrap()
+    }
+
+    /// The stream, as the test reads its lease bucket.
+    async fn stream(&self) -> NatsStream {
+        let client = stream::nats::connect(&self.nats_url).await.unwrap();
+        let config = NatsConfig {
+            partitions: PARTITIONS,
+            replicas: self.replicas,
+            ..NatsConfig::default()
+        };
+        NatsStream::open(client, &self.stream_name, &config)
+            .await
+            .unwrap()
+    }
+}
+
+/// The owners of the partitions' leases, `None` for a free one; `None` when
+/// the bucket cannot be read now (a node is down, a leader is being
+/// elected).
+async fn owners(stream: &NatsStream) -> Option<Vec<Option<String>>> {
+    let snapshot = stream.lease_store().snapshot(CONSUMER).await.ok()?;
+    Some(snapshot.leases.into_iter().map(|l| l.owner).collect())
+}
+
+/// Polls the async `condition` every 200 ms until it holds; panics after
+/// `within`.
+async fn until<F, Fut>(what: &str, within: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn broker(addr: Option<SocketAddr>) -> BrokerAddr {
+    let addr = addr.expect("an ingest process has an MQTT endpoint");
+    BrokerAddr {
+        host: addr.ip().to_string(),
+        port: addr.port(),
     }
 }
 
@@ -131,4 +194,115 @@ fn a_role_on_a_backend_only_one_process_can_use_is_refused_in_words() {
             && said.contains("SQLite"),
         "{said}"
     );
+}
+
+/// Must-show 1 of the scale-out work: the simulator, spread over two ingest
+/// endpoints, verifies every window through two `process` instances and
+/// one `api` on a three-node cluster, while one `process` and one NATS node
+/// are killed with SIGKILL and restarted mid-run; the surviving `process`
+/// takes the killed one's partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkills_of_a_process_and_a_nats_node_lose_nothing_and_count_nothing_twice() {
+    let mut cluster = NatsCluster::start(3).unwrap();
+    let db = testkit::postgres::database().await.unwrap();
+    let d = Deployment::new(&cluster.url(), 3, &db.url());
+    let api = d.start("api", "api");
+    let mut processes = vec![
+        d.start("process", "process-0"),
+        d.start("process", "process-1"),
+    ];
+    let ingest = [d.start("ingest", "ingest-0"), d.start("ingest", "ingest-1")];
+    let leases = d.stream().await;
+    until(
+        "the two processes share the partitions",
+        Duration::from_secs(30),
+        || async {
+            let Some(owners) = owners(&leases).await else {
+                return false;
+            };
+            let distinct: BTreeSet<_> = owners.iter().flatten().collect();
+            owners.len() == PARTITIONS as usize
+                && owners.iter().all(Option::is_some)
+                && distinct.len() == 2
+        },
+    )
+    .await;
+
+    let sim = SimConfig {
+        broker: broker(ingest[0].mqtt),
+        more_brokers: vec![broker(ingest[1].mqtt)],
+        devices: 40,
+        rate: Rate::PerDevice(5.0),
+        stop: Stop::After(Duration::from_secs(20)),
+        qos: 1,
+        seed: 1919,
+        verify: Some(format!("http://{}", api.http)),
+        verify_timeout: Duration::from_secs(120),
+        ack_timeout: Duration::from_secs(60),
+        ..SimConfig::default()
+    };
+    // The kills run beside the simulator, which runs here.
+    let api_http = api.http;
+    let chaos = tokio::spawn(async move {
+        until(
+            "the API counts readings",
+            Duration::from_secs(30),
+            || async {
+                let stats = get(api_http, "/v1/stats").await;
+                stats.is_some_and(|(_, s)| s["accepted_readings"].as_u64().unwrap_or(0) > 200)
+            },
+        )
+        .await;
+        let victim = format!("-{}-", processes[0].child.id());
+        processes[0].kill().unwrap();
+        cluster.kill(1).unwrap();
+        eprintln!("iotpipe process and NATS node 1 killed with SIGKILL");
+        until(
+            "the surviving process holds every partition",
+            Duration::from_secs(60),
+            || async {
+                let Some(owners) = owners(&leases).await else {
+                    return false;
+                };
+                let distinct: BTreeSet<_> = owners.iter().flatten().collect();
+                owners.len() == PARTITIONS as usize
+                    && owners.iter().all(Option::is_some)
+                    && distinct.len() == 1
+                    && distinct.iter().all(|o| !o.contains(&victim))
+            },
+        )
+        .await;
+        cluster.start_again(1).unwrap();
+        processes[0] = d.start("process", "process-0");
+        eprintln!("NATS node 1 and the process restarted");
+        (cluster, processes, d)
+    });
+    let summary = device_sim::run(sim).await.unwrap();
+    let _still_running = chaos.await.unwrap();
+    eprintln!("{summary}");
+    assert_eq!(summary.failed, 0, "some publishes were never acknowledged");
+    let verify = summary.verify.expect("verify ran");
+    assert!(
+        verify.ok,
+        "lost or double-counted readings: {:#?}",
+        verify.mismatches
+    );
+    // Both endpoints took half the fleet's messages.
+    for endpoint in &ingest {
+        let metrics = reqwest::get(format!("http://{}/metrics", endpoint.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let acks: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("iotpipe_mqtt_acks_sent_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0);
+        assert!(
+            acks > 0.0,
+            "an ingest endpoint acknowledged nothing: {metrics}"
+        );
+    }
 }
