@@ -96,12 +96,15 @@ impl Deployment {
     }
 }
 
-/// The owners of the partitions' leases, `None` for a free one; `None` when
-/// the bucket cannot be read now (a node is down, a leader is being
-/// elected).
-async fn owners(stream: &NatsStream) -> Option<Vec<Option<String>>> {
-    let snapshot = stream.lease_store().snapshot(CONSUMER).await.ok()?;
-    Some(snapshot.leases.into_iter().map(|l| l.owner).collect())
+/// The owners holding the partitions' leases, when every partition has
+/// one; `None` when some lease is free or the bucket cannot be read now (a
+/// node is down, a leader is being elected).
+async fn holders(stream: &NatsStream) -> Option<BTreeSet<String>> {
+    let leases = stream.lease_store().snapshot(CONSUMER).await.ok()?.leases;
+    if leases.len() != PARTITIONS as usize {
+        return None;
+    }
+    leases.into_iter().map(|l| l.owner).collect()
 }
 
 /// Polls the async `condition` every 200 ms until it holds; panics after
@@ -216,15 +219,7 @@ async fn sigkills_of_a_process_and_a_nats_node_lose_nothing_and_count_nothing_tw
     until(
         "the two processes share the partitions",
         Duration::from_secs(30),
-        || async {
-            let Some(owners) = owners(&leases).await else {
-                return false;
-            };
-            let distinct: BTreeSet<_> = owners.iter().flatten().collect();
-            owners.len() == PARTITIONS as usize
-                && owners.iter().all(Option::is_some)
-                && distinct.len() == 2
-        },
+        || async { holders(&leases).await.is_some_and(|h| h.len() == 2) },
     )
     .await;
 
@@ -261,14 +256,8 @@ async fn sigkills_of_a_process_and_a_nats_node_lose_nothing_and_count_nothing_tw
             "the surviving process holds every partition",
             Duration::from_secs(60),
             || async {
-                let Some(owners) = owners(&leases).await else {
-                    return false;
-                };
-                let distinct: BTreeSet<_> = owners.iter().flatten().collect();
-                owners.len() == PARTITIONS as usize
-                    && owners.iter().all(Option::is_some)
-                    && distinct.len() == 1
-                    && distinct.iter().all(|o| !o.contains(&victim))
+                let held = holders(&leases).await;
+                held.is_some_and(|h| h.len() == 1 && h.iter().all(|o| !o.contains(&victim)))
             },
         )
         .await;

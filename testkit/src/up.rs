@@ -17,17 +17,14 @@ pub struct Up {
     pub http: SocketAddr,
 }
 
+/// A child process and the addresses its first line named.
+type Spawned = (Child, Option<SocketAddr>, SocketAddr);
+
 /// Runs `bin ROLE --data-dir DIR ARGS… --log-format json`, its log to
 /// `stderr`, and waits for its first line, which it prints once it accepts
 /// connections: `iotpipe ROLE: [mqtt://ADDR] http://ADDR …`. Returns the
-/// child and that line's words.
-fn spawn_role(
-    bin: &Path,
-    role: &str,
-    dir: &Path,
-    args: &[&str],
-    stderr: Stdio,
-) -> Result<(Child, Vec<String>)> {
+/// child and the MQTT and HTTP addresses; kills it if the line is not so.
+fn spawn_role(bin: &Path, role: &str, dir: &Path, args: &[&str], stderr: Stdio) -> Result<Spawned> {
     let mut child = Command::new(bin)
         .arg(role)
         .arg("--data-dir")
@@ -49,7 +46,15 @@ fn spawn_role(
         let _ = child.wait();
         bail!("unexpected first line of iotpipe {role}: {line}");
     }
-    Ok((child, words))
+    let addrs = addr(&words, "mqtt://").and_then(|mqtt| Ok((mqtt, addr(&words, "http://")?)));
+    match addrs {
+        Ok((mqtt, Some(http))) => Ok((child, mqtt, http)),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("no HTTP address in the first line {line}: {other:?}")
+        }
+    }
 }
 
 /// The address after `scheme` in a first line's words, if there is one.
@@ -70,16 +75,13 @@ impl Up {
     /// `iotpipe up: mqtt://ADDR http://ADDR …`. `bin` is the test's
     /// `env!("CARGO_BIN_EXE_iotpipe")`, which only the binary's own tests see.
     pub fn spawn(bin: &Path, dir: &Path, args: &[&str]) -> Result<Up> {
-        let (mut child, words) = spawn_role(bin, "up", dir, args, Stdio::null())?;
-        let addrs = addr(&words, "mqtt://").and_then(|mqtt| Ok((mqtt, addr(&words, "http://")?)));
-        match addrs {
-            Ok((Some(mqtt), Some(http))) => Ok(Up { child, mqtt, http }),
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("no MQTT and HTTP address in the first line {words:?}: {other:?}")
-            }
-        }
+        let (mut child, mqtt, http) = spawn_role(bin, "up", dir, args, Stdio::null())?;
+        let Some(mqtt) = mqtt else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("iotpipe up named no MQTT address");
+        };
+        Ok(Up { child, mqtt, http })
     }
 
     /// SIGKILL, and reaps the process.
@@ -108,16 +110,8 @@ impl RoleProcess {
             .create(true)
             .append(true)
             .open(dir.join("iotpipe.log"))?;
-        let (mut child, words) = spawn_role(bin, role, dir, args, Stdio::from(log))?;
-        let addrs = addr(&words, "mqtt://").and_then(|mqtt| Ok((mqtt, addr(&words, "http://")?)));
-        match addrs {
-            Ok((mqtt, Some(http))) => Ok(RoleProcess { child, mqtt, http }),
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("no HTTP address in the first line {words:?}: {other:?}")
-            }
-        }
+        let (child, mqtt, http) = spawn_role(bin, role, dir, args, Stdio::from(log))?;
+        Ok(RoleProcess { child, mqtt, http })
     }
 
     /// SIGKILL, and reaps the process.
