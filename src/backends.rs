@@ -16,6 +16,7 @@ use schemas::RejectReason;
 use schemas::state::DeadLetter;
 use stream::embedded::{DroppedRange, EmbeddedConfig, EmbeddedLog};
 use stream::kinesis::{AwsConfig, KinesisStream};
+use stream::lease::LeasedStream;
 use stream::nats::{NatsConfig, NatsStream};
 use stream::{ShardReader, StreamProducer};
 
@@ -112,6 +113,16 @@ impl Stream {
             }
         }
         Ok(readers)
+    }
+
+    /// The stream as one that processes share by leases: all but the
+    /// embedded log, which belongs to one process.
+    pub fn leased(&self) -> Option<Arc<dyn LeasedStream>> {
+        match self {
+            Stream::Embedded(_) => None,
+            Stream::Kinesis(k) => Some(k.clone()),
+            Stream::Nats(n) => Some(n.clone()),
+        }
     }
 
     /// Applies retention (the embedded log only; Kinesis keeps its own), and

@@ -585,8 +585,8 @@ stream_name = "iotpipe-telemetry"
 nats_url = "nats://127.0.0.1:4222"
 nats_replicas = 1
 lease_table = "iotpipe-leases"
-# Processes reading the same Kinesis stream share its shards by leases; a
-# process that stops renewing loses its shards to the others after this long.
+# Processes reading the same Kinesis or NATS stream share its shards by leases;
+# a process that stops renewing loses its shards to the others after this long.
 lease_duration = "10s"
 table_name = "iotpipe-rollups"
 # The PostgreSQL database of rollups for store = "postgres", as a URL or as

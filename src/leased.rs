@@ -1,5 +1,6 @@
-//! The processors on a Kinesis stream shared with other `iotpipe` processes:
-//! a shard is processed only while this process holds its lease.
+//! The processors on a stream shared with other `iotpipe` processes (Kinesis
+//! or NATS JetStream): a shard is processed only while this process holds
+//! its lease.
 //!
 //! A loop ticks the [`LeaseKeeper`] every renew interval, starts a shard
 //! processor for every lease gained and stops the one of every lease lost.
@@ -10,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use stream::kinesis::{KinesisStream, LeaseConfig, LeaseKeeper};
+use stream::lease::{LeaseConfig, LeaseKeeper, LeasedStream};
 use stream::{ReadError, ShardReader};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,7 +42,7 @@ pub fn owner_id() -> String {
 /// `lease_duration` renewed every third of it; a failure before `stop` is
 /// cancelled goes to `failed`.
 pub fn spawn(
-    stream: Arc<KinesisStream>,
+    stream: Arc<dyn LeasedStream>,
     consumer: &'static str,
     lease_duration: Duration,
     spawn_shard: SpawnShard,
@@ -54,8 +55,8 @@ pub fn spawn(
         lease_duration,
         renew_interval: lease_duration / 3,
     };
-    let keeper = stream.lease_keeper(consumer, &owner, &config);
-    tracing::info!(owner, "Sharing the Kinesis stream's shards by leases.");
+    let keeper = LeaseKeeper::new(stream.lease_store(), consumer, &owner, &config);
+    tracing::info!(owner, "Sharing the stream's shards by leases.");
     tokio::spawn(async move {
         let result = run(
             stream,
@@ -78,7 +79,7 @@ pub fn spawn(
 
 /// Runs until `stop` is cancelled; see the module docs.
 pub async fn run(
-    stream: Arc<KinesisStream>,
+    stream: Arc<dyn LeasedStream>,
     mut keeper: LeaseKeeper,
     consumer: &str,
     renew_every: Duration,
@@ -94,7 +95,7 @@ pub async fn run(
             _ = tick.tick() => {}
             () = stop.cancelled() => break,
         }
-        let changes = match stream.shard_ids().await {
+        let changes = match stream.lease_shards().await {
             Ok(shards) => keeper.tick(&shards, now_ms()).await,
             Err(e) => Err(e),
         };
@@ -115,10 +116,13 @@ pub async fn run(
             }
         }
         for shard in changes.gained {
-            match stream.leased_reader(&shard, consumer, keeper.owner()).await {
+            match stream
+                .leased_shard_reader(&shard, consumer, keeper.owner())
+                .await
+            {
                 Ok(reader) => {
                     let switch = stop.child_token();
-                    let task = spawn(Box::new(reader), switch.clone());
+                    let task = spawn(reader, switch.clone());
                     running.insert(shard, (switch, task));
                 }
                 Err(e) => {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use iotpipe::Roles;
 use iotpipe::config::{Config, DEFAULT_TOML, LogFormat, Overrides};
 
 // The pipeline allocates per message and per batch; mimalloc serves that
@@ -30,6 +31,15 @@ enum Command {
     /// Run the whole pipeline in this process: MQTT endpoint, durable stream,
     /// processors, rollup store and query API.
     Up(Box<UpArgs>),
+    /// Run only the MQTT endpoint (and broker bridge), appending to a shared
+    /// stream (NATS or Kinesis); `/metrics` and `/healthz` on the HTTP port.
+    Ingest(Box<UpArgs>),
+    /// Run only the processors, on the shards whose leases this process
+    /// holds, writing a shared store (PostgreSQL or DynamoDB); `/metrics`
+    /// and `/healthz` on the HTTP port.
+    Process(Box<UpArgs>),
+    /// Run only the query API and dashboard, reading a shared store.
+    Api(Box<UpArgs>),
     /// Print or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -174,7 +184,10 @@ enum ConfigCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up(args) => up(*args),
+        Command::Up(args) => run(*args, Roles::ALL),
+        Command::Ingest(args) => run(*args, Roles::INGEST),
+        Command::Process(args) => run(*args, Roles::PROCESS),
+        Command::Api(args) => run(*args, Roles::API),
         Command::Config(ConfigCommand::Default) => {
             print!("{DEFAULT_TOML}");
             Ok(())
@@ -283,7 +296,9 @@ fn cost(a: CostArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up(args: UpArgs) -> anyhow::Result<()> {
+/// Runs the stages of `roles` until a signal or a failure. The first line
+/// on stdout says where it listens: `iotpipe ROLE: mqtt://ADDR http://ADDR …`.
+fn run(args: UpArgs, roles: Roles) -> anyhow::Result<()> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -292,30 +307,33 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     init_logs(config.log.format);
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let mut pipeline = iotpipe::start(&config).await?;
-        let mut line = format!(
-            "iotpipe up: mqtt://{} http://{} data {}",
-            pipeline.mqtt_addr,
-            pipeline.http_addr,
+        let mut running = iotpipe::start_roles(&config, roles).await?;
+        let mut line = format!("iotpipe {}:", roles.name());
+        if let Some(mqtt) = running.mqtt_addr {
+            line.push_str(&format!(" mqtt://{mqtt}"));
+        }
+        line.push_str(&format!(
+            " http://{} data {}",
+            running.http_addr,
             config.data_dir.display()
-        );
-        if let Some(tls) = pipeline.tls_addr {
+        ));
+        if let Some(tls) = running.tls_addr {
             line.push_str(&format!(" mqtts://{tls}"));
         }
-        if let Some(broker) = &config.broker.url {
+        if let (true, Some(broker)) = (roles.ingest, &config.broker.url) {
             line.push_str(&format!(" broker {broker}"));
         }
         println!("{line}");
         tokio::select! {
             signal = shutdown_signal() => {
                 tracing::info!(signal, "Shutting down: draining every stage.");
-                pipeline.shutdown().await?;
+                running.shutdown().await?;
                 tracing::info!("Stopped cleanly.");
                 Ok(())
             }
-            why = pipeline.failure() => {
+            why = running.failure() => {
                 tracing::error!(reason = %why, "A stage failed; shutting down.");
-                let _ = pipeline.shutdown().await;
+                let _ = running.shutdown().await;
                 anyhow::bail!("{why}")
             }
         }

@@ -1,12 +1,16 @@
-//! `iotpipe up`: every stage in one process, on durable local storage.
+//! `iotpipe up`: every stage in one process, on durable local storage; and
+//! the same stages split by role (`iotpipe ingest`, `process`, `api`) into
+//! processes that share a stream and a store.
 //!
 //! ```text
 //! MQTT ──▶ ingest::serve_on ─┐
 //! broker ──▶ ingest::bridge ──┴▶ stream ──▶ run_shard × shards ──▶ store ──▶ api::app
+//! └──────────── ingest ──────────┘          └────── process ──────┘        └── api ──┘
 //! ```
 //!
 //! - `check`: the configuration and the files it names, read before
 //!   anything starts.
+//! - `roles`: which stages a process runs, and the backends a role refuses.
 //! - `stages`: one function per stage started.
 //!
 //! Every stage stops on its own token of one cancellation tree ([`Stops`]).
@@ -31,17 +35,19 @@ use crate::backends::{Store, Stream};
 use crate::config::Config;
 
 mod check;
+mod roles;
 mod stages;
 #[cfg(test)]
 mod tests;
 
 use check::{CheckedConfig, check};
+pub use roles::Roles;
 use stages::{Failures, Wiring};
 
 /// The consumer name under which the local processors checkpoint.
 const CONSUMER: &str = "processors";
 
-/// A running pipeline.
+/// A running pipeline: every stage, as `iotpipe up` runs them.
 pub struct Pipeline {
     /// The plain MQTT listener's address (the TLS one's if plain is off).
     pub mqtt_addr: SocketAddr,
@@ -49,18 +55,35 @@ pub struct Pipeline {
     pub http_addr: SocketAddr,
     pub ingest_metrics: Arc<ingest::IngestMetrics>,
     pub processor_metrics: Arc<ProcessorMetrics>,
+    running: Running,
+}
+
+/// The stages of some roles, running in this process.
+pub struct Running {
+    pub roles: Roles,
+    /// The plain MQTT listener's address (the TLS one's if plain is off),
+    /// with the ingest role.
+    pub mqtt_addr: Option<SocketAddr>,
+    pub tls_addr: Option<SocketAddr>,
+    /// The query API with the api role; else `/metrics` and `/healthz`.
+    pub http_addr: SocketAddr,
+    pub ingest_metrics: Arc<ingest::IngestMetrics>,
+    pub processor_metrics: Arc<ProcessorMetrics>,
     stops: Stops,
     /// The external-broker bridge, when one runs.
     bridge: Option<JoinHandle<()>>,
-    ingest: JoinHandle<std::io::Result<()>>,
+    ingest: Option<JoinHandle<std::io::Result<()>>>,
     /// Every shard processor (or the lease loop that runs them) and the
     /// store's flusher.
     processors: Vec<JoinHandle<Result<(), stream::ReadError>>>,
-    maintenance: JoinHandle<()>,
+    maintenance: Option<JoinHandle<()>>,
     http: JoinHandle<std::io::Result<()>>,
-    stream: Arc<Stream>,
+    stream: Option<Arc<Stream>>,
     /// Fires when a stage stops on its own, which is always a failure.
     failed: watch::Receiver<Option<String>>,
+    /// Keeps `failed` open while the process runs, also when no stage that
+    /// can fail on its own holds it (the api role alone).
+    _failures: Failures,
 }
 
 /// The pipeline's one shutdown mechanism: a token per stage, each a child of
@@ -123,6 +146,28 @@ pub async fn start(config: &Config) -> anyhow::Result<Pipeline> {
 
 /// [`start`], with each stage's backend passed through `hooks`.
 pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipeline> {
+    let running = start_roles_with(config, Roles::ALL, hooks).await?;
+    let mqtt_addr = running
+        .mqtt_addr
+        .context("the pipeline started without an MQTT endpoint")?;
+    Ok(Pipeline {
+        mqtt_addr,
+        tls_addr: running.tls_addr,
+        http_addr: running.http_addr,
+        ingest_metrics: running.ingest_metrics.clone(),
+        processor_metrics: running.processor_metrics.clone(),
+        running,
+    })
+}
+
+/// Starts the stages of `roles` only, opening only the backends they use.
+/// Returns once their listeners accept connections.
+pub async fn start_roles(config: &Config, roles: Roles) -> anyhow::Result<Running> {
+    start_roles_with(config, roles, Hooks::default()).await
+}
+
+async fn start_roles_with(config: &Config, roles: Roles, hooks: Hooks) -> anyhow::Result<Running> {
+    roles::refuse_unshared(config, roles)?;
     let CheckedConfig {
         aggregate,
         tls,
@@ -133,9 +178,18 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     } = check(config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let stream = Arc::new(Stream::open(config).await?);
-    let store = Arc::new(Store::open(config).await?);
-    let mqtt = stages::bind_mqtt(config, tls).await?;
+    let stream = match roles.needs_stream() {
+        true => Some(Arc::new(Stream::open(config).await?)),
+        false => None,
+    };
+    let store = match roles.needs_store() {
+        true => Some(Arc::new(Store::open(config).await?)),
+        false => None,
+    };
+    let mqtt = match roles.ingest {
+        true => Some(stages::bind_mqtt(config, tls).await?),
+        false => None,
+    };
     let http = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", config.http.listen))?;
@@ -145,8 +199,6 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
     let wiring = Wiring {
         config,
         aggregate,
-        stream: stream.clone(),
-        store,
         failures,
         alerts: alerts.map(Arc::new),
         alert_metrics: Arc::default(),
@@ -154,55 +206,80 @@ pub async fn start_with(config: &Config, hooks: Hooks) -> anyhow::Result<Pipelin
 
     // Back to front, so that each stage's consumer runs before it does.
     let processor_metrics = Arc::new(ProcessorMetrics::default());
-    let processors = wiring
-        .start_processors(
-            hooks.wrap_store.as_ref(),
-            hooks.wrap_reader,
-            &processor_metrics,
-            &stops.processors,
-        )
-        .await?;
+    let mut processors = Vec::new();
+    let mut maintenance = None;
+    if let (true, Some(stream), Some(store)) = (roles.process, &stream, &store) {
+        let wrap = (hooks.wrap_store.as_ref(), hooks.wrap_reader);
+        processors = wiring
+            .start_processors(stream, store, wrap, &processor_metrics, &stops.processors)
+            .await?;
+        maintenance = Some(wiring.start_maintenance(stream, store, &stops.maintenance));
+    }
     let ingest_metrics = Arc::new(ingest::IngestMetrics::new());
-    let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
-        Some(wrap) => wrap(stream.producer()),
-        None => stream.producer(),
-    };
-    let ingest = wiring.start_endpoint(
-        mqtt.listeners,
-        authorizer,
-        &producer,
-        &ingest_metrics,
-        &stops.intake,
-    );
-    let bridge =
-        bridge.map(|bc| wiring.start_bridge(bc, &producer, &ingest_metrics, &stops.intake));
-    let http = wiring.start_api(
-        http,
-        tokens,
+    let (mut ingest, mut bridge_task, mut mqtt_addr, mut tls_addr) = (None, None, None, None);
+    if let (Some(mqtt), Some(stream)) = (mqtt, &stream) {
+        let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {
+            Some(wrap) => wrap(stream.producer()),
+            None => stream.producer(),
+        };
+        let endpoint = wiring.start_endpoint(
+            mqtt.listeners,
+            authorizer,
+            &producer,
+            &ingest_metrics,
+            &stops.intake,
+        );
+        ingest = Some(endpoint);
+        bridge_task =
+            bridge.map(|bc| wiring.start_bridge(bc, &producer, &ingest_metrics, &stops.intake));
+        (mqtt_addr, tls_addr) = (Some(mqtt.addr), mqtt.tls_addr);
+    }
+    let metrics = stages::metrics(
+        roles,
         &ingest_metrics,
         &processor_metrics,
-        &stops.http,
+        &stream,
+        &wiring.alert_metrics,
     );
-    let maintenance = wiring.start_maintenance(&stops.maintenance);
+    let http = match &store {
+        Some(store) if roles.api => {
+            wiring.start_api(http, store, &stream, tokens, metrics, &stops.http)
+        }
+        _ => wiring.start_ops(http, &stream, metrics, &stops.http),
+    };
 
-    Ok(Pipeline {
-        mqtt_addr: mqtt.addr,
-        tls_addr: mqtt.tls_addr,
+    Ok(Running {
+        roles,
+        mqtt_addr,
+        tls_addr,
         http_addr,
         ingest_metrics,
         processor_metrics,
         stops,
-        bridge,
+        bridge: bridge_task,
         ingest,
         processors,
         maintenance,
         http,
         stream,
         failed,
+        _failures: wiring.failures.clone(),
     })
 }
 
 impl Pipeline {
+    /// Resolves when a stage stops without being asked to, with the reason.
+    pub async fn failure(&mut self) -> String {
+        self.running.failure().await
+    }
+
+    /// Stops every stage, front to back, draining what is in flight.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.running.shutdown().await
+    }
+}
+
+impl Running {
     /// Resolves when a stage stops without being asked to, with the reason.
     pub async fn failure(&mut self) -> String {
         loop {
@@ -226,19 +303,25 @@ impl Pipeline {
         {
             errors.push(format!("broker bridge task: {e}"));
         }
-        note(&mut errors, "MQTT endpoint", (&mut self.ingest).await);
+        if let Some(task) = self.ingest.take() {
+            note(&mut errors, "MQTT endpoint", task.await);
+        }
         // Then the processors drain what the intake appended.
         self.stops.processors.cancel();
         for task in self.processors.drain(..) {
             note(&mut errors, "processor", task.await);
         }
         self.stops.maintenance.cancel();
-        if let Err(e) = (&mut self.maintenance).await {
+        if let Some(task) = self.maintenance.take()
+            && let Err(e) = task.await
+        {
             errors.push(format!("maintenance task: {e}"));
         }
         self.stops.http.cancel();
         note(&mut errors, "HTTP API", (&mut self.http).await);
-        if let Err(e) = self.stream.close().await {
+        if let Some(stream) = &self.stream
+            && let Err(e) = stream.close().await
+        {
             errors.push(format!("{e:#}"));
         }
         if errors.is_empty() {

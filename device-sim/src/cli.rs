@@ -106,7 +106,8 @@ EXIT STATUS
 #[command(group(ArgGroup::new("stop").args(["duration", "count"])))]
 #[command(group(ArgGroup::new("pace").args(["rate", "total_rate"])))]
 pub struct Args {
-    /// MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS (`iotpipe up`'s default endpoint unless told).
+    /// MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT for TLS (`iotpipe up`'s default endpoint unless told);
+    /// several, comma-separated, spread the devices over them round-robin.
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     pub broker: String,
     /// MQTT protocol version: 3.1.1 or 5.
@@ -355,7 +356,12 @@ impl Args {
 
     /// The run these arguments ask for. `terminal`: whether stdout is one.
     pub fn into_config(self, terminal: bool) -> anyhow::Result<SimConfig> {
-        let broker: BrokerAddr = self.broker.parse().map_err(anyhow::Error::msg)?;
+        let mut brokers = self
+            .broker
+            .split(',')
+            .map(|b| b.trim().parse::<BrokerAddr>().map_err(anyhow::Error::msg));
+        let broker = brokers.next().context("--broker names no broker")??;
+        let more_brokers = brokers.collect::<anyhow::Result<Vec<_>>>()?;
         let tls = self.tls()?;
         let source_addrs = match &self.source_addrs {
             None => Vec::new(),
@@ -382,8 +388,10 @@ impl Args {
             None => None,
         };
         let report_json = self.report_json()?;
+        let processes = self.processes()?;
         Ok(SimConfig {
             broker,
+            more_brokers,
             devices: self.devices,
             rate,
             stop,
@@ -432,15 +440,7 @@ impl Args {
                 time: self.replay_time,
             }),
             payload_template,
-            processes: match self.processes {
-                Some(count) => Some(crate::processes::Processes {
-                    count,
-                    exe: std::env::current_exe().context("finding the simulator's executable")?,
-                    // The caller knows the command line: see `main`.
-                    args: Vec::new(),
-                }),
-                None => None,
-            },
+            processes,
             worker: self
                 .worker
                 .as_deref()
@@ -453,6 +453,21 @@ impl Args {
             liveness: self.liveness.config(),
             api_token: self.api_token,
         })
+    }
+}
+
+impl Args {
+    /// `--processes`: its workers run this executable; the caller knows the
+    /// command line they get (see `main`).
+    fn processes(&self) -> anyhow::Result<Option<crate::processes::Processes>> {
+        let Some(count) = self.processes else {
+            return Ok(None);
+        };
+        Ok(Some(crate::processes::Processes {
+            count,
+            exe: std::env::current_exe().context("finding the simulator's executable")?,
+            args: Vec::new(),
+        }))
     }
 }
 
@@ -509,6 +524,21 @@ mod tests {
     fn parse(args: &str) -> anyhow::Result<SimConfig> {
         let argv = std::iter::once("device-sim").chain(args.split_whitespace());
         Args::try_parse_from(argv)?.into_config(false)
+    }
+
+    #[test]
+    fn a_broker_list_spreads_the_fleet_over_every_broker() {
+        let c = parse("--broker mqtt://127.0.0.1:1884,mqtt://127.0.0.1:1885 --count 1").unwrap();
+        assert_eq!(c.broker.port, 1884);
+        let more: Vec<u16> = c.more_brokers.iter().map(|b| b.port).collect();
+        assert_eq!(more, [1885]);
+        assert!(
+            parse("--broker mqtt://127.0.0.1:1884 --count 1")
+                .unwrap()
+                .more_brokers
+                .is_empty()
+        );
+        assert!(parse("--broker mqtt://127.0.0.1:1884,x:1 --count 1").is_err());
     }
 
     #[test]

@@ -109,6 +109,10 @@ pub enum Stop {
 #[derive(Debug, Clone)]
 pub struct SimConfig {
     pub broker: BrokerAddr,
+    /// Further brokers with the same settings (`--broker A,B,…`), to spread
+    /// the fleet over several endpoints: device `i` connects to the
+    /// `i % n`-th of `broker` followed by these.
+    pub more_brokers: Vec<BrokerAddr>,
     pub devices: u32,
     pub rate: Rate,
     pub stop: Stop,
@@ -202,6 +206,7 @@ impl Default for SimConfig {
                 host: "127.0.0.1".into(),
                 port: 1883,
             },
+            more_brokers: Vec::new(),
             devices: 10,
             rate: Rate::PerDevice(1.0),
             stop: Stop::Count(10),

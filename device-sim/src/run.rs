@@ -283,6 +283,7 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
     for r in runs {
         let pcfg = PublishConfig {
             broker: cfg.broker.clone(),
+            more_brokers: cfg.more_brokers.clone(),
             protocol: cfg.protocol,
             tls: cfg.tls.clone(),
             source_addrs: cfg.source_addrs.clone(),

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{CONSUMER, WrapReader, WrapStore, now_ms};
+use super::{CONSUMER, Roles, WrapReader, WrapStore, now_ms};
 use crate::backends::{Store, Stream};
 use crate::config::Config;
 use crate::leased::SpawnShard;
@@ -95,17 +95,21 @@ pub(super) async fn bind_mqtt(
     })
 }
 
-/// What the stages share, opened and checked by `start_with`.
+/// What the stages share, checked by `start_roles_with`. The stream and
+/// the store are passed to the stages that use them: a role opens only
+/// those it needs.
 pub(super) struct Wiring<'a> {
     pub(super) config: &'a Config,
     pub(super) aggregate: Arc<rollup::AggregateConfig>,
-    pub(super) stream: Arc<Stream>,
-    pub(super) store: Arc<Store>,
     pub(super) failures: Failures,
     /// The alert rules and where they notify, if any rule is configured.
     pub(super) alerts: Option<Arc<processors::alerts::AlertsSetup>>,
     pub(super) alert_metrics: Arc<processors::alerts::AlertMetrics>,
 }
+
+/// The test seams of the processors: the store they write through, and
+/// each shard reader.
+pub(super) type ProcessorWraps<'a> = (Option<&'a WrapStore>, Option<WrapReader>);
 
 impl Wiring<'_> {
     /// Which messages the processors may refuse by time, so that the intake
@@ -117,12 +121,14 @@ impl Wiring<'_> {
         }
     }
 
-    /// A processor per shard (on Kinesis, per lease this process holds) and
+    /// A processor per shard (on Kinesis and NATS, per lease this process
+    /// holds) and
     /// the store's flusher, all stopping on children of `stop`.
     pub(super) async fn start_processors(
         &self,
-        wrap_store: Option<&WrapStore>,
-        wrap_reader: Option<WrapReader>,
+        stream: &Arc<Stream>,
+        store: &Arc<Store>,
+        (wrap_store, wrap_reader): ProcessorWraps<'_>,
         metrics: &Arc<ProcessorMetrics>,
         stop: &CancellationToken,
     ) -> anyhow::Result<Vec<JoinHandle<Result<(), ReadError>>>> {
@@ -137,8 +143,8 @@ impl Wiring<'_> {
         };
         let durability = Arc::new(Durability::default());
         let store: Arc<dyn RollupStore> = match wrap_store {
-            Some(wrap) => wrap(self.store.writer()),
-            None => self.store.writer(),
+            Some(wrap) => wrap(store.writer()),
+            None => store.writer(),
         };
         let spawn_shard = shard_spawner(
             ShardStages {
@@ -152,12 +158,12 @@ impl Wiring<'_> {
             self.failures.clone(),
         );
         let mut tasks = Vec::new();
-        match self.stream.as_ref() {
-            Stream::Kinesis(kinesis) => {
+        match stream.leased() {
+            Some(shared) => {
                 // Shared with any other process on the same stream, by leases.
                 let failures = self.failures.clone();
                 tasks.push(crate::leased::spawn(
-                    kinesis.clone(),
+                    shared,
                     CONSUMER,
                     self.config.backend.lease_duration,
                     spawn_shard,
@@ -166,10 +172,9 @@ impl Wiring<'_> {
                     now_ms,
                 ));
             }
-            // JetStream partitions are not shared between processes yet: one
-            // process reads them all, as it does the embedded log's shards.
-            Stream::Embedded(_) | Stream::Nats(_) => {
-                for reader in self.stream.readers(CONSUMER).await? {
+            // The embedded log is one process's: it reads every shard.
+            None => {
+                for reader in stream.readers(CONSUMER).await? {
                     tasks.push(spawn_shard(reader, stop.child_token()));
                 }
             }
@@ -251,12 +256,13 @@ impl Wiring<'_> {
     pub(super) fn start_api(
         &self,
         listener: TcpListener,
+        store: &Arc<Store>,
+        stream: &Option<Arc<Stream>>,
         tokens: Option<Tokens>,
-        ingest_metrics: &Arc<ingest::IngestMetrics>,
-        processor_metrics: &Arc<ProcessorMetrics>,
+        metrics: MetricsRenderer,
         stop: &CancellationToken,
     ) -> JoinHandle<std::io::Result<()>> {
-        let mut state = ApiState::new(self.store.query(), self.aggregate.clone());
+        let mut state = ApiState::new(store.query(), self.aggregate.clone());
         state.guard = Arc::new(Guard::new(
             tokens,
             ApiLimits {
@@ -281,32 +287,39 @@ impl Wiring<'_> {
             self.config.backend.store,
             crate::config::StoreKind::Dynamodb
         );
-        state.metrics = metrics(
-            ingest_metrics.clone(),
-            processor_metrics.clone(),
-            self.stream.clone(),
-            self.alert_metrics.clone(),
-        );
+        state.metrics = metrics;
         let router = app(state).layer(axum::middleware::from_fn_with_state(
-            self.stream.clone(),
+            stream.clone(),
             stream_health,
         ));
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        })
+        serve(listener, router, stop)
+    }
+
+    /// Without the api role: only `/metrics` and `/healthz`, so that every
+    /// process can be scraped and watched.
+    pub(super) fn start_ops(
+        &self,
+        listener: TcpListener,
+        stream: &Option<Arc<Stream>>,
+        metrics: MetricsRenderer,
+        stop: &CancellationToken,
+    ) -> JoinHandle<std::io::Result<()>> {
+        serve(listener, ops_router(stream, metrics), stop)
     }
 
     /// Retention, dead-letter trimming and the sweep of quiet devices, once
     /// a minute; beside them, the alert loop when rules are configured.
-    pub(super) fn start_maintenance(&self, stop: &CancellationToken) -> JoinHandle<()> {
-        let (stream, store) = (self.stream.clone(), self.store.clone());
+    pub(super) fn start_maintenance(
+        &self,
+        stream: &Arc<Stream>,
+        store: &Arc<Store>,
+        stop: &CancellationToken,
+    ) -> JoinHandle<()> {
+        let (stream, store) = (stream.clone(), store.clone());
         let aggregate = self.aggregate.clone();
         let keep = self.config.aggregate.dead_letters_per_reason;
         let stop = stop.clone();
-        let alerts = self.alert_loop(&stop);
+        let alerts = self.alert_loop(&store, &stop);
         let passes = async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
             loop {
@@ -336,13 +349,14 @@ impl Wiring<'_> {
     /// The alert rules' evaluation and notifications, stopping with `stop`.
     fn alert_loop(
         &self,
+        store: &Store,
         stop: &CancellationToken,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let setup = self.alerts.clone()?;
         let ctx = processors::alerts::AlertContext {
             setup,
-            store: self.store.writer(),
-            query: self.store.query(),
+            store: store.writer(),
+            query: store.query(),
             aggregate: self.aggregate.clone(),
             metrics: self.alert_metrics.clone(),
             clock: Arc::new(now_ms),
@@ -376,19 +390,72 @@ async fn maintain(
     }
 }
 
-/// `/metrics`: each part renders its own figures; this only puts them
-/// together.
-fn metrics(
-    ingest: Arc<ingest::IngestMetrics>,
-    processors: Arc<ProcessorMetrics>,
-    stream: Arc<Stream>,
-    alerts: Arc<processors::alerts::AlertMetrics>,
+/// `/metrics` and `/healthz` (degraded as [`stream_health`] says) of a
+/// process without the query API.
+pub(super) fn ops_router(stream: &Option<Arc<Stream>>, metrics: MetricsRenderer) -> axum::Router {
+    let render = move || {
+        let metrics = metrics.clone();
+        async move {
+            let mut out = String::new();
+            metrics(&mut out);
+            let content_type = (
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            );
+            ([content_type], out)
+        }
+    };
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(render))
+        .route(
+            "/healthz",
+            axum::routing::get(|| async {
+                let json = (axum::http::header::CONTENT_TYPE, "application/json");
+                ([json], r#"{"status":"ok"}"#)
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            stream.clone(),
+            stream_health,
+        ))
+}
+
+/// Serves `router` on `listener` until `stop`.
+fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: &CancellationToken,
+) -> JoinHandle<std::io::Result<()>> {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    })
+}
+
+/// `/metrics`: each part the process runs renders its own figures; this
+/// only puts them together.
+pub(super) fn metrics(
+    roles: Roles,
+    ingest: &Arc<ingest::IngestMetrics>,
+    processors: &Arc<ProcessorMetrics>,
+    stream: &Option<Arc<Stream>>,
+    alerts: &Arc<processors::alerts::AlertMetrics>,
 ) -> MetricsRenderer {
+    let (ingest, processors, stream) = (ingest.clone(), processors.clone(), stream.clone());
+    let alerts = alerts.clone();
     Arc::new(move |out: &mut String| {
-        ingest::metrics::render(&ingest.snapshot(), out);
-        processors.render(now_ms(), out);
-        stream.render_metrics(out);
-        alerts.render(out);
+        if roles.ingest {
+            ingest::metrics::render(&ingest.snapshot(), out);
+        }
+        if roles.process {
+            processors.render(now_ms(), out);
+            alerts.render(out);
+        }
+        if let Some(stream) = &stream {
+            stream.render_metrics(out);
+        }
     })
 }
 
@@ -458,13 +525,13 @@ fn shard_spawner(stages: ShardStages, wrap: Option<WrapReader>, failures: Failur
 /// records the processors had not read; the router's own answer otherwise.
 /// Still 200: restarting the process would not bring the records back.
 pub(super) async fn stream_health(
-    axum::extract::State(stream): axum::extract::State<Arc<Stream>>,
+    axum::extract::State(stream): axum::extract::State<Option<Arc<Stream>>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     if request.uri().path() == "/healthz"
-        && let Some(reason) = stream.degraded()
+        && let Some(reason) = stream.as_ref().and_then(|s| s.degraded())
     {
         #[derive(serde::Serialize)]
         struct Degraded {

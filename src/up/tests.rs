@@ -2,7 +2,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use processors::api::{ApiState, app};
 
-use super::stages::stream_health;
+use super::stages::ops_router;
 use super::*;
 
 #[tokio::test]
@@ -96,15 +96,7 @@ async fn unread_records_the_budget_deletes_are_counted_reported_and_dead_lettere
         ..small
     };
     let stream = Arc::new(Stream::Embedded(EmbeddedLog::open(&path, budget).unwrap()));
-    let health = axum::Router::new()
-        .route(
-            "/healthz",
-            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
-        )
-        .layer(axum::middleware::from_fn_with_state(
-            stream.clone(),
-            stream_health,
-        ));
+    let health = ops_router(&Some(stream.clone()), Arc::new(|_: &mut String| {}));
     assert_eq!(get(health.clone(), "/healthz").await["status"], "ok");
 
     // No record is old, but none fits the budget: every closed segment

@@ -9,11 +9,14 @@
 //! - `partition`: Kinesis's rule for which shard a partition key lands on
 //!   (MD5 of the key into the shards' hash-key ranges), used by every backend
 //!   so that both homes order and group records alike.
+//! - [`lease`]: sharing a stream's shards between processes by leases
+//!   ([`lease::LeaseStore`], [`lease::LeasedStream`]), on Kinesis and on
+//!   NATS.
 //! - [`embedded`]: the local durable, sharded log ([`embedded::EmbeddedLog`]).
 //! - [`kinesis`]: Amazon Kinesis ([`kinesis::KinesisStream`]), leases and
 //!   checkpoints in a DynamoDB lease table.
 //! - [`nats`]: NATS JetStream ([`nats::NatsStream`]), partitions as subjects,
-//!   checkpoints in a KV bucket.
+//!   leases and checkpoints in a KV bucket.
 //!
 //! The trait contract as checks every backend runs, and the wrappers that
 //! inject faults into any producer or reader, are test support: they live in
@@ -25,6 +28,7 @@
 
 pub mod embedded;
 pub mod kinesis;
+pub mod lease;
 pub mod nats;
 pub mod partition;
 

@@ -2,17 +2,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use stream::kinesis::{
-    Checkpoint, KinesisConfig, KinesisShardReader, KinesisStream, LeaseConfig, LeaseKeeper,
-    ReaderConfig,
-};
+use stream::kinesis::{Checkpoint, KinesisConfig, KinesisStream, ReaderConfig};
+use stream::lease::LeasedStream;
 use stream::{PutOutcome, PutRecord, ReadError, ShardReader, StreamProducer};
+use testkit::lease_conformance::{self, LeaseHarness, drain_reader};
 use testkit::moto::{moto_config, unique_name};
 use testkit::stream_conformance::{Harness, put_stored, record};
 
@@ -145,7 +143,9 @@ async fn children_wait_until_their_parent_is_read_to_its_end() {
     // The parent's reader reads what it holds, checkpoints, and so ends it.
     // (moto keeps the parent's records in the parent, as Kinesis does.)
     let mut parent_reader = stream.reader(&parent, "app").await.unwrap();
-    let read = drain_reader(&mut parent_reader, 100, Duration::from_millis(200)).await;
+    let read = drain_reader(&mut parent_reader, 100, Duration::from_millis(200))
+        .await
+        .unwrap();
     let expected: Vec<Bytes> = (0..4).map(|i| Bytes::from(format!("before/{i}"))).collect();
     assert_eq!(read, expected);
     assert_eq!(
@@ -216,160 +216,35 @@ async fn unknown_shards_are_reported() {
     assert!(matches!(err, Err(ReadError::NoSuchShard(_))), "{err:?}");
 }
 
-/// The consumer name the lease tests share.
-const LEASED: &str = "processors";
-const LEASE_MS: i64 = 10_000;
-
-/// One consumer process: its own clients, its leases, and a reader per
-/// shard it holds.
-struct Process {
+/// Kinesis on moto for the lease checks: a stream of four shards that each
+/// process connects to with clients of its own.
+struct LeasedMoto {
     stream: KinesisStream,
-    keeper: LeaseKeeper,
-    readers: BTreeMap<String, KinesisShardReader>,
-    consumed: Vec<Bytes>,
 }
 
-impl Process {
-    async fn new(of: &KinesisStream, owner: &str) -> Self {
-        let aws = moto_config().unwrap();
+#[async_trait]
+impl LeaseHarness for LeasedMoto {
+    async fn connect(&self) -> anyhow::Result<Arc<dyn LeasedStream>> {
+        let aws = moto_config().map_err(anyhow::Error::msg)?;
+        let of = &self.stream;
         let stream = KinesisStream::connect(&aws, of.stream_name(), of.leases().table_name())
             .await
             .with_config(fast_readers());
-        let config = LeaseConfig {
-            lease_duration: Duration::from_millis(LEASE_MS as u64),
-            ..LeaseConfig::default()
-        };
-        let keeper = stream.lease_keeper(LEASED, owner, &config);
-        Process {
-            stream,
-            keeper,
-            readers: BTreeMap::new(),
-            consumed: Vec::new(),
-        }
+        Ok(Arc::new(stream))
     }
 
-    /// Renews and takes leases at `now_ms`; starts and stops readers to
-    /// match. Returns the shards gained.
-    async fn tick(&mut self, now_ms: i64) -> Vec<String> {
-        let shards = self.stream.shard_ids().await.unwrap();
-        let changes = self.keeper.tick(&shards, now_ms).await.unwrap();
-        for shard in &changes.lost {
-            self.readers.remove(shard);
-        }
-        for shard in &changes.gained {
-            let reader = self
-                .stream
-                .leased_reader(shard, LEASED, self.keeper.owner())
-                .await
-                .unwrap();
-            self.readers.insert(shard.clone(), reader);
-        }
-        changes.gained
+    async fn put(&self, records: Vec<PutRecord>) -> anyhow::Result<()> {
+        put(&self.stream, records).await;
+        Ok(())
     }
-
-    fn held(&self) -> Vec<String> {
-        self.keeper.held().map(str::to_owned).collect()
-    }
-
-    /// Reads every shard it holds to its current end, checkpointing each
-    /// batch.
-    async fn drain(&mut self) {
-        for reader in self.readers.values_mut() {
-            let read = drain_reader(reader, 500, Duration::from_millis(500)).await;
-            self.consumed.extend(read);
-        }
-    }
-}
-
-/// Reads `reader` to its current end in batches of up to `max`, waiting up
-/// to `wait` for each, and checkpoints every batch: the records' data.
-async fn drain_reader(
-    reader: &mut (impl ShardReader + ?Sized),
-    max: usize,
-    wait: Duration,
-) -> Vec<Bytes> {
-    let mut read = Vec::new();
-    loop {
-        let batch = reader.next_batch(max, wait).await.unwrap();
-        let Some(last) = batch.last().map(|r| r.seq) else {
-            return read;
-        };
-        read.extend(batch.into_iter().map(|r| r.data));
-        reader.checkpoint(last).await.unwrap();
-    }
-}
-
-/// Puts `n` records numbered from `from`, over 40 keys, one call at a time
-/// (moto can number two concurrent calls alike).
-async fn put_numbered(stream: &KinesisStream, from: usize, n: usize) -> Vec<Bytes> {
-    let records: Vec<PutRecord> = (from..from + n)
-        .map(|i| record(&format!("dev-{}", i % 40), i))
-        .collect();
-    let expected = records.iter().map(|r| r.data.clone()).collect();
-    put(stream, records).await;
-    expected
-}
-
-fn sorted(mut v: Vec<Bytes>) -> Vec<Bytes> {
-    v.sort();
-    v
 }
 
 #[tokio::test]
 async fn two_processes_split_the_shards_and_a_dead_ones_move_after_the_expiry() {
-    let stream = kinesis(4).await;
-    let mut a = Process::new(&stream, "process-a").await;
-    let mut b = Process::new(&stream, "process-b").await;
-
-    // a starts alone and takes all four; b sees them alive and takes none;
-    // a, seeing b, gives up its excess; b takes what a gave up.
-    assert_eq!(a.tick(0).await.len(), 4);
-    assert!(b.tick(0).await.is_empty());
-    a.tick(0).await;
-    assert_eq!(b.tick(0).await.len(), 2);
-    a.tick(0).await;
-    let (held_a, held_b) = (a.held(), b.held());
-    assert_eq!(
-        (held_a.len(), held_b.len()),
-        (2, 2),
-        "{held_a:?} {held_b:?}"
-    );
-    assert!(held_a.iter().all(|s| !held_b.contains(s)));
-
-    // Every record is consumed once, by whichever process holds its shard.
-    let mut expected = put_numbered(&stream, 0, 200).await;
-    a.drain().await;
-    b.drain().await;
-    assert!(!a.consumed.is_empty() && !b.consumed.is_empty());
-    let both = [a.consumed.clone(), b.consumed.clone()].concat();
-    assert_eq!(sorted(both), sorted(expected.clone()));
-
-    // a stops renewing. Its leases expire a lease duration after b first
-    // saw their last counters, on b's clock; until then b takes nothing, and
-    // then it takes a's shards and resumes after a's checkpoints.
-    expected.extend(put_numbered(&stream, 200, 100).await);
-    let seen = 1_000;
-    assert!(b.tick(seen).await.is_empty());
-    assert!(b.tick(seen + LEASE_MS - 1).await.is_empty());
-    let mut moved = b.tick(seen + LEASE_MS).await;
-    moved.sort();
-    assert_eq!(moved, held_a);
-    assert_eq!(b.held().len(), 4);
-    b.drain().await;
-    let both = [a.consumed.clone(), b.consumed.clone()].concat();
-    assert_eq!(sorted(both), sorted(expected));
-
-    // a, waking up, may still read its old shards but cannot checkpoint them.
-    let shard = held_a[0].clone();
-    let reader = a.readers.get_mut(&shard).unwrap();
-    let stale = reader
-        .next_batch(500, Duration::from_secs(2))
+    let h = LeasedMoto {
+        stream: kinesis(4).await,
+    };
+    lease_conformance::two_processes_split_the_shards_and_a_dead_ones_move_after_the_expiry(&h)
         .await
         .unwrap();
-    let last = stale.last().expect("new records in a's old shard").seq;
-    let lost = reader.checkpoint(last).await;
-    assert!(matches!(lost, Err(ReadError::LeaseLost(_))), "{lost:?}");
-    let lease = stream.leases().snapshot(LEASED).await.unwrap();
-    let owners: Vec<_> = lease.leases.iter().map(|l| l.owner.as_deref()).collect();
-    assert_eq!(owners, [Some("process-b"); 4]);
 }

@@ -7,8 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use stream::lease::LeasedStream;
 use stream::nats::{self, NatsConfig, NatsStream};
 use stream::{PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer};
+use testkit::lease_conformance::{self, LeaseHarness};
 use testkit::moto::unique_name;
 use testkit::nats::NatsServer;
 use testkit::stream_conformance::{put_stored, record};
@@ -202,4 +204,80 @@ async fn bad_shards_consumers_and_checkpoints_are_refused() {
     );
     reader.checkpoint(first[0].seq).await.unwrap();
     assert_eq!(reader.lag().records_behind, 1);
+}
+
+/// A stream of four partitions for the lease checks, which each process
+/// opens with a client of its own.
+struct LeasedNats {
+    server: NatsServer,
+    stream: NatsStream,
+}
+
+impl LeasedNats {
+    async fn new() -> Self {
+        let server = NatsServer::start().unwrap();
+        let stream = open(&server, &unique_name("leased"), 4).await;
+        LeasedNats { server, stream }
+    }
+}
+
+#[async_trait::async_trait]
+impl LeaseHarness for LeasedNats {
+    async fn connect(&self) -> anyhow::Result<Arc<dyn LeasedStream>> {
+        Ok(Arc::new(open(&self.server, self.stream.name(), 4).await))
+    }
+
+    async fn put(&self, records: Vec<PutRecord>) -> anyhow::Result<()> {
+        put(&self.stream, records).await;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn two_processes_split_the_partitions_and_a_dead_ones_move_after_the_expiry() {
+    let h = LeasedNats::new().await;
+    lease_conformance::two_processes_split_the_shards_and_a_dead_ones_move_after_the_expiry(&h)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_racing_takes_of_a_lease_one_wins() {
+    let h = LeasedNats::new().await;
+    lease_conformance::of_racing_takes_one_wins(&h)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_checkpoint_written_before_leases_is_where_the_first_owner_resumes() {
+    let server = NatsServer::start().unwrap();
+    let stream = open(&server, &unique_name("upgrade"), 1).await;
+    let stored = put(&stream, (0..3).map(|i| record("k", i)).collect()).await;
+    // An unleased reader (or a release without leases) checkpoints the first.
+    let mut unleased = stream.reader(&stored[0].0, "processors").await.unwrap();
+    let first = unleased
+        .next_batch(1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    unleased.checkpoint(first[0].seq).await.unwrap();
+    drop(unleased);
+    let leases = stream.lease_store();
+    let snapshot = leases.snapshot("processors").await.unwrap();
+    assert_eq!(snapshot.leases.len(), 1);
+    assert_eq!(snapshot.leases[0].owner, None);
+    let lease = &snapshot.leases[0];
+    assert!(
+        leases
+            .take("processors", &lease.shard, "owner-1", Some(lease.counter))
+            .await
+            .unwrap()
+    );
+    let mut leased = stream
+        .leased_reader(&stored[0].0, "processors", "owner-1")
+        .await
+        .unwrap();
+    let rest = read_exactly(&mut leased, 2).await;
+    assert_eq!(rest[0].seq, stored[1].1);
+    leased.checkpoint(rest[1].seq).await.unwrap();
 }

@@ -3,7 +3,8 @@
 //! compiled into a release library.
 //!
 //! - Contracts every backend runs: [`stream_conformance`] (producers and
-//!   shard readers) and [`store_conformance`] (rollup stores).
+//!   shard readers), [`lease_conformance`] (shard leases, on every leased
+//!   stream) and [`store_conformance`] (rollup stores).
 //! - Fault injection: [`stream_fault`] (any producer or reader) and
 //!   [`store_fault`] (any rollup store), from one kind of seeded dice.
 //! - Stand-ins: [`MemoryProducer`], an in-memory stream producer a test can
@@ -28,6 +29,7 @@
 pub mod batches;
 pub mod chromium;
 pub mod lambda;
+pub mod lease_conformance;
 mod memory_producer;
 pub mod mosquitto;
 pub mod moto;

@@ -137,6 +137,9 @@ pub struct DeviceEnv {
     pub plan: Arc<RunPlan>,
     /// The broker's address, resolved once for the fleet.
     pub broker: SocketAddr,
+    /// Further brokers' addresses: the fleet is spread round-robin over
+    /// `broker` and these.
+    pub more_brokers: Vec<SocketAddr>,
     /// The broker's host name, for TLS's server name check.
     pub server_name: Option<ServerName<'static>>,
     pub tls: Option<TlsSetup>,
@@ -154,6 +157,14 @@ pub struct DeviceEnv {
 impl DeviceEnv {
     fn qos1(&self) -> bool {
         self.cfg.qos == 1
+    }
+
+    /// The broker device `index` connects to.
+    fn broker_of(&self, index: u32) -> SocketAddr {
+        match index as usize % (1 + self.more_brokers.len()) {
+            0 => self.broker,
+            k => self.more_brokers.get(k - 1).copied().unwrap_or(self.broker),
+        }
     }
 }
 

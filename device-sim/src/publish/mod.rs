@@ -225,6 +225,9 @@ impl ConnectLimiter {
 #[derive(Debug, Clone)]
 pub struct PublishConfig {
     pub broker: BrokerAddr,
+    /// Further brokers, devices assigned round-robin over all (see
+    /// [`crate::SimConfig::more_brokers`]).
+    pub more_brokers: Vec<BrokerAddr>,
     pub protocol: Protocol,
     /// `None`: plain TCP.
     pub tls: Option<TlsOptions>,
@@ -343,6 +346,15 @@ impl Fleet {
             .with_context(|| format!("resolving {}", cfg.broker))?
             .next()
             .with_context(|| format!("{} resolves to no address", cfg.broker))?;
+        let mut more_brokers = Vec::with_capacity(cfg.more_brokers.len());
+        for more in &cfg.more_brokers {
+            let addr = tokio::net::lookup_host((more.host.as_str(), more.port))
+                .await
+                .with_context(|| format!("resolving {more}"))?
+                .next()
+                .with_context(|| format!("{more} resolves to no address"))?;
+            more_brokers.push(addr);
+        }
         let (tls, server_name) = match &cfg.tls {
             Some(opts) => {
                 let setup = TlsSetup::new(opts, cfg.broker.port)?;
@@ -359,6 +371,7 @@ impl Fleet {
             cfg: cfg.clone(),
             plan: Arc::new(plan.clone()),
             broker,
+            more_brokers,
             server_name,
             tls,
             source: source_addresses(&cfg.source_addrs, broker, plan.devices),

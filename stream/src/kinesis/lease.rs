@@ -25,6 +25,7 @@
 
 use std::collections::HashMap;
 
+use async_trait::async_trait;
 use aws::client::describe;
 use aws::tables;
 use aws_sdk_dynamodb::Client;
@@ -33,61 +34,26 @@ use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 
 use crate::ReadError;
+use crate::lease::LeaseStore;
+pub use crate::lease::{Checkpoint, Heartbeat, Lease, LeaseSnapshot};
 
 const SHARD_END: &str = "SHARD_END";
 /// Heartbeat items' sort keys start with this; shard ids never do.
 const WORKER_PREFIX: &str = "worker#";
 
-/// Where a consumer stands in a shard.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Checkpoint {
-    /// Done with every record up to this Kinesis sequence number.
-    At(String),
-    /// Done with the whole shard, which is closed.
-    ShardEnd,
+fn checkpoint_attr(checkpoint: &Checkpoint) -> AttributeValue {
+    AttributeValue::S(match checkpoint {
+        Checkpoint::At(seq) => seq.clone(),
+        Checkpoint::ShardEnd => SHARD_END.to_string(),
+    })
 }
 
-impl Checkpoint {
-    fn as_attr(&self) -> AttributeValue {
-        AttributeValue::S(match self {
-            Checkpoint::At(seq) => seq.clone(),
-            Checkpoint::ShardEnd => SHARD_END.to_string(),
-        })
+fn checkpoint_of(value: &str) -> Checkpoint {
+    if value == SHARD_END {
+        Checkpoint::ShardEnd
+    } else {
+        Checkpoint::At(value.to_string())
     }
-
-    fn from_attr(value: &str) -> Self {
-        if value == SHARD_END {
-            Checkpoint::ShardEnd
-        } else {
-            Checkpoint::At(value.to_string())
-        }
-    }
-}
-
-/// One shard's lease as the table holds it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub shard: String,
-    /// The process holding it; `None`: free.
-    pub owner: Option<String>,
-    /// Bumped by every take and renewal: a counter that stops moving means a
-    /// dead owner.
-    pub counter: u64,
-    pub checkpoint: Option<Checkpoint>,
-}
-
-/// A process's heartbeat: its counter moves while the process lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Heartbeat {
-    pub owner: String,
-    pub counter: u64,
-}
-
-/// Everything the table holds for one consumer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LeaseSnapshot {
-    pub leases: Vec<Lease>,
-    pub heartbeats: Vec<Heartbeat>,
 }
 
 /// The lease table: a DynamoDB table with string keys `pk`, `sk`.
@@ -199,7 +165,7 @@ impl LeaseTable {
         Ok(item
             .as_ref()
             .and_then(|item| string_of(item, "checkpoint"))
-            .map(Checkpoint::from_attr))
+            .map(checkpoint_of))
     }
 
     /// Moves the checkpoint from `expected` (what this reader last saw;
@@ -216,11 +182,11 @@ impl LeaseTable {
         let mut update = self
             .update(consumer, shard)
             .update_expression("SET checkpoint = :new")
-            .expression_attribute_values(":new", new.as_attr());
+            .expression_attribute_values(":new", checkpoint_attr(new));
         let checkpoint_condition = match expected {
             None => "attribute_not_exists(checkpoint)",
             Some(old) => {
-                update = update.expression_attribute_values(":old", old.as_attr());
+                update = update.expression_attribute_values(":old", checkpoint_attr(old));
                 "checkpoint = :old"
             }
         };
@@ -278,7 +244,7 @@ impl LeaseTable {
                         shard: sk.to_string(),
                         owner: string_of(item, "owner").map(str::to_string),
                         counter: counter_of(item),
-                        checkpoint: string_of(item, "checkpoint").map(Checkpoint::from_attr),
+                        checkpoint: string_of(item, "checkpoint").map(checkpoint_of),
                     }),
                 }
             }
@@ -375,5 +341,50 @@ impl LeaseTable {
             .await
             .map(|_| ())
             .map_err(|e| ReadError::Io(format!("writing a heartbeat: {}", describe(&e))))
+    }
+}
+
+/// The operations above, as every lease table offers them.
+#[async_trait]
+impl LeaseStore for LeaseTable {
+    async fn get(&self, consumer: &str, shard: &str) -> Result<Option<Checkpoint>, ReadError> {
+        LeaseTable::get(self, consumer, shard).await
+    }
+
+    async fn set(
+        &self,
+        consumer: &str,
+        shard: &str,
+        owner: Option<&str>,
+        expected: Option<&Checkpoint>,
+        new: &Checkpoint,
+    ) -> Result<(), ReadError> {
+        LeaseTable::set(self, consumer, shard, owner, expected, new).await
+    }
+
+    async fn snapshot(&self, consumer: &str) -> Result<LeaseSnapshot, ReadError> {
+        LeaseTable::snapshot(self, consumer).await
+    }
+
+    async fn take(
+        &self,
+        consumer: &str,
+        shard: &str,
+        owner: &str,
+        seen: Option<u64>,
+    ) -> Result<bool, ReadError> {
+        LeaseTable::take(self, consumer, shard, owner, seen).await
+    }
+
+    async fn renew(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+        LeaseTable::renew(self, consumer, shard, owner).await
+    }
+
+    async fn release(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+        LeaseTable::release(self, consumer, shard, owner).await
+    }
+
+    async fn heartbeat(&self, consumer: &str, owner: &str) -> Result<(), ReadError> {
+        LeaseTable::heartbeat(self, consumer, owner).await
     }
 }

@@ -10,27 +10,22 @@
 //!   async driver around `put_plan`, the pure queue state (what to send
 //!   next, what to retry, which outcomes are final).
 //! - `reader`: [`ShardReader`] on GetShardIterator and GetRecords.
-//! - `lease`: the lease table: per (consumer, shard) an owner, a lease
-//!   counter and the checkpoint (`SHARD_END` for finished shards), and a
-//!   heartbeat per process.
-//! - `lease_plan`: which leases a process takes, renews and gives up (pure,
-//!   time as an argument); `lease_keeper`: the async shell that applies it.
-//!
-//! **Architecture Invariant:** with leases, a shard is read by one process
-//! at a time: a process takes only free or expired leases, and a reader that
-//! lost its lease cannot checkpoint.
+//! - `lease`: the lease table on DynamoDB, a [`crate::lease::LeaseStore`]:
+//!   per (consumer, shard) an owner, a lease counter and the checkpoint
+//!   (`SHARD_END` for finished shards), and a heartbeat per process. Which
+//!   leases a process takes and how it keeps them is the backend-neutral
+//!   [`crate::lease`].
 //!
 //! **Architecture Invariant:** a record is reported `Stored` only with the
 //! shard and sequence number Kinesis returned for it, and a partition key's
 //! records are never sent past an earlier one that is not yet stored.
 
 pub mod lease;
-pub mod lease_keeper;
-pub mod lease_plan;
 mod producer;
 mod put_plan;
 mod reader;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,15 +33,18 @@ use aws::client::describe;
 use aws_sdk_kinesis::Client;
 use aws_sdk_kinesis::types::{StreamMode, StreamModeDetails, StreamStatus};
 
-pub use self::lease::{Checkpoint, Lease, LeaseSnapshot, LeaseTable};
-pub use self::lease_keeper::{LeaseChanges, LeaseConfig, LeaseKeeper};
-pub use self::lease_plan::{LeasePlan, LeasePlanner};
+pub use self::lease::LeaseTable;
 pub use self::producer::{
     MAX_PARTITION_KEY_CHARS, MAX_RECORD_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_RECORDS,
     ProducerConfig,
 };
 pub use self::reader::{KinesisShardReader, ReaderConfig, ShardInfo};
-use crate::{ProduceError, PutOutcome, PutRecord, ReadError, StreamProducer};
+pub use crate::lease::{
+    Checkpoint, Lease, LeaseChanges, LeaseConfig, LeaseKeeper, LeasePlan, LeasePlanner,
+    LeaseSnapshot,
+};
+use crate::lease::{LeaseStore, LeasedStream};
+use crate::{ProduceError, PutOutcome, PutRecord, ReadError, ShardReader, StreamProducer};
 
 /// Where the clients connect; defined in `aws`, re-exported because
 /// [`KinesisStream::connect`] takes it.
@@ -242,7 +240,7 @@ impl KinesisStream {
     /// Shares this stream's shards for `consumer` with the other processes
     /// that run one, as `owner` (unique per process).
     pub fn lease_keeper(&self, consumer: &str, owner: &str, config: &LeaseConfig) -> LeaseKeeper {
-        LeaseKeeper::new(self.leases.clone(), consumer, owner, config)
+        LeaseKeeper::new(Arc::new(self.leases.clone()), consumer, owner, config)
     }
 
     async fn open_reader(
@@ -267,6 +265,26 @@ impl KinesisStream {
             self.cfg.reader.clone(),
         )
         .await
+    }
+}
+
+#[async_trait]
+impl LeasedStream for KinesisStream {
+    async fn lease_shards(&self) -> Result<Vec<String>, ReadError> {
+        self.shard_ids().await
+    }
+
+    fn lease_store(&self) -> Arc<dyn LeaseStore> {
+        Arc::new(self.leases.clone())
+    }
+
+    async fn leased_shard_reader(
+        &self,
+        shard: &str,
+        consumer: &str,
+        owner: &str,
+    ) -> Result<Box<dyn ShardReader>, ReadError> {
+        Ok(Box::new(self.leased_reader(shard, consumer, owner).await?))
     }
 }
 

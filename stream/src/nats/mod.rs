@@ -12,6 +12,9 @@
 //!   retried publish is stored once.
 //! - `reader`: [`ShardReader`] on an ordered consumer of one subject, with
 //!   each consumer's checkpoints in a KV bucket beside the stream.
+//! - `lease`: that bucket as a [`LeaseStore`]: each checkpoint shares its
+//!   entry with the partition's lease, so processes share the partitions
+//!   as they share Kinesis shards ([`crate::lease`]).
 //!
 //! **Architecture Invariant:** a record is reported `Stored` only with the
 //! stream sequence number of a PubAck for it, which JetStream sends once the
@@ -19,6 +22,7 @@
 //!
 //! [`partition::shard_for`]: crate::partition::shard_for
 
+mod lease;
 mod producer;
 mod reader;
 
@@ -28,8 +32,10 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv, stream};
 use async_trait::async_trait;
 
+pub use self::lease::NatsLeaseTable;
 pub use self::reader::NatsShardReader;
-use crate::{ProduceError, PutOutcome, PutRecord, ReadError, StreamProducer};
+use crate::lease::{LeaseStore, LeasedStream};
+use crate::{ProduceError, PutOutcome, PutRecord, ReadError, ShardReader, StreamProducer};
 
 /// How a stream is created and how long calls wait.
 #[derive(Debug, Clone)]
@@ -69,8 +75,9 @@ pub struct NatsStream {
     js: jetstream::Context,
     name: String,
     partitions: u32,
-    /// Where readers keep each consumer's checkpoint per shard.
-    checkpoints: kv::Store,
+    /// Where readers keep each consumer's checkpoint per shard, beside the
+    /// shard's lease.
+    leases: NatsLeaseTable,
     /// Taken while a put hands its records to the connection, in the order
     /// puts began (tokio's mutex is first come, first served): the server
     /// stores one connection's publishes in the order they arrive, so puts
@@ -145,7 +152,7 @@ impl NatsStream {
             js,
             name: name.to_string(),
             partitions,
-            checkpoints,
+            leases: NatsLeaseTable::new(checkpoints),
             publish_turn: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
@@ -164,9 +171,38 @@ impl NatsStream {
         shard_id(crate::partition::shard_for(partition_key, self.partitions))
     }
 
+    /// The table of this stream's leases and checkpoints.
+    pub fn leases(&self) -> &NatsLeaseTable {
+        &self.leases
+    }
+
     /// A reader of `shard` for `consumer`, resuming after its checkpoint or,
-    /// without one, at the oldest record kept.
+    /// without one, at the oldest record kept. Unleased: nothing stops
+    /// another process reading the same shard; see
+    /// [`NatsStream::leased_reader`].
     pub async fn reader(&self, shard: &str, consumer: &str) -> Result<NatsShardReader, ReadError> {
+        self.open_reader(shard, consumer, None).await
+    }
+
+    /// A reader of a shard whose lease `owner` holds: its checkpoints
+    /// succeed only while `owner` still holds the lease, and fail with
+    /// [`ReadError::LeaseLost`] once another process took it.
+    pub async fn leased_reader(
+        &self,
+        shard: &str,
+        consumer: &str,
+        owner: &str,
+    ) -> Result<NatsShardReader, ReadError> {
+        self.open_reader(shard, consumer, Some(owner.to_string()))
+            .await
+    }
+
+    async fn open_reader(
+        &self,
+        shard: &str,
+        consumer: &str,
+        owner: Option<String>,
+    ) -> Result<NatsShardReader, ReadError> {
         let index = (0..self.partitions)
             .find(|i| shard_id(*i) == shard)
             .ok_or_else(|| ReadError::NoSuchShard(shard.to_string()))?;
@@ -175,12 +211,32 @@ impl NatsStream {
         NatsShardReader::open(
             self.js.clone(),
             self.name.clone(),
-            shard.to_string(),
-            subject(&self.name, index),
+            (shard.to_string(), subject(&self.name, index)),
             consumer.to_string(),
-            self.checkpoints.clone(),
+            self.leases.clone(),
+            owner,
         )
         .await
+    }
+}
+
+#[async_trait]
+impl LeasedStream for NatsStream {
+    async fn lease_shards(&self) -> Result<Vec<String>, ReadError> {
+        Ok(self.shard_ids())
+    }
+
+    fn lease_store(&self) -> Arc<dyn LeaseStore> {
+        Arc::new(self.leases.clone())
+    }
+
+    async fn leased_shard_reader(
+        &self,
+        shard: &str,
+        consumer: &str,
+        owner: &str,
+    ) -> Result<Box<dyn ShardReader>, ReadError> {
+        Ok(Box::new(self.leased_reader(shard, consumer, owner).await?))
     }
 }
 
@@ -248,7 +304,7 @@ async fn checkpoint_bucket(
     }
     js.create_key_value(kv::Config {
         bucket: bucket.clone(),
-        description: format!("iotpipe consumer checkpoints of stream {stream}"),
+        description: format!("iotpipe consumer checkpoints and leases of stream {stream}"),
         history: 1,
         storage: stream::StorageType::File,
         num_replicas: cfg.replicas.max(1),

@@ -10,19 +10,25 @@
 //! Here a checkpoint is a value, as in the embedded log and the Kinesis lease
 //! table: a new reader starts exactly after it, in order, and the consumer
 //! behind it is ephemeral and unacknowledged (the client's ordered consumer
-//! recreates it after a gap or a server restart). A KV put is itself a
+//! recreates it after a gap or a server restart). A KV write is itself a
 //! JetStream publish, so `checkpoint` returns once the server stored it.
+//!
+//! The checkpoint shares its KV entry with the partition's lease
+//! (`super::lease`): a leased reader's checkpoint is written only while its
+//! process holds the lease, and the next owner starts after it.
 
 use std::time::Duration;
 
+use async_nats::jetstream;
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
-use async_nats::jetstream::{self, kv};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
+use super::lease::NatsLeaseTable;
 use super::producer::KEY_HEADER;
+use crate::lease::{Checkpoint, LeaseStore};
 use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
 
 /// Failed attempts in a row to (re)start reading before `next_batch` reports
@@ -44,7 +50,11 @@ pub struct NatsShardReader {
     /// The partition's subject, the consumer's filter.
     subject: String,
     consumer: String,
-    checkpoints: kv::Store,
+    /// Where the checkpoint is kept, beside the partition's lease.
+    leases: NatsLeaseTable,
+    /// The process holding this partition's lease, for a leased reader:
+    /// every checkpoint is conditional on it still holding it.
+    owner: Option<String>,
     /// The ordered consumer; `None` until the first read and after it failed.
     messages: Option<Ordered>,
     /// Reading resumes after this stream sequence number: the last record
@@ -70,18 +80,17 @@ impl NatsShardReader {
     pub(super) async fn open(
         js: jetstream::Context,
         stream: String,
-        shard: String,
-        subject: String,
+        partition: (String, String),
         consumer: String,
-        checkpoints: kv::Store,
+        leases: NatsLeaseTable,
+        owner: Option<String>,
     ) -> Result<Self, ReadError> {
-        let key = checkpoint_key(&consumer, &shard);
-        let after = match checkpoints.get(&key).await {
-            Ok(Some(value)) => parse_checkpoint(&value).ok_or_else(|| {
-                ReadError::Io(format!("checkpoint {key} holds {value:?}, not a sequence"))
+        let (shard, subject) = partition;
+        let after = match leases.get(&consumer, &shard).await? {
+            Some(Checkpoint::At(seq)) => seq.parse().map_err(|_| {
+                ReadError::Io(format!("the checkpoint of {consumer} in {shard} is {seq}"))
             })?,
-            Ok(None) => 0,
-            Err(e) => return Err(ReadError::Io(format!("reading checkpoint {key}: {e}"))),
+            Some(Checkpoint::ShardEnd) | None => 0,
         };
         let mut reader = NatsShardReader {
             js,
@@ -89,7 +98,8 @@ impl NatsShardReader {
             shard,
             subject,
             consumer,
-            checkpoints,
+            leases,
+            owner,
             messages: None,
             after,
             last_returned: None,
@@ -237,12 +247,16 @@ impl ShardReader for NatsShardReader {
                 self.shard
             )));
         }
-        let key = checkpoint_key(&self.consumer, &self.shard);
-        self.checkpoints
-            .put(&key, seq_u64.to_string().into())
+        let checkpoint = Checkpoint::At(seq_u64.to_string());
+        self.leases
+            .set(
+                &self.consumer,
+                &self.shard,
+                self.owner.as_deref(),
+                None,
+                &checkpoint,
+            )
             .await
-            .map_err(|e| ReadError::Io(format!("writing checkpoint {key}: {e}")))?;
-        Ok(())
     }
 
     /// Records behind as the server counted them when it delivered the last
@@ -279,30 +293,4 @@ async fn subscribe(
         .messages()
         .await
         .map_err(|e| ReadError::Io(format!("reading {subject}: {e}")))
-}
-
-/// The KV key of a consumer's checkpoint in a shard; both parts are checked
-/// to be key-safe when the reader is made.
-fn checkpoint_key(consumer: &str, shard: &str) -> String {
-    format!("{consumer}.{shard}")
-}
-
-fn parse_checkpoint(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoints_are_decimal_sequence_numbers() {
-        assert_eq!(parse_checkpoint(b"42"), Some(42));
-        assert_eq!(parse_checkpoint(b"x"), None);
-        assert_eq!(parse_checkpoint(b""), None);
-        assert_eq!(
-            checkpoint_key("processors", "shard-0001"),
-            "processors.shard-0001"
-        );
-    }
 }

@@ -158,9 +158,10 @@ impl Device {
             0 => None,
             n => env.source.get(self.index as usize % n).copied(),
         };
-        let mut stream = transport::open(env.broker, source, tls)
+        let broker = env.broker_of(self.index);
+        let mut stream = transport::open(broker, source, tls)
             .await
-            .map_err(|e| format!("connecting to {}: {e}", env.broker))?;
+            .map_err(|e| format!("connecting to {broker}: {e}"))?;
         let mut out = BytesMut::new();
         let expand =
             |s: &Option<String>| s.as_ref().map(|v| v.replace("{device}", &self.device_id));

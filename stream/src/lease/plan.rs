@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::lease::{Checkpoint, Lease, LeaseSnapshot};
+use super::{Checkpoint, Lease, LeaseSnapshot};
 
 /// What a process should do with the lease table now.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,7 +124,7 @@ impl LeasePlanner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kinesis::lease::Heartbeat;
+    use crate::lease::Heartbeat;
 
     const DURATION: i64 = 10_000;
 

@@ -2,16 +2,17 @@
 //! table, plans, and makes the conditional writes the plan asks for.
 //!
 //! The caller ticks every [`LeaseConfig::renew_interval`] with the time, and
-//! starts a reader (see [`super::KinesisStream::leased_reader`]) for each
-//! shard gained and stops the one of each shard lost. A reader whose lease
+//! starts a reader (see [`super::LeasedStream::leased_shard_reader`]) for
+//! each shard gained and stops the one of each shard lost. A reader whose lease
 //! moved on fails its next checkpoint with [`ReadError::LeaseLost`], so even
 //! a process that ticks too late never checkpoints a shard it lost.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::lease::LeaseTable;
-use super::lease_plan::LeasePlanner;
+use super::LeaseStore;
+use super::plan::LeasePlanner;
 use crate::ReadError;
 
 /// How long leases last and how often they are renewed.
@@ -47,14 +48,19 @@ pub struct LeaseChanges {
 /// Holds one process's leases for one consumer.
 #[derive(Debug)]
 pub struct LeaseKeeper {
-    table: LeaseTable,
+    table: Arc<dyn LeaseStore>,
     consumer: String,
     planner: LeasePlanner,
     held: BTreeSet<String>,
 }
 
 impl LeaseKeeper {
-    pub fn new(table: LeaseTable, consumer: &str, owner: &str, config: &LeaseConfig) -> Self {
+    pub fn new(
+        table: Arc<dyn LeaseStore>,
+        consumer: &str,
+        owner: &str,
+        config: &LeaseConfig,
+    ) -> Self {
         let duration_ms = i64::try_from(config.lease_duration.as_millis()).unwrap_or(i64::MAX);
         LeaseKeeper {
             table,
