@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,11 +57,13 @@ testkit::stream_conformance_tests!(harness().await);
 
 /// Puts records `range` (ten keys) in batches of 50, putting again what
 /// failed as retryable, as the endpoint does, until each is stored; adds
-/// where each went to `stored`.
+/// where each went to `stored`, and each record that failed at least once
+/// to `retried`.
 async fn put_until_stored(
     stream: &NatsStream,
     range: std::ops::Range<usize>,
     stored: &mut BTreeMap<usize, (String, SeqNo)>,
+    retried: &mut BTreeSet<usize>,
 ) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut todo: Vec<usize> = range.collect();
@@ -79,6 +81,7 @@ async fn put_until_stored(
                     todo.retain(|t| t != i);
                 }
                 PutOutcome::Failed { retryable, message } => {
+                    retried.insert(*i);
                     assert!(retryable, "record {i}: {message}");
                     assert!(
                         tokio::time::Instant::now() < deadline,
@@ -94,12 +97,12 @@ async fn put_until_stored(
 async fn a_node_killed_mid_append_loses_no_acknowledged_record_and_stores_none_twice() {
     let mut cluster = NatsCluster::start(NODES).unwrap();
     let stream = open_replicated(&cluster, &unique_name("node-crash")).await;
-    let mut stored = BTreeMap::new();
-    put_until_stored(&stream, 0..200, &mut stored).await;
+    let (mut stored, mut retried) = (BTreeMap::new(), BTreeSet::new());
+    put_until_stored(&stream, 0..200, &mut stored, &mut retried).await;
     cluster.kill(0).unwrap();
-    put_until_stored(&stream, 200..400, &mut stored).await;
+    put_until_stored(&stream, 200..400, &mut stored, &mut retried).await;
     cluster.start_again(0).unwrap();
-    put_until_stored(&stream, 400..500, &mut stored).await;
+    put_until_stored(&stream, 400..500, &mut stored, &mut retried).await;
 
     // A new process reads every partition from the start.
     let reader_stream = open_replicated(&cluster, stream.name()).await;
@@ -153,10 +156,19 @@ async fn a_node_killed_mid_append_loses_no_acknowledged_record_and_stores_none_t
         (0..500).collect::<Vec<_>>(),
         "each record exactly once"
     );
+    // A key's records keep their put order, except one put again after a
+    // failure: the stream may have stored later records of its key by then
+    // (the reordering the producer contract allows, and the processors
+    // tolerate). Every record put once is in order.
     for (key, ns) in &seen {
+        let once: Vec<usize> = ns
+            .iter()
+            .copied()
+            .filter(|n| !retried.contains(n))
+            .collect();
         assert!(
-            ns.windows(2).all(|w| w[0] < w[1]),
-            "{key} out of order: {ns:?}"
+            once.windows(2).all(|w| w[0] < w[1]),
+            "{key} out of order: {ns:?} (retried: {retried:?})"
         );
     }
 }
