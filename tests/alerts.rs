@@ -12,101 +12,16 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use bytes::Bytes;
-use hmac::{KeyInit, Mac};
 use iotpipe::config::{AlertsConfig, RetentionSetting};
 use iotpipe::{Config, Pipeline};
 use serde_json::{Value, json};
+use support::webhook::{SECRET, receiver, signature_is_valid};
 use support::{publish_acked, wait_for};
 
-const SECRET: &str = "a shared secret";
 const FLEET: &str = "hot-f";
 const SEC: i64 = 1000;
-
-/// What the receiver saw of one request.
-#[derive(Debug, Clone)]
-struct Seen {
-    id: String,
-    signed: bool,
-    status: u16,
-    body: Value,
-}
-
-#[derive(Clone)]
-struct Receiver {
-    seen: Arc<Mutex<Vec<Seen>>>,
-    /// Requests still to answer with a 500.
-    fail_next: Arc<AtomicUsize>,
-}
-
-impl Receiver {
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-}
-
-/// The receiver's own check, written from the documented contract rather
-/// than with the pipeline's code: `sha256=<hex HMAC-SHA256 of the body>`.
-fn signature_is_valid(secret: &[u8], body: &[u8], header: Option<&str>) -> bool {
-    let Some(hex) = header.and_then(|h| h.strip_prefix("sha256=")) else {
-        return false;
-    };
-    let Some(tag) = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()
-    else {
-        return false;
-    };
-    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(secret).unwrap();
-    mac.update(body);
-    mac.verify_slice(&tag).is_ok()
-}
-
-async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let signed = signature_is_valid(SECRET.as_bytes(), &body, header("x-iotpipe-signature"));
-    let fail = r
-        .fail_next
-        .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-        .is_ok();
-    let status = if fail {
-        StatusCode::INTERNAL_SERVER_ERROR
-    } else if !signed {
-        StatusCode::UNAUTHORIZED
-    } else {
-        StatusCode::OK
-    };
-    r.seen.lock().unwrap().push(Seen {
-        id: header("x-iotpipe-alert-id").unwrap_or("").to_string(),
-        signed,
-        status: status.as_u16(),
-        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-    });
-    status
-}
-
-/// A webhook receiver on port 0 that first answers `fail_first` requests
-/// with a 500; returns its URL.
-async fn receiver(fail_first: usize) -> (String, Receiver) {
-    let r = Receiver {
-        seen: Arc::default(),
-        fail_next: Arc::new(AtomicUsize::new(fail_first)),
-    };
-    let app = axum::Router::new()
-        .route("/alerts", axum::routing::post(receive))
-        .with_state(r.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/alerts", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, r)
-}
 
 /// One-second windows (and minutes above them), a minute of lateness, and
 /// the rule `hot`: a fleet second whose average is above 30.

@@ -96,7 +96,8 @@ async fn late_readings_verify_exactly_and_too_late_ones_are_counted() {
 /// each revising its window): verify finds every window exact, then checks
 /// that each rule fired exactly for the windows that cross its threshold, at
 /// the revision the API shows. `any` fires for every window, `never` for
-/// none, the others in between.
+/// none, the others in between. A webhook receiver in the test sees each
+/// listed alert exactly once, with a valid signature.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_fire_exactly_for_the_crossing_windows_revised_ones_included() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,7 +117,10 @@ async fn alerts_fire_exactly_for_the_crossing_windows_revised_ones_included() {
         rule("one", "device = \"alerted-d00000\"", "count", 3.0),
     ]
     .concat();
-    std::fs::write(&rules, text).unwrap();
+    let (url, receiver) = support::webhook::receiver(0).await;
+    let secret = support::webhook::SECRET;
+    let webhook = format!("[alerts.webhook]\nurl = \"{url}\"\nsecret = \"{secret}\"\n");
+    std::fs::write(&rules, text + &webhook).unwrap();
     let mut config = support::config(dir.path());
     config.alerts = iotpipe::config::Config::load(&rules).unwrap().alerts;
     let p = iotpipe::start(&config).await.unwrap();
@@ -144,6 +148,34 @@ async fn alerts_fire_exactly_for_the_crossing_windows_revised_ones_included() {
     assert!(a.windows_judged > 0 && a.revised > 0, "{a}");
     assert!(a.crossing > 0 && a.crossing < a.windows_judged, "{a}");
     assert!(a.fired >= a.crossing, "{a}");
+
+    // Every listed alert is delivered, and the receiver saw each once.
+    let listed = support::wait_for(&p, "/v1/alerts?limit=1000", Duration::from_secs(30), |b| {
+        b["alerts"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x["delivered"] == true))
+    })
+    .await;
+    let listed: std::collections::BTreeSet<String> = listed["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            format!(
+                "{}/{}/{}",
+                x["rule"].as_str().unwrap(),
+                x["window_start"],
+                x["revision"]
+            )
+        })
+        .collect();
+    assert!(listed.len() as u64 >= a.fired, "{listed:?} {a}");
+    let seen = receiver.seen();
+    assert!(seen.iter().all(|s| s.signed && s.status == 200), "{seen:?}");
+    let ids: Vec<&str> = seen.iter().map(|s| s.id.as_str()).collect();
+    let once: std::collections::BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    assert_eq!(once.len(), ids.len(), "an alert notified twice: {ids:?}");
+    assert_eq!(once, listed);
     p.shutdown().await.unwrap();
 }
 
