@@ -64,10 +64,7 @@ impl Stream {
                     replicas: b.nats_replicas,
                     ..NatsConfig::default()
                 };
-                let client = stream::nats::connect(&b.nats_url).await?;
-                let stream = NatsStream::open(client, &b.stream_name, &nats)
-                    .await
-                    .with_context(|| format!("cannot open JetStream stream {}", b.stream_name))?;
+                let stream = open_nats(&b.nats_url, &b.stream_name, &nats).await?;
                 Ok(Stream::Nats(Arc::new(stream)))
             }
         }
@@ -322,5 +319,31 @@ fn aws(b: &BackendConfig) -> AwsConfig {
             .clone()
             .or_else(|| b.endpoint_url.as_ref().map(|_| "us-east-1".to_string())),
         dummy_credentials: b.endpoint_url.is_some() && !env_credentials,
+    }
+}
+
+/// How long a process waits at start for JetStream to take the stream: a
+/// cluster that has just started, or lost a node, answers "temporarily
+/// unavailable" until it has elected its leaders.
+const NATS_OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Opens (or creates) the stream, trying again while the cluster is not
+/// ready, so that processes started beside a fresh cluster need no
+/// supervisor to restart them.
+async fn open_nats(url: &str, name: &str, config: &NatsConfig) -> anyhow::Result<NatsStream> {
+    let deadline = tokio::time::Instant::now() + NATS_OPEN_PATIENCE;
+    loop {
+        let client = stream::nats::connect(url).await?;
+        match NatsStream::open(client, name, config).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, stream = name, "JetStream did not take the stream yet; trying again.");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("cannot open JetStream stream {name}"));
+            }
+        }
     }
 }

@@ -110,7 +110,13 @@ impl RoleProcess {
             .create(true)
             .append(true)
             .open(dir.join("iotpipe.log"))?;
-        let (child, mqtt, http) = spawn_role(bin, role, dir, args, Stdio::from(log))?;
+        let (child, mqtt, http) =
+            spawn_role(bin, role, dir, args, Stdio::from(log)).map_err(|e| {
+                // The process's own words say why it did not start.
+                let log = std::fs::read_to_string(dir.join("iotpipe.log")).unwrap_or_default();
+                let tail = log.get(log.len().saturating_sub(2000)..).unwrap_or(&log);
+                e.context(format!("its log ends: {tail}"))
+            })?;
         Ok(RoleProcess { child, mqtt, http })
     }
 
