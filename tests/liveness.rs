@@ -22,6 +22,42 @@ fn ids(body: &serde_json::Value) -> BTreeSet<String> {
         .collect()
 }
 
+/// `devices` of `fleet` at 2 msg/s for `seconds`, 10 % of them stopping and
+/// 5 % leaving with a will halfway, checked within `within_s` seconds.
+fn leaving(
+    p: &iotpipe::Pipeline,
+    fleet: &str,
+    devices: u32,
+    seconds: u64,
+    within_s: u64,
+) -> SimConfig {
+    SimConfig {
+        fleet: fleet.into(),
+        devices,
+        rate: Rate::PerDevice(2.0),
+        stop: Stop::After(Duration::from_secs(seconds)),
+        liveness: Some(LivenessConfig {
+            stop_fraction: 0.10,
+            will_fraction: 0.05,
+            stop_at: None,
+            within: Duration::from_secs(within_s),
+        }),
+        verify_timeout: Duration::from_secs(60),
+        ..support::sim(p.mqtt_addr, p.http_addr)
+    }
+}
+
+/// The run passed, and its one fleet's liveness check found the lists exact.
+fn one_report(summary: &device_sim::Summary) -> &device_sim::liveness::LivenessReport {
+    println!("{summary}");
+    assert!(summary.ok(), "{summary}");
+    let [live] = summary.liveness.as_slice() else {
+        panic!("one fleet, one liveness report: {:?}", summary.liveness);
+    };
+    assert!(live.checked && live.ok, "{live}");
+    live
+}
+
 /// 200 devices at 2 msg/s for 20 s with `stale_after` 3 s. Halfway through,
 /// 20 devices stop and drop their connections without a will, and 10 that
 /// connected with a will drop theirs. Within 8 s of that the API lists
@@ -35,35 +71,19 @@ async fn stopped_devices_go_stale_and_wills_offline_within_the_configured_time()
     config.http.stale_after = Duration::from_secs(3);
     let p = iotpipe::start(&config).await.unwrap();
     let summary = device_sim::run(SimConfig {
-        fleet: "live".into(),
-        devices: 200,
-        rate: Rate::PerDevice(2.0),
-        stop: Stop::After(Duration::from_secs(20)),
         seed: 20,
-        liveness: Some(LivenessConfig {
-            stop_fraction: 0.10,
-            will_fraction: 0.05,
-            stop_at: None,
-            within: Duration::from_secs(8),
-        }),
-        verify_timeout: Duration::from_secs(60),
-        ..support::sim(p.mqtt_addr, p.http_addr)
+        ..leaving(&p, "live", 200, 20, 8)
     })
     .await
     .unwrap();
-    println!("{summary}");
-    assert!(summary.ok(), "{summary}");
-    let [live] = summary.liveness.as_slice() else {
-        panic!("one fleet, one liveness report: {:?}", summary.liveness);
-    };
-    assert!(live.checked && live.ok, "{live}");
+    let live = one_report(&summary);
     assert_eq!((live.stopped.len(), live.wills.len()), (20, 10), "{live}");
     assert!(live.after_stop_ms <= 8_000, "{live}");
     assert_eq!(summary.failed, 0);
     // 40 messages each for those that stay, about 20 for those that left.
     assert!(summary.messages_sent < 170 * 40 + 30 * 21, "{summary}");
     assert!(summary.messages_sent > 170 * 39 + 30 * 19, "{summary}");
-    support::verified(summary.verify);
+    support::verified(summary.verify.clone());
 
     // After the run the stopped devices are still stale; everyone else
     // said DISCONNECT (those that stayed) or left a will: offline.
@@ -90,29 +110,13 @@ async fn the_check_reads_an_api_that_wants_a_token() {
     let (status, _) = support::get(&p, "/v1/devices?fleet=guarded").await;
     assert_eq!(status, 401, "the API wants the token");
     let summary = device_sim::run(SimConfig {
-        fleet: "guarded".into(),
-        devices: 20,
-        rate: Rate::PerDevice(2.0),
-        stop: Stop::After(Duration::from_secs(10)),
         seed: 21,
-        liveness: Some(LivenessConfig {
-            stop_fraction: 0.10,
-            will_fraction: 0.05,
-            stop_at: None,
-            within: Duration::from_secs(5),
-        }),
         api_token: Some("liveness-reader-token".into()),
-        verify_timeout: Duration::from_secs(60),
-        ..support::sim(p.mqtt_addr, p.http_addr)
+        ..leaving(&p, "guarded", 20, 10, 5)
     })
     .await
     .unwrap();
-    println!("{summary}");
-    assert!(summary.ok(), "{summary}");
-    let [live] = summary.liveness.as_slice() else {
-        panic!("{:?}", summary.liveness);
-    };
-    assert!(live.checked && live.ok, "{live}");
+    let live = one_report(&summary);
     assert_eq!((live.stopped.len(), live.wills.len()), (2, 1), "{live}");
     p.shutdown().await.unwrap();
 }
