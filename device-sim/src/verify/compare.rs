@@ -13,6 +13,17 @@ pub const KEPT_MISMATCHES: usize = 20;
 /// values: the pipeline may add in any order.
 pub const SUM_TOLERANCE: f64 = 1e-9;
 
+/// Relative tolerance for variances (`stddev` squared), scaled by the mean
+/// of the squares: the pipeline's sum of squares loses digits to
+/// cancellation that the square root would magnify near zero.
+pub const VARIANCE_TOLERANCE: f64 = 1e-9;
+
+/// The rounding a variance may carry, for values whose mean square is
+/// `mean_sq`.
+fn variance_slack(mean_sq: f64) -> f64 {
+    VARIANCE_TOLERANCE * mean_sq.max(1e-12)
+}
+
 /// A window as the query API returns it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ApiWindow {
@@ -329,10 +340,8 @@ fn check_exact(e: &Part, g: &ApiWindow, out: &mut Vec<(&'static str, String, Str
         if (g.avg - e.sum / n).abs() > SUM_TOLERANCE * scale / n {
             out.push(("avg", fmt_f(e.sum / n), fmt_f(g.avg)));
         }
-        // Compared as variances: the pipeline's sum of squares loses digits
-        // to cancellation that the square root would magnify near zero.
-        let mean_sq = e.sum_sq / n;
-        if (g.stddev * g.stddev - e.variance()).abs() > 1e-9 * mean_sq.max(1e-12) {
+        // Compared as variances (see `VARIANCE_TOLERANCE`).
+        if (g.stddev * g.stddev - e.variance()).abs() > variance_slack(e.sum_sq / n) {
             out.push(("stddev", fmt_f(e.variance().sqrt()), fmt_f(g.stddev)));
         }
         check_quantiles(&e.values, &e.values, e.max, e.count, g, out);
@@ -409,10 +418,18 @@ fn check_bounds(e: &ExpectedAgg, g: &ApiWindow, out: &mut Vec<(&'static str, Str
             fmt_f(g.avg),
         );
         // Popoviciu: a population's spread is at most half its range.
+        // Compared as variances, with the exact check's tolerance: a
+        // stddev computed from sums of squares may land just past the
+        // bound when the readings sit close together far from zero.
         let spread = (a.max - a.min) / 2.0;
+        let mean_sq = if a.count > 0 {
+            a.sum_sq / a.count as f64
+        } else {
+            0.0
+        };
         within(
             "stddev",
-            g.stddev <= spread * (1.0 + 1e-9) + 1e-9,
+            g.stddev * g.stddev <= spread * spread + variance_slack(mean_sq),
             format!("<= half the range of all readings, {}", fmt_f(spread)),
             fmt_f(g.stddev),
         );

@@ -190,6 +190,30 @@ fn an_uncertain_window_is_held_on_extremes_quantiles_and_lateness() {
     );
 }
 
+/// Readings close together far from zero: a stddev from sums of squares
+/// may land a few parts per million past half the range (a run saw
+/// 0.0005000019 against 0.0005), and passes; one well past it fails.
+#[test]
+fn an_uncertain_windows_stddev_bound_allows_the_rounding_of_squares() {
+    let mut e = agg(&[(1, 20.0), (2, 20.001)]);
+    e.add(0, 20.0005, false, true);
+    let g = view(&agg(&[(1, 20.0), (2, 20.001)]), 0);
+    let spread = (20.001 - 20.0) / 2.0;
+    assert!((spread - 0.0005f64).abs() < 1e-12);
+    let at = |stddev: f64| {
+        uncertain_mismatches(
+            &[ApiWindow {
+                stddev,
+                ..g.clone()
+            }],
+            &e,
+        )
+    };
+    assert!(at(spread).is_empty());
+    assert!(at(0.000_500_001_9).is_empty(), "rounding past the bound");
+    assert_eq!(at(0.001), ["stddev"], "twice the bound");
+}
+
 #[test]
 fn a_run_fails_when_more_than_one_percent_of_its_windows_are_uncertain() {
     assert!(!too_uncertain(99, 1), "1 in 100 is within the bound");
