@@ -96,7 +96,8 @@ async fn late_readings_verify_exactly_and_too_late_ones_are_counted() {
 /// each revising its window): verify finds every window exact, then checks
 /// that each rule fired exactly for the windows that cross its threshold, at
 /// the revision the API shows. `any` fires for every window, `never` for
-/// none, the others in between. A webhook receiver in the test sees each
+/// none, the others in between; `pairs` (`for = 2`) fires for every window
+/// right after another. A webhook receiver in the test sees each
 /// listed alert exactly once, with a valid signature.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_fire_exactly_for_the_crossing_windows_revised_ones_included() {
@@ -115,6 +116,7 @@ async fn alerts_fire_exactly_for_the_crossing_windows_revised_ones_included() {
         rule("never", fleet, "count", 1e9),
         rule("busy", fleet, "count", 40.0),
         rule("one", "device = \"alerted-d00000\"", "count", 3.0),
+        rule("pairs", fleet, "count", 1.0) + "for = 2\n",
     ]
     .concat();
     let (url, receiver) = support::webhook::receiver(0).await;
@@ -144,7 +146,7 @@ async fn alerts_fire_exactly_for_the_crossing_windows_revised_ones_included() {
     assert!(summary.ok(), "{summary}");
     support::verified(summary.verify.clone());
     let a = summary.alerts.as_ref().unwrap();
-    assert_eq!(a.rules, 4);
+    assert_eq!(a.rules, 5);
     assert!(a.windows_judged > 0 && a.revised > 0, "{a}");
     assert!(a.crossing > 0 && a.crossing < a.windows_judged, "{a}");
     assert!(a.fired >= a.crossing, "{a}");

@@ -17,8 +17,17 @@
 //! - a window that ended later may or may not have been judged yet; what
 //!   fired for it must still be right.
 //!
-//! Checked rules compare count, sum, min, max or avg with `for = 1`, which
-//! verify knows exactly; other rules are refused when they are read.
+//! A rule with `for = N` fires a window that crosses when the N − 1 windows
+//! right before it cross too, as the pipeline's evaluator
+//! (`rollup::alerts::evaluate`) defines it: a window with no readings breaks
+//! the chain, and the chain is judged on the windows as they are when the
+//! last window is judged. So a window whose chain holds now must have fired
+//! at its revision; one whose chain is broken now may still have fired at
+//! its revision if every window that breaks it was revised since (it may
+//! have crossed before its late readings): those are counted, not failed.
+//!
+//! Checked rules compare count, sum, min, max or avg, which verify knows
+//! exactly; other rules are refused when they are read.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,6 +44,9 @@ use crate::plan::MINUTE_MS;
 /// How long before the last acknowledgement a window must end to be judged:
 /// the processed watermark is the slowest shard's.
 const JUDGE_MARGIN_MS: i64 = 5_000;
+/// The most consecutive windows a rule may ask for, as the pipeline allows
+/// (`rollup::alerts::MAX_FOR_WINDOWS`).
+const MAX_FOR_WINDOWS: u32 = 1000;
 
 /// One rule as the simulator reads it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -92,7 +104,11 @@ impl RuleSpec {
             "verify checks 1-minute windows, not `{}`",
             self.resolution
         );
-        ensure!(self.for_windows == 1, "verify checks rules without `for`");
+        ensure!(
+            (1..=MAX_FOR_WINDOWS).contains(&self.for_windows),
+            "`for` must be 1 to {MAX_FOR_WINDOWS} windows, not {}",
+            self.for_windows
+        );
         self.value(&ApiWindow::default())?;
         self.crosses(0.0)?;
         Ok(())
@@ -117,6 +133,31 @@ impl RuleSpec {
         })
     }
 
+    /// Whether window `w` crosses the threshold; as the pipeline's rule, a
+    /// window without readings never does.
+    fn holds(&self, w: &ApiWindow) -> anyhow::Result<bool> {
+        Ok(w.count > 0 && self.crosses(self.value(w)?)?)
+    }
+
+    /// Whether the `for` chain that `w` ends holds in `by_start` (the
+    /// series' windows as they are now), and if not, whether every window
+    /// that breaks it before `w` was revised, so that it may have held when
+    /// the pipeline judged `w`.
+    fn chain(&self, by_start: &BTreeMap<i64, &ApiWindow>, w: &ApiWindow) -> anyhow::Result<Chain> {
+        if !self.holds(w)? {
+            return Ok(Chain::Broken);
+        }
+        let mut chain = Chain::Holds;
+        for k in 1..i64::from(self.for_windows) {
+            match by_start.get(&(w.start - k * MINUTE_MS)) {
+                Some(before) if self.holds(before)? => {}
+                Some(before) if before.revision > 0 => chain = Chain::BrokenSinceRevised,
+                _ => return Ok(Chain::Broken),
+            }
+        }
+        Ok(chain)
+    }
+
     fn crosses(&self, value: f64) -> anyhow::Result<bool> {
         let t = self.threshold;
         Ok(match self.comparison.as_str() {
@@ -129,14 +170,26 @@ impl RuleSpec {
     }
 }
 
+/// A `for` chain judged on the windows as they are now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    /// The window and the `for - 1` windows right before it cross.
+    Holds,
+    /// It does not, and did not when the window was judged.
+    Broken,
+    /// The window crosses; each earlier window that does not was revised
+    /// since, and may have crossed before.
+    BrokenSinceRevised,
+}
+
 /// What the alerts check found, over every rule.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct AlertCheck {
     pub rules: usize,
     /// Windows judged: ended early enough that the rule must have seen them.
     pub windows_judged: u64,
-    /// Judged windows whose value crosses the threshold: each must have
-    /// fired at its revision.
+    /// Judged windows that cross the threshold, with the `for` chain right
+    /// before them: each must have fired at its revision.
     pub crossing: u64,
     /// Judged windows revised by late readings.
     pub revised: u64,
@@ -144,6 +197,9 @@ pub struct AlertCheck {
     pub fired: u64,
     /// Alerts of an earlier revision of a revised window.
     pub earlier_revisions: u64,
+    /// Alerts of a `for` rule whose chain is broken now by windows revised
+    /// since: the chain may have held when the rule judged the window.
+    pub chains_revised: u64,
     /// `rule/window start/revision` of each alert that should have fired
     /// and did not, and of each that fired and should not have.
     pub missing: Vec<String>,
@@ -155,7 +211,7 @@ impl std::fmt::Display for AlertCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "alerts: {} — {} rules, {} windows judged ({} crossing, {} revised), {} fired ({} at earlier revisions)",
+            "alerts: {} — {} rules, {} windows judged ({} crossing, {} revised), {} fired ({} at earlier revisions, {} with a chain revised since)",
             if self.ok { "exact" } else { "MISMATCH" },
             self.rules,
             self.windows_judged,
@@ -163,6 +219,7 @@ impl std::fmt::Display for AlertCheck {
             self.revised,
             self.fired,
             self.earlier_revisions,
+            self.chains_revised,
         )?;
         for (what, ids) in [("missing", &self.missing), ("unexpected", &self.unexpected)] {
             if !ids.is_empty() {
@@ -208,12 +265,14 @@ pub async fn check(
             ..AlertCheck::default()
         };
         for rule in rules {
+            // The `for` chains of the first windows reach back before them.
+            let chain_ms = i64::from(rule.for_windows - 1) * MINUTE_MS;
             let windows = api
                 .windows(
                     rule.scope(),
                     &rule.metric,
                     MINUTE_MS,
-                    from_ms,
+                    from_ms - chain_ms,
                     acked_until_ms + MINUTE_MS,
                 )
                 .await?;
@@ -258,8 +317,10 @@ fn judge(
     for a in fired {
         match by_start.get(&a.window_start) {
             Some(w) if a.revision == w.revision => {
-                if !rule.crosses(rule.value(w)?)? {
-                    out.unexpected.push(id(a.window_start, a.revision));
+                match rule.chain(&by_start, w)? {
+                    Chain::Holds => {}
+                    Chain::BrokenSinceRevised => out.chains_revised += 1,
+                    Chain::Broken => out.unexpected.push(id(a.window_start, a.revision)),
                 }
                 at_revision.insert(w.start, true);
             }
@@ -270,7 +331,7 @@ fn judge(
     for w in windows.iter().filter(|w| w.end <= judged_until_ms) {
         out.windows_judged += 1;
         out.revised += u64::from(w.revision > 0);
-        if rule.crosses(rule.value(w)?)? {
+        if rule.chain(&by_start, w)? == Chain::Holds {
             out.crossing += 1;
             if !at_revision.contains_key(&w.start) {
                 out.missing.push(id(w.start, w.revision));
@@ -295,9 +356,14 @@ mod tests {
     }
 
     fn rule(threshold: f64) -> RuleSpec {
+        rule_for(threshold, 1)
+    }
+
+    fn rule_for(threshold: f64, n: u32) -> RuleSpec {
         parse_rules(&format!(
             "[mqtt]\nlisten = 'x'\n[[alerts.rules]]\nname = 'busy'\nfleet = 'f'\nmetric = 'm'\n\
-             resolution = '1m'\naggregate = 'count'\ncomparison = '>='\nthreshold = {threshold}\n"
+             resolution = '1m'\naggregate = 'count'\ncomparison = '>='\nthreshold = {threshold}\n\
+             for = {n}\n"
         ))
         .unwrap()
         .remove(0)
@@ -366,6 +432,103 @@ mod tests {
         }
     }
 
+    fn judged(r: &RuleSpec, ws: &[ApiWindow], alerts: &[Fired], until: i64) -> AlertCheck {
+        let mut out = AlertCheck::default();
+        judge(r, ws, alerts, until, &mut out).unwrap();
+        out
+    }
+
+    /// `for = 2`, count >= 5: the windows at 1m, 2m and 9m end chains that
+    /// hold; 0m crosses with nothing before it; 4m crosses after 3m, which
+    /// does not; 6m crosses after 5m, which has no readings; 8m crosses after
+    /// 7m, which does not now but was revised since; 10m does not cross
+    /// after 9m, which does.
+    #[test]
+    fn for_n_fires_exactly_the_windows_that_end_a_chain() {
+        let r = rule_for(5.0, 2);
+        let m = MINUTE_MS;
+        let ws = [
+            window(0, 6, 0),
+            window(m, 5, 1),
+            window(2 * m, 9, 0),
+            window(3 * m, 4, 0),
+            window(4 * m, 7, 0),
+            window(6 * m, 8, 0),
+            window(7 * m, 4, 1),
+            window(8 * m, 6, 0),
+            window(9 * m, 6, 0),
+            window(10 * m, 1, 0),
+        ];
+        let until = 11 * m;
+        // 1m also fired at its revision 0, before its late reading.
+        let exact = [fired(m, 0), fired(m, 1), fired(2 * m, 0), fired(9 * m, 0)];
+        let out = judged(&r, &ws, &exact, until);
+        assert!(
+            out.missing.is_empty() && out.unexpected.is_empty(),
+            "{out:?}"
+        );
+        assert_eq!(
+            (out.windows_judged, out.crossing, out.earlier_revisions),
+            (10, 3, 1)
+        );
+
+        // 8m fired while 7m still crossed, before its late reading took it
+        // below: counted, not failed.
+        let out = judged(&r, &ws, &[&exact[..], &[fired(8 * m, 0)]].concat(), until);
+        assert!(out.unexpected.is_empty(), "{out:?}");
+        assert_eq!(out.chains_revised, 1);
+
+        let wrong = [
+            // 2m's chain holds and it never fired.
+            (
+                vec![fired(m, 0), fired(m, 1), fired(9 * m, 0)],
+                "missing",
+                "busy/120000/0",
+            ),
+            // 0m crosses, but nothing comes before it.
+            (vec![fired(0, 0)], "unexpected", "busy/0/0"),
+            // 4m crosses, 3m before it does not and was never revised.
+            (vec![fired(4 * m, 0)], "unexpected", "busy/240000/0"),
+            // 6m crosses, but 5m has no readings.
+            (vec![fired(6 * m, 0)], "unexpected", "busy/360000/0"),
+            // 10m does not cross itself, whatever came before.
+            (vec![fired(10 * m, 0)], "unexpected", "busy/600000/0"),
+        ];
+        for (extra, what, named) in wrong {
+            let alerts = if what == "missing" {
+                extra
+            } else {
+                [&exact[..], &extra].concat()
+            };
+            let out = judged(&r, &ws, &alerts, until);
+            let found = if what == "missing" {
+                &out.missing
+            } else {
+                &out.unexpected
+            };
+            assert_eq!(found, &[named.to_string()], "{alerts:?}: {out:?}");
+            assert_eq!(out.missing.len() + out.unexpected.len(), 1, "{out:?}");
+        }
+    }
+
+    /// A `for = 3` chain needs both windows before the one it fires: read
+    /// without the first, the third fires nothing.
+    #[test]
+    fn for_n_reads_the_whole_chain() {
+        let m = MINUTE_MS;
+        let ws = [window(0, 6, 0), window(m, 6, 0), window(2 * m, 6, 0)];
+        let out = judged(&rule_for(5.0, 3), &ws, &[fired(2 * m, 0)], 3 * m);
+        assert!(
+            out.missing.is_empty() && out.unexpected.is_empty(),
+            "{out:?}"
+        );
+        assert_eq!(out.crossing, 1);
+        let out = judged(&rule_for(5.0, 3), &ws, &[], 3 * m);
+        assert_eq!(out.missing, ["busy/120000/0".to_string()]);
+        let out = judged(&rule_for(5.0, 3), &ws[1..], &[fired(2 * m, 0)], 3 * m);
+        assert_eq!(out.unexpected, ["busy/120000/0".to_string()]);
+    }
+
     #[test]
     fn rules_verify_cannot_judge_are_refused_in_words() {
         let base = "[[alerts.rules]]\nname = 'r'\nmetric = 'm'\ncomparison = '>'\nthreshold = 1\n";
@@ -379,8 +542,8 @@ mod tests {
                 "not `p99`",
             ),
             (
-                "fleet = 'f'\nresolution = '1m'\naggregate = 'avg'\nfor = 3\n",
-                "without `for`",
+                "fleet = 'f'\nresolution = '1m'\naggregate = 'avg'\nfor = 0\n",
+                "`for` must be 1 to 1000",
             ),
             ("resolution = '1m'\naggregate = 'avg'\n", "fleet or device"),
         ] {
