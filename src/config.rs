@@ -83,7 +83,9 @@ pub struct MqttConfig {
     /// a client must log in, and may publish only as its own device.
     pub users_file: Option<PathBuf>,
     /// Append a presence record when a device connects, disconnects, or
-    /// loses a connection it left a Last Will for: what `offline` is.
+    /// loses a connection it left a Last Will for: what `offline` is. With
+    /// a broker in front, the bridge reads the devices' status topics
+    /// (`ingest::bridge::presence`) instead.
     pub presence: bool,
 }
 

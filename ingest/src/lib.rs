@@ -14,7 +14,8 @@
 //!   [`AllowAll`] (the default), [`OwnDeviceOnly`], [`ClientCertificates`]
 //!   and [`UsersFile`].
 //! - [`bridge`]: external broker mode, a persistent-session subscriber that
-//!   acknowledges the broker after the append.
+//!   acknowledges the broker after the append, and reads presence from the
+//!   devices' status topics.
 //! - [`users`]: adding, removing and listing devices in a users file.
 //! - [`tls`]: TLS listener settings ([`tls::TlsConfig`]) and the device and
 //!   role a client certificate names.

@@ -92,16 +92,34 @@ pub fn build(
                 tap: Some((topic, payload)),
             }
         }
-        Err((rejection, partition_key)) => {
-            let reason = rejection.reason;
-            let message = RejectedMessage::new(&topic, publisher, now_ms, rejection, &payload);
-            Built {
-                partition_key,
-                data: StreamRecord::Rejected(message).encode(),
-                verdict: Verdict::Rejected(reason),
-                tap: None,
-            }
-        }
+        Err((rejection, partition_key)) => dead_letter(
+            &topic,
+            &payload,
+            publisher,
+            now_ms,
+            rejection,
+            partition_key,
+        ),
+    }
+}
+
+/// The dead letter of a message refused for `rejection`, keyed by
+/// `partition_key` (its device, or its publisher when it names none).
+pub(crate) fn dead_letter(
+    topic: &str,
+    payload: &[u8],
+    publisher: &str,
+    now_ms: i64,
+    rejection: Rejection,
+    partition_key: String,
+) -> Built {
+    let reason = rejection.reason;
+    let message = RejectedMessage::new(topic, publisher, now_ms, rejection, payload);
+    Built {
+        partition_key,
+        data: StreamRecord::Rejected(message).encode(),
+        verdict: Verdict::Rejected(reason),
+        tap: None,
     }
 }
 

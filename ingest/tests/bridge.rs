@@ -189,3 +189,127 @@ async fn refused_messages_are_dead_lettered_and_acknowledged() -> Result<()> {
     assert_eq!(bridge.snapshot().rejected(RejectReason::MalformedJson), 1);
     bridge.stop().await
 }
+
+/// A device as the documented ACL knows it: logged in as `id`, with a will
+/// of `offline` on `will` if given. `None` when the broker refused it.
+async fn device(
+    broker: &Mosquitto,
+    id: &str,
+    will: Option<&str>,
+) -> Result<Option<(rumqttc::AsyncClient, rumqttc::EventLoop)>> {
+    let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", broker.addr.port());
+    o.set_credentials(id, "");
+    o.set_keep_alive(Duration::from_secs(30));
+    if let Some(topic) = will {
+        o.set_last_will(rumqttc::LastWill::new(
+            topic,
+            "offline",
+            QoS::AtLeastOnce,
+            false,
+        ));
+    }
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(o, 10);
+    match tokio::time::timeout(WAIT, eventloop.poll()).await? {
+        Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => Ok(Some((client, eventloop))),
+        Err(rumqttc::ConnectionError::ConnectionRefused(_)) => Ok(None),
+        other => bail!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// Publishes `payload` to `topic` at QoS 1 and waits for the broker's
+/// PUBACK, which Mosquitto sends for a publish its ACL denies too.
+async fn say(
+    (client, eventloop): &mut (rumqttc::AsyncClient, rumqttc::EventLoop),
+    topic: &str,
+    payload: &str,
+    retain: bool,
+) -> Result<()> {
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload.to_string())
+        .await?;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) = eventloop.poll().await? {
+                return anyhow::Ok(());
+            }
+        }
+    })
+    .await
+    .context("PUBACK from the broker")?
+}
+
+/// The presence records stored, by device.
+fn presences(producer: &MemoryProducer) -> Result<Vec<schemas::Presence>> {
+    let mut out = Vec::new();
+    for r in producer.records() {
+        match schemas::decode_record(&r.data)? {
+            StreamRecord::Presence(p) => out.push(p),
+            other => bail!("unexpected record: {other:?}"),
+        }
+    }
+    Ok(out)
+}
+
+/// Behind the documented ACL: `online` on a device's status topic is a
+/// connect and its will is a disconnect, as the endpoint records them; a
+/// device saying another's status (a publish or a will) is refused or
+/// ignored; and a retained status, delivered again at every SUBSCRIBE, is
+/// acknowledged without a record.
+#[tokio::test]
+async fn status_topics_are_presence_and_a_device_speaks_only_for_itself() -> Result<()> {
+    use schemas::PresenceEvent;
+    use schemas::presence::STATUS_OFFLINE;
+
+    let broker = Mosquitto::start_with_acl("")?;
+    // Retained before the bridge subscribes: it comes with the SUBACK.
+    let mut r = device(&broker, "dev-r", None).await?.context("dev-r")?;
+    say(&mut r, "dt/f/dev-r/status", "online", true).await?;
+    let mut cfg = config(&broker, "bridge-p")?;
+    cfg.presence = true;
+    cfg.username = Some("iotpipe-bridge".into());
+    let bridge = start_bridge(cfg).await?;
+
+    // dev-a tries to take dev-b offline, with its will and with a publish.
+    if let Some(mut a) = device(&broker, "dev-a", Some("dt/f/dev-b/status")).await? {
+        say(&mut a, "dt/f/dev-b/status", "offline", false).await?;
+        drop(a); // No DISCONNECT: the broker would send the will now.
+    }
+    // dev-c leaves with its will on its own topic.
+    let mut c = device(&broker, "dev-c", Some("dt/f/dev-c/status"))
+        .await?
+        .context("dev-c")?;
+    say(&mut c, "dt/f/dev-c/status", "online", false).await?;
+    drop(c);
+    say(&mut r, "dt/f/dev-r/status", "offline", true).await?;
+    // Last: by then the broker has dealt with dev-a's first connection.
+    let mut a = device(&broker, "dev-a", None).await?.context("dev-a")?;
+    say(&mut a, "dt/f/dev-a/status", "online", false).await?;
+
+    bridge.producer.wait_stored(4, WAIT).await?;
+    let offline = PresenceEvent::Disconnected {
+        reason: STATUS_OFFLINE.into(),
+    };
+    let of = |device: &str| -> Result<Vec<(Option<String>, PresenceEvent)>> {
+        Ok(presences(&bridge.producer)?
+            .into_iter()
+            .filter(|p| p.device_id == device)
+            .map(|p| (p.fleet, p.event))
+            .collect())
+    };
+    let f = || Some("f".to_string());
+    assert_eq!(
+        of("dev-c")?,
+        [(f(), PresenceEvent::Connected), (f(), offline.clone())]
+    );
+    assert_eq!(
+        of("dev-r")?,
+        [(f(), offline)],
+        "the retained copy is not taken"
+    );
+    assert_eq!(of("dev-a")?, [(f(), PresenceEvent::Connected)]);
+    assert_eq!(of("dev-b")?, [], "dev-a spoke for dev-b");
+    assert_eq!(presences(&bridge.producer)?.len(), 4);
+    // Four records and the retained copy: five QoS 1 deliveries acked.
+    eventually("5 acks", || bridge.snapshot().acks_sent == 5).await?;
+    bridge.stop().await
+}

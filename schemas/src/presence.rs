@@ -46,6 +46,10 @@ pub enum PresenceEvent {
 pub const CLEAN_DISCONNECT: &str = "CLIENT_INITIATED_DISCONNECT";
 /// The reason the endpoint gives for a connection lost with a Last Will.
 pub const CONNECTION_LOST: &str = "CONNECTION_LOST";
+/// The reason the external-broker bridge gives for `offline` on a device's
+/// status topic: its Last Will, or its own word before a DISCONNECT, which
+/// the broker does not tell apart.
+pub const STATUS_OFFLINE: &str = "STATUS_OFFLINE";
 /// IoT Core's reason when another connection took the client id over: the
 /// device is still connected, on the new connection.
 pub const TAKEN_OVER: &str = "DUPLICATE_CLIENTID";

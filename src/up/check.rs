@@ -67,6 +67,8 @@ pub(super) fn check(config: &Config) -> anyhow::Result<CheckedConfig> {
                 .with_context(|| format!("broker URL {url}"))?;
             bc.client_id.clone_from(&config.broker.client_id);
             bc.username.clone_from(&config.broker.username);
+            // Presence through the broker: devices' status topics.
+            bc.presence = config.mqtt.presence;
             if let Some(path) = &config.broker.password_file {
                 let password = std::fs::read_to_string(path).with_context(|| {
                     format!("cannot read broker password file {}", path.display())

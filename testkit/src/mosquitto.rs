@@ -35,18 +35,37 @@ impl Mosquitto {
     /// Starts Mosquitto with `extra` config lines after the listener,
     /// logging everything to [`Mosquitto::log_text`].
     pub fn start(extra: &str) -> Result<Mosquitto> {
-        Self::launch("all", extra)
+        Self::launch("all", extra, None)
+    }
+
+    /// Starts Mosquitto as [`Mosquitto::start`] does, enforcing the ACL
+    /// that the docs give (`docs/mosquitto.acl`): a device, logged in as its
+    /// id, publishes only its own telemetry and status; the bridge logs in
+    /// as `iotpipe-bridge`.
+    pub fn start_with_acl(extra: &str) -> Result<Mosquitto> {
+        let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/mosquitto.acl");
+        let text =
+            std::fs::read_to_string(&acl).with_context(|| format!("reading {}", acl.display()))?;
+        Self::launch("all", extra, Some(&text))
     }
 
     /// Starts Mosquitto logging errors only, for load: logging every packet
     /// would cost the broker more than the load it is measured under.
     pub fn start_quiet(extra: &str) -> Result<Mosquitto> {
-        Self::launch("error", extra)
+        Self::launch("error", extra, None)
     }
 
-    fn launch(log_type: &str, extra: &str) -> Result<Mosquitto> {
+    fn launch(log_type: &str, extra: &str, acl: Option<&str>) -> Result<Mosquitto> {
         let bin = require("mosquitto", "apt-get install -y mosquitto")?;
         let dir = tempfile::tempdir()?;
+        let extra = match acl {
+            None => extra.to_string(),
+            Some(text) => {
+                let path = dir.path().join("acl");
+                std::fs::write(&path, text)?;
+                format!("{extra}\nacl_file {}", path.display())
+            }
+        };
         // The port is free a moment ago; if another process takes it first,
         // Mosquitto fails to start and the next try picks another.
         for _ in 0..5 {

@@ -14,12 +14,23 @@
 //! at once, bounded by the broker's per-client in-flight limit (Mosquitto's
 //! `max_inflight_messages`) and by [`BridgeConfig::max_pending`].
 //!
+//! With [`BridgeConfig::presence`] it also subscribes to the devices' status
+//! topics and turns each `online` or `offline` into the presence record the
+//! endpoint writes for a connect or a disconnect (`presence`).
+//!
+//! - `config`: the broker URL, the session and the limits.
+//! - `presence`: status messages as presence records.
+//!
 //! **Architecture Invariant:** an acknowledgement goes to the broker only for
-//! a message whose record the stream reported stored, and only on the
+//! a message whose record the stream reported stored (or that has no record
+//! to store: a retained status message, see `presence`), and only on the
 //! connection that delivered it: after a reconnect the broker sends the
 //! message again, and that copy is acknowledged instead. An ack for the old
 //! delivery could otherwise land on a packet id the broker has since given to
 //! another message.
+
+mod config;
+pub mod presence;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,155 +39,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::mqttbytes::v4::Packet;
-use rumqttc::{AsyncClient, Event, MqttOptions, QoS};
+use rumqttc::mqttbytes::v4::{Packet, Publish};
+use rumqttc::{AsyncClient, Event, QoS, SubscribeFilter};
 use stream::{PutRecord, StreamProducer};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Clock, GroupCommit, wall_clock};
+pub use config::{BridgeConfig, BridgeError, DEFAULT_CLIENT_ID, TELEMETRY_FILTER};
+
 use crate::endpoint::appender::{self, AppendItem, AppendRequest, Completion};
 use crate::endpoint::tap::TapHub;
 use crate::metrics::{IngestMetrics, add, bump};
 use crate::record::{self, Verdict};
-
-/// The topic filter the bridge subscribes to: every device's telemetry.
-pub const TELEMETRY_FILTER: &str = "dt/+/+/telemetry";
-
-/// How the bridge reaches the broker and commits what it receives. Build with
-/// [`BridgeConfig::new`] and override fields.
-#[derive(Clone)]
-pub struct BridgeConfig {
-    pub host: String,
-    pub port: u16,
-    /// Names the persistent session at the broker. It must be fixed across
-    /// restarts (the broker keeps unacknowledged messages under it) and used
-    /// by one bridge at a time (a second one takes the session over).
-    pub client_id: String,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    /// TLS to the broker (`mqtts://`); `None` for plain TCP.
-    pub tls: Option<Arc<rustls::ClientConfig>>,
-    pub topic_filter: String,
-    pub keepalive: Duration,
-    /// Messages received and not yet acknowledged, at most; beyond it the
-    /// bridge stops reading from the broker until appends complete. The
-    /// broker's in-flight limit is usually the tighter bound.
-    pub max_pending: usize,
-    /// Group commit, as in [`crate::EndpointConfig`]. The bridge keeps a
-    /// 2 ms cadence where the endpoint puts at once: its one connection has
-    /// the broker's whole in-flight window, so latency buys it little, while
-    /// bigger batches keep the processors ahead. `scripts/bench`, Mosquitto
-    /// at QoS 1: 30,143 msgs/s sustained at 2 ms, 24,326 at 0.
-    pub group_commit: GroupCommit,
-    /// Waits between reconnect attempts, doubling from min to max.
-    pub reconnect_backoff_min: Duration,
-    pub reconnect_backoff_max: Duration,
-    /// After shutdown is requested, how long appends in flight may take;
-    /// what is not durable by then stays unacknowledged (the broker keeps it).
-    pub shutdown_timeout: Duration,
-    /// Stamps `received_at`.
-    pub now_ms: Clock,
-    pub lateness: crate::LatenessConfig,
-}
-
-impl std::fmt::Debug for BridgeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BridgeConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("client_id", &self.client_id)
-            .field("username", &self.username)
-            .field("tls", &self.tls.is_some())
-            .field("topic_filter", &self.topic_filter)
-            .field("max_pending", &self.max_pending)
-            .field("group_commit", &self.group_commit)
-            .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum BridgeError {
-    #[error("invalid broker URL `{url}`: {detail}")]
-    BadUrl { url: String, detail: String },
-}
-
-/// The default session name; see [`BridgeConfig::client_id`].
-pub const DEFAULT_CLIENT_ID: &str = "iotpipe-bridge";
-
-impl BridgeConfig {
-    /// A bridge to `url`: `mqtt://HOST[:PORT]` (default port 1883) or
-    /// `mqtts://HOST[:PORT]` (8883; set [`tls`](Self::tls) too).
-    pub fn new(url: &str) -> Result<BridgeConfig, BridgeError> {
-        let bad = |detail: &str| BridgeError::BadUrl {
-            url: url.to_string(),
-            detail: detail.to_string(),
-        };
-        let (rest, default_port) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (r, 1883)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (r, 8883)
-        } else {
-            return Err(bad("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"));
-        };
-        let rest = rest.trim_end_matches('/');
-        if rest.contains(['/', '@', '?']) {
-            return Err(bad(
-                "only a host and port may follow the scheme (credentials are separate options)",
-            ));
-        }
-        let (host, port) = match rest.rsplit_once(':') {
-            // A bracketed IPv6 literal without a port.
-            _ if rest.starts_with('[') && rest.ends_with(']') => (rest, default_port),
-            Some((h, p)) => (h, p.parse().map_err(|_| bad("the port is not a number"))?),
-            None => (rest, default_port),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        Ok(BridgeConfig {
-            host: host.to_string(),
-            port,
-            client_id: DEFAULT_CLIENT_ID.to_string(),
-            username: None,
-            password: None,
-            tls: None,
-            topic_filter: TELEMETRY_FILTER.to_string(),
-            keepalive: Duration::from_secs(30),
-            max_pending: 20_000,
-            group_commit: GroupCommit {
-                commit_interval: Duration::from_millis(2),
-                ..GroupCommit::default()
-            },
-            reconnect_backoff_min: Duration::from_millis(100),
-            reconnect_backoff_max: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(10),
-            now_ms: wall_clock(),
-            lateness: crate::LatenessConfig::default(),
-        })
-    }
-
-    fn mqtt_options(&self) -> MqttOptions {
-        let mut o = MqttOptions::new(&self.client_id, &self.host, self.port);
-        o.set_clean_session(false);
-        o.set_manual_acks(true);
-        o.set_keep_alive(self.keepalive.max(Duration::from_secs(5)));
-        // Incoming messages may be as large as the endpoint accepts.
-        let max = schemas::reading::MAX_MESSAGE_BYTES + 4096;
-        o.set_max_packet_size(max, max);
-        if let Some(user) = &self.username {
-            o.set_credentials(user, self.password.as_deref().unwrap_or(""));
-        }
-        if let Some(tls) = &self.tls {
-            o.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
-        }
-        o
-    }
-}
 
 /// A message delivered by the broker, waiting for its record to be durable.
 #[derive(Debug)]
@@ -402,11 +277,7 @@ impl Bridge<'_> {
                 );
                 // A kept session keeps its subscription; subscribing again
                 // is harmless and covers a session the broker lost.
-                if self
-                    .client
-                    .try_subscribe(&self.config.topic_filter, QoS::AtLeastOnce)
-                    .is_err()
-                {
+                if self.client.try_subscribe_many(self.filters()).is_err() {
                     tracing::warn!("The bridge could not queue its SUBSCRIBE.");
                 }
             }
@@ -416,7 +287,7 @@ impl Bridge<'_> {
                     .iter()
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
-                    tracing::error!(filter = %self.config.topic_filter, "The broker refused the bridge's subscription.");
+                    tracing::error!(filter = %self.config.topic_filter, presence = self.config.presence, "The broker refused the bridge's subscription.");
                 } else {
                     self.metrics.bridge_subscribed.store(1, Ordering::Relaxed);
                 }
@@ -436,7 +307,11 @@ impl Bridge<'_> {
                         pkid,
                     },
                 );
-                items.push(self.append_item(token, p.topic, p.payload));
+                match self.append_item(token, p) {
+                    Some(item) => items.push(item),
+                    // Nothing to store: acknowledged at once.
+                    None => self.release(token),
+                }
             }
             Polled::Event(_) => {}
             Polled::Failed(why) => {
@@ -448,18 +323,36 @@ impl Bridge<'_> {
         }
     }
 
-    fn append_item(&self, token: u64, topic: String, payload: Bytes) -> AppendItem {
+    /// The topic filters the bridge subscribes to, at QoS 1.
+    fn filters(&self) -> Vec<SubscribeFilter> {
+        let mut filters = vec![self.config.topic_filter.clone()];
+        if self.config.presence {
+            filters.push(presence::STATUS_FILTER.to_string());
+        }
+        filters
+            .into_iter()
+            .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce))
+            .collect()
+    }
+
+    /// The record of a delivered message; `None` for one that has none.
+    fn append_item(&self, token: u64, p: Publish) -> Option<AppendItem> {
         // The broker authenticated the publisher and does not say who it
         // was: the bridge's policy is the broker's, and dead letters name
         // the bridge.
-        let built = record::build(
-            topic,
-            payload,
-            &self.config.client_id,
-            |_| true,
-            (self.config.now_ms)(),
-            &self.config.lateness,
-        );
+        let (publisher, now_ms) = (&self.config.client_id, (self.config.now_ms)());
+        let built = if self.config.presence && presence::is_status_topic(&p.topic) {
+            presence::build(p.topic, p.payload, p.retain, publisher, now_ms)?
+        } else {
+            record::build(
+                p.topic,
+                p.payload,
+                publisher,
+                |_| true,
+                now_ms,
+                &self.config.lateness,
+            )
+        };
         match built.verdict {
             Verdict::Accepted { readings } => {
                 bump(&self.metrics.messages_accepted);
@@ -468,44 +361,50 @@ impl Bridge<'_> {
             Verdict::Rejected(reason) => self.metrics.reject(reason),
             Verdict::Presence => {}
         }
-        AppendItem {
+        Some(AppendItem {
             token,
             record: PutRecord {
                 partition_key: built.partition_key,
                 data: Bytes::from(built.data),
             },
             tap: None,
-        }
+        })
     }
 
     fn settle(&mut self, c: Completion) {
-        let current = self.connection.load(Ordering::Acquire);
         for token in c.stored {
-            let Some(d) = self.pending.remove(&token) else {
-                continue;
-            };
-            let Some(pkid) = d.pkid else { continue };
-            if d.connection != current || self.latest.get(&pkid) != Some(&token) {
-                // Delivered again on a later connection: that copy acks.
-                continue;
-            }
-            self.latest.remove(&pkid);
-            let ack = rumqttc::Publish {
-                dup: false,
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                topic: String::new(),
-                pkid,
-                payload: Bytes::new(),
-            };
-            if self.client.try_ack(&ack).is_ok() {
-                bump(&self.metrics.acks_sent);
-            }
+            self.release(token);
         }
         for token in c.failed {
             // Never acknowledged: the broker keeps it and resends it on the
             // next connection.
             self.pending.remove(&token);
+        }
+    }
+
+    /// Acknowledges the delivery `token`, whose record is stored (or which
+    /// has none), if its connection is still the current one.
+    fn release(&mut self, token: u64) {
+        let current = self.connection.load(Ordering::Acquire);
+        let Some(d) = self.pending.remove(&token) else {
+            return;
+        };
+        let Some(pkid) = d.pkid else { return };
+        if d.connection != current || self.latest.get(&pkid) != Some(&token) {
+            // Delivered again on a later connection: that copy acks.
+            return;
+        }
+        self.latest.remove(&pkid);
+        let ack = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: String::new(),
+            pkid,
+            payload: Bytes::new(),
+        };
+        if self.client.try_ack(&ack).is_ok() {
+            bump(&self.metrics.acks_sent);
         }
     }
 }
@@ -556,30 +455,4 @@ fn spawn_poller(
             backoff = (backoff * 2).min(max);
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls() {
-        let c = BridgeConfig::new("mqtt://127.0.0.1:1884").unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 1884));
-        let c = BridgeConfig::new("mqtt://broker.local").unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("broker.local", 1883));
-        let c = BridgeConfig::new("mqtts://[::1]").unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("::1", 8883));
-        let c = BridgeConfig::new("mqtt://[::1]:2000/").unwrap();
-        assert_eq!((c.host.as_str(), c.port), ("::1", 2000));
-        for bad in [
-            "tcp://h:1",
-            "mqtt://",
-            "mqtt://h:port",
-            "mqtt://u:p@h:1",
-            "mqtt://h/x",
-        ] {
-            assert!(BridgeConfig::new(bad).is_err(), "{bad}");
-        }
-    }
 }
