@@ -1,7 +1,9 @@
 //! Device liveness end to end (issue 20, must show 1): a simulator run where
 //! 10 % of the devices stop publishing and 5 % leave with a Last Will, and
 //! `GET /v1/devices?status=stale` and `?status=offline` list exactly those
-//! devices within the configured time, while the others read `online`.
+//! devices within the configured time, while the others read `online`;
+//! straight to the endpoint, and through Mosquitto and the bridge, where
+//! devices say their status on their status topics.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -11,7 +13,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use device_sim::liveness::LivenessConfig;
-use device_sim::{Rate, SimConfig, Stop};
+use device_sim::{BrokerAddr, Rate, SimConfig, Stop};
+use testkit::mosquitto::Mosquitto;
 
 fn ids(body: &serde_json::Value) -> BTreeSet<String> {
     body["devices"]
@@ -58,6 +61,29 @@ fn one_report(summary: &device_sim::Summary) -> &device_sim::liveness::LivenessR
     live
 }
 
+/// After the run the stopped devices are still stale; every other one said
+/// DISCONNECT (those that stayed) or left a will: `offline`, all
+/// `devices - stopped` of them, the wills among them.
+async fn after_the_run(
+    p: &iotpipe::Pipeline,
+    fleet: &str,
+    devices: usize,
+    live: &device_sim::liveness::LivenessReport,
+) {
+    let (_, stale) = support::get(p, &format!("/v1/devices?fleet={fleet}&status=stale")).await;
+    assert_eq!(ids(&stale), live.stopped.iter().cloned().collect());
+    let gone = devices - live.stopped.len();
+    let path = format!("/v1/devices?fleet={fleet}&status=offline");
+    // Those that stayed say `offline` last, after the readings verify waits
+    // for: wait for them too.
+    let offline = support::wait_for(p, &path, Duration::from_secs(10), |b| {
+        b["devices"].as_array().is_some_and(|d| d.len() == gone)
+    })
+    .await;
+    let offline = ids(&offline);
+    assert!(live.wills.iter().all(|id| offline.contains(id)));
+}
+
 /// 200 devices at 2 msg/s for 20 s with `stale_after` 3 s. Halfway through,
 /// 20 devices stop and drop their connections without a will, and 10 that
 /// connected with a will drop theirs. Within 8 s of that the API lists
@@ -84,15 +110,42 @@ async fn stopped_devices_go_stale_and_wills_offline_within_the_configured_time()
     assert!(summary.messages_sent < 170 * 40 + 30 * 21, "{summary}");
     assert!(summary.messages_sent > 170 * 39 + 30 * 19, "{summary}");
     support::verified(summary.verify.clone());
+    after_the_run(&p, "live", 200, live).await;
+    p.shutdown().await.unwrap();
+}
 
-    // After the run the stopped devices are still stale; everyone else
-    // said DISCONNECT (those that stayed) or left a will: offline.
-    let (_, stale) = support::get(&p, "/v1/devices?fleet=live&status=stale").await;
-    assert_eq!(ids(&stale), live.stopped.iter().cloned().collect());
-    let (_, offline) = support::get(&p, "/v1/devices?fleet=live&status=offline").await;
-    let offline = ids(&offline);
-    assert_eq!(offline.len(), 180);
-    assert!(live.wills.iter().all(|id| offline.contains(id)));
+/// The same run with Mosquitto in front, enforcing the documented ACL:
+/// devices log in as themselves, say `online` on their status topic after
+/// connecting and `offline` before DISCONNECT, and the will devices leave
+/// `offline` there as their will (`--presence-topic`). The bridge turns
+/// them into presence, so the API lists exactly the same devices `stale`
+/// and `offline` within the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_broker_status_topics_give_the_same_lists() {
+    let broker = Mosquitto::start_with_acl("max_inflight_messages 1000").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = support::config(dir.path());
+    config.http.stale_after = Duration::from_secs(3);
+    config.broker.url = Some(broker.url());
+    config.broker.username = Some("iotpipe-bridge".into());
+    let p = iotpipe::start(&config).await.unwrap();
+    let summary = device_sim::run(SimConfig {
+        seed: 22,
+        broker: BrokerAddr {
+            host: broker.addr.ip().to_string(),
+            port: broker.addr.port(),
+        },
+        username: Some("{device}".into()),
+        presence_topic: true,
+        ..leaving(&p, "brokered", 200, 20, 8)
+    })
+    .await
+    .unwrap();
+    let live = one_report(&summary);
+    assert_eq!((live.stopped.len(), live.wills.len()), (20, 10), "{live}");
+    assert!(live.after_stop_ms <= 8_000, "{live}");
+    support::verified(summary.verify.clone());
+    after_the_run(&p, "brokered", 200, live).await;
     p.shutdown().await.unwrap();
 }
 

@@ -146,6 +146,11 @@ pub struct Args {
     /// MQTT password; {device} becomes the device id.
     #[arg(long)]
     pub password: Option<String>,
+    /// Publish `online` on dt/{fleet}/{device}/status after connecting and
+    /// `offline` before a DISCONNECT, the convention iotpipe's bridge reads
+    /// presence from when a broker such as Mosquitto is in front.
+    #[arg(long)]
+    pub presence_topic: bool,
     /// With --verify: measure freshness on one telemetry publish in N;
     /// `auto`: about 5,000 samples a run; 0 or `off`: not at all.
     #[arg(long, default_value = "auto")]
@@ -430,6 +435,7 @@ impl Args {
             max_inflight: self.max_inflight,
             username: self.username,
             password: self.password,
+            presence_topic: self.presence_topic,
             freshness_sample: self.freshness_sample,
             scenario,
             metrics_listen: self.metrics_listen,

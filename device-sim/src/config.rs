@@ -166,6 +166,9 @@ pub struct SimConfig {
     /// MQTT username and password; `{device}` becomes the device id.
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Say `online` and `offline` on each device's status topic, for a
+    /// broker in front of iotpipe (see [`crate::publish::PublishConfig::presence_topic`]).
+    pub presence_topic: bool,
     /// Which telemetry publishes to follow until the API shows them (with
     /// `verify`).
     pub freshness_sample: FreshnessSample,
@@ -243,6 +246,7 @@ impl Default for SimConfig {
             max_inflight: 256,
             username: None,
             password: None,
+            presence_topic: false,
             freshness_sample: FreshnessSample::Off,
             scenario: None,
             metrics_listen: None,

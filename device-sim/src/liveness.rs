@@ -12,7 +12,9 @@
 //!   `stale_after` has passed since its last reading.
 //! - a *will* device connected with a Last Will (on
 //!   `dt/{fleet}/{device}/status`) and drops its socket the same way: the
-//!   endpoint records the will, so the device is `offline`.
+//!   endpoint records the will (or, with a broker in front and
+//!   `--presence-topic`, the broker publishes it and the bridge reads it), so
+//!   the device is `offline`.
 //!
 //! Every other device publishes to the end of the run, so it must read
 //! `online` meanwhile. That is why the check runs while the run goes on,
@@ -204,8 +206,9 @@ impl RunPlan {
             .then(|| self.run_start_ms * 1000 + l.stop_us as i64)
     }
 
-    /// The topic of device `index`'s Last Will.
-    pub fn will_topic(&self, index: u32) -> String {
+    /// Device `index`'s status topic: where its Last Will goes, and where it
+    /// says `online` and `offline` with `presence_topic`.
+    pub fn status_topic(&self, index: u32) -> String {
         format!("dt/{}/{}/status", self.fleet, self.device_id(index))
     }
 }
@@ -485,7 +488,7 @@ mod tests {
         assert_eq!(p.leaves_at_us(Role::Stops), Some(start_us + 10_000_000));
         assert_eq!(p.leaves_at_us(Role::Wills), Some(start_us + 10_000_000));
         assert_eq!(p.leaves_at_us(Role::Stays), None);
-        assert_eq!(p.will_topic(3), "dt/f/f-d00003/status");
+        assert_eq!(p.status_topic(3), "dt/f/f-d00003/status");
     }
 
     #[test]

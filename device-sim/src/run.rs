@@ -292,6 +292,7 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
             max_inflight: cfg.max_inflight,
             username: cfg.username.clone(),
             password: cfg.password.clone(),
+            presence_topic: cfg.presence_topic,
             connect_rate,
             ack_timeout: cfg.ack_timeout,
             connect_timeout,

@@ -239,6 +239,11 @@ pub struct PublishConfig {
     pub max_inflight: usize,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Publish `online` on the device's status topic
+    /// (`dt/{fleet}/{device}/status`) after each CONNACK and `offline` before
+    /// each DISCONNECT: with a broker in front, iotpipe's bridge reads
+    /// presence from them (and from the will, on the same topic).
+    pub presence_topic: bool,
     /// New connections per second across the fleet; `None`: as fast as possible.
     pub connect_rate: Option<f64>,
     /// How long to wait for outstanding PUBACKs after the last send.

@@ -1,5 +1,7 @@
 //! A device's connection over its life: lost, dropped on purpose, taken
-//! offline, closed with a DISCONNECT, and opened again with backoff.
+//! offline, closed with a DISCONNECT, and opened again with backoff. With
+//! `presence_topic` it says `online` on its status topic after each CONNACK
+//! and `offline` before each DISCONNECT (its will says `offline` there too).
 
 use super::*;
 
@@ -51,15 +53,26 @@ impl Device {
     }
 
     pub(super) async fn say_goodbye(&mut self) {
+        let mut bye = BytesMut::new();
+        self.status(b"offline", &mut bye);
+        codec::disconnect(&mut bye);
         if let Link::Up(stream) = &mut self.link {
-            let mut bye = BytesMut::new();
-            codec::disconnect(&mut bye);
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 stream.write_all(&self.wbuf).await?;
                 stream.write_all(&bye).await?;
                 stream.shutdown().await
             })
             .await;
+        }
+    }
+
+    /// Appends the device's status message `payload` to `buf`, when it says
+    /// one. At QoS 0: a QoS 1 one would need a packet id and a PUBACK that
+    /// the telemetry's bookkeeping knows nothing of.
+    fn status(&self, payload: &[u8], buf: &mut BytesMut) {
+        if self.env.cfg.presence_topic {
+            let topic = self.env.plan.status_topic(self.index);
+            codec::publish(buf, self.env.cfg.protocol, &topic, false, 0, false, payload);
         }
     }
 
@@ -113,6 +126,10 @@ impl Device {
                     .min(receive_max.map_or(usize::MAX, usize::from))
                     .max(1);
                 self.ping_at = Instant::now() + self.env.cfg.keep_alive / 2;
+                // Ahead of the queued sends, which the flush encodes after it.
+                let mut online = std::mem::take(&mut self.wbuf);
+                self.status(b"online", &mut online);
+                self.wbuf = online;
                 if let Some(tx) = self.announced.take() {
                     let _ = tx.send(self.index);
                     self.env.shared.connected.fetch_add(1, Ordering::Relaxed);
@@ -166,7 +183,7 @@ impl Device {
         let expand =
             |s: &Option<String>| s.as_ref().map(|v| v.replace("{device}", &self.device_id));
         let (user, pass) = (expand(&env.cfg.username), expand(&env.cfg.password));
-        let will_topic = (self.role == Role::Wills).then(|| env.plan.will_topic(self.index));
+        let will_topic = (self.role == Role::Wills).then(|| env.plan.status_topic(self.index));
         codec::connect_with_will(
             &mut out,
             env.cfg.protocol,
