@@ -389,8 +389,7 @@ mod tests {
             window(3 * m, 9, 0),
         ];
         let exact = [fired(0, 1), fired(0, 2), fired(2 * m, 0)];
-        let mut out = AlertCheck::default();
-        judge(&r, &ws, &exact, 3 * m, &mut out).unwrap();
+        let out = judged(&r, &ws, &exact, 3 * m);
         assert_eq!(
             (
                 out.windows_judged,
@@ -421,8 +420,7 @@ mod tests {
             ), // no such window
         ];
         for (alerts, what) in wrong {
-            let mut out = AlertCheck::default();
-            judge(&r, &ws, &alerts, 3 * m, &mut out).unwrap();
+            let out = judged(&r, &ws, &alerts, 3 * m);
             let found = if what == "missing" {
                 &out.missing
             } else {
