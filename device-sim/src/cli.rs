@@ -148,7 +148,8 @@ pub struct Args {
     pub password: Option<String>,
     /// Publish `online` on dt/{fleet}/{device}/status after connecting and
     /// `offline` before a DISCONNECT, the convention iotpipe's bridge reads
-    /// presence from when a broker such as Mosquitto is in front.
+    /// presence from when a broker such as Mosquitto is in front (iotpipe's
+    /// own endpoint sees connects itself, and refuses those topics).
     #[arg(long)]
     pub presence_topic: bool,
     /// With --verify: measure freshness on one telemetry publish in N;
