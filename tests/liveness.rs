@@ -61,6 +61,17 @@ fn one_report(summary: &device_sim::Summary) -> &device_sim::liveness::LivenessR
     live
 }
 
+/// The 200-device run's report: 20 devices stopped and 10 left with a
+/// will, listed exactly within 8 s of the stop.
+fn twenty_stale_and_ten_offline_within_8_s(
+    summary: &device_sim::Summary,
+) -> &device_sim::liveness::LivenessReport {
+    let live = one_report(summary);
+    assert_eq!((live.stopped.len(), live.wills.len()), (20, 10), "{live}");
+    assert!(live.after_stop_ms <= 8_000, "{live}");
+    live
+}
+
 /// After the run the stopped devices are still stale; every other one said
 /// DISCONNECT (those that stayed) or left a will: `offline`, all
 /// `devices - stopped` of them, the wills among them.
@@ -102,9 +113,7 @@ async fn stopped_devices_go_stale_and_wills_offline_within_the_configured_time()
     })
     .await
     .unwrap();
-    let live = one_report(&summary);
-    assert_eq!((live.stopped.len(), live.wills.len()), (20, 10), "{live}");
-    assert!(live.after_stop_ms <= 8_000, "{live}");
+    let live = twenty_stale_and_ten_offline_within_8_s(&summary);
     assert_eq!(summary.failed, 0);
     // 40 messages each for those that stay, about 20 for those that left.
     assert!(summary.messages_sent < 170 * 40 + 30 * 21, "{summary}");
@@ -141,9 +150,7 @@ async fn through_a_broker_status_topics_give_the_same_lists() {
     })
     .await
     .unwrap();
-    let live = one_report(&summary);
-    assert_eq!((live.stopped.len(), live.wills.len()), (20, 10), "{live}");
-    assert!(live.after_stop_ms <= 8_000, "{live}");
+    let live = twenty_stale_and_ten_offline_within_8_s(&summary);
     support::verified(summary.verify.clone());
     after_the_run(&p, "brokered", 200, live).await;
     p.shutdown().await.unwrap();
