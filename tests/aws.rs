@@ -11,6 +11,7 @@ use std::time::Duration;
 use iotpipe::config::{StoreKind, StreamKind};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+use stream::lease::LeaseStore;
 use support::{get, publish_acked, wait_for};
 use testkit::moto::{moto_endpoint, unique_name};
 use testkit::now_ms;
