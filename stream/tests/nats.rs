@@ -274,10 +274,10 @@ async fn a_checkpoint_written_before_leases_is_where_the_first_owner_resumes() {
             .unwrap()
     );
     let mut leased = stream
-        .leased_reader(&stored[0].0, "processors", "owner-1")
+        .leased_shard_reader(&stored[0].0, "processors", "owner-1")
         .await
         .unwrap();
-    let rest = read_exactly(&mut leased, 2).await;
+    let rest = read_exactly(leased.as_mut(), 2).await;
     assert_eq!(rest[0].seq, stored[1].1);
     leased.checkpoint(rest[1].seq).await.unwrap();
 }
