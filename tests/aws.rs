@@ -55,14 +55,7 @@ fn same(a: &Value, b: &Value, path: &str) -> Result<(), String> {
             .zip(y)
             .enumerate()
             .try_for_each(|(i, (a, b))| same(a, b, &format!("{path}[{i}]"))),
-        (Value::Number(x), Value::Number(y)) => {
-            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-            if x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()) {
-                Ok(())
-            } else {
-                Err(format!("{path}: {x} vs {y}"))
-            }
-        }
+        (Value::Number(x), Value::Number(y)) if testkit::numbers_close(x, y) => Ok(()),
         (x, y) if x == y => Ok(()),
         (x, y) => Err(format!("{path}: {x} vs {y}")),
     }
