@@ -11,6 +11,7 @@ use std::time::Duration;
 use iotpipe::config::{StoreKind, StreamKind};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
+use stream::lease::LeaseStore;
 use support::{get, publish_acked, wait_for};
 use testkit::moto::{moto_endpoint, unique_name};
 use testkit::now_ms;
@@ -54,14 +55,7 @@ fn same(a: &Value, b: &Value, path: &str) -> Result<(), String> {
             .zip(y)
             .enumerate()
             .try_for_each(|(i, (a, b))| same(a, b, &format!("{path}[{i}]"))),
-        (Value::Number(x), Value::Number(y)) => {
-            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
-            if x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()) {
-                Ok(())
-            } else {
-                Err(format!("{path}: {x} vs {y}"))
-            }
-        }
+        (Value::Number(x), Value::Number(y)) if testkit::numbers_close(x, y) => Ok(()),
         (x, y) if x == y => Ok(()),
         (x, y) => Err(format!("{path}: {x} vs {y}")),
     }

@@ -166,14 +166,7 @@ fn matches(path: &str, expected: &Value, actual: &Value) -> Result<(), String> {
             }
             Ok(())
         }
-        (Value::Number(e), Value::Number(a)) => {
-            let (e, a) = (e.as_f64().unwrap(), a.as_f64().unwrap());
-            if e == a || (e - a).abs() <= 1e-9 * e.abs().max(a.abs()) {
-                Ok(())
-            } else {
-                Err(format!("{path}: expected {e}, got {a}"))
-            }
-        }
+        (Value::Number(e), Value::Number(a)) if testkit::numbers_close(e, a) => Ok(()),
         (Value::String(e), Value::Number(_)) => {
             let ms = parse_time("expected", e)
                 .map_err(|_| format!("{path}: expected {e}, got {actual}"))?;

@@ -224,12 +224,7 @@ async fn a_replayed_file_verifies_and_a_refused_template_is_counted() {
     .unwrap();
     println!("{summary}");
     assert!(summary.ok(), "{summary}");
-    let verify = summary.verify.unwrap();
-    let schema = verify
-        .stats
-        .iter()
-        .find(|c| c.counter == "rejected.schema")
-        .unwrap();
-    assert_eq!(schema.got, 20, "{verify}");
+    let schema = summary.stat("rejected.schema").unwrap();
+    assert_eq!(schema.got, 20, "{summary}");
     p.shutdown().await.unwrap();
 }

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::freshness::Freshness;
 use crate::resources::Usage;
-use crate::verify::VerifyReport;
+use crate::verify::{StatCheck, VerifyReport};
 
 /// Percentiles of a duration (PUBACK latency, schedule lag), in
 /// milliseconds.
@@ -139,6 +139,13 @@ impl Summary {
             && self.verify.as_ref().is_none_or(|v| v.ok)
             && self.alerts.as_ref().is_none_or(|a| a.ok)
             && self.liveness.iter().all(|l| l.ok)
+    }
+
+    /// Verify's check of the pipeline counter `counter` (`rejected.schema`),
+    /// if verify ran and checked it.
+    pub fn stat(&self, counter: &str) -> Option<&StatCheck> {
+        let verify = self.verify.as_ref()?;
+        verify.stats.iter().find(|c| c.counter == counter)
     }
 }
 

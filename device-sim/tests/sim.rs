@@ -134,11 +134,7 @@ async fn faults_are_accounted_for() {
     assert!(s.duplicates_sent > 0 && s.malformed_sent > 0, "{s}");
     let v = s.verify.as_ref().unwrap();
     assert_eq!(v.stats.len(), 4);
-    let malformed = v
-        .stats
-        .iter()
-        .find(|c| c.counter == "rejected.malformed_json")
-        .unwrap();
+    let malformed = s.stat("rejected.malformed_json").unwrap();
     assert_eq!(malformed.got, s.malformed_sent as i64);
     let stats = h.pipeline.stats.lock().unwrap();
     assert_eq!(stats.accepted_readings, 300);
@@ -159,12 +155,7 @@ async fn readings_beyond_the_allowed_lateness_are_expected_rejected() {
     };
     let s = device_sim::run(cfg).await.unwrap();
     assert!(s.ok(), "{s}");
-    let v = s.verify.as_ref().unwrap();
-    let too_late = v
-        .stats
-        .iter()
-        .find(|c| c.counter == "rejected.too_late")
-        .unwrap();
+    let too_late = s.stat("rejected.too_late").unwrap();
     assert!(too_late.expected_lo > 0 && too_late.ok(), "{too_late:?}");
     assert_eq!(
         h.pipeline.stats.lock().unwrap().accepted_readings as i64 + too_late.got,

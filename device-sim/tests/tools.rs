@@ -218,11 +218,7 @@ async fn a_template_the_pipeline_refuses_is_verified_as_refused() {
     let s = device_sim::run(cfg).await.unwrap();
     assert!(s.ok(), "{s}");
     let v = s.verify.as_ref().unwrap();
-    let refused = v
-        .stats
-        .iter()
-        .find(|c| c.counter == "rejected.malformed_json")
-        .unwrap();
+    let refused = s.stat("rejected.malformed_json").unwrap();
     assert_eq!(refused.got, 200, "{v}");
     assert_eq!(
         h.pipeline

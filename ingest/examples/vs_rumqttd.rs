@@ -157,15 +157,18 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// Copies `metrics`' durable appends into `appended` every 50 ms, for as
-/// long as the process runs.
-fn mirror_appended(metrics: Arc<IngestMetrics>, appended: Arc<AtomicU64>) {
+/// New ingest metrics whose durable appends are copied into `appended`
+/// every 50 ms, for as long as the process runs.
+fn mirrored_metrics(appended: &Arc<AtomicU64>) -> Arc<IngestMetrics> {
+    let metrics = Arc::new(IngestMetrics::new());
+    let (mirrored, appended) = (metrics.clone(), appended.clone());
     std::thread::spawn(move || {
         loop {
-            appended.store(metrics.snapshot().records_appended, Ordering::Relaxed);
+            appended.store(mirrored.snapshot().records_appended, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(50));
         }
     });
+    metrics
 }
 
 /// Starts the server side of `target` on `port`, appending to `log`; the
@@ -180,29 +183,27 @@ fn start_server(
     let appended = Arc::new(AtomicU64::new(0));
     match target {
         Target::Endpoint => {
-            let metrics = Arc::new(IngestMetrics::new());
             let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))?;
+            let metrics = mirrored_metrics(&appended);
             rt.spawn(ingest::serve(
                 listener,
                 log,
                 endpoint,
-                metrics.clone(),
+                metrics,
                 std::future::pending(),
             ));
-            mirror_appended(metrics, appended.clone());
         }
         Target::Bridge => {
-            let metrics = Arc::new(IngestMetrics::new());
             let mut config =
                 ingest::bridge::BridgeConfig::new(&format!("mqtt://127.0.0.1:{port}"))?;
             config.client_id = "iotpipe-loss-bridge".into();
+            let metrics = mirrored_metrics(&appended);
             rt.spawn(ingest::bridge::run(
                 config,
                 log,
-                metrics.clone(),
+                metrics,
                 std::future::pending(),
             ));
-            mirror_appended(metrics, appended.clone());
         }
         Target::Rumqttd => {
             let (_link_tx, mut link_rx) = testkit::rumqttd::start(
@@ -288,6 +289,24 @@ struct Publishers {
     acked: Arc<AtomicU64>,
     acked_ids: Arc<Mutex<HashSet<(String, u64)>>>,
     running: Arc<AtomicBool>,
+}
+
+impl Publishers {
+    /// The (device, seq) acknowledged so far.
+    fn acked_set(&self) -> HashSet<(String, u64)> {
+        self.acked_ids
+            .lock()
+            .map(|ids| ids.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The loss runs' load: four publishers to `127.0.0.1:port` on a runtime of
+/// their own, recording which (device, seq) were acknowledged.
+fn loss_publishers(port: u16) -> Result<(tokio::runtime::Runtime, Publishers)> {
+    let rt = common::runtime("client", 2)?;
+    let pubs = start_publishers(&rt, SocketAddr::from(([127, 0, 0, 1], port)), 4, true);
+    Ok((rt, pubs))
 }
 
 fn start_publishers(
@@ -455,13 +474,7 @@ fn loss_bridge(kills: u64, seed: u64) -> Result<()> {
     let log_dir = broker.dir().join("log");
     let mut child = spawn_server(Target::Bridge, port, &log_dir)?;
     std::thread::sleep(Duration::from_millis(300));
-    let client_rt = common::runtime("client", 2)?;
-    let pubs = start_publishers(
-        &client_rt,
-        SocketAddr::from(([127, 0, 0, 1], port)),
-        4,
-        true,
-    );
+    let (client_rt, pubs) = loss_publishers(port)?;
     for _ in 0..kills {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..2000)));
         child.kill()?;
@@ -472,11 +485,7 @@ fn loss_bridge(kills: u64, seed: u64) -> Result<()> {
     pubs.running.store(false, Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(500));
     client_rt.shutdown_timeout(Duration::from_millis(200));
-    let acked: HashSet<(String, u64)> = pubs
-        .acked_ids
-        .lock()
-        .map(|ids| ids.clone())
-        .unwrap_or_default();
+    let acked = pubs.acked_set();
     // Let the bridge drain the broker's queue, then check with the log
     // closed (one process at a time may hold it).
     let mut missing = acked.len();
@@ -510,23 +519,13 @@ fn loss(target: Target, runs: u64, seed: u64) -> Result<()> {
         let port = free_port()?;
         let mut child = spawn_server(target, port, dir.path())?;
         std::thread::sleep(Duration::from_millis(200));
-        let client_rt = common::runtime("client", 2)?;
-        let pubs = start_publishers(
-            &client_rt,
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            4,
-            true,
-        );
+        let (client_rt, pubs) = loss_publishers(port)?;
         std::thread::sleep(Duration::from_millis(rng.random_range(1000..3000)));
         child.kill()?;
         child.wait()?;
         pubs.running.store(false, Ordering::Relaxed);
         client_rt.shutdown_timeout(Duration::from_millis(200));
-        let acked: HashSet<(String, u64)> = pubs
-            .acked_ids
-            .lock()
-            .map(|ids| ids.clone())
-            .unwrap_or_default();
+        let acked = pubs.acked_set();
         let stored = read_all(dir.path())?;
         acked_total += acked.len();
         lost_total += acked.difference(&stored).count();

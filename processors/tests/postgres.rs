@@ -10,7 +10,7 @@ use rollup::keys::ItemKey;
 use rollup::{Commit, Condition, Write};
 use schemas::RejectReason;
 use schemas::state::{DeadLetter, ItemState};
-use testkit::store_conformance::{commit_writes, counter, value, write};
+use testkit::store_conformance::{commit_writes, counter, value, version_of, write};
 
 async fn client(db: &testkit::postgres::TestDb) -> tokio_postgres::Client {
     let (client, connection) = db.config().connect(tokio_postgres::NoTls).await.unwrap();
@@ -79,10 +79,7 @@ async fn a_failed_condition_anywhere_in_a_commit_writes_nothing() {
     let store = PostgresStore::open(db.config()).await.unwrap();
     let (a, b, c) = (counter("s", "a"), counter("s", "b"), counter("s", "c"));
     commit_writes(&store, vec![write(a.clone(), Condition::Absent, 1)]).await;
-    let v = store.load(std::slice::from_ref(&a)).await.unwrap()[0]
-        .clone()
-        .unwrap()
-        .version;
+    let v = version_of(&store, &a).await;
 
     // A stale version in `then`: the writes before it are rolled back too.
     let stale_then = Commit {

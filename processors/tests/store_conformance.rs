@@ -87,10 +87,10 @@ async fn the_write_behind_cache_conforms() {
 async fn the_cache_writes_only_on_flush_and_a_lost_cache_loses_only_unflushed_items() {
     use processors::store::cached::{CacheConfig, CachedStore};
     use processors::store::{RollupQuery, RollupStore};
-    use rollup::{Commit, Condition};
+    use rollup::Condition;
     use schemas::state::ItemState;
     use std::sync::Arc;
-    use testkit::store_conformance::counter;
+    use testkit::store_conformance::{commit_writes, counter, version_of};
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("rollups.db");
@@ -101,13 +101,7 @@ async fn the_cache_writes_only_on_flush_and_a_lost_cache_loses_only_unflushed_it
     let cache = CachedStore::new(db.clone(), CacheConfig::default());
     let k = key("a");
     assert!(cache.load(std::slice::from_ref(&k)).await.unwrap()[0].is_none());
-    cache
-        .commit(Commit {
-            writes: vec![write("a", 1, Condition::Absent)],
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    commit_writes(&cache, vec![write("a", 1, Condition::Absent)]).await;
     // Visible through the cache, not yet in the database.
     assert!(cache.get(&k.pk(), &k.sk()).await.unwrap().is_some());
     assert!(db.get(&k.pk(), &k.sk()).await.unwrap().is_none());
@@ -117,17 +111,8 @@ async fn the_cache_writes_only_on_flush_and_a_lost_cache_loses_only_unflushed_it
     assert!(db.get(&k.pk(), &k.sk()).await.unwrap().is_some());
     // Ten more changes are one more write.
     for n in 2..12 {
-        let v = cache.load(std::slice::from_ref(&k)).await.unwrap()[0]
-            .clone()
-            .unwrap()
-            .version;
-        cache
-            .commit(Commit {
-                writes: vec![write("a", n, Condition::Version(v))],
-                then: vec![],
-            })
-            .await
-            .unwrap();
+        let v = version_of(&cache, &k).await;
+        commit_writes(&cache, vec![write("a", n, Condition::Version(v))]).await;
     }
     cache.flush().await.unwrap();
     let stored = db.load(std::slice::from_ref(&k)).await.unwrap()[0]
@@ -137,17 +122,8 @@ async fn the_cache_writes_only_on_flush_and_a_lost_cache_loses_only_unflushed_it
     assert!(matches!(stored.item.state, ItemState::Counter(11)));
     // A change that is never flushed is gone with the cache; a new cache
     // starts from the database's state.
-    let v = cache.load(std::slice::from_ref(&k)).await.unwrap()[0]
-        .clone()
-        .unwrap()
-        .version;
-    cache
-        .commit(Commit {
-            writes: vec![write("a", 99, Condition::Version(v))],
-            then: vec![],
-        })
-        .await
-        .unwrap();
+    let v = version_of(&cache, &k).await;
+    commit_writes(&cache, vec![write("a", 99, Condition::Version(v))]).await;
     drop(cache);
     let fresh = CachedStore::new(db.clone(), CacheConfig::default());
     let back = fresh.load(std::slice::from_ref(&k)).await.unwrap()[0]

@@ -10,6 +10,7 @@
 //! start, revision), which is what makes a notification fire once per
 //! revision whatever the ticks and restarts of the shell.
 
+use schemas::name::by_name;
 use schemas::{Resolution, WindowView};
 
 use crate::config::AggregateConfig;
@@ -83,13 +84,7 @@ impl std::str::FromStr for Aggregate {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Aggregate::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Aggregate::ALL.iter().map(|a| a.as_str()).collect();
-                format!("unknown aggregate `{s}`; use one of {}", names.join(", "))
-            })
+        by_name(&Aggregate::ALL, Aggregate::as_str, "aggregate", s)
     }
 }
 
@@ -133,10 +128,7 @@ impl std::str::FromStr for Comparison {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        Comparison::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| format!("unknown comparison `{s}`; use >, >=, < or <="))
+        by_name(&Comparison::ALL, Comparison::as_str, "comparison", s)
     }
 }
 

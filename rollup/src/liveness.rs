@@ -36,10 +36,7 @@ impl std::str::FromStr for Status {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown status `{s}`; one of online, offline, stale"))
+        schemas::name::by_name(&Self::ALL, Self::as_str, "status", s)
     }
 }
 

@@ -20,10 +20,12 @@
 //! - `shard`: the record a stream consumer reads from a shard.
 //! - `state`: what the rollup store keeps per item.
 //! - `reject`: every reason input is refused for.
+//! - `name`: reading an enum back from the one name it is written as.
 //!
 //! JSON Schema files for the payloads live in `schemas/json/`; the tests check
 //! them against the same fixtures as the Rust decoder, so the two cannot drift.
 
+pub mod name;
 pub mod payload;
 pub mod presence;
 pub mod reading;

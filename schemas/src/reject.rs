@@ -77,10 +77,7 @@ impl std::str::FromStr for RejectReason {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| format!("unknown reject reason `{s}`"))
+        crate::name::by_name(&Self::ALL, Self::as_str, "reject reason", s)
     }
 }
 

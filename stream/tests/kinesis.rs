@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use stream::kinesis::{Checkpoint, KinesisConfig, KinesisStream, ReaderConfig};
-use stream::lease::LeasedStream;
+use stream::lease::{LeaseStore, LeasedStream};
 use stream::{PutOutcome, PutRecord, ReadError, ShardReader, StreamProducer};
 use testkit::lease_conformance::{self, LeaseHarness, drain_reader};
 use testkit::moto::{moto_config, unique_name};

@@ -9,14 +9,14 @@ use std::time::Duration;
 
 use stream::lease::LeasedStream;
 use stream::nats::{self, NatsConfig, NatsStream};
-use stream::{PutOutcome, PutRecord, ReadError, Record, SeqNo, ShardReader, StreamProducer};
+use stream::{PutOutcome, PutRecord, ReadError, SeqNo, ShardReader, StreamProducer};
 use testkit::lease_conformance::{self, LeaseHarness};
 use testkit::moto::unique_name;
 use testkit::nats::NatsServer;
 use testkit::stream_conformance::{put_stored, record};
 
 mod support;
-use support::NatsHarness;
+use support::{NatsHarness, read_exactly};
 
 fn config(partitions: u32) -> NatsConfig {
     NatsConfig {
@@ -46,26 +46,6 @@ testkit::stream_conformance_tests!(harness().await);
 
 async fn put(stream: &NatsStream, records: Vec<PutRecord>) -> Vec<(String, SeqNo)> {
     put_stored("put", stream, records).await.unwrap()
-}
-
-/// Reads exactly `n` records, then checks that nothing more comes.
-async fn read_exactly(reader: &mut dyn ShardReader, n: usize) -> Vec<Record> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let batch = reader
-            .next_batch(100, Duration::from_secs(10))
-            .await
-            .unwrap();
-        assert!(!batch.is_empty(), "{} of {n} records came", out.len());
-        out.extend(batch);
-    }
-    let more = reader
-        .next_batch(100, Duration::from_millis(300))
-        .await
-        .unwrap();
-    assert!(more.is_empty(), "{} records more than were put", more.len());
-    assert_eq!(out.len(), n);
-    out
 }
 
 #[tokio::test]
@@ -274,10 +254,10 @@ async fn a_checkpoint_written_before_leases_is_where_the_first_owner_resumes() {
             .unwrap()
     );
     let mut leased = stream
-        .leased_reader(&stored[0].0, "processors", "owner-1")
+        .leased_shard_reader(&stored[0].0, "processors", "owner-1")
         .await
         .unwrap();
-    let rest = read_exactly(&mut leased, 2).await;
+    let rest = read_exactly(leased.as_mut(), 2).await;
     assert_eq!(rest[0].seq, stored[1].1);
     leased.checkpoint(rest[1].seq).await.unwrap();
 }

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use stream::nats::{self, NatsConfig, NatsStream};
-use stream::{PutOutcome, ReadError, SeqNo, ShardReader, StreamProducer};
+use stream::{PutOutcome, ReadError, SeqNo, StreamProducer};
 use testkit::moto::unique_name;
 use testkit::nats::NatsCluster;
 use testkit::stream_conformance::record;
 
 mod support;
-use support::NatsHarness;
+use support::{NatsHarness, read_exactly};
 
 const NODES: usize = 3;
 
@@ -122,25 +122,8 @@ async fn a_node_killed_mid_append_loses_no_acknowledged_record_and_stores_none_t
                 Err(e) => panic!("{shard}: {e}"),
             }
         };
-        let mut read = Vec::new();
-        while read.len() < expected {
-            let batch = reader
-                .next_batch(500, Duration::from_secs(10))
-                .await
-                .unwrap();
-            assert!(!batch.is_empty(), "{shard}: {} of {expected}", read.len());
-            read.extend(batch);
-        }
-        let more = reader
-            .next_batch(500, Duration::from_millis(300))
-            .await
-            .unwrap();
-        assert!(
-            more.is_empty(),
-            "{shard}: {} records stored twice",
-            more.len()
-        );
-        for r in read {
+        // Nothing after the expected records: none was stored twice.
+        for r in read_exactly(&mut reader, expected).await {
             let text = String::from_utf8(r.data.to_vec()).unwrap();
             let (key, n) = text.split_once('/').unwrap();
             assert_eq!(key, r.partition_key);

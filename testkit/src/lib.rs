@@ -20,6 +20,8 @@
 //! - [`Pki`]: a test CA with server and client certificates.
 //! - [`now_ms`]: the wall clock, for tests that must stamp real times.
 //! - [`eventually`]: polls a condition that has no notification of its own.
+//! - [`numbers_close`]: JSON numbers equal to 1e-9 relative, for sums that
+//!   may add in another order.
 //!
 //! It depends on the crates whose contracts it carries (`stream`,
 //! `processors`, `ingest`). A unit test inside one of those crates that
@@ -87,4 +89,13 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Whether two JSON numbers are equal to 1e-9 relative: sums over the same
+/// readings may add in another order (other batches, another backend).
+pub fn numbers_close(a: &serde_json::Number, b: &serde_json::Number) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x == y || (x - y).abs() <= 1e-9 * x.abs().max(y.abs()),
+        _ => a == b,
+    }
 }

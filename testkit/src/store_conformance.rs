@@ -57,6 +57,14 @@ pub async fn commit_writes<S: RollupStore + ?Sized>(store: &S, writes: Vec<Write
         .unwrap();
 }
 
+/// The version `key` holds in `store` now; the key must hold an item.
+pub async fn version_of<S: RollupStore + ?Sized>(store: &S, key: &ItemKey) -> u64 {
+    store.load(std::slice::from_ref(key)).await.unwrap()[0]
+        .as_ref()
+        .unwrap()
+        .version
+}
+
 /// Up to `limit` items of partition `pk` with sort keys in `[from, to)`.
 pub fn range(pk: &str, from: &str, to: &str, limit: usize, descending: bool) -> Range {
     Range {

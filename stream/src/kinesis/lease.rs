@@ -159,8 +159,37 @@ impl LeaseTable {
             .key("sk", s(sk))
     }
 
-    /// The consumer's checkpoint in `shard`, read consistently.
-    pub async fn get(&self, consumer: &str, shard: &str) -> Result<Option<Checkpoint>, ReadError> {
+    async fn owned_by(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+        let item = self.read(consumer, shard, "reading a lease").await?;
+        Ok(item.as_ref().and_then(|i| string_of(i, "owner")) == Some(owner))
+    }
+
+    /// Applies `expression` to `owner`'s lease on `shard`, bumping its
+    /// counter, only while `owner` holds it. `Ok(false)`: it does not.
+    async fn update_owned(
+        &self,
+        consumer: &str,
+        shard: &str,
+        owner: &str,
+        expression: &str,
+        doing: &str,
+    ) -> Result<bool, ReadError> {
+        let update = self
+            .update(consumer, shard)
+            .update_expression(expression)
+            .condition_expression("#owner = :me")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":me", s(owner))
+            .expression_attribute_values(":one", n(1));
+        condition_held(update.send().await, doing)
+    }
+}
+
+/// The lease table's operations, each a conditional DynamoDB write or a
+/// consistent read.
+#[async_trait]
+impl LeaseStore for LeaseTable {
+    async fn get(&self, consumer: &str, shard: &str) -> Result<Option<Checkpoint>, ReadError> {
         let item = self.read(consumer, shard, "reading checkpoint").await?;
         Ok(item
             .as_ref()
@@ -168,10 +197,7 @@ impl LeaseTable {
             .map(checkpoint_of))
     }
 
-    /// Moves the checkpoint from `expected` (what this reader last saw;
-    /// `None`: no checkpoint yet) to `new`; with `owner`, only while that
-    /// process holds the shard's lease.
-    pub async fn set(
+    async fn set(
         &self,
         consumer: &str,
         shard: &str,
@@ -210,13 +236,7 @@ impl LeaseTable {
         }
     }
 
-    async fn owned_by(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
-        let item = self.read(consumer, shard, "reading a lease").await?;
-        Ok(item.as_ref().and_then(|i| string_of(i, "owner")) == Some(owner))
-    }
-
-    /// Every lease and heartbeat of `consumer`, read consistently.
-    pub async fn snapshot(&self, consumer: &str) -> Result<LeaseSnapshot, ReadError> {
+    async fn snapshot(&self, consumer: &str) -> Result<LeaseSnapshot, ReadError> {
         let mut out = LeaseSnapshot::default();
         let mut start: Option<Item> = None;
         loop {
@@ -255,10 +275,7 @@ impl LeaseTable {
         }
     }
 
-    /// Takes `shard`'s lease for `owner` if its counter is still `seen`
-    /// (`None`: the shard has no lease yet). `Ok(false)`: someone else moved
-    /// first.
-    pub async fn take(
+    async fn take(
         &self,
         consumer: &str,
         shard: &str,
@@ -280,29 +297,7 @@ impl LeaseTable {
         condition_held(update.send().await, "taking a lease")
     }
 
-    /// Applies `expression` to `owner`'s lease on `shard`, bumping its
-    /// counter, only while `owner` holds it. `Ok(false)`: it does not.
-    async fn update_owned(
-        &self,
-        consumer: &str,
-        shard: &str,
-        owner: &str,
-        expression: &str,
-        doing: &str,
-    ) -> Result<bool, ReadError> {
-        let update = self
-            .update(consumer, shard)
-            .update_expression(expression)
-            .condition_expression("#owner = :me")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":me", s(owner))
-            .expression_attribute_values(":one", n(1));
-        condition_held(update.send().await, doing)
-    }
-
-    /// Renews `owner`'s lease on `shard`. `Ok(false)`: it is not `owner`'s
-    /// any more.
-    pub async fn renew(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
+    async fn renew(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
         self.update_owned(
             consumer,
             shard,
@@ -313,14 +308,7 @@ impl LeaseTable {
         .await
     }
 
-    /// Gives `owner`'s lease on `shard` up, so another process takes it at
-    /// once rather than after the expiry.
-    pub async fn release(
-        &self,
-        consumer: &str,
-        shard: &str,
-        owner: &str,
-    ) -> Result<bool, ReadError> {
+    async fn release(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
         self.update_owned(
             consumer,
             shard,
@@ -331,8 +319,7 @@ impl LeaseTable {
         .await
     }
 
-    /// Says that `owner` is alive.
-    pub async fn heartbeat(&self, consumer: &str, owner: &str) -> Result<(), ReadError> {
+    async fn heartbeat(&self, consumer: &str, owner: &str) -> Result<(), ReadError> {
         self.update(consumer, &format!("{WORKER_PREFIX}{owner}"))
             .update_expression("ADD lease_counter :one")
             .expression_attribute_values(":one", n(1))
@@ -341,50 +328,5 @@ impl LeaseTable {
             .await
             .map(|_| ())
             .map_err(|e| ReadError::Io(format!("writing a heartbeat: {}", describe(&e))))
-    }
-}
-
-/// The operations above, as every lease table offers them.
-#[async_trait]
-impl LeaseStore for LeaseTable {
-    async fn get(&self, consumer: &str, shard: &str) -> Result<Option<Checkpoint>, ReadError> {
-        LeaseTable::get(self, consumer, shard).await
-    }
-
-    async fn set(
-        &self,
-        consumer: &str,
-        shard: &str,
-        owner: Option<&str>,
-        expected: Option<&Checkpoint>,
-        new: &Checkpoint,
-    ) -> Result<(), ReadError> {
-        LeaseTable::set(self, consumer, shard, owner, expected, new).await
-    }
-
-    async fn snapshot(&self, consumer: &str) -> Result<LeaseSnapshot, ReadError> {
-        LeaseTable::snapshot(self, consumer).await
-    }
-
-    async fn take(
-        &self,
-        consumer: &str,
-        shard: &str,
-        owner: &str,
-        seen: Option<u64>,
-    ) -> Result<bool, ReadError> {
-        LeaseTable::take(self, consumer, shard, owner, seen).await
-    }
-
-    async fn renew(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
-        LeaseTable::renew(self, consumer, shard, owner).await
-    }
-
-    async fn release(&self, consumer: &str, shard: &str, owner: &str) -> Result<bool, ReadError> {
-        LeaseTable::release(self, consumer, shard, owner).await
-    }
-
-    async fn heartbeat(&self, consumer: &str, owner: &str) -> Result<(), ReadError> {
-        LeaseTable::heartbeat(self, consumer, owner).await
     }
 }

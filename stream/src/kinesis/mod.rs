@@ -215,26 +215,13 @@ impl KinesisStream {
 
     /// A reader of `shard` for `consumer`, resuming after its checkpoint.
     /// Unleased: nothing stops another process reading the same shard; see
-    /// [`KinesisStream::leased_reader`].
+    /// [`LeasedStream::leased_shard_reader`].
     pub async fn reader(
         &self,
         shard: &str,
         consumer: &str,
     ) -> Result<KinesisShardReader, ReadError> {
         self.open_reader(shard, consumer, None).await
-    }
-
-    /// A reader of a shard whose lease `owner` holds (see [`LeaseKeeper`]):
-    /// its checkpoints succeed only while `owner` still holds the lease, and
-    /// fail with [`ReadError::LeaseLost`] once another process took it.
-    pub async fn leased_reader(
-        &self,
-        shard: &str,
-        consumer: &str,
-        owner: &str,
-    ) -> Result<KinesisShardReader, ReadError> {
-        self.open_reader(shard, consumer, Some(owner.to_string()))
-            .await
     }
 
     /// Shares this stream's shards for `consumer` with the other processes
@@ -284,7 +271,8 @@ impl LeasedStream for KinesisStream {
         consumer: &str,
         owner: &str,
     ) -> Result<Box<dyn ShardReader>, ReadError> {
-        Ok(Box::new(self.leased_reader(shard, consumer, owner).await?))
+        let reader = self.open_reader(shard, consumer, Some(owner.to_string()));
+        Ok(Box::new(reader.await?))
     }
 }
 

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::lease::{Checkpoint, LeaseTable};
+use crate::lease::LeaseStore;
 use crate::{Lag, ReadError, Record, SeqNo, ShardReader};
 
 /// GetRecords returns at most this many records per call.

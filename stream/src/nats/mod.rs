@@ -179,22 +179,9 @@ impl NatsStream {
     /// A reader of `shard` for `consumer`, resuming after its checkpoint or,
     /// without one, at the oldest record kept. Unleased: nothing stops
     /// another process reading the same shard; see
-    /// [`NatsStream::leased_reader`].
+    /// [`LeasedStream::leased_shard_reader`].
     pub async fn reader(&self, shard: &str, consumer: &str) -> Result<NatsShardReader, ReadError> {
         self.open_reader(shard, consumer, None).await
-    }
-
-    /// A reader of a shard whose lease `owner` holds: its checkpoints
-    /// succeed only while `owner` still holds the lease, and fail with
-    /// [`ReadError::LeaseLost`] once another process took it.
-    pub async fn leased_reader(
-        &self,
-        shard: &str,
-        consumer: &str,
-        owner: &str,
-    ) -> Result<NatsShardReader, ReadError> {
-        self.open_reader(shard, consumer, Some(owner.to_string()))
-            .await
     }
 
     async fn open_reader(
@@ -236,7 +223,8 @@ impl LeasedStream for NatsStream {
         consumer: &str,
         owner: &str,
     ) -> Result<Box<dyn ShardReader>, ReadError> {
-        Ok(Box::new(self.leased_reader(shard, consumer, owner).await?))
+        let reader = self.open_reader(shard, consumer, Some(owner.to_string()));
+        Ok(Box::new(reader.await?))
     }
 }
 
