@@ -11,7 +11,8 @@
 //! - `check`: the configuration and the files it names, read before
 //!   anything starts.
 //! - `roles`: which stages a process runs, and the backends a role refuses.
-//! - `stages`: one function per stage started.
+//! - `stages`: one function per stage started; `alerts`, the alert loop's
+//!   wiring (its lease, where its alerts go).
 //!
 //! Every stage stops on its own token of one cancellation tree ([`Stops`]).
 //! Shutdown cancels them front to back so that nothing acknowledged is left
@@ -34,6 +35,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::backends::{Store, Stream};
 use crate::config::Config;
 
+mod alerts;
 mod check;
 mod roles;
 mod stages;

@@ -1,23 +1,30 @@
 //! Alert rules evaluated on windows the real core wrote, and listed by the
-//! API: each crossing window fires once per revision, whatever the passes.
+//! API: each crossing window fires once per revision, whatever the passes;
+//! and behind the alerts lease, delivered by one process of several.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use processors::alerts::{AlertContext, AlertMetrics, AlertsSetup, evaluate_rules};
+use processors::alerts::{
+    AlertContext, AlertLease, AlertMetrics, AlertWorker, AlertsSetup, Backoff, Notifier,
+    evaluate_rules,
+};
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
 use processors::run::{advance_idle_watermark, process_batch};
 use processors::store::memory::MemoryStore;
 use rollup::AggregateConfig;
 use rollup::alerts::{AlertRule, Scope};
+use schemas::state::AlertState;
 use serde_json::Value;
+use testkit::MemoryLeaseStore;
 use testkit::batches::{one_reading, one_reading_received};
 use tower::ServiceExt;
 
@@ -194,4 +201,115 @@ async fn each_crossing_window_fires_once_per_revision() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     let (status, _) = f.list("?severity=high").await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+/// A receiver that records who delivered which alert, and refuses while
+/// its switch is on.
+struct Recorder {
+    process: &'static str,
+    refuse: AtomicBool,
+    log: Arc<Mutex<Vec<(&'static str, String)>>>,
+}
+
+#[async_trait::async_trait]
+impl Notifier for Recorder {
+    async fn notify(&self, alert: &AlertState) -> Result<(), String> {
+        if self.refuse.load(Relaxed) {
+            return Err("refused".into());
+        }
+        let id = processors::alerts::webhook::alert_id(alert);
+        self.log.lock().unwrap().push((self.process, id));
+        Ok(())
+    }
+}
+
+/// One `process` instance's alert loop on the fixture's store and the
+/// shared lease table.
+fn process(
+    f: &Fixture,
+    leases: &Arc<MemoryLeaseStore>,
+    name: &'static str,
+    log: &Arc<Mutex<Vec<(&'static str, String)>>>,
+) -> (AlertWorker, Arc<Recorder>) {
+    let recorder = Arc::new(Recorder {
+        process: name,
+        refuse: AtomicBool::new(false),
+        log: log.clone(),
+    });
+    let ctx = AlertContext {
+        setup: f.ctx.setup.clone(),
+        store: f.store.clone(),
+        query: f.store.clone(),
+        aggregate: f.cfg.clone(),
+        metrics: Arc::new(AlertMetrics::default()),
+        clock: f.ctx.clock.clone(),
+    };
+    let backoff = Backoff::new(Duration::from_millis(1), Duration::from_millis(1));
+    let worker = AlertWorker::new(ctx)
+        .with_lease(AlertLease::new(leases.clone(), name, LEASE))
+        .with_notifier(recorder.clone(), backoff);
+    (worker, recorder)
+}
+
+const LEASE: Duration = Duration::from_secs(10);
+
+/// A renewal of every process at `now`, then a pass and a delivery each.
+async fn round(processes: &mut [&mut AlertWorker], now: i64) -> Vec<bool> {
+    let mut leads = Vec::new();
+    for p in processes.iter_mut() {
+        leads.push(p.renew(now).await);
+    }
+    for p in processes.iter_mut() {
+        p.evaluate().await.unwrap();
+        p.deliver_due().await;
+    }
+    leads
+}
+
+#[tokio::test]
+async fn behind_the_lease_one_process_delivers_each_alert_and_another_takes_over_when_it_dies() {
+    let f = Fixture::new();
+    let leases = Arc::new(MemoryLeaseStore::new());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (mut a, a_hook) = process(&f, &leases, "a", &log);
+    let (mut b, _) = process(&f, &leases, "b", &log);
+    let delivered = |log: &Mutex<Vec<(&'static str, String)>>| log.lock().unwrap().clone();
+
+    let values = [10.0, 40.0, 20.0, 29.0, 50.0];
+    let on_time: Vec<_> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| one_reading(i as u64 + 1, "d1", "f", T0 + i as i64 * MIN + 5, *v))
+        .collect();
+    f.batch(&on_time).await;
+    f.watermark(T0 + 3 * MIN).await;
+    let t = 1_000_000;
+    assert_eq!(round(&mut [&mut a, &mut b], t).await, [true, false]);
+    assert_eq!(round(&mut [&mut a, &mut b], t + 3_000).await, [true, false]);
+    let hot_1 = format!("hot/{}/0", T0 + MIN);
+    assert_eq!(delivered(&log), [("a", hot_1.clone())]);
+
+    // Minute 4 crosses `hot` (not `hot2`: minute 3 did not); a fires it,
+    // its receiver refuses, and a dies before a retry: it neither renews
+    // nor gives the lease up.
+    a_hook.refuse.store(true, Relaxed);
+    f.watermark(T0 + 5 * MIN).await;
+    assert_eq!(round(&mut [&mut a, &mut b], t + 6_000).await, [true, false]);
+    drop(a);
+
+    // b waits out the lease on its own clock, from when it saw a's last
+    // renewal; then it takes over and delivers what a left undelivered.
+    let last_renewal = t + 6_000;
+    let early = last_renewal + LEASE.as_millis() as i64 - 1;
+    assert_eq!(round(&mut [&mut b], early).await, [false]);
+    assert_eq!(delivered(&log).len(), 1);
+    let expired = last_renewal + LEASE.as_millis() as i64;
+    assert_eq!(round(&mut [&mut b], expired).await, [true]);
+    assert_eq!(round(&mut [&mut b], expired + 3_000).await, [true]);
+    let hot_4 = format!("hot/{}/0", T0 + 4 * MIN);
+    assert_eq!(delivered(&log), [("a", hot_1), ("b", hot_4)]);
+    let (_, body) = f.list("").await;
+    let alerts = body["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 2, "{body}");
+    assert!(alerts.iter().all(|a| a["delivered"] == true), "{body}");
 }

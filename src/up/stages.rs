@@ -319,7 +319,7 @@ impl Wiring<'_> {
         let aggregate = self.aggregate.clone();
         let keep = self.config.aggregate.dead_letters_per_reason;
         let stop = stop.clone();
-        let alerts = self.alert_loop(&store, &stop);
+        let alerts = self.alert_loop(&stream, &store, &stop);
         let passes = async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
             loop {
@@ -342,26 +342,6 @@ impl Wiring<'_> {
                 None => passes.await,
             }
         })
-    }
-}
-
-impl Wiring<'_> {
-    /// The alert rules' evaluation and notifications, stopping with `stop`.
-    fn alert_loop(
-        &self,
-        store: &Store,
-        stop: &CancellationToken,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        let setup = self.alerts.clone()?;
-        let ctx = processors::alerts::AlertContext {
-            setup,
-            store: store.writer(),
-            query: store.query(),
-            aggregate: self.aggregate.clone(),
-            metrics: self.alert_metrics.clone(),
-            clock: Arc::new(now_ms),
-        };
-        Some(processors::alerts::run(ctx, stop.clone().cancelled_owned()))
     }
 }
 
