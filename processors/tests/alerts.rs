@@ -1,6 +1,7 @@
 //! Alert rules evaluated on windows the real core wrote, and listed by the
 //! API: each crossing window fires once per revision, whatever the passes;
-//! and behind the alerts lease, delivered by one process of several.
+//! behind the alerts lease, delivered by one process of several; and
+//! relayed from the store to another process's tap once each.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,8 +14,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use processors::alerts::{
-    AlertContext, AlertLease, AlertMetrics, AlertWorker, AlertsSetup, Backoff, Notifier,
-    evaluate_rules,
+    AlertContext, AlertLease, AlertMetrics, AlertRelay, AlertWorker, AlertsSetup, Backoff,
+    Notifier, evaluate_rules,
 };
 use processors::api::{ApiState, app};
 use processors::metrics::ProcessorMetrics;
@@ -312,4 +313,58 @@ async fn behind_the_lease_one_process_delivers_each_alert_and_another_takes_over
     let alerts = body["alerts"].as_array().unwrap();
     assert_eq!(alerts.len(), 2, "{body}");
     assert!(alerts.iter().all(|a| a["delivered"] == true), "{body}");
+}
+
+#[tokio::test]
+async fn a_relay_hands_on_each_alert_fired_since_it_started_once() {
+    let f = Fixture::new();
+    let fired_at = (f.ctx.clock)();
+    let setup = f.ctx.setup.clone();
+    let mut relay = AlertRelay::new(f.store.clone(), &setup, &f.cfg, fired_at);
+    let mut too_young = AlertRelay::new(f.store.clone(), &setup, &f.cfg, fired_at + 1);
+    let ids = |alerts: Vec<AlertState>| -> Vec<(String, i64, u64)> {
+        alerts
+            .iter()
+            .map(|a| alert(&a.rule, (a.window_start - T0) / MIN, a.revision))
+            .collect()
+    };
+    let now = T0 + 10 * MIN;
+    assert!(relay.poll(now).await.unwrap().is_empty());
+
+    let values = [10.0, 40.0, 20.0, 29.0, 50.0];
+    let on_time: Vec<_> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| one_reading(i as u64 + 1, "d1", "f", T0 + i as i64 * MIN + 5, *v))
+        .collect();
+    f.batch(&on_time).await;
+    f.watermark(T0 + 5 * MIN).await;
+    assert_eq!(f.evaluate().await, 2);
+    assert_eq!(
+        ids(relay.poll(now).await.unwrap()),
+        [alert("hot", 1, 0), alert("hot", 4, 0)]
+    );
+    assert!(relay.poll(now + 1).await.unwrap().is_empty(), "once each");
+    // Alerts fired before a relay started went to the taps of the
+    // processes running then.
+    assert!(too_young.poll(now).await.unwrap().is_empty());
+
+    // A late reading revises minute 3: only the alerts it fires are new.
+    let late = T0 + 5 * MIN + 20;
+    f.batch(&[one_reading_received(
+        7,
+        "d1",
+        "f",
+        T0 + 3 * MIN + 30,
+        40.0,
+        late,
+    )])
+    .await;
+    f.watermark(late).await;
+    assert_eq!(f.evaluate().await, 4);
+    assert_eq!(
+        ids(relay.poll(now + 2).await.unwrap()),
+        [alert("hot", 3, 1), alert("hot2", 4, 0)]
+    );
+    assert!(relay.poll(now + 3).await.unwrap().is_empty());
 }

@@ -105,6 +105,8 @@ pub(super) struct Wiring<'a> {
     /// The alert rules and where they notify, if any rule is configured.
     pub(super) alerts: Option<Arc<processors::alerts::AlertsSetup>>,
     pub(super) alert_metrics: Arc<processors::alerts::AlertMetrics>,
+    /// The endpoint's live tap and its counters, with the ingest role.
+    pub(super) tap: Option<(ingest::LiveTap, Arc<ingest::IngestMetrics>)>,
 }
 
 /// The test seams of the processors: the store they write through, and
@@ -218,6 +220,7 @@ impl Wiring<'_> {
             authorizer,
             lateness: self.lateness(),
             presence: mqtt.presence,
+            tap: self.tap.clone().map(|(tap, _)| tap).unwrap_or_default(),
             ..ingest::EndpointConfig::default()
         };
         let serve = ingest::serve_on(

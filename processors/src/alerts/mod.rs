@@ -15,6 +15,9 @@
 //! - `run`: [`AlertWorker`], one process's evaluation and delivery as steps
 //!   a test drives with the time as an argument, and [`run`], the loop that
 //!   wakes for an evaluation tick, a lease renewal or a retry that is due.
+//! - `relay`: [`AlertRelay`], the alerts another process fired, read from
+//!   the store for this process's live tap (`iotpipe ingest` apart from
+//!   `iotpipe process`).
 //!
 //! Evaluation is driven by the store, not by the write path: fleet windows
 //! are written per batch and shard and merged on read, and a window is
@@ -30,6 +33,7 @@
 mod deliver;
 mod evaluate;
 mod lease;
+mod relay;
 mod run;
 pub mod webhook;
 
@@ -45,6 +49,7 @@ pub use aws::backoff::Backoff;
 pub use deliver::Notifier;
 pub use evaluate::{AlertError, Pass, evaluate_rules};
 pub use lease::{ALERTS_LEASE, AlertLease};
+pub use relay::{AlertRelay, relay};
 pub use run::{AlertWorker, run};
 pub use webhook::{Webhook, WebhookConfig};
 
