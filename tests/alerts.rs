@@ -18,7 +18,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use iotpipe::config::{AlertsConfig, RetentionSetting};
 use iotpipe::{Config, Pipeline};
 use serde_json::{Value, json};
 use support::webhook::{SECRET, receiver, signature_is_valid};
@@ -29,18 +28,22 @@ use tokio::sync::mpsc;
 const FLEET: &str = "hot-f";
 const SEC: i64 = 1000;
 
-/// One-second windows (and minutes above them), a minute of lateness, and
-/// the rule `hot`: a fleet second whose average is above 30.
-fn config(dir: &std::path::Path, url: &str) -> Config {
-    let mut c = support::config(dir);
-    c.aggregate.resolutions = vec!["1s".into(), "1m".into()];
-    c.aggregate.retention = RetentionSetting::Named("1s=1d,1m=1d".into());
-    c.aggregate.allowed_lateness = Duration::from_secs(60);
-    c.aggregate.watermark_slack = Duration::from_millis(200);
-    c.alerts = toml::from_str::<AlertsConfig>(&format!(
+/// The config file: one-second windows (and minutes above them), a minute
+/// of lateness, the rule `hot` (a fleet second whose average is above 30)
+/// and a webhook at `url`; short leases for role processes.
+fn settings(url: &str) -> String {
+    format!(
         r#"
+        [aggregate]
+        resolutions = ["1s", "1m"]
+        retention = "1s=1d,1m=1d"
+        allowed_lateness = "60s"
+        watermark_slack = "200ms"
+        [backend]
+        lease_duration = "4s"
+        [alerts]
         evaluate_every = "100ms"
-        [[rules]]
+        [[alerts.rules]]
         name = "hot"
         fleet = "{FLEET}"
         metric = "temp"
@@ -48,15 +51,23 @@ fn config(dir: &std::path::Path, url: &str) -> Config {
         aggregate = "avg"
         comparison = ">"
         threshold = 30.0
-        [webhook]
+        [alerts.webhook]
         url = "{url}"
         secret = "{SECRET}"
         retry_initial = "100ms"
         retry_max = "1s"
         "#
-    ))
-    .unwrap();
-    c
+    )
+}
+
+/// [`settings`] for `iotpipe up` in `dir`.
+fn config(dir: &std::path::Path, url: &str) -> Config {
+    let file: Config = toml::from_str(&settings(url)).unwrap();
+    Config {
+        aggregate: file.aggregate,
+        alerts: file.alerts,
+        ..support::config(dir)
+    }
 }
 
 /// The start of a second far enough ahead that readings stamped in it and
@@ -147,6 +158,24 @@ async fn watch_alerts(addr: SocketAddr) -> mpsc::UnboundedReceiver<(String, Valu
     rx
 }
 
+/// The tap carried each of `expected` once, on `iotpipe/alerts/hot`, with
+/// the body the webhook received for it.
+fn tapped_once_each_as_posted(
+    on_tap: &[(String, Value)],
+    expected: &BTreeSet<String>,
+    posted: &[support::webhook::Seen],
+) {
+    let id = |a: &Value| format!("hot/{}/{}", a["window_start"], a["revision"]);
+    let ids: Vec<String> = on_tap.iter().map(|(_, a)| id(a)).collect();
+    assert_eq!(ids.len(), expected.len(), "each alert once: {on_tap:#?}");
+    assert_eq!(&ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
+    for (topic, body) in on_tap {
+        assert_eq!(topic, "iotpipe/alerts/hot");
+        let webhook = posted.iter().find(|s| s.id == id(body)).unwrap();
+        assert_eq!(body, &webhook.body, "the tap and the webhook say the same");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_fire_exactly_for_the_crossing_windows_and_arrive_once_signed() {
     let dir = tempfile::tempdir().unwrap();
@@ -227,51 +256,7 @@ async fn alerts_fire_exactly_for_the_crossing_windows_and_arrive_once_signed() {
     while let Some(m) = tap.recv().await {
         on_tap.push(m);
     }
-    let tap_ids: Vec<String> = on_tap
-        .iter()
-        .map(|(_, a)| format!("hot/{}/{}", a["window_start"], a["revision"]))
-        .collect();
-    assert_eq!(
-        tap_ids.iter().cloned().collect::<BTreeSet<_>>(),
-        expected_ids,
-        "{on_tap:#?}"
-    );
-    assert_eq!(tap_ids.len(), 4, "each alert once on the tap: {on_tap:#?}");
-    for (topic, body) in &on_tap {
-        assert_eq!(topic, "iotpipe/alerts/hot");
-        let id = format!("hot/{}/{}", body["window_start"], body["revision"]);
-        let posted = seen.iter().find(|s| s.id == id).unwrap();
-        assert_eq!(body, &posted.body, "the tap and the webhook say the same");
-    }
-}
-
-/// The settings of [`config`], as the file that role processes share, on
-/// short leases.
-fn role_config(url: &str) -> String {
-    format!(
-        r#"
-        [aggregate]
-        resolutions = ["1s", "1m"]
-        retention = "1s=1d,1m=1d"
-        allowed_lateness = "60s"
-        watermark_slack = "200ms"
-        [backend]
-        lease_duration = "4s"
-        [alerts]
-        evaluate_every = "100ms"
-        [[alerts.rules]]
-        name = "hot"
-        fleet = "{FLEET}"
-        metric = "temp"
-        resolution = "1s"
-        aggregate = "avg"
-        comparison = ">"
-        threshold = 30.0
-        [alerts.webhook]
-        url = "{url}"
-        secret = "{SECRET}"
-        "#
-    )
+    tapped_once_each_as_posted(&on_tap, &expected_ids, &seen);
 }
 
 /// `iotpipe ingest` apart from two `iotpipe process` instances, on NATS
@@ -285,7 +270,7 @@ async fn apart_from_ingest_one_of_two_processes_delivers_and_the_tap_relays_each
     let (url, hook) = receiver(0).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("iotpipe.toml");
-    std::fs::write(&file, role_config(&url)).unwrap();
+    std::fs::write(&file, settings(&url)).unwrap();
     let (stream_name, db_url) = (testkit::unique_name("alerts"), db.url());
     let args = [
         "--config",
@@ -367,18 +352,7 @@ async fn apart_from_ingest_one_of_two_processes_delivers_and_the_tap_relays_each
         2,
         "each alert once, from one process: {seen:#?}"
     );
-    let tap_ids: Vec<String> = on_tap
-        .iter()
-        .map(|(_, a)| format!("hot/{}/{}", a["window_start"], a["revision"]))
-        .collect();
-    assert_eq!(tap_ids.len(), 2, "each alert once on the tap: {on_tap:#?}");
-    assert_eq!(tap_ids.into_iter().collect::<BTreeSet<_>>(), expected);
-    for (topic, body) in &on_tap {
-        assert_eq!(topic, "iotpipe/alerts/hot");
-        let id = format!("hot/{}/{}", body["window_start"], body["revision"]);
-        let posted = seen.iter().find(|s| s.id == id).unwrap();
-        assert_eq!(body, &posted.body, "the tap and the webhook say the same");
-    }
+    tapped_once_each_as_posted(&on_tap, &expected, &seen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,6 +91,27 @@ impl Fixture {
             .unwrap();
     }
 
+    /// One reading a minute from minute 0 (a window's average is its value):
+    /// 10, 40, 20, 29 and 50.
+    async fn five_minutes(&self) {
+        let values = [10.0, 40.0, 20.0, 29.0, 50.0];
+        let on_time: Vec<_> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| one_reading(i as u64 + 1, "d1", "f", T0 + i as i64 * MIN + 5, *v))
+            .collect();
+        self.batch(&on_time).await;
+    }
+
+    /// A late reading of 40 in minute 3, applied with the watermark past
+    /// its arrival: minute 3 becomes 34.5 at revision 1.
+    async fn late_minute_3(&self) {
+        let late = T0 + 5 * MIN + 20;
+        let reading = one_reading_received(6, "d1", "f", T0 + 3 * MIN + 30, 40.0, late);
+        self.batch(&[reading]).await;
+        self.watermark(late).await;
+    }
+
     /// One pass; returns the alerts fired so far, in total.
     async fn evaluate(&self) -> u64 {
         evaluate_rules(&self.ctx).await.unwrap();
@@ -139,14 +160,7 @@ fn alert(rule: &str, minute: i64, revision: u64) -> (String, i64, u64) {
 #[tokio::test]
 async fn each_crossing_window_fires_once_per_revision() {
     let f = Fixture::new();
-    // One reading a minute; the average of a window is its value.
-    let values = [10.0, 40.0, 20.0, 29.0, 50.0];
-    let on_time: Vec<_> = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| one_reading(i as u64 + 1, "d1", "f", T0 + i as i64 * MIN + 5, *v))
-        .collect();
-    f.batch(&on_time).await;
+    f.five_minutes().await;
 
     // Nothing is judged before the watermark passed a window's end.
     assert_eq!(f.evaluate().await, 0);
@@ -163,17 +177,7 @@ async fn each_crossing_window_fires_once_per_revision() {
 
     // A late reading lifts minute 3 to 34.5 at revision 1: `hot` fires for
     // it, and `hot2` (two windows in a row) now holds at minute 4.
-    let late = T0 + 5 * MIN + 20;
-    f.batch(&[one_reading_received(
-        6,
-        "d1",
-        "f",
-        T0 + 3 * MIN + 30,
-        40.0,
-        late,
-    )])
-    .await;
-    f.watermark(late).await;
+    f.late_minute_3().await;
     assert_eq!(f.evaluate().await, 4);
     assert_eq!(f.evaluate().await, 4);
 
@@ -276,13 +280,7 @@ async fn behind_the_lease_one_process_delivers_each_alert_and_another_takes_over
     let (mut b, _) = process(&f, &leases, "b", &log);
     let delivered = |log: &Mutex<Vec<(&'static str, String)>>| log.lock().unwrap().clone();
 
-    let values = [10.0, 40.0, 20.0, 29.0, 50.0];
-    let on_time: Vec<_> = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| one_reading(i as u64 + 1, "d1", "f", T0 + i as i64 * MIN + 5, *v))
-        .collect();
-    f.batch(&on_time).await;
+    f.five_minutes().await;
     f.watermark(T0 + 3 * MIN).await;
     let t = 1_000_000;
     assert_eq!(round(&mut [&mut a, &mut b], t).await, [true, false]);
@@ -331,13 +329,7 @@ async fn a_relay_hands_on_each_alert_fired_since_it_started_once() {
     let now = T0 + 10 * MIN;
     assert!(relay.poll(now).await.unwrap().is_empty());
 
-    let values = [10.0, 40.0, 20.0, 29.0, 50.0];
-    let on_time: Vec<_> = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| one_reading(i as u64 + 1, "d1", "f", T0 + i as i64 * MIN + 5, *v))
-        .collect();
-    f.batch(&on_time).await;
+    f.five_minutes().await;
     f.watermark(T0 + 5 * MIN).await;
     assert_eq!(f.evaluate().await, 2);
     assert_eq!(
@@ -350,17 +342,7 @@ async fn a_relay_hands_on_each_alert_fired_since_it_started_once() {
     assert!(too_young.poll(now).await.unwrap().is_empty());
 
     // A late reading revises minute 3: only the alerts it fires are new.
-    let late = T0 + 5 * MIN + 20;
-    f.batch(&[one_reading_received(
-        7,
-        "d1",
-        "f",
-        T0 + 3 * MIN + 30,
-        40.0,
-        late,
-    )])
-    .await;
-    f.watermark(late).await;
+    f.late_minute_3().await;
     assert_eq!(f.evaluate().await, 4);
     assert_eq!(
         ids(relay.poll(now + 2).await.unwrap()),
