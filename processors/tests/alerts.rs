@@ -1,7 +1,8 @@
 //! Alert rules evaluated on windows the real core wrote, and listed by the
 //! API: each crossing window fires once per revision, whatever the passes;
 //! behind the alerts lease, delivered by one process of several; and
-//! relayed from the store to another process's tap once each.
+//! relayed from the store to another process's tap once each; and on AWS
+//! (DynamoDB and SNS on moto), published to the topic once each.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aws_sdk_sqs::types::QueueAttributeName;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -18,15 +20,20 @@ use processors::alerts::{
     Notifier, evaluate_rules,
 };
 use processors::api::{ApiState, app};
+use processors::lambda::alerts::{AlertsFunctionConfig, AlertsHandler, AlertsReport, SnsTopic};
+use processors::lambda::env::FromEnv;
 use processors::metrics::ProcessorMetrics;
 use processors::run::{advance_idle_watermark, process_batch};
+use processors::store::dynamodb::DynamoStore;
 use processors::store::memory::MemoryStore;
+use processors::store::{RollupQuery, RollupStore};
 use rollup::AggregateConfig;
 use rollup::alerts::{AlertRule, Scope};
 use schemas::state::AlertState;
 use serde_json::Value;
 use testkit::MemoryLeaseStore;
 use testkit::batches::{one_reading, one_reading_received};
+use testkit::moto::{moto_config, unique_name};
 use tower::ServiceExt;
 
 const T0: i64 = 1_764_240_000_000; // a minute boundary
@@ -46,14 +53,17 @@ fn rule(name: &str, for_windows: u32) -> AlertRule {
 }
 
 struct Fixture {
-    store: Arc<MemoryStore>,
     cfg: Arc<AggregateConfig>,
     ctx: AlertContext,
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let store = Arc::new(MemoryStore::new());
+        Fixture::on(Arc::new(MemoryStore::new()))
+    }
+
+    /// The rules `hot` and `hot2` on `store`.
+    fn on<S: RollupStore + RollupQuery>(store: Arc<S>) -> Fixture {
         let cfg = Arc::new(AggregateConfig::default());
         let ctx = AlertContext {
             setup: Arc::new(AlertsSetup {
@@ -63,19 +73,19 @@ impl Fixture {
                 keep_ms: 86_400_000,
             }),
             store: store.clone(),
-            query: store.clone(),
+            query: store,
             aggregate: cfg.clone(),
             metrics: Arc::new(AlertMetrics::default()),
             clock: Arc::new(|| T0 + 10 * MIN),
         };
-        Fixture { store, cfg, ctx }
+        Fixture { cfg, ctx }
     }
 
     async fn batch(&self, records: &[schemas::shard::Record]) {
         process_batch(
             "s0",
             records,
-            self.store.as_ref(),
+            self.ctx.store.as_ref(),
             &self.cfg,
             &ProcessorMetrics::default(),
         )
@@ -86,7 +96,7 @@ impl Fixture {
     /// Everything that arrived up to `at` is applied.
     async fn watermark(&self, at: i64) {
         let now = at + self.cfg.watermark_slack_ms;
-        advance_idle_watermark("s0", self.store.as_ref(), &self.cfg, now)
+        advance_idle_watermark("s0", self.ctx.store.as_ref(), &self.cfg, now)
             .await
             .unwrap();
     }
@@ -119,7 +129,7 @@ impl Fixture {
     }
 
     async fn list(&self, query: &str) -> (StatusCode, Value) {
-        let mut state = ApiState::new(self.store.clone(), self.cfg.clone());
+        let mut state = ApiState::new(self.ctx.query.clone(), self.cfg.clone());
         state.alert_rules = Arc::from(["hot".to_string(), "hot2".to_string()]);
         let resp = app(state)
             .oneshot(
@@ -243,8 +253,8 @@ fn process(
     });
     let ctx = AlertContext {
         setup: f.ctx.setup.clone(),
-        store: f.store.clone(),
-        query: f.store.clone(),
+        store: f.ctx.store.clone(),
+        query: f.ctx.query.clone(),
         aggregate: f.cfg.clone(),
         metrics: Arc::new(AlertMetrics::default()),
         clock: f.ctx.clock.clone(),
@@ -318,8 +328,8 @@ async fn a_relay_hands_on_each_alert_fired_since_it_started_once() {
     let f = Fixture::new();
     let fired_at = (f.ctx.clock)();
     let setup = f.ctx.setup.clone();
-    let mut relay = AlertRelay::new(f.store.clone(), &setup, &f.cfg, fired_at);
-    let mut too_young = AlertRelay::new(f.store.clone(), &setup, &f.cfg, fired_at + 1);
+    let mut relay = AlertRelay::new(f.ctx.query.clone(), &setup, &f.cfg, fired_at);
+    let mut too_young = AlertRelay::new(f.ctx.query.clone(), &setup, &f.cfg, fired_at + 1);
     let ids = |alerts: Vec<AlertState>| -> Vec<(String, i64, u64)> {
         alerts
             .iter()
@@ -349,4 +359,112 @@ async fn a_relay_hands_on_each_alert_fired_since_it_started_once() {
         [alert("hot", 3, 1), alert("hot2", 4, 0)]
     );
     assert!(relay.poll(now + 3).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn on_aws_each_alert_is_published_to_the_sns_topic_once_and_marked_delivered() {
+    let aws = moto_config().unwrap();
+    let sdk = aws.load().await;
+    let (sns, sqs) = (
+        aws_sdk_sns::Client::new(&sdk),
+        aws_sdk_sqs::Client::new(&sdk),
+    );
+    let topic = sns
+        .create_topic()
+        .name(unique_name("alerts"))
+        .send()
+        .await
+        .unwrap()
+        .topic_arn
+        .unwrap();
+    // What the topic publishes lands in a queue the test reads, as is.
+    let queue_url = sqs
+        .create_queue()
+        .queue_name(unique_name("alerts"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let queue_arn = sqs
+        .get_queue_attributes()
+        .queue_url(&queue_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .unwrap()
+        .attributes
+        .unwrap()[&QueueAttributeName::QueueArn]
+        .clone();
+    sns.subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint(&queue_arn)
+        .attributes("RawMessageDelivery", "true")
+        .send()
+        .await
+        .unwrap();
+    let store = Arc::new(DynamoStore::connect(&aws, &unique_name("rollups")).await);
+    store.create_table().await.unwrap();
+    let f = Fixture::on(store.clone());
+    f.five_minutes().await;
+    f.watermark(T0 + 5 * MIN).await;
+
+    // The function as its environment configures it.
+    let rules = r#"[
+        {"name": "hot", "fleet": "f", "metric": "t", "resolution": "1m",
+         "aggregate": "avg", "comparison": ">", "threshold": 30.0},
+        {"name": "hot2", "fleet": "f", "metric": "t", "resolution": "1m",
+         "aggregate": "avg", "comparison": ">", "threshold": 30.0, "for": 2}
+    ]"#;
+    let table = store.table_name().to_string();
+    let vars = |name: &str| match name {
+        "TABLE_NAME" => Some(table.clone()),
+        "ALERTS_TOPIC_ARN" => Some(topic.clone()),
+        "ALERT_RULES" => Some(rules.to_string()),
+        _ => None,
+    };
+    let config = AlertsFunctionConfig::from_vars(vars).unwrap();
+    assert_eq!(config.setup.rules, f.ctx.setup.rules);
+    let notifier = Arc::new(SnsTopic::new(sns, &topic));
+    let handler = AlertsHandler::new(store, config, notifier, Arc::new(|| T0 + 10 * MIN));
+    let report = handler.pass().await;
+    assert_eq!((report.fired, report.delivered, report.failed), (2, 2, 0));
+    assert_eq!(report.error, None);
+    assert_eq!(handler.pass().await, AlertsReport::default(), "once each");
+
+    let mut published = Vec::new();
+    loop {
+        let received = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .unwrap();
+        let messages = received.messages();
+        if messages.is_empty() {
+            break;
+        }
+        for m in messages {
+            let body: Value = serde_json::from_str(m.body().unwrap()).unwrap();
+            published.push(alert(
+                body["rule"].as_str().unwrap(),
+                (body["window_start"].as_i64().unwrap() - T0) / MIN,
+                body["revision"].as_u64().unwrap(),
+            ));
+            sqs.delete_message()
+                .queue_url(&queue_url)
+                .receipt_handle(m.receipt_handle().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    published.sort();
+    assert_eq!(published, [alert("hot", 1, 0), alert("hot", 4, 0)]);
+    let (_, body) = f.list("").await;
+    let alerts = body["alerts"].as_array().unwrap();
+    assert_eq!(alerts.len(), 2, "{body}");
+    assert!(alerts.iter().all(|a| a["delivered"] == true), "{body}");
 }

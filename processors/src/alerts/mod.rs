@@ -15,6 +15,8 @@
 //! - `run`: [`AlertWorker`], one process's evaluation and delivery as steps
 //!   a test drives with the time as an argument, and [`run`], the loop that
 //!   wakes for an evaluation tick, a lease renewal or a retry that is due.
+//! - `rules`: [`RuleConfig`], a rule as the config file and the AWS
+//!   function's environment write it.
 //! - `relay`: [`AlertRelay`], the alerts another process fired, read from
 //!   the store for this process's live tap (`iotpipe ingest` apart from
 //!   `iotpipe process`).
@@ -34,6 +36,7 @@ mod deliver;
 mod evaluate;
 mod lease;
 mod relay;
+mod rules;
 mod run;
 pub mod webhook;
 
@@ -50,6 +53,7 @@ pub use deliver::Notifier;
 pub use evaluate::{AlertError, Pass, evaluate_rules};
 pub use lease::{ALERTS_LEASE, AlertLease};
 pub use relay::{AlertRelay, relay};
+pub use rules::RuleConfig;
 pub use run::{AlertWorker, run};
 pub use webhook::{Webhook, WebhookConfig};
 
