@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the three Lambda functions (aggregate, query, replay) as zips for
+# Builds the four Lambda functions (aggregate, alerts, query, replay) as zips for
 # template.yaml, with cargo-lambda, and reports their sizes.
 #
 #   deploy/build.sh            arm64, what template.yaml deploys
@@ -8,7 +8,7 @@
 #
 # Needs cargo-lambda (pip install cargo-lambda, which brings zig). For arm64
 # also: rustup target add aarch64-unknown-linux-gnu. The zips land in
-# deploy/dist/{aggregate,query,replay}.zip.
+# deploy/dist/{aggregate,alerts,query,replay}.zip.
 set -euo pipefail
 
 arch="${IOTPIPE_LAMBDA_ARCH:-arm64}"
@@ -43,11 +43,11 @@ export CARGO_PROFILE_RELEASE_CODEGEN_UNITS=4
 
 out="$CARGO_TARGET_DIR/lambda-$arch"
 cargo lambda build --release "$arch_flag" --package processors \
-    --bin aggregate --bin query --bin replay \
+    --bin aggregate --bin alerts --bin query --bin replay \
     --output-format zip --lambda-dir "$out"
 
 mkdir -p "$deploy/dist"
-for function in aggregate query replay; do
+for function in aggregate alerts query replay; do
     cp "$out/$function/bootstrap.zip" "$deploy/dist/$function.zip"
     zip_bytes=$(stat -c %s "$deploy/dist/$function.zip")
     binary_bytes=$(unzip -l "$deploy/dist/$function.zip" | awk '$4 == "bootstrap" {print $1}')
@@ -55,4 +55,4 @@ for function in aggregate query replay; do
         printf "%-9s %s: zip %d bytes (%.2f MiB), bootstrap %d bytes (%.2f MiB)\n", f, a, z, z / 1048576, b, b / 1048576
     }'
 done
-echo "unzipped binaries, e.g. for the cold-start example: $CARGO_TARGET_DIR/$triple/release/{aggregate,query,replay}"
+echo "unzipped binaries, e.g. for the cold-start example: $CARGO_TARGET_DIR/$triple/release/{aggregate,alerts,query,replay}"

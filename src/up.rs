@@ -11,7 +11,8 @@
 //! - `check`: the configuration and the files it names, read before
 //!   anything starts.
 //! - `roles`: which stages a process runs, and the backends a role refuses.
-//! - `stages`: one function per stage started.
+//! - `stages`: one function per stage started; `alerts`, the alert loop's
+//!   wiring (its lease, where its alerts go).
 //!
 //! Every stage stops on its own token of one cancellation tree ([`Stops`]).
 //! Shutdown cancels them front to back so that nothing acknowledged is left
@@ -34,6 +35,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::backends::{Store, Stream};
 use crate::config::Config;
 
+mod alerts;
 mod check;
 mod roles;
 mod stages;
@@ -182,7 +184,7 @@ async fn start_roles_with(config: &Config, roles: Roles, hooks: Hooks) -> anyhow
         true => Some(Arc::new(Stream::open(config).await?)),
         false => None,
     };
-    let store = match roles.needs_store() {
+    let store = match roles.needs_store() || roles.relays_alerts(config) {
         true => Some(Arc::new(Store::open(config).await?)),
         false => None,
     };
@@ -196,18 +198,20 @@ async fn start_roles_with(config: &Config, roles: Roles, hooks: Hooks) -> anyhow
     let http_addr = http.local_addr()?;
     let (failures, failed) = Failures::new();
     let stops = Stops::new();
+    let ingest_metrics = Arc::new(ingest::IngestMetrics::new());
     let wiring = Wiring {
         config,
         aggregate,
         failures,
         alerts: alerts.map(Arc::new),
         alert_metrics: Arc::default(),
+        tap: alerts::live_tap(roles, &ingest_metrics),
     };
 
     // Back to front, so that each stage's consumer runs before it does.
     let processor_metrics = Arc::new(ProcessorMetrics::default());
     let mut processors = Vec::new();
-    let mut maintenance = None;
+    let mut maintenance = wiring.start_alert_relay(roles, store.as_deref(), &stops.maintenance);
     if let (true, Some(stream), Some(store)) = (roles.process, &stream, &store) {
         let wrap = (hooks.wrap_store.as_ref(), hooks.wrap_reader);
         processors = wiring
@@ -215,7 +219,6 @@ async fn start_roles_with(config: &Config, roles: Roles, hooks: Hooks) -> anyhow
             .await?;
         maintenance = Some(wiring.start_maintenance(stream, store, &stops.maintenance));
     }
-    let ingest_metrics = Arc::new(ingest::IngestMetrics::new());
     let (mut ingest, mut bridge_task, mut mqtt_addr, mut tls_addr) = (None, None, None, None);
     if let (Some(mqtt), Some(stream)) = (mqtt, &stream) {
         let producer: Arc<dyn StreamProducer> = match &hooks.wrap_producer {

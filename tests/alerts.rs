@@ -2,6 +2,9 @@
 //! windows, and a webhook receiver in the test that checks every
 //! notification's signature and counts each alert id.
 //!
+//! The same alerts reach an MQTT client watching `iotpipe/alerts/#` on the
+//! endpoint's live tap, once each.
+//!
 //! One-second windows keep the runs short: the readings are stamped in
 //! seconds that have not begun when they are published, so they are on time
 //! whatever the scheduling, and the late ones are published only once the
@@ -12,29 +15,35 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use iotpipe::config::{AlertsConfig, RetentionSetting};
 use iotpipe::{Config, Pipeline};
 use serde_json::{Value, json};
 use support::webhook::{SECRET, receiver, signature_is_valid};
-use support::{publish_acked, wait_for};
+use support::{publish_acked, publish_acked_to, wait_for};
+use testkit::up::RoleProcess;
+use tokio::sync::mpsc;
 
 const FLEET: &str = "hot-f";
 const SEC: i64 = 1000;
 
-/// One-second windows (and minutes above them), a minute of lateness, and
-/// the rule `hot`: a fleet second whose average is above 30.
-fn config(dir: &std::path::Path, url: &str) -> Config {
-    let mut c = support::config(dir);
-    c.aggregate.resolutions = vec!["1s".into(), "1m".into()];
-    c.aggregate.retention = RetentionSetting::Named("1s=1d,1m=1d".into());
-    c.aggregate.allowed_lateness = Duration::from_secs(60);
-    c.aggregate.watermark_slack = Duration::from_millis(200);
-    c.alerts = toml::from_str::<AlertsConfig>(&format!(
+/// The config file: one-second windows (and minutes above them), a minute
+/// of lateness, the rule `hot` (a fleet second whose average is above 30)
+/// and a webhook at `url`; short leases for role processes.
+fn settings(url: &str) -> String {
+    format!(
         r#"
+        [aggregate]
+        resolutions = ["1s", "1m"]
+        retention = "1s=1d,1m=1d"
+        allowed_lateness = "60s"
+        watermark_slack = "200ms"
+        [backend]
+        lease_duration = "4s"
+        [alerts]
         evaluate_every = "100ms"
-        [[rules]]
+        [[alerts.rules]]
         name = "hot"
         fleet = "{FLEET}"
         metric = "temp"
@@ -42,15 +51,23 @@ fn config(dir: &std::path::Path, url: &str) -> Config {
         aggregate = "avg"
         comparison = ">"
         threshold = 30.0
-        [webhook]
+        [alerts.webhook]
         url = "{url}"
         secret = "{SECRET}"
         retry_initial = "100ms"
         retry_max = "1s"
         "#
-    ))
-    .unwrap();
-    c
+    )
+}
+
+/// [`settings`] for `iotpipe up` in `dir`.
+fn config(dir: &std::path::Path, url: &str) -> Config {
+    let file: Config = toml::from_str(&settings(url)).unwrap();
+    Config {
+        aggregate: file.aggregate,
+        alerts: file.alerts,
+        ..support::config(dir)
+    }
 }
 
 /// The start of a second far enough ahead that readings stamped in it and
@@ -101,11 +118,70 @@ async fn metric(p: &Pipeline, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
+/// An MQTT client watching every alert on the pipeline's live tap; the
+/// subscription is acknowledged when this returns. Each message arrives on
+/// the receiver as (topic, body); the receiver ends when the connection does.
+async fn watch_alerts(addr: SocketAddr) -> mpsc::UnboundedReceiver<(String, Value)> {
+    let opts = rumqttc::MqttOptions::new("alert-watcher", addr.ip().to_string(), addr.port());
+    let (client, mut events) = rumqttc::AsyncClient::new(opts, 10);
+    client
+        .subscribe("iotpipe/alerts/#", rumqttc::QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.poll()).await;
+        if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack)) = event.unwrap().unwrap() {
+            assert!(
+                matches!(
+                    ack.return_codes[..],
+                    [rumqttc::SubscribeReasonCode::Success(_)]
+                ),
+                "{ack:?}"
+            );
+            break;
+        }
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        // Holds the client, so that the connection lives as long as this.
+        let _client = client;
+        while let Ok(event) = events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(m)) = event {
+                let body = serde_json::from_slice(&m.payload).unwrap();
+                if tx.send((m.topic.clone(), body)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// The tap carried each of `expected` once, on `iotpipe/alerts/hot`, with
+/// the body the webhook received for it.
+fn tapped_once_each_as_posted(
+    on_tap: &[(String, Value)],
+    expected: &BTreeSet<String>,
+    posted: &[support::webhook::Seen],
+) {
+    let id = |a: &Value| format!("hot/{}/{}", a["window_start"], a["revision"]);
+    let ids: Vec<String> = on_tap.iter().map(|(_, a)| id(a)).collect();
+    assert_eq!(ids.len(), expected.len(), "each alert once: {on_tap:#?}");
+    assert_eq!(&ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
+    for (topic, body) in on_tap {
+        assert_eq!(topic, "iotpipe/alerts/hot");
+        let webhook = posted.iter().find(|s| s.id == id(body)).unwrap();
+        assert_eq!(body, &webhook.body, "the tap and the webhook say the same");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_fire_exactly_for_the_crossing_windows_and_arrive_once_signed() {
     let dir = tempfile::tempdir().unwrap();
     let (url, hook) = receiver(0).await;
     let p = iotpipe::start(&config(dir.path(), &url)).await.unwrap();
+    let mut tap = watch_alerts(p.mqtt_addr).await;
     let b = seconds_ahead();
     let w = |i: i64| b + i * SEC;
 
@@ -168,7 +244,115 @@ async fn alerts_fire_exactly_for_the_crossing_windows_and_arrive_once_signed() {
     assert_eq!(revised.body["fleet"], FLEET);
     assert_eq!(metric(&p, "iotpipe_alert_firings_total").await, 4.0);
     assert_eq!(metric(&p, "iotpipe_alert_deliveries_total").await, 4.0);
+
+    // The tap got each alert as it fired, with the webhook's body, and
+    // nothing more until the pipeline closed the connection.
+    let mut on_tap = Vec::new();
+    while on_tap.len() < 4 {
+        let m = tokio::time::timeout(within, tap.recv()).await.unwrap();
+        on_tap.push(m.expect("the tap connection lives until shutdown"));
+    }
     p.shutdown().await.unwrap();
+    while let Some(m) = tap.recv().await {
+        on_tap.push(m);
+    }
+    tapped_once_each_as_posted(&on_tap, &expected_ids, &seen);
+}
+
+/// `iotpipe ingest` apart from two `iotpipe process` instances, on NATS
+/// and PostgreSQL: the holder of the alerts lease alone delivers each
+/// alert, and a watcher on the ingest process's tap gets each once, read
+/// from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apart_from_ingest_one_of_two_processes_delivers_and_the_tap_relays_each_alert_once() {
+    let nats = testkit::nats::NatsServer::start().unwrap();
+    let db = testkit::postgres::database().await.unwrap();
+    let (url, hook) = receiver(0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("iotpipe.toml");
+    std::fs::write(&file, settings(&url)).unwrap();
+    let (stream_name, db_url) = (testkit::unique_name("alerts"), db.url());
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--stream",
+        "nats",
+        "--nats-url",
+        nats.url(),
+        "--store",
+        "postgres",
+        "--postgres-url",
+        &db_url,
+        "--stream-name",
+        &stream_name,
+        "--shards",
+        "2",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ];
+    let bin: &std::path::Path = env!("CARGO_BIN_EXE_iotpipe").as_ref();
+    let start = |role: &str, name: &str| {
+        RoleProcess::spawn(bin, role, &dir.path().join(name), &args).unwrap()
+    };
+    let ingest = start("ingest", "ingest");
+    let processes = [start("process", "p1"), start("process", "p2")];
+    let mqtt = ingest.mqtt.unwrap();
+    let mut tap = watch_alerts(mqtt).await;
+
+    let b = seconds_ahead();
+    let w = |i: i64| b + i * SEC;
+    let readings = [
+        reading("dev-a", 1, w(0) + 100, 20.0),
+        reading("dev-a", 2, w(1) + 100, 40.0),
+        reading("dev-a", 3, w(2) + 100, 25.0),
+        reading("dev-a", 4, w(3) + 100, 50.0),
+    ];
+    publish_acked_to(mqtt, "dev-a", &readings).await;
+    let expected: BTreeSet<String> = [w(1), w(3)]
+        .iter()
+        .map(|start| format!("hot/{start}/0"))
+        .collect();
+    let ids = |seen: &[support::webhook::Seen]| -> BTreeSet<String> {
+        seen.iter().map(|s| s.id.clone()).collect()
+    };
+    testkit::eventually("both alerts delivered", Duration::from_secs(60), || {
+        ids(&hook.seen()) == expected
+    })
+    .await
+    .unwrap();
+
+    let mut on_tap = Vec::new();
+    while on_tap.len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(60), tap.recv()).await;
+        on_tap.push(
+            m.unwrap()
+                .expect("the tap connection lives until ingest stops"),
+        );
+    }
+    // Whatever else either process would send has been sent by the time
+    // they stop.
+    for p in processes {
+        assert!(
+            p.terminate().unwrap(),
+            "iotpipe process did not stop cleanly"
+        );
+    }
+    assert!(
+        ingest.terminate().unwrap(),
+        "iotpipe ingest did not stop cleanly"
+    );
+    while let Some(m) = tap.recv().await {
+        on_tap.push(m);
+    }
+    let seen = hook.seen();
+    assert_eq!(
+        seen.len(),
+        2,
+        "each alert once, from one process: {seen:#?}"
+    );
+    tapped_once_each_as_posted(&on_tap, &expected, &seen);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

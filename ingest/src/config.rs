@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use schemas::reading::MAX_MESSAGE_BYTES;
 
+use crate::LiveTap;
 use crate::auth::{AllowAll, Authorizer};
 
 /// Milliseconds since the Unix epoch. Injected so that tests can pin
@@ -96,6 +97,9 @@ pub struct EndpointConfig {
     /// Messages queued per live-tap subscriber; beyond it messages for that
     /// subscriber are dropped and counted, never slowing ingest.
     pub tap_queue: usize,
+    /// The live tap, shared with whatever else in the process publishes on
+    /// it (alerts); a tap of its own by default.
+    pub tap: LiveTap,
     /// After shutdown is requested, how long the appender keeps retrying
     /// records the stream refuses before giving up on them (they stay
     /// unacknowledged, so devices resend them).
@@ -124,6 +128,7 @@ impl Default for EndpointConfig {
             write_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             tap_queue: 1000,
+            tap: LiveTap::default(),
             shutdown_timeout: Duration::from_secs(10),
             now_ms: wall_clock(),
             authorizer: Arc::new(AllowAll),

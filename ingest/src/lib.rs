@@ -25,7 +25,8 @@
 //!   behind it: `codec` (bytes ↔ packets for either protocol), `session` (the
 //!   pure per-connection state machine), `connection` (the only code that
 //!   touches a socket), `appender` (group commit) and `tap` (read-only live
-//!   subscriptions).
+//!   subscriptions, on which the process also publishes through a
+//!   [`LiveTap`]: alerts).
 //!
 //! **Architecture Invariant:** a PUBACK leaves only after the stream returned
 //! `Stored` for the record that PUBLISH became, and PUBACKs leave in the order
@@ -50,7 +51,7 @@ pub use auth::{
     Principal, Role, UsersFile, UsersFileError,
 };
 pub use config::{Clock, EndpointConfig, GroupCommit, LatenessConfig};
-pub use endpoint::{Listener, serve, serve_on};
+pub use endpoint::{Listener, LiveTap, serve, serve_on};
 
 /// The fuzz harness's entry point (see `ingest/fuzz/`); not an API.
 #[doc(hidden)]

@@ -165,7 +165,12 @@ fn the_functions_get_every_variable_they_read() {
         replay["Environment"]["Variables"]["STREAM_NAME"],
         json!({"Ref": "TelemetryStream"})
     );
-    for f in ["AggregateFunction", "QueryFunction", "ReplayFunction"] {
+    for f in [
+        "AggregateFunction",
+        "AlertsFunction",
+        "QueryFunction",
+        "ReplayFunction",
+    ] {
         assert!(
             resource(&t, f)["Properties"].get("Runtime").is_none(),
             "{f} overrides the runtime"
@@ -199,7 +204,39 @@ fn every_function_is_a_binary_that_build_sh_packs() {
         functions.push(bin.to_string());
     }
     functions.sort();
-    assert_eq!(functions, ["aggregate", "query", "replay"]);
+    assert_eq!(functions, ["aggregate", "alerts", "query", "replay"]);
+}
+
+#[test]
+fn the_alerts_function_runs_every_minute_alone_and_publishes_to_its_topic() {
+    use processors::lambda::alerts::AlertsFunctionConfig;
+    use processors::lambda::env::FromEnv;
+
+    let t = template();
+    let f = &resource(&t, "AlertsFunction")["Properties"];
+    let schedule = &f["Events"]["EveryMinute"];
+    assert_eq!(schedule["Type"], "Schedule");
+    assert_eq!(schedule["Properties"]["Schedule"], "rate(1 minute)");
+    // Two passes at once would publish the same alert twice.
+    assert_eq!(f["ReservedConcurrentExecutions"], 1);
+    let vars = &f["Environment"]["Variables"];
+    assert_eq!(vars["ALERTS_TOPIC_ARN"], json!({"Ref": "AlertsTopic"}));
+    assert_eq!(vars["ALERT_RULES"], json!({"Ref": "AlertRules"}));
+    assert_eq!(resource(&t, "AlertsTopic")["Type"], "AWS::SNS::Topic");
+    let policy =
+        resource(&t, "AlertsRole")["Properties"]["Policies"][0]["PolicyDocument"]["Statement"]
+            .to_string();
+    assert!(policy.contains("sns:Publish"), "{policy}");
+    // The parameter's default is a configuration the function starts with.
+    let default = t["Parameters"]["AlertRules"]["Default"].as_str().unwrap();
+    let config = AlertsFunctionConfig::from_vars(|name| match name {
+        "TABLE_NAME" => Some("rollups".into()),
+        "ALERTS_TOPIC_ARN" => Some("arn:aws:sns:us-east-1:123456789012:alerts".into()),
+        "ALERT_RULES" => Some(default.into()),
+        _ => None,
+    })
+    .unwrap();
+    assert!(config.setup.rules.is_empty());
 }
 
 #[test]

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
+pub use processors::alerts::RuleConfig;
 use processors::alerts::{AlertsSetup, WebhookConfig};
-use rollup::alerts::{AlertRule, Scope};
+use rollup::alerts::AlertRule;
 use serde::{Deserialize, Serialize};
 
 use super::{duration_text, to_ms};
@@ -31,33 +32,6 @@ impl Default for AlertsConfig {
             webhook: None,
         }
     }
-}
-
-/// One `[[alerts.rules]]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleConfig {
-    pub name: String,
-    /// A fleet's windows; or `device`, one device's.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fleet: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub device: Option<String>,
-    pub metric: String,
-    /// A stored resolution (`aggregate.resolutions`).
-    pub resolution: String,
-    /// count, sum, min, max, avg, stddev, p50, p90 or p99.
-    pub aggregate: String,
-    /// `>`, `>=`, `<` or `<=`.
-    pub comparison: String,
-    pub threshold: f64,
-    /// Consecutive windows that must cross, the alerting one the last.
-    #[serde(rename = "for", default = "one")]
-    pub for_windows: u32,
-}
-
-fn one() -> u32 {
-    1
 }
 
 /// `[alerts.webhook]`.
@@ -102,6 +76,7 @@ impl AlertsConfig {
         for (i, r) in self.rules.iter().enumerate() {
             let rule = r
                 .rule(aggregate)
+                .map_err(anyhow::Error::msg)
                 .with_context(|| format!("alerts.rules[{i}]"))?;
             if rules.iter().any(|other| other.name == rule.name) {
                 anyhow::bail!("alerts.rules[{i}]: a second rule is named `{}`", rule.name);
@@ -124,32 +99,6 @@ impl AlertsConfig {
             evaluate_every: self.evaluate_every,
             keep_ms: to_ms(self.keep),
         }))
-    }
-}
-
-impl RuleConfig {
-    fn rule(&self, aggregate: &rollup::AggregateConfig) -> anyhow::Result<AlertRule> {
-        let scope = match (&self.fleet, &self.device) {
-            (Some(f), None) => Scope::Fleet(f.clone()),
-            (None, Some(d)) => Scope::Device(d.clone()),
-            _ => anyhow::bail!(
-                "rule `{}`: name exactly one of `fleet` and `device`",
-                self.name
-            ),
-        };
-        let in_rule = |e: String| anyhow::anyhow!("rule `{}`: {e}", self.name);
-        let rule = AlertRule {
-            name: self.name.clone(),
-            scope,
-            metric: self.metric.clone(),
-            res: self.resolution.parse().map_err(in_rule)?,
-            aggregate: self.aggregate.parse().map_err(in_rule)?,
-            comparison: self.comparison.parse().map_err(in_rule)?,
-            threshold: self.threshold,
-            for_windows: self.for_windows,
-        };
-        rule.validate(aggregate).map_err(anyhow::Error::msg)?;
-        Ok(rule)
     }
 }
 
@@ -177,6 +126,7 @@ impl WebhookSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rollup::alerts::Scope;
 
     fn config(text: &str) -> AlertsConfig {
         toml::from_str(text).unwrap()

@@ -63,6 +63,15 @@ impl Roles {
     pub(super) fn needs_store(self) -> bool {
         self.process || self.api
     }
+
+    /// Whether this process reads the alerts another process fires, from a
+    /// store that processes share, for its endpoint's live tap: `iotpipe
+    /// ingest` with alert rules.
+    pub(super) fn relays_alerts(self, config: &Config) -> bool {
+        self == Roles::INGEST
+            && !config.alerts.rules.is_empty()
+            && config.backend.store != StoreKind::Sqlite
+    }
 }
 
 /// Refuses a role on a backend that only one process can use: the embedded

@@ -105,6 +105,8 @@ pub(super) struct Wiring<'a> {
     /// The alert rules and where they notify, if any rule is configured.
     pub(super) alerts: Option<Arc<processors::alerts::AlertsSetup>>,
     pub(super) alert_metrics: Arc<processors::alerts::AlertMetrics>,
+    /// The endpoint's live tap and its counters, with the ingest role.
+    pub(super) tap: Option<(ingest::LiveTap, Arc<ingest::IngestMetrics>)>,
 }
 
 /// The test seams of the processors: the store they write through, and
@@ -218,6 +220,7 @@ impl Wiring<'_> {
             authorizer,
             lateness: self.lateness(),
             presence: mqtt.presence,
+            tap: self.tap.clone().map(|(tap, _)| tap).unwrap_or_default(),
             ..ingest::EndpointConfig::default()
         };
         let serve = ingest::serve_on(
@@ -319,7 +322,7 @@ impl Wiring<'_> {
         let aggregate = self.aggregate.clone();
         let keep = self.config.aggregate.dead_letters_per_reason;
         let stop = stop.clone();
-        let alerts = self.alert_loop(&store, &stop);
+        let alerts = self.alert_loop(&stream, &store, &stop);
         let passes = async move {
             let mut tick = tokio::time::interval(MAINTENANCE_EVERY);
             loop {
@@ -342,26 +345,6 @@ impl Wiring<'_> {
                 None => passes.await,
             }
         })
-    }
-}
-
-impl Wiring<'_> {
-    /// The alert rules' evaluation and notifications, stopping with `stop`.
-    fn alert_loop(
-        &self,
-        store: &Store,
-        stop: &CancellationToken,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
-        let setup = self.alerts.clone()?;
-        let ctx = processors::alerts::AlertContext {
-            setup,
-            store: store.writer(),
-            query: store.query(),
-            aggregate: self.aggregate.clone(),
-            metrics: self.alert_metrics.clone(),
-            clock: Arc::new(now_ms),
-        };
-        Some(processors::alerts::run(ctx, stop.clone().cancelled_owned()))
     }
 }
 

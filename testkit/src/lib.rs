@@ -8,7 +8,8 @@
 //! - Fault injection: [`stream_fault`] (any producer or reader) and
 //!   [`store_fault`] (any rollup store), from one kind of seeded dice.
 //! - Stand-ins: [`MemoryProducer`], an in-memory stream producer a test can
-//!   hold or fail; [`standin`], an in-memory pipeline behind MQTT and the
+//!   hold or fail; [`MemoryLeaseStore`], a lease table in memory;
+//!   [`standin`], an in-memory pipeline behind MQTT and the
 //!   query API, for the simulator's own tests.
 //! - Launchers, one per external service: [`moto`] (Kinesis and DynamoDB),
 //!   [`mosquitto`], [`nats`] (a JetStream server that a test can kill and
@@ -32,6 +33,7 @@ pub mod batches;
 pub mod chromium;
 pub mod lambda;
 pub mod lease_conformance;
+mod memory_lease;
 mod memory_producer;
 pub mod mosquitto;
 pub mod moto;
@@ -46,6 +48,7 @@ pub mod stream_conformance;
 pub mod stream_fault;
 pub mod up;
 
+pub use memory_lease::MemoryLeaseStore;
 pub use memory_producer::{MemoryProducer, Timeout};
 pub use pki::{ClientCert, Pki, transport};
 

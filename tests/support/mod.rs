@@ -122,7 +122,12 @@ pub async fn mqtt_client(p: &Pipeline, id: &str) -> rumqttc::AsyncClient {
 
 /// Publishes at QoS 1 and waits for every PUBACK, on a client of its own.
 pub async fn publish_acked(p: &Pipeline, id: &str, messages: &[(String, Vec<u8>)]) {
-    let mut opts = rumqttc::MqttOptions::new(id, p.mqtt_addr.ip().to_string(), p.mqtt_addr.port());
+    publish_acked_to(p.mqtt_addr, id, messages).await;
+}
+
+/// [`publish_acked`] to the MQTT endpoint at `mqtt`.
+pub async fn publish_acked_to(mqtt: SocketAddr, id: &str, messages: &[(String, Vec<u8>)]) {
+    let mut opts = rumqttc::MqttOptions::new(id, mqtt.ip().to_string(), mqtt.port());
     opts.set_max_packet_size(256 * 1024, 256 * 1024);
     let (client, mut events) = rumqttc::AsyncClient::new(opts, messages.len().max(10));
     for (topic, payload) in messages {

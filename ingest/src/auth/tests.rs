@@ -199,6 +199,41 @@ fn only_an_operator_may_subscribe_beyond_its_device() {
 }
 
 #[test]
+fn only_an_operator_may_watch_the_alerts_on_the_tap() {
+    // A device named like the alert topic's levels gains nothing by it.
+    let devices = [
+        principal("dev-b", Role::Device),
+        principal("iotpipe", Role::Device),
+        principal("alerts", Role::Device),
+    ];
+    let operator = principal("ops", Role::Operator);
+    let users = UsersFile::default();
+    let policies: [&dyn Authorizer; 3] = [&OwnDeviceOnly, &ClientCertificates, &users];
+    let alert_filters = [
+        "iotpipe/alerts/#",
+        "iotpipe/alerts/hot",
+        "iotpipe/#",
+        "+/alerts/#",
+        "+/+/+",
+        "#",
+    ];
+    for policy in policies {
+        for device in &devices {
+            for filter in alert_filters {
+                assert!(
+                    !policy.may_subscribe(device, filter),
+                    "{device:?} on {filter}"
+                );
+            }
+        }
+        assert!(policy.may_subscribe(&operator, "iotpipe/alerts/#"));
+        assert!(policy.may_subscribe(&operator, "iotpipe/alerts/hot"));
+    }
+    // Without authentication (the local default) everyone may.
+    assert!(AllowAll.may_subscribe(&devices[0], "iotpipe/alerts/#"));
+}
+
+#[test]
 fn an_operator_still_publishes_only_as_itself() {
     let operator = principal("ops", Role::Operator);
     let own = Topic {

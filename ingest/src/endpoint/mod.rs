@@ -37,6 +37,7 @@ use crate::metrics::{IngestMetrics, bump};
 use appender::AppendRequest;
 use connection::Connection;
 use session::SessionConfig;
+pub use tap::LiveTap;
 use tap::TapHub;
 
 /// What every connection task shares.
@@ -202,7 +203,8 @@ fn start_appender(
     abandon: &CancellationToken,
 ) -> (Arc<Shared>, tokio::task::JoinHandle<()>) {
     let (append_tx, append_rx) = mpsc::unbounded_channel();
-    let tap = Arc::new(TapHub::default());
+    // The process's own publishers (alerts) share the tap when given one.
+    let tap = config.tap.hub();
     let appender = tokio::spawn(appender::run(
         append_rx,
         producer,

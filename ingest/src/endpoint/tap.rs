@@ -5,9 +5,15 @@
 //! which copies it into the bounded queue of each matching subscriber. A full
 //! queue drops the message for that subscriber only, and counts it: a slow
 //! watcher never slows ingest.
+//!
+//! Code elsewhere in the process publishes on the same tap through a
+//! [`LiveTap`] handle given to the endpoint (the alert loop, on
+//! `iotpipe/alerts/{rule}`). Such messages never reach the stream, and a
+//! client cannot publish on those topics (the endpoint takes only telemetry
+//! topics), so what a subscriber sees there comes from the process itself.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -108,6 +114,36 @@ impl TapHub {
         self.subscribers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A handle on the endpoint's live tap, for messages the process itself
+/// publishes to subscribers: give a clone to the endpoint in
+/// [`EndpointConfig::tap`](crate::EndpointConfig::tap) and publish on the
+/// other. QoS 0 like the rest of the tap: a subscriber that is not connected,
+/// or whose queue is full, misses the message.
+#[derive(Debug, Clone, Default)]
+pub struct LiveTap {
+    hub: Arc<TapHub>,
+}
+
+impl LiveTap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub(crate) fn hub(&self) -> Arc<TapHub> {
+        self.hub.clone()
+    }
+
+    /// Offers one message to every subscriber whose filter matches `topic`,
+    /// counted with the tap's other messages in `metrics`.
+    pub fn publish(&self, topic: &str, payload: &[u8], metrics: &IngestMetrics) {
+        let message = TapMessage {
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            payload: Bytes::copy_from_slice(payload),
+        };
+        self.hub.publish(std::slice::from_ref(&message), metrics);
     }
 }
 
@@ -221,5 +257,27 @@ mod tests {
         assert!(!hub.has_subscribers());
         hub.publish(&msgs, &metrics);
         assert_eq!(metrics.snapshot().tap_delivered, 3);
+    }
+
+    #[test]
+    fn the_process_publishes_on_the_tap_to_matching_subscribers_only() {
+        let tap = LiveTap::new();
+        let hub = tap.hub();
+        let metrics = IngestMetrics::new();
+        let (alerts_tx, mut alerts_rx) = mpsc::channel(10);
+        let (fleet_tx, mut fleet_rx) = mpsc::channel(10);
+        hub.subscribe(1, vec!["iotpipe/alerts/#".into()], &alerts_tx);
+        hub.subscribe(2, vec!["dt/#".into()], &fleet_tx);
+        tap.publish("iotpipe/alerts/hot", b"{\"rule\":\"hot\"}", &metrics);
+        assert_eq!(
+            alerts_rx.try_recv().unwrap(),
+            TapMessage {
+                topic: Bytes::from_static(b"iotpipe/alerts/hot"),
+                payload: Bytes::from_static(b"{\"rule\":\"hot\"}"),
+            }
+        );
+        assert!(alerts_rx.try_recv().is_err());
+        assert!(fleet_rx.try_recv().is_err());
+        assert_eq!(metrics.snapshot().tap_delivered, 1);
     }
 }

@@ -21,19 +21,28 @@ pub enum AlertError {
     Read { rule: String, detail: String },
 }
 
-/// Evaluates every rule once and writes what fired. Returns the alerts in
-/// the evaluated range that are not yet delivered, new ones and ones an
-/// earlier process fired but did not deliver, for the notifier.
-pub async fn evaluate_rules(ctx: &AlertContext) -> Result<Vec<(ItemKey, AlertState)>, AlertError> {
-    let mut undelivered = Vec::new();
+/// What one pass over the rules found.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// The alerts this pass fired (wrote), once each.
+    pub fired: Vec<AlertState>,
+    /// The alerts in the evaluated range not yet delivered: those just
+    /// fired, and those an earlier pass or process fired but did not
+    /// deliver, for the notifier.
+    pub undelivered: Vec<(ItemKey, AlertState)>,
+}
+
+/// Evaluates every rule once and writes what fired.
+pub async fn evaluate_rules(ctx: &AlertContext) -> Result<Pass, AlertError> {
+    let mut pass = Pass::default();
     for rule in &ctx.setup.rules {
         let Some((series, fleet)) = series_of(ctx, rule).await? else {
             continue;
         };
         let firings = firings(ctx, rule, series).await?;
-        undelivered.extend(record(ctx, rule, &fleet, firings).await?);
+        record(ctx, rule, &fleet, firings, &mut pass).await?;
     }
-    Ok(undelivered)
+    Ok(pass)
 }
 
 /// The series a rule watches and its fleet; `None` for a device that has
@@ -95,13 +104,15 @@ async fn firings(
     ))
 }
 
-/// Writes each firing not yet stored, once; returns those not delivered.
+/// Writes each firing not yet stored, once; adds it and those not
+/// delivered to `pass`.
 async fn record(
     ctx: &AlertContext,
     rule: &AlertRule,
     fleet: &str,
     firings: Vec<Firing>,
-) -> Result<Vec<(ItemKey, AlertState)>, AlertError> {
+    pass: &mut Pass,
+) -> Result<(), AlertError> {
     // Each alert, then its delivery mark.
     let keys: Vec<ItemKey> = firings
         .iter()
@@ -125,6 +136,7 @@ async fn record(
     let now = (ctx.clock)();
     let mut writes = Vec::new();
     let mut undelivered = Vec::new();
+    let mut fired = Vec::new();
     let found = keys.chunks(2).zip(loaded.chunks(2));
     for ((keys, stored), firing) in found.zip(firings) {
         let key = keys[0].clone();
@@ -152,11 +164,12 @@ async fn record(
                     },
                     expires_at: Some(now.saturating_add(ctx.setup.keep_ms)),
                 });
+                fired.push(alert.clone());
                 undelivered.push((key, alert));
             }
         }
     }
-    let fired = writes.len() as u64;
+    let n = writes.len() as u64;
     if !writes.is_empty() {
         ctx.store
             .commit(Commit {
@@ -165,8 +178,10 @@ async fn record(
             })
             .await?;
     }
-    ctx.metrics.fired.fetch_add(fired, Relaxed);
-    Ok(undelivered)
+    ctx.metrics.fired.fetch_add(n, Relaxed);
+    pass.fired.extend(fired);
+    pass.undelivered.extend(undelivered);
+    Ok(())
 }
 
 fn alert_state(rule: &AlertRule, fleet: &str, f: &Firing, now: i64) -> AlertState {

@@ -8,8 +8,18 @@
 //!   `InsertOnce` write per firing keyed by (rule, window start, revision).
 //! - `webhook`: the notification: JSON, signed with HMAC-SHA256, retried with
 //!   backoff, and marked delivered in its item after a 2xx.
-//! - [`run`]: the loop that wakes for an evaluation tick or a retry that is
-//!   due.
+//! - `deliver`: the [`Notifier`] seam (the webhook is one) and the outbox of
+//!   alerts waiting for delivery, each retried on its own backoff.
+//! - `lease`: [`AlertLease`], the one lease (`alerts`) whose holder alone
+//!   evaluates and delivers, among processes sharing a lease table.
+//! - `run`: [`AlertWorker`], one process's evaluation and delivery as steps
+//!   a test drives with the time as an argument, and [`run`], the loop that
+//!   wakes for an evaluation tick, a lease renewal or a retry that is due.
+//! - `rules`: [`RuleConfig`], a rule as the config file and the AWS
+//!   function's environment write it.
+//! - `relay`: [`AlertRelay`], the alerts another process fired, read from
+//!   the store for this process's live tap (`iotpipe ingest` apart from
+//!   `iotpipe process`).
 //!
 //! Evaluation is driven by the store, not by the write path: fleet windows
 //! are written per batch and shard and merged on read, and a window is
@@ -17,25 +27,48 @@
 //! makes a firing exactly once per (rule, window, revision) whatever the
 //! ticks and restarts; a notification is delivered at least once, and its
 //! `X-Iotpipe-Alert-Id` lets a receiver drop a repeat (a crash between the
-//! 2xx and the delivered mark sends it again).
+//! 2xx and the delivered mark sends it again). With several processes on
+//! one store, only the holder of the `alerts` lease evaluates and delivers,
+//! so a notification is not sent once per process; when it dies, another
+//! takes the lease after its expiry and delivers what it left undelivered.
 
+mod deliver;
 mod evaluate;
+mod lease;
+mod relay;
+mod rules;
+mod run;
 pub mod webhook;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use rollup::AggregateConfig;
 use rollup::alerts::AlertRule;
-use rollup::keys::ItemKey;
 use schemas::state::AlertState;
-use tokio::time::Instant;
 
 pub use aws::backoff::Backoff;
-pub use evaluate::{AlertError, evaluate_rules};
-pub use webhook::WebhookConfig;
+pub use deliver::Notifier;
+pub use evaluate::{AlertError, Pass, evaluate_rules};
+pub use lease::{ALERTS_LEASE, AlertLease};
+pub use relay::{AlertRelay, relay};
+pub use rules::RuleConfig;
+pub use run::{AlertWorker, run};
+pub use webhook::{Webhook, WebhookConfig};
+
+/// Where each alert also goes once, as it fires, best effort and without a
+/// delivery mark: the MQTT endpoint's live tap, when it runs in this
+/// process.
+pub type AlertFeed = Arc<dyn Fn(&AlertState) + Send + Sync>;
+
+/// The MQTT topic an alert of `rule` is published on, on the live tap.
+pub fn tap_topic(rule: &str) -> String {
+    format!("{TAP_TOPIC_PREFIX}{rule}")
+}
+
+/// Every alert topic starts with it; `iotpipe/alerts/#` watches them all.
+pub const TAP_TOPIC_PREFIX: &str = "iotpipe/alerts/";
 
 use crate::store::{RollupQuery, RollupStore};
 
@@ -106,112 +139,4 @@ pub struct AlertContext {
     pub metrics: Arc<AlertMetrics>,
     /// Now, ms since the epoch: stamps `fired_at` and `delivered_at`.
     pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
-}
-
-/// An alert waiting for delivery.
-struct Undelivered {
-    alert: AlertState,
-    failures: u32,
-    due: Instant,
-}
-
-/// What wakes the loop.
-enum Wake {
-    Evaluate,
-    RetryDue,
-    Stop,
-}
-
-/// Evaluates the rules every `evaluate_every` and delivers what fired, until
-/// `shutdown` resolves. A pass that fails is logged and tried again at the
-/// next tick: every decision is in the store, so nothing is lost by it.
-pub async fn run(ctx: AlertContext, shutdown: impl std::future::Future<Output = ()>) {
-    let mut tick = tokio::time::interval(ctx.setup.evaluate_every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut outbox: BTreeMap<ItemKey, Undelivered> = BTreeMap::new();
-    let client = webhook::client();
-    tokio::pin!(shutdown);
-    loop {
-        let due = outbox.values().map(|u| u.due).min();
-        let wake = tokio::select! {
-            _ = &mut shutdown => Wake::Stop,
-            _ = tick.tick() => Wake::Evaluate,
-            _ = sleep_until(due), if due.is_some() => Wake::RetryDue,
-        };
-        match wake {
-            Wake::Stop => return,
-            Wake::Evaluate => match evaluate_rules(&ctx).await {
-                Ok(found) => {
-                    if ctx.setup.webhook.is_some() {
-                        for (key, alert) in found {
-                            outbox.entry(key).or_insert(Undelivered {
-                                alert,
-                                failures: 0,
-                                due: Instant::now(),
-                            });
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "Evaluating alert rules failed; will retry."),
-            },
-            Wake::RetryDue => {}
-        }
-        if let Some(hook) = &ctx.setup.webhook {
-            deliver_due(&ctx, &client, hook, &mut outbox).await;
-        }
-    }
-}
-
-async fn sleep_until(due: Option<Instant>) {
-    if let Some(due) = due {
-        tokio::time::sleep_until(due).await;
-    }
-}
-
-/// Sends every alert whose attempt is due; a delivered one leaves the
-/// outbox, a failed one waits its backoff.
-async fn deliver_due(
-    ctx: &AlertContext,
-    client: &reqwest::Client,
-    hook: &WebhookConfig,
-    outbox: &mut BTreeMap<ItemKey, Undelivered>,
-) {
-    let now = Instant::now();
-    let due: Vec<ItemKey> = outbox
-        .iter()
-        .filter(|(_, u)| u.due <= now)
-        .map(|(k, _)| k.clone())
-        .collect();
-    for key in due {
-        let Some(u) = outbox.get_mut(&key) else {
-            continue;
-        };
-        if u.failures > 0 {
-            ctx.metrics.retries.fetch_add(1, Relaxed);
-        }
-        match webhook::post(client, hook, &u.alert).await {
-            Ok(()) => {
-                ctx.metrics.delivered.fetch_add(1, Relaxed);
-                let alert = u.alert.clone();
-                outbox.remove(&key);
-                if let Err(e) = webhook::mark_delivered(ctx, &alert).await {
-                    // Delivered but not marked: a restart sends it again,
-                    // with the same id for the receiver to drop.
-                    tracing::warn!(error = %e, "Marking an alert delivered failed.");
-                }
-            }
-            Err(e) => {
-                ctx.metrics.failures.fetch_add(1, Relaxed);
-                u.failures += 1;
-                let delay = hook.backoff.delay(u.failures, &mut rand::rng());
-                u.due = Instant::now() + delay;
-                tracing::warn!(
-                    error = %e,
-                    rule = %u.alert.rule,
-                    attempts = u.failures,
-                    "An alert notification failed; will retry."
-                );
-            }
-        }
-    }
 }

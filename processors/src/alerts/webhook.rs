@@ -5,15 +5,13 @@
 
 use std::time::Duration;
 
+use async_trait::async_trait;
 use aws::backoff::Backoff;
 use hmac::{KeyInit, Mac};
-use rollup::keys::ItemKey;
-use rollup::{Commit, Condition, Write};
-use schemas::state::{AlertState, Item, ItemState};
+use schemas::state::AlertState;
 use serde_json::json;
 
-use super::AlertContext;
-use super::evaluate::AlertError;
+use super::Notifier;
 
 /// The header holding `sha256=<hex HMAC-SHA256 of the body>`.
 pub const SIGNATURE_HEADER: &str = "X-Iotpipe-Signature";
@@ -43,8 +41,27 @@ impl std::fmt::Debug for WebhookConfig {
     }
 }
 
-pub(super) fn client() -> reqwest::Client {
-    reqwest::Client::new()
+/// The webhook as a [`Notifier`]: one HTTP client for every attempt.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    client: reqwest::Client,
+    config: WebhookConfig,
+}
+
+impl Webhook {
+    pub fn new(config: WebhookConfig) -> Self {
+        Webhook {
+            client: reqwest::Client::new(),
+            config,
+        }
+    }
+}
+
+#[async_trait]
+impl Notifier for Webhook {
+    async fn notify(&self, alert: &AlertState) -> Result<(), String> {
+        post(&self.client, &self.config, alert).await
+    }
 }
 
 /// The alert's id: the same on every attempt and after a restart.
@@ -88,7 +105,7 @@ pub fn sign(secret: &[u8], body: &[u8]) -> String {
 }
 
 /// One attempt: Ok on a 2xx.
-pub(super) async fn post(
+async fn post(
     client: &reqwest::Client,
     hook: &WebhookConfig,
     alert: &AlertState,
@@ -110,35 +127,6 @@ pub(super) async fn post(
     } else {
         Err(format!("POST {} answered {status}", hook.url))
     }
-}
-
-/// Writes the alert's delivery mark, once: a restart then leaves it alone.
-pub(super) async fn mark_delivered(
-    ctx: &AlertContext,
-    alert: &AlertState,
-) -> Result<(), AlertError> {
-    let key = ItemKey::AlertDelivered {
-        rule: alert.rule.clone(),
-        start: alert.window_start,
-        revision: alert.revision,
-    };
-    // Looked up first so that a cache in front of the store knows the item.
-    ctx.store.load(std::slice::from_ref(&key)).await?;
-    ctx.store
-        .commit(Commit {
-            writes: vec![Write {
-                key,
-                condition: Condition::InsertOnce,
-                item: Item {
-                    applied: Default::default(),
-                    state: ItemState::AlertDelivered((ctx.clock)()),
-                },
-                expires_at: Some(alert.fired_at.saturating_add(ctx.setup.keep_ms)),
-            }],
-            then: Vec::new(),
-        })
-        .await?;
-    Ok(())
 }
 
 #[cfg(test)]

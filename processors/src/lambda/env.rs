@@ -150,7 +150,7 @@ pub fn stale_after_from_vars(
 }
 
 /// `90s`, `1h`, `500ms`, `0` as milliseconds.
-fn duration_ms(name: &'static str, text: &str) -> Result<i64, EnvError> {
+pub(super) fn duration_ms(name: &'static str, text: &str) -> Result<i64, EnvError> {
     rollup::config::parse_duration_ms(text).map_err(|detail| EnvError::Invalid { name, detail })
 }
 

@@ -5,6 +5,8 @@
 //!   once at start.
 //! - `aggregate`: the Kinesis event handler around
 //!   [`crate::run::process_batch`], reporting per-record failures.
+//! - `alerts`: the scheduled handler that evaluates the alert rules against
+//!   the table and publishes each alert to an SNS topic.
 //! - `emf`: the aggregate function's per-invocation metrics, as one
 //!   CloudWatch Embedded Metric Format line.
 //! - `query`: the query API router served through `lambda_http`.
@@ -20,6 +22,7 @@
 //! effect is durable in the store.
 
 pub mod aggregate;
+pub mod alerts;
 pub mod emf;
 pub mod env;
 pub mod lazy;
