@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use iotpipe::{Config, Pipeline};
 use serde_json::{Value, json};
-use support::webhook::{SECRET, receiver, signature_is_valid};
+use support::webhook::{SECRET, https_receiver, receiver, signature_is_valid};
 use support::{publish_acked, publish_acked_to, wait_for};
 use testkit::up::RoleProcess;
 use tokio::sync::mpsc;
@@ -382,6 +382,54 @@ async fn a_notification_answered_500_is_sent_again_and_listed_once() {
         1.0
     );
     assert_eq!(metric(&p, "iotpipe_alert_deliveries_total").await, 1.0);
+    p.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_behind_a_private_ca_gets_each_alert_once_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = testkit::Pki::new().unwrap();
+    let (url, hook) = https_receiver(&pki).await;
+    let mut config = config(dir.path(), &url);
+    config.alerts.webhook.as_mut().unwrap().ca_file = Some(pki.ca_cert.clone());
+    let p = iotpipe::start(&config).await.unwrap();
+    let b = seconds_ahead();
+    publish_acked(&p, "dev-s", &[reading("dev-s", 1, b + 100, 70.0)]).await;
+    let body = wait_for(&p, "/v1/alerts", Duration::from_secs(60), |body| {
+        !listed(body).is_empty() && all_delivered(body)
+    })
+    .await;
+    assert_eq!(listed(&body), BTreeSet::from([(b, 0)]), "{body}");
+    let seen: Vec<(String, u16, bool)> = hook
+        .seen()
+        .iter()
+        .map(|s| (s.id.clone(), s.status, s.signed))
+        .collect();
+    assert_eq!(seen, [(format!("hot/{b}/0"), 200, true)]);
+    p.shutdown().await.unwrap();
+}
+
+/// Without the private CA, the receiver's certificate is refused: nothing
+/// reaches it, each attempt counts as a failure, and the alert stays
+/// listed as not delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_webhook_whose_certificate_is_not_trusted_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = testkit::Pki::new().unwrap();
+    let (url, hook) = https_receiver(&pki).await;
+    let p = iotpipe::start(&config(dir.path(), &url)).await.unwrap();
+    let b = seconds_ahead();
+    publish_acked(&p, "dev-u", &[reading("dev-u", 1, b + 100, 70.0)]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metric(&p, "iotpipe_alert_delivery_failures_total").await < 2.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no failed delivery");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, body) = support::get(&p, "/v1/alerts").await;
+    assert_eq!(listed(&body), BTreeSet::from([(b, 0)]), "{body}");
+    assert!(!all_delivered(&body), "{body}");
+    assert!(hook.seen().is_empty(), "{:#?}", hook.seen());
+    assert_eq!(metric(&p, "iotpipe_alert_deliveries_total").await, 0.0);
     p.shutdown().await.unwrap();
 }
 

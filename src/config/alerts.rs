@@ -38,8 +38,12 @@ impl Default for AlertsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
-    /// `http://HOST:PORT/PATH`.
+    /// `https://HOST/PATH` or `http://HOST:PORT/PATH`.
     pub url: String,
+    /// A PEM file of CA certificates to trust beside the public web's, for
+    /// a receiver whose certificate a private CA signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// The key of each notification's HMAC-SHA256 signature.
     pub secret: String,
     /// The longest wait before a failed notification's first retry; each
@@ -104,18 +108,25 @@ impl AlertsConfig {
 
 impl WebhookSettings {
     fn webhook(&self) -> anyhow::Result<WebhookConfig> {
-        if !self.url.starts_with("http://") {
-            anyhow::bail!(
-                "url `{}` must be http://: notifications are sent without TLS (a local \
-                 relay can forward them over HTTPS)",
-                self.url
-            );
+        if !(self.url.starts_with("https://") || self.url.starts_with("http://")) {
+            anyhow::bail!("url `{}` must be https:// or http://", self.url);
         }
         if self.secret.is_empty() {
             anyhow::bail!("secret is empty: every notification is signed with it");
         }
+        let ca_pem = match &self.ca_file {
+            None => None,
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("ca_file {}", path.display()))?)
+            }
+        };
+        let client = processors::alerts::webhook::client(ca_pem.as_deref()).map_err(|e| {
+            let file = self.ca_file.as_ref().map(|p| p.display().to_string());
+            anyhow::anyhow!("the HTTP client (ca_file {file:?}): {e}")
+        })?;
         Ok(WebhookConfig {
             url: self.url.clone(),
+            client,
             secret: self.secret.clone(),
             backoff: processors::alerts::Backoff::new(self.retry_initial, self.retry_max),
             timeout: self.timeout,
@@ -167,7 +178,7 @@ mod tests {
             ("\"avg\"", "\"mean\"", "unknown aggregate `mean`"),
             ("\">\"", "\"=>\"", "unknown comparison `=>`"),
             ("\"temp\"", "\"te mp\"", "metric name"),
-            ("http://", "https://", "must be http://"),
+            ("http://", "ftp://", "must be https:// or http://"),
         ] {
             let text = RULE.replacen(from, to, 1);
             let e = format!("{:#}", config(&text).setup(&agg).unwrap_err());
@@ -176,6 +187,16 @@ mod tests {
         let both = RULE.replacen("fleet = \"meters\"", "fleet = \"m\"\ndevice = \"d\"", 1);
         let e = format!("{:#}", config(&both).setup(&agg).unwrap_err());
         assert!(e.contains("exactly one of `fleet` and `device`"), "{e}");
+        let url = "url = \"http://127.0.0.1:9000/alerts\"";
+        let not_pem = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        for (ca_file, expected) in [
+            ("/nonexistent/ca.pem", "ca_file /nonexistent/ca.pem"),
+            (not_pem, "no PEM certificate"),
+        ] {
+            let text = RULE.replacen(url, &format!("{url}\nca_file = \"{ca_file}\""), 1);
+            let e = format!("{:#}", config(&text).setup(&agg).unwrap_err());
+            assert!(e.contains(expected), "{ca_file}: {e}");
+        }
         let unknown = RULE.replacen("threshold", "treshold", 1);
         assert!(toml::from_str::<AlertsConfig>(&unknown).is_err());
     }

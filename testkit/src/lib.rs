@@ -50,7 +50,7 @@ pub mod up;
 
 pub use memory_lease::MemoryLeaseStore;
 pub use memory_producer::{MemoryProducer, Timeout};
-pub use pki::{ClientCert, Pki, transport};
+pub use pki::{ClientCert, Pki, TlsListener, transport};
 
 /// Milliseconds since the Unix epoch: what the endpoint stamps as a
 /// message's `received_at`, for tests that publish readings near now.

@@ -169,6 +169,15 @@ impl Pki {
         Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
     }
 
+    /// A TLS listener on 127.0.0.1 port 0 with the server certificate, for
+    /// `axum::serve`: an HTTPS server the CA vouches for.
+    pub async fn https_listener(&self) -> Result<TlsListener> {
+        Ok(TlsListener {
+            tcp: tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            acceptor: self.acceptor(false)?,
+        })
+    }
+
     fn roots(&self) -> Result<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
         for ca in CertificateDer::pem_file_iter(&self.ca_cert)? {
@@ -204,4 +213,32 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 /// rumqttc's transport for a TLS connection with `config`.
 pub fn transport(config: Arc<rustls::ClientConfig>) -> rumqttc::Transport {
     rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(config))
+}
+
+/// TCP connections that finished a TLS handshake: `axum::serve` over HTTPS.
+pub struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // A client that refuses the certificate, or is not TLS at all,
+            // costs its own connection only.
+            let Ok((tcp, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
 }

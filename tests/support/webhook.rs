@@ -75,9 +75,8 @@ async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> 
     status
 }
 
-/// A webhook receiver on port 0 that first answers `fail_first` requests
-/// with a 500; returns its URL.
-pub async fn receiver(fail_first: usize) -> (String, Receiver) {
+/// The receiver's state and its one route, `POST /alerts`.
+fn app(fail_first: usize) -> (axum::Router, Receiver) {
     let r = Receiver {
         seen: Arc::default(),
         fail_next: Arc::new(AtomicUsize::new(fail_first)),
@@ -85,8 +84,25 @@ pub async fn receiver(fail_first: usize) -> (String, Receiver) {
     let app = axum::Router::new()
         .route("/alerts", axum::routing::post(receive))
         .with_state(r.clone());
+    (app, r)
+}
+
+/// A webhook receiver on port 0 that first answers `fail_first` requests
+/// with a 500; returns its URL.
+pub async fn receiver(fail_first: usize) -> (String, Receiver) {
+    let (app, r) = app(fail_first);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/alerts", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, r)
+}
+
+/// The same receiver over HTTPS, with a certificate `pki`'s CA signed.
+pub async fn https_receiver(pki: &testkit::Pki) -> (String, Receiver) {
+    let (app, r) = app(0);
+    let listener = pki.https_listener().await.unwrap();
+    let port = axum::serve::Listener::local_addr(&listener).unwrap().port();
+    let url = format!("https://127.0.0.1:{port}/alerts");
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, r)
 }

@@ -20,8 +20,12 @@ pub const ALERT_ID_HEADER: &str = "X-Iotpipe-Alert-Id";
 
 #[derive(Clone)]
 pub struct WebhookConfig {
-    /// `http://…`: the pipeline's HTTP client is built without TLS.
+    /// `http://…` or `https://…`.
     pub url: String,
+    /// The client every attempt uses, built once from the config so that a
+    /// bad CA file is an error at start, not at the first alert: the public
+    /// web's roots, plus a private CA's when one is configured.
+    pub client: reqwest::Client,
     /// The HMAC key the receiver shares.
     pub secret: String,
     /// Delays between attempts of one notification.
@@ -51,10 +55,26 @@ pub struct Webhook {
 impl Webhook {
     pub fn new(config: WebhookConfig) -> Self {
         Webhook {
-            client: reqwest::Client::new(),
+            client: config.client.clone(),
             config,
         }
     }
+}
+
+/// The webhook's HTTP client: HTTPS trusts the public web's roots, and also
+/// `ca_pem` (PEM certificates) for a receiver behind a private CA.
+pub fn client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem).map_err(|e| e.to_string())?;
+        if certs.is_empty() {
+            return Err("no PEM certificate in it".into());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| e.to_string())
 }
 
 #[async_trait]
