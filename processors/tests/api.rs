@@ -343,6 +343,8 @@ async fn tokens_guard_everything_but_health() {
     // Filled and CSV answers read the same windows, under the same guard.
     const FILLED: &str = "/v1/devices/d1/metrics/t?fill=linear&max_gap=5m&format=csv";
     assert_eq!(call(FILLED, None).await.0, StatusCode::UNAUTHORIZED);
+    // Alerts name fleets, devices and values: no token, no list.
+    assert_eq!(call("/v1/alerts", None).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(
         call(FILLED, Some("reader-token-0123456789")).await.0,
         StatusCode::OK
@@ -360,7 +362,7 @@ async fn tokens_guard_everything_but_health() {
     assert_eq!(call("/healthz", None).await.0, StatusCode::OK);
     assert_eq!(call("/openapi.json", None).await.0, StatusCode::OK);
     let (_, _, text) = get_as(&s, "/metrics", Some("admin-token-0123456789")).await;
-    assert!(text.contains("iotpipe_api_unauthorized_total 4"), "{text}");
+    assert!(text.contains("iotpipe_api_unauthorized_total 5"), "{text}");
     assert!(text.contains("iotpipe_api_forbidden_total 1"), "{text}");
 }
 
