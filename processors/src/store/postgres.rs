@@ -113,6 +113,12 @@ pub fn describe(config: &Config) -> String {
     )
 }
 
+/// Loads a batch's items: the keys come as two arrays, and each row found
+/// carries its key's place in them.
+const LOAD: &str = "SELECT w.i, t.version, t.state
+     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(pk, sk, i)
+     JOIN items t ON t.pk = w.pk AND t.sk = w.sk";
+
 /// The statements every connection prepares once, when it opens.
 struct Statements {
     load: Statement,
@@ -147,6 +153,17 @@ async fn connect(config: &Config) -> Result<Client, StoreError> {
             tracing::warn!(error = %e, "The PostgreSQL connection closed.");
         }
     });
+    // Every statement here is a key lookup joined to arrays of keys. After
+    // five executions PostgreSQL caches a generic plan, costed against the
+    // table as it was then: on a new database, empty, so a hash join over a
+    // sequential scan, kept as the table grows to millions of rows (until
+    // an ANALYZE happens to replan it), and each batch then reads the whole
+    // table. A custom plan per execution sees the table's current size and
+    // the arrays' lengths, and costs a fraction of a millisecond to make.
+    client
+        .batch_execute("SET plan_cache_mode = force_custom_plan")
+        .await
+        .map_err(|e| db("setting plan_cache_mode", e))?;
     Ok(client)
 }
 
@@ -167,12 +184,7 @@ impl Statements {
                 .map_err(|e| db("preparing a statement", e))
         };
         Ok(Statements {
-            load: prepare(
-                "SELECT w.i, t.version, t.state
-                 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(pk, sk, i)
-                 JOIN items t ON t.pk = w.pk AND t.sk = w.sk",
-            )
-            .await?,
+            load: prepare(LOAD).await?,
             get: prepare("SELECT state FROM items WHERE pk = $1 AND sk = $2").await?,
             range_asc: prepare(
                 "SELECT sk, state FROM items WHERE pk = $1 AND sk >= $2 AND sk < $3
@@ -466,6 +478,68 @@ impl RollupQuery for PostgresStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plan a load gets on `client` after six executions against an
+    /// empty table, once the table holds 50,000 items.
+    async fn load_plan_after_growth(client: &Client) -> String {
+        client
+            .batch_execute(&format!(
+                "CREATE TABLE items (pk TEXT COLLATE \"C\" NOT NULL, sk TEXT COLLATE \"C\" NOT NULL,
+                     version BIGINT NOT NULL, state BYTEA NOT NULL, PRIMARY KEY (pk, sk));
+                 PREPARE load(text[], text[]) AS {LOAD};"
+            ))
+            .await
+            .expect("create and prepare");
+        // Batches of a few hundred keys, as a fleet's are: their custom
+        // plans cost more than the generic one, which assumes ten rows.
+        let pks: Vec<String> = (0..300).map(|i| format!("s|d{i}")).collect();
+        let execute = format!(
+            "EXECUTE load('{{{}}}', '{{{}}}')",
+            pks.join(","),
+            vec!["0"; pks.len()].join(",")
+        );
+        for _ in 0..6 {
+            client
+                .batch_execute(&execute)
+                .await
+                .expect("execute on the empty table");
+        }
+        client
+            .batch_execute(
+                "INSERT INTO items SELECT 's|d' || g, '0', 1, '\\x00'
+                 FROM generate_series(1, 50000) g",
+            )
+            .await
+            .expect("fill");
+        let rows = client
+            .query("EXPLAIN EXECUTE load('{s|d7,s|d8}', '{0,0}')", &[])
+            .await
+            .expect("explain");
+        rows.iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[tokio::test]
+    async fn a_load_looks_its_keys_up_by_index_on_a_table_that_grew_after_it_was_planned() {
+        let db = testkit::postgres::database().await.expect("test database");
+        // What a plain session does: the generic plan cached on the empty
+        // table scans the whole table for every batch.
+        let (plain, connection) = db.config().connect(NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        let cached = load_plan_after_growth(&plain).await;
+        assert!(cached.contains("Seq Scan on items"), "{cached}");
+        plain
+            .batch_execute("DROP TABLE items; DEALLOCATE load")
+            .await
+            .expect("reset");
+
+        let store_session = connect(&db.config()).await.expect("connect as the store");
+        let plan = load_plan_after_growth(&store_session).await;
+        assert!(plan.contains("Index Scan using items_pkey"), "{plan}");
+        assert!(!plan.contains("Seq Scan"), "{plan}");
+    }
 
     #[test]
     fn a_bound_with_a_nul_keeps_its_place_among_nul_free_keys() {
