@@ -15,15 +15,18 @@
 //! - The layout is created and changed by numbered migrations (`migrate`),
 //!   applied when the store opens.
 //!
-//! Two connections, no pool: the writer runs one commit at a time behind a
-//! mutex (the processors' shards take turns, as they do on SQLite's one
-//! writer), and the reader serves `load` and the queries, which
-//! tokio-postgres pipelines on one connection (the minutely purge and
-//! dead-letter trim open a third for the call). A connection that dies is
-//! opened again by the next call that needs it; that call's error has
-//! already reported the failure as [`StoreError::Unavailable`], which the
-//! shard loop retries. A pool (deadpool-postgres) is the step up when one
-//! reader is not enough.
+//! A few connections, no pool crate: [`WRITERS`] connections for commits,
+//! each holding one commit at a time behind a mutex, so the processors'
+//! shards (which write disjoint items) overlap their round trips; one for
+//! the processors' `load`, and one for the queries, so that a busy API
+//! cannot delay a batch. tokio-postgres pipelines concurrent statements on
+//! each of the last two. The minutely purge and dead-letter trim open one
+//! more for the call. A connection that dies is opened again by the next
+//! call that needs it; that call's error has already reported the failure
+//! as [`StoreError::Unavailable`], which the shard loop retries.
+//!
+//! Statements are planned per execution (`plan_cache_mode =
+//! force_custom_plan`, see `connect`).
 //!
 //! No TLS: connect over a unix socket or a trusted network. A URL that asks
 //! for TLS (`sslmode=require`) fails to connect and says so.
@@ -33,6 +36,7 @@ mod write;
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -224,13 +228,23 @@ impl Statements {
     }
 }
 
+/// Connections commits run on. Each commit holds one for its whole
+/// transaction; shards write disjoint items, so their commits can overlap
+/// their round trips on separate connections (a conflict, as with the
+/// sweep, waits on PostgreSQL's row lock and then fails its condition).
+const WRITERS: usize = 4;
+
 pub struct PostgresStore {
     config: Config,
-    /// The connection commits run on, one at a time: a commit holds it for
-    /// its whole transaction. `None` until opened again after it died.
-    writer: Mutex<Option<Conn>>,
-    /// The connection loads and queries share; tokio-postgres pipelines
-    /// concurrent statements on it.
+    /// `None` until opened (the first at open), or again after one died.
+    writers: Vec<Mutex<Option<Conn>>>,
+    /// Where the next commit starts looking for a free writer.
+    next_writer: AtomicUsize,
+    /// The connection the processors' loads run on; tokio-postgres
+    /// pipelines concurrent statements on it.
+    loader: Mutex<Option<Arc<Conn>>>,
+    /// The connection queries run on, so that a busy dashboard or API
+    /// cannot queue in front of a batch's load.
     reader: Mutex<Option<Arc<Conn>>>,
 }
 
@@ -263,17 +277,21 @@ impl PostgresStore {
         // Before anything is prepared: a new database has no table yet.
         migrate::migrate(&mut client).await?;
         let statements = Statements::prepare(&client).await?;
-        let writer = Conn { client, statements };
+        let mut writers: Vec<Mutex<Option<Conn>>> =
+            (0..WRITERS).map(|_| Mutex::new(None)).collect();
+        writers[0] = Mutex::new(Some(Conn { client, statements }));
         Ok(PostgresStore {
             config,
-            writer: Mutex::new(Some(writer)),
+            writers,
+            next_writer: AtomicUsize::new(0),
+            loader: Mutex::new(None),
             reader: Mutex::new(None),
         })
     }
 
-    /// The read connection, opened again if it died.
-    async fn reader(&self) -> Result<Arc<Conn>, StoreError> {
-        let mut slot = self.reader.lock().await;
+    /// The connection in `slot`, opened again if it died.
+    async fn shared(&self, slot: &Mutex<Option<Arc<Conn>>>) -> Result<Arc<Conn>, StoreError> {
+        let mut slot = slot.lock().await;
         if let Some(conn) = slot.as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(conn.clone());
         }
@@ -282,9 +300,20 @@ impl PostgresStore {
         Ok(conn)
     }
 
-    /// Locks the write connection, opening it again if it died.
+    async fn reader(&self) -> Result<Arc<Conn>, StoreError> {
+        self.shared(&self.reader).await
+    }
+
+    /// Locks a write connection, a free one if there is one, opening it
+    /// (again) if it is not open.
     async fn writer(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Conn>>, StoreError> {
-        let mut slot = self.writer.lock().await;
+        let start = self.next_writer.fetch_add(1, Ordering::Relaxed);
+        let n = self.writers.len();
+        let free = (0..n).find_map(|i| self.writers[(start + i) % n].try_lock().ok());
+        let mut slot = match free {
+            Some(slot) => slot,
+            None => self.writers[start % n].lock().await,
+        };
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
             *slot = Some(Conn::open(&self.config).await?);
         }
@@ -363,7 +392,7 @@ impl RollupStore for PostgresStore {
             return Ok(Vec::new());
         }
         let (pks, sks): (Vec<String>, Vec<String>) = keys.iter().map(|k| (k.pk(), k.sk())).unzip();
-        let conn = self.reader().await?;
+        let conn = self.shared(&self.loader).await?;
         let rows = conn
             .client
             .query(&conn.statements.load, &[&pks, &sks])
