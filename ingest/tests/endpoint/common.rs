@@ -335,6 +335,65 @@ impl V4 {
     }
 }
 
+/// A PUBLISH or a PUBACK a client received, whichever protocol it speaks,
+/// for the tests that ask the same of both.
+#[derive(Debug, PartialEq)]
+pub enum Received {
+    /// Its topic and payload.
+    Publish(String, String),
+    /// Whether it acknowledged success (MQTT 3.1.1 has nothing else).
+    PubAck(bool),
+}
+
+/// A client of either protocol, as a test watching topics reads it.
+pub trait Watcher {
+    /// The next PUBLISH or PUBACK, skipping other packets.
+    async fn received(&mut self) -> Result<Received>;
+
+    /// Subscribes to `filter`; fails unless it is granted at QoS 0.
+    async fn granted(&mut self, filter: &str) -> Result<()>;
+}
+
+impl Watcher for V4 {
+    async fn received(&mut self) -> Result<Received> {
+        let wanted = |p: &v4::Packet| matches!(p, v4::Packet::Publish(_) | v4::Packet::PubAck(_));
+        Ok(match self.incoming(wanted).await? {
+            v4::Packet::Publish(p) => {
+                Received::Publish(p.topic, String::from_utf8(p.payload.to_vec())?)
+            }
+            _ => Received::PubAck(true),
+        })
+    }
+
+    async fn granted(&mut self, filter: &str) -> Result<()> {
+        let codes = self.suback(&[filter]).await?;
+        let qos0 = v4::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce);
+        anyhow::ensure!(codes == [qos0], "{filter} was not granted: {codes:?}");
+        Ok(())
+    }
+}
+
+impl Watcher for V5 {
+    async fn received(&mut self) -> Result<Received> {
+        let wanted = |p: &v5::Packet| matches!(p, v5::Packet::Publish(_) | v5::Packet::PubAck(_));
+        Ok(match self.incoming(wanted).await? {
+            v5::Packet::Publish(p) => Received::Publish(
+                String::from_utf8(p.topic.to_vec())?,
+                String::from_utf8(p.payload.to_vec())?,
+            ),
+            v5::Packet::PubAck(a) => Received::PubAck(a.reason == v5::PubAckReason::Success),
+            other => bail!("neither a PUBLISH nor a PUBACK: {other:?}"),
+        })
+    }
+
+    async fn granted(&mut self, filter: &str) -> Result<()> {
+        let codes = self.suback(&[filter]).await?;
+        let qos0 = v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce);
+        anyhow::ensure!(codes == [qos0], "{filter} was not granted: {codes:?}");
+        Ok(())
+    }
+}
+
 /// A rumqttc MQTT 5 client whose event loop runs on its own task.
 pub struct V5 {
     pub client: rumqttc::v5::AsyncClient,
