@@ -95,6 +95,7 @@ async fn v4_login(ep: &Endpoint, user: &str, password: &str) -> Result<V4> {
     v4_login_as(ep, user, user, password).await
 }
 
+/// The same over MQTT 5.
 async fn v5_login(ep: &Endpoint, user: &str, password: &str) -> Result<V5> {
     v5_login_as(ep, user, user, password).await
 }
