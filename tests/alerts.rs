@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use iotpipe::{Config, Pipeline};
 use serde_json::{Value, json};
-use support::webhook::{SECRET, https_receiver, receiver, signature_is_valid};
+use support::webhook::{Hook, SECRET, receiver, signature_is_valid, start_with_hook};
 use support::{publish_acked, publish_acked_to, wait_for};
 use testkit::up::RoleProcess;
 use tokio::sync::mpsc;
@@ -84,6 +84,26 @@ fn reading(device: &str, seq: u64, ts: i64, temp: f64) -> (String, Vec<u8>) {
             .to_string()
             .into_bytes(),
     )
+}
+
+/// Publishes one reading by `device` hot enough to fire `hot` on its own,
+/// in a second ahead; returns that second's start.
+async fn publish_one_hot(p: &Pipeline, device: &str) -> i64 {
+    let b = seconds_ahead();
+    publish_acked(p, device, &[reading(device, 1, b + 100, 70.0)]).await;
+    b
+}
+
+/// [`publish_one_hot`], then waits until `GET /v1/alerts` lists its alert,
+/// the only one, as delivered; returns the second's start.
+async fn one_alert_delivered(p: &Pipeline, device: &str) -> i64 {
+    let b = publish_one_hot(p, device).await;
+    let body = wait_for(p, "/v1/alerts", Duration::from_secs(60), |body| {
+        !listed(body).is_empty() && all_delivered(body)
+    })
+    .await;
+    assert_eq!(listed(&body), BTreeSet::from([(b, 0)]), "{body}");
+    b
 }
 
 /// (window start, revision) of every alert `GET /v1/alerts` lists.
@@ -178,9 +198,7 @@ fn tapped_once_each_as_posted(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alerts_fire_exactly_for_the_crossing_windows_and_arrive_once_signed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, hook) = receiver(0).await;
-    let p = iotpipe::start(&config(dir.path(), &url)).await.unwrap();
+    let (_dir, p, hook) = start_with_hook(Hook::Http { fail_first: 0 }, config).await;
     let mut tap = watch_alerts(p.mqtt_addr).await;
     let b = seconds_ahead();
     let w = |i: i64| b + i * SEC;
@@ -357,16 +375,8 @@ async fn apart_from_ingest_one_of_two_processes_delivers_and_the_tap_relays_each
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_notification_answered_500_is_sent_again_and_listed_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (url, hook) = receiver(1).await;
-    let p = iotpipe::start(&config(dir.path(), &url)).await.unwrap();
-    let b = seconds_ahead();
-    publish_acked(&p, "dev-b", &[reading("dev-b", 1, b + 100, 70.0)]).await;
-    let body = wait_for(&p, "/v1/alerts", Duration::from_secs(60), |body| {
-        !listed(body).is_empty() && all_delivered(body)
-    })
-    .await;
-    assert_eq!(listed(&body), BTreeSet::from([(b, 0)]), "{body}");
+    let (_dir, p, hook) = start_with_hook(Hook::Http { fail_first: 1 }, config).await;
+    let b = one_alert_delivered(&p, "dev-b").await;
 
     let seen = hook.seen();
     let id = format!("hot/{b}/0");
@@ -387,19 +397,14 @@ async fn a_notification_answered_500_is_sent_again_and_listed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_webhook_behind_a_private_ca_gets_each_alert_once_signed() {
-    let dir = tempfile::tempdir().unwrap();
     let pki = testkit::Pki::new().unwrap();
-    let (url, hook) = https_receiver(&pki).await;
-    let mut config = config(dir.path(), &url);
-    config.alerts.webhook.as_mut().unwrap().ca_file = Some(pki.ca_cert.clone());
-    let p = iotpipe::start(&config).await.unwrap();
-    let b = seconds_ahead();
-    publish_acked(&p, "dev-s", &[reading("dev-s", 1, b + 100, 70.0)]).await;
-    let body = wait_for(&p, "/v1/alerts", Duration::from_secs(60), |body| {
-        !listed(body).is_empty() && all_delivered(body)
-    })
-    .await;
-    assert_eq!(listed(&body), BTreeSet::from([(b, 0)]), "{body}");
+    let trusting_the_ca = |dir: &std::path::Path, url: &str| {
+        let mut config = config(dir, url);
+        config.alerts.webhook.as_mut().unwrap().ca_file = Some(pki.ca_cert.clone());
+        config
+    };
+    let (_dir, p, hook) = start_with_hook(Hook::Https(&pki), trusting_the_ca).await;
+    let b = one_alert_delivered(&p, "dev-s").await;
     let seen: Vec<(String, u16, bool)> = hook
         .seen()
         .iter()
@@ -414,12 +419,9 @@ async fn an_https_webhook_behind_a_private_ca_gets_each_alert_once_signed() {
 /// listed as not delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_webhook_whose_certificate_is_not_trusted_gets_nothing() {
-    let dir = tempfile::tempdir().unwrap();
     let pki = testkit::Pki::new().unwrap();
-    let (url, hook) = https_receiver(&pki).await;
-    let p = iotpipe::start(&config(dir.path(), &url)).await.unwrap();
-    let b = seconds_ahead();
-    publish_acked(&p, "dev-u", &[reading("dev-u", 1, b + 100, 70.0)]).await;
+    let (_dir, p, hook) = start_with_hook(Hook::Https(&pki), config).await;
+    let b = publish_one_hot(&p, "dev-u").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while metric(&p, "iotpipe_alert_delivery_failures_total").await < 2.0 {
         assert!(tokio::time::Instant::now() < deadline, "no failed delivery");

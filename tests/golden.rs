@@ -27,11 +27,11 @@ use processors::api::{ApiState, app, parse_time};
 use processors::metrics::ProcessorMetrics;
 use processors::run::process_batch;
 use processors::store::memory::MemoryStore;
-use processors::store::sqlite::SqliteStore;
 use processors::store::{RollupQuery, RollupStore};
 use rollup::AggregateConfig;
 use schemas::shard::Record;
 use serde_json::Value;
+use testkit::store_conformance::sqlite_in_temp_dir;
 use tower::ServiceExt;
 
 const SHARDS: u32 = 2;
@@ -277,9 +277,8 @@ async fn golden_cases_on_the_memory_store() {
 #[tokio::test]
 async fn golden_cases_on_the_sqlite_store() {
     run_all("sqlite", || async {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
-        opened(s, dir)
+        let (s, dir) = sqlite_in_temp_dir();
+        opened(Arc::new(s), dir)
     })
     .await;
 }
@@ -288,9 +287,8 @@ async fn golden_cases_on_the_sqlite_store() {
 async fn golden_cases_on_the_cached_sqlite_store() {
     use processors::store::cached::{CacheConfig, CachedStore};
     run_all("cached-sqlite", || async {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
-        let s = Arc::new(CachedStore::new(db, CacheConfig::default()));
+        let (db, dir) = sqlite_in_temp_dir();
+        let s = Arc::new(CachedStore::new(Arc::new(db), CacheConfig::default()));
         opened(s, dir)
     })
     .await;

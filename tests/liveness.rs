@@ -104,9 +104,10 @@ async fn after_the_run(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_devices_go_stale_and_wills_offline_within_the_configured_time() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = support::config(dir.path());
-    config.http.stale_after = Duration::from_secs(3);
-    let p = iotpipe::start(&config).await.unwrap();
+    let p = support::start_edited(dir.path(), |c| {
+        c.http.stale_after = Duration::from_secs(3);
+    })
+    .await;
     let summary = device_sim::run(SimConfig {
         seed: 20,
         ..leaving(&p, "live", 200, 20, 8)
@@ -133,11 +134,12 @@ async fn stopped_devices_go_stale_and_wills_offline_within_the_configured_time()
 async fn through_a_broker_status_topics_give_the_same_lists() {
     let broker = Mosquitto::start_with_acl("max_inflight_messages 1000").unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut config = support::config(dir.path());
-    config.http.stale_after = Duration::from_secs(3);
-    config.broker.url = Some(broker.url());
-    config.broker.username = Some("iotpipe-bridge".into());
-    let p = iotpipe::start(&config).await.unwrap();
+    let p = support::start_edited(dir.path(), |c| {
+        c.http.stale_after = Duration::from_secs(3);
+        c.broker.url = Some(broker.url());
+        c.broker.username = Some("iotpipe-bridge".into());
+    })
+    .await;
     let summary = device_sim::run(SimConfig {
         seed: 22,
         broker: BrokerAddr {
@@ -163,10 +165,11 @@ async fn the_check_reads_an_api_that_wants_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "liveness-reader-token read\n").unwrap();
-    let mut config = support::config(dir.path());
-    config.http.stale_after = Duration::from_secs(2);
-    config.http.token_file = Some(tokens);
-    let p = iotpipe::start(&config).await.unwrap();
+    let p = support::start_edited(dir.path(), |c| {
+        c.http.stale_after = Duration::from_secs(2);
+        c.http.token_file = Some(tokens);
+    })
+    .await;
     let (status, _) = support::get(&p, "/v1/devices?fleet=guarded").await;
     assert_eq!(status, 401, "the API wants the token");
     let summary = device_sim::run(SimConfig {

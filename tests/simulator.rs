@@ -49,9 +49,10 @@ async fn two_hundred_devices_verify_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_readings_verify_exactly_and_too_late_ones_are_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = support::config(dir.path());
-    config.aggregate.allowed_lateness = Duration::from_secs(120);
-    let p = iotpipe::start(&config).await.unwrap();
+    let p = support::start_edited(dir.path(), |c| {
+        c.aggregate.allowed_lateness = Duration::from_secs(120);
+    })
+    .await;
     let mut late_windows = 0;
     let mut too_late = 0;
     for (fleet, late_by_ms) in [("late", 125_000), ("later", 175_000)] {
@@ -123,9 +124,10 @@ async fn alerts_fire_exactly_for_the_crossing_windows_revised_ones_included() {
     let secret = support::webhook::SECRET;
     let webhook = format!("[alerts.webhook]\nurl = \"{url}\"\nsecret = \"{secret}\"\n");
     std::fs::write(&rules, text + &webhook).unwrap();
-    let mut config = support::config(dir.path());
-    config.alerts = iotpipe::config::Config::load(&rules).unwrap().alerts;
-    let p = iotpipe::start(&config).await.unwrap();
+    let p = support::start_edited(dir.path(), |c| {
+        c.alerts = iotpipe::config::Config::load(&rules).unwrap().alerts;
+    })
+    .await;
     let summary = device_sim::run(SimConfig {
         fleet: "alerted".into(),
         devices: 20,

@@ -33,7 +33,7 @@ use schemas::state::AlertState;
 use serde_json::Value;
 use testkit::MemoryLeaseStore;
 use testkit::batches::{one_reading, one_reading_received};
-use testkit::moto::{moto_config, unique_name};
+use testkit::moto::{moto_config, sqs_queue, unique_name};
 use tower::ServiceExt;
 
 const T0: i64 = 1_764_240_000_000; // a minute boundary
@@ -378,14 +378,7 @@ async fn on_aws_each_alert_is_published_to_the_sns_topic_once_and_marked_deliver
         .topic_arn
         .unwrap();
     // What the topic publishes lands in a queue the test reads, as is.
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(unique_name("alerts"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let queue_url = sqs_queue(&sqs, "alerts").await.unwrap();
     let queue_arn = sqs
         .get_queue_attributes()
         .queue_url(&queue_url)

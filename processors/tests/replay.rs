@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use stream::ShardReader;
 use stream::kinesis::KinesisStream;
 use testkit::lambda::kinesis_event_record;
-use testkit::moto::{moto_config, unique_name};
+use testkit::moto::{moto_config, sqs_queue, unique_name};
 use tower::ServiceExt;
 
 const TOPIC: &str = "dt/plant-a/dev-1/telemetry";
@@ -119,14 +119,7 @@ async fn a_rule_error_is_replayed_once_and_a_bad_message_fails_alone() {
     let aws = moto_config().unwrap();
     let sdk = aws.load().await;
     let sqs = aws_sdk_sqs::Client::new(&sdk);
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(unique_name("rule-errors"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let queue_url = sqs_queue(&sqs, "rule-errors").await.unwrap();
     let stream =
         KinesisStream::connect(&aws, &unique_name("telemetry"), &unique_name("leases")).await;
     stream.create(Some(1)).await.unwrap();

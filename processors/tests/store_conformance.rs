@@ -12,8 +12,7 @@ async fn memory_store_conforms() {
 
 #[tokio::test]
 async fn sqlite_store_conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("rollups.db")).unwrap();
+    let (store, _dir) = conformance::sqlite_in_temp_dir();
     conformance::run(&store).await;
 }
 
@@ -76,9 +75,12 @@ async fn postgres_store_keeps_items_across_reopen_and_purges_expired() {
 #[tokio::test]
 async fn the_write_behind_cache_conforms() {
     use processors::store::cached::{CacheConfig, CachedStore};
-    let dir = tempfile::tempdir().unwrap();
-    let db = std::sync::Arc::new(SqliteStore::open(&dir.path().join("rollups.db")).unwrap());
-    conformance::run(&CachedStore::new(db, CacheConfig::default())).await;
+    let (db, _dir) = conformance::sqlite_in_temp_dir();
+    conformance::run(&CachedStore::new(
+        std::sync::Arc::new(db),
+        CacheConfig::default(),
+    ))
+    .await;
     let memory = std::sync::Arc::new(MemoryStore::new());
     conformance::run(&CachedStore::new(memory, CacheConfig::default())).await;
 }

@@ -10,7 +10,6 @@
 //! start, revision), which is what makes a notification fire once per
 //! revision whatever the ticks and restarts of the shell.
 
-use schemas::name::by_name;
 use schemas::{Resolution, WindowView};
 
 use crate::config::AggregateConfig;
@@ -80,13 +79,7 @@ impl Aggregate {
     }
 }
 
-impl std::str::FromStr for Aggregate {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        by_name(&Aggregate::ALL, Aggregate::as_str, "aggregate", s)
-    }
-}
+schemas::named!(Aggregate, "aggregate");
 
 /// How a window's value is compared with the threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,13 +117,7 @@ impl Comparison {
     }
 }
 
-impl std::str::FromStr for Comparison {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        by_name(&Comparison::ALL, Comparison::as_str, "comparison", s)
-    }
-}
+schemas::named!(Comparison, "comparison");
 
 /// One alert rule.
 #[derive(Debug, Clone, PartialEq)]

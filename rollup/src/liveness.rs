@@ -2,8 +2,6 @@
 //! and spans hold, and the time the caller says it is. `stale` is never
 //! stored: it is derived here, at query time, from `last_seen`.
 
-use std::fmt;
-
 use schemas::PresenceEvent;
 use schemas::state::PresenceMark;
 
@@ -26,19 +24,7 @@ impl Status {
     }
 }
 
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Status {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        schemas::name::by_name(&Self::ALL, Self::as_str, "status", s)
-    }
-}
+schemas::named!(Status, "status");
 
 /// The status of a device last seen (latest reading's `received_at`, 0 for
 /// none) at `last_seen`, whose latest presence event is `presence`, at

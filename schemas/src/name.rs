@@ -16,6 +16,28 @@ pub fn by_name<T: Copy>(
     })
 }
 
+/// `Display` and `FromStr` for an enum of a closed set that has `ALL` and
+/// `as_str`: written as its one name and read back with [`by_name`], `what`
+/// naming the set in the error (`named!(Status, "status")`).
+#[macro_export]
+macro_rules! named {
+    ($t:ty, $what:literal) => {
+        impl ::std::fmt::Display for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ::std::str::FromStr for $t {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $crate::name::by_name(&Self::ALL, Self::as_str, $what, s)
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::by_name;

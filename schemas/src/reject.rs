@@ -1,7 +1,5 @@
 //! Why a message or reading was refused.
 
-use std::fmt;
-
 use serde::{Deserialize, Serialize};
 
 /// Every reason iotpipe refuses input for. Each one is counted, and the refused
@@ -67,19 +65,7 @@ impl RejectReason {
     }
 }
 
-impl fmt::Display for RejectReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for RejectReason {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        crate::name::by_name(&Self::ALL, Self::as_str, "reject reason", s)
-    }
-}
+crate::named!(RejectReason, "reject reason");
 
 /// A refusal with the reason that is counted and a detail for the person reading
 /// the dead-letter store.

@@ -1,4 +1,4 @@
-//! One moto server per test binary, standing in for Kinesis and DynamoDB.
+//! One moto server per test binary, standing in for Kinesis, DynamoDB, SNS and SQS.
 //!
 //! `MOTO_ENDPOINT`, when set, names a running server to use instead. Else the
 //! first caller starts `moto_server` on a free loopback port through a small
@@ -40,6 +40,18 @@ pub fn moto_config() -> Result<AwsConfig, String> {
 }
 
 pub use crate::unique_name;
+
+/// A fresh SQS queue on the stand-in, named after `prefix`; returns its URL.
+pub async fn sqs_queue(sqs: &aws_sdk_sqs::Client, prefix: &str) -> anyhow::Result<String> {
+    let created = sqs
+        .create_queue()
+        .queue_name(unique_name(prefix))
+        .send()
+        .await?;
+    created
+        .queue_url
+        .ok_or_else(|| anyhow::anyhow!("the stand-in named no URL for queue {prefix}"))
+}
 
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")

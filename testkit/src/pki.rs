@@ -227,11 +227,12 @@ impl axum::serve::Listener for TlsListener {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         loop {
+            // axum's own TCP listener retries a refused or reset connection at
+            // once and sleeps a second on any other accept error (EMFILE), so
+            // a persistent error does not spin a core.
+            let (tcp, addr) = axum::serve::Listener::accept(&mut self.tcp).await;
             // A client that refuses the certificate, or is not TLS at all,
-            // costs its own connection only.
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                continue;
-            };
+            // costs its own connection only: dropping `tcp` closes it.
             if let Ok(tls) = self.acceptor.accept(tcp).await {
                 return (tls, addr);
             }
@@ -240,5 +241,33 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> std::io::Result<Self::Addr> {
         self.tcp.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::serve::Listener as _;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// A client that is not TLS at all is dropped, and the next one, which
+    /// is, is the connection `accept` hands out.
+    #[tokio::test]
+    async fn a_failed_handshake_costs_only_its_own_connection() {
+        let pki = Pki::new().unwrap();
+        let mut listener = pki.https_listener().await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = tokio::spawn(async move { listener.accept().await.1 });
+
+        let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+        plain.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(pki.client_config(None).unwrap());
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let client = tcp.local_addr().unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let _tls = connector.connect(name, tcp).await.unwrap();
+
+        assert_eq!(accepted.await.unwrap(), client);
     }
 }

@@ -2,7 +2,8 @@
 //! run: `store_conformance::run(&store).await`.
 //!
 //! Panics with a message naming the broken rule. The small builders it uses
-//! (`counter`, `write`, `value`, `range`) serve backends' own tests too.
+//! (`counter`, `write`, `value`, `range`, `sqlite_in_temp_dir`) serve
+//! backends' own tests too.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -10,8 +11,16 @@ use schemas::state::{Item, ItemState};
 
 use rollup::{Commit, Condition, Write};
 
+use processors::store::sqlite::SqliteStore;
 use processors::store::{Range, RollupQuery, RollupStore, Scan, StoreError};
 use rollup::keys::ItemKey;
+
+/// A SQLite store in a fresh temp dir, and the dir, which must outlive it.
+pub fn sqlite_in_temp_dir() -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("rollups.db")).unwrap();
+    (store, dir)
+}
 
 /// A counter item's key.
 pub fn counter(shard: &str, name: &str) -> ItemKey {

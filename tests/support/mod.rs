@@ -70,7 +70,14 @@ pub async fn a_short_run_verifies(p: &Pipeline, seed: u64) {
 }
 
 pub async fn start(dir: &Path) -> Pipeline {
-    iotpipe::start(&config(dir)).await.unwrap()
+    start_edited(dir, |_| {}).await
+}
+
+/// [`start`], with [`config`] changed by `edit` first.
+pub async fn start_edited(dir: &Path, edit: impl FnOnce(&mut Config)) -> Pipeline {
+    let mut c = config(dir);
+    edit(&mut c);
+    iotpipe::start(&c).await.unwrap()
 }
 
 pub async fn get(p: &Pipeline, path: &str) -> (u16, Value) {

@@ -2,6 +2,7 @@
 //! signature with its own code, written from the documented contract
 //! rather than with the pipeline's, and keeps what it saw.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use hmac::{KeyInit, Mac};
+use iotpipe::{Config, Pipeline};
 use serde_json::Value;
 
 pub const SECRET: &str = "a shared secret";
@@ -105,4 +107,29 @@ pub async fn https_receiver(pki: &testkit::Pki) -> (String, Receiver) {
     let url = format!("https://127.0.0.1:{port}/alerts");
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, r)
+}
+
+/// How the test's webhook receiver listens.
+pub enum Hook<'a> {
+    /// Plain HTTP, answering the first `fail_first` requests with a 500.
+    Http { fail_first: usize },
+    /// HTTPS, with a certificate the CA of this `Pki` signed.
+    Https(&'a testkit::Pki),
+}
+
+/// A webhook receiver as `hook` says, and `iotpipe up` in a fresh temp dir
+/// with the config `config` makes for that dir and the receiver's URL.
+/// Returns the dir (the pipeline's data lives as long as it), the running
+/// pipeline and the receiver.
+pub async fn start_with_hook(
+    hook: Hook<'_>,
+    config: impl FnOnce(&Path, &str) -> Config,
+) -> (tempfile::TempDir, Pipeline, Receiver) {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, receiver) = match hook {
+        Hook::Http { fail_first } => receiver(fail_first).await,
+        Hook::Https(pki) => https_receiver(pki).await,
+    };
+    let pipeline = iotpipe::start(&config(dir.path(), &url)).await.unwrap();
+    (dir, pipeline, receiver)
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use ingest::{Role, SubscribeRefusal, UsersFile};
 use rumqttc::QoS;
 use rumqttc::mqttbytes::v4;
@@ -27,9 +27,7 @@ async fn start_with_users() -> Result<Endpoint> {
 #[tokio::test]
 async fn a_v4_device_publishes_as_itself_and_is_cut_off_otherwise() -> Result<()> {
     let ep = start_with_users().await?;
-    let mut options = v4_options(ep.addr, "c1");
-    options.set_credentials("dev-1", "token-1");
-    let mut c = V4::connect_with(options).await?;
+    let mut c = v4_login_as(&ep, "c1", "dev-1", "token-1").await?;
     c.publish_as_dev1_then_dev2().await?;
 
     ep.producer.wait_stored(2, WAIT).await?;
@@ -47,9 +45,7 @@ async fn a_v4_device_publishes_as_itself_and_is_cut_off_otherwise() -> Result<()
 #[tokio::test]
 async fn a_v5_device_is_told_not_authorized_per_publish() -> Result<()> {
     let ep = start_with_users().await?;
-    let mut options = v5_options(ep.addr, "c2");
-    options.set_credentials("dev-2", "token-2");
-    let mut c = V5::connect_with(options).await?;
+    let mut c = v5_login_as(&ep, "c2", "dev-2", "token-2").await?;
     assert_eq!(
         c.publish_as(&["dev-1", "dev-2"]).await?,
         vec![(1, PubAckReason::NotAuthorized), (2, PubAckReason::Success)]
@@ -60,9 +56,7 @@ async fn a_v5_device_is_told_not_authorized_per_publish() -> Result<()> {
 #[tokio::test]
 async fn wrong_or_missing_credentials_are_refused_at_connect() -> Result<()> {
     let ep = start_with_users().await?;
-    let mut options = v4_options(ep.addr, "c3");
-    options.set_credentials("dev-1", "token-2");
-    let refused = V4::connect_with(options)
+    let refused = v4_login_as(&ep, "c3", "dev-1", "token-2")
         .await
         .err()
         .map(|e| format!("{e:#}"));
@@ -82,76 +76,95 @@ const NOT_B: [&str; 2] = ["dt/#", "dt/f/dev-1/telemetry"];
 /// How many messages device A publishes while B watches.
 const FROM_A: u64 = 5;
 
-async fn v4_login(ep: &Endpoint, user: &str, password: &str) -> Result<V4> {
-    let mut options = v4_options(ep.addr, user);
+/// A 3.1.1 client with the client id `id`, logged in as `user`.
+async fn v4_login_as(ep: &Endpoint, id: &str, user: &str, password: &str) -> Result<V4> {
+    let mut options = v4_options(ep.addr, id);
     options.set_credentials(user, password);
     V4::connect_with(options).await
 }
 
-async fn v5_login(ep: &Endpoint, user: &str, password: &str) -> Result<V5> {
-    let mut options = v5_options(ep.addr, user);
+/// An MQTT 5 client with the client id `id`, logged in as `user`.
+async fn v5_login_as(ep: &Endpoint, id: &str, user: &str, password: &str) -> Result<V5> {
+    let mut options = v5_options(ep.addr, id);
     options.set_credentials(user, password);
     V5::connect_with(options).await
 }
 
-async fn v4_next_publish(c: &mut V4) -> Result<(String, String)> {
-    match c.incoming(|p| matches!(p, v4::Packet::Publish(_))).await? {
-        v4::Packet::Publish(p) => Ok((p.topic, String::from_utf8(p.payload.to_vec())?)),
-        other => bail!("not a PUBLISH: {other:?}"),
-    }
+/// A 3.1.1 client logged in as `user`, which is also its client id.
+async fn v4_login(ep: &Endpoint, user: &str, password: &str) -> Result<V4> {
+    v4_login_as(ep, user, user, password).await
 }
 
-async fn v5_next_publish(c: &mut V5) -> Result<(String, String)> {
-    match c.incoming(|p| matches!(p, v5::Packet::Publish(_))).await? {
-        v5::Packet::Publish(p) => Ok((
-            String::from_utf8(p.topic.to_vec())?,
-            String::from_utf8(p.payload.to_vec())?,
-        )),
-        other => bail!("not a PUBLISH: {other:?}"),
+/// The same over MQTT 5.
+async fn v5_login(ep: &Endpoint, user: &str, password: &str) -> Result<V5> {
+    v5_login_as(ep, user, user, password).await
+}
+
+/// The topic and payload of the next PUBLISH, skipping PUBACKs.
+async fn next_publish(c: &mut impl Watcher) -> Result<(String, String)> {
+    loop {
+        if let Received::Publish(topic, payload) = c.received().await? {
+            return Ok((topic, payload));
+        }
     }
 }
 
 /// Every PUBLISH that arrives until B's PUBACK and B's own message are both
 /// in, in arrival order.
-async fn v4_publishes_until_own(b: &mut V4) -> Result<Vec<(String, String)>> {
+async fn publishes_until_own(b: &mut impl Watcher) -> Result<Vec<(String, String)>> {
     let (mut seen, mut acked) = (Vec::new(), false);
     while !(acked && seen.iter().any(|(t, _)| *t == own("dev-2"))) {
-        match b
-            .incoming(|p| matches!(p, v4::Packet::Publish(_) | v4::Packet::PubAck(_)))
-            .await?
-        {
-            v4::Packet::Publish(p) => {
-                seen.push((p.topic, String::from_utf8(p.payload.to_vec())?));
+        match b.received().await? {
+            Received::Publish(topic, payload) => seen.push((topic, payload)),
+            Received::PubAck(success) => {
+                assert!(success, "B's own message was refused");
+                acked = true;
             }
-            _ => acked = true,
         }
     }
     Ok(seen)
 }
 
-async fn v5_publishes_until_own(b: &mut V5) -> Result<Vec<(String, String)>> {
-    let (mut seen, mut acked) = (Vec::new(), false);
-    while !(acked && seen.iter().any(|(t, _)| *t == own("dev-2"))) {
-        match b
-            .incoming(|p| matches!(p, v5::Packet::Publish(_) | v5::Packet::PubAck(_)))
-            .await?
-        {
-            v5::Packet::Publish(p) => seen.push((
-                String::from_utf8(p.topic.to_vec())?,
-                String::from_utf8(p.payload.to_vec())?,
-            )),
-            v5::Packet::PubAck(a) => {
-                assert_eq!(a.reason, PubAckReason::Success);
-                acked = true;
-            }
-            _ => {}
-        }
+/// What B and the operator watching the fleet got once B published
+/// `payload(100)` to its own topic after A's messages: B that message and
+/// none of A's, the operator each of A's in order; and the endpoint counts
+/// B's two filters refused.
+async fn b_got_only_its_own(
+    ep: &Endpoint,
+    b: &mut impl Watcher,
+    operator: &mut impl Watcher,
+) -> Result<()> {
+    assert_eq!(
+        publishes_until_own(b).await?,
+        vec![(own("dev-2"), payload(100))],
+        "B sees its own message and none of A's"
+    );
+    for seq in 0..FROM_A {
+        assert_eq!(next_publish(operator).await?, (own("dev-1"), payload(seq)));
     }
-    Ok(seen)
+    assert_eq!(
+        ep.snapshot()
+            .subscriptions_refused(SubscribeRefusal::NotAuthorized),
+        2
+    );
+    Ok(())
 }
 
 fn own(device: &str) -> String {
     format!("dt/f/{device}/telemetry")
+}
+
+/// The endpoint with the users file, the operator logged in and watching
+/// the whole fleet, and device B (`dev-2`) logged in: each a client that
+/// `login` makes.
+async fn operator_and_b<C: Watcher>(
+    login: impl AsyncFn(&Endpoint, &str, &str) -> Result<C>,
+) -> Result<(Endpoint, C, C)> {
+    let ep = start_with_users().await?;
+    let mut operator = login(&ep, "ops", "token-ops").await?;
+    operator.granted("dt/#").await?;
+    let b = login(&ep, "dev-2", "token-2").await?;
+    Ok((ep, operator, b))
 }
 
 /// Device A (`dev-1`) publishes `FROM_A` messages at QoS 1 and waits for
@@ -174,13 +187,7 @@ async fn a_publishes(ep: &Endpoint) -> Result<()> {
 #[tokio::test]
 async fn a_v4_device_is_refused_other_devices_topics_and_receives_none_of_their_telemetry()
 -> Result<()> {
-    let ep = start_with_users().await?;
-    let mut operator = v4_login(&ep, "ops", "token-ops").await?;
-    assert_eq!(
-        operator.suback(&["dt/#"]).await?,
-        vec![v4::SubscribeReasonCode::Success(QoS::AtMostOnce)]
-    );
-    let mut b = v4_login(&ep, "dev-2", "token-2").await?;
+    let (ep, mut operator, mut b) = operator_and_b(v4_login).await?;
     assert_eq!(
         b.suback(&NOT_B).await?,
         vec![v4::SubscribeReasonCode::Failure; 2],
@@ -193,26 +200,10 @@ async fn a_v4_device_is_refused_other_devices_topics_and_receives_none_of_their_
     b.client
         .publish(own("dev-2"), QoS::AtLeastOnce, false, payload(100))
         .await?;
+    b_got_only_its_own(&ep, &mut b, &mut operator).await?;
     assert_eq!(
-        v4_publishes_until_own(&mut b).await?,
-        vec![(own("dev-2"), payload(100))],
-        "B sees its own message and none of A's"
-    );
-
-    for seq in 0..FROM_A {
-        assert_eq!(
-            v4_next_publish(&mut operator).await?,
-            (own("dev-1"), payload(seq))
-        );
-    }
-    assert_eq!(
-        v4_next_publish(&mut operator).await?,
+        next_publish(&mut operator).await?,
         (own("dev-2"), payload(100))
-    );
-    assert_eq!(
-        ep.snapshot()
-            .subscriptions_refused(SubscribeRefusal::NotAuthorized),
-        2
     );
     ep.stop().await
 }
@@ -220,15 +211,7 @@ async fn a_v4_device_is_refused_other_devices_topics_and_receives_none_of_their_
 #[tokio::test]
 async fn a_v5_device_is_told_not_authorized_per_filter_and_receives_none_of_another_devices_telemetry()
 -> Result<()> {
-    let ep = start_with_users().await?;
-    let mut operator = v5_login(&ep, "ops", "token-ops").await?;
-    assert_eq!(
-        operator.suback(&["dt/#"]).await?,
-        vec![v5::SubscribeReasonCode::Success(
-            rumqttc::v5::mqttbytes::QoS::AtMostOnce
-        )]
-    );
-    let mut b = v5_login(&ep, "dev-2", "token-2").await?;
+    let (ep, mut operator, mut b) = operator_and_b(v5_login).await?;
     let mut filters = NOT_B.to_vec();
     let mine = own("dev-2");
     filters.push(&mine);
@@ -251,23 +234,7 @@ async fn a_v5_device_is_told_not_authorized_per_filter_and_receives_none_of_anot
             payload(100),
         )
         .await?;
-    assert_eq!(
-        v5_publishes_until_own(&mut b).await?,
-        vec![(own("dev-2"), payload(100))],
-        "B sees its own message and none of A's"
-    );
-
-    for seq in 0..FROM_A {
-        assert_eq!(
-            v5_next_publish(&mut operator).await?,
-            (own("dev-1"), payload(seq))
-        );
-    }
-    assert_eq!(
-        ep.snapshot()
-            .subscriptions_refused(SubscribeRefusal::NotAuthorized),
-        2
-    );
+    b_got_only_its_own(&ep, &mut b, &mut operator).await?;
     ep.stop().await
 }
 

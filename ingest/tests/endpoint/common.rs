@@ -148,29 +148,96 @@ pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> Result<T> {
 /// A rumqttc event loop, of either protocol.
 trait EventLoop: Send + 'static {
     type Event: Send + 'static;
-    type Error: Send + 'static;
+    type Error: std::fmt::Display + Send + 'static;
+    type Packet;
     fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send + '_;
+    /// The packet `event` brings in, if it is an incoming one.
+    fn incoming(event: Self::Event) -> Option<Self::Packet>;
 }
 
 impl EventLoop for rumqttc::EventLoop {
     type Event = rumqttc::Event;
     type Error = rumqttc::ConnectionError;
+    type Packet = v4::Packet;
     fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send + '_ {
         self.poll()
+    }
+    fn incoming(event: rumqttc::Event) -> Option<v4::Packet> {
+        match event {
+            rumqttc::Event::Incoming(p) => Some(p),
+            rumqttc::Event::Outgoing(_) => None,
+        }
     }
 }
 
 impl EventLoop for rumqttc::v5::EventLoop {
     type Event = rumqttc::v5::Event;
     type Error = rumqttc::v5::ConnectionError;
+    type Packet = v5::Packet;
     fn next(&mut self) -> impl Future<Output = Result<Self::Event, Self::Error>> + Send + '_ {
         self.poll()
+    }
+    fn incoming(event: rumqttc::v5::Event) -> Option<v5::Packet> {
+        match event {
+            rumqttc::v5::Event::Incoming(p) => Some(p),
+            rumqttc::v5::Event::Outgoing(_) => None,
+        }
+    }
+}
+
+/// A connection's events as [`pump`] hands them over.
+struct Events<L: EventLoop>(mpsc::UnboundedReceiver<Result<L::Event, L::Error>>);
+
+impl<L: EventLoop> Events<L> {
+    async fn recv(&mut self) -> Option<Result<L::Event, L::Error>> {
+        self.0.recv().await
+    }
+
+    /// What `pick` makes of the first incoming packet it takes, skipping
+    /// the packets it gives back `None` for.
+    async fn next<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(L::Packet) -> Option<T>,
+    ) -> Result<T> {
+        within(what, async {
+            loop {
+                match self.recv().await {
+                    Some(Ok(event)) => {
+                        if let Some(t) = L::incoming(event).and_then(&mut pick) {
+                            return Ok(t);
+                        }
+                    }
+                    Some(Err(e)) => bail!("connection ended: {e}"),
+                    None => bail!("event loop ended"),
+                }
+            }
+        })
+        .await?
+    }
+
+    /// Every incoming packet before the first that `end` is true of.
+    async fn until(
+        &mut self,
+        what: &str,
+        end: impl Fn(&L::Packet) -> bool,
+    ) -> Result<Vec<L::Packet>> {
+        let mut before = Vec::new();
+        self.next(what, |p| {
+            if end(&p) {
+                return Some(());
+            }
+            before.push(p);
+            None
+        })
+        .await?;
+        Ok(before)
     }
 }
 
 /// Runs `eventloop` on its own task and hands over every event, until the
 /// connection fails or the receiver is dropped.
-fn pump<L: EventLoop>(mut eventloop: L) -> mpsc::UnboundedReceiver<Result<L::Event, L::Error>> {
+fn pump<L: EventLoop>(mut eventloop: L) -> Events<L> {
     let (tx, events) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -181,13 +248,13 @@ fn pump<L: EventLoop>(mut eventloop: L) -> mpsc::UnboundedReceiver<Result<L::Eve
             }
         }
     });
-    events
+    Events(events)
 }
 
 /// A rumqttc 3.1.1 client whose event loop runs on its own task.
 pub struct V4 {
     pub client: rumqttc::AsyncClient,
-    events: mpsc::UnboundedReceiver<Result<rumqttc::Event, rumqttc::ConnectionError>>,
+    events: Events<rumqttc::EventLoop>,
 }
 
 pub fn v4_options(addr: SocketAddr, id: &str) -> rumqttc::MqttOptions {
@@ -214,17 +281,8 @@ impl V4 {
 
     /// The next incoming packet matching `want`, skipping others.
     pub async fn incoming(&mut self, want: impl Fn(&v4::Packet) -> bool) -> Result<v4::Packet> {
-        within("an incoming packet", async {
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(rumqttc::Event::Incoming(p))) if want(&p) => return Ok(p),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => bail!("connection ended: {e}"),
-                    None => bail!("event loop ended"),
-                }
-            }
-        })
-        .await?
+        let wanted = |p| want(&p).then_some(p);
+        self.events.next("an incoming packet", wanted).await
     }
 
     /// Publishes `payload(seq)` to `device`'s telemetry topic at `qos`.
@@ -251,25 +309,22 @@ impl V4 {
             .iter()
             .map(|f| rumqttc::SubscribeFilter::new(f.to_string(), rumqttc::QoS::AtMostOnce));
         self.client.subscribe_many(filters).await?;
-        match self
-            .incoming(|p| matches!(p, v4::Packet::SubAck(_)))
-            .await?
-        {
-            v4::Packet::SubAck(a) => Ok(a.return_codes),
-            other => bail!("not a SUBACK: {other:?}"),
-        }
+        let codes = |p| match p {
+            v4::Packet::SubAck(a) => Some(a.return_codes),
+            _ => None,
+        };
+        self.events.next("a SUBACK", codes).await
     }
 
     /// PUBACK packet ids, the next `n` of them, in arrival order.
     pub async fn pubacks(&mut self, n: usize) -> Result<Vec<u16>> {
+        let id = |p| match p {
+            v4::Packet::PubAck(a) => Some(a.pkid),
+            _ => None,
+        };
         let mut ids = Vec::new();
         while ids.len() < n {
-            if let v4::Packet::PubAck(a) = self
-                .incoming(|p| matches!(p, v4::Packet::PubAck(_)))
-                .await?
-            {
-                ids.push(a.pkid);
-            }
+            ids.push(self.events.next("a PUBACK", id).await?);
         }
         Ok(ids)
     }
@@ -280,19 +335,8 @@ impl V4 {
         self.client
             .subscribe(filter, rumqttc::QoS::AtMostOnce)
             .await?;
-        within("a SUBACK", async {
-            let mut before = Vec::new();
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(rumqttc::Event::Incoming(v4::Packet::SubAck(_)))) => return Ok(before),
-                    Some(Ok(rumqttc::Event::Incoming(p))) => before.push(p),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => bail!("connection ended: {e}"),
-                    None => bail!("event loop ended"),
-                }
-            }
-        })
-        .await?
+        let suback = |p: &v4::Packet| matches!(p, v4::Packet::SubAck(_));
+        self.events.until("a SUBACK", suback).await
     }
 
     /// Waits for the connection to end and returns why.
@@ -335,11 +379,70 @@ impl V4 {
     }
 }
 
+/// A PUBLISH or a PUBACK a client received, whichever protocol it speaks,
+/// for the tests that ask the same of both.
+#[derive(Debug, PartialEq)]
+pub enum Received {
+    /// Its topic and payload.
+    Publish(String, String),
+    /// Whether it acknowledged success (MQTT 3.1.1 has nothing else).
+    PubAck(bool),
+}
+
+/// A client of either protocol, as a test watching topics reads it.
+pub trait Watcher {
+    /// The next PUBLISH or PUBACK, skipping other packets.
+    async fn received(&mut self) -> Result<Received>;
+
+    /// Subscribes to `filter`; fails unless it is granted at QoS 0.
+    async fn granted(&mut self, filter: &str) -> Result<()>;
+}
+
+impl Watcher for V4 {
+    async fn received(&mut self) -> Result<Received> {
+        let wanted = |p: &v4::Packet| matches!(p, v4::Packet::Publish(_) | v4::Packet::PubAck(_));
+        Ok(match self.incoming(wanted).await? {
+            v4::Packet::Publish(p) => {
+                Received::Publish(p.topic, String::from_utf8(p.payload.to_vec())?)
+            }
+            _ => Received::PubAck(true),
+        })
+    }
+
+    async fn granted(&mut self, filter: &str) -> Result<()> {
+        let codes = self.suback(&[filter]).await?;
+        let qos0 = v4::SubscribeReasonCode::Success(rumqttc::QoS::AtMostOnce);
+        anyhow::ensure!(codes == [qos0], "{filter} was not granted: {codes:?}");
+        Ok(())
+    }
+}
+
+impl Watcher for V5 {
+    async fn received(&mut self) -> Result<Received> {
+        let wanted = |p: &v5::Packet| matches!(p, v5::Packet::Publish(_) | v5::Packet::PubAck(_));
+        Ok(match self.incoming(wanted).await? {
+            v5::Packet::Publish(p) => Received::Publish(
+                String::from_utf8(p.topic.to_vec())?,
+                String::from_utf8(p.payload.to_vec())?,
+            ),
+            v5::Packet::PubAck(a) => Received::PubAck(a.reason == v5::PubAckReason::Success),
+            other => bail!("neither a PUBLISH nor a PUBACK: {other:?}"),
+        })
+    }
+
+    async fn granted(&mut self, filter: &str) -> Result<()> {
+        let codes = self.suback(&[filter]).await?;
+        let qos0 = v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce);
+        anyhow::ensure!(codes == [qos0], "{filter} was not granted: {codes:?}");
+        Ok(())
+    }
+}
+
 /// A rumqttc MQTT 5 client whose event loop runs on its own task.
 pub struct V5 {
     pub client: rumqttc::v5::AsyncClient,
     pub connack: v5::ConnAck,
-    events: mpsc::UnboundedReceiver<Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>>,
+    events: Events<rumqttc::v5::EventLoop>,
 }
 
 pub fn v5_options(addr: SocketAddr, id: &str) -> rumqttc::v5::MqttOptions {
@@ -374,17 +477,8 @@ impl V5 {
     }
 
     pub async fn incoming(&mut self, want: impl Fn(&v5::Packet) -> bool) -> Result<v5::Packet> {
-        within("an incoming packet", async {
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(rumqttc::v5::Event::Incoming(p))) if want(&p) => return Ok(p),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => bail!("connection ended: {e}"),
-                    None => bail!("event loop ended"),
-                }
-            }
-        })
-        .await?
+        let wanted = |p| want(&p).then_some(p);
+        self.events.next("an incoming packet", wanted).await
     }
 
     /// SUBSCRIBEs to `filters` in one packet and returns the SUBACK's codes.
@@ -393,13 +487,11 @@ impl V5 {
             .iter()
             .map(|f| v5::Filter::new(f.to_string(), rumqttc::v5::mqttbytes::QoS::AtMostOnce));
         self.client.subscribe_many(filters).await?;
-        match self
-            .incoming(|p| matches!(p, v5::Packet::SubAck(_)))
-            .await?
-        {
-            v5::Packet::SubAck(a) => Ok(a.return_codes),
-            other => bail!("not a SUBACK: {other:?}"),
-        }
+        let codes = |p| match p {
+            v5::Packet::SubAck(a) => Some(a.return_codes),
+            _ => None,
+        };
+        self.events.next("a SUBACK", codes).await
     }
 
     /// Publishes `payload(1)` at QoS 1 to each device's telemetry topic in
@@ -420,14 +512,13 @@ impl V5 {
 
     /// The next `n` PUBACKs as (packet id, reason), in arrival order.
     pub async fn pubacks(&mut self, n: usize) -> Result<Vec<(u16, v5::PubAckReason)>> {
+        let ack = |p| match p {
+            v5::Packet::PubAck(a) => Some((a.pkid, a.reason)),
+            _ => None,
+        };
         let mut acks = Vec::new();
         while acks.len() < n {
-            if let v5::Packet::PubAck(a) = self
-                .incoming(|p| matches!(p, v5::Packet::PubAck(_)))
-                .await?
-            {
-                acks.push((a.pkid, a.reason));
-            }
+            acks.push(self.events.next("a PUBACK", ack).await?);
         }
         Ok(acks)
     }
@@ -437,21 +528,8 @@ impl V5 {
         self.client
             .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtMostOnce)
             .await?;
-        within("a SUBACK", async {
-            let mut before = Vec::new();
-            loop {
-                match self.events.recv().await {
-                    Some(Ok(rumqttc::v5::Event::Incoming(v5::Packet::SubAck(_)))) => {
-                        return Ok(before);
-                    }
-                    Some(Ok(rumqttc::v5::Event::Incoming(p))) => before.push(p),
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => bail!("connection ended: {e}"),
-                    None => bail!("event loop ended"),
-                }
-            }
-        })
-        .await?
+        let suback = |p: &v5::Packet| matches!(p, v5::Packet::SubAck(_));
+        self.events.until("a SUBACK", suback).await
     }
 
     /// Waits for the server's DISCONNECT and returns its reason.
