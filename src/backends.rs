@@ -220,6 +220,7 @@ impl Store {
                 let store = PostgresStore::open(pg).await.with_context(|| {
                     format!("cannot open the PostgreSQL rollup store ({server})")
                 })?;
+                let store = store.with_finest(config.aggregate()?.finest());
                 Ok(Store::Postgres(Arc::new(store)))
             }
         }

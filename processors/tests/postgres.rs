@@ -1,8 +1,11 @@
 //! The PostgreSQL store beyond the common contract: its migrations, commits
-//! that land whole or not at all, fleet-sized commits, and what it says
-//! when it cannot reach its server.
+//! that land whole or not at all, fleet-sized commits, what it says when it
+//! cannot reach its server, and windows readable by SQL (`windows`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "postgres/windows.rs"]
+mod windows;
 
 use processors::store::postgres::{PostgresStore, SCHEMA_VERSION};
 use processors::store::{RollupQuery, RollupStore, StoreError};

@@ -14,6 +14,10 @@
 //!   not at all, as in SQLite.
 //! - The layout is created and changed by numbered migrations (`migrate`),
 //!   applied when the store opens.
+//! - Window items (spans, compacted device windows, fleet parts) also carry
+//!   their figures as JSON in a `windows` column, written by the same
+//!   statements, which views unnest for SQL readers such as Grafana
+//!   (`windows`).
 //!
 //! A few connections, no pool crate: [`WRITERS`] connections for commits,
 //! each holding one commit at a time behind a mutex, so the processors'
@@ -32,6 +36,7 @@
 //! for TLS (`sslmode=require`) fails to connect and says so.
 
 mod migrate;
+mod windows;
 mod write;
 
 use std::str::FromStr;
@@ -40,6 +45,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use schemas::Resolution;
 use schemas::state::Item;
 use tokio::sync::Mutex;
 use tokio_postgres::config::Host;
@@ -208,18 +214,20 @@ impl Statements {
             .await?,
             update: prepare(
                 "UPDATE items AS t
-                 SET version = t.version + 1, state = w.state, expires_at = w.expires_at
-                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[], $5::int8[])
-                     AS w(pk, sk, state, expires_at, version)
+                 SET version = t.version + 1, state = w.state, expires_at = w.expires_at,
+                     windows = w.windows::jsonb
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[], $5::int8[],
+                             $6::text[])
+                     AS w(pk, sk, state, expires_at, version, windows)
                  WHERE t.pk = w.pk AND t.sk = w.sk AND t.version = w.version
                  RETURNING t.pk, t.sk",
             )
             .await?,
             insert: prepare(
-                "INSERT INTO items (pk, sk, version, state, expires_at)
-                 SELECT w.pk, w.sk, 1, w.state, w.expires_at
-                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[])
-                     AS w(pk, sk, state, expires_at)
+                "INSERT INTO items (pk, sk, version, state, expires_at, windows)
+                 SELECT w.pk, w.sk, 1, w.state, w.expires_at, w.windows::jsonb
+                 FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[], $5::text[])
+                     AS w(pk, sk, state, expires_at, windows)
                  ON CONFLICT (pk, sk) DO NOTHING
                  RETURNING pk, sk",
             )
@@ -246,6 +254,9 @@ pub struct PostgresStore {
     /// The connection queries run on, so that a busy dashboard or API
     /// cannot queue in front of a batch's load.
     reader: Mutex<Option<Arc<Conn>>>,
+    /// The finest stored resolution: the length of a span item's windows,
+    /// which the item does not say, for the `windows` column.
+    finest: Resolution,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -271,11 +282,19 @@ impl PostgresStore {
         Self::open(config).await
     }
 
+    /// Sets the finest stored resolution (`AggregateConfig::finest`; 1 min
+    /// unless set), which the `windows` column gives as span windows'
+    /// length.
+    pub fn with_finest(mut self, finest: Resolution) -> Self {
+        self.finest = finest;
+        self
+    }
+
     /// [`PostgresStore::connect`] with a parsed configuration.
     pub async fn open(config: Config) -> Result<Self, StoreError> {
         let mut client = connect(&config).await?;
         // Before anything is prepared: a new database has no table yet.
-        migrate::migrate(&mut client).await?;
+        migrate::migrate(&mut client, SCHEMA_VERSION).await?;
         let statements = Statements::prepare(&client).await?;
         let mut writers: Vec<Mutex<Option<Conn>>> =
             (0..WRITERS).map(|_| Mutex::new(None)).collect();
@@ -286,6 +305,7 @@ impl PostgresStore {
             next_writer: AtomicUsize::new(0),
             loader: Mutex::new(None),
             reader: Mutex::new(None),
+            finest: rollup::AggregateConfig::default().finest(),
         })
     }
 
@@ -361,6 +381,14 @@ impl PostgresStore {
     }
 }
 
+/// Brings the database `config` names to layout `version` and no further:
+/// a database as an older build left it, for a test of the migration after
+/// it.
+pub async fn migrate_to(config: &Config, version: i32) -> Result<(), StoreError> {
+    let mut client = connect(config).await?;
+    migrate::migrate(&mut client, version).await
+}
+
 /// A range bound as PostgreSQL can take it: `text` holds no NUL, yet callers
 /// ask for "just after `k`" as `k` + NUL (the least string above `k`). No
 /// stored key holds a NUL, so for every stored `s`, `s >= p + NUL + rest`
@@ -431,7 +459,7 @@ impl RollupStore for PostgresStore {
         // transaction the order only matters where both touch one item.
         for phase in [&commit.writes, &commit.then] {
             // Dropping the transaction on an error rolls every write back.
-            write::apply(&tx, statements, phase).await?;
+            write::apply(&tx, statements, phase, self.finest).await?;
         }
         tx.commit()
             .await

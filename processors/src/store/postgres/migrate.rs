@@ -19,20 +19,62 @@ use super::db;
 use crate::store::StoreError;
 
 /// The migrations, in order: (version, SQL). Versions count up from 1.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    // Keys sort by bytes ("C"), as in SQLite and DynamoDB, whatever the
-    // database's locale: ranges and prefix scans depend on that order.
-    "CREATE TABLE items (
-         pk TEXT COLLATE \"C\" NOT NULL,
-         sk TEXT COLLATE \"C\" NOT NULL,
-         version BIGINT NOT NULL,
-         expires_at BIGINT,
-         state BYTEA NOT NULL,
-         PRIMARY KEY (pk, sk)
-     );
-     CREATE INDEX items_expiry ON items (expires_at) WHERE expires_at IS NOT NULL;",
-)];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        // Keys sort by bytes ("C"), as in SQLite and DynamoDB, whatever the
+        // database's locale: ranges and prefix scans depend on that order.
+        "CREATE TABLE items (
+             pk TEXT COLLATE \"C\" NOT NULL,
+             sk TEXT COLLATE \"C\" NOT NULL,
+             version BIGINT NOT NULL,
+             expires_at BIGINT,
+             state BYTEA NOT NULL,
+             PRIMARY KEY (pk, sk)
+         );
+         CREATE INDEX items_expiry ON items (expires_at) WHERE expires_at IS NOT NULL;",
+    ),
+    (2, READABLE_WINDOWS),
+];
+
+/// Windows readable by SQL (`super::windows`): the JSON column the writer
+/// fills for window items, and views that unnest it. A nullable column
+/// without a default is added without rewriting the table, and rows written
+/// before stay NULL: their state is postcard, which only Rust decodes, so
+/// they are not backfilled and are absent from the views until rewritten.
+///
+/// The views show what the table holds, so an item past its expiry stays
+/// until the minutely purge deletes it: a filter on the time would make
+/// every read depend on the server's clock. They keep `pk` so that a query
+/// filtering on it (`pk = 's|' || device`) reads one device's rows through
+/// the primary key; `device` and `fleet` are for reading, not filtering. A
+/// fleet window is the merge of its per-shard parts, done as the API does:
+/// sums add, extremes compare.
+const READABLE_WINDOWS: &str = "
+    ALTER TABLE items ADD COLUMN windows JSONB;
+    CREATE VIEW device_windows AS
+    SELECT t.pk, t.sk,
+           split_part(t.pk, '|', CASE WHEN t.pk LIKE 's|%' THEN 2 ELSE 3 END) AS device,
+           w.metric, w.res AS res_ms, w.start AS start_ms,
+           timestamptz 'epoch' + w.start * interval '1 millisecond' AS time,
+           w.count, w.sum, w.min, w.max, w.avg, w.late_count, w.revision
+    FROM items t,
+         jsonb_to_recordset(t.windows) AS w(metric text, start int8, res int8, count int8,
+             sum float8, min float8, max float8, avg float8, late_count int8, revision int8)
+    WHERE t.pk LIKE 's|%' OR t.pk LIKE 'w|d|%';
+    CREATE VIEW fleet_windows AS
+    SELECT t.pk, split_part(t.pk, '|', 3) AS fleet,
+           w.metric, w.res AS res_ms, w.start AS start_ms,
+           timestamptz 'epoch' + w.start * interval '1 millisecond' AS time,
+           sum(w.count)::int8 AS count, sum(w.sum) AS sum, min(w.min) AS min, max(w.max) AS max,
+           sum(w.sum) / nullif(sum(w.count), 0)::float8 AS avg,
+           sum(w.late_count)::int8 AS late_count, sum(w.revision)::int8 AS revision,
+           count(*) AS parts
+    FROM items t,
+         jsonb_to_recordset(t.windows) AS w(metric text, start int8, res int8, count int8,
+             sum float8, min float8, max float8, late_count int8, revision int8)
+    WHERE t.pk LIKE 'w|f|%'
+    GROUP BY t.pk, w.metric, w.res, w.start;";
 
 /// The layout this build reads and writes: its last migration.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -41,8 +83,9 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 /// serialises migrations.
 const LOCK_KEY: i64 = 0x0069_6f74_7069_7065; // "iotpipe" in ASCII
 
-/// Applies every migration the database lacks, each in its own transaction.
-pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+/// Applies every migration up to `target` that the database lacks, each in
+/// its own transaction.
+pub(super) async fn migrate(client: &mut Client, target: i32) -> Result<(), StoreError> {
     loop {
         let tx = client.transaction().await.map_err(|e| db("migrating", e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
@@ -67,7 +110,7 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
             .map(|row| row.try_get(0))
             .collect::<Result<_, _>>()
             .map_err(|e| db("migrating: reading schema_migrations", e))?;
-        let Some((version, sql)) = next_step(&applied)? else {
+        let Some((version, sql)) = next_step(&applied, target)? else {
             return tx.commit().await.map_err(|e| db("migrating", e));
         };
         tx.batch_execute(sql)
@@ -86,9 +129,9 @@ pub(super) async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     }
 }
 
-/// The first step not in `applied`, or an error if `applied` holds one
-/// this build does not know.
-fn next_step(applied: &[i32]) -> Result<Option<(i32, &'static str)>, StoreError> {
+/// The first step up to `target` not in `applied`, or an error if
+/// `applied` holds one this build does not know.
+fn next_step(applied: &[i32], target: i32) -> Result<Option<(i32, &'static str)>, StoreError> {
     if let Some(unknown) = applied
         .iter()
         .find(|v| !MIGRATIONS.iter().any(|(known, _)| known == *v))
@@ -104,7 +147,7 @@ fn next_step(applied: &[i32]) -> Result<Option<(i32, &'static str)>, StoreError>
     }
     Ok(MIGRATIONS
         .iter()
-        .find(|(v, _)| !applied.contains(v))
+        .find(|(v, _)| *v <= target && !applied.contains(v))
         .map(|&(v, sql)| (v, sql)))
 }
 
@@ -121,10 +164,18 @@ mod tests {
 
     #[test]
     fn the_next_step_is_the_first_missing_and_an_unknown_one_is_refused() {
-        assert_eq!(next_step(&[]).unwrap().map(|s| s.0), Some(1));
+        assert_eq!(
+            next_step(&[], SCHEMA_VERSION).unwrap().map(|s| s.0),
+            Some(1)
+        );
         let all: Vec<i32> = (1..=SCHEMA_VERSION).collect();
-        assert_eq!(next_step(&all).unwrap(), None);
-        let err = next_step(&[1, SCHEMA_VERSION + 1]).unwrap_err();
+        assert_eq!(next_step(&all, SCHEMA_VERSION).unwrap(), None);
+        assert_eq!(
+            next_step(&[1], SCHEMA_VERSION).unwrap().map(|s| s.0),
+            Some(2)
+        );
+        assert_eq!(next_step(&[1], 1).unwrap(), None, "no step past the target");
+        let err = next_step(&[1, SCHEMA_VERSION + 1], SCHEMA_VERSION).unwrap_err();
         assert!(err.to_string().contains("newer iotpipe"), "{err}");
         assert!(!err.is_retryable());
     }

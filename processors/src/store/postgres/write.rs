@@ -10,31 +10,45 @@
 //! same key twice would be seen once; so a phase that writes a key twice
 //! (which the core does not do, but the contract allows) is split into
 //! runs without repeats, applied one after the other.
+//!
+//! Each row also carries its `windows` column (`super::windows`): one more
+//! array per statement, so windows readable by SQL cost no round trip and
+//! no row of their own.
 
 use std::collections::HashSet;
 
 use rollup::keys::ItemKey;
 use rollup::{Condition, Write};
+use schemas::Resolution;
 use tokio_postgres::Transaction;
 
-use super::{Statements, db};
+use super::{Statements, db, windows};
 use crate::store::StoreError;
 
 /// Applies `writes` in `tx`; on a failed condition returns
 /// [`StoreError::Conflict`], and the caller drops (rolls back) `tx`.
+/// `finest` is the resolution of the windows in span items.
 pub(super) async fn apply(
     tx: &Transaction<'_>,
     statements: &Statements,
     writes: &[Write],
+    finest: Resolution,
 ) -> Result<(), StoreError> {
     for run in runs(writes) {
-        let rows = Rows::of(run);
+        let rows = Rows::of(run, finest);
         if !rows.update.is_empty() {
             let c = &rows.update;
             let changed = tx
                 .query(
                     &statements.update,
-                    &[&c.pks, &c.sks, &c.states, &c.expires, &c.versions],
+                    &[
+                        &c.pks,
+                        &c.sks,
+                        &c.states,
+                        &c.expires,
+                        &c.versions,
+                        &c.windows,
+                    ],
                 )
                 .await
                 .map_err(|e| db("updating items", e))?;
@@ -43,7 +57,10 @@ pub(super) async fn apply(
         if !rows.insert.is_empty() {
             let c = &rows.insert;
             let inserted = tx
-                .query(&statements.insert, &[&c.pks, &c.sks, &c.states, &c.expires])
+                .query(
+                    &statements.insert,
+                    &[&c.pks, &c.sks, &c.states, &c.expires, &c.windows],
+                )
                 .await
                 .map_err(|e| db("inserting items", e))?;
             // An `InsertOnce` write that found its item keeps the first.
@@ -114,15 +131,19 @@ struct Columns {
     expires: Vec<Option<i64>>,
     /// The version each `UPDATE` row must still find.
     versions: Vec<i64>,
+    /// JSON, cast to `jsonb` by the statement; NULL for items that hold no
+    /// window.
+    windows: Vec<Option<String>>,
     conditions: Vec<Condition>,
 }
 
 impl Columns {
-    fn push(&mut self, w: &Write) {
+    fn push(&mut self, w: &Write, finest: Resolution) {
         self.pks.push(w.key.pk());
         self.sks.push(w.key.sk());
         self.states.push(w.item.encode());
         self.expires.push(w.expires_at);
+        self.windows.push(windows::column(&w.key, &w.item, finest));
         if let Condition::Version(v) = w.condition {
             self.versions.push(v as i64);
         }
@@ -145,15 +166,15 @@ struct Rows {
 }
 
 impl Rows {
-    fn of(run: &[Write]) -> Rows {
+    fn of(run: &[Write], finest: Resolution) -> Rows {
         let mut rows = Rows {
             update: Columns::default(),
             insert: Columns::default(),
         };
         for w in run {
             match w.condition {
-                Condition::Version(_) => rows.update.push(w),
-                Condition::Absent | Condition::InsertOnce => rows.insert.push(w),
+                Condition::Version(_) => rows.update.push(w, finest),
+                Condition::Absent | Condition::InsertOnce => rows.insert.push(w, finest),
             }
         }
         rows
@@ -204,7 +225,7 @@ mod tests {
             write("b", Condition::Absent),
             write("c", Condition::Absent),
         ];
-        let rows = Rows::of(&writes);
+        let rows = Rows::of(&writes, Resolution::DEFAULTS[0]);
         assert!(rows.update.is_empty());
         let c = &rows.insert;
         let absent_only = |i: usize| c.conditions[i] == Condition::Absent;
@@ -223,9 +244,11 @@ mod tests {
             write("b", Condition::Absent),
             write("c", Condition::Version(9)),
         ];
-        let rows = Rows::of(&writes);
+        let rows = Rows::of(&writes, Resolution::DEFAULTS[0]);
         assert_eq!(rows.update.versions, [7, 9]);
         assert_eq!(rows.update.len(), rows.update.versions.len());
         assert_eq!(rows.insert.len(), 1);
+        // Counters hold no window: one NULL per row.
+        assert_eq!(rows.update.windows, [None, None]);
     }
 }
