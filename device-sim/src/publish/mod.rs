@@ -273,18 +273,33 @@ pub fn ports_per_address() -> u32 {
 
 /// The source addresses for `devices` connections to `broker`: those given,
 /// or, for a loopback broker with more devices than one address has ports,
-/// as many of 127.0.0.1, 127.0.0.2, ... as needed.
+/// as many of 127.0.0.1, 127.0.0.2, ... as [`loopback_sources`] says.
 pub fn source_addresses(given: &[IpAddr], broker: SocketAddr, devices: u32) -> Vec<IpAddr> {
     if !given.is_empty() {
         return given.to_vec();
     }
-    let per = ports_per_address();
-    if !broker.ip().is_loopback() || !broker.is_ipv4() || devices <= per {
+    if !broker.ip().is_loopback() || !broker.is_ipv4() {
         return Vec::new();
     }
-    (1..=devices.div_ceil(per).min(254))
+    (1..=loopback_sources(devices, ports_per_address()))
         .map(|n| IpAddr::from([127, 0, 0, n as u8]))
         .collect()
+}
+
+/// How many loopback addresses `devices` connections are spread over when
+/// one address has `ports` ephemeral ports: none while they fit in one
+/// (the kernel then picks ports per destination), else enough that each is
+/// at most half full. A socket bound to an address with port 0 gets a port
+/// from a search of that address's range, and a nearly full range makes
+/// each search walk most of it: 50,000 devices on two addresses spent most
+/// of the machine's time in that search and never all connected. Every
+/// simulator process of a run counts the whole fleet, since they share the
+/// addresses.
+pub fn loopback_sources(devices: u32, ports: u32) -> u32 {
+    if devices <= ports {
+        return 0;
+    }
+    devices.div_ceil((ports / 2).max(1)).min(254)
 }
 
 /// What publishing a run did.
@@ -512,5 +527,20 @@ pub fn qos(level: u8) -> anyhow::Result<u8> {
     match level {
         0 | 1 => Ok(level),
         n => bail!("QoS {n} is not supported: the pipeline speaks QoS 0 and 1"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_past_one_address_is_spread_so_that_each_address_is_at_most_half_full() {
+        assert_eq!(loopback_sources(27_000, 27_232), 0);
+        // 50,000 would fit in two addresses' ports, but only just.
+        assert_eq!(loopback_sources(50_000, 27_232), 4);
+        assert_eq!(loopback_sources(27_233, 27_232), 3);
+        assert_eq!(loopback_sources(u32::MAX, 27_232), 254);
+        assert_eq!(loopback_sources(10, 1), 10);
     }
 }
