@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use stream::PutRecord;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -23,9 +23,14 @@ use super::tap::TapMessage;
 use crate::metrics::{add, bump};
 use crate::tls::Certified;
 
-/// Bytes asked of the socket per read; packets larger than this grow the
-/// buffer as their header announces.
-const READ_CHUNK: usize = 64 * 1024;
+/// Bytes asked of the socket per read at first. A quiet device's packets are
+/// a few hundred bytes, and a fleet holds tens of thousands of connections:
+/// a large first buffer each would be most of the endpoint's memory. A read
+/// that fills what it was offered doubles the offer, up to [`MAX_READ_CHUNK`],
+/// so a chatty connection still reads many packets per call. Packets larger
+/// than the offer grow the buffer as their header announces.
+const MIN_READ_CHUNK: usize = 2 * 1024;
+const MAX_READ_CHUNK: usize = 64 * 1024;
 /// Live-tap messages written per wake at most, so a busy tap cannot starve
 /// acknowledgements.
 const TAP_BATCH: usize = 256;
@@ -47,6 +52,8 @@ pub(crate) struct Connection<S> {
     shared: Arc<Shared>,
     session: Session,
     rbuf: BytesMut,
+    /// Spare room offered to the next read: see [`MIN_READ_CHUNK`].
+    read_chunk: usize,
     wbuf: BytesMut,
     actions: Vec<Action>,
     /// Cloned into every append request so the appender can answer here.
@@ -95,8 +102,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             conn_id,
             shared,
             session,
-            rbuf: BytesMut::with_capacity(READ_CHUNK),
-            wbuf: BytesMut::with_capacity(4096),
+            rbuf: BytesMut::new(),
+            read_chunk: MIN_READ_CHUNK,
+            // Grown by the first answer (a CONNACK, then a few PUBACKs).
+            wbuf: BytesMut::new(),
             actions: Vec::new(),
             completions_tx,
             completions,
@@ -140,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 _ = &mut cancelled, if !self.draining => Wake::Shutdown,
                 _ = kicked(&mut self.kick) => Wake::Kicked,
                 Some(c) = self.completions.recv() => Wake::Durable(c),
-                r = read_some(&mut self.socket, &mut self.rbuf), if reading => Wake::Read(r),
+                r = read_some(&mut self.socket, &mut self.rbuf, self.read_chunk), if reading => Wake::Read(r),
                 Some(m) = self.tap_rx.recv() => Wake::Tap(m),
                 _ = &mut self.silence, if reading => Wake::Deadline,
             };
@@ -164,6 +173,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
                 Wake::Read(Ok(n)) => {
                     add(&self.shared.metrics.bytes_in, n as u64);
+                    if n >= self.read_chunk {
+                        self.read_chunk = (self.read_chunk * 2).min(MAX_READ_CHUNK);
+                    }
                     self.last_heard = Instant::now();
                 }
                 Wake::Tap(m) => {
@@ -399,12 +411,18 @@ fn count_close(reason: &CloseReason, metrics: &crate::IngestMetrics) {
     bump(counter);
 }
 
+/// Reads what the socket has, up to `chunk` bytes beyond what is buffered.
 async fn read_some<S: AsyncRead + Unpin>(
     socket: &mut S,
     buf: &mut BytesMut,
+    chunk: usize,
 ) -> std::io::Result<usize> {
-    buf.reserve(READ_CHUNK);
-    socket.read_buf(buf).await
+    buf.reserve(chunk);
+    // `read_buf` fills all the spare capacity, which after a reclaim may be
+    // far more than `chunk`: offer exactly `chunk`, so that the doubling
+    // above sees a full read as one.
+    let mut limited = (&mut *buf).limit(chunk);
+    socket.read_buf(&mut limited).await
 }
 
 async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
