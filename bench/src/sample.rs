@@ -159,6 +159,51 @@ pub fn metric(page: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Samples `/v1/stats`' accepted readings on a task of its own, with the
+/// time each answer came: the pipeline's own account of a step's rate.
+pub struct StatsSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Vec<(f64, u64)>>,
+}
+
+impl StatsSampler {
+    pub fn start(http: reqwest::Client, url: String) -> StatsSampler {
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let mut samples = vec![];
+            let mut every = tokio::time::interval(STATS_EVERY);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = every.tick() => {}
+                }
+                if let Some(n) = accepted_readings(&http, &url).await {
+                    samples.push((started.elapsed().as_secs_f64(), n));
+                }
+            }
+            samples
+        });
+        StatsSampler { stop, task }
+    }
+
+    pub async fn finish(self) -> Vec<(f64, u64)> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap_or_default()
+    }
+}
+
+async fn accepted_readings(http: &reqwest::Client, url: &str) -> Option<u64> {
+    let resp = http
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let stats: serde_json::Value = resp.json().await.ok()?;
+    stats["accepted_readings"].as_u64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
