@@ -173,9 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
                 Wake::Read(Ok(n)) => {
                     add(&self.shared.metrics.bytes_in, n as u64);
-                    if n >= self.read_chunk {
-                        self.read_chunk = (self.read_chunk * 2).min(MAX_READ_CHUNK);
-                    }
+                    self.read_chunk = next_read_chunk(self.read_chunk, n);
                     self.last_heard = Instant::now();
                 }
                 Wake::Tap(m) => {
@@ -411,6 +409,16 @@ fn count_close(reason: &CloseReason, metrics: &crate::IngestMetrics) {
     bump(counter);
 }
 
+/// What the next read is offered after a read of `n` bytes was offered
+/// `chunk`: twice as much if it filled the offer, up to [`MAX_READ_CHUNK`].
+fn next_read_chunk(chunk: usize, n: usize) -> usize {
+    if n >= chunk {
+        (chunk * 2).min(MAX_READ_CHUNK)
+    } else {
+        chunk
+    }
+}
+
 /// Reads what the socket has, up to `chunk` bytes beyond what is buffered.
 async fn read_some<S: AsyncRead + Unpin>(
     socket: &mut S,
@@ -433,5 +441,26 @@ async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
             let _ = rx.await;
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_that_fills_its_offer_doubles_the_next_up_to_the_most() {
+        assert_eq!(next_read_chunk(MIN_READ_CHUNK, 300), MIN_READ_CHUNK);
+        assert_eq!(
+            next_read_chunk(MIN_READ_CHUNK, MIN_READ_CHUNK),
+            2 * MIN_READ_CHUNK
+        );
+        let mut chunk = MIN_READ_CHUNK;
+        for _ in 0..10 {
+            chunk = next_read_chunk(chunk, chunk);
+        }
+        assert_eq!(chunk, MAX_READ_CHUNK);
+        // A quiet spell does not shrink it: the buffer is already there.
+        assert_eq!(next_read_chunk(MAX_READ_CHUNK, 10), MAX_READ_CHUNK);
     }
 }
