@@ -61,6 +61,9 @@ pub struct Freshness {
     /// a sample that never became visible.
     pub p50_ms: Option<Value>,
     pub p99_ms: Option<Value>,
+    /// How late the probe's own requests went out, p99: how much of the
+    /// figure may be the probe rather than the pipeline.
+    pub poll_late_p99_ms: Option<f64>,
 }
 
 impl Freshness {

@@ -264,6 +264,7 @@ impl Bench {
             "freshness_missed": freshness.map(|f| f.missed),
             "freshness_p50_ms": freshness.and_then(|f| f.p50_ms.clone()),
             "freshness_p99_ms": freshness.and_then(|f| f.p99_ms.clone()),
+            "freshness_poll_late_p99_ms": freshness.and_then(|f| f.poll_late_p99_ms),
             "puback_p50_ms": r.puback.as_ref().map(|l| l.p50_ms),
             "puback_p99_ms": r.puback.as_ref().map(|l| l.p99_ms),
             // CPU of iotpipe (and of Mosquitto in front) per acknowledged

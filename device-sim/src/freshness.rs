@@ -2,7 +2,9 @@
 //! shows it.
 //!
 //! Devices offer every n-th telemetry publish ([`Sample`]: device, the
-//! reading's ts, when the PUBLISH was written). n comes from the planned
+//! reading's ts, when the PUBLISH was written), once its PUBACK came (or
+//! its fate is otherwise known): polling before would find nothing, and
+//! only load the probe. n comes from the planned
 //! total ([`FreshnessSample::Auto`]: about [`TARGET_SAMPLES`] a run), and
 //! each device's samples are offset so that they spread over the fleet and
 //! the run.
@@ -12,7 +14,8 @@
 //! settles every sample of that device whose ts the device's latest reading
 //! has reached, so a device costs one request per poll interval however
 //! many samples it holds. At most [`PROBES`] requests run at once; samples
-//! wait their turn rather than being dropped.
+//! wait their turn rather than being dropped, and how late requests went
+//! out is reported beside the figures.
 //!
 //! A sample that was dropped (the devices' queue was full) or not seen
 //! within the timeout is a miss: percentiles are taken over every sample,
@@ -25,18 +28,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Samples a run aims for with [`FreshnessSample::Auto`]: enough that a
 /// p99 rests on about 50 samples above it.
 pub const TARGET_SAMPLES: u64 = 5000;
-/// Requests the probe keeps in flight at most.
-pub const PROBES: usize = 32;
+/// Requests the probe keeps in flight at most. At the fleet's × 2 rate an
+/// answer can take 50 ms or more, and 32 slots then polled too seldom for
+/// the samples waiting: requests went out seconds late.
+pub const PROBES: usize = 128;
 /// How long after a poll's request started the device is asked again: with
 /// the request's own time, the figures' resolution.
 pub const POLL: Duration = Duration::from_millis(20);
+/// A device whose oldest waiting sample is older than `POLL` times this is
+/// asked again after that age divided by this: the figure's resolution
+/// stays within 5 % of it, and a pipeline seconds behind is not asked 50
+/// times a second per device, load that would slow the very thing measured.
+pub const POLL_AGE_SHARE: u32 = 20;
 
 /// Which publishes to sample.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -183,6 +193,10 @@ pub struct Freshness {
     /// How often a device was polled: the figures are up to this (plus a
     /// request's time) above the true time.
     pub poll_ms: u64,
+    /// How late the probe's requests went out against their schedule, p99:
+    /// a probe short of slots or CPU polls late, and every figure above
+    /// can be up to this much too high. `None` without polls.
+    pub poll_late_p99_ms: Option<f64>,
     /// How long a sample was waited for.
     pub timeout_ms: u64,
 }
@@ -203,6 +217,8 @@ pub struct Book {
     /// poll of it is under way or scheduled.
     waiting: HashMap<String, VecDeque<Waiting>>,
     visible_us: Vec<u64>,
+    /// How late each poll's request went out against its schedule, µs.
+    poll_late_us: Vec<u64>,
     samples: u64,
     timed_out: u64,
     errors: u64,
@@ -250,6 +266,24 @@ impl Book {
     }
 
     /// Counts a failed probe request.
+    /// How long after a poll of `device` sent at `sent` to ask again:
+    /// [`POLL`], or a twentieth of its oldest waiting sample's age then if
+    /// that is longer.
+    pub fn poll_gap(&self, device: &str, sent: Instant) -> Duration {
+        let oldest = self
+            .waiting
+            .get(device)
+            .and_then(|q| q.iter().map(|w| w.written).min());
+        let age = oldest.map_or(Duration::ZERO, |w| sent.saturating_duration_since(w));
+        POLL.max(age / POLL_AGE_SHARE)
+    }
+
+    /// A poll due at `due` sent its request at `sent`.
+    pub fn polled(&mut self, due: Instant, sent: Instant) {
+        self.poll_late_us
+            .push(sent.saturating_duration_since(due).as_micros() as u64);
+    }
+
     pub fn error(&mut self) {
         self.errors += 1;
     }
@@ -270,6 +304,7 @@ impl Book {
         Tally {
             timed_out: self.timed_out + self.waiting() as u64,
             visible_us: self.visible_us,
+            poll_late_us: self.poll_late_us,
             samples: self.samples,
             errors: self.errors,
             dropped,
@@ -285,6 +320,9 @@ impl Book {
 pub struct Tally {
     /// How long each visible sample took, µs.
     pub visible_us: Vec<u64>,
+    /// How late each poll went out, µs.
+    #[serde(default)]
+    pub poll_late_us: Vec<u64>,
     /// Samples taken by the probe (without the dropped ones).
     pub samples: u64,
     pub timed_out: u64,
@@ -298,6 +336,7 @@ pub struct Tally {
 impl Tally {
     pub fn merge(&mut self, other: Tally) {
         self.visible_us.extend(other.visible_us);
+        self.poll_late_us.extend(other.poll_late_us);
         self.samples += other.samples;
         self.timed_out += other.timed_out;
         self.errors += other.errors;
@@ -308,6 +347,8 @@ impl Tally {
     /// The figures: every miss ranks above every visible sample.
     pub fn figures(mut self, timeout: Duration) -> Freshness {
         self.visible_us.sort_unstable();
+        self.poll_late_us.sort_unstable();
+        let poll_late_p99_ms = quantile(&self.poll_late_us, 0, 0.99).and_then(Quantile::ms);
         let missed = self.dropped + self.timed_out;
         let q = |q: f64| quantile(&self.visible_us, missed, q);
         Freshness {
@@ -323,6 +364,7 @@ impl Tally {
             p99_ms: q(0.99),
             max_ms: q(1.0),
             poll_ms: POLL.as_millis() as u64,
+            poll_late_p99_ms,
             timeout_ms: timeout.as_millis() as u64,
         }
     }
@@ -344,9 +386,49 @@ struct Polled {
     device: String,
     latest: Option<i64>,
     failed: bool,
-    /// When the request was sent and when its answer came.
+    /// When the poll was due, when its request was sent and when its
+    /// answer came.
+    due: Instant,
     sent: Instant,
     at: Instant,
+}
+
+/// Runs [`probe`] on a thread and runtime of its own, and hands its book
+/// back when done. On the devices' runtime the probe's requests queued
+/// behind thousands of device tasks: at the fleet's × 2 rate they went out
+/// seconds late, and the figure measured the simulator's run queue instead
+/// of the pipeline.
+pub fn spawn_probe(
+    base_url: String,
+    rx: mpsc::Receiver<Sample>,
+    timeout: Duration,
+) -> oneshot::Receiver<Book> {
+    let (done, book) = oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("freshness-probe".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let book = match runtime {
+                Ok(runtime) => runtime.block_on(probe(base_url, rx, timeout)),
+                Err(_) => unprobed(rx),
+            };
+            let _ = done.send(book);
+        });
+    // Without a thread the sender is dropped, and the run reports no
+    // freshness rather than a figure it did not measure.
+    drop(thread);
+    book
+}
+
+/// Every sample a miss: what a probe that cannot run reports.
+fn unprobed(mut rx: mpsc::Receiver<Sample>) -> Book {
+    let mut book = Book::default();
+    while let Some(s) = rx.blocking_recv() {
+        book.offer(s, Duration::ZERO);
+    }
+    book
 }
 
 /// Probes samples from `rx` until it closes and every sample is settled.
@@ -371,7 +453,7 @@ pub async fn probe(base_url: String, mut rx: mpsc::Receiver<Sample>, timeout: Du
         polls.spawn(async move {
             tokio::time::sleep_until(not_before).await;
             let _permit = slots.acquire_owned().await.ok();
-            poll(&http, &base, device).await
+            poll(&http, &base, device, not_before).await
         });
     };
     let mut open = true;
@@ -390,11 +472,13 @@ pub async fn probe(base_url: String, mut rx: mpsc::Receiver<Sample>, timeout: Du
                 // A poll task cannot panic short of a bug; its device's
                 // samples then count as timed out in `figures`.
                 let Ok(p) = done else { continue };
+                book.polled(p.due, p.sent);
                 if p.failed {
                     book.error();
                 }
                 if book.answer(&p.device, p.latest, p.at) {
-                    spawn(&mut polls, p.device, p.sent + POLL);
+                    let gap = book.poll_gap(&p.device, p.sent);
+                    spawn(&mut polls, p.device, p.sent + gap);
                 }
             }
         }
@@ -403,7 +487,7 @@ pub async fn probe(base_url: String, mut rx: mpsc::Receiver<Sample>, timeout: Du
 }
 
 /// Asks the API for `device`'s latest readings once.
-async fn poll(http: &reqwest::Client, base: &str, device: String) -> Polled {
+async fn poll(http: &reqwest::Client, base: &str, device: String, due: Instant) -> Polled {
     let url = format!("{base}/v1/devices/{device}");
     let sent = Instant::now();
     let (latest, failed) = match http.get(&url).send().await {
@@ -419,6 +503,7 @@ async fn poll(http: &reqwest::Client, base: &str, device: String) -> Polled {
         device,
         latest,
         failed,
+        due,
         sent,
         at: Instant::now(),
     }
@@ -481,6 +566,50 @@ mod tests {
         assert_eq!(f.p50_ms, Some(Quantile::Ms(60.0)));
         assert_eq!(f.p99_ms, Some(Quantile::Missed));
         assert_eq!(f.max_ms, Some(Quantile::Missed));
+    }
+
+    #[test]
+    fn a_device_is_polled_every_20_ms_until_its_oldest_sample_is_older_than_400_ms() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut book = Book::default();
+        book.offer(sample("a", 10, t0), ms(10_000));
+        book.offer(sample("a", 20, t0 + ms(900)), ms(10_000));
+        assert_eq!(book.poll_gap("a", t0 + ms(100)), POLL);
+        assert_eq!(book.poll_gap("a", t0 + ms(400)), POLL);
+        // The oldest sample rules: a twentieth of its age.
+        assert_eq!(book.poll_gap("a", t0 + ms(1000)), ms(50));
+        assert_eq!(book.poll_gap("a", t0 + ms(4000)), ms(200));
+        // Once it is seen, the next sample's age counts.
+        book.answer("a", Some(10), t0 + ms(4000));
+        assert_eq!(book.poll_gap("a", t0 + ms(4900)), ms(200));
+        assert_eq!(book.poll_gap("unknown", t0), POLL);
+    }
+
+    #[test]
+    fn late_polls_are_reported_so_the_probe_own_delay_is_not_taken_for_the_pipeline() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut book = Book::default();
+        // 98 polls on time, two that waited 300 and 500 ms for a slot.
+        for _ in 0..98 {
+            book.polled(t0, t0);
+        }
+        book.polled(t0, t0 + ms(300));
+        book.polled(t0 + ms(10), t0 + ms(510));
+        // A request sent before its due time (a timer's rounding) is on time.
+        book.polled(t0 + ms(5), t0);
+        let f = book.figures(0, 1, ms(1000));
+        assert_eq!(f.poll_late_p99_ms, Some(300.0));
+        let mut other = Book::default();
+        other.polled(t0, t0 + ms(900));
+        let mut tally = Book::default().tally(0, 1);
+        tally.merge(other.tally(0, 1));
+        assert_eq!(tally.figures(ms(1000)).poll_late_p99_ms, Some(900.0));
+        assert_eq!(
+            Book::default().figures(0, 1, ms(1000)).poll_late_p99_ms,
+            None
+        );
     }
 
     #[test]

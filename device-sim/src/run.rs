@@ -258,7 +258,7 @@ struct Connected {
     /// Telemetry messages the run plans, over every fleet.
     total: u64,
     /// The freshness probe, when verifying: it samples one publish in `every`.
-    freshness: Option<(JoinHandle<freshness::Book>, u64)>,
+    freshness: Option<(tokio::sync::oneshot::Receiver<freshness::Book>, u64)>,
 }
 
 /// Connects every fleet's devices, at the configured rate.
@@ -331,7 +331,7 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
 /// and the probe's task with its sampling interval.
 type FreshnessProbe = (
     Option<mpsc::Sender<Sample>>,
-    Option<(JoinHandle<freshness::Book>, u64)>,
+    Option<(tokio::sync::oneshot::Receiver<freshness::Book>, u64)>,
 );
 
 fn start_freshness(cfg: &SimConfig, total: u64, devices: u32) -> FreshnessProbe {
@@ -343,7 +343,7 @@ fn start_freshness(cfg: &SimConfig, total: u64, devices: u32) -> FreshnessProbe 
         (Some(url), Some(every)) => {
             let queue = freshness::queue_len(every, total, devices);
             let (tx, rx) = mpsc::channel(queue);
-            let task = tokio::spawn(freshness::probe(url.clone(), rx, cfg.verify_timeout));
+            let task = freshness::spawn_probe(url.clone(), rx, cfg.verify_timeout);
             (Some(tx), Some((task, every)))
         }
         _ => (None, None),

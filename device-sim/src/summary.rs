@@ -165,9 +165,15 @@ fn write_freshness(f: &mut fmt::Formatter<'_>, fr: &Freshness) -> fmt::Result {
             fr.timeout_ms as f64 / 1000.0
         )
     };
+    // How late the probe itself polled bounds how much of each figure is
+    // the probe's own delay rather than the pipeline's.
+    let late = fr
+        .poll_late_p99_ms
+        .map(|ms| format!(", polls went out p99 {ms:.0} ms late"))
+        .unwrap_or_default();
     writeln!(
         f,
-        "freshness: p50 {p50}, p99 {p99}, max {max} over {} samples (one publish in {}), {missed}; polled every {} ms",
+        "freshness: p50 {p50}, p99 {p99}, max {max} over {} samples (one publish in {}), {missed}; polled every {} ms{late}",
         fr.samples, fr.sample_every, fr.poll_ms
     )
 }

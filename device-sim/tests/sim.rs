@@ -486,6 +486,34 @@ async fn freshness_counts_samples_the_api_never_shows_as_misses() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_polls_a_sample_only_once_its_puback_has_come() {
+    let h = Harness::start().await;
+    // The stand-in shows a reading the moment it arrives but acknowledges
+    // one PUBLISH per 20 ms: PUBACKs fall further behind with each send.
+    *h.pipeline.puback_every.lock().unwrap() = Some(SLOW_PUBACK);
+    let cfg = SimConfig {
+        stop: Stop::Count(40),
+        freshness_sample: FreshnessSample::Every(1),
+        verify: config(&h, "fr3").verify,
+        ..slow_broker_config(&h, "fr3")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let f = s.freshness.as_ref().unwrap();
+    let puback = s.puback.as_ref().unwrap();
+    assert_eq!((f.samples, f.missed), (160, 0), "{f:?}");
+    // Polled from the write, every sample would show within a poll; polled
+    // from its PUBACK, none can show sooner than its PUBACK came (the
+    // histogram rounds to three digits, hence the margin).
+    let ms = |q: Option<Quantile>| q.and_then(Quantile::ms).unwrap();
+    assert!(puback.p50_ms > 100.0, "{s}");
+    assert!(ms(f.p50_ms) >= puback.p50_ms * 0.99, "{f:?} {puback:?}");
+    assert!(ms(f.max_ms) >= puback.max_ms * 0.99, "{f:?} {puback:?}");
+    assert!(f.poll_late_p99_ms.is_some(), "{f:?}");
+    assert!(s.to_string().contains("ms late"), "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freshness_samples_every_nth_publish_when_messages_share_a_millisecond() {
     let h = Harness::start().await;
     // 4 messages per device per millisecond: only the first of each

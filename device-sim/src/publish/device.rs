@@ -180,6 +180,9 @@ struct Pending {
     written_at: Option<Instant>,
     /// Written more than once (after a reconnect).
     retried: bool,
+    /// The freshness sample this send carries, offered to the probe once
+    /// the send's fate is known (see [`Device::offer_sample`]).
+    sample: Option<Sample>,
 }
 
 /// Why a device's connection ended.
@@ -529,7 +532,8 @@ impl Device {
         self.complete(p, crate::now_ms());
     }
 
-    fn complete(&mut self, p: Pending, done_ms: i64) {
+    fn complete(&mut self, mut p: Pending, done_ms: i64) {
+        self.offer_sample(p.sample.take());
         self.counters.completed += 1;
         if let SendKind::Telemetry(m) = &p.send.kind {
             self.counters.telemetry_completed += 1;

@@ -94,7 +94,10 @@ impl Device {
             .drain(..)
             .chain(self.queued.drain(..))
             .collect();
-        for p in pending {
+        for mut p in pending {
+            // Its reading may have landed all the same: polled until the
+            // timeout, and a miss if it never shows.
+            self.offer_sample(p.sample.take());
             self.counters.failed += 1;
             self.env.shared.failed.fetch_add(1, Ordering::Relaxed);
             if p.first_write_ms == 0 {

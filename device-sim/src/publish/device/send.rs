@@ -21,6 +21,7 @@ impl Device {
             pkid: 0,
             written_at: None,
             retried: false,
+            sample: None,
         });
         self.encode_queued();
         if matches!(self.link, Link::Up(_)) && !self.queued.is_empty() {
@@ -63,7 +64,7 @@ impl Device {
                 if matches!(p.send.kind, SendKind::Telemetry(_)) {
                     self.first_publish.get_or_insert(now);
                 }
-                self.sample(&p, now);
+                p.sample = self.sample(&p, now);
             }
             let payload = match &p.send.kind {
                 SendKind::Telemetry(m) | SendKind::Duplicate(m) => self.values.payload(m),
@@ -90,37 +91,46 @@ impl Device {
         }
     }
 
-    /// Offers every n-th first write of a telemetry message to the
-    /// freshness probe.
-    pub(super) fn sample(&mut self, p: &Pending, now: Instant) {
+    /// Takes every n-th first write of a telemetry message as a freshness
+    /// sample, to be offered to the probe with the send's fate.
+    pub(super) fn sample(&mut self, p: &Pending, now: Instant) -> Option<Sample> {
         let SendKind::Telemetry(m) = &p.send.kind else {
-            return;
+            return None;
         };
         self.sent_telemetry += 1;
-        let Some(newest) = m.readings.iter().map(|r| r.ts).max() else {
-            return;
-        };
+        let newest = m.readings.iter().map(|r| r.ts).max()?;
         // The probe sees a reading by the device's latest ts reaching it,
         // which tells nothing about a reading no newer than one already
         // sent (several messages share a millisecond above 1,000 msgs/s).
         // Such a turn passes to the next message that is newer.
         let advances = newest > self.newest_ts;
         self.newest_ts = self.newest_ts.max(newest);
-        let Some((every, tx)) = &self.env.freshness else {
-            return;
-        };
-        let every = (*every).max(1);
-        if (self.sent_telemetry + self.sample_offset).is_multiple_of(every) {
+        let (every, _) = self.env.freshness.as_ref()?;
+        if (self.sent_telemetry + self.sample_offset).is_multiple_of((*every).max(1)) {
             self.sample_wanted = true;
         }
         if !self.sample_wanted || !advances {
-            return;
+            return None;
         }
         self.sample_wanted = false;
-        let sample = Sample {
+        Some(Sample {
             device_id: self.device_id.clone(),
             ts: newest,
             written: now,
+        })
+    }
+
+    /// Hands a sample to the probe once its send is acknowledged (QoS 1),
+    /// written out (QoS 0) or given up on. The probe's first poll comes
+    /// then, not at the write: a QoS 1 reading is stored before its PUBACK
+    /// is sent, so polls before it would mostly find nothing, and at a
+    /// fleet's rate they were enough to queue the probe's own requests and
+    /// inflate the figure it measures. The figure still runs from the
+    /// write (`written`). A full queue counts the sample as dropped, which
+    /// the figures count as a miss.
+    pub(super) fn offer_sample(&mut self, sample: Option<Sample>) {
+        let (Some(sample), Some((_, tx))) = (sample, &self.env.freshness) else {
+            return;
         };
         if tx.try_send(sample).is_err() {
             self.env
