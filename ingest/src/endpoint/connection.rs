@@ -59,10 +59,11 @@ pub(crate) struct Connection<S> {
     /// Cloned into every append request so the appender can answer here.
     completions_tx: mpsc::UnboundedSender<Completion>,
     completions: mpsc::UnboundedReceiver<Completion>,
-    /// This connection's live-tap queue; its sender is registered with the hub
-    /// on SUBSCRIBE.
-    tap_tx: mpsc::Sender<TapMessage>,
-    tap_rx: mpsc::Receiver<TapMessage>,
+    /// This connection's live-tap queue, made on its first SUBSCRIBE; the
+    /// sender is registered with the hub. Devices never subscribe: a queue
+    /// each (a block of slots allocated up front) was about 2 KiB of every
+    /// connection, and polling it was part of every wake.
+    tap: Option<(mpsc::Sender<TapMessage>, mpsc::Receiver<TapMessage>)>,
     /// Fires when another connection claims this client id.
     kick: Option<oneshot::Receiver<()>>,
     /// The client id this connection holds in the registry, once connected.
@@ -92,7 +93,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         started: Instant,
     ) -> Self {
         let (completions_tx, completions) = mpsc::unbounded_channel();
-        let (tap_tx, tap_rx) = mpsc::channel(shared.config.tap_queue.max(1));
         let session = Session::new(shared.session.clone(), conn_id).with_certificate(certificate);
         let now = Instant::now();
         // The connect timeout counts from accept, TLS handshake included.
@@ -109,8 +109,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             actions: Vec::new(),
             completions_tx,
             completions,
-            tap_tx,
-            tap_rx,
+            tap: None,
             kick: None,
             client_id: None,
             keepalive: None,
@@ -150,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 _ = kicked(&mut self.kick) => Wake::Kicked,
                 Some(c) = self.completions.recv() => Wake::Durable(c),
                 r = read_some(&mut self.socket, &mut self.rbuf, self.read_chunk), if reading => Wake::Read(r),
-                Some(m) = self.tap_rx.recv() => Wake::Tap(m),
+                Some(m) = tapped(&mut self.tap) => Wake::Tap(m),
                 _ = &mut self.silence, if reading => Wake::Deadline,
             };
             match wake {
@@ -179,10 +178,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 Wake::Tap(m) => {
                     self.write_tap(m);
                     for _ in 1..TAP_BATCH {
-                        match self.tap_rx.try_recv() {
-                            Ok(m) => self.write_tap(m),
-                            Err(_) => break,
-                        }
+                        let Some(Ok(m)) = self.tap.as_mut().map(|(_, rx)| rx.try_recv()) else {
+                            break;
+                        };
+                        self.write_tap(m);
                     }
                 }
                 Wake::Deadline => {
@@ -303,9 +302,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     self.silence.as_mut().reset(self.last_heard + k + k / 2);
                 }
                 Action::Subscribe(filters) => {
-                    self.shared
-                        .tap
-                        .subscribe(self.conn_id, filters, &self.tap_tx)
+                    let queue = self.shared.config.tap_queue.max(1);
+                    let (tx, _) = self.tap.get_or_insert_with(|| mpsc::channel(queue));
+                    self.shared.tap.subscribe(self.conn_id, filters, tx)
                 }
                 Action::SubscribeRefused { identity, refused } => {
                     for (filter, reason) in refused {
@@ -431,6 +430,17 @@ async fn read_some<S: AsyncRead + Unpin>(
     // above sees a full read as one.
     let mut limited = (&mut *buf).limit(chunk);
     socket.read_buf(&mut limited).await
+}
+
+/// The next live-tap message; never, for a connection that has not
+/// subscribed.
+async fn tapped(
+    tap: &mut Option<(mpsc::Sender<TapMessage>, mpsc::Receiver<TapMessage>)>,
+) -> Option<TapMessage> {
+    match tap {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
