@@ -21,7 +21,7 @@
 //! within the timeout is a miss: percentiles are taken over every sample,
 //! misses counting as +∞ ([`quantile`]).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+
+use crate::processes::Recorded;
 
 /// Samples a run aims for with [`FreshnessSample::Auto`]: enough that a
 /// p99 rests on about 50 samples above it.
@@ -217,8 +219,9 @@ pub struct Book {
     /// poll of it is under way or scheduled.
     waiting: HashMap<String, VecDeque<Waiting>>,
     visible_us: Vec<u64>,
-    /// How late each poll's request went out against its schedule, µs.
-    poll_late_us: Vec<u64>,
+    /// How late polls' requests went out against their schedule: ms ->
+    /// polls. Counted, not listed: a long run makes millions of polls.
+    poll_late_ms: BTreeMap<u64, u64>,
     samples: u64,
     timed_out: u64,
     errors: u64,
@@ -265,7 +268,6 @@ impl Book {
         true
     }
 
-    /// Counts a failed probe request.
     /// How long after a poll of `device` sent at `sent` to ask again:
     /// [`POLL`], or a twentieth of its oldest waiting sample's age then if
     /// that is longer.
@@ -280,10 +282,11 @@ impl Book {
 
     /// A poll due at `due` sent its request at `sent`.
     pub fn polled(&mut self, due: Instant, sent: Instant) {
-        self.poll_late_us
-            .push(sent.saturating_duration_since(due).as_micros() as u64);
+        let late_ms = sent.saturating_duration_since(due).as_millis() as u64;
+        *self.poll_late_ms.entry(late_ms).or_default() += 1;
     }
 
+    /// Counts a failed probe request.
     pub fn error(&mut self) {
         self.errors += 1;
     }
@@ -304,7 +307,7 @@ impl Book {
         Tally {
             timed_out: self.timed_out + self.waiting() as u64,
             visible_us: self.visible_us,
-            poll_late_us: self.poll_late_us,
+            poll_late: Recorded(self.poll_late_ms.into_iter().collect()),
             samples: self.samples,
             errors: self.errors,
             dropped,
@@ -320,9 +323,9 @@ impl Book {
 pub struct Tally {
     /// How long each visible sample took, µs.
     pub visible_us: Vec<u64>,
-    /// How late each poll went out, µs.
+    /// How late polls went out, ms, as a histogram's (value, count) pairs.
     #[serde(default)]
-    pub poll_late_us: Vec<u64>,
+    pub poll_late: Recorded,
     /// Samples taken by the probe (without the dropped ones).
     pub samples: u64,
     pub timed_out: u64,
@@ -336,7 +339,7 @@ pub struct Tally {
 impl Tally {
     pub fn merge(&mut self, other: Tally) {
         self.visible_us.extend(other.visible_us);
-        self.poll_late_us.extend(other.poll_late_us);
+        self.poll_late.0.extend(other.poll_late.0);
         self.samples += other.samples;
         self.timed_out += other.timed_out;
         self.errors += other.errors;
@@ -347,8 +350,12 @@ impl Tally {
     /// The figures: every miss ranks above every visible sample.
     pub fn figures(mut self, timeout: Duration) -> Freshness {
         self.visible_us.sort_unstable();
-        self.poll_late_us.sort_unstable();
-        let poll_late_p99_ms = quantile(&self.poll_late_us, 0, 0.99).and_then(Quantile::ms);
+        let poll_late_p99_ms = self
+            .poll_late
+            .histogram()
+            .ok()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.value_at_quantile(0.99) as f64);
         let missed = self.dropped + self.timed_out;
         let q = |q: f64| quantile(&self.visible_us, missed, q);
         Freshness {

@@ -153,7 +153,7 @@ pub struct FleetReport {
 }
 
 /// A histogram as (value, count) pairs of its recorded buckets.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Recorded(pub Vec<(u64, u64)>);
 
 impl Recorded {
