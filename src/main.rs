@@ -15,6 +15,18 @@ use iotpipe::config::{Config, DEFAULT_TOML, LogFormat, Overrides};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Asks the kernel for 4 KiB pages only. mimalloc marks its arenas for
+/// transparent huge pages, so the first touch of each 2 MiB zeroes all of it
+/// on whichever thread touched it, an endpoint worker as often as not: when
+/// a fleet's devices send their first messages at once, a fifth of the
+/// process's CPU went to zeroing huge pages, and the pages held memory no
+/// one used (see docs/BENCHMARKS.md, "Transparent huge pages"). Failing only
+/// leaves them allowed, as on a kernel without the call.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
+}
+
 #[derive(Parser)]
 #[command(
     name = "iotpipe",
@@ -182,6 +194,7 @@ enum ConfigCommand {
 }
 
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Up(args) => run(*args, Roles::ALL),
