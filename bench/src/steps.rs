@@ -21,7 +21,7 @@ use testkit::up::Up;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::report::{SimReport, rates_agree};
-use crate::sample::{CpuSampler, StatsSampler, disk_written, flushed_after, metric, pipeline_rate};
+use crate::sample::{CpuSampler, StatsSampler, WrittenSince, flushed_after, metric, pipeline_rate};
 
 /// The built binaries a step runs.
 #[derive(Debug, Clone)]
@@ -205,7 +205,7 @@ impl Bench {
             self.wait_subscribed(&api).await?;
         }
         let stats = StatsSampler::start(self.http.clone(), format!("{api}/v1/stats"));
-        let written_before: u64 = pids.iter().map(|p| disk_written(*p)).sum();
+        let written_since = WrittenSince::start(&pids, workdir.path());
         let sim = Sim {
             broker: &broker_url,
             load,
@@ -221,11 +221,7 @@ impl Bench {
             // through.
             self.wait_flushed(&api).await?;
         }
-        let written = pids
-            .iter()
-            .map(|p| disk_written(*p))
-            .sum::<u64>()
-            .saturating_sub(written_before);
+        let (written, device) = written_since.now();
         let mosquitto_cpu = mosquitto
             .as_ref()
             .and_then(|_| cpu.get(1).copied().flatten());
@@ -283,8 +279,13 @@ impl Bench {
             // What reached SQLite after the cache coalesced it.
             "sqlite_writes_per_reading": per_reading(flushed),
             // Bytes iotpipe (and the servers behind it) made the kernel
-            // write: log and store together.
+            // write, log and store together, as `/proc/PID/io` counts them:
+            // whole pages, or whole large folios, each time one turns dirty
+            // (see `sample::device_written`).
             "disk_bytes_per_reading": per_reading(written as f64),
+            // Bytes the data directory's disk wrote over the step, journal
+            // included: what reached the disk, from the whole machine.
+            "device_bytes_per_reading": device.and_then(|d| per_reading(d as f64)),
         });
         Ok(Step { pass, figures })
     }
