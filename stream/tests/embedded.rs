@@ -773,3 +773,57 @@ async fn a_cancelled_next_batch_loses_nothing() {
     assert_eq!(seqs(&got), (1..=RECORDS as SeqNo).collect::<Vec<SeqNo>>());
     nothing_more(&mut reader).await;
 }
+
+#[tokio::test]
+async fn each_group_commit_is_one_sync_and_the_zeros_ahead_count_as_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), one_shard()).unwrap();
+    // Each put is awaited before the next starts, so each is its own group.
+    for n in 0..3 {
+        put(&log, vec![record("dev-a", n, 100)]).await;
+    }
+    let io = log.writer_io();
+    assert_eq!(io.len(), 1);
+    assert_eq!(io[0].syncs, 3);
+    let mut metrics = String::new();
+    log.render_metrics(&mut metrics);
+    assert!(
+        metrics.contains("iotpipe_stream_syncs_completed_total{shard=\"shard-0000\"} 3\n"),
+        "{metrics}"
+    );
+    let written = io[0].bytes_written;
+    assert!(
+        metrics.contains(&format!(
+            "iotpipe_stream_segment_written_bytes_total{{shard=\"shard-0000\"}} {written}\n"
+        )),
+        "{metrics}"
+    );
+    // Closing cuts the zeros and syncs once more; the file then holds the
+    // three frames.
+    log.close().await.unwrap();
+    assert_eq!(log.writer_io()[0].syncs, 4);
+    let segment = std::fs::read_dir(dir.path().join("shard-0000"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .unwrap();
+    let frame = std::fs::metadata(segment).unwrap().len() / 3;
+    // The first group wrote its frame and zeros up to the first 1 MiB step;
+    // the other two overwrote zeros.
+    assert_eq!(written, (1 << 20) + 2 * frame);
+}
+
+#[tokio::test]
+async fn without_sync_group_commits_do_not_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EmbeddedConfig {
+        sync: false,
+        ..one_shard()
+    };
+    let log = EmbeddedLog::open(dir.path(), config).unwrap();
+    for n in 0..3 {
+        put(&log, vec![record("dev-a", n, 100)]).await;
+    }
+    assert_eq!(log.writer_io()[0].syncs, 0);
+    assert!(log.writer_io()[0].bytes_written > 300);
+}

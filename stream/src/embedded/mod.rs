@@ -113,6 +113,18 @@ pub struct EmbeddedLog {
     dropped: Mutex<Dropped>,
 }
 
+/// One shard writer's writes and syncs since the log was opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardIo {
+    pub shard: String,
+    /// Bytes written to segment files: frames, and the zeros written ahead
+    /// of them.
+    pub bytes_written: u64,
+    /// `fdatasync`s of segment files: one per group commit with sync on,
+    /// and one each time a segment closes or the log closes.
+    pub syncs: u64,
+}
+
 #[derive(Debug, Default)]
 struct Dropped {
     records: Vec<u64>,
@@ -320,6 +332,20 @@ impl EmbeddedLog {
             .iter()
             .enumerate()
             .map(|(i, s)| (s.id.clone(), dropped.records.get(i).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Per shard, what its writer asked of the disk since the log was
+    /// opened.
+    pub fn writer_io(&self) -> Vec<ShardIo> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.shards
+            .iter()
+            .map(|s| ShardIo {
+                shard: s.id.clone(),
+                bytes_written: s.io().bytes.load(Relaxed),
+                syncs: s.io().syncs.load(Relaxed),
+            })
             .collect()
     }
 

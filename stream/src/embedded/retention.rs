@@ -314,14 +314,40 @@ impl super::EmbeddedLog {
     /// Appends the log's own metrics to `out`, in Prometheus text format:
     /// the stream renders what only the stream knows.
     pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write as _;
-        let name = "iotpipe_stream_records_dropped_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Stream records deleted by the disk budget before the processors read them.\n# TYPE {name} counter"
-        );
-        for (shard, n) in self.records_dropped() {
-            let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {n}");
+        let io = self.writer_io();
+        let families: [(&str, &str, PerShard); 3] = [
+            (
+                "iotpipe_stream_records_dropped_total",
+                "Stream records deleted by the disk budget before the processors read them.",
+                self.records_dropped(),
+            ),
+            (
+                "iotpipe_stream_segment_written_bytes_total",
+                "Bytes the log wrote to its segment files: records, and zeros written ahead of them.",
+                io.iter()
+                    .map(|s| (s.shard.clone(), s.bytes_written))
+                    .collect(),
+            ),
+            (
+                "iotpipe_stream_syncs_completed_total",
+                "fdatasyncs of the log's segment files: one per group commit, and one per closed segment.",
+                io.iter().map(|s| (s.shard.clone(), s.syncs)).collect(),
+            ),
+        ];
+        for (name, help, per_shard) in families {
+            render_counter(out, name, help, &per_shard);
         }
+    }
+}
+
+/// A count per shard id.
+type PerShard = Vec<(String, u64)>;
+
+/// One counter family with a sample per shard.
+fn render_counter(out: &mut String, name: &str, help: &str, per_shard: &[(String, u64)]) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (shard, n) in per_shard {
+        let _ = writeln!(out, "{name}{{shard=\"{shard}\"}} {n}");
     }
 }

@@ -51,6 +51,20 @@ pub(crate) struct Shard {
     /// The first sequence number retention has not deleted, so a reader can
     /// tell cheaply that it fell behind.
     oldest: AtomicU64,
+    /// What the writer has asked of the disk since the log was opened.
+    io: WriterIo,
+}
+
+/// A shard writer's writes and syncs, counted for `/metrics`: with small
+/// groups, each sync rewrites a page of the segment's tail, so syncs, more
+/// than records, decide what the disk writes.
+#[derive(Debug, Default)]
+pub(crate) struct WriterIo {
+    /// Bytes written to segment files: frames, and the zeros written ahead.
+    pub bytes: AtomicU64,
+    /// `fdatasync`s of segment files: one per group commit with sync on,
+    /// and one each time a segment closes.
+    pub syncs: AtomicU64,
 }
 
 impl Shard {
@@ -73,7 +87,12 @@ impl Shard {
             tail: Mutex::new(tail),
             committed,
             oldest: AtomicU64::new(oldest),
+            io: WriterIo::default(),
         }
+    }
+
+    pub(crate) fn io(&self) -> &WriterIo {
+        &self.io
     }
 
     pub(crate) fn segment_path(&self, base: u64) -> PathBuf {

@@ -6,6 +6,7 @@
 //! ahead of every sequence number it hands out.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot};
@@ -246,6 +247,11 @@ impl<S: Storage> Writer<S> {
             self.undo_partial_write(&message);
             return Err(message);
         }
+        let io = self.shard.io();
+        io.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if self.sync {
+            io.syncs.fetch_add(1, Ordering::Relaxed);
+        }
         self.len += buf.len() as u64;
         self.next_seq += staged.len() as u64;
         *durable += staged.len();
@@ -292,6 +298,7 @@ impl<S: Storage> Writer<S> {
         while at < target {
             let n = (target - at).min(ZEROS.len() as u64) as usize;
             self.file.write_all_at(&ZEROS[..n], at)?;
+            self.shard.io().bytes.fetch_add(n as u64, Ordering::Relaxed);
             at += n as u64;
         }
         self.allocated = target;
@@ -305,6 +312,7 @@ impl<S: Storage> Writer<S> {
             .set_len(self.len)
             .and_then(|()| self.file.sync_data())
             .map_err(|e| format!("syncing {}: {e}", self.path()))?;
+        self.shard.io().syncs.fetch_add(1, Ordering::Relaxed);
         self.allocated = self.len;
         Ok(())
     }
