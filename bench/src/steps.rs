@@ -235,6 +235,8 @@ impl Bench {
         let accepted = metric(&page, "iotpipe_processor_readings_accepted_total");
         let writes = metric(&page, "iotpipe_store_writes_total");
         let flushed = metric(&page, "iotpipe_store_flushed_items_total");
+        let log_syncs = metric(&page, "iotpipe_stream_syncs_completed_total");
+        let log_written = metric(&page, "iotpipe_stream_segment_written_bytes_total");
         let pass = r.verified()
             && accepted == r.readings_sent as f64
             && r.none_failed()
@@ -286,6 +288,11 @@ impl Bench {
             // Bytes the data directory's disk wrote over the step, journal
             // included: what reached the disk, from the whole machine.
             "device_bytes_per_reading": device.and_then(|d| per_reading(d as f64)),
+            // The embedded log's own account since iotpipe started (connects
+            // included): its syncs, each of which rewrites at least a page of
+            // a segment's tail, and the bytes it wrote, zeros ahead included.
+            "log_syncs_per_reading": per_reading(log_syncs),
+            "log_written_bytes_per_reading": per_reading(log_written),
         });
         Ok(Step { pass, figures })
     }
