@@ -68,6 +68,9 @@ pub struct MqttConfig {
     /// stream can take another.
     #[serde(with = "duration_text")]
     pub commit_interval: Duration,
+    /// `commit_interval` holds only while at least this many connections
+    /// are open (see `ingest::GroupCommit`).
+    pub commit_interval_min_connections: u64,
     /// Serve plain MQTT on `listen`; off, only the TLS listener runs.
     pub plain: bool,
     /// MQTT over TLS, with `tls_cert` and `tls_key`.
@@ -95,7 +98,8 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
             max_connections: 100_000,
             max_inflight: 1000,
-            commit_interval: Duration::ZERO,
+            commit_interval: Duration::from_millis(5),
+            commit_interval_min_connections: 100,
             plain: true,
             tls_listen: None,
             tls_cert: None,
@@ -483,7 +487,7 @@ mod tests {
             "\"90d\",\n",
             "\"1098d\",\n",
             r#"flush_interval = "1500ms""#,
-            r#"commit_interval = "0s""#,
+            r#"commit_interval = "5ms""#,
         ] {
             assert!(printed.contains(line), "no `{line}` in:\n{printed}");
         }

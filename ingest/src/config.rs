@@ -39,6 +39,13 @@ pub struct GroupCommit {
     /// embedded log needs. A stream that bills or throttles per call may want
     /// a few milliseconds.
     pub commit_interval: Duration,
+    /// `commit_interval` holds only while at least this many connections
+    /// are open; with fewer, puts start as soon as a slot is free. A few
+    /// publishers that wait for their acknowledgements send nothing while a
+    /// put is held, so holding only slows them; many devices publishing on
+    /// their own schedule keep sending, and holding turns their many small
+    /// syncs into fewer larger ones. Zero: the interval always holds.
+    pub commit_interval_min_connections: u64,
     /// A batch is put early once it holds this many records...
     pub commit_max_records: usize,
     /// ...or this many bytes of record data.
@@ -57,6 +64,7 @@ impl Default for GroupCommit {
     fn default() -> Self {
         GroupCommit {
             commit_interval: Duration::ZERO,
+            commit_interval_min_connections: 0,
             commit_max_records: 5000,
             commit_max_bytes: 8 << 20,
             max_puts_in_flight: 4,

@@ -215,6 +215,7 @@ impl Wiring<'_> {
             max_inflight: mqtt.max_inflight,
             group_commit: ingest::GroupCommit {
                 commit_interval: mqtt.commit_interval,
+                commit_interval_min_connections: mqtt.commit_interval_min_connections,
                 ..ingest::GroupCommit::default()
             },
             authorizer,

@@ -17,6 +17,8 @@
 //! Nothing is reported durable that the stream did not report `Stored`.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -66,7 +68,8 @@ pub(crate) struct Completion {
 /// interval however late the timer fires (it ticks in whole milliseconds), so
 /// the stream sees one put per interval on average and no record waits much
 /// longer than the interval for its put to start. A zero interval puts
-/// whenever a slot is free.
+/// whenever a slot is free, and so does any interval while fewer than
+/// `commit_interval_min_connections` connections are open.
 pub(crate) async fn run(
     mut requests: mpsc::UnboundedReceiver<AppendRequest>,
     producer: Arc<dyn StreamProducer>,
@@ -116,8 +119,15 @@ pub(crate) async fn run(
                 Some(first) => {
                     if batch.is_empty() {
                         let now = Instant::now();
+                        let interval = if metrics.connections_current.load(Relaxed)
+                            >= config.commit_interval_min_connections
+                        {
+                            config.commit_interval
+                        } else {
+                            Duration::ZERO
+                        };
                         due = last_slot
-                            .map(|t| t + config.commit_interval)
+                            .map(|t| t + interval)
                             .filter(|next| *next > now)
                             .unwrap_or(now);
                         last_slot = Some(due);
@@ -300,6 +310,7 @@ mod tests {
     fn config() -> GroupCommit {
         GroupCommit {
             commit_interval: Duration::from_millis(2),
+            commit_interval_min_connections: 0,
             commit_max_records: 3,
             commit_max_bytes: 1 << 20,
             max_puts_in_flight: 4,
@@ -332,6 +343,10 @@ mod tests {
     }
 
     fn start_with(producer: MemoryProducer) -> Harness {
+        start_configured(producer, config())
+    }
+
+    fn start_configured(producer: MemoryProducer, config: GroupCommit) -> Harness {
         let (tx, rx) = mpsc::unbounded_channel();
         let producer = Arc::new(producer);
         let metrics = Arc::new(IngestMetrics::new());
@@ -339,7 +354,7 @@ mod tests {
         let task = tokio::spawn(run(
             rx,
             producer.clone(),
-            config(),
+            config,
             metrics.clone(),
             Arc::new(TapHub::default()),
             abandon.clone(),
@@ -411,6 +426,42 @@ mod tests {
         stored.sort();
         assert_eq!(stored, vec![0, 1]);
         begun
+    }
+
+    /// How long a second request, sent the moment the first is stored,
+    /// waits for its own put, with `connections` open.
+    async fn wait_for_the_next_put(connections: u64) -> Duration {
+        let h = start_configured(
+            MemoryProducer::default(),
+            GroupCommit {
+                commit_interval_min_connections: 10,
+                ..config()
+            },
+        );
+        h.metrics.connections_current.store(connections, Relaxed);
+        let (reply, mut done) = mpsc::unbounded_channel();
+        h.tx.send(AppendRequest {
+            items: vec![item(0, "a")],
+            reply: reply.clone(),
+        })
+        .unwrap();
+        assert_eq!(done.recv().await.unwrap().stored, vec![0]);
+        let stored_first = Instant::now();
+        h.tx.send(AppendRequest {
+            items: vec![item(1, "a")],
+            reply,
+        })
+        .unwrap();
+        assert_eq!(done.recv().await.unwrap().stored, vec![1]);
+        stored_first.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_commit_interval_holds_only_with_enough_connections_open() {
+        // The clock is paused and the producer stores at once: a put that
+        // waits, waits exactly until its slot.
+        assert_eq!(wait_for_the_next_put(9).await, Duration::ZERO);
+        assert_eq!(wait_for_the_next_put(10).await, config().commit_interval);
     }
 
     #[tokio::test(start_paused = true)]
