@@ -152,6 +152,12 @@ pub struct Args {
     /// own endpoint sees connects itself, and refuses those topics).
     #[arg(long)]
     pub presence_topic: bool,
+    /// Keep each device connected once it has published everything and has
+    /// its PUBACKs, until every device (of this process, with --processes)
+    /// has, then disconnect all: a fleet that stays connected, with the
+    /// DISCONNECTs after the measured window instead of in its last second.
+    #[arg(long)]
+    pub hold_connections: bool,
     /// With --verify: measure freshness on one telemetry publish in N;
     /// `auto`: about 5,000 samples a run; 0 or `off`: not at all.
     #[arg(long, default_value = "auto")]
@@ -437,6 +443,7 @@ impl Args {
             username: self.username,
             password: self.password,
             presence_topic: self.presence_topic,
+            hold_connections: self.hold_connections,
             freshness_sample: self.freshness_sample,
             scenario,
             metrics_listen: self.metrics_listen,

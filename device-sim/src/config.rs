@@ -169,6 +169,9 @@ pub struct SimConfig {
     /// Say `online` and `offline` on each device's status topic, for a
     /// broker in front of iotpipe (see [`crate::publish::PublishConfig::presence_topic`]).
     pub presence_topic: bool,
+    /// Devices that are done stay connected until every device is (see
+    /// [`crate::publish::finishing`]).
+    pub hold_connections: bool,
     /// Which telemetry publishes to follow until the API shows them (with
     /// `verify`).
     pub freshness_sample: FreshnessSample,
@@ -247,6 +250,7 @@ impl Default for SimConfig {
             username: None,
             password: None,
             presence_topic: false,
+            hold_connections: false,
             freshness_sample: FreshnessSample::Off,
             scenario: None,
             metrics_listen: None,

@@ -293,6 +293,7 @@ async fn connect(cfg: &SimConfig, runs: &[FleetRun], devices: u32) -> anyhow::Re
             username: cfg.username.clone(),
             password: cfg.password.clone(),
             presence_topic: cfg.presence_topic,
+            hold_connections: cfg.hold_connections,
             connect_rate,
             ack_timeout: cfg.ack_timeout,
             connect_timeout,

@@ -532,3 +532,42 @@ async fn freshness_samples_every_nth_publish_when_messages_share_a_millisecond()
     assert!(f.samples >= 38 && f.samples <= 40, "{f:?}");
     assert_eq!(f.missed, 0, "{f:?}");
 }
+
+/// 20 devices, 3 messages each at 2 a second: their schedules are spread
+/// over the 500 ms period, so the first device is done well before the last.
+fn spread_config(h: &Harness, fleet: &str) -> SimConfig {
+    SimConfig {
+        rate: Rate::PerDevice(2.0),
+        stop: Stop::Count(3),
+        verify: None,
+        ..config(h, fleet)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_connections_disconnect_only_after_the_fleets_last_publish() {
+    // Without holding, the first device to finish leaves while others still
+    // publish: the control that shows the broker's clocks can tell.
+    let h = Harness::start().await;
+    let s = device_sim::run(spread_config(&h, "leave1")).await.unwrap();
+    assert!(s.ok(), "{s}");
+    let last = h.pipeline.last_publish.lock().unwrap().unwrap();
+    let first_bye = h.pipeline.first_of_disconnects(20).await;
+    assert!(first_bye < last, "nobody left before the last PUBLISH: {s}");
+
+    let h = Harness::start().await;
+    let cfg = SimConfig {
+        hold_connections: true,
+        ..spread_config(&h, "hold1")
+    };
+    let s = device_sim::run(cfg).await.unwrap();
+    assert!(s.ok(), "{s}");
+    assert_eq!(s.acked, 60);
+    let last = h.pipeline.last_publish.lock().unwrap().unwrap();
+    // Every device says DISCONNECT in the end.
+    let first_bye = h.pipeline.first_of_disconnects(20).await;
+    assert!(
+        first_bye > last,
+        "a device left before the last PUBLISH: {s}"
+    );
+}

@@ -85,12 +85,25 @@ pub struct Pipeline {
     /// connection: the broker's own view of a run's rate.
     pub first_publish: Mutex<Option<tokio::time::Instant>>,
     pub last_puback: Mutex<Option<tokio::time::Instant>>,
+    /// The last PUBLISH received, on any connection.
+    pub last_publish: Mutex<Option<tokio::time::Instant>>,
+    /// When each DISCONNECT came, on any connection, in order; `said_bye`
+    /// counts them for a test to wait on.
+    pub disconnects: Mutex<Vec<tokio::time::Instant>>,
+    pub said_bye: tokio::sync::watch::Sender<usize>,
     /// Devices `GET /v1/devices/{id}` never shows (404), though their
     /// readings are stored and their windows served.
     pub hidden_devices: Mutex<HashSet<String>>,
 }
 
 impl Pipeline {
+    /// The first DISCONNECT's time, once `n` have come.
+    pub async fn first_of_disconnects(&self, n: usize) -> tokio::time::Instant {
+        let mut said = self.said_bye.subscribe();
+        let _ = said.wait_for(|&k| k >= n).await;
+        self.disconnects.lock().unwrap()[0]
+    }
+
     /// The accepted seqs of `device`, sorted: what continuing a ledger must
     /// leave without gaps or repeats.
     pub fn accepted_seqs(&self, device: &str) -> Vec<u64> {
@@ -394,11 +407,9 @@ async fn on_publish<S: AsyncWrite + Unpin>(
     (topic, payload, qos, pkid): (&str, &[u8], QoS, u16),
     v5: bool,
 ) -> bool {
-    pipeline
-        .first_publish
-        .lock()
-        .unwrap()
-        .get_or_insert_with(tokio::time::Instant::now);
+    let now = tokio::time::Instant::now();
+    pipeline.first_publish.lock().unwrap().get_or_insert(now);
+    *pipeline.last_publish.lock().unwrap() = Some(now);
     pipeline.ingest(topic, payload, now_ms());
     let drop_now = {
         let mut f = pipeline.faults.lock().unwrap();
@@ -508,6 +519,12 @@ async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: 
                     }
                 }
                 Ok(In::Disconnect) => {
+                    let said = {
+                        let mut byes = pipeline.disconnects.lock().unwrap();
+                        byes.push(tokio::time::Instant::now());
+                        byes.len()
+                    };
+                    pipeline.said_bye.send_replace(said);
                     let _ = stream.write_all(&out).await;
                     return;
                 }

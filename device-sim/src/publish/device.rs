@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::codec::{self, Incoming, Login};
+use super::finishing::{Arrival, Finishing};
 use super::transport::{self, Stream, TlsSetup};
 use super::{ConnectLimiter, FleetShared, PublishConfig};
 use crate::freshness::Sample;
@@ -152,6 +153,8 @@ pub struct DeviceEnv {
     pub freshness: Option<(u64, mpsc::Sender<Sample>)>,
     /// Each device's liveness role; empty: every device stays.
     pub roles: Vec<Role>,
+    /// With `--hold-connections`: where finished devices wait for the rest.
+    pub finishing: Option<Arc<Finishing>>,
 }
 
 impl DeviceEnv {
@@ -272,6 +275,7 @@ pub async fn run(
     mut start: watch::Receiver<Option<Arc<RunPlan>>>,
     connected: mpsc::UnboundedSender<u32>,
 ) -> DeviceOutcome {
+    let mut arrival = Arrival::new(env.finishing.clone());
     let mut dev = Device::new(env, index, first_seq, connected);
 
     // Until the run starts: stay connected.
@@ -337,8 +341,16 @@ pub async fn run(
     let deadline = Instant::now() + dev.env.cfg.ack_timeout;
     dev.serve(Some(deadline), true).await;
     if leaves_at.is_some() {
+        drop(arrival);
         dev.leave();
     } else {
+        if let Some(finishing) = arrival.arrive() {
+            // Still answering pings and reading whatever the broker sends.
+            tokio::select! {
+                () = finishing.released() => {}
+                () = dev.serve(None, false) => {}
+            }
+        }
         dev.close().await;
     }
     dev.outcome()

@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod device;
+pub mod finishing;
 pub mod transport;
 
 use std::io::Write;
@@ -244,6 +245,9 @@ pub struct PublishConfig {
     /// each DISCONNECT: with a broker in front, iotpipe's bridge reads
     /// presence from them (and from the will, on the same topic).
     pub presence_topic: bool,
+    /// Keep every device connected until all of this process's devices have
+    /// published and have their PUBACKs (see [`finishing`]).
+    pub hold_connections: bool,
     /// New connections per second across the fleet; `None`: as fast as possible.
     pub connect_rate: Option<f64>,
     /// How long to wait for outstanding PUBACKs after the last send.
@@ -387,6 +391,8 @@ impl Fleet {
             }
             None => (None, None),
         };
+        let mine = |index: &u32| cfg.slot.is_none_or(|s| s.holds(*index));
+        let devices = (0..plan.devices).filter(mine).count() as u32;
         let env = Arc::new(DeviceEnv {
             cfg: cfg.clone(),
             plan: Arc::new(plan.clone()),
@@ -399,12 +405,13 @@ impl Fleet {
             shared: shared.clone(),
             freshness,
             roles: plan.liveness_roles(),
+            finishing: cfg
+                .hold_connections
+                .then(|| finishing::Finishing::new(devices)),
         });
         let started = Instant::now();
         let (start, start_rx) = watch::channel(None);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mine = |index: &u32| cfg.slot.is_none_or(|s| s.holds(*index));
-        let devices = (0..plan.devices).filter(mine).count() as u32;
         let mut tasks = Vec::with_capacity(devices as usize);
         for index in (0..plan.devices).filter(mine) {
             let i = index as usize;
