@@ -87,6 +87,11 @@ struct Args {
     /// A config file for every `iotpipe up` (see `iotpipe config default`).
     #[arg(long)]
     iotpipe_config: Option<PathBuf>,
+    /// Simulated devices stay connected until the whole fleet has published
+    /// (`device-sim --hold-connections`), for every configuration, baselines
+    /// included: the run's closes come after the measured window.
+    #[arg(long)]
+    hold_connections: bool,
 }
 
 /// One configuration's steps, and the last that passed.
@@ -105,6 +110,7 @@ async fn main() -> Result<()> {
         duration_s: args.duration,
         connect_rate: args.connect_rate,
         iotpipe_config: args.iotpipe_config.clone(),
+        hold_connections: args.hold_connections,
         http: reqwest::Client::new(),
     };
     let outcomes = if args.fleet_rates.is_empty() {

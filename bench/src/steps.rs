@@ -41,6 +41,8 @@ pub struct Bench {
     /// backlog.
     pub connect_rate: Option<f64>,
     pub iotpipe_config: Option<PathBuf>,
+    /// `device-sim --hold-connections` on every step.
+    pub hold_connections: bool,
     pub http: reqwest::Client,
 }
 
@@ -272,6 +274,7 @@ impl Bench {
             // The NATS server and PostgreSQL's processes together.
             "servers_cpu_us_per_msg": servers_cpu,
             "devices": self.devices,
+            "hold_connections": self.hold_connections,
             "readings_accepted": accepted,
             "store_writes": writes,
             "store_flushed": flushed,
@@ -386,6 +389,7 @@ impl Bench {
             "reconnects": r.reconnects,
             "mosquitto_cpu_us_per_msg": cpu.first().copied().flatten(),
             "devices": self.devices,
+            "hold_connections": self.hold_connections,
         });
         Ok(Step { pass, figures })
     }
@@ -456,6 +460,9 @@ impl Bench {
         }
         if sim.in_front {
             cmd.args(["--arrival-slack", "60s"]);
+        }
+        if self.hold_connections {
+            cmd.arg("--hold-connections");
         }
         if let Some(rate) = self.connect_rate {
             cmd.args(["--connect-rate", &rate.to_string()]);
