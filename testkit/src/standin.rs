@@ -87,10 +87,9 @@ pub struct Pipeline {
     pub last_puback: Mutex<Option<tokio::time::Instant>>,
     /// The last PUBLISH received, on any connection.
     pub last_publish: Mutex<Option<tokio::time::Instant>>,
-    /// When each DISCONNECT came, on any connection, in order; `said_bye`
-    /// counts them for a test to wait on.
-    pub disconnects: Mutex<Vec<tokio::time::Instant>>,
-    pub said_bye: tokio::sync::watch::Sender<usize>,
+    /// When each DISCONNECT came, on any connection, in order; a watch, so
+    /// that a test can wait for them.
+    pub disconnects: tokio::sync::watch::Sender<Vec<tokio::time::Instant>>,
     /// Devices `GET /v1/devices/{id}` never shows (404), though their
     /// readings are stored and their windows served.
     pub hidden_devices: Mutex<HashSet<String>>,
@@ -99,9 +98,9 @@ pub struct Pipeline {
 impl Pipeline {
     /// The first DISCONNECT's time, once `n` have come.
     pub async fn first_of_disconnects(&self, n: usize) -> tokio::time::Instant {
-        let mut said = self.said_bye.subscribe();
-        let _ = said.wait_for(|&k| k >= n).await;
-        self.disconnects.lock().unwrap()[0]
+        let mut byes = self.disconnects.subscribe();
+        let byes = byes.wait_for(|b| b.len() >= n.max(1)).await.unwrap();
+        byes[0]
     }
 
     /// The accepted seqs of `device`, sorted: what continuing a ledger must
@@ -519,12 +518,9 @@ async fn serve_mqtt<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, pipeline: 
                     }
                 }
                 Ok(In::Disconnect) => {
-                    let said = {
-                        let mut byes = pipeline.disconnects.lock().unwrap();
-                        byes.push(tokio::time::Instant::now());
-                        byes.len()
-                    };
-                    pipeline.said_bye.send_replace(said);
+                    pipeline
+                        .disconnects
+                        .send_modify(|b| b.push(tokio::time::Instant::now()));
                     let _ = stream.write_all(&out).await;
                     return;
                 }

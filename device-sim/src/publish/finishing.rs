@@ -6,7 +6,7 @@
 //! PUBACKs of that second would measure the storm rather than the fleet.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::sync::Notify;
 
@@ -15,7 +15,6 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub struct Finishing {
     remaining: AtomicU32,
-    released: AtomicBool,
     notify: Notify,
 }
 
@@ -23,14 +22,12 @@ impl Finishing {
     pub fn new(devices: u32) -> Arc<Finishing> {
         Arc::new(Finishing {
             remaining: AtomicU32::new(devices),
-            released: AtomicBool::new(devices == 0),
             notify: Notify::new(),
         })
     }
 
     fn arrive(&self) {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.released.store(true, Ordering::Release);
             self.notify.notify_waiters();
         }
     }
@@ -40,10 +37,10 @@ impl Finishing {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
-            // Registered before the flag is read, so a release between the
+            // Registered before the count is read, so a release between the
             // two still wakes this waiter.
             notified.as_mut().enable();
-            if self.released.load(Ordering::Acquire) {
+            if self.remaining.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
