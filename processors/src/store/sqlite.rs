@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 use schemas::state::Item;
 
@@ -75,6 +76,24 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+const RANGE_ASCENDING: &str =
+    "SELECT sk, state FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3 ORDER BY sk ASC LIMIT ?4";
+const RANGE_DESCENDING: &str =
+    "SELECT sk, state FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3 ORDER BY sk DESC LIMIT ?4";
+
+/// Plans a cached statement once, whatever is bound to it later. By default
+/// SQLite may plan around a bound value, and then re-prepares (parses and
+/// plans again) on the first step after that parameter is bound anew: the
+/// `LIMIT ?` of every range query made each query, dashboards and the
+/// simulator's freshness probe among them, compile its statement again.
+/// Every statement here is a key lookup or a key range, whose plan does not
+/// depend on the values.
+fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map(drop)
+        .map_err(unavailable)
+}
+
 impl SqliteStore {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -84,6 +103,7 @@ impl SqliteStore {
         let mut conn = Connection::open(path).map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(unavailable)?;
+        stable_plans(&conn)?;
         // Only takes effect on a database with no tables yet, and only
         // before it turns to WAL mode.
         conn.pragma_update(None, "page_size", PAGE_SIZE)
@@ -110,6 +130,7 @@ impl SqliteStore {
         .map_err(unavailable)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(unavailable)?;
+        stable_plans(&conn)?;
         Ok(conn)
     }
 
@@ -335,9 +356,9 @@ impl RollupQuery for SqliteStore {
     async fn range(&self, range: Range) -> Result<Vec<(String, Item)>, StoreError> {
         self.read(move |conn| {
             let sql = if range.descending {
-                "SELECT sk, state FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3 ORDER BY sk DESC LIMIT ?4"
+                RANGE_DESCENDING
             } else {
-                "SELECT sk, state FROM items WHERE pk = ?1 AND sk >= ?2 AND sk < ?3 ORDER BY sk ASC LIMIT ?4"
+                RANGE_ASCENDING
             };
             let mut stmt = conn.prepare_cached(sql).map_err(unavailable)?;
             let rows = stmt
@@ -402,6 +423,32 @@ impl RollupQuery for SqliteStore {
 mod tests {
 
     use super::*;
+    use crate::store::{Range, RollupQuery};
+    use rusqlite::StatementStatus;
+
+    #[tokio::test]
+    async fn range_queries_bound_anew_are_not_compiled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("rollups.db")).unwrap();
+        for (limit, descending) in [(1, false), (5, false), (9, false), (1, true), (5, true)] {
+            let range = Range {
+                pk: "device#d1".into(),
+                from: "a".into(),
+                to: "z".into(),
+                limit,
+                descending,
+            };
+            store.range(range).await.unwrap();
+        }
+        // Sequential reads take turns on the same pooled connection, whose
+        // statement cache holds what they ran.
+        let conn = store.readers.lock().unwrap().pop().unwrap();
+        for sql in [RANGE_ASCENDING, RANGE_DESCENDING] {
+            let stmt = conn.prepare_cached(sql).unwrap();
+            assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+            assert!(stmt.get_status(StatementStatus::Run) >= 2, "{sql}");
+        }
+    }
 
     fn user_version(path: &Path) -> i64 {
         Connection::open(path)
