@@ -1,6 +1,6 @@
 //! The processors' cost per reading at a fleet's shape, through the store the
 //! embedded pipeline runs: `process_batch` over a `CachedStore<SqliteStore>`,
-//! one reading per device per batch, flushed every few batches as the
+//! one reading per device per round, flushed every few rounds as the
 //! flusher would.
 //!
 //! `cargo build --release --workspace --example cached_fleet`, then, for
@@ -15,8 +15,9 @@
 //! 10 s flush interval at one message per device per second), two metrics
 //! and a round in one batch. A smaller `batch` splits each round into
 //! batches of that many records, as a shard reading a live log sees them
-//! (tens of records at a time), so the cost each batch pays once shows. Before the measured rounds it runs one round and a flush, so
-//! every device's items exist; the difference between two runs with
+//! (tens of records at a time), so the cost each batch pays once shows.
+//! Before the measured rounds it runs one round and a flush, so every
+//! device's items exist; the difference between two runs with
 //! different `rounds` (multiples of `flush_every`) divided by the readings
 //! between them is the cost per reading, flushes included.
 
