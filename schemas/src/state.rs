@@ -1,6 +1,8 @@
 //! What the rollup store keeps per item, in the same encoding in every store
 //! backend (postcard, behind a version byte).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::presence::PresenceEvent;
@@ -60,12 +62,10 @@ pub enum ItemState {
 
 impl Item {
     pub fn encode(&self) -> Vec<u8> {
-        let mut buf = vec![STATE_VERSION];
-        // Serializing owned plain data into a Vec cannot fail.
-        if let Ok(out) = postcard::to_extend(self, buf.clone()) {
-            buf = out;
-        }
-        buf
+        let mut buf = Vec::with_capacity(256);
+        buf.push(STATE_VERSION);
+        // Serializing plain data into a Vec cannot fail.
+        postcard::to_extend(self, buf).unwrap_or_else(|_| vec![STATE_VERSION])
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Item, String> {
@@ -214,15 +214,18 @@ impl DeviceState {
 
 /// A device's finest windows over one span (a run of consecutive finest
 /// windows), with every metric, and the identities of the readings in it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(from = "SpanWire", into = "SpanWire")]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(from = "SpanWire")]
 pub struct SpanState {
     pub fleet: String,
     /// Latest `received_at` of a reading in the span.
     pub last_seen: i64,
     pub dedup: DedupSet,
-    /// Sorted by start.
-    pub windows: Vec<SpanWindow>,
+    /// Sorted by start. Shared, so that a copy of the span (the write-behind
+    /// cache hands out one per load) costs a pointer per window, and a
+    /// change copies only the window it changes: a reading changes one
+    /// window of up to ten.
+    pub windows: Vec<Arc<SpanWindow>>,
 }
 
 /// One finest window of a span.
@@ -263,49 +266,106 @@ enum MetricWire {
     Full { agg: WindowAgg, late_at: Vec<i64> },
 }
 
-impl From<SpanState> for SpanWire {
-    fn from(s: SpanState) -> Self {
-        let mut names: Vec<String> = Vec::new();
-        let windows = s
-            .windows
-            .into_iter()
-            .map(|w| {
-                let metrics = w
-                    .metrics
-                    .into_iter()
-                    .map(|m| {
-                        let index = match names.iter().position(|n| *n == m.metric) {
-                            Some(i) => i,
-                            None => {
-                                names.push(m.metric);
-                                names.len() - 1
-                            }
-                        };
-                        let one = m.agg.count == 1 && m.agg.revision == 0 && m.late_at.is_empty();
-                        let wire = if one {
-                            MetricWire::One {
-                                offset: m.agg.first.ts - w.start,
-                                value: m.agg.first.value,
-                            }
-                        } else {
-                            MetricWire::Full {
-                                agg: m.agg,
-                                late_at: m.late_at,
-                            }
-                        };
-                        (index as u32, wire)
-                    })
-                    .collect();
-                (w.start, metrics)
-            })
-            .collect();
-        SpanWire {
-            fleet: s.fleet,
-            last_seen: s.last_seen,
-            dedup: s.dedup,
-            names,
-            windows,
+/// [`SpanWire`] as it is written, borrowing from the span: encoding an item
+/// happens at every flush of every span written, and serde's `into` would
+/// clone the whole span first.
+#[derive(Serialize)]
+#[serde(rename = "SpanWire")]
+struct SpanWireRef<'a> {
+    fleet: &'a str,
+    last_seen: i64,
+    dedup: &'a DedupSet,
+    names: &'a [&'a str],
+    windows: WindowsWire<'a>,
+}
+
+/// A span's windows in [`SpanWire`]'s form, each metric by its index in
+/// `names`.
+struct WindowsWire<'a> {
+    span: &'a SpanState,
+    names: &'a [&'a str],
+}
+
+struct WindowWire<'a> {
+    window: &'a SpanWindow,
+    names: &'a [&'a str],
+}
+
+#[derive(Serialize)]
+#[serde(rename = "MetricWire")]
+enum MetricWireRef<'a> {
+    One {
+        offset: i64,
+        value: f64,
+    },
+    Full {
+        agg: &'a WindowAgg,
+        late_at: &'a [i64],
+    },
+}
+
+impl Serialize for SpanState {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Names in order of first appearance, as `SpanWire` lists them.
+        let mut names: Vec<&str> = Vec::new();
+        for m in self.windows.iter().flat_map(|w| &w.metrics) {
+            if !names.contains(&m.metric.as_str()) {
+                names.push(&m.metric);
+            }
         }
+        SpanWireRef {
+            fleet: &self.fleet,
+            last_seen: self.last_seen,
+            dedup: &self.dedup,
+            names: &names,
+            windows: WindowsWire {
+                span: self,
+                names: &names,
+            },
+        }
+        .serialize(serializer)
+    }
+}
+
+impl Serialize for WindowsWire<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.span.windows.iter().map(|w| {
+            (
+                w.start,
+                WindowWire {
+                    window: w,
+                    names: self.names,
+                },
+            )
+        }))
+    }
+}
+
+impl Serialize for WindowWire<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let start = self.window.start;
+        serializer.collect_seq(self.window.metrics.iter().map(|m| {
+            // Every metric's name is in `names`: they were gathered from
+            // these windows.
+            let index = self
+                .names
+                .iter()
+                .position(|n| *n == m.metric)
+                .unwrap_or_default() as u32;
+            let one = m.agg.count == 1 && m.agg.revision == 0 && m.late_at.is_empty();
+            let wire = if one {
+                MetricWireRef::One {
+                    offset: m.agg.first.ts - start,
+                    value: m.agg.first.value,
+                }
+            } else {
+                MetricWireRef::Full {
+                    agg: &m.agg,
+                    late_at: &m.late_at,
+                }
+            };
+            (index, wire)
+        }))
     }
 }
 
@@ -314,32 +374,34 @@ impl From<SpanWire> for SpanState {
         let windows = w
             .windows
             .into_iter()
-            .map(|(start, metrics)| SpanWindow {
-                start,
-                metrics: metrics
-                    .into_iter()
-                    .map(|(index, m)| {
-                        // An index past the names is a corrupt item; an
-                        // empty name keeps it visible rather than panic.
-                        let metric = w.names.get(index as usize).cloned().unwrap_or_default();
-                        match m {
-                            MetricWire::One { offset, value } => {
-                                let mut agg = WindowAgg::default();
-                                agg.add(start + offset, value, false);
-                                MetricWindow {
+            .map(|(start, metrics)| {
+                Arc::new(SpanWindow {
+                    start,
+                    metrics: metrics
+                        .into_iter()
+                        .map(|(index, m)| {
+                            // An index past the names is a corrupt item; an
+                            // empty name keeps it visible rather than panic.
+                            let metric = w.names.get(index as usize).cloned().unwrap_or_default();
+                            match m {
+                                MetricWire::One { offset, value } => {
+                                    let mut agg = WindowAgg::default();
+                                    agg.add(start + offset, value, false);
+                                    MetricWindow {
+                                        metric,
+                                        agg,
+                                        late_at: Vec::new(),
+                                    }
+                                }
+                                MetricWire::Full { agg, late_at } => MetricWindow {
                                     metric,
                                     agg,
-                                    late_at: Vec::new(),
-                                }
+                                    late_at,
+                                },
                             }
-                            MetricWire::Full { agg, late_at } => MetricWindow {
-                                metric,
-                                agg,
-                                late_at,
-                            },
-                        }
-                    })
-                    .collect(),
+                        })
+                        .collect(),
+                })
             })
             .collect();
         SpanState {
@@ -359,15 +421,15 @@ impl SpanState {
             Err(i) => {
                 self.windows.insert(
                     i,
-                    SpanWindow {
+                    Arc::new(SpanWindow {
                         start,
                         metrics: Vec::new(),
-                    },
+                    }),
                 );
                 i
             }
         };
-        let metrics = &mut self.windows[w].metrics;
+        let metrics = &mut Arc::make_mut(&mut self.windows[w]).metrics;
         let m = match metrics.binary_search_by(|m| m.metric.as_str().cmp(metric)) {
             Ok(i) => i,
             Err(i) => {
@@ -589,6 +651,76 @@ mod tests {
         .encode()
         .len();
         assert!(small * 2 < big, "{small} vs {big}");
+    }
+
+    /// The span as the owned form wrote it before it was written borrowed.
+    fn owned_wire(s: SpanState) -> SpanWire {
+        let mut names: Vec<String> = Vec::new();
+        let windows = s
+            .windows
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .map(|w| {
+                let metrics = w
+                    .metrics
+                    .into_iter()
+                    .map(|m| {
+                        let index = match names.iter().position(|n| *n == m.metric) {
+                            Some(i) => i,
+                            None => {
+                                names.push(m.metric);
+                                names.len() - 1
+                            }
+                        };
+                        let one = m.agg.count == 1 && m.agg.revision == 0 && m.late_at.is_empty();
+                        let wire = if one {
+                            MetricWire::One {
+                                offset: m.agg.first.ts - w.start,
+                                value: m.agg.first.value,
+                            }
+                        } else {
+                            MetricWire::Full {
+                                agg: m.agg,
+                                late_at: m.late_at,
+                            }
+                        };
+                        (index as u32, wire)
+                    })
+                    .collect();
+                (w.start, metrics)
+            })
+            .collect();
+        SpanWire {
+            fleet: s.fleet,
+            last_seen: s.last_seen,
+            dedup: s.dedup,
+            names,
+            windows,
+        }
+    }
+
+    #[test]
+    fn spans_are_written_as_the_owned_form_wrote_them() {
+        // Metrics in a different order per window, a window of one value, a
+        // full one and one with a late reading: every branch of the form.
+        let mut span = SpanState {
+            fleet: "f".into(),
+            last_seen: 99,
+            ..SpanState::default()
+        };
+        span.dedup.insert(ReadingId::Seq(4));
+        span.window_mut(60_000, "t").agg.add(60_001, 2.5, false);
+        span.window_mut(0, "h").agg.add(5, 1.0, false);
+        span.window_mut(0, "h").agg.add(6, 3.0, false);
+        span.window_mut(0, "t").agg.add(7, 4.0, true);
+        span.window_mut(0, "t").late_at.push(70_000);
+        span.window_mut(120_000, "p").agg.add(120_009, -1.0, false);
+        for state in [span, SpanState::default()] {
+            let new = postcard::to_allocvec(&state).unwrap();
+            let old = postcard::to_allocvec(&owned_wire(state.clone())).unwrap();
+            assert_eq!(new, old);
+            assert_eq!(postcard::from_bytes::<SpanState>(&new).unwrap(), state);
+        }
     }
 
     #[test]
