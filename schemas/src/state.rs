@@ -282,7 +282,7 @@ struct SpanWireRef<'a> {
 /// A span's windows in [`SpanWire`]'s form, each metric by its index in
 /// `names`.
 struct WindowsWire<'a> {
-    span: &'a SpanState,
+    windows: &'a [Arc<SpanWindow>],
     names: &'a [&'a str],
 }
 
@@ -319,7 +319,7 @@ impl Serialize for SpanState {
             dedup: &self.dedup,
             names: &names,
             windows: WindowsWire {
-                span: self,
+                windows: &self.windows,
                 names: &names,
             },
         }
@@ -329,7 +329,7 @@ impl Serialize for SpanState {
 
 impl Serialize for WindowsWire<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_seq(self.span.windows.iter().map(|w| {
+        serializer.collect_seq(self.windows.iter().map(|w| {
             (
                 w.start,
                 WindowWire {
