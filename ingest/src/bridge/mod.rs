@@ -48,7 +48,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::{BridgeConfig, BridgeError, DEFAULT_CLIENT_ID, TELEMETRY_FILTER};
 
-use crate::endpoint::appender::{self, AppendItem, AppendRequest, Completion};
+use crate::endpoint::appender::{self, AppendItem, AppendRequest};
+use crate::endpoint::mailbox::{Completion, Mailbox, Reasons};
 use crate::endpoint::tap::TapHub;
 use crate::metrics::{IngestMetrics, add, bump};
 use crate::record::{self, Verdict};
@@ -73,7 +74,7 @@ enum Polled {
 enum Wake {
     Shutdown,
     Polled(Option<(u64, Polled)>),
-    Durable(Completion),
+    Durable,
 }
 
 /// Runs the bridge until `shutdown` completes: subscribe, append, ack.
@@ -90,7 +91,7 @@ pub async fn run(
 ) {
     let (append_tx, append_rx) = mpsc::unbounded_channel();
     let abandon = CancellationToken::new();
-    let appender = spawn_appender(
+    let mut appender = spawn_appender(
         &config,
         append_rx,
         producer,
@@ -106,7 +107,8 @@ pub async fn run(
     let poller = spawn_poller(eventloop, events_tx, connection.clone(), &config);
     tracing::info!(broker = %format!("{}:{}", config.host, config.port), client_id = %config.client_id, "The bridge is connecting to the broker.");
 
-    let (done_tx, mut done) = mpsc::unbounded_channel();
+    // Where the appender reports what became of the bridge's records.
+    let done = Mailbox::new();
     let mut bridge = Bridge {
         client: &client,
         connection: &connection,
@@ -122,12 +124,12 @@ pub async fn run(
         let wake = tokio::select! {
             biased;
             _ = &mut shutdown => Wake::Shutdown,
-            Some(c) = done.recv() => Wake::Durable(c),
+            _ = done.wait(Reasons::DURABLE) => Wake::Durable,
             e = events.recv(), if reading => Wake::Polled(e),
         };
         match wake {
             Wake::Shutdown | Wake::Polled(None) => break,
-            Wake::Durable(c) => bridge.settle(c),
+            Wake::Durable => bridge.settle(&done),
             Wake::Polled(Some((conn, polled))) => {
                 let items = bridge.gather(conn, polled, &mut events, max_pending);
                 if items.is_empty() {
@@ -135,7 +137,7 @@ pub async fn run(
                 }
                 let request = AppendRequest {
                     items,
-                    reply: done_tx.clone(),
+                    reply: done.clone(),
                 };
                 if append_tx.send(request).is_err() {
                     tracing::error!("The bridge's appender stopped; the bridge stops.");
@@ -152,13 +154,16 @@ pub async fn run(
         "The bridge is shutting down."
     );
     drop(append_tx);
-    bridge
-        .drain(&mut done, config.shutdown_timeout, &abandon)
-        .await;
     // The appender ends once every request is answered.
-    drop(done);
+    let finished = bridge
+        .drain(&done, config.shutdown_timeout, &abandon, &mut appender)
+        .await;
     abandon.cancel();
-    if let Err(e) = appender.await {
+    let finished = match finished {
+        Some(r) => r,
+        None => appender.await,
+    };
+    if let Err(e) = finished {
         tracing::error!(error = %e, "The bridge's appender failed.");
     }
     disconnect(&client, &mut events).await;
@@ -243,26 +248,31 @@ impl Bridge<'_> {
     }
 
     /// Settles appends in flight as they complete, for at most `timeout`;
-    /// then tells the appender to abandon the rest.
+    /// then tells the appender to abandon the rest. Returns the appender's
+    /// result if it ended meanwhile: it has answered every request then, so
+    /// nothing more can settle.
     async fn drain(
         &mut self,
-        done: &mut mpsc::UnboundedReceiver<Completion>,
+        done: &Mailbox,
         timeout: Duration,
         abandon: &CancellationToken,
-    ) {
+        appender: &mut JoinHandle<()>,
+    ) -> Option<Result<(), tokio::task::JoinError>> {
         let deadline = tokio::time::Instant::now() + timeout;
         while !self.pending.is_empty() {
             tokio::select! {
-                c = done.recv() => match c {
-                    Some(c) => self.settle(c),
-                    None => break,
-                },
+                _ = done.wait(Reasons::DURABLE) => self.settle(done),
+                ended = &mut *appender => {
+                    self.settle(done);
+                    return Some(ended);
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     abandon.cancel();
                     break;
                 }
             }
         }
+        None
     }
 
     fn on_event(&mut self, conn: u64, polled: Polled, items: &mut Vec<AppendItem>) {
@@ -371,7 +381,9 @@ impl Bridge<'_> {
         })
     }
 
-    fn settle(&mut self, c: Completion) {
+    fn settle(&mut self, done: &Mailbox) {
+        let mut c = Completion::default();
+        done.take(&mut c);
         for token in c.stored {
             self.release(token);
         }

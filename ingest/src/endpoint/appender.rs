@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 
+use super::mailbox::{Completion, Mailbox, Reasons};
 use super::tap::{TapHub, TapMessage};
 use crate::config::GroupCommit;
 use crate::metrics::{IngestMetrics, add, bump};
@@ -36,7 +37,7 @@ use crate::metrics::{IngestMetrics, add, bump};
 pub(crate) struct AppendRequest {
     pub items: Vec<AppendItem>,
     /// Where the items' fate is reported: the connection that sent them.
-    pub reply: mpsc::UnboundedSender<Completion>,
+    pub reply: Arc<Mailbox>,
 }
 
 #[derive(Debug)]
@@ -47,15 +48,6 @@ pub(crate) struct AppendItem {
     /// Accepted telemetry to show live subscribers once stored; `None` when
     /// nobody subscribes or the message was refused.
     pub tap: Option<TapMessage>,
-}
-
-/// What became of some of one connection's records.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(crate) struct Completion {
-    pub stored: Vec<u64>,
-    /// Given up on: the stream refused them for good or shutdown ran out of
-    /// time. They must never be acknowledged.
-    pub failed: Vec<u64>,
 }
 
 /// Runs until every sender of `requests` is gone and every batch is settled.
@@ -206,72 +198,145 @@ async fn commit(
         };
         metrics.append_latency.record(started.elapsed());
 
-        let mut completions = vec![Completion::default(); requests.len()];
-        let mut retry = Vec::new();
-        let mut stored_taps = Vec::new();
-        let mut settle = |slot: Slot, outcome: Settled| {
-            let (r, i) = slot;
-            let token = requests[r].items[i].token;
-            match outcome {
-                Settled::Stored => {
-                    completions[r].stored.push(token);
-                    if let Some(t) = &requests[r].items[i].tap {
-                        stored_taps.push(t.clone());
-                    }
-                }
-                Settled::Retry => retry.push(slot),
-                Settled::Failed => completions[r].failed.push(token),
-            }
-        };
-        match result {
-            Some(Ok(outcomes)) => {
-                for (k, slot) in todo.iter().enumerate() {
-                    settle(*slot, Settled::from_outcome(outcomes.get(k)));
-                }
-            }
-            Some(Err(ProduceError::Unavailable(message))) => {
-                tracing::warn!(records = todo.len(), %message, "The stream is unavailable; the batch will be retried.");
-                todo.iter().for_each(|s| settle(*s, Settled::Retry));
-            }
-            Some(Err(ProduceError::Closed)) => {
-                tracing::error!(
-                    records = todo.len(),
-                    "The stream is closed; records are not stored and stay unacknowledged."
-                );
-                todo.iter().for_each(|s| settle(*s, Settled::Failed));
-            }
-            None => todo.iter().for_each(|s| settle(*s, Settled::Retry)),
-        }
-        add(&metrics.append_failures, retry.len() as u64);
-        if !retry.is_empty() && abandon.is_cancelled() {
-            tracing::warn!(
-                records = retry.len(),
-                "Shutdown ran out of time; records the stream did not store stay unacknowledged."
-            );
-            for (r, i) in retry.drain(..) {
-                completions[r].failed.push(requests[r].items[i].token);
-            }
-        }
-
-        let stored: usize = completions.iter().map(|c| c.stored.len()).sum();
-        let failed: usize = completions.iter().map(|c| c.failed.len()).sum();
-        add(&metrics.records_appended, stored as u64);
-        add(&metrics.append_abandoned, failed as u64);
-        tap.publish(&stored_taps, metrics);
-        for (req, c) in requests.iter().zip(completions) {
-            if !c.stored.is_empty() || !c.failed.is_empty() {
-                // A closed connection no longer waits for its acks.
-                let _ = req.reply.send(c);
-            }
-        }
-
-        todo = retry;
+        todo = settle(
+            &requests,
+            &todo,
+            result,
+            metrics,
+            tap,
+            abandon.is_cancelled(),
+        );
         if !todo.is_empty() {
             tokio::select! {
                 _ = sleep(backoff) => {}
                 _ = abandon.cancelled() => {}
             }
             backoff = (backoff * 2).min(config.retry_backoff_max);
+        }
+    }
+}
+
+/// Reports what one put did with the records at `todo` to their
+/// connections and returns those to put again. Once `abandoned`, none are.
+fn settle(
+    requests: &[AppendRequest],
+    todo: &[Slot],
+    result: Option<Result<Vec<PutOutcome>, ProduceError>>,
+    metrics: &IngestMetrics,
+    tap: &TapHub,
+    abandoned: bool,
+) -> Vec<Slot> {
+    let mut deliveries = Deliveries::new(requests);
+    let mut retry = Vec::new();
+    let mut stored_taps = Vec::new();
+    let mut settle = |slot: Slot, outcome: Settled| {
+        let (r, i) = slot;
+        match outcome {
+            Settled::Stored => {
+                deliveries.deliver(slot, true);
+                if let Some(t) = &requests[r].items[i].tap {
+                    stored_taps.push(t.clone());
+                }
+            }
+            Settled::Retry => retry.push(slot),
+            Settled::Failed => deliveries.deliver(slot, false),
+        }
+    };
+    match result {
+        Some(Ok(outcomes)) => {
+            for (k, slot) in todo.iter().enumerate() {
+                settle(*slot, Settled::from_outcome(outcomes.get(k)));
+            }
+        }
+        Some(Err(ProduceError::Unavailable(message))) => {
+            tracing::warn!(records = todo.len(), %message, "The stream is unavailable; the batch will be retried.");
+            todo.iter().for_each(|s| settle(*s, Settled::Retry));
+        }
+        Some(Err(ProduceError::Closed)) => {
+            tracing::error!(
+                records = todo.len(),
+                "The stream is closed; records are not stored and stay unacknowledged."
+            );
+            todo.iter().for_each(|s| settle(*s, Settled::Failed));
+        }
+        None => todo.iter().for_each(|s| settle(*s, Settled::Retry)),
+    }
+    add(&metrics.append_failures, retry.len() as u64);
+    if !retry.is_empty() && abandoned {
+        tracing::warn!(
+            records = retry.len(),
+            "Shutdown ran out of time; records the stream did not store stay unacknowledged."
+        );
+        for slot in retry.drain(..) {
+            deliveries.deliver(slot, false);
+        }
+    }
+
+    add(&metrics.records_appended, deliveries.stored as u64);
+    add(&metrics.append_abandoned, deliveries.failed as u64);
+    tap.publish(&stored_taps, metrics);
+    // A closed connection's mailbox takes its outcomes and nobody reads
+    // them.
+    deliveries.raise();
+    retry
+}
+
+/// Hands one put's outcomes to the requests' mailboxes: one lock for each
+/// run of a request's records (a batch holds them in request order), and
+/// one wake for each request once the put is settled.
+struct Deliveries<'a> {
+    requests: &'a [AppendRequest],
+    /// The request whose mailbox is open, and its outcomes.
+    open: Option<(usize, std::sync::MutexGuard<'a, Completion>)>,
+    /// Requests given outcomes, each at least once.
+    touched: Vec<usize>,
+    stored: usize,
+    failed: usize,
+}
+
+impl<'a> Deliveries<'a> {
+    fn new(requests: &'a [AppendRequest]) -> Self {
+        Deliveries {
+            requests,
+            open: None,
+            touched: Vec::new(),
+            stored: 0,
+            failed: 0,
+        }
+    }
+
+    fn deliver(&mut self, (r, i): Slot, stored: bool) {
+        let token = self.requests[r].items[i].token;
+        let mailbox = &self.requests[r].reply;
+        let outcomes = match &mut self.open {
+            Some((open, outcomes)) if Arc::ptr_eq(&self.requests[*open].reply, mailbox) => outcomes,
+            _ => {
+                // Unlocked before the next is locked: requests of one
+                // connection (or the bridge's) share a mailbox.
+                self.open = None;
+                self.touched.push(r);
+                &mut self.open.insert((r, mailbox.outcomes())).1
+            }
+        };
+        if stored {
+            outcomes.stored.push(token);
+            self.stored += 1;
+        } else {
+            outcomes.failed.push(token);
+            self.failed += 1;
+        }
+    }
+
+    /// Wakes every connection given outcomes.
+    fn raise(mut self) {
+        self.open = None;
+        // A request met again (in the abandoned retries) is woken once; a
+        // mailbox shared by several requests may be woken more than once,
+        // which costs a spurious wake and nothing else.
+        self.touched.sort_unstable();
+        self.touched.dedup();
+        for &r in &self.touched {
+            self.requests[r].reply.raise(Reasons::DURABLE);
         }
     }
 }
@@ -371,19 +436,19 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_put_per_batch_and_every_record_reported() {
         let h = start();
-        let (reply, mut done) = mpsc::unbounded_channel();
+        let (first, second) = (Mailbox::new(), Mailbox::new());
         h.tx.send(AppendRequest {
             items: vec![item(0, "a"), item(1, "b")],
-            reply: reply.clone(),
+            reply: first.clone(),
         })
         .unwrap();
         h.tx.send(AppendRequest {
             items: vec![item(2, "a")],
-            reply: reply.clone(),
+            reply: second.clone(),
         })
         .unwrap();
-        let c1 = done.recv().await.unwrap();
-        let c2 = done.recv().await.unwrap();
+        let c1 = first.next().await;
+        let c2 = second.next().await;
         assert_eq!(c1.stored, vec![0, 1]);
         assert_eq!(c2.stored, vec![2]);
         assert_eq!(h.producer.puts(), 1);
@@ -393,12 +458,34 @@ mod tests {
         assert_eq!(h.metrics.snapshot().records_appended, 3);
     }
 
+    /// A connection's requests share its mailbox: a batch holding several
+    /// of them reports every record to it (and does not lock it twice).
+    #[tokio::test(start_paused = true)]
+    async fn requests_sharing_a_mailbox_are_reported_together() {
+        let h = start();
+        let mailbox = Mailbox::new();
+        for items in [vec![item(0, "a"), item(1, "a")], vec![item(2, "a")]] {
+            h.tx.send(AppendRequest {
+                items,
+                reply: mailbox.clone(),
+            })
+            .unwrap();
+        }
+        let mut stored = Vec::new();
+        while stored.len() < 3 {
+            stored.extend(mailbox.next().await.stored);
+        }
+        assert_eq!(stored, vec![0, 1, 2]);
+        assert_eq!(h.producer.puts(), 1);
+    }
+
     /// A request that arrives while a put syncs starts its own put at once
     /// when the stream keeps order across puts, and waits for the first one
     /// when it does not.
     async fn puts_begun_while_one_is_held(puts_in_order: usize) -> usize {
         let h = start_with(MemoryProducer::default().with_puts_in_order(puts_in_order));
-        let (reply, mut done) = mpsc::unbounded_channel();
+        let reply = Mailbox::new();
+        let done = reply.clone();
         h.producer.hold();
         h.tx.send(AppendRequest {
             items: vec![item(0, "a")],
@@ -421,7 +508,7 @@ mod tests {
         h.producer.release();
         let mut stored = Vec::new();
         while stored.len() < 2 {
-            stored.extend(done.recv().await.unwrap().stored);
+            stored.extend(done.next().await.stored);
         }
         stored.sort();
         assert_eq!(stored, vec![0, 1]);
@@ -439,20 +526,21 @@ mod tests {
             },
         );
         h.metrics.connections_current.store(connections, Relaxed);
-        let (reply, mut done) = mpsc::unbounded_channel();
+        let reply = Mailbox::new();
+        let done = reply.clone();
         h.tx.send(AppendRequest {
             items: vec![item(0, "a")],
             reply: reply.clone(),
         })
         .unwrap();
-        assert_eq!(done.recv().await.unwrap().stored, vec![0]);
+        assert_eq!(done.next().await.stored, vec![0]);
         let stored_first = Instant::now();
         h.tx.send(AppendRequest {
             items: vec![item(1, "a")],
             reply,
         })
         .unwrap();
-        assert_eq!(done.recv().await.unwrap().stored, vec![1]);
+        assert_eq!(done.next().await.stored, vec![1]);
         stored_first.elapsed()
     }
 
@@ -473,24 +561,24 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_records_are_retried_before_newer_ones() {
         let h = start();
-        let (reply, mut done) = mpsc::unbounded_channel();
+        let (older, newer) = (Mailbox::new(), Mailbox::new());
         // Record "a-0" fails twice, then is stored.
         h.producer.fail_record("a-0", 2);
         h.tx.send(AppendRequest {
             items: vec![item(0, "a"), item(1, "b")],
-            reply: reply.clone(),
+            reply: older.clone(),
         })
         .unwrap();
-        let first = done.recv().await.unwrap();
+        let first = older.next().await;
         assert_eq!(first.stored, vec![1]);
         h.tx.send(AppendRequest {
             items: vec![item(2, "a")],
-            reply: reply.clone(),
+            reply: newer.clone(),
         })
         .unwrap();
-        let second = done.recv().await.unwrap();
+        let second = older.next().await;
         assert_eq!(second.stored, vec![0]);
-        let third = done.recv().await.unwrap();
+        let third = newer.next().await;
         assert_eq!(third.stored, vec![2]);
         assert_eq!(h.producer.data(), vec!["b-1", "a-0", "a-2"]);
         assert_eq!(h.metrics.snapshot().append_failures, 2);
@@ -499,7 +587,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unavailable_stream_is_retried_and_abandoned_at_shutdown() {
         let h = start();
-        let (reply, mut done) = mpsc::unbounded_channel();
+        let reply = Mailbox::new();
+        let done = reply.clone();
         h.producer.set_unavailable(true);
         h.tx.send(AppendRequest {
             items: vec![item(0, "a")],
@@ -508,10 +597,10 @@ mod tests {
         .unwrap();
         // Let a few retries happen (paused time advances on its own).
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(done.try_recv().is_err());
+        assert_eq!(done.raised(), Reasons::NONE);
         assert!(h.metrics.snapshot().appends >= 3);
         h.abandon.cancel();
-        let c = done.recv().await.unwrap();
+        let c = done.next().await;
         assert_eq!(c.failed, vec![0]);
         assert!(h.producer.data().is_empty());
         assert_eq!(h.metrics.snapshot().append_abandoned, 1);
@@ -520,14 +609,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn permanent_failures_are_reported_not_retried() {
         let h = start();
-        let (reply, mut done) = mpsc::unbounded_channel();
+        let reply = Mailbox::new();
+        let done = reply.clone();
         h.producer.fail_record_permanently("a-0");
         h.tx.send(AppendRequest {
             items: vec![item(0, "a"), item(1, "a")],
             reply,
         })
         .unwrap();
-        let c = done.recv().await.unwrap();
+        let c = done.next().await;
         assert_eq!(c.failed, vec![0]);
         assert_eq!(c.stored, vec![1]);
         assert_eq!(h.producer.puts(), 1);

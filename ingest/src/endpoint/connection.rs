@@ -11,13 +11,13 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use stream::PutRecord;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep, sleep_until, timeout};
-use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::appender::{AppendItem, AppendRequest, Completion};
+use super::appender::{AppendItem, AppendRequest};
 use super::codec::{self, Outbound, Protocol};
+use super::mailbox::{Completion, Mailbox, Reasons};
 use super::session::{Action, CloseReason, Session, Verdict};
 use super::tap::TapMessage;
 use crate::metrics::{add, bump};
@@ -39,7 +39,7 @@ const TAP_BATCH: usize = 256;
 enum Wake {
     Shutdown,
     Kicked,
-    Durable(Completion),
+    Durable,
     Read(std::io::Result<usize>),
     Tap(TapMessage),
     Deadline,
@@ -56,16 +56,21 @@ pub(crate) struct Connection<S> {
     read_chunk: usize,
     wbuf: BytesMut,
     actions: Vec<Action>,
-    /// Cloned into every append request so the appender can answer here.
-    completions_tx: mpsc::UnboundedSender<Completion>,
-    completions: mpsc::UnboundedReceiver<Completion>,
     /// This connection's live-tap queue, made on its first SUBSCRIBE; the
     /// sender is registered with the hub. Devices never subscribe: a queue
     /// each (a block of slots allocated up front) was about 2 KiB of every
     /// connection, and polling it was part of every wake.
     tap: Option<(mpsc::Sender<TapMessage>, mpsc::Receiver<TapMessage>)>,
-    /// Fires when another connection claims this client id.
-    kick: Option<oneshot::Receiver<()>>,
+    /// Where the appender reports what became of this connection's records
+    /// (it rides in every append request), and where a kick or a shutdown
+    /// arrives.
+    mailbox: Arc<Mailbox>,
+    /// The reasons waited for: a kick and a shutdown are each dealt with
+    /// once.
+    listening: Reasons,
+    /// Outcomes taken from the mailbox; kept so that its vectors' capacity
+    /// serves every delivery.
+    outcomes: Completion,
     /// The client id this connection holds in the registry, once connected.
     client_id: Option<String>,
     keepalive: Option<Duration>,
@@ -91,8 +96,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         shared: Arc<Shared>,
         certificate: Option<Certified>,
         started: Instant,
+        mailbox: Arc<Mailbox>,
     ) -> Self {
-        let (completions_tx, completions) = mpsc::unbounded_channel();
         let session = Session::new(shared.session.clone(), conn_id).with_certificate(certificate);
         let now = Instant::now();
         // The connect timeout counts from accept, TLS handshake included.
@@ -107,10 +112,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             // Grown by the first answer (a CONNACK, then a few PUBACKs).
             wbuf: BytesMut::new(),
             actions: Vec::new(),
-            completions_tx,
-            completions,
             tap: None,
-            kick: None,
+            mailbox,
+            listening: Reasons::DURABLE
+                .with(Reasons::KICKED)
+                .with(Reasons::SHUTDOWN),
+            outcomes: Completion::default(),
             client_id: None,
             keepalive: None,
             client_max_packet: None,
@@ -122,12 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    pub async fn run(mut self, shutdown: CancellationToken) {
-        // One future for the whole connection: a fresh `cancelled()` per
-        // wake would register with and leave the token's waiter list twice
-        // for every message.
-        let cancelled = shutdown.cancelled();
-        tokio::pin!(cancelled);
+    pub async fn run(mut self) {
         loop {
             self.read_packets();
             self.dispatch();
@@ -145,25 +147,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
             let reading = !self.draining && self.session.wants_input();
             let wake = tokio::select! {
                 biased;
-                _ = &mut cancelled, if !self.draining => Wake::Shutdown,
-                _ = kicked(&mut self.kick) => Wake::Kicked,
-                Some(c) = self.completions.recv() => Wake::Durable(c),
+                raised = self.mailbox.wait(self.listening) => if raised.contains(Reasons::SHUTDOWN) {
+                    Wake::Shutdown
+                } else if raised.contains(Reasons::KICKED) {
+                    Wake::Kicked
+                } else {
+                    Wake::Durable
+                },
                 r = read_some(&mut self.socket, &mut self.rbuf, self.read_chunk), if reading => Wake::Read(r),
                 Some(m) = tapped(&mut self.tap) => Wake::Tap(m),
                 _ = &mut self.silence, if reading => Wake::Deadline,
             };
             match wake {
-                Wake::Shutdown => self.draining = true,
+                Wake::Shutdown => {
+                    self.listening = self.listening.without(Reasons::SHUTDOWN);
+                    self.draining = true;
+                }
                 Wake::Kicked => {
-                    self.kick = None;
+                    self.listening = self.listening.without(Reasons::KICKED);
                     self.session
                         .close(CloseReason::TakenOver, &mut self.actions);
                 }
-                Wake::Durable(c) => {
-                    self.settle(c);
-                    while let Ok(c) = self.completions.try_recv() {
-                        self.settle(c);
-                    }
+                Wake::Durable => {
+                    self.settle();
                     self.last_heard = Instant::now();
                 }
                 Wake::Read(Ok(0)) | Wake::Read(Err(_)) => {
@@ -240,11 +246,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    fn settle(&mut self, c: Completion) {
-        for token in c.stored {
+    fn settle(&mut self) {
+        self.mailbox.take(&mut self.outcomes);
+        for &token in &self.outcomes.stored {
             self.session.durable(token, true, &mut self.actions);
         }
-        for token in c.failed {
+        for &token in &self.outcomes.failed {
             self.session.durable(token, false, &mut self.actions);
         }
     }
@@ -291,9 +298,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                     keepalive,
                     max_packet_size,
                 } => {
-                    let (tx, rx) = oneshot::channel();
-                    self.shared.registry.claim(&client_id, self.conn_id, tx);
-                    self.kick = Some(rx);
+                    self.shared
+                        .registry
+                        .claim(&client_id, self.conn_id, self.mailbox.clone());
                     self.client_id = Some(client_id);
                     self.keepalive = Some(keepalive);
                     self.client_max_packet = max_packet_size;
@@ -330,7 +337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         if !items.is_empty() {
             let request = AppendRequest {
                 items,
-                reply: self.completions_tx.clone(),
+                reply: self.mailbox.clone(),
             };
             if self.shared.appender.send(request).is_err() {
                 // The appender is gone: nothing more can become durable.
@@ -439,17 +446,6 @@ async fn tapped(
 ) -> Option<TapMessage> {
     match tap {
         Some((_, rx)) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn kicked(kick: &mut Option<oneshot::Receiver<()>>) {
-    match kick {
-        // Resolves on a kick, or if the registry dropped the sender, which it
-        // does only when handing the id to another connection.
-        Some(rx) => {
-            let _ = rx.await;
-        }
         None => std::future::pending().await,
     }
 }

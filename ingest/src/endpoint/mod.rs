@@ -5,12 +5,15 @@
 //! - `session`: one connection's protocol state machine, pure.
 //! - `connection`: the task around a session and its socket.
 //! - `appender`: group commit into the stream.
+//! - `mailbox`: what reaches a connection from outside: its records' fate,
+//!   a kick, a shutdown.
 //! - `tap`: live subscriptions to durable telemetry.
 
 pub(crate) mod appender;
 mod codec;
 mod connection;
 pub mod fuzzing;
+pub(crate) mod mailbox;
 mod session;
 pub(crate) mod tap;
 
@@ -26,8 +29,8 @@ use std::task::Poll;
 
 use stream::StreamProducer;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use tokio::task::JoinSet;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +39,7 @@ use crate::config::EndpointConfig;
 use crate::metrics::{IngestMetrics, bump};
 use appender::AppendRequest;
 use connection::Connection;
+use mailbox::{Mailbox, Reasons};
 use session::SessionConfig;
 pub use tap::LiveTap;
 use tap::TapHub;
@@ -130,7 +134,8 @@ pub async fn serve_on(
         }
     }
 
-    let stop = CancellationToken::new();
+    // Each open connection's mailbox, by its task, to raise shutdown in.
+    let mut mailboxes: HashMap<tokio::task::Id, Arc<Mailbox>> = HashMap::new();
     let slots = Arc::new(Semaphore::new(shared.config.max_connections.max(1)));
     let mut connections = JoinSet::new();
     let mut next_id = 0u64;
@@ -141,7 +146,10 @@ pub async fn serve_on(
     loop {
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
-            Some(_) = connections.join_next() => continue,
+            Some(done) = connections.join_next_with_id() => {
+                mailboxes.remove(&ended(done));
+                continue;
+            }
             a = accept_any(&listeners, &mut next_listener) => a,
         };
         let (socket, tls) = match accepted {
@@ -173,14 +181,16 @@ pub async fn serve_on(
         next_id += 1;
         bump(&metrics.connections_total);
         metrics.connections_current.fetch_add(1, Ordering::Relaxed);
-        spawn_connection(
+        let mailbox = Mailbox::new();
+        let task = spawn_connection(
             &mut connections,
             (socket, tls),
             next_id,
             &shared,
-            stop.child_token(),
+            mailbox.clone(),
             permit,
         );
+        mailboxes.insert(task, mailbox);
     }
     drop(listeners);
 
@@ -188,7 +198,10 @@ pub async fn serve_on(
         connections = connections.len(),
         "The MQTT endpoint is shutting down."
     );
-    stop.cancel();
+    for mailbox in mailboxes.values() {
+        mailbox.raise(Reasons::SHUTDOWN);
+    }
+    drop(mailboxes);
     settle(connections, shared, appender, &abandon).await;
     tracing::info!("The MQTT endpoint has stopped.");
     result
@@ -231,41 +244,51 @@ fn start_appender(
     (shared, appender)
 }
 
+/// The task a finished connection ran in, however it finished.
+fn ended(done: Result<(tokio::task::Id, ()), JoinError>) -> tokio::task::Id {
+    match done {
+        Ok((id, ())) => id,
+        Err(e) => e.id(),
+    }
+}
+
 /// Runs one accepted connection to its end, holding its slot (`permit`)
-/// and the open-connections gauge for as long as it lives.
+/// and the open-connections gauge for as long as it lives. Returns its task.
 fn spawn_connection(
     connections: &mut JoinSet<()>,
     (socket, tls): (TcpStream, Option<TlsAcceptor>),
     conn_id: u64,
     shared: &Arc<Shared>,
-    stop: CancellationToken,
+    mailbox: Arc<Mailbox>,
     permit: OwnedSemaphorePermit,
-) {
+) -> tokio::task::Id {
     let live = Live {
         metrics: shared.metrics.clone(),
         _permit: permit,
     };
     let shared = shared.clone();
-    connections.spawn(async move {
-        let _live = live;
-        let started = Instant::now();
-        match tls {
-            None => {
-                Connection::new(socket, conn_id, shared, None, started)
-                    .run(stop)
-                    .await
-            }
-            Some(acceptor) => {
-                if let Some((stream, certificate)) =
-                    handshake(&acceptor, socket, &shared, &stop).await
-                {
-                    Connection::new(stream, conn_id, shared, certificate, started)
-                        .run(stop)
+    connections
+        .spawn(async move {
+            let _live = live;
+            let started = Instant::now();
+            match tls {
+                None => {
+                    Connection::new(socket, conn_id, shared, None, started, mailbox)
+                        .run()
                         .await
                 }
+                Some(acceptor) => {
+                    if let Some((stream, certificate)) =
+                        handshake(&acceptor, socket, &shared, &mailbox).await
+                    {
+                        Connection::new(stream, conn_id, shared, certificate, started, mailbox)
+                            .run()
+                            .await
+                    }
+                }
             }
-        }
-    });
+        })
+        .id()
 }
 
 /// Accepts from whichever listener has a connection waiting, starting the
@@ -297,13 +320,13 @@ async fn handshake(
     acceptor: &TlsAcceptor,
     socket: TcpStream,
     shared: &Shared,
-    stop: &CancellationToken,
+    mailbox: &Mailbox,
 ) -> Option<(
     tokio_rustls::server::TlsStream<TcpStream>,
     Option<crate::tls::Certified>,
 )> {
     let result = tokio::select! {
-        _ = stop.cancelled() => return None,
+        _ = mailbox.wait(Reasons::SHUTDOWN) => return None,
         r = tokio::time::timeout(shared.config.connect_timeout, acceptor.accept(socket)) => r,
     };
     let stream = match result {
@@ -419,17 +442,20 @@ fn is_transient(e: &io::Error) -> bool {
 /// same id closes the first connection (MQTT's session takeover).
 #[derive(Default)]
 pub(crate) struct ClientRegistry {
-    clients: Mutex<HashMap<String, (u64, oneshot::Sender<()>)>>,
+    clients: Mutex<HashMap<String, (u64, Arc<Mailbox>)>>,
 }
 
 impl ClientRegistry {
-    /// Gives `client_id` to connection `conn_id`; `kick` fires when another
-    /// connection claims it. Returns whether a previous holder was told to go.
-    pub fn claim(&self, client_id: &str, conn_id: u64, kick: oneshot::Sender<()>) -> bool {
-        let previous = self.lock().insert(client_id.to_string(), (conn_id, kick));
+    /// Gives `client_id` to connection `conn_id`; its `mailbox` is kicked when
+    /// another connection claims it. Returns whether a previous holder was
+    /// told to go.
+    pub fn claim(&self, client_id: &str, conn_id: u64, mailbox: Arc<Mailbox>) -> bool {
+        let previous = self
+            .lock()
+            .insert(client_id.to_string(), (conn_id, mailbox));
         match previous {
             Some((_, old)) => {
-                let _ = old.send(());
+                old.raise(Reasons::KICKED);
                 true
             }
             None => false,
@@ -444,7 +470,7 @@ impl ClientRegistry {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, oneshot::Sender<()>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Arc<Mailbox>)>> {
         self.clients
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -458,16 +484,14 @@ mod tests {
     #[test]
     fn a_second_claim_kicks_the_first_holder() {
         let registry = ClientRegistry::default();
-        let (tx1, mut rx1) = oneshot::channel();
-        let (tx2, mut rx2) = oneshot::channel();
-        assert!(!registry.claim("c", 1, tx1));
-        assert!(registry.claim("c", 2, tx2));
-        assert_eq!(rx1.try_recv(), Ok(()));
+        let (first, second) = (Mailbox::new(), Mailbox::new());
+        assert!(!registry.claim("c", 1, first.clone()));
+        assert!(registry.claim("c", 2, second.clone()));
+        assert_eq!(first.raised(), Reasons::KICKED);
         // The old holder leaving does not free the id from the new one.
         registry.release("c", 1);
-        assert!(rx2.try_recv().is_err());
-        let (tx3, _rx3) = oneshot::channel();
-        assert!(registry.claim("c", 3, tx3));
-        assert_eq!(rx2.try_recv(), Ok(()));
+        assert_eq!(second.raised(), Reasons::NONE);
+        assert!(registry.claim("c", 3, Mailbox::new()));
+        assert_eq!(second.raised(), Reasons::KICKED);
     }
 }
