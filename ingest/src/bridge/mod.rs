@@ -117,6 +117,7 @@ pub async fn run(
         latest: HashMap::new(),
         next_token: 0,
         config: &config,
+        outcomes: Completion::default(),
     };
     tokio::pin!(shutdown);
     loop {
@@ -224,6 +225,9 @@ struct Bridge<'a> {
     latest: HashMap<u16, u64>,
     next_token: u64,
     config: &'a BridgeConfig,
+    /// Outcomes taken from the mailbox; kept so that its vectors' capacity
+    /// serves every delivery, as a connection does.
+    outcomes: Completion,
 }
 
 impl Bridge<'_> {
@@ -382,16 +386,17 @@ impl Bridge<'_> {
     }
 
     fn settle(&mut self, done: &Mailbox) {
-        let mut c = Completion::default();
+        let mut c = std::mem::take(&mut self.outcomes);
         done.take(&mut c);
-        for token in c.stored {
+        for &token in &c.stored {
             self.release(token);
         }
-        for token in c.failed {
+        for token in &c.failed {
             // Never acknowledged: the broker keeps it and resends it on the
             // next connection.
-            self.pending.remove(&token);
+            self.pending.remove(token);
         }
+        self.outcomes = c;
     }
 
     /// Acknowledges the delivery `token`, whose record is stored (or which

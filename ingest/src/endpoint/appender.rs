@@ -229,7 +229,7 @@ fn settle(
     let mut deliveries = Deliveries::new(requests);
     let mut retry = Vec::new();
     let mut stored_taps = Vec::new();
-    let mut settle = |slot: Slot, outcome: Settled| {
+    let mut record = |slot: Slot, outcome: Settled| {
         let (r, i) = slot;
         match outcome {
             Settled::Stored => {
@@ -245,21 +245,21 @@ fn settle(
     match result {
         Some(Ok(outcomes)) => {
             for (k, slot) in todo.iter().enumerate() {
-                settle(*slot, Settled::from_outcome(outcomes.get(k)));
+                record(*slot, Settled::from_outcome(outcomes.get(k)));
             }
         }
         Some(Err(ProduceError::Unavailable(message))) => {
             tracing::warn!(records = todo.len(), %message, "The stream is unavailable; the batch will be retried.");
-            todo.iter().for_each(|s| settle(*s, Settled::Retry));
+            todo.iter().for_each(|s| record(*s, Settled::Retry));
         }
         Some(Err(ProduceError::Closed)) => {
             tracing::error!(
                 records = todo.len(),
                 "The stream is closed; records are not stored and stay unacknowledged."
             );
-            todo.iter().for_each(|s| settle(*s, Settled::Failed));
+            todo.iter().for_each(|s| record(*s, Settled::Failed));
         }
-        None => todo.iter().for_each(|s| settle(*s, Settled::Retry)),
+        None => todo.iter().for_each(|s| record(*s, Settled::Retry)),
     }
     add(&metrics.append_failures, retry.len() as u64);
     if !retry.is_empty() && abandoned {
