@@ -114,6 +114,37 @@ async fn round_trip_with_lag() {
 }
 
 #[tokio::test]
+async fn records_in_runs_and_interleaved_go_to_their_keys_shards() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
+    // Runs of one key, keys alternating, and a refused record inside a run:
+    // a put reuses the shard of the record before only for the same key.
+    let keys = [
+        "dev-1", "dev-1", "dev-2", "dev-2", "dev-1", "dev-3", "", "dev-3", "dev-4", "dev-1",
+        "dev-5", "dev-5", "dev-6",
+    ];
+    let outcomes = log
+        .put(keys.iter().map(|k| record(k, 0, 10)).collect())
+        .await
+        .unwrap();
+    let shards: std::collections::BTreeSet<&str> = keys
+        .iter()
+        .filter(|k| !k.is_empty())
+        .map(|k| log.shard_of(k))
+        .collect();
+    assert!(
+        shards.len() > 1,
+        "the keys must span shards to test anything"
+    );
+    for (key, outcome) in keys.iter().zip(&outcomes) {
+        match outcome {
+            PutOutcome::Stored { shard, .. } => assert_eq!(shard, log.shard_of(key), "{key}"),
+            PutOutcome::Failed { retryable, .. } => assert!(key.is_empty() && !retryable),
+        }
+    }
+}
+
+#[tokio::test]
 async fn bad_records_and_names_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let log = EmbeddedLog::open(dir.path(), EmbeddedConfig::default()).unwrap();
