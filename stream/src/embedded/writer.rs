@@ -186,7 +186,8 @@ impl<S: Storage> Writer<S> {
         let mut buf = Vec::new();
         let mut staged = Vec::new();
         // One stamp for the group: its records are accepted together, and a
-        // clock read per record was a hundredth of a chatty put's cost.
+        // clock read per record was about 1 % of iotpipe's user-space CPU at the
+        // 200-device shape.
         let arrival_ms = self.stamp();
         for record in records {
             let size = frame::encoded_len(&record.partition_key, &record.data) as u64;
