@@ -40,6 +40,9 @@ pub(super) async fn put(
     let mut acks = Vec::with_capacity(records.len().min(MAX_ACKS_PENDING));
     {
         let _turn = stream.publish_turn.lock().await;
+        // The key and partition of the record before: see
+        // `partition::shard_after`.
+        let mut previous: Option<(String, u32)> = None;
         for (i, record) in records.into_iter().enumerate() {
             if acks.len() == MAX_ACKS_PENDING {
                 // The client lends each unanswered publish a permit; a put
@@ -53,7 +56,11 @@ pub(super) async fn put(
                 });
                 continue;
             }
-            let partition = partition::shard_for(&record.partition_key, stream.partitions);
+            let partition = partition::shard_after(
+                &record.partition_key,
+                previous.as_ref().map(|(k, p)| (k.as_str(), *p)),
+                stream.partitions,
+            );
             let mut headers = HeaderMap::new();
             headers.insert(KEY_HEADER, record.partition_key.as_str());
             let publish = PublishMessage::build()
@@ -68,6 +75,7 @@ pub(super) async fn put(
                 Ok(ack) => acks.push((i, partition, ack)),
                 Err(e) => outcomes[i] = Some(failed(e.kind(), &e)),
             }
+            previous = Some((record.partition_key, partition));
         }
     }
     settle(acks, &mut outcomes).await;
