@@ -129,7 +129,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
         }
     }
 
-    pub async fn run(mut self) {
+    /// Serves the connection until it closes, and hands back its socket for
+    /// the caller to close (see [`super::closer`]).
+    pub async fn run(mut self) -> S {
         loop {
             self.read_packets();
             self.dispatch();
@@ -204,8 +206,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Connection<S> {
                 }
             }
         }
-        let _ = self.socket.shutdown().await;
         self.cleanup();
+        self.socket
     }
 
     /// When silence becomes a reason to close: the connect timeout until

@@ -7,9 +7,11 @@
 //! - `appender`: group commit into the stream.
 //! - `mailbox`: what reaches a connection from outside: its records' fate,
 //!   a kick, a shutdown.
+//! - `closer`: finished connections' sockets, closed at idle priority.
 //! - `tap`: live subscriptions to durable telemetry.
 
 pub(crate) mod appender;
+mod closer;
 mod codec;
 mod connection;
 pub mod fuzzing;
@@ -28,6 +30,7 @@ use std::net::SocketAddr;
 use std::task::Poll;
 
 use stream::StreamProducer;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::{JoinError, JoinSet};
@@ -38,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::EndpointConfig;
 use crate::metrics::{IngestMetrics, bump};
 use appender::AppendRequest;
+use closer::Closer;
 use connection::Connection;
 use mailbox::{Mailbox, Reasons};
 use session::SessionConfig;
@@ -52,6 +56,7 @@ pub(crate) struct Shared {
     registry: ClientRegistry,
     tap: Arc<TapHub>,
     appender: mpsc::UnboundedSender<AppendRequest>,
+    closer: Closer,
 }
 
 /// A bound socket the endpoint serves MQTT on.
@@ -127,7 +132,8 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send,
 ) -> io::Result<()> {
     let abandon = CancellationToken::new();
-    let (shared, appender) = start_appender(producer, config, metrics.clone(), &abandon);
+    let (closer, closing) = Closer::start();
+    let (shared, appender) = start_appender(producer, config, metrics.clone(), closer, &abandon);
     for l in &listeners {
         if let Ok(addr) = l.local_addr() {
             tracing::info!(%addr, tls = l.is_tls(), "The MQTT endpoint is listening.");
@@ -203,6 +209,11 @@ pub async fn serve_on(
     }
     drop(mailboxes);
     settle(connections, shared, appender, &abandon).await;
+    // The last `Closer` went with `shared`: the thread ends once every
+    // socket handed to it is closed.
+    if let Some(closing) = closing {
+        let _ = tokio::task::spawn_blocking(move || closing.join()).await;
+    }
     tracing::info!("The MQTT endpoint has stopped.");
     result
 }
@@ -213,6 +224,7 @@ fn start_appender(
     producer: Arc<dyn StreamProducer>,
     config: EndpointConfig,
     metrics: Arc<IngestMetrics>,
+    closer: Closer,
     abandon: &CancellationToken,
 ) -> (Arc<Shared>, tokio::task::JoinHandle<()>) {
     let (append_tx, append_rx) = mpsc::unbounded_channel();
@@ -240,6 +252,7 @@ fn start_appender(
         registry: ClientRegistry::default(),
         tap,
         appender: append_tx,
+        closer,
     });
     (shared, appender)
 }
@@ -253,7 +266,8 @@ fn ended(done: Result<(tokio::task::Id, ()), JoinError>) -> tokio::task::Id {
 }
 
 /// Runs one accepted connection to its end, holding its slot (`permit`)
-/// and the open-connections gauge for as long as it lives. Returns its task.
+/// and the open-connections gauge for as long as its socket is open, which
+/// is until the closer has closed it. Returns its task.
 fn spawn_connection(
     connections: &mut JoinSet<()>,
     (socket, tls): (TcpStream, Option<TlsAcceptor>),
@@ -269,21 +283,33 @@ fn spawn_connection(
     let shared = shared.clone();
     connections
         .spawn(async move {
-            let _live = live;
             let started = Instant::now();
             match tls {
                 None => {
-                    Connection::new(socket, conn_id, shared, None, started, mailbox)
-                        .run()
-                        .await
+                    let socket =
+                        Connection::new(socket, conn_id, shared.clone(), None, started, mailbox)
+                            .run()
+                            .await;
+                    // Closing sends the FIN after everything written.
+                    shared.closer.close(Box::new((socket, live)));
                 }
                 Some(acceptor) => {
                     if let Some((stream, certificate)) =
                         handshake(&acceptor, socket, &shared, &mailbox).await
                     {
-                        Connection::new(stream, conn_id, shared, certificate, started, mailbox)
-                            .run()
-                            .await
+                        let mut stream = Connection::new(
+                            stream,
+                            conn_id,
+                            shared.clone(),
+                            certificate,
+                            started,
+                            mailbox,
+                        )
+                        .run()
+                        .await;
+                        // TLS says goodbye (close_notify) before the close.
+                        let _ = stream.shutdown().await;
+                        shared.closer.close(Box::new((stream, live)));
                     }
                 }
             }

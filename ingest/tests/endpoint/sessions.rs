@@ -135,6 +135,26 @@ async fn connections_beyond_the_limit_are_closed_on_accept() -> Result<()> {
     ep.stop().await
 }
 
+/// Sockets are closed on a thread of their own; the slot goes with the
+/// socket, and comes back once it is closed.
+#[tokio::test]
+async fn a_departed_connections_slot_is_free_once_its_socket_is_closed() -> Result<()> {
+    let mut cfg = config();
+    cfg.max_connections = 1;
+    let ep = start(cfg).await?;
+    let mut first = Raw::connect_v4(ep.addr, "one", 30).await?;
+    first.send_v4(v4::Packet::Disconnect).await?;
+    first.expect_closed().await?;
+    eventually("the slot to be free", || {
+        ep.snapshot().connections_current == 0
+    })
+    .await?;
+    let _second = Raw::connect_v4(ep.addr, "two", 30).await?;
+    let s = ep.snapshot();
+    assert_eq!((s.connections_current, s.connections_refused), (1, 0));
+    ep.stop().await
+}
+
 #[tokio::test]
 async fn a_v5_client_disconnecting_normally_is_not_an_error() -> Result<()> {
     let ep = start(config()).await?;
