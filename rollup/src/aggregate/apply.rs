@@ -120,7 +120,7 @@ impl<'a, 'r> Batcher<'a, 'r> {
             dead_letters: Vec::new(),
             stats: BatchStats::default(),
             device_slot: plan.device_slots.iter().copied().collect(),
-            seen: FxHashMap::default(),
+            seen: FxHashMap::with_capacity_and_hasher(plan.devices_seen.len(), Default::default()),
             units: config.pending_units(),
         }
     }

@@ -84,6 +84,13 @@ struct Names {
 }
 
 impl Names {
+    fn with_capacity(n: usize) -> Self {
+        Names {
+            list: Vec::with_capacity(n),
+            index: FxHashMap::with_capacity_and_hasher(n, Default::default()),
+        }
+    }
+
     fn id(&mut self, name: &str) -> u32 {
         if let Some(id) = self.index.get(name) {
             return *id;

@@ -117,7 +117,10 @@ impl Plan<'_> {
     /// of the batch pending already, so its item is neither read nor
     /// written.
     fn devices_to_load(&self) -> (rustc_hash::FxHashSet<u32>, rustc_hash::FxHashSet<u32>) {
-        let mut new_span = rustc_hash::FxHashSet::default();
+        let mut new_span = rustc_hash::FxHashSet::with_capacity_and_hasher(
+            self.devices_seen.len(),
+            Default::default(),
+        );
         let mut replayed = rustc_hash::FxHashSet::default();
         for record in &self.records {
             let Body::Readings {
