@@ -197,29 +197,27 @@ pub fn time_sk(ms: i64) -> String {
     sk
 }
 
+/// The digits of a time sort key, zero-padded so that keys sort by time.
+const TIME_SK_DIGITS: usize = 15;
 /// The most digits [`time_sk`] writes (`u64::MAX` has 20; a time in ms has
 /// 13 until the year 2286).
 const TIME_SK_MAX: usize = 20;
 
-/// Appends `ms` as [`time_sk`] writes it: at least 15 digits, zero-padded
-/// so that keys sort by time, and a negative time as 0. Written by hand for
-/// the reason [`prefixed`] is.
+/// Appends `ms` as [`time_sk`] writes it, a negative time as 0; without
+/// `format!`, for the reason [`prefixed`] gives.
 fn push_time_sk(out: &mut String, ms: i64) {
-    let mut n = u64::try_from(ms).unwrap_or(0);
-    let mut digits = [b'0'; TIME_SK_MAX];
-    let mut i = digits.len();
-    while n > 0 {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-    }
-    let first = i.min(digits.len() - 15);
-    out.extend(digits[first..].iter().map(|&d| char::from(d)));
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(u64::try_from(ms).unwrap_or(0));
+    out.extend(std::iter::repeat_n(
+        '0',
+        TIME_SK_DIGITS.saturating_sub(digits.len()),
+    ));
+    out.push_str(digits);
 }
 
 /// The window start at the front of a window sort key.
 pub fn start_of_sk(sk: &str) -> Option<i64> {
-    sk.get(..15)?.parse().ok()
+    sk.get(..TIME_SK_DIGITS)?.parse().ok()
 }
 
 /// The counter names kept per shard.

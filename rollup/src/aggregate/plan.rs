@@ -176,7 +176,7 @@ struct Seen {
 /// at a time (growing them was 3 % of the processors' instructions at 19,000
 /// devices, `examples/cached_fleet.rs`). Bounded, because a chatty shape's
 /// large batches hold few devices.
-pub(super) fn presize(records: usize) -> usize {
+fn presize(records: usize) -> usize {
     records.min(1024)
 }
 
