@@ -119,11 +119,15 @@ impl AggregateConfig {
     /// The windows a device's item keeps track of until they are compacted:
     /// every coarser resolution, or the span itself when there is none.
     pub fn pending_units(&self) -> Vec<i64> {
-        if self.resolutions.len() > 1 {
-            self.resolutions[1..].iter().map(|r| r.ms()).collect()
-        } else {
-            vec![self.span_ms()]
-        }
+        self.pending_unit_ms().collect()
+    }
+
+    /// [`Self::pending_units`] without a vector: span retention asks for it
+    /// for every span item a batch writes.
+    fn pending_unit_ms(&self) -> impl Iterator<Item = i64> + '_ {
+        let coarser = self.resolutions.get(1..).unwrap_or_default();
+        let span_only = coarser.is_empty().then(|| self.span_ms());
+        coarser.iter().map(|r| r.ms()).chain(span_only)
     }
 
     /// How long a span item is kept (`None`: forever): its finest windows'
@@ -134,7 +138,7 @@ impl AggregateConfig {
     /// would take its readings with them.
     pub fn span_retention_ms(&self) -> Option<i64> {
         let finest = self.retention_ms.first().copied().unwrap_or(Some(0))?;
-        let longest = self.pending_units().into_iter().max().unwrap_or(0);
+        let longest = self.pending_unit_ms().max().unwrap_or(0);
         Some(
             finest.max(
                 self.allowed_lateness_ms
