@@ -476,9 +476,10 @@ mod tests {
         }
     }
 
-    /// Updates that keep an item's expiry leave the expiry index alone; an
-    /// update that changes it still moves it, and a stale version is still
-    /// refused either way.
+    /// An update that keeps an item's expiry (the statement that leaves the
+    /// expiry index alone) and one that changes it (the statement behind
+    /// it) both land, the moved expiry where the purge looks; a stale
+    /// version is refused whichever statement it meets.
     #[tokio::test]
     async fn an_update_keeps_or_moves_the_expiry_and_checks_the_version() {
         let dir = tempfile::tempdir().unwrap();
@@ -531,20 +532,10 @@ mod tests {
             1,
             "only kept's expiry was due"
         );
-        assert!(
-            store
-                .get(&key("kept").pk(), &key("kept").sk())
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(
-            store
-                .get(&key("moved").pk(), &key("moved").sk())
-                .await
-                .unwrap()
-                .is_some()
-        );
+        for (name, held) in [("kept", false), ("moved", true)] {
+            let item = store.get(&key(name).pk(), &key(name).sk()).await.unwrap();
+            assert_eq!(item.is_some(), held, "{name}");
+        }
         assert_eq!(store.purge_expired(400).await.unwrap(), 1);
     }
 
