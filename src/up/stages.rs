@@ -404,17 +404,37 @@ pub(super) fn ops_router(stream: &Option<Arc<Stream>>, metrics: MetricsRenderer)
         ))
 }
 
-/// Serves `router` on `listener` until `stop`.
+/// Worker threads of the HTTP server's own runtime.
+const HTTP_WORKERS: usize = 2;
+
+/// Serves `router` on `listener` until `stop`, on a runtime of its own.
+/// When the endpoint is saturated, the main runtime's workers hold
+/// thousands of ready connection tasks, and a query queued behind them
+/// answered in up to a few hundred milliseconds (docs/BENCHMARKS.md, "The
+/// query API on threads of its own"): a dashboard, and the freshness it
+/// shows, waited for the ingest backlog. On threads of its own the kernel
+/// schedules a query beside the connections instead of after them.
 fn serve(
     listener: TcpListener,
     router: axum::Router,
     stop: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
     let stop = stop.clone();
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
+    // Taken off this runtime's reactor here; registered with the server's
+    // own below.
+    let listener = listener.into_std();
+    tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(HTTP_WORKERS)
+            .thread_name("iotpipe-http")
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let listener = TcpListener::from_std(listener?)?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        })
     })
 }
 

@@ -141,3 +141,66 @@ async fn unread_records_the_budget_deletes_are_counted_reported_and_dead_lettere
         "{first}"
     );
 }
+
+/// The HTTP server runs on threads of its own: a query is answered while
+/// every worker of the runtime the pipeline started on is busy, as when
+/// the endpoint is saturated. On the shared runtime this request waited
+/// for the busy workers, which wait for its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_while_every_pipeline_worker_is_busy() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::AtomicUsize;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    let pipeline = start_with(&config, Hooks::default()).await.unwrap();
+    let (release, spinning) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let busy: Vec<_> = (0..2)
+        .map(|_| {
+            let (release, spinning) = (release.clone(), spinning.clone());
+            tokio::spawn(async move {
+                spinning.fetch_add(1, Ordering::SeqCst);
+                while !release.load(Ordering::SeqCst) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    while spinning.load(Ordering::SeqCst) < 2 {
+        std::hint::spin_loop();
+    }
+    // A plain socket on a thread of its own: the test's runtime has no
+    // worker free to drive a client.
+    let addr = pipeline.http_addr;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let answer = (|| -> std::io::Result<String> {
+            let mut socket = std::net::TcpStream::connect(addr)?;
+            socket.write_all(
+                b"GET /healthz HTTP/1.1\r\nHost: iotpipe\r\nConnection: close\r\n\r\n",
+            )?;
+            let mut reply = String::new();
+            socket.read_to_string(&mut reply)?;
+            Ok(reply)
+        })();
+        let _ = tx.send(answer);
+    });
+    // Generous: a server that cannot answer does not answer at all.
+    let answer = rx.recv_timeout(std::time::Duration::from_secs(30));
+    release.store(true, Ordering::SeqCst);
+    for task in busy {
+        task.await.unwrap();
+    }
+    let reply = answer
+        .expect("no answer while the pipeline's workers were busy")
+        .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    pipeline.shutdown().await.unwrap();
+}
