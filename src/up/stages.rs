@@ -419,6 +419,9 @@ fn serve(
     router: axum::Router,
     stop: &CancellationToken,
 ) -> JoinHandle<std::io::Result<()>> {
+    // Dropping a runtime waits for its blocking tasks, and this one ends
+    // only when `stop` is cancelled: the pipeline's stop tokens are, when it
+    // is dropped without its shutdown.
     let stop = stop.clone();
     // Taken off this runtime's reactor here; registered with the server's
     // own below.

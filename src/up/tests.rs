@@ -204,3 +204,33 @@ async fn the_api_answers_while_every_pipeline_worker_is_busy() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     pipeline.shutdown().await.unwrap();
 }
+
+/// A runtime waits for its blocking tasks when dropped, and the HTTP
+/// server's is one: a pipeline dropped without its shutdown (a failed
+/// test, an error path) stops it, and so still lets its runtime go.
+#[test]
+fn a_pipeline_dropped_without_its_shutdown_lets_the_runtime_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().join("data"),
+        ..Config::default()
+    };
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let pipeline = runtime
+            .block_on(start_with(&config, Hooks::default()))
+            .unwrap();
+        drop(pipeline);
+        drop(runtime);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the runtime's drop waited for the HTTP server");
+}
