@@ -142,6 +142,18 @@ async fn unread_records_the_budget_deletes_are_counted_reported_and_dead_lettere
     );
 }
 
+/// The whole pipeline's default configuration in `dir`, listening on ports
+/// the system picks.
+fn on_any_port(dir: &std::path::Path) -> Config {
+    let mut config = Config {
+        data_dir: dir.join("data"),
+        ..Config::default()
+    };
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config
+}
+
 /// The HTTP server runs on threads of its own: a query is answered while
 /// every worker of the runtime the pipeline started on is busy, as when
 /// the endpoint is saturated. On the shared runtime this request waited
@@ -151,12 +163,7 @@ async fn the_api_answers_while_every_pipeline_worker_is_busy() {
     use std::io::{Read, Write};
     use std::sync::atomic::AtomicUsize;
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        ..Config::default()
-    };
-    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    let config = on_any_port(dir.path());
     let pipeline = start_with(&config, Hooks::default()).await.unwrap();
     let (release, spinning) = (
         Arc::new(AtomicBool::new(false)),
@@ -211,12 +218,7 @@ async fn the_api_answers_while_every_pipeline_worker_is_busy() {
 #[test]
 fn a_pipeline_dropped_without_its_shutdown_lets_the_runtime_go() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().join("data"),
-        ..Config::default()
-    };
-    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    let config = on_any_port(dir.path());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_multi_thread()
