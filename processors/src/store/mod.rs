@@ -4,7 +4,7 @@
 //!   touches, then commit new versions conditionally.
 //! - [`RollupQuery`]: what the query API reads.
 //! - `sqlite`: the embedded backend; `cached`: a write-behind cache in front
-//!   of it; `dynamodb`: the AWS backend; `memory`: for tests and benchmarks.
+//!   of it; `memory`: for tests and benchmarks.
 //! - `dynamodb`: the AWS backend, one DynamoDB table.
 //! - `postgres`: a PostgreSQL server, one table, for fleets beyond one
 //!   machine without AWS.
@@ -22,6 +22,8 @@ pub mod dynamodb;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
+#[cfg(test)]
+mod test_items;
 
 use async_trait::async_trait;
 use rollup::keys::ItemKey;

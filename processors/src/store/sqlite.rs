@@ -448,6 +448,7 @@ impl RollupQuery for SqliteStore {
 mod tests {
 
     use super::*;
+    use crate::store::test_items::{counter_key, write};
     use crate::store::{Range, RollupQuery};
     use rollup::Write;
     use rusqlite::StatementStatus;
@@ -484,19 +485,11 @@ mod tests {
     async fn an_update_keeps_or_moves_the_expiry_and_checks_the_version() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("rollups.db")).unwrap();
-        let key = |name: &str| ItemKey::Counter {
-            shard: "s".into(),
-            name: name.into(),
-        };
+        let key = counter_key;
         let at = |name: &str, condition, n, expires_at| Commit {
             writes: vec![Write {
-                key: key(name),
-                condition,
-                item: Item {
-                    applied: Default::default(),
-                    state: schemas::state::ItemState::Counter(n),
-                },
                 expires_at,
+                ..write(key(name), condition, n)
             }],
             then: vec![],
         };

@@ -5,33 +5,8 @@ use schemas::state::{Item, ItemState};
 use super::flush::{FLUSH_CHUNK, FLUSH_TRANSACTION, transactions};
 use super::*;
 use crate::store::memory::MemoryStore;
+use crate::store::test_items::{counter, counter_key, write};
 use crate::store::{KeyedItem, Range, Scan};
-
-fn counter_key(name: &str) -> ItemKey {
-    ItemKey::Counter {
-        shard: "s".into(),
-        name: name.into(),
-    }
-}
-
-fn write(key: ItemKey, condition: Condition, n: u64) -> Write {
-    Write {
-        key,
-        condition,
-        item: Item {
-            applied: Default::default(),
-            state: ItemState::Counter(n),
-        },
-        expires_at: None,
-    }
-}
-
-fn counter(name: &str, condition: Condition, n: u64) -> Commit {
-    Commit {
-        writes: vec![write(counter_key(name), condition, n)],
-        then: vec![],
-    }
-}
 
 /// A memory store whose `fail_at`-th commit (from 0) is refused as
 /// unavailable.
