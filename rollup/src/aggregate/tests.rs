@@ -572,6 +572,44 @@ fn a_reading_of_a_quiet_device_writes_one_item() {
     assert!(second.commit.len() <= devices as usize + 3 * 3 + 3);
 }
 
+/// Every written window expires its retention after its own end: a span
+/// after its last finest window, a fleet window after its resolution's;
+/// with the finest windows kept forever, spans are too.
+#[test]
+fn written_items_expire_their_retention_after_their_end() {
+    let mut config = AggregateConfig::default();
+    let batch = [rec(
+        1,
+        "d0",
+        T0 + 7 * MIN + 100,
+        vec![reading(Some(1), T0 + 7 * MIN, &[("t", 1.0)])],
+    )];
+    for forever in [false, true] {
+        if forever {
+            config.retention_ms[0] = None;
+        }
+        let out = fold("s0", &batch, &config, |keys| vec![None; keys.len()]).unwrap();
+        let writes: Vec<&Write> = out.commit.writes.iter().chain(&out.commit.then).collect();
+        let expiry_of = |pk: &str| {
+            let w = writes.iter().find(|w| w.key.pk() == pk);
+            w.unwrap_or_else(|| panic!("no write to {pk}")).expires_at
+        };
+        let span_end = config.span_start(T0) + config.span_ms();
+        let span_keep = config.span_retention_ms();
+        assert_eq!(span_keep.is_none(), forever);
+        assert_eq!(
+            expiry_of(&crate::keys::span_pk("d0")),
+            span_keep.map(|keep| span_end + keep),
+            "forever: {forever}"
+        );
+        let hour = config.retention_of("1h".parse().unwrap());
+        assert_eq!(
+            expiry_of(&fwin("t", "1h")),
+            hour.map(|keep| T0 - T0 % Resolution::HOUR + Resolution::HOUR + keep)
+        );
+    }
+}
+
 /// A device's hour is written once, after it can no longer change, and reads
 /// the same as it did merged from spans.
 #[test]
