@@ -9,7 +9,7 @@
 
 use schemas::state::{DeviceState, Item, ItemState, SpanState};
 
-use crate::aggregate::ApplyError;
+use crate::aggregate::{ApplyError, Expiry};
 use crate::commit::{Commit, Condition, LoadedItem, Write};
 use crate::config::AggregateConfig;
 use crate::keys::ItemKey;
@@ -85,6 +85,7 @@ pub fn sweep(
     }
     let mut device = state.clone();
     let mut commit = Commit::default();
+    let expiry = Expiry::new(config);
     for (res_ms, start) in windows {
         let mut spans: Vec<SpanState> = Vec::new();
         let mut out: Option<(&ItemKey, &Option<LoadedItem>)> = None;
@@ -126,7 +127,7 @@ pub fn sweep(
                             .unwrap_or_default(),
                         state: ItemState::Windows(merged.clone()),
                     },
-                    expires_at: crate::aggregate::expiry(key, config),
+                    expires_at: expiry.of(key),
                 });
             }
         }

@@ -380,12 +380,13 @@ pub(super) fn finish(
     config: &AggregateConfig,
 ) -> AppliedBatch {
     let mut commit = Commit::default();
+    let expiry = Expiry::new(config);
     for (slot, key) in slots.into_iter().zip(plan.keys) {
         let Some(seq) = slot.touched else { continue };
         let mut item = slot.item;
         item.applied.advance(&plan.shard, seq);
         let write = Write {
-            expires_at: expiry(&key, config),
+            expires_at: expiry.of(&key),
             condition: slot.version.map_or(Condition::Absent, Condition::Version),
             key,
             item,
@@ -400,16 +401,34 @@ pub(super) fn finish(
     AppliedBatch { commit, stats }
 }
 
-pub(crate) fn expiry(key: &ItemKey, config: &AggregateConfig) -> Option<i64> {
-    match key {
-        ItemKey::DeviceWindow { res, start, .. } | ItemKey::FleetWindow { res, start, .. } => {
-            let i = config.resolutions.iter().position(|r| r == res)?;
-            let keep = (*config.retention_ms.get(i)?)?;
-            Some(start + res.ms() + keep)
+/// When a written item expires (`None`: kept forever). A batch writes a
+/// span item for nearly every reading of a quiet device, so the span's
+/// lifetime, which follows from the config alone, is worked out once.
+pub(crate) struct Expiry<'a> {
+    config: &'a AggregateConfig,
+    /// A span item's length and retention together.
+    span: Option<i64>,
+}
+
+impl<'a> Expiry<'a> {
+    pub(crate) fn new(config: &'a AggregateConfig) -> Self {
+        Expiry {
+            config,
+            span: config
+                .span_retention_ms()
+                .map(|keep| config.span_ms() + keep),
         }
-        ItemKey::Span { start, .. } => config
-            .span_retention_ms()
-            .map(|keep| start + config.span_ms() + keep),
-        _ => None,
+    }
+
+    pub(crate) fn of(&self, key: &ItemKey) -> Option<i64> {
+        match key {
+            ItemKey::DeviceWindow { res, start, .. } | ItemKey::FleetWindow { res, start, .. } => {
+                let i = self.config.resolutions.iter().position(|r| r == res)?;
+                let keep = (*self.config.retention_ms.get(i)?)?;
+                Some(start + res.ms() + keep)
+            }
+            ItemKey::Span { start, .. } => self.span.map(|life| start + life),
+            _ => None,
+        }
     }
 }

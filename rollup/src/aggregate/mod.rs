@@ -67,8 +67,8 @@ use schemas::RejectReason;
 use schemas::shard::Record;
 use schemas::state::ItemState;
 
+pub(crate) use apply::Expiry;
 pub use apply::apply;
-pub(crate) use apply::expiry;
 pub use plan::{Plan, plan};
 pub use watermark::idle_watermark;
 
