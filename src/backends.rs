@@ -188,7 +188,25 @@ pub enum Store {
 }
 
 impl Store {
+    /// Opens the store `config` names and checks that its items were
+    /// written with the span and resolutions `config` has (or records them
+    /// in a new store): a store cut into other spans is refused, not read.
     pub async fn open(config: &Config) -> anyhow::Result<Store> {
+        let store = Self::open_unchecked(config).await?;
+        // SQLite's own, not the cache's, so that the layout of a new store
+        // is on disk from the start rather than from the first flush; the
+        // cache holds nothing yet, and loads it from there.
+        let (writer, query): (Arc<dyn RollupStore>, Arc<dyn RollupQuery>) = match &store {
+            Store::Sqlite { db, .. } => (db.clone(), db.clone()),
+            _ => (store.writer(), store.query()),
+        };
+        processors::store::layout::ensure(writer.as_ref(), query.as_ref(), &config.aggregate()?)
+            .await
+            .context("cannot use the rollup store")?;
+        Ok(store)
+    }
+
+    async fn open_unchecked(config: &Config) -> anyhow::Result<Store> {
         match config.backend.store {
             StoreKind::Sqlite => {
                 let db = Arc::new(

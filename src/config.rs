@@ -218,6 +218,9 @@ pub struct AggregateSettings {
     /// How far out of arrival order records may reach the processors.
     #[serde(with = "duration_text")]
     pub watermark_slack: Duration,
+    /// How much of a device's finest windows one span item holds: `auto`
+    /// or a duration (`1m`).
+    pub span: String,
 }
 
 impl Default for AggregateSettings {
@@ -233,6 +236,7 @@ impl Default for AggregateSettings {
             dead_letter_retention: ms(d.dead_letter_retention_ms),
             dead_letters_per_reason: 10_000,
             watermark_slack: ms(d.watermark_slack_ms),
+            span: "auto".into(),
         }
     }
 }
@@ -445,12 +449,23 @@ impl Config {
             stream_retention_ms: to_ms(self.stream.retention),
             dead_letter_retention_ms: to_ms(self.aggregate.dead_letter_retention),
             watermark_slack_ms: to_ms(self.aggregate.watermark_slack),
+            span: self.span_ms().context("aggregate.span")?,
             ..rollup::AggregateConfig::default()
         };
         cfg.validate()
             .map_err(anyhow::Error::msg)
             .context("aggregate settings")?;
         Ok(cfg)
+    }
+
+    /// `aggregate.span`: `None` for `auto`.
+    fn span_ms(&self) -> anyhow::Result<Option<i64>> {
+        match self.aggregate.span.trim() {
+            "auto" => Ok(None),
+            text => humantime::parse_duration(text)
+                .map(|d| Some(to_ms(d)))
+                .map_err(|e| anyhow::anyhow!("`{text}` is neither auto nor a duration: {e}")),
+        }
     }
 }
 
@@ -502,6 +517,24 @@ mod tests {
         c.aggregate.retention = RetentionSetting::List(vec![Keep(None); 2]);
         let err = c.aggregate().unwrap_err();
         assert!(format!("{err:#}").contains("90s"), "{err:#}");
+    }
+
+    #[test]
+    fn the_span_is_auto_or_a_duration_that_fits_the_resolutions() {
+        let span = |text: &str| {
+            let c: Config = toml::from_str(&format!("[aggregate]\nspan = \"{text}\"\n")).unwrap();
+            c.aggregate().map(|a| (a.span, a.span_ms()))
+        };
+        assert_eq!(span("auto").unwrap(), (None, 600_000));
+        assert_eq!(span("1m").unwrap(), (Some(60_000), 60_000));
+        for (text, why) in [
+            ("7m", "does not divide resolution 1h"),
+            ("20m", "not one to 10 finest windows"),
+            ("soon", "neither auto nor a duration"),
+        ] {
+            let err = format!("{:#}", span(text).unwrap_err());
+            assert!(err.contains(why), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -244,9 +244,19 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Opened>,
 {
+    run_all_with(backend, |_| {}, open).await
+}
+
+/// [`run_all`] with each case's config changed by `tweak`.
+async fn run_all_with<F, Fut>(backend: &str, tweak: fn(&mut AggregateConfig), open: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Opened>,
+{
     let mut failures = Vec::new();
     for dir in cases() {
-        let case = load(&dir);
+        let mut case = load(&dir);
+        tweak(&mut case.cfg);
         for batching in [
             Batching::One,
             Batching::EachRecord,
@@ -270,6 +280,25 @@ async fn golden_cases_on_the_memory_store() {
     run_all("memory", || async {
         let s = Arc::new(MemoryStore::new());
         opened(s, ())
+    })
+    .await;
+}
+
+/// Spans are how the store lays readings out, not what the API answers:
+/// every case gives the same windows with one-minute spans as with the
+/// default ten-minute ones.
+#[tokio::test]
+async fn golden_cases_with_one_minute_spans() {
+    let minute = |cfg: &mut AggregateConfig| cfg.span = Some(60_000);
+    run_all_with("memory/span=1m", minute, || async {
+        opened(Arc::new(MemoryStore::new()), ())
+    })
+    .await;
+    run_all_with("cached-sqlite/span=1m", minute, || async {
+        use processors::store::cached::{CacheConfig, CachedStore};
+        let (db, dir) = sqlite_in_temp_dir();
+        let s = Arc::new(CachedStore::new(Arc::new(db), CacheConfig::default()));
+        opened(s, dir)
     })
     .await;
 }

@@ -402,9 +402,39 @@ async fn the_query_function_answers_api_gateway_requests_from_dynamodb() {
 #[tokio::test]
 async fn the_lazy_store_connects_on_first_use() {
     let table = fresh_store().await;
-    let lazy =
-        processors::lambda::lazy::LazyDynamoStore::new(moto_config().unwrap(), table.table_name());
+    let lazy = processors::lambda::lazy::LazyDynamoStore::new(
+        moto_config().unwrap(),
+        table.table_name(),
+        AggregateConfig::default(),
+    );
     let response = handler(Arc::new(lazy)).handle(packed_fixture()).await;
     assert!(failures(&response).is_empty(), "{response:?}");
     assert_eq!(window_count(&table, "dev-8", "pressure", T0).await, 3);
+}
+
+/// A function configured for other spans than the table was written with
+/// would count a duplicate twice: it fails its batches instead, every time,
+/// and writes nothing.
+#[tokio::test]
+async fn a_function_configured_for_other_spans_refuses_the_table() {
+    let table = fresh_store().await;
+    let minute = AggregateConfig {
+        span: Some(60_000),
+        ..AggregateConfig::default()
+    };
+    processors::store::layout::ensure(&table, &table, &minute)
+        .await
+        .unwrap();
+    let lazy = processors::lambda::lazy::LazyDynamoStore::new(
+        moto_config().unwrap(),
+        table.table_name(),
+        AggregateConfig::default(),
+    );
+    let handler = handler(Arc::new(lazy));
+    for _ in 0..2 {
+        let response = handler.handle(packed_fixture()).await;
+        assert!(!failures(&response).is_empty(), "{response:?}");
+    }
+    assert_eq!(window_count(&table, "dev-8", "pressure", T0).await, 0);
+    assert_eq!(counter(&table, "accepted_readings").await, 0);
 }

@@ -137,6 +137,7 @@ fn the_functions_get_every_variable_they_read() {
     for var in [
         "TABLE_NAME",
         "RESOLUTIONS",
+        "SPAN",
         "RETENTION",
         "ALLOWED_LATENESS",
         "STREAM_RETENTION",

@@ -28,6 +28,12 @@ pub struct AggregateConfig {
     /// Kinesis on AWS). The processed watermark stays this far behind what
     /// was applied, so a record still on its way is never overtaken.
     pub watermark_slack_ms: i64,
+    /// How many ms of finest windows one span item of a device holds;
+    /// `None` picks the longest run of at most ten (see [`Self::span_ms`]).
+    /// Shorter spans suit devices that publish every second on DynamoDB:
+    /// a ten-minute span of such a device grows to several write units.
+    /// A store keeps the span it was first written with (`StoreLayout`).
+    pub span: Option<i64>,
 }
 
 impl Default for AggregateConfig {
@@ -43,9 +49,13 @@ impl Default for AggregateConfig {
             stream_retention_ms: Resolution::DAY,
             dead_letter_retention_ms: 7 * Resolution::DAY,
             watermark_slack_ms: 10 * Resolution::SECOND,
+            span: None,
         }
     }
 }
+
+/// The most finest windows one span item holds.
+const MAX_SPAN_WINDOWS: i64 = 10;
 
 impl AggregateConfig {
     /// Checks the invariants the core relies on.
@@ -87,21 +97,57 @@ impl AggregateConfig {
                 "lateness, future tolerance and watermark slack must not be negative".into(),
             );
         }
+        self.check_span()
+    }
+
+    /// A span set must be a run of one to ten whole finest windows (no
+    /// longer than the default's: a span is rewritten whole by each of its
+    /// readings) that divides every coarser resolution, so that no span
+    /// straddles a coarser window.
+    pub fn check_span(&self) -> Result<(), String> {
+        let Some(span) = self.span else {
+            return Ok(());
+        };
+        let finest = self.finest();
+        let text = format_duration_ms(span);
+        if span <= 0 || span % finest.ms() != 0 || span / finest.ms() > MAX_SPAN_WINDOWS {
+            return Err(format!(
+                "span {text} is not one to {MAX_SPAN_WINDOWS} finest windows of {finest}"
+            ));
+        }
+        let coarser = self.resolutions.get(1..).unwrap_or_default();
+        if let Some(r) = coarser.iter().find(|r| r.ms() % span != 0) {
+            return Err(format!(
+                "span {text} does not divide resolution {r}: a span would straddle its windows"
+            ));
+        }
         Ok(())
     }
 
-    /// A device's item covers this many ms: the longest run of at most ten
-    /// finest windows that divides every coarser resolution, so a span never
-    /// straddles a coarser window. Ten one-minute windows of a quiet device
-    /// fit one DynamoDB write unit; several readings of a device in one batch
-    /// (a long batching window) share one span write.
+    /// A device's item covers this many ms: [`Self::span`] when set, else
+    /// the longest run of at most ten finest windows that divides every
+    /// coarser resolution, so a span never straddles a coarser window. Ten
+    /// one-minute windows of a quiet device fit one DynamoDB write unit;
+    /// several readings of a device in one batch (a long batching window)
+    /// share one span write.
     pub fn span_ms(&self) -> i64 {
+        if let Some(span) = self.span {
+            return span;
+        }
         let finest = self.finest().ms();
-        (1..=10)
+        (1..=MAX_SPAN_WINDOWS)
             .rev()
             .map(|k| k * finest)
             .find(|span| self.resolutions[1..].iter().all(|r| r.ms() % span == 0))
             .unwrap_or(finest)
+    }
+
+    /// What a store written with this config must keep being written with.
+    pub fn layout(&self) -> schemas::state::StoreLayout {
+        schemas::state::StoreLayout {
+            span_ms: self.span_ms(),
+            resolutions_ms: self.resolutions.iter().map(|r| r.ms()).collect(),
+        }
     }
 
     pub fn span_start(&self, ts: i64) -> i64 {
@@ -381,6 +427,32 @@ mod tests {
             ..AggregateConfig::default()
         };
         assert_eq!(forever.span_retention_ms(), None);
+    }
+
+    #[test]
+    fn a_span_set_is_the_span_and_one_that_cannot_work_is_refused() {
+        let with = |span| AggregateConfig {
+            span: Some(span),
+            ..AggregateConfig::default()
+        };
+        let minute = Resolution::MINUTE;
+        assert_eq!(AggregateConfig::default().span_ms(), 10 * minute);
+        for ok in [minute, 5 * minute, 10 * minute] {
+            assert_eq!(with(ok).validate(), Ok(()));
+            assert_eq!(with(ok).span_ms(), ok);
+            assert_eq!(with(ok).span_start(ok + 1), ok);
+        }
+        let cases = [
+            (0, "not one to 10 finest windows of 1m"),
+            (-minute, "not one to 10 finest windows"),
+            (90 * Resolution::SECOND, "not one to 10 finest windows"),
+            (20 * minute, "not one to 10 finest windows"),
+            (7 * minute, "does not divide resolution 1h"),
+        ];
+        for (span, why) in cases {
+            let err = with(span).validate().unwrap_err();
+            assert!(err.contains(why), "{span}: {err}");
+        }
     }
 
     #[test]

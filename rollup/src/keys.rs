@@ -13,6 +13,7 @@
 //! | dead letter | `l\|{reason}` | `{received_at:015}\|{shard}\|{seq:078}\|{index:05}` |
 //! | alert | `a\|{rule}` | `{window start:015}\|{revision:010}` |
 //! | alert delivered | `a\|{rule}` | `{window start:015}\|{revision:010}\|d` |
+//! | the store's layout | `v` | `-` |
 //!
 //! `|` cannot occur in ids or metric names, so keys never collide, and the
 //! zero-padded numbers make string order time order, which is what range
@@ -74,6 +75,8 @@ pub enum ItemKey {
         start: i64,
         revision: u64,
     },
+    /// The span and resolutions the store's items were written with.
+    Layout,
 }
 
 impl ItemKey {
@@ -90,6 +93,7 @@ impl ItemKey {
             ItemKey::Watermark { .. } => WATERMARK_PK.to_string(),
             ItemKey::DeadLetter { reason, .. } => dead_letter_pk(*reason),
             ItemKey::Alert { rule, .. } | ItemKey::AlertDelivered { rule, .. } => alert_pk(rule),
+            ItemKey::Layout => LAYOUT_PK.to_string(),
         }
     }
 
@@ -103,7 +107,7 @@ impl ItemKey {
                 sk.push_str(part);
                 sk
             }
-            ItemKey::Device { .. } => DEVICE_SK.to_string(),
+            ItemKey::Device { .. } | ItemKey::Layout => DEVICE_SK.to_string(),
             ItemKey::Member { device, .. } => device.clone(),
             ItemKey::Counter { shard, name } => format!("{shard}|{name}"),
             ItemKey::Watermark { shard } => shard.clone(),
@@ -148,6 +152,7 @@ pub const COUNTER_PK: &str = "c";
 pub const MEMBER_PK_PREFIX: &str = "m|";
 /// Every shard's watermark in one partition: `final` reads them all at once.
 pub const WATERMARK_PK: &str = "k";
+pub const LAYOUT_PK: &str = "v";
 
 // The keys of a device's items are made for every new entry of the
 // processors' cache (a fleet's every device, the first time it is seen) and

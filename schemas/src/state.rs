@@ -58,6 +58,22 @@ pub enum ItemState {
     /// since the epoch: an item of its own beside the alert, written once,
     /// so that neither is ever rewritten.
     AlertDelivered(i64),
+    /// What the store's items were first written with that every process
+    /// using the store must share.
+    Layout(StoreLayout),
+}
+
+/// How a store lays a device's readings out. A span start is part of every
+/// span item's key, and a reading finds its dedup set by it: a processor
+/// that cut spans another way would look for a duplicate in an item that
+/// does not hold it, and count it again. So the first writer records its
+/// layout, and a process with another refuses the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreLayout {
+    /// ms of finest windows one span item holds.
+    pub span_ms: i64,
+    /// The stored resolutions, finest first, in ms.
+    pub resolutions_ms: Vec<i64>,
 }
 
 impl Item {

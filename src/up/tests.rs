@@ -154,6 +154,28 @@ fn on_any_port(dir: &std::path::Path) -> Config {
     config
 }
 
+/// A data dir written with one span is refused by a pipeline configured
+/// for another, before anything starts, saying what to change; as it was
+/// first configured, it starts again.
+#[tokio::test]
+async fn a_data_dir_written_with_other_spans_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = on_any_port(dir.path());
+    let first = start_with(&config, Hooks::default()).await.unwrap();
+    first.shutdown().await.unwrap();
+    let mut minute = config.clone();
+    minute.aggregate.span = "1m".into();
+    let Err(err) = start_with(&minute, Hooks::default()).await else {
+        panic!("a store of ten-minute spans was opened with one-minute ones");
+    };
+    let err = format!("{err:#}");
+    assert!(err.contains("written with spans of 10m"), "{err}");
+    assert!(err.contains("configured for spans of 1m"), "{err}");
+    assert!(err.contains("aggregate.span"), "{err}");
+    let again = start_with(&config, Hooks::default()).await.unwrap();
+    again.shutdown().await.unwrap();
+}
+
 /// The HTTP server runs on threads of its own: a query is answered while
 /// every worker of the runtime the pipeline started on is busy, as when
 /// the endpoint is saturated. On the shared runtime this request waited

@@ -91,6 +91,27 @@ pub async fn run<S: RollupStore + RollupQuery>(store: &S) {
     ranges(store).await;
     prefix_scans(store).await;
     alerts(store).await;
+    layout(store).await;
+}
+
+/// The first layout is kept, read back the same, and another refused: a
+/// backend that lost the layout item, or lost its `Absent` condition,
+/// would let a process cut the store's spans another way.
+async fn layout<S: RollupStore + RollupQuery>(store: &S) {
+    use processors::store::layout::ensure;
+    let minute = rollup::AggregateConfig {
+        span: Some(60_000),
+        ..rollup::AggregateConfig::default()
+    };
+    ensure(store, store, &minute).await.unwrap();
+    ensure(store, store, &minute).await.unwrap();
+    let err = ensure(store, store, &rollup::AggregateConfig::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Layout(_)),
+        "another span must be refused: {err}"
+    );
 }
 
 async fn versions_and_conditions<S: RollupStore + RollupQuery>(store: &S) {

@@ -39,7 +39,7 @@ impl From<StoreError> for Problem {
         tracing::error!(error = %e, "A query failed in the store.");
         let status = match e {
             StoreError::Unavailable(_) | StoreError::Conflict(_) => StatusCode::SERVICE_UNAVAILABLE,
-            StoreError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            StoreError::Corrupt { .. } | StoreError::Layout(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Problem::new(status, e.to_string())
     }

@@ -15,7 +15,11 @@ use processors::lambda::serve;
 async fn main() -> Result<(), lambda_runtime::Error> {
     lambda_runtime::tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
-    let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
+    let store = LazyDynamoStore::new(
+        AwsConfig::default(),
+        config.table_name,
+        config.aggregate.clone(),
+    );
     let handler = AggregateHandler::new(Arc::new(store), config.aggregate).with_emf(config.metrics);
     serve(handler).await
 }

@@ -24,7 +24,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let aws = AwsConfig::default();
     let sns = aws_sdk_sns::Client::new(&aws.load().await);
     let topic = SnsTopic::new(sns, config.topic_arn.clone());
-    let store = LazyDynamoStore::new(aws, config.function.table_name.clone());
+    let store = LazyDynamoStore::new(
+        aws,
+        config.function.table_name.clone(),
+        config.function.aggregate.clone(),
+    );
     let handler = AlertsHandler::new(Arc::new(store), config, Arc::new(topic), Arc::new(now_ms));
     serve(handler).await
 }

@@ -16,7 +16,11 @@ async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
     let stale_after = env::stale_after_from_vars(|name| std::env::var(name).ok())?;
-    let store = LazyDynamoStore::new(AwsConfig::default(), config.table_name);
+    let store = LazyDynamoStore::new(
+        AwsConfig::default(),
+        config.table_name,
+        config.aggregate.clone(),
+    );
     let mut state = ApiState::new(Arc::new(store), Arc::new(config.aggregate));
     state.stale_after = Arc::new(stale_after);
     query::run(state).await

@@ -9,6 +9,7 @@
 //! | `STREAM_RETENTION` | the Kinesis stream's retention | `24h` |
 //! | `DEAD_LETTER_RETENTION` | how long dead letters are kept | `7d` |
 //! | `WATERMARK_SLACK` | how far out of arrival order records reach the function (the IoT rule and Kinesis); windows become final this much later | `10s` |
+//! | `SPAN` | how much of a device's finest windows one span item holds: `auto`, or a duration (`1m`); a table keeps the one it was first written with | `auto` |
 //! | `STALE_AFTER` | the query function's: a device that sent no reading for this long is `stale` (parsed as `iotpipe up --stale-after` is) | `5m` |
 //! | `METRICS_NAMESPACE` | the CloudWatch namespace of the EMF metrics | `iotpipe` |
 //! | `AWS_LAMBDA_FUNCTION_NAME` | set by Lambda; the metrics' `Function` dimension | `aggregate` |
@@ -117,6 +118,13 @@ impl FromEnv for FunctionConfig {
                 *slot = duration_ms(name, value.trim())?;
             }
         }
+        if let Some(text) = var("SPAN").filter(|t| t.trim() != "auto") {
+            config.span = Some(duration_ms("SPAN", text.trim())?);
+            config.check_span().map_err(|detail| EnvError::Invalid {
+                name: "SPAN",
+                detail,
+            })?;
+        }
         config.validate().map_err(|detail| EnvError::Invalid {
             name: "RESOLUTIONS",
             detail,
@@ -183,6 +191,7 @@ mod tests {
         let config = FunctionConfig::from_vars(vars(&[
             ("TABLE_NAME", "t"),
             ("RESOLUTIONS", "1m, 15m"),
+            ("SPAN", "5m"),
             ("ALLOWED_LATENESS", "90s"),
             ("STREAM_RETENTION", "7d"),
             ("DEAD_LETTER_RETENTION", "0"),
@@ -201,6 +210,9 @@ mod tests {
         assert_eq!(a.allowed_lateness_ms, 90_000);
         assert_eq!(a.stream_retention_ms, 7 * Resolution::DAY);
         assert_eq!(a.dead_letter_retention_ms, 0);
+        assert_eq!(a.span_ms(), 5 * Resolution::MINUTE);
+        let auto = FunctionConfig::from_vars(vars(&[("TABLE_NAME", "t"), ("SPAN", "auto")]));
+        assert_eq!(auto.unwrap().aggregate.span, None);
     }
 
     #[test]
@@ -249,6 +261,8 @@ mod tests {
             ("RESOLUTIONS", "1h,1m"),
             ("RETENTION", "7d"),
             ("RETENTION", "1h=5m"),
+            ("SPAN", "7m"),
+            ("SPAN", "1 minute"),
         ] {
             let err =
                 FunctionConfig::from_vars(vars(&[("TABLE_NAME", "t"), (name, value)])).unwrap_err();

@@ -4,9 +4,15 @@
 //! of a function's start-up when measured (see `examples/cold_start.rs`).
 //! Deferring it to the first invocation lets the function ask the Runtime
 //! API for work sooner; the first invocation pays it once instead.
+//!
+//! The first use also checks the table's layout against the function's
+//! configuration (`store::layout`): one read for the life of the process.
+//! A table written with another span fails every invocation with the reason,
+//! and is asked again on the next, until the configuration agrees.
 
 use async_trait::async_trait;
 use aws::AwsConfig;
+use rollup::AggregateConfig;
 use schemas::state::Item;
 use tokio::sync::OnceCell;
 
@@ -14,27 +20,34 @@ use crate::store::dynamodb::DynamoStore;
 use rollup::keys::ItemKey;
 use rollup::{Commit, LoadedItem};
 
-use crate::store::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError};
+use crate::store::{KeyedItem, Range, RollupQuery, RollupStore, Scan, StoreError, layout};
 
 pub struct LazyDynamoStore {
     aws: AwsConfig,
     table: String,
+    /// What the table's layout must agree with.
+    config: AggregateConfig,
     /// The store, once something needed it.
     store: OnceCell<DynamoStore>,
 }
 
 impl LazyDynamoStore {
-    pub fn new(aws: AwsConfig, table: impl Into<String>) -> Self {
+    pub fn new(aws: AwsConfig, table: impl Into<String>, config: AggregateConfig) -> Self {
         LazyDynamoStore {
             aws,
             table: table.into(),
+            config,
             store: OnceCell::new(),
         }
     }
 
-    async fn store(&self) -> &DynamoStore {
+    async fn store(&self) -> Result<&DynamoStore, StoreError> {
         self.store
-            .get_or_init(|| DynamoStore::connect(&self.aws, &self.table))
+            .get_or_try_init(|| async {
+                let store = DynamoStore::connect(&self.aws, &self.table).await;
+                layout::ensure(&store, &store, &self.config).await?;
+                Ok(store)
+            })
             .await
     }
 }
@@ -42,25 +55,25 @@ impl LazyDynamoStore {
 #[async_trait]
 impl RollupStore for LazyDynamoStore {
     async fn load(&self, keys: &[ItemKey]) -> Result<Vec<Option<LoadedItem>>, StoreError> {
-        self.store().await.load(keys).await
+        self.store().await?.load(keys).await
     }
 
     async fn commit(&self, commit: Commit) -> Result<(), StoreError> {
-        self.store().await.commit(commit).await
+        self.store().await?.commit(commit).await
     }
 }
 
 #[async_trait]
 impl RollupQuery for LazyDynamoStore {
     async fn get(&self, pk: &str, sk: &str) -> Result<Option<Item>, StoreError> {
-        self.store().await.get(pk, sk).await
+        self.store().await?.get(pk, sk).await
     }
 
     async fn range(&self, range: Range) -> Result<Vec<(String, Item)>, StoreError> {
-        self.store().await.range(range).await
+        self.store().await?.range(range).await
     }
 
     async fn scan_prefix(&self, scan: Scan) -> Result<Vec<KeyedItem>, StoreError> {
-        self.store().await.scan_prefix(scan).await
+        self.store().await?.scan_prefix(scan).await
     }
 }

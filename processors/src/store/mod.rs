@@ -8,6 +8,8 @@
 //! - `dynamodb`: the AWS backend, one DynamoDB table.
 //! - `postgres`: a PostgreSQL server, one table, for fleets beyond one
 //!   machine without AWS.
+//! - `layout`: the span and resolutions a store was first written with,
+//!   which every process opening it must share.
 //!
 //! The suite every backend runs and the fault-injecting wrapper are test
 //! support, in the dev-only `testkit` crate.
@@ -19,6 +21,7 @@
 
 pub mod cached;
 pub mod dynamodb;
+pub mod layout;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
@@ -41,11 +44,15 @@ pub enum StoreError {
     /// A stored item cannot be read by this build.
     #[error("stored item {key} is unreadable: {detail}")]
     Corrupt { key: String, detail: String },
+    /// The store was written with another layout than this process's
+    /// (see [`layout`]); nothing may be read or written until they agree.
+    #[error("this rollup store cannot be used here: {0}")]
+    Layout(String),
 }
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, StoreError::Corrupt { .. })
+        !matches!(self, StoreError::Corrupt { .. } | StoreError::Layout(_))
     }
 }
 

@@ -236,6 +236,7 @@ fn mismatch(expected: &str, found: &ItemState) -> String {
         ItemState::Counter(_) => "a counter",
         ItemState::Watermark(_) => "a watermark",
         ItemState::DeadLetter(_) => "a dead letter",
+        ItemState::Layout(_) => "the store's layout",
     };
     format!("expected a {expected}, found {found}")
 }

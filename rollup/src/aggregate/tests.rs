@@ -15,8 +15,9 @@ use crate::commit::{Condition, LoadedItem, Write};
 const T0: i64 = 1_764_240_000_000; // 2025-11-27T10:40:00Z, a minute boundary.
 const MIN: i64 = Resolution::MINUTE;
 
+/// The items, and the config the core runs with over them.
 #[derive(Default, Clone)]
-struct Mem(BTreeMap<(String, String), (u64, Item)>);
+struct Mem(BTreeMap<(String, String), (u64, Item)>, AggregateConfig);
 
 impl Mem {
     fn load(&self, keys: &[ItemKey]) -> Vec<Option<LoadedItem>> {
@@ -47,10 +48,7 @@ impl Mem {
 
     /// Plans, loads every round and applies a batch.
     fn applied(&self, shard: &str, records: &[Record]) -> AppliedBatch {
-        fold(shard, records, &AggregateConfig::default(), |keys| {
-            self.load(keys)
-        })
-        .unwrap()
+        fold(shard, records, &self.1, |keys| self.load(keys)).unwrap()
     }
 
     /// Runs a batch, stopping after `crash_after` writes if given.
@@ -71,7 +69,7 @@ impl Mem {
     }
 
     fn span(&self, device: &str, start: i64) -> Option<SpanState> {
-        let cfg = AggregateConfig::default();
+        let cfg = &self.1;
         let sk = crate::keys::time_sk(cfg.span_start(start));
         match self.state(&crate::keys::span_pk(device), &sk)? {
             ItemState::Span(s) => Some(s.clone()),
@@ -82,7 +80,7 @@ impl Mem {
     /// A device's window as the API answers it: from its span, from the
     /// compacted item, or merged from the spans while not compacted.
     fn window(&self, device: &str, metric: &str, res: &str, start: i64) -> Option<WindowAgg> {
-        let cfg = AggregateConfig::default();
+        let cfg = &self.1;
         let res: Resolution = res.parse().unwrap();
         if res == cfg.finest() {
             let span = self.span(device, start)?;
@@ -693,6 +691,71 @@ fn a_coarser_window_is_compacted_once_it_cannot_change() {
         .window("d1", "t", "1d", Resolution::DEFAULTS[2].window_start(T0))
         .unwrap();
     assert_eq!(day.count, 4);
+}
+
+/// Spans are how a device's readings are laid out, not what they add up
+/// to: with one-minute spans a device's hour is merged from, then compacted
+/// out of, its sixty spans, and every window reads as with the default
+/// ten-minute spans, before and after the compaction.
+#[test]
+fn one_minute_spans_make_the_same_windows_as_ten_minute_ones() {
+    let h0 = Resolution::DEFAULTS[1].window_start(T0);
+    let at = |min: i64| T0 + min * MIN;
+    let after = h0 + 2 * Resolution::HOUR + 10 * MIN + 1000;
+    let run = |span: Option<i64>| {
+        let cfg = AggregateConfig {
+            span,
+            ..AggregateConfig::default()
+        };
+        let mut m = Mem(BTreeMap::new(), cfg);
+        // Off the ten-minute marks, and one delivered twice in another
+        // batch: a span that missed it would count it again.
+        let first = [
+            rec(
+                1,
+                "d1",
+                at(3) + 10,
+                vec![reading(Some(1), at(3), &[("t", 1.0)])],
+            ),
+            rec(
+                2,
+                "d1",
+                at(17) + 5,
+                vec![reading(Some(2), at(17), &[("t", 3.0)])],
+            ),
+        ];
+        m.run("s0", &first, None);
+        let again = [rec(
+            3,
+            "d1",
+            at(18),
+            vec![reading(Some(1), at(3), &[("t", 1.0)])],
+        )];
+        let stats = m.run("s0", &again, None);
+        assert_eq!(stats.duplicate_readings, 1, "{span:?}");
+        let merged = m.window("d1", "t", "1h", h0).unwrap();
+        let minutes = [at(3), at(17)].map(|s| m.window("d1", "t", "1m", s).unwrap());
+        m.run(
+            "s0",
+            &[rec(
+                4,
+                "d1",
+                after,
+                vec![reading(Some(4), after, &[("t", 6.0)])],
+            )],
+            None,
+        );
+        assert!(m.compacted("d1", "1h", h0), "{span:?}");
+        assert_eq!(m.window("d1", "t", "1h", h0).unwrap(), merged, "{span:?}");
+        let spans = m.0.keys().filter(|(pk, _)| pk == "s|d1").count();
+        (merged, minutes, spans)
+    };
+    let (ten, one) = (run(None), run(Some(MIN)));
+    assert_eq!(ten.0.count, 2);
+    assert_eq!((ten.0, ten.1), (one.0, one.1));
+    // Three spans with the default layout (10:40, 10:50, and the one
+    // after), three minutes with one-minute spans.
+    assert_eq!((ten.2, one.2), (3, 3));
 }
 
 /// A record that reaches the stream after the watermark passed its window
