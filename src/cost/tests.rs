@@ -351,3 +351,96 @@ fn each_connect_and_disconnect_costs_a_rule_a_record_and_a_member_write() {
     });
     assert!((line(&provisioned, "PUT payload units (presence)").quantity - m).abs() < 1e-9);
 }
+
+/// The write units the model gives span items of a device that publishes
+/// every second, against those of the span items the core writes for such
+/// devices (the same encoding every store keeps; DynamoDB bills each write
+/// by the item's whole size, in KB units). One-minute spans stay inside one
+/// unit; ten-minute ones grow to several KB, and there the model, which
+/// gives every reading a sketch bin of its own, is an upper bound: it may
+/// not claim less than the items cost, nor much more for values that
+/// wander as widely as these (slowly changing sensors fill fewer bins).
+#[tokio::test]
+async fn span_write_units_are_those_of_the_span_items_the_core_writes() {
+    use processors::store::RollupQuery;
+    use processors::store::memory::MemoryStore;
+    use schemas::{Metric, PackedRecord, Reading};
+
+    const T0: i64 = 1_764_240_000_000; // A ten-minute mark.
+    const DEVICES: u64 = 4;
+    const SECONDS: u64 = 1200;
+    // Attribute names (pk, sk, version, state, ttl) and the two numbers.
+    const ATTRIBUTES_B: usize = 19 + 12;
+    for span in [60_000, 600_000] {
+        let cfg = rollup::AggregateConfig {
+            span: Some(span),
+            ..rollup::AggregateConfig::default()
+        };
+        let store = MemoryStore::new();
+        let metrics = processors::metrics::ProcessorMetrics::default();
+        let mut units = 0.0;
+        for s in 0..SECONDS {
+            let at = T0 + s as i64 * 1000;
+            let records: Vec<schemas::shard::Record> = (0..DEVICES)
+                .map(|d| {
+                    // Values that wander, as a sensor's do, so that the
+                    // windows' sketches grow as real ones.
+                    let value = |k: u64| 20.0 + ((s * 7919 + d * 104_729 + k) % 997) as f64 / 10.0;
+                    let data = PackedRecord {
+                        device_id: format!("sensor-{d}"),
+                        fleet: "fleet-1".into(),
+                        received_at: at + 300,
+                        readings: vec![Reading {
+                            seq: Some(s),
+                            ts: at + d as i64,
+                            metrics: ["temperature", "humidity"]
+                                .iter()
+                                .zip(0..)
+                                .map(|(m, k)| Metric {
+                                    name: m.to_string(),
+                                    value: value(k),
+                                })
+                                .collect(),
+                        }],
+                    }
+                    .encode();
+                    schemas::shard::Record {
+                        seq: (s * DEVICES + d + 1).into(),
+                        partition_key: format!("sensor-{d}"),
+                        data: bytes::Bytes::from(data),
+                        arrival_ms: at + 300,
+                    }
+                })
+                .collect();
+            processors::run::process_batch("shard-0000", &records, &store, &cfg, &metrics)
+                .await
+                .unwrap();
+            for d in 0..DEVICES {
+                let pk = rollup::keys::span_pk(&format!("sensor-{d}"));
+                let sk = rollup::keys::time_sk(cfg.span_start(T0 + s as i64 * 1000 + d as i64));
+                let item = store.get(&pk, &sk).await.unwrap().unwrap();
+                let bytes = item.encode().len() + pk.len() + sk.len() + ATTRIBUTES_B;
+                units += (bytes as f64 / 1024.0).ceil();
+            }
+        }
+        let measured = units / (DEVICES * SECONDS) as f64;
+        let e = estimate_at(Profile {
+            devices: 19_000,
+            msgs_per_device_per_s: 1.0,
+            metrics_per_reading: 2,
+            write_amplification: None,
+            batch_size: 10_000,
+            span_s: span as f64 / 1000.0,
+            ..profile()
+        });
+        let modelled = e.pattern.items[0].wru;
+        let said =
+            format!("span {span} ms: {measured:.3} WRU a reading measured, {modelled:.3} modelled");
+        eprintln!("{said}");
+        assert!(measured <= modelled * 1.01, "{said}");
+        assert!(measured >= modelled * 0.7, "{said}");
+        if span == 60_000 {
+            assert!(measured <= 1.01, "{said}");
+        }
+    }
+}
