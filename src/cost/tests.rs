@@ -383,8 +383,10 @@ async fn span_write_units_are_those_of_the_span_items_the_core_writes() {
             let at = T0 + s as i64 * 1000;
             let records: Vec<schemas::shard::Record> = (0..DEVICES)
                 .map(|d| {
-                    // Values that wander, as a sensor's do, so that the
-                    // windows' sketches grow as real ones.
+                    // Values spread over a hundred units, close to a
+                    // sketch bin a reading: the model's assumption, which
+                    // `testkit`'s fleet rounds (a step a second, ever
+                    // smaller against the value) come nowhere near.
                     let value = |k: u64| 20.0 + ((s * 7919 + d * 104_729 + k) % 997) as f64 / 10.0;
                     let data = PackedRecord {
                         device_id: format!("sensor-{d}"),

@@ -188,6 +188,17 @@ fn rec(seq: u128, device: &str, received_at: i64, readings: Vec<Reading>) -> Rec
     }
 }
 
+/// A record of `device` holding one reading of `t`, `seq` in the shard
+/// and the device's, received at the time it was taken.
+fn one(seq: u64, device: &str, at: i64, value: f64) -> Record {
+    rec(
+        seq.into(),
+        device,
+        at,
+        vec![reading(Some(seq), at, &[("t", value)])],
+    )
+}
+
 fn fwin(metric: &str, res: &str) -> String {
     crate::keys::fleet_window_pk("f", metric, res.parse().unwrap())
 }
@@ -634,29 +645,11 @@ fn a_coarser_window_is_compacted_once_it_cannot_change() {
     assert!(m.device("d1").unwrap().pending.contains(&(hour, h0)));
     // Not yet: the hour's end plus the lateness is not below the watermark.
     let just_before = h0 + 2 * hour + cfg.watermark_slack_ms - 1;
-    m.run(
-        "s0",
-        &[rec(
-            3,
-            "d1",
-            just_before,
-            vec![reading(Some(3), just_before, &[("t", 5.0)])],
-        )],
-        None,
-    );
+    m.run("s0", &[one(3, "d1", just_before, 5.0)], None);
     assert!(!m.compacted("d1", "1h", h0));
     // Final now; the device's next batch that starts a span compacts it.
     let after = h0 + 2 * hour + cfg.span_ms() + 1000;
-    m.run(
-        "s0",
-        &[rec(
-            4,
-            "d1",
-            after,
-            vec![reading(Some(4), after, &[("t", 6.0)])],
-        )],
-        None,
-    );
+    m.run("s0", &[one(4, "d1", after, 6.0)], None);
     assert!(m.compacted("d1", "1h", h0));
     assert_eq!(m.window("d1", "t", "1h", h0).unwrap(), merged);
     let d = m.device("d1").unwrap();
@@ -668,15 +661,7 @@ fn a_coarser_window_is_compacted_once_it_cannot_change() {
     // Once compacted, the device's item is no longer read while its spans
     // exist: one more reading in the same span writes the span alone.
     let next = after + 1000;
-    let out = m.applied(
-        "s0",
-        &[rec(
-            5,
-            "d1",
-            next,
-            vec![reading(Some(5), next, &[("t", 7.0)])],
-        )],
-    );
+    let out = m.applied("s0", &[one(5, "d1", next, 7.0)]);
     let own: Vec<String> = out
         .commit
         .writes
@@ -735,16 +720,7 @@ fn one_minute_spans_make_the_same_windows_as_ten_minute_ones() {
         assert_eq!(stats.duplicate_readings, 1, "{span:?}");
         let merged = m.window("d1", "t", "1h", h0).unwrap();
         let minutes = [at(3), at(17)].map(|s| m.window("d1", "t", "1m", s).unwrap());
-        m.run(
-            "s0",
-            &[rec(
-                4,
-                "d1",
-                after,
-                vec![reading(Some(4), after, &[("t", 6.0)])],
-            )],
-            None,
-        );
+        m.run("s0", &[one(4, "d1", after, 6.0)], None);
         assert!(m.compacted("d1", "1h", h0), "{span:?}");
         assert_eq!(m.window("d1", "t", "1h", h0).unwrap(), merged, "{span:?}");
         let spans = m.0.keys().filter(|(pk, _)| pk == "s|d1").count();
@@ -769,16 +745,7 @@ fn a_reading_behind_the_watermark_is_refused_not_folded() {
     let stamped = T0 + MIN + cfg.allowed_lateness_ms - 1;
     let after_watermark_from = |arrival: i64| {
         let mut m = Mem::default();
-        m.run(
-            "s0",
-            &[rec(
-                1,
-                "d2",
-                arrival,
-                vec![reading(Some(1), arrival, &[("t", 1.0)])],
-            )],
-            None,
-        );
+        m.run("s0", &[one(1, "d2", arrival, 1.0)], None);
         let stats = m.run(
             "s0",
             &[rec(
