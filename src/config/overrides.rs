@@ -32,6 +32,11 @@ pub struct Overrides {
     /// 1m=30d,1h=400d,1d=forever [default: 1m=7d,1h=90d,1d=1098d].
     #[arg(long)]
     pub retention: Option<String>,
+    /// How much of a device's finest windows one stored span holds: auto,
+    /// or a duration such as 1m for devices that publish every second
+    /// [default: auto]. A store keeps the span it was first written with.
+    #[arg(long)]
+    pub span: Option<String>,
     /// A device that sent no reading for this long is listed `stale`, e.g.
     /// 5m, 90s [default: 5m]; a fleet may have its own (`http.stale_after_fleets`).
     #[arg(long, value_parser = processors::api::StaleAfter::parse)]
@@ -100,6 +105,7 @@ impl Overrides {
             &mut c.aggregate.retention,
             self.retention.map(super::RetentionSetting::Named),
         );
+        set(&mut c.aggregate.span, self.span);
         set(&mut c.http.stale_after, self.stale_after);
         set_some(&mut c.broker.url, self.broker);
         set(&mut c.broker.client_id, self.broker_client_id);
@@ -171,6 +177,7 @@ mod tests {
             "--http-listen=0.0.0.0:2",
             "--shards=7",
             "--allowed-lateness=5m",
+            "--span=1m",
             "--broker=mqtt://b:1883",
             "--broker-client-id=cid",
             "--broker-username=u",
@@ -196,6 +203,7 @@ mod tests {
         want.http.listen = "0.0.0.0:2".parse().unwrap();
         want.stream.shards = 7;
         want.aggregate.allowed_lateness = Duration::from_secs(300);
+        want.aggregate.span = "1m".into();
         want.broker.url = Some("mqtt://b:1883".into());
         want.broker.client_id = "cid".into();
         want.broker.username = Some("u".into());
