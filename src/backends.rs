@@ -202,7 +202,7 @@ impl Store {
         };
         processors::store::layout::ensure(writer.as_ref(), query.as_ref(), &config.aggregate()?)
             .await
-            .context("cannot use the rollup store")?;
+            .context("cannot open the rollup store")?;
         Ok(store)
     }
 

@@ -73,10 +73,10 @@ fn agree(have: &StoreLayout, want: &StoreLayout) -> Result<(), StoreError> {
         return Ok(());
     }
     Err(StoreError::Layout(format!(
-        "its items were written with spans of {} and resolutions {}; this process is \
-         configured for spans of {} and resolutions {}. Configure the store's layout \
-         (aggregate.span and aggregate.resolutions, or SPAN and RESOLUTIONS), or start \
-         a new store",
+        "the rollup store was written with spans of {} and resolutions {}; this process is \
+         configured for spans of {} and resolutions {}: set aggregate.span and \
+         aggregate.resolutions (SPAN and RESOLUTIONS for the functions) to the store's, or \
+         start a new store",
         duration(have.span_ms),
         resolutions(&have.resolutions_ms),
         duration(want.span_ms),
@@ -133,7 +133,7 @@ mod tests {
         let err = ensure(&store, &store, &hourly).await.unwrap_err();
         assert!(
             err.to_string()
-                .contains("configured for spans of 1m and resolutions 1m,1h."),
+                .contains("configured for spans of 1m and resolutions 1m,1h:"),
             "{err}"
         );
     }

@@ -46,7 +46,7 @@ pub enum StoreError {
     Corrupt { key: String, detail: String },
     /// The store was written with another layout than this process's
     /// (see [`layout`]); nothing may be read or written until they agree.
-    #[error("this rollup store cannot be used here: {0}")]
+    #[error("{0}")]
     Layout(String),
 }
 
