@@ -412,6 +412,37 @@ async fn the_lazy_store_connects_on_first_use() {
     assert_eq!(window_count(&table, "dev-8", "pressure", T0).await, 3);
 }
 
+/// The query function's role only reads: on a table nobody has written it
+/// records no layout and still answers; on a table of other spans it
+/// refuses to answer rather than merge the wrong items.
+#[tokio::test]
+async fn the_query_functions_store_compares_the_layout_and_never_writes_it() {
+    use processors::lambda::lazy::LazyDynamoStore;
+    let table = fresh_store().await;
+    let reading = LazyDynamoStore::reading(
+        moto_config().unwrap(),
+        table.table_name(),
+        AggregateConfig::default(),
+    );
+    assert!(reading.get("d|dev-1", "-").await.unwrap().is_none());
+    let layout = ItemKey::Layout;
+    assert!(table.get(&layout.pk(), &layout.sk()).await.unwrap().is_none());
+    let minute = AggregateConfig {
+        span: Some(60_000),
+        ..AggregateConfig::default()
+    };
+    processors::store::layout::ensure(&table, &table, &minute)
+        .await
+        .unwrap();
+    let other = LazyDynamoStore::reading(
+        moto_config().unwrap(),
+        table.table_name(),
+        AggregateConfig::default(),
+    );
+    let err = other.get("d|dev-1", "-").await.unwrap_err();
+    assert!(matches!(err, StoreError::Layout(_)), "{err}");
+}
+
 /// A function configured for other spans than the table was written with
 /// would count a duplicate twice: it fails its batches instead, every time,
 /// and writes nothing.

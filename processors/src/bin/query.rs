@@ -16,7 +16,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     lambda_http::tracing::init_default_subscriber();
     let config = FunctionConfig::from_env()?;
     let stale_after = env::stale_after_from_vars(|name| std::env::var(name).ok())?;
-    let store = LazyDynamoStore::new(
+    let store = LazyDynamoStore::reading(
         AwsConfig::default(),
         config.table_name,
         config.aggregate.clone(),

@@ -6,9 +6,10 @@
 //! API for work sooner; the first invocation pays it once instead.
 //!
 //! The first use also checks the table's layout against the function's
-//! configuration (`store::layout`): one read for the life of the process.
-//! A table written with another span fails every invocation with the reason,
-//! and is asked again on the next, until the configuration agrees.
+//! configuration (`store::layout`): one read for the life of the process,
+//! and on a new table the aggregate function records it. A table written
+//! with another span fails every invocation with the reason, and is asked
+//! again on the next, until the configuration agrees.
 
 use async_trait::async_trait;
 use aws::AwsConfig;
@@ -27,17 +28,32 @@ pub struct LazyDynamoStore {
     table: String,
     /// What the table's layout must agree with.
     config: AggregateConfig,
+    /// Whether a table without a layout gets this one: not by the query
+    /// function, whose role only reads.
+    records_layout: bool,
     /// The store, once something needed it.
     store: OnceCell<DynamoStore>,
 }
 
 impl LazyDynamoStore {
+    /// For a function that writes the table: records `config`'s layout in
+    /// a table that has none.
     pub fn new(aws: AwsConfig, table: impl Into<String>, config: AggregateConfig) -> Self {
         LazyDynamoStore {
             aws,
             table: table.into(),
             config,
+            records_layout: true,
             store: OnceCell::new(),
+        }
+    }
+
+    /// For a function that only reads the table: compares the layout when
+    /// one is recorded, and writes nothing.
+    pub fn reading(aws: AwsConfig, table: impl Into<String>, config: AggregateConfig) -> Self {
+        LazyDynamoStore {
+            records_layout: false,
+            ..Self::new(aws, table, config)
         }
     }
 
@@ -45,7 +61,10 @@ impl LazyDynamoStore {
         self.store
             .get_or_try_init(|| async {
                 let store = DynamoStore::connect(&self.aws, &self.table).await;
-                layout::ensure(&store, &store, &self.config).await?;
+                match self.records_layout {
+                    true => layout::ensure(&store, &store, &self.config).await?,
+                    false => layout::check(&store, &self.config).await?,
+                }
                 Ok(store)
             })
             .await

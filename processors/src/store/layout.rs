@@ -15,6 +15,18 @@ use schemas::state::{Item, ItemState, StoreLayout};
 
 use super::{RollupQuery, RollupStore, StoreError, watermarks};
 
+/// Checks `config`'s layout against the one `query`'s store recorded, and
+/// passes a store that has recorded none: for a process that only reads,
+/// such as the query function, whose role may not write. A reader of a
+/// store nobody has written yet has nothing to misread.
+pub async fn check(query: &dyn RollupQuery, config: &AggregateConfig) -> Result<(), StoreError> {
+    let key = ItemKey::Layout;
+    match query.get(&key.pk(), &key.sk()).await? {
+        Some(item) => recorded(item.state, &config.layout()),
+        None => Ok(()),
+    }
+}
+
 /// Records `config`'s layout in a store that has none, or checks it against
 /// the one recorded. A store with processed records but no layout was
 /// written before layouts were recorded, by builds whose span was always
@@ -29,13 +41,7 @@ pub async fn ensure(
     // conflicts and compares with it on its next turn.
     for _ in 0..3 {
         if let Some(loaded) = writer.load(&[ItemKey::Layout]).await?.pop().flatten() {
-            return match loaded.item.state {
-                ItemState::Layout(have) => agree(&have, &want),
-                other => Err(StoreError::Corrupt {
-                    key: "layout".into(),
-                    detail: format!("holds {other:?}"),
-                }),
-            };
+            return recorded(loaded.item.state, &want);
         }
         let first = match watermarks(query).await?.is_empty() {
             true => want.clone(),
@@ -66,6 +72,17 @@ pub async fn ensure(
     Err(StoreError::Conflict(
         "the store's layout kept changing while it was read".into(),
     ))
+}
+
+/// Whether the recorded layout item `state` is `want`.
+fn recorded(state: ItemState, want: &StoreLayout) -> Result<(), StoreError> {
+    match state {
+        ItemState::Layout(have) => agree(&have, want),
+        other => Err(StoreError::Corrupt {
+            key: "layout".into(),
+            detail: format!("holds {other:?}"),
+        }),
+    }
 }
 
 fn agree(have: &StoreLayout, want: &StoreLayout) -> Result<(), StoreError> {
@@ -136,6 +153,23 @@ mod tests {
                 .contains("configured for spans of 1m and resolutions 1m,1h:"),
             "{err}"
         );
+    }
+
+    /// A reader writes nothing: it passes a store with no layout, and
+    /// refuses one recorded otherwise.
+    #[tokio::test]
+    async fn a_reader_compares_and_never_records() {
+        let store = MemoryStore::new();
+        check(&store, &with_span(Some(Resolution::MINUTE)))
+            .await
+            .unwrap();
+        assert!(store.dump().is_empty(), "a reader wrote {:?}", store.dump());
+        ensure(&store, &store, &with_span(None)).await.unwrap();
+        check(&store, &with_span(None)).await.unwrap();
+        let err = check(&store, &with_span(Some(Resolution::MINUTE)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Layout(_)), "{err}");
     }
 
     /// A store some earlier build wrote (a watermark, no layout) was cut
