@@ -426,7 +426,13 @@ async fn the_query_functions_store_compares_the_layout_and_never_writes_it() {
     );
     assert!(reading.get("d|dev-1", "-").await.unwrap().is_none());
     let layout = ItemKey::Layout;
-    assert!(table.get(&layout.pk(), &layout.sk()).await.unwrap().is_none());
+    assert!(
+        table
+            .get(&layout.pk(), &layout.sk())
+            .await
+            .unwrap()
+            .is_none()
+    );
     let minute = AggregateConfig {
         span: Some(60_000),
         ..AggregateConfig::default()
