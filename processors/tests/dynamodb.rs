@@ -163,10 +163,8 @@ async fn a_missing_table_is_unavailable_not_a_panic() {
 /// fits one write unit: the figures `iotpipe cost` models.
 #[tokio::test]
 async fn a_fleet_shaped_batch_costs_about_one_item_write_per_reading() {
-    use bytes::Bytes;
     use processors::metrics::ProcessorMetrics;
     use processors::run::process_batch;
-    use schemas::shard::Record;
     use schemas::{Metric, PackedRecord, Reading};
     use std::sync::atomic::Ordering;
 
@@ -181,9 +179,9 @@ async fn a_fleet_shaped_batch_costs_about_one_item_write_per_reading() {
     for b in 0..batches {
         // One message a minute from each device, three metrics.
         let at = T0 + b as i64 * 60_000;
-        let records: Vec<Record> = (0..devices)
+        let records: Vec<_> = (0..devices)
             .map(|d| {
-                let data = PackedRecord {
+                let readings = PackedRecord {
                     device_id: format!("meter-{d:05}"),
                     fleet: "fleet-1".into(),
                     received_at: at + 500,
@@ -198,14 +196,8 @@ async fn a_fleet_shaped_batch_costs_about_one_item_write_per_reading() {
                             })
                             .collect(),
                     }],
-                }
-                .encode();
-                Record {
-                    seq: (b * devices + d + 1).into(),
-                    partition_key: format!("meter-{d:05}"),
-                    data: Bytes::from(data),
-                    arrival_ms: at + 500,
-                }
+                };
+                testkit::batches::packed(b * devices + d + 1, readings)
             })
             .collect();
         let before = metrics.store_writes.load(Ordering::Relaxed);

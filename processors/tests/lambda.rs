@@ -412,6 +412,18 @@ async fn the_lazy_store_connects_on_first_use() {
     assert_eq!(window_count(&table, "dev-8", "pressure", T0).await, 3);
 }
 
+/// Records one-minute spans as `table`'s layout, as a deployment with
+/// `SPAN=1m` that wrote it first would have.
+async fn written_with_one_minute_spans(table: &DynamoStore) {
+    let minute = AggregateConfig {
+        span: Some(60_000),
+        ..AggregateConfig::default()
+    };
+    processors::store::layout::ensure(table, table, &minute)
+        .await
+        .unwrap();
+}
+
 /// The query function's role only reads: on a table nobody has written it
 /// records no layout and still answers; on a table of other spans it
 /// refuses to answer rather than merge the wrong items.
@@ -419,11 +431,15 @@ async fn the_lazy_store_connects_on_first_use() {
 async fn the_query_functions_store_compares_the_layout_and_never_writes_it() {
     use processors::lambda::lazy::LazyDynamoStore;
     let table = fresh_store().await;
-    let reading = LazyDynamoStore::reading(
-        moto_config().unwrap(),
-        table.table_name(),
-        AggregateConfig::default(),
-    );
+    // A store per process: the layout is checked once, on first use.
+    let reading_store = |table: &DynamoStore| {
+        LazyDynamoStore::reading(
+            moto_config().unwrap(),
+            table.table_name(),
+            AggregateConfig::default(),
+        )
+    };
+    let reading = reading_store(&table);
     assert!(reading.get("d|dev-1", "-").await.unwrap().is_none());
     let layout = ItemKey::Layout;
     assert!(
@@ -433,18 +449,8 @@ async fn the_query_functions_store_compares_the_layout_and_never_writes_it() {
             .unwrap()
             .is_none()
     );
-    let minute = AggregateConfig {
-        span: Some(60_000),
-        ..AggregateConfig::default()
-    };
-    processors::store::layout::ensure(&table, &table, &minute)
-        .await
-        .unwrap();
-    let other = LazyDynamoStore::reading(
-        moto_config().unwrap(),
-        table.table_name(),
-        AggregateConfig::default(),
-    );
+    written_with_one_minute_spans(&table).await;
+    let other = reading_store(&table);
     let err = other.get("d|dev-1", "-").await.unwrap_err();
     assert!(matches!(err, StoreError::Layout(_)), "{err}");
 }
@@ -455,13 +461,7 @@ async fn the_query_functions_store_compares_the_layout_and_never_writes_it() {
 #[tokio::test]
 async fn a_function_configured_for_other_spans_refuses_the_table() {
     let table = fresh_store().await;
-    let minute = AggregateConfig {
-        span: Some(60_000),
-        ..AggregateConfig::default()
-    };
-    processors::store::layout::ensure(&table, &table, &minute)
-        .await
-        .unwrap();
+    written_with_one_minute_spans(&table).await;
     let lazy = processors::lambda::lazy::LazyDynamoStore::new(
         moto_config().unwrap(),
         table.table_name(),

@@ -381,14 +381,14 @@ async fn span_write_units_are_those_of_the_span_items_the_core_writes() {
         let mut units = 0.0;
         for s in 0..SECONDS {
             let at = T0 + s as i64 * 1000;
-            let records: Vec<schemas::shard::Record> = (0..DEVICES)
+            let records: Vec<_> = (0..DEVICES)
                 .map(|d| {
                     // Values spread over a hundred units, close to a
                     // sketch bin a reading: the model's assumption, which
                     // `testkit`'s fleet rounds (a step a second, ever
                     // smaller against the value) come nowhere near.
                     let value = |k: u64| 20.0 + ((s * 7919 + d * 104_729 + k) % 997) as f64 / 10.0;
-                    let data = PackedRecord {
+                    let readings = PackedRecord {
                         device_id: format!("sensor-{d}"),
                         fleet: "fleet-1".into(),
                         received_at: at + 300,
@@ -404,14 +404,8 @@ async fn span_write_units_are_those_of_the_span_items_the_core_writes() {
                                 })
                                 .collect(),
                         }],
-                    }
-                    .encode();
-                    schemas::shard::Record {
-                        seq: (s * DEVICES + d + 1).into(),
-                        partition_key: format!("sensor-{d}"),
-                        data: bytes::Bytes::from(data),
-                        arrival_ms: at + 300,
-                    }
+                    };
+                    testkit::batches::packed(s * DEVICES + d + 1, readings)
                 })
                 .collect();
             processors::run::process_batch("shard-0000", &records, &store, &cfg, &metrics)

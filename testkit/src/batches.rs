@@ -14,6 +14,17 @@ use schemas::{Metric, PackedRecord, Reading};
 /// The first reading's time: 2026-01-01T00:00:00Z.
 pub const T0: i64 = 1_767_225_600_000;
 
+/// `readings` as the stream carries them: one packed record, `seq` in its
+/// shard, arriving when it was received.
+pub fn packed(seq: u64, readings: PackedRecord) -> Record {
+    Record {
+        seq: u128::from(seq).into(),
+        partition_key: readings.device_id.clone(),
+        arrival_ms: readings.received_at,
+        data: Bytes::from(readings.encode()),
+    }
+}
+
 /// One record holding one reading of metric `t` by `device`: `seq` is its
 /// sequence number in the shard and the device's, and it was received
 /// 10 ms after `ts`. The shape the API's and retention's tests build on.
@@ -31,26 +42,22 @@ pub fn one_reading_received(
     value: f64,
     received_at: i64,
 ) -> Record {
-    let data = PackedRecord {
-        device_id: device.into(),
-        fleet: fleet.into(),
-        received_at,
-        readings: vec![Reading {
-            seq: Some(seq),
-            ts,
-            metrics: vec![Metric {
-                name: "t".into(),
-                value,
+    packed(
+        seq,
+        PackedRecord {
+            device_id: device.into(),
+            fleet: fleet.into(),
+            received_at,
+            readings: vec![Reading {
+                seq: Some(seq),
+                ts,
+                metrics: vec![Metric {
+                    name: "t".into(),
+                    value,
+                }],
             }],
-        }],
-    }
-    .encode();
-    Record {
-        seq: u128::from(seq).into(),
-        partition_key: device.into(),
-        data: Bytes::from(data),
-        arrival_ms: received_at,
-    }
+        },
+    )
 }
 
 /// `records` packed records from `devices` devices, `per_record` readings
@@ -131,19 +138,15 @@ pub fn fleet_round(devices: usize, k: u64, metrics: usize) -> Vec<Record> {
                     })
                     .collect(),
             };
-            let data = PackedRecord {
-                device_id: device.clone(),
-                fleet: "fleet".into(),
-                received_at: ts + 20,
-                readings: vec![reading],
-            }
-            .encode();
-            Record {
-                seq: (k * devices as u64 + i as u64 + 1).into(),
-                partition_key: device,
-                data: Bytes::from(data),
-                arrival_ms: ts + 20,
-            }
+            packed(
+                k * devices as u64 + i as u64 + 1,
+                PackedRecord {
+                    device_id: device,
+                    fleet: "fleet".into(),
+                    received_at: ts + 20,
+                    readings: vec![reading],
+                },
+            )
         })
         .collect()
 }
