@@ -151,8 +151,7 @@ impl AggregateConfig {
     }
 
     pub fn span_start(&self, ts: i64) -> i64 {
-        let span = self.span_ms();
-        ts.div_euclid(span) * span
+        span_start_in(self.span_ms(), ts)
     }
 
     /// The starts of the spans that make up the window `[start, start +
@@ -232,6 +231,12 @@ impl AggregateConfig {
     pub fn is_final(&self, end: i64, watermark: i64) -> bool {
         self.lateness().is_final(end, watermark)
     }
+}
+
+/// The start of the span of `span` ms that `ts` falls in: for a caller
+/// that has [`AggregateConfig::span_ms`] at hand, such as a batch's plan.
+pub fn span_start_in(span: i64, ts: i64) -> i64 {
+    ts.div_euclid(span) * span
 }
 
 /// The retention [`AggregateConfig::default`] gives a resolution like `r`:

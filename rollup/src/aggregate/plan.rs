@@ -28,6 +28,8 @@ pub struct Plan<'a> {
     pub(super) keys: Vec<ItemKey>,
     /// The config's resolutions; a `Key` names one by its index.
     pub(super) resolutions: Vec<schemas::Resolution>,
+    /// The config's span, worked out once a batch rather than per reading.
+    span_ms: i64,
     /// Cells in first-seen order, and for each its fleet window slots, one
     /// per resolution.
     pub(super) cells: Vec<CellKey>,
@@ -220,6 +222,7 @@ impl<'a> Plan<'a> {
             key_list: Vec::new(),
             keys: Vec::new(),
             resolutions: config.resolutions.clone(),
+            span_ms: config.span_ms(),
             cells: Vec::new(),
             cell_windows: Vec::new(),
             devices_seen: Vec::new(),
@@ -272,7 +275,7 @@ impl<'a> Plan<'a> {
                     any = true;
                     spans.push(self.add_key(Key::Span {
                         dev,
-                        start: config.span_start(reading.ts),
+                        start: crate::config::span_start_in(self.span_ms, reading.ts),
                     }));
                     let start = finest.window_start(reading.ts);
                     for m in &reading.metrics {
